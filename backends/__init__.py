@@ -1,0 +1,1 @@
+"""Backends: each turns verified IR into something that runs (reference interpreter, cpu, triton)."""

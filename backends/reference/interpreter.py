@@ -1,0 +1,108 @@
+"""Interprets a verified module op by op with each op's NumPy reference semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from sparsa.ir.core import Module, Operation, Region, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dims import Dim, evaluate, format_dim, is_symbol
+from sparsa.ir.types import TensorType, dtype_of_array, numpy_dtype, round_to_dtype
+
+
+class RuntimeShapeError(SparsaError):
+    """An input or weight whose shape or dtype does not fit the function's signature."""
+
+
+class Interpreter:
+    """Runs one function: binds symbolic dims from the inputs, then evaluates ops in order."""
+
+    def __init__(self, func: Operation, params: Mapping[str, np.ndarray] | None = None):
+        self.func = func
+        self.params = params or {}
+        self.dims: dict[str, int] = {}
+        self.values: dict[int, np.ndarray] = {}
+
+    # ---- the context the ops' reference() methods see ----------------------------------------------
+    def dim(self, d: Dim) -> int:
+        """Value of one dim of the current call."""
+        try:
+            return evaluate(d, self.dims)
+        except KeyError as e:
+            raise RuntimeShapeError(f"dim {format_dim(d)} is not bound by the inputs ({e.args[0]} unknown)") from None
+
+    def shape_of(self, t: TensorType) -> tuple[int, ...]:
+        """Concrete shape of a type in the current call."""
+        return tuple(self.dim(d) for d in t.shape)
+
+    def run_region(self, region: Region, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Evaluate a single-block region on `args` (arrays may be batched: ops broadcast)."""
+        block = region.block
+        for a, v in zip(block.args, args, strict=True):
+            self.values[id(a)] = np.asarray(v)
+        return self._run_block(block.ops)
+
+    # ---- driving ----------------------------------------------------------------------------------
+    def bind(self, value: Value, array: np.ndarray, what: str) -> np.ndarray:
+        """Check `array` against `value`'s type, binding symbolic dims; returns it in storage dtype."""
+        t = value.type
+        array = np.asarray(array)
+        if array.ndim != t.rank:
+            raise RuntimeShapeError(f"{what} must have rank {t.rank} ({t}), got shape {list(array.shape)}")
+        for axis, (d, n) in enumerate(zip(t.shape, array.shape, strict=True)):
+            if isinstance(d, int) and d != n:
+                raise RuntimeShapeError(f"{what} must have shape {t}, got {list(array.shape)} (dim {axis} is {n}, "
+                                        f"expected {d})")
+            if is_symbol(d):
+                bound = self.dims.setdefault(d, n)
+                if bound != n:
+                    raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
+        if array.dtype.kind != numpy_dtype(t.dtype).kind and not (t.dtype == "i1" and array.dtype == bool):
+            raise RuntimeShapeError(f"{what} must have element type {t.dtype}, got {dtype_of_array(array)}")
+        return round_to_dtype(array, t.dtype)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Evaluate the function on positional inputs and return its results."""
+        block = self.func.regions[0].block
+        if len(inputs) != len(block.args):
+            raise RuntimeShapeError(f"@{self.func.attributes['sym_name']} takes {len(block.args)} inputs, "
+                                    f"got {len(inputs)}")
+        for a, x in zip(block.args, inputs, strict=True):
+            self.values[id(a)] = self.bind(a, x, f"input '{a.name_hint or a.index}'")
+        with np.errstate(all="ignore"):
+            return self._run_block(block.ops)
+
+    def _run_block(self, ops: list[Operation]) -> list[np.ndarray]:
+        for op in ops:
+            if op.TERMINATOR:
+                return [self.values[id(v)] for v in op.operands]
+            self._run_op(op)
+        return []
+
+    def _run_op(self, op: Operation) -> None:
+        if op.NAME == "func.param":
+            name = op.attributes["name"]
+            if name not in self.params:
+                raise RuntimeShapeError(f"missing weight '{name}' ({op.result.type})", op.loc)
+            self.values[id(op.result)] = self.bind(op.result, self.params[name], f"weight '{name}'")
+            return
+        args = [self.values[id(v)] for v in op.operands]
+        try:
+            out = op.reference(self, *args)
+        except SparsaError:
+            raise
+        except (ValueError, IndexError) as e:
+            raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
+        outs = out if isinstance(out, tuple) else (out,)
+        for v, o in zip(op.results, outs, strict=True):
+            self.values[id(v)] = round_to_dtype(np.asarray(o), v.type.dtype)
+
+
+def run_function(module: Module, inputs: Sequence[np.ndarray], params: Mapping[str, Any] | None = None,
+                 func: str | None = None) -> list[np.ndarray]:
+    """Run `func` (default: the last function) of `module` on NumPy inputs with named weights."""
+    f = module.lookup(func) if func else module.funcs[-1]
+    return Interpreter(f, params).run(inputs)

@@ -1,0 +1,1 @@
+"""The `.sp` language frontend: grammar, checking, lowering to IR."""

@@ -1,0 +1,100 @@
+"""`attn` dialect: scaled dot-product attention with mask and score-modifier regions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparsa.ir import attrs as A
+from sparsa.ir.core import Attr, Operand, Operation, Region, RegionField, Result
+from sparsa.ir.dims import compatible
+from sparsa.ir.types import TensorType, is_float, is_int
+
+INDEX_ARGS = ("b", "h", "q", "k")
+
+
+class AttentionOp(Operation):
+    """softmax(score(scale * q @ k^T) where mask else -inf) @ v per batch and head; an all-masked row gives 0.
+
+    The mask region takes index scalars (b, h, q, k) and yields a boolean; the score region takes
+    (s, b, h, q, k) and yields the new score. Either may be empty. Both may read outer values (mask data).
+    """
+
+    NAME = "attn.attention"
+    q = Operand()
+    k = Operand()
+    v = Operand()
+    scale = Attr(A.FLOAT)
+    result = Result()
+    mask = RegionField(optional=True)
+    score = RegionField(optional=True)
+
+    def infer(self) -> list[TensorType]:
+        q, k, v = self.q.type, self.k.type, self.v.type
+        if q.rank != 4 or k.rank != 4 or v.rank != 4:
+            raise self.error(f"needs q [B, Hq, Sq, Dh], k and v [B, Hkv, Sk, Dh]; got {q}, {k}, {v}")
+        if not (q.dtype == k.dtype == v.dtype) or not is_float(q.dtype):
+            raise self.error(f"needs q, k, v of one float type, got {q.dtype}, {k.dtype}, {v.dtype}")
+        for i, what in ((0, "batch"), (3, "head dim")):
+            if not compatible(q.shape[i], k.shape[i]):
+                raise self.error(f"{what} of q {q} and k {k} disagree")
+        if not all(compatible(a, b) for a, b in zip(k.shape[:3], v.shape[:3], strict=True)):
+            raise self.error(f"k {k} and v {v} disagree in batch, heads or length")
+        hq, hkv = q.shape[1], k.shape[1]
+        if isinstance(hq, int) and isinstance(hkv, int) and (hkv == 0 or hq % hkv):
+            raise self.error(f"query heads {hq} must be a multiple of key/value heads {hkv}")
+        return [TensorType(q.dtype, q.shape[:3] + (v.shape[3],))]
+
+    def verify(self) -> None:
+        _check_region(self, self.mask, 4, "i1", "mask")
+        _check_region(self, self.score, 5, None, "score")
+
+    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        B, Hq, Sq, _ = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        if Hq % Hkv:
+            raise ValueError(f"attention: {Hq} query heads are not a multiple of {Hkv} key/value heads")
+        rep = Hq // Hkv
+        k64 = np.repeat(k.astype(np.float64), rep, axis=1)
+        v64 = np.repeat(v.astype(np.float64), rep, axis=1)
+        s = self.scale * (q.astype(np.float64) @ np.swapaxes(k64, -1, -2))
+        index = index_grids(B, Hq, Sq, Sk)
+        if not self.score.empty:
+            (s,) = ctx.run_region(self.score, [s, *index])
+            s = np.broadcast_to(np.asarray(s, dtype=np.float64), (B, Hq, Sq, Sk))
+        allowed = np.ones((B, Hq, Sq, Sk), dtype=bool)
+        if not self.mask.empty:
+            (m,) = ctx.run_region(self.mask, index)
+            allowed = np.broadcast_to(np.asarray(m, dtype=bool), (B, Hq, Sq, Sk))
+        s = np.where(allowed, s, -np.inf)
+        row_max = np.max(s, axis=-1, keepdims=True)
+        row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+        p = np.where(allowed, np.exp(s - row_max), 0.0)
+        denom = p.sum(axis=-1, keepdims=True)
+        return np.where(denom > 0, (p @ v64) / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+def index_grids(B: int, H: int, Sq: int, Sk: int) -> list[np.ndarray]:
+    """Broadcastable (b, h, q, k) index arrays of shape [B,1,1,1], [1,H,1,1], [1,1,Sq,1], [1,1,1,Sk]."""
+    return [np.arange(n, dtype=np.int64).reshape([n if i == j else 1 for j in range(4)])
+            for i, n in enumerate((B, H, Sq, Sk))]
+
+
+def _check_region(op: Operation, region: Region, nargs: int, yields: str | None, what: str) -> None:
+    if region.empty:
+        return
+    args = region.block.args
+    if len(args) != nargs:
+        raise op.error(f"{what} region takes {nargs} arguments ({', '.join(('s',) * (nargs - 4) + INDEX_ARGS)}), "
+                       f"got {len(args)}")
+    for a in args[nargs - 4 :]:
+        if a.type.rank != 0 or not is_int(a.type.dtype):
+            raise op.error(f"{what} region's index arguments must be integer scalars, got {a.type}")
+    term = region.block.terminator
+    if term is None or term.NAME != "func.yield" or len(term.operands) != 1:
+        raise op.error(f"{what} region must end in 'func.yield' of one value")
+    t = term.operands[0].type
+    want = yields or op.q.type.dtype
+    if t.dtype != want or t.rank != 0:
+        raise op.error(f"{what} region must yield a scalar {want}, got {t}")

@@ -1,0 +1,396 @@
+"""`tensor` dialect, elementwise part: constants, iota, casts, unary and binary maps, compare, where."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sparsa.ir import attrs as A
+from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.dims import broadcast_shapes
+from sparsa.ir.types import TensorType, is_float, is_int
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def broadcast_result(op: Operation, dtype: str, *types: TensorType) -> TensorType:
+    """Broadcast shape of `types` with element type `dtype`, or a verify error naming both shapes."""
+    try:
+        return TensorType(dtype, broadcast_shapes(*(t.shape for t in types)))
+    except ValueError as e:
+        shapes = " and ".join(str(t) for t in types)
+        raise op.error(f"operands {shapes} do not broadcast: {e}") from None
+
+
+def same_dtype(op: Operation, *types: TensorType) -> str:
+    """The common element type of `types`, or a verify error."""
+    if len({t.dtype for t in types}) != 1:
+        raise op.error(f"operands must have one element type, got {', '.join(t.dtype for t in types)}")
+    return types[0].dtype
+
+
+class ConstantOp(Operation):
+    """A tensor of the result type with every element equal to `value` (a splat)."""
+
+    NAME = "tensor.constant"
+    value = Attr(A.SCALAR)
+    result = Result()
+
+    def verify(self) -> None:
+        dt = self.result.type.dtype
+        v = self.value
+        if isinstance(v, bool) != (dt == "i1") or (isinstance(v, float) and not is_float(dt)):
+            raise self.error(f"value {A.SCALAR.format(v)} does not fit element type {dt}")
+
+    def reference(self, ctx: Any) -> np.ndarray:
+        return np.full(ctx.shape_of(self.result.type), self.value)
+
+
+class IotaOp(Operation):
+    """0, 1, ..., n-1 along the only axis of the result (n may be symbolic)."""
+
+    NAME = "tensor.iota"
+    result = Result()
+
+    def verify(self) -> None:
+        t = self.result.type
+        if t.rank != 1 or not is_int(t.dtype):
+            raise self.error(f"result must be a 1-D integer tensor, got {t}")
+
+    def reference(self, ctx: Any) -> np.ndarray:
+        return np.arange(ctx.shape_of(self.result.type)[0])
+
+
+class CastOp(Operation):
+    """Converts every element to element type `to` (floats to ints truncate toward zero)."""
+
+    NAME = "tensor.cast"
+    x = Operand()
+    to = Attr(A.DTYPE)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        return [self.x.type.with_dtype(self.to).without_layout()]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class UnaryOp(Operation):
+    """Base of elementwise unary ops: `fn` is the NumPy semantics, `FLOAT_ONLY` limits the dtype."""
+
+    FLOAT_ONLY: ClassVar[bool] = True
+    x = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        return [self.x.type.without_layout()]
+
+    def verify(self) -> None:
+        dt = self.x.type.dtype
+        if dt == "i1" or (self.FLOAT_ONLY and not is_float(dt)):
+            raise self.error(f"needs a {'float' if self.FLOAT_ONLY else 'numeric'} operand, got {dt}")
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class NegOp(UnaryOp):
+    """-x, elementwise."""
+
+    NAME = "tensor.neg"
+    FLOAT_ONLY = False
+    fn = staticmethod(np.negative)
+
+
+class AbsOp(UnaryOp):
+    """|x|, elementwise."""
+
+    NAME = "tensor.abs"
+    FLOAT_ONLY = False
+    fn = staticmethod(np.abs)
+
+
+class ReluOp(UnaryOp):
+    """max(x, 0), elementwise."""
+
+    NAME = "tensor.relu"
+    FLOAT_ONLY = False
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0).astype(x.dtype)
+
+
+class ExpOp(UnaryOp):
+    """e**x, elementwise."""
+
+    NAME = "tensor.exp"
+    fn = staticmethod(np.exp)
+
+
+class LogOp(UnaryOp):
+    """Natural logarithm, elementwise."""
+
+    NAME = "tensor.log"
+    fn = staticmethod(np.log)
+
+
+class SqrtOp(UnaryOp):
+    """Square root, elementwise."""
+
+    NAME = "tensor.sqrt"
+    fn = staticmethod(np.sqrt)
+
+
+class RsqrtOp(UnaryOp):
+    """1 / sqrt(x), elementwise."""
+
+    NAME = "tensor.rsqrt"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        return 1.0 / np.sqrt(x)
+
+
+class TanhOp(UnaryOp):
+    """Hyperbolic tangent, elementwise."""
+
+    NAME = "tensor.tanh"
+    fn = staticmethod(np.tanh)
+
+
+class SinOp(UnaryOp):
+    """Sine, elementwise."""
+
+    NAME = "tensor.sin"
+    fn = staticmethod(np.sin)
+
+
+class CosOp(UnaryOp):
+    """Cosine, elementwise."""
+
+    NAME = "tensor.cos"
+    fn = staticmethod(np.cos)
+
+
+class SigmoidOp(UnaryOp):
+    """1 / (1 + exp(-x)), elementwise."""
+
+    NAME = "tensor.sigmoid"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(x.dtype)
+
+
+class SiluOp(UnaryOp):
+    """x * sigmoid(x), elementwise."""
+
+    NAME = "tensor.silu"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        return (x64 * 0.5 * (1.0 + np.tanh(0.5 * x64))).astype(x.dtype)
+
+
+class GeluOp(UnaryOp):
+    """Exact GELU, x * Phi(x) with the error function (PyTorch's default)."""
+
+    NAME = "tensor.gelu"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))).astype(x.dtype)
+
+
+class GeluTanhOp(UnaryOp):
+    """GELU with the tanh approximation (PyTorch's approximate='tanh')."""
+
+    NAME = "tensor.gelu_tanh"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        inner = math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)
+        return (0.5 * x64 * (1.0 + np.tanh(inner))).astype(x.dtype)
+
+
+class SoftplusOp(UnaryOp):
+    """log(1 + exp(x)), elementwise, computed without overflow."""
+
+    NAME = "tensor.softplus"
+
+    @staticmethod
+    def fn(x: np.ndarray) -> np.ndarray:
+        return np.logaddexp(np.zeros_like(x), x)
+
+
+class NotOp(Operation):
+    """Logical not of a boolean tensor."""
+
+    NAME = "tensor.not"
+    x = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        if self.x.type.dtype != "i1":
+            raise self.error(f"needs a boolean (i1) operand, got {self.x.type.dtype}")
+        return [self.x.type]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.logical_not(x)
+
+
+class BinaryOp(Operation):
+    """Base of broadcasting binary ops on operands of one element type."""
+
+    ALLOWED: ClassVar[str] = "numeric"  # "numeric" | "float" | "int" | "bool"
+    lhs = Operand()
+    rhs = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        dt = same_dtype(self, self.lhs.type, self.rhs.type)
+        ok = {"numeric": dt != "i1", "float": is_float(dt), "int": is_int(dt), "bool": dt == "i1"}
+        if not ok[self.ALLOWED]:
+            raise self.error(f"needs {self.ALLOWED} operands, got {dt}")
+        return [broadcast_result(self, self.result_dtype(dt), self.lhs.type, self.rhs.type)]
+
+    def result_dtype(self, dtype: str) -> str:
+        return dtype
+
+    def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.fn(a, b)
+
+    @staticmethod
+    def fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a
+
+
+class AddOp(BinaryOp):
+    """a + b with broadcasting."""
+
+    NAME = "tensor.add"
+    fn = staticmethod(np.add)
+
+
+class SubOp(BinaryOp):
+    """a - b with broadcasting."""
+
+    NAME = "tensor.sub"
+    fn = staticmethod(np.subtract)
+
+
+class MulOp(BinaryOp):
+    """a * b with broadcasting."""
+
+    NAME = "tensor.mul"
+    fn = staticmethod(np.multiply)
+
+
+class DivOp(BinaryOp):
+    """a / b on floats with broadcasting."""
+
+    NAME = "tensor.div"
+    ALLOWED = "float"
+    fn = staticmethod(np.true_divide)
+
+
+class FloorDivOp(BinaryOp):
+    """a // b with Python's semantics (rounds toward minus infinity)."""
+
+    NAME = "tensor.floordiv"
+    fn = staticmethod(np.floor_divide)
+
+
+class ModOp(BinaryOp):
+    """a % b with Python's semantics (the sign of b)."""
+
+    NAME = "tensor.mod"
+    fn = staticmethod(np.mod)
+
+
+class PowOp(BinaryOp):
+    """a ** b with broadcasting."""
+
+    NAME = "tensor.pow"
+    fn = staticmethod(np.power)
+
+
+class MinimumOp(BinaryOp):
+    """Elementwise minimum with broadcasting."""
+
+    NAME = "tensor.minimum"
+    fn = staticmethod(np.minimum)
+
+
+class MaximumOp(BinaryOp):
+    """Elementwise maximum with broadcasting."""
+
+    NAME = "tensor.maximum"
+    fn = staticmethod(np.maximum)
+
+
+class AndOp(BinaryOp):
+    """Logical and of boolean tensors."""
+
+    NAME = "tensor.and"
+    ALLOWED = "bool"
+    fn = staticmethod(np.logical_and)
+
+
+class OrOp(BinaryOp):
+    """Logical or of boolean tensors."""
+
+    NAME = "tensor.or"
+    ALLOWED = "bool"
+    fn = staticmethod(np.logical_or)
+
+
+_PREDICATES = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+               "gt": np.greater, "ge": np.greater_equal}
+
+
+class CmpOp(BinaryOp):
+    """Elementwise comparison `pred` (eq, ne, lt, le, gt, ge) giving booleans."""
+
+    NAME = "tensor.cmp"
+    ALLOWED = "numeric"
+    pred = Attr(A.StrKind(tuple(_PREDICATES)))
+
+    def infer(self) -> list[TensorType]:
+        dt = same_dtype(self, self.lhs.type, self.rhs.type)
+        if dt == "i1" and self.pred not in ("eq", "ne"):
+            raise self.error(f"booleans compare only with eq or ne, not {self.pred}")
+        return [broadcast_result(self, "i1", self.lhs.type, self.rhs.type)]
+
+    def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _PREDICATES[self.pred](a, b)
+
+
+class WhereOp(Operation):
+    """cond ? a : b elementwise, all three broadcast together."""
+
+    NAME = "tensor.where"
+    cond = Operand()
+    a = Operand()
+    b = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        if self.cond.type.dtype != "i1":
+            raise self.error(f"condition must be boolean (i1), got {self.cond.type.dtype}")
+        dt = same_dtype(self, self.a.type, self.b.type)
+        return [broadcast_result(self, dt, self.cond.type, self.a.type, self.b.type)]
+
+    def reference(self, ctx: Any, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.where(c, a, b)

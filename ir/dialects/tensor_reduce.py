@@ -1,0 +1,233 @@
+"""`tensor` dialect, reduction part: sum/mean/max/min/logsumexp/argmax, softmax, cumsum, norms, topk."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+
+from sparsa.ir import attrs as A
+from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.dialects.tensor import same_dtype
+from sparsa.ir.dialects.tensor_shape import normalize_axis
+from sparsa.ir.dims import compatible, format_dim
+from sparsa.ir.types import TensorType, is_float
+
+
+def _reduced(op: Operation, t: TensorType, axes: tuple[int, ...], keepdim: bool) -> tuple[int, ...]:
+    norm = tuple(sorted({normalize_axis(op, a, t.rank) for a in axes}))
+    if len(norm) != len(axes):
+        raise op.error(f"repeats an axis in {list(axes)}")
+    if keepdim:
+        return tuple(1 if i in norm else d for i, d in enumerate(t.shape))
+    return tuple(d for i, d in enumerate(t.shape) if i not in norm)
+
+
+class ReduceOp(Operation):
+    """Base of reductions over `axes` (keepdim keeps them as size 1)."""
+
+    FLOAT_ONLY: ClassVar[bool] = False
+    x = Operand()
+    axes = Attr(A.INTS)
+    keepdim = Attr(A.BOOL, default=False)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        if t.dtype == "i1" or (self.FLOAT_ONLY and not is_float(t.dtype)):
+            raise self.error(f"needs a {'float' if self.FLOAT_ONLY else 'numeric'} operand, got {t.dtype}")
+        if not self.axes:
+            raise self.error("needs at least one axis")
+        return [TensorType(t.dtype, _reduced(self, t, self.axes, self.keepdim))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return self.fn(x, axis=tuple(self.axes), keepdims=self.keepdim)
+
+    @staticmethod
+    def fn(x: np.ndarray, axis: tuple[int, ...], keepdims: bool) -> np.ndarray:
+        return x
+
+
+class SumOp(ReduceOp):
+    """Sum over `axes`."""
+
+    NAME = "tensor.sum"
+    fn = staticmethod(np.sum)
+
+
+class MeanOp(ReduceOp):
+    """Arithmetic mean over `axes`."""
+
+    NAME = "tensor.mean"
+    FLOAT_ONLY = True
+    fn = staticmethod(np.mean)
+
+
+class MaxOp(ReduceOp):
+    """Maximum over `axes`."""
+
+    NAME = "tensor.max"
+    fn = staticmethod(np.max)
+
+
+class MinOp(ReduceOp):
+    """Minimum over `axes`."""
+
+    NAME = "tensor.min"
+    fn = staticmethod(np.min)
+
+
+class LogSumExpOp(ReduceOp):
+    """log(sum(exp(x))) over `axes`, computed stably."""
+
+    NAME = "tensor.logsumexp"
+    FLOAT_ONLY = True
+
+    @staticmethod
+    def fn(x: np.ndarray, axis: tuple[int, ...], keepdims: bool) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        m = np.max(x64, axis=axis, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        out = np.log(np.sum(np.exp(x64 - m), axis=axis, keepdims=True)) + m
+        return out if keepdims else np.squeeze(out, axis=axis)
+
+
+class ArgmaxOp(Operation):
+    """Index (i64) of the first maximum along `axis`."""
+
+    NAME = "tensor.argmax"
+    x = Operand()
+    axis = Attr(A.INT)
+    keepdim = Attr(A.BOOL, default=False)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        return [TensorType("i64", _reduced(self, self.x.type, (self.axis,), self.keepdim))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.argmax(x, axis=self.axis, keepdims=self.keepdim)
+
+
+class AxisFloatOp(Operation):
+    """Base of float ops along one axis that keep the shape."""
+
+    x = Operand()
+    axis = Attr(A.INT)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        normalize_axis(self, self.axis, t.rank)
+        if not is_float(t.dtype):
+            raise self.error(f"needs a float operand, got {t.dtype}")
+        return [t.without_layout()]
+
+
+class SoftmaxOp(AxisFloatOp):
+    """exp(x - max) / sum(exp(x - max)) along `axis`."""
+
+    NAME = "tensor.softmax"
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        e = np.exp(x64 - np.max(x64, axis=self.axis, keepdims=True))
+        return e / np.sum(e, axis=self.axis, keepdims=True)
+
+
+class CumsumOp(Operation):
+    """Inclusive running sum along `axis`."""
+
+    NAME = "tensor.cumsum"
+    x = Operand()
+    axis = Attr(A.INT)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        normalize_axis(self, self.axis, self.x.type.rank)
+        if self.x.type.dtype == "i1":
+            raise self.error("needs a numeric operand, got i1")
+        return [self.x.type.without_layout()]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.cumsum(x, axis=self.axis)
+
+
+def _check_last_dim(op: Operation, x: TensorType, w: TensorType, what: str) -> None:
+    if x.rank == 0 or w.rank != 1 or not compatible(w.shape[0], x.shape[-1]):
+        raise op.error(f"{what} must be 1-D of the last dim {format_dim(x.shape[-1]) if x.rank else '?'} "
+                       f"of {x}, got {w}")
+
+
+class LayerNormOp(Operation):
+    """(x - mean) / sqrt(var + eps) * w + b over the last axis (biased variance, as PyTorch)."""
+
+    NAME = "tensor.layernorm"
+    x = Operand()
+    weight = Operand()
+    bias = Operand()
+    eps = Attr(A.FLOAT, default=1e-5)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        same_dtype(self, t, self.weight.type, self.bias.type)
+        if not is_float(t.dtype):
+            raise self.error(f"needs float operands, got {t.dtype}")
+        _check_last_dim(self, t, self.weight.type, "weight")
+        _check_last_dim(self, t, self.bias.type, "bias")
+        return [t.without_layout()]
+
+    def reference(self, ctx: Any, x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        mu = x64.mean(axis=-1, keepdims=True)
+        var = ((x64 - mu) ** 2).mean(axis=-1, keepdims=True)
+        return (x64 - mu) / np.sqrt(var + self.eps) * w + b
+
+
+class RmsNormOp(Operation):
+    """x / sqrt(mean(x * x) + eps) * w over the last axis."""
+
+    NAME = "tensor.rmsnorm"
+    x = Operand()
+    weight = Operand()
+    eps = Attr(A.FLOAT, default=1e-6)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        same_dtype(self, t, self.weight.type)
+        if not is_float(t.dtype):
+            raise self.error(f"needs float operands, got {t.dtype}")
+        _check_last_dim(self, t, self.weight.type, "weight")
+        return [t.without_layout()]
+
+    def reference(self, ctx: Any, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        x64 = x.astype(np.float64)
+        return x64 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + self.eps) * w
+
+
+class TopkOp(Operation):
+    """The k largest values along the last axis, largest first, ties to the lower index; and their i64 indices."""
+
+    NAME = "tensor.topk"
+    x = Operand()
+    k = Attr(A.INT)
+    values = Result()
+    indices = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        if t.rank == 0 or t.dtype == "i1":
+            raise self.error(f"needs a numeric operand of rank >= 1, got {t}")
+        last = t.shape[-1]
+        if self.k < 1 or (isinstance(last, int) and self.k > last):
+            raise self.error(f"k = {self.k} must be in 1..{format_dim(last)} (the last dim of {t})")
+        shape = t.shape[:-1] + (self.k,)
+        return [TensorType(t.dtype, shape), TensorType("i64", shape)]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.k > x.shape[-1]:
+            raise ValueError(f"topk: k = {self.k} exceeds the last dim {x.shape[-1]}")
+        order = np.argsort(-x if x.dtype.kind == "f" else -x.astype(np.int64), axis=-1, kind="stable")
+        idx = order[..., : self.k]
+        return np.take_along_axis(x, idx, axis=-1), idx

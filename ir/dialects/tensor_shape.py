@@ -1,0 +1,298 @@
+"""`tensor` dialect, data-movement part: matmul, reshape, transpose, slices, gathers, concat, split."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from sparsa.ir import attrs as A
+from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
+from sparsa.ir.dims import Dim, broadcast_shapes, compatible, format_dim, mul
+from sparsa.ir.types import TensorType, is_int
+
+
+def normalize_axis(op: Operation, axis: int, rank: int) -> int:
+    """`axis` in [0, rank), accepting Python-style negative axes; a verify error when out of range."""
+    if not -rank <= axis < rank:
+        raise op.error(f"axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
+class MatmulOp(Operation):
+    """a @ b with numpy.matmul semantics (batched, broadcasting, 1-D promotion)."""
+
+    NAME = "tensor.matmul"
+    lhs = Operand()
+    rhs = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        return [matmul_type(self, self.lhs.type, self.rhs.type)]
+
+    def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.matmul(a, b)
+
+
+def matmul_type(op: Operation, a: TensorType, b: TensorType) -> TensorType:
+    """Result type of numpy.matmul on `a` and `b`, or a verify error naming the contracted dims."""
+    dt = same_dtype(op, a, b)
+    if dt == "i1" or a.rank == 0 or b.rank == 0:
+        raise op.error(f"needs numeric operands of rank >= 1, got {a} and {b}")
+    sa = a.shape if a.rank > 1 else (1,) + a.shape
+    sb = b.shape if b.rank > 1 else b.shape + (1,)
+    if not compatible(sa[-1], sb[-2]):
+        raise op.error(
+            f"contracts dim {format_dim(sa[-1])} of {a} with dim {format_dim(sb[-2])} of {b}"
+        )
+    try:
+        batch = broadcast_shapes(sa[:-2], sb[:-2])
+    except ValueError as e:
+        raise op.error(f"batch dims of {a} and {b} do not broadcast: {e}") from None
+    shape = batch + ((sa[-2],) if a.rank > 1 else ()) + ((sb[-1],) if b.rank > 1 else ())
+    return TensorType(dt, shape)
+
+
+class ReshapeOp(Operation):
+    """The same elements in row-major order with a new shape (one -1 is inferred)."""
+
+    NAME = "tensor.reshape"
+    x = Operand()
+    shape = Attr(A.DIMS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        shape = list(self.shape)
+        if shape.count(-1) > 1:
+            raise self.error("allows at most one -1 in the new shape")
+        if -1 in shape:
+            shape[shape.index(-1)] = _remaining(list(self.x.type.shape), [d for d in shape if d != -1])
+        src, dst = self.x.type.shape, tuple(shape)
+        if all(isinstance(d, int) for d in src + dst) and int(np.prod(src)) != int(np.prod(dst)):
+            raise self.error(f"cannot reshape {self.x.type} ({int(np.prod(src))} elements) to "
+                             f"[{', '.join(map(format_dim, dst))}] ({int(np.prod(dst))} elements)")
+        return [TensorType(self.x.type.dtype, dst)]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return x.reshape([ctx.dim(d) if d != -1 else -1 for d in self.shape])
+
+
+def _remaining(src: list[Dim], known: list[Dim]) -> Dim:
+    """The dim -1 stands for: cancel `known` factors against `src` factors."""
+    if all(isinstance(d, int) for d in src + known):
+        total, part = int(np.prod(src)), int(np.prod(known))
+        return total // part if part and total % part == 0 else None
+    rest = list(src)
+    for d in known:
+        if d in rest:
+            rest.remove(d)
+        elif d != 1:
+            return None
+    out: Dim = 1
+    for d in rest:
+        out = mul(out, d)
+    return out
+
+
+class TransposeOp(Operation):
+    """Permutes the axes: result axis i is input axis perm[i]."""
+
+    NAME = "tensor.transpose"
+    x = Operand()
+    perm = Attr(A.INTS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        if sorted(self.perm) != list(range(t.rank)):
+            raise self.error(f"perm {list(self.perm)} is not a permutation of the {t.rank} axes of {t}")
+        return [TensorType(t.dtype, tuple(t.shape[p] for p in self.perm))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.transpose(x, self.perm)
+
+
+class ExpandDimsOp(Operation):
+    """Inserts size-1 axes at the given positions of the result (NumPy's `x[..., None]`)."""
+
+    NAME = "tensor.expand_dims"
+    x = Operand()
+    axes = Attr(A.INTS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        rank = self.x.type.rank + len(self.axes)
+        axes = sorted(normalize_axis(self, a, rank) for a in self.axes)
+        if len(set(axes)) != len(axes):
+            raise self.error(f"repeats an axis in {list(self.axes)}")
+        dims = iter(self.x.type.shape)
+        return [TensorType(self.x.type.dtype, tuple(1 if i in axes else next(dims) for i in range(rank)))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.expand_dims(x, tuple(self.axes))
+
+
+class SqueezeOp(Operation):
+    """Removes the given size-1 axes."""
+
+    NAME = "tensor.squeeze"
+    x = Operand()
+    axes = Attr(A.INTS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        axes = {normalize_axis(self, a, t.rank) for a in self.axes}
+        for a in axes:
+            if t.shape[a] not in (1, None):
+                raise self.error(f"cannot squeeze axis {a} of size {format_dim(t.shape[a])} in {t}")
+        return [TensorType(t.dtype, tuple(d for i, d in enumerate(t.shape) if i not in axes))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.squeeze(x, tuple(self.axes))
+
+
+class SliceOp(Operation):
+    """x[start:stop:step] on every axis (Python slice rules; a `?` stop runs to the end)."""
+
+    NAME = "tensor.slice"
+    x = Operand()
+    starts = Attr(A.INTS)
+    stops = Attr(A.DIMS)
+    steps = Attr(A.INTS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        if not len(self.starts) == len(self.stops) == len(self.steps) == t.rank:
+            raise self.error(f"needs starts, stops and steps for each of the {t.rank} axes of {t}")
+        if 0 in self.steps:
+            raise self.error("step must not be zero")
+        return [TensorType(t.dtype, tuple(
+            _slice_len(d, a, b, s) for d, a, b, s in zip(t.shape, self.starts, self.stops, self.steps, strict=True)
+        ))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        idx = tuple(slice(a, None if b is None else ctx.dim(b), s)
+                    for a, b, s in zip(self.starts, self.stops, self.steps, strict=True))
+        return x[idx]
+
+
+def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
+    if isinstance(d, int) and (stop is None or isinstance(stop, int)):
+        return len(range(d)[slice(start, stop, step)])
+    if stop is None and step == 1 and start == 0:
+        return d
+    if stop is None and step == 1 and start > 0 and isinstance(d, str):
+        return f"{d}-{start}"
+    if isinstance(stop, int) and stop >= 0 and step == 1 and start >= 0:
+        return max(stop - start, 0)
+    return None
+
+
+class GatherOp(Operation):
+    """x[i0, i1, ...]: NumPy advanced indexing of the leading axes by broadcast integer index tensors."""
+
+    NAME = "tensor.gather"
+    x = Operand()
+    indices = Operand(variadic=True)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        idx = [i.type for i in self.indices]
+        if not idx or len(idx) > t.rank:
+            raise self.error(f"needs 1 to {t.rank} index tensors for {t}, got {len(idx)}")
+        for i in idx:
+            if not is_int(i.dtype):
+                raise self.error(f"index tensors must be integers, got {i}")
+        lead = broadcast_result(self, t.dtype, *idx).shape
+        return [TensorType(t.dtype, lead + t.shape[len(idx):])]
+
+    def reference(self, ctx: Any, x: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+        for axis, i in enumerate(indices):
+            n = x.shape[axis]
+            if i.size and (i.min() < -n or i.max() >= n):
+                bad = int(i[(i < -n) | (i >= n)].flat[0])
+                raise IndexError(f"index {bad} is out of range for axis {axis} of size {n}")
+        return x[tuple(indices)]
+
+
+class ConcatOp(Operation):
+    """Joins tensors along `axis`; the other dims must agree."""
+
+    NAME = "tensor.concat"
+    inputs = Operand(variadic=True)
+    axis = Attr(A.INT)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        types = [v.type for v in self.inputs]
+        if not types:
+            raise self.error("needs at least one input")
+        dt = same_dtype(self, *types)
+        rank = types[0].rank
+        axis = normalize_axis(self, self.axis, rank)
+        out = list(types[0].shape)
+        for t in types[1:]:
+            if t.rank != rank or not all(
+                compatible(a, b) for i, (a, b) in enumerate(zip(out, t.shape, strict=True)) if i != axis
+            ):
+                raise self.error(f"inputs {types[0]} and {t} disagree outside axis {axis}")
+            out[axis] = _add(out[axis], t.shape[axis])
+        return [TensorType(dt, tuple(out))]
+
+    def reference(self, ctx: Any, *xs: np.ndarray) -> np.ndarray:
+        return np.concatenate(xs, axis=self.axis)
+
+
+def _add(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if a is None or b is None:
+        return None
+    if a == 0 or b == 0:
+        return b if a == 0 else a
+    return f"{a}+{b}"
+
+
+class SplitOp(Operation):
+    """Cuts `x` along `axis` into pieces of the given sizes (which must add up to the dim)."""
+
+    NAME = "tensor.split"
+    x = Operand()
+    sizes = Attr(A.INTS)
+    axis = Attr(A.INT)
+    results = Result(variadic=True)
+
+    def infer(self) -> list[TensorType]:
+        t = self.x.type
+        axis = normalize_axis(self, self.axis, t.rank)
+        if isinstance(t.shape[axis], int) and sum(self.sizes) != t.shape[axis]:
+            raise self.error(f"sizes {list(self.sizes)} add up to {sum(self.sizes)}, "
+                             f"but axis {axis} of {t} has {t.shape[axis]}")
+        return [TensorType(t.dtype, t.shape[:axis] + (s,) + t.shape[axis + 1:]) for s in self.sizes]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(np.split(x, np.cumsum(self.sizes)[:-1], axis=self.axis))
+
+
+class BroadcastToOp(Operation):
+    """Broadcasts `x` to `shape` with NumPy's rules."""
+
+    NAME = "tensor.broadcast_to"
+    x = Operand()
+    shape = Attr(A.DIMS)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        out = broadcast_result(self, self.x.type.dtype, self.x.type, TensorType("i1", self.shape))
+        if len(out.shape) != len(self.shape) or any(
+            isinstance(o, int) and isinstance(s, int) and o != s for o, s in zip(out.shape, self.shape, strict=True)
+        ):
+            raise self.error(f"cannot broadcast {self.x.type} to [{', '.join(map(format_dim, self.shape))}]")
+        return [TensorType(self.x.type.dtype, tuple(self.shape))]
+
+    def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(x, [ctx.dim(d) for d in self.shape]).copy()

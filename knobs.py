@@ -1,0 +1,90 @@
+"""Every debugging switch and environment variable of Sparsa, declared once.
+
+Each knob has a command-line flag (for `sparsa opt` / `sparsa compile`) and an
+environment variable (for library use, e.g. under `torch.compile`); the flag wins.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One switch: its flag, its environment variable, whether it takes a value, and what it does."""
+
+    flag: str
+    env: str
+    help: str
+    takes_value: bool = False
+    repeatable: bool = False
+
+
+KNOBS: tuple[Knob, ...] = (
+    Knob("--print-ir-after-all", "SPARSA_PRINT_IR_AFTER_ALL", "print the IR after every pass"),
+    Knob("--print-ir-after-change", "SPARSA_PRINT_IR_AFTER_CHANGE",
+         "print the IR after every pass that changed it"),
+    Knob("--print-ir-before", "SPARSA_PRINT_IR_BEFORE", "print the IR before pass P (comma-separated)", True, True),
+    Knob("--print-ir-after", "SPARSA_PRINT_IR_AFTER", "print the IR after pass P (comma-separated)", True, True),
+    Knob("--dump-dir", "SPARSA_DUMP_DIR", "write numbered IR snapshots (and backend stages) into DIR", True),
+    Knob("--pass-statistics", "SPARSA_PASS_STATISTICS", "print each pass's counters at the end"),
+    Knob("--no-verify", "SPARSA_NO_VERIFY", "skip the verifier between passes (debugging only)"),
+    Knob("--debug", "SPARSA_DEBUG", "show Python tracebacks for internal errors"),
+)
+
+
+def _dest(k: Knob) -> str:
+    return k.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass
+class DebugOptions:
+    """The values of the knobs for one compilation (an explicit context object, not a global)."""
+
+    print_ir_after_all: bool = False
+    print_ir_after_change: bool = False
+    print_ir_before: set[str] = field(default_factory=set)
+    print_ir_after: set[str] = field(default_factory=set)
+    dump_dir: str | None = None
+    pass_statistics: bool = False
+    no_verify: bool = False
+    debug: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> DebugOptions:
+        """Options from the SPARSA_* environment variables."""
+        env = os.environ if environ is None else environ
+        opts = cls()
+        for k in KNOBS:
+            raw = env.get(k.env)
+            if raw is None or raw == "":
+                continue
+            opts._set(k, raw if k.takes_value else raw not in ("0", "false", "no"))
+        return opts
+
+    def update_from_args(self, args: object) -> DebugOptions:
+        """Overlay the flags parsed by `add_arguments` (flags win over the environment)."""
+        for k in KNOBS:
+            value = getattr(args, _dest(k), None)
+            if value not in (None, False, []):
+                self._set(k, ",".join(value) if isinstance(value, list) else value)
+        return self
+
+    def _set(self, k: Knob, value: str | bool) -> None:
+        name = _dest(k)
+        if k.repeatable:
+            getattr(self, name).update(p.strip() for p in str(value).split(",") if p.strip())
+        else:
+            setattr(self, name, value)
+
+
+def add_arguments(parser: object) -> None:
+    """Add every knob's flag to an argparse parser."""
+    for k in KNOBS:
+        if k.repeatable:
+            parser.add_argument(k.flag, dest=_dest(k), action="append", metavar="P", help=k.help)
+        elif k.takes_value:
+            parser.add_argument(k.flag, dest=_dest(k), metavar="DIR", help=k.help)
+        else:
+            parser.add_argument(k.flag, dest=_dest(k), action="store_true", help=k.help)

@@ -1,0 +1,148 @@
+"""`canonicalize`: fold constants, apply algebraic identities, and erase dead code, to a fixpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sparsa.ir.core import Module, Operation
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.types import round_to_dtype
+from sparsa.passes.base import Option, Pass
+from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+
+_FOLDABLE = (T.UnaryOp, T.BinaryOp, T.NotOp, T.WhereOp, T.CastOp)
+
+
+def splat_value(op: Operation | None) -> int | float | bool | None:
+    """The splat value if `op` is a `tensor.constant`, else None."""
+    return op.value if isinstance(op, T.ConstantOp) else None
+
+
+class FoldConstants(RewritePattern):
+    """An elementwise op whose operands are all splat constants becomes one splat constant."""
+
+    ROOT = _FOLDABLE
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        values = [splat_value(v.defining_op) for v in op.operands]
+        if any(v is None for v in values):
+            return False
+        if isinstance(op, T.FloorDivOp | T.ModOp) and op.result.type.dtype in ("i32", "i64") and values[1] == 0:
+            return False  # integer division by zero stays a run-time matter
+        args = [round_to_dtype(np.array(v), o.type.dtype) for v, o in zip(values, op.operands, strict=True)]
+        with np.errstate(all="ignore"):
+            out = round_to_dtype(np.asarray(op.reference(None, *args)), op.result.type.dtype)
+        const = T.ConstantOp.build(value=out.item(), result_types=[op.result.type], loc=op.loc)
+        rewriter.insert_before(op, const)
+        rewriter.replace_op(op, [const.result])
+        return True
+
+
+class ElideIdentity(RewritePattern):
+    """x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1, x ** 1 become x when that keeps the result type."""
+
+    ROOT = (T.AddOp, T.SubOp, T.MulOp, T.DivOp, T.PowOp)
+    NEUTRAL = {T.AddOp: (0, 0), T.SubOp: (None, 0), T.MulOp: (1, 1), T.DivOp: (None, 1), T.PowOp: (None, 1)}
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        left_unit, right_unit = self.NEUTRAL[type(op)]
+        lhs, rhs = op.operands
+        if right_unit is not None and splat_value(rhs.defining_op) == right_unit and lhs.type == op.result.type:
+            rewriter.replace_op(op, [lhs])
+            return True
+        if left_unit is not None and splat_value(lhs.defining_op) == left_unit and rhs.type == op.result.type:
+            rewriter.replace_op(op, [rhs])
+            return True
+        return False
+
+
+class FoldInvolution(RewritePattern):
+    """neg(neg(x)) and not(not(x)) become x."""
+
+    ROOT = (T.NegOp, T.NotOp)
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        inner = op.operands[0].defining_op
+        if type(inner) is not type(op):
+            return False
+        rewriter.replace_op(op, [inner.operands[0]])
+        return True
+
+
+class ElideNoOpCast(RewritePattern):
+    """A cast to the element type the value already has is the value."""
+
+    ROOT = T.CastOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        if op.x.type.without_layout() != op.result.type:
+            return False
+        rewriter.replace_op(op, [op.x])
+        return True
+
+
+class ComposeTransposes(RewritePattern):
+    """transpose(transpose(x, p), q) becomes one transpose; the identity permutation disappears."""
+
+    ROOT = S.TransposeOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        if list(op.perm) == list(range(len(op.perm))):
+            rewriter.replace_op(op, [op.x])
+            return True
+        inner = op.x.defining_op
+        if not isinstance(inner, S.TransposeOp):
+            return False
+        perm = [inner.perm[p] for p in op.perm]
+        new = S.TransposeOp.build(inner.x, perm=tuple(perm), loc=op.loc)
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+
+class ComposeReshapes(RewritePattern):
+    """reshape(reshape(x)) becomes one reshape; a reshape to the operand's own type disappears."""
+
+    ROOT = S.ReshapeOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        if op.x.type == op.result.type and op.result.type.is_static():
+            rewriter.replace_op(op, [op.x])
+            return True
+        inner = op.x.defining_op
+        if not isinstance(inner, S.ReshapeOp):
+            return False
+        new = S.ReshapeOp.build(inner.x, shape=op.shape, loc=op.loc)
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+
+class FoldConstantWhere(RewritePattern):
+    """where(true, a, b) is a and where(false, a, b) is b, when that keeps the result type."""
+
+    ROOT = T.WhereOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        c = splat_value(op.cond.defining_op)
+        if c is None:
+            return False
+        chosen = op.a if c else op.b
+        if chosen.type != op.result.type:
+            return False
+        rewriter.replace_op(op, [chosen])
+        return True
+
+
+class Canonicalize(Pass):
+    """Fold constants, apply algebraic identities and erase dead code, to a fixpoint."""
+
+    NAME = "canonicalize"
+    max_iterations = Option(int, 10, "most sweeps over the module before giving up on a fixpoint")
+
+    PATTERNS = (FoldConstants(), ElideIdentity(), FoldInvolution(), ElideNoOpCast(), ComposeTransposes(),
+                ComposeReshapes(), FoldConstantWhere())
+
+    def run(self, module: Module) -> None:
+        apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations)

@@ -1,0 +1,72 @@
+"""Rewrite patterns rooted at one op class, a rewriter that keeps use lists right, and a greedy driver."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Sequence
+from typing import ClassVar
+
+from sparsa.ir.core import Module, Operation, Value
+
+
+class Rewriter:
+    """The only way patterns edit IR: insert, replace and erase ops."""
+
+    def insert_before(self, anchor: Operation, op: Operation) -> Operation:
+        """Insert `op` right before `anchor` in its block, inheriting its location if it has none."""
+        block = anchor.parent
+        assert block is not None, "anchor is detached"
+        if op.loc is None:
+            op.loc = anchor.loc
+        return block.insert(block.ops.index(anchor), op)
+
+    def replace_op(self, op: Operation, values: Sequence[Value]) -> None:
+        """Make every use of op's results use `values` instead, then erase op."""
+        for old, new in zip(op.results, values, strict=True):
+            old.replace_all_uses_with(new)
+        self.erase_op(op)
+
+    def erase_op(self, op: Operation) -> None:
+        op.erase()
+
+
+class RewritePattern(ABC):
+    """A local rewrite: ROOT is the op class it looks at; returns True when it changed the IR."""
+
+    ROOT: ClassVar[type[Operation] | tuple[type[Operation], ...]] = Operation
+
+    @abstractmethod
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        """Check guards first; rewrite only when every guard holds."""
+
+
+def is_trivially_dead(op: Operation) -> bool:
+    """A pure, non-terminator op none of whose results is used."""
+    return op.PURE and not op.TERMINATOR and op.NAME != "func.func" and all(not r.uses for r in op.results)
+
+
+def apply_patterns_greedily(module: Module, patterns: Sequence[RewritePattern], stats: Counter[str],
+                            max_iterations: int = 10) -> bool:
+    """Apply `patterns` and remove dead ops until nothing changes (or `max_iterations` sweeps)."""
+    rewriter = Rewriter()
+    changed_any = False
+    for _ in range(max_iterations):
+        changed = False
+        for op in [o for f in module.funcs for o in f.walk()]:
+            if op.parent is None:
+                continue  # erased earlier in this sweep
+            if is_trivially_dead(op):
+                rewriter.erase_op(op)
+                stats["dead ops erased"] += 1
+                changed = True
+                continue
+            for p in patterns:
+                if isinstance(op, p.ROOT) and p.match_and_rewrite(op, rewriter):
+                    stats[type(p).__name__] += 1
+                    changed = True
+                    break
+        changed_any |= changed
+        if not changed:
+            break
+    return changed_any
