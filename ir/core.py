@@ -215,6 +215,8 @@ class Operation:
         self.attributes: dict[str, Any] = {}
         self.regions: list[Region] = []
         self.loc = loc
+        # Where the op was read from a .sir file (not printed): verifier errors point there first.
+        self.text_loc: Location | None = None
         self.parent: Block | None = None
         for v in operands:
             self._add_use(v, len(self.operands))
@@ -321,7 +323,7 @@ class Operation:
         """Op-specific invariants beyond what the fields and infer() check; raise VerifyError."""
 
     def error(self, message: str) -> VerifyError:
-        return VerifyError(f"'{self.NAME}' op {message}", self.loc)
+        return VerifyError(f"'{self.NAME}' op {message}", self.text_loc or self.loc)
 
 
 @dataclass(eq=False)

@@ -47,7 +47,15 @@ class Parser:
         return Location(self.file, line, col)
 
     def fail(self, message: str, pos: int | None = None) -> ParseError:
-        return ParseError(message, self.loc(pos), self.text)
+        return ParseError(message, self.loc(self.error_pos() if pos is None else pos), self.text)
+
+    def error_pos(self) -> int:
+        """Where to point for "expected X": right after the last token when X was due before a line break."""
+        self.skip()
+        p = self.pos
+        while p > 0 and self.text[p - 1].isspace():
+            p -= 1
+        return p if "\n" in self.text[p : self.pos] else self.pos
 
     def skip(self) -> None:
         while True:
@@ -252,6 +260,8 @@ class Parser:
         return Module(funcs)
 
     def func(self) -> Operation:
+        self.skip()
+        start = self.pos
         self.expect("func.func")
         name = self.match(re.compile(r"@([A-Za-z_][A-Za-z0-9_.]*)"), "a function name (@name)").group(1)
         self.scopes.append({})
@@ -263,8 +273,10 @@ class Parser:
         self.expect("}", "'}' closing the function body, or an op")
         self.scopes.pop()
         loc = self.location()
-        return OP_REGISTRY["func.func"]([], [], {"sym_name": name, "result_types": tuple(results)},
+        func = OP_REGISTRY["func.func"]([], [], {"sym_name": name, "result_types": tuple(results)},
                                         [Region([block])], loc)
+        func.text_loc = self.loc(start)
+        return func
 
     def block_args(self) -> Block:
         self.expect("(")
@@ -273,7 +285,8 @@ class Parser:
         if not self.accept(")"):
             while True:
                 self.skip()
-                names.append((self.match(_VALUE, "an argument (%name)").group(1), self.pos))
+                pos = self.pos
+                names.append((self.match(_VALUE, "an argument (%name)").group(1), pos))
                 self.expect(":")
                 types.append(self.type())
                 if not self.accept(","):
@@ -297,7 +310,8 @@ class Parser:
         if self.peek("%"):
             while True:
                 self.skip()
-                names.append((self.match(_VALUE, "a result name").group(1), self.pos))
+                pos = self.pos
+                names.append((self.match(_VALUE, "a result name").group(1), pos))
                 if not self.accept(","):
                     break
             self.expect("=")
@@ -323,6 +337,7 @@ class Parser:
             self.expect(")", "')' closing the regions")
         attrs = self.attributes(cls)
         self.expect(":", "':' and the op's type")
+        self.skip()
         type_pos = self.pos
         operand_types = self.type_list()
         self.expect("->")
@@ -338,6 +353,7 @@ class Parser:
             if f.required and f.name not in attrs:
                 raise self.fail(f"'{opname}' needs attribute '{f.name}'", name_pos)
         op = cls(operands, result_types, attrs, regions, loc)
+        op.text_loc = self.loc(name_pos)
         for (n, pos), v in zip(names, op.results, strict=True):
             self.define(n, v, pos)
         return op

@@ -25,6 +25,8 @@ class PassError(SparsaError):
         self.module_text = module_text
 
     def __str__(self) -> str:
+        if not self.pass_name:  # the user's own input: the positioned message is enough
+            return super().__str__()
         return f"{super().__str__()}\n// -----// IR that failed to verify //----- //\n{self.module_text}"
 
 
