@@ -59,7 +59,8 @@ def _op(op: Operation, namer: Namer, indent: int, out: list[str]) -> None:
         _func(op, namer, indent, out)
         return
     results = ", ".join(namer.define(v) for v in op.results)
-    line = pad + (f"{results} = " if results else "") + f"{op.NAME}(" + ", ".join(namer.ref(v) for v in op.operands) + ")"
+    operands = ", ".join(namer.ref(v) for v in op.operands)
+    line = pad + (f"{results} = " if results else "") + f"{op.NAME}({operands})"
     if op.regions:
         line += " ("
         for i, r in enumerate(op.regions):

@@ -71,7 +71,10 @@ def _check_fields(op: Operation) -> None:
     grouped = [f for f in cls.operand_fields if f.variadic or f.optional]
     n = len(op.operands)
     if n < fixed or (not grouped and n != fixed) or (grouped and grouped[0].optional and n > fixed + 1):
-        want = f"{fixed}" if not grouped else (f"{fixed} or {fixed + 1}" if grouped[0].optional else f"at least {fixed}")
+        if not grouped:
+            want = f"{fixed}"
+        else:
+            want = f"{fixed} or {fixed + 1}" if grouped[0].optional else f"at least {fixed}"
         raise op.error(f"expects {want} operands, got {n}")
     if len(op.regions) != len(cls.region_fields):
         raise op.error(f"expects {len(cls.region_fields)} regions, got {len(op.regions)}")

@@ -61,7 +61,8 @@ class Pass(ABC):
         known = {o.name for o in self.option_fields}
         for name in options:
             if name not in known:
-                raise ValueError(f"pass '{self.NAME}' has no option '{name}' (it has: {', '.join(sorted(known)) or 'none'})")
+                have = ", ".join(sorted(known)) or "none"
+                raise ValueError(f"pass '{self.NAME}' has no option '{name}' (it has: {have})")
         self.options: dict[str, Any] = dict(options)
         self.stats: Counter[str] = Counter()
 

@@ -19,7 +19,7 @@ class PassError(SparsaError):
     """The IR failed verification before or after a pass; names the pass and carries the module text."""
 
     def __init__(self, pass_name: str, error: VerifyError, module_text: str):
-        when = "the input IR failed verification" if not pass_name else f"IR failed verification after pass '{pass_name}'"
+        when = f"IR failed verification after pass '{pass_name}'" if pass_name else "the input IR failed verification"
         super().__init__(f"{when}: {error.message}", error.loc)
         self.pass_name = pass_name
         self.module_text = module_text

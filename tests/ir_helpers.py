@@ -8,7 +8,16 @@ from typing import Any
 import numpy as np
 
 from sparsa.backends.reference import run_function
-from sparsa.ir import OP_REGISTRY, Block, Module, Region, TensorType, parse_module, print_module, verify_module
+from sparsa.ir import (
+    OP_REGISTRY,
+    Block,
+    Module,
+    Region,
+    TensorType,
+    parse_module,
+    print_module,
+    verify_module,
+)
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
 from sparsa.ir.types import dtype_of_array
 

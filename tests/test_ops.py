@@ -9,11 +9,12 @@ import math
 
 import numpy as np
 import pytest
-from ir_helpers import region, run_op
 
 from sparsa.ir import OP_REGISTRY, TensorType, scalar
-from sparsa.ir.dialects.tensor_shape import GatherOp, MatmulOp
 from sparsa.ir.dialects.tensor import AddOp, CmpOp, MulOp
+from sparsa.ir.dialects.tensor_shape import GatherOp, MatmulOp
+
+from ir_helpers import region, run_op
 
 rng = np.random.default_rng(1234)
 
@@ -231,10 +232,10 @@ def case_moe():
     idx = rng.integers(0, E, size=(T, K)).astype(np.int64)
     idx[:, 1] = (idx[:, 0] + 1) % E
     gates = softmax(randn(T, K))
-    from ir_helpers import make_func, roundtrip
-
     from sparsa.backends.reference import run_function
     from sparsa.ir.dialects.moe import MoeOp
+
+    from ir_helpers import make_func, roundtrip
 
     for capacity in (None, 0.5):
         def fn(block, args, capacity=capacity):
@@ -318,10 +319,10 @@ def case_sparse_convert():
 
 
 def case_sparse_matmul():
-    from ir_helpers import make_func, roundtrip
-
     from sparsa.backends.reference import run_function
     from sparsa.ir.dialects.sparse import ConvertOp, SparseMatmulOp
+
+    from ir_helpers import make_func, roundtrip
 
     x, w = randn(3, 8), randn(8, 4)
 
