@@ -1,3 +1,6 @@
 """Sparsa: a compiler for sparse neural networks (MoE, block-sparse attention, scans, sparse weights)."""
 
+from sparsa.runtime.compiler import CompiledModel, compile
+
 __version__ = "0.1.0"
+__all__ = ["CompiledModel", "__version__", "compile"]

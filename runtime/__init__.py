@@ -1,1 +1,5 @@
-"""The runtime: the command line now; compile(), weights and calls as the frontend lands."""
+"""The runtime: `sparsa.compile`, weights, calls, and the command line."""
+
+from sparsa.runtime.compiler import CompiledModel, compile
+
+__all__ = ["CompiledModel", "compile"]

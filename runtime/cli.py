@@ -46,6 +46,107 @@ def cmd_opt(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     return 0
 
 
+def _input_array(spec: str, name: str, model: object, seed: int) -> object:
+    """`randn:64,512`, `randint:HIGH:2,16`, `zeros:4,8` or a `.npy` path, typed like the model's input."""
+    import numpy as np
+
+    from sparsa.ir.types import numpy_dtype
+
+    names = model.input_names
+    if name not in names:
+        raise SparsaError(f"model '{model.name}' has no input '{name}' (inputs: {', '.join(names)})")
+    dtype = numpy_dtype(model.input_types[names.index(name)].dtype)
+    if spec.endswith(".npy"):
+        try:
+            return np.load(spec)
+        except OSError as e:
+            raise SparsaError(f"cannot read {spec}: {e}") from None
+    kind, _, rest = spec.partition(":")
+    high = None
+    if kind == "randint":
+        high_text, _, rest = rest.partition(":")
+        high = _int(high_text, spec)
+    try:
+        shape = tuple(int(d) for d in rest.split(",")) if rest else ()
+    except ValueError:
+        raise SparsaError(f"bad shape in --input {name}={spec}: expected comma-separated integers") from None
+    rng = np.random.default_rng(seed + names.index(name) + 1)
+    if kind == "randn":
+        if dtype.kind != "f":
+            raise SparsaError(f"input '{name}' is {dtype}; use randint:HIGH:SHAPE for integer inputs")
+        return rng.standard_normal(shape).astype(dtype)
+    if kind == "randint":
+        return rng.integers(0, high, size=shape).astype(dtype)
+    if kind in ("zeros", "ones"):
+        return (np.zeros if kind == "zeros" else np.ones)(shape, dtype=dtype)
+    raise SparsaError(f"bad --input {name}={spec}: expected randn:SHAPE, randint:HIGH:SHAPE, zeros:SHAPE, "
+                      f"ones:SHAPE or a .npy file")
+
+
+def _int(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise SparsaError(f"bad --input value {spec}: expected randint:HIGH:SHAPE") from None
+
+
+def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
+    """`sparsa run FILE.sp`: compile, load or make weights, run on the given inputs, report shapes and time."""
+    import time
+
+    import numpy as np
+
+    import sparsa
+
+    t0 = time.perf_counter()
+    print(f"compiling {args.file} for {args.target} ...", file=sys.stderr, flush=True)
+    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options)
+    t1 = time.perf_counter()
+    if args.weights:
+        model.load_weights(args.weights, prune=args.prune)
+    elif args.random_weights:
+        model.init_weights(args.seed)
+    elif model.specs:
+        raise SparsaError(f"model '{model.name}' has {len(model.specs)} weights: pass --weights FILE or "
+                          f"--random-weights")
+    given = {}
+    for item in args.input or []:
+        name, eq, spec = item.partition("=")
+        if not eq:
+            raise SparsaError(f"bad --input {item!r}: expected NAME=randn:SHAPE or NAME=file.npy")
+        given[name] = _input_array(spec, name, model, args.seed)
+    missing = [n for n in model.input_names if n not in given]
+    if missing:
+        raise SparsaError(f"model '{model.name}' needs --input for {', '.join(missing)} "
+                          f"(e.g. --input {missing[0]}=randn:64,512)")
+    print(f"running {model.name} ...", file=sys.stderr, flush=True)
+    t2 = time.perf_counter()
+    outs = model(**given)
+    t3 = time.perf_counter()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for i, o in enumerate(outs):
+        finite = bool(np.isfinite(o).all()) if o.dtype.kind == "f" else True
+        print(f"output {i}: shape {list(o.shape)} {o.dtype}  checksum {float(np.sum(o, dtype=np.float64)):.6e}  "
+              f"mean|x| {float(np.mean(np.abs(o))) if o.size else 0.0:.6e}{'' if finite else '  (non-finite values)'}")
+    print(f"compile {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t3 - t2):.1f} ms ({args.target})")
+    if args.out:
+        np.savez(args.out, **{f"output{i}": o for i, o in enumerate(outs)})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
+    """`sparsa compile FILE.sp --emit ir`: the IR after the target's pipeline."""
+    import sparsa
+
+    model = sparsa.compile(args.file, model=args.model, target=args.target, passes=args.passes, options=options)
+    if args.emit != "ir":
+        raise SparsaError(f"--emit {args.emit} needs the {args.emit} backend, which target '{args.target}' does "
+                          f"not have (this target emits: ir)")
+    _write(model.ir(), args.output)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsa", description="A compiler for sparse neural networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +156,33 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", help="write the IR here instead of standard output")
     knobs.add_arguments(opt)
     opt.set_defaults(func=cmd_opt)
+
+    from sparsa.runtime.compiler import TARGETS
+
+    run = sub.add_parser("run", help="compile a .sp model and run it on given or random inputs")
+    run.add_argument("file", help="a .sp file")
+    run.add_argument("--model", help="which model of the file (default: the last one)")
+    w = run.add_mutually_exclusive_group()
+    w.add_argument("--weights", help="a .safetensors or .npz file of weights by dotted name")
+    w.add_argument("--random-weights", action="store_true", help="deterministic random weights (see --seed)")
+    run.add_argument("--prune", action="store_true", help="prune loaded weights to their sparse layouts")
+    run.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
+    run.add_argument("--input", action="append", metavar="NAME=SPEC",
+                     help="an input: randn:SHAPE, randint:HIGH:SHAPE, zeros:SHAPE, ones:SHAPE or a .npy file")
+    run.add_argument("--target", default="reference", choices=TARGETS)
+    run.add_argument("--out", help="save the outputs to this .npz file")
+    knobs.add_arguments(run)
+    run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compile", help="compile a .sp model and print its IR")
+    comp.add_argument("file", help="a .sp file")
+    comp.add_argument("--model", help="which model of the file (default: the last one)")
+    comp.add_argument("--target", default="reference", choices=TARGETS)
+    comp.add_argument("--emit", default="ir", choices=["ir", "mlir", "llvm", "triton"])
+    comp.add_argument("--passes", help="override the target's pipeline")
+    comp.add_argument("-o", "--output", help="write here instead of standard output")
+    knobs.add_arguments(comp)
+    comp.set_defaults(func=cmd_compile)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""`sparsa.compile`: `.sp` source to a callable model on a target, with weights and IR at every step."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.reference import run_function
+from sparsa.frontend import compile_source
+from sparsa.ir.core import Module
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.printer import print_module
+from sparsa.knobs import DebugOptions
+from sparsa.passes import PassManager
+from sparsa.passes.pipelines import DEFAULT_PIPELINES
+from sparsa.runtime.weights import (
+    WeightError,
+    WeightSpec,
+    check_weights,
+    init_weights,
+    read_weights,
+    to_numpy,
+    weight_specs,
+)
+
+TARGETS = tuple(DEFAULT_PIPELINES)
+
+
+def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
+    """(text, filename): a path to an existing `.sp` file, or the source text itself."""
+    text = os.fspath(path_or_source)
+    if "\n" not in text and (text.endswith(".sp") or os.path.exists(text)):
+        try:
+            return Path(text).read_text(encoding="utf-8"), text
+        except OSError as e:
+            raise SparsaError(f"cannot read {text}: {e.strerror}") from None
+    return text, "<source>"
+
+
+class CompiledModel:
+    """A model compiled for one target: load or init weights, call it, and read its IR after any pass."""
+
+    def __init__(self, module: Module, name: str, target: str, pipeline: str, options: DebugOptions | None = None):
+        self.name = name
+        self.target = target
+        self.specs: dict[str, WeightSpec] = weight_specs(module)
+        self.input_names = [a.name_hint for a in module.funcs[-1].regions[0].block.args]
+        self.input_types = [a.type for a in module.funcs[-1].regions[0].block.args]
+        self._input_ir = print_module(module)
+        self._pm = PassManager(pipeline, options or DebugOptions())
+        self.module = self._pm.run(module)
+        self._weights: dict[str, np.ndarray] | None = None
+
+    # ---- weights ------------------------------------------------------------------------------------
+    def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:
+        """Weights from a .safetensors or .npz file or a dict, by dotted name; checked against the model."""
+        self._weights = check_weights(self.specs, read_weights(source), prune=prune)
+        return self
+
+    def init_weights(self, seed: int = 0) -> CompiledModel:
+        """Deterministic random weights that fit every shape and sparse layout."""
+        self._weights = init_weights(self.specs, seed)
+        return self
+
+    @property
+    def weights(self) -> dict[str, np.ndarray]:
+        if self._weights is None:
+            if not self.specs:
+                return {}
+            raise WeightError(f"model '{self.name}' has {len(self.specs)} weights and none are loaded: call "
+                              f"load_weights(...) or init_weights(seed)")
+        return self._weights
+
+    # ---- calling ----------------------------------------------------------------------------------------
+    def __call__(self, *inputs: Any, **named: Any) -> Any:
+        """Run on NumPy arrays or torch tensors (by position or input name); outputs come back the same kind."""
+        args = list(inputs)
+        for name in self.input_names[len(args):]:
+            if name not in named:
+                raise SparsaError(f"model '{self.name}' needs input '{name}' ({len(self.input_names)} inputs: "
+                                  f"{', '.join(self.input_names)})")
+            args.append(named.pop(name))
+        if named:
+            raise SparsaError(f"model '{self.name}' has no input '{next(iter(named))}'")
+        if len(args) != len(self.input_names):
+            raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
+        torch_like = next((a for a in args if hasattr(a, "detach")), None)
+        arrays = [to_numpy(a) for a in args]
+        outs = run_function(self.module, arrays, self.weights)
+        if torch_like is not None:
+            import torch
+
+            outs = [torch.from_numpy(np.ascontiguousarray(o)).to(torch_like.device) for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    # ---- introspection ---------------------------------------------------------------------------------
+    def ir(self, after: str | None = None) -> str:
+        """The final IR as text, or the IR right after pass `after` (or "input": as the frontend wrote it)."""
+        if after is None:
+            return print_module(self.module)
+        if after == "input":
+            return self._input_ir
+        if after not in self._pm.snapshots:
+            raise SparsaError(f"no pass '{after}' in this model's pipeline ({self._pm.pipeline}); "
+                              f"use one of them or 'input'")
+        return self._pm.snapshots[after]
+
+    def stats(self) -> dict[str, Any]:
+        """Weights, pass counters and the op census of the final IR."""
+        census: dict[str, int] = {}
+        for op in self.module.walk():
+            census[op.NAME] = census.get(op.NAME, 0) + 1
+        return {
+            "model": self.name, "target": self.target, "pipeline": self._pm.pipeline,
+            "weights": len(self.specs),
+            "parameters": int(sum(np.prod(s.type.shape) for s in self.specs.values() if s.type.is_static())),
+            "passes": self._pm.statistics(), "ops": census,
+        }
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{n}: {t}" for n, t in zip(self.input_names, self.input_types, strict=True))
+        return f"<CompiledModel {self.name}({sig}) target={self.target}>"
+
+
+def compile(path_or_source: str | os.PathLike, model: str | None = None, target: str = "reference",
+            passes: str | None = None, options: DebugOptions | None = None) -> CompiledModel:
+    """Compile a `.sp` file (path) or source text for `target`.
+
+    With several models in the file and no `model`, the last one is compiled. `passes` overrides the
+    target's default pipeline; `options` (knobs.DebugOptions) turns on IR printing and dumps.
+    """
+    if target not in DEFAULT_PIPELINES:
+        raise SparsaError(f"unknown target '{target}' (available here: {', '.join(TARGETS)})")
+    text, filename = _read_source(path_or_source)
+    module, name = compile_source(text, filename, model)
+    return CompiledModel(module, name, target, passes or DEFAULT_PIPELINES[target], options)
