@@ -197,7 +197,8 @@ def basic_index(lw: Lowerer, node: A.Index, scope: Scope, base: Value, items: li
         else:
             i = lw.int_value(it, scope)
             if isinstance(d, int) and not -d <= i < d:
-                raise lw.error(it.pos, f"index {i} is out of range for dim {axis} of size {d} in {show_type(base.type)}")
+                raise lw.error(it.pos, f"index {i} is out of range for dim {axis} of size {d} in "
+                                       f"{show_type(base.type)}")
             slices.append((i, i + 1 if i != -1 else None, 1))
             squeeze.append(axis)
             axis += 1

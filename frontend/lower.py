@@ -185,13 +185,18 @@ class Lowerer:
             return f"({show_dim(a)}){node.op}({show_dim(b)})"
         raise self.error(node.pos, "expected a size (an integer, a const or a named dim)")
 
-    def unify(self, t: A.TypeExpr, value: Value, scope: Scope, dims: dict[str, Dim], what: str) -> None:
-        """Check `value` against annotation `t`, binding the annotation's named dims to the value's dims."""
+    def unify(self, t: A.TypeExpr, value: Value, scope: Scope, dims: dict[str, Dim], what: str,
+              at: A.Pos | None = None) -> None:
+        """Check `value` against annotation `t`, binding the annotation's named dims to the value's dims.
+
+        A mismatch is reported at `at` (a call site) when given, else at the annotation.
+        """
+        where = at or t.pos
         dtype = self.dtype(t.dtype, t.pos)
         got = value.type
         want_rank = len(t.dims or [])
         if got.dtype != dtype or got.rank != want_rank:
-            raise self.error(t.pos, f"{what} expects {self.annot(t)}, got {show_type(got)}")
+            raise self.error(where, f"{what} expects {self.annot(t)}, got {show_type(got)}")
         for i, (node, actual) in enumerate(zip(t.dims or [], got.shape, strict=True)):
             if isinstance(node, A.Name) and node.id not in dims and not isinstance(
                     scope.lookup(node.id), Lit | DimRef):
@@ -200,7 +205,7 @@ class Lowerer:
                 continue
             want = self.dim(node, scope, dims)
             if want != actual and want is not None and actual is not None:
-                raise self.error(t.pos, f"{what} expects {self.annot(t)}, got {show_type(got)} "
+                raise self.error(where, f"{what} expects {self.annot(t)}, got {show_type(got)} "
                                         f"(dim {i}: {show_dim(want)} vs {show_dim(actual)})")
 
     def annot(self, t: A.TypeExpr) -> str:
@@ -224,7 +229,8 @@ class Lowerer:
         dims = {} if dims is None else dims
         for a, v in zip(model.args, args, strict=True):
             if a.name not in scope.names or scope.names[a.name] is not v:
-                self.unify(a.type, v, scope, dims, f"input '{a.name}' of model '{model.name}'")
+                self.unify(a.type, v, scope, dims, f"input '{a.name}' of model '{model.name}' (line {a.pos.line})",
+                           at=pos)
             scope.names[a.name] = v
         self.call_stack.append(model.name)
         self.prefixes.append(prefix)

@@ -1,0 +1,164 @@
+"""`sparsa.compile` as users call it: weights from files and dicts, errors that name the weight, torch in and
+out, symbolic dims bound per call, IR after a pass, and `sparsa run` / `sparsa compile` from the shell."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparsa
+from sparsa.runtime.weights import WeightError
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+FFN = """
+model FFN(x: f32[T, 8]) -> f32[T, 8] {
+    param up: f32[8, 16] sparse bsr(4, 4)
+    param down: f32[16, 8] sparse nm(2, 4)
+    return relu(x @ up) @ down
+}
+"""
+
+
+def ffn():
+    return sparsa.compile(FFN)
+
+
+def good_weights(seed=0):
+    rng = np.random.default_rng(seed)
+    up = rng.standard_normal((8, 16)).astype(np.float32)
+    up[:4, :4] = 0
+    down = rng.standard_normal((16, 8)).astype(np.float32)
+    down[[0, 1, 6, 7, 8, 9, 14, 15]] = 0
+    return {"up": up, "down": down}
+
+
+@pytest.mark.parametrize("fmt", ["dict", "npz", "safetensors"])
+def test_load_weights_formats(tmp_path, fmt):
+    w = good_weights()
+    m = ffn()
+    if fmt == "dict":
+        m.load_weights(w)
+    elif fmt == "npz":
+        np.savez(tmp_path / "w.npz", **w)
+        m.load_weights(tmp_path / "w.npz")
+    else:
+        from safetensors.numpy import save_file
+
+        save_file(w, str(tmp_path / "w.safetensors"))
+        m.load_weights(str(tmp_path / "w.safetensors"))
+    x = np.random.default_rng(1).standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(m(x), np.maximum(x @ w["up"], 0) @ w["down"], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_errors_name_the_weight():
+    w = good_weights()
+    with pytest.raises(WeightError, match=r"missing weight 'down' \(f32\[16, 8\] sparse nm\(2, 4\)\)"):
+        ffn().load_weights({"up": w["up"]})
+    with pytest.raises(WeightError, match=r"unexpected weight 'extra' \(shape \[2\]\)"):
+        ffn().load_weights({**w, "extra": np.zeros(2, np.float32)})
+    with pytest.raises(WeightError, match=r"weight 'up' has shape \[8, 12\] but the model expects f32\[8, 16\]"):
+        ffn().load_weights({**w, "up": np.zeros((8, 12), np.float32)})
+    dense = np.ones((16, 8), np.float32)
+    with pytest.raises(WeightError, match=r"weight 'down' does not fit its layout #nm<2:4>: group of rows 0..3 in "
+                                          r"column 0 has 4 nonzeros, more than 2 of 4"):
+        ffn().load_weights({**w, "down": dense})
+    m = ffn().load_weights({**w, "down": np.arange(128, dtype=np.float32).reshape(16, 8)}, prune=True)
+    kept = m.weights["down"].reshape(4, 4, 8)
+    assert ((kept != 0).sum(1) == 2).all() and (kept[:, 2:] != 0).all()  # the two largest of each group
+
+
+def test_init_weights_is_deterministic_and_fits_layouts():
+    a, b = ffn().init_weights(5), ffn().init_weights(5)
+    for k in a.weights:
+        np.testing.assert_array_equal(a.weights[k], b.weights[k])
+    assert ((a.weights["down"].reshape(4, 4, 8) != 0).sum(1) <= 2).all()
+    with pytest.raises(WeightError, match="none are loaded"):
+        ffn()(np.zeros((2, 8), np.float32))
+
+
+def test_torch_in_torch_out_and_named_inputs():
+    torch = pytest.importorskip("torch")
+    m = sparsa.compile(str(EXAMPLES / "mixtral_moe.sp")).init_weights(0)
+    x = torch.randn(6, 512)
+    y = m(x)
+    assert isinstance(y, torch.Tensor) and y.shape == (6, 512)
+    np.testing.assert_allclose(y.numpy(), m(x=x.numpy()), rtol=1e-6)
+
+
+def test_symbolic_dims_bind_per_call_and_are_checked():
+    m = sparsa.compile(str(EXAMPLES / "document_attention.sp"))
+    for S in (8, 33):
+        q = np.zeros((1, 2, S, 64), np.float32)
+        assert m(q, q, q, np.zeros(S, np.int32)).shape == (1, 2, S, 64)
+    with pytest.raises(sparsa.ir.SparsaError, match=r"input 'doc': dim 0 is 9 but S = 8 from an earlier input"):
+        q = np.zeros((1, 2, 8, 64), np.float32)
+        m(q, q, q, np.zeros(9, np.int32))
+
+
+def test_ir_after_a_pass_and_stats():
+    m = sparsa.compile("model M(x: f32[T]) -> f32[T] {\n  return x * 1.0 + 0.0\n}\n")
+    assert "tensor.mul" in m.ir(after="input")
+    assert "tensor.mul" not in m.ir(after="canonicalize") and "tensor.add" not in m.ir()
+    with pytest.raises(sparsa.ir.SparsaError, match="no pass 'fuse-moe-dispatch' in this model's pipeline"):
+        m.ir(after="fuse-moe-dispatch")
+    assert m.stats()["passes"]["canonicalize"]["ElideIdentity"] == 2
+
+
+def test_last_model_is_the_default():
+    src = "model A(x: f32[4]) -> f32[4] {\n return x\n}\nmodel B(x: f32[4]) -> f32[4] {\n return A(x) * 2.0\n}\n"
+    assert sparsa.compile(src).name == "B"
+    assert sparsa.compile(src, model="A").name == "A"
+
+
+def sparsa_cli(*args):
+    return subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_run_mixtral(tmp_path):
+    out = tmp_path / "o.npz"
+    r = sparsa_cli("run", str(EXAMPLES / "mixtral_moe.sp"), "--random-weights", "--input", "x=randn:64,512",
+                   "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "output 0: shape [64, 512] float32  checksum" in r.stdout and "run " in r.stdout
+    assert np.load(out)["output0"].shape == (64, 512)
+
+
+def test_cli_run_with_weights_file_and_int_inputs(tmp_path):
+    np.savez(tmp_path / "w.npz", **good_weights())
+    src = tmp_path / "ffn.sp"
+    src.write_text(FFN)
+    r = sparsa_cli("run", str(src), "--weights", str(tmp_path / "w.npz"), "--input", "x=randn:3,8")
+    assert r.returncode == 0, r.stderr
+    r = sparsa_cli("run", str(EXAMPLES / "tiny_moe_decoder.sp"), "--random-weights", "--input",
+                   "tokens=randint:1024:1,8")
+    assert r.returncode == 0 and "shape [1, 8, 1024]" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input", "x=randn:64,512"], "has 4 weights: pass --weights FILE or --random-weights"),
+    (["--random-weights"], "needs --input for x"),
+    (["--random-weights", "--input", "x=randn:64,500"], "input 'x' must have shape"),
+    (["--random-weights", "--input", "x=rand:64"], "expected randn:SHAPE"),
+])
+def test_cli_run_bad_input_exits_1(args, message):
+    r = sparsa_cli("run", str(EXAMPLES / "mixtral_moe.sp"), *args)
+    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cli_compile_emits_ir_and_prints_passes(tmp_path):
+    out = tmp_path / "m.sir"
+    r = sparsa_cli("compile", str(EXAMPLES / "switch_capacity.sp"), "--emit", "ir", "--print-ir-after-all",
+                   "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "// -----// IR Dump After canonicalize //----- //" in r.stderr
+    assert "moe.moe" in out.read_text() and "capacity = 1.25" in out.read_text()
+    bad = tmp_path / "bad.sp"
+    bad.write_text("model M(x: f32[T, 8]) -> f32[T, 8] {\n    return x @ x\n}\n")
+    r = sparsa_cli("compile", str(bad))
+    assert r.returncode == 1 and "bad.sp:2:14: error: matmul of f32[T, 8] and f32[T, 8]" in r.stderr
+    assert "Traceback" not in r.stderr
