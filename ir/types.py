@@ -15,13 +15,14 @@ _NUMPY_DTYPES: dict[str, np.dtype] = {
     "f16": np.dtype(np.float16),
     "bf16": np.dtype(np.float32),
     "f64": np.dtype(np.float64),
+    "i8": np.dtype(np.int8),
     "i32": np.dtype(np.int32),
     "i64": np.dtype(np.int64),
     "i1": np.dtype(np.bool_),
 }
 ELEMENT_TYPES: tuple[str, ...] = tuple(_NUMPY_DTYPES)
 FLOAT_TYPES = frozenset({"f32", "f16", "bf16", "f64"})
-INT_TYPES = frozenset({"i32", "i64"})
+INT_TYPES = frozenset({"i8", "i32", "i64"})
 # Language spelling (`bool`) -> IR spelling (`i1`).
 LANGUAGE_DTYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "i32": "i32", "i64": "i64", "bool": "i1"}
 
@@ -72,7 +73,8 @@ def promote(a: str, b: str) -> str:
     if is_int(a) and is_float(b):
         return b
     if is_int(a) and is_int(b):
-        return "i64"
+        order = ["i8", "i32", "i64"]
+        return max(a, b, key=order.index)
     raise TypeError(f"element types {a} and {b} do not mix")
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 DEFAULT_PIPELINES: dict[str, str] = {
-    # The reference target interprets the IR as the frontend wrote it, after clean-up.
-    "reference": "canonicalize,cse,dce",
+    # The reference target interprets the IR after clean-up, with block maps so that attention
+    # visits only the tiles its mask allows (the block-sparse semantics every backend follows).
+    "reference": "canonicalize,sparsify-attention,cse,dce",
 }
 
 

@@ -289,6 +289,27 @@ def case_attention():
     assert not np.isnan(out).any()
 
 
+def case_block_map():
+    from sparsa.ir.dialects.attn_blocks import BlockMap
+
+    def causal(block, args):
+        return [block.append(CmpOp.build(args[3], args[2], pred="le")).result]
+
+    mask = region([scalar("i64")] * 4, causal)
+    (out,) = run_op("attn.block_map", [], {"block_q": 2, "block_k": 3, "sq": 5, "sk": 7}, regions=[mask])
+    q, k = np.arange(5)[:, None], np.arange(7)[None, :]
+    allowed = k <= q
+    expected = np.zeros((3, 3), np.int8)
+    for i in range(3):
+        for j in range(3):
+            tile = allowed[2 * i : 2 * i + 2, 3 * j : 3 * j + 3]
+            expected[i, j] = 2 if tile.all() else 1 if tile.any() else 0
+    np.testing.assert_array_equal(out[0, 0], expected)
+    static = BlockMap(expected[None, None])
+    (out,) = run_op("attn.block_map", [], {"block_q": 2, "block_k": 3, "sq": 5, "sk": 7, "map": static})
+    np.testing.assert_array_equal(out[0, 0], expected)
+
+
 def case_scan():
     a, b, h0 = np.abs(randn(2, 5, 3)), randn(2, 5, 3), randn(2, 3)
     (out,) = run_op("scan.scan", [a, b, h0], {"axis": 1})
@@ -348,7 +369,7 @@ CASES = {
     "tensor.logsumexp": _reduction("tensor.logsumexp", _logsumexp), "tensor.argmax": case_argmax,
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
-    "attn.attention": case_attention, "scan.scan": case_scan, "sparse.convert": case_sparse_convert,
+    "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan, "sparse.convert": case_sparse_convert,
     "sparse.matmul": case_sparse_matmul,
 }
 

@@ -38,6 +38,10 @@ class Interpreter:
         """Concrete shape of a type in the current call."""
         return tuple(self.dim(d) for d in t.shape)
 
+    def lookup(self, value: Value) -> np.ndarray | None:
+        """The array a value holds in the current call (None if not computed yet)."""
+        return self.values.get(id(value))
+
     def run_region(self, region: Region, args: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Evaluate a single-block region on `args` (arrays may be batched: ops broadcast)."""
         block = region.block

@@ -1,5 +1,5 @@
 """Dialects: importing this package registers every op."""
 
-from sparsa.ir.dialects import attn, func, moe, scan, sparse, tensor, tensor_reduce, tensor_shape
+from sparsa.ir.dialects import attn, attn_blocks, func, moe, scan, sparse, tensor, tensor_reduce, tensor_shape
 
-__all__ = ["attn", "func", "moe", "scan", "sparse", "tensor", "tensor_reduce", "tensor_shape"]
+__all__ = ["attn", "attn_blocks", "func", "moe", "scan", "sparse", "tensor", "tensor_reduce", "tensor_shape"]

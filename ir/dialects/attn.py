@@ -8,7 +8,8 @@ import numpy as np
 
 from sparsa.ir import attrs as A
 from sparsa.ir.core import Attr, Operand, Operation, Region, RegionField, Result
-from sparsa.ir.dims import compatible
+from sparsa.ir.dialects.attn_blocks import ceil_div_dim
+from sparsa.ir.dims import compatible, format_dim
 from sparsa.ir.types import TensorType, is_float, is_int
 
 INDEX_ARGS = ("b", "h", "q", "k")
@@ -19,13 +20,18 @@ class AttentionOp(Operation):
 
     The mask region takes index scalars (b, h, q, k) and yields a boolean; the score region takes
     (s, b, h, q, k) and yields the new score. Either may be empty. Both may read outer values (mask data).
+    With a `block_map` operand (from `attn.block_map`, tiles of block_q x block_k), EMPTY tiles are
+    skipped, FULL tiles use no mask, and only PARTIAL tiles evaluate the mask.
     """
 
     NAME = "attn.attention"
     q = Operand()
     k = Operand()
     v = Operand()
+    block_map = Operand(optional=True)
     scale = Attr(A.FLOAT)
+    block_q = Attr(A.INT, default=0)
+    block_k = Attr(A.INT, default=0)
     result = Result()
     mask = RegionField(optional=True)
     score = RegionField(optional=True)
@@ -49,8 +55,30 @@ class AttentionOp(Operation):
     def verify(self) -> None:
         _check_region(self, self.mask, 4, "i1", "mask")
         _check_region(self, self.score, 5, None, "score")
+        if self.block_map is None:
+            if self.block_q or self.block_k:
+                raise self.error("has block sizes but no block map operand")
+            return
+        if self.block_q < 1 or self.block_k < 1:
+            raise self.error(f"needs positive block sizes with a block map, got {self.block_q}x{self.block_k}")
+        t, q = self.block_map.type, self.q.type
+        want = (None, None, ceil_div_dim(q.shape[2], self.block_q), ceil_div_dim(self.k.type.shape[2], self.block_k))
+        if t.rank != 4 or t.dtype != "i8" or not all(compatible(a, b) for a, b in zip(t.shape[2:], want[2:],
+                                                                                      strict=True)):
+            raise self.error(f"block map {t} does not tile q {q} and k {self.k.type} in "
+                             f"{self.block_q}x{self.block_k} blocks (expected [*, *, "
+                             f"{', '.join(format_dim(d) for d in want[2:])}] of i8)")
+        for axis, full in ((0, q.shape[0]), (1, q.shape[1])):
+            if t.shape[axis] != 1 and not compatible(t.shape[axis], full):
+                raise self.error(f"block map dim {axis} must be 1 or {format_dim(full)}, "
+                                 f"got {format_dim(t.shape[axis])}")
+        if self.mask.empty:
+            raise self.error("has a block map but no mask")
 
-    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  block_map: np.ndarray | None = None) -> np.ndarray:
+        if block_map is not None:
+            return self._blocked(ctx, q, k, v, block_map)
         B, Hq, Sq, _ = q.shape
         Hkv, Sk = k.shape[1], k.shape[2]
         if Hq % Hkv:
@@ -73,6 +101,50 @@ class AttentionOp(Operation):
         p = np.where(allowed, np.exp(s - row_max), 0.0)
         denom = p.sum(axis=-1, keepdims=True)
         return np.where(denom > 0, (p @ v64) / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+    def _blocked(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, bm: np.ndarray) -> np.ndarray:
+        """Block-sparse evaluation: visit only non-EMPTY tiles; evaluate the mask only on PARTIAL ones."""
+        B, Hq, Sq, _ = q.shape
+        Hkv, Sk = k.shape[1], k.shape[2]
+        if Hq % Hkv:
+            raise ValueError(f"attention: {Hq} query heads are not a multiple of {Hkv} key/value heads")
+        bq, bk = self.block_q, self.block_k
+        rep = Hq // Hkv
+        out = np.zeros(q.shape[:3] + (v.shape[3],), dtype=np.float64)
+        k_pos = [np.arange(j * bk, min((j + 1) * bk, Sk)) for j in range(bm.shape[3])]
+        for b in range(B):
+            for h in range(Hq):
+                rows = bm[b % bm.shape[0], h % bm.shape[1]]
+                kh, vh = k[b, h // rep].astype(np.float64), v[b, h // rep].astype(np.float64)
+                bh = [np.array(b, dtype=np.int64), np.array(h, dtype=np.int64)]
+                for i in range(rows.shape[0]):
+                    live = np.flatnonzero(rows[i])
+                    if live.size == 0:
+                        continue
+                    qpos = np.arange(i * bq, min((i + 1) * bq, Sq))
+                    kpos = np.concatenate([k_pos[j] for j in live])
+                    s = self.scale * (q[b, h, qpos].astype(np.float64) @ kh[kpos].T)
+                    if not self.score.empty:
+                        (s,) = ctx.run_region(self.score, [s, *bh, qpos[:, None], kpos[None, :]])
+                        s = np.broadcast_to(np.asarray(s, dtype=np.float64), (len(qpos), len(kpos)))
+                    allowed = np.ones(s.shape, dtype=bool)
+                    partial = np.concatenate([np.full(len(k_pos[j]), rows[i, j] == 1) for j in live])
+                    if partial.any():
+                        (m,) = ctx.run_region(self.mask, [*bh, qpos[:, None], kpos[partial][None, :]])
+                        shape = (len(qpos), int(partial.sum()))
+                        allowed[:, partial] = np.broadcast_to(np.asarray(m, dtype=bool), shape)
+                    out[b, h, qpos] = _softmax_rows(s, allowed) @ vh[kpos]
+        return out
+
+
+def _softmax_rows(s: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Row softmax over allowed entries; a row with none allowed is all zeros."""
+    s = np.where(allowed, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    p = np.where(allowed, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    d = p.sum(axis=-1, keepdims=True)
+    return p / np.where(d > 0, d, 1.0)
 
 
 def index_grids(B: int, H: int, Sq: int, Sk: int) -> list[np.ndarray]:
