@@ -5,7 +5,7 @@ from __future__ import annotations
 DEFAULT_PIPELINES: dict[str, str] = {
     # The reference target interprets the IR after clean-up, with block maps so that attention
     # visits only the tiles its mask allows (the block-sparse semantics every backend follows).
-    "reference": "canonicalize,sparsify-attention,cse,dce",
+    "reference": "canonicalize,recognize-attention,sparsify-attention,cse,dce",
 }
 
 

@@ -42,6 +42,8 @@ def random_array(t, rng: np.random.Generator, size: int = 3) -> np.ndarray:
     shape = [d if isinstance(d, int) else size for d in t.shape]
     if t.dtype in ("i32", "i64"):
         return rng.integers(0, 2, size=shape)
+    if t.dtype == "i1":
+        return rng.random(shape) > 0.5
     return rng.standard_normal(shape).astype(np.float32)
 
 

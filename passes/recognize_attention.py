@@ -1,0 +1,230 @@
+"""`recognize-attention`: turn attention written out by hand into the `attention` op.
+
+Recognized, rooted at the final `p @ v`:
+
+    p = softmax(M, axis=-1), with M one of
+        where(m, s, NEG)          where(m, NEG, s)  (masked_fill: the mask is `not m`)
+        s + where(m, 0, NEG)      s                 (no mask)
+    s = score(raw), raw = (q @ k^T) * c | (q @ k^T) / c | (q * c) @ k^T | q @ k^T
+
+NEG is -inf or a large negative constant (<= -1e4). `m` must be built from `iota` index vectors
+(`iota(S)[:, None]` is the query index, `iota(S)[None, :]` the key index), constants, elementwise
+ops and gathers of data by those indices: it becomes a symbolic mask region. Elementwise ops on the
+scores with constant operands become a score region. A query row whose mask is all false gives
+zeros in the attention op (the hand-written form gives NaN there, or a uniform row for a finite NEG).
+"""
+
+from __future__ import annotations
+
+from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.attn import AttentionOp
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.types import TensorType, scalar
+from sparsa.passes.base import Pass
+from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+
+_ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.NotOp, T.WhereOp, T.CastOp)
+INDEX = scalar("i64")
+
+
+class NotRecognized(Exception):
+    """The candidate is not attention in a form this pass knows; the IR stays as it is."""
+
+
+def _const(v: Value) -> float | None:
+    op = v.defining_op
+    return float(op.value) if isinstance(op, T.ConstantOp) and not isinstance(op.value, bool) else None
+
+
+def _is_neg(v: Value) -> bool:
+    c = _const(v)
+    return c is not None and c <= -1e4
+
+
+class _RegionBuilder:
+    """Re-expresses a broadcast tensor computation over index vectors as scalar ops in a region."""
+
+    def __init__(self, block: Block, score_rank: int, special: dict[int, Value]):
+        self.block = block
+        self.rank = score_rank
+        self.map: dict[int, Value] = dict(special)
+
+    def value(self, v: Value) -> Value:
+        if id(v) in self.map:
+            return self.map[id(v)]
+        op = v.defining_op
+        out = self._lower(v, op)
+        self.map[id(v)] = out
+        return out
+
+    def _index_axis(self, v: Value, op: Operation | None) -> int | None:
+        """For iota(n) or expand_dims(iota(n)), the score axis (from the right) it runs along."""
+        if isinstance(op, T.IotaOp):
+            return 0
+        if isinstance(op, S.ExpandDimsOp) and isinstance(op.x.defining_op, T.IotaOp):
+            rank = v.type.rank
+            axes = {a % rank for a in op.axes}
+            (pos,) = [i for i in range(rank) if i not in axes]
+            return rank - 1 - pos
+        return None
+
+    def _lower(self, v: Value, op: Operation | None) -> Value:
+        args = self.block.args  # (b, h, q, k)
+        axis = self._index_axis(v, op)
+        if axis is not None:
+            if axis > 3:
+                raise NotRecognized()
+            return args[3 - axis]
+        if op is None:
+            raise NotRecognized()
+        if isinstance(op, T.ConstantOp):
+            return self._emit(T.ConstantOp.build(value=op.value, result_types=[scalar(v.type.dtype)], loc=op.loc))
+        if isinstance(op, _ELEMENTWISE):
+            operands = [self.value(o) for o in op.operands]
+            return self._emit(type(op).build(*operands, loc=op.loc, **dict(op.attributes)))
+        if isinstance(op, S.GatherOp) and all(self._index_like(i) for i in op.indices):
+            return self._emit(S.GatherOp.build(op.x, [self.value(i) for i in op.indices], loc=op.loc))
+        raise NotRecognized()
+
+    def _index_like(self, v: Value) -> bool:
+        return self._index_axis(v, v.defining_op) is not None or id(v) in self.map or isinstance(
+            v.defining_op, _ELEMENTWISE | T.ConstantOp)
+
+    def _emit(self, op: Operation) -> Value:
+        if op.results[0].type.rank != 0:
+            raise NotRecognized()
+        self.block.append(op)
+        return op.results[0]
+
+
+class RecognizeAttention(RewritePattern):
+    """softmax(masked scaled q @ k^T) @ v, written with plain ops, becomes one attention op."""
+
+    ROOT = S.MatmulOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        try:
+            new = self.build(op)
+        except NotRecognized:
+            return False
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+    def build(self, op: Operation) -> Operation:
+        p, v = op.operands
+        sm = p.defining_op
+        if not isinstance(sm, R.SoftmaxOp) or sm.axis % p.type.rank != p.type.rank - 1 or p.type.rank != 4:
+            raise NotRecognized()
+        masked, mask_fn = self.split_mask(sm.x)
+        raw, score_chain = self.split_score(masked)
+        q, k, scale = self.split_scores(raw)
+        if q.type.rank != 4 or k.type.rank != 4 or v.type.rank != 4:
+            raise NotRecognized()
+        mask_region = self.mask_region(mask_fn, p.type) if mask_fn is not None else Region()
+        score_region = self.score_region(raw, score_chain, p.type) if score_chain else Region()
+        new = AttentionOp.build(q, k, v, regions=[mask_region, score_region], scale=scale, loc=op.loc)
+        if new.result.type != op.result.type:
+            raise NotRecognized()
+        return new
+
+    def split_mask(self, x: Value) -> tuple[Value, tuple[Value, bool] | None]:
+        """(scores before masking, (mask tensor, negate?)) for the masking forms."""
+        op = x.defining_op
+        if isinstance(op, T.WhereOp):
+            if _is_neg(op.b):
+                return op.a, (op.cond, False)
+            if _is_neg(op.a):
+                return op.b, (op.cond, True)
+        if isinstance(op, T.AddOp):
+            for s, bias in ((op.lhs, op.rhs), (op.rhs, op.lhs)):
+                w = bias.defining_op
+                if isinstance(w, T.WhereOp) and _const(w.a) == 0.0 and _is_neg(w.b) and s.type == x.type:
+                    return s, (w.cond, False)
+        return x, None
+
+    def split_score(self, s: Value) -> tuple[Value, list[Operation]]:
+        """Walk back through elementwise ops with constant side operands to the raw scaled scores."""
+        chain: list[Operation] = []
+        while True:
+            op = s.defining_op
+            if self.scaled_scores(s) is not None:
+                return s, list(reversed(chain))
+            if not isinstance(op, T.UnaryOp | T.BinaryOp) or isinstance(op, T.CmpOp):
+                raise NotRecognized()
+            tensors = [o for o in op.operands if o.type.rank == 4]
+            consts = [o for o in op.operands if _const(o) is not None and o.type.rank == 0]
+            if len(tensors) != 1 or len(tensors) + len(consts) != len(op.operands):
+                raise NotRecognized()
+            chain.append(op)
+            s = tensors[0]
+
+    def scaled_scores(self, s: Value) -> tuple[Value, Value, float] | None:
+        try:
+            return self.split_scores(s)
+        except NotRecognized:
+            return None
+
+    def split_scores(self, raw: Value) -> tuple[Value, Value, float]:
+        """(q, k, scale) from q @ k^T, optionally scaled before or after the matmul."""
+        op = raw.defining_op
+        scale = 1.0
+        if isinstance(op, T.MulOp | T.DivOp):
+            for t, c in ((op.lhs, op.rhs), (op.rhs, op.lhs)):
+                cv = _const(c)
+                if cv is not None and c.type.rank == 0 and isinstance(t.defining_op, S.MatmulOp):
+                    if isinstance(op, T.DivOp) and t is op.rhs:
+                        continue
+                    scale = 1.0 / cv if isinstance(op, T.DivOp) else cv
+                    op = t.defining_op
+                    break
+        if not isinstance(op, S.MatmulOp):
+            raise NotRecognized()
+        q, kt = op.operands
+        tr = kt.defining_op
+        if not isinstance(tr, S.TransposeOp) or list(tr.perm) != [0, 1, 3, 2]:
+            raise NotRecognized()
+        qop = q.defining_op
+        if isinstance(qop, T.MulOp):
+            for t, c in ((qop.lhs, qop.rhs), (qop.rhs, qop.lhs)):
+                if _const(c) is not None and c.type.rank == 0 and t.type == q.type:
+                    q, scale = t, scale * _const(c)
+                    break
+        return q, tr.x, scale
+
+    def mask_region(self, mask: tuple[Value, bool], scores: TensorType) -> Region:
+        m, negate = mask
+        block = Block([INDEX] * 4, ["b", "h", "q", "k"])
+        value = _RegionBuilder(block, scores.rank, {}).value(m)
+        if value.type.dtype != "i1":
+            raise NotRecognized()
+        if negate:
+            value = _append(block, T.NotOp.build(value))
+        block.append(YieldOp.build([value]))
+        return Region([block])
+
+    def score_region(self, raw: Value, chain: list[Operation], scores: TensorType) -> Region:
+        block = Block([scalar(scores.dtype)] + [INDEX] * 4, ["s", "b", "h", "q", "k"])
+        builder = _RegionBuilder(block, scores.rank, {id(raw): block.args[0]})
+        value = builder.value(chain[-1].results[0])
+        block.append(YieldOp.build([value]))
+        return Region([block])
+
+
+def _append(block: Block, op: Operation) -> Value:
+    block.append(op)
+    return op.results[0]
+
+
+class RecognizeAttentionPass(Pass):
+    """Turn hand-written softmax(masked q @ k^T) @ v into the attention op with mask and score regions."""
+
+    NAME = "recognize-attention"
+
+    def run(self, module: Module) -> None:
+        apply_patterns_greedily(module, [RecognizeAttention()], self.stats)
+        if "RecognizeAttention" in self.stats:
+            self.stats["attention ops recognized"] = self.stats.pop("RecognizeAttention")
