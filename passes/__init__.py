@@ -1,11 +1,20 @@
 """Passes over the IR, the pipeline syntax and the pass manager."""
 
-from sparsa.passes import canonicalize, cse, dce, recognize_attention, sparsify_attention
+from sparsa.passes import (
+    canonicalize,
+    cse,
+    dce,
+    fuse_moe_dispatch,
+    fuse_moe_gating,
+    recognize_attention,
+    sparsify_attention,
+)
 from sparsa.passes.base import PASS_REGISTRY, Option, Pass
 from sparsa.passes.manager import PassError, PassManager
 from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 
 __all__ = [
     "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
-    "format_pipeline", "parse_pipeline", "recognize_attention", "sparsify_attention",
+    "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "parse_pipeline", "recognize_attention",
+    "sparsify_attention",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 DEFAULT_PIPELINES: dict[str, str] = {
-    # The reference target interprets the IR after clean-up, with block maps so that attention
-    # visits only the tiles its mask allows (the block-sparse semantics every backend follows).
-    "reference": "canonicalize,recognize-attention,sparsify-attention,cse,dce",
+    # The reference target runs the same sparse steps every backend follows: routers folded into
+    # moe.route, experts as dispatch + grouped matmuls + fused combine, hand-written attention
+    # recognized, and block maps so attention visits only the tiles its mask allows.
+    "reference": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch,recognize-attention,sparsify-attention,"
+                  "cse,dce"),
 }
 
 

@@ -310,6 +310,90 @@ def case_block_map():
     np.testing.assert_array_equal(out[0, 0], expected)
 
 
+def case_route():
+    logits = randn(6, 8)
+    bias = randn(8)
+    p = softmax(logits.astype(np.float64))
+    w, e = run_op("moe.route", [logits], {"score": "softmax", "k": 2, "renormalize": True, "scale": 2.0})
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(e, top)
+    tw = np.take_along_axis(p, top, -1)
+    np.testing.assert_allclose(w, 2.0 * tw / tw.sum(-1, keepdims=True), rtol=1e-5)
+    w, e = run_op("moe.route", [logits, bias], {"score": "sigmoid", "k": 3, "groups": 4, "groups_kept": 2})
+    s = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    sel = s + bias
+    for t in range(6):
+        group_score = [np.sort(sel[t, 2 * g : 2 * g + 2])[::-1][:2].sum() for g in range(4)]
+        kept = sorted(np.argsort(-np.array(group_score), kind="stable")[:2])
+        allowed = [x for g in kept for x in (2 * g, 2 * g + 1)]
+        order = sorted(allowed, key=lambda x: (-sel[t, x], x))[:3]
+        np.testing.assert_array_equal(e[t], order)
+        np.testing.assert_allclose(w[t], s[t, order], rtol=1e-5)
+
+
+def _dispatch_expected(experts, E, block, capacity):
+    T, K = experts.shape
+    cap = T * K if capacity is None else math.ceil(capacity * T * K / E)
+    segments = [[t * K + j for t in range(T) for j in range(K) if experts[t, j] == e][:cap] for e in range(E)]
+    perm, offsets = [], [0]
+    for seg in segments:
+        padded = -(-len(seg) // block) * block
+        perm += seg + [-1] * (padded - len(seg))
+        offsets.append(offsets[-1] + padded)
+    return np.array(perm, dtype=np.int64), np.array(offsets)
+
+
+def case_dispatch():
+    experts = rng.integers(0, 5, size=(9, 2)).astype(np.int64)
+    for block, capacity in ((1, None), (4, None), (3, 0.6)):
+        perm, offsets = run_op("moe.dispatch", [experts], {"num_experts": 5, "block": block, "capacity": capacity})
+        want_perm, want_offsets = _dispatch_expected(experts, 5, block, capacity)
+        np.testing.assert_array_equal(perm, want_perm)
+        np.testing.assert_array_equal(offsets, want_offsets)
+
+
+def _grouped_case(name):
+    from sparsa.backends.reference import run_function
+    from sparsa.ir.dialects.moe import GroupedMatmulCombineOp, GroupedMatmulOp
+
+    from ir_helpers import make_func, roundtrip
+
+    T, K, D, F, E = 5, 2, 4, 6, 3
+    x, w1, w3, gates = randn(T, D), randn(E, D, F), randn(E, D, F), randn(T, K)
+    experts = rng.integers(0, E, size=(T, K)).astype(np.int64)
+    perm, offsets = _dispatch_expected(experts, E, 2, None)
+    rows = TensorType("f32", (None, F))
+
+    def epilogue(block, args):
+        return [block.append(MulOp.build(*args)).result] if len(args) == 2 else [args[0]]
+
+    def fn(block, args):
+        xv, pv, ov, a, b, g = args
+        if name == "moe.grouped_matmul":
+            op = GroupedMatmulOp.build(xv, pv, ov, [a, b], regions=[region([rows, rows], epilogue)], topk=K, gather=True)
+        else:
+            op = GroupedMatmulCombineOp.build(xv, pv, ov, a, g, regions=[region([rows], epilogue)], topk=K, gather=True)
+        return [block.append(op).result]
+
+    types = [TensorType("f32", (T, D)), TensorType("i64", (None,)), TensorType("i64", (E + 1,)),
+             TensorType("f32", (E, D, F)), TensorType("f32", (E, D, F)), TensorType("f32", (T, K))]
+    module = roundtrip(make_func("f", types, fn))
+    (out,) = run_function(module, [x, perm, offsets, w1, w3, gates])
+    if name == "moe.grouped_matmul":
+        expected = np.zeros((len(perm), F))
+        for e in range(E):
+            for p in range(offsets[e], offsets[e + 1]):
+                if perm[p] >= 0:
+                    t = perm[p] // K
+                    expected[p] = (x[t] @ w1[e]) * (x[t] @ w3[e])
+    else:
+        expected = np.zeros((T, F))
+        for t in range(T):
+            for j in range(K):
+                expected[t] += gates[t, j] * (x[t] @ w1[experts[t, j]])
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def case_scan():
     a, b, h0 = np.abs(randn(2, 5, 3)), randn(2, 5, 3), randn(2, 3)
     (out,) = run_op("scan.scan", [a, b, h0], {"axis": 1})
@@ -369,7 +453,10 @@ CASES = {
     "tensor.logsumexp": _reduction("tensor.logsumexp", _logsumexp), "tensor.argmax": case_argmax,
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
-    "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan, "sparse.convert": case_sparse_convert,
+    "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
+    "sparse.convert": case_sparse_convert, "moe.route": case_route, "moe.dispatch": case_dispatch,
+    "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
+    "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),
     "sparse.matmul": case_sparse_matmul,
 }
 

@@ -92,3 +92,210 @@ class MoeOp(Operation):
         if y is None:
             y = np.zeros(ctx.shape_of(self.result.type), dtype=np.float64)
         return y
+
+
+# ---- routing and dispatch: what `fuse-moe-gating` and `fuse-moe-dispatch` lower `moe.moe` into ----------
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _topk_indices(x: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-x, axis=-1, kind="stable")[..., :k]
+
+
+class RouteOp(Operation):
+    """Router: scores = softmax|sigmoid(logits); pick top-k of scores (+ selection bias, within the best
+    expert groups); weights = the unbiased scores of the picks, renormalized and scaled as asked."""
+
+    NAME = "moe.route"
+    logits = Operand()
+    bias = Operand(optional=True)
+    score = Attr(A.StrKind(("softmax", "sigmoid")))
+    k = Attr(A.INT)
+    renormalize = Attr(A.BOOL, default=False)
+    scale = Attr(A.FLOAT, default=1.0)
+    groups = Attr(A.INT, default=1)
+    group_top = Attr(A.INT, default=2)
+    groups_kept = Attr(A.INT, default=1)
+    weights = Result()
+    experts = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.logits.type
+        if t.rank != 2 or not is_float(t.dtype):
+            raise self.error(f"needs float logits [T, E], got {t}")
+        E = t.shape[1]
+        if self.bias is not None and (self.bias.type.rank != 1 or not compatible(self.bias.type.shape[0], E)):
+            raise self.error(f"selection bias must be [E] = [{E}], got {self.bias.type}")
+        if isinstance(E, int):
+            if not 1 <= self.k <= E:
+                raise self.error(f"k = {self.k} must be in 1..{E}")
+            if self.groups < 1 or E % self.groups or not 1 <= self.groups_kept <= self.groups:
+                raise self.error(f"{E} experts do not split into {self.groups} groups keeping {self.groups_kept}")
+            if self.groups > 1 and self.k > self.groups_kept * (E // self.groups):
+                raise self.error(f"k = {self.k} exceeds the experts of {self.groups_kept} kept groups")
+        shape = (t.shape[0], self.k)
+        return [TensorType(t.dtype, shape), TensorType("i64", shape)]
+
+    def reference(self, ctx: Any, logits: np.ndarray, bias: np.ndarray | None = None) -> tuple:
+        x = logits.astype(np.float64)
+        s = _softmax(x) if self.score == "softmax" else _sigmoid(x)
+        sel = s + bias.astype(np.float64) if bias is not None else s
+        if self.groups > 1:
+            T, E = sel.shape
+            grouped = sel.reshape(T, self.groups, E // self.groups)
+            top = -np.sort(-grouped, axis=-1)[..., : self.group_top].sum(-1)
+            kept = _topk_indices(top, self.groups_kept)
+            allow = np.zeros((T, self.groups), dtype=bool)
+            np.put_along_axis(allow, kept, True, axis=-1)
+            sel = np.where(np.repeat(allow, E // self.groups, axis=-1), sel, -np.inf)
+        idx = _topk_indices(sel, self.k)
+        w = np.take_along_axis(s, idx, axis=-1)
+        if self.renormalize:
+            w = w / w.sum(-1, keepdims=True)
+        return w * self.scale, idx
+
+
+class DispatchOp(Operation):
+    """Sorts (token, slot) assignments by expert, stably (token order, then slot order), dropping those over
+    capacity; `perm` lists assignment ids t*K+j per expert segment, each segment starting at a multiple of
+    `block` (padding is -1); `offsets[e]` is where expert e's segment starts, offsets[E] the total length."""
+
+    NAME = "moe.dispatch"
+    experts = Operand()
+    num_experts = Attr(A.INT)
+    block = Attr(A.INT, default=1)
+    capacity = Attr(A.FLOAT, default=None)
+    perm = Result()
+    offsets = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.experts.type
+        if t.rank != 2 or not is_int(t.dtype):
+            raise self.error(f"needs integer expert ids [T, K], got {t}")
+        if self.block < 1 or self.num_experts < 1:
+            raise self.error(f"block ({self.block}) and num_experts ({self.num_experts}) must be positive")
+        return [TensorType("i64", (None,)), TensorType("i64", (self.num_experts + 1,))]
+
+    def reference(self, ctx: Any, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        E = self.num_experts
+        if experts.size and (experts.min() < 0 or experts.max() >= E):
+            raise ValueError(f"moe.dispatch: expert id outside 0..{E - 1}")
+        keep = kept_assignments(experts, E, self.capacity).reshape(-1)
+        flat = experts.reshape(-1)
+        ids = np.flatnonzero(keep)
+        ids = ids[np.argsort(flat[ids], kind="stable")]
+        counts = np.bincount(flat[ids], minlength=E)
+        padded = -(-counts // self.block) * self.block
+        offsets = np.concatenate([[0], np.cumsum(padded)]).astype(np.int64)
+        perm = np.full(int(offsets[-1]), -1, dtype=np.int64)
+        start = np.concatenate([[0], np.cumsum(counts)])
+        for e in range(E):
+            perm[offsets[e] : offsets[e] + counts[e]] = ids[start[e] : start[e + 1]]
+        return perm, offsets
+
+
+def _check_grouped(op: Operation, rows: TensorType, weights: list[TensorType]) -> None:
+    if rows.rank != 2:
+        raise op.error(f"rows must be 2-D, got {rows}")
+    for w in weights:
+        if w.rank != 3 or not compatible(w.shape[1], rows.shape[1]) or w.dtype != rows.dtype:
+            raise op.error(f"expert weights must be [E, {rows.shape[1]}, N] of {rows.dtype}, got {w}")
+    if op.perm.type.rank != 1 or op.offsets.type.rank != 1 or op.perm.type.dtype != "i64":
+        raise op.error("perm and offsets must be 1-D i64 (from moe.dispatch)")
+    epi = op.epilogue
+    if epi.empty or len(epi.block.args) != len(weights):
+        raise op.error(f"epilogue takes one argument per weight ({len(weights)})")
+    term = epi.block.terminator
+    if term is None or term.NAME != "func.yield" or len(term.operands) != 1 or term.operands[0].type.rank != 2:
+        raise op.error("epilogue must yield one 2-D tensor of rows")
+
+
+def _width(op: Operation, weight: np.ndarray) -> int:
+    """Columns of a grouped matmul's output: static in its type, else the (elementwise) epilogue keeps N."""
+    n = op.result.type.shape[1]
+    return n if isinstance(n, int) else weight.shape[2]
+
+
+def _grouped_rows(op: Operation, ctx: Any, rows: np.ndarray, perm: np.ndarray, offsets: np.ndarray,
+                  weights: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per expert: (positions in perm with a real assignment, epilogue(rows @ W_e ...)) for those rows."""
+    out = []
+    for e in range(len(offsets) - 1):
+        pos = np.arange(offsets[e], offsets[e + 1])
+        pos = pos[perm[pos] >= 0]
+        if pos.size == 0:
+            continue
+        x = rows[perm[pos] // op.topk] if op.gather else rows[pos]
+        parts = [x.astype(np.float64) @ w[e].astype(np.float64) for w in weights]
+        (y,) = ctx.run_region(op.epilogue, parts)
+        out.append((pos, np.asarray(y, dtype=np.float64)))
+    return out
+
+
+class GroupedMatmulOp(Operation):
+    """For each expert segment of `perm`: rows @ W_e for every weight, then the epilogue region on the results.
+
+    With `gather`, row p reads token perm[p] // topk of `rows` (tokens read through the permutation);
+    otherwise `rows` is already in permuted order. Padding positions give zero rows.
+    """
+
+    NAME = "moe.grouped_matmul"
+    rows = Operand()
+    perm = Operand()
+    offsets = Operand()
+    weights = Operand(variadic=True)
+    topk = Attr(A.INT)
+    gather = Attr(A.BOOL, default=False)
+    result = Result()
+    epilogue = RegionField()
+
+    def infer(self) -> list[TensorType]:
+        _check_grouped(self, self.rows.type, [w.type for w in self.weights])
+        out = self.epilogue.block.terminator.operands[0].type
+        return [TensorType(self.rows.type.dtype, (self.perm.type.shape[0], out.shape[1]))]
+
+    def reference(self, ctx: Any, rows: np.ndarray, perm: np.ndarray, offsets: np.ndarray,
+                  *weights: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(perm), _width(self, weights[0])), dtype=np.float64)
+        for pos, y in _grouped_rows(self, ctx, rows, perm, offsets, list(weights)):
+            out[pos] = y
+        return out
+
+
+class GroupedMatmulCombineOp(Operation):
+    """The last expert matmul with the weighted combine fused: y[t] += gates[t, j] * epilogue(row @ W_e)
+    for each kept assignment t*K+j, scattered straight into the [T, N] output (no [T, E] or padded copy)."""
+
+    NAME = "moe.grouped_matmul_combine"
+    rows = Operand()
+    perm = Operand()
+    offsets = Operand()
+    weight = Operand()
+    gates = Operand()
+    topk = Attr(A.INT)
+    gather = Attr(A.BOOL, default=False)
+    result = Result()
+    epilogue = RegionField()
+
+    def infer(self) -> list[TensorType]:
+        _check_grouped(self, self.rows.type, [self.weight.type])
+        g = self.gates.type
+        if g.rank != 2 or not is_float(g.dtype) or not compatible(g.shape[1], self.topk):
+            raise self.error(f"gates must be float [T, {self.topk}], got {g}")
+        out = self.epilogue.block.terminator.operands[0].type
+        return [TensorType(g.dtype, (g.shape[0], out.shape[1]))]
+
+    def reference(self, ctx: Any, rows: np.ndarray, perm: np.ndarray, offsets: np.ndarray, weight: np.ndarray,
+                  gates: np.ndarray) -> np.ndarray:
+        flat_gates = gates.reshape(-1).astype(np.float64)
+        y = np.zeros((gates.shape[0], _width(self, weight)), dtype=np.float64)
+        for pos, rows_out in _grouped_rows(self, ctx, rows, perm, offsets, [weight]):
+            ids = perm[pos]
+            np.add.at(y, ids // self.topk, flat_gates[ids][:, None] * rows_out)
+        return y

@@ -1,0 +1,167 @@
+"""`fuse-moe-dispatch`: lower `moe.moe` into sparse steps, with no dense [T, E] combine and no padded copy.
+
+    perm, offsets = moe.dispatch(idx)                  # stable sort of (token, slot) by expert, capacity,
+                                                       #   segments aligned to `block`
+    h1 = moe.grouped_matmul(x, perm, offsets, W1, W3)  # tokens read through perm; every matmul on h
+          ({ a, b -> silu(a) * b })                    #   shares one read; elementwise work in the epilogue
+    y  = moe.grouped_matmul_combine(h1, perm, offsets, W2, gates)   # last matmul + gates * row scatter-add
+
+The expert body must be a chain of stages: matmuls of the stage input by expert weights `W[e]`, then
+elementwise ops (the epilogue) that give the next stage's input; the last stage ends in one matmul whose
+epilogue gives the body's value. A body of another shape stays a `moe.moe` and runs as written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sparsa.ir.clone import clone_op
+from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp, MoeOp
+from sparsa.passes.base import Option, Pass
+from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+
+_ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.NotOp, T.WhereOp, T.CastOp)
+
+
+class NotFusable(Exception):
+    """The expert body is not a chain of expert matmuls and elementwise epilogues."""
+
+
+@dataclass
+class Stage:
+    matmuls: list[Operation]                  # matmul(stage input, W[e]) in body order
+    weights: list[Value]                      # the [E, K, N] weights they index by e
+    epilogue: list[Operation] = field(default_factory=list)
+    output: Value | None = None
+
+
+def _expert_weight(v: Value, e: Value) -> Value | None:
+    """W if v = W[e] (a gather of a 3-D tensor from outside the body by the expert number)."""
+    op = v.defining_op
+    if isinstance(op, S.GatherOp) and len(op.indices) == 1 and op.indices[0] is e and op.x.type.rank == 3:
+        return op.x
+    return None
+
+
+def split_stages(moe: MoeOp) -> list[Stage]:
+    block = moe.body.block
+    e, h = block.args
+    result = block.terminator.operands[0]
+    body = [op for op in block.ops if not op.TERMINATOR and _expert_weight(op.results[0], e) is None]
+    consts = {id(op.results[0]) for op in body if isinstance(op, T.ConstantOp) and op.results[0].type.rank == 0}
+    pending = [op for op in body if id(op.results[0]) not in consts]
+    stages: list[Stage] = []
+    current = h
+    while True:
+        mms = [op for op in pending if isinstance(op, S.MatmulOp) and op.lhs is current
+               and _expert_weight(op.rhs, e) is not None]
+        if not mms:
+            raise NotFusable()
+        stage = Stage(mms, [_expert_weight(op.rhs, e) for op in mms])
+        pending = [op for op in pending if op not in mms]
+        available = {id(op.results[0]) for op in mms} | consts
+        for op in list(pending):
+            if isinstance(op, _ELEMENTWISE) and all(id(v) in available or _outside(v, block) for v in op.operands):
+                stage.epilogue.append(op)
+                available.add(id(op.results[0]))
+        pending = [op for op in pending if op not in stage.epilogue]
+        stages.append(stage)
+        produced = [op.results[0] for op in mms + stage.epilogue]
+        if any(v is result for v in produced):
+            stage.output = result
+            if pending:
+                raise NotFusable()
+            _check_internal(stage, produced, result)
+            return stages
+        users = {id(v) for op in pending for v in op.operands}
+        outs = [v for v in produced if id(v) in users]
+        if len(outs) != 1 or any(not (isinstance(op, S.MatmulOp) and op.lhs is outs[0]) for op in pending
+                                 if any(v is outs[0] for v in op.operands)):
+            raise NotFusable()
+        stage.output = outs[0]
+        _check_internal(stage, produced, outs[0])
+        current = outs[0]
+
+
+def _outside(v: Value, block: Block) -> bool:
+    """Defined outside the expert body (a weight or any value of the enclosing function)."""
+    op = v.defining_op
+    return v.owner is not block if op is None else op.parent is not block
+
+
+def _check_internal(stage: Stage, produced: list[Value], output: Value) -> None:
+    """Values of a stage other than its output may only feed its own epilogue."""
+    inside = set(map(id, stage.epilogue))
+    for v in produced:
+        if v is output:
+            continue
+        if any(id(u.op) not in inside for u in v.uses):
+            raise NotFusable()
+
+
+def _epilogue(stage: Stage) -> Region:
+    block = Block([op.results[0].type for op in stage.matmuls])
+    mapping = {id(op.results[0]): arg for op, arg in zip(stage.matmuls, block.args, strict=True)}
+    for op in stage.epilogue:
+        for v in op.operands:
+            c = v.defining_op
+            if isinstance(c, T.ConstantOp) and id(v) not in mapping:
+                block.append(clone_op(c, mapping))
+        block.append(clone_op(op, mapping))
+    block.append(YieldOp.build([mapping[id(stage.output)]]))
+    return Region([block])
+
+
+class FuseDispatch(RewritePattern):
+    """moe.moe with a staged expert body becomes dispatch + grouped matmuls + fused combine."""
+
+    ROOT = MoeOp
+
+    def __init__(self, block: int):
+        self.block = block
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        try:
+            stages = split_stages(op)
+        except NotFusable:
+            return False
+        if len(stages[-1].matmuls) != 1:
+            return False  # the combine is fused into exactly one final matmul
+        k = op.idx.type.shape[1]
+        if not isinstance(k, int):
+            return False
+        dispatch = DispatchOp.build(op.idx, num_experts=op.num_experts, block=self.block, capacity=op.capacity,
+                                    loc=op.loc)
+        rewriter.insert_before(op, dispatch)
+        perm, offsets = dispatch.results
+        rows = op.x
+        for i, stage in enumerate(stages):
+            region = _epilogue(stage)
+            if i == len(stages) - 1:
+                new = GroupedMatmulCombineOp.build(rows, perm, offsets, stage.weights[0], op.gates, regions=[region],
+                                                   topk=k, gather=i == 0, loc=stage.matmuls[0].loc)
+            else:
+                new = GroupedMatmulOp.build(rows, perm, offsets, stage.weights, regions=[region], topk=k,
+                                            gather=i == 0, loc=stage.matmuls[0].loc)
+            rewriter.insert_before(op, new)
+            rows = new.result
+        if rows.type != op.result.type:
+            raise AssertionError(f"fused moe gives {rows.type}, the moe gave {op.result.type}")
+        rewriter.replace_op(op, [rows])
+        return True
+
+
+class FuseMoeDispatch(Pass):
+    """Lower moe into dispatch, grouped matmuls with fused epilogues, and a combine fused into the last matmul."""
+
+    NAME = "fuse-moe-dispatch"
+    block = Option(int, 64, "align each expert's segment to a multiple of this many rows")
+
+    def run(self, module: Module) -> None:
+        apply_patterns_greedily(module, [FuseDispatch(self.block)], self.stats)
+        if "FuseDispatch" in self.stats:
+            self.stats["moe ops lowered to grouped matmuls"] = self.stats.pop("FuseDispatch")
