@@ -6,6 +6,7 @@ from sparsa.passes import (
     dce,
     fuse_moe_dispatch,
     fuse_moe_gating,
+    fuse_scan,
     recognize_attention,
     sparsify_attention,
 )
@@ -15,6 +16,6 @@ from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 
 __all__ = [
     "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
-    "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "parse_pipeline", "recognize_attention",
+    "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "parse_pipeline", "recognize_attention",
     "sparsify_attention",
 ]

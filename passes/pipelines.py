@@ -5,9 +5,10 @@ from __future__ import annotations
 DEFAULT_PIPELINES: dict[str, str] = {
     # The reference target runs the same sparse steps every backend follows: routers folded into
     # moe.route, experts as dispatch + grouped matmuls + fused combine, hand-written attention
-    # recognized, and block maps so attention visits only the tiles its mask allows.
+    # recognized, block maps so attention visits only the tiles its mask allows, and scans fused
+    # with their producers and consumer so the state is never stored.
     "reference": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch,recognize-attention,sparsify-attention,"
-                  "cse,dce"),
+                  "fuse-scan,cse,dce"),
 }
 
 

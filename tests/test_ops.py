@@ -410,6 +410,25 @@ def case_scan():
     np.testing.assert_allclose(out, np.stack(expected, axis=1), rtol=1e-5, atol=1e-6)
 
 
+def case_fused_scan():
+    import sparsa
+
+    src = """
+model M(a: f32[B, L, D], x: f32[B, L, D, N], c: f32[L, N]) -> f32[B, L, D] {
+    h = scan(exp(-abs(a))[:, :, :, None] * ones([N]), x * 0.5, axis=1)
+    return sum(h * c[:, None, :], axis=-1)
+}
+"""
+    m = sparsa.compile(src, passes="canonicalize,fuse-scan,dce")
+    assert "scan.fused" in m.ir() and "scan.scan" not in m.ir()
+    a, x, c = randn(2, 5, 3), randn(2, 5, 3, 4), randn(5, 4)
+    h, ys = np.zeros((2, 3, 4)), []
+    for t in range(5):
+        h = np.exp(-np.abs(a[:, t]))[:, :, None] * h + 0.5 * x[:, t]
+        ys.append((h * c[t]).sum(-1))
+    np.testing.assert_allclose(m(a, x, c), np.stack(ys, axis=1), rtol=1e-5, atol=1e-6)
+
+
 def case_sparse_convert():
     w = randn(8, 4)
     w[0:4, 0:2] = 0
@@ -454,6 +473,7 @@ CASES = {
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
     "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
+    "scan.fused": case_fused_scan,
     "sparse.convert": case_sparse_convert, "moe.route": case_route, "moe.dispatch": case_dispatch,
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),

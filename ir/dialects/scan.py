@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from sparsa.ir import attrs as A
-from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.core import Attr, Operand, Operation, RegionField, Result
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dialects.tensor_shape import normalize_axis
 from sparsa.ir.dims import broadcast_shapes
@@ -50,3 +50,68 @@ class ScanOp(Operation):
             h = a[t] * h + b[t]
             out[t] = h
         return np.moveaxis(out, 0, axis)
+
+
+def time_slice(x: np.ndarray, axis: int, rank: int, t: int) -> np.ndarray:
+    """Step t of an input right-aligned to a rank-`rank` state (kept as a size-1 axis); inputs without
+    the time axis (size 1 there, or too few dims) are the same at every step."""
+    pos = axis - (rank - x.ndim)
+    if pos < 0 or x.shape[pos] == 1:
+        return x
+    index = [slice(None)] * x.ndim
+    index[pos] = slice(t, t + 1)
+    return x[tuple(index)]
+
+
+class FusedScanOp(Operation):
+    """A scan fused with its producers and its reducing consumer: per step t, the producer region makes
+    (a_t, b_t) from step t of the inputs, h = a_t * h + b_t, and the consumer region reduces h with the
+    remaining inputs to y_t. The [..., L, ..., N] state is never stored: only one step of it is live."""
+
+    NAME = "scan.fused"
+    inputs = Operand(variadic=True)
+    axis = Attr(A.INT)
+    num_producer_inputs = Attr(A.INT)
+    out_axis = Attr(A.INT)
+    state = Attr(A.DIMS)
+    result = Result()
+    producer = RegionField()
+    consumer = RegionField()
+
+    def infer(self) -> list[TensorType]:
+        n = self.num_producer_inputs
+        if not 0 < n <= len(self.inputs):
+            raise self.error(f"num_producer_inputs = {n} must be in 1..{len(self.inputs)}")
+        prod, cons = self.producer, self.consumer
+        if prod.empty or cons.empty:
+            raise self.error("needs a producer and a consumer region")
+        if len(prod.block.args) != n or len(cons.block.args) != 1 + len(self.inputs) - n:
+            raise self.error("producer takes the first num_producer_inputs inputs; consumer takes (h, the rest)")
+        terms = (prod.block.terminator, cons.block.terminator)
+        if any(t is None or t.NAME != "func.yield" for t in terms) or len(terms[0].operands) != 2 or len(
+                terms[1].operands) != 1:
+            raise self.error("producer yields (a, b); consumer yields y")
+        rank = len(self.state)
+        if not 0 <= self.axis < rank:
+            raise self.error(f"axis {self.axis} is out of range for a rank-{rank} state")
+        y = terms[1].operands[0].type
+        shape = list(y.shape)
+        if not 0 <= self.out_axis < len(shape):
+            raise self.error(f"out_axis {self.out_axis} is out of range for the consumer's {y}")
+        shape[self.out_axis] = self.state[self.axis]
+        return [TensorType(y.dtype, tuple(shape))]
+
+    def reference(self, ctx: Any, *inputs: np.ndarray) -> np.ndarray:
+        n, rank = self.num_producer_inputs, len(self.state)
+        length = ctx.dim(self.state[self.axis])
+        h: np.ndarray | float = 0.0
+        steps = []
+        for t in range(length):
+            sliced = [time_slice(x, self.axis, rank, t) for x in inputs]
+            a_t, b_t = ctx.run_region(self.producer, sliced[:n])
+            h = a_t.astype(np.float64) * h + b_t.astype(np.float64)
+            (y_t,) = ctx.run_region(self.consumer, [h, *sliced[n:]])
+            steps.append(np.asarray(y_t, dtype=np.float64))
+        if not steps:
+            return np.zeros(ctx.shape_of(self.result.type))
+        return np.concatenate(steps, axis=self.out_axis)

@@ -1,0 +1,131 @@
+"""`fuse-scan`: fuse a `scan` with the elementwise ops that make its full-size inputs and the reduction
+that consumes its result, so the [B, L, D, N] state is never materialized.
+
+    a = exp(delta[..., None] * A); b = (delta * u)[..., None] * B[:, :, None, :]
+    h = scan(a, b, axis=1); y = sum(h * C[:, :, None, :], axis=-1)
+        ->  y = scan.fused(delta[..., None], A, (delta * u)[..., None], B[:, :, None, :], C[:, :, None, :])
+              ({producer: step t of the inputs -> (a_t, b_t)}, {consumer: (h_t, C_t) -> y_t})
+
+Producers are absorbed while they are elementwise, state-sized and used only by the scan's inputs; what
+they read becomes an input. The consumer must be `sum(h * X, axes)` over axes other than the scan axis.
+Scans with an initial state, or whose result is used otherwise, stay as they are.
+"""
+
+from __future__ import annotations
+
+from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.dialects.scan import FusedScanOp, ScanOp
+from sparsa.ir.dims import compatible
+from sparsa.ir.types import TensorType
+from sparsa.passes.base import Pass
+from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+
+_ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CastOp)
+
+
+def _state_sized(t: TensorType, state: TensorType) -> bool:
+    return t.rank == state.rank and all(compatible(a, b) for a, b in zip(t.shape, state.shape, strict=True))
+
+
+def _step_type(t: TensorType, axis: int, rank: int) -> TensorType:
+    pos = axis - (rank - t.rank)
+    if pos < 0 or t.shape[pos] == 1:
+        return t
+    return t.with_shape(t.shape[:pos] + (1,) + t.shape[pos + 1 :])
+
+
+class FuseScan(RewritePattern):
+    """scan with elementwise state-sized producers and a sum(h * X) consumer becomes scan.fused."""
+
+    ROOT = ScanOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        state = op.result.type
+        if op.h0 is not None or len(op.result.uses) != 1:
+            return False
+        mul = op.result.uses[0].op
+        if not isinstance(mul, T.MulOp) or len(mul.result.uses) != 1 or mul.result.type != state:
+            return False
+        other = mul.rhs if mul.lhs is op.result else mul.lhs
+        red = mul.result.uses[0].op
+        axis = op.axis % state.rank
+        if not isinstance(red, R.SumOp) or axis in {a % state.rank for a in red.axes}:
+            return False
+        cone = self.producer_cone(op, state)
+        leaves = self.leaves(cone, [op.a, op.b])
+        producer = self.region(cone, leaves, [op.a, op.b], axis, state.rank)
+        consumer = self.consumer(mul, red, op.result, other, axis, state.rank)
+        reduced_before = sum(1 for a in red.axes if a % state.rank < axis)
+        out_axis = axis if red.keepdim else axis - reduced_before
+        fused = FusedScanOp.build(leaves + [other], regions=[producer, consumer], axis=axis,
+                                  num_producer_inputs=len(leaves), out_axis=out_axis, state=state.shape, loc=op.loc)
+        if fused.result.type != red.result.type:
+            return False
+        rewriter.insert_before(red, fused)
+        rewriter.replace_op(red, [fused.result])
+        return True
+
+    def producer_cone(self, scan: Operation, state: TensorType) -> list[Operation]:
+        """State-sized elementwise ops that only feed the scan's a and b (in program order)."""
+        cone: dict[int, Operation] = {}
+        members = {id(scan)}
+        work = [scan.a, scan.b]
+        while work:
+            v = work.pop()
+            op = v.defining_op
+            if (op is None or id(op) in cone or not isinstance(op, _ELEMENTWISE)
+                    or not _state_sized(v.type, state) or any(id(u.op) not in members for u in v.uses)):
+                continue
+            cone[id(op)] = op
+            members.add(id(op))
+            work.extend(op.operands)
+        block = scan.parent
+        return [o for o in block.ops if id(o) in cone]
+
+    def leaves(self, cone: list[Operation], outputs: list[Value]) -> list[Value]:
+        produced = {id(r) for op in cone for r in op.results}
+        seen: dict[int, Value] = {}
+        for op in cone:
+            for v in op.operands:
+                if id(v) not in produced:
+                    seen.setdefault(id(v), v)
+        for v in outputs:
+            if id(v) not in produced:
+                seen.setdefault(id(v), v)
+        return list(seen.values())
+
+    def region(self, cone: list[Operation], leaves: list[Value], outputs: list[Value], axis: int,
+               rank: int) -> Region:
+        block = Block([_step_type(v.type, axis, rank) for v in leaves])
+        mapping = {id(v): arg for v, arg in zip(leaves, block.args, strict=True)}
+        for op in cone:
+            new = type(op).build(*[mapping[id(v)] for v in op.operands], loc=op.loc, **dict(op.attributes))
+            block.append(new)
+            mapping[id(op.results[0])] = new.results[0]
+        block.append(YieldOp.build([mapping[id(v)] for v in outputs]))
+        return Region([block])
+
+    def consumer(self, mul: Operation, red: Operation, h: Value, other: Value, axis: int, rank: int) -> Region:
+        state_step = _step_type(h.type, axis, rank)
+        block = Block([state_step, _step_type(other.type, axis, rank)], ["h", None])
+        hv, ov = block.args
+        product = T.MulOp.build(hv, ov, loc=mul.loc) if mul.lhs is h else T.MulOp.build(ov, hv, loc=mul.loc)
+        block.append(product)
+        total = R.SumOp.build(product.result, axes=red.axes, keepdim=red.keepdim, loc=red.loc)
+        block.append(total)
+        block.append(YieldOp.build([total.result]))
+        return Region([block])
+
+
+class FuseScanPass(Pass):
+    """Fuse each scan with its elementwise producers and its sum(h * X) consumer into scan.fused."""
+
+    NAME = "fuse-scan"
+
+    def run(self, module: Module) -> None:
+        apply_patterns_greedily(module, [FuseScan()], self.stats)
+        if "FuseScan" in self.stats:
+            self.stats["scans fused"] = self.stats.pop("FuseScan")
