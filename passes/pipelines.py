@@ -6,9 +6,9 @@ DEFAULT_PIPELINES: dict[str, str] = {
     # The reference target runs the same sparse steps every backend follows: routers folded into
     # moe.route, experts as dispatch + grouped matmuls + fused combine, hand-written attention
     # recognized, block maps so attention visits only the tiles its mask allows, and scans fused
-    # with their producers and consumer so the state is never stored.
+    # with their producers and consumer so the state is never stored; sparse weights packed.
     "reference": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch,recognize-attention,sparsify-attention,"
-                  "fuse-scan,cse,dce"),
+                  "fuse-scan,lower-sparse-weights,cse,dce"),
 }
 
 

@@ -54,17 +54,26 @@ class CompiledModel:
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
         self._weights: dict[str, np.ndarray] | None = None
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:
         """Weights from a .safetensors or .npz file or a dict, by dotted name; checked against the model."""
-        self._weights = check_weights(self.specs, read_weights(source), prune=prune)
+        self._set_weights(check_weights(self.specs, read_weights(source), prune=prune))
         return self
 
     def init_weights(self, seed: int = 0) -> CompiledModel:
         """Deterministic random weights that fit every shape and sparse layout."""
-        self._weights = init_weights(self.specs, seed)
+        self._set_weights(init_weights(self.specs, seed))
         return self
+
+    def _set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Install weights and run what depends only on them (packing sparse layouts) once, now."""
+        from sparsa.backends.reference.interpreter import Interpreter
+
+        self._weights = weights
+        self._cache = {}
+        Interpreter(self.module.funcs[-1], weights, self._cache).precompute()
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -90,7 +99,7 @@ class CompiledModel:
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
         arrays = [to_numpy(a) for a in args]
-        outs = run_function(self.module, arrays, self.weights)
+        outs = run_function(self.module, arrays, self.weights, cache=self._cache)
         if torch_like is not None:
             import torch
 

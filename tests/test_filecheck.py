@@ -21,6 +21,7 @@ import pytest
 from sparsa.backends.reference import run_function
 from sparsa.ir import parse_module
 from sparsa.runtime.cli import main
+from sparsa.runtime.weights import init_weights, weight_specs
 
 HERE = Path(__file__).parent / "filecheck"
 
@@ -47,10 +48,10 @@ def random_array(t, rng: np.random.Generator, size: int = 3) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def random_inputs(func, rng: np.random.Generator) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+def random_inputs(module, func, rng: np.random.Generator) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """Random inputs, and weights that fit their sparse layouts (as the runtime makes them)."""
     inputs = [random_array(a.type, rng) for a in func.regions[0].block.args]
-    params = {op.name: random_array(op.result.type, rng) for op in func.walk() if op.NAME == "func.param"}
-    return inputs, params
+    return inputs, init_weights(weight_specs(module), int(rng.integers(1 << 30)))
 
 
 @pytest.mark.parametrize("name,index,args,case", cases(), ids=[f"{c[0]}-{c[1]}" for c in cases()])
@@ -69,7 +70,7 @@ def test_filecheck_case(tmp_path, name, index, args, case):
     before, after = parse_module(case), parse_module(out.getvalue())
     rng = np.random.default_rng(index)
     for fb, fa in zip(before.funcs, after.funcs, strict=True):
-        inputs, params = random_inputs(fb, rng)
+        inputs, params = random_inputs(before, fb, rng)
         got = run_function(after, inputs, params, func=fa.attributes["sym_name"])
         want = run_function(before, inputs, params, func=fb.attributes["sym_name"])
         for g, w in zip(got, want, strict=True):

@@ -459,6 +459,32 @@ def case_sparse_matmul():
     np.testing.assert_allclose(out, x @ w, rtol=1e-5)
 
 
+def _packed_cases():
+    from sparsa.ir.dialects.sparse import pack_bsr, pack_nm
+
+    w = randn(8, 12)
+    w[0:4, 4:8] = 0
+    w[4:8, 0:4] = 0
+    row_ptr, col_idx, blocks = run_op("sparse.pack_bsr", [w], {"block": (4, 4)})
+    np.testing.assert_array_equal(row_ptr, [0, 2, 4])
+    np.testing.assert_array_equal(col_idx, [0, 2, 1, 2])
+    np.testing.assert_array_equal(blocks[1], w[0:4, 8:12])
+    x = randn(3, 8)
+    (y,) = run_op("sparse.bsr_matmul", [x, row_ptr, col_idx, blocks], {"cols": 12})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-6)
+    assert [a.tolist() for a in pack_bsr(w, 4, 4)[:2]] == [row_ptr.tolist(), col_idx.tolist()]
+
+    nm = randn(8, 3)
+    nm[[0, 3, 4, 5]] = 0
+    nm[1, 0] = 0  # a group with fewer than N nonzeros in one column
+    values, indices = run_op("sparse.pack_nm", [nm], {"n": 2, "m": 4})
+    np.testing.assert_array_equal(values[:, 1], [nm[1, 1], nm[2, 1], nm[6, 1], nm[7, 1]])
+    np.testing.assert_array_equal(indices[:, 1], [1, 2, 2, 3])
+    (y,) = run_op("sparse.nm_matmul", [x, values, indices], {"n": 2, "m": 4})
+    np.testing.assert_allclose(y, x @ nm, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(pack_nm(nm, 2, 4)[0], values)
+
+
 CASES = {
     **{name: (lambda name=name, c=c: _check_unary(name, *c)) for name, c in UNARY.items()},
     **{name: (lambda name=name, c=c: _check_binary(name, *c)) for name, c in BINARY.items()},
@@ -476,6 +502,7 @@ CASES = {
     "scan.fused": case_fused_scan,
     "sparse.convert": case_sparse_convert, "moe.route": case_route, "moe.dispatch": case_dispatch,
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
+    **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),
     "sparse.matmul": case_sparse_matmul,
 }

@@ -17,14 +17,33 @@ class RuntimeShapeError(SparsaError):
     """An input or weight whose shape or dtype does not fit the function's signature."""
 
 
-class Interpreter:
-    """Runs one function: binds symbolic dims from the inputs, then evaluates ops in order."""
+def weight_only_ops(func: Operation) -> set[int]:
+    """Ids of the function's top-level ops that read only weights (params, packing): same on every call."""
+    values: set[int] = set()
+    ops: set[int] = set()
+    for op in func.regions[0].block.ops:
+        if op.NAME == "func.param" or (op.operands and not op.regions and not op.TERMINATOR
+                                       and all(id(v) in values for v in op.operands)):
+            ops.add(id(op))
+            values.update(id(r) for r in op.results)
+    return ops
 
-    def __init__(self, func: Operation, params: Mapping[str, np.ndarray] | None = None):
+
+class Interpreter:
+    """Runs one function: binds symbolic dims from the inputs, then evaluates ops in order.
+
+    With a `cache` (kept by the caller between calls with the same weights), ops that read only weights
+    run once and their results are reused.
+    """
+
+    def __init__(self, func: Operation, params: Mapping[str, np.ndarray] | None = None,
+                 cache: dict[int, tuple[np.ndarray, ...]] | None = None):
         self.func = func
         self.params = params or {}
         self.dims: dict[str, int] = {}
         self.values: dict[int, np.ndarray] = {}
+        self.cache = cache
+        self.weight_only = weight_only_ops(func) if cache is not None else set()
 
     # ---- the context the ops' reference() methods see ----------------------------------------------
     def dim(self, d: Dim) -> int:
@@ -86,7 +105,26 @@ class Interpreter:
             self._run_op(op)
         return []
 
+    def precompute(self) -> None:
+        """Run the weight-only ops now (at weight-load time), filling the cache."""
+        with np.errstate(all="ignore"):
+            for op in self.func.regions[0].block.ops:
+                if id(op) in self.weight_only:
+                    self._run_op(op)
+
     def _run_op(self, op: Operation) -> None:
+        if id(op) in self.weight_only:
+            cached = self.cache.get(id(op))
+            if cached is None:
+                self._compute(op)
+                self.cache[id(op)] = tuple(self.values[id(r)] for r in op.results)
+            else:
+                for r, v in zip(op.results, cached, strict=True):
+                    self.values[id(r)] = v
+            return
+        self._compute(op)
+
+    def _compute(self, op: Operation) -> None:
         if op.NAME == "func.param":
             name = op.attributes["name"]
             if name not in self.params:
@@ -106,7 +144,10 @@ class Interpreter:
 
 
 def run_function(module: Module, inputs: Sequence[np.ndarray], params: Mapping[str, Any] | None = None,
-                 func: str | None = None) -> list[np.ndarray]:
-    """Run `func` (default: the last function) of `module` on NumPy inputs with named weights."""
+                 func: str | None = None, cache: dict | None = None) -> list[np.ndarray]:
+    """Run `func` (default: the last function) of `module` on NumPy inputs with named weights.
+
+    Pass the same `cache` dict on every call with the same weights to compute weight-only ops once.
+    """
     f = module.lookup(func) if func else module.funcs[-1]
-    return Interpreter(f, params).run(inputs)
+    return Interpreter(f, params, cache).run(inputs)

@@ -83,3 +83,133 @@ class SparseMatmulOp(Operation):
 
     def reference(self, ctx: Any, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.matmul(x, w)
+
+
+# ---- packed storage: what `lower-sparse-weights` turns a sparse weight into ------------------------------
+def pack_bsr(w: np.ndarray, br: int, bc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row_ptr, col_idx, blocks) of the nonzero br x bc blocks of w, row-major."""
+    rows, cols = w.shape
+    tiles = w.reshape(rows // br, br, cols // bc, bc).transpose(0, 2, 1, 3)
+    nonzero = (tiles != 0).any(axis=(2, 3))
+    row_ptr = np.concatenate([[0], np.cumsum(nonzero.sum(axis=1))]).astype(np.int64)
+    block_rows, col_idx = np.nonzero(nonzero)
+    return row_ptr, col_idx.astype(np.int64), np.ascontiguousarray(tiles[block_rows, col_idx])
+
+
+def pack_nm(w: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, indices): for each column and each group of m rows, the n kept entries and their offsets."""
+    rows, cols = w.shape
+    groups = w.reshape(rows // m, m, cols)
+    order = np.argsort(groups == 0, axis=1, kind="stable")[:, :n, :]  # nonzeros first, in row order
+    values = np.take_along_axis(groups, order, axis=1).reshape(rows // m * n, cols)
+    return values, order.reshape(rows // m * n, cols).astype(np.int8)
+
+
+class PackBsrOp(Operation):
+    """A dense weight packed as block-sparse rows: row_ptr [R/br + 1], col_idx [nnzb], blocks [nnzb, br, bc]."""
+
+    NAME = "sparse.pack_bsr"
+    w = Operand()
+    block = Attr(A.INTS)
+    row_ptr = Result()
+    col_idx = Result()
+    blocks = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.w.type
+        if t.rank != 2 or len(self.block) != 2:
+            raise self.error(f"needs a 2-D weight and a 2-D block, got {t} and {list(self.block)}")
+        br, bc = self.block
+        rows = t.shape[0] // br if isinstance(t.shape[0], int) else None
+        return [TensorType("i64", (None if rows is None else rows + 1,)), TensorType("i64", (None,)),
+                TensorType(t.dtype, (None, br, bc))]
+
+    def reference(self, ctx: Any, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        why = layout_violation(w, Layout("bsr", tuple(self.block)))
+        if why:
+            raise ValueError(f"weight does not fit #bsr<{self.block[0]}x{self.block[1]}>: {why}")
+        return pack_bsr(w, *self.block)
+
+
+class BsrMatmulOp(Operation):
+    """x @ W for W [K, N] stored block-sparse: only the stored blocks are multiplied."""
+
+    NAME = "sparse.bsr_matmul"
+    x = Operand()
+    row_ptr = Operand()
+    col_idx = Operand()
+    blocks = Operand()
+    cols = Attr(A.INT)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        x, b = self.x.type, self.blocks.type
+        if b.rank != 3 or x.rank < 1 or x.dtype != b.dtype:
+            raise self.error(f"needs x [..., K] and blocks [nnzb, br, bc] of one element type, got {x} and {b}")
+        if isinstance(b.shape[2], int) and self.cols % b.shape[2]:
+            raise self.error(f"cols = {self.cols} is not a multiple of the block width {b.shape[2]}")
+        return [TensorType(x.dtype, x.shape[:-1] + (self.cols,))]
+
+    def reference(self, ctx: Any, x: np.ndarray, row_ptr: np.ndarray, col_idx: np.ndarray,
+                  blocks: np.ndarray) -> np.ndarray:
+        br, bc = blocks.shape[1:] if blocks.ndim == 3 else (1, 1)
+        y = np.zeros(x.shape[:-1] + (self.cols,), dtype=np.float64)
+        x64 = x.astype(np.float64)
+        for r in range(len(row_ptr) - 1):
+            xs = x64[..., r * br : (r + 1) * br]
+            for i in range(row_ptr[r], row_ptr[r + 1]):
+                c = col_idx[i]
+                y[..., c * bc : (c + 1) * bc] += xs @ blocks[i]
+        return y
+
+
+class PackNmOp(Operation):
+    """A dense N:M weight packed as values [K*N/M, cols] and in-group offsets [K*N/M, cols] (i8)."""
+
+    NAME = "sparse.pack_nm"
+    w = Operand()
+    n = Attr(A.INT)
+    m = Attr(A.INT)
+    values = Result()
+    indices = Result()
+
+    def infer(self) -> list[TensorType]:
+        t = self.w.type
+        if t.rank != 2 or not 0 < self.n <= self.m:
+            raise self.error(f"needs a 2-D weight and 0 < n <= m, got {t}, {self.n}:{self.m}")
+        rows = t.shape[0] // self.m * self.n if isinstance(t.shape[0], int) else None
+        return [TensorType(t.dtype, (rows, t.shape[1])), TensorType("i8", (rows, t.shape[1]))]
+
+    def reference(self, ctx: Any, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        why = layout_violation(w, Layout("nm", (self.n, self.m)))
+        if why:
+            raise ValueError(f"weight does not fit #nm<{self.n}:{self.m}>: {why}")
+        return pack_nm(w, self.n, self.m)
+
+
+class NmMatmulOp(Operation):
+    """x @ W for W [K, cols] stored N:M along K: each output reads n of every m inputs."""
+
+    NAME = "sparse.nm_matmul"
+    x = Operand()
+    values = Operand()
+    indices = Operand()
+    n = Attr(A.INT)
+    m = Attr(A.INT)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        x, v = self.x.type, self.values.type
+        if v.rank != 2 or x.rank < 1 or x.dtype != v.dtype:
+            raise self.error(f"needs x [..., K] and values [K*n/m, cols] of one element type, got {x} and {v}")
+        k = x.shape[-1]
+        if isinstance(k, int) and isinstance(v.shape[0], int) and k // self.m * self.n != v.shape[0]:
+            raise self.error(f"values {v} do not hold {self.n} of every {self.m} of the {k} inputs")
+        return [TensorType(x.dtype, x.shape[:-1] + (v.shape[1],))]
+
+    def reference(self, ctx: Any, x: np.ndarray, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        kept, cols = values.shape
+        rows = (np.arange(kept) // self.n * self.m)[:, None] + indices.astype(np.int64)
+        dense = np.zeros((x.shape[-1], cols), dtype=np.float64)
+        np.add.at(dense, (rows, np.broadcast_to(np.arange(cols), rows.shape)), values)
+        return x.astype(np.float64) @ dense
