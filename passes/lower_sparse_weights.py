@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from sparsa.ir.core import Module, Operation
 from sparsa.ir.dialects.sparse import BsrMatmulOp, ConvertOp, NmMatmulOp, PackBsrOp, PackNmOp, SparseMatmulOp
-from sparsa.passes.base import Pass
+from sparsa.passes.base import Option, Pass
+from sparsa.passes.cost_model import COSTS
 from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
 
 
@@ -21,6 +22,9 @@ class LowerSparseMatmul(RewritePattern):
     """x @ convert(w) with a sparse layout becomes a packed matmul reading packed storage of w."""
 
     ROOT = SparseMatmulOp
+
+    def __init__(self, target: str):
+        self.costs = COSTS[target]
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         conv = op.w.defining_op
@@ -31,7 +35,8 @@ class LowerSparseMatmul(RewritePattern):
             if not isinstance(cols, int):
                 return False
             pack = PackBsrOp.build(conv.x, block=conv.block, loc=conv.loc)
-            new = BsrMatmulOp.build(op.x, *pack.results, cols=cols, loc=op.loc)
+            new = BsrMatmulOp.build(op.x, *pack.results, cols=cols, dense_above=self.costs.bsr_dense_above,
+                                    loc=op.loc)
         else:
             pack = PackNmOp.build(conv.x, n=conv.block[0], m=conv.block[1], loc=conv.loc)
             new = NmMatmulOp.build(op.x, *pack.results, n=conv.block[0], m=conv.block[1], loc=op.loc)
@@ -45,8 +50,9 @@ class LowerSparseWeights(Pass):
     """Pack #bsr and #nm weights (row pointers, column indices, blocks / values and offsets) for packed matmuls."""
 
     NAME = "lower-sparse-weights"
+    target = Option(str, "reference", "whose cost-model constants decide dense vs sparse kernels")
 
     def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [LowerSparseMatmul()], self.stats)
+        apply_patterns_greedily(module, [LowerSparseMatmul(self.target)], self.stats)
         if "LowerSparseMatmul" in self.stats:
             self.stats["sparse matmuls packed"] = self.stats.pop("LowerSparseMatmul")

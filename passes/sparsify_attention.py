@@ -13,6 +13,7 @@ from sparsa.ir.core import Module, Region
 from sparsa.ir.dialects.attn import AttentionOp
 from sparsa.ir.dialects.attn_blocks import BlockMap, BlockMapOp, classify, mask_axes_used, outer_values
 from sparsa.passes.base import Option, Pass
+from sparsa.passes.cost_model import attention_prefers_sparse
 from sparsa.passes.rewrite import Rewriter
 
 
@@ -26,7 +27,7 @@ class SparsifyAttention(Pass):
     def run(self, module: Module) -> None:
         rewriter = Rewriter()
         for op in [o for o in module.walk() if isinstance(o, AttentionOp)]:
-            if op.mask.empty or op.block_map is not None:
+            if op.mask.empty or op.block_map is not None or op.kernel:
                 continue
             self.sparsify(op, rewriter)
 
@@ -41,12 +42,16 @@ class SparsifyAttention(Pass):
         if static:
             kinds = classify(op.mask, sizes["sq"], sizes["sk"], bq, bk, sizes["batch"], sizes["heads"], {})
             block_map = BlockMap(kinds)
-            bm = BlockMapOp.build(regions=[Region()], map=block_map, loc=op.loc, **attrs)
             counts = block_map.counts()
             self.stats["blocks proven empty"] += counts["empty"]
             self.stats["blocks proven full"] += counts["full"]
             self.stats["blocks partial"] += counts["partial"]
             self.stats["block maps computed at compile time"] += 1
+            if not attention_prefers_sparse(counts, q.shape[3] if isinstance(q.shape[3], int) else 64):
+                op.attributes["kernel"] = "dense"
+                self.stats["kept dense by the cost model"] += 1
+                return
+            bm = BlockMapOp.build(regions=[Region()], map=block_map, loc=op.loc, **attrs)
         else:
             bm = BlockMapOp.build(regions=[clone_region(op.mask)], loc=op.loc, **attrs)
             self.stats["block maps built per call"] += 1
@@ -54,3 +59,4 @@ class SparsifyAttention(Pass):
         op.operands.append(bm.result)
         op._add_use(bm.result, len(op.operands) - 1)
         op.attributes["block_q"], op.attributes["block_k"] = bq, bk
+        op.attributes["kernel"] = "block-sparse"

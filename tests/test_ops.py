@@ -473,6 +473,8 @@ def _packed_cases():
     (y,) = run_op("sparse.bsr_matmul", [x, row_ptr, col_idx, blocks], {"cols": 12})
     np.testing.assert_allclose(y, x @ w, rtol=1e-5, atol=1e-6)
     assert [a.tolist() for a in pack_bsr(w, 4, 4)[:2]] == [row_ptr.tolist(), col_idx.tolist()]
+    (y_dense,) = run_op("sparse.bsr_matmul", [x, row_ptr, col_idx, blocks], {"cols": 12, "dense_above": 0.5})
+    np.testing.assert_allclose(y_dense, x @ w, rtol=1e-5, atol=1e-6)  # 4 of 6 blocks stored: the dense kernel
 
     nm = randn(8, 3)
     nm[[0, 3, 4, 5]] = 0

@@ -32,6 +32,7 @@ class AttentionOp(Operation):
     scale = Attr(A.FLOAT)
     block_q = Attr(A.INT, default=0)
     block_k = Attr(A.INT, default=0)
+    kernel = Attr(A.StrKind(("", "dense", "block-sparse")), default="")  # the cost model's choice
     result = Result()
     mask = RegionField(optional=True)
     score = RegionField(optional=True)
@@ -56,8 +57,8 @@ class AttentionOp(Operation):
         _check_region(self, self.mask, 4, "i1", "mask")
         _check_region(self, self.score, 5, None, "score")
         if self.block_map is None:
-            if self.block_q or self.block_k:
-                raise self.error("has block sizes but no block map operand")
+            if self.block_q or self.block_k or self.kernel == "block-sparse":
+                raise self.error("has block sizes or a block-sparse kernel but no block map operand")
             return
         if self.block_q < 1 or self.block_k < 1:
             raise self.error(f"needs positive block sizes with a block map, got {self.block_q}x{self.block_k}")

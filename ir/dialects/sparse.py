@@ -96,6 +96,16 @@ def pack_bsr(w: np.ndarray, br: int, bc: int) -> tuple[np.ndarray, np.ndarray, n
     return row_ptr, col_idx.astype(np.int64), np.ascontiguousarray(tiles[block_rows, col_idx])
 
 
+def unpack_bsr(row_ptr: np.ndarray, col_idx: np.ndarray, blocks: np.ndarray, cols: int) -> np.ndarray:
+    """The dense [rows, cols] matrix of a BSR weight."""
+    br, bc = blocks.shape[1:]
+    dense = np.zeros(((len(row_ptr) - 1) * br, cols), dtype=np.float64)
+    for r in range(len(row_ptr) - 1):
+        for i in range(row_ptr[r], row_ptr[r + 1]):
+            dense[r * br : (r + 1) * br, col_idx[i] * bc : (col_idx[i] + 1) * bc] = blocks[i]
+    return dense
+
+
 def pack_nm(w: np.ndarray, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
     """(values, indices): for each column and each group of m rows, the n kept entries and their offsets."""
     rows, cols = w.shape
@@ -140,6 +150,7 @@ class BsrMatmulOp(Operation):
     col_idx = Operand()
     blocks = Operand()
     cols = Attr(A.INT)
+    dense_above = Attr(A.FLOAT, default=1.0)  # stored-block density past which the dense kernel runs
     result = Result()
 
     def infer(self) -> list[TensorType]:
@@ -153,8 +164,10 @@ class BsrMatmulOp(Operation):
     def reference(self, ctx: Any, x: np.ndarray, row_ptr: np.ndarray, col_idx: np.ndarray,
                   blocks: np.ndarray) -> np.ndarray:
         br, bc = blocks.shape[1:] if blocks.ndim == 3 else (1, 1)
-        y = np.zeros(x.shape[:-1] + (self.cols,), dtype=np.float64)
         x64 = x.astype(np.float64)
+        if len(col_idx) > self.dense_above * (len(row_ptr) - 1) * (self.cols // bc):
+            return x64 @ unpack_bsr(row_ptr, col_idx, blocks, self.cols)
+        y = np.zeros(x.shape[:-1] + (self.cols,), dtype=np.float64)
         for r in range(len(row_ptr) - 1):
             xs = x64[..., r * br : (r + 1) * br]
             for i in range(row_ptr[r], row_ptr[r + 1]):
