@@ -135,6 +135,56 @@ def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
+    """`sparsa explain FILE.sp`: run once on random inputs and show where the work goes."""
+    import numpy as np
+
+    import sparsa
+    from sparsa.ir.dims import evaluate
+    from sparsa.ir.types import numpy_dtype
+    from sparsa.runtime.explain import format_report, save_block_map_png
+
+    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options)
+    if args.weights:
+        model.load_weights(args.weights, prune=args.prune)
+    else:
+        model.init_weights(args.seed)
+    dims: dict[str, int] = {}
+    for item in args.shape or []:
+        name, eq, value = item.partition("=")
+        if not eq or not value.isdigit():
+            raise SparsaError(f"bad --shape {item!r}: expected NAME=SIZE, e.g. --shape S=4096")
+        dims[name] = int(value)
+    given = {}
+    for item in args.input or []:
+        name, eq, spec = item.partition("=")
+        given[name] = _input_array(spec, name, model, args.seed)
+    rng = np.random.default_rng(args.seed)
+    inputs = []
+    for name, t in zip(model.input_names, model.input_types, strict=True):
+        if name in given:
+            inputs.append(given[name])
+            continue
+        try:
+            shape = [evaluate(d, dims) if d is not None else 1 for d in t.shape]
+        except KeyError as e:
+            raise SparsaError(f"input '{name}' has symbolic size {e.args[0]}: give it with --shape "
+                              f"{e.args[0]}=N (or --input {name}=...)") from None
+        dt = numpy_dtype(t.dtype)
+        inputs.append(rng.standard_normal(shape).astype(dt) if dt.kind == "f" else np.zeros(shape, dt))
+    print(f"running {model.name} once to measure ...", file=sys.stderr, flush=True)
+    model(*inputs)
+    report = model.last_report
+    print(format_report(report, model.name), end="")
+    if args.block_map:
+        maps = [o for o in report.ops if o.block_map is not None]
+        if not maps:
+            raise SparsaError(f"model '{model.name}' has no attention with a block map to draw")
+        save_block_map_png(maps[0].block_map, args.block_map, f"{model.name} attention at {maps[0].where}")
+        print(f"wrote {args.block_map}")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     """`sparsa compile FILE.sp --emit ir`: the IR after the target's pipeline."""
     import sparsa
@@ -173,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="save the outputs to this .npz file")
     knobs.add_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    exp = sub.add_parser("explain", help="run once and report FLOPs done vs dense, block maps, routing, kernels")
+    exp.add_argument("file", help="a .sp file")
+    exp.add_argument("--model", help="which model of the file (default: the last one)")
+    exp.add_argument("--shape", action="append", metavar="NAME=SIZE", help="a symbolic size, e.g. S=4096")
+    exp.add_argument("--input", action="append", metavar="NAME=SPEC", help="an input, as for sparsa run")
+    exp.add_argument("--weights", help="weights file (default: random weights)")
+    exp.add_argument("--prune", action="store_true", help="prune loaded weights to their sparse layouts")
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--target", default="reference", choices=TARGETS)
+    exp.add_argument("--block-map", metavar="OUT.png", help="draw the first attention block map to a PNG")
+    knobs.add_arguments(exp)
+    exp.set_defaults(func=cmd_explain)
 
     comp = sub.add_parser("compile", help="compile a .sp model and print its IR")
     comp.add_argument("file", help="a .sp file")

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from sparsa.backends.reference import run_function
 from sparsa.frontend import compile_source
 from sparsa.ir.core import Module
 from sparsa.ir.diagnostics import SparsaError
@@ -55,6 +54,7 @@ class CompiledModel:
         self.module = self._pm.run(module)
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
+        self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:
@@ -99,7 +99,11 @@ class CompiledModel:
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
         arrays = [to_numpy(a) for a in args]
-        outs = run_function(self.module, arrays, self.weights, cache=self._cache)
+        from sparsa.runtime.explain import RecordingInterpreter
+
+        interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache)
+        outs = interp.run(arrays)
+        self.last_report = interp.report
         if torch_like is not None:
             import torch
 
@@ -119,16 +123,23 @@ class CompiledModel:
         return self._pm.snapshots[after]
 
     def stats(self) -> dict[str, Any]:
-        """Weights, pass counters and the op census of the final IR."""
+        """Weights and their bytes, pass counters, the op census, and for the last call: FLOPs done vs dense,
+        attention block densities, tokens per expert, and the kernel each sparse op chose."""
         census: dict[str, int] = {}
         for op in self.module.walk():
             census[op.NAME] = census.get(op.NAME, 0) + 1
-        return {
+        packed = sum(a.nbytes for values in self._cache.values() for a in values if a is not None)
+        out = {
             "model": self.name, "target": self.target, "pipeline": self._pm.pipeline,
             "weights": len(self.specs),
             "parameters": int(sum(np.prod(s.type.shape) for s in self.specs.values() if s.type.is_static())),
+            "weight_bytes": int(sum(a.nbytes for a in (self._weights or {}).values())),
+            "prepared_weight_bytes": int(packed),
             "passes": self._pm.statistics(), "ops": census,
         }
+        if self.last_report is not None:
+            out["last_call"] = self.last_report.summary()
+        return out
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{n}: {t}" for n, t in zip(self.input_names, self.input_types, strict=True))

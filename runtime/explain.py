@@ -1,0 +1,204 @@
+"""Where the work goes: per op, the FLOPs a dense model would do vs the FLOPs actually done, block maps of
+attention, tokens per expert of each MoE, and the kernel each sparse op chose (and why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.ir.core import Operation
+
+EMPTY_CHAR, PARTIAL_CHAR, FULL_CHAR = ".", "+", "#"
+
+
+@dataclass
+class OpReport:
+    """One executed op: its name, source position, dense-equivalent and done FLOPs, and a note."""
+
+    name: str
+    where: str
+    dense_flops: float
+    flops: float
+    note: str = ""
+    block_map: np.ndarray | None = None
+    tokens_per_expert: list[int] | None = None
+
+
+@dataclass
+class Report:
+    """Everything `explain` found for one call."""
+
+    ops: list[OpReport] = field(default_factory=list)
+
+    @property
+    def dense_flops(self) -> float:
+        return sum(o.dense_flops for o in self.ops)
+
+    @property
+    def flops(self) -> float:
+        return sum(o.flops for o in self.ops)
+
+    def summary(self) -> dict[str, Any]:
+        attention = [{"where": o.where, "blocks": _counts(o.block_map), "kernel": o.note}
+                     for o in self.ops if o.block_map is not None or o.name == "attn.attention"]
+        moe = [{"where": o.where, "tokens_per_expert": o.tokens_per_expert, "note": o.note}
+               for o in self.ops if o.tokens_per_expert is not None]
+        kernels = [{"op": o.name, "where": o.where, "kernel": o.note} for o in self.ops
+                   if o.name.startswith(("sparse.", "moe.grouped", "attn.attention", "scan.fused"))]
+        return {"dense_flops": self.dense_flops, "flops": self.flops,
+                "flops_saved": 1.0 - self.flops / self.dense_flops if self.dense_flops else 0.0,
+                "attention": attention, "moe": moe, "kernels": kernels}
+
+
+def _counts(bm: np.ndarray | None) -> dict[str, int] | None:
+    if bm is None:
+        return None
+    return {"empty": int((bm == 0).sum()), "partial": int((bm == 1).sum()), "full": int((bm == 2).sum())}
+
+
+class RecordingInterpreter(Interpreter):
+    """The reference interpreter, noting each top-level op's work as it runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.report = Report()
+        self._top = {id(op) for op in self.func.regions[0].block.ops}
+
+    def _compute(self, op: Operation) -> None:
+        super()._compute(op)
+        if id(op) not in self._top or op.NAME in ("func.param", "tensor.constant"):
+            return
+        args = [self.values.get(id(v)) for v in op.operands]
+        outs = [self.values.get(id(r)) for r in op.results]
+        where = f"{op.loc.file.rsplit('/', 1)[-1]}:{op.loc.line}" if op.loc else "?"
+        self.report.ops.append(describe(op, args, outs, where))
+
+
+def describe(op: Operation, args: list[Any], outs: list[Any], where: str) -> OpReport:
+    """FLOPs (dense-equivalent and done) and a note for one executed op."""
+    name = op.NAME
+    out = outs[0] if outs else None
+    if name == "tensor.matmul":
+        f = 2.0 * out.size * args[0].shape[-1]
+        return OpReport(name, where, f, f)
+    if name == "sparse.bsr_matmul":
+        x, row_ptr, col_idx, blocks = args
+        dense = 2.0 * out.size * x.shape[-1]
+        total = (len(row_ptr) - 1) * (op.cols // blocks.shape[2])
+        density = len(col_idx) / total if total else 0.0
+        if density > op.dense_above:
+            return OpReport(name, where, dense, dense, f"dense kernel: block density {density:.0%} > "
+                                                       f"{op.dense_above:.0%}")
+        return OpReport(name, where, dense, dense * density, f"block-sparse: {len(col_idx)}/{total} blocks "
+                                                            f"({density:.0%})")
+    if name == "sparse.nm_matmul":
+        dense = 2.0 * out.size * args[0].shape[-1]
+        return OpReport(name, where, dense, dense * op.n / op.m, f"{op.n}:{op.m} sparse")
+    if name in ("moe.grouped_matmul", "moe.grouped_matmul_combine"):
+        return _grouped(op, args, out, where)
+    if name == "attn.attention":
+        q, k, v = args[:3]
+        dense = 2.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+        bm = args[3] if len(args) > 3 else None
+        if bm is None:
+            why = "dense (cost model)" if op.kernel == "dense" else ("dense, no mask" if op.mask.empty else
+                                                                      "dense masked")
+            return OpReport(name, where, dense, dense, why)
+        full = np.broadcast_to(bm, (q.shape[0], q.shape[1]) + bm.shape[2:])
+        visited = float((full != 0).mean())
+        c = _counts(bm)
+        return OpReport(name, where, dense, dense * visited,
+                        f"block-sparse {op.block_q}x{op.block_k}: {c['full']} full, {c['partial']} partial, "
+                        f"{c['empty']} empty tiles", block_map=bm)
+    if name == "moe.dispatch":
+        perm, offsets = outs
+        counts = [int((perm[offsets[e] : offsets[e + 1]] >= 0).sum()) for e in range(len(offsets) - 1)]
+        padding = int((perm < 0).sum())
+        return OpReport(name, where, 0.0, 0.0, f"{sum(counts)} assignments, {padding} padding rows "
+                                               f"(block {op.block})", tokens_per_expert=counts)
+    if name == "scan.fused":
+        state = float(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
+        f = 5.0 * state  # producer (a, b), the recurrence's multiply-add, the consumer's multiply-add
+        return OpReport(name, where, f, f, f"fused scan: {int(state)} state elements computed, none stored")
+    size = float(sum(o.size for o in outs if isinstance(o, np.ndarray)))
+    return OpReport(name, where, size, size)
+
+
+def _grouped(op: Operation, args: list[Any], out: np.ndarray, where: str) -> OpReport:
+    rows, perm, offsets = args[:3]
+    weights = args[3:-1] if op.NAME == "moe.grouped_matmul_combine" else args[3:]
+    experts = len(offsets) - 1
+    kept = int((perm >= 0).sum())
+    tokens = kept / op.topk
+    per_weight = [2.0 * w.shape[1] * w.shape[2] for w in weights]
+    done = sum(len(perm) * f for f in per_weight)
+    dense = sum(tokens * experts * f for f in per_weight)
+    fused = "gates * rows scattered into the output" if op.NAME.endswith("combine") else "epilogue fused"
+    note = f"{len(weights)} weight(s), {len(perm) - kept} padding rows, {fused}"
+    return OpReport(op.NAME, where, dense, done, note)
+
+
+def ascii_map(bm: np.ndarray, width: int = 64) -> str:
+    """A block map as text: '#' FULL, '+' PARTIAL, '.' EMPTY (downsampled to at most `width` columns)."""
+    m = bm.reshape(-1, bm.shape[-2], bm.shape[-1])[0]
+    step = max(1, -(-max(m.shape) // width))
+    rows = []
+    for i in range(0, m.shape[0], step):
+        line = []
+        for j in range(0, m.shape[1], step):
+            tile = m[i : i + step, j : j + step]
+            line.append(FULL_CHAR if (tile == 2).all() else EMPTY_CHAR if (tile == 0).all() else PARTIAL_CHAR)
+        rows.append("".join(line))
+    scale = f" (each character is {step}x{step} tiles)" if step > 1 else ""
+    return "\n".join(rows) + f"\n  {FULL_CHAR} full  {PARTIAL_CHAR} partial  {EMPTY_CHAR} empty{scale}"
+
+
+def save_block_map_png(bm: np.ndarray, path: str, title: str) -> None:
+    """Draw a block map in three colors with labeled axes."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+        from matplotlib.patches import Patch
+    except ImportError as e:
+        from sparsa.ir.diagnostics import SparsaError
+
+        raise SparsaError(f"--block-map needs matplotlib ({e}); install it with: pip install matplotlib") from None
+    m = bm.reshape(-1, bm.shape[-2], bm.shape[-1])[0]
+    colors = ["#f2f2f2", "#f4a261", "#264653"]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(m, cmap=ListedColormap(colors), vmin=0, vmax=2, interpolation="nearest")
+    ax.set_xlabel("key block")
+    ax.set_ylabel("query block")
+    ax.set_title(title)
+    ax.legend(handles=[Patch(color=c, label=n) for c, n in zip(colors, ["empty", "partial", "full"], strict=True)],
+              loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_report(report: Report, model_name: str) -> str:
+    """The explain table, totals, MoE routing and attention block maps as text."""
+    lines = [f"{model_name}: {report.flops / 1e9:.3f} GFLOP done of {report.dense_flops / 1e9:.3f} dense-equivalent "
+             f"({1 - report.flops / report.dense_flops if report.dense_flops else 0:.1%} skipped)", ""]
+    lines.append(f"{'op':<28} {'where':<28} {'dense GFLOP':>12} {'done GFLOP':>11} {'done':>6}  kernel / note")
+    shown = [o for o in report.ops if o.note or o.dense_flops >= 1e-3 * report.dense_flops]
+    for o in shown:
+        ratio = f"{o.flops / o.dense_flops:.0%}" if o.dense_flops else "-"
+        lines.append(f"{o.name:<28} {o.where:<28} {o.dense_flops / 1e9:>12.4f} {o.flops / 1e9:>11.4f} {ratio:>6}  "
+                     f"{o.note}".rstrip())
+    if len(shown) < len(report.ops):
+        lines.append(f"({len(report.ops) - len(shown)} small ops under 0.1% of the work not shown)")
+    for o in report.ops:
+        if o.tokens_per_expert is not None:
+            lines += ["", f"moe routing at {o.where}: tokens per expert {o.tokens_per_expert}; {o.note}"]
+    for o in report.ops:
+        if o.block_map is not None:
+            lines += ["", f"block map of attention at {o.where}: {o.note}", ascii_map(o.block_map)]
+    return "\n".join(lines) + "\n"
