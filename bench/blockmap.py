@@ -40,7 +40,8 @@ def load() -> str:
 
 def sliding(S: int = 4096, w: int = 256) -> dict:
     src = (f"mask sliding(q, k) = k <= q and q - k < {w}\n"
-           f"model M(q: f32[1, 8, {S}, 64]) -> f32[1, 8, {S}, 64] {{\n    return attention(q, q, q, mask=sliding)\n}}\n")
+           f"model M(q: f32[1, 8, {S}, 64]) -> f32[1, 8, {S}, 64] {{\n"
+           f"    return attention(q, q, q, mask=sliding)\n}}\n")
 
     def run() -> dict:
         module, _ = compile_source(src)

@@ -354,24 +354,14 @@ class Lowerer:
         """Lower an expression: a Value, a Lit, a tuple of Values, or a reference (model, mask, dim)."""
         from sparsa.frontend import builtins, expressions
 
-        if isinstance(node, A.Num):
-            return Lit(node.value)
-        if isinstance(node, A.Bool):
+        if isinstance(node, A.Num | A.Bool):
             return Lit(node.value)
         if isinstance(node, A.Name):
             return self.name(node, scope)
-        if isinstance(node, A.BinOp):
-            return expressions.binop(self, node, scope)
-        if isinstance(node, A.Compare):
-            return expressions.compare(self, node, scope)
-        if isinstance(node, A.Unary):
-            return expressions.unary(self, node, scope)
-        if isinstance(node, A.Index):
-            return expressions.index(self, node, scope)
-        if isinstance(node, A.Attribute):
-            return expressions.attribute(self, node, scope)
-        if isinstance(node, A.Call):
-            return builtins.call(self, node, scope)
+        lower = {A.BinOp: expressions.binop, A.Compare: expressions.compare, A.Unary: expressions.unary,
+                 A.Index: expressions.index, A.Attribute: expressions.attribute, A.Call: builtins.call}.get(type(node))
+        if lower is not None:
+            return lower(self, node, scope)
         if isinstance(node, A.Lambda):
             return LambdaRef(node)
         if isinstance(node, A.NoneLit):

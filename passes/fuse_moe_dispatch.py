@@ -16,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sparsa.ir.clone import clone_op
-from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp, MoeOp
-from sparsa.passes.base import Option, Pass
-from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+from sparsa.passes.base import Option
+from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 _ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.NotOp, T.WhereOp, T.CastOp)
 
@@ -155,13 +155,12 @@ class FuseDispatch(RewritePattern):
         return True
 
 
-class FuseMoeDispatch(Pass):
+class FuseMoeDispatch(PatternPass):
     """Lower moe into dispatch, grouped matmuls with fused epilogues, and a combine fused into the last matmul."""
 
     NAME = "fuse-moe-dispatch"
     block = Option(int, 64, "align each expert's segment to a multiple of this many rows")
+    COUNTERS = {"FuseDispatch": "moe ops lowered to grouped matmuls"}
 
-    def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [FuseDispatch(self.block)], self.stats)
-        if "FuseDispatch" in self.stats:
-            self.stats["moe ops lowered to grouped matmuls"] = self.stats.pop("FuseDispatch")
+    def patterns(self) -> list[RewritePattern]:
+        return [FuseDispatch(self.block)]

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsa.ir.core import Module, Operation, Value
+from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.moe import MoeOp, RouteOp
-from sparsa.passes.base import Pass
-from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 
 @dataclass
@@ -119,12 +118,11 @@ class FuseGating(RewritePattern):
         return True
 
 
-class FuseMoeGating(Pass):
+class FuseMoeGating(PatternPass):
     """Fold the router in front of each moe (softmax/sigmoid, top-k, renormalize, bias, scale) into moe.route."""
 
     NAME = "fuse-moe-gating"
+    COUNTERS = {"FuseGating": "routers fused"}
 
-    def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [FuseGating()], self.stats)
-        if "FuseGating" in self.stats:
-            self.stats["routers fused"] = self.stats.pop("FuseGating")
+    def patterns(self) -> list[RewritePattern]:
+        return [FuseGating()]

@@ -13,15 +13,14 @@ Scans with an initial state, or whose result is used otherwise, stay as they are
 
 from __future__ import annotations
 
-from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.scan import FusedScanOp, ScanOp
 from sparsa.ir.dims import compatible
 from sparsa.ir.types import TensorType
-from sparsa.passes.base import Pass
-from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 _ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CastOp)
 
@@ -120,12 +119,11 @@ class FuseScan(RewritePattern):
         return Region([block])
 
 
-class FuseScanPass(Pass):
+class FuseScanPass(PatternPass):
     """Fuse each scan with its elementwise producers and its sum(h * X) consumer into scan.fused."""
 
     NAME = "fuse-scan"
+    COUNTERS = {"FuseScan": "scans fused"}
 
-    def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [FuseScan()], self.stats)
-        if "FuseScan" in self.stats:
-            self.stats["scans fused"] = self.stats.pop("FuseScan")
+    def patterns(self) -> list[RewritePattern]:
+        return [FuseScan()]

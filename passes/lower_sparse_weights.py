@@ -11,11 +11,11 @@ each weight against its layout, naming the first offending block or group) and r
 
 from __future__ import annotations
 
-from sparsa.ir.core import Module, Operation
+from sparsa.ir.core import Operation
 from sparsa.ir.dialects.sparse import BsrMatmulOp, ConvertOp, NmMatmulOp, PackBsrOp, PackNmOp, SparseMatmulOp
-from sparsa.passes.base import Option, Pass
+from sparsa.passes.base import Option
 from sparsa.passes.cost_model import COSTS
-from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 
 class LowerSparseMatmul(RewritePattern):
@@ -46,13 +46,12 @@ class LowerSparseMatmul(RewritePattern):
         return True
 
 
-class LowerSparseWeights(Pass):
+class LowerSparseWeights(PatternPass):
     """Pack #bsr and #nm weights (row pointers, column indices, blocks / values and offsets) for packed matmuls."""
 
     NAME = "lower-sparse-weights"
     target = Option(str, "reference", "whose cost-model constants decide dense vs sparse kernels")
+    COUNTERS = {"LowerSparseMatmul": "sparse matmuls packed"}
 
-    def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [LowerSparseMatmul(self.target)], self.stats)
-        if "LowerSparseMatmul" in self.stats:
-            self.stats["sparse matmuls packed"] = self.stats.pop("LowerSparseMatmul")
+    def patterns(self) -> list[RewritePattern]:
+        return [LowerSparseMatmul(self.target)]

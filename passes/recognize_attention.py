@@ -16,15 +16,14 @@ zeros in the attention op (the hand-written form gives NaN there, or a uniform r
 
 from __future__ import annotations
 
-from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.attn import AttentionOp
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.types import TensorType, scalar
-from sparsa.passes.base import Pass
-from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
+from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 _ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.NotOp, T.WhereOp, T.CastOp)
 INDEX = scalar("i64")
@@ -219,12 +218,11 @@ def _append(block: Block, op: Operation) -> Value:
     return op.results[0]
 
 
-class RecognizeAttentionPass(Pass):
+class RecognizeAttentionPass(PatternPass):
     """Turn hand-written softmax(masked q @ k^T) @ v into the attention op with mask and score regions."""
 
     NAME = "recognize-attention"
+    COUNTERS = {"RecognizeAttention": "attention ops recognized"}
 
-    def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, [RecognizeAttention()], self.stats)
-        if "RecognizeAttention" in self.stats:
-            self.stats["attention ops recognized"] = self.stats.pop("RecognizeAttention")
+    def patterns(self) -> list[RewritePattern]:
+        return [RecognizeAttention()]

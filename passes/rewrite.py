@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 from sparsa.ir.core import Module, Operation, Value
+from sparsa.passes.base import Pass
 
 
 class Rewriter:
@@ -70,3 +71,19 @@ def apply_patterns_greedily(module: Module, patterns: Sequence[RewritePattern], 
         if not changed:
             break
     return changed_any
+
+
+class PatternPass(Pass):
+    """A pass that applies its patterns greedily; COUNTERS renames pattern counters for the statistics."""
+
+    COUNTERS: ClassVar[dict[str, str]] = {}
+
+    def patterns(self) -> list[RewritePattern]:
+        """The patterns to apply (built per run, so they can read the pass's options)."""
+        return []
+
+    def run(self, module: Module) -> None:
+        apply_patterns_greedily(module, self.patterns(), self.stats)
+        for pattern, counter in self.COUNTERS.items():
+            if pattern in self.stats:
+                self.stats[counter] = self.stats.pop(pattern)
