@@ -17,6 +17,10 @@ ROUTERS = {
     "switch": "w, idx = topk(softmax(x @ gate), k=K)",
     "deepseek": ("s = sigmoid(x @ gate)\n    _, idx = topk(s + bias, k=K)\n    w = s[iota(T)[:, None], idx]\n"
                  "    w = w / sum(w, axis=-1, keepdim=true) * 1.5"),
+    "grouped": ("s = sigmoid(x @ gate)\n    sel = s + bias\n    top, _ = topk(reshape(sel, [T, 2, E // 2]), k=1)\n"
+                "    _, kept = topk(sum(top, axis=-1), k=1)\n"
+                "    ok = sum(cast(kept[:, :, None] == (iota(E) // (E // 2))[None, None, :], f32), axis=1) > 0.0\n"
+                "    _, idx = topk(where(ok, sel, -inf), k=K)\n    w = s[iota(T)[:, None], idx]"),
 }
 BODIES = {
     "swiglu": "(silu(h @ w1[e]) * (h @ w3[e])) @ w2[e]",
@@ -27,7 +31,7 @@ BODIES = {
 
 def program(router: str, body: str, E: int, K: int, capacity: float | None) -> str:
     cap = f", capacity={capacity}" if capacity else ""
-    r = ROUTERS[router].replace("K)", f"{K})")
+    r = ROUTERS[router].replace("K)", f"{K})").replace("E // 2", str(E // 2)).replace("iota(E)", f"iota({E})")
     return f"""
 const D = 6
 const F = 5
@@ -48,6 +52,8 @@ model M(x: f32[T, D]) -> f32[T, D] {{
 @given(st.sampled_from(sorted(ROUTERS)), st.sampled_from(sorted(BODIES)), st.integers(2, 6), st.integers(1, 3),
        st.integers(1, 9), st.sampled_from([None, 0.5, 1.0, 2.0]), st.sampled_from([1, 4, 64]), st.integers(0, 99))
 def test_fused_moe_matches_unfused(router, body, E, K, T, capacity, block, seed):
+    if router == "grouped":
+        E, K = 2 * (E // 2 + 1), min(K, E // 2 + 1)  # two groups, top-k within the kept one
     K = min(K, E)
     src = program(router, BODIES[body], E, K, capacity)
     plain = sparsa.compile(src, passes="canonicalize").init_weights(seed)
