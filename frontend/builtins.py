@@ -257,7 +257,12 @@ def b_where(lw: Lowerer, node: A.Call, scope: Scope) -> Value:
     c = a.value("cond")
     if not (isinstance(c, Value) and c.type.dtype == "i1"):
         raise lw.error(a.pos("cond"), f"where(): the condition must be a boolean tensor, got {_what(lw, c)}")
-    x, y = lw.unify_dtypes(a.value("a"), a.value("b"), node.pos)
+    x, y = a.value("a"), a.value("b")
+    if isinstance(x, Lit) and isinstance(y, Lit):  # where(c, 0.0, -inf): the literals' common type
+        kinds = {x.kind, y.kind}
+        dtype = "i1" if kinds == {"bool"} else "f32" if "float" in kinds else "i64"
+        x = lw.as_tensor(x, dtype, a.pos("a"))
+    x, y = lw.unify_dtypes(x, y, node.pos)
     lw.check_broadcast(c.type, x.type, node.pos)
     lw.check_broadcast(c.type, y.type, node.pos)
     lw.check_broadcast(x.type, y.type, node.pos)
