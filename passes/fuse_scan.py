@@ -16,10 +16,12 @@ from __future__ import annotations
 from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
-from sparsa.ir.dialects.scan import FusedScanOp, ScanOp
+from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp
 from sparsa.ir.dims import compatible
 from sparsa.ir.types import TensorType
+from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 _ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CastOp)
@@ -119,11 +121,54 @@ class FuseScan(RewritePattern):
         return Region([block])
 
 
+def _squeezed(v: Value, axes: tuple[int, ...]) -> Value | None:
+    """x if v = expand_dims(x, axes) (axes counted in v's rank)."""
+    op = v.defining_op
+    if isinstance(op, S.ExpandDimsOp) and tuple(sorted(a % v.type.rank for a in op.axes)) == axes:
+        return op.x
+    return None
+
+
+class ChunkLinearAttention(RewritePattern):
+    """A matrix-state scan, h = scan(a[..., None, None], k[..., :, None] * v[..., None, :]) read as
+    sum(h * q[..., :, None], axis=-2), becomes scan.linear_attention (chunked; states never stored)."""
+
+    ROOT = ScanOp
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        state = op.result.type
+        n = state.rank
+        if n < 3 or op.h0 is not None or op.axis % n != n - 3 or len(op.result.uses) != 1:
+            return False
+        mul = op.result.uses[0].op
+        red = mul.result.uses[0].op if isinstance(mul, T.MulOp) and len(mul.result.uses) == 1 else None
+        if not isinstance(red, R.SumOp) or red.keepdim or tuple(a % n for a in red.axes) != (n - 2,):
+            return False
+        q = _squeezed(mul.rhs if mul.lhs is op.result else mul.lhs, (n - 1,))
+        a = _squeezed(op.a, (n - 2, n - 1))
+        outer = op.b.defining_op
+        if q is None or a is None or not isinstance(outer, T.MulOp):
+            return False
+        k, v = _squeezed(outer.lhs, (n - 1,)), _squeezed(outer.rhs, (n - 2,))
+        if k is None or v is None:
+            return False
+        new = LinearAttentionOp.build(q, k, v, a, chunk=self.chunk, loc=op.loc)
+        if new.result.type != red.result.type:
+            return False
+        rewriter.insert_before(red, new)
+        rewriter.replace_op(red, [new.result])
+        return True
+
+
 class FuseScanPass(PatternPass):
     """Fuse each scan with its elementwise producers and its sum(h * X) consumer into scan.fused."""
 
     NAME = "fuse-scan"
-    COUNTERS = {"FuseScan": "scans fused"}
+    chunk = Option(int, 64, "steps per chunk of a matrix-state (linear attention) scan")
+    COUNTERS = {"FuseScan": "scans fused", "ChunkLinearAttention": "matrix-state scans chunked"}
 
     def patterns(self) -> list[RewritePattern]:
-        return [FuseScan()]
+        return [ChunkLinearAttention(self.chunk), FuseScan()]

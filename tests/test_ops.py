@@ -429,6 +429,19 @@ model M(a: f32[B, L, D], x: f32[B, L, D, N], c: f32[L, N]) -> f32[B, L, D] {
     np.testing.assert_allclose(m(a, x, c), np.stack(ys, axis=1), rtol=1e-5, atol=1e-6)
 
 
+def case_linear_attention():
+    B, L, Dk, Dv = 2, 7, 3, 4
+    q, k, v = randn(B, L, Dk), randn(B, L, Dk), randn(B, L, Dv)
+    a = np.where(rng.random((B, L)) < 0.2, 0.0, randn(B, L)).astype(np.float32)  # zeros and signs too
+    state, expected = np.zeros((B, Dk, Dv)), np.zeros((B, L, Dv))
+    for t in range(L):
+        state = a[:, t, None, None] * state + k[:, t, :, None] * v[:, t, None, :]
+        expected[:, t] = np.einsum("bk,bkv->bv", q[:, t], state)
+    for chunk in (1, 3, 64):
+        (out,) = run_op("scan.linear_attention", [q, k, v, a], {"chunk": chunk})
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
 def case_sparse_convert():
     w = randn(8, 4)
     w[0:4, 0:2] = 0
@@ -501,7 +514,7 @@ CASES = {
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
     "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
-    "scan.fused": case_fused_scan,
+    "scan.fused": case_fused_scan, "scan.linear_attention": case_linear_attention,
     "sparse.convert": case_sparse_convert, "moe.route": case_route, "moe.dispatch": case_dispatch,
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},

@@ -84,3 +84,22 @@ model M(x: f32[T, 16]) -> f32[T, 8] {{
     assert "sparse.bsr_matmul" in packed.ir() and "sparse.nm_matmul" in packed.ir()
     x = rng.standard_normal((T, 16)).astype(np.float32)
     np.testing.assert_allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 9), st.integers(1, 3), st.integers(1, 3), st.integers(1, 5),
+       st.sampled_from(["sigmoid", "signed"]), st.integers(0, 99))
+def test_chunked_linear_attention_matches_the_scan(B, L, Dk, Dv, chunk, decay, seed):
+    gate = "sigmoid(g)" if decay == "sigmoid" else "g"
+    src = f"""
+model LA(q: f32[B, L, {Dk}], k: f32[B, L, {Dk}], v: f32[B, L, {Dv}], g: f32[B, L]) -> f32[B, L, {Dv}] {{
+    h = scan({gate}[:, :, None, None], k[:, :, :, None] * v[:, :, None, :], axis=1)
+    return sum(h * q[:, :, :, None], axis=-2)
+}}
+"""
+    plain = sparsa.compile(src, passes="canonicalize")
+    chunked = sparsa.compile(src, passes=f"canonicalize,fuse-scan{{chunk={chunk}}},dce")
+    assert "scan.linear_attention" in chunked.ir() and "scan.scan" not in chunked.ir()
+    rng = np.random.default_rng(seed)
+    ins = [rng.standard_normal(s).astype(np.float32) for s in [(B, L, Dk), (B, L, Dk), (B, L, Dv), (B, L)]]
+    np.testing.assert_allclose(chunked(*ins), plain(*ins), rtol=1e-4, atol=1e-5)

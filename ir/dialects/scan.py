@@ -115,3 +115,71 @@ class FusedScanOp(Operation):
         if not steps:
             return np.zeros(ctx.shape_of(self.result.type))
         return np.concatenate(steps, axis=self.out_axis)
+
+
+class LinearAttentionOp(Operation):
+    """A matrix-state scan in chunked form: S_t = a_t * S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, per batch/head.
+
+    Computed chunk by chunk (`chunk` steps): inside a chunk, (q k^T masked by the causal decay) @ v; across
+    chunks, the [Dk, Dv] state is carried once per chunk. q, k: [..., L, Dk]; v: [..., L, Dv]; a: [..., L]
+    (decay per step, >= 0). The [..., L, Dk, Dv] states are never stored.
+    """
+
+    NAME = "scan.linear_attention"
+    q = Operand()
+    k = Operand()
+    v = Operand()
+    a = Operand()
+    chunk = Attr(A.INT, default=64)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        q, k, v, a = (x.type for x in (self.q, self.k, self.v, self.a))
+        if q.rank < 2 or not (q.rank == k.rank == v.rank == a.rank + 1) or self.chunk < 1:
+            raise self.error(f"needs q, k [..., L, Dk], v [..., L, Dv], a [..., L], chunk >= 1; got {q}, {k}, {v}, {a}")
+        if not (q.dtype == k.dtype == v.dtype == a.dtype) or not is_float(q.dtype):
+            raise self.error("needs float operands of one element type")
+        try:
+            lead = broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1], a.shape)
+        except ValueError as e:
+            raise self.error(f"batch and length dims do not broadcast: {e}") from None
+        return [TensorType(q.dtype, lead + (v.shape[-1],))]
+
+    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, a: np.ndarray) -> np.ndarray:
+        lead = np.broadcast_shapes(q.shape[:-1], k.shape[:-1], v.shape[:-1], a.shape)
+        q = np.broadcast_to(q, lead + q.shape[-1:]).astype(np.float64)
+        k = np.broadcast_to(k, lead + k.shape[-1:]).astype(np.float64)
+        v = np.broadcast_to(v, lead + v.shape[-1:]).astype(np.float64)
+        a = np.broadcast_to(a, lead).astype(np.float64)
+        L = lead[-1]
+        state = np.zeros(lead[:-1] + (q.shape[-1], v.shape[-1]))
+        out = np.empty(lead + (v.shape[-1],))
+        for start in range(0, L, self.chunk):
+            sl = slice(start, min(start + self.chunk, L))
+            qc, kc, vc = q[..., sl, :], k[..., sl, :], v[..., sl, :]
+            pair, from_start = _decays(a[..., sl])
+            n = pair.shape[-1]
+            decay = np.where(np.tril(np.ones((n, n), dtype=bool)), pair, 0.0)
+            intra = ((qc @ np.swapaxes(kc, -1, -2)) * decay) @ vc
+            out[..., sl, :] = intra + (qc * from_start[..., None]) @ state
+            to_end = pair[..., -1, :]  # the decay from each step to the chunk's last step
+            state = from_start[..., -1][..., None, None] * state + np.swapaxes(kc * to_end[..., None], -1, -2) @ vc
+        return out
+
+
+def _decays(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For decays a[..., n] of one chunk: pair[..., t, s] = prod a[s+1..t] (for s <= t) and
+    from_start[..., t] = prod a[0..t], in log space with zeros and signs tracked exactly."""
+    zero = a == 0
+    log_abs = np.cumsum(np.log(np.where(zero, 1.0, np.abs(a))), axis=-1)
+    zeros = np.cumsum(zero, axis=-1)
+    negatives = np.cumsum(a < 0, axis=-1)
+
+    def product(lt: np.ndarray, zt: np.ndarray, nt: np.ndarray, ls: Any, zs: Any, ns: Any) -> np.ndarray:
+        magnitude = np.exp(np.minimum(lt - ls, 700.0))
+        sign = np.where((nt - ns) % 2 == 1, -1.0, 1.0)
+        return np.where(zt - zs > 0, 0.0, sign * magnitude)
+
+    pair = product(log_abs[..., :, None], zeros[..., :, None], negatives[..., :, None],
+                   log_abs[..., None, :], zeros[..., None, :], negatives[..., None, :])
+    return pair, product(log_abs, zeros, negatives, 0.0, 0, 0)
