@@ -112,3 +112,27 @@ def test_attention_mask_must_be_boolean():
     module = parse_module(text)
     with pytest.raises(VerifyError, match="mask region must yield a scalar i1, got tensor<i64>"):
         verify_module(module)
+
+
+LAYOUT_ERRORS = [
+    ("""%p, %o = moe.dispatch(%i) {num_experts = 4} : (tensor<4x2xi64>) -> (tensor<?xi64>, tensor<5xi64>)
+    %y = moe.grouped_matmul_combine(%x, %p, %o, %w, %g) ({
+    ^bb0(%r: tensor<?x8xf32>):
+      func.yield(%r) : (tensor<?x8xf32>) -> ()
+    }) {topk = 2, gather = true} : (tensor<4x8xf32>, tensor<?xi64>, tensor<5xi64>, tensor<3x8x8xf32>, tensor<4x2xf32>) -> tensor<4x8xf32>""",
+     "offsets tensor<5xi64> must have one entry per expert plus one, for weights with 3 experts"),
+    ("""%rp = func.param() {name = "rp"} : () -> tensor<3xi64>
+    %ci = func.param() {name = "ci"} : () -> tensor<?xi64>
+    %b = func.param() {name = "b"} : () -> tensor<?x2x2xf32>
+    %y = sparse.bsr_matmul(%x, %rp, %ci, %b) {cols = 8} : (tensor<4x8xf32>, tensor<3xi64>, tensor<?xi64>, tensor<?x2x2xf32>) -> tensor<4x8xf32>""",
+     "2 block rows of 2 do not cover the 8 inputs of tensor<4x8xf32>"),
+]
+
+
+@pytest.mark.parametrize("body,message", LAYOUT_ERRORS)
+def test_sparse_metadata_is_verified(body, message):
+    text = ("module {\n  func.func @f(%x: tensor<4x8xf32>, %i: tensor<4x2xi64>, %g: tensor<4x2xf32>, "
+            "%w: tensor<3x8x8xf32>) -> (tensor<4x8xf32>) {\n    " + body +
+            "\n    func.return(%y) : (tensor<4x8xf32>) -> ()\n  }\n}\n")
+    with pytest.raises(VerifyError, match=message):
+        verify_module(parse_module(text))

@@ -200,14 +200,23 @@ class DispatchOp(Operation):
         return perm, offsets
 
 
+def _plus_one(d: Any) -> Any:
+    return d + 1 if isinstance(d, int) else None
+
+
 def _check_grouped(op: Operation, rows: TensorType, weights: list[TensorType]) -> None:
     if rows.rank != 2:
         raise op.error(f"rows must be 2-D, got {rows}")
     for w in weights:
         if w.rank != 3 or not compatible(w.shape[1], rows.shape[1]) or w.dtype != rows.dtype:
             raise op.error(f"expert weights must be [E, {rows.shape[1]}, N] of {rows.dtype}, got {w}")
-    if op.perm.type.rank != 1 or op.offsets.type.rank != 1 or op.perm.type.dtype != "i64":
+    if op.perm.type.rank != 1 or op.offsets.type.rank != 1 or op.perm.type.dtype != "i64" \
+            or op.offsets.type.dtype != "i64":
         raise op.error("perm and offsets must be 1-D i64 (from moe.dispatch)")
+    experts = {w.shape[0] for w in weights}
+    if len(experts) > 1 or not compatible(op.offsets.type.shape[0], _plus_one(next(iter(experts)))):
+        raise op.error(f"offsets {op.offsets.type} must have one entry per expert plus one, for weights "
+                       f"with {', '.join(str(e) for e in sorted(experts, key=str))} experts")
     epi = op.epilogue
     if epi.empty or len(epi.block.args) != len(weights):
         raise op.error(f"epilogue takes one argument per weight ({len(weights)})")

@@ -157,6 +157,12 @@ class BsrMatmulOp(Operation):
         x, b = self.x.type, self.blocks.type
         if b.rank != 3 or x.rank < 1 or x.dtype != b.dtype:
             raise self.error(f"needs x [..., K] and blocks [nnzb, br, bc] of one element type, got {x} and {b}")
+        for name, t in (("row_ptr", self.row_ptr.type), ("col_idx", self.col_idx.type)):
+            if t.rank != 1 or t.dtype != "i64":
+                raise self.error(f"{name} must be 1-D i64, got {t}")
+        rows, k, br = self.row_ptr.type.shape[0], x.shape[-1], b.shape[1]
+        if all(isinstance(d, int) for d in (rows, k, br)) and (rows - 1) * br != k:
+            raise self.error(f"{rows - 1} block rows of {br} do not cover the {k} inputs of {x}")
         if isinstance(b.shape[2], int) and self.cols % b.shape[2]:
             raise self.error(f"cols = {self.cols} is not a multiple of the block width {b.shape[2]}")
         return [TensorType(x.dtype, x.shape[:-1] + (self.cols,))]
@@ -215,6 +221,8 @@ class NmMatmulOp(Operation):
         x, v = self.x.type, self.values.type
         if v.rank != 2 or x.rank < 1 or x.dtype != v.dtype:
             raise self.error(f"needs x [..., K] and values [K*n/m, cols] of one element type, got {x} and {v}")
+        if self.indices.type.shape != v.shape or self.indices.type.dtype != "i8":
+            raise self.error(f"indices {self.indices.type} must be i8 of the values' shape {v}")
         k = x.shape[-1]
         if isinstance(k, int) and isinstance(v.shape[0], int) and k // self.m * self.n != v.shape[0]:
             raise self.error(f"values {v} do not hold {self.n} of every {self.m} of the {k} inputs")
