@@ -1,0 +1,1 @@
+"""The Triton backend (in progress): generated GPU kernels; see block-sparse attention in attention.py."""

@@ -1,0 +1,194 @@
+"""Block-sparse flash attention as a generated Triton kernel, driven by `sparsify-attention`'s block map.
+
+Per (query block, batch x head) program: a loop over the FULL key blocks with no mask evaluation, then a
+loop over the PARTIAL key blocks with the mask evaluated in registers; EMPTY blocks are never visited.
+The score modifier is inlined in both loops; grouped heads read their key/value head without copies;
+online softmax in float32; a query row with no allowed key gives zeros.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.triton.regions import RegionEmitter
+from sparsa.ir.dialects.attn import AttentionOp
+from sparsa.ir.dialects.attn_blocks import outer_values
+
+KERNEL = '''
+@triton.jit
+def {name}(
+    Q, K, V, O, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
+    sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
+    H, HKV, SQ, SK, NQB, NKB, MAPB, MAPH, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+):
+    # {op_line}
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
+                mask=offs_m[:, None] < SQ, other=0.0)
+    k_base = K + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], tl.float32)
+    row = ((b % MAPB) * MAPH + (h % MAPH)) * NQB + qb
+    q_idx = offs_m[:, None].to(tl.int64)
+    b_idx = b.to(tl.int64)
+    h_idx = h.to(tl.int64)
+    for phase in tl.static_range(2):  # 0: FULL key blocks (no mask), 1: PARTIAL key blocks (mask in registers)
+        if phase == 0:
+            count = tl.load(FULL_CNT + row)
+        else:
+            count = tl.load(PART_CNT + row)
+        for j in range(0, count):
+            if phase == 0:
+                kb = tl.load(FULL_IDX + row * NKB + j)
+            else:
+                kb = tl.load(PART_IDX + row * NKB + j)
+            offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+            k_idx = offs_n[None, :].to(tl.int64)
+            k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=offs_n[:, None] < SK, other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+{score}
+            s = s * 1.4426950408889634  # log2(e): the softmax below uses exp2
+            keep = k_idx < SK
+            if phase == 1:
+{mask}
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :], mask=offs_n[:, None] < SK, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i[:, None] > 0, l_i[:, None], 1.0), 0.0)
+    tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=offs_m[:, None] < SQ)
+'''
+
+
+@dataclass
+class AttentionKernel:
+    """A compiled-on-demand Triton kernel for one attention op, with its readable source."""
+
+    name: str
+    source: str
+    data: list  # the mask/score data values, in kernel-argument order
+    block_q: int
+    block_k: int
+    scale: float
+
+    @classmethod
+    def generate(cls, op: AttentionOp) -> AttentionKernel:
+        """Kernel source for `op` (which must carry a block map from sparsify-attention)."""
+        data_values = list({id(v): v for r in (op.mask, op.score) if not r.empty for v in outer_values(r)}.values())
+        data = {id(v): (f"data{i}", v) for i, v in enumerate(data_values)}
+        params = "".join(f"data{i}, " + "".join(f"data{i}_d{d}, " for d in range(v.type.rank))
+                         for i, v in enumerate(data_values))
+        score = ""
+        if not op.score.empty:
+            em = RegionEmitter(op.score, ["s", "b_idx", "h_idx", "q_idx", "k_idx"], data, "sc")
+            value = em.emit()
+            score = "\n".join(em.lines + [f"s = ({value}).to(tl.float32)"])
+        em = RegionEmitter(op.mask, ["b_idx", "h_idx", "q_idx", "k_idx"], data, "mk")
+        value = em.emit()
+        mask = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
+        where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
+        digest = hashlib.sha256((score + mask + params).encode()).hexdigest()[:12]
+        name = f"attn_block_sparse_{digest}"
+        source = KERNEL.format(name=name, data_params=params, op_line=f"attn.attention{where}",
+                               score=textwrap.indent(score, " " * 12), mask=textwrap.indent(mask, " " * 16))
+        return cls(name, source, data_values, op.block_q, op.block_k, op.scale)
+
+    def module_text(self) -> str:
+        return "import triton\nimport triton.language as tl\n\n" + self.source
+
+    def load(self) -> Any:
+        """The @triton.jit function (Triton reads kernel source from a file, so the module is written to one)."""
+        base = Path(os.environ.get("SPARSA_CACHE_DIR", Path.home() / ".cache" / "sparsa")) / "triton"
+        base.mkdir(parents=True, exist_ok=True)
+        tag = "interp" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
+        path = base / f"{self.name}_{tag}.py"
+        if not path.exists():
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(self.module_text())
+            os.replace(tmp, path)
+        mod_name = f"sparsa_triton_{self.name}_{tag}"
+        if mod_name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            sys.modules[mod_name] = module
+        return getattr(sys.modules[mod_name], self.name)
+
+    def prepare(self, block_map: Any, device: Any) -> BlockLists:
+        """The per-row lists of FULL and PARTIAL key blocks of a block map (built once per map, on `device`)."""
+        import torch
+
+        bm = torch.as_tensor(np.array(block_map, dtype=np.int8), device=device)
+        return BlockLists(*_lists(bm == 2), *_lists(bm == 1), tuple(bm.shape))
+
+    def __call__(self, q: Any, k: Any, v: Any, block_map: Any, data: list[Any] = (), num_warps: int = 4,
+                 num_stages: int = 2) -> Any:
+        """Run on torch tensors q [B, H, Sq, D], k/v [B, Hkv, Sk, D]; block_map: int8 [NB, NH, NQB, NKB]
+        or the BlockLists from `prepare` (reuse them across calls with the same map)."""
+        import torch
+
+        B, H, SQ, D = q.shape
+        HKV, SK, DV = k.shape[1], k.shape[2], v.shape[3]
+        lists = block_map if isinstance(block_map, BlockLists) else self.prepare(block_map, q.device)
+        full_idx, full_cnt, part_idx, part_cnt = lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt
+        nqb, nkb = lists.shape[2], lists.shape[3]
+        out = torch.empty((B, H, SQ, DV), dtype=q.dtype, device=q.device)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        args: list[Any] = []
+        for t in data:
+            t = torch.as_tensor(t, device=q.device).contiguous()
+            args += [t, *t.shape]
+        grid = (nqb, B * H)
+        self.load()[grid](
+            q, k, v, out, full_idx, full_cnt, part_idx, part_cnt, *args,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            H, HKV, SQ, SK, nqb, nkb, lists.shape[0], lists.shape[1], self.scale,
+            BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=D, DV=DV, num_warps=num_warps, num_stages=num_stages,
+        )
+        return out
+
+
+@dataclass
+class BlockLists:
+    """A block map as the kernel reads it: per row, FULL and PARTIAL key-block indices and their counts."""
+
+    full_idx: Any
+    full_cnt: Any
+    part_idx: Any
+    part_cnt: Any
+    shape: tuple[int, ...]
+
+
+def _lists(selected: Any) -> tuple[Any, Any]:
+    """Per block-map row: the key-block indices selected (first, in order) and how many there are."""
+    import torch
+
+    counts = selected.sum(dim=-1).to(torch.int32).contiguous()
+    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+    return order, counts

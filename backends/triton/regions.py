@@ -1,0 +1,87 @@
+"""Mask and score regions as inline Triton expressions (readable code, one line per IR op)."""
+
+from __future__ import annotations
+
+from sparsa.ir.core import Region, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
+
+_BINARY = {T.AddOp: "({a} + {b})", T.SubOp: "({a} - {b})", T.MulOp: "({a} * {b})", T.DivOp: "({a} / {b})",
+           T.MinimumOp: "tl.minimum({a}, {b})", T.MaximumOp: "tl.maximum({a}, {b})", T.AndOp: "({a} & {b})",
+           T.OrOp: "({a} | {b})"}
+_UNARY = {T.NegOp: "(-{x})", T.AbsOp: "tl.abs({x})", T.ExpOp: "tl.exp({x})", T.LogOp: "tl.log({x})",
+          T.SqrtOp: "tl.sqrt({x})", T.NotOp: "({x} == 0)", T.SigmoidOp: "tl.sigmoid({x})",
+          T.TanhOp: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", T.ReluOp: "tl.maximum({x}, 0)"}
+_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "i32": "tl.int32", "i64": "tl.int64",
+         "i1": "tl.int1"}
+
+
+def python_floordiv(a: str, b: str) -> str:
+    """Python's // on integers (Triton's // truncates toward zero)."""
+    return f"(({a}) // ({b}) - ((({a}) % ({b}) != 0) & ((({a}) < 0) != (({b}) < 0))).to(tl.int64))"
+
+
+def python_mod(a: str, b: str) -> str:
+    """Python's % on integers (the sign of the divisor)."""
+    return f"((({a}) % ({b}) + ({b})) % ({b}))"
+
+
+class RegionEmitter:
+    """Emits `lines` computing a region's yielded value from names bound to its block arguments.
+
+    `data` maps each outer value the region reads (mask data tensors) to the kernel argument holding
+    its pointer; a gather becomes a masked `tl.load` of that pointer at the (clamped) flat index.
+    """
+
+    def __init__(self, region: Region, args: list[str], data: dict[int, tuple[str, Value]], prefix: str):
+        self.region = region
+        self.names: dict[int, str] = {id(a): n for a, n in zip(region.block.args, args, strict=True)}
+        self.data = data
+        self.prefix = prefix
+        self.lines: list[str] = []
+
+    def emit(self) -> str:
+        """The expression (a name) holding the region's value after `self.lines`."""
+        for i, op in enumerate(self.region.block.ops):
+            if op.TERMINATOR:
+                return self.names[id(op.operands[0])]
+            name = f"{self.prefix}{i}"
+            self.lines.append(f"{name} = {self.expr(op)}  # {op.NAME}" + (f" @ {op.loc.short()}" if op.loc else ""))
+            self.names[id(op.results[0])] = name
+        raise SparsaError("region has no terminator")
+
+    def value(self, v: Value) -> str:
+        if id(v) not in self.names:
+            raise SparsaError(f"the triton backend cannot read {v.type} from outside the region here")
+        return self.names[id(v)]
+
+    def expr(self, op: object) -> str:
+        t = type(op)
+        if isinstance(op, T.ConstantOp):
+            v = op.value
+            return ("1" if v else "0") if isinstance(v, bool) else ("float('-inf')" if v == float("-inf") else repr(v))
+        if t in _BINARY:
+            return _BINARY[t].format(a=self.value(op.lhs), b=self.value(op.rhs))
+        if isinstance(op, T.FloorDivOp):
+            return python_floordiv(self.value(op.lhs), self.value(op.rhs))
+        if isinstance(op, T.ModOp):
+            return python_mod(self.value(op.lhs), self.value(op.rhs))
+        if isinstance(op, T.CmpOp):
+            return f"({self.value(op.lhs)} {_CMP[op.pred]} {self.value(op.rhs)})"
+        if t in _UNARY:
+            return _UNARY[t].format(x=self.value(op.operands[0]))
+        if isinstance(op, T.WhereOp):
+            return f"tl.where({self.value(op.cond)}, {self.value(op.a)}, {self.value(op.b)})"
+        if isinstance(op, T.CastOp):
+            return f"({self.value(op.x)}).to({_CAST[op.to]})"
+        if isinstance(op, S.GatherOp) and id(op.x) in self.data:
+            ptr, data = self.data[id(op.x)]
+            dims = [f"{ptr}_d{i}" for i in range(data.type.rank)]
+            flat = "0"
+            for i, idx in enumerate(op.indices):
+                clamped = f"tl.minimum(tl.maximum({self.value(idx)}, 0), {dims[i]} - 1)"
+                flat = clamped if flat == "0" else f"({flat}) * {dims[i]} + {clamped}"
+            return f"tl.load({ptr} + ({flat}))"
+        raise SparsaError(f"'{op.NAME}' is not supported by the triton backend inside a mask or score")

@@ -1,0 +1,136 @@
+"""GPU benchmark (not a test): Sparsa's block-sparse attention kernel vs FlexAttention (compiled) and SDPA,
+medians from triton.testing.do_bench in one process; TFLOP/s on useful FLOPs (allowed (q, k) pairs only).
+
+Usage (on a machine with an NVIDIA GPU): python bench/gpu.py [--json out.json] [--dtype bf16|f16|f32]
+Covered so far: sliding window, document mask and plain causal attention. MoE and scan kernels are not
+written yet (see docs/passes.md and the Triton backend's status in the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+import triton
+
+import sparsa
+from sparsa.backends.triton.attention import AttentionKernel
+from sparsa.ir.dialects.attn import AttentionOp
+from sparsa.ir.dialects.attn_blocks import classify, outer_values
+
+B, H, S, D = 1, 8, 4096, 64
+MASKS = {
+    "sliding256": ("mask m(q, k) = k <= q and q - k < 256", lambda q, k: (k <= q) & (q - k < 256)),
+    "causal": ("mask m(q, k) = k <= q", lambda q, k: k <= q),
+    "document6": ("mask m(q, k; doc: i32[S]) = doc[q] == doc[k] and k <= q", None),
+}
+
+
+CONFIG = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2}
+
+
+def sparsa_kernel(mask_src: str, dtype: str) -> tuple[AttentionKernel, AttentionOp]:
+    data = "(doc=doc)" if "doc" in mask_src else ""
+    args = ", doc: i32[S]" if data else ""
+    mask_src, args = mask_src.replace("[S]", f"[{S}]"), args.replace("[S]", f"[{S}]")
+    src = (f"{mask_src}\nmodel M(q: {dtype}[{B}, {H}, {S}, {D}]{args}) -> {dtype}[{B}, {H}, {S}, {D}] {{\n"
+           f"    return attention(q, q, q, mask=m{data})\n}}\n")
+    blocks = f"block_q={CONFIG['block_q']} block_k={CONFIG['block_k']}"
+    model = sparsa.compile(src, passes=f"canonicalize,sparsify-attention{{{blocks}}}")
+    att = next(o for o in model.module.walk() if isinstance(o, AttentionOp))
+    return AttentionKernel.generate(att), att
+
+
+def run(dtype_name: str) -> list[dict]:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    flex = torch.compile(flex_attention)
+    rng = np.random.default_rng(0)
+    cuts = np.sort(rng.choice(np.arange(1, S), 5, replace=False))
+    doc_np = np.searchsorted(cuts, np.arange(S), side="right").astype(np.int32)
+    doc = torch.from_numpy(doc_np).cuda()
+    q = torch.randn(B, H, S, D, device="cuda", dtype=dtype)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    qi, ki = torch.arange(S, device="cuda")[:, None], torch.arange(S, device="cuda")[None, :]
+    results = []
+    for name, (mask_src, dense_fn) in MASKS.items():
+        dense = (doc[:, None] == doc[None, :]) & (ki <= qi) if dense_fn is None else dense_fn(qi, ki)
+        row = measure(name, mask_src, dense, dtype_name, q, k, v, doc, doc_np, flex, create_block_mask)
+        results.append(row)
+        print(json.dumps(row))
+    return results
+
+
+def measure(name, mask_src, dense, dtype_name, q, k, v, doc, doc_np, flex, create_block_mask) -> dict:
+    """One mask: Sparsa's kernel (and its block-map build), FlexAttention (and its block mask), SDPA."""
+    pairs = int(dense.sum())
+    useful = 4.0 * B * H * D * pairs
+    kernel, att = sparsa_kernel(mask_src, "f32" if dtype_name == "f32" else dtype_name)
+    static_map = att.block_map.defining_op.map
+    data = {id(v_): doc_np for v_ in outer_values(att.mask)}
+    bq, bk = CONFIG["block_q"], CONFIG["block_k"]
+
+    def build():
+        bm = static_map.data if static_map is not None else classify(att.mask, S, S, bq, bk, 1, 1, data)
+        lists = kernel.prepare(bm, "cuda")
+        torch.cuda.synchronize()
+        return lists
+
+    build()  # warm-up (CUDA kernels for the list building load lazily)
+    t = time.perf_counter()
+    lists = build()
+    build_ms = 1e3 * (time.perf_counter() - t)
+    args = [doc] if kernel.data else []
+    tune = {"num_warps": CONFIG["num_warps"], "num_stages": CONFIG["num_stages"]}
+    out = kernel(q, k, v, lists, args, **tune)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    err = (out.float() - ref.float()).abs().max().item()
+    ms_sparsa = triton.testing.do_bench(lambda: kernel(q, k, v, lists, args, **tune))
+    ms_sdpa_mask = triton.testing.do_bench(
+        lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if name == "document6":
+            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+        if name == "causal":
+            return kv_idx <= q_idx
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < 256)
+
+    t = time.perf_counter()
+    block_mask = create_block_mask(mask_mod, B, H, S, S, device="cuda")
+    torch.cuda.synchronize()
+    flex_first_ms = 1e3 * (time.perf_counter() - t)
+    flex(q, k, v, block_mask=block_mask)  # compile
+    ms_flex = triton.testing.do_bench(lambda: flex(q, k, v, block_mask=block_mask))
+    ms_flex_build = triton.testing.do_bench(lambda: create_block_mask(mask_mod, B, H, S, S, device="cuda"))
+    row = {"mask": name, "dtype": dtype_name, **CONFIG, "max_abs_err_vs_sdpa": err, "sparsa_ms": ms_sparsa,
+           "sparsa_block_map_ms": build_ms, "flex_ms": ms_flex, "flex_block_mask_ms": ms_flex_build,
+           "flex_block_mask_first_ms": flex_first_ms, "sdpa_masked_ms": ms_sdpa_mask,
+           "sparsa_tflops": useful / ms_sparsa / 1e9, "flex_tflops": useful / ms_flex / 1e9}
+    if name == "causal":
+        row["sdpa_is_causal_ms"] = triton.testing.do_bench(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32"])
+    for key, value in CONFIG.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=int, default=value)
+    args = parser.parse_args()
+    CONFIG.update({key: getattr(args, key) for key in CONFIG})
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    results = run(args.dtype)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
