@@ -27,6 +27,9 @@ CASES = {
                          "score cap(s, q, k) = 5.0 * tanh(s / 5.0)\n"
                          "model M(q: f32[1, 2, S, 32], ids: i32[S]) -> f32[1, 2, S, 32] {\n"
                          "    return attention(q, q, q, mask=doc(ids=ids), score=cap)\n}\n", 70),
+    "table_floordiv_mod": ("mask m(q, k; t: bool[5, 5]) = t[q // 16, k // 16] and ((q - k) % 3 != 1 or k <= q)\n"
+                           "model M(q: f32[1, 1, S, 32], t: bool[5, 5]) -> f32[1, 1, S, 32] {\n"
+                           "    return attention(q, q, q, mask=m(t=t))\n}\n", 70),
     "masked_rows_heads": ("mask m(b, h, q, k) = (k <= q + h) and not (q >= 20 and q < 36)\n"
                           "model M(q: f32[1, 2, S, 32]) -> f32[1, 2, S, 32] {\n"
                           "    return attention(q, q, q, mask=m)\n}\n", 50),
@@ -39,9 +42,14 @@ def setup(name: str):
                            passes="canonicalize,sparsify-attention{block_q=16 block_k=16}")
     att = next(o for o in model.module.walk() if isinstance(o, AttentionOp))
     rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal([d for d in a.type.shape]).astype(np.float32) if a.type.dtype == "f32"
-              else np.sort(rng.integers(0, 4, a.type.shape[0])).astype(np.int32)
-              for a in model.module.funcs[-1].regions[0].block.args]
+    def make(t):
+        if t.dtype == "f32":
+            return rng.standard_normal(list(t.shape)).astype(np.float32)
+        if t.dtype == "i1":
+            return rng.random(t.shape) > 0.3
+        return np.sort(rng.integers(0, 4, t.shape[0])).astype(np.int32)
+
+    inputs = [make(a.type) for a in model.module.funcs[-1].regions[0].block.args]
     return model, att, inputs
 
 

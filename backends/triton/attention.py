@@ -112,10 +112,13 @@ class AttentionKernel:
         value = em.emit()
         mask = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
-        digest = hashlib.sha256((score + mask + params).encode()).hexdigest()[:12]
+        fields = {"data_params": params, "op_line": f"attn.attention{where}",
+                  "score": textwrap.indent(score, " " * 12), "mask": textwrap.indent(mask, " " * 16)}
+        # The name (and so the cached file) is a hash of the whole kernel text: a changed template or region
+        # can never load a stale kernel.
+        digest = hashlib.sha256(KERNEL.format(name="_", **fields).encode()).hexdigest()[:16]
         name = f"attn_block_sparse_{digest}"
-        source = KERNEL.format(name=name, data_params=params, op_line=f"attn.attention{where}",
-                               score=textwrap.indent(score, " " * 12), mask=textwrap.indent(mask, " " * 16))
+        source = KERNEL.format(name=name, **fields)
         return cls(name, source, data_values, op.block_q, op.block_k, op.scale)
 
     def module_text(self) -> str:
