@@ -78,45 +78,41 @@ def test_kernel_matches_reference(name, monkeypatch, tmp_path):
 
 
 COMPILE = r'''
-import json, sys
+import importlib.util, json, sys
 import triton
 from triton.backends.compiler import GPUTarget
-from sparsa.backends.triton.attention import AttentionKernel
 spec = json.loads(sys.argv[1])
-import importlib.util
-spec_mod = importlib.util.spec_from_file_location("k", spec["path"])
-mod = importlib.util.module_from_spec(spec_mod); spec_mod.loader.exec_module(mod)
+mod_spec = importlib.util.spec_from_file_location("k", spec["path"])
+mod = importlib.util.module_from_spec(mod_spec)
+mod_spec.loader.exec_module(mod)
 fn = getattr(mod, spec["name"])
-sig = {}
-for p in fn.arg_names:
-    if p in ("BLOCK_M", "BLOCK_N", "D", "DV"):
-        sig[p] = "constexpr"
-    elif p in ("Q", "K", "V", "O"):
-        sig[p] = "*fp32"
-    elif p in ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT"):
-        sig[p] = "*i32"
-    elif p == "scale":
-        sig[p] = "fp32"
-    elif p.startswith("data") and "_d" not in p:
-        sig[p] = "*i32"
-    else:
-        sig[p] = "i32"
+sig = {p: spec["types"].get(p, "constexpr" if p in spec["constexprs"] else "i32") for p in fn.arg_names}
 for cap in (80, 90):
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "DV": 64})
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=spec["constexprs"])
     k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
     assert ".target sm_%d" % cap in k.asm["ptx"], cap
     print(cap, len(k.asm["ptx"]))
 '''
 
 
+def compile_for_nvidia(tmp_path, name: str, text: str, types: dict, constexprs: dict) -> list[str]:
+    """AOT-compile generated kernel text for sm_80 and sm_90 in a process without the interpreter."""
+    path = tmp_path / f"{name}.py"
+    path.write_text("import triton\nimport triton.language as tl\n\n" + text)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    spec = {"path": str(path), "name": name, "types": types, "constexprs": constexprs}
+    r = subprocess.run([sys.executable, "-c", COMPILE, json.dumps(spec)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.split()[0::2]
+
+
 @pytest.mark.slow
 def test_kernel_compiles_to_ptx_for_sm80_and_sm90(tmp_path):
     _, att, _ = setup("document_softcap")
     kernel = AttentionKernel.generate(att)
-    path = tmp_path / f"{kernel.name}.py"
-    path.write_text(kernel.module_text())
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", COMPILE, json.dumps({"path": str(path), "name": kernel.name})],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split()[0::2] == ["80", "90"]
+    types = {p: "*fp32" for p in ("Q", "K", "V", "O")} | {p: "*i32" for p in ("FULL_IDX", "FULL_CNT", "PART_IDX",
+                                                                              "PART_CNT", "data0")}
+    types["scale"] = "fp32"
+    constexprs = {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "DV": 64}
+    assert compile_for_nvidia(tmp_path, kernel.name, kernel.source, types, constexprs) == ["80", "90"]

@@ -125,22 +125,8 @@ class AttentionKernel:
         return "import triton\nimport triton.language as tl\n\n" + self.source
 
     def load(self) -> Any:
-        """The @triton.jit function (Triton reads kernel source from a file, so the module is written to one)."""
-        base = Path(os.environ.get("SPARSA_CACHE_DIR", Path.home() / ".cache" / "sparsa")) / "triton"
-        base.mkdir(parents=True, exist_ok=True)
-        tag = "interp" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
-        path = base / f"{self.name}_{tag}.py"
-        if not path.exists():
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(self.module_text())
-            os.replace(tmp, path)
-        mod_name = f"sparsa_triton_{self.name}_{tag}"
-        if mod_name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            sys.modules[mod_name] = module
-        return getattr(sys.modules[mod_name], self.name)
+        """The @triton.jit function."""
+        return load_kernel_module(self.name, self.module_text())
 
     def prepare(self, block_map: Any, device: Any) -> BlockLists:
         """The per-row lists of FULL and PARTIAL key blocks of a block map (built once per map, on `device`)."""
@@ -186,6 +172,31 @@ class BlockLists:
     part_idx: Any
     part_cnt: Any
     shape: tuple[int, ...]
+
+
+def load_kernel_module(name: str, text: str) -> Any:
+    """Import generated kernel source and return its function `name`.
+
+    Triton reads a kernel's source from its file, so the text is written (atomically, under
+    SPARSA_CACHE_DIR) to a file named by the kernel (a hash of its text) and imported from there.
+    """
+    if not text.startswith("import triton"):
+        text = "import triton\nimport triton.language as tl\n\n" + text
+    base = Path(os.environ.get("SPARSA_CACHE_DIR", Path.home() / ".cache" / "sparsa")) / "triton"
+    base.mkdir(parents=True, exist_ok=True)
+    tag = "interp" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
+    path = base / f"{name}_{tag}.py"
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    mod_name = f"sparsa_triton_{name}_{tag}"
+    if mod_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[mod_name] = module
+    return getattr(sys.modules[mod_name], name)
 
 
 def _lists(selected: Any) -> tuple[Any, Any]:

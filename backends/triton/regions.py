@@ -1,4 +1,4 @@
-"""Mask and score regions as inline Triton expressions (readable code, one line per IR op)."""
+"""Regions (attention masks and scores, MoE epilogues) as inline Triton code, one line per IR op."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ _BINARY = {T.AddOp: "({a} + {b})", T.SubOp: "({a} - {b})", T.MulOp: "({a} * {b})
            T.OrOp: "({a} | {b})"}
 _UNARY = {T.NegOp: "(-{x})", T.AbsOp: "tl.abs({x})", T.ExpOp: "tl.exp({x})", T.LogOp: "tl.log({x})",
           T.SqrtOp: "tl.sqrt({x})", T.NotOp: "({x} == 0)", T.SigmoidOp: "tl.sigmoid({x})",
-          T.TanhOp: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", T.ReluOp: "tl.maximum({x}, 0)"}
+          T.TanhOp: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", T.ReluOp: "tl.maximum({x}, 0)",
+          T.SiluOp: "({x} * tl.sigmoid({x}))", T.RsqrtOp: "tl.rsqrt({x})", T.SinOp: "tl.sin({x})",
+          T.CosOp: "tl.cos({x})", T.SoftplusOp: "tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp({x})))",
+          T.GeluTanhOp: ("(0.5 * {x} * (1.0 + (2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * "
+                         "({x} + 0.044715 * {x} * {x} * {x}))) - 1.0)))"),
+          T.GeluOp: "(0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476)))"}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "i32": "tl.int32", "i64": "tl.int64",
          "i1": "tl.int1"}
@@ -53,9 +58,12 @@ class RegionEmitter:
         raise SparsaError("region has no terminator")
 
     def value(self, v: Value) -> str:
-        if id(v) not in self.names:
-            raise SparsaError(f"the triton backend cannot read {v.type} from outside the region here")
-        return self.names[id(v)]
+        if id(v) in self.names:
+            return self.names[id(v)]
+        if v.type.rank == 1 and id(v) in self.data:  # a vector from outside (a bias): one value per column
+            ptr, _ = self.data[id(v)]
+            return f"tl.load({ptr} + offs_n, mask=offs_n < {ptr}_d0, other=0.0)[None, :]"
+        raise SparsaError(f"the triton backend cannot read {v.type} from outside the region here")
 
     def expr(self, op: object) -> str:
         t = type(op)
