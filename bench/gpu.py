@@ -3,7 +3,7 @@ medians from triton.testing.do_bench in one process; TFLOP/s on useful FLOPs (al
 
 Usage (on a machine with an NVIDIA GPU): python bench/gpu.py [--json out.json] [--dtype bf16|f16|f32]
 Covered so far: sliding window, document mask and plain causal attention; Mixtral-style MoE layers
-(grouped-GEMM kernels; routing indices built with torch ops, timed apart). No scan kernel yet.
+(grouped-GEMM kernels; routing indices built with torch ops, timed apart); Mamba's selective scan.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main() -> None:
     CONFIG.update({key: getattr(args, key) for key in CONFIG})
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     results = run(args.dtype) if not args.moe_only else []
-    results += [moe_bench(args.dtype), moe_bench(args.dtype, T=4096, D=1024, F=2816)]
+    results += [moe_bench(args.dtype), moe_bench(args.dtype, T=4096, D=1024, F=2816), scan_bench()]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -208,6 +208,39 @@ def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: in
            "sparsa_ms": triton.testing.do_bench(sparsa_layer), "dispatch_torch_ms": triton.testing.do_bench(dispatch),
            "eager_sorted_ms": triton.testing.do_bench(eager_sorted), "hf_loop_ms": triton.testing.do_bench(hf_loop)}
     row["sparsa_tflops"] = useful / row["sparsa_ms"] / 1e9
+    print(json.dumps(row))
+    return row
+
+
+
+def scan_bench(B: int = 1, L: int = 2048, DI: int = 1024, N: int = 16) -> dict:
+    """Mamba's selective scan: Sparsa's fused-scan kernel vs an eager loop over time (float32)."""
+    from pathlib import Path
+
+    from sparsa.backends.triton.scan import FusedScanKernel
+    from sparsa.ir.dialects.scan import FusedScanOp
+
+    model = sparsa.compile(str(Path(__file__).parent.parent / "examples" / "selective_scan.sp"))
+    op = next(o for o in model.module.walk() if isinstance(o, FusedScanOp))
+    kernel = FusedScanKernel.generate(op)
+    u, delta = torch.randn(B, L, DI, device="cuda"), torch.rand(B, L, DI, device="cuda") * 0.1
+    A = -torch.rand(DI, N, device="cuda")
+    Bs, C = torch.randn(B, L, N, device="cuda"), torch.randn(B, L, N, device="cuda")
+    inputs = [delta[..., None], A, (delta * u)[..., None], Bs[:, :, None, :], C[:, :, None, :]]
+
+    def eager():
+        h = torch.zeros(B, DI, N, device="cuda")
+        ys = []
+        for t in range(L):
+            h = torch.exp(delta[:, t, :, None] * A) * h + (delta[:, t] * u[:, t])[:, :, None] * Bs[:, t, None, :]
+            ys.append((h * C[:, t, None, :]).sum(-1))
+        return torch.stack(ys, 1)
+
+    out = kernel(inputs, (B, L, DI, N))
+    err = (out - eager()).abs().max().item()
+    row = {"case": f"selective scan B={B} L={L} D={DI} N={N}", "max_abs_err_vs_eager": err,
+           "sparsa_ms": triton.testing.do_bench(lambda: kernel(inputs, (B, L, DI, N))),
+           "eager_loop_ms": triton.testing.do_bench(eager, warmup=1, rep=50)}
     print(json.dumps(row))
     return row
 

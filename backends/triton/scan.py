@@ -1,0 +1,130 @@
+"""The fused scan (`scan.fused`) as a generated Triton kernel: the state lives in registers and the kernel
+streams over the time axis, computing each step's (a, b) from the inputs (the producer region) and the
+step's output from the state (the consumer region, a sum over the state's last axis).
+
+Each program owns a tile of the state's outer positions (every axis but time and the last) and the
+whole last axis; inputs of any broadcastable shape are read with zero strides on their size-1 axes, so
+no input is expanded in memory and no [.., L, .., N] state is ever written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from sparsa.backends.triton.attention import load_kernel_module
+from sparsa.backends.triton.regions import RegionEmitter
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.dialects.scan import FusedScanOp
+
+KERNEL = '''
+@triton.jit
+def {name}(
+    {input_params}OUT, {out_strides}
+    {outer_sizes}M, L, N,
+    BLOCK_O: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # {op_line}
+    offs_o = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_n = tl.arange(0, BLOCK_N)
+    live = (offs_o[:, None] < M) & (offs_n[None, :] < N)
+{decompose}
+{bases}
+    h = tl.zeros([BLOCK_O, BLOCK_N], tl.float32)
+    for t in range(0, L):
+{loads}
+{producer}
+        h = a_t * h + b_t
+{consumer}
+        tl.store(OUT + out_base + t * so_t, y_t.to(OUT.dtype.element_ty), mask=offs_o < M)
+'''
+
+
+@dataclass
+class FusedScanKernel:
+    """The generated kernel for one scan.fused op."""
+
+    name: str
+    source: str
+    rank: int
+    axis: int
+    n_inputs: int
+
+    @classmethod
+    def generate(cls, op: FusedScanOp) -> FusedScanKernel:
+        rank, axis = len(op.state), op.axis
+        if axis == rank - 1 or rank < 2:
+            raise SparsaError("scan.fused with the time axis last is not supported by the triton backend", op.loc)
+        cons = op.consumer.block.ops
+        ok = (len(cons) == 3 and isinstance(cons[0], T.MulOp) and isinstance(cons[1], R.SumOp)
+              and tuple(a % rank for a in cons[1].axes) == (rank - 1,) and isinstance(cons[2], YieldOp))
+        if not ok:
+            raise SparsaError("the triton backend supports scan.fused consumers of the form sum(h * x, axis=-1) "
+                              "only", op.loc)
+        outer = [d for d in range(rank) if d not in (axis, rank - 1)]
+        n_in = len(op.inputs)
+        input_params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(n_in))
+        out_strides = "".join(f"so_{d}, " for d in outer) + "so_t, "
+        outer_sizes = "".join(f"size{d}, " for d in outer)
+        decompose, rest = [], "offs_o"
+        for d in reversed(outer):
+            decompose.append(f"i{d} = ({rest}) % size{d}")
+            rest = f"({rest}) // size{d}"
+        bases = [f"out_base = {' + '.join(f'i{d} * so_{d}' for d in outer) or '0'}"]
+        for i in range(n_in):
+            terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{rank - 1}"]
+            bases.append(f"base{i} = {' + '.join(terms)}")
+        loads = [f"x{i} = tl.load(X{i} + base{i} + t * sx{i}_{axis}, mask=live, other=0.0).to(tl.float32)"
+                 for i in range(n_in)]
+        n_prod = op.num_producer_inputs
+        prod = RegionEmitter(op.producer, [f"x{i}" for i in range(n_prod)], {}, "p")
+        # The producer yields (a, b): emit its ops, then read both yielded values.
+        for j, inner in enumerate(op.producer.block.ops[:-1]):
+            prod.lines.append(f"p{j} = {prod.expr(inner)}  # {inner.NAME}")
+            prod.names[id(inner.results[0])] = f"p{j}"
+        a_val, b_val = (prod.value(v) for v in op.producer.block.terminator.operands)
+        producer = prod.lines + [f"a_t = {a_val}", f"b_t = {b_val}"]
+        cons_em = RegionEmitter(op.consumer, ["h"] + [f"x{i}" for i in range(n_prod, n_in)], {}, "c")
+        product = cons_em.expr(cons[0])
+        consumer = [f"y_t = tl.sum(tl.where(live, {product}, 0.0), 1)  # sum(h * x, axis=-1)"]
+        where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
+        fields = {"input_params": input_params, "out_strides": out_strides, "outer_sizes": outer_sizes,
+                  "op_line": f"scan.fused{where}", "decompose": textwrap.indent("\n".join(decompose), " " * 4),
+                  "bases": textwrap.indent("\n".join(bases), " " * 4),
+                  "loads": textwrap.indent("\n".join(loads), " " * 8),
+                  "producer": textwrap.indent("\n".join(producer), " " * 8),
+                  "consumer": textwrap.indent("\n".join(consumer), " " * 8)}
+        digest = hashlib.sha256(KERNEL.format(name="_", **fields).encode()).hexdigest()[:16]
+        name = f"fused_scan_{digest}"
+        return cls(name, KERNEL.format(name=name, **fields), rank, axis, n_in)
+
+    def __call__(self, inputs: list[Any], state_shape: tuple[int, ...], block_o: int = 32,
+                 num_warps: int = 4) -> Any:
+        """Run on torch tensors broadcastable to the state shape; returns [.., L, ..] (the last axis summed)."""
+        import torch
+
+        rank, axis = self.rank, self.axis
+        device = inputs[0].device
+        outer = [d for d in range(rank) if d not in (axis, rank - 1)]
+        out_shape = [state_shape[d] for d in range(rank - 1)]
+        out = torch.empty(out_shape, dtype=inputs[0].dtype, device=device)
+        args: list[Any] = []
+        for x in inputs:
+            aligned = [1] * (rank - x.dim()) + list(x.shape)
+            strides = [0] * (rank - x.dim()) + list(x.stride())
+            args += [x] + [s if n > 1 else 0 for n, s in zip(aligned, strides, strict=True)]
+        args += [out] + [out.stride(d) for d in outer] + [out.stride(axis)]
+        M = 1
+        for d in outer:
+            M *= state_shape[d]
+        args += [state_shape[d] for d in outer] + [M, state_shape[axis], state_shape[rank - 1]]
+        block_n = 1 << max(0, (state_shape[rank - 1] - 1).bit_length())
+        grid = (-(-M // block_o),)
+        load_kernel_module(self.name, self.source)[grid](*args, BLOCK_O=block_o, BLOCK_N=block_n,
+                                                          num_warps=num_warps)
+        return out
