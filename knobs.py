@@ -2,6 +2,11 @@
 
 Each knob has a command-line flag (for `sparsa opt` / `sparsa compile`) and an
 environment variable (for library use, e.g. under `torch.compile`); the flag wins.
+
+Environment-only variables, read where they act:
+- SPARSA_LOG=fallbacks: the torch.compile backend names each op it leaves to PyTorch (runtime/torch_backend.py).
+- SPARSA_CACHE_DIR: where generated Triton kernels are written (backends/triton/attention.py).
+- TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 
 from __future__ import annotations

@@ -1,0 +1,504 @@
+"""Imports ATen-level FX graphs (what AOTAutograd hands a torch.compile backend) into Sparsa's IR.
+
+`SUPPORTED` lists the ATen ops the importer lowers; `import_graph` turns a graph made only of those into
+one `func.func` whose arguments are the graph's tensor inputs. Dynamo's symbolic sizes (SymInts) become
+symbolic dims, bound again from the input shapes at every call.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+from sparsa.ir import dialects as D
+from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dims import Dim, check_expr
+from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
+from sparsa.ir.types import TensorType, is_float, promote, scalar
+
+T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
+
+
+class Unsupported(SparsaError):
+    """A node the importer cannot lower (the partitioner keeps such nodes in PyTorch)."""
+
+
+def torch_dtype(dtype: Any) -> str:
+    import torch
+
+    table = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+             torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.int8: "i8"}
+    if dtype not in table:
+        raise Unsupported(f"element type {dtype}")
+    return table[dtype]
+
+
+def as_dim(d: Any) -> Dim:
+    """An int, or a SymInt / sympy expression as a symbolic dim expression."""
+    if isinstance(d, int):
+        return d
+    text = str(d.node.expr if hasattr(d, "node") else d).replace(" ", "")
+    try:
+        check_expr(text)
+    except ValueError:
+        raise Unsupported(f"symbolic size {text}") from None
+    return text
+
+
+def tensor_type(val: Any) -> TensorType:
+    return TensorType(torch_dtype(val.dtype), tuple(as_dim(d) for d in val.shape))
+
+
+class Importer:
+    """Lowers one FX graph node by node; `env` maps nodes to IR values, dims or tuples of values."""
+
+    def __init__(self, gm: Any):
+        self.gm = gm
+        self.env: dict[Any, Any] = {}
+        self.block: Block | None = None
+
+    def run(self, name: str = "graph") -> tuple[Module, list[int]]:
+        """(module, positions of the graph inputs that are tensors: the function's arguments).
+
+        After the run, `tuple_output` says whether the graph returns a tuple, `output_dtypes` its dtypes.
+        """
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        tensor_pos = [i for i, n in enumerate(placeholders) if _is_tensor(n.meta.get("val"))]
+        for n in placeholders:
+            val = n.meta.get("val")
+            if not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
+                raise Unsupported(f"graph input {n.name} of type {type(val).__name__}")
+        types = [tensor_type(placeholders[i].meta["val"]) for i in tensor_pos]
+        self.block = Block(types, [placeholders[i].name for i in tensor_pos])
+        for i, arg in zip(tensor_pos, self.block.args, strict=True):
+            self.env[placeholders[i]] = arg
+        for n in placeholders:
+            if n not in self.env:
+                self.env[n] = as_dim(n.meta["val"])
+        outputs: list[Value] = []
+        for node in self.gm.graph.nodes:
+            if node.op in ("placeholder",):
+                continue
+            if node.op == "output":
+                self.tuple_output = isinstance(node.args[0], tuple | list)
+                outs = node.args[0] if self.tuple_output else (node.args[0],)
+                outputs = [self.tensor(self.env[o]) for o in outs]
+                self.output_dtypes = [o.meta["val"].dtype for o in outs]
+                continue
+            if node.op != "call_function":
+                raise Unsupported(f"{node.op} nodes")
+            handler = SUPPORTED.get(node.target)
+            if handler is None:
+                raise Unsupported(f"op {node.target}")
+            kwargs = {k: self.arg(v) for k, v in node.kwargs.items() if k not in _PLACEMENT}
+            try:
+                self.env[node] = handler(self, node, *[self.arg(a) for a in node.args], **kwargs)
+            except TypeError as e:  # a keyword the handler does not know changes the op: keep it in PyTorch
+                raise Unsupported(f"op {node.target} with {sorted(kwargs)}: {e}") from None
+        self.block.append(ReturnOp.build(outputs))
+        func = FuncOp([], [], {"sym_name": name, "result_types": tuple(v.type for v in outputs)},
+                      [Region([self.block])])
+        return Module([func]), tensor_pos
+
+    def arg(self, a: Any) -> Any:
+        import torch.fx
+
+        if isinstance(a, torch.fx.Node):
+            return self.env[a]
+        if isinstance(a, list | tuple):
+            return type(a)(self.arg(x) for x in a)
+        return a
+
+    def tensor(self, v: Any) -> Value:
+        if not isinstance(v, Value):
+            raise Unsupported(f"expected a tensor, got {type(v).__name__}")
+        return v
+
+    def emit(self, cls: type[Operation], *operands: Any, result_types: list | None = None,
+             regions: list | None = None, **attrs: Any) -> Any:
+        op = cls.build(*operands, result_types=result_types, regions=regions or [], **attrs)
+        op.verify()
+        self.block.append(op)
+        return op.results[0] if len(op.results) == 1 else tuple(op.results)
+
+    def const(self, value: Any, dtype: str) -> Value:
+        if dtype != "i1" and isinstance(value, bool):
+            value = int(value)
+        if dtype == "i1":
+            value = bool(value)
+        elif is_float(dtype):
+            value = float(value)
+        else:
+            value = int(value)
+        return self.emit(T.ConstantOp, value=value, result_types=[scalar(dtype)])
+
+    def operands(self, a: Any, b: Any) -> tuple[Value, Value]:
+        """Two operands of a binary op with torch's type promotion (Python scalars take the tensor's kind)."""
+        if isinstance(a, Value) and isinstance(b, Value):
+            dt = a.type.dtype if a.type.dtype == b.type.dtype else promote(a.type.dtype, b.type.dtype)
+            return self.cast(a, dt), self.cast(b, dt)
+        t, s = (a, b) if isinstance(a, Value) else (b, a)
+        dt = t.type.dtype
+        if isinstance(s, float) and not is_float(dt):
+            dt = "f32"
+            t = self.cast(t, dt)
+        c = self.const(s, dt)
+        return (t, c) if isinstance(a, Value) else (c, t)
+
+    def cast(self, v: Value, dtype: str) -> Value:
+        return v if v.type.dtype == dtype else self.emit(T.CastOp, v, to=dtype)
+
+
+# Keywords that only say where a result lives, not what it is.
+_PLACEMENT = frozenset({"device", "pin_memory", "layout", "memory_format", "non_blocking"})
+
+
+def _is_tensor(val: Any) -> bool:
+    return hasattr(val, "dtype") and hasattr(val, "shape")
+
+
+def _axis(d: int, rank: int) -> int:
+    return d % rank if rank else 0
+
+
+# ---- handlers: one per ATen op -------------------------------------------------------------------------
+def _binary(cls: type) -> Callable:
+    def h(im: Importer, node: Any, a: Any, b: Any, alpha: Any = 1, rounding_mode: Any = None) -> Value:
+        if alpha != 1 or rounding_mode is not None:
+            raise Unsupported("alpha != 1 or a rounding mode")
+        x, y = im.operands(a, b)
+        if cls is T.DivOp and not is_float(x.type.dtype):
+            x, y = im.cast(x, "f32"), im.cast(y, "f32")
+        return im.emit(cls, x, y)
+    return h
+
+
+def _cmp(pred: str) -> Callable:
+    def h(im: Importer, node: Any, a: Any, b: Any) -> Value:
+        x, y = im.operands(a, b)
+        return im.emit(T.CmpOp, x, y, pred=pred)
+    return h
+
+
+def _unary(cls: type) -> Callable:
+    def h(im: Importer, node: Any, x: Value) -> Value:
+        return im.emit(cls, x)
+    return h
+
+
+def _bool_binary(cls: type) -> Callable:
+    def h(im: Importer, node: Any, a: Any, b: Any) -> Value:
+        x, y = im.operands(a, b)
+        if x.type.dtype != "i1":
+            raise Unsupported("bitwise ops on integers")
+        return im.emit(cls, x, y)
+    return h
+
+
+def _gelu(im: Importer, node: Any, x: Value, approximate: str = "none") -> Value:
+    approx = approximate
+    return im.emit(T.GeluTanhOp if approx == "tanh" else T.GeluOp, x)
+
+
+def _view(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
+    shape = tuple(-1 if s == -1 else (s if isinstance(s, str) else as_dim(s)) for s in sizes)
+    if shape == x.type.shape:
+        return x
+    return im.emit(S.ReshapeOp, x, shape=shape)
+
+
+def _permute(im: Importer, node: Any, x: Value, dims: Any) -> Value:
+    perm = tuple(_axis(d, x.type.rank) for d in dims)
+    return x if perm == tuple(range(x.type.rank)) else im.emit(S.TransposeOp, x, perm=perm)
+
+
+def _transpose(im: Importer, node: Any, x: Value, d0: int, d1: int) -> Value:
+    perm = list(range(x.type.rank))
+    a, b = _axis(d0, x.type.rank), _axis(d1, x.type.rank)
+    perm[a], perm[b] = perm[b], perm[a]
+    return _permute(im, node, x, perm)
+
+
+def _t(im: Importer, node: Any, x: Value) -> Value:
+    return _transpose(im, node, x, 0, 1) if x.type.rank == 2 else x
+
+
+def _unsqueeze(im: Importer, node: Any, x: Value, d: int) -> Value:
+    return im.emit(S.ExpandDimsOp, x, axes=(_axis(d, x.type.rank + 1),))
+
+
+def _squeeze(im: Importer, node: Any, x: Value, dims: Any = None) -> Value:
+    dims = [dims] if isinstance(dims, int) else (list(dims) if dims is not None else
+                                                  [i for i, d in enumerate(x.type.shape) if d == 1])
+    dims = [_axis(d, x.type.rank) for d in dims if x.type.shape[_axis(d, x.type.rank)] == 1]
+    return im.emit(S.SqueezeOp, x, axes=tuple(dims)) if dims else x
+
+
+def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, end: Any = None,
+           step: int = 1) -> Value:
+    d = _axis(dim, x.type.rank)
+    size = x.type.shape[d]
+    start = 0 if start is None else start
+    if isinstance(end, int) and isinstance(size, int) and end >= size:
+        end = None
+    if isinstance(end, int) and end >= 2**62:
+        end = None
+    if start == 0 and end is None and step == 1:
+        return x
+    if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):
+        raise Unsupported("slice with symbolic start")
+    rank = x.type.rank
+    starts, stops, steps = [0] * rank, [None] * rank, [1] * rank
+    starts[d], stops[d], steps[d] = start, end, step
+    return im.emit(S.SliceOp, x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+
+
+def _select(im: Importer, node: Any, x: Value, dim: int, index: int) -> Value:
+    d = _axis(dim, x.type.rank)
+    piece = _slice(im, node, x, d, index, index + 1 if index != -1 else None, 1)
+    return im.emit(S.SqueezeOp, piece, axes=(d,))
+
+
+def _expand(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
+    shape = list(sizes)
+    lead = len(shape) - x.type.rank
+    shape = tuple(x.type.shape[i - lead] if s == -1 else (s if isinstance(s, str) else as_dim(s))
+                  for i, s in enumerate(shape))
+    return x if shape == x.type.shape else im.emit(S.BroadcastToOp, x, shape=shape)
+
+
+def _cat(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
+    xs = [im.tensor(x) for x in xs]
+    return im.emit(S.ConcatOp, xs, axis=_axis(dim, xs[0].type.rank))
+
+
+def _split(im: Importer, node: Any, x: Value, sizes: Any, dim: int = 0) -> tuple:
+    d = _axis(dim, x.type.rank)
+    if isinstance(sizes, int):
+        total = x.type.shape[d]
+        if not isinstance(total, int):
+            raise Unsupported("split of a symbolic dim")
+        sizes = [min(sizes, total - i) for i in range(0, total, sizes)]
+    out = im.emit(S.SplitOp, x, sizes=tuple(sizes), axis=d)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _reduce(cls: type) -> Callable:
+    def h(im: Importer, node: Any, x: Value, dims: Any = None, keepdim: bool = False, dtype: Any = None) -> Value:
+        if dtype is not None:
+            raise Unsupported("reduction with a dtype")
+        dims = list(range(x.type.rank)) if dims is None or dims == [] else (
+            [dims] if isinstance(dims, int) else list(dims))
+        return im.emit(cls, x, axes=tuple(_axis(d, x.type.rank) for d in dims), keepdim=keepdim)
+    return h
+
+
+def _softmax(im: Importer, node: Any, x: Value, dim: int, half_to_float: bool = False) -> Value:
+    if half_to_float:
+        raise Unsupported("softmax with half_to_float")
+    return im.emit(R.SoftmaxOp, x, axis=_axis(dim, x.type.rank))
+
+
+def _argmax(im: Importer, node: Any, x: Value, dim: Any = None, keepdim: bool = False) -> Value:
+    if dim is None:
+        raise Unsupported("argmax over all elements")
+    return im.emit(R.ArgmaxOp, x, axis=_axis(dim, x.type.rank), keepdim=keepdim)
+
+
+def _topk(im: Importer, node: Any, x: Value, k: int, dim: int = -1, largest: bool = True,
+          sorted: bool = True) -> tuple:
+    if _axis(dim, x.type.rank) != x.type.rank - 1 or not largest:
+        raise Unsupported("topk other than the largest along the last axis")
+    return im.emit(R.TopkOp, x, k=k)
+
+
+def _cumsum(im: Importer, node: Any, x: Value, dim: int, dtype: Any = None) -> Value:
+    if dtype is not None:
+        raise Unsupported("cumsum with a dtype")
+    return im.emit(R.CumsumOp, x, axis=_axis(dim, x.type.rank))
+
+
+def _mm(im: Importer, node: Any, a: Value, b: Value) -> Value:
+    return im.emit(S.MatmulOp, *im.operands(a, b))
+
+
+def _addmm(im: Importer, node: Any, bias: Value, a: Value, b: Value, beta: Any = 1, alpha: Any = 1) -> Value:
+    if beta != 1 or alpha != 1:
+        raise Unsupported("addmm with alpha/beta")
+    return im.emit(T.AddOp, *im.operands(_mm(im, node, a, b), bias))
+
+
+def _where(im: Importer, node: Any, c: Value, a: Any, b: Any) -> Value:
+    if not isinstance(a, Value) and not isinstance(b, Value):
+        raise Unsupported("where of two scalars")
+    x, y = im.operands(a, b)
+    return im.emit(T.WhereOp, c, x, y)
+
+
+def _pow(im: Importer, node: Any, x: Value, e: Any) -> Value:
+    return im.emit(T.PowOp, *im.operands(x, e))
+
+
+def _arange(im: Importer, node: Any, end: Any, dtype: Any = None) -> Value:
+    dtype = torch_dtype(dtype) if dtype is not None else "i64"
+    if dtype != "i64":
+        raise Unsupported("arange of a non-i64 type")
+    return im.emit(T.IotaOp, result_types=[TensorType("i64", (as_dim(end),))])
+
+
+def _scalar_tensor(im: Importer, node: Any, value: Any, dtype: Any = None) -> Value:
+    return im.const(value, torch_dtype(dtype) if dtype is not None else "f32")
+
+
+def _full(im: Importer, node: Any, sizes: Any, value: Any, dtype: Any = None) -> Value:
+    dtype = torch_dtype(dtype) if dtype is not None else "f32"
+    shape = tuple(as_dim(s) for s in sizes)
+    return im.emit(T.ConstantOp, value=(bool(value) if dtype == "i1" else float(value) if is_float(dtype)
+                                        else int(value)), result_types=[TensorType(dtype, shape)])
+
+
+def _to_copy(im: Importer, node: Any, x: Value, dtype: Any = None) -> Value:
+    return im.cast(x, torch_dtype(dtype)) if dtype is not None else x
+
+
+def _identity(im: Importer, node: Any, x: Value) -> Value:
+    return x
+
+
+def _embedding(im: Importer, node: Any, weight: Value, idx: Value, padding_idx: int = -1,
+               scale_grad_by_freq: bool = False, sparse: bool = False) -> Value:
+    return im.emit(S.GatherOp, weight, [idx])
+
+
+def _index(im: Importer, node: Any, x: Value, indices: Any) -> Value:
+    if any(i is None for i in indices):
+        raise Unsupported("index with None before a tensor index")
+    return im.emit(S.GatherOp, x, [im.tensor(i) for i in indices])
+
+
+def _layer_norm(im: Importer, node: Any, x: Value, shape: Any, w: Any, b: Any, eps: float) -> tuple:
+    if len(shape) != 1 or w is None or b is None:
+        raise Unsupported("layer norm over several axes or without weight and bias")
+    if any(len(u.users) for u in list(node.users) if u.args[1] != 0):
+        raise Unsupported("layer norm statistics used")
+    return (im.emit(R.LayerNormOp, x, w, b, eps=float(eps)), None, None)
+
+
+def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
+    if not isinstance(xs, tuple) or xs[i] is None:
+        raise Unsupported("getitem of a non-tuple")
+    return xs[i]
+
+
+def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **kw: Any) -> tuple:
+    from sparsa.passes.recognize_attention import NotRecognized, _RegionBuilder
+
+    if kw.get("dropout_p", rest[0] if rest else 0.0):
+        raise Unsupported("attention dropout")
+    is_causal = kw.get("is_causal", rest[1] if len(rest) > 1 else False)
+    mask_value = kw.get("attn_mask")
+    if set(kw) - {"dropout_p", "is_causal", "attn_mask", "scale", "return_debug_mask"}:
+        raise Unsupported(f"attention with {sorted(kw)}")
+    scale = kw.get("scale") or 1.0 / math.sqrt(q.type.shape[-1])
+    mask = Region()
+    idx = scalar("i64")
+    if is_causal or mask_value is not None:
+        block = Block([idx] * 4, ["b", "h", "q", "k"])
+        if is_causal:
+            value = block.append(T.CmpOp.build(block.args[3], block.args[2], pred="le")).result
+        else:
+            m = im.tensor(mask_value)
+            w = m.defining_op
+            if m.type.dtype != "i1":  # an additive mask: where(allowed, 0, -inf) is the boolean `allowed`
+                ok = (isinstance(w, T.WhereOp) and isinstance(w.a.defining_op, T.ConstantOp)
+                      and w.a.defining_op.value == 0 and isinstance(w.b.defining_op, T.ConstantOp)
+                      and w.b.defining_op.value <= -1e4)
+                if not ok:
+                    raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
+                m = w.cond
+            try:
+                value = _RegionBuilder(block, 4, {}).value(m)
+            except NotRecognized:
+                if m.type.rank != 2:
+                    raise Unsupported("a materialized attention mask of rank other than 2") from None
+                value = block.append(S.GatherOp.build(m, [block.args[2], block.args[3]])).result
+        block.append(YieldOp.build([value]))
+        mask = Region([block])
+    out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, Region()], scale=float(scale))
+    return (out, None)
+
+
+_ops: dict[str, Callable] = {
+    "add.Tensor": _binary(T.AddOp), "add.Scalar": _binary(T.AddOp), "sub.Tensor": _binary(T.SubOp),
+    "sub.Scalar": _binary(T.SubOp), "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
+    "mul.Tensor": _binary(T.MulOp), "mul.Scalar": _binary(T.MulOp), "div.Tensor": _binary(T.DivOp),
+    "div.Scalar": _binary(T.DivOp), "maximum.default": _binary(T.MaximumOp), "minimum.default": _binary(T.MinimumOp),
+    "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow,
+    "eq.Tensor": _cmp("eq"), "eq.Scalar": _cmp("eq"), "ne.Tensor": _cmp("ne"), "ne.Scalar": _cmp("ne"),
+    "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),
+    "gt.Tensor": _cmp("gt"), "gt.Scalar": _cmp("gt"), "ge.Tensor": _cmp("ge"), "ge.Scalar": _cmp("ge"),
+    "logical_and.default": _binary(T.AndOp), "logical_or.default": _binary(T.OrOp),
+    "logical_not.default": _unary(T.NotOp), "bitwise_not.default": _unary(T.NotOp),
+    "bitwise_and.Tensor": _bool_binary(T.AndOp), "bitwise_or.Tensor": _bool_binary(T.OrOp),
+    "neg.default": _unary(T.NegOp), "exp.default": _unary(T.ExpOp), "log.default": _unary(T.LogOp),
+    "sqrt.default": _unary(T.SqrtOp), "rsqrt.default": _unary(T.RsqrtOp), "tanh.default": _unary(T.TanhOp),
+    "sigmoid.default": _unary(T.SigmoidOp), "relu.default": _unary(T.ReluOp), "abs.default": _unary(T.AbsOp),
+    "sin.default": _unary(T.SinOp), "cos.default": _unary(T.CosOp), "silu.default": _unary(T.SiluOp),
+    "gelu.default": _gelu, "where.self": _where,
+    "view.default": _view, "_unsafe_view.default": _view, "reshape.default": _view,
+    "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
+    "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
+    "slice.Tensor": _slice, "select.int": _select, "expand.default": _expand, "cat.default": _cat,
+    "split_with_sizes.default": _split, "split.Tensor": _split,
+    "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
+    "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
+    "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
+    "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
+    "arange.default": _arange, "scalar_tensor.default": _scalar_tensor, "full.default": _full,
+    "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
+    "detach.default": _identity, "lift_fresh_copy.default": _identity,
+    "embedding.default": _embedding, "index.Tensor": _index, "native_layer_norm.default": _layer_norm,
+    "_scaled_dot_product_flash_attention_for_cpu.default": _sdpa,
+}
+
+
+def _build_table() -> dict[Any, Callable]:
+    import torch
+
+    table: dict[Any, Callable] = {operator.getitem: _getitem}
+    for name, handler in _ops.items():
+        packet, overload = name.split(".")
+        op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+        if op is not None:
+            table[op] = handler
+    return table
+
+
+class _Table(dict):
+    """The handler table, built on first use (importing torch only when the torch backend is used)."""
+
+    def _ensure(self) -> None:
+        if not self:
+            self.update(_build_table())
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self._ensure()
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self._ensure()
+        return super().__contains__(key)
+
+
+SUPPORTED = _Table()
+
+
+def import_graph(gm: Any, name: str = "graph") -> Importer:
+    """Import an ATen FX graph made of SUPPORTED ops (raises Unsupported otherwise); the importer holds
+    `module`, `tensor_pos` (which graph inputs are the function's arguments) and the output structure."""
+    im = Importer(gm)
+    im.module, im.tensor_pos = im.run(name)
+    return im

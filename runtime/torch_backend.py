@@ -1,0 +1,125 @@
+"""`torch.compile(model, backend="sparsa")`: Dynamo's graph, via AOTAutograd (ATen ops, inference), split
+into the parts Sparsa supports (imported into the IR, run through the target's passes) and the rest,
+which runs in PyTorch. Each op that falls back is counted, and logged once when SPARSA_LOG=fallbacks.
+
+Registered through the `torch_dynamo_backends` entry point. Options:
+`torch.compile(m, backend="sparsa", options={"target": "reference", "passes": "...", "dump_dir": "..."})`.
+Only the `reference` target exists today: results equal eager, but NumPy is slower than PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsa import knobs
+from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.passes import PassManager
+from sparsa.passes.pipelines import DEFAULT_PIPELINES
+
+
+class SparsaBackend:
+    """A torch.compile backend; keeps counters of what it compiled and what fell back (`stats`)."""
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = dict(options or {})
+        self.target = self.options.get("target", "reference")
+        if self.target not in DEFAULT_PIPELINES:
+            raise SparsaError(f"unknown target '{self.target}' (available here: {', '.join(DEFAULT_PIPELINES)})")
+        self.pipeline = self.options.get("passes", DEFAULT_PIPELINES[self.target])
+        self.stats: Counter[str] = Counter()
+        self.fallbacks: Counter[str] = Counter()
+        self.partitions: list[CompiledPartition] = []  # for inspection: each one's IR after the pipeline
+
+    def __call__(self, gm: Any, example_inputs: list[Any]) -> Any:
+        from torch._dynamo.backends.common import aot_autograd
+
+        self.stats["graphs"] += 1
+        return aot_autograd(fw_compiler=self.compile_aten)(gm, example_inputs)
+
+    def compile_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
+        """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
+        from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+        from torch.fx.passes.operator_support import OperatorSupportBase
+
+        backend = self
+
+        class Support(OperatorSupportBase):
+            def is_node_supported(self, submodules: Any, node: Any) -> bool:
+                ok = node.op == "call_function" and node.target in SUPPORTED and _types_ok(node)
+                if not ok and node.op == "call_function":
+                    backend.note_fallback(str(node.target))
+                return ok
+
+        partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
+        fused = partitioner.fuse_partitions(partitioner.propose_partitions())
+        for name, sub in list(fused.named_children()):
+            if not name.startswith("fused_"):
+                continue
+            try:
+                part = CompiledPartition(sub, self)
+                setattr(fused, name, part)
+                self.partitions.append(part)
+                self.stats["partitions compiled"] += 1
+            except Unsupported as e:
+                self.note_fallback(f"partition {name}: {e.message}")
+        fused.recompile()
+        return fused
+
+    def note_fallback(self, op: str) -> None:
+        if self.fallbacks[op] == 0 and "fallbacks" in os.environ.get("SPARSA_LOG", ""):
+            print(f"sparsa: falls back to PyTorch for {op}", file=sys.stderr)
+        self.fallbacks[op] += 1
+        self.stats["fallback nodes"] += 1
+
+
+def _types_ok(node: Any) -> bool:
+    vals = node.meta.get("val")
+    vals = vals if isinstance(vals, tuple | list) else [vals]
+    try:
+        for v in vals:
+            if hasattr(v, "dtype"):
+                torch_dtype(v.dtype)
+                if v.device.type != "cpu":
+                    return False
+    except Unsupported:
+        return False
+    return True
+
+
+class CompiledPartition(torch.nn.Module):
+    """A supported subgraph as IR, through the target's pipeline, run by the target for each call."""
+
+    def __init__(self, sub: Any, backend: SparsaBackend):
+        super().__init__()
+        imported = import_graph(sub, name="partition")
+        module, self.tensor_pos = imported.module, imported.tensor_pos
+        self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
+        dump = backend.options.get("dump_dir")
+        options = knobs.DebugOptions(dump_dir=os.path.join(dump, f"graph{backend.stats['graphs']}") if dump
+                                     else None)
+        self.module = PassManager(backend.pipeline, options).run(module)
+        self.func = self.module.funcs[-1]
+        self.cache: dict = {}
+
+    def forward(self, *args: Any) -> Any:
+        tensors = [args[i] for i in self.tensor_pos]
+        device = tensors[0].device if tensors else torch.device("cpu")
+        arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
+                  for t in tensors]
+        outs = Interpreter(self.func, {}, self.cache).run(arrays)
+        results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
+                        for o, dt in zip(outs, self.output_dtypes, strict=True))
+        return results if self.tuple_output else results[0]
+
+
+def sparsa_backend(gm: Any, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Any:
+    """The entry point torch.compile finds by name ("sparsa")."""
+    return SparsaBackend(options)(gm, example_inputs)

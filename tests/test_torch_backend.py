@@ -1,0 +1,120 @@
+"""torch.compile(model, backend="sparsa"): modules in common styles give the eager result; unsupported ops
+run in PyTorch, are counted and logged; symbolic sizes avoid recompiles; the backend is found by name."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from sparsa.ir import print_module  # noqa: E402
+from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(16)
+        self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.ln(x)), approximate="tanh"))
+
+
+class WindowAttention(torch.nn.Module):
+    """Attention with a sliding-window mask built from arange comparisons, as model code writes it."""
+
+    def __init__(self, window=4):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.window = window
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        mask = (j <= i) & (i - j < self.window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, S, 16)
+
+
+class Causal(torch.nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class Router(torch.nn.Module):
+    """A softmax router with top-2 and renormalization, plus an op Sparsa does not import (sort)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        probs = torch.softmax(self.gate(x), dim=-1)
+        w, idx = torch.topk(probs, 2)
+        return w / w.sum(-1, keepdim=True), idx, torch.sort(probs, dim=-1).values
+
+
+def check(module, *inputs, backend=None, **compile_kwargs):
+    backend = backend or SparsaBackend()
+    with torch.no_grad():
+        compiled = torch.compile(module, backend=backend, **compile_kwargs)
+        got, want = compiled(*inputs), module(*inputs)
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        scale = max(float(w.abs().max()), 1.0) if w.is_floating_point() else 1.0
+        assert float((g.float() - w.float()).abs().max()) <= 1e-4 * scale
+    return backend
+
+
+def test_mlp_matches_eager():
+    backend = check(MLP(), torch.randn(2, 5, 16))
+    assert backend.stats["partitions compiled"] >= 1 and not backend.fallbacks
+
+
+def test_window_attention_becomes_a_masked_attention_op():
+    backend = check(WindowAttention(), torch.randn(2, 150, 16))
+    ir = "".join(print_module(p.module) for p in backend.partitions)
+    assert "attn.attention" in ir and 'kernel = "block-sparse"' in ir and not backend.fallbacks
+    assert 'map = "1x1x3x3:P1E2;P2E1;E1P2"' in ir  # the mask became a symbolic predicate, classified at compile time
+
+
+def test_causal_sdpa():
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    backend = check(Causal(), q, k, v)
+    assert "attn.attention" in "".join(print_module(p.module) for p in backend.partitions)
+
+
+def test_unsupported_ops_fall_back_and_are_logged(monkeypatch, capfd):
+    monkeypatch.setenv("SPARSA_LOG", "fallbacks")
+    backend = check(Router(), torch.randn(7, 16))
+    assert backend.fallbacks == {"aten.sort.default": 1}
+    assert "sparsa: falls back to PyTorch for aten.sort.default" in capfd.readouterr().err
+
+
+def test_new_sequence_lengths_do_not_recompile_once_dynamic():
+    backend = SparsaBackend()
+    module = MLP()
+    with torch.no_grad():
+        compiled = torch.compile(module, backend=backend)
+        for S in (5, 5, 8, 13, 21):
+            x = torch.randn(1, S, 16)
+            torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
+    assert backend.stats["graphs"] == 2  # the first static shape, then one dynamic graph for every length
+
+
+def test_backend_is_registered_by_name_with_options():
+    with torch.no_grad():
+        module = MLP()
+        compiled = torch.compile(module, backend="sparsa", options={"target": "reference"})
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
