@@ -15,8 +15,8 @@ from typing import Any
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
-from sparsa.ir.dims import Dim, check_expr
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
+from sparsa.ir.dims import Dim, check_expr
 from sparsa.ir.types import TensorType, is_float, promote, scalar
 
 T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
