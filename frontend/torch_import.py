@@ -53,12 +53,17 @@ def tensor_type(val: Any) -> TensorType:
 
 
 class Importer:
-    """Lowers one FX graph node by node; `env` maps nodes to IR values, dims or tuples of values."""
+    """Lowers one FX graph node by node; `env` maps nodes to IR values, dims or tuples of values.
 
-    def __init__(self, gm: Any):
+    `modules` gives graph inputs that are GraphModules (the mask_mod / score_mod of a flex_attention call,
+    passed into a partition from the enclosing graph) by input position.
+    """
+
+    def __init__(self, gm: Any, modules: dict[int, Any] | None = None):
         self.gm = gm
         self.env: dict[Any, Any] = {}
         self.block: Block | None = None
+        self.modules = modules or {}
 
     def run(self, name: str = "graph") -> tuple[Module, list[int]]:
         """(module, positions of the graph inputs that are tensors: the function's arguments).
@@ -67,9 +72,11 @@ class Importer:
         """
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         tensor_pos = [i for i, n in enumerate(placeholders) if _is_tensor(n.meta.get("val"))]
-        for n in placeholders:
+        for i, n in enumerate(placeholders):
             val = n.meta.get("val")
-            if not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
+            if i in self.modules:
+                self.env[n] = self.modules[i]
+            elif not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
                 raise Unsupported(f"graph input {n.name} of type {type(val).__name__}")
         types = [tensor_type(placeholders[i].meta["val"]) for i in tensor_pos]
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
@@ -80,7 +87,10 @@ class Importer:
                 self.env[n] = as_dim(n.meta["val"])
         outputs: list[Value] = []
         for node in self.gm.graph.nodes:
-            if node.op in ("placeholder",):
+            if node.op == "placeholder":
+                continue
+            if node.op == "get_attr":
+                self.env[node] = getattr(self.gm, node.target)
                 continue
             if node.op == "output":
                 self.tuple_output = isinstance(node.args[0], tuple | list)
@@ -103,6 +113,36 @@ class Importer:
                       [Region([self.block])])
         return Module([func]), tensor_pos
 
+    def region_from_graph(self, sub: Any, arg_types: list, arg_names: list, captured: list[Value],
+                          result: str) -> Region:
+        """A region computing a mask_mod / score_mod subgraph: its first inputs are the region's scalar
+        arguments, the rest are `captured` tensors of the enclosing function."""
+        block = Block(arg_types, arg_names)
+        inner = Importer(sub)
+        inner.block = block
+        holders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(holders) != len(arg_types) + len(captured):
+            raise Unsupported(f"{result} with {len(holders)} inputs")
+        for n, v in zip(holders, list(block.args) + list(captured), strict=True):
+            inner.env[n] = v
+        out = None
+        for node in sub.graph.nodes:
+            if node.op == "placeholder":
+                continue
+            if node.op == "output":
+                out = inner.tensor(inner.env[node.args[0] if not isinstance(node.args[0], tuple | list)
+                                              else node.args[0][0]])
+                continue
+            handler = SUPPORTED.get(node.target) if node.op == "call_function" else None
+            if handler is None:
+                raise Unsupported(f"{result}: op {node.target}")
+            kwargs = {k: inner.arg(v) for k, v in node.kwargs.items() if k not in _PLACEMENT}
+            inner.env[node] = handler(inner, node, *[inner.arg(a) for a in node.args], **kwargs)
+        if out.type.rank != 0:
+            raise Unsupported(f"{result} that is not a scalar function")
+        block.append(YieldOp.build([out]))
+        return Region([block])
+
     def arg(self, a: Any) -> Any:
         import torch.fx
 
@@ -119,8 +159,11 @@ class Importer:
 
     def emit(self, cls: type[Operation], *operands: Any, result_types: list | None = None,
              regions: list | None = None, **attrs: Any) -> Any:
-        op = cls.build(*operands, result_types=result_types, regions=regions or [], **attrs)
-        op.verify()
+        try:
+            op = cls.build(*operands, result_types=result_types, regions=regions or [], **attrs)
+            op.verify()
+        except SparsaError as e:  # a combination Sparsa's op does not accept: leave it to PyTorch
+            raise Unsupported(f"{cls.NAME}: {e.message}") from None
         self.block.append(op)
         return op.results[0] if len(op.results) == 1 else tuple(op.results)
 
@@ -292,6 +335,8 @@ def _reduce(cls: type) -> Callable:
             raise Unsupported("reduction with a dtype")
         dims = list(range(x.type.rank)) if dims is None or dims == [] else (
             [dims] if isinstance(dims, int) else list(dims))
+        if x.type.dtype == "i1" and cls is R.SumOp:  # torch sums booleans as int64
+            x = im.cast(x, "i64")
         return im.emit(cls, x, axes=tuple(_axis(d, x.type.rank) for d in dims), keepdim=keepdim)
     return h
 
@@ -344,9 +389,16 @@ def _pow(im: Importer, node: Any, x: Value, e: Any) -> Value:
 
 def _arange(im: Importer, node: Any, end: Any, dtype: Any = None) -> Value:
     dtype = torch_dtype(dtype) if dtype is not None else "i64"
-    if dtype != "i64":
-        raise Unsupported("arange of a non-i64 type")
-    return im.emit(T.IotaOp, result_types=[TensorType("i64", (as_dim(end),))])
+    if dtype not in ("i32", "i64"):
+        raise Unsupported("arange of a non-integer type")
+    return im.emit(T.IotaOp, result_types=[TensorType(dtype, (as_dim(end),))])
+
+
+def _arange_start(im: Importer, node: Any, start: Any, end: Any, step: Any = 1, dtype: Any = None) -> Value:
+    if not isinstance(start, int) or not isinstance(end, int) or step != 1:
+        raise Unsupported("arange with a symbolic start or a step")
+    base = _arange(im, node, end - start, dtype)
+    return base if start == 0 else im.emit(T.AddOp, base, im.const(start, base.type.dtype))
 
 
 def _scalar_tensor(im: Importer, node: Any, value: Any, dtype: Any = None) -> Value:
@@ -385,6 +437,38 @@ def _layer_norm(im: Importer, node: Any, x: Value, shape: Any, w: Any, b: Any, e
     if any(len(u.users) for u in list(node.users) if u.args[1] != 0):
         raise Unsupported("layer norm statistics used")
     return (im.emit(R.LayerNormOp, x, w, b, eps=float(eps)), None, None)
+
+
+def _flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score_gm: Any, block_mask: Any,
+                    scale: float, kernel_options: Any, score_bufs: Any = (), mask_bufs: Any = ()) -> tuple:
+    """flex_attention: mask_mod and score_mod become the attention op's mask and score regions (the block
+    mask tensors traced from create_block_mask are not needed: sparsify-attention computes its own map)."""
+    idx = scalar("i64")
+    names = ["b", "h", "q", "k"]
+    mask_gm = block_mask[-1] if isinstance(block_mask, tuple | list) and block_mask else None
+    if q.type.shape[2] != k.type.shape[2] and mask_gm is None:
+        raise Unsupported("flex_attention without a mask_mod")
+    score = Region()
+    if score_gm is not None and _has_ops(score_gm):
+        score = im.region_from_graph(score_gm, [scalar(q.type.dtype)] + [idx] * 4, ["s"] + names,
+                                     [im.tensor(b) for b in score_bufs], "score_mod")
+    mask = Region()
+    if mask_gm is not None and _has_ops(mask_gm):
+        mask = im.region_from_graph(mask_gm, [idx] * 4, names, [im.tensor(b) for b in mask_bufs], "mask_mod")
+    if kernel_options and any(kernel_options.get(o) for o in ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")):
+        raise Unsupported("flex_attention returning its log-sum-exp")
+    out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, score], scale=float(scale))
+    return (out, None, None)
+
+
+def _has_ops(gm: Any) -> bool:
+    """Whether a mod subgraph does anything (an identity score_mod or an all-true mask_mod does not)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if nodes:
+        return True
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return not (holders and out is holders[0])
 
 
 def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
@@ -457,7 +541,7 @@ _ops: dict[str, Callable] = {
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
     "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
-    "arange.default": _arange, "scalar_tensor.default": _scalar_tensor, "full.default": _full,
+    "arange.default": _arange, "arange.start": _arange_start, "scalar_tensor.default": _scalar_tensor, "full.default": _full,
     "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
     "detach.default": _identity, "lift_fresh_copy.default": _identity,
     "embedding.default": _embedding, "index.Tensor": _index, "native_layer_norm.default": _layer_norm,
@@ -469,6 +553,9 @@ def _build_table() -> dict[Any, Callable]:
     import torch
 
     table: dict[Any, Callable] = {operator.getitem: _getitem}
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    if flex is not None:
+        table[flex] = _flex_attention
     for name, handler in _ops.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
@@ -496,9 +583,9 @@ class _Table(dict):
 SUPPORTED = _Table()
 
 
-def import_graph(gm: Any, name: str = "graph") -> Importer:
+def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = None) -> Importer:
     """Import an ATen FX graph made of SUPPORTED ops (raises Unsupported otherwise); the importer holds
     `module`, `tensor_pos` (which graph inputs are the function's arguments) and the output structure."""
-    im = Importer(gm)
+    im = Importer(gm, modules)
     im.module, im.tensor_pos = im.run(name)
     return im

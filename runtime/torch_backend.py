@@ -9,6 +9,7 @@ Only the `reference` target exists today: results equal eager, but NumPy is slow
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
+from sparsa.passes.dce import DCE
 from sparsa.passes.pipelines import DEFAULT_PIPELINES
 
 
@@ -49,27 +51,38 @@ class SparsaBackend:
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
-        backend = self
-
         class Support(OperatorSupportBase):
             def is_node_supported(self, submodules: Any, node: Any) -> bool:
-                ok = node.op == "call_function" and node.target in SUPPORTED and _types_ok(node)
-                if not ok and node.op == "call_function":
-                    backend.note_fallback(str(node.target))
-                return ok
+                return node.op == "call_function" and node.target in SUPPORTED and _types_ok(node)
 
         partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
+        calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
         for name, sub in list(fused.named_children()):
             if not name.startswith("fused_"):
                 continue
+            # Partition inputs that are subgraphs (flex_attention's mask_mod / score_mod) by position.
+            modules = {i: getattr(fused, a.target) for i, a in enumerate(calls[name].args)
+                       if getattr(a, "op", None) == "get_attr"}
             try:
-                part = CompiledPartition(sub, self)
-                setattr(fused, name, part)
-                self.partitions.append(part)
-                self.stats["partitions compiled"] += 1
+                part = CompiledPartition(sub, self, modules)
             except Unsupported as e:
-                self.note_fallback(f"partition {name}: {e.message}")
+                self.stats[f"partition not imported: {e.message}"] += 1
+                continue
+            setattr(fused, name, part)
+            self.partitions.append(part)
+            self.stats["partitions compiled"] += 1
+            # Inputs the IR never reads (e.g. the block-mask tensors traced from create_block_mask, which
+            # sparsify-attention replaces) are not passed, so PyTorch no longer computes them.
+            call = calls[name]
+            call.args = tuple(None if i in part.unused_inputs else a for i, a in enumerate(call.args))
+        fused.graph.eliminate_dead_code()
+        for node in fused.graph.nodes:  # what still runs in PyTorch
+            if node.op == "call_function" and node.target is not operator.getitem:
+                self.note_fallback(str(node.target))
+        for node in fused.graph.nodes:
+            if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition):
+                self.note_fallback(f"partition {node.target}")
         fused.recompile()
         return fused
 
@@ -97,11 +110,14 @@ def _types_ok(node: Any) -> bool:
 class CompiledPartition(torch.nn.Module):
     """A supported subgraph as IR, through the target's pipeline, run by the target for each call."""
 
-    def __init__(self, sub: Any, backend: SparsaBackend):
+    def __init__(self, sub: Any, backend: SparsaBackend, modules: dict[int, Any] | None = None):
         super().__init__()
-        imported = import_graph(sub, name="partition")
+        imported = import_graph(sub, name="partition", modules=modules)
         module, self.tensor_pos = imported.module, imported.tensor_pos
         self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
+        DCE().run(module)  # so that inputs only dead code read count as unused
+        self.unused_inputs = _drop_unused_args(module, self.tensor_pos)
+        self.tensor_pos = [p for p in self.tensor_pos if p not in self.unused_inputs]
         dump = backend.options.get("dump_dir")
         options = knobs.DebugOptions(dump_dir=os.path.join(dump, f"graph{backend.stats['graphs']}") if dump
                                      else None)
@@ -118,6 +134,25 @@ class CompiledPartition(torch.nn.Module):
         results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]
+
+
+def _drop_unused_args(module: Any, tensor_pos: list[int]) -> set[int]:
+    """Remove the function arguments nothing reads; returns their input positions."""
+    from sparsa.ir.core import Block
+
+    func = module.funcs[-1]
+    old = func.regions[0].block
+    keep = [i for i, a in enumerate(old.args) if a.uses]
+    if len(keep) == len(old.args):
+        return set()
+    new = Block([old.args[i].type for i in keep], [old.args[i].name_hint for i in keep])
+    for i, arg in zip(keep, new.args, strict=True):
+        old.args[i].replace_all_uses_with(arg)
+    for op in list(old.ops):
+        new.append(op)
+    new.parent = func.regions[0]
+    func.regions[0].blocks[0] = new
+    return {p for i, p in enumerate(tensor_pos) if i not in keep}
 
 
 def sparsa_backend(gm: Any, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Any:

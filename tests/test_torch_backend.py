@@ -118,3 +118,39 @@ def test_backend_is_registered_by_name_with_options():
         compiled = torch.compile(module, backend="sparsa", options={"target": "reference"})
         x = torch.randn(3, 16)
         torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_flex_attention_mods_become_mask_and_score_regions():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    doc = torch.tensor([0] * 40 + [1] * 24 + [2] * 80)
+
+    def mask_mod(b, h, q, kv):
+        return (doc[q] == doc[kv]) & (kv <= q)
+
+    def score_mod(s, b, h, q, kv):
+        return s + (q - kv).to(s.dtype) * 0.01
+
+    def attend(q, k, v):
+        block_mask = create_block_mask(mask_mod, 1, 1, 144, 144, device="cpu")
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+    q, k, v = (torch.randn(1, 2, 144, 16) for _ in range(3))
+    backend = check(attend, q, k, v)
+    ir = "".join(print_module(p.module) for p in backend.partitions)
+    assert "attn.attention" in ir and "attn.block_map" in ir and "tensor.gather" in ir
+    assert not backend.fallbacks  # create_block_mask's own work is dead once Sparsa builds the map
+
+
+def test_flex_attention_sliding_window_gets_a_compile_time_map():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def sliding(b, h, q, kv):
+        return (kv <= q) & (q - kv < 32)
+
+    def attend(q):
+        return flex_attention(q, q, q, block_mask=create_block_mask(sliding, 1, 1, 256, 256, device="cpu"))
+
+    backend = check(attend, torch.randn(1, 2, 256, 16))
+    ir = "".join(print_module(p.module) for p in backend.partitions)
+    assert 'map = "1x1x4x4:P1E3;P2E2;E1P2E1;E2P2"' in ir and not backend.fallbacks
