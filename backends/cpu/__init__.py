@@ -1,0 +1,1 @@
+"""The cpu backend (first slice): Sparsa IR lowered through upstream MLIR to LLVM and JIT-compiled."""

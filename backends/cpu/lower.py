@@ -1,0 +1,352 @@
+"""Sparsa IR -> upstream MLIR (`func`, `linalg`, `arith`, `math`, `tensor`), built with the MLIR Python
+bindings that torch-mlir ships. First slice: elementwise ops with NumPy broadcasting, matmul (batched,
+broadcasting), reductions, softmax and transpose, on static or symbolic shapes. Every op is a
+`linalg.generic` (or fill), so later stages can tile and vectorize them; any other op is an error that
+names it, the backend and its source line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, tensor
+from torch_mlir.dialects import math as mmath
+
+from sparsa.ir.core import Operation, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.types import TensorType, is_float
+
+PARALLEL = "#linalg.iterator_type<parallel>"
+REDUCTION = "#linalg.iterator_type<reduction>"
+
+
+class CpuLoweringError(SparsaError):
+    """An op the cpu backend cannot lower yet."""
+
+
+def element_type(dtype: str) -> ir.Type:
+    table = {"f32": ir.F32Type.get, "f64": ir.F64Type.get, "f16": ir.F16Type.get, "bf16": ir.BF16Type.get,
+             "i64": lambda: ir.IntegerType.get_signless(64), "i32": lambda: ir.IntegerType.get_signless(32),
+             "i8": lambda: ir.IntegerType.get_signless(8), "i1": lambda: ir.IntegerType.get_signless(1)}
+    return table[dtype]()
+
+
+def tensor_type(t: TensorType) -> ir.RankedTensorType:
+    dims = [d if isinstance(d, int) else ir.ShapedType.get_dynamic_size() for d in t.shape]
+    return ir.RankedTensorType.get(dims, element_type(t.dtype))
+
+
+def _maps(out_rank: int, exprs: list[list[ir.AffineExpr]]) -> ir.ArrayAttr:
+    return ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(out_rank, 0, e)) for e in exprs])
+
+
+def _iterators(kinds: list[str]) -> ir.ArrayAttr:
+    return ir.ArrayAttr.get([ir.Attribute.parse(k) for k in kinds])
+
+
+class Lowering:
+    """Builds one MLIR function from a Sparsa `func.func` (the insertion point is the function body)."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, ir.Value] = {}
+
+    # ---- helpers ------------------------------------------------------------------------------------
+    def dim(self, v: ir.Value, i: int) -> ir.Value:
+        return tensor.DimOp(v, arith.ConstantOp(ir.IndexType.get(), i).result).result
+
+    def empty_like_dims(self, t: TensorType, sources: list[tuple[ir.Value, int]]) -> ir.Value:
+        """tensor.empty of type t; each dynamic dim is read from (source value, source axis)."""
+        dyn = [self.dim(src, axis) for d, (src, axis) in zip(t.shape, sources, strict=True)
+               if not isinstance(d, int)]
+        return tensor.EmptyOp([d if isinstance(d, int) else dv for d, dv in _pair(t.shape, dyn)],
+                              element_type(t.dtype)).result
+
+    def out_sources(self, out: TensorType, operands: list[tuple[ir.Value, TensorType]]) -> list[tuple[ir.Value, int]]:
+        """For each output axis, an operand axis of the same (broadcast) size to read a dynamic size from."""
+        sources = []
+        for axis in range(out.rank):
+            found = None
+            for v, t in operands:
+                a = axis - (out.rank - t.rank)
+                if a >= 0 and t.shape[a] != 1:
+                    found = (v, a)
+                    break
+            sources.append(found or (operands[0][0], 0))
+        return sources
+
+    def generic(self, out: TensorType, inputs: list[tuple[ir.Value, list]], init: ir.Value, kinds: list[str],
+                out_exprs: list, body: Any) -> ir.Value:
+        rank = len(kinds)
+        op = linalg.GenericOp([tensor_type(out)], [v for v, _ in inputs], [init],
+                              _maps(rank, [e for _, e in inputs] + [out_exprs]), _iterators(kinds))
+        args = [ir.RankedTensorType(v.type).element_type for v, _ in inputs] + [element_type(out.dtype)]
+        block = op.regions[0].blocks.append(*args)
+        with ir.InsertionPoint(block):
+            linalg.YieldOp([body(*block.arguments)])
+        return op.result
+
+    def broadcast_exprs(self, t: TensorType, out_rank: int) -> list:
+        """Affine exprs reading operand type t inside an out_rank iteration space (NumPy broadcasting)."""
+        lead = out_rank - t.rank
+        return [ir.AffineConstantExpr.get(0) if d == 1 else ir.AffineDimExpr.get(lead + i)
+                for i, d in enumerate(t.shape)]
+
+    # ---- the ops ----------------------------------------------------------------------------------------
+    def lower(self, op: Operation) -> None:
+        handler = getattr(self, "op_" + type(op).__name__, None)
+        if handler is None:
+            for base in type(op).__mro__[1:]:
+                handler = getattr(self, "op_" + base.__name__, None)
+                if handler is not None:
+                    break
+        if handler is None:
+            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
+        out = handler(op)
+        results = out if isinstance(out, tuple) else (out,)
+        for r, v in zip(op.results, results, strict=True):
+            self.values[id(r)] = v
+
+    def get(self, v: Value) -> ir.Value:
+        return self.values[id(v)]
+
+    def op_ConstantOp(self, op: Operation) -> ir.Value:
+        t = op.result.type
+        et = element_type(t.dtype)
+        attr = ir.FloatAttr.get(et, float(op.value)) if is_float(t.dtype) else ir.IntegerAttr.get(et, int(op.value))
+        scalar = arith.ConstantOp(et, attr).result
+        if t.rank == 0:
+            return tensor.FromElementsOp(tensor_type(t), [scalar]).result
+        if not t.is_static():
+            raise CpuLoweringError("a constant of symbolic shape is not supported by the cpu backend yet", op.loc)
+        return linalg.fill(scalar, outs=[tensor.EmptyOp(list(t.shape), et).result])
+
+    def elementwise(self, op: Operation, fn: Any) -> ir.Value:
+        out = op.results[0].type
+        operands = [(self.get(v), v.type) for v in op.operands]
+        init = self.empty_like_dims(out, self.out_sources(out, operands))
+        ins = [(v, self.broadcast_exprs(t, out.rank)) for v, t in operands]
+        ident = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        return self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: fn(*a[:-1]))
+
+    def op_UnaryOp(self, op: Operation) -> ir.Value:
+        floats = {T.ExpOp: mmath.ExpOp, T.LogOp: mmath.LogOp, T.SqrtOp: mmath.SqrtOp, T.RsqrtOp: mmath.RsqrtOp,
+                  T.TanhOp: mmath.TanhOp, T.SinOp: mmath.SinOp, T.CosOp: mmath.CosOp}
+        dt = op.result.type.dtype
+        et = element_type(dt)
+
+        def zero() -> ir.Value:
+            return arith.ConstantOp(et, ir.FloatAttr.get(et, 0.0) if is_float(dt) else ir.IntegerAttr.get(et, 0)).result
+
+        def one() -> ir.Value:
+            return arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result
+
+        def sigmoid(x: ir.Value) -> ir.Value:
+            return arith.DivFOp(one(), arith.AddFOp(one(), mmath.ExpOp(arith.NegFOp(x).result).result).result).result
+
+        t = type(op)
+        if t in floats:
+            return self.elementwise(op, lambda x: floats[t](x).result)
+        if t is T.NegOp:
+            return self.elementwise(op, lambda x: arith.NegFOp(x).result if is_float(dt)
+                                    else arith.SubIOp(zero(), x).result)
+        if t is T.AbsOp and is_float(dt):
+            return self.elementwise(op, lambda x: mmath.AbsFOp(x).result)
+        if t is T.ReluOp and is_float(dt):
+            return self.elementwise(op, lambda x: arith.MaximumFOp(x, zero()).result)
+        if t is T.SigmoidOp:
+            return self.elementwise(op, sigmoid)
+        if t is T.SiluOp:
+            return self.elementwise(op, lambda x: arith.MulFOp(x, sigmoid(x)).result)
+        raise CpuLoweringError(f"'{op.NAME}' on {dt} is not supported by the cpu backend yet", op.loc)
+
+    def op_BinaryOp(self, op: Operation) -> ir.Value:
+        dt = op.result.type.dtype
+        fl = {T.AddOp: arith.AddFOp, T.SubOp: arith.SubFOp, T.MulOp: arith.MulFOp, T.DivOp: arith.DivFOp,
+              T.MaximumOp: arith.MaximumFOp, T.MinimumOp: arith.MinimumFOp, T.PowOp: mmath.PowFOp}
+        it = {T.AddOp: arith.AddIOp, T.SubOp: arith.SubIOp, T.MulOp: arith.MulIOp, T.MaximumOp: arith.MaxSIOp,
+              T.MinimumOp: arith.MinSIOp, T.AndOp: arith.AndIOp, T.OrOp: arith.OrIOp}
+        table = fl if is_float(dt) else it
+        if type(op) not in table:
+            raise CpuLoweringError(f"'{op.NAME}' on {dt} is not supported by the cpu backend yet", op.loc)
+        return self.elementwise(op, lambda a, b: table[type(op)](a, b).result)
+
+    def op_CmpOp(self, op: Operation) -> ir.Value:
+        dt = op.lhs.type.dtype
+        if is_float(dt):
+            pred = {"eq": 1, "gt": 2, "ge": 3, "lt": 4, "le": 5, "ne": 6}[op.pred]  # ordered predicates
+            return self.elementwise(op, lambda a, b: arith.CmpFOp(pred, a, b).result)
+        pred = {"eq": 0, "ne": 1, "lt": 2, "le": 3, "gt": 4, "ge": 5}[op.pred]  # signed predicates
+        return self.elementwise(op, lambda a, b: arith.CmpIOp(pred, a, b).result)
+
+    def op_WhereOp(self, op: Operation) -> ir.Value:
+        return self.elementwise(op, lambda c, a, b: arith.SelectOp(c, a, b).result)
+
+    def op_NotOp(self, op: Operation) -> ir.Value:
+        i1 = element_type("i1")
+        true = ir.IntegerAttr.get(i1, 1)
+        return self.elementwise(op, lambda x: arith.XOrIOp(x, arith.ConstantOp(i1, true).result).result)
+
+    def op_CastOp(self, op: Operation) -> ir.Value:
+        src, dst = op.x.type.dtype, op.to
+        et = element_type(dst)
+        if is_float(src) and is_float(dst):
+            wider = ir.FloatType(et).width > ir.FloatType(element_type(src)).width
+            return self.elementwise(op, lambda x: (arith.ExtFOp if wider else arith.TruncFOp)(et, x).result)
+        if not is_float(src) and is_float(dst):
+            return self.elementwise(op, lambda x: (arith.UIToFPOp if src == "i1" else arith.SIToFPOp)(et, x).result)
+        if is_float(src) and not is_float(dst) and dst != "i1":
+            return self.elementwise(op, lambda x: arith.FPToSIOp(et, x).result)
+        if src != "i1" and dst != "i1" and not is_float(src):
+            w_src, w_dst = ir.IntegerType(element_type(src)).width, ir.IntegerType(et).width
+            return self.elementwise(op, lambda x: (arith.ExtSIOp if w_dst > w_src else arith.TruncIOp)(et, x).result)
+        raise CpuLoweringError(f"cast {src} -> {dst} is not supported by the cpu backend yet", op.loc)
+
+    def op_MatmulOp(self, op: Operation) -> ir.Value:
+        a, b = op.lhs.type, op.rhs.type
+        out = op.result.type
+        if a.rank < 2 or b.rank < 2 or not is_float(out.dtype):
+            raise CpuLoweringError("cpu matmul needs float operands of rank >= 2", op.loc)
+        nb = out.rank - 2
+        d = [ir.AffineDimExpr.get(i) for i in range(out.rank + 1)]
+        m, n, k = d[nb], d[nb + 1], d[nb + 2]
+        batch_a = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - (a.rank - 2) + i]
+                   for i, s in enumerate(a.shape[:-2])]
+        batch_b = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - (b.rank - 2) + i]
+                   for i, s in enumerate(b.shape[:-2])]
+        av, bv = self.get(op.lhs), self.get(op.rhs)
+        sources = self.out_sources(TensorType(out.dtype, out.shape[:-2]), [(av, a.with_shape(a.shape[:-2])),
+                                                                          (bv, b.with_shape(b.shape[:-2]))])
+        sources += [(av, a.rank - 2), (bv, b.rank - 1)]
+        init = self.zero_filled(out, sources)
+        return self.generic(out, [(av, batch_a + [m, k]), (bv, batch_b + [k, n])], init,
+                            [PARALLEL] * out.rank + [REDUCTION], d[:nb] + [m, n],
+                            lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
+
+    def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float = 0.0) -> ir.Value:
+        et = element_type(t.dtype)
+        init = self.empty_like_dims(t, sources)
+        return linalg.fill(arith.ConstantOp(et, ir.FloatAttr.get(et, value)).result, outs=[init])
+
+    def reduce(self, x: ir.Value, t: TensorType, axes: set[int], keepdim: bool, out: TensorType, start: float,
+               combine: Any) -> ir.Value:
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        out_exprs = [ir.AffineConstantExpr.get(0) if i in axes else d[i] for i in range(t.rank)] if keepdim else [
+            d[i] for i in range(t.rank) if i not in axes]
+        kept = [i for i in range(t.rank) if i not in axes]
+        sources = [(x, i) for i in (range(t.rank) if keepdim else kept)]
+        init = self.zero_filled(out, sources, start)
+        kinds = [REDUCTION if i in axes else PARALLEL for i in range(t.rank)]
+        return self.generic(out, [(x, d)], init, kinds, out_exprs, lambda v, acc: combine(v, acc))
+
+    def op_ReduceOp(self, op: Operation) -> ir.Value:
+        t = op.x.type
+        if not is_float(t.dtype):
+            raise CpuLoweringError(f"'{op.NAME}' on {t.dtype} is not supported by the cpu backend yet", op.loc)
+        axes = {a % t.rank for a in op.axes}
+        x = self.get(op.x)
+        kind = type(op)
+        if kind in (R.SumOp, R.MeanOp):
+            total = self.reduce(x, t, axes, op.keepdim, op.result.type, 0.0, lambda v, a: arith.AddFOp(a, v).result)
+            if kind is R.SumOp:
+                return total
+            et = element_type(t.dtype)
+            count = arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result
+            for a in sorted(axes):  # the number of elements averaged, read at run time for symbolic dims
+                n = t.shape[a]
+                size = arith.ConstantOp(et, ir.FloatAttr.get(et, float(n))).result if isinstance(n, int) else \
+                    arith.SIToFPOp(et, arith.IndexCastOp(ir.IntegerType.get_signless(64), self.dim(x, a)).result).result
+                count = arith.MulFOp(count, size).result
+            inv = arith.DivFOp(arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result, count).result
+            out = op.result.type
+            d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+            init = self.empty_like_dims(out, [(total, i) for i in range(out.rank)])
+            return self.generic(out, [(total, d)], init, [PARALLEL] * out.rank, d,
+                                lambda v, _: arith.MulFOp(v, inv).result)
+        if kind in (R.MaxOp, R.MinOp):
+            start = float("-inf") if kind is R.MaxOp else float("inf")
+            pick = arith.MaximumFOp if kind is R.MaxOp else arith.MinimumFOp
+            return self.reduce(x, t, axes, op.keepdim, op.result.type, start, lambda v, a: pick(a, v).result)
+        raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
+
+    def op_SoftmaxOp(self, op: Operation) -> ir.Value:
+        t = op.x.type
+        axis = op.axis % t.rank
+        x = self.get(op.x)
+        kept = TensorType(t.dtype, tuple(1 if i == axis else d for i, d in enumerate(t.shape)))
+        m = self.reduce(x, t, {axis}, True, kept, float("-inf"), lambda v, a: arith.MaximumFOp(a, v).result)
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        bcast = [ir.AffineConstantExpr.get(0) if i == axis else d[i] for i in range(t.rank)]
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+        e = self.generic(t, [(x, d), (m, bcast)], init, [PARALLEL] * t.rank, d,
+                         lambda v, mx, _: mmath.ExpOp(arith.SubFOp(v, mx).result).result)
+        s = self.reduce(e, t, {axis}, True, kept, 0.0, lambda v, a: arith.AddFOp(a, v).result)
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+        return self.generic(t, [(e, d), (s, bcast)], init, [PARALLEL] * t.rank, d,
+                            lambda v, total, _: arith.DivFOp(v, total).result)
+
+    def op_TransposeOp(self, op: Operation) -> ir.Value:
+        out = op.result.type
+        x = self.get(op.x)
+        d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        src = [None] * out.rank
+        for i, p in enumerate(op.perm):
+            src[p] = d[i]
+        init = self.empty_like_dims(out, [(x, p) for p in op.perm])
+        return self.generic(out, [(x, src)], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+
+    def op_ExpandDimsOp(self, op: Operation) -> ir.Value:
+        out = op.result.type
+        x = self.get(op.x)
+        new = {a % out.rank for a in op.axes}
+        d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        kept = [i for i in range(out.rank) if i not in new]
+        init = self.empty_like_dims(out, [(x, kept.index(i)) if i in kept else (x, 0) for i in range(out.rank)])
+        return self.generic(out, [(x, [d[i] for i in kept])], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+    def op_SqueezeOp(self, op: Operation) -> ir.Value:
+        out, t = op.result.type, op.x.type
+        x = self.get(op.x)
+        gone = {a % t.rank for a in op.axes}
+        kept = [i for i in range(t.rank) if i not in gone]
+        d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        src = [ir.AffineConstantExpr.get(0) if i in gone else d[kept.index(i)] for i in range(t.rank)]
+        init = self.empty_like_dims(out, [(x, i) for i in kept])
+        return self.generic(out, [(x, src)], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+
+def _pair(shape: tuple, dynamic: list) -> list:
+    it = iter(dynamic)
+    return [(d, None if isinstance(d, int) else next(it)) for d in shape]
+
+
+def lower_function(func_op: Operation) -> tuple[ir.Module, str]:
+    """An MLIR module (in the current context) with one C-interface function computing `func_op`."""
+    block = func_op.regions[0].block
+    ret = block.terminator
+    if len(ret.operands) != 1:
+        raise CpuLoweringError("the cpu backend returns exactly one result for now", func_op.loc)
+    module = ir.Module.create()
+    name = "sparsa_entry"
+    lowering = Lowering()
+    with ir.InsertionPoint(module.body):
+        arg_types = [tensor_type(a.type) for a in block.args]
+        fn = func.FuncOp(name, ir.FunctionType.get(arg_types, [tensor_type(ret.operands[0].type)]))
+        entry = fn.add_entry_block()
+        with ir.InsertionPoint(entry):
+            for a, mv in zip(block.args, entry.arguments, strict=True):
+                lowering.values[id(a)] = mv
+            for op in block.ops[:-1]:
+                if op.regions:
+                    raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
+                lowering.lower(op)
+            func.ReturnOp([lowering.get(ret.operands[0])])
+        fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
+        # Inputs belong to the caller: bufferization must never write into them.
+        fn.arg_attrs = ir.ArrayAttr.get([ir.DictAttr.get({"bufferization.writable": ir.BoolAttr.get(False)})
+                                         for _ in block.args])
+    return module, name
+
