@@ -10,6 +10,10 @@ DEFAULT_PIPELINES: dict[str, str] = {
     # The interpreter skips padding rows, so its expert segments need no alignment (block=1).
     "reference": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=1},recognize-attention,sparsify-attention,"
                   "fuse-scan,lower-sparse-weights,cse,dce"),
+    # The cpu target lowers the result through MLIR's linalg to LLVM (backends/cpu). Its first slice
+    # covers dense ops; the sparse ops these passes produce are refused by name until their kernels land.
+    "cpu": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=64},recognize-attention,sparsify-attention,"
+            "fuse-scan,lower-sparse-weights,cse,dce"),
 }
 
 

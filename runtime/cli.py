@@ -190,10 +190,7 @@ def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     import sparsa
 
     model = sparsa.compile(args.file, model=args.model, target=args.target, passes=args.passes, options=options)
-    if args.emit != "ir":
-        raise SparsaError(f"--emit {args.emit} needs the {args.emit} backend, which target '{args.target}' does "
-                          f"not have (this target emits: ir)")
-    _write(model.ir(), args.output)
+    _write(model.ir() if args.emit == "ir" else model.stage(args.emit), args.output)
     return 0
 
 

@@ -52,6 +52,11 @@ class CompiledModel:
         self._input_ir = print_module(module)
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
+        self.native = None  # the cpu target's compiled function (backends/cpu)
+        if target == "cpu":
+            from sparsa.backends.cpu.jit import CpuFunction
+
+            self.native = CpuFunction(self.module.funcs[-1])
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
@@ -99,11 +104,14 @@ class CompiledModel:
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
         arrays = [to_numpy(a) for a in args]
-        from sparsa.runtime.explain import RecordingInterpreter
+        if self.native is not None:
+            outs = [self.native(arrays, self.weights)]
+        else:
+            from sparsa.runtime.explain import RecordingInterpreter
 
-        interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache)
-        outs = interp.run(arrays)
-        self.last_report = interp.report
+            interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache)
+            outs = interp.run(arrays)
+            self.last_report = interp.report
         if torch_like is not None:
             import torch
 
@@ -111,6 +119,14 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ---- introspection ---------------------------------------------------------------------------------
+    def stage(self, name: str) -> str:
+        """A backend stage's text (cpu: "mlir" before lowering, "llvm" after)."""
+        stages = self.native.stages if self.native is not None else {}
+        if name not in stages:
+            raise SparsaError(f"target '{self.target}' has no stage '{name}' (it has: ir"
+                              f"{''.join(', ' + s for s in stages)})")
+        return stages[name]
+
     def ir(self, after: str | None = None) -> str:
         """The final IR as text, or the IR right after pass `after` (or "input": as the frontend wrote it)."""
         if after is None:

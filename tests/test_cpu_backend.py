@@ -63,3 +63,41 @@ def test_random_programs_match_the_reference(data):
     inputs = inputs_for(module, data.draw(st.integers(0, 1000)))
     (want,) = run_function(module, inputs)
     np.testing.assert_allclose(cpu(inputs), want, rtol=1e-4, atol=1e-5)
+
+
+FFN = """const D = 16
+model FFN(x: f32[T, D]) -> f32[T, D] {
+    param w1: f32[D, 32]
+    param w2: f32[32, D]
+    param g: f32[D]
+    h = x / sqrt(mean(x * x, axis=-1, keepdim=true) + 1e-6) * g
+    return x + silu(h @ w1) @ w2
+}
+"""
+
+
+def test_cpu_target_runs_a_dense_model_with_weights():
+    cpu = sparsa.compile(FFN, target="cpu").init_weights(3)
+    ref = sparsa.compile(FFN).init_weights(3)
+    for T in (1, 6):
+        x = randn(T, 16)
+        np.testing.assert_allclose(cpu(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert "linalg.generic" in cpu.stage("mlir") and "llvm.func" in cpu.stage("llvm")
+
+
+def test_cpu_target_refuses_sparse_ops_by_name(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).parent.parent / "examples" / "mixtral_moe.sp"
+    with pytest.raises(CpuLoweringError, match=r"mixtral_moe.sp:14:24: error: 'moe.route' is not supported by the cpu"):
+        sparsa.compile(str(example), target="cpu")
+    src = tmp_path / "ffn.sp"
+    src.write_text(FFN)
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "compile", str(src), "--target", "cpu", "--emit",
+                        "mlir"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "linalg.generic" in r.stdout and "func.func @sparsa_entry" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "compile", str(src), "--emit", "mlir"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "target 'reference' has no stage 'mlir'" in r.stderr

@@ -32,7 +32,9 @@ class CpuFunction:
         self.func_op = func_op
         self.context = ir.Context()
         with self.context, ir.Location.unknown():
-            module, self.entry = lower_function(func_op)
+            module, self.entry, params = lower_function(func_op)
+            self.param_names = [p.attributes["name"] for p in params]
+            self.param_types = [p.result.type for p in params]
             self.stages = {"mlir": str(module)}
             passmanager.PassManager.parse(PIPELINE).run(module.operation)
             self.stages["llvm"] = str(module)
@@ -40,12 +42,15 @@ class CpuFunction:
         ret = func_op.regions[0].block.terminator.operands[0].type
         self.result_type = ret
 
-    def __call__(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Run on NumPy inputs (in order) and weights (by name)."""
         block = self.func_op.regions[0].block
+        types = [a.type for a in block.args] + self.param_types
+        values = list(inputs) + [(params or {})[n] for n in self.param_names]
         args = []
         keep = []
-        for a, x in zip(block.args, inputs, strict=True):
-            arr = np.ascontiguousarray(x, dtype=numpy_dtype(a.type.dtype))
+        for t_in, x in zip(types, values, strict=True):
+            arr = np.ascontiguousarray(x, dtype=numpy_dtype(t_in.dtype))
             keep.append(arr)
             args.append(ctypes.pointer(ctypes.pointer(rt.get_ranked_memref_descriptor(arr))))
         t = self.result_type

@@ -323,23 +323,30 @@ def _pair(shape: tuple, dynamic: list) -> list:
     return [(d, None if isinstance(d, int) else next(it)) for d in shape]
 
 
-def lower_function(func_op: Operation) -> tuple[ir.Module, str]:
-    """An MLIR module (in the current context) with one C-interface function computing `func_op`."""
+def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation]]:
+    """An MLIR module (in the current context) with one C-interface function computing `func_op`.
+
+    The function takes the inputs, then the weights (one argument per `func.param`, returned in order).
+    """
     block = func_op.regions[0].block
     ret = block.terminator
     if len(ret.operands) != 1:
         raise CpuLoweringError("the cpu backend returns exactly one result for now", func_op.loc)
+    params = [op for op in block.ops if op.NAME == "func.param"]
     module = ir.Module.create()
     name = "sparsa_entry"
     lowering = Lowering()
     with ir.InsertionPoint(module.body):
-        arg_types = [tensor_type(a.type) for a in block.args]
+        arg_types = [tensor_type(a.type) for a in block.args] + [tensor_type(p.result.type) for p in params]
         fn = func.FuncOp(name, ir.FunctionType.get(arg_types, [tensor_type(ret.operands[0].type)]))
         entry = fn.add_entry_block()
         with ir.InsertionPoint(entry):
-            for a, mv in zip(block.args, entry.arguments, strict=True):
+            sources = list(block.args) + [p.result for p in params]
+            for a, mv in zip(sources, entry.arguments, strict=True):
                 lowering.values[id(a)] = mv
             for op in block.ops[:-1]:
+                if op.NAME == "func.param":
+                    continue
                 if op.regions:
                     raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
                 lowering.lower(op)
@@ -347,6 +354,6 @@ def lower_function(func_op: Operation) -> tuple[ir.Module, str]:
         fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
         # Inputs belong to the caller: bufferization must never write into them.
         fn.arg_attrs = ir.ArrayAttr.get([ir.DictAttr.get({"bufferization.writable": ir.BoolAttr.get(False)})
-                                         for _ in block.args])
-    return module, name
+                                         for _ in arg_types])
+    return module, name, params
 
