@@ -59,6 +59,9 @@ class CompiledModel:
             self.native = CpuFunction(self.module.funcs[-1])
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
+        from sparsa.backends.reference.interpreter import weight_only_ops
+
+        self._weight_only = weight_only_ops(self.module.funcs[-1])  # which ops those are: fixed at compile time
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
 
     # ---- weights ------------------------------------------------------------------------------------
@@ -78,7 +81,7 @@ class CompiledModel:
 
         self._weights = weights
         self._cache = {}
-        Interpreter(self.module.funcs[-1], weights, self._cache).precompute()
+        Interpreter(self.module.funcs[-1], weights, self._cache, self._weight_only).precompute()
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
@@ -109,7 +112,7 @@ class CompiledModel:
         else:
             from sparsa.runtime.explain import RecordingInterpreter
 
-            interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache)
+            interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache, self._weight_only)
             outs = interp.run(arrays)
             self.last_report = interp.report
         if torch_like is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from sparsa import knobs
-from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
@@ -124,13 +124,14 @@ class CompiledPartition(torch.nn.Module):
         self.module = PassManager(backend.pipeline, options).run(module)
         self.func = self.module.funcs[-1]
         self.cache: dict = {}
+        self.weight_only = weight_only_ops(self.func)
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
-        outs = Interpreter(self.func, {}, self.cache).run(arrays)
+        outs = Interpreter(self.func, {}, self.cache, self.weight_only).run(arrays)
         results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]

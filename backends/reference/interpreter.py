@@ -37,13 +37,17 @@ class Interpreter:
     """
 
     def __init__(self, func: Operation, params: Mapping[str, np.ndarray] | None = None,
-                 cache: dict[int, tuple[np.ndarray, ...]] | None = None):
+                 cache: dict[int, tuple[np.ndarray, ...]] | None = None, weight_only: set[int] | None = None):
         self.func = func
         self.params = params or {}
         self.dims: dict[str, int] = {}
         self.values: dict[int, np.ndarray] = {}
         self.cache = cache
-        self.weight_only = weight_only_ops(func) if cache is not None else set()
+        # Callers that run one function many times pass `weight_only_ops(func)`, computed once.
+        if cache is None:
+            self.weight_only: set[int] = set()
+        else:
+            self.weight_only = weight_only if weight_only is not None else weight_only_ops(func)
 
     # ---- the context the ops' reference() methods see ----------------------------------------------
     def dim(self, d: Dim) -> int:

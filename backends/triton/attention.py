@@ -180,17 +180,19 @@ def load_kernel_module(name: str, text: str) -> Any:
     Triton reads a kernel's source from its file, so the text is written (atomically, under
     SPARSA_CACHE_DIR) to a file named by the kernel (a hash of its text) and imported from there.
     """
+    tag = "interp" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
+    mod_name = f"sparsa_triton_{name}_{tag}"
+    if mod_name in sys.modules:  # every call after the first: no file system work on the launch path
+        return getattr(sys.modules[mod_name], name)
     if not text.startswith("import triton"):
         text = "import triton\nimport triton.language as tl\n\n" + text
     base = Path(os.environ.get("SPARSA_CACHE_DIR", Path.home() / ".cache" / "sparsa")) / "triton"
     base.mkdir(parents=True, exist_ok=True)
-    tag = "interp" if os.environ.get("TRITON_INTERPRET") == "1" else "jit"
     path = base / f"{name}_{tag}.py"
     if not path.exists() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-    mod_name = f"sparsa_triton_{name}_{tag}"
     if mod_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)

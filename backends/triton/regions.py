@@ -48,10 +48,14 @@ class RegionEmitter:
         self.lines: list[str] = []
 
     def emit(self) -> str:
-        """The expression (a name) holding the region's value after `self.lines`."""
+        """The expression (a name) holding the region's (first) value after `self.lines`."""
+        return self.emit_values()[0]
+
+    def emit_values(self) -> list[str]:
+        """The names holding every value the region yields, after `self.lines`."""
         for i, op in enumerate(self.region.block.ops):
             if op.TERMINATOR:
-                return self.names[id(op.operands[0])]
+                return [self.value(v) for v in op.operands]
             name = f"{self.prefix}{i}"
             self.lines.append(f"{name} = {self.expr(op)}  # {op.NAME}" + (f" @ {op.loc.short()}" if op.loc else ""))
             self.names[id(op.results[0])] = name

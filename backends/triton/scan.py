@@ -83,11 +83,7 @@ class FusedScanKernel:
                  for i in range(n_in)]
         n_prod = op.num_producer_inputs
         prod = RegionEmitter(op.producer, [f"x{i}" for i in range(n_prod)], {}, "p")
-        # The producer yields (a, b): emit its ops, then read both yielded values.
-        for j, inner in enumerate(op.producer.block.ops[:-1]):
-            prod.lines.append(f"p{j} = {prod.expr(inner)}  # {inner.NAME}")
-            prod.names[id(inner.results[0])] = f"p{j}"
-        a_val, b_val = (prod.value(v) for v in op.producer.block.terminator.operands)
+        a_val, b_val = prod.emit_values()  # the producer yields (a, b)
         producer = prod.lines + [f"a_t = {a_val}", f"b_t = {b_val}"]
         cons_em = RegionEmitter(op.consumer, ["h"] + [f"x{i}" for i in range(n_prod, n_in)], {}, "c")
         product = cons_em.expr(cons[0])
