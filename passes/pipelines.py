@@ -14,6 +14,10 @@ DEFAULT_PIPELINES: dict[str, str] = {
     # covers dense ops; the sparse ops these passes produce are refused by name until their kernels land.
     "cpu": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=64},recognize-attention,sparsify-attention,"
             "fuse-scan,lower-sparse-weights,cse,dce"),
+    # The triton target (backends/triton) generates one GPU kernel per fused op; expert segments are
+    # aligned to the grouped GEMM's 64-row tiles.
+    "triton": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=64},recognize-attention,sparsify-attention,"
+               "fuse-scan,lower-sparse-weights,cse,dce"),
 }
 
 

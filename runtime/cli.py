@@ -186,11 +186,13 @@ def cmd_explain(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
 
 
 def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
-    """`sparsa compile FILE.sp --emit ir`: the IR after the target's pipeline."""
+    """`sparsa compile FILE.sp --emit ir`: the IR after the target's pipeline, or a backend stage (cpu: mlir,
+    llvm; triton: the whole generated module, or its kernels or launcher alone)."""
     import sparsa
 
     model = sparsa.compile(args.file, model=args.model, target=args.target, passes=args.passes, options=options)
-    _write(model.ir() if args.emit == "ir" else model.stage(args.emit), args.output)
+    stage = "source" if args.emit == "triton" else args.emit
+    _write(model.ir() if args.emit == "ir" else model.stage(stage), args.output)
     return 0
 
 
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("file", help="a .sp file")
     comp.add_argument("--model", help="which model of the file (default: the last one)")
     comp.add_argument("--target", default="reference", choices=TARGETS)
-    comp.add_argument("--emit", default="ir", choices=["ir", "mlir", "llvm", "triton"])
+    comp.add_argument("--emit", default="ir", choices=["ir", "mlir", "llvm", "triton", "kernels", "launcher"])
     comp.add_argument("--passes", help="override the target's pipeline")
     comp.add_argument("-o", "--output", help="write here instead of standard output")
     knobs.add_arguments(comp)

@@ -52,11 +52,15 @@ class CompiledModel:
         self._input_ir = print_module(module)
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
-        self.native = None  # the cpu target's compiled function (backends/cpu)
+        self.native = None  # the compiled function of the cpu (backends/cpu) or triton (backends/triton) target
         if target == "cpu":
             from sparsa.backends.cpu.jit import CpuFunction
 
             self.native = CpuFunction(self.module.funcs[-1])
+        elif target == "triton":
+            from sparsa.backends.triton.function import TritonFunction
+
+            self.native = TritonFunction(self.module.funcs[-1])
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
         from sparsa.backends.reference.interpreter import weight_only_ops
@@ -81,6 +85,8 @@ class CompiledModel:
 
         self._weights = weights
         self._cache = {}
+        if self.target == "triton":
+            self.native.reset()
         Interpreter(self.module.funcs[-1], weights, self._cache, self._weight_only).precompute()
 
     @property
@@ -106,6 +112,12 @@ class CompiledModel:
         if len(args) != len(self.input_names):
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
+        if self.target == "triton":
+            self.weights  # noqa: B018 (raises the clear error when weights are missing)
+            outs = self.native(args, self._cache)
+            if torch_like is None:
+                outs = [_to_numpy(o) for o in outs]
+            return outs[0] if len(outs) == 1 else tuple(outs)
         arrays = [to_numpy(a) for a in args]
         if self.native is not None:
             outs = [self.native(arrays, self.weights)]
@@ -123,7 +135,8 @@ class CompiledModel:
 
     # ---- introspection ---------------------------------------------------------------------------------
     def stage(self, name: str) -> str:
-        """A backend stage's text (cpu: "mlir" before lowering, "llvm" after)."""
+        """A backend stage's text (cpu: "mlir" before lowering, "llvm" after; triton: "kernels", "launcher",
+        and "source", the whole generated module)."""
         stages = self.native.stages if self.native is not None else {}
         if name not in stages:
             raise SparsaError(f"target '{self.target}' has no stage '{name}' (it has: ir"
@@ -163,6 +176,16 @@ class CompiledModel:
     def __repr__(self) -> str:
         sig = ", ".join(f"{n}: {t}" for n, t in zip(self.input_names, self.input_types, strict=True))
         return f"<CompiledModel {self.name}({sig}) target={self.target}>"
+
+
+def _to_numpy(t: Any) -> np.ndarray:
+    """A torch result as NumPy (bfloat16 and float16 widened to float32, as the reference returns them)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.numpy()
 
 
 def compile(path_or_source: str | os.PathLike, model: str | None = None, target: str = "reference",

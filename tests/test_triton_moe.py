@@ -70,7 +70,7 @@ def test_grouped_kernels_compile_to_ptx(tmp_path):
                            "    return moe(x, i, g) |e, h| { (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }\n}\n")
     for op in [o for o in model.module.walk() if isinstance(o, GroupedMatmulOp | GroupedMatmulCombineOp)]:
         kernel = GroupedMatmulKernel.generate(op)
-        types = {p: "*fp32" for p in ("ROWS", "OUT", "GATES", "W0", "W1")} | {"PERM": "*i64", "TILE_EXPERT": "*i32"}
+        types = {p: "*fp32" for p in ("ROWS", "OUT", "GATES", "W0", "W1")} | {"PERM": "*i64", "OFFSETS": "*i64"}
         constexprs = {"GATHER": kernel.gather, "COMBINE": kernel.combine, "BLOCK_M": 64, "BLOCK_N": 64,
-                      "BLOCK_K": 32}
+                      "BLOCK_K": 32, "BLOCK_E": 4}
         assert compile_for_nvidia(tmp_path, kernel.name, kernel.source, types, constexprs) == ["80", "90"]

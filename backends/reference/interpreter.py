@@ -29,6 +29,20 @@ def weight_only_ops(func: Operation) -> set[int]:
     return ops
 
 
+def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what: str) -> None:
+    """Check a shape against type `t`, binding its symbolic dims in `dims` (consistently across calls)."""
+    if len(shape) != t.rank:
+        raise RuntimeShapeError(f"{what} must have rank {t.rank} ({t}), got shape {list(shape)}")
+    for axis, (d, n) in enumerate(zip(t.shape, shape, strict=True)):
+        if isinstance(d, int) and d != n:
+            raise RuntimeShapeError(f"{what} must have shape {t}, got {list(shape)} (dim {axis} is {n}, "
+                                    f"expected {d})")
+        if is_symbol(d):
+            bound = dims.setdefault(d, n)
+            if bound != n:
+                raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
+
+
 class Interpreter:
     """Runs one function: binds symbolic dims from the inputs, then evaluates ops in order.
 
@@ -77,16 +91,7 @@ class Interpreter:
         """Check `array` against `value`'s type, binding symbolic dims; returns it in storage dtype."""
         t = value.type
         array = np.asarray(array)
-        if array.ndim != t.rank:
-            raise RuntimeShapeError(f"{what} must have rank {t.rank} ({t}), got shape {list(array.shape)}")
-        for axis, (d, n) in enumerate(zip(t.shape, array.shape, strict=True)):
-            if isinstance(d, int) and d != n:
-                raise RuntimeShapeError(f"{what} must have shape {t}, got {list(array.shape)} (dim {axis} is {n}, "
-                                        f"expected {d})")
-            if is_symbol(d):
-                bound = self.dims.setdefault(d, n)
-                if bound != n:
-                    raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
+        bind_shape(t, array.shape, self.dims, what)
         if array.dtype.kind != numpy_dtype(t.dtype).kind and not (t.dtype == "i1" and array.dtype == bool):
             raise RuntimeShapeError(f"{what} must have element type {t.dtype}, got {dtype_of_array(array)}")
         return round_to_dtype(array, t.dtype)

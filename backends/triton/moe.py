@@ -22,15 +22,19 @@ from sparsa.ir.dialects.attn_blocks import outer_values
 KERNEL = '''
 @triton.jit
 def {name}(
-    ROWS, PERM, TILE_EXPERT, {weights}OUT, GATES, {data_params}
-    P, K, N, TOPK,
+    ROWS, PERM, OFFSETS, {weights}OUT, GATES, {data_params}
+    P, K, N, TOPK, E,
     GATHER: tl.constexpr, COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     # {op_line}
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(TILE_EXPERT + pid_m).to(tl.int64)
+    # the tile's expert: segments start at multiples of BLOCK_M, so it is the number of segments ending
+    # at or before the tile's first row
+    eo = tl.arange(0, BLOCK_E)
+    ends = tl.load(OFFSETS + 1 + eo, mask=eo < E, other=P + BLOCK_M)
+    e = tl.minimum(tl.sum((ends <= pid_m * BLOCK_M).to(tl.int32), 0), E - 1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ids = tl.load(PERM + offs_m, mask=offs_m < P, other=-1)
@@ -108,8 +112,7 @@ class GroupedMatmulKernel:
                              f"(fuse-moe-dispatch{{block={block_m}}})")
         P = perm.shape[0]
         tiles = max(1, -(-P // block_m))
-        starts = torch.arange(tiles, device=device) * block_m
-        tile_expert = (torch.searchsorted(offsets, starts, right=True) - 1).clamp(0, offsets.shape[0] - 2)
+        experts = offsets.shape[0] - 1
         K, N = weights[0].shape[1], weights[0].shape[2]
         rows = rows.contiguous()
         if self.combine:
@@ -124,8 +127,9 @@ class GroupedMatmulKernel:
             extra += [t, *t.shape]
         grid = (tiles, -(-N // block_n))
         load_kernel_module(self.name, self.source)[grid](
-            rows, perm, tile_expert.to(torch.int32), *[w.contiguous() for w in weights], out, g, *extra,
-            P, K, N, self.topk, GATHER=self.gather, COMBINE=self.combine, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+            rows, perm, offsets, *[w.contiguous() for w in weights], out, g, *extra,
+            P, K, N, self.topk, experts, GATHER=self.gather, COMBINE=self.combine, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, BLOCK_E=1 << max(0, (experts - 1).bit_length()), num_warps=num_warps,
+            num_stages=num_stages,
         )
         return out.to(rows.dtype) if self.combine else out

@@ -6,6 +6,7 @@ from sparsa.ir.core import Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.types import is_float
 
 _BINARY = {T.AddOp: "({a} + {b})", T.SubOp: "({a} - {b})", T.MulOp: "({a} * {b})", T.DivOp: "({a} / {b})",
            T.MinimumOp: "tl.minimum({a}, {b})", T.MaximumOp: "tl.maximum({a}, {b})", T.AndOp: "({a} & {b})",
@@ -19,8 +20,19 @@ _UNARY = {T.NegOp: "(-{x})", T.AbsOp: "tl.abs({x})", T.ExpOp: "tl.exp({x})", T.L
                          "({x} + 0.044715 * {x} * {x} * {x}))) - 1.0)))"),
           T.GeluOp: "(0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476)))"}
 _CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-_CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "i32": "tl.int32", "i64": "tl.int64",
-         "i1": "tl.int1"}
+_CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64", "i8": "tl.int8",
+         "i32": "tl.int32", "i64": "tl.int64", "i1": "tl.int1"}
+
+
+def _pow(a: str, exponent: Value, b: str) -> str:
+    """a ** b: small integer and half exponents exactly (any sign of a), else exp(b * log(a)) (a > 0)."""
+    op = exponent.defining_op
+    if isinstance(op, T.ConstantOp) and not isinstance(op.value, bool):
+        if op.value == 0.5:
+            return f"tl.sqrt({a})"
+        if float(op.value).is_integer() and 0 <= op.value <= 4:
+            return "(" + " * ".join([a] * int(op.value)) + ")" if op.value else f"({a} * 0 + 1)"
+    return f"tl.exp({b} * tl.log({a}))"
 
 
 def python_floordiv(a: str, b: str) -> str:
@@ -33,33 +45,26 @@ def python_mod(a: str, b: str) -> str:
     return f"((({a}) % ({b}) + ({b})) % ({b}))"
 
 
-class RegionEmitter:
-    """Emits `lines` computing a region's yielded value from names bound to its block arguments.
+class ExprEmitter:
+    """Triton expressions for IR ops whose operands already have names (`names`: value id -> expression).
 
-    `data` maps each outer value the region reads (mask data tensors) to the kernel argument holding
-    its pointer; a gather becomes a masked `tl.load` of that pointer at the (clamped) flat index.
+    `data` maps each outer value read by gathers (mask data tensors) to the kernel argument holding its
+    pointer; a gather becomes a masked `tl.load` of that pointer at the (clamped) flat index.
     """
 
-    def __init__(self, region: Region, args: list[str], data: dict[int, tuple[str, Value]], prefix: str):
-        self.region = region
-        self.names: dict[int, str] = {id(a): n for a, n in zip(region.block.args, args, strict=True)}
+    def __init__(self, names: dict[int, str], data: dict[int, tuple[str, Value]], prefix: str):
+        self.names = names
         self.data = data
         self.prefix = prefix
         self.lines: list[str] = []
 
-    def emit(self) -> str:
-        """The expression (a name) holding the region's (first) value after `self.lines`."""
-        return self.emit_values()[0]
-
-    def emit_values(self) -> list[str]:
-        """The names holding every value the region yields, after `self.lines`."""
-        for i, op in enumerate(self.region.block.ops):
-            if op.TERMINATOR:
-                return [self.value(v) for v in op.operands]
-            name = f"{self.prefix}{i}"
+    def emit_ops(self, ops: list) -> None:
+        """Append one line per op (its name, its expression, the op and its `.sp` line) and name its result."""
+        for op in ops:
+            name = f"{self.prefix}{len(self.lines)}"
             self.lines.append(f"{name} = {self.expr(op)}  # {op.NAME}" + (f" @ {op.loc.short()}" if op.loc else ""))
             self.names[id(op.results[0])] = name
-        raise SparsaError("region has no terminator")
+
 
     def value(self, v: Value) -> str:
         if id(v) in self.names:
@@ -76,10 +81,15 @@ class RegionEmitter:
             return ("1" if v else "0") if isinstance(v, bool) else ("float('-inf')" if v == float("-inf") else repr(v))
         if t in _BINARY:
             return _BINARY[t].format(a=self.value(op.lhs), b=self.value(op.rhs))
+        if isinstance(op, T.FloorDivOp | T.ModOp) and is_float(op.result.type.dtype):
+            a, b = self.value(op.lhs), self.value(op.rhs)
+            return f"tl.floor({a} / {b})" if isinstance(op, T.FloorDivOp) else f"({a} - tl.floor({a} / {b}) * {b})"
         if isinstance(op, T.FloorDivOp):
             return python_floordiv(self.value(op.lhs), self.value(op.rhs))
         if isinstance(op, T.ModOp):
             return python_mod(self.value(op.lhs), self.value(op.rhs))
+        if isinstance(op, T.PowOp):
+            return _pow(self.value(op.lhs), op.rhs, self.value(op.rhs))
         if isinstance(op, T.CmpOp):
             return f"({self.value(op.lhs)} {_CMP[op.pred]} {self.value(op.rhs)})"
         if t in _UNARY:
@@ -87,6 +97,8 @@ class RegionEmitter:
         if isinstance(op, T.WhereOp):
             return f"tl.where({self.value(op.cond)}, {self.value(op.a)}, {self.value(op.b)})"
         if isinstance(op, T.CastOp):
+            if op.to == "i1":
+                return f"({self.value(op.x)} != 0)"
             return f"({self.value(op.x)}).to({_CAST[op.to]})"
         if isinstance(op, S.GatherOp) and id(op.x) in self.data:
             ptr, data = self.data[id(op.x)]
@@ -97,3 +109,23 @@ class RegionEmitter:
                 flat = clamped if flat == "0" else f"({flat}) * {dims[i]} + {clamped}"
             return f"tl.load({ptr} + ({flat}))"
         raise SparsaError(f"'{op.NAME}' is not supported by the triton backend inside a mask or score")
+
+
+class RegionEmitter(ExprEmitter):
+    """Emits `lines` computing a region's yielded value from names bound to its block arguments."""
+
+    def __init__(self, region: Region, args: list[str], data: dict[int, tuple[str, Value]], prefix: str):
+        super().__init__({id(a): n for a, n in zip(region.block.args, args, strict=True)}, data, prefix)
+        self.region = region
+
+    def emit(self) -> str:
+        """The expression (a name) holding the region's (first) value after `self.lines`."""
+        return self.emit_values()[0]
+
+    def emit_values(self) -> list[str]:
+        """The names holding every value the region yields, after `self.lines`."""
+        ops = self.region.block.ops
+        if not ops or not ops[-1].TERMINATOR:
+            raise SparsaError("region has no terminator")
+        self.emit_ops(ops[:-1])
+        return [self.value(v) for v in ops[-1].operands]

@@ -104,23 +104,10 @@ class FusedScanKernel:
         """Run on torch tensors broadcastable to the state shape; returns [.., L, ..] (the last axis summed)."""
         import torch
 
-        rank, axis = self.rank, self.axis
-        device = inputs[0].device
-        outer = [d for d in range(rank) if d not in (axis, rank - 1)]
-        out_shape = [state_shape[d] for d in range(rank - 1)]
-        out = torch.empty(out_shape, dtype=inputs[0].dtype, device=device)
-        args: list[Any] = []
-        for x in inputs:
-            aligned = [1] * (rank - x.dim()) + list(x.shape)
-            strides = [0] * (rank - x.dim()) + list(x.stride())
-            args += [x] + [s if n > 1 else 0 for n, s in zip(aligned, strides, strict=True)]
-        args += [out] + [out.stride(d) for d in outer] + [out.stride(axis)]
-        M = 1
-        for d in outer:
-            M *= state_shape[d]
-        args += [state_shape[d] for d in outer] + [M, state_shape[axis], state_shape[rank - 1]]
-        block_n = 1 << max(0, (state_shape[rank - 1] - 1).bit_length())
-        grid = (-(-M // block_o),)
+        from sparsa.backends.triton.host import scan_args
+
+        out = torch.empty(list(state_shape[:-1]), dtype=inputs[0].dtype, device=inputs[0].device)
+        args, grid, block_n = scan_args(inputs, out, tuple(state_shape), self.axis, block_o)
         load_kernel_module(self.name, self.source)[grid](*args, BLOCK_O=block_o, BLOCK_N=block_n,
                                                           num_warps=num_warps)
         return out

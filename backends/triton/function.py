@@ -1,0 +1,126 @@
+"""A function compiled for the triton target: the generated module (kernels + launcher), constants prepared
+once per weight load and device, and calls on torch tensors (NumPy in, NumPy out also works)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.reference.interpreter import RuntimeShapeError, bind_shape
+from sparsa.backends.triton.codegen import Const, TritonProgram
+from sparsa.ir.core import Operation
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.types import is_float
+
+_KIND = {"f": "floating point", "i": "integer", "b": "boolean"}
+
+
+def _kind(dtype: str) -> str:
+    return "b" if dtype == "i1" else "f" if is_float(dtype) else "i"
+
+
+def pick_device() -> str:
+    """'cuda' with an NVIDIA GPU; 'cpu' under TRITON_INTERPRET=1 (Triton's interpreter); else a clear error."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    raise SparsaError("target 'triton' needs an NVIDIA GPU (torch.cuda.is_available() is False here); set "
+                      "TRITON_INTERPRET=1 to run its kernels in Triton's interpreter on the CPU (slow)")
+
+
+class TritonFunction:
+    """Kernels and launcher of one function; `stages` has the texts `kernels`, `launcher` and `source`."""
+
+    def __init__(self, func: Operation):
+        self.func = func
+        self.program = TritonProgram(func)
+        self.stages = {"kernels": self.program.kernels_text, "launcher": self.program.launcher_text,
+                       "source": self.program.source}
+        self._launch = None
+        self._consts: dict[str, list[Any]] = {}
+        self.arg_types = [a.type for a in func.regions[0].block.args]
+
+    def launcher(self) -> Any:
+        if self._launch is None:
+            from sparsa.backends.triton.attention import load_kernel_module
+
+            self._launch = load_kernel_module(self.program.launcher_name, self.program.source)
+        return self._launch
+
+    def reset(self) -> None:
+        """Forget the constants (new weights were loaded)."""
+        self._consts = {}
+
+    def constants(self, cache: dict[int, tuple[np.ndarray, ...]], device: str) -> list[Any]:
+        """The launcher's constants on `device`, from the weight-only results in `cache` (made once per device
+        until `reset`)."""
+        if device not in self._consts:
+            self._consts[device] = [_prepare(c, cache, device) for c in self.program.consts]
+        return self._consts[device]
+
+    def __call__(self, args: list[Any], cache: dict[int, tuple[np.ndarray, ...]]) -> list[Any]:
+        """Run on torch tensors or arrays (checked against the signature); returns torch tensors on the device."""
+        import torch
+
+        device = next((str(a.device) for a in args if hasattr(a, "detach") and a.device.type == "cuda"), None)
+        device = device or pick_device()
+        dims: dict[str, int] = {}
+        tensors = []
+        for i, (t, x) in enumerate(zip(self.arg_types, args, strict=True)):
+            name = self.func.regions[0].block.args[i].name_hint or str(i)
+            x = x if hasattr(x, "detach") else torch.from_numpy(np.asarray(x, order="C"))
+            bind_shape(t, tuple(x.shape), dims, f"input '{name}'")
+            got = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "i"
+            if got != _kind(t.dtype):
+                raise RuntimeShapeError(f"input '{name}' must have element type {t.dtype}, got {x.dtype}")
+            tensors.append(x.to(device=device, dtype=_torch_dtype(t.dtype)))
+        outs = self.launcher()(device, self.constants(cache, device), *tensors)
+        return list(outs)
+
+
+def _torch_dtype(dt: str) -> Any:
+    import torch
+
+    return {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64,
+            "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "i1": torch.bool}[dt]
+
+
+def _upload(a: np.ndarray, dt: str, device: str) -> Any:
+    import torch
+
+    return torch.from_numpy(np.asarray(a, order="C")).to(device=device, dtype=_torch_dtype(dt))
+
+
+def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) -> Any:
+    """One launcher constant from the weight-only results (computed at weight load) or the compile-time map."""
+    import torch
+
+    if c.kind == "value":
+        return _upload(cache[id(c.op)][c.index], c.op.results[c.index].type.dtype, device)
+    if c.kind == "lists":  # a compile-time block map as the attention kernel reads it
+        from sparsa.backends.triton.attention import _lists
+
+        bm = torch.as_tensor(np.array(c.op.map.data, dtype=np.int8), device=device)
+        nb, nh, nqb, nkb = bm.shape
+        rows = bm.reshape(nb * nh * nqb, nkb)
+        return (*_lists(rows == 2), *_lists(rows == 1), nb, nh, nqb, nkb)
+    # "bsc": a packed BSR weight indexed by block column, so each program walks only its column's blocks
+    op = c.op
+    row_ptr, col_idx = (_cached(cache, v) for v in (op.row_ptr, op.col_idx))
+    block_rows = np.repeat(np.arange(len(row_ptr) - 1), np.diff(row_ptr))
+    order = np.argsort(col_idx, kind="stable")
+    ncols = op.cols // op.blocks.type.shape[2]
+    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(col_idx, minlength=ncols))])
+    return tuple(_upload(a.astype(np.int64), "i64", device) for a in (col_ptr, block_rows[order], order))
+
+
+def _cached(cache: dict[int, tuple[np.ndarray, ...]], v: Any) -> np.ndarray:
+    op = v.defining_op
+    if op is None or id(op) not in cache:
+        raise SparsaError(f"the triton backend needs {v} to be computed from weights only")
+    return cache[id(op)][op.results.index(v) if len(op.results) > 1 else 0]

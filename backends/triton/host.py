@@ -1,0 +1,120 @@
+"""Host-side helpers the generated launcher calls: broadcast strides, views that stay views, strided copies
+(through `library.copy_strided`, never a torch kernel), and the per-shape block lists of unmasked attention."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sparsa.backends.triton import library as lib
+
+COPY_BLOCK = 1024
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def npow2(n: int) -> int:
+    """The smallest power of two >= n (and >= 1): Triton's tl.arange needs power-of-two extents."""
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def bstrides(t: Any, shape: tuple[int, ...]) -> list[int]:
+    """Strides of `t` broadcast to `shape` (aligned right): 0 along dims `t` lacks or has as size 1."""
+    pad = len(shape) - t.dim()
+    out = [0] * pad
+    for n, s, want in zip(t.shape, t.stride(), shape[pad:], strict=True):
+        out.append(0 if n == 1 and want != 1 else s)
+    return out
+
+
+def batch2(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The (at most two) batch dims of a matmul output shape [..., M, N], padded with 1s."""
+    batch = list(shape[:-2])
+    if len(batch) > 2:
+        raise ValueError(f"matmul with {len(batch)} batch dims (at most 2 on triton)")
+    return tuple([1] * (2 - len(batch)) + batch)
+
+
+def copy(src: Any, dst: Any) -> Any:
+    """dst[...] = src (broadcast, cast to dst's dtype) with the strided copy kernel; returns dst."""
+    shape = tuple(dst.shape)
+    if len(shape) > lib.MAX_RANK:
+        raise ValueError(f"copy of a rank-{len(shape)} tensor (at most {lib.MAX_RANK} on triton)")
+    pad = lib.MAX_RANK - len(shape)
+    sizes = [1] * pad + list(shape)
+    sx = [0] * pad + bstrides(src, shape)
+    so = [0] * pad + list(dst.stride())
+    n = math.prod(shape)
+    if n:
+        lib.copy_strided[(cdiv(n, COPY_BLOCK),)](src, dst, n, *sizes[1:], *sx, *so, BLOCK=COPY_BLOCK)
+    return dst
+
+
+def contiguous(t: Any) -> Any:
+    """`t` itself when contiguous, else a contiguous copy made by the copy kernel."""
+    if t.is_contiguous():
+        return t
+    return copy(t, torch.empty(tuple(t.shape), dtype=t.dtype, device=t.device))
+
+
+def reshape(t: Any, shape: tuple[int, ...]) -> Any:
+    """A view of `t` with `shape` (copying first only when no view exists)."""
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return contiguous(t).view(shape)
+
+
+def rows(t: Any, axes: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
+    """`t` as a contiguous [rows, cols] matrix with `axes` (reduced or scanned) last, and the permutation."""
+    kept = [d for d in range(t.dim()) if d not in axes]
+    perm = tuple(kept + list(axes))
+    cols = math.prod(t.shape[d] for d in axes)
+    p = contiguous(t.permute(perm))
+    return p.view(-1, cols) if p.numel() else p.reshape(-1, max(cols, 1)), perm
+
+
+def unpermute(t: Any, perm: tuple[int, ...]) -> Any:
+    """The view undoing `rows`' permutation."""
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return t.permute(inverse)
+
+
+def last_contiguous(t: Any) -> Any:
+    """`t` with unit stride along its last dim (the kernels' vector loads need it)."""
+    return t if t.dim() == 0 or t.stride(-1) == 1 or t.shape[-1] == 1 else contiguous(t)
+
+
+_DENSE_LISTS: dict[tuple, tuple] = {}
+
+
+def dense_lists(rows_: int, nkb: int, partial: bool, device: Any) -> tuple:
+    """Block lists visiting every key block of every row: all PARTIAL (a mask without a block map) or
+    all FULL (no mask); cached per shape and device."""
+    key = (rows_, nkb, partial, str(device))
+    if key not in _DENSE_LISTS:
+        idx = torch.arange(nkb, dtype=torch.int32, device=device).repeat(rows_, 1).contiguous()
+        cnt = torch.full((rows_,), nkb, dtype=torch.int32, device=device)
+        none = torch.zeros((rows_,), dtype=torch.int32, device=device)
+        _DENSE_LISTS[key] = (idx, none, idx, cnt) if partial else (idx, cnt, idx, none)
+    return _DENSE_LISTS[key]
+
+
+def scan_args(inputs: list[Any], out: Any, state: tuple[int, ...], axis: int, block_o: int = 32) -> tuple:
+    """(arguments, grid, BLOCK_N) of a fused scan kernel: every input with its strides broadcast to the state
+    (zero on size-1 axes, nothing expanded in memory), the output [.., L, ..] and the outer sizes."""
+    rank = len(state)
+    outer = [d for d in range(rank) if d not in (axis, rank - 1)]
+    args: list[Any] = []
+    for x in inputs:
+        args += [x, *bstrides(x, tuple(state))]
+    args += [out] + [out.stride(d) for d in outer] + [out.stride(axis)]
+    m = math.prod(state[d] for d in outer)
+    args += [state[d] for d in outer] + [m, state[axis], state[rank - 1]]
+    return args, (max(1, cdiv(m, block_o)),), npow2(state[rank - 1])

@@ -1,0 +1,286 @@
+"""target="triton": every shared example and a spread of ops against the reference, under TRITON_INTERPRET=1
+without a GPU (on the GPU where there is one); every kernel a compiled model launches builds to PTX for sm_80
+and sm_90; golden files pin the emitted source of a few kernels and a launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+torch = pytest.importorskip("torch")
+
+import sparsa  # noqa: E402
+from sparsa.ir.diagnostics import SparsaError  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+GOLDEN = Path(__file__).parent / "golden" / "triton"
+GPU = torch.cuda.is_available()
+TOL = 3e-2 if GPU else 1e-4  # fp32 dots run as tf32 on tensor cores in the attention and MoE kernels
+SIZES = {"B": 2, "H": 2, "S": 80, "T": 37, "L": 12, "DI": 16, "N": 8, "R": 7}
+
+
+@pytest.fixture(autouse=True)
+def _kernel_cache(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def make_inputs(model, seed=0, sizes=SIZES):
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in model.input_types:
+        shape = [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
+        if t.dtype.startswith("f"):
+            out.append(rng.standard_normal(shape).astype(np.float32))
+        elif t.dtype == "i1":
+            out.append(rng.random(shape) > 0.5)
+        else:  # document ids / token ids: small, sorted
+            out.append(np.sort(rng.integers(0, 3, shape)).astype(np.int32))
+    return out
+
+
+def check(src, inputs=None, model=None, seed=0, tol=TOL, **kw):
+    ref = sparsa.compile(src, model=model, **kw).init_weights(seed)
+    tri = sparsa.compile(src, model=model, target="triton", **kw).init_weights(seed)
+    inputs = make_inputs(ref, seed) if inputs is None else inputs
+    want, got = ref(*inputs), tri(*inputs)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    for w, g in zip(want, got, strict=True):
+        scale = max(1.0, float(np.abs(w).max())) if w.size else 1.0
+        np.testing.assert_allclose(np.asarray(g, dtype=np.float64), w.astype(np.float64), rtol=tol, atol=tol * scale)
+    return tri
+
+
+EXAMPLES = [(p.name, None) for p in sorted((ROOT / "examples").glob("*.sp")) if p.name != "tiny_moe_decoder.sp"]
+EXAMPLES += [("tiny_moe_decoder.sp", m) for m in ("Attention", "MoE", None)]
+
+
+@pytest.mark.parametrize(("example", "model"), EXAMPLES)
+def test_example_matches_reference(example, model):
+    tri = check(str(ROOT / "examples" / example), model=model)
+    source = tri.stage("source")
+    assert f'from "{ROOT / "examples" / example}"' in source or "from \"" in source
+
+
+def test_torch_tensors_stay_on_the_device_and_numpy_comes_back_as_numpy():
+    m = sparsa.compile(str(ROOT / "examples" / "mixtral_moe.sp"), target="triton").init_weights(0)
+    x = np.random.default_rng(1).standard_normal((5, m.input_types[0].shape[1])).astype(np.float32)
+    y = m(x)
+    assert isinstance(y, np.ndarray) and y.shape == x.shape
+    device = "cuda" if GPU else "cpu"
+    yt = m(torch.from_numpy(x).to(device))
+    assert isinstance(yt, torch.Tensor) and yt.device.type == device
+    np.testing.assert_allclose(yt.cpu().numpy(), y, rtol=1e-6, atol=1e-6)
+    assert m(x[:0]).shape == (0, x.shape[1])  # no tokens at all
+
+
+OPS = """
+model M(x: f32[R, 24], y: f32[24], z: f32[R, 1], m: bool[R, 24], i: i32[R, 24]) -> f32[R, 24] {
+    a = silu(x) * y + exp(-abs(z)) - x / 3.0
+    b = where(m, a, relu(x) ** 2.0)
+    c = b + softmax(a, axis=0) + cumsum(x, axis=1)
+    d = c - mean(c, axis=1, keepdim=true) + logsumexp(c, axis=1, keepdim=true) * 0.5
+    e = d + max(x, axis=0, keepdim=true) - min(x, axis=1, keepdim=true) + cast(argmax(x, axis=1), f32)[:, None]
+    f = e + cast(i % 5, f32) - cast(i // 3, f32) + sum(cast(m and not (i > 1), f32), axis=1, keepdim=true)
+    return rmsnorm(f, y) + layernorm(f, y, y) + sigmoid(tanh(f)) + sqrt(abs(f)) + min(f, 0.5) + gelu_tanh(f)
+}
+"""
+
+
+def test_elementwise_reductions_and_norms():
+    tri = check(OPS)
+    kernels = tri.stage("kernels")
+    assert kernels.count("def fused_elementwise_") < 12  # chains are fused, not one kernel per op
+    assert "tensor.silu" in kernels and "tensor.where" in kernels
+
+
+SHAPES = """
+model M(x: f32[R, 6, 16], w: f32[16, 32], v: f32[32], idx: i32[5]) -> f32[R, 32] {
+    t = transpose(x, [1, 0, 2])
+    u = reshape(t, [6 * R, 16]) @ w
+    p, q = split(u, [16, 16], axis=1)
+    c = concat([q, p], axis=1) + v
+    g = c[idx]
+    s = c[0:R]
+    k, j = topk(s, k=3)
+    bmm = x[:, 0:1, :] @ transpose(x, [0, 2, 1])
+    return s + g[0:1, :] * sum(k, axis=[0, 1]) + sum(sum(bmm, axis=2), axis=1, keepdim=true) + gelu(v @ w.T @ w) + cast(j[:, 0:1], f32)
+}
+"""
+
+
+def test_layout_ops_matmul_gather_topk():
+    inputs = make_inputs(sparsa.compile(SHAPES))
+    inputs[3] = np.array([0, 3, 7, -1, 2], dtype=np.int32)  # a negative index counts from the end
+    check(SHAPES, inputs)
+
+
+@pytest.mark.parametrize("router", ["mixtral", "qwen", "switch", "deepseek", "grouped"])
+def test_moe_routers_and_capacity_match_reference(router):
+    from test_moe_passes import BODIES, program
+
+    tri = check(program(router, BODIES["swiglu" if router != "switch" else "relu"], 8, 2 if router != "switch" else 1,
+                        1.25 if router in ("switch", "qwen") else None))
+    assert "lib.moe_route[" in tri.stage("launcher")
+
+
+def test_sparse_weights_small_blocks_and_nm():
+    src = """
+model M(x: f32[T, 64]) -> f32[T, 48] {
+    param a: f32[64, 64] sparse bsr(8, 16)
+    param b: f32[64, 48] sparse nm(2, 4)
+    return relu(x @ a) @ b
+}
+"""
+    tri = check(src)
+    assert "lib.bsr_matmul" in tri.stage("launcher") and "lib.nm_matmul" in tri.stage("launcher")
+
+
+def test_unsupported_op_is_refused_by_name_and_line():
+    src = str(ROOT / "examples" / "mixtral_moe.sp")
+    with pytest.raises(SparsaError, match=r"mixtral_moe.sp:\d+:\d+: error: 'moe.moe' is not supported by the triton "
+                                          r"backend \(run the fuse-moe-gating"):
+        sparsa.compile(src, target="triton", passes="canonicalize")
+
+
+def test_no_gpu_and_no_interpreter_is_a_clear_error(tmp_path):
+    if GPU:
+        pytest.skip("a GPU is present")
+    code = ("import sparsa, numpy as np\n"
+            f"m = sparsa.compile({str(ROOT / 'examples' / 'unfused_attention.sp')!r}, target='triton')\n"
+            "m(*[np.zeros((1, 1, 16, 64), np.float32)] * 3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "target 'triton' needs an NVIDIA GPU" in r.stderr and "TRITON_INTERPRET=1" in r.stderr
+
+
+def test_cli_emit_triton_prints_kernels_and_launcher():
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "compile", str(ROOT / "examples" / "mixtral_moe.sp"),
+                        "--target", "triton", "--emit", "triton"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "@triton.jit" in out and "def launch_" in out
+    assert "# moe.grouped_matmul_combine from" in out and "lib.moe_route[" in out and "lib.moe_place[" in out
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "compile", str(ROOT / "examples" / "mixtral_moe.sp"),
+                        "--target", "triton", "--emit", "launcher"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "@triton.jit" not in r.stdout and "def launch_" in r.stdout
+
+
+# ---- golden files: the emitted source of a few kernels and one launcher --------------------------------------
+GOLDEN_CASES = {
+    "mixtral_launcher.py": ("mixtral_moe.sp", None, "launcher"),
+    "document_block_map_builder.py": ("document_attention.sp", None, "attn_block_map_"),
+    "selective_scan_elementwise.py": ("selective_scan.sp", None, "fused_elementwise_"),
+}
+
+
+def _golden_text(example, model, what):
+    m = sparsa.compile(f"examples/{example}", model=model, target="triton")
+    if what == "launcher":
+        return m.stage("launcher")
+    return "\n\n".join(src.strip() for name, src in m.native.program.kernels.items() if name.startswith(what)) + "\n"
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CASES))
+def test_golden_source(name, monkeypatch):
+    """Regenerate on purpose after changing the emitter: SPARSA_UPDATE_GOLDEN=1 pytest tests/test_triton_target.py"""
+    monkeypatch.chdir(ROOT)  # file names in the comments are relative to the repository
+    text = _golden_text(*GOLDEN_CASES[name])
+    path = GOLDEN / name
+    if os.environ.get("SPARSA_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {path} (SPARSA_UPDATE_GOLDEN=1 writes it)"
+    assert text == path.read_text(), f"{name} changed: review the diff, then SPARSA_UPDATE_GOLDEN=1 to accept it"
+
+
+# ---- every kernel launched by every example builds for sm_80 and sm_90 --------------------------------------
+PTX_COMPILE = r'''
+import importlib, importlib.util, json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+for spec in json.loads(open(sys.argv[1]).read()):
+    if spec["path"]:
+        ms = importlib.util.spec_from_file_location("gen", spec["path"])
+        mod = importlib.util.module_from_spec(ms)
+        ms.loader.exec_module(mod)
+    else:
+        mod = importlib.import_module("sparsa.backends.triton.library")
+    fn = getattr(mod, spec["name"])
+    for cap in (80, 90):
+        src = triton.compiler.ASTSource(fn=fn, signature=spec["sig"], constexprs=spec["constexprs"])
+        k = triton.compile(src, target=GPUTarget("cuda", cap, 32))
+        assert ".target sm_%d" % cap in k.asm["ptx"], (spec["name"], cap)
+    print(spec["name"], "ok")
+'''
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+        torch.int64: "*i64", torch.int32: "*i32", torch.int8: "*i8", torch.bool: "*i1"}
+
+
+def _record_launches(monkeypatch) -> list[dict]:
+    """Run every example on the triton target with each kernel's launch recorded (argument types, constexprs)."""
+    from sparsa.backends.triton import library
+
+    seen: dict[str, dict] = {}
+
+    class Recorder:
+        def __init__(self, fn, path):
+            self.fn, self.path = fn, path
+
+        def __getitem__(self, grid):
+            launch = self.fn[grid]
+
+            def run(*args, **kw):
+                names = self.fn.arg_names
+                constexprs = {k: v for k, v in kw.items() if k in names}
+                sig = {}
+                for n, a in zip(names, args, strict=False):
+                    if isinstance(a, torch.Tensor):
+                        sig[n] = _PTR[a.dtype]
+                    elif isinstance(a, bool):
+                        sig[n] = "i1"
+                    elif isinstance(a, int):
+                        sig[n] = "i64" if abs(a) >= 2**31 else "i32"
+                    else:
+                        sig[n] = "fp32"
+                sig.update({k: "constexpr" for k in constexprs})
+                key = json.dumps([self.fn.__name__, sig, constexprs], sort_keys=True)
+                seen.setdefault(key, {"name": self.fn.__name__, "path": self.path, "sig": sig,
+                                      "constexprs": constexprs})
+                return launch(*args, **kw)
+            return run
+
+    for name in [n for n in dir(library) if hasattr(getattr(library, n), "arg_names")]:
+        monkeypatch.setattr(library, name, Recorder(getattr(library, name), None))
+    for example, model in EXAMPLES:
+        m = sparsa.compile(str(ROOT / "examples" / example), model=model, target="triton").init_weights(0)
+        launch = m.native.launcher()
+        path = sys.modules[launch.__module__].__file__
+        for kname in m.native.program.kernels:
+            if not isinstance(launch.__globals__[kname], Recorder):
+                monkeypatch.setitem(launch.__globals__, kname, Recorder(launch.__globals__[kname], path))
+        m(*make_inputs(m))
+    return list(seen.values())
+
+
+@pytest.mark.slow
+def test_every_launched_kernel_compiles_to_ptx(monkeypatch, tmp_path):
+    if GPU:
+        pytest.skip("checked on the GPU by running the kernels")
+    specs = _record_launches(monkeypatch)
+    names = {s["name"] for s in specs}
+    assert {"matmul", "moe_route", "moe_count", "moe_place", "bsr_matmul", "nm_matmul", "norm_rows"} <= names
+    assert any(n.startswith("attn_block_map_") for n in names) and any(n.startswith("fused_scan_") for n in names)
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(specs))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", PTX_COMPILE, str(path)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count(" ok") == len(specs)
