@@ -2,8 +2,10 @@
 medians from triton.testing.do_bench in one process; TFLOP/s on useful FLOPs (allowed (q, k) pairs only).
 
 Usage (on a machine with an NVIDIA GPU): python bench/gpu.py [--json out.json] [--dtype bf16|f16|f32]
-Covered so far: sliding window, document mask and plain causal attention; Mixtral-style MoE layers
-(grouped-GEMM kernels; routing indices built with torch ops, timed apart); Mamba's selective scan.
+Covered: sliding window, document mask and plain causal attention (the kernel alone, and the whole
+target="triton" model with its launcher and, for data masks, its per-call block map); Mixtral-style MoE
+layers (grouped-GEMM kernels alone, and the whole layer through target="triton" vs eager and
+torch.compile); Mamba's selective scan.
 """
 
 from __future__ import annotations
@@ -42,6 +44,15 @@ def sparsa_kernel(mask_src: str, dtype: str) -> tuple[AttentionKernel, Attention
     model = sparsa.compile(src, passes=f"canonicalize,sparsify-attention{{{blocks}}}")
     att = next(o for o in model.module.walk() if isinstance(o, AttentionOp))
     return AttentionKernel.generate(att), att
+
+
+def target_source(mask_src: str, dtype: str) -> str:
+    """The attention as a whole `.sp` model for target="triton" (launcher, block map per call for data masks)."""
+    data = "(doc=doc)" if "doc" in mask_src else ""
+    args = f", doc: i32[{S}]" if data else ""
+    t = f"{dtype}[{B}, {H}, {S}, {D}]"
+    return (f"{mask_src.replace('[S]', f'[{S}]')}\nmodel M(q: {t}, k: {t}, v: {t}{args}) -> {t} {{\n"
+            f"    return attention(q, k, v, mask=m{data})\n}}\n")
 
 
 def run(dtype_name: str) -> list[dict]:
@@ -107,7 +118,12 @@ def measure(name, mask_src, dense, dtype_name, q, k, v, doc, doc_np, flex, creat
     flex(q, k, v, block_mask=block_mask)  # compile
     ms_flex = triton.testing.do_bench(lambda: flex(q, k, v, block_mask=block_mask))
     ms_flex_build = triton.testing.do_bench(lambda: create_block_mask(mask_mod, B, H, S, S, device="cuda"))
+    target = sparsa.compile(target_source(mask_src, dtype_name), target="triton")
+    target_args = (q, k, v, doc.to(torch.int32)) if "doc" in mask_src else (q, k, v)
+    target_err = (target(*target_args).float() - ref.float()).abs().max().item()
+    ms_target = triton.testing.do_bench(lambda: target(*target_args))
     row = {"mask": name, "dtype": dtype_name, **CONFIG, "max_abs_err_vs_sdpa": err, "sparsa_ms": ms_sparsa,
+           "sparsa_target_ms": ms_target, "sparsa_target_max_abs_err": target_err,
            "sparsa_block_map_ms": build_ms, "flex_ms": ms_flex, "flex_block_mask_ms": ms_flex_build,
            "flex_block_mask_first_ms": flex_first_ms, "sdpa_masked_ms": ms_sdpa_mask,
            "sparsa_tflops": useful / ms_sparsa / 1e9, "flex_tflops": useful / ms_flex / 1e9}
@@ -128,7 +144,8 @@ def main() -> None:
     CONFIG.update({key: getattr(args, key) for key in CONFIG})
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     results = run(args.dtype) if not args.moe_only else []
-    results += [moe_bench(args.dtype), moe_bench(args.dtype, T=4096, D=1024, F=2816), scan_bench()]
+    results += [moe_bench(args.dtype), moe_bench(args.dtype, T=4096, D=1024, F=2816)]
+    results += [moe_layer_bench(args.dtype), moe_layer_bench(args.dtype, T=4096, D=1024, F=2816), scan_bench()]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
@@ -211,6 +228,85 @@ def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: in
     print(json.dumps(row))
     return row
 
+
+
+def moe_layer_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: int = 8, K: int = 2) -> dict:
+    """The whole Mixtral MoE layer (router matmul, softmax top-k, dispatch, grouped GEMMs, combine) compiled
+    with target="triton", vs the same layer as a torch module: eager sorted dispatch, the HF expert loop,
+    and torch.compile of each (Inductor; graph breaks where the code needs them)."""
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[dtype_name]
+    src = (f"model MoE(x: {dtype_name}[T, {D}]) -> {dtype_name}[T, {D}] {{\n"
+           f"    param gate: {dtype_name}[{D}, {E}]\n    param w1: {dtype_name}[{E}, {D}, {F}]\n"
+           f"    param w3: {dtype_name}[{E}, {D}, {F}]\n    param w2: {dtype_name}[{E}, {F}, {D}]\n"
+           f"    p = softmax(x @ gate)\n    w, idx = topk(p, k={K})\n    w = w / sum(w, axis=-1, keepdim=true)\n"
+           f"    return moe(x, idx, w) |e, h| {{ (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }}\n}}\n")
+    t0 = time.perf_counter()
+    model = sparsa.compile(src, target="triton")
+    rng = np.random.default_rng(0)
+    weights = {"gate": rng.standard_normal((D, E)).astype(np.float32) / D**0.5,
+               "w1": rng.standard_normal((E, D, F)).astype(np.float32) / D**0.5,
+               "w3": rng.standard_normal((E, D, F)).astype(np.float32) / D**0.5,
+               "w2": rng.standard_normal((E, F, D)).astype(np.float32) / F**0.5}
+    model.load_weights(weights)
+    x = torch.randn(T, D, device="cuda", dtype=dtype)
+    model(x)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    gate, w1, w3, w2 = (torch.from_numpy(weights[n]).to("cuda", dtype) for n in ("gate", "w1", "w3", "w2"))
+
+    def route(x):
+        p = torch.softmax((x @ gate).float(), -1)
+        g, idx = torch.topk(p, K)
+        return (g / g.sum(-1, keepdim=True)).to(x.dtype), idx
+
+    def sorted_layer(x):
+        g, idx = route(x)
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E).tolist()
+        tok = order // K
+        y = torch.zeros(T, D, device="cuda", dtype=torch.float32)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                t = tok[start : start + c]
+                h = torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])
+                y.index_add_(0, t, (h @ w2[e]).float() * g.reshape(-1)[order[start : start + c]][:, None].float())
+            start += c
+        return y.to(x.dtype)
+
+    def hf_layer(x):
+        g, idx = route(x)
+        y = torch.zeros(T, D, device="cuda", dtype=x.dtype)
+        mask = torch.nn.functional.one_hot(idx, E).permute(2, 1, 0)
+        for e in range(E):
+            slot, tok = torch.where(mask[e])
+            h = torch.nn.functional.silu(x[tok] @ w1[e]) * (x[tok] @ w3[e])
+            y.index_add_(0, tok, (h @ w2[e]) * g[tok, slot, None])
+        return y
+
+    compiled = {}
+    for name, fn in (("sorted", sorted_layer), ("hf_loop", hf_layer)):
+        c = torch.compile(fn)
+        t = time.perf_counter()
+        c(x)
+        torch.cuda.synchronize()
+        compiled[name] = (c, time.perf_counter() - t)
+    err = (model(x).float() - sorted_layer(x).float()).abs().max().item()
+    useful = 2.0 * T * K * D * F * 3
+    row = {"case": f"moe layer (target=triton) T={T} D={D} F={F} E={E} k={K}", "dtype": dtype_name,
+           "max_abs_err_vs_eager": err, "sparsa_compile_s": compile_s,
+           "sparsa_ms": triton.testing.do_bench(lambda: model(x)),
+           "eager_sorted_ms": triton.testing.do_bench(lambda: sorted_layer(x)),
+           "hf_loop_ms": triton.testing.do_bench(lambda: hf_layer(x))}
+    for name, (c, secs) in compiled.items():
+        row[f"compiled_{name}_ms"] = triton.testing.do_bench(lambda c=c: c(x))
+        row[f"compiled_{name}_compile_s"] = secs
+    row["sparsa_tflops"] = useful / row["sparsa_ms"] / 1e9
+    best = min(row["compiled_sorted_ms"], row["compiled_hf_loop_ms"])
+    row["speedup_vs_best_torch_compile"] = best / row["sparsa_ms"]
+    print(json.dumps(row))
+    return row
 
 
 def scan_bench(B: int = 1, L: int = 2048, DI: int = 1024, N: int = 16) -> dict:

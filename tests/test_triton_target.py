@@ -22,7 +22,7 @@ from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "triton"
 GPU = torch.cuda.is_available()
-TOL = 3e-2 if GPU else 1e-4  # fp32 dots run as tf32 on tensor cores in the attention and MoE kernels
+TOL = 1e-4  # float32 dots run in full precision (input_precision="ieee") on the GPU too
 SIZES = {"B": 2, "H": 2, "S": 80, "T": 37, "L": 12, "DI": 16, "N": 8, "R": 7}
 
 

@@ -29,7 +29,7 @@ def {name}(
     Q, K, V, O, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     H, HKV, SQ, SK, NQB, NKB, MAPB, MAPH, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # {op_line}
     qb = tl.program_id(0)
@@ -64,7 +64,7 @@ def {name}(
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             k_idx = offs_n[None, :].to(tl.int64)
             k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=offs_n[:, None] < SK, other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
 {score}
             s = s * 1.4426950408889634  # log2(e): the softmax below uses exp2
             keep = k_idx < SK
@@ -77,7 +77,7 @@ def {name}(
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :], mask=offs_n[:, None] < SK, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i[:, None] > 0, l_i[:, None], 1.0), 0.0)
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_dv[None, :], out.to(O.dtype.element_ty),
@@ -158,7 +158,8 @@ class AttentionKernel:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, HKV, SQ, SK, nqb, nkb, lists.shape[0], lists.shape[1], self.scale,
-            BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=D, DV=DV, num_warps=num_warps, num_stages=num_stages,
+            BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=D, DV=DV, PRECISION=precision(q.dtype), num_warps=num_warps,
+            num_stages=num_stages,
         )
         return out
 
@@ -172,6 +173,14 @@ class BlockLists:
     part_idx: Any
     part_cnt: Any
     shape: tuple[int, ...]
+
+
+def precision(dtype: Any) -> str:
+    """tl.dot's input precision: float32 operands multiply in full precision (as PyTorch's default matmul),
+    not TF32; half types use the tensor cores' native path."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def load_kernel_module(name: str, text: str) -> Any:

@@ -317,14 +317,14 @@ class TritonProgram:
             o2 = f"{o2}.unsqueeze(-2)"
         if rb == 1:
             o2 = f"{o2}.unsqueeze(-1)"
-        ieee = op.result.type.dtype == "f32"
+        prec = _precision(op.result.type.dtype)
         self.lines += [
             f"_o = {o2}",
             "_nb0, _nb1 = batch2(tuple(_o.shape))",
             f"_m, _n, _k = _o.shape[-2], _o.shape[-1], {a2}.shape[-1]",
             f"lib.matmul[(cdiv(_m, 64), cdiv(_n, 64), _nb0 * _nb1)]({a2}, {b2}, _o, _m, _n, _k, _nb1, "
             f"*bstrides({a2}, (_nb0, _nb1, _m, _k)), *bstrides({b2}, (_nb0, _nb1, _k, _n)), "
-            f"*bstrides(_o, (_nb0, _nb1, _m, _n)), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, IEEE={ieee})",
+            f"*bstrides(_o, (_nb0, _nb1, _m, _n)), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PRECISION={prec!r})",
         ]
 
     def _reshape(self, op: Operation) -> None:
@@ -534,7 +534,8 @@ class TritonProgram:
         self.lines.append(
             f"{kern.name}[(cdiv({perm}.shape[0], {block_m}), cdiv(_N, 64))](_rows, {perm}, {offsets}, {ws}, {target}, "
             f"{gate_arg}, {data}{perm}.shape[0], _K, _N, {op.topk}, {offsets}.shape[0] - 1, GATHER={op.gather}, "
-            f"COMBINE={combine}, BLOCK_M={block_m}, BLOCK_N=64, BLOCK_K=32, BLOCK_E=npow2({offsets}.shape[0] - 1))")
+            f"COMBINE={combine}, BLOCK_M={block_m}, BLOCK_N=64, BLOCK_K=32, BLOCK_E=npow2({offsets}.shape[0] - 1), "
+            f"PRECISION={_precision(op.rows.type.dtype)!r})")
         if combine:
             if op.result.type.dtype == "f32":
                 self.lines.append(f"{out} = _acc")
@@ -595,7 +596,7 @@ class TritonProgram:
             f"_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
             f"_v.stride(0), _v.stride(1), _v.stride(2), {out}.stride(0), {out}.stride(1), {out}.stride(2), "
             f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, BLOCK_M={bq}, BLOCK_N={bk}, "
-            f"D={d}, DV={dv})")
+            f"D={d}, DV={dv}, PRECISION={_precision(op.q.type.dtype)!r})")
 
     # ---- scans and sparse weights -------------------------------------------------------------------------
     def _scan(self, op: SC.FusedScanOp) -> None:
@@ -620,14 +621,13 @@ class TritonProgram:
         blocks = self.name(op.blocks)
         out = self.new(op.result)
         self.alloc(op.result, out, f"{x}.shape[:-1] + ({op.cols},)")
-        dot = _npow2(br) >= 16 and _npow2(bc) >= 16
         self.lines += [f"_x = last_contiguous(reshape({x}, (-1, {x}.shape[-1])))",
                        f"_y = {out}.view(-1, {op.cols})",
                        "if _x.shape[0]:",
                        f"    lib.bsr_matmul[(cdiv(_x.shape[0], 32), {op.cols // bc})](_x, {bsc}[0], {bsc}[1], "
-                       f"{bsc}[2], "
-                       f"{blocks}, _y, _x.shape[0], {op.cols}, _x.stride(0), {br}, {bc}, BLOCK_M=32, "
-                       f"BRP={_npow2(br)}, BCP={_npow2(bc)}, DOT={dot})"]
+                       f"{bsc}[2], {blocks}, _y, _x.shape[0], {op.cols}, _x.stride(0), {br}, {bc}, BLOCK_M=32, "
+                       f"BRP={max(16, _npow2(br))}, BCP={max(16, _npow2(bc))}, "
+                       f"PRECISION={_precision(op.x.type.dtype)!r})"]
 
     def _nm(self, op: SP.NmMatmulOp) -> None:
         x, vals, idx = self.name(op.x), self.name(op.values), self.name(op.indices)
@@ -639,7 +639,7 @@ class TritonProgram:
                        "if _x.shape[0]:",
                        f"    lib.nm_matmul[(cdiv(_x.shape[0], 32), cdiv(_N, 64))](_x, contiguous({vals}), "
                        f"contiguous({idx}), _y, _x.shape[0], _x.shape[1], _N, _x.stride(0), NN={op.n}, MM={op.m}, "
-                       f"BLOCK_M=32, BLOCK_N=64, BLOCK_K=32)"]
+                       f"BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, PRECISION={_precision(op.x.type.dtype)!r})"]
 
     # ---- the module ---------------------------------------------------------------------------------------
     @property
@@ -666,6 +666,11 @@ class TritonProgram:
                 "from sparsa.backends.triton.host import (bstrides, batch2, cdiv, contiguous, copy, dense_lists, "
                 "last_contiguous,\n    npow2, reshape, rows, scan_args, unpermute)\n\n")
         return head + self.kernels_text + "\n\n" + self.launcher_text
+
+
+def _precision(dtype: str) -> str:
+    """tl.dot's input precision: float32 in full precision (as PyTorch's default matmul), not TF32."""
+    return "ieee" if dtype == "f32" else "tf32"
 
 
 def _npow2(n: int) -> int:

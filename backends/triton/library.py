@@ -39,7 +39,7 @@ def copy_strided(X, OUT, NUMEL, n1, n2, n3, n4, n5, sx0, sx1, sx2, sx3, sx4, sx5
 
 @triton.jit
 def matmul(A, B, C, M, N, K, NB1, sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, sc0, sc1, scm, scn,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """C[b0, b1] = A[b0, b1] @ B[b0, b1] for up to two (broadcast: stride 0) batch dims; fp32 accumulation."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -57,10 +57,7 @@ def matmul(A, B, C, M, N, K, NB1, sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, sc0, s
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         b = tl.load(b_base + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
                     mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     tl.store(C + b0 * sc0 + b1 * sc1 + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -304,9 +301,10 @@ def moe_place(EXPERTS, COUNTS, PERM, OFFSETS, P, E, ALIGN, BLOCK: tl.constexpr, 
 
 @triton.jit
 def bsr_matmul(X, COL_PTR, ROW_IDX, BLK_ID, BLOCKS, OUT, M, N, sxm, BR, BC, BLOCK_M: tl.constexpr,
-               BRP: tl.constexpr, BCP: tl.constexpr, DOT: tl.constexpr):
+               BRP: tl.constexpr, BCP: tl.constexpr, PRECISION: tl.constexpr):
     """OUT = X @ W with W stored as BR x BC blocks, read column block by column block (the packed blocks
-    indexed by column at load time): each program multiplies only the stored blocks of its column."""
+    indexed by column at load time): each program multiplies only the stored blocks of its column. Blocks
+    smaller than the tensor cores' 16 are padded in registers (BRP, BCP >= 16) by the masked loads."""
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -320,10 +318,7 @@ def bsr_matmul(X, COL_PTR, ROW_IDX, BLK_ID, BLOCKS, OUT, M, N, sxm, BR, BC, BLOC
                     mask=(offs_m[:, None] < M) & (offs_r[None, :] < BR), other=0.0)
         w = tl.load(BLOCKS + blk * BR * BC + offs_r[:, None] * BC + offs_c[None, :],
                     mask=(offs_r[:, None] < BR) & (offs_c[None, :] < BC), other=0.0)
-        if DOT:
-            acc += tl.dot(x, w)
-        else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], 1)
+        acc += tl.dot(x, w, input_precision=PRECISION)
     cols = c * BC + offs_c
     tl.store(OUT + offs_m[:, None] * N + cols[None, :], acc.to(OUT.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_c[None, :] < BC))
@@ -331,7 +326,7 @@ def bsr_matmul(X, COL_PTR, ROW_IDX, BLK_ID, BLOCKS, OUT, M, N, sxm, BR, BC, BLOC
 
 @triton.jit
 def nm_matmul(X, V, IDX, OUT, M, K, N, sxm, NN: tl.constexpr, MM: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """OUT = X @ W with W [K, N] stored N:M along K (values and in-group offsets): each K-tile of W is
     rebuilt in registers from the NN kept entries of its groups, then one tensor-core dot."""
     pid_m = tl.program_id(0)
@@ -352,6 +347,6 @@ def nm_matmul(X, V, IDX, OUT, M, K, N, sxm, NN: tl.constexpr, MM: tl.constexpr, 
             v = tl.load(V + kept, mask=live, other=0.0).to(tl.float32)
             at = tl.load(IDX + kept, mask=live, other=-1).to(tl.int32)
             w += tl.where(at == pos, v, 0.0)
-        acc += tl.dot(x, w.to(x.dtype))
+        acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     tl.store(OUT + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))

@@ -14,7 +14,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any
 
-from sparsa.backends.triton.attention import load_kernel_module
+from sparsa.backends.triton.attention import load_kernel_module, precision
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.core import Operation
 from sparsa.ir.dialects.attn_blocks import outer_values
@@ -25,7 +25,7 @@ def {name}(
     ROWS, PERM, OFFSETS, {weights}OUT, GATES, {data_params}
     P, K, N, TOPK, E,
     GATHER: tl.constexpr, COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # {op_line}
     pid_m = tl.program_id(0)
@@ -88,7 +88,7 @@ class GroupedMatmulKernel:
         products = "\n".join(
             f"b{i} = tl.load(W{i} + e * K * N + offs_k[:, None] * N + offs_n[None, :],\n"
             f"             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)\n"
-            f"acc{i} += tl.dot(a, b{i}).to(tl.float32)" for i in range(n))
+            f"acc{i} += tl.dot(a, b{i}, input_precision=PRECISION).to(tl.float32)" for i in range(n))
         epilogue = "\n".join(em.lines + [f"y = {value}"])
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
         fields = {"weights": "".join(f"W{i}, " for i in range(n)), "data_params": params,
@@ -129,7 +129,8 @@ class GroupedMatmulKernel:
         load_kernel_module(self.name, self.source)[grid](
             rows, perm, offsets, *[w.contiguous() for w in weights], out, g, *extra,
             P, K, N, self.topk, experts, GATHER=self.gather, COMBINE=self.combine, BLOCK_M=block_m, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_E=1 << max(0, (experts - 1).bit_length()), num_warps=num_warps,
+            BLOCK_K=block_k, BLOCK_E=1 << max(0, (experts - 1).bit_length()), PRECISION=precision(rows.dtype),
+            num_warps=num_warps,
             num_stages=num_stages,
         )
         return out.to(rows.dtype) if self.combine else out
