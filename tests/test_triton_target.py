@@ -172,6 +172,27 @@ def test_cli_emit_triton_prints_kernels_and_launcher():
     assert r.returncode == 0 and "@triton.jit" not in r.stdout and "def launch_" in r.stdout
 
 
+@pytest.mark.parametrize(("decay", "chunk"), [("sigmoid(g)", 16), ("g", 5), ("(g * 0.0 + 1.0)", 64)])
+def test_chunked_linear_attention(decay, chunk):
+    """Matrix-state scans (gated linear attention) become scan.linear_attention: any decay sign, zeros, ragged
+    chunks (L not a multiple of the chunk), both head dims not powers of two."""
+    src = LINEAR_ATTENTION.replace("DECAY", decay)
+    passes = f"canonicalize,fuse-scan{{chunk={chunk}}},cse,dce"
+    sizes = {"B": 2, "L": 45}
+    ref = sparsa.compile(src, passes=passes)
+    inputs = make_inputs(ref, sizes=sizes)
+    inputs[3][0, 7] = 0.0  # a zero decay cuts the history
+    tri = check(src, inputs, passes=passes)
+    assert "lib.linear_attention[" in tri.stage("launcher")
+
+LINEAR_ATTENTION = """
+model LA(q: f32[B, L, 12], k: f32[B, L, 12], v: f32[B, L, 20], g: f32[B, L]) -> f32[B, L, 20] {
+    h = scan(DECAY[:, :, None, None], k[:, :, :, None] * v[:, :, None, :], axis=1)
+    return sum(h * q[:, :, :, None], axis=-2)
+}
+"""
+
+
 # ---- golden files: the emitted source of a few kernels and one launcher --------------------------------------
 GOLDEN_CASES = {
     "mixtral_launcher.py": ("mixtral_moe.sp", None, "launcher"),
@@ -258,8 +279,10 @@ def _record_launches(monkeypatch) -> list[dict]:
 
     for name in [n for n in dir(library) if hasattr(getattr(library, n), "arg_names")]:
         monkeypatch.setattr(library, name, Recorder(getattr(library, name), None))
-    for example, model in EXAMPLES:
-        m = sparsa.compile(str(ROOT / "examples" / example), model=model, target="triton").init_weights(0)
+    programs = [(str(ROOT / "examples" / example), model) for example, model in EXAMPLES]
+    programs += [(OPS, None), (SHAPES, None), (LINEAR_ATTENTION.replace("DECAY", "sigmoid(g)"), None)]
+    for source, model in programs:
+        m = sparsa.compile(source, model=model, target="triton").init_weights(0)
         launch = m.native.launcher()
         path = sys.modules[launch.__module__].__file__
         for kname in m.native.program.kernels:
@@ -275,7 +298,8 @@ def test_every_launched_kernel_compiles_to_ptx(monkeypatch, tmp_path):
         pytest.skip("checked on the GPU by running the kernels")
     specs = _record_launches(monkeypatch)
     names = {s["name"] for s in specs}
-    assert {"matmul", "moe_route", "moe_count", "moe_place", "bsr_matmul", "nm_matmul", "norm_rows"} <= names
+    assert {"matmul", "moe_route", "moe_count", "moe_place", "bsr_matmul", "nm_matmul", "norm_rows", "reduce_rows",
+            "softmax_rows", "cumsum_rows", "topk_rows", "linear_attention", "copy_strided"} <= names
     assert any(n.startswith("attn_block_map_") for n in names) and any(n.startswith("fused_scan_") for n in names)
     path = tmp_path / "specs.json"
     path.write_text(json.dumps(specs))

@@ -206,7 +206,8 @@ class TritonProgram:
             R.RmsNormOp: self._norm, R.LayerNormOp: self._norm, R.TopkOp: self._topk,
             M.RouteOp: self._route, M.DispatchOp: self._dispatch, M.GroupedMatmulOp: self._grouped,
             M.GroupedMatmulCombineOp: self._grouped, AT.AttentionOp: self._attention,
-            BlockMapOp: self._block_map, SC.FusedScanOp: self._scan, SP.BsrMatmulOp: self._bsr,
+            BlockMapOp: self._block_map, SC.FusedScanOp: self._scan,
+            SC.LinearAttentionOp: self._linear_attention, SP.BsrMatmulOp: self._bsr,
             SP.NmMatmulOp: self._nm,
         }
         for cls in type(op).__mro__:
@@ -610,6 +611,32 @@ class TritonProgram:
                        f"_args, _grid, _bn = scan_args([{ins}], _y, _state, {kern.axis})",
                        f"{kern.name}[_grid](*_args, BLOCK_O=32, BLOCK_N=_bn)",
                        f"{out} = reshape(_y, {self.shape(op.result.type)})"]
+
+    def _linear_attention(self, op: SC.LinearAttentionOp) -> None:
+        q, k, v, a = (self.name(x) for x in (op.q, op.k, op.v, op.a))
+        dk, dv = op.q.type.shape[-1], op.v.type.shape[-1]
+        if not all(isinstance(n, int) and n <= 256 for n in (dk, dv)):
+            raise SparsaError("'scan.linear_attention' needs static head dims <= 256 on triton", op.loc)
+        # any chunk gives the same result (up to rounding); the tensor cores want a power of two >= 16
+        chunk = op.chunk if op.chunk >= 16 and not op.chunk & (op.chunk - 1) and op.chunk <= 128 else 64
+        out = self.new(op.result)
+        self.lines += [
+            f"_lead = torch.broadcast_shapes({q}.shape[:-1], {k}.shape[:-1], {v}.shape[:-1], {a}.shape)",
+            "_L = _lead[-1]",
+            "# broadcast inputs are copied out once; inputs of the full shape are only viewed",
+            f"_q = last_contiguous(reshape({q}.expand(_lead + ({dk},)), (-1, _L, {dk})))",
+            f"_k = last_contiguous(reshape({k}.expand(_lead + ({dk},)), (-1, _L, {dk})))",
+            f"_v = last_contiguous(reshape({v}.expand(_lead + ({dv},)), (-1, _L, {dv})))",
+            f"_a = last_contiguous(reshape({a}.expand(_lead), (-1, _L)))",
+            f"{out} = torch.empty(_lead + ({dv},), dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
+            f"_o = {out}.view(-1, _L, {dv})",
+            "if _o.numel():",
+            f"    lib.linear_attention[(_o.shape[0], cdiv({dv}, 64))](_q, _k, _v, _a, _o, _L, {dk}, {dv}, "
+            f"_q.stride(0), _q.stride(1), _k.stride(0), _k.stride(1), _v.stride(0), _v.stride(1), _a.stride(0), "
+            f"_o.stride(0), _o.stride(1), CHUNK={chunk}, BLOCK_DK={max(16, _npow2(dk))}, "
+            f"BLOCK_DV={min(64, max(16, _npow2(dv)))}, "
+            f"PRECISION={_precision(op.q.type.dtype)!r})",
+        ]
 
     def _bsr(self, op: SP.BsrMatmulOp) -> None:
         x = self.name(op.x)

@@ -350,3 +350,46 @@ def nm_matmul(X, V, IDX, OUT, M, K, N, sxm, NN: tl.constexpr, MM: tl.constexpr, 
         acc += tl.dot(x, w.to(x.dtype), input_precision=PRECISION)
     tl.store(OUT + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def linear_attention(Q, K, V, A, OUT, L, DK, DV, sq_b, sq_l, sk_b, sk_l, sv_b, sv_l, sa_b, so_b, so_l,
+                     CHUNK: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """scan.linear_attention, chunk by chunk: S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t. One program per
+    (batch, column tile of Dv) keeps its [DK, BLOCK_DV] state in registers; inside a chunk, (q k^T masked by
+    the causal decays) @ v on the tensor cores. Decay products are taken in log space with zeros and signs
+    counted, so any decay (negative, zero) is exact as in the reference."""
+    b = tl.program_id(0).to(tl.int64)
+    offs_dv = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_c = tl.arange(0, CHUNK)
+    state = tl.zeros([BLOCK_DK, BLOCK_DV], tl.float32)
+    causal = offs_c[:, None] >= offs_c[None, :]
+    for c0 in range(0, L, CHUNK):
+        t = c0 + offs_c
+        live = t < L
+        q = tl.load(Q + b * sq_b + t[:, None] * sq_l + offs_dk[None, :], mask=live[:, None] & (offs_dk[None, :] < DK),
+                    other=0.0).to(tl.float32)
+        k = tl.load(K + b * sk_b + t[:, None] * sk_l + offs_dk[None, :], mask=live[:, None] & (offs_dk[None, :] < DK),
+                    other=0.0).to(tl.float32)
+        v = tl.load(V + b * sv_b + t[:, None] * sv_l + offs_dv[None, :], mask=live[:, None] & (offs_dv[None, :] < DV),
+                    other=0.0).to(tl.float32)
+        a = tl.load(A + b * sa_b + t, mask=live, other=1.0).to(tl.float32)  # padding steps: decay 1, no input
+        zero = a == 0
+        log_abs = tl.cumsum(tl.log(tl.where(zero, 1.0, tl.abs(a))), 0)
+        zeros = tl.cumsum(zero.to(tl.int32), 0)
+        negs = tl.cumsum((a < 0).to(tl.int32), 0)
+        # pair[t, s] = prod a[s+1..t] (s <= t); from_start[t] = prod a[0..t]
+        pair_sign = tl.where((negs[:, None] - negs[None, :]) % 2 == 1, -1.0, 1.0)
+        pair = tl.where((zeros[:, None] > zeros[None, :]) | ~causal, 0.0,
+                        pair_sign * tl.exp(tl.minimum(log_abs[:, None] - log_abs[None, :], 80.0)))
+        from_start = tl.where(zeros > 0, 0.0, tl.where(negs % 2 == 1, -1.0, 1.0) * tl.exp(tl.minimum(log_abs, 80.0)))
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * pair
+        out = tl.dot(scores, v, input_precision=PRECISION)
+        out += tl.dot(q * from_start[:, None], state, input_precision=PRECISION)
+        tl.store(OUT + b * so_b + t[:, None] * so_l + offs_dv[None, :], out.to(OUT.dtype.element_ty),
+                 mask=live[:, None] & (offs_dv[None, :] < DV))
+        last = offs_c == CHUNK - 1
+        to_end = tl.sum(tl.where(last[:, None], pair, 0.0), 0)  # the decay from each step to the chunk's end
+        total = tl.sum(tl.where(last, from_start, 0.0), 0)
+        state = total * state + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PRECISION)
