@@ -61,12 +61,21 @@ class CompiledModel:
             from sparsa.backends.triton.function import TritonFunction
 
             self.native = TritonFunction(self.module.funcs[-1])
+        if self.native is not None and self._pm.options.dump_dir:
+            self._dump_stages(self._pm.options.dump_dir)
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
         from sparsa.backends.reference.interpreter import weight_only_ops
 
         self._weight_only = weight_only_ops(self.module.funcs[-1])  # which ops those are: fixed at compile time
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
+
+    def _dump_stages(self, folder: str) -> None:
+        """Each backend stage's text beside the pass snapshots: `<target>.<stage>.mlir|py`."""
+        os.makedirs(folder, exist_ok=True)
+        for stage, text in self.native.stages.items():
+            ext = "py" if self.target == "triton" else "mlir"
+            Path(folder, f"{self.target}.{stage}.{ext}").write_text(text)
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:

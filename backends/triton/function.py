@@ -4,6 +4,7 @@ once per weight load and device, and calls on torch tensors (NumPy in, NumPy out
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,15 +23,18 @@ def _kind(dtype: str) -> str:
 
 
 def pick_device() -> str:
-    """'cuda' with an NVIDIA GPU; 'cpu' under TRITON_INTERPRET=1 (Triton's interpreter); else a clear error."""
+    """'cuda' with an NVIDIA GPU; otherwise 'cpu', with the kernels run by Triton's interpreter (slow: for
+    testing), said once."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return "cpu"
-    raise SparsaError("target 'triton' needs an NVIDIA GPU (torch.cuda.is_available() is False here); set "
-                      "TRITON_INTERPRET=1 to run its kernels in Triton's interpreter on the CPU (slow)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads this when a kernel is decorated, so it must be set before the kernels are loaded.
+        os.environ["TRITON_INTERPRET"] = "1"
+        warnings.warn("no NVIDIA GPU here: target 'triton' runs its kernels in Triton's interpreter on the CPU "
+                      "(TRITON_INTERPRET=1), which is slow and meant for testing", RuntimeWarning, stacklevel=3)
+    return "cpu"
 
 
 class TritonFunction:
