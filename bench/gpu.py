@@ -31,7 +31,26 @@ MASKS = {
 }
 
 
-CONFIG = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 2}
+# Dense peak TFLOP/s of the tensor cores (bf16/f16) and of the FP32 units, by device name (vendor data sheets).
+PEAKS = {"H100": {"bf16": 989.0, "f16": 989.0, "f32": 67.0}, "H200": {"bf16": 989.0, "f16": 989.0, "f32": 67.0},
+         "A100": {"bf16": 312.0, "f16": 312.0, "f32": 19.5}}
+
+
+def peak_tflops(dtype: str) -> float | None:
+    """The GPU's dense peak for `dtype`, or None for a device not in PEAKS."""
+    name = torch.cuda.get_device_name()
+    return next((p[dtype] for key, p in PEAKS.items() if key in name), None)
+
+
+def add_peak_fractions(row: dict, dtype: str) -> dict:
+    """`*_frac_of_peak` beside every `*_tflops` figure of a row."""
+    peak = peak_tflops(dtype)
+    for key in [k for k in row if k.endswith("_tflops")]:
+        row[key.replace("_tflops", "_frac_of_peak")] = row[key] / peak if peak else None
+    return row
+
+
+CONFIG = {"block_q": 64, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 def sparsa_kernel(mask_src: str, dtype: str) -> tuple[AttentionKernel, AttentionOp]:
@@ -127,6 +146,7 @@ def measure(name, mask_src, dense, dtype_name, q, k, v, doc, doc_np, flex, creat
            "sparsa_block_map_ms": build_ms, "flex_ms": ms_flex, "flex_block_mask_ms": ms_flex_build,
            "flex_block_mask_first_ms": flex_first_ms, "sdpa_masked_ms": ms_sdpa_mask,
            "sparsa_tflops": useful / ms_sparsa / 1e9, "flex_tflops": useful / ms_flex / 1e9}
+    add_peak_fractions(row, dtype_name)
     if name == "causal":
         row["sdpa_is_causal_ms"] = triton.testing.do_bench(
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
@@ -225,6 +245,7 @@ def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: in
            "sparsa_ms": triton.testing.do_bench(sparsa_layer), "dispatch_torch_ms": triton.testing.do_bench(dispatch),
            "eager_sorted_ms": triton.testing.do_bench(eager_sorted), "hf_loop_ms": triton.testing.do_bench(hf_loop)}
     row["sparsa_tflops"] = useful / row["sparsa_ms"] / 1e9
+    add_peak_fractions(row, dtype_name)
     print(json.dumps(row))
     return row
 
@@ -303,6 +324,7 @@ def moe_layer_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024,
         row[f"compiled_{name}_ms"] = triton.testing.do_bench(lambda c=c: c(x))
         row[f"compiled_{name}_compile_s"] = secs
     row["sparsa_tflops"] = useful / row["sparsa_ms"] / 1e9
+    add_peak_fractions(row, dtype_name)
     best = min(row["compiled_sorted_ms"], row["compiled_hf_loop_ms"])
     row["speedup_vs_best_torch_compile"] = best / row["sparsa_ms"]
     print(json.dumps(row))

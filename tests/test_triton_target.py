@@ -320,3 +320,40 @@ def test_dump_dir_has_the_backend_stages(tmp_path):
     assert {"triton.kernels.py", "triton.launcher.py", "triton.source.py"} <= set(names)
     assert any(n.endswith("_lower-sparse-weights.sir") for n in names)
     assert "lib.bsr_matmul[" in (tmp_path / "triton.launcher.py").read_text()
+
+
+HALF = """
+mask sliding(q, k) = k <= q and q - k < 24
+model M(x: DT[T, 64], q: DT[1, 2, T, 32]) -> DT[T, 64] {
+    param gate: DT[64, 4]
+    param w1: DT[4, 64, 32]
+    param w2: DT[4, 32, 64]
+    param g: DT[64]
+    w, idx = topk(softmax(x @ gate), k=2)
+    h = rmsnorm(x, g) + reshape(transpose(attention(q, q, q, mask=sliding), [0, 2, 1, 3]), [T, 64])
+    return moe(h, idx, w) |e, r| { silu(r @ w1[e]) @ w2[e] } + sum(exp(h * 0.1), axis=-1, keepdim=true)
+}
+"""
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [("bf16", 3e-2), ("f16", 5e-3)])
+def test_half_precision_models(dtype, tol):
+    """bf16 and f16 storage with float32 accumulation: within the dtype's rounding of the reference (which
+    rounds every op's result to the storage type)."""
+    src = HALF.replace("DT", dtype)
+    if dtype == "bf16" and not GPU:
+        tri = sparsa.compile(src, target="triton").init_weights(0)
+        with pytest.raises(SparsaError, match=r":8:\d+: error: Triton's interpreter cannot run bfloat16 dots"):
+            tri(np.zeros((4, 64), np.float32), np.zeros((1, 2, 4, 32), np.float32))
+        pytest.skip("bfloat16 dots need a GPU (the interpreter refuses them, checked above)")
+    ref = sparsa.compile(src).init_weights(0)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((1, 2, 40, 32)).astype(np.float32)]
+    tri = sparsa.compile(src, target="triton").init_weights(0)
+    device = "cuda" if GPU else "cpu"
+    torch_dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    got = tri(*[torch.from_numpy(a).to(device, torch_dtype) for a in inputs])
+    assert got.dtype == torch_dtype
+    want = ref(*inputs)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got.float().cpu().numpy(), want, rtol=tol, atol=tol * scale)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsa.backends.reference.interpreter import weight_only_ops
-from sparsa.backends.triton.attention import AttentionKernel
+from sparsa.backends.triton.attention import NUM_STAGES, NUM_WARPS, AttentionKernel
 from sparsa.backends.triton.moe import GroupedMatmulKernel
 from sparsa.backends.triton.regions import ExprEmitter, RegionEmitter
 from sparsa.backends.triton.scan import FusedScanKernel
@@ -126,6 +126,7 @@ class TritonProgram:
         self.const_of: dict[int, int] = {}
         self.returned: set[int] = set()
         self.inputs: list[str] = []
+        self.bf16_dot: Operation | None = None  # the first op with a bfloat16 tl.dot (see function.py)
         self._generate()
 
     # ---- names and shapes --------------------------------------------------------------------------------
@@ -196,6 +197,9 @@ class TritonProgram:
             self._emit(op)
 
     def _emit(self, op: Operation) -> None:
+        dots = (S.MatmulOp, M.GroupedMatmulOp, M.GroupedMatmulCombineOp, AT.AttentionOp, SP.BsrMatmulOp)
+        if isinstance(op, dots) and op.operands[0].type.dtype == "bf16" and self.bf16_dot is None:
+            self.bf16_dot = op
         if isinstance(op, ELEMENTWISE):
             return self._elementwise(op)
         handlers = {
@@ -597,7 +601,8 @@ class TritonProgram:
             f"_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
             f"_v.stride(0), _v.stride(1), _v.stride(2), {out}.stride(0), {out}.stride(1), {out}.stride(2), "
             f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, BLOCK_M={bq}, BLOCK_N={bk}, "
-            f"D={d}, DV={dv}, PRECISION={_precision(op.q.type.dtype)!r})")
+            f"D={d}, DV={dv}, PRECISION={_precision(op.q.type.dtype)!r}, num_warps={NUM_WARPS}, "
+            f"num_stages={NUM_STAGES})")
 
     # ---- scans and sparse weights -------------------------------------------------------------------------
     def _scan(self, op: SC.FusedScanOp) -> None:

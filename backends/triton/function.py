@@ -73,6 +73,10 @@ class TritonFunction:
 
         device = next((str(a.device) for a in args if hasattr(a, "detach") and a.device.type == "cuda"), None)
         device = device or pick_device()
+        if device == "cpu" and self.program.bf16_dot is not None:
+            raise SparsaError("Triton's interpreter cannot run bfloat16 dots (it multiplies their bit patterns: "
+                              "triton-lang/triton#11584); run this model on an NVIDIA GPU, or in float16/float32 "
+                              "without one", self.program.bf16_dot.loc)
         dims: dict[str, int] = {}
         tensors = []
         for i, (t, x) in enumerate(zip(self.arg_types, args, strict=True)):
