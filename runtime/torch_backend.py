@@ -3,8 +3,10 @@ into the parts Sparsa supports (imported into the IR, run through the target's p
 which runs in PyTorch. Each op that falls back is counted, and logged once when SPARSA_LOG=fallbacks.
 
 Registered through the `torch_dynamo_backends` entry point. Options:
-`torch.compile(m, backend="sparsa", options={"target": "reference", "passes": "...", "dump_dir": "..."})`.
-Only the `reference` target exists today: results equal eager, but NumPy is slower than PyTorch.
+`torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "..."})`.
+Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
+`reference`), or one of "reference", "triton" (CPU tensors then run in Triton's interpreter) and "cpu"
+(dense partitions only; a partition it cannot lower stays in PyTorch).
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ class SparsaBackend:
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = dict(options or {})
-        self.target = self.options.get("target", "reference")
-        if self.target not in DEFAULT_PIPELINES:
-            raise SparsaError(f"unknown target '{self.target}' (available here: {', '.join(DEFAULT_PIPELINES)})")
-        self.pipeline = self.options.get("passes", DEFAULT_PIPELINES[self.target])
+        self.target = self.options.get("target", "auto")
+        if self.target != "auto" and self.target not in DEFAULT_PIPELINES:
+            raise SparsaError(f"unknown target '{self.target}' (available here: auto, {', '.join(DEFAULT_PIPELINES)})")
+        self.devices = {"auto": ("cpu", "cuda"), "triton": ("cpu", "cuda")}.get(self.target, ("cpu",))
         self.stats: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.partitions: list[CompiledPartition] = []  # for inspection: each one's IR after the pipeline
@@ -51,9 +53,11 @@ class SparsaBackend:
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
+        devices = self.devices
+
         class Support(OperatorSupportBase):
             def is_node_supported(self, submodules: Any, node: Any) -> bool:
-                return node.op == "call_function" and node.target in SUPPORTED and _types_ok(node)
+                return node.op == "call_function" and node.target in SUPPORTED and _types_ok(node, devices)
 
         partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
@@ -66,8 +70,8 @@ class SparsaBackend:
                        if getattr(a, "op", None) == "get_attr"}
             try:
                 part = CompiledPartition(sub, self, modules)
-            except Unsupported as e:
-                self.stats[f"partition not imported: {e.message}"] += 1
+            except SparsaError as e:  # not importable, or the target cannot lower it: it stays in PyTorch
+                self.stats[f"partition not compiled: {e.message}"] += 1
                 continue
             setattr(fused, name, part)
             self.partitions.append(part)
@@ -93,14 +97,14 @@ class SparsaBackend:
         self.stats["fallback nodes"] += 1
 
 
-def _types_ok(node: Any) -> bool:
+def _types_ok(node: Any, devices: tuple[str, ...]) -> bool:
     vals = node.meta.get("val")
     vals = vals if isinstance(vals, tuple | list) else [vals]
     try:
         for v in vals:
             if hasattr(v, "dtype"):
                 torch_dtype(v.dtype)
-                if v.device.type != "cpu":
+                if v.device.type not in devices:
                     return False
     except Unsupported:
         return False
@@ -121,20 +125,49 @@ class CompiledPartition(torch.nn.Module):
         dump = backend.options.get("dump_dir")
         options = knobs.DebugOptions(dump_dir=os.path.join(dump, f"graph{backend.stats['graphs']}") if dump
                                      else None)
-        self.module = PassManager(backend.pipeline, options).run(module)
+        self.target = backend.target
+        if self.target == "auto":
+            self.target = "triton" if _device(sub) == "cuda" else "reference"
+        self.module = PassManager(backend.options.get("passes", DEFAULT_PIPELINES[self.target]), options).run(module)
         self.func = self.module.funcs[-1]
         self.cache: dict = {}
         self.weight_only = weight_only_ops(self.func)
+        self.native: Any = None
+        if self.target == "triton":
+            from sparsa.backends.triton.function import TritonFunction
+
+            self.native = TritonFunction(self.func)
+        elif self.target == "cpu":
+            from sparsa.backends.cpu.jit import CpuFunction
+
+            if len(self.output_dtypes) != 1:
+                raise Unsupported("the cpu target returns one tensor per partition")
+            self.native = CpuFunction(self.func)
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
+        if self.target == "triton":
+            outs = tuple(self.native(tensors, self.cache))
+            return outs if self.tuple_output else outs[0]
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
-        outs = Interpreter(self.func, {}, self.cache, self.weight_only).run(arrays)
+        if self.native is not None:
+            outs = [self.native(arrays)]
+        else:
+            outs = Interpreter(self.func, {}, self.cache, self.weight_only).run(arrays)
         results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]
+
+
+def _device(sub: Any) -> str:
+    """The device type of a partition's tensors ("cpu" or "cuda"), from the example values Dynamo recorded."""
+    for node in sub.graph.nodes:
+        val = node.meta.get("val")
+        if hasattr(val, "device"):
+            return val.device.type
+    return "cpu"
 
 
 def _drop_unused_args(module: Any, tensor_pos: list[int]) -> set[int]:

@@ -154,3 +154,34 @@ def test_flex_attention_sliding_window_gets_a_compile_time_map():
     backend = check(attend, torch.randn(1, 2, 256, 16))
     ir = "".join(print_module(p.module) for p in backend.partitions)
     assert 'map = "1x1x4x4:P1E3;P2E2;E1P2E1;E2P2"' in ir and not backend.fallbacks
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU, triton kernels run in the interpreter
+
+
+def test_triton_target_runs_the_partitions():
+    """options={"target": "triton"} (the "auto" default on CUDA tensors): the block-sparse attention kernel
+    and the fused MLP kernels run the partitions."""
+    backend = check(WindowAttention().to(DEVICE), torch.randn(2, 150, 16, device=DEVICE),
+                    backend=SparsaBackend({"target": "triton"}))
+    assert backend.partitions and all(p.target == "triton" for p in backend.partitions) and not backend.fallbacks
+    assert "attn_block_sparse_" in "".join(p.native.stages["kernels"] for p in backend.partitions)
+    check(MLP().to(DEVICE), torch.randn(2, 5, 16, device=DEVICE), backend=SparsaBackend({"target": "triton"}))
+
+
+def test_auto_target_picks_by_device():
+    backend = check(MLP(), torch.randn(2, 5, 16))
+    assert [p.target for p in backend.partitions] == ["reference"]
+    if torch.cuda.is_available():
+        backend = check(MLP().cuda(), torch.randn(2, 5, 16, device="cuda"))
+        assert [p.target for p in backend.partitions] == ["triton"]
+
+
+def test_cpu_target_lowers_dense_partitions_through_mlir():
+    dense = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
+    backend = check(dense, torch.randn(10, 16), backend=SparsaBackend({"target": "cpu"}))
+    assert [p.target for p in backend.partitions] == ["cpu"] and not backend.fallbacks
+    assert "llvm.func" in backend.partitions[0].native.stages["llvm"]
+    # what the cpu backend cannot lower yet (layernorm) stays in PyTorch, still correct
+    backend = check(MLP(), torch.randn(2, 5, 16), backend=SparsaBackend({"target": "cpu"}))
+    assert any("not supported by the cpu backend" in k for k in backend.stats)

@@ -28,7 +28,7 @@ KERNEL = '''
 def {name}(
     Q, K, V, O, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
-    H, HKV, SQ, SK, NQB, NKB, MAPB, MAPH, scale,
+    H, HKV, SQ, SK, NQB, NKB, MAPB, MAPH, scale, HD, HDV,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # {op_line}
@@ -41,7 +41,7 @@ def {name}(
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_s + offs_d[None, :],
-                mask=offs_m[:, None] < SQ, other=0.0)
+                mask=(offs_m[:, None] < SQ) & (offs_d[None, :] < HD), other=0.0)  # head dims padded to D, DV
     k_base = K + b * sk_b + hk * sk_h
     v_base = V + b * sv_b + hk * sv_h
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -63,7 +63,8 @@ def {name}(
                 kb = tl.load(PART_IDX + row * NKB + j)
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             k_idx = offs_n[None, :].to(tl.int64)
-            k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :], mask=offs_n[:, None] < SK, other=0.0)
+            k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :],
+                        mask=(offs_n[:, None] < SK) & (offs_d[None, :] < HD), other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * scale
 {score}
             s = s * 1.4426950408889634  # log2(e): the softmax below uses exp2
@@ -76,12 +77,13 @@ def {name}(
             p = tl.math.exp2(s - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :], mask=offs_n[:, None] < SK, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * sv_s + offs_dv[None, :],
+                        mask=(offs_n[:, None] < SK) & (offs_dv[None, :] < HDV), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(tl.float32)
             m_i = m_new
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i[:, None] > 0, l_i[:, None], 1.0), 0.0)
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_dv[None, :], out.to(O.dtype.element_ty),
-             mask=offs_m[:, None] < SQ)
+             mask=(offs_m[:, None] < SQ) & (offs_dv[None, :] < HDV))
 '''
 
 
@@ -162,9 +164,9 @@ class AttentionKernel:
             q, k, v, out, full_idx, full_cnt, part_idx, part_cnt, *args,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            H, HKV, SQ, SK, nqb, nkb, lists.shape[0], lists.shape[1], self.scale,
-            BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=D, DV=DV, PRECISION=precision(q.dtype), num_warps=num_warps,
-            num_stages=num_stages,
+            H, HKV, SQ, SK, nqb, nkb, lists.shape[0], lists.shape[1], self.scale, D, DV,
+            BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=head_block(D), DV=head_block(DV),
+            PRECISION=precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
         )
         return out
 
@@ -178,6 +180,11 @@ class BlockLists:
     part_idx: Any
     part_cnt: Any
     shape: tuple[int, ...]
+
+
+def head_block(d: int) -> int:
+    """The head-dim extent a kernel uses: a power of two >= 16 (tl.dot's minimum); the rest is masked."""
+    return max(16, 1 << max(0, (int(d) - 1).bit_length()))
 
 
 def precision(dtype: Any) -> str:

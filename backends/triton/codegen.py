@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparsa.backends.reference.interpreter import weight_only_ops
-from sparsa.backends.triton.attention import NUM_STAGES, NUM_WARPS, AttentionKernel
+from sparsa.backends.triton.attention import NUM_STAGES, NUM_WARPS, AttentionKernel, head_block
 from sparsa.backends.triton.moe import GroupedMatmulKernel
 from sparsa.backends.triton.regions import ExprEmitter, RegionEmitter
 from sparsa.backends.triton.scan import FusedScanKernel
@@ -582,9 +582,9 @@ class TritonProgram:
         q, k, v = (f"last_contiguous({self.name(x)})" for x in (op.q, op.k, op.v))
         d, dv = op.q.type.shape[3], op.v.type.shape[3]
         for what, n in (("head dim", d), ("value head dim", dv)):
-            if not isinstance(n, int) or n < 16 or n & (n - 1):
+            if not isinstance(n, int) or n > 256:
                 raise SparsaError(f"attention with {what} {n} is not supported by the triton backend (needs a "
-                                  f"static power of two >= 16)", op.loc)
+                                  f"static size <= 256)", op.loc)
         bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
         out = self.new(op.result)
         self.alloc(op.result, out, f"{self.name(op.q)}.shape[:3] + ({dv},)")
@@ -600,9 +600,9 @@ class TritonProgram:
             f"{kern.name}[(_nqb, _B * _H)](_q, _k, _v, {out}, _fi, _fc, _pi, _pc, {data}"
             f"_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
             f"_v.stride(0), _v.stride(1), _v.stride(2), {out}.stride(0), {out}.stride(1), {out}.stride(2), "
-            f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, BLOCK_M={bq}, BLOCK_N={bk}, "
-            f"D={d}, DV={dv}, PRECISION={_precision(op.q.type.dtype)!r}, num_warps={NUM_WARPS}, "
-            f"num_stages={NUM_STAGES})")
+            f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, BLOCK_N={bk}, "
+            f"D={head_block(d)}, DV={head_block(dv)}, PRECISION={_precision(op.q.type.dtype)!r}, "
+            f"num_warps={NUM_WARPS}, num_stages={NUM_STAGES})")
 
     # ---- scans and sparse weights -------------------------------------------------------------------------
     def _scan(self, op: SC.FusedScanOp) -> None:
