@@ -291,6 +291,9 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
         end = None
     if start == 0 and end is None and step == 1:
         return x
+    padded = getattr(im, "padded", {}).get(id(x))
+    if padded is not None and start == 0 and step == 1 and padded[1] == d and end == padded[0].type.shape[d]:
+        return padded[0]  # slicing off what constant_pad_nd added (SDPA's mask alignment on CUDA)
     if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):
         raise Unsupported("slice with symbolic start")
     rank = x.type.rank
@@ -311,6 +314,29 @@ def _expand(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
     shape = tuple(x.type.shape[i - lead] if s == -1 else (s if isinstance(s, str) else as_dim(s))
                   for i, s in enumerate(shape))
     return x if shape == x.type.shape else im.emit(S.BroadcastToOp, x, shape=shape)
+
+
+def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0) -> Value:
+    """Padding at the end of dims (pairs from the last dim backwards), as a concat with a splat constant."""
+    pad = list(pad)
+    out = x
+    for i in range(0, len(pad), 2):
+        d = x.type.rank - 1 - i // 2
+        before, after = pad[i], pad[i + 1]
+        if before != 0 or not isinstance(after, int) or after < 0:
+            raise Unsupported("constant_pad_nd other than static padding at the end")
+        if after == 0:
+            continue
+        shape = tuple(after if j == d else n for j, n in enumerate(out.type.shape))
+        dt = out.type.dtype
+        scalar_value = bool(value) if dt == "i1" else float(value) if is_float(dt) else int(value)
+        fill = im.emit(T.ConstantOp, value=scalar_value, result_types=[TensorType(dt, shape)])
+        padded = im.emit(S.ConcatOp, [out, fill], axis=d)
+        if not hasattr(im, "padded"):
+            im.padded = {}
+        im.padded[id(padded)] = (out, d)
+        out = padded
+    return out
 
 
 def _cat(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
@@ -477,6 +503,21 @@ def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
     return xs[i]
 
 
+def _sdpa_efficient(im: Importer, node: Any, q: Value, k: Value, v: Value, attn_bias: Any = None,
+                    compute_log_sumexp: bool = False, dropout_p: float = 0.0, is_causal: bool = False,
+                    scale: Any = None) -> tuple:
+    """The CUDA lowering of SDPA with a mask (its bias padded for alignment, sliced back): the same op."""
+    out, _ = _sdpa(im, node, q, k, v, dropout_p=dropout_p, is_causal=is_causal, attn_mask=attn_bias, scale=scale)
+    return (out, None, None, None)
+
+
+def _sdpa_flash(im: Importer, node: Any, q: Value, k: Value, v: Value, dropout_p: float = 0.0,
+                is_causal: bool = False, return_debug_mask: bool = False, scale: Any = None) -> tuple:
+    """The CUDA flash lowering of SDPA (no mask, or causal)."""
+    out, _ = _sdpa(im, node, q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    return (out, *([None] * 8))
+
+
 def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **kw: Any) -> tuple:
     from sparsa.passes.recognize_attention import NotRecognized, _RegionBuilder
 
@@ -495,20 +536,31 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
             value = block.append(T.CmpOp.build(block.args[3], block.args[2], pred="le")).result
         else:
             m = im.tensor(mask_value)
+            while isinstance(m.defining_op, S.BroadcastToOp):  # a mask expanded over batch and heads
+                m = m.defining_op.x
             w = m.defining_op
-            if m.type.dtype != "i1":  # an additive mask: where(allowed, 0, -inf) is the boolean `allowed`
-                ok = (isinstance(w, T.WhereOp) and isinstance(w.a.defining_op, T.ConstantOp)
-                      and w.a.defining_op.value == 0 and isinstance(w.b.defining_op, T.ConstantOp)
-                      and w.b.defining_op.value <= -1e4)
-                if not ok:
+            negate = False
+            if m.type.dtype != "i1":
+                # an additive mask: where(allowed, 0, -inf) is the boolean `allowed`; where(blocked, -inf, 0)
+                # (how SDPA turns a boolean mask into a bias on CUDA) is `not blocked`
+                def const(v: Value) -> Any:
+                    d = v.defining_op
+                    return d.value if isinstance(d, T.ConstantOp) else None
+
+                if isinstance(w, T.WhereOp) and const(w.a) == 0 and (const(w.b) or 0) <= -1e4:
+                    m = w.cond
+                elif isinstance(w, T.WhereOp) and const(w.b) == 0 and (const(w.a) or 0) <= -1e4:
+                    m, negate = w.cond, True
+                else:
                     raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
-                m = w.cond
             try:
                 value = _RegionBuilder(block, 4, {}).value(m)
             except NotRecognized:
                 if m.type.rank != 2:
                     raise Unsupported("a materialized attention mask of rank other than 2") from None
                 value = block.append(S.GatherOp.build(m, [block.args[2], block.args[3]])).result
+            if negate:
+                value = block.append(T.NotOp.build(value)).result
         block.append(YieldOp.build([value]))
         mask = Region([block])
     out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, Region()], scale=float(scale))
@@ -547,6 +599,8 @@ _ops: dict[str, Callable] = {
     "detach.default": _identity, "lift_fresh_copy.default": _identity,
     "embedding.default": _embedding, "index.Tensor": _index, "native_layer_norm.default": _layer_norm,
     "_scaled_dot_product_flash_attention_for_cpu.default": _sdpa,
+    "_scaled_dot_product_efficient_attention.default": _sdpa_efficient,
+    "_scaled_dot_product_flash_attention.default": _sdpa_flash, "constant_pad_nd.default": _constant_pad_nd,
 }
 
 

@@ -40,7 +40,7 @@ class WindowAttention(torch.nn.Module):
     def forward(self, x):
         B, S, _ = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        i, j = torch.arange(S, device=x.device)[:, None], torch.arange(S, device=x.device)[None, :]
         mask = (j <= i) & (i - j < self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, S, 16)
 
@@ -178,6 +178,7 @@ def test_auto_target_picks_by_device():
 
 
 def test_cpu_target_lowers_dense_partitions_through_mlir():
+    pytest.importorskip("torch_mlir")
     dense = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 16))
     backend = check(dense, torch.randn(10, 16), backend=SparsaBackend({"target": "cpu"}))
     assert [p.target for p in backend.partitions] == ["cpu"] and not backend.fallbacks
@@ -185,3 +186,20 @@ def test_cpu_target_lowers_dense_partitions_through_mlir():
     # what the cpu backend cannot lower yet (layernorm) stays in PyTorch, still correct
     backend = check(MLP(), torch.randn(2, 5, 16), backend=SparsaBackend({"target": "cpu"}))
     assert any("not supported by the cpu backend" in k for k in backend.stats)
+
+
+class BiasAttention(torch.nn.Module):
+    """A sliding window passed as an additive bias with -inf where blocked (SDPA's own form on CUDA)."""
+
+    def forward(self, q, k, v):
+        S = q.shape[2]
+        i, j = torch.arange(S, device=q.device)[:, None], torch.arange(S, device=q.device)[None, :]
+        blocked = (j > i) | (i - j >= 5)
+        bias = torch.where(blocked, float("-inf"), 0.0).expand(q.shape[0], q.shape[1], S, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def test_additive_bias_with_inf_where_blocked():
+    q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
+    backend = check(BiasAttention(), q, k, v)
+    assert "attn.attention" in "".join(print_module(p.module) for p in backend.partitions) and not backend.fallbacks
