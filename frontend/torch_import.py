@@ -341,7 +341,11 @@ def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0
 
 def _cat(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
     xs = [im.tensor(x) for x in xs]
-    return im.emit(S.ConcatOp, xs, axis=_axis(dim, xs[0].type.rank))
+    # torch.cat skips 1-D empty tensors beside tensors of another rank (an empty KV cache, for one)
+    kept = [x for x in xs if not (x.type.rank == 1 and x.type.shape[0] == 0)] or xs[:1]
+    if len(kept) == 1:
+        return kept[0]
+    return im.emit(S.ConcatOp, kept, axis=_axis(dim, kept[0].type.rank))
 
 
 def _split(im: Importer, node: Any, x: Value, sizes: Any, dim: int = 0) -> tuple:
@@ -388,7 +392,7 @@ def _topk(im: Importer, node: Any, x: Value, k: int, dim: int = -1, largest: boo
 
 def _cumsum(im: Importer, node: Any, x: Value, dim: int, dtype: Any = None) -> Value:
     if dtype is not None:
-        raise Unsupported("cumsum with a dtype")
+        x = im.cast(x, torch_dtype(dtype))
     return im.emit(R.CumsumOp, x, axis=_axis(dim, x.type.rank))
 
 
@@ -571,7 +575,9 @@ _ops: dict[str, Callable] = {
     "add.Tensor": _binary(T.AddOp), "add.Scalar": _binary(T.AddOp), "sub.Tensor": _binary(T.SubOp),
     "sub.Scalar": _binary(T.SubOp), "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
     "mul.Tensor": _binary(T.MulOp), "mul.Scalar": _binary(T.MulOp), "div.Tensor": _binary(T.DivOp),
-    "div.Scalar": _binary(T.DivOp), "maximum.default": _binary(T.MaximumOp), "minimum.default": _binary(T.MinimumOp),
+    "div.Scalar": _binary(T.DivOp), "floor_divide.default": _binary(T.FloorDivOp),
+    "remainder.Tensor": _binary(T.ModOp), "remainder.Scalar": _binary(T.ModOp),
+    "maximum.default": _binary(T.MaximumOp), "minimum.default": _binary(T.MinimumOp),
     "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow,
     "eq.Tensor": _cmp("eq"), "eq.Scalar": _cmp("eq"), "ne.Tensor": _cmp("ne"), "ne.Scalar": _cmp("ne"),
     "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),

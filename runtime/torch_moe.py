@@ -1,0 +1,107 @@
+"""Opt-in: replace Hugging Face-style MoE blocks with Sparsa-compiled equivalents that use the same weights.
+
+The expert loop of a classic MoE block (`torch.where` per expert, `index_add_`) graph-breaks in Dynamo, so a
+torch.compile backend only ever sees fragments of it. `swap_moe_blocks(model)` finds the blocks whose
+structure it knows -- a top-k softmax router (`gate.weight` [E, D], `gate.top_k`, optional
+`gate.norm_topk_prob`) and SwiGLU experts stored as 3-D tensors (`experts.gate_up_proj` [E, 2F, D],
+`experts.down_proj` [E, D, F]), as transformers 5.x writes Mixtral, Qwen3-MoE and OLMoE -- and replaces
+each with a module that runs the whole block (router, dispatch, grouped GEMMs, combine) as one compiled
+Sparsa model: `triton` on CUDA tensors, `reference` elsewhere (or the `target` given). Inference only: the
+weights are read when a block first runs on a device and dtype. Use it before `torch.compile`; Dynamo
+leaves the swapped blocks alone (they run as Sparsa calls) and compiles the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sparsa.ir.diagnostics import SparsaError
+
+_DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+MOE_SOURCE = """
+model MoE(x: {dt}[T, {D}]) -> {dt}[T, {D}] {{
+    param gate: {dt}[{D}, {E}]
+    param w_gate: {dt}[{E}, {D}, {F}]
+    param w_up: {dt}[{E}, {D}, {F}]
+    param w_down: {dt}[{E}, {F}, {D}]
+    p = softmax(x @ gate)
+    w, idx = topk(p, k={K})
+    {renorm}
+    return moe(x, idx, w) |e, h| {{ (silu(h @ w_gate[e]) * (h @ w_up[e])) @ w_down[e] }}
+}}
+"""
+
+
+def known_moe_block(module: torch.nn.Module) -> bool:
+    """True for a block `swap_moe_blocks` can replace (see the module docstring)."""
+    gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+    if gate is None or experts is None or set(dict(module.named_children())) != {"gate", "experts"}:
+        return False
+    w = getattr(gate, "weight", None)
+    gu, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    if not all(isinstance(t, torch.Tensor) for t in (w, gu, down)) or not isinstance(getattr(gate, "top_k", None), int):
+        return False
+    E, D = w.shape
+    act = type(getattr(experts, "act_fn", None)).__name__.lower()
+    return (gu.dim() == 3 and gu.shape[0] == E and gu.shape[2] == D and gu.shape[1] % 2 == 0
+            and tuple(down.shape) == (E, D, gu.shape[1] // 2) and "silu" in act)
+
+
+class SparsaMoEBlock(torch.nn.Module):
+    """A known MoE block run as one compiled Sparsa model (its weights stay the original parameters)."""
+
+    def __init__(self, block: torch.nn.Module, target: str = "auto"):
+        super().__init__()
+        self.block = block  # kept as a submodule: .to(device) and state_dict keep working
+        self.target = target
+        self._models: dict[tuple, Any] = {}
+
+    def source(self, dtype: torch.dtype) -> str:
+        """The `.sp` model this block compiles to."""
+        gate, experts = self.block.gate, self.block.experts
+        E, D = gate.weight.shape
+        renorm = getattr(gate, "norm_topk_prob", True)
+        return MOE_SOURCE.format(dt=_DTYPES[dtype], D=D, E=E, F=experts.down_proj.shape[2], K=gate.top_k,
+                                 renorm="w = w / sum(w, axis=-1, keepdim=true)" if renorm else "")
+
+    def compiled(self, x: torch.Tensor) -> Any:
+        """The compiled model for x's device and dtype, its weights read from the block's parameters."""
+        import sparsa
+
+        if x.dtype not in _DTYPES:
+            raise SparsaError(f"swapped MoE block: dtype {x.dtype} is not supported (float32, bfloat16, float16)")
+        target = self.target if self.target != "auto" else ("triton" if x.device.type == "cuda" else "reference")
+        key = (target, x.device.type, x.dtype)
+        if key not in self._models:
+            gate, experts = self.block.gate, self.block.experts
+            F = experts.down_proj.shape[2]
+            with torch.no_grad():
+                gu = experts.gate_up_proj.detach().float().cpu()
+                weights = {"gate": gate.weight.detach().float().cpu().T, "w_gate": gu[:, :F, :].transpose(1, 2),
+                           "w_up": gu[:, F:, :].transpose(1, 2),
+                           "w_down": experts.down_proj.detach().float().cpu().transpose(1, 2)}
+            model = sparsa.compile(self.source(x.dtype), target=target)
+            self._models[key] = model.load_weights({k: v.contiguous().numpy() for k, v in weights.items()})
+        return self._models[key]
+
+    @torch._dynamo.disable
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        y = self.compiled(x)(x)
+        return y.to(hidden_states.dtype).reshape(shape)
+
+
+def swap_moe_blocks(model: torch.nn.Module, target: str = "auto") -> list[str]:
+    """Replace every known MoE block of `model` in place; returns the names of the blocks replaced."""
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if not name or not known_moe_block(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, SparsaMoEBlock(module, target))
+        swapped.append(name)
+    return swapped
