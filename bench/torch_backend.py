@@ -1,0 +1,151 @@
+"""torch.compile benchmark (not a test): eager vs Inductor vs backend="sparsa" on the same modules, in one
+process, medians of timed runs after warm-up; compile times apart. Writes JSON with --json.
+
+Usage: python bench/torch_backend.py [--device cpu|cuda] [--runs 5] [--json out.json]
+On CPU the backend's partitions run on the `reference` target (NumPy) unless --target says otherwise; on
+CUDA they run on `triton`. The machine load (1-minute load average, CPU) is recorded beside each figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from sparsa.runtime.torch_backend import SparsaBackend
+from sparsa.runtime.torch_moe import swap_moe_blocks
+
+
+class SlidingWindowSDPA(torch.nn.Module):
+    """Attention with a causal sliding-window mask built from arange comparisons, as model code writes it."""
+
+    def __init__(self, window: int = 256):
+        super().__init__()
+        self.window = window
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        S = q.shape[2]
+        i = torch.arange(S, device=q.device)[:, None]
+        j = torch.arange(S, device=q.device)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < self.window))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d: int = 512, f: int = 2048):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, f), torch.nn.Linear(f, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def hf_moe_block(d: int, f: int, e: int, k: int) -> torch.nn.Module:
+    """transformers' Mixtral MoE block (router + experts) at the given sizes, randomly initialised."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k)
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=d**-0.5)
+    return block
+
+
+def median_ms(fn: Callable[[], Any], runs: int, device: str) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t))
+    return statistics.median(times)
+
+
+def case(name: str, make: Callable[[], torch.nn.Module], inputs: list[torch.Tensor], args: argparse.Namespace,
+         swap: bool = False) -> dict:
+    """One module: eager, torch.compile (Inductor), torch.compile(backend="sparsa") [after swap_moe_blocks]."""
+    row: dict[str, Any] = {"case": name, "device": args.device, "load_1min": os.getloadavg()[0]}
+    with torch.no_grad():
+        eager = make().to(args.device).eval()
+        want = eager(*inputs)
+        row["eager_ms"] = median_ms(lambda: eager(*inputs), args.runs, args.device)
+        variants = {"inductor": (eager, "inductor", None), "sparsa": (eager, None, "backend")}
+        if swap:  # the same weights, the MoE block replaced by a Sparsa-compiled one before torch.compile
+            swapped = make().to(args.device).eval()
+            swapped.load_state_dict(eager.state_dict())
+            variants["sparsa_swapped"] = (_swapped_root(swapped), None, "backend")
+        for label, (module, backend_name, kind) in variants.items():
+            torch._dynamo.reset()
+            backend = backend_name
+            if kind is not None:
+                backend = SparsaBackend({"target": args.target} if args.target else None)
+            compiled = torch.compile(module, backend=backend)
+            t = time.perf_counter()
+            got = compiled(*inputs)
+            row[f"{label}_compile_s"] = time.perf_counter() - t
+            row[f"{label}_max_abs_err"] = float((got.float() - want.float()).abs().max())
+            row[f"{label}_ms"] = median_ms(lambda c=compiled: c(*inputs), args.runs, args.device)
+            if kind is not None:
+                row[f"{label}_fallbacks"] = dict(backend.fallbacks)
+            row[f"{label}_speedup_vs_eager"] = row["eager_ms"] / row[f"{label}_ms"]
+        row["load_1min_after"] = os.getloadavg()[0]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+class _Holder(torch.nn.Module):
+    """A parent for a bare MoE block, so that swap_moe_blocks can replace it."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def _swapped_root(module: torch.nn.Module) -> torch.nn.Module:
+    holder = _Holder(module)
+    swap_moe_blocks(holder)
+    return holder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--target", help="the backend's target (default: auto)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json")
+    parser.add_argument("--seq", type=int, default=1024, help="attention sequence length")
+    args = parser.parse_args()
+    torch.set_num_threads(2) if args.device == "cpu" else None
+    torch.manual_seed(0)
+    dev = args.device
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
+    rows = []
+    q, k, v = (torch.randn(1, 8, args.seq, 64, device=dev) for _ in range(3))
+    rows.append(case(f"sliding-window SDPA S={args.seq} w=256", SlidingWindowSDPA, [q, k, v], args))
+    rows.append(case("MLP 512-2048-512, 1024 tokens", MLP, [torch.randn(1024, 512, device=dev)], args))
+    x = torch.randn(1, 1024, 512, device=dev)
+    rows.append(case("Mixtral MoE block T=1024 D=512 F=1024 E=8 k=2", lambda: hf_moe_block(512, 1024, 8, 2), [x],
+                     args, swap=True))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
