@@ -46,12 +46,14 @@ class MLP(torch.nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-def hf_moe_block(d: int, f: int, e: int, k: int) -> torch.nn.Module:
-    """transformers' Mixtral MoE block (router + experts) at the given sizes, randomly initialised."""
+def hf_moe_block(d: int, f: int, e: int, k: int, experts: str = "grouped_mm") -> torch.nn.Module:
+    """transformers' Mixtral MoE block (router + experts) at the given sizes, randomly initialised, with the
+    experts implementation transformers uses in its models by default ("grouped_mm")."""
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     config = MixtralConfig(hidden_size=d, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k)
+    config._experts_implementation = experts
     block = MixtralSparseMoeBlock(config)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=d**-0.5)
@@ -140,8 +142,10 @@ def main() -> None:
     rows.append(case(f"sliding-window SDPA S={args.seq} w=256", SlidingWindowSDPA, [q, k, v], args))
     rows.append(case("MLP 512-2048-512, 1024 tokens", MLP, [torch.randn(1024, 512, device=dev)], args))
     x = torch.randn(1, 1024, 512, device=dev)
-    rows.append(case("Mixtral MoE block T=1024 D=512 F=1024 E=8 k=2", lambda: hf_moe_block(512, 1024, 8, 2), [x],
-                     args, swap=True))
+    rows.append(case("Mixtral MoE block (grouped_mm experts) T=1024 D=512 F=1024 E=8 k=2",
+                     lambda: hf_moe_block(512, 1024, 8, 2), [x], args, swap=True))
+    rows.append(case("Mixtral MoE block (expert loop) T=1024 D=512 F=1024 E=8 k=2",
+                     lambda: hf_moe_block(512, 1024, 8, 2, experts="eager"), [x], args, swap=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

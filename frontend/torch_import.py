@@ -610,10 +610,40 @@ _ops: dict[str, Callable] = {
 }
 
 
+def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up: Value, down: Value) -> Value:
+    """A folded transformers MoE block (frontend/torch_moe.py) as `moe.moe` with a SwiGLU expert body; the
+    fused [E, 2F, D] gate/up weight is viewed as two [E, D, F] weights so the passes see their usual form."""
+    E, two_f, hidden_size = gate_up.type.shape
+    F = down.type.shape[2]
+    if not all(isinstance(d, int) for d in (E, two_f, hidden_size, F)) or two_f != 2 * F:
+        raise Unsupported("a MoE block with symbolic expert sizes")
+
+    def half(start: int) -> Value:
+        part = im.emit(S.SliceOp, gate_up, starts=(0, start, 0), stops=(None, start + F, None), steps=(1, 1, 1))
+        return im.emit(S.TransposeOp, part, perm=(0, 2, 1))
+
+    w_gate, w_up = half(0), half(F)
+    w_down = im.emit(S.TransposeOp, down, perm=(0, 2, 1))
+    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, hidden_size))], ["e", "h"])
+    e, h = block.args
+
+    def expert_matmul(rows: Value, weight: Value) -> Value:
+        picked = block.append(S.GatherOp.build(weight, [e])).result
+        return block.append(S.MatmulOp.build(rows, picked)).result
+
+    gated = block.append(T.SiluOp.build(expert_matmul(h, w_gate))).result
+    hidden = block.append(T.MulOp.build(gated, expert_matmul(h, w_up))).result
+    block.append(YieldOp.build([expert_matmul(hidden, w_down)]))
+    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
+    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
+
+
 def _build_table() -> dict[Any, Callable]:
     import torch
 
-    table: dict[Any, Callable] = {operator.getitem: _getitem}
+    from sparsa.frontend.torch_moe import moe_swiglu
+
+    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         table[flex] = _flex_attention

@@ -50,6 +50,9 @@ class SparsaBackend:
 
     def compile_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
         """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
+        from sparsa.frontend.torch_moe import fold_grouped_mm_moe
+
+        self.stats["moe blocks recognized"] += fold_grouped_mm_moe(gm)
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 

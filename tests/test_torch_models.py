@@ -53,13 +53,27 @@ def test_llama_compiles_whole_with_attention_recognized():
     assert backend.stats["graphs"] == 1  # the second call with the same shapes did not recompile
 
 
-def test_mixtral_grouped_mm_experts_fall_back_and_stay_correct():
-    """transformers' default experts (sort, histc, its grouped_mm_fallback op) are not imported yet: those ops
-    run in PyTorch, are counted by name, and the logits still equal eager."""
+@pytest.mark.parametrize("make", [mixtral, qwen3_moe])
+def test_grouped_mm_moe_blocks_are_recognized(make):
+    """transformers' default experts (sort, histc, its grouped_mm_fallback op, an inverse permutation) are
+    folded into one MoE call and imported as moe.moe: the model compiles as one partition, with the router,
+    dispatch, grouped matmuls and combine in its IR, and nothing falls back."""
     torch.manual_seed(0)
-    backend = run(mixtral(), torch.randint(0, 64, (1, 9)))
-    assert "transformers.grouped_mm_fallback.default" in backend.fallbacks
-    assert backend.stats["partitions compiled"] >= 2
+    backend = run(make(), torch.randint(0, 64, (2, 9)))
+    assert backend.stats["moe blocks recognized"] == 2 and not backend.fallbacks
+    assert backend.stats["partitions compiled"] == 1
+    ir = print_module(backend.partitions[0].module)
+    for op in ("moe.route", "moe.dispatch", "moe.grouped_matmul", "moe.grouped_matmul_combine", "attn.attention"):
+        assert op in ir
+
+
+def test_mixtral_on_the_triton_target():
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: Triton's interpreter
+    backend = run(mixtral().to(device), torch.randint(0, 64, (1, 9), device=device),
+                  backend=SparsaBackend({"target": "triton"}))
+    assert backend.stats["moe blocks recognized"] == 2 and not backend.fallbacks
+    assert all(p.target == "triton" for p in backend.partitions)
 
 
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe])

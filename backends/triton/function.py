@@ -4,6 +4,7 @@ once per weight load and device, and calls on torch tensors (NumPy in, NumPy out
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -30,7 +31,13 @@ def pick_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        # Triton reads this when a kernel is decorated, so it must be set before the kernels are loaded.
+        # Triton reads this when a function is decorated, its own library's functions included: it must be
+        # set before Triton's language module is imported.
+        standard = sys.modules.get("triton.language.standard")
+        if standard is not None and type(standard.zeros).__name__ != "InterpretedFunction":
+            raise SparsaError("no NVIDIA GPU here, and Triton was imported before TRITON_INTERPRET=1 was set, so "
+                              "its interpreter cannot run target 'triton': set TRITON_INTERPRET=1 in the "
+                              "environment before starting Python")
         os.environ["TRITON_INTERPRET"] = "1"
         warnings.warn("no NVIDIA GPU here: target 'triton' runs its kernels in Triton's interpreter on the CPU "
                       "(TRITON_INTERPRET=1), which is slow and meant for testing", RuntimeWarning, stacklevel=3)
