@@ -76,6 +76,22 @@ model FFN(x: f32[T, D]) -> f32[T, D] {
 """
 
 
+def test_matmul_is_tiled_and_vectorized_by_the_schedule():
+    """Full TILE_M x TILE_N tiles become vector outer products with the accumulators in registers; the rows
+    and columns past the last full tile (peeled loops) stay scalar, and the result is the same."""
+    from sparsa.backends.cpu.jit import TILE_M, TILE_N
+
+    m = sparsa.compile("model M(x: f32[T, 24], w: f32[24, 70]) -> f32[T, 70] {\n    return x @ w\n}",
+                       passes="canonicalize")
+    cpu = CpuFunction(m.module.funcs[-1])
+    assert "transform.structured.tile_using_for" in cpu.stages["schedule"]
+    assert "transform.loop.peel" in cpu.stages["schedule"]  # T symbolic, 70 not a multiple of TILE_N
+    assert f"vector<{TILE_N}xf32>" in cpu.stages["loops"] and "vector.fma" in cpu.stages["loops"]
+    for T in (1, TILE_M, 3 * TILE_M + 5):
+        x, w = randn(T, 24), randn(24, 70)
+        np.testing.assert_allclose(cpu([x, w]), x @ w, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_target_runs_a_dense_model_with_weights():
     cpu = sparsa.compile(FFN, target="cpu").init_weights(3)
     ref = sparsa.compile(FFN).init_weights(3)

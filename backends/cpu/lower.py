@@ -52,6 +52,8 @@ class Lowering:
 
     def __init__(self) -> None:
         self.values: dict[int, ir.Value] = {}
+        # each matmul's tag, batch rank, M and N (static or None) and element type: the schedule (jit.py) tiles them
+        self.matmuls: list[tuple[str, int, int | None, int | None, str]] = []
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -221,9 +223,14 @@ class Lowering:
                                                                           (bv, b.with_shape(b.shape[:-2]))])
         sources += [(av, a.rank - 2), (bv, b.rank - 1)]
         init = self.zero_filled(out, sources)
-        return self.generic(out, [(av, batch_a + [m, k]), (bv, batch_b + [k, n])], init,
-                            [PARALLEL] * out.rank + [REDUCTION], d[:nb] + [m, n],
-                            lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
+        result = self.generic(out, [(av, batch_a + [m, k]), (bv, batch_b + [k, n])], init,
+                              [PARALLEL] * out.rank + [REDUCTION], d[:nb] + [m, n],
+                              lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
+        tag = f"sparsa.matmul{len(self.matmuls)}"
+        result.owner.attributes[tag] = ir.UnitAttr.get()
+        static = [s if isinstance(s, int) else None for s in out.shape[-2:]]
+        self.matmuls.append((tag, nb, static[0], static[1], str(element_type(out.dtype))))
+        return result
 
     def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float = 0.0) -> ir.Value:
         et = element_type(t.dtype)
@@ -323,8 +330,9 @@ def _pair(shape: tuple, dynamic: list) -> list:
     return [(d, None if isinstance(d, int) else next(it)) for d in shape]
 
 
-def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation]]:
-    """An MLIR module (in the current context) with one C-interface function computing `func_op`.
+def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation], list]:
+    """An MLIR module (in the current context) with one C-interface function computing `func_op`, its
+    entry name, the weights and the matmuls to schedule (`Lowering.matmuls`).
 
     The function takes the inputs, then the weights (one argument per `func.param`, returned in order).
     """
@@ -355,5 +363,5 @@ def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation]]
         # Inputs belong to the caller: bufferization must never write into them.
         fn.arg_attrs = ir.ArrayAttr.get([ir.DictAttr.get({"bufferization.writable": ir.BoolAttr.get(False)})
                                          for _ in arg_types])
-    return module, name, params
+    return module, name, params, lowering.matmuls
 
