@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("file", help="a .sp file")
     comp.add_argument("--model", help="which model of the file (default: the last one)")
     comp.add_argument("--target", default="reference", choices=TARGETS)
-    comp.add_argument("--emit", default="ir", choices=["ir", "mlir", "schedule", "loops", "llvm", "triton", "kernels", "launcher"])
+    stages = ["ir", "mlir", "schedule", "loops", "llvm", "triton", "kernels", "launcher"]  # cpu, then triton
+    comp.add_argument("--emit", default="ir", choices=stages)
     comp.add_argument("--passes", help="override the target's pipeline")
     comp.add_argument("-o", "--output", help="write here instead of standard output")
     knobs.add_arguments(comp)
