@@ -172,6 +172,35 @@ def main() -> None:
 
 
 
+def sorted_experts(x, idx, gates, w1, w3, w2):
+    """SwiGLU experts the eager sorted-dispatch way: argsort by expert, one matmul chain per expert segment."""
+    T, K = idx.shape
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    tok = order // K
+    y = torch.zeros(T, w2.shape[2], device=x.device, dtype=torch.float32)
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            t = tok[start : start + c]
+            h = torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])
+            y.index_add_(0, t, (h @ w2[e]).float() * gates.reshape(-1)[order[start : start + c]][:, None].float())
+        start += c
+    return y.to(x.dtype)
+
+
+def hf_loop_experts(x, idx, gates, w1, w3, w2):
+    """SwiGLU experts the Hugging Face way: a loop over experts with torch.where and index_add_."""
+    y = torch.zeros(idx.shape[0], w2.shape[2], device=x.device, dtype=x.dtype)
+    mask = torch.nn.functional.one_hot(idx, w1.shape[0]).permute(2, 1, 0)
+    for e in range(w1.shape[0]):
+        slot, tok = torch.where(mask[e])
+        h = torch.nn.functional.silu(x[tok] @ w1[e]) * (x[tok] @ w3[e])
+        y.index_add_(0, tok, (h @ w2[e]) * gates[tok, slot, None])
+    return y
+
+
 def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: int = 8, K: int = 2) -> dict:
     """Mixtral-style SwiGLU MoE layer: Sparsa's grouped-GEMM kernels vs an eager sorted dispatch and an HF loop.
 
@@ -216,28 +245,10 @@ def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: in
         return down(h, perm, offsets, [w2], gates, num_tokens=T, **tiles)
 
     def eager_sorted():
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E).tolist()
-        tok = order // K
-        y = torch.zeros(T, D, device="cuda", dtype=torch.float32)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                t = tok[start : start + c]
-                h = torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])
-                y.index_add_(0, t, (h @ w2[e]).float() * gates.reshape(-1)[order[start : start + c]][:, None].float())
-            start += c
-        return y.to(dtype)
+        return sorted_experts(x, idx, gates, w1, w3, w2)
 
     def hf_loop():
-        y = torch.zeros(T, D, device="cuda", dtype=dtype)
-        mask = torch.nn.functional.one_hot(idx, E).permute(2, 1, 0)
-        for e in range(E):
-            slot, tok = torch.where(mask[e])
-            h = torch.nn.functional.silu(x[tok] @ w1[e]) * (x[tok] @ w3[e])
-            y.index_add_(0, tok, (h @ w2[e]) * gates[tok, slot, None])
-        return y
+        return hf_loop_experts(x, idx, gates, w1, w3, w2)
 
     err = (sparsa_layer().float() - eager_sorted().float()).abs().max().item()
     useful = 2.0 * T * K * D * F * 3
@@ -282,29 +293,11 @@ def moe_layer_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024,
 
     def sorted_layer(x):
         g, idx = route(x)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E).tolist()
-        tok = order // K
-        y = torch.zeros(T, D, device="cuda", dtype=torch.float32)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                t = tok[start : start + c]
-                h = torch.nn.functional.silu(x[t] @ w1[e]) * (x[t] @ w3[e])
-                y.index_add_(0, t, (h @ w2[e]).float() * g.reshape(-1)[order[start : start + c]][:, None].float())
-            start += c
-        return y.to(x.dtype)
+        return sorted_experts(x, idx, g, w1, w3, w2)
 
     def hf_layer(x):
         g, idx = route(x)
-        y = torch.zeros(T, D, device="cuda", dtype=x.dtype)
-        mask = torch.nn.functional.one_hot(idx, E).permute(2, 1, 0)
-        for e in range(E):
-            slot, tok = torch.where(mask[e])
-            h = torch.nn.functional.silu(x[tok] @ w1[e]) * (x[tok] @ w3[e])
-            y.index_add_(0, tok, (h @ w2[e]) * g[tok, slot, None])
-        return y
+        return hf_loop_experts(x, idx, g, w1, w3, w2)
 
     compiled = {}
     for name, fn in (("sorted", sorted_layer), ("hf_loop", hf_layer)):
