@@ -224,14 +224,11 @@ class TritonProgram:
         raise SparsaError(f"'{op.NAME}' is not supported by the triton backend{hint}", op.loc)
 
     # ---- elementwise groups ---------------------------------------------------------------------------
-    def _users(self, v: Value) -> list[Operation]:
-        return [u.op for u in v.uses]
-
     def _inlined(self, op: Operation) -> bool:
         """True when `op` is folded into the kernel of its (elementwise) user instead of being stored."""
         if not isinstance(op, ELEMENTWISE) or id(op) in self.weight_only:
             return False
-        users = self._users(op.result)
+        users = [u.op for u in op.result.uses]
         if not users or id(op.result) in self.returned:
             return False
         if not all(isinstance(u, ELEMENTWISE) and not isinstance(u, T.ConstantOp) and u.parent_op is self.func
@@ -506,7 +503,7 @@ class TritonProgram:
             f"_counts = torch.empty(({E},), dtype=torch.int32, device=dev)",
             f"lib.moe_count[({E},)](_ids, _counts, _p, {cap}, BLOCK=1024)",
             f"lib.moe_place[({E},)](_ids, _counts, {perm}, {offsets}, _p, {E}, {align}, BLOCK=1024, "
-            f"BLOCK_E={_npow2(E)})",
+            f"BLOCK_E={npow2(E)})",
         ]
 
     def _grouped(self, op: Operation) -> None:
@@ -638,8 +635,8 @@ class TritonProgram:
             "if _o.numel():",
             f"    lib.linear_attention[(_o.shape[0], cdiv({dv}, 64))](_q, _k, _v, _a, _o, _L, {dk}, {dv}, "
             f"_q.stride(0), _q.stride(1), _k.stride(0), _k.stride(1), _v.stride(0), _v.stride(1), _a.stride(0), "
-            f"_o.stride(0), _o.stride(1), CHUNK={chunk}, BLOCK_DK={max(16, _npow2(dk))}, "
-            f"BLOCK_DV={min(64, max(16, _npow2(dv)))}, "
+            f"_o.stride(0), _o.stride(1), CHUNK={chunk}, BLOCK_DK={max(16, npow2(dk))}, "
+            f"BLOCK_DV={min(64, max(16, npow2(dv)))}, "
             f"PRECISION={_precision(op.q.type.dtype)!r})",
         ]
 
@@ -658,7 +655,7 @@ class TritonProgram:
                        "if _x.shape[0]:",
                        f"    lib.bsr_matmul[(cdiv(_x.shape[0], 32), {op.cols // bc})](_x, {bsc}[0], {bsc}[1], "
                        f"{bsc}[2], {blocks}, _y, _x.shape[0], {op.cols}, _x.stride(0), {br}, {bc}, BLOCK_M=32, "
-                       f"BRP={max(16, _npow2(br))}, BCP={max(16, _npow2(bc))}, "
+                       f"BRP={max(16, npow2(br))}, BCP={max(16, npow2(bc))}, "
                        f"PRECISION={_precision(op.x.type.dtype)!r})"]
 
     def _nm(self, op: SP.NmMatmulOp) -> None:
@@ -705,7 +702,8 @@ def _precision(dtype: str) -> str:
     return "ieee" if dtype == "f32" else "tf32"
 
 
-def _npow2(n: int) -> int:
+def npow2(n: int) -> int:
+    """The smallest power of two >= n (and >= 1): Triton's tl.arange needs power-of-two extents."""
     return 1 << max(0, (int(n) - 1).bit_length())
 
 

@@ -9,17 +9,13 @@ from typing import Any
 import torch
 
 from sparsa.backends.triton import library as lib
+from sparsa.backends.triton.codegen import npow2
 
 COPY_BLOCK = 1024
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def npow2(n: int) -> int:
-    """The smallest power of two >= n (and >= 1): Triton's tl.arange needs power-of-two extents."""
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def bstrides(t: Any, shape: tuple[int, ...]) -> list[int]:
