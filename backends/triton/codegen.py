@@ -123,7 +123,6 @@ class TritonProgram:
     def __post_init__(self) -> None:
         self.names: dict[int, str] = {}
         self.weight_only = weight_only_ops(self.func)
-        self.const_of: dict[int, int] = {}
         self.returned: set[int] = set()
         self.inputs: list[str] = []
         self.bf16_dot: Operation | None = None  # the first op with a bfloat16 tl.dot (see function.py)
