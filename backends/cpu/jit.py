@@ -27,34 +27,42 @@ PIPELINE = ("builtin.module(convert-vector-to-scf,convert-linalg-to-loops,expand
 TILE_M, TILE_N = 8, 32
 
 
-def schedule(matmuls: list[tuple[str, int, int | None, int | None, str]]) -> str:
+def tiles(kind: str, rank: int) -> list[int]:
+    """Tile sizes of a scheduled op's loops: the last two output dims by TILE_M x TILE_N (the last by TILE_N
+    for a vector), 1 for leading dims, and 1 for a matmul's reduction."""
+    out = [1] * max(0, rank - 2) + ([TILE_M, TILE_N] if rank >= 2 else [TILE_N])
+    return out + [1] if kind == "matmul" else out
+
+
+def schedule(ops: list[tuple[str, str, tuple, str]]) -> str:
     """The transform-dialect script run on the lowered module (kept as the `schedule` stage).
 
-    Each matmul is tiled to TILE_M x TILE_N x 1; where M or N is not a known multiple of the tile, the loop
-    is peeled so that every full tile has a static shape (the remainder runs as scalar loops). The full
-    tiles (matched by their static result type) are vectorized, the module is bufferized, contractions
-    become outer products, and the accumulators are hoisted out of the k loop so they stay in registers.
-    Other ops stay loops for now: vectorizing a whole untiled op would unroll it into one huge vector.
+    Matmuls and elementwise ops are tiled (`tiles`); where a tiled dim is not a known multiple of its tile,
+    the loop is peeled so that every full tile has a static shape (the remainder runs as scalar loops).
+    The full tiles (matched by their static result type) are vectorized, the module is bufferized,
+    contractions become outer products, and the accumulators are hoisted out of the k loop so they stay in
+    registers. Other ops stay loops for now: vectorizing a whole untiled op would unroll it into one huge
+    vector.
     """
     lines = ["module attributes {transform.with_named_sequence} {",
              "  transform.named_sequence @__transform_main(%root: !transform.any_op {transform.consumed}) {"]
     loop = '!transform.op<"scf.for">'
-    for i, (tag, nb, m, n, _) in enumerate(matmuls):
-        loops = nb + 3
-        lines.append(f"    %mm{i} = transform.structured.match attributes{{{tag}}} in %root "
+    for i, (tag, kind, shape, _) in enumerate(ops):
+        sizes = tiles(kind, len(shape))
+        lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
-        lines.append(f"    %t{i}, %l{i}:{loops} = transform.structured.tile_using_for %mm{i} tile_sizes "
-                     f"[{', '.join(['1'] * nb + [str(TILE_M), str(TILE_N), '1'])}] : (!transform.any_op) -> "
-                     f"(!transform.any_op{f', {loop}' * loops})")
-        for axis, size, tile in ((nb + 1, n, TILE_N), (nb, m, TILE_M)):  # inner loop first: peeling clones
-            if size is None or size % tile:
+        lines.append(f"    %t{i}, %l{i}:{len(sizes)} = transform.structured.tile_using_for %op{i} tile_sizes "
+                     f"[{', '.join(map(str, sizes))}] : (!transform.any_op) -> "
+                     f"(!transform.any_op{f', {loop}' * len(sizes)})")
+        for axis in sorted(range(max(0, len(shape) - 2), len(shape)), reverse=True):  # inner first: peel clones
+            if shape[axis] is None or shape[axis] % sizes[axis]:
                 lines.append(f"    %p{i}_{axis}, %r{i}_{axis} = transform.loop.peel %l{i}#{axis} : ({loop}) -> "
                              f"(!transform.any_op, !transform.any_op)")
     lines += [
         "    %f = transform.structured.match ops{[\"func.func\"]} in %root : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
-    for i, (tag, nb, _, _, dtype) in enumerate(matmuls):
-        tile = "x".join(["1"] * nb + [str(TILE_M), str(TILE_N)])
+    for i, (tag, kind, shape, dtype) in enumerate(ops):
+        tile = "x".join(map(str, tiles(kind, len(shape))[: len(shape)]))
         lines += [f"    %v{i} = transform.structured.match attributes{{{tag}}} filter_result_type = "
                   f"tensor<{tile}x{dtype}> in %f : (!transform.any_op) -> !transform.any_op",
                   f"    transform.structured.vectorize %v{i} : !transform.any_op"]
@@ -102,10 +110,10 @@ class CpuFunction:
         self.func_op = func_op
         self.context = ir.Context()
         with self.context, ir.Location.unknown():
-            module, self.entry, params, matmuls = lower_function(func_op)
+            module, self.entry, params, scheduled = lower_function(func_op)
             self.param_names = [p.attributes["name"] for p in params]
             self.param_types = [p.result.type for p in params]
-            self.stages = {"mlir": str(module), "schedule": schedule(matmuls)}
+            self.stages = {"mlir": str(module), "schedule": schedule(scheduled)}
             script = ir.Module.parse(self.stages["schedule"])
             interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
             self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops

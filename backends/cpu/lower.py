@@ -52,8 +52,9 @@ class Lowering:
 
     def __init__(self) -> None:
         self.values: dict[int, ir.Value] = {}
-        # each matmul's tag, batch rank, M and N (static or None) and element type: the schedule (jit.py) tiles them
-        self.matmuls: list[tuple[str, int, int | None, int | None, str]] = []
+        # the ops the schedule (jit.py) tiles and vectorizes: (tag, "matmul" | "elementwise", output shape with
+        # None for dims unknown at compile time, element type)
+        self.tiled: list[tuple[str, str, tuple, str]] = []
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -131,7 +132,17 @@ class Lowering:
         init = self.empty_like_dims(out, self.out_sources(out, operands))
         ins = [(v, self.broadcast_exprs(t, out.rank)) for v, t in operands]
         ident = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
-        return self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: fn(*a[:-1]))
+        result = self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: fn(*a[:-1]))
+        if out.rank:
+            self.tag(result, "elementwise", out)
+        return result
+
+    def tag(self, result: ir.Value, kind: str, out: TensorType) -> None:
+        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize."""
+        tag = f"sparsa.tile{len(self.tiled)}"
+        result.owner.attributes[tag] = ir.UnitAttr.get()
+        shape = tuple(d if isinstance(d, int) else None for d in out.shape)
+        self.tiled.append((tag, kind, shape, str(element_type(out.dtype))))
 
     def op_UnaryOp(self, op: Operation) -> ir.Value:
         floats = {T.ExpOp: mmath.ExpOp, T.LogOp: mmath.LogOp, T.SqrtOp: mmath.SqrtOp, T.RsqrtOp: mmath.RsqrtOp,
@@ -226,10 +237,7 @@ class Lowering:
         result = self.generic(out, [(av, batch_a + [m, k]), (bv, batch_b + [k, n])], init,
                               [PARALLEL] * out.rank + [REDUCTION], d[:nb] + [m, n],
                               lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
-        tag = f"sparsa.matmul{len(self.matmuls)}"
-        result.owner.attributes[tag] = ir.UnitAttr.get()
-        static = [s if isinstance(s, int) else None for s in out.shape[-2:]]
-        self.matmuls.append((tag, nb, static[0], static[1], str(element_type(out.dtype))))
+        self.tag(result, "matmul", out)
         return result
 
     def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float = 0.0) -> ir.Value:
@@ -332,7 +340,7 @@ def _pair(shape: tuple, dynamic: list) -> list:
 
 def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation], list]:
     """An MLIR module (in the current context) with one C-interface function computing `func_op`, its
-    entry name, the weights and the matmuls to schedule (`Lowering.matmuls`).
+    entry name, the weights and the ops to schedule (`Lowering.tiled`).
 
     The function takes the inputs, then the weights (one argument per `func.param`, returned in order).
     """
@@ -363,5 +371,5 @@ def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation],
         # Inputs belong to the caller: bufferization must never write into them.
         fn.arg_attrs = ir.ArrayAttr.get([ir.DictAttr.get({"bufferization.writable": ir.BoolAttr.get(False)})
                                          for _ in arg_types])
-    return module, name, params, lowering.matmuls
+    return module, name, params, lowering.tiled
 
