@@ -9,8 +9,15 @@ The "grouped_mm" experts of transformers give this graph per block (T tokens, K 
     y = grouped_mm(a, down_proj^T, offs) * w.view(-1)[perm][:, None]
     out = y[inverse(perm)].view(T, K, D).sum(1)
 `fold_grouped_mm_moe` replaces `out` by `moe_swiglu(x, idx, w, gate_up_proj, down_proj)`; the sort, the
-histogram and the two grouped matmuls become dead code. Graphs that differ in any checked step are left
-alone (and run as before, with those ops falling back to PyTorch).
+histogram and the two grouped matmuls become dead code.
+
+The "batched_mm" experts gather each assignment's weights and multiply them one row at a time:
+    xr = x[:, None].expand(T, K, D).reshape(T*K, D);  ids = idx.view(-1)
+    h = bmm(gate_up_proj[ids], xr[..., None]).squeeze(-1);  a = silu(h[:, :F]) * h[:, F:]
+    y = bmm(down_proj[ids], a[..., None]).squeeze(-1) * w.view(-1)[:, None];  out = y.view(T, K, D).sum(1)
+and are folded the same way (the [T*K, 2F, D] gathered weights are never built).
+
+Graphs that differ in any checked step are left alone (and run as before).
 """
 
 from __future__ import annotations
@@ -45,14 +52,15 @@ def _only_user(node: Any) -> Any:
 
 
 def fold_grouped_mm_moe(gm: Any) -> int:
-    """Fold every recognized transformers grouped_mm MoE block of an ATen graph; returns how many."""
+    """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph;
+    returns how many."""
     grouped = getattr(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None), "default", None)
-    if grouped is None:
-        return 0
     aten = torch.ops.aten
     folded = 0
-    for first in [n for n in gm.graph.nodes if _is(n, grouped)]:
-        match = _match(first, grouped, aten)
+    for first in [n for n in gm.graph.nodes if _is(n, grouped) or _is(n, aten.bmm.default)]:
+        if first.graph is not gm.graph or not first.users:  # folded away with an earlier block
+            continue
+        match = _match(first, grouped, aten) if _is(first, grouped) else _match_batched(first, aten)
         if match is None:
             continue
         end, args = match
@@ -80,17 +88,8 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if not (_is(sort, aten.sort.default) and _is(sort.args[0], aten.view.default)):
         return None
     idx = sort.args[0].args[0]
-    split = _only_user(first)
-    if not _is(split, aten.split.Tensor):
-        return None
-    parts = sorted(split.users, key=lambda n: n.args[1])
-    if len(parts) != 2:
-        return None
-    act = _only_user(parts[0])
-    mul = _only_user(act) if _is(act, aten.silu.default) else None
-    if not (_is(mul, aten.mul.Tensor) and set(mul.args) == {act, parts[1]}):
-        return None
-    second = _only_user(mul)
+    mul = _swiglu(first, aten)
+    second = _only_user(mul) if mul is not None else None
     if not (_is(second, grouped) and second.args[2] is offs and _is(second.args[1], aten.transpose.int)):
         return None
     scaled = _only_user(second)
@@ -112,3 +111,58 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if val is None or val.dim() != 2 or val.shape[1] != k:
         return None
     return end, (x, idx, w, gate_up_t.args[0], second.args[1].args[0])
+
+
+def _swiglu(h: Any, aten: Any) -> Any:
+    """The node computing silu(h[:, :F]) * h[:, F:] from `split(h, F, -1)`, or None."""
+    split = _only_user(h)
+    if not (_is(split, aten.split.Tensor) and split.args[2:] in ((-1,), (1,))):
+        return None
+    parts = sorted(split.users, key=lambda n: n.args[1])
+    if len(parts) != 2:
+        return None
+    act = _only_user(parts[0])
+    mul = _only_user(act) if _is(act, aten.silu.default) else None
+    return mul if _is(mul, aten.mul.Tensor) and set(mul.args) == {act, parts[1]} else None
+
+
+def _match_batched(first: Any, aten: Any) -> tuple[Any, tuple] | None:
+    """Like `_match`, for the batched_mm experts starting at their first bmm."""
+    weights, col = first.args
+    if not (_is(weights, aten.index.Tensor) and _is(col, aten.unsqueeze.default) and col.args[1] == -1):
+        return None
+    gate_up, (ids,) = weights.args
+    rows = col.args[0]  # x[:, None].expand(T, K, D) made contiguous and viewed as [T*K, D]
+    chain = [aten.view.default, aten.clone.default, aten.expand.default, aten.unsqueeze.default]
+    for target in chain:
+        if not _is(rows, target):
+            return None
+        rows = rows.args[0]
+    x = rows
+    if not _is(ids, aten.view.default):
+        return None
+    idx = ids.args[0]
+    squeeze = _only_user(first)
+    mul = _swiglu(squeeze, aten) if _is(squeeze, aten.squeeze.dim) else None
+    col2 = _only_user(mul) if mul is not None else None
+    second = _only_user(col2) if _is(col2, aten.unsqueeze.default) else None
+    if not (_is(second, aten.bmm.default) and second.args[1] is col2 and _is(second.args[0], aten.index.Tensor)
+            and second.args[0].args[1] == [ids]):
+        return None
+    down = second.args[0].args[0]
+    squeeze2 = _only_user(second)
+    scaled = _only_user(squeeze2) if _is(squeeze2, aten.squeeze.dim) else None
+    if not _is(scaled, aten.mul.Tensor):
+        return None
+    gate_col = next((a for a in scaled.args if a is not squeeze2), None)
+    if not (_is(gate_col, aten.unsqueeze.default) and _is(gate_col.args[0], aten.view.default)):
+        return None
+    w = gate_col.args[0].args[0]
+    view = _only_user(scaled)
+    end = _only_user(view) if _is(view, aten.view.default) else None
+    if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [1]):
+        return None
+    val = idx.meta.get("val")
+    if val is None or val.dim() != 2:
+        return None
+    return end, (x, idx, w, gate_up, down)

@@ -106,3 +106,25 @@ def test_swapped_block_on_the_triton_target():
         swap_moe_blocks(model, target="triton")
         got = model(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_both_transformers_expert_forms_fold_into_one_moe(experts):
+    """A Mixtral block with each of transformers' compilable expert implementations: one moe.moe, same result."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = experts
+    block = MixtralSparseMoeBlock(config).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 9, 32)
+    backend = SparsaBackend()
+    with torch.no_grad():
+        want = block(x)
+        got = torch.compile(block, backend=backend)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert backend.stats["moe blocks recognized"] == 1 and not backend.fallbacks
+    assert "moe.grouped_matmul_combine" in print_module(backend.partitions[0].module)
