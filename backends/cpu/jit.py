@@ -34,10 +34,10 @@ def tiles(kind: str, rank: int) -> list[int]:
     return out + [1] if kind == "matmul" else out
 
 
-def schedule(ops: list[tuple[str, str, tuple, str]]) -> str:
+def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
     """The transform-dialect script run on the lowered module (kept as the `schedule` stage).
 
-    Matmuls and elementwise ops are tiled (`tiles`); where a tiled dim is not a known multiple of its tile,
+    Matmuls, elementwise ops and reductions are tiled (`tiles`); where a tiled dim is not a known multiple of its tile,
     the loop is peeled so that every full tile has a static shape (the remainder runs as scalar loops).
     The full tiles (matched by their static result type) are vectorized, the module is bufferized,
     contractions become outer products, and the accumulators are hoisted out of the k loop so they stay in
@@ -47,7 +47,7 @@ def schedule(ops: list[tuple[str, str, tuple, str]]) -> str:
     lines = ["module attributes {transform.with_named_sequence} {",
              "  transform.named_sequence @__transform_main(%root: !transform.any_op {transform.consumed}) {"]
     loop = '!transform.op<"scf.for">'
-    for i, (tag, kind, shape, _) in enumerate(ops):
+    for i, (tag, kind, shape, _, _) in enumerate(ops):
         sizes = tiles(kind, len(shape))
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
@@ -61,8 +61,9 @@ def schedule(ops: list[tuple[str, str, tuple, str]]) -> str:
     lines += [
         "    %f = transform.structured.match ops{[\"func.func\"]} in %root : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
-    for i, (tag, kind, shape, dtype) in enumerate(ops):
-        tile = "x".join(map(str, tiles(kind, len(shape))[: len(shape)]))
+    for i, (tag, kind, shape, dtype, out_dims) in enumerate(ops):
+        sizes = tiles(kind, len(shape))
+        tile = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)
         lines += [f"    %v{i} = transform.structured.match attributes{{{tag}}} filter_result_type = "
                   f"tensor<{tile}x{dtype}> in %f : (!transform.any_op) -> !transform.any_op",
                   f"    transform.structured.vectorize %v{i} : !transform.any_op"]

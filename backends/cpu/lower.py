@@ -52,9 +52,10 @@ class Lowering:
 
     def __init__(self) -> None:
         self.values: dict[int, ir.Value] = {}
-        # the ops the schedule (jit.py) tiles and vectorizes: (tag, "matmul" | "elementwise", output shape with
-        # None for dims unknown at compile time, element type)
-        self.tiled: list[tuple[str, str, tuple, str]] = []
+        # the ops the schedule (jit.py) tiles and vectorizes: (tag, "matmul" | "elementwise" | "reduction",
+        # the shape of the dims it tiles (None where unknown at compile time), element type, and for each
+        # result dim the tiled dim it comes from (-1: a kept size-1 dim))
+        self.tiled: list[tuple[str, str, tuple, str, tuple]] = []
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -137,12 +138,13 @@ class Lowering:
             self.tag(result, "elementwise", out)
         return result
 
-    def tag(self, result: ir.Value, kind: str, out: TensorType) -> None:
-        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize."""
+    def tag(self, result: ir.Value, kind: str, space: TensorType, out_dims: tuple | None = None) -> None:
+        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize over `space`'s dims."""
         tag = f"sparsa.tile{len(self.tiled)}"
         result.owner.attributes[tag] = ir.UnitAttr.get()
-        shape = tuple(d if isinstance(d, int) else None for d in out.shape)
-        self.tiled.append((tag, kind, shape, str(element_type(out.dtype))))
+        shape = tuple(d if isinstance(d, int) else None for d in space.shape)
+        dims = tuple(range(space.rank)) if out_dims is None else out_dims
+        self.tiled.append((tag, kind, shape, str(element_type(space.dtype)), dims))
 
     def op_UnaryOp(self, op: Operation) -> ir.Value:
         floats = {T.ExpOp: mmath.ExpOp, T.LogOp: mmath.LogOp, T.SqrtOp: mmath.SqrtOp, T.RsqrtOp: mmath.RsqrtOp,
@@ -254,7 +256,11 @@ class Lowering:
         sources = [(x, i) for i in (range(t.rank) if keepdim else kept)]
         init = self.zero_filled(out, sources, start)
         kinds = [REDUCTION if i in axes else PARALLEL for i in range(t.rank)]
-        return self.generic(out, [(x, d)], init, kinds, out_exprs, lambda v, acc: combine(v, acc))
+        result = self.generic(out, [(x, d)], init, kinds, out_exprs, lambda v, acc: combine(v, acc))
+        if out.rank:
+            dims = tuple(-1 if i in axes else i for i in range(t.rank)) if keepdim else tuple(kept)
+            self.tag(result, "reduction", t, dims)
+        return result
 
     def op_ReduceOp(self, op: Operation) -> ir.Value:
         t = op.x.type
