@@ -137,10 +137,7 @@ class AttentionKernel:
 
     def prepare(self, block_map: Any, device: Any) -> BlockLists:
         """The per-row lists of FULL and PARTIAL key blocks of a block map (built once per map, on `device`)."""
-        import torch
-
-        bm = torch.as_tensor(np.array(block_map, dtype=np.int8), device=device)
-        return BlockLists(*_lists(bm == 2), *_lists(bm == 1), tuple(bm.shape))
+        return block_lists(block_map, device)
 
     def __call__(self, q: Any, k: Any, v: Any, block_map: Any, data: list[Any] = (), num_warps: int = NUM_WARPS,
                  num_stages: int = NUM_STAGES) -> Any:
@@ -193,6 +190,14 @@ def precision(dtype: Any) -> str:
     import torch
 
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_lists(block_map: Any, device: Any) -> BlockLists:
+    """A block map [NB, NH, NQB, NKB] as the attention kernel reads it: per row, FULL and PARTIAL key blocks."""
+    import torch
+
+    bm = torch.as_tensor(np.array(block_map, dtype=np.int8), device=device)
+    return BlockLists(*_lists(bm == 2), *_lists(bm == 1), tuple(bm.shape))
 
 
 def load_kernel_module(name: str, text: str) -> Any:

@@ -113,17 +113,13 @@ def _upload(a: np.ndarray, dt: str, device: str) -> Any:
 
 def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) -> Any:
     """One launcher constant from the weight-only results (computed at weight load) or the compile-time map."""
-    import torch
-
     if c.kind == "value":
         return _upload(cache[id(c.op)][c.index], c.op.results[c.index].type.dtype, device)
     if c.kind == "lists":  # a compile-time block map as the attention kernel reads it
-        from sparsa.backends.triton.attention import _lists
+        from sparsa.backends.triton.attention import block_lists
 
-        bm = torch.as_tensor(np.array(c.op.map.data, dtype=np.int8), device=device)
-        nb, nh, nqb, nkb = bm.shape
-        rows = bm.reshape(nb * nh * nqb, nkb)
-        return (*_lists(rows == 2), *_lists(rows == 1), nb, nh, nqb, nkb)
+        lists = block_lists(c.op.map.data, device)
+        return (lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, *lists.shape)
     # "bsc": a packed BSR weight indexed by block column, so each program walks only its column's blocks
     op = c.op
     row_ptr, col_idx = (_cached(cache, v) for v in (op.row_ptr, op.col_idx))
