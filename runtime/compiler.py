@@ -129,7 +129,8 @@ class CompiledModel:
             return outs[0] if len(outs) == 1 else tuple(outs)
         arrays = [to_numpy(a) for a in args]
         if self.native is not None:
-            outs = [self.native(arrays, self.weights)]
+            out = self.native(arrays, self.weights, self._cache)
+            outs = list(out) if isinstance(out, tuple) else [out]
         else:
             from sparsa.runtime.explain import RecordingInterpreter
 

@@ -4,22 +4,31 @@ C interface with NumPy arrays (memref descriptors built by `torch_mlir.runtime`)
 from __future__ import annotations
 
 import ctypes
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
-from sparsa.backends.cpu.lower import lower_function
+from sparsa.backends.cpu.kernels import Kernel, Kernels
+from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.core import Operation
+from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.types import numpy_dtype
 
 # After the schedule (tiled, vectorized, bufferized), from vectors and loops to LLVM.
-PIPELINE = ("builtin.module(convert-vector-to-scf,convert-linalg-to-loops,expand-strided-metadata,lower-affine,"
-            "convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,finalize-memref-to-llvm,"
+PIPELINE = ("builtin.module(canonicalize,convert-vector-to-scf,convert-linalg-to-loops,expand-strided-metadata,"
+            "lower-affine,convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,finalize-memref-to-llvm,"
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
+
+# LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
+# the attention kernel's scalar loops) against 0.3 s at O2, for the same vector code in the scheduled tiles.
+OPT_LEVEL = 2
 
 # Register tile of a matmul: TILE_M x TILE_N accumulators updated by one outer product per step of k. On
 # this machine (AVX-512, one core) 8x32 gave 150-215 GFLOP/s from 250x130x70 to 1000^3 (4x32: 67-118,
@@ -64,8 +73,11 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
     for i, (tag, kind, shape, dtype, out_dims) in enumerate(ops):
         sizes = tiles(kind, len(shape))
         tile = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)
+        # a reduction's result does not show whether its reduced dim is a full tile: its operands do
+        operands = "" if kind != "reduction" else (
+            f" filter_operand_types = [tensor<{'x'.join(map(str, sizes))}x{dtype}>, tensor<{tile}x{dtype}>]")
         lines += [f"    %v{i} = transform.structured.match attributes{{{tag}}} filter_result_type = "
-                  f"tensor<{tile}x{dtype}> in %f : (!transform.any_op) -> !transform.any_op",
+                  f"tensor<{tile}x{dtype}>{operands} in %root : (!transform.any_op) -> !transform.any_op",
                   f"    transform.structured.vectorize %v{i} : !transform.any_op"]
     lines += [
         "    transform.apply_patterns to %f {",
@@ -73,8 +85,9 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         "      transform.apply_patterns.vector.transfer_permutation_patterns",
         "      transform.apply_patterns.canonicalization",
         "    } : !transform.any_op",
-        "    %b = transform.bufferization.one_shot_bufferize %root {bufferize_function_boundaries = true, "
-        "function_boundary_type_conversion = 1 : i32} : (!transform.any_op) -> !transform.any_op",
+        "    %b = transform.bufferization.one_shot_bufferize %root {"
+        "memcpy_op = \"linalg.copy\", allow_return_allocs_from_loops = true} "
+        ": (!transform.any_op) -> !transform.any_op",
         "    %f2 = transform.structured.match ops{[\"func.func\"]} in %b : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_cse to %f2 : !transform.any_op  // then a tile written back in place is no copy",
         "    transform.apply_patterns to %f2 {",
@@ -82,8 +95,13 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         "      transform.apply_patterns.vector.transfer_permutation_patterns",
         "      transform.apply_patterns.canonicalization",
         "    } : !transform.any_op",
-        "    %h = transform.structured.hoist_redundant_vector_transfers %f2 : (!transform.any_op) -> !transform.any_op",
-        "    transform.apply_patterns to %h {",
+        "    transform.foreach %f2 : !transform.any_op {  // one kernel function at a time",
+        "    ^bb0(%fn: !transform.any_op):",
+        "      %h = transform.structured.hoist_redundant_vector_transfers %fn "
+        ": (!transform.any_op) -> !transform.any_op",
+        "    }",
+        "    %f3 = transform.structured.match ops{[\"func.func\"]} in %b : (!transform.any_op) -> !transform.any_op",
+        "    transform.apply_patterns to %f3 {",
         "      transform.apply_patterns.vector.lower_outerproduct",
         '      transform.apply_patterns.vector.reorder_multi_reduction_dims lowering_strategy = "innerreduction"',
         '      transform.apply_patterns.vector.multi_reduction_flattening lowering_strategy = "innerreduction"',
@@ -92,8 +110,7 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         "      transform.apply_patterns.vector.lower_transpose",
         "      transform.apply_patterns.vector.lower_broadcast",
         "      transform.apply_patterns.vector.lower_masks",
-        "      transform.apply_patterns.canonicalization",
-        "    } : !transform.any_op",
+        "    } : !transform.any_op  // canonicalized by the pipeline: with these patterns it can cycle",
         "    transform.yield",
         "  }",
         "}",
@@ -101,47 +118,163 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
     return "\n".join(lines) + "\n"
 _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
            "i8": ctypes.c_int8, "i1": ctypes.c_bool}
-_libc = ctypes.CDLL(None)
+# Ops the host does itself: weights, views (no data moves), and block maps of data masks (the interval
+# classification of attn_blocks.py, O(blocks) per call).
+HOST_OPS = {"func.param", "tensor.reshape", "tensor.expand_dims", "tensor.squeeze", "tensor.split",
+            "tensor.broadcast_to", "tensor.slice", "attn.block_map"}
+_pool: ThreadPoolExecutor | None = None
+
+
+def num_threads() -> int:
+    """Threads the kernels split their work over: SPARSA_NUM_THREADS, default every core."""
+    value = os.environ.get("SPARSA_NUM_THREADS", "")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise SparsaError(f"SPARSA_NUM_THREADS must be a whole number, got {value!r}") from None
+    return os.cpu_count() or 1
+
+
+def _threads(n: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="sparsa-cpu")
+    return _pool
+
+
+def _descriptor(a: np.ndarray) -> Any:
+    if a.ndim:
+        return rt.get_ranked_memref_descriptor(a)
+    d = rt.make_zero_d_memref_descriptor(np.ctypeslib.as_ctypes_type(a.dtype))()
+    d.allocated = a.ctypes.data
+    d.aligned = a.ctypes.data_as(ctypes.POINTER(np.ctypeslib.as_ctypes_type(a.dtype)))
+    d.offset = 0
+    return d
 
 
 class CpuFunction:
-    """A Sparsa function compiled to native code; `stages` keeps the MLIR text before and after lowering."""
+    """A Sparsa function compiled to native code: one kernel per op in one MLIR module, run in order by a
+    small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
+    text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
     def __init__(self, func_op: Operation):
+        from sparsa.backends.reference.interpreter import weight_only_ops
+
         self.func_op = func_op
         self.context = ir.Context()
+        self.weight_only = weight_only_ops(func_op)
+        self.kernels: dict[int, Kernel] = {}
+        block = func_op.regions[0].block
         with self.context, ir.Location.unknown():
-            module, self.entry, params, scheduled = lower_function(func_op)
-            self.param_names = [p.attributes["name"] for p in params]
-            self.param_types = [p.result.type for p in params]
-            self.stages = {"mlir": str(module), "schedule": schedule(scheduled)}
+            module = ir.Module.create()
+            builder = Kernels(module)
+            for op in block.ops[:-1]:
+                if op.NAME in HOST_OPS or id(op) in self.weight_only:
+                    continue
+                self.kernels[id(op)] = builder.kernel(op)
+            self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled)}
             script = ir.Module.parse(self.stages["schedule"])
             interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
             self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
             passmanager.PassManager.parse(PIPELINE).run(module.operation)
             self.stages["llvm"] = str(module)
-            self.engine = execution_engine.ExecutionEngine(module, opt_level=3)
-        ret = func_op.regions[0].block.terminator.operands[0].type
-        self.result_type = ret
+            self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
+        packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+        self.entries = {k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
 
-    def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None) -> np.ndarray:
-        """Run on NumPy inputs (in order) and weights (by name)."""
-        block = self.func_op.regions[0].block
-        types = [a.type for a in block.args] + self.param_types
-        values = list(inputs) + [(params or {})[n] for n in self.param_names]
-        args = []
-        keep = []
-        for t_in, x in zip(types, values, strict=True):
-            arr = np.ascontiguousarray(x, dtype=numpy_dtype(t_in.dtype))
-            keep.append(arr)
-            args.append(ctypes.pointer(ctypes.pointer(rt.get_ranked_memref_descriptor(arr))))
-        t = self.result_type
-        result = rt.make_nd_memref_descriptor(t.rank, _CTYPES[t.dtype])() if t.rank else \
-            rt.make_zero_d_memref_descriptor(_CTYPES[t.dtype])()
-        self.engine.invoke(self.entry, ctypes.pointer(ctypes.pointer(result)), *args)
-        out = np.array(rt.ranked_memref_to_numpy([result]) if t.rank else
-                       np.ctypeslib.as_array(result.aligned, shape=()), copy=True)
-        allocated = ctypes.cast(result.allocated, ctypes.c_void_p).value
-        if allocated and allocated not in {a.ctypes.data for a in keep}:
-            _libc.free(ctypes.c_void_p(allocated))  # allocated by the JIT'd code; a returned input is not ours
-        return out
+    def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None,
+                 cache: dict | None = None) -> Any:
+        """Run on NumPy inputs (in order) and weights (by name); one array, or a tuple for several results.
+        `cache` holds the weight-only results (packed sparse weights) between calls with the same weights."""
+        host = _Host(self, params or {}, cache if cache is not None else {})
+        outs = host.run(list(inputs))
+        outs = [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def call(self, k: Kernel, arrays: list[np.ndarray], part: int | None = None, parts: int | None = None) -> None:
+        keep = [_descriptor(a) for a in arrays]
+        ptrs = [ctypes.pointer(ctypes.pointer(d)) for d in keep]
+        if part is not None:
+            ptrs += [ctypes.pointer(ctypes.c_int64(part)), ctypes.pointer(ctypes.c_int64(parts))]
+        packed = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(p, ctypes.c_void_p) for p in ptrs])
+        self.entries[k.name](packed)
+
+    def launch(self, k: Kernel, host: _Host) -> list[np.ndarray]:
+        """Allocate k's outputs, run it (split over threads where it can be) and return its results."""
+        op = k.op
+        ins = [np.ascontiguousarray(host.values[id(v)]) for v in k.inputs]
+        kind = type(op).__name__
+        n = num_threads()
+        if kind == "DispatchOp":
+            t, kk = ins[0].shape
+            e = op.num_experts
+            if ins[0].size and (ins[0].min() < 0 or ins[0].max() >= e):
+                raise SparsaError(f"moe.dispatch: expert id outside 0..{e - 1}", op.loc)
+            perm, offsets = np.empty(t * kk + e * (op.block - 1), np.int64), np.empty(e + 1, np.int64)
+            self.call(k, ins + [perm, offsets])
+            return [perm[: offsets[-1]], offsets]
+        if kind in ("BsrMatmulOp", "NmMatmulOp"):
+            shape = host.shape_of(op.result.type)
+            x = ins[0].reshape(-1, ins[0].shape[-1])
+            out = np.empty((x.shape[0], shape[-1]), numpy_dtype(op.result.type.dtype))
+            self.rows(k, [x] + ins[1:], out, [True] + k.rows[1:], n)
+            return [out.reshape(shape)]
+        if kind == "GroupedMatmulCombineOp":
+            rt_ = op.result.type
+            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else ins[3].shape[2]
+            out = np.zeros((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))
+            self.parts(k, ins + [out], n)
+            return [out[0] if n == 1 else out.sum(axis=0)]
+        if kind == "GroupedMatmulOp":
+            rt_ = op.result.type
+            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else ins[3].shape[2]
+            out = np.zeros((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
+            self.parts(k, ins + [out], n)
+            return [out]
+        outs = [np.empty(host.shape_of(r.type), numpy_dtype(r.type.dtype)) for r in k.outputs]
+        if k.split == "parts":
+            self.parts(k, ins + outs, n)
+        elif k.split == "rows":
+            self.rows(k, ins, outs[0], k.rows, n)
+        else:
+            self.call(k, ins + outs)
+        return outs
+
+    def parts(self, k: Kernel, arrays: list[np.ndarray], n: int) -> None:
+        if n == 1:
+            self.call(k, arrays, 0, 1)
+            return
+        for f in [_threads(n).submit(self.call, k, arrays, p, n) for p in range(n)]:
+            f.result()
+
+    def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
+        """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
+        m = out.shape[0]
+        if n == 1 or m < 2 * n or out.size < 1 << 15:
+            self.call(k, ins + [out])
+            return
+        bounds = [m * p // n for p in range(n + 1)]
+        jobs = []
+        for lo, hi in zip(bounds, bounds[1:], strict=False):
+            arrays = [a[lo:hi] if c else a for a, c in zip(ins, cut, strict=True)] + [out[lo:hi]]
+            jobs.append(_threads(n).submit(self.call, k, arrays))
+        for f in jobs:
+            f.result()
+
+
+class _Host(Interpreter):
+    """Runs the function's ops in order: kernels for computing ops, the interpreter's own handling for
+    weights, views, cached weight-only results and block maps of data masks."""
+
+    def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict):
+        super().__init__(fn.func_op, params, cache, fn.weight_only)
+        self.fn = fn
+
+    def _compute(self, op: Operation) -> None:
+        k = self.fn.kernels.get(id(op))
+        if k is None:
+            super()._compute(op)
+            return
+        for r, o in zip(op.results, self.fn.launch(k, self), strict=True):
+            self.values[id(r)] = o

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, tensor
+from torch_mlir.dialects import arith, linalg, tensor
 from torch_mlir.dialects import math as mmath
 
 from sparsa.ir.core import Operation, Value
@@ -56,6 +56,10 @@ class Lowering:
         # the shape of the dims it tiles (None where unknown at compile time), element type, and for each
         # result dim the tiled dim it comes from (-1: a kept size-1 dim))
         self.tiled: list[tuple[str, str, tuple, str, tuple]] = []
+        # In scalar mode (a mask or score region inlined into a loop body) values are scalars and every
+        # elementwise op is its arith body alone.
+        self.scalar_mode = False
+        self.untiled = False
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -121,6 +125,8 @@ class Lowering:
         et = element_type(t.dtype)
         attr = ir.FloatAttr.get(et, float(op.value)) if is_float(t.dtype) else ir.IntegerAttr.get(et, int(op.value))
         scalar = arith.ConstantOp(et, attr).result
+        if self.scalar_mode:
+            return scalar
         if t.rank == 0:
             return tensor.FromElementsOp(tensor_type(t), [scalar]).result
         if not t.is_static():
@@ -128,6 +134,8 @@ class Lowering:
         return linalg.fill(scalar, outs=[tensor.EmptyOp(list(t.shape), et).result])
 
     def elementwise(self, op: Operation, fn: Any) -> ir.Value:
+        if self.scalar_mode:
+            return fn(*[self.get(v) for v in op.operands])
         out = op.results[0].type
         operands = [(self.get(v), v.type) for v in op.operands]
         init = self.empty_like_dims(out, self.out_sources(out, operands))
@@ -139,7 +147,11 @@ class Lowering:
         return result
 
     def tag(self, result: ir.Value, kind: str, space: TensorType, out_dims: tuple | None = None) -> None:
-        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize over `space`'s dims."""
+        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize over `space`'s dims.
+        Not inside a kernel's own loops (`untiled`): there, tiling every op and peeling its tails makes
+        bufferization's analysis take seconds per kernel."""
+        if self.untiled:
+            return
         tag = f"sparsa.tile{len(self.tiled)}"
         result.owner.attributes[tag] = ir.UnitAttr.get()
         shape = tuple(d if isinstance(d, int) else None for d in space.shape)
@@ -167,8 +179,8 @@ class Lowering:
         if t is T.NegOp:
             return self.elementwise(op, lambda x: arith.NegFOp(x).result if is_float(dt)
                                     else arith.SubIOp(zero(), x).result)
-        if t is T.AbsOp and is_float(dt):
-            return self.elementwise(op, lambda x: mmath.AbsFOp(x).result)
+        if t is T.AbsOp:
+            return self.elementwise(op, lambda x: mmath.AbsFOp(x).result if is_float(dt) else mmath.AbsIOp(x).result)
         if t is T.ReluOp and is_float(dt):
             return self.elementwise(op, lambda x: arith.MaximumFOp(x, zero()).result)
         if t is T.SigmoidOp:
@@ -183,6 +195,13 @@ class Lowering:
               T.MaximumOp: arith.MaximumFOp, T.MinimumOp: arith.MinimumFOp, T.PowOp: mmath.PowFOp}
         it = {T.AddOp: arith.AddIOp, T.SubOp: arith.SubIOp, T.MulOp: arith.MulIOp, T.MaximumOp: arith.MaxSIOp,
               T.MinimumOp: arith.MinSIOp, T.AndOp: arith.AndIOp, T.OrOp: arith.OrIOp}
+        if type(op) is T.FloorDivOp:
+            fl[T.FloorDivOp] = lambda a, b: mmath.FloorOp(arith.DivFOp(a, b).result)
+            it[T.FloorDivOp] = arith.FloorDivSIOp
+        if type(op) is T.ModOp:  # Python's sign convention: the result has the divisor's sign
+            it[T.ModOp] = lambda a, b: arith.SubIOp(a, arith.MulIOp(arith.FloorDivSIOp(a, b).result, b).result)
+            fl[T.ModOp] = lambda a, b: arith.SubFOp(a, arith.MulFOp(
+                mmath.FloorOp(arith.DivFOp(a, b).result).result, b).result)
         table = fl if is_float(dt) else it
         if type(op) not in table:
             raise CpuLoweringError(f"'{op.NAME}' on {dt} is not supported by the cpu backend yet", op.loc)
@@ -339,43 +358,95 @@ class Lowering:
         return self.generic(out, [(x, src)], init, [PARALLEL] * out.rank, d, lambda v, _: v)
 
 
+    def op_GatherOp(self, op: Operation) -> ir.Value:
+        x, t = self.get(op.x), op.x.type
+        n = len(op.indices)
+        if self.scalar_mode:
+            if n != t.rank:
+                raise CpuLoweringError("a gather inside a mask must pick single elements", op.loc)
+            return tensor.ExtractOp(x, [self.wrapped(self.get(i), x, a) for a, i in enumerate(op.indices)]).result
+        out = op.result.type
+        lead = out.rank - (t.rank - n)
+        lead_type = TensorType(out.dtype, out.shape[:lead])
+        operands = [(self.get(i), i.type) for i in op.indices]
+        sources = self.out_sources(lead_type, operands) + [(x, n + j) for j in range(t.rank - n)]
+        init = self.empty_like_dims(out, sources)
+        d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        ins = [(v, self.broadcast_exprs(it, lead)) for v, it in operands]
+
+        def body(*args: ir.Value) -> ir.Value:
+            picks = [self.wrapped(v, x, a) for a, v in enumerate(args[:n])]
+            picks += [linalg.IndexOp(lead + j).result for j in range(t.rank - n)]
+            return tensor.ExtractOp(x, picks).result
+
+        return self.generic(out, ins, init, [PARALLEL] * out.rank, d, body)
+
+    def wrapped(self, i: ir.Value, x: ir.Value, axis: int) -> ir.Value:
+        """An index into `axis` of x from an integer, negative ones counted from the end (as NumPy does)."""
+        i = arith.IndexCastOp(ir.IndexType.get(), i).result if not isinstance(i.type, ir.IndexType) else i
+        zero = arith.ConstantOp(ir.IndexType.get(), 0).result
+        neg = arith.CmpIOp(2, i, zero).result
+        return arith.SelectOp(neg, arith.AddIOp(i, tensor.DimOp(x, arith.ConstantOp(ir.IndexType.get(), axis)
+                                                                .result).result).result, i).result
+
+    def row_count(self, x: ir.Value, t: TensorType) -> ir.Value:
+        """The size of the last axis as a float (read at run time when symbolic)."""
+        et = element_type(t.dtype)
+        n = t.shape[-1]
+        if isinstance(n, int):
+            return arith.ConstantOp(et, ir.FloatAttr.get(et, float(n))).result
+        return arith.SIToFPOp(et, arith.IndexCastOp(ir.IntegerType.get_signless(64), self.dim(x, t.rank - 1))
+                              .result).result
+
+    def op_RmsNormOp(self, op: Operation) -> ir.Value:
+        t = op.x.type
+        x, w = self.get(op.x), self.get(op.weight)
+        et = element_type(t.dtype)
+        kept = TensorType(t.dtype, t.shape[:-1] + (1,))
+        ss = self.reduce(x, t, {t.rank - 1}, True, kept, 0.0,
+                         lambda v, a: arith.AddFOp(a, arith.MulFOp(v, v).result).result)
+        n = self.row_count(x, t)
+        eps = arith.ConstantOp(et, ir.FloatAttr.get(et, float(op.eps))).result
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+
+        def body(v: ir.Value, s: ir.Value, g: ir.Value, _: ir.Value) -> ir.Value:
+            r = mmath.RsqrtOp(arith.AddFOp(arith.DivFOp(s, n).result, eps).result).result
+            return arith.MulFOp(arith.MulFOp(v, r).result, g).result
+
+        result = self.generic(t, [(x, d), (ss, d[:-1] + [ir.AffineConstantExpr.get(0)]), (w, d[-1:])], init,
+                              [PARALLEL] * t.rank, d, body)
+        self.tag(result, "elementwise", t)
+        return result
+
+    def op_LayerNormOp(self, op: Operation) -> ir.Value:
+        t = op.x.type
+        x, w, b = self.get(op.x), self.get(op.weight), self.get(op.bias)
+        et = element_type(t.dtype)
+        kept = TensorType(t.dtype, t.shape[:-1] + (1,))
+        n = self.row_count(x, t)
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        row = d[:-1] + [ir.AffineConstantExpr.get(0)]
+        total = self.reduce(x, t, {t.rank - 1}, True, kept, 0.0, lambda v, a: arith.AddFOp(a, v).result)
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+        centered = self.generic(t, [(x, d), (total, row)], init, [PARALLEL] * t.rank, d,
+                                lambda v, s, _: arith.SubFOp(v, arith.DivFOp(s, n).result).result)
+        self.tag(centered, "elementwise", t)
+        ss = self.reduce(centered, t, {t.rank - 1}, True, kept, 0.0,
+                         lambda v, a: arith.AddFOp(a, arith.MulFOp(v, v).result).result)
+        eps = arith.ConstantOp(et, ir.FloatAttr.get(et, float(op.eps))).result
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+
+        def body(c: ir.Value, s: ir.Value, g: ir.Value, beta: ir.Value, _: ir.Value) -> ir.Value:
+            r = mmath.RsqrtOp(arith.AddFOp(arith.DivFOp(s, n).result, eps).result).result
+            return arith.AddFOp(arith.MulFOp(arith.MulFOp(c, r).result, g).result, beta).result
+
+        result = self.generic(t, [(centered, d), (ss, row), (w, d[-1:]), (b, d[-1:])], init, [PARALLEL] * t.rank,
+                              d, body)
+        self.tag(result, "elementwise", t)
+        return result
+
+
 def _pair(shape: tuple, dynamic: list) -> list:
     it = iter(dynamic)
     return [(d, None if isinstance(d, int) else next(it)) for d in shape]
-
-
-def lower_function(func_op: Operation) -> tuple[ir.Module, str, list[Operation], list]:
-    """An MLIR module (in the current context) with one C-interface function computing `func_op`, its
-    entry name, the weights and the ops to schedule (`Lowering.tiled`).
-
-    The function takes the inputs, then the weights (one argument per `func.param`, returned in order).
-    """
-    block = func_op.regions[0].block
-    ret = block.terminator
-    if len(ret.operands) != 1:
-        raise CpuLoweringError("the cpu backend returns exactly one result for now", func_op.loc)
-    params = [op for op in block.ops if op.NAME == "func.param"]
-    module = ir.Module.create()
-    name = "sparsa_entry"
-    lowering = Lowering()
-    with ir.InsertionPoint(module.body):
-        arg_types = [tensor_type(a.type) for a in block.args] + [tensor_type(p.result.type) for p in params]
-        fn = func.FuncOp(name, ir.FunctionType.get(arg_types, [tensor_type(ret.operands[0].type)]))
-        entry = fn.add_entry_block()
-        with ir.InsertionPoint(entry):
-            sources = list(block.args) + [p.result for p in params]
-            for a, mv in zip(sources, entry.arguments, strict=True):
-                lowering.values[id(a)] = mv
-            for op in block.ops[:-1]:
-                if op.NAME == "func.param":
-                    continue
-                if op.regions:
-                    raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
-                lowering.lower(op)
-            func.ReturnOp([lowering.get(ret.operands[0])])
-        fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
-        # Inputs belong to the caller: bufferization must never write into them.
-        fn.arg_attrs = ir.ArrayAttr.get([ir.DictAttr.get({"bufferization.writable": ir.BoolAttr.get(False)})
-                                         for _ in arg_types])
-    return module, name, params, lowering.tiled
-

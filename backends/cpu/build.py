@@ -1,0 +1,162 @@
+"""Small builders over the MLIR Python bindings for the cpu kernels: constants, loads and stores, loops,
+slices and views with mixed static and dynamic sizes. Kept apart from the kernels so those read as
+algorithms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch_mlir import ir
+from torch_mlir.dialects import arith, bufferization, memref, scf, tensor
+
+Size = int | ir.Value
+DYN = ir.ShapedType.get_dynamic_size
+
+
+def index() -> ir.Type:
+    return ir.IndexType.get()
+
+
+def c_index(n: int) -> ir.Value:
+    return arith.ConstantOp(index(), n).result
+
+
+def c_int(n: int, bits: int = 64) -> ir.Value:
+    return arith.ConstantOp(ir.IntegerType.get_signless(bits), n).result
+
+
+def c_float(x: float, et: ir.Type) -> ir.Value:
+    return arith.ConstantOp(et, ir.FloatAttr.get(et, x)).result
+
+
+def as_index(v: Size) -> ir.Value:
+    """An index value from an int, an index or an integer value."""
+    if isinstance(v, int):
+        return c_index(v)
+    if isinstance(v.type, ir.IndexType):
+        return v
+    return arith.IndexCastOp(index(), v).result
+
+
+def as_i64(v: ir.Value) -> ir.Value:
+    if isinstance(v.type, ir.IndexType):
+        return arith.IndexCastOp(ir.IntegerType.get_signless(64), v).result
+    width = ir.IntegerType(v.type).width
+    return v if width == 64 else arith.ExtSIOp(ir.IntegerType.get_signless(64), v).result
+
+
+def load(mem: ir.Value, *indices: Size) -> ir.Value:
+    return memref.LoadOp(mem, [as_index(i) for i in indices]).result
+
+
+def store(v: ir.Value, mem: ir.Value, *indices: Size) -> None:
+    memref.StoreOp(v, mem, [as_index(i) for i in indices])
+
+
+def extract(t: ir.Value, *indices: Size) -> ir.Value:
+    return tensor.ExtractOp(t, [as_index(i) for i in indices]).result
+
+
+def mdim(v: ir.Value, axis: int) -> ir.Value:
+    """Size of `axis` of a memref or tensor, as an index."""
+    if isinstance(v.type, ir.MemRefType):
+        return memref.DimOp(v, c_index(axis)).result
+    return tensor.DimOp(v, c_index(axis)).result
+
+
+def add(a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.AddIOp(a, b).result
+
+
+def sub(a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.SubIOp(a, b).result
+
+
+def mul(a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.MulIOp(a, b).result
+
+
+def minsi(a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.MinSIOp(a, b).result
+
+
+def cmpi(pred: str, a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.CmpIOp({"eq": 0, "ne": 1, "lt": 2, "le": 3, "gt": 4, "ge": 5}[pred], a, b).result
+
+
+def select(c: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    return arith.SelectOp(c, a, b).result
+
+
+def loop(lo: Size, hi: Size, step: Size = 1, iter_args: Sequence[ir.Value] = ()) -> scf.ForOp:
+    """An scf.for; build its body under `with ir.InsertionPoint(loop.body)` and end it with `scf.YieldOp`."""
+    return scf.ForOp(as_index(lo), as_index(hi), as_index(step), list(iter_args) or None)
+
+
+def if_(cond: ir.Value, types: Sequence[ir.Type] = (), has_else: bool = False) -> scf.IfOp:
+    return scf.IfOp(cond, list(types), has_else=has_else or bool(types))
+
+
+def _mixed(values: Sequence[Size]) -> tuple[list[int], list[ir.Value]]:
+    static, dynamic = [], []
+    for v in values:
+        if isinstance(v, int):
+            static.append(v)
+        else:
+            static.append(DYN())
+            dynamic.append(as_index(v))
+    return static, dynamic
+
+
+def slice_tensor(t: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size], drop: Sequence[int] = ()) -> ir.Value:
+    """tensor.extract_slice with unit strides; `drop` lists size-1 axes left out of the result type."""
+    et = ir.RankedTensorType(t.type).element_type
+    so, do = _mixed(offsets)
+    ss, ds = _mixed(sizes)
+    shape = [s for i, s in enumerate(ss) if i not in drop]
+    return tensor.ExtractSliceOp(ir.RankedTensorType.get(shape, et), t, do, ds, [], so, ss, [1] * len(ss)).result
+
+
+def subview(m: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size], drop: Sequence[int] = ()) -> ir.Value:
+    """memref.subview with unit strides of an identity-layout memref (its last stride stays 1)."""
+    mt = ir.MemRefType(m.type)
+    so, do = _mixed(offsets)
+    ss, ds = _mixed(sizes)
+    kept = [i for i in range(len(ss)) if i not in drop]
+    strides = [DYN() for _ in kept]
+    if kept and kept[-1] == len(ss) - 1:
+        strides[-1] = 1
+    layout = ir.StridedLayoutAttr.get(DYN(), strides)
+    result = ir.MemRefType.get([ss[i] for i in kept], mt.element_type, layout)
+    return memref.SubViewOp(result, m, do, ds, [], so, ss, [1] * len(ss)).result
+
+
+def read(m: ir.Value) -> ir.Value:
+    """The tensor view of a memref the kernel only reads."""
+    mt = ir.MemRefType(m.type)
+    return bufferization.ToTensorOp(ir.RankedTensorType.get(mt.shape, mt.element_type), m, restrict=True).result
+
+
+def write(t: ir.Value, m: ir.Value) -> None:
+    """Store tensor t into memref m (bufferization writes it there directly)."""
+    bufferization.MaterializeInDestinationOp(None, t, m, restrict=True, writable=True)
+
+
+def empty(sizes: Sequence[Size], et: ir.Type) -> ir.Value:
+    static, dynamic = _mixed(sizes)
+    return tensor.EmptyOp([s if d is None else d for s, d in _pair(static, dynamic)], et).result
+
+
+def _pair(static: list[int], dynamic: list[ir.Value]) -> list:
+    it = iter(dynamic)
+    return [(s, next(it) if s == DYN() else None) for s in static]
+
+
+def insert_slice(src: ir.Value, dest: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size]) -> ir.Value:
+    so, do = _mixed(offsets)
+    ss, ds = _mixed(sizes)
+    return tensor.InsertSliceOp(src, dest, do, ds, [], so, ss, [1] * len(ss)).result
+
+
+def ceil_div(a: ir.Value, b: int) -> ir.Value:
+    return arith.DivUIOp(add(a, c_index(b - 1)), c_index(b)).result
