@@ -5,7 +5,9 @@ environment variable (for library use, e.g. under `torch.compile`); the flag win
 
 Environment-only variables, read where they act:
 - SPARSA_LOG=fallbacks: the torch.compile backend names each op it leaves to PyTorch (runtime/torch_backend.py).
-- SPARSA_CACHE_DIR: where generated Triton kernels are written (backends/triton/attention.py).
+- SPARSA_CACHE_DIR: where generated Triton kernels (backends/triton/attention.py) and compiled cpu kernels
+  (backends/cpu/cache.py, under cpu/) are kept; default ~/.cache/sparsa.
+- SPARSA_NUM_THREADS: threads the cpu target's kernels split their work over; default every core.
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 

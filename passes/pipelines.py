@@ -10,8 +10,8 @@ DEFAULT_PIPELINES: dict[str, str] = {
     # The interpreter skips padding rows, so its expert segments need no alignment (block=1).
     "reference": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=1},recognize-attention,sparsify-attention,"
                   "fuse-scan,lower-sparse-weights,cse,dce"),
-    # The cpu target lowers the result through MLIR's linalg to LLVM (backends/cpu). Its first slice
-    # covers dense ops; the sparse ops these passes produce are refused by name until their kernels land.
+    # The cpu target lowers the result through MLIR to LLVM (backends/cpu): one kernel per op, the
+    # sparse ops as loops over their structure around tiled, vectorized GEMMs; 64-row expert segments.
     "cpu": ("canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=64},recognize-attention,sparsify-attention,"
             "fuse-scan,lower-sparse-weights,cse,dce"),
     # The triton target (backends/triton) generates one GPU kernel per fused op; expert segments are

@@ -1,4 +1,4 @@
-"""Test-session setup: Triton kernels run under its interpreter unless a CUDA GPU is present."""
+"""Test-session setup: Triton kernels run under its interpreter unless a CUDA GPU is present; a fresh kernel cache."""
 
 from __future__ import annotations
 
@@ -17,3 +17,14 @@ def _has_cuda() -> bool:
 # Triton reads TRITON_INTERPRET when it is imported, so this must happen before any test imports it.
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Compiled kernels are cached on disk; tests start from an empty cache of their own so a stale entry from
+# another checkout can never stand in for a compile under test.
+if "SPARSA_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache = tempfile.mkdtemp(prefix="sparsa-test-cache-")
+    os.environ["SPARSA_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, True)

@@ -166,3 +166,25 @@ model M(x: f32[T, 64]) -> f32[T, 48] {
         x = np.random.default_rng(T).standard_normal((T, 64)).astype(np.float32)
         close(cpu(x), ref(x))
     assert "sparse_bsr_matmul" in cpu.stage("mlir") and "sparse_nm_matmul" in cpu.stage("mlir")
+
+
+def test_disk_cache_hit_and_corrupt_entry_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
+    x = np.random.default_rng(1).standard_normal((9, 24)).astype(np.float32)
+    first = sparsa.compile(MOE, target="cpu").init_weights(4)
+    assert not first.native.cached
+    want = first(x)
+    objects = list((tmp_path / "cpu").glob("*.o"))
+    assert len(objects) == 1 and len(list((tmp_path / "cpu").glob("*.json"))) == 1
+    again = sparsa.compile(MOE, target="cpu").init_weights(4)
+    assert again.native.cached and "vector.fma" in again.stage("loops")
+    np.testing.assert_array_equal(again(x), want)
+    data = bytearray(objects[0].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a flipped byte: the entry no longer matches its hash
+    objects[0].write_bytes(bytes(data))
+    rebuilt = sparsa.compile(MOE, target="cpu").init_weights(4)
+    assert not rebuilt.native.cached
+    np.testing.assert_array_equal(rebuilt(x), want)
+    (tmp_path / "cpu" / objects[0].name).write_bytes(b"")  # truncated by a crash mid-write elsewhere
+    assert not sparsa.compile(MOE, target="cpu").native.cached
+    assert sparsa.compile(MOE, target="cpu").native.cached  # and written back whole

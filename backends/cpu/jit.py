@@ -14,14 +14,18 @@ from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
+from sparsa.backends.cpu import cache
 from sparsa.backends.cpu.kernels import Kernel, Kernels
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.types import numpy_dtype
 
-# After the schedule (tiled, vectorized, bufferized), from vectors and loops to LLVM.
-PIPELINE = ("builtin.module(canonicalize,convert-vector-to-scf,convert-linalg-to-loops,expand-strided-metadata,"
+# After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
+# would leak otherwise), then from vectors and loops to LLVM. Vector transfers are unrolled rather than staged
+# through stack buffers, which inside a kernel's loops would grow the stack every iteration.
+PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buffer-deallocation-simplification,"
+            "bufferization-lower-deallocations,canonicalize,convert-vector-to-scf{full-unroll=true},convert-linalg-to-loops,expand-strided-metadata,"
             "lower-affine,convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,finalize-memref-to-llvm,"
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
@@ -174,12 +178,21 @@ class CpuFunction:
                     continue
                 self.kernels[id(op)] = builder.kernel(op)
             self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled)}
-            script = ir.Module.parse(self.stages["schedule"])
-            interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
-            self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
-            passmanager.PassManager.parse(PIPELINE).run(module.operation)
-            self.stages["llvm"] = str(module)
-            self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
+            symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL))
+            hit = cache.load(name)
+            self.cached = hit is not None
+            if hit is not None:
+                self.engine, stages = hit
+                self.stages.update(stages)
+            else:
+                script = ir.Module.parse(self.stages["schedule"])
+                interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
+                self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
+                passmanager.PassManager.parse(PIPELINE).run(module.operation)
+                self.stages["llvm"] = str(module)
+                self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
+                cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
         packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self.entries = {k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
 

@@ -1,0 +1,274 @@
+"""The cpu target against PyTorch on this machine, side by side in one process (not a test).
+
+Medians of at least 5 timed runs after a warm-up; torch.set_num_threads(2) (SPARSA_NUM_THREADS likewise);
+float32. Every row records the 1-minute load average beside it, since this machine is shared: compare
+figures within one run only. Useful GFLOP/s count only the FLOPs the sparse structure needs, and each is
+also given as a fraction of OpenBLAS sgemm (2048^3, torch.matmul) measured at the start of the same run.
+
+    python bench/cpu.py                 # every case
+    python bench/cpu.py --only moe      # cases whose name contains "moe"
+    python bench/cpu.py --inductor      # also torch.compile (Inductor) variants: minutes of compiling
+    python bench/cpu.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+import sparsa
+
+ROWS: list[dict[str, Any]] = []
+
+
+def median_ms(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def record(case: str, impl: str, ms: float, flops: float, sgemm: float, **extra: Any) -> None:
+    gflops = flops / ms / 1e6 if ms else 0.0
+    row = {"case": case, "impl": impl, "ms": round(ms, 3), "useful_gflops": round(gflops, 1),
+           "of_sgemm": round(gflops / sgemm, 3) if sgemm else None, "load": round(os.getloadavg()[0], 2), **extra}
+    ROWS.append(row)
+    print(f"{case:34s} {impl:28s} {ms:10.2f} ms {gflops:8.1f} GFLOP/s {row['of_sgemm'] or 0:6.0%} of sgemm "
+          f"load {row['load']:.2f}" + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
+
+
+def sgemm_gflops() -> float:
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    ms = median_ms(lambda: a @ b, runs=5)
+    gf = 2 * 2048**3 / ms / 1e6
+    record("sgemm 2048^3", "torch.matmul (OpenBLAS)", ms, 2 * 2048**3, gf)
+    return gf
+
+
+# ---- MoE ------------------------------------------------------------------------------------------------
+MOE = """
+model MoE(x: f32[T, {D}]) -> f32[T, {D}] {{
+    param gate: f32[{D}, {E}]
+    param w1: f32[{E}, {D}, {F}]
+    param w3: f32[{E}, {D}, {F}]
+    param w2: f32[{E}, {F}, {D}]
+    w, idx = topk(softmax(x @ gate, axis=-1), k={K})
+    w = w / sum(w, axis=-1, keepdim=true)
+    return moe(x, idx, w) |e, h| {{ (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }}
+}}
+"""
+
+
+def hf_loop(x, gate, w1, w3, w2, k):
+    """The Hugging Face Mixtral block: a Python loop over experts with index_add_."""
+    probs = torch.softmax(x @ gate, dim=-1)
+    w, idx = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    out = torch.zeros_like(x)
+    mask = torch.nn.functional.one_hot(idx, gate.shape[1]).permute(2, 1, 0)
+    for e in range(gate.shape[1]):
+        slot, tok = torch.where(mask[e])
+        if tok.numel() == 0:
+            continue
+        h = x[tok]
+        y = (torch.nn.functional.silu(h @ w1[e]) * (h @ w3[e])) @ w2[e]
+        out.index_add_(0, tok, y * w[tok, slot, None])
+    return out
+
+
+def sorted_dispatch(x, gate, w1, w3, w2, k):
+    """Sort assignments by expert, one matmul per contiguous segment, weighted scatter-add."""
+    probs = torch.softmax(x @ gate, dim=-1)
+    w, idx = torch.topk(probs, k, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate.shape[1]).tolist()
+    tok = order // k
+    h = x[tok]
+    ys, start = [], 0
+    for e, n in enumerate(counts):
+        seg = h[start:start + n]
+        ys.append((torch.nn.functional.silu(seg @ w1[e]) * (seg @ w3[e])) @ w2[e])
+        start += n
+    y = torch.cat(ys) * w.reshape(-1)[order, None]
+    return torch.zeros_like(x).index_add_(0, tok, y)
+
+
+def bench_moe(sgemm: float, inductor: bool) -> None:
+    for label, T, D, F, E, K in (("Mixtral small", 1024, 512, 1024, 8, 2), ("fine-grained E=64", 2048, 512, 256, 64, 8),
+                                 ("Mixtral medium", 4096, 1024, 2816, 8, 2)):
+        moe_case(sgemm, inductor, label, T, D, F, E, K)
+
+
+def moe_case(sgemm: float, inductor: bool, label: str, T: int, D: int, F: int, E: int, K: int) -> None:
+    case = f"MoE {label} T={T} D={D} F={F} E={E} k={K}"
+    flops = 2 * T * K * D * F * 3
+    t = time.perf_counter()
+    model = sparsa.compile(MOE.format(D=D, F=F, E=E, K=K), target="cpu")
+    cold = time.perf_counter() - t
+    model.init_weights(0)
+    wt = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in model.weights.items()}
+    x = torch.randn(T, D)
+    xn = x.numpy()
+    args = (x, wt["gate"], wt["w1"], wt["w3"], wt["w2"], K)
+    record(case, "sparsa cpu", median_ms(lambda: model(xn)), flops, sgemm, cold_compile_s=round(cold, 2),
+           cached=model.native.cached)
+    record(case, "eager HF loop", median_ms(lambda: hf_loop(*args)), flops, sgemm)
+    record(case, "eager sorted dispatch", median_ms(lambda: sorted_dispatch(*args)), flops, sgemm)
+    if inductor:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+        torch._dynamo.config.capture_scalar_outputs = True
+        for name, fn in (("inductor HF loop", hf_loop), ("inductor sorted dispatch", sorted_dispatch)):
+            compiled = torch.compile(fn)
+            t = time.perf_counter()
+            compiled(*args)
+            first = time.perf_counter() - t
+            record(case, name, median_ms(lambda c=compiled: c(*args)), flops, sgemm,
+                   compile_s=round(first, 1))
+    ref = hf_loop(*args).numpy()
+    err = float(np.abs(model(xn) - ref).max() / max(1.0, np.abs(ref).max()))
+    print(f"{'':34s} max error vs eager {err:.1e}")
+
+
+# ---- attention --------------------------------------------------------------------------------------
+def attention_model(mask: str, extra: str = "") -> Any:
+    src = f"""{mask}
+model A(q: f32[1, 8, S, 64], k: f32[1, 8, S, 64], v: f32[1, 8, S, 64]{extra}) -> f32[1, 8, S, 64] {{
+    return attention(q, k, v, mask=m{"(doc=doc)" if extra else ""})
+}}
+"""
+    return sparsa.compile(src, target="cpu")
+
+
+def bench_attention(sgemm: float) -> None:
+    S, H, Dh, W = 4096, 8, 64, 256
+    q, k, v = (torch.randn(1, H, S, Dh) for _ in range(3))
+    qn, kn, vn = q.numpy(), k.numpy(), v.numpy()
+    i = torch.arange(S)
+    # sliding window
+    case = f"sliding window {W} causal S={S}"
+    useful = 4 * H * Dh * sum(min(W, n + 1) for n in range(S))
+    m = attention_model(f"mask m(b, h, q, k) = k <= q and q - k < {W}")
+    record(case, "sparsa cpu", median_ms(lambda: m(qn, kn, vn)), useful, sgemm)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    record(case, "SDPA boolean mask", median_ms(lambda: sdpa(q, k, v, attn_mask=allowed)), useful, sgemm)
+    flex_case(case, q, k, v, lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), useful, sgemm)
+    # plain causal
+    case = f"causal S={S}"
+    useful = 4 * H * Dh * S * (S + 1) // 2
+    m = attention_model("mask m(b, h, q, k) = k <= q")
+    record(case, "sparsa cpu", median_ms(lambda: m(qn, kn, vn)), useful, sgemm)
+    record(case, "SDPA is_causal", median_ms(lambda: sdpa(q, k, v, is_causal=True)), useful, sgemm)
+    # documents
+    case = f"document mask, 6 docs S={S}"
+    doc = np.sort(np.random.default_rng(0).integers(0, 6, S)).astype(np.int32)
+    counts = np.bincount(doc)
+    useful = 4 * H * Dh * int(sum(c * (c + 1) // 2 for c in counts))
+    m = attention_model("mask m(b, h, q, k; doc: i32[S]) = doc[q] == doc[k] and k <= q", ", doc: i32[S]")
+    record(case, "sparsa cpu (incl. block map)", median_ms(lambda: m(qn, kn, vn, doc)), useful, sgemm)
+    dt = torch.from_numpy(doc.astype(np.int64))
+    flex_case(case, q, k, v, lambda b, h, qi, ki: (dt[qi] == dt[ki]) & (ki <= qi), useful, sgemm, include_map=True)
+
+
+def flex_case(case: str, q, k, v, mask_mod, useful: float, sgemm: float, include_map: bool = False) -> None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        print(f"{case}: FlexAttention unavailable ({e})")
+        return
+    S = q.shape[2]
+    t = time.perf_counter()
+    flex = torch.compile(flex_attention)
+    bm = create_block_mask(mask_mod, None, None, S, S, device="cpu")
+    flex(q, k, v, block_mask=bm)
+    compile_s = time.perf_counter() - t
+    build = median_ms(lambda: create_block_mask(mask_mod, None, None, S, S, device="cpu"), runs=3)
+    if include_map:
+        ms = median_ms(lambda: flex(q, k, v, block_mask=create_block_mask(mask_mod, None, None, S, S, device="cpu")))
+        record(case, "FlexAttention compiled (incl. map)", ms, useful, sgemm, block_mask_ms=round(build, 1),
+               compile_s=round(compile_s, 1))
+    else:
+        ms = median_ms(lambda: flex(q, k, v, block_mask=bm))
+        record(case, "FlexAttention compiled", ms, useful, sgemm, block_mask_ms=round(build, 1),
+               compile_s=round(compile_s, 1))
+
+
+# ---- scan and sparse weights ------------------------------------------------------------------------------
+def bench_scan(sgemm: float) -> None:
+    B, L, DI, N = 1, 2048, 1024, 16
+    case = f"selective scan L={L} D={DI} N={N}"
+    m = sparsa.compile(open(os.path.join(os.path.dirname(__file__), "..", "examples", "selective_scan.sp")).read(),
+                       target="cpu")
+    rng = np.random.default_rng(0)
+    u, delta, Bs, C = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((B, L, DI), (B, L, DI), (B, L, N),
+                                                                                  (B, L, N)))
+    A = -np.abs(rng.standard_normal((DI, N))).astype(np.float32)
+    Dskip = rng.standard_normal(DI).astype(np.float32)
+    flops = 9 * B * L * DI * N
+    record(case, "sparsa cpu", median_ms(lambda: m(u, delta, A, Bs, C, Dskip)), flops, sgemm)
+    tu, td, tA, tB, tC, tD = map(torch.from_numpy, (u, delta, A, Bs, C, Dskip))
+
+    def loop():
+        h = torch.zeros(B, DI, N)
+        ys = []
+        for t in range(L):
+            h = torch.exp(td[:, t, :, None] * tA) * h + (td[:, t] * tu[:, t])[:, :, None] * tB[:, t, None, :]
+            ys.append((h * tC[:, t, None, :]).sum(-1))
+        return torch.stack(ys, 1) + tD * tu
+
+    record(case, "eager loop over time", median_ms(loop, runs=5), flops, sgemm)
+
+
+def bench_bsr(sgemm: float) -> None:
+    T, K, N, blk, density = 2048, 1024, 4096, 32, 0.10
+    case = f"BSR FFN {density:.0%} blocks T={T} {K}x{N}"
+    m = sparsa.compile(f"model F(x: f32[T, {K}]) -> f32[T, {N}] {{\n    param w: f32[{K}, {N}] sparse "
+                       f"bsr({blk}, {blk})\n    return x @ w\n}}\n", target="cpu")
+    rng = np.random.default_rng(0)
+    keep = rng.random((K // blk, N // blk)) < density
+    w = rng.standard_normal((K, N)).astype(np.float32) * np.kron(keep, np.ones((blk, blk), np.float32))
+    m.load_weights({"w": w})
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    useful = 2 * T * blk * blk * int(keep.sum())
+    record(case, "sparsa cpu", median_ms(lambda: m(x)), useful, sgemm)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    record(case, "dense torch.matmul", median_ms(lambda: tx @ tw), useful, sgemm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose group name contains this")
+    parser.add_argument("--inductor", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--json", default="", help="write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    os.environ.setdefault("SPARSA_NUM_THREADS", "2")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsa threads "
+          f"{os.environ['SPARSA_NUM_THREADS']}, load {os.getloadavg()[0]:.2f}")
+    sgemm = sgemm_gflops()
+    groups = {"moe": lambda: bench_moe(sgemm, args.inductor), "attention": lambda: bench_attention(sgemm),
+              "scan": lambda: bench_scan(sgemm), "bsr": lambda: bench_bsr(sgemm)}
+    for name, run in groups.items():
+        if args.only in name:
+            run()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(ROWS, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
