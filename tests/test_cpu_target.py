@@ -13,25 +13,12 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torch_mlir")
 
+from example_inputs import SIZES, make_inputs  # noqa: E402, F401
+
 import sparsa  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-SIZES = {"B": 2, "H": 2, "S": 80, "T": 37, "L": 12, "DI": 16, "N": 8, "R": 7}
 TOL = 1e-4
-
-
-def make_inputs(model, seed=0, sizes=SIZES):
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in model.input_types:
-        shape = [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
-        if t.dtype.startswith("f"):
-            out.append(rng.standard_normal(shape).astype(np.float32))
-        elif t.dtype == "i1":
-            out.append(rng.random(shape) > 0.5)
-        else:  # document ids: small, sorted
-            out.append(np.sort(rng.integers(0, 3, shape)).astype(np.int32))
-    return out
 
 
 def close(got, want, tol=TOL):

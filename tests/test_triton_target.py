@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
+from example_inputs import SIZES, make_inputs  # noqa: E402, F401
+
 import sparsa  # noqa: E402
 from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 
@@ -23,26 +25,11 @@ ROOT = Path(__file__).parent.parent
 GOLDEN = Path(__file__).parent / "golden" / "triton"
 GPU = torch.cuda.is_available()
 TOL = 1e-4  # float32 dots run in full precision (input_precision="ieee") on the GPU too
-SIZES = {"B": 2, "H": 2, "S": 80, "T": 37, "L": 12, "DI": 16, "N": 8, "R": 7}
 
 
 @pytest.fixture(autouse=True)
 def _kernel_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def make_inputs(model, seed=0, sizes=SIZES):
-    rng = np.random.default_rng(seed)
-    out = []
-    for t in model.input_types:
-        shape = [sizes.get(d, d) if isinstance(d, str) else d for d in t.shape]
-        if t.dtype.startswith("f"):
-            out.append(rng.standard_normal(shape).astype(np.float32))
-        elif t.dtype == "i1":
-            out.append(rng.random(shape) > 0.5)
-        else:  # document ids / token ids: small, sorted
-            out.append(np.sort(rng.integers(0, 3, shape)).astype(np.int32))
-    return out
 
 
 def check(src, inputs=None, model=None, seed=0, tol=TOL, **kw):
