@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torch_mlir")
 
-from example_inputs import SIZES, make_inputs  # noqa: E402, F401
+from example_inputs import SIZES, SPARSE_WEIGHTS, make_inputs  # noqa: E402, F401
 
 import sparsa  # noqa: E402
 
@@ -141,13 +141,7 @@ def test_bad_thread_count_is_a_clear_error(monkeypatch, moe_pair):
 
 
 def test_sparse_weights_small_blocks_and_nm():
-    src = """
-model M(x: f32[T, 64]) -> f32[T, 48] {
-    param a: f32[64, 64] sparse bsr(8, 16)
-    param b: f32[64, 48] sparse nm(2, 4)
-    return relu(x @ a) @ b
-}
-"""
+    src = SPARSE_WEIGHTS
     ref, cpu = pair(src)
     for T in (1, 37, 300):
         x = np.random.default_rng(T).standard_normal((T, 64)).astype(np.float32)
@@ -175,3 +169,13 @@ def test_disk_cache_hit_and_corrupt_entry_rebuilt(monkeypatch, tmp_path):
     (tmp_path / "cpu" / objects[0].name).write_bytes(b"")  # truncated by a crash mid-write elsewhere
     assert not sparsa.compile(MOE, target="cpu").native.cached
     assert sparsa.compile(MOE, target="cpu").native.cached  # and written back whole
+
+
+def test_model_without_kernels_compiles_twice(monkeypatch, tmp_path):
+    """A model that only returns its input has no kernels and no object code: nothing to cache (dumping an
+    empty engine's object crashed the process)."""
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
+    src = "model M(x: f32[T, 8]) -> f32[T, 8] {\n    return x\n}\n"
+    x = np.ones((3, 8), np.float32)
+    for _ in range(2):
+        np.testing.assert_array_equal(sparsa.compile(src, target="cpu")(x), x)

@@ -192,9 +192,10 @@ class CpuFunction:
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
                 self.stages["llvm"] = str(module)
                 self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
-                cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
         packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self.entries = {k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
+        if not self.cached and symbols:  # an engine without functions has no object code to dump (it crashes)
+            cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
     def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None,
                  cache: dict | None = None) -> Any:
