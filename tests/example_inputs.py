@@ -20,3 +20,13 @@ def make_inputs(model, seed=0, sizes=SIZES):
         else:  # document ids / token ids: small, sorted
             out.append(np.sort(rng.integers(0, 3, shape)).astype(np.int32))
     return out
+
+
+# Small BSR blocks (8x16) and N:M 2:4 weights: the sparse-weight kernels of every target.
+SPARSE_WEIGHTS = """
+model M(x: f32[T, 64]) -> f32[T, 48] {
+    param a: f32[64, 64] sparse bsr(8, 16)
+    param b: f32[64, 48] sparse nm(2, 4)
+    return relu(x @ a) @ b
+}
+"""

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
-from example_inputs import SIZES, make_inputs  # noqa: E402, F401
+from example_inputs import SIZES, SPARSE_WEIGHTS, make_inputs  # noqa: E402, F401
 
 import sparsa  # noqa: E402
 from sparsa.ir.diagnostics import SparsaError  # noqa: E402
@@ -118,13 +118,7 @@ def test_moe_routers_and_capacity_match_reference(router):
 
 
 def test_sparse_weights_small_blocks_and_nm():
-    src = """
-model M(x: f32[T, 64]) -> f32[T, 48] {
-    param a: f32[64, 64] sparse bsr(8, 16)
-    param b: f32[64, 48] sparse nm(2, 4)
-    return relu(x @ a) @ b
-}
-"""
+    src = SPARSE_WEIGHTS
     tri = check(src)
     assert "lib.bsr_matmul" in tri.stage("launcher") and "lib.nm_matmul" in tri.stage("launcher")
 

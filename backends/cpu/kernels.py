@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, scf
+from torch_mlir.dialects import arith, func, linalg, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type
 from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 from sparsa.ir.types import TensorType
 
@@ -54,12 +56,13 @@ class Kernels(Lowering):
         self.kernels: list[Kernel] = []
 
     # ---- functions ------------------------------------------------------------------------------------
-    def function(self, op: Operation, inputs: list[Value], outputs: list[TensorType], parts: bool) -> tuple:
+    def function(self, op: Operation, types: list[TensorType], parts: bool) -> tuple:
+        """An empty kernel function for `op` over memrefs of `types` (operands, then outputs), with
+        (part, parts) index arguments when it splits its work."""
         name = f"k{len(self.kernels)}_{op.NAME.replace('.', '_')}"
-        types = [memref_type(v.type) for v in inputs] + [memref_type(t) for t in outputs]
-        types += [ir.IndexType.get()] * (2 if parts else 0)
+        args = [memref_type(t) for t in types] + [ir.IndexType.get()] * (2 if parts else 0)
         with ir.InsertionPoint(self.module.body):
-            fn = func.FuncOp(name, ir.FunctionType.get(types, []))
+            fn = func.FuncOp(name, ir.FunctionType.get(args, []))
             fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
             entry = fn.add_entry_block()
         return name, entry
@@ -79,7 +82,7 @@ class Kernels(Lowering):
         if op.regions and any(not r.empty for r in op.regions):
             raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
         inputs = list(op.operands)
-        name, entry = self.function(op, inputs, [r.type for r in op.results], False)
+        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], False)
         with ir.InsertionPoint(entry):
             for v, m in zip(inputs, entry.arguments, strict=False):
                 self.values[id(v)] = B.read(m)
@@ -95,9 +98,6 @@ class Kernels(Lowering):
         if out is None or out.rank == 0 or isinstance(out.shape[0], int) or out.shape[0] is None:
             return "none", []
         cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
-        from sparsa.ir.dialects import tensor_reduce as R
-        from sparsa.ir.dialects import tensor_shape as S
-
         if isinstance(op, ROW_SPLIT):
             return "rows", cut
         if isinstance(op, S.MatmulOp):
@@ -130,7 +130,7 @@ class Kernels(Lowering):
     # ---- MoE: routing -------------------------------------------------------------------------------
     def kernel_RouteOp(self, op: Operation) -> Kernel:
         inputs = [op.logits] + ([op.bias] if op.bias is not None else [])
-        name, entry = self.function(op, inputs, [r.type for r in op.results], True)
+        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], True)
         args = entry.arguments
         logits, bias = args[0], (args[1] if op.bias is not None else None)
         w_out, i_out, part, parts = args[len(inputs):]
@@ -220,7 +220,7 @@ class Kernels(Lowering):
         """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
         in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
         T*K + E*(block-1); offsets[E] says how much of it is used."""
-        name, entry = self.function(op, [op.experts], [r.type for r in op.results], False)
+        name, entry = self.function(op, [op.experts.type] + [r.type for r in op.results], False)
         experts, perm, offsets = entry.arguments
         i64 = ir.IntegerType.get_signless(64)
         E = op.num_experts
@@ -285,7 +285,7 @@ class Kernels(Lowering):
         inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
         rt = op.result.type
         out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-        name, entry = self.function(op, inputs, [out_type], True)
+        name, entry = self.function(op, [v.type for v in inputs] + [out_type], True)
         args = entry.arguments
         rows_m, perm, offsets = args[:3]
         w_ms = args[3:3 + len(weights)]
@@ -434,7 +434,7 @@ class Kernels(Lowering):
             if not region.empty:
                 data += [v for v in outer_values(region) if all(v is not d for d in data)]
         inputs = [op.q, op.k, op.v] + ([op.block_map] if op.block_map is not None else []) + data
-        name, entry = self.function(op, inputs, [op.result.type], True)
+        name, entry = self.function(op, [v.type for v in inputs] + [op.result.type], True)
         args = entry.arguments
         q, k, v = args[:3]
         bm = args[3] if op.block_map is not None else None
@@ -559,7 +559,7 @@ class Kernels(Lowering):
         """h = a_t * h + b_t streamed over time: per step the producer region makes a_t, b_t from step t of
         the inputs, the consumer reduces h to y_t, stored at step t of the output; h is never stored."""
         inputs = list(op.inputs)
-        name, entry = self.function(op, inputs, [op.result.type], False)
+        name, entry = self.function(op, [v.type for v in inputs] + [op.result.type], False)
         args = entry.arguments
         out = args[len(inputs)]
         rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
@@ -618,7 +618,7 @@ class Kernels(Lowering):
         empty blocks cost nothing. The host passes x and the output as 2-D and splits M across threads."""
         x2 = TensorType(op.x.type.dtype, (None, op.x.type.shape[-1]))
         out2 = TensorType(op.result.type.dtype, (None, op.cols))
-        name, entry = self.function_2d(op, [x2, op.row_ptr.type, op.col_idx.type, op.blocks.type], out2)
+        name, entry = self.function(op, [x2, op.row_ptr.type, op.col_idx.type, op.blocks.type, out2], False)
         x, row_ptr, col_idx, blocks, out = entry.arguments
         et = element_type(out2.dtype)
         with ir.InsertionPoint(entry):
@@ -648,7 +648,7 @@ class Kernels(Lowering):
         """x [M, K] @ W with W stored N:M along K: each output reads only the n kept inputs of every m."""
         x2 = TensorType(op.x.type.dtype, (None, op.x.type.shape[-1]))
         out2 = TensorType(op.result.type.dtype, (None, op.values.type.shape[1]))
-        name, entry = self.function_2d(op, [x2, op.values.type, op.indices.type], out2)
+        name, entry = self.function(op, [x2, op.values.type, op.indices.type, out2], False)
         x, values, indices, out = entry.arguments
         et = element_type(out2.dtype)
         with ir.InsertionPoint(entry):
@@ -669,14 +669,6 @@ class Kernels(Lowering):
             func.ReturnOp([])
         return Kernel(name, op, list(op.operands), [op.result], "rows", [True, False, False])
 
-    def function_2d(self, op: Operation, inputs: list[TensorType], out: TensorType) -> tuple:
-        name = f"k{len(self.kernels)}_{op.NAME.replace('.', '_')}"
-        types = [memref_type(t) for t in inputs] + [memref_type(out)]
-        with ir.InsertionPoint(self.module.body):
-            fn = func.FuncOp(name, ir.FunctionType.get(types, []))
-            fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
-            entry = fn.add_entry_block()
-        return name, entry
 
 
 def _dtype(et: ir.Type) -> str:
@@ -692,14 +684,10 @@ def _iters(kinds: list[str]) -> ir.ArrayAttr:
 
 
 def _alloca(n: ir.Value, et: ir.Type) -> ir.Value:
-    from torch_mlir.dialects import memref
-
     return memref.AllocaOp(ir.MemRefType.get([B.DYN()], et), [B.as_index(n)], []).result
 
 
 def _flatten(m: ir.Value) -> ir.Value:
-    from torch_mlir.dialects import memref
-
     mt = ir.MemRefType(m.type)
     n = 1
     for s in mt.shape:
@@ -742,5 +730,3 @@ def _argmax(n: ir.Value, values: ir.Value, taken: ir.Value, lo: ir.Value | None 
         scf.YieldOp([B.select(take, v, best), B.select(take, e, at)])
     return loop.results[1]
 
-
-__all__ = ["EMPTY", "FULL", "Kernel", "Kernels", "memref_type", "outer_values"]

@@ -1,8 +1,8 @@
-"""Sparsa IR -> upstream MLIR (`func`, `linalg`, `arith`, `math`, `tensor`), built with the MLIR Python
-bindings that torch-mlir ships. First slice: elementwise ops with NumPy broadcasting, matmul (batched,
-broadcasting), reductions, softmax and transpose, on static or symbolic shapes. Every op is a
-`linalg.generic` (or fill), so later stages can tile and vectorize them; any other op is an error that
-names it, the backend and its source line.
+"""Sparsa IR -> upstream MLIR (`linalg`, `arith`, `math`, `tensor`) built with the MLIR Python bindings that
+torch-mlir ships: the dense ops (elementwise with NumPy broadcasting, batched matmul, reductions, softmax,
+rmsnorm/layernorm, transpose, gather) as `linalg.generic`s on static or symbolic shapes, tagged for the
+schedule (jit.py) to tile and vectorize. In scalar mode the same handlers inline mask and score regions into
+a loop body. Any other op is an error naming it, the backend and its source line.
 """
 
 from __future__ import annotations
