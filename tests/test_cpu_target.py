@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("torch_mlir")
 
-from example_inputs import SIZES, SPARSE_WEIGHTS, make_inputs  # noqa: E402, F401
+from example_inputs import LINEAR_ATTENTION, OPS, SHAPES, SIZES, SPARSE_WEIGHTS, make_inputs  # noqa: E402, F401
 
 import sparsa  # noqa: E402
+from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 TOL = 1e-4
@@ -24,7 +25,8 @@ TOL = 1e-4
 def close(got, want, tol=TOL):
     got, want = (got, want) if isinstance(want, tuple) else ((got,), (want,))
     for g, w in zip(got, want, strict=True):
-        scale = max(1.0, float(np.abs(w).max())) if w.size else 1.0
+        finite = np.abs(w[np.isfinite(w)])
+        scale = max(1.0, float(finite.max())) if finite.size else 1.0
         np.testing.assert_allclose(np.asarray(g, dtype=np.float64), w.astype(np.float64), rtol=tol, atol=tol * scale)
 
 
@@ -44,6 +46,69 @@ def test_example_matches_reference(example, model):
     inputs = make_inputs(ref)
     close(cpu(*inputs), ref(*inputs))
     assert "llvm.func" in cpu.stage("llvm")
+
+
+def check(src, inputs=None, passes=None, sizes=SIZES):
+    kw = {"passes": passes} if passes else {}
+    ref = sparsa.compile(src, **kw).init_weights(0)
+    cpu = sparsa.compile(src, target="cpu", **kw).init_weights(0)
+    inputs = make_inputs(ref, sizes=sizes) if inputs is None else inputs
+    close(cpu(*inputs), ref(*inputs))
+    return cpu
+
+
+def test_dense_ops_reductions_norms_casts_cumsum():
+    check(OPS)
+
+
+def test_layout_ops_matmuls_of_every_rank_gather_concat_topk():
+    inputs = make_inputs(sparsa.compile(SHAPES))
+    inputs[3] = np.array([0, 3, 7, -1, 2], dtype=np.int32)  # a negative index counts from the end
+    check(SHAPES, inputs)
+    inputs[3] = np.array([0, 3, 42, -1, 2], dtype=np.int32)
+    with pytest.raises(SparsaError, match=r"<source>:7:\d+: .*index 42 is out of range for axis 0 of size 42"):
+        sparsa.compile(SHAPES, target="cpu")(*inputs)
+
+
+SEARCHES = """
+model M(x: f32[R, 9], i: i32[R, 9]) -> (f32[R, 4], i64[R, 4], i64[9], i64[R, 1], i32[R, 3], i64[R, 3], i32[R, 9], i64[R], f32[R, 2]) {
+    v, j = topk(x, k=4)
+    w, n = topk(i, k=3)
+    return v, j, argmax(x, axis=0), argmax(x, axis=1, keepdim=true), w, n, cumsum(i, axis=0), iota(R) + argmax(i, axis=1), full([R, 2], 1.5)
+}
+"""
+
+
+def test_searches_keep_numpy_order_with_ties_and_nans():
+    """topk and argmax as NumPy orders: ties to the lower index, NaN the largest for argmax and last for topk;
+    integer inputs; cumsum of ints; iota and a splat of symbolic length."""
+    x = np.round(np.random.default_rng(3).standard_normal((7, 9)), 1).astype(np.float32)
+    x[0] = 1.0  # all tied
+    x[1, [2, 5]] = np.nan
+    x[2, 4] = np.nan
+    x[3, :] = -np.inf
+    i = np.random.default_rng(4).integers(-3, 3, (7, 9)).astype(np.int32)
+    check(SEARCHES, [x, i])
+
+
+@pytest.mark.parametrize(("decay", "chunk"), [("sigmoid(g)", 16), ("g", 5), ("(g * 0.0 + 1.0)", 64)])
+def test_linear_attention_scan(decay, chunk):
+    """The matrix-state scan: any decay sign, a zero decay cutting the history, L not a multiple of the chunk."""
+    src = LINEAR_ATTENTION.replace("DECAY", decay)
+    passes = f"canonicalize,fuse-scan{{chunk={chunk}}},cse,dce"
+    sizes = {"B": 2, "L": 45}
+    inputs = make_inputs(sparsa.compile(src, passes=passes), sizes=sizes)
+    inputs[3][0, 7] = 0.0
+    cpu = check(src, inputs, passes=passes)
+    assert "scan_linear_attention" in cpu.stage("mlir")
+
+
+def test_unfused_scan_with_initial_state_and_broadcasting():
+    src = """model M(a: f32[B, L, 1], b: f32[B, L, 6], h: f32[6]) -> f32[B, L, 6] {
+    return scan(sigmoid(a), b, axis=1, h0=h) + scan(a, b, axis=-2)
+}"""
+    cpu = check(src, passes="canonicalize,cse,dce")
+    assert "k1_scan_scan" in cpu.stage("mlir")
 
 
 @pytest.mark.slow

@@ -4,10 +4,11 @@ algorithms."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, bufferization, memref, scf, tensor
+from torch_mlir.dialects import arith, bufferization, linalg, memref, scf, tensor
 
 Size = int | ir.Value
 DYN = ir.ShapedType.get_dynamic_size
@@ -118,15 +119,19 @@ def slice_tensor(t: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size], dr
 
 
 def subview(m: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size], drop: Sequence[int] = ()) -> ir.Value:
-    """memref.subview with unit strides of an identity-layout memref (its last stride stays 1)."""
+    """memref.subview with unit strides; `drop` lists size-1 axes left out of the result type. The result
+    layout is the one MLIR infers: the source's strides, and an offset known only when every term is."""
     mt = ir.MemRefType(m.type)
     so, do = _mixed(offsets)
     ss, ds = _mixed(sizes)
+    src_strides, src_offset = mt.get_strides_and_offset()
+    offset = src_offset
+    for o, st in zip(so, src_strides, strict=True):
+        if o == 0:
+            continue
+        offset = DYN() if DYN() in (offset, o, st) else offset + o * st
     kept = [i for i in range(len(ss)) if i not in drop]
-    strides = [DYN() for _ in kept]
-    if kept and kept[-1] == len(ss) - 1:
-        strides[-1] = 1
-    layout = ir.StridedLayoutAttr.get(DYN(), strides)
+    layout = ir.StridedLayoutAttr.get(offset, [src_strides[i] for i in kept])
     result = ir.MemRefType.get([ss[i] for i in kept], mt.element_type, layout)
     return memref.SubViewOp(result, m, do, ds, [], so, ss, [1] * len(ss)).result
 
@@ -160,3 +165,41 @@ def insert_slice(src: ir.Value, dest: ir.Value, offsets: Sequence[Size], sizes: 
 
 def ceil_div(a: ir.Value, b: int) -> ir.Value:
     return arith.DivUIOp(add(a, c_index(b - 1)), c_index(b)).result
+
+
+@contextmanager
+def nest(sizes: Sequence[Size]) -> Iterator[list[ir.Value]]:
+    """Nested scf.for loops from 0 to each size; the body is built inside the `with` (no iter_args)."""
+    points, ivs = [], []
+    for s in sizes:
+        f = loop(0, s)
+        point = ir.InsertionPoint(f.body)
+        point.__enter__()
+        points.append(point)
+        ivs.append(f.induction_variable)
+    try:
+        yield ivs
+    finally:
+        for point in reversed(points):
+            scf.YieldOp([])
+            point.__exit__(None, None, None)
+
+
+def sizes_of(m: ir.Value) -> list[Size]:
+    """The sizes of a memref or tensor: static ones as ints, dynamic ones read from it."""
+    shape = ir.ShapedType(m.type).shape
+    return [s if s != DYN() else mdim(m, i) for i, s in enumerate(shape)]
+
+
+def memref_generic(ins: Sequence[tuple[ir.Value, list]], out: ir.Value, out_exprs: list, kinds: list[ir.Attribute],
+                   body: Callable[..., ir.Value]) -> None:
+    """A linalg.generic on memrefs (no tensors, so nothing for bufferization to analyse): `body` gets the
+    input elements and the output's current element and returns the element to store."""
+    rank = len(kinds)
+    maps = ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(rank, 0, e)) for e in [x for _, x in ins] +
+                             [out_exprs]])
+    op = linalg.GenericOp([], [v for v, _ in ins], [out], maps, ir.ArrayAttr.get(list(kinds)))
+    types = [ir.ShapedType(v.type).element_type for v, _ in ins] + [ir.ShapedType(out.type).element_type]
+    block = op.regions[0].blocks.append(*types)
+    with ir.InsertionPoint(block):
+        linalg.YieldOp([body(*block.arguments)])

@@ -15,18 +15,22 @@ from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.cpu import cache
-from sparsa.backends.cpu.kernels import Kernel, Kernels
+from sparsa.backends.cpu.kernels import ROW_SPLIT, Kernel, Kernels
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.types import numpy_dtype
 
 # After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
 # would leak otherwise), then from vectors and loops to LLVM. Vector transfers are unrolled rather than staged
 # through stack buffers, which inside a kernel's loops would grow the stack every iteration.
 PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buffer-deallocation-simplification,"
-            "bufferization-lower-deallocations,canonicalize,convert-vector-to-scf{full-unroll=true},convert-linalg-to-loops,expand-strided-metadata,"
-            "lower-affine,convert-scf-to-cf,convert-vector-to-llvm,convert-math-to-llvm,finalize-memref-to-llvm,"
+            "bufferization-lower-deallocations,canonicalize,convert-vector-to-scf{full-unroll=true},"
+            "convert-linalg-to-loops,expand-strided-metadata,lower-affine,convert-scf-to-cf,"
+            # math on vectors to LLVM intrinsics first; what has none becomes libm calls, then vectors go
+            "convert-math-to-llvm,convert-math-to-libm,convert-vector-to-llvm,finalize-memref-to-llvm,"
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
 
@@ -122,10 +126,12 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
     return "\n".join(lines) + "\n"
 _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
            "i8": ctypes.c_int8, "i1": ctypes.c_bool}
-# Ops the host does itself: weights, views (no data moves), and block maps of data masks (the interval
-# classification of attn_blocks.py, O(blocks) per call).
+# Ops the host does itself: weights, views (no data moves), block maps of data masks (the interval
+# classification of attn_blocks.py, O(blocks) per call), and sparse layouts of values that are not weights
+# (a layout check, and packings whose sizes depend on the data; the weights' are packed once and cached).
 HOST_OPS = {"func.param", "tensor.reshape", "tensor.expand_dims", "tensor.squeeze", "tensor.split",
-            "tensor.broadcast_to", "tensor.slice", "attn.block_map"}
+            "tensor.broadcast_to", "tensor.slice", "attn.block_map", "sparse.convert", "sparse.pack_bsr",
+            "sparse.pack_nm"}
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -234,6 +240,14 @@ class CpuFunction:
             out = np.empty((x.shape[0], shape[-1]), numpy_dtype(op.result.type.dtype))
             self.rows(k, [x] + ins[1:], out, [True] + k.rows[1:], n)
             return [out.reshape(shape)]
+        if kind == "LinearAttentionOp":
+            lead = np.broadcast_shapes(*(a.shape[:-1] for a in ins[:3]), ins[3].shape)
+            flat = [np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-1:])).reshape(-1, *lead[-1:], a.shape[-1])
+                    for a in ins[:3]]
+            flat.append(np.ascontiguousarray(np.broadcast_to(ins[3], lead)).reshape(-1, lead[-1]))
+            out = np.empty(flat[0].shape[:2] + ins[2].shape[-1:], numpy_dtype(op.result.type.dtype))
+            self.parts(k, flat + [out], n)
+            return [out.reshape(lead + ins[2].shape[-1:])]
         if kind == "GroupedMatmulCombineOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else ins[3].shape[2]
@@ -246,7 +260,10 @@ class CpuFunction:
             out = np.zeros((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
             return [out]
-        outs = [np.empty(host.shape_of(r.type), numpy_dtype(r.type.dtype)) for r in k.outputs]
+        if kind == "GatherOp":
+            check_indices(op, ins[0], ins[1:])
+        outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
+                                                                               strict=True)]
         if k.split == "parts":
             self.parts(k, ins + outs, n)
         elif k.split == "rows":
@@ -275,6 +292,46 @@ class CpuFunction:
             jobs.append(_threads(n).submit(self.call, k, arrays))
         for f in jobs:
             f.result()
+
+
+def check_indices(op: Operation, x: np.ndarray, indices: list[np.ndarray]) -> None:
+    """A gather's indices must be in -n..n-1 of their axis (the kernel reads without checking)."""
+    for axis, i in enumerate(indices):
+        n = x.shape[axis]
+        if i.size and (i.min() < -n or i.max() >= n):
+            bad = int(i[(i < -n) | (i >= n)].flat[0])
+            raise SparsaError(f"gather: index {bad} is out of range for axis {axis} of size {n}", op.loc)
+
+
+def result_shapes(op: Operation, ins: list[np.ndarray], host: Interpreter) -> list[tuple[int, ...]]:
+    """The shapes of op's results in this call. Dims unknown at compile time (a slice to a computed stop,
+    say) come from the operands' shapes by the op's shape rule."""
+    types = [r.type for r in op.results]
+    if all(None not in t.shape for t in types):
+        return [host.shape_of(t) for t in types]
+    shapes = [a.shape for a in ins]
+    if isinstance(op, ROW_SPLIT) or isinstance(op, R.AxisFloatOp | R.CumsumOp | R.RmsNormOp | R.LayerNormOp):
+        return [np.broadcast_shapes(*shapes) if isinstance(op, ROW_SPLIT) else shapes[0]]
+    if isinstance(op, R.TopkOp):
+        return [shapes[0][:-1] + (op.k,)] * 2
+    if isinstance(op, R.ReduceOp | R.ArgmaxOp):
+        axes = {a % len(shapes[0]) for a in (op.axes if isinstance(op, R.ReduceOp) else (op.axis,))}
+        return [tuple(1 if i in axes else n for i, n in enumerate(shapes[0]) if op.keepdim or i not in axes)]
+    if isinstance(op, S.MatmulOp):
+        a, b = shapes
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+        return [batch + a[-2:-1] + b[-1:] if len(b) > 1 else batch + a[-2:-1]]
+    if isinstance(op, S.TransposeOp):
+        return [tuple(shapes[0][p] for p in op.perm)]
+    if isinstance(op, S.ConcatOp):
+        axis = op.axis % len(shapes[0])
+        return [tuple(sum(s[axis] for s in shapes) if i == axis else n for i, n in enumerate(shapes[0]))]
+    if isinstance(op, S.GatherOp):
+        return [np.broadcast_shapes(*shapes[1:]) + shapes[0][len(shapes) - 1:]]
+    # any other op: its reference on stand-ins of the operands' shapes (no data, stride 0)
+    dummies = [np.lib.stride_tricks.as_strided(np.zeros(1, a.dtype), a.shape, [0] * a.ndim) for a in ins]
+    outs = op.reference(host, *dummies)
+    return [np.shape(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
 
 class _Host(Interpreter):

@@ -18,6 +18,7 @@ from torch_mlir.dialects import arith, func, linalg, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.loops import LoopKernels
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type
 from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
@@ -47,7 +48,7 @@ def memref_type(t: TensorType) -> ir.MemRefType:
     return ir.MemRefType.get([d if isinstance(d, int) else B.DYN() for d in t.shape], element_type(t.dtype))
 
 
-class Kernels(Lowering):
+class Kernels(Lowering, LoopKernels):
     """Builds the kernels of one function into `module`."""
 
     def __init__(self, module: ir.Module):
@@ -69,6 +70,10 @@ class Kernels(Lowering):
 
     def kernel(self, op: Operation) -> Kernel:
         """The kernel computing `op` (CpuLoweringError, naming the op and its line, if there is none)."""
+        half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
+        if half:
+            raise CpuLoweringError(f"'{op.NAME}' on {half.pop()} is not supported by the cpu backend yet (its "
+                                   "kernels are float32; cast to f32 or use the triton target)", op.loc)
         builder = getattr(self, "kernel_" + type(op).__name__, None)
         if builder is not None:
             k = builder(op)
@@ -80,7 +85,8 @@ class Kernels(Lowering):
     def dense(self, op: Operation) -> Kernel:
         """An op of Lowering, on tensor views of its memrefs; written straight into the output."""
         if op.regions and any(not r.empty for r in op.regions):
-            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
+            hint = " (run the fuse-moe-gating and fuse-moe-dispatch passes first)" if op.NAME == "moe.moe" else " yet"
+            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend{hint}", op.loc)
         inputs = list(op.operands)
         name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], False)
         with ir.InsertionPoint(entry):

@@ -7,12 +7,14 @@ a loop body. Any other op is an error naming it, the backend and its source line
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, linalg, tensor
 from torch_mlir.dialects import math as mmath
 
+from sparsa.backends.cpu import build as B
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor as T
@@ -173,6 +175,20 @@ class Lowering:
         def sigmoid(x: ir.Value) -> ir.Value:
             return arith.DivFOp(one(), arith.AddFOp(one(), mmath.ExpOp(arith.NegFOp(x).result).result).result).result
 
+        def softplus(x: ir.Value) -> ir.Value:  # max(x, 0) + log1p(exp(-|x|)): no overflow
+            tail = mmath.Log1pOp(mmath.ExpOp(arith.NegFOp(mmath.AbsFOp(x).result).result).result).result
+            return arith.AddFOp(arith.MaximumFOp(x, zero()).result, tail).result
+
+        def gelu(x: ir.Value) -> ir.Value:  # x * Phi(x) with the error function
+            phi = erf(arith.MulFOp(x, B.c_float(math.sqrt(0.5), et)).result, et)
+            return arith.MulFOp(arith.MulFOp(x, B.c_float(0.5, et)).result, arith.AddFOp(one(), phi).result).result
+
+        def gelu_tanh(x: ir.Value) -> ir.Value:
+            cube = arith.MulFOp(arith.MulFOp(x, x).result, x).result
+            inner = arith.AddFOp(x, arith.MulFOp(cube, B.c_float(0.044715, et)).result).result
+            th = mmath.TanhOp(arith.MulFOp(inner, B.c_float(math.sqrt(2.0 / math.pi), et)).result).result
+            return arith.MulFOp(arith.MulFOp(x, B.c_float(0.5, et)).result, arith.AddFOp(one(), th).result).result
+
         t = type(op)
         if t in floats:
             return self.elementwise(op, lambda x: floats[t](x).result)
@@ -181,12 +197,16 @@ class Lowering:
                                     else arith.SubIOp(zero(), x).result)
         if t is T.AbsOp:
             return self.elementwise(op, lambda x: mmath.AbsFOp(x).result if is_float(dt) else mmath.AbsIOp(x).result)
-        if t is T.ReluOp and is_float(dt):
-            return self.elementwise(op, lambda x: arith.MaximumFOp(x, zero()).result)
+        if t is T.ReluOp:
+            return self.elementwise(op, lambda x: arith.MaximumFOp(x, zero()).result if is_float(dt)
+                                    else arith.MaxSIOp(x, zero()).result)
         if t is T.SigmoidOp:
             return self.elementwise(op, sigmoid)
         if t is T.SiluOp:
             return self.elementwise(op, lambda x: arith.MulFOp(x, sigmoid(x)).result)
+        if t in (T.SoftplusOp, T.GeluOp, T.GeluTanhOp):
+            fn = {T.SoftplusOp: softplus, T.GeluOp: gelu, T.GeluTanhOp: gelu_tanh}[t]
+            return self.elementwise(op, fn)
         raise CpuLoweringError(f"'{op.NAME}' on {dt} is not supported by the cpu backend yet", op.loc)
 
     def op_BinaryOp(self, op: Operation) -> ir.Value:
@@ -226,47 +246,65 @@ class Lowering:
     def op_CastOp(self, op: Operation) -> ir.Value:
         src, dst = op.x.type.dtype, op.to
         et = element_type(dst)
+        if dst == "i1":  # nonzero is true (NaN too, as in NumPy)
+            zero = scalar_constant(element_type(src), 0)
+            if is_float(src):
+                return self.elementwise(op, lambda x: arith.CmpFOp(13, x, zero).result)  # une
+            return self.elementwise(op, lambda x: arith.CmpIOp(1, x, zero).result)
         if is_float(src) and is_float(dst):
             wider = ir.FloatType(et).width > ir.FloatType(element_type(src)).width
+            if src == dst:
+                return self.elementwise(op, lambda x: x)
             return self.elementwise(op, lambda x: (arith.ExtFOp if wider else arith.TruncFOp)(et, x).result)
         if not is_float(src) and is_float(dst):
             return self.elementwise(op, lambda x: (arith.UIToFPOp if src == "i1" else arith.SIToFPOp)(et, x).result)
-        if is_float(src) and not is_float(dst) and dst != "i1":
+        if is_float(src):
             return self.elementwise(op, lambda x: arith.FPToSIOp(et, x).result)
-        if src != "i1" and dst != "i1" and not is_float(src):
-            w_src, w_dst = ir.IntegerType(element_type(src)).width, ir.IntegerType(et).width
-            return self.elementwise(op, lambda x: (arith.ExtSIOp if w_dst > w_src else arith.TruncIOp)(et, x).result)
-        raise CpuLoweringError(f"cast {src} -> {dst} is not supported by the cpu backend yet", op.loc)
+        w_src, w_dst = ir.IntegerType(element_type(src)).width, ir.IntegerType(et).width
+        if w_src == w_dst:
+            return self.elementwise(op, lambda x: x)
+        ext = arith.ExtUIOp if src == "i1" else arith.ExtSIOp
+        return self.elementwise(op, lambda x: (ext if w_dst > w_src else arith.TruncIOp)(et, x).result)
 
     def op_MatmulOp(self, op: Operation) -> ir.Value:
-        a, b = op.lhs.type, op.rhs.type
+        return self.matmul(op, op.lhs, op.rhs)
+
+    def op_SparseMatmulOp(self, op: Operation) -> ir.Value:
+        """x @ w for a sparse-layout w that is not a weight (lower-sparse-weights packs the weights): the
+        value is the dense product."""
+        return self.matmul(op, op.x, op.w)
+
+    def matmul(self, op: Operation, lhs: Value, rhs: Value) -> ir.Value:
+        """NumPy's matmul: batch dims broadcast; a 1-D lhs is a row and a 1-D rhs a column, dropped from the
+        result. Tagged for the register-tiled schedule when both sides are matrices."""
+        a, b = lhs.type, rhs.type
         out = op.result.type
-        if a.rank < 2 or b.rank < 2 or not is_float(out.dtype):
-            raise CpuLoweringError("cpu matmul needs float operands of rank >= 2", op.loc)
-        nb = out.rank - 2
+        if a.rank < 1 or b.rank < 1 or not is_float(out.dtype):
+            raise CpuLoweringError("cpu matmul needs float operands of rank >= 1", op.loc)
+        has_m, has_n = a.rank >= 2, b.rank >= 2
+        nb = out.rank - has_m - has_n
         d = [ir.AffineDimExpr.get(i) for i in range(out.rank + 1)]
-        m, n, k = d[nb], d[nb + 1], d[nb + 2]
-        batch_a = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - (a.rank - 2) + i]
-                   for i, s in enumerate(a.shape[:-2])]
-        batch_b = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - (b.rank - 2) + i]
-                   for i, s in enumerate(b.shape[:-2])]
-        av, bv = self.get(op.lhs), self.get(op.rhs)
-        sources = self.out_sources(TensorType(out.dtype, out.shape[:-2]), [(av, a.with_shape(a.shape[:-2])),
-                                                                          (bv, b.with_shape(b.shape[:-2]))])
-        sources += [(av, a.rank - 2), (bv, b.rank - 1)]
+        m, n, k = d[nb], d[nb + has_m], d[out.rank]
+        ba, bb = a.shape[:-2], b.shape[:-2]
+        batch_a = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - len(ba) + i] for i, s in enumerate(ba)]
+        batch_b = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - len(bb) + i] for i, s in enumerate(bb)]
+        av, bv = self.get(lhs), self.get(rhs)
+        sources = self.out_sources(TensorType(out.dtype, out.shape[:nb]), [(av, a.with_shape(ba)),
+                                                                          (bv, b.with_shape(bb))])
+        sources += [(av, a.rank - 2)] * has_m + [(bv, b.rank - 1)] * has_n
         init = self.zero_filled(out, sources)
-        result = self.generic(out, [(av, batch_a + [m, k]), (bv, batch_b + [k, n])], init,
-                              [PARALLEL] * out.rank + [REDUCTION], d[:nb] + [m, n],
+        result = self.generic(out, [(av, batch_a + [m] * has_m + [k]), (bv, batch_b + [k] + [n] * has_n)], init,
+                              [PARALLEL] * out.rank + [REDUCTION], d[:out.rank],
                               lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
-        self.tag(result, "matmul", out)
+        if has_m and has_n:
+            self.tag(result, "matmul", out)
         return result
 
-    def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float = 0.0) -> ir.Value:
-        et = element_type(t.dtype)
+    def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float | int = 0.0) -> ir.Value:
         init = self.empty_like_dims(t, sources)
-        return linalg.fill(arith.ConstantOp(et, ir.FloatAttr.get(et, value)).result, outs=[init])
+        return linalg.fill(scalar_constant(element_type(t.dtype), value), outs=[init])
 
-    def reduce(self, x: ir.Value, t: TensorType, axes: set[int], keepdim: bool, out: TensorType, start: float,
+    def reduce(self, x: ir.Value, t: TensorType, axes: set[int], keepdim: bool, out: TensorType, start: float | int,
                combine: Any) -> ir.Value:
         d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
         out_exprs = [ir.AffineConstantExpr.get(0) if i in axes else d[i] for i in range(t.rank)] if keepdim else [
@@ -283,15 +321,15 @@ class Lowering:
 
     def op_ReduceOp(self, op: Operation) -> ir.Value:
         t = op.x.type
-        if not is_float(t.dtype):
-            raise CpuLoweringError(f"'{op.NAME}' on {t.dtype} is not supported by the cpu backend yet", op.loc)
         axes = {a % t.rank for a in op.axes}
         x = self.get(op.x)
         kind = type(op)
-        if kind in (R.SumOp, R.MeanOp):
+        fl = is_float(t.dtype)
+        if kind is R.SumOp:
+            add = arith.AddFOp if fl else arith.AddIOp
+            return self.reduce(x, t, axes, op.keepdim, op.result.type, 0.0 if fl else 0, lambda v, a: add(a, v).result)
+        if kind is R.MeanOp:
             total = self.reduce(x, t, axes, op.keepdim, op.result.type, 0.0, lambda v, a: arith.AddFOp(a, v).result)
-            if kind is R.SumOp:
-                return total
             et = element_type(t.dtype)
             count = arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result
             for a in sorted(axes):  # the number of elements averaged, read at run time for symbolic dims
@@ -300,16 +338,54 @@ class Lowering:
                     arith.SIToFPOp(et, arith.IndexCastOp(ir.IntegerType.get_signless(64), self.dim(x, a)).result).result
                 count = arith.MulFOp(count, size).result
             inv = arith.DivFOp(arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result, count).result
-            out = op.result.type
-            d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
-            init = self.empty_like_dims(out, [(total, i) for i in range(out.rank)])
-            return self.generic(out, [(total, d)], init, [PARALLEL] * out.rank, d,
-                                lambda v, _: arith.MulFOp(v, inv).result)
+            return self.map(total, op.result.type, lambda v: arith.MulFOp(v, inv).result)
         if kind in (R.MaxOp, R.MinOp):
-            start = float("-inf") if kind is R.MaxOp else float("inf")
-            pick = arith.MaximumFOp if kind is R.MaxOp else arith.MinimumFOp
+            if fl:
+                start = float("-inf") if kind is R.MaxOp else float("inf")
+                pick = arith.MaximumFOp if kind is R.MaxOp else arith.MinimumFOp
+            else:
+                bits = ir.IntegerType(element_type(t.dtype)).width
+                start = -(1 << (bits - 1)) if kind is R.MaxOp else (1 << (bits - 1)) - 1
+                pick = arith.MaxSIOp if kind is R.MaxOp else arith.MinSIOp
             return self.reduce(x, t, axes, op.keepdim, op.result.type, start, lambda v, a: pick(a, v).result)
+        if kind is R.LogSumExpOp:
+            return self.logsumexp(x, t, axes, op.keepdim, op.result.type)
         raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend yet", op.loc)
+
+    def map(self, x: ir.Value, t: TensorType, fn: Any) -> ir.Value:
+        """fn applied to every element of x (of type t)."""
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+        return self.generic(t, [(x, d)], init, [PARALLEL] * t.rank, d, lambda v, _: fn(v))
+
+    def logsumexp(self, x: ir.Value, t: TensorType, axes: set[int], keepdim: bool, out: TensorType) -> ir.Value:
+        """log(sum(exp(x - m))) + m with m the max (0 where the max is not finite, as the reference)."""
+        et = element_type(t.dtype)
+        kept = TensorType(t.dtype, tuple(1 if i in axes else s for i, s in enumerate(t.shape)))
+        m = self.reduce(x, t, axes, True, kept, float("-inf"), lambda v, a: arith.MaximumFOp(a, v).result)
+
+        def finite(v: ir.Value) -> ir.Value:
+            inf = B.c_float(float("inf"), et)
+            return arith.SelectOp(arith.CmpFOp(4, mmath.AbsFOp(v).result, inf).result, v, B.c_float(0.0, et)).result
+
+        m = self.map(m, kept, finite)
+        d = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        bcast = [ir.AffineConstantExpr.get(0) if i in axes else d[i] for i in range(t.rank)]
+        init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
+        e = self.generic(t, [(x, d), (m, bcast)], init, [PARALLEL] * t.rank, d,
+                         lambda v, mx, _: mmath.ExpOp(arith.SubFOp(v, mx).result).result)
+        s = self.reduce(e, t, axes, True, kept, 0.0, lambda v, a: arith.AddFOp(a, v).result)
+        init = self.empty_like_dims(kept, [(s, i) for i in range(t.rank)])
+        dk = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
+        result = self.generic(kept, [(s, dk), (m, dk)], init, [PARALLEL] * t.rank, dk,
+                              lambda v, mx, _: arith.AddFOp(mmath.LogOp(v).result, mx).result)
+        if keepdim:
+            return result
+        kept_axes = [i for i in range(t.rank) if i not in axes]
+        do = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        src = [ir.AffineConstantExpr.get(0) if i in axes else do[kept_axes.index(i)] for i in range(t.rank)]
+        init = self.empty_like_dims(out, [(result, i) for i in kept_axes])
+        return self.generic(out, [(result, src)], init, [PARALLEL] * out.rank, do, lambda v, _: v)
 
     def op_SoftmaxOp(self, op: Operation) -> ir.Value:
         t = op.x.type
@@ -445,6 +521,35 @@ class Lowering:
                               d, body)
         self.tag(result, "elementwise", t)
         return result
+
+
+def erf(x: ir.Value, et: ir.Type) -> ir.Value:
+    """erf(x) by Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7): arith and one exp, so it
+    vectorizes (math.erf has no LLVM lowering but a scalar libm call)."""
+    a = mmath.AbsFOp(x).result
+    t = arith.DivFOp(B.c_float(1.0, et), arith.AddFOp(B.c_float(1.0, et), arith.MulFOp(
+        a, B.c_float(0.3275911, et)).result).result).result
+    poly = B.c_float(1.061405429, et)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = arith.AddFOp(arith.MulFOp(poly, t).result, B.c_float(c, et)).result
+    poly = arith.MulFOp(poly, t).result
+    tail = arith.MulFOp(poly, mmath.ExpOp(arith.NegFOp(arith.MulFOp(a, a).result).result).result).result
+    return mmath.CopySignOp(arith.SubFOp(B.c_float(1.0, et), tail).result, x).result
+
+
+def is_integer_type(et: ir.Type) -> bool:
+    try:
+        ir.IntegerType(et)
+    except ValueError:
+        return False
+    return True
+
+
+def scalar_constant(et: ir.Type, value: float | int) -> ir.Value:
+    """A constant of element type et (a float or an integer type)."""
+    if is_integer_type(et):
+        return arith.ConstantOp(et, ir.IntegerAttr.get(et, int(value))).result
+    return arith.ConstantOp(et, ir.FloatAttr.get(et, float(value))).result
 
 
 def _pair(shape: tuple, dynamic: list) -> list:
