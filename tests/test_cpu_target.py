@@ -103,6 +103,18 @@ def test_linear_attention_scan(decay, chunk):
     assert "scan_linear_attention" in cpu.stage("mlir")
 
 
+def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch):
+    """The selective scan cut into 128-channel blocks (300 = two blocks and a tail) split over threads."""
+    ref, cpu = pair(str(ROOT / "examples" / "selective_scan.sp"))
+    inputs = make_inputs(ref, sizes={"B": 2, "L": 6, "DI": 300, "N": 7})
+    inputs[2] = -np.abs(inputs[2])  # A < 0: a decaying state, as in Mamba
+    want = ref(*inputs)
+    for threads in ("1", "2", "5"):
+        monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+        close(cpu(*inputs), want)
+    assert "arith.minsi" in cpu.stage("mlir")  # the last block is cut short
+
+
 def test_unfused_scan_with_initial_state_and_broadcasting():
     src = """model M(a: f32[B, L, 1], b: f32[B, L, 6], h: f32[6]) -> f32[B, L, 6] {
     return scan(sigmoid(a), b, axis=1, h0=h) + scan(a, b, axis=-2)

@@ -19,7 +19,7 @@ from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.loops import LoopKernels
-from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type
+from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type, exp
 from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
@@ -28,6 +28,7 @@ from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 from sparsa.ir.types import TensorType
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
 # Row split by the host: the op's dim 0 is symbolic and every operand that has it is cut along it.
 ROW_SPLIT = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.WhereOp, T.NotOp, T.CastOp)
 
@@ -526,9 +527,9 @@ class Kernels(Lowering, LoopKernels):
             return B.select(arith.CmpFOp(1, x, ninf).result, zero, x)
 
         P = self.tile_map([(S, [d0, d1]), (m_new, [d0])], [nq, nk], et,
-                          lambda s, mn: mmath.ExpOp(arith.SubFOp(s, safe(mn)).result).result)
+                          lambda s, mn: exp(arith.SubFOp(s, safe(mn)).result))
         alpha = self.tile_map([(m, [d0]), (m_new, [d0])], [nq], et,
-                              lambda mo, mn: mmath.ExpOp(arith.SubFOp(mo, safe(mn)).result).result)
+                              lambda mo, mn: exp(arith.SubFOp(mo, safe(mn)).result))
         total = self.row_reduce(P, 0.0, lambda a, x: arith.AddFOp(a, x).result)
         l_new = self.tile_map([(l_, [d0]), (alpha, [d0]), (total, [d0])], [nq], et,
                               lambda s, al, t: arith.AddFOp(arith.MulFOp(s, al).result, t).result)
@@ -563,12 +564,18 @@ class Kernels(Lowering, LoopKernels):
     # ---- scans ----------------------------------------------------------------------------------------
     def kernel_FusedScanOp(self, op: Operation) -> Kernel:
         """h = a_t * h + b_t streamed over time: per step the producer region makes a_t, b_t from step t of
-        the inputs, the consumer reduces h to y_t, stored at step t of the output; h is never stored."""
+        the inputs, the consumer reduces h to y_t, stored at step t of the output; h is never stored.
+
+        Where a state dim runs through to the output (Mamba's channels), the kernel takes SCAN_BLOCK of it
+        at a time, every time step for one block before the next: the block's state and temporaries stay
+        in L1, and blocks are split over threads (part, parts)."""
         inputs = list(op.inputs)
-        name, entry = self.function(op, [v.type for v in inputs] + [op.result.type], False)
-        args = entry.arguments
-        out = args[len(inputs)]
         rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
+        y_type = op.consumer.block.terminator.operands[0].type
+        channel = _channel_dim(op, y_type)
+        name, entry = self.function(op, [v.type for v in inputs] + [op.result.type], True)
+        args = entry.arguments
+        out, part, parts = args[len(inputs):]
         dt = op.result.type.dtype
         et = element_type(dt)
         with ir.InsertionPoint(entry):
@@ -580,35 +587,61 @@ class Kernels(Lowering, LoopKernels):
             if not timed:
                 raise CpuLoweringError("a fused scan needs an input that runs over time", op.loc)
             L = B.mdim(timed[0][0], axis - (rank - timed[0][1].type.rank))
-            step = state.with_shape(tuple(1 if i == axis else d for i, d in enumerate(state.shape)))
             sizes = [1 if i == axis else (d if isinstance(d, int) else B.mdim(*sources[i])) for i, d in
                      enumerate(state.shape)]
-            h0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty(sizes, et)])
-            self.untiled = True
-            loop = B.loop(0, L, 1, [h0])
-            with ir.InsertionPoint(loop.body):
-                t = loop.induction_variable
-                sliced = [self.time_step(x, v.type, axis, rank, t) for x, v in zip(ts, inputs, strict=True)]
-                a, bb = self.inline(op.producer, sliced[:n], False)
-                prod_types = [v.type for v in op.producer.block.terminator.operands]
-                h = loop.inner_iter_args[0]
-                dd = [ir.AffineDimExpr.get(i) for i in range(rank)]
-                # updated in place (h is the generic's own output), so the loop carries one buffer
-                new = self.generic(step, [(a, self.broadcast_exprs(prod_types[0], rank)),
-                                          (bb, self.broadcast_exprs(prod_types[1], rank))], h,
-                                   [PARALLEL] * rank, dd,
-                                   lambda x, y, hv: arith.AddFOp(arith.MulFOp(x, hv).result, y).result)
-                self.tag(new, "elementwise", step)
-                (y,) = self.inline(op.consumer, [new] + sliced[n:], False)
-                yt = ir.RankedTensorType(y.type)
-                offs = [t if i == op.out_axis else 0 for i in range(yt.rank)]
-                ysz = [1 if i == op.out_axis else (s if s != B.DYN() else B.mdim(y, i)) for i, s in
-                       enumerate(yt.shape)]
-                B.write(y, B.subview(out, offs, ysz))
-                scf.YieldOp([new])
-            self.untiled = False
+            if channel is None:  # one block: the whole state, on the first thread
+                blocks, width = B.select(B.cmpi("eq", part, B.c_index(0)), B.c_index(1), B.c_index(0)), None
+            else:
+                c, yc = channel
+                total = B.as_index(sizes[c])
+                blocks = B.ceil_div(total, SCAN_BLOCK)
+                self.sliced_dims = {state.shape[c]}
+            chunks = B.loop(part, blocks, parts)
+            with ir.InsertionPoint(chunks.body):
+                views, offs_y, ysz = ts, {}, {}
+                block_sizes = list(sizes)
+                if channel is not None:
+                    c0 = B.mul(chunks.induction_variable, B.c_index(SCAN_BLOCK))
+                    width = B.minsi(B.c_index(SCAN_BLOCK), B.sub(total, c0))
+                    views = [self.channel_slice(t, v.type, c, rank, c0, width) for t, v in zip(ts, inputs, strict=True)]
+                    block_sizes[c] = width
+                    offs_y, ysz = {yc: c0}, {yc: width}
+                h0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty(block_sizes, et)])
+                self.untiled = True
+                loop = B.loop(0, L, 1, [h0])
+                with ir.InsertionPoint(loop.body):
+                    t = loop.induction_variable
+                    sliced = [self.time_step(x, v.type, axis, rank, t) for x, v in zip(views, inputs, strict=True)]
+                    a, bb = self.inline(op.producer, sliced[:n], False)
+                    prod_types = [v.type for v in op.producer.block.terminator.operands]
+                    h = loop.inner_iter_args[0]
+                    dd = [ir.AffineDimExpr.get(i) for i in range(rank)]
+                    step = state.with_shape(tuple(1 if i == axis else d for i, d in enumerate(state.shape)))
+                    # updated in place (h is the generic's own output), so the loop carries one buffer
+                    new = self.generic(step, [(a, self.broadcast_exprs(prod_types[0], rank)),
+                                              (bb, self.broadcast_exprs(prod_types[1], rank))], h,
+                                       [PARALLEL] * rank, dd,
+                                       lambda x, y, hv: arith.AddFOp(arith.MulFOp(x, hv).result, y).result)
+                    (y,) = self.inline(op.consumer, [new] + sliced[n:], False)
+                    yt = ir.RankedTensorType(y.type)
+                    offs = [t if i == op.out_axis else offs_y.get(i, 0) for i in range(yt.rank)]
+                    ysizes = [1 if i == op.out_axis else ysz.get(i, s if s != B.DYN() else B.mdim(y, i))
+                              for i, s in enumerate(yt.shape)]
+                    B.write(y, B.subview(out, offs, ysizes))
+                    scf.YieldOp([new])
+                self.untiled = False
+                scf.YieldOp([])
+            self.sliced_dims = set()
             func.ReturnOp([])
-        return Kernel(name, op, inputs, [op.result])
+        return Kernel(name, op, inputs, [op.result], "parts")
+
+    def channel_slice(self, x: ir.Value, t: TensorType, c: int, rank: int, c0: ir.Value, width: ir.Value) -> ir.Value:
+        """Channels c0..c0+width of an input right-aligned to the state (an input without them: all of it)."""
+        pos = c - (rank - t.rank)
+        if pos < 0 or t.shape[pos] == 1:
+            return x
+        sizes = [width if i == pos else (d if isinstance(d, int) else B.mdim(x, i)) for i, d in enumerate(t.shape)]
+        return B.slice_tensor(x, [c0 if i == pos else 0 for i in range(t.rank)], sizes)
 
     def time_step(self, x: ir.Value, t: TensorType, axis: int, rank: int, step: ir.Value) -> ir.Value:
         """Step `step` of an input right-aligned to the state (inputs without the time axis: all of it)."""
@@ -687,6 +720,25 @@ def _maps(rank: int, exprs: list[list]) -> ir.ArrayAttr:
 
 def _iters(kinds: list[str]) -> ir.ArrayAttr:
     return ir.ArrayAttr.get([ir.Attribute.parse(k) for k in kinds])
+
+
+def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
+    """A state dim of a fused scan that the consumer keeps, to cut the work into blocks along: (its axis in
+    the state, its axis in the consumer's result). Matched by size (symbol or number), so it must occur once
+    in each, other than the time axis, and every input must have it whole or not at all (size 1). The
+    last such dim is taken (contiguous blocks of the innermost kept axis)."""
+    state = list(op.state)
+    rank = len(state)
+    for c in reversed(range(rank)):
+        d = state[c]
+        if c == op.axis or d is None or d == 1 or state.count(d) != 1 or list(y.shape).count(d) != 1:
+            continue
+        yc = list(y.shape).index(d)
+        if yc == op.out_axis:
+            continue
+        if all(v.type.shape[c - (rank - v.type.rank)] in (1, d) for v in op.inputs if c - (rank - v.type.rank) >= 0):
+            return c, yc
+    return None
 
 
 def _alloca(n: ir.Value, et: ir.Type) -> ir.Value:

@@ -62,6 +62,9 @@ class Lowering:
         # elementwise op is its arith body alone.
         self.scalar_mode = False
         self.untiled = False
+        # Dims (by value) that are dynamic in the built types even where the IR knows them: a kernel that
+        # runs a region on slices of its inputs (the fused scan, a block of channels at a time) sets them.
+        self.sliced_dims: set = set()
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -69,10 +72,14 @@ class Lowering:
 
     def empty_like_dims(self, t: TensorType, sources: list[tuple[ir.Value, int]]) -> ir.Value:
         """tensor.empty of type t; each dynamic dim is read from (source value, source axis)."""
-        dyn = [self.dim(src, axis) for d, (src, axis) in zip(t.shape, sources, strict=True)
-               if not isinstance(d, int)]
-        return tensor.EmptyOp([d if isinstance(d, int) else dv for d, dv in _pair(t.shape, dyn)],
+        shape = self.shape(t)
+        dyn = [self.dim(src, axis) for d, (src, axis) in zip(shape, sources, strict=True) if not isinstance(d, int)]
+        return tensor.EmptyOp([d if isinstance(d, int) else dv for d, dv in _pair(shape, dyn)],
                               element_type(t.dtype)).result
+
+    def shape(self, t: TensorType) -> tuple:
+        """t's shape as built: `sliced_dims` are dynamic (None)."""
+        return tuple(None if d in self.sliced_dims else d for d in t.shape)
 
     def out_sources(self, out: TensorType, operands: list[tuple[ir.Value, TensorType]]) -> list[tuple[ir.Value, int]]:
         """For each output axis, an operand axis of the same (broadcast) size to read a dynamic size from."""
@@ -90,7 +97,7 @@ class Lowering:
     def generic(self, out: TensorType, inputs: list[tuple[ir.Value, list]], init: ir.Value, kinds: list[str],
                 out_exprs: list, body: Any) -> ir.Value:
         rank = len(kinds)
-        op = linalg.GenericOp([tensor_type(out)], [v for v, _ in inputs], [init],
+        op = linalg.GenericOp([tensor_type(out.with_shape(self.shape(out)))], [v for v, _ in inputs], [init],
                               _maps(rank, [e for _, e in inputs] + [out_exprs]), _iterators(kinds))
         args = [ir.RankedTensorType(v.type).element_type for v, _ in inputs] + [element_type(out.dtype)]
         block = op.regions[0].blocks.append(*args)
@@ -161,7 +168,7 @@ class Lowering:
         self.tiled.append((tag, kind, shape, str(element_type(space.dtype)), dims))
 
     def op_UnaryOp(self, op: Operation) -> ir.Value:
-        floats = {T.ExpOp: mmath.ExpOp, T.LogOp: mmath.LogOp, T.SqrtOp: mmath.SqrtOp, T.RsqrtOp: mmath.RsqrtOp,
+        floats = {T.LogOp: mmath.LogOp, T.SqrtOp: mmath.SqrtOp, T.RsqrtOp: mmath.RsqrtOp,
                   T.TanhOp: mmath.TanhOp, T.SinOp: mmath.SinOp, T.CosOp: mmath.CosOp}
         dt = op.result.type.dtype
         et = element_type(dt)
@@ -173,10 +180,10 @@ class Lowering:
             return arith.ConstantOp(et, ir.FloatAttr.get(et, 1.0)).result
 
         def sigmoid(x: ir.Value) -> ir.Value:
-            return arith.DivFOp(one(), arith.AddFOp(one(), mmath.ExpOp(arith.NegFOp(x).result).result).result).result
+            return arith.DivFOp(one(), arith.AddFOp(one(), exp(arith.NegFOp(x).result)).result).result
 
         def softplus(x: ir.Value) -> ir.Value:  # max(x, 0) + log1p(exp(-|x|)): no overflow
-            tail = mmath.Log1pOp(mmath.ExpOp(arith.NegFOp(mmath.AbsFOp(x).result).result).result).result
+            tail = mmath.Log1pOp(exp(arith.NegFOp(mmath.AbsFOp(x).result).result)).result
             return arith.AddFOp(arith.MaximumFOp(x, zero()).result, tail).result
 
         def gelu(x: ir.Value) -> ir.Value:  # x * Phi(x) with the error function
@@ -190,6 +197,8 @@ class Lowering:
             return arith.MulFOp(arith.MulFOp(x, B.c_float(0.5, et)).result, arith.AddFOp(one(), th).result).result
 
         t = type(op)
+        if t is T.ExpOp:
+            return self.elementwise(op, exp)
         if t in floats:
             return self.elementwise(op, lambda x: floats[t](x).result)
         if t is T.NegOp:
@@ -373,7 +382,7 @@ class Lowering:
         bcast = [ir.AffineConstantExpr.get(0) if i in axes else d[i] for i in range(t.rank)]
         init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
         e = self.generic(t, [(x, d), (m, bcast)], init, [PARALLEL] * t.rank, d,
-                         lambda v, mx, _: mmath.ExpOp(arith.SubFOp(v, mx).result).result)
+                         lambda v, mx, _: exp(arith.SubFOp(v, mx).result))
         s = self.reduce(e, t, axes, True, kept, 0.0, lambda v, a: arith.AddFOp(a, v).result)
         init = self.empty_like_dims(kept, [(s, i) for i in range(t.rank)])
         dk = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
@@ -397,7 +406,7 @@ class Lowering:
         bcast = [ir.AffineConstantExpr.get(0) if i == axis else d[i] for i in range(t.rank)]
         init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
         e = self.generic(t, [(x, d), (m, bcast)], init, [PARALLEL] * t.rank, d,
-                         lambda v, mx, _: mmath.ExpOp(arith.SubFOp(v, mx).result).result)
+                         lambda v, mx, _: exp(arith.SubFOp(v, mx).result))
         s = self.reduce(e, t, {axis}, True, kept, 0.0, lambda v, a: arith.AddFOp(a, v).result)
         init = self.empty_like_dims(t, [(x, i) for i in range(t.rank)])
         return self.generic(t, [(e, d), (s, bcast)], init, [PARALLEL] * t.rank, d,
@@ -523,6 +532,45 @@ class Lowering:
         return result
 
 
+def exp(x: ir.Value) -> ir.Value:
+    """e**x. For float32, Cephes' expf as arith: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), e**r by a
+    degree-6 polynomial, 2**n built in the exponent bits (two factors, so subnormal results come out right);
+    inf past the overflow point, NaN kept. It vectorizes and inlines; math.exp becomes a scalar libm call per element
+    (LLVM has no vector expf without a vector math library). Other types use math.exp."""
+    et = x.type
+    if str(et) != "f32":
+        return mmath.ExpOp(x).result
+
+    def c(v: float) -> ir.Value:
+        return B.c_float(v, et)
+
+    def mul(a: ir.Value, b: ir.Value) -> ir.Value:
+        return arith.MulFOp(a, b).result
+
+    def add(a: ir.Value, b: ir.Value) -> ir.Value:
+        return arith.AddFOp(a, b).result
+
+    xc = arith.MinimumFOp(arith.MaximumFOp(x, c(-104.0)).result, c(88.72283935546875)).result
+    n = mmath.FloorOp(add(mul(xc, c(1.44269504088896341)), c(0.5))).result
+    r = arith.SubFOp(arith.SubFOp(xc, mul(n, c(0.693359375))).result, mul(n, c(-2.12194440e-4))).result
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = add(mul(p, r), c(k))
+    y = add(add(mul(p, mul(r, r)), r), c(1.0))
+    # 2**n as 2**(n >> 1) * 2**(n - (n >> 1)): both factors normal for n in -150..128 (results down to 0)
+    i32 = ir.IntegerType.get_signless(32)
+    ni = arith.FPToSIOp(i32, n).result
+    half = arith.ShRSIOp(ni, B.c_int(1, 32)).result
+
+    def pow2(k: ir.Value) -> ir.Value:
+        biased = arith.AddIOp(k, B.c_int(127, 32)).result
+        return arith.BitcastOp(et, arith.ShLIOp(biased, B.c_int(23, 32)).result).result
+
+    result = mul(mul(y, pow2(half)), pow2(arith.SubIOp(ni, half).result))
+    result = arith.SelectOp(arith.CmpFOp(2, x, c(88.72283935546875)).result, c(float("inf")), result).result
+    return arith.SelectOp(arith.CmpFOp(14, x, x).result, x, result).result  # uno: NaN stays NaN
+
+
 def erf(x: ir.Value, et: ir.Type) -> ir.Value:
     """erf(x) by Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7): arith and one exp, so it
     vectorizes (math.erf has no LLVM lowering but a scalar libm call)."""
@@ -533,7 +581,7 @@ def erf(x: ir.Value, et: ir.Type) -> ir.Value:
     for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
         poly = arith.AddFOp(arith.MulFOp(poly, t).result, B.c_float(c, et)).result
     poly = arith.MulFOp(poly, t).result
-    tail = arith.MulFOp(poly, mmath.ExpOp(arith.NegFOp(arith.MulFOp(a, a).result).result).result).result
+    tail = arith.MulFOp(poly, exp(arith.NegFOp(arith.MulFOp(a, a).result).result)).result
     return mmath.CopySignOp(arith.SubFOp(B.c_float(1.0, et), tail).result, x).result
 
 
