@@ -51,6 +51,16 @@ def tiles(kind: str, rank: int) -> list[int]:
     return out + [1] if kind == "matmul" else out
 
 
+def interchange(kind: str, rank: int) -> list[int]:
+    """The order of a scheduled op's tile loops, outermost first. A matmul walks its column panels outside
+    its row tiles: one TILE_N-wide panel of B (k x TILE_N) stays in cache while every row tile of A passes
+    over it, instead of all of B streaming past each row tile."""
+    order = list(range(rank + (kind == "matmul")))
+    if kind == "matmul" and rank >= 2:
+        order[rank - 2], order[rank - 1] = rank - 1, rank - 2
+    return order
+
+
 def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
     """The transform-dialect script run on the lowered module (kept as the `schedule` stage).
 
@@ -68,13 +78,14 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         sizes = tiles(kind, len(shape))
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
+        order = interchange(kind, len(shape))
         lines.append(f"    %t{i}, %l{i}:{len(sizes)} = transform.structured.tile_using_for %op{i} tile_sizes "
-                     f"[{', '.join(map(str, sizes))}] : (!transform.any_op) -> "
-                     f"(!transform.any_op{f', {loop}' * len(sizes)})")
-        for axis in sorted(range(max(0, len(shape) - 2), len(shape)), reverse=True):  # inner first: peel clones
-            if shape[axis] is None or shape[axis] % sizes[axis]:
-                lines.append(f"    %p{i}_{axis}, %r{i}_{axis} = transform.loop.peel %l{i}#{axis} : ({loop}) -> "
-                             f"(!transform.any_op, !transform.any_op)")
+                     f"[{', '.join(map(str, sizes))}] interchange = [{', '.join(map(str, order))}] "
+                     f": (!transform.any_op) -> (!transform.any_op{f', {loop}' * len(sizes)})")
+        for axis in sorted(range(max(0, len(shape) - 2), len(shape)), key=order.index, reverse=True):
+            if shape[axis] is None or shape[axis] % sizes[axis]:  # inner loops first: peeling clones them
+                lines.append(f"    %p{i}_{axis}, %r{i}_{axis} = transform.loop.peel %l{i}#{order.index(axis)} "
+                             f": ({loop}) -> (!transform.any_op, !transform.any_op)")
     lines += [
         "    %f = transform.structured.match ops{[\"func.func\"]} in %root : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
