@@ -5,8 +5,9 @@ environment variable (for library use, e.g. under `torch.compile`); the flag win
 
 Environment-only variables, read where they act:
 - SPARSA_LOG=fallbacks: the torch.compile backend names each op it leaves to PyTorch (runtime/torch_backend.py).
-- SPARSA_CACHE_DIR: where generated Triton kernels (backends/triton/attention.py) and compiled cpu kernels
-  (backends/cpu/cache.py, under cpu/) are kept; default ~/.cache/sparsa.
+- SPARSA_CACHE_DIR: where generated Triton kernels (backends/triton/attention.py), compiled cpu kernels
+  (backends/cpu/cache.py, under cpu/) and the parser's tables (frontend/parser.py, under lark/) are kept;
+  default ~/.cache/sparsa.
 - SPARSA_NUM_THREADS: threads the cpu target's kernels split their work over; default every core.
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
@@ -15,6 +16,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """SPARSA_CACHE_DIR, else $XDG_CACHE_HOME/sparsa, else ~/.cache/sparsa."""
+    base = os.environ.get("SPARSA_CACHE_DIR")
+    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsa"
 
 
 @dataclass(frozen=True)

@@ -183,9 +183,10 @@ def test_cpu_target_lowers_dense_partitions_through_mlir():
     backend = check(dense, torch.randn(10, 16), backend=SparsaBackend({"target": "cpu"}))
     assert [p.target for p in backend.partitions] == ["cpu"] and not backend.fallbacks
     assert "llvm.func" in backend.partitions[0].native.stages["llvm"]
-    # what the cpu backend cannot lower yet (layernorm) stays in PyTorch, still correct
+    # layernorm, gelu and the rest of a transformer MLP block: all of it on the cpu target
     backend = check(MLP(), torch.randn(2, 5, 16), backend=SparsaBackend({"target": "cpu"}))
-    assert any("not supported by the cpu backend" in k for k in backend.stats)
+    assert {p.target for p in backend.partitions} == {"cpu"}
+    assert not any("not supported by the cpu backend" in k for k in backend.stats)
 
 
 class BiasAttention(torch.nn.Module):

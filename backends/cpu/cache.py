@@ -16,14 +16,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from sparsa.knobs import cache_root
+
 FORMAT = 1
 
 
 def cache_dir() -> Path:
-    """SPARSA_CACHE_DIR, else $XDG_CACHE_HOME/sparsa, else ~/.cache/sparsa; the cpu entries live in `cpu/`."""
-    base = os.environ.get("SPARSA_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "sparsa"
-    return Path(base) / "cpu"
+    """The cpu entries: `cpu/` under the cache root (knobs.cache_root)."""
+    return cache_root() / "cpu"
 
 
 def _version(dist: str) -> str:
