@@ -2,8 +2,9 @@
 process, medians of timed runs after warm-up; compile times apart. Writes JSON with --json.
 
 Usage: python bench/torch_backend.py [--device cpu|cuda] [--runs 5] [--json out.json]
-On CPU the backend's partitions run on the `reference` target (NumPy) unless --target says otherwise; on
-CUDA they run on `triton`. The machine load (1-minute load average, CPU) is recorded beside each figure.
+On CPU the backend's partitions run on the `cpu` target (native code through MLIR; SPARSA_NUM_THREADS=2
+here) unless --target says otherwise; on CUDA they run on `triton`. The machine load (1-minute load
+average, CPU) is recorded beside each figure.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--seq", type=int, default=1024, help="attention sequence length")
     args = parser.parse_args()
-    torch.set_num_threads(2) if args.device == "cpu" else None
+    if args.device == "cpu":
+        torch.set_num_threads(2)
+        os.environ.setdefault("SPARSA_NUM_THREADS", "2")
     torch.manual_seed(0)
     dev = args.device
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")

@@ -5,12 +5,14 @@ which runs in PyTorch. Each op that falls back is counted, and logged once when 
 Registered through the `torch_dynamo_backends` entry point. Options:
 `torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "..."})`.
 Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
-`reference`), or one of "reference", "triton" (CPU tensors then run in Triton's interpreter) and "cpu"
-(dense partitions only; a partition it cannot lower stays in PyTorch).
+`cpu`, native code through MLIR, or on `reference` where torch-mlir is not installed), or one of
+"reference", "triton" (CPU tensors then run in Triton's interpreter) and "cpu" (a partition it cannot
+lower, e.g. in bf16, stays in PyTorch).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import sys
@@ -130,7 +132,7 @@ class CompiledPartition(torch.nn.Module):
                                      else None)
         self.target = backend.target
         if self.target == "auto":
-            self.target = "triton" if _device(sub) == "cuda" else "reference"
+            self.target = "triton" if _device(sub) == "cuda" else ("cpu" if _has_mlir() else "reference")
         self.module = PassManager(backend.options.get("passes", DEFAULT_PIPELINES[self.target]), options).run(module)
         self.func = self.module.funcs[-1]
         self.cache: dict = {}
@@ -143,8 +145,6 @@ class CompiledPartition(torch.nn.Module):
         elif self.target == "cpu":
             from sparsa.backends.cpu.jit import CpuFunction
 
-            if len(self.output_dtypes) != 1:
-                raise Unsupported("the cpu target returns one tensor per partition")
             self.native = CpuFunction(self.func)
 
     def forward(self, *args: Any) -> Any:
@@ -156,12 +156,23 @@ class CompiledPartition(torch.nn.Module):
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
         if self.native is not None:
-            outs = [self.native(arrays)]
+            got = self.native(arrays, None, self.cache)
+            outs = list(got) if isinstance(got, tuple) else [got]
         else:
             outs = Interpreter(self.func, {}, self.cache, self.weight_only).run(arrays)
         results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]
+
+
+@functools.cache
+def _has_mlir() -> bool:
+    """Whether the cpu target can run here (torch-mlir's MLIR bindings are installed)."""
+    try:
+        import torch_mlir.ir  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _device(sub: Any) -> str:
