@@ -15,7 +15,7 @@ from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.cpu import cache
-from sparsa.backends.cpu.kernels import ROW_SPLIT, Kernel, Kernels
+from sparsa.backends.cpu.kernels import PANEL, ROW_SPLIT, Kernel, Kernels
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
@@ -259,15 +259,21 @@ class CpuFunction:
             out = np.empty(flat[0].shape[:2] + ins[2].shape[-1:], numpy_dtype(op.result.type.dtype))
             self.parts(k, flat + [out], n)
             return [out.reshape(lead + ins[2].shape[-1:])]
+        weight_n = ins[3].shape[2] if kind in ("GroupedMatmulOp", "GroupedMatmulCombineOp") else 0
+        for i in k.panels:  # weights packed in panels, once per loaded weights (kept with the weight-only results)
+            key = ("panels", id(k.inputs[i]))
+            if key not in host.cache:
+                host.cache[key] = (pack_panels(ins[i]),)
+            ins[i] = host.cache[key][0]
         if kind == "GroupedMatmulCombineOp":
             rt_ = op.result.type
-            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else ins[3].shape[2]
+            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
             out = np.zeros((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
             return [out[0] if n == 1 else out.sum(axis=0)]
         if kind == "GroupedMatmulOp":
             rt_ = op.result.type
-            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else ins[3].shape[2]
+            width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
             out = np.zeros((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
             return [out]
@@ -303,6 +309,17 @@ class CpuFunction:
             jobs.append(_threads(n).submit(self.call, k, arrays))
         for f in jobs:
             f.result()
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """[E, K, N] -> [E, ceil(N / PANEL), K, PANEL], zero-padded: each panel one contiguous [K, PANEL] block."""
+    E, K, N = w.shape
+    NP = -(-N // PANEL)
+    out = np.zeros((E, NP, K, PANEL), w.dtype)
+    for j in range(NP):
+        cols = w[:, :, j * PANEL:(j + 1) * PANEL]
+        out[:, j, :, :cols.shape[2]] = cols
+    return out
 
 
 def check_indices(op: Operation, x: np.ndarray, indices: list[np.ndarray]) -> None:

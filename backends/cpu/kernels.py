@@ -28,6 +28,7 @@ from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 from sparsa.ir.types import TensorType
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
 SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
 # Row split by the host: the op's dim 0 is symbolic and every operand that has it is cut along it.
 ROW_SPLIT = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.WhereOp, T.NotOp, T.CastOp)
@@ -43,6 +44,7 @@ class Kernel:
     outputs: list[Value]
     split: str = "none"  # "none", "parts" (takes part, parts) or "rows" (the host cuts dim 0)
     rows: list[bool] = field(default_factory=list)  # with "rows": which inputs are cut
+    panels: list[int] = field(default_factory=list)  # inputs the host passes packed in panels (pack_panels)
 
 
 def memref_type(t: TensorType) -> ir.MemRefType:
@@ -288,11 +290,20 @@ class Kernels(Lowering, LoopKernels):
         """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
         through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
         applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
-        this part's slice of the [parts, T, N] output (the host sums the parts)."""
+        this part's slice of the [parts, T, N] output (the host sums the parts).
+
+        Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
+        packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
+        GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
         inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
         rt = op.result.type
         out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-        name, entry = self.function(op, [v.type for v in inputs] + [out_type], True)
+        panels = _packable(op, weights)
+        types = [v.type for v in inputs]
+        if panels:
+            for i, w in enumerate(weights):
+                types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
+        name, entry = self.function(op, types + [out_type], True)
         args = entry.arguments
         rows_m, perm, offsets = args[:3]
         w_ms = args[3:3 + len(weights)]
@@ -316,21 +327,52 @@ class Kernels(Lowering, LoopKernels):
                     mine = B.cmpi("eq", arith.RemUIOp(g, parts).result, part)
                     work = B.if_(mine)
                     with ir.InsertionPoint(work.then_block):
-                        self.grouped_chunk(op, rows_t, perm, w_ts, e, start, B.minsi(B.c_index(ROWS),
-                                                                                     B.sub(hi, start)),
-                                           D, out, gates_m, part, et)
+                        size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                        chunk_of = self.panel_chunk if panels else self.grouped_chunk
+                        chunk_of(op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et)
                         scf.YieldOp([])
                     scf.YieldOp([B.add(g, B.c_index(1))])
                 scf.YieldOp([steps.results[0]])
             func.ReturnOp([])
-        return Kernel(name, op, inputs, [op.result], "parts")
+        return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
+                      else [])
+
+    def panel_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
+                    start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
+                    part: ir.Value, et: ir.Type) -> None:
+        """grouped_chunk on packed weights: per panel of PANEL columns, the GEMMs, the epilogue, the store."""
+        real = self.real_rows(perm, start, size)
+        has = B.if_(B.cmpi("gt", real, B.c_index(0)))
+        with ir.InsertionPoint(has.then_block):
+            x = self.gather_rows(op, rows_t, perm, start, real, D, et)
+            N = B.mdim(out, 2 if gates is not None else 1)
+            pl = B.loop(0, B.mdim(w_ts[0], 1))
+            with ir.InsertionPoint(pl.body):
+                j = pl.induction_variable
+                n0 = B.mul(j, B.c_index(PANEL))
+                width = B.minsi(B.c_index(PANEL), B.sub(N, n0))
+                tiles = [self.matmul_tile(x, B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]), real,
+                                          PANEL, et) for w in w_ts]
+                self.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
+                (y,) = self.inline(op.epilogue, tiles, False)
+                self.dim_map = {}
+                y = B.slice_tensor(y, [0, 0], [real, width])
+                if gates is None:
+                    B.write(y, B.subview(out, [start, n0], [real, width]))
+                else:
+                    self.scatter_add(op, y, perm, start, real, width, gates, out, part, n0)
+                scf.YieldOp([])
+            scf.YieldOp([])
+
+    def real_rows(self, perm: ir.Value, start: ir.Value, size: ir.Value) -> ir.Value:
+        """The real rows of a chunk: they come first in a segment; padding (-1) after them is skipped."""
+        return _fold(size, B.c_index(0), lambda r, n: B.select(
+            B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
 
     def grouped_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
                       start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
                       part: ir.Value, et: ir.Type) -> None:
-        # the real rows come first in a segment; padding (-1) after them is skipped
-        real = _fold(size, B.c_index(0), lambda r, n: B.select(
-            B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+        real = self.real_rows(perm, start, size)
         has = B.if_(B.cmpi("gt", real, B.c_index(0)))
         with ir.InsertionPoint(has.then_block):
             x = self.gather_rows(op, rows_t, perm, start, real, D, et)
@@ -344,7 +386,7 @@ class Kernels(Lowering, LoopKernels):
             if gates is None:
                 B.write(y, B.subview(out, [start, 0], [real, N]))
             else:
-                self.scatter_add(op, y, perm, start, real, N, gates, out, part)
+                self.scatter_add(op, y, perm, start, real, N, gates, out, part, B.c_index(0))
             scf.YieldOp([])
 
     def gather_rows(self, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
@@ -383,8 +425,9 @@ class Kernels(Lowering, LoopKernels):
         return g.result
 
     def scatter_add(self, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, N: ir.Value,
-                    gates: ir.Value, out: ir.Value, part: ir.Value) -> None:
-        """out[part, a // K] += gates[a // K, a % K] * y[i] for the chunk's assignments a = perm[start + i]."""
+                    gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
+        """out[part, a // K, col0:col0 + N] += gates[a // K, a % K] * y[i] for the chunk's assignments
+        a = perm[start + i]."""
         K = B.c_int(op.topk)
         rows = B.loop(0, n)
         with ir.InsertionPoint(rows.body):
@@ -396,7 +439,8 @@ class Kernels(Lowering, LoopKernels):
             with ir.InsertionPoint(cols.body):
                 c = cols.induction_variable
                 v = arith.MulFOp(g, B.extract(y, i, c)).result
-                B.store(arith.AddFOp(B.load(out, part, t, c), v).result, out, part, t, c)
+                oc = B.add(col0, c)
+                B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
                 scf.YieldOp([])
             scf.YieldOp([])
 
@@ -595,7 +639,7 @@ class Kernels(Lowering, LoopKernels):
                 c, yc = channel
                 total = B.as_index(sizes[c])
                 blocks = B.ceil_div(total, SCAN_BLOCK)
-                self.sliced_dims = {state.shape[c]}
+                self.dim_map = {state.shape[c]: None}
             chunks = B.loop(part, blocks, parts)
             with ir.InsertionPoint(chunks.body):
                 views, offs_y, ysz = ts, {}, {}
@@ -631,7 +675,7 @@ class Kernels(Lowering, LoopKernels):
                     scf.YieldOp([new])
                 self.untiled = False
                 scf.YieldOp([])
-            self.sliced_dims = set()
+            self.dim_map = {}
             func.ReturnOp([])
         return Kernel(name, op, inputs, [op.result], "parts")
 
@@ -720,6 +764,16 @@ def _maps(rank: int, exprs: list[list]) -> ir.ArrayAttr:
 
 def _iters(kinds: list[str]) -> ir.ArrayAttr:
     return ir.ArrayAttr.get([ir.Attribute.parse(k) for k in kinds])
+
+
+def _packable(op: Operation, weights: list[Value]) -> bool:
+    """Whether a grouped GEMM can take its weights packed in panels: they are parameters (packed once per
+    loaded weights) with one output width, and the epilogue is elementwise (so it can run a panel at a time)."""
+    if any(w.defining_op is None or w.defining_op.NAME != "func.param" for w in weights):
+        return False
+    if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
+        return False
+    return all(isinstance(o, ROW_SPLIT + (T.ConstantOp,)) or o.TERMINATOR for o in op.epilogue.block.ops)
 
 
 def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:

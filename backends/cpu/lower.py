@@ -62,9 +62,9 @@ class Lowering:
         # elementwise op is its arith body alone.
         self.scalar_mode = False
         self.untiled = False
-        # Dims (by value) that are dynamic in the built types even where the IR knows them: a kernel that
-        # runs a region on slices of its inputs (the fused scan, a block of channels at a time) sets them.
-        self.sliced_dims: set = set()
+        # Dims (by value) built as another size: a kernel that runs a region on slices of its inputs sets
+        # them — the fused scan's channel blocks (None: dynamic), a grouped GEMM's panels (PANEL columns).
+        self.dim_map: dict = {}
 
     # ---- helpers ------------------------------------------------------------------------------------
     def dim(self, v: ir.Value, i: int) -> ir.Value:
@@ -78,8 +78,8 @@ class Lowering:
                               element_type(t.dtype)).result
 
     def shape(self, t: TensorType) -> tuple:
-        """t's shape as built: `sliced_dims` are dynamic (None)."""
-        return tuple(None if d in self.sliced_dims else d for d in t.shape)
+        """t's shape as built (`dim_map` applied)."""
+        return tuple(self.dim_map.get(d, d) for d in t.shape)
 
     def out_sources(self, out: TensorType, operands: list[tuple[ir.Value, TensorType]]) -> list[tuple[ir.Value, int]]:
         """For each output axis, an operand axis of the same (broadcast) size to read a dynamic size from."""
@@ -163,7 +163,7 @@ class Lowering:
             return
         tag = f"sparsa.tile{len(self.tiled)}"
         result.owner.attributes[tag] = ir.UnitAttr.get()
-        shape = tuple(d if isinstance(d, int) else None for d in space.shape)
+        shape = tuple(d if isinstance(d, int) else None for d in self.shape(space))
         dims = tuple(range(space.rank)) if out_dims is None else out_dims
         self.tiled.append((tag, kind, shape, str(element_type(space.dtype)), dims))
 
