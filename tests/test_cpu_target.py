@@ -157,6 +157,23 @@ model M(x: f32[T, 24]) -> f32[T, 24] {
 """
 
 
+def test_expert_weights_packed_in_panels_or_read_in_place():
+    """Parameter weights go to the grouped GEMM packed in 32-column panels (40 = a full panel and a tail);
+    the same weights passed as inputs are read in place."""
+    ref, cpu = pair(MOE)
+    x = np.random.default_rng(5).standard_normal((70, 24)).astype(np.float32)
+    close(cpu(x), ref(x))
+    assert "memref<6x?x24x32xf32>" in cpu.stage("mlir")  # w1, w3 packed: [E, panels, K, 32]
+    src = MOE.replace("model M(x: f32[T, 24])", "model M(x: f32[T, 24], w1: f32[6, 24, 40], w3: f32[6, 24, 40], "
+                      "w2: f32[6, 40, 24])")
+    src = "\n".join(line for line in src.splitlines() if "param w" not in line)
+    ref, cpu = pair(src)
+    ws = [np.random.default_rng(i).standard_normal(s).astype(np.float32) for i, s in
+          enumerate([(6, 24, 40), (6, 24, 40), (6, 40, 24)])]
+    close(cpu(x, *ws), ref(x, *ws))
+    assert "memref<6x24x40xf32>" in cpu.stage("mlir")
+
+
 @pytest.fixture(scope="module")
 def moe_pair():
     return pair(MOE, seed=2)
