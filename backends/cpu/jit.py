@@ -259,6 +259,8 @@ class CpuFunction:
             out = np.empty(flat[0].shape[:2] + ins[2].shape[-1:], numpy_dtype(op.result.type.dtype))
             self.parts(k, flat + [out], n)
             return [out.reshape(lead + ins[2].shape[-1:])]
+        if kind == "AttentionOp":
+            ins[1] = np.ascontiguousarray(np.swapaxes(ins[1], -1, -2))  # the kernel reads K^T
         weight_n = ins[3].shape[2] if kind in ("GroupedMatmulOp", "GroupedMatmulCombineOp") else 0
         for i in k.panels:  # weights packed in panels, once per loaded weights (kept with the weight-only results)
             key = ("panels", id(k.inputs[i]))
