@@ -49,6 +49,13 @@ def record(case: str, impl: str, ms: float, flops: float, sgemm: float, **extra:
           f"load {row['load']:.2f}" + "".join(f"  {k}={v}" for k, v in extra.items()), flush=True)
 
 
+def failed(case: str, impl: str, e: Exception) -> None:
+    """A baseline that did not compile: its first error line in the table and the JSON instead of a time."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"{case:34s} {impl}: failed to compile ({type(e).__name__}: {first[:160]})", flush=True)
+    ROWS.append({"case": case, "impl": impl, "error": f"{type(e).__name__}: {first[:300]}"})
+
+
 def sgemm_gflops() -> float:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     ms = median_ms(lambda: a @ b, runs=5)
@@ -134,7 +141,11 @@ def moe_case(sgemm: float, inductor: bool, label: str, T: int, D: int, F: int, E
         for name, fn in (("inductor HF loop", hf_loop), ("inductor sorted dispatch", sorted_dispatch)):
             compiled = torch.compile(fn)
             t = time.perf_counter()
-            compiled(*args)
+            try:
+                compiled(*args)
+            except Exception as e:  # e.g. the sorted dispatch's .tolist() split sizes under capture_scalar_outputs
+                failed(case, name, e)
+                continue
             first = time.perf_counter() - t
             record(case, name, median_ms(lambda c=compiled: c(*args)), flops, sgemm,
                    compile_s=round(first, 1))
@@ -198,9 +209,7 @@ def flex_case(case: str, q, k, v, mask_mod, useful: float, sgemm: float, include
         flex(q, k, v, block_mask=bm)
         compile_s = time.perf_counter() - t
     except Exception as e:  # Inductor cannot build every mask_mod on CPU (the document mask's gather did not)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"{case:34s} FlexAttention compiled: failed to compile ({type(e).__name__}: {first[:160]})")
-        ROWS.append({"case": case, "impl": "FlexAttention compiled", "error": f"{type(e).__name__}: {first[:300]}"})
+        failed(case, "FlexAttention compiled", e)
         return
     build = median_ms(lambda: create_block_mask(mask_mod, None, None, S, S, device="cpu"), runs=3)
     if include_map:
