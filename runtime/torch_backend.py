@@ -12,7 +12,6 @@ lower, e.g. in bf16, stays in PyTorch).
 
 from __future__ import annotations
 
-import functools
 import operator
 import os
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from sparsa import knobs
+from sparsa.backends.cpu import available as cpu_available
 from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
 from sparsa.ir.diagnostics import SparsaError
@@ -132,11 +132,12 @@ class CompiledPartition(torch.nn.Module):
                                      else None)
         self.target = backend.target
         if self.target == "auto":
-            self.target = "triton" if _device(sub) == "cuda" else ("cpu" if _has_mlir() else "reference")
+            self.target = "triton" if _device(sub) == "cuda" else ("cpu" if cpu_available() else "reference")
         self.module = PassManager(backend.options.get("passes", DEFAULT_PIPELINES[self.target]), options).run(module)
         self.func = self.module.funcs[-1]
         self.cache: dict = {}
-        self.weight_only = weight_only_ops(self.func)
+        self.constants_seen: tuple = ()
+        self.weight_only_for: dict[frozenset[int], set[int]] = {}
         self.native: Any = None
         if self.target == "triton":
             from sparsa.backends.triton.function import TritonFunction
@@ -155,24 +156,23 @@ class CompiledPartition(torch.nn.Module):
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
+        # The module's parameters (AOTAutograd passes them as inputs): what only they feed (weight
+        # transposes, say) is computed once and kept while the same tensors at the same version come in.
+        constant = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
+        seen = tuple((id(tensors[j]), tensors[j].data_ptr(), tensors[j]._version) for j in sorted(constant))
+        if seen != self.constants_seen:
+            self.cache.clear()
+            self.constants_seen = seen
         if self.native is not None:
-            got = self.native(arrays, None, self.cache)
+            got = self.native(arrays, None, self.cache, constant)
             outs = list(got) if isinstance(got, tuple) else [got]
         else:
-            outs = Interpreter(self.func, {}, self.cache, self.weight_only).run(arrays)
+            if constant not in self.weight_only_for:
+                self.weight_only_for[constant] = weight_only_ops(self.func, constant)
+            outs = Interpreter(self.func, {}, self.cache, self.weight_only_for[constant]).run(arrays)
         results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]
-
-
-@functools.cache
-def _has_mlir() -> bool:
-    """Whether the cpu target can run here (torch-mlir's MLIR bindings are installed)."""
-    try:
-        import torch_mlir.ir  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _device(sub: Any) -> str:

@@ -6,7 +6,8 @@ structure it knows -- a top-k softmax router (`gate.weight` [E, D], `gate.top_k`
 `gate.norm_topk_prob`) and SwiGLU experts stored as 3-D tensors (`experts.gate_up_proj` [E, 2F, D],
 `experts.down_proj` [E, D, F]), as transformers 5.x writes Mixtral, Qwen3-MoE and OLMoE -- and replaces
 each with a module that runs the whole block (router, dispatch, grouped GEMMs, combine) as one compiled
-Sparsa model: `triton` on CUDA tensors, `reference` elsewhere (or the `target` given). Inference only: the
+Sparsa model: `triton` on CUDA tensors, `cpu` on float32 CPU tensors where torch-mlir is installed,
+`reference` otherwise (or the `target` given). Inference only: the
 weights are read when a block first runs on a device and dtype. Use it before `torch.compile`; Dynamo
 leaves the swapped blocks alone (they run as Sparsa calls) and compiles the rest.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from sparsa.backends.cpu import available as cpu_available
 from sparsa.ir.diagnostics import SparsaError
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -72,7 +74,10 @@ class SparsaMoEBlock(torch.nn.Module):
 
         if x.dtype not in _DTYPES:
             raise SparsaError(f"swapped MoE block: dtype {x.dtype} is not supported (float32, bfloat16, float16)")
-        target = self.target if self.target != "auto" else ("triton" if x.device.type == "cuda" else "reference")
+        target = self.target
+        if target == "auto":  # the cpu target's kernels are float32; half precision on CPU runs on the reference
+            native_cpu = cpu_available() and x.dtype == torch.float32
+            target = "triton" if x.device.type == "cuda" else ("cpu" if native_cpu else "reference")
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
             gate, experts = self.block.gate, self.block.experts

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from sparsa.backends.cpu import available as cpu_available  # noqa: E402
 from sparsa.ir import print_module  # noqa: E402
 from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
 from sparsa.runtime.torch_moe import SparsaMoEBlock, swap_moe_blocks  # noqa: E402
@@ -92,6 +93,8 @@ def test_swapped_moe_blocks_match_eager(make):
     assert not backend.fallbacks
     src = model.get_submodule(names[0]).source(torch.float32)
     assert "moe(x, idx, w)" in src and "silu(h @ w_gate[e])" in src
+    if cpu_available():  # float32 on CPU: the swapped blocks run natively
+        assert {key[0] for key in model.get_submodule(names[0])._models} == {"cpu"}
 
 
 def test_swapped_block_on_the_triton_target():

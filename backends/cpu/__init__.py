@@ -1,1 +1,15 @@
-"""The cpu backend (first slice): Sparsa IR lowered through upstream MLIR to LLVM and JIT-compiled."""
+"""The cpu backend: Sparsa IR lowered through upstream MLIR (the bindings torch-mlir ships) to LLVM native code."""
+
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the cpu target can run here (torch-mlir's MLIR bindings import)."""
+    try:
+        import torch_mlir.ir  # noqa: F401
+    except ImportError:
+        return False
+    return True

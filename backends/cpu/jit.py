@@ -16,7 +16,7 @@ from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.cpu import cache
 from sparsa.backends.cpu.kernels import PANEL, ROW_SPLIT, Kernel, Kernels
-from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor_reduce as R
@@ -184,9 +184,8 @@ class CpuFunction:
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
     def __init__(self, func_op: Operation):
-        from sparsa.backends.reference.interpreter import weight_only_ops
-
         self.func_op = func_op
+        self._constant_sets: dict[frozenset[int], set[int]] = {}
         self.context = ir.Context()
         self.weight_only = weight_only_ops(func_op)
         self.kernels: dict[int, Kernel] = {}
@@ -219,10 +218,17 @@ class CpuFunction:
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
     def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None,
-                 cache: dict | None = None) -> Any:
+                 cache: dict | None = None, constant_args: frozenset[int] = frozenset()) -> Any:
         """Run on NumPy inputs (in order) and weights (by name); one array, or a tuple for several results.
-        `cache` holds the weight-only results (packed sparse weights) between calls with the same weights."""
-        host = _Host(self, params or {}, cache if cache is not None else {})
+        `cache` holds the weight-only results (packed sparse weights) between calls with the same weights;
+        `constant_args` are inputs the caller keeps the same while it keeps `cache` (a torch model's
+        parameters): what only they and the weights feed is computed once too."""
+        weight_only = self.weight_only
+        if constant_args:
+            if constant_args not in self._constant_sets:
+                self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
+            weight_only = self._constant_sets[constant_args]
+        host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
         outs = [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -372,8 +378,8 @@ class _Host(Interpreter):
     """Runs the function's ops in order: kernels for computing ops, the interpreter's own handling for
     weights, views, cached weight-only results and block maps of data masks."""
 
-    def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict):
-        super().__init__(fn.func_op, params, cache, fn.weight_only)
+    def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict, weight_only: set[int]):
+        super().__init__(fn.func_op, params, cache, weight_only)
         self.fn = fn
 
     def _compute(self, op: Operation) -> None:

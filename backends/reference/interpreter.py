@@ -17,9 +17,10 @@ class RuntimeShapeError(SparsaError):
     """An input or weight whose shape or dtype does not fit the function's signature."""
 
 
-def weight_only_ops(func: Operation) -> set[int]:
-    """Ids of the function's top-level ops that read only weights (params, packing): same on every call."""
-    values: set[int] = set()
+def weight_only_ops(func: Operation, constant_args: frozenset[int] = frozenset()) -> set[int]:
+    """Ids of the function's top-level ops that read only weights (params, packing), or function arguments
+    the caller promises are the same on every call (`constant_args`, by index: a torch model's parameters)."""
+    values: set[int] = {id(a) for i, a in enumerate(func.regions[0].block.args) if i in constant_args}
     ops: set[int] = set()
     for op in func.regions[0].block.ops:
         if op.NAME == "func.param" or (op.operands and not op.regions and not op.TERMINATOR
