@@ -43,6 +43,9 @@ OPT_LEVEL = 2
 # GFLOP/s, 6x64 196, 12x32 164, 4x64 127 (OpenBLAS 89-105). 8x32 divides the 64-row attention blocks and
 # grouped-GEMM chunks with no scalar remainder, and the MoE layers ran as fast with it as with 6x64.
 TILE_M, TILE_N = 8, 32
+# A matmul with more rows runs in blocks of BLOCK_M rows, each block's rows staying in cache while every
+# TILE_N-wide column panel of B passes over them.
+BLOCK_M = 64
 
 
 def tiles(kind: str, rank: int) -> list[int]:
@@ -80,11 +83,22 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
         order = interchange(kind, len(shape))
-        lines.append(f"    %t{i}, %l{i}:{len(sizes)} = transform.structured.tile_using_for %op{i} tile_sizes "
+        target, rows = f"%op{i}", len(shape) - 2 if len(shape) >= 2 else None
+        blocked = kind == "matmul" and rows is not None and (shape[rows] is None or shape[rows] > BLOCK_M)
+        if blocked:  # row blocks of BLOCK_M first, the register tiles inside each
+            outer = [0] * (len(shape) + 1)
+            outer[rows] = BLOCK_M
+            lines.append(f"    %b{i}, %bl{i} = transform.structured.tile_using_for %op{i} tile_sizes "
+                         f"[{', '.join(map(str, outer))}] : (!transform.any_op) -> (!transform.any_op, {loop})")
+            target = f"%b{i}"
+        lines.append(f"    %t{i}, %l{i}:{len(sizes)} = transform.structured.tile_using_for {target} tile_sizes "
                      f"[{', '.join(map(str, sizes))}] interchange = [{', '.join(map(str, order))}] "
                      f": (!transform.any_op) -> (!transform.any_op{f', {loop}' * len(sizes)})")
         for axis in sorted(range(max(0, len(shape) - 2), len(shape)), key=order.index, reverse=True):
-            if shape[axis] is None or shape[axis] % sizes[axis]:  # inner loops first: peeling clones them
+            extent = shape[axis]
+            if blocked and axis == rows:  # a block's rows: BLOCK_M, or fewer in the last block
+                extent = BLOCK_M if extent is not None and extent % BLOCK_M == 0 else None
+            if extent is None or extent % sizes[axis]:  # inner loops first: peeling clones them
                 lines.append(f"    %p{i}_{axis}, %r{i}_{axis} = transform.loop.peel %l{i}#{order.index(axis)} "
                              f": ({loop}) -> (!transform.any_op, !transform.any_op)")
     lines += [
