@@ -207,3 +207,25 @@ def test_additive_bias_with_inf_where_blocked():
     q, k, v = (torch.randn(1, 2, 40, 16) for _ in range(3))
     backend = check(BiasAttention(), q, k, v)
     assert "attn.attention" in "".join(print_module(p.module) for p in backend.partitions) and not backend.fallbacks
+
+
+@pytest.mark.parametrize("target", ["cpu", "reference"])
+def test_parameters_feed_cached_results_until_they_change(target):
+    """A parameter's transpose (what only parameters feed) is computed once and reused; an in-place update
+    of the parameter (a new version) or new parameter tensors recompute it."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(), torch.nn.Linear(24, 8)).eval()
+    backend = SparsaBackend({"target": target})
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        (part,) = backend.partitions
+        cached = dict(part.cache)
+        assert cached  # the transposed weights
+        compiled(x)
+        assert all(part.cache[k] is v for k, v in cached.items())  # reused, not recomputed
+        model[0].weight.mul_(2.0)  # in place: the same tensor at a new version
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert all(part.cache[k] is not v for k, v in cached.items())
