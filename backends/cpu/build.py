@@ -203,3 +203,34 @@ def memref_generic(ins: Sequence[tuple[ir.Value, list]], out: ir.Value, out_expr
     block = op.regions[0].blocks.append(*types)
     with ir.InsertionPoint(block):
         linalg.YieldOp([body(*block.arguments)])
+
+
+def maps(rank: int, exprs: list[list]) -> ir.ArrayAttr:
+    """Indexing maps of a linalg op over `rank` loops, one per list of affine exprs."""
+    return ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(rank, 0, e)) for e in exprs])
+
+
+def iterators(kinds: list[str]) -> ir.ArrayAttr:
+    """Iterator types of a linalg op from their textual attributes (PARALLEL, REDUCTION)."""
+    return ir.ArrayAttr.get([ir.Attribute.parse(k) for k in kinds])
+
+
+def alloca(n: ir.Value, et: ir.Type) -> ir.Value:
+    """A 1-D stack buffer of n elements."""
+    return memref.AllocaOp(ir.MemRefType.get([DYN()], et), [as_index(n)], []).result
+
+
+def each(n: ir.Value, body: Callable[[ir.Value], None]) -> None:
+    """body(i) for i in 0..n."""
+    f = loop(0, n)
+    with ir.InsertionPoint(f.body):
+        body(f.induction_variable)
+        scf.YieldOp([])
+
+
+def fold(n: ir.Value, start: ir.Value, body: Callable[[ir.Value, ir.Value], ir.Value]) -> ir.Value:
+    """acc = body(i, acc) for i in 0..n, from `start`."""
+    f = loop(0, n, 1, [start])
+    with ir.InsertionPoint(f.body):
+        scf.YieldOp([body(f.induction_variable, f.inner_iter_args[0])])
+    return f.results[0]

@@ -15,7 +15,9 @@ from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.cpu import cache
-from sparsa.backends.cpu.kernels import PANEL, ROW_SPLIT, Kernel, Kernels
+from sparsa.backends.cpu.kernels import Kernels
+from sparsa.backends.cpu.moe import PANEL
+from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
 from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError

@@ -1,8 +1,8 @@
 """One MLIR function ("kernel") per Sparsa op, all in one module: dense ops through `Lowering` (linalg on
 tensors, tiled and vectorized by the schedule), the sparse ops as loops over their sparse structure around
-dense tiles — grouped GEMM over expert segments reading tokens through the permutation, block-sparse
-flash attention visiting only the non-empty key blocks, the fused scan streaming over time, BSR and N:M
-matmuls over the stored blocks only.
+dense tiles — block-sparse flash attention visiting only the non-empty key blocks, the fused scan
+streaming over time, BSR and N:M matmuls over the stored blocks only — here; the MoE kernels in moe.py and
+the memref loop kernels (cumsum, scans, concat, top-k, linear attention) in loops.py, mixed in.
 
 A kernel takes its operands, then its outputs, as memrefs (symbolic dims dynamic); kernels that split
 their work take two more index arguments (part, parts) and do every parts-th work item from `part`, so
@@ -11,47 +11,24 @@ the host (jit.py) can run them on several threads at once. Outputs are allocated
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, scf
-from torch_mlir.dialects import math as mmath
+from torch_mlir.dialects import arith, func, linalg, scf
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.loops import LoopKernels
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type, exp
-from sparsa.ir.core import Operation, Region, Value
-from sparsa.ir.dialects import tensor as T
+from sparsa.backends.cpu.moe import MoeKernels
+from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel, memref_type
+from sparsa.ir.core import Operation, Region
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 from sparsa.ir.types import TensorType
 
-ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
-PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
 SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
-# Row split by the host: the op's dim 0 is symbolic and every operand that has it is cut along it.
-ROW_SPLIT = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.WhereOp, T.NotOp, T.CastOp)
 
 
-@dataclass
-class Kernel:
-    """One op's function: the IR values it reads and writes, in argument order, and how it splits."""
-
-    name: str
-    op: Operation
-    inputs: list[Value]
-    outputs: list[Value]
-    split: str = "none"  # "none", "parts" (takes part, parts) or "rows" (the host cuts dim 0)
-    rows: list[bool] = field(default_factory=list)  # with "rows": which inputs are cut
-    panels: list[int] = field(default_factory=list)  # inputs the host passes packed in panels (pack_panels)
-
-
-def memref_type(t: TensorType) -> ir.MemRefType:
-    return ir.MemRefType.get([d if isinstance(d, int) else B.DYN() for d in t.shape], element_type(t.dtype))
-
-
-class Kernels(Lowering, LoopKernels):
+class Kernels(Lowering, LoopKernels, MoeKernels):
     """Builds the kernels of one function into `module`."""
 
     def __init__(self, module: ir.Module):
@@ -136,276 +113,6 @@ class Kernels(Lowering, LoopKernels):
             self.scalar_mode = saved
         raise CpuLoweringError("region without a terminator")
 
-    # ---- MoE: routing -------------------------------------------------------------------------------
-    def kernel_RouteOp(self, op: Operation) -> Kernel:
-        inputs = [op.logits] + ([op.bias] if op.bias is not None else [])
-        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], True)
-        args = entry.arguments
-        logits, bias = args[0], (args[1] if op.bias is not None else None)
-        w_out, i_out, part, parts = args[len(inputs):]
-        f64 = ir.F64Type.get()
-        et = element_type(op.logits.type.dtype)
-        with ir.InsertionPoint(entry):
-            T_, E = B.mdim(logits, 0), B.mdim(logits, 1)
-            score = _alloca(E, f64)
-            sel = _alloca(E, f64)
-            picked = _alloca(E, ir.IntegerType.get_signless(1))
-            G = op.groups
-            gscore = _alloca(B.c_index(G), f64) if G > 1 else None
-            gkept = _alloca(B.c_index(G), ir.IntegerType.get_signless(1)) if G > 1 else None
-            ninf, zero, one = B.c_float(float("-inf"), f64), B.c_float(0.0, f64), B.c_float(1.0, f64)
-            tok = B.loop(part, T_, parts)
-            with ir.InsertionPoint(tok.body):
-                t = tok.induction_variable
-                # scores in float64, as the reference computes them
-                mx = _fold(E, ninf, lambda e, m: arith.MaximumFOp(m, _ext(B.load(logits, t, e), f64)).result)
-                if op.score == "softmax":
-                    def exp_at(e: ir.Value) -> ir.Value:
-                        return mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
-                    total = _fold(E, zero, lambda e, s: arith.AddFOp(s, exp_at(e)).result)
-                    _each(E, lambda e: B.store(arith.DivFOp(exp_at(e), total).result, score, e))
-                else:
-                    def sig(e: ir.Value) -> ir.Value:
-                        x = _ext(B.load(logits, t, e), f64)
-                        return arith.DivFOp(one, arith.AddFOp(one, mmath.ExpOp(arith.NegFOp(x).result)
-                                                              .result).result).result
-                    _each(E, lambda e: B.store(sig(e), score, e))
-
-                def selection(e: ir.Value) -> None:
-                    s = B.load(score, e)
-                    if bias is not None:
-                        s = arith.AddFOp(s, _ext(B.load(bias, e), f64)).result
-                    B.store(s, sel, e)
-                    B.store(B.c_int(0, 1), picked, e)
-                _each(E, selection)
-                if G > 1:
-                    self.keep_groups(op, E, sel, picked, gscore, gkept)
-                # top-k: k passes of a first-max search over the experts not picked yet
-                for j in range(op.k):
-                    best = _argmax(E, sel, picked)
-                    B.store(B.c_int(1, 1), picked, best)
-                    B.store(B.as_i64(best), i_out, t, j)
-                    B.store(B.load(score, best), sel, best)  # sel now holds the picked weights' scores
-                weights = [B.load(sel, B.as_index(B.load(i_out, t, j))) for j in range(op.k)]
-                total = zero
-                for w in weights:
-                    total = arith.AddFOp(total, w).result
-                for j, w in enumerate(weights):
-                    if op.renormalize:
-                        w = arith.DivFOp(w, total).result
-                    w = arith.MulFOp(w, B.c_float(float(op.scale), f64)).result
-                    B.store(arith.TruncFOp(et, w).result if et != f64 else w, w_out, t, j)
-                scf.YieldOp([])
-            func.ReturnOp([])
-        return Kernel(name, op, inputs, list(op.results), "parts")
-
-    def keep_groups(self, op: Operation, E: ir.Value, sel: ir.Value, picked: ir.Value, gscore: ir.Value,
-                    gkept: ir.Value) -> None:
-        """DeepSeek's group-limited routing: score each group by the sum of its best `group_top`
-        selection scores, keep the best `groups_kept` groups, and mark the other groups' experts picked."""
-        G = op.groups
-        size = B.as_index(arith.DivUIOp(E, B.c_index(G)).result)
-        f64 = ir.F64Type.get()
-        for g in range(G):
-            lo = B.mul(B.c_index(g), size)
-            total = B.c_float(0.0, f64)
-            for _ in range(op.group_top):
-                best = _argmax(size, sel, picked, lo)
-                B.store(B.c_int(1, 1), picked, best)
-                total = arith.AddFOp(total, B.load(sel, best)).result
-            B.store(total, gscore, g)
-            _each(size, lambda e, lo=lo: B.store(B.c_int(0, 1), picked, B.add(lo, e)))
-            B.store(B.c_int(0, 1), gkept, g)
-        for _ in range(op.groups_kept):
-            best = _argmax(B.c_index(G), gscore, gkept)
-            B.store(B.c_int(1, 1), gkept, best)
-        for g in range(G):  # experts of dropped groups can no longer be chosen
-            dropped = arith.XOrIOp(B.load(gkept, g), B.c_int(1, 1)).result
-            lo = B.mul(B.c_index(g), size)
-            _each(size, lambda e, lo=lo, dropped=dropped: B.store(dropped, picked, B.add(lo, e)))
-
-    # ---- MoE: dispatch ------------------------------------------------------------------------------
-    def kernel_DispatchOp(self, op: Operation) -> Kernel:
-        """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
-        in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
-        T*K + E*(block-1); offsets[E] says how much of it is used."""
-        name, entry = self.function(op, [op.experts.type] + [r.type for r in op.results], False)
-        experts, perm, offsets = entry.arguments
-        i64 = ir.IntegerType.get_signless(64)
-        E = op.num_experts
-        with ir.InsertionPoint(entry):
-            n = B.mul(B.mdim(experts, 0), B.mdim(experts, 1))
-            flat = _flatten(experts)
-            count = _alloca(B.c_index(E), i64)
-            if op.capacity is None:
-                cap = B.as_i64(n)
-            else:  # ceil(capacity * T * K / E)
-                f64 = ir.F64Type.get()
-                total = arith.SIToFPOp(f64, B.as_i64(n)).result
-                c = arith.MulFOp(total, B.c_float(float(op.capacity) / E, f64)).result
-                cap = arith.FPToSIOp(i64, mmath.CeilOp(c).result).result
-            zero, one = B.c_int(0), B.c_int(1)
-            _each(B.c_index(E), lambda e: B.store(zero, count, e))
-
-            def place(write: bool) -> None:
-                loop = B.loop(0, n)
-                with ir.InsertionPoint(loop.body):
-                    a = loop.induction_variable
-                    e = B.as_index(B.load(flat, a))
-                    c = B.load(count, e)
-                    keep = B.if_(B.cmpi("lt", c, cap))
-                    with ir.InsertionPoint(keep.then_block):
-                        if write:
-                            B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
-                        B.store(B.add(c, one), count, e)
-                        scf.YieldOp([])
-                    scf.YieldOp([])
-
-            place(False)
-            blk = B.c_int(op.block)
-            B.store(zero, offsets, 0)
-            running = zero
-            for e in range(E):
-                c = B.load(count, e)
-                padded = B.mul(arith.DivSIOp(B.add(c, B.c_int(op.block - 1)), blk).result, blk)
-                running = B.add(running, padded)
-                B.store(running, offsets, e + 1)
-                B.store(zero, count, e)
-            fill = B.loop(0, B.as_index(running))
-            with ir.InsertionPoint(fill.body):
-                B.store(B.c_int(-1), perm, fill.induction_variable)
-                scf.YieldOp([])
-            place(True)
-            func.ReturnOp([])
-        return Kernel(name, op, [op.experts], list(op.results))
-
-    # ---- MoE: grouped GEMM over expert segments -------------------------------------------------------
-    def kernel_GroupedMatmulOp(self, op: Operation) -> Kernel:
-        return self.grouped(op, list(op.weights), None)
-
-    def kernel_GroupedMatmulCombineOp(self, op: Operation) -> Kernel:
-        return self.grouped(op, [op.weight], op.gates)
-
-    def grouped(self, op: Operation, weights: list[Value], gates: Value | None) -> Kernel:
-        """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
-        through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
-        applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
-        this part's slice of the [parts, T, N] output (the host sums the parts).
-
-        Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
-        packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
-        GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
-        inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
-        rt = op.result.type
-        out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-        panels = _packable(op, weights)
-        types = [v.type for v in inputs]
-        if panels:
-            for i, w in enumerate(weights):
-                types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
-        name, entry = self.function(op, types + [out_type], True)
-        args = entry.arguments
-        rows_m, perm, offsets = args[:3]
-        w_ms = args[3:3 + len(weights)]
-        gates_m = args[3 + len(weights)] if gates is not None else None
-        out, part, parts = args[len(inputs):]
-        et = element_type(rt.dtype)
-        E = weights[0].type.shape[0]
-        with ir.InsertionPoint(entry):
-            rows_t = B.read(rows_m)
-            w_ts = [B.read(w) for w in w_ms]
-            D = B.mdim(rows_m, 1)
-            n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
-            chunk = B.c_index(0)
-            experts = B.loop(0, n_experts, 1, [chunk])
-            with ir.InsertionPoint(experts.body):
-                e = experts.induction_variable
-                lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
-                steps = B.loop(lo, hi, ROWS, [experts.inner_iter_args[0]])
-                with ir.InsertionPoint(steps.body):
-                    start, g = steps.induction_variable, steps.inner_iter_args[0]
-                    mine = B.cmpi("eq", arith.RemUIOp(g, parts).result, part)
-                    work = B.if_(mine)
-                    with ir.InsertionPoint(work.then_block):
-                        size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
-                        chunk_of = self.panel_chunk if panels else self.grouped_chunk
-                        chunk_of(op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et)
-                        scf.YieldOp([])
-                    scf.YieldOp([B.add(g, B.c_index(1))])
-                scf.YieldOp([steps.results[0]])
-            func.ReturnOp([])
-        return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
-                      else [])
-
-    def panel_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
-                    start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
-                    part: ir.Value, et: ir.Type) -> None:
-        """grouped_chunk on packed weights: per panel of PANEL columns, the GEMMs, the epilogue, the store."""
-        real = self.real_rows(perm, start, size)
-        has = B.if_(B.cmpi("gt", real, B.c_index(0)))
-        with ir.InsertionPoint(has.then_block):
-            x = self.gather_rows(op, rows_t, perm, start, real, D, et)
-            N = B.mdim(out, 2 if gates is not None else 1)
-            pl = B.loop(0, B.mdim(w_ts[0], 1))
-            with ir.InsertionPoint(pl.body):
-                j = pl.induction_variable
-                n0 = B.mul(j, B.c_index(PANEL))
-                width = B.minsi(B.c_index(PANEL), B.sub(N, n0))
-                tiles = [self.matmul_tile(x, B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]), real,
-                                          PANEL, et) for w in w_ts]
-                self.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
-                (y,) = self.inline(op.epilogue, tiles, False)
-                self.dim_map = {}
-                y = B.slice_tensor(y, [0, 0], [real, width])
-                if gates is None:
-                    B.write(y, B.subview(out, [start, n0], [real, width]))
-                else:
-                    self.scatter_add(op, y, perm, start, real, width, gates, out, part, n0)
-                scf.YieldOp([])
-            scf.YieldOp([])
-
-    def real_rows(self, perm: ir.Value, start: ir.Value, size: ir.Value) -> ir.Value:
-        """The real rows of a chunk: they come first in a segment; padding (-1) after them is skipped."""
-        return _fold(size, B.c_index(0), lambda r, n: B.select(
-            B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
-
-    def grouped_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
-                      start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
-                      part: ir.Value, et: ir.Type) -> None:
-        real = self.real_rows(perm, start, size)
-        has = B.if_(B.cmpi("gt", real, B.c_index(0)))
-        with ir.InsertionPoint(has.then_block):
-            x = self.gather_rows(op, rows_t, perm, start, real, D, et)
-            parts_out = []
-            for w in w_ts:
-                N = B.mdim(w, 2)
-                we = B.slice_tensor(w, [e, 0, 0], [1, D, N], drop=[0])
-                parts_out.append(self.matmul_tile(x, we, real, N, et))
-            (y,) = self.inline(op.epilogue, parts_out, False)
-            N = B.mdim(y, 1)
-            if gates is None:
-                B.write(y, B.subview(out, [start, 0], [real, N]))
-            else:
-                self.scatter_add(op, y, perm, start, real, N, gates, out, part, B.c_index(0))
-            scf.YieldOp([])
-
-    def gather_rows(self, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
-                    D: ir.Value, et: ir.Type) -> ir.Value:
-        """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted)."""
-        if not op.gather:
-            return B.slice_tensor(rows_t, [start, 0], [n, D])
-        init = B.empty([n, D], et)
-        res_t = ir.RankedTensorType.get([B.DYN(), B.DYN()], et)
-        d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
-        g = linalg.GenericOp([res_t], [], [init], _maps(2, [[d0, d1]]), _iters([PARALLEL, PARALLEL]))
-        block = g.regions[0].blocks.append(et)
-        with ir.InsertionPoint(block):
-            i, j = linalg.IndexOp(0).result, linalg.IndexOp(1).result
-            a = B.load(perm, B.add(start, i))
-            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
-            linalg.YieldOp([B.extract(rows_t, tok, j)])
-        return g.result
-
     def matmul_tile(self, a: ir.Value, b: ir.Value, m: ir.Value, n: ir.Value, et: ir.Type,
                     init: ir.Value | None = None) -> ir.Value:
         """a [m, k] @ b [k, n] as a tagged linalg matmul the schedule tiles."""
@@ -413,8 +120,8 @@ class Kernels(Lowering, LoopKernels):
             init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([m, n], et)])
         d = [ir.AffineDimExpr.get(i) for i in range(3)]
         res_t = init.type
-        g = linalg.GenericOp([res_t], [a, b], [init], _maps(3, [[d[0], d[2]], [d[2], d[1]], [d[0], d[1]]]),
-                             _iters([PARALLEL, PARALLEL, REDUCTION]))
+        g = linalg.GenericOp([res_t], [a, b], [init], B.maps(3, [[d[0], d[2]], [d[2], d[1]], [d[0], d[1]]]),
+                             B.iterators([PARALLEL, PARALLEL, REDUCTION]))
         block = g.regions[0].blocks.append(et, et, et)
         with ir.InsertionPoint(block):
             x, y, acc = block.arguments
@@ -423,27 +130,6 @@ class Kernels(Lowering, LoopKernels):
         self.tag(g.result, "matmul", TensorType(_dtype(et), shape))
         return g.result
 
-    def scatter_add(self, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, N: ir.Value,
-                    gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
-        """out[part, a // K, col0:col0 + N] += gates[a // K, a % K] * y[i] for the chunk's assignments
-        a = perm[start + i]."""
-        K = B.c_int(op.topk)
-        rows = B.loop(0, n)
-        with ir.InsertionPoint(rows.body):
-            i = rows.induction_variable
-            a = B.load(perm, B.add(start, i))
-            t, j = B.as_index(arith.DivSIOp(a, K).result), B.as_index(arith.RemSIOp(a, K).result)
-            g = B.load(gates, t, j)
-            cols = B.loop(0, N)
-            with ir.InsertionPoint(cols.body):
-                c = cols.induction_variable
-                v = arith.MulFOp(g, B.extract(y, i, c)).result
-                oc = B.add(col0, c)
-                B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
-                scf.YieldOp([])
-            scf.YieldOp([])
-
-
     # ---- tiles ----------------------------------------------------------------------------------------
     def tile_map(self, inputs: list[tuple[ir.Value, list]], sizes: list[ir.Value], et: ir.Type, body,
                  tag: bool = False) -> ir.Value:
@@ -451,8 +137,8 @@ class Kernels(Lowering, LoopKernels):
         rank = len(sizes)
         d = [ir.AffineDimExpr.get(i) for i in range(rank)]
         init = B.empty(sizes, et)
-        g = linalg.GenericOp([init.type], [v for v, _ in inputs], [init], _maps(rank, [e for _, e in inputs] + [d]),
-                             _iters([PARALLEL] * rank))
+        g = linalg.GenericOp([init.type], [v for v, _ in inputs], [init], B.maps(rank, [e for _, e in inputs] + [d]),
+                             B.iterators([PARALLEL] * rank))
         block = g.regions[0].blocks.append(*[ir.RankedTensorType(v.type).element_type for v, _ in inputs], et)
         with ir.InsertionPoint(block):
             linalg.YieldOp([body(*block.arguments[:-1])])
@@ -465,7 +151,7 @@ class Kernels(Lowering, LoopKernels):
         et = ir.RankedTensorType(x.type).element_type
         init = linalg.fill(B.c_float(start, et), outs=[B.empty([B.mdim(x, 0)], et)])
         d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
-        g = linalg.GenericOp([init.type], [x], [init], _maps(2, [[d0, d1], [d0]]), _iters([PARALLEL, REDUCTION]))
+        g = linalg.GenericOp([init.type], [x], [init], B.maps(2, [[d0, d1], [d0]]), B.iterators([PARALLEL, REDUCTION]))
         block = g.regions[0].blocks.append(et, et)
         with ir.InsertionPoint(block):
             v, acc = block.arguments
@@ -743,8 +429,8 @@ class Kernels(Lowering, LoopKernels):
             M, N = B.mdim(x, 0), B.mdim(values, 1)
             init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([M, N], et)])
             d = [ir.AffineDimExpr.get(i) for i in range(3)]
-            g = linalg.GenericOp([init.type], [vt, it], [init], _maps(3, [[d[2], d[1]], [d[2], d[1]], [d[0], d[1]]]),
-                                 _iters([PARALLEL, PARALLEL, REDUCTION]))
+            g = linalg.GenericOp([init.type], [vt, it], [init], B.maps(3, [[d[2], d[1]], [d[2], d[1]], [d[0], d[1]]]),
+                                 B.iterators([PARALLEL, PARALLEL, REDUCTION]))
             block = g.regions[0].blocks.append(et, ir.IntegerType.get_signless(8), et)
             with ir.InsertionPoint(block):
                 w, off, acc = block.arguments
@@ -760,24 +446,6 @@ class Kernels(Lowering, LoopKernels):
 
 def _dtype(et: ir.Type) -> str:
     return {"f32": "f32", "f64": "f64", "f16": "f16", "bf16": "bf16"}[str(et)]
-
-
-def _maps(rank: int, exprs: list[list]) -> ir.ArrayAttr:
-    return ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(rank, 0, e)) for e in exprs])
-
-
-def _iters(kinds: list[str]) -> ir.ArrayAttr:
-    return ir.ArrayAttr.get([ir.Attribute.parse(k) for k in kinds])
-
-
-def _packable(op: Operation, weights: list[Value]) -> bool:
-    """Whether a grouped GEMM can take its weights packed in panels: they are parameters (packed once per
-    loaded weights) with one output width, and the epilogue is elementwise (so it can run a panel at a time)."""
-    if any(w.defining_op is None or w.defining_op.NAME != "func.param" for w in weights):
-        return False
-    if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
-        return False
-    return all(isinstance(o, ROW_SPLIT + (T.ConstantOp,)) or o.TERMINATOR for o in op.epilogue.block.ops)
 
 
 def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
@@ -798,51 +466,4 @@ def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
             return c, yc
     return None
 
-
-def _alloca(n: ir.Value, et: ir.Type) -> ir.Value:
-    return memref.AllocaOp(ir.MemRefType.get([B.DYN()], et), [B.as_index(n)], []).result
-
-
-def _flatten(m: ir.Value) -> ir.Value:
-    mt = ir.MemRefType(m.type)
-    n = 1
-    for s in mt.shape:
-        n = B.DYN() if s == B.DYN() or n == B.DYN() else n * s
-    out = ir.MemRefType.get([n], mt.element_type)
-    return memref.CollapseShapeOp(out, m, ir.ArrayAttr.get([ir.ArrayAttr.get(
-        [ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in range(mt.rank)])])).result
-
-
-def _ext(v: ir.Value, to: ir.Type) -> ir.Value:
-    return v if v.type == to else arith.ExtFOp(to, v).result
-
-
-def _each(n: ir.Value, body) -> None:
-    loop = B.loop(0, n)
-    with ir.InsertionPoint(loop.body):
-        body(loop.induction_variable)
-        scf.YieldOp([])
-
-
-def _fold(n: ir.Value, start: ir.Value, body) -> ir.Value:
-    loop = B.loop(0, n, 1, [start])
-    with ir.InsertionPoint(loop.body):
-        scf.YieldOp([body(loop.induction_variable, loop.inner_iter_args[0])])
-    return loop.results[0]
-
-
-def _argmax(n: ir.Value, values: ir.Value, taken: ir.Value, lo: ir.Value | None = None) -> ir.Value:
-    """The first index in lo..lo+n of the largest value not yet taken (the lowest index on ties)."""
-    f64 = ir.F64Type.get()
-    lo = lo if lo is not None else B.c_index(0)
-    loop = B.loop(0, n, 1, [B.c_float(float("-inf"), f64), B.c_index(-1)])
-    with ir.InsertionPoint(loop.body):
-        e = B.add(lo, loop.induction_variable)
-        best, at = loop.inner_iter_args
-        v = B.load(values, e)
-        free = arith.XOrIOp(B.load(taken, e), B.c_int(1, 1)).result
-        better = arith.OrIOp(B.cmpi("lt", at, B.c_index(0)), arith.CmpFOp(2, v, best).result).result
-        take = arith.AndIOp(free, better).result
-        scf.YieldOp([B.select(take, v, best), B.select(take, e, at)])
-    return loop.results[1]
 

@@ -14,6 +14,7 @@ from torch_mlir.dialects import arith, func, linalg, memref, scf
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, element_type, scalar_constant
+from sparsa.backends.cpu.signature import Kernel
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.types import TensorType, is_float
 
@@ -55,8 +56,6 @@ class LoopKernels:
 
     def plain(self, op: Operation, inputs: list[Value], build: Callable[..., None], parts: bool = False) -> tuple:
         """A kernel of `op` reading `inputs` and writing its results; `build(*memrefs)` makes the body."""
-        from sparsa.backends.cpu.kernels import Kernel
-
         name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], parts)
         with ir.InsertionPoint(entry):
             build(*entry.arguments)
@@ -64,7 +63,7 @@ class LoopKernels:
         return Kernel(name, op, inputs, list(op.results), "parts" if parts else "none")
 
     # ---- splats and iota of any (symbolic) shape ---------------------------------------------------------
-    def kernel_ConstantOp(self, op: Operation) -> object:
+    def kernel_ConstantOp(self, op: Operation) -> Kernel:
         t = op.result.type
 
         def build(out: ir.Value) -> None:
@@ -73,7 +72,7 @@ class LoopKernels:
 
         return self.plain(op, [], build)
 
-    def kernel_IotaOp(self, op: Operation) -> object:
+    def kernel_IotaOp(self, op: Operation) -> Kernel:
         et = element_type(op.result.type.dtype)
 
         def build(out: ir.Value) -> None:
@@ -127,7 +126,7 @@ class LoopKernels:
         sizes[pos] = 1
         return B.subview(m, [step if i == pos else 0 for i in range(t.rank)], sizes), exprs
 
-    def kernel_ScanOp(self, op: Operation) -> object:
+    def kernel_ScanOp(self, op: Operation) -> Kernel:
         """h[t] = a[t] * h[t-1] + b[t] along the axis (the unfused scan; fuse-scan usually replaces it)."""
         inputs = [op.a, op.b] + ([op.h0] if op.h0 is not None else [])
         axis = op.axis % op.result.type.rank
@@ -139,7 +138,7 @@ class LoopKernels:
 
         return self.plain(op, inputs, build)
 
-    def kernel_CumsumOp(self, op: Operation) -> object:
+    def kernel_CumsumOp(self, op: Operation) -> Kernel:
         axis = op.axis % op.x.type.rank
         add = arith.AddFOp if is_float(op.x.type.dtype) else arith.AddIOp
 
@@ -149,7 +148,7 @@ class LoopKernels:
         return self.plain(op, [op.x], build)
 
     # ---- concat ------------------------------------------------------------------------------------------
-    def kernel_ConcatOp(self, op: Operation) -> object:
+    def kernel_ConcatOp(self, op: Operation) -> Kernel:
         rank = op.result.type.rank
         axis = op.axis % rank
         d = _dims(rank)
@@ -165,7 +164,7 @@ class LoopKernels:
         return self.plain(op, list(op.inputs), build)
 
     # ---- searches ----------------------------------------------------------------------------------------
-    def kernel_ArgmaxOp(self, op: Operation) -> object:
+    def kernel_ArgmaxOp(self, op: Operation) -> Kernel:
         """The first index of the largest value along the axis (a NaN counts as the largest, as NumPy)."""
         t = op.x.type
         axis = op.axis % t.rank
@@ -192,7 +191,7 @@ class LoopKernels:
 
         return self.plain(op, [op.x], build)
 
-    def kernel_TopkOp(self, op: Operation) -> object:
+    def kernel_TopkOp(self, op: Operation) -> Kernel:
         """k passes over each row, pass p finding the largest element after pass p-1's in (value descending,
         index ascending) order: NumPy's stable descending sort, NaNs last."""
         t = op.x.type
@@ -227,13 +226,11 @@ class LoopKernels:
         return self.plain(op, [op.x], build)
 
     # ---- the matrix-state scan -----------------------------------------------------------------------------
-    def kernel_LinearAttentionOp(self, op: Operation) -> object:
+    def kernel_LinearAttentionOp(self, op: Operation) -> Kernel:
         """S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, streamed over time with the [Dk, Dv] state in one
         buffer that stays in cache; the [L, Dk, Dv] states are never stored. The host flattens the batch
         dims (q, k, v: [N, L, D], a: [N, L]) and the N sequences are split over threads. The recurrent form
         does Dk*Dv*4 flops a step, fewer than the chunked form's (`chunk` is the GPU kernel's blocking)."""
-        from sparsa.backends.cpu.kernels import Kernel
-
         dt = op.result.type.dtype
         dk, dv = op.q.type.shape[-1], op.v.type.shape[-1]
         flat = [TensorType(dt, (None, None, dk)), TensorType(dt, (None, None, dk)), TensorType(dt, (None, None, dv)),

@@ -1,0 +1,344 @@
+"""The MoE kernels: routing (every router family, scores in float64), dispatch (a counting sort by expert
+with capacity, segments padded to the dispatch block) and the grouped GEMMs over expert segments, rows
+read through the permutation, the epilogue inlined and the combine fused. Mixed into `Kernels`."""
+
+from __future__ import annotations
+
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, memref, scf
+from torch_mlir.dialects import math as mmath
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.lower import PARALLEL, element_type
+from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
+from sparsa.ir.core import Operation, Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.types import TensorType
+
+ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
+
+
+class MoeKernels:
+    """Mixed into `Kernels`, whose `function`, `inline`, `matmul_tile` and `dim_map` these use."""
+
+    # ---- MoE: routing -------------------------------------------------------------------------------
+    def kernel_RouteOp(self, op: Operation) -> Kernel:
+        inputs = [op.logits] + ([op.bias] if op.bias is not None else [])
+        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], True)
+        args = entry.arguments
+        logits, bias = args[0], (args[1] if op.bias is not None else None)
+        w_out, i_out, part, parts = args[len(inputs):]
+        f64 = ir.F64Type.get()
+        et = element_type(op.logits.type.dtype)
+        with ir.InsertionPoint(entry):
+            T_, E = B.mdim(logits, 0), B.mdim(logits, 1)
+            score = B.alloca(E, f64)
+            sel = B.alloca(E, f64)
+            picked = B.alloca(E, ir.IntegerType.get_signless(1))
+            G = op.groups
+            gscore = B.alloca(B.c_index(G), f64) if G > 1 else None
+            gkept = B.alloca(B.c_index(G), ir.IntegerType.get_signless(1)) if G > 1 else None
+            ninf, zero, one = B.c_float(float("-inf"), f64), B.c_float(0.0, f64), B.c_float(1.0, f64)
+            tok = B.loop(part, T_, parts)
+            with ir.InsertionPoint(tok.body):
+                t = tok.induction_variable
+                # scores in float64, as the reference computes them
+                mx = B.fold(E, ninf, lambda e, m: arith.MaximumFOp(m, _ext(B.load(logits, t, e), f64)).result)
+                if op.score == "softmax":
+                    def exp_at(e: ir.Value) -> ir.Value:
+                        return mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
+                    total = B.fold(E, zero, lambda e, s: arith.AddFOp(s, exp_at(e)).result)
+                    B.each(E, lambda e: B.store(arith.DivFOp(exp_at(e), total).result, score, e))
+                else:
+                    def sig(e: ir.Value) -> ir.Value:
+                        x = _ext(B.load(logits, t, e), f64)
+                        return arith.DivFOp(one, arith.AddFOp(one, mmath.ExpOp(arith.NegFOp(x).result)
+                                                              .result).result).result
+                    B.each(E, lambda e: B.store(sig(e), score, e))
+
+                def selection(e: ir.Value) -> None:
+                    s = B.load(score, e)
+                    if bias is not None:
+                        s = arith.AddFOp(s, _ext(B.load(bias, e), f64)).result
+                    B.store(s, sel, e)
+                    B.store(B.c_int(0, 1), picked, e)
+                B.each(E, selection)
+                if G > 1:
+                    self.keep_groups(op, E, sel, picked, gscore, gkept)
+                # top-k: k passes of a first-max search over the experts not picked yet
+                for j in range(op.k):
+                    best = _argmax(E, sel, picked)
+                    B.store(B.c_int(1, 1), picked, best)
+                    B.store(B.as_i64(best), i_out, t, j)
+                    B.store(B.load(score, best), sel, best)  # sel now holds the picked weights' scores
+                weights = [B.load(sel, B.as_index(B.load(i_out, t, j))) for j in range(op.k)]
+                total = zero
+                for w in weights:
+                    total = arith.AddFOp(total, w).result
+                for j, w in enumerate(weights):
+                    if op.renormalize:
+                        w = arith.DivFOp(w, total).result
+                    w = arith.MulFOp(w, B.c_float(float(op.scale), f64)).result
+                    B.store(arith.TruncFOp(et, w).result if et != f64 else w, w_out, t, j)
+                scf.YieldOp([])
+            func.ReturnOp([])
+        return Kernel(name, op, inputs, list(op.results), "parts")
+
+    def keep_groups(self, op: Operation, E: ir.Value, sel: ir.Value, picked: ir.Value, gscore: ir.Value,
+                    gkept: ir.Value) -> None:
+        """DeepSeek's group-limited routing: score each group by the sum of its best `group_top`
+        selection scores, keep the best `groups_kept` groups, and mark the other groups' experts picked."""
+        G = op.groups
+        size = B.as_index(arith.DivUIOp(E, B.c_index(G)).result)
+        f64 = ir.F64Type.get()
+        for g in range(G):
+            lo = B.mul(B.c_index(g), size)
+            total = B.c_float(0.0, f64)
+            for _ in range(op.group_top):
+                best = _argmax(size, sel, picked, lo)
+                B.store(B.c_int(1, 1), picked, best)
+                total = arith.AddFOp(total, B.load(sel, best)).result
+            B.store(total, gscore, g)
+            B.each(size, lambda e, lo=lo: B.store(B.c_int(0, 1), picked, B.add(lo, e)))
+            B.store(B.c_int(0, 1), gkept, g)
+        for _ in range(op.groups_kept):
+            best = _argmax(B.c_index(G), gscore, gkept)
+            B.store(B.c_int(1, 1), gkept, best)
+        for g in range(G):  # experts of dropped groups can no longer be chosen
+            dropped = arith.XOrIOp(B.load(gkept, g), B.c_int(1, 1)).result
+            lo = B.mul(B.c_index(g), size)
+            B.each(size, lambda e, lo=lo, dropped=dropped: B.store(dropped, picked, B.add(lo, e)))
+
+    # ---- MoE: dispatch ------------------------------------------------------------------------------
+    def kernel_DispatchOp(self, op: Operation) -> Kernel:
+        """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
+        in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
+        T*K + E*(block-1); offsets[E] says how much of it is used."""
+        name, entry = self.function(op, [op.experts.type] + [r.type for r in op.results], False)
+        experts, perm, offsets = entry.arguments
+        i64 = ir.IntegerType.get_signless(64)
+        E = op.num_experts
+        with ir.InsertionPoint(entry):
+            n = B.mul(B.mdim(experts, 0), B.mdim(experts, 1))
+            flat = _flatten(experts)
+            count = B.alloca(B.c_index(E), i64)
+            if op.capacity is None:
+                cap = B.as_i64(n)
+            else:  # ceil(capacity * T * K / E)
+                f64 = ir.F64Type.get()
+                total = arith.SIToFPOp(f64, B.as_i64(n)).result
+                c = arith.MulFOp(total, B.c_float(float(op.capacity) / E, f64)).result
+                cap = arith.FPToSIOp(i64, mmath.CeilOp(c).result).result
+            zero, one = B.c_int(0), B.c_int(1)
+            B.each(B.c_index(E), lambda e: B.store(zero, count, e))
+
+            def place(write: bool) -> None:
+                loop = B.loop(0, n)
+                with ir.InsertionPoint(loop.body):
+                    a = loop.induction_variable
+                    e = B.as_index(B.load(flat, a))
+                    c = B.load(count, e)
+                    keep = B.if_(B.cmpi("lt", c, cap))
+                    with ir.InsertionPoint(keep.then_block):
+                        if write:
+                            B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
+                        B.store(B.add(c, one), count, e)
+                        scf.YieldOp([])
+                    scf.YieldOp([])
+
+            place(False)
+            blk = B.c_int(op.block)
+            B.store(zero, offsets, 0)
+            running = zero
+            for e in range(E):
+                c = B.load(count, e)
+                padded = B.mul(arith.DivSIOp(B.add(c, B.c_int(op.block - 1)), blk).result, blk)
+                running = B.add(running, padded)
+                B.store(running, offsets, e + 1)
+                B.store(zero, count, e)
+            fill = B.loop(0, B.as_index(running))
+            with ir.InsertionPoint(fill.body):
+                B.store(B.c_int(-1), perm, fill.induction_variable)
+                scf.YieldOp([])
+            place(True)
+            func.ReturnOp([])
+        return Kernel(name, op, [op.experts], list(op.results))
+
+    # ---- MoE: grouped GEMM over expert segments -------------------------------------------------------
+    def kernel_GroupedMatmulOp(self, op: Operation) -> Kernel:
+        return self.grouped(op, list(op.weights), None)
+
+    def kernel_GroupedMatmulCombineOp(self, op: Operation) -> Kernel:
+        return self.grouped(op, [op.weight], op.gates)
+
+    def grouped(self, op: Operation, weights: list[Value], gates: Value | None) -> Kernel:
+        """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
+        through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
+        applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
+        this part's slice of the [parts, T, N] output (the host sums the parts).
+
+        Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
+        packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
+        GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
+        inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
+        rt = op.result.type
+        out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
+        panels = _packable(op, weights)
+        types = [v.type for v in inputs]
+        if panels:
+            for i, w in enumerate(weights):
+                types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
+        name, entry = self.function(op, types + [out_type], True)
+        args = entry.arguments
+        rows_m, perm, offsets = args[:3]
+        w_ms = args[3:3 + len(weights)]
+        gates_m = args[3 + len(weights)] if gates is not None else None
+        out, part, parts = args[len(inputs):]
+        et = element_type(rt.dtype)
+        E = weights[0].type.shape[0]
+        with ir.InsertionPoint(entry):
+            rows_t = B.read(rows_m)
+            w_ts = [B.read(w) for w in w_ms]
+            D = B.mdim(rows_m, 1)
+            n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
+            chunk = B.c_index(0)
+            experts = B.loop(0, n_experts, 1, [chunk])
+            with ir.InsertionPoint(experts.body):
+                e = experts.induction_variable
+                lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
+                steps = B.loop(lo, hi, ROWS, [experts.inner_iter_args[0]])
+                with ir.InsertionPoint(steps.body):
+                    start, g = steps.induction_variable, steps.inner_iter_args[0]
+                    mine = B.cmpi("eq", arith.RemUIOp(g, parts).result, part)
+                    work = B.if_(mine)
+                    with ir.InsertionPoint(work.then_block):
+                        size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                        self.grouped_chunk(op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
+                                           panels)
+                        scf.YieldOp([])
+                    scf.YieldOp([B.add(g, B.c_index(1))])
+                scf.YieldOp([steps.results[0]])
+            func.ReturnOp([])
+        return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
+                      else [])
+
+    def grouped_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
+                      start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
+                      part: ir.Value, et: ir.Type, panels: bool) -> None:
+        """One work item: the chunk's real rows (they come first in a segment; the padding (-1) after them is
+        skipped) read through perm, times each weight, the epilogue, the store or combine — over the whole
+        width, or one panel of PANEL columns at a time with packed weights."""
+        real = B.fold(size, B.c_index(0), lambda r, n: B.select(
+            B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+        has = B.if_(B.cmpi("gt", real, B.c_index(0)))
+        with ir.InsertionPoint(has.then_block):
+            x = self.gather_rows(op, rows_t, perm, start, real, D, et)
+            if not panels:
+                ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]
+                self.chunk_out(op, x, ws, real, B.c_index(0), None, start, perm, out, gates, part, et)
+            else:
+                N = B.mdim(out, 2 if gates is not None else 1)
+                pl = B.loop(0, B.mdim(w_ts[0], 1))
+                with ir.InsertionPoint(pl.body):
+                    j = pl.induction_variable
+                    n0 = B.mul(j, B.c_index(PANEL))
+                    ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
+                    self.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
+                    self.chunk_out(op, x, ws, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)), start, perm, out,
+                                   gates, part, et)
+                    self.dim_map = {}
+                    scf.YieldOp([])
+            scf.YieldOp([])
+
+    def chunk_out(self, op: Operation, x: ir.Value, ws: list[ir.Value], real: ir.Value, col0: ir.Value,
+                  width: ir.Value | None, start: ir.Value, perm: ir.Value, out: ir.Value, gates: ir.Value | None,
+                  part: ir.Value, et: ir.Type) -> None:
+        """x @ each of ws, the epilogue, then columns col0.. of the output (`width` of them; None: all)."""
+        tiles = [self.matmul_tile(x, w, real, B.sizes_of(w)[1], et) for w in ws]
+        (y,) = self.inline(op.epilogue, tiles, False)
+        if width is None:
+            width = B.mdim(y, 1)
+        else:
+            y = B.slice_tensor(y, [0, 0], [real, width])
+        if gates is None:
+            B.write(y, B.subview(out, [start, col0], [real, width]))
+        else:
+            self.scatter_add(op, y, perm, start, real, width, gates, out, part, col0)
+
+    def gather_rows(self, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
+                    D: ir.Value, et: ir.Type) -> ir.Value:
+        """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted)."""
+        if not op.gather:
+            return B.slice_tensor(rows_t, [start, 0], [n, D])
+        init = B.empty([n, D], et)
+        res_t = ir.RankedTensorType.get([B.DYN(), B.DYN()], et)
+        d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
+        g = linalg.GenericOp([res_t], [], [init], B.maps(2, [[d0, d1]]), B.iterators([PARALLEL, PARALLEL]))
+        block = g.regions[0].blocks.append(et)
+        with ir.InsertionPoint(block):
+            i, j = linalg.IndexOp(0).result, linalg.IndexOp(1).result
+            a = B.load(perm, B.add(start, i))
+            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
+            linalg.YieldOp([B.extract(rows_t, tok, j)])
+        return g.result
+
+    def scatter_add(self, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, N: ir.Value,
+                    gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
+        """out[part, a // K, col0:col0 + N] += gates[a // K, a % K] * y[i] for the chunk's assignments
+        a = perm[start + i]."""
+        K = B.c_int(op.topk)
+        rows = B.loop(0, n)
+        with ir.InsertionPoint(rows.body):
+            i = rows.induction_variable
+            a = B.load(perm, B.add(start, i))
+            t, j = B.as_index(arith.DivSIOp(a, K).result), B.as_index(arith.RemSIOp(a, K).result)
+            g = B.load(gates, t, j)
+            cols = B.loop(0, N)
+            with ir.InsertionPoint(cols.body):
+                c = cols.induction_variable
+                v = arith.MulFOp(g, B.extract(y, i, c)).result
+                oc = B.add(col0, c)
+                B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
+                scf.YieldOp([])
+            scf.YieldOp([])
+
+
+def _packable(op: Operation, weights: list[Value]) -> bool:
+    """Whether a grouped GEMM can take its weights packed in panels: they are parameters (packed once per
+    loaded weights) with one output width, and the epilogue is elementwise (so it can run a panel at a time)."""
+    if any(w.defining_op is None or w.defining_op.NAME != "func.param" for w in weights):
+        return False
+    if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
+        return False
+    return all(isinstance(o, ROW_SPLIT + (T.ConstantOp,)) or o.TERMINATOR for o in op.epilogue.block.ops)
+
+
+def _flatten(m: ir.Value) -> ir.Value:
+    mt = ir.MemRefType(m.type)
+    n = 1
+    for s in mt.shape:
+        n = B.DYN() if s == B.DYN() or n == B.DYN() else n * s
+    out = ir.MemRefType.get([n], mt.element_type)
+    return memref.CollapseShapeOp(out, m, ir.ArrayAttr.get([ir.ArrayAttr.get(
+        [ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in range(mt.rank)])])).result
+
+
+def _ext(v: ir.Value, to: ir.Type) -> ir.Value:
+    return v if v.type == to else arith.ExtFOp(to, v).result
+
+
+def _argmax(n: ir.Value, values: ir.Value, taken: ir.Value, lo: ir.Value | None = None) -> ir.Value:
+    """The first index in lo..lo+n of the largest value not yet taken (the lowest index on ties)."""
+    f64 = ir.F64Type.get()
+    lo = lo if lo is not None else B.c_index(0)
+    loop = B.loop(0, n, 1, [B.c_float(float("-inf"), f64), B.c_index(-1)])
+    with ir.InsertionPoint(loop.body):
+        e = B.add(lo, loop.induction_variable)
+        best, at = loop.inner_iter_args
+        v = B.load(values, e)
+        free = arith.XOrIOp(B.load(taken, e), B.c_int(1, 1)).result
+        better = arith.OrIOp(B.cmpi("lt", at, B.c_index(0)), arith.CmpFOp(2, v, best).result).result
+        take = arith.AndIOp(free, better).result
+        scf.YieldOp([B.select(take, v, best), B.select(take, e, at)])
+    return loop.results[1]
