@@ -305,8 +305,11 @@ class CpuFunction:
             out = np.zeros((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
             return [out]
-        if kind == "GatherOp":
-            check_indices(op, ins[0], ins[1:])
+        if kind == "GatherOp":  # the kernel reads without checking
+            try:
+                op.check_indices(ins[0].shape, ins[1:])
+            except IndexError as e:
+                raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
                                                                                strict=True)]
         if k.split == "parts":
@@ -348,15 +351,6 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
         cols = w[:, :, j * PANEL:(j + 1) * PANEL]
         out[:, j, :, :cols.shape[2]] = cols
     return out
-
-
-def check_indices(op: Operation, x: np.ndarray, indices: list[np.ndarray]) -> None:
-    """A gather's indices must be in -n..n-1 of their axis (the kernel reads without checking)."""
-    for axis, i in enumerate(indices):
-        n = x.shape[axis]
-        if i.size and (i.min() < -n or i.max() >= n):
-            bad = int(i[(i < -n) | (i >= n)].flat[0])
-            raise SparsaError(f"gather: index {bad} is out of range for axis {axis} of size {n}", op.loc)
 
 
 def result_shapes(op: Operation, ins: list[np.ndarray], host: Interpreter) -> list[tuple[int, ...]]:

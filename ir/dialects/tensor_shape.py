@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -211,12 +212,17 @@ class GatherOp(Operation):
         return [TensorType(t.dtype, lead + t.shape[len(idx):])]
 
     def reference(self, ctx: Any, x: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+        self.check_indices(x.shape, indices)
+        return x[tuple(indices)]
+
+    @staticmethod
+    def check_indices(shape: tuple[int, ...], indices: Sequence[np.ndarray]) -> None:
+        """IndexError unless every index is in -n..n-1 of its axis (negative ones count from the end)."""
         for axis, i in enumerate(indices):
-            n = x.shape[axis]
+            n = shape[axis]
             if i.size and (i.min() < -n or i.max() >= n):
                 bad = int(i[(i < -n) | (i >= n)].flat[0])
                 raise IndexError(f"index {bad} is out of range for axis {axis} of size {n}")
-        return x[tuple(indices)]
 
 
 class ConcatOp(Operation):
