@@ -129,6 +129,9 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         "    ^bb0(%lp: !transform.any_op):",
         "      transform.loop.hoist_loop_invariant_subsets %lp : !transform.any_op",
         "    }",
+        # then the k loop still carries the accumulator's tensor and its slice unchanged; folding those
+        # iter_args away lets bufferization write the tile in place (else: a copy in and out per tile)
+        "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op",
         "    %b = transform.bufferization.one_shot_bufferize %root {"
         "memcpy_op = \"linalg.copy\", allow_return_allocs_from_loops = true} "
         ": (!transform.any_op) -> !transform.any_op",
