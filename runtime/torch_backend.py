@@ -163,6 +163,15 @@ class CompiledPartition(torch.nn.Module):
         if seen != self.constants_seen:
             self.cache.clear()
             self.constants_seen = seen
+        if self.target == "cpu" and constant != self.native.constant_args:
+            # built again knowing the parameters: what only they feed runs once on the host, and the
+            # grouped GEMMs take their expert weights packed
+            from sparsa.backends.cpu.jit import CpuFunction
+
+            try:
+                self.native = CpuFunction(self.func, constant)
+            except SparsaError:
+                constant = self.native.constant_args
         if self.native is not None:
             got = self.native(arrays, None, self.cache, constant)
             outs = list(got) if isinstance(got, tuple) else [got]

@@ -226,6 +226,18 @@ def test_threads_split_the_work_and_agree(monkeypatch, moe_pair, attn_pair):
     np.testing.assert_array_equal(outs["1"][1], outs["3"][1])
 
 
+def test_static_rows_are_cut_over_threads(monkeypatch):
+    """Dense ops with a static dim 0 (torch graphs are static) are split over threads like symbolic ones."""
+    src = "model M(x: f32[300, 64], w: f32[64, 160]) -> f32[300, 160] {\n    return silu(x @ w) * 2.0\n}\n"
+    ref, cpu = pair(src)
+    x, w = make_inputs(ref)
+    assert {k.split for k in cpu.native.kernels.values() if k.op.NAME in ("tensor.matmul", "tensor.silu")} == {"rows"}
+    want = ref(x, w)
+    for threads in ("1", "3"):
+        monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+        close(cpu(x, w), want)
+
+
 def test_bad_thread_count_is_a_clear_error(monkeypatch, moe_pair):
     monkeypatch.setenv("SPARSA_NUM_THREADS", "two")
     from sparsa.ir.diagnostics import SparsaError

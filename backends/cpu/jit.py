@@ -202,16 +202,21 @@ class CpuFunction:
     small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
-    def __init__(self, func_op: Operation):
+    def __init__(self, func_op: Operation, constant_args: frozenset[int] = frozenset()):
+        """`constant_args`: inputs the caller keeps the same between calls (see __call__); what only they and
+        the weights feed runs on the host once, and the kernels may take it packed (expert weights)."""
         self.func_op = func_op
-        self._constant_sets: dict[frozenset[int], set[int]] = {}
+        self.constant_args = constant_args
         self.context = ir.Context()
-        self.weight_only = weight_only_ops(func_op)
+        self.weight_only = weight_only_ops(func_op, constant_args)
+        self._constant_sets: dict[frozenset[int], set[int]] = {constant_args: self.weight_only}
         self.kernels: dict[int, Kernel] = {}
         block = func_op.regions[0].block
+        fixed = {id(a) for i, a in enumerate(block.args) if i in constant_args}
+        fixed |= {id(r) for op in block.ops if id(op) in self.weight_only for r in op.results}
         with self.context, ir.Location.unknown():
             module = ir.Module.create()
-            builder = Kernels(module)
+            builder = Kernels(module, fixed)
             for op in block.ops[:-1]:
                 if op.NAME in HOST_OPS or id(op) in self.weight_only:
                     continue
@@ -242,11 +247,12 @@ class CpuFunction:
         `cache` holds the weight-only results (packed sparse weights) between calls with the same weights;
         `constant_args` are inputs the caller keeps the same while it keeps `cache` (a torch model's
         parameters): what only they and the weights feed is computed once too."""
-        weight_only = self.weight_only
-        if constant_args:
-            if constant_args not in self._constant_sets:
-                self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
-            weight_only = self._constant_sets[constant_args]
+        if constant_args not in self._constant_sets:
+            self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
+        weight_only = self._constant_sets[constant_args]
+        if not weight_only >= self.weight_only:
+            raise SparsaError("cpu function: built for constant inputs "
+                              f"{sorted(self.constant_args)}, called with {sorted(constant_args)}")
         host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
         outs = [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
@@ -263,7 +269,9 @@ class CpuFunction:
     def launch(self, k: Kernel, host: _Host) -> list[np.ndarray]:
         """Allocate k's outputs, run it (split over threads where it can be) and return its results."""
         op = k.op
-        ins = [np.ascontiguousarray(host.values[id(v)]) for v in k.inputs]
+        packed = {i: host.cache.get(("panels", id(k.inputs[i]))) for i in k.panels}
+        ins = [packed[i][0] if packed.get(i) else np.ascontiguousarray(host.values[id(v)])
+               for i, v in enumerate(k.inputs)]
         kind = type(op).__name__
         n = num_threads()
         if kind == "DispatchOp":
@@ -290,12 +298,12 @@ class CpuFunction:
             return [out.reshape(lead + ins[2].shape[-1:])]
         if kind == "AttentionOp":
             ins[1] = np.ascontiguousarray(np.swapaxes(ins[1], -1, -2))  # the kernel reads K^T
-        weight_n = ins[3].shape[2] if kind in ("GroupedMatmulOp", "GroupedMatmulCombineOp") else 0
+        weight_n = host.values[id(k.inputs[3])].shape[2] if kind in ("GroupedMatmulOp", "GroupedMatmulCombineOp") \
+            else 0
         for i in k.panels:  # weights packed in panels, once per loaded weights (kept with the weight-only results)
-            key = ("panels", id(k.inputs[i]))
-            if key not in host.cache:
-                host.cache[key] = (pack_panels(ins[i]),)
-            ins[i] = host.cache[key][0]
+            if not packed[i]:
+                host.cache[("panels", id(k.inputs[i]))] = (pack_panels(ins[i]),)
+                ins[i] = host.cache[("panels", id(k.inputs[i]))][0]
         if kind == "GroupedMatmulCombineOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
@@ -399,6 +407,9 @@ class _Host(Interpreter):
         k = self.fn.kernels.get(id(op))
         if k is None:
             super()._compute(op)
+            if id(op) in self.weight_only and op.NAME != "func.param":  # computed once: stored as kernels read it
+                for r in op.results:
+                    self.values[id(r)] = np.ascontiguousarray(self.values[id(r)])
             return
         for r, o in zip(op.results, self.fn.launch(k, self), strict=True):
             self.values[id(r)] = o

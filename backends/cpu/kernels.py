@@ -31,9 +31,12 @@ SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state
 class Kernels(Lowering, LoopKernels, MoeKernels):
     """Builds the kernels of one function into `module`."""
 
-    def __init__(self, module: ir.Module):
+    def __init__(self, module: ir.Module, fixed: set[int] | None = None):
+        """`fixed`: ids of the values that are the same on every call (weights, constant inputs and what
+        only they feed)."""
         super().__init__()
         self.module = module
+        self.fixed = fixed or set()
         self.kernels: list[Kernel] = []
 
     # ---- functions ------------------------------------------------------------------------------------
@@ -68,7 +71,12 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
             hint = " (run the fuse-moe-gating and fuse-moe-dispatch passes first)" if op.NAME == "moe.moe" else " yet"
             raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend{hint}", op.loc)
         inputs = list(op.operands)
-        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], False)
+        split, cut = self.row_split(op)
+        rows = op.results[0].type.shape[0] if split == "rows" else None
+        if isinstance(rows, int):  # a static dim 0 the host cuts: dynamic in the kernel
+            self.dim_map = {rows: None}
+        types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [r.type for r in op.results]]
+        name, entry = self.function(op, types, False)
         with ir.InsertionPoint(entry):
             for v, m in zip(inputs, entry.arguments, strict=False):
                 self.values[id(v)] = B.read(m)
@@ -76,12 +84,13 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
             for r, m in zip(op.results, entry.arguments[len(inputs):], strict=True):
                 B.write(self.get(r), m)
             func.ReturnOp([])
-        return Kernel(name, op, inputs, list(op.results), *self.row_split(op))
+        self.dim_map = {}
+        return Kernel(name, op, inputs, list(op.results), split, cut)
 
     def row_split(self, op: Operation) -> tuple[str, list[bool]]:
-        """Whether the host may cut this op along dim 0 (a symbolic dim it only carries through)."""
+        """Whether the host may cut this op along dim 0 (a dim it only carries through)."""
         out = op.results[0].type if len(op.results) == 1 else None
-        if out is None or out.rank == 0 or isinstance(out.shape[0], int) or out.shape[0] is None:
+        if out is None or out.rank == 0 or out.shape[0] in (None, 0, 1):
             return "none", []
         cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
         if isinstance(op, ROW_SPLIT):

@@ -184,7 +184,7 @@ class MoeKernels:
         inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
         rt = op.result.type
         out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-        panels = _packable(op, weights)
+        panels = _packable(op, weights, self.fixed)
         types = [v.type for v in inputs]
         if panels:
             for i, w in enumerate(weights):
@@ -304,10 +304,11 @@ class MoeKernels:
             scf.YieldOp([])
 
 
-def _packable(op: Operation, weights: list[Value]) -> bool:
-    """Whether a grouped GEMM can take its weights packed in panels: they are parameters (packed once per
-    loaded weights) with one output width, and the epilogue is elementwise (so it can run a panel at a time)."""
-    if any(w.defining_op is None or w.defining_op.NAME != "func.param" for w in weights):
+def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
+    """Whether a grouped GEMM can take its weights packed in panels: they are the same on every call (packed
+    once per loaded weights), with one output width, and the epilogue is elementwise (so it can run a panel
+    at a time)."""
+    if any(id(w) not in fixed for w in weights):
         return False
     if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
         return False
