@@ -147,6 +147,7 @@ class CompiledPartition(torch.nn.Module):
             from sparsa.backends.cpu.jit import CpuFunction
 
             self.native = CpuFunction(self.func)
+            self.cpu_builds = {frozenset(): self.native}
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
@@ -165,13 +166,17 @@ class CompiledPartition(torch.nn.Module):
             self.constants_seen = seen
         if self.target == "cpu" and constant != self.native.constant_args:
             # built again knowing the parameters: what only they feed runs once on the host, and the
-            # grouped GEMMs take their expert weights packed
+            # grouped GEMMs take their expert weights packed (once per parameter set; if that build
+            # fails, the first one serves)
             from sparsa.backends.cpu.jit import CpuFunction
 
-            try:
-                self.native = CpuFunction(self.func, constant)
-            except SparsaError:
-                constant = self.native.constant_args
+            if constant not in self.cpu_builds:
+                try:
+                    self.cpu_builds[constant] = CpuFunction(self.func, constant)
+                except SparsaError:  # the build without constants serves (nothing cached across calls)
+                    self.cpu_builds[constant] = self.cpu_builds[frozenset()]
+            self.native = self.cpu_builds[constant]
+            constant = constant if self.native.constant_args == constant else frozenset()
         if self.native is not None:
             got = self.native(arrays, None, self.cache, constant)
             outs = list(got) if isinstance(got, tuple) else [got]
