@@ -191,14 +191,12 @@ def sizes_of(m: ir.Value) -> list[Size]:
     return [s if s != DYN() else mdim(m, i) for i, s in enumerate(shape)]
 
 
-def memref_generic(ins: Sequence[tuple[ir.Value, list]], out: ir.Value, out_exprs: list, kinds: list[ir.Attribute],
+def memref_generic(ins: Sequence[tuple[ir.Value, list]], out: ir.Value, out_exprs: list, kinds: list[str],
                    body: Callable[..., ir.Value]) -> None:
     """A linalg.generic on memrefs (no tensors, so nothing for bufferization to analyse): `body` gets the
     input elements and the output's current element and returns the element to store."""
-    rank = len(kinds)
-    maps = ir.ArrayAttr.get([ir.AffineMapAttr.get(ir.AffineMap.get(rank, 0, e)) for e in [x for _, x in ins] +
-                             [out_exprs]])
-    op = linalg.GenericOp([], [v for v, _ in ins], [out], maps, ir.ArrayAttr.get(list(kinds)))
+    op = linalg.GenericOp([], [v for v, _ in ins], [out], maps(len(kinds), [x for _, x in ins] + [out_exprs]),
+                          iterators(kinds))
     types = [ir.ShapedType(v.type).element_type for v, _ in ins] + [ir.ShapedType(out.type).element_type]
     block = op.regions[0].blocks.append(*types)
     with ir.InsertionPoint(block):

@@ -19,10 +19,6 @@ from sparsa.ir.core import Operation, Value
 from sparsa.ir.types import TensorType, is_float
 
 
-def _kinds(kinds: list[str]) -> list[ir.Attribute]:
-    return [ir.Attribute.parse(k) for k in kinds]
-
-
 def _dims(rank: int) -> list[ir.AffineExpr]:
     return [ir.AffineDimExpr.get(i) for i in range(rank)]
 
@@ -54,7 +50,7 @@ class LoopKernels:
     """Mixed into `Kernels` (whose `function` and `broadcast_exprs` these use): the loop kernels of the
     module docstring."""
 
-    def plain(self, op: Operation, inputs: list[Value], build: Callable[..., None], parts: bool = False) -> tuple:
+    def plain(self, op: Operation, inputs: list[Value], build: Callable[..., None], parts: bool = False) -> Kernel:
         """A kernel of `op` reading `inputs` and writing its results; `build(*memrefs)` makes the body."""
         name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], parts)
         with ir.InsertionPoint(entry):
@@ -68,7 +64,7 @@ class LoopKernels:
 
         def build(out: ir.Value) -> None:
             v = scalar_constant(element_type(t.dtype), op.value)
-            B.memref_generic([], out, _dims(t.rank), _kinds([PARALLEL] * t.rank), lambda _: v)
+            B.memref_generic([], out, _dims(t.rank), [PARALLEL] * t.rank, lambda _: v)
 
         return self.plain(op, [], build)
 
@@ -76,7 +72,7 @@ class LoopKernels:
         et = element_type(op.result.type.dtype)
 
         def build(out: ir.Value) -> None:
-            B.memref_generic([], out, _dims(1), _kinds([PARALLEL]),
+            B.memref_generic([], out, _dims(1), [PARALLEL],
                              lambda _: arith.IndexCastOp(et, linalg.IndexOp(0).result).result)
 
         return self.plain(op, [], build)
@@ -89,7 +85,7 @@ class LoopKernels:
         operands broadcast to out (NumPy rules); each step is one generic over the other axes."""
         rank = ir.MemRefType(out.type).rank
         d = _dims(rank)
-        kinds = _kinds([PARALLEL] * rank)
+        kinds = [PARALLEL] * rank
         et = ir.MemRefType(out.type).element_type
         sizes = B.sizes_of(out)
         sizes[axis] = 1
@@ -158,7 +154,7 @@ class LoopKernels:
             for m in args[:-1]:
                 sizes = B.sizes_of(m)
                 view = B.subview(out, [offset if i == axis else 0 for i in range(rank)], sizes)
-                B.memref_generic([(m, d)], view, d, _kinds([PARALLEL] * rank), lambda v, _: v)
+                B.memref_generic([(m, d)], view, d, [PARALLEL] * rank, lambda v, _: v)
                 offset = B.add(offset, B.as_index(sizes[axis]))
 
         return self.plain(op, list(op.inputs), build)
@@ -245,7 +241,7 @@ class LoopKernels:
             seqs = B.loop(part, B.mdim(q, 0), parts)
             with ir.InsertionPoint(seqs.body):
                 n = seqs.induction_variable
-                B.memref_generic([], state, _dims(2), _kinds([PARALLEL] * 2), lambda _: zero)
+                B.memref_generic([], state, _dims(2), [PARALLEL] * 2, lambda _: zero)
                 steps = B.loop(0, B.mdim(q, 1))
                 with ir.InsertionPoint(steps.body):
                     t = steps.induction_variable
@@ -254,12 +250,12 @@ class LoopKernels:
                     vt = B.subview(v, [n, t, 0], [1, 1, Dv], drop=[0, 1])
                     ot = B.subview(out, [n, t, 0], [1, 1, Dv], drop=[0, 1])
                     i, j = _dims(2)
-                    B.memref_generic([(kt, [i]), (vt, [j])], state, [i, j], _kinds([PARALLEL] * 2),
+                    B.memref_generic([(kt, [i]), (vt, [j])], state, [i, j], [PARALLEL] * 2,
                                      lambda kv, vv, s: arith.AddFOp(arith.MulFOp(decay, s).result,
                                                                     arith.MulFOp(kv, vv).result).result)
-                    B.memref_generic([], ot, [ir.AffineDimExpr.get(0)], _kinds([PARALLEL]), lambda _: zero)
+                    B.memref_generic([], ot, [ir.AffineDimExpr.get(0)], [PARALLEL], lambda _: zero)
                     # i (the reduction) outside, j inside: rows of the state are read contiguously
-                    B.memref_generic([(state, [i, j]), (qt, [i])], ot, [j], _kinds([REDUCTION, PARALLEL]),
+                    B.memref_generic([(state, [i, j]), (qt, [i])], ot, [j], [REDUCTION, PARALLEL],
                                      lambda s, qv, o: arith.AddFOp(o, arith.MulFOp(s, qv).result).result)
                     scf.YieldOp([])
                 scf.YieldOp([])
