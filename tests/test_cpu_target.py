@@ -103,9 +103,14 @@ def test_linear_attention_scan(decay, chunk):
     assert "scan_linear_attention" in cpu.stage("mlir")
 
 
-def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch):
-    """The selective scan cut into 128-channel blocks (300 = two blocks and a tail) split over threads."""
-    ref, cpu = pair(str(ROOT / "examples" / "selective_scan.sp"))
+@pytest.mark.parametrize("static", [False, True])
+def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch, static):
+    """The selective scan cut into 128-channel blocks (300 = two blocks and a tail) split over threads, with the
+    channel count symbolic or fixed (a fixed one used to make each step's slice the whole width: a crash)."""
+    src = (ROOT / "examples" / "selective_scan.sp").read_text()
+    if static:
+        src = src.replace("DI]", "300]").replace("DI,", "300,")
+    ref, cpu = pair(src)
     inputs = make_inputs(ref, sizes={"B": 2, "L": 6, "DI": 300, "N": 7})
     inputs[2] = -np.abs(inputs[2])  # A < 0: a decaying state, as in Mamba
     want = ref(*inputs)

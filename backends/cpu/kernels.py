@@ -15,6 +15,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf
 
 from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.build import Size
 from sparsa.backends.cpu.loops import LoopKernels
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type, exp
 from sparsa.backends.cpu.moe import MoeKernels
@@ -346,7 +347,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
                 if channel is not None:
                     c0 = B.mul(chunks.induction_variable, B.c_index(SCAN_BLOCK))
                     width = B.minsi(B.c_index(SCAN_BLOCK), B.sub(total, c0))
-                    views = [self.channel_slice(t, v.type, c, rank, c0, width) for t, v in zip(ts, inputs, strict=True)]
+                    views = [self.aligned_slice(t, v.type, c, rank, c0, width) for t, v in zip(ts, inputs, strict=True)]
                     block_sizes[c] = width
                     offs_y, ysz = {yc: c0}, {yc: width}
                 h0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty(block_sizes, et)])
@@ -354,7 +355,8 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
                 loop = B.loop(0, L, 1, [h0])
                 with ir.InsertionPoint(loop.body):
                     t = loop.induction_variable
-                    sliced = [self.time_step(x, v.type, axis, rank, t) for x, v in zip(views, inputs, strict=True)]
+                    sliced = [self.aligned_slice(x, v.type, axis, rank, t, 1)
+                              for x, v in zip(views, inputs, strict=True)]
                     a, bb = self.inline(op.producer, sliced[:n], False)
                     prod_types = [v.type for v in op.producer.block.terminator.operands]
                     h = loop.inner_iter_args[0]
@@ -378,21 +380,17 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
             func.ReturnOp([])
         return Kernel(name, op, inputs, [op.result], "parts")
 
-    def channel_slice(self, x: ir.Value, t: TensorType, c: int, rank: int, c0: ir.Value, width: ir.Value) -> ir.Value:
-        """Channels c0..c0+width of an input right-aligned to the state (an input without them: all of it)."""
-        pos = c - (rank - t.rank)
-        if pos < 0 or t.shape[pos] == 1:
-            return x
-        sizes = [width if i == pos else (d if isinstance(d, int) else B.mdim(x, i)) for i, d in enumerate(t.shape)]
-        return B.slice_tensor(x, [c0 if i == pos else 0 for i in range(t.rank)], sizes)
-
-    def time_step(self, x: ir.Value, t: TensorType, axis: int, rank: int, step: ir.Value) -> ir.Value:
-        """Step `step` of an input right-aligned to the state (inputs without the time axis: all of it)."""
+    def aligned_slice(self, x: ir.Value, t: TensorType, axis: int, rank: int, offset: ir.Value,
+                      size: Size) -> ir.Value:
+        """Elements offset..offset+size along state axis `axis` of an input of type t right-aligned to the
+        rank-`rank` state (an input without that axis, or with size 1 there, is taken whole). Sizes come
+        from x itself, which may already be a slice."""
         pos = axis - (rank - t.rank)
         if pos < 0 or t.shape[pos] == 1:
             return x
-        sizes = [1 if i == pos else (d if isinstance(d, int) else B.mdim(x, i)) for i, d in enumerate(t.shape)]
-        return B.slice_tensor(x, [step if i == pos else 0 for i in range(t.rank)], sizes)
+        sizes = B.sizes_of(x)
+        sizes[pos] = size
+        return B.slice_tensor(x, [offset if i == pos else 0 for i in range(t.rank)], sizes)
 
     # ---- sparse weights ---------------------------------------------------------------------------------
     def kernel_BsrMatmulOp(self, op: Operation) -> Kernel:
