@@ -3,11 +3,19 @@ into the parts Sparsa supports (imported into the IR, run through the target's p
 which runs in PyTorch. Each op that falls back is counted, and logged once when SPARSA_LOG=fallbacks.
 
 Registered through the `torch_dynamo_backends` entry point. Options:
-`torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "..."})`.
+`torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "...",
+"partitions": "worthwhile"})`.
+
 Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
 `cpu`, native code through MLIR, or on `reference` where torch-mlir is not installed), or one of
 "reference", "triton" (CPU tensors then run in Triton's interpreter) and "cpu" (a partition it cannot
 lower, e.g. in bf16, stays in PyTorch).
+
+Partitions: "worthwhile" (the default) compiles a partition only if, after the pipeline, it holds an op
+Sparsa brings something to: a matmul, or an attention, MoE, scan or sparse-layout op. Pointwise, view and
+reduction ops alone (the fragments a graph break leaves: a silu, a mask built from comparisons) run in
+PyTorch, whose kernels are as fast one op at a time, without the hand-over to native code and back; they
+are counted in `stats`, not as fallbacks. "all" compiles those too.
 """
 
 from __future__ import annotations
@@ -30,6 +38,13 @@ from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
 from sparsa.passes.pipelines import DEFAULT_PIPELINES
 
+# Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
+GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
+
+
+class NothingToGain(SparsaError):
+    """A partition of ops PyTorch runs as well by itself (see the "partitions" option)."""
+
 
 class SparsaBackend:
     """A torch.compile backend; keeps counters of what it compiled and what fell back (`stats`)."""
@@ -39,6 +54,8 @@ class SparsaBackend:
         self.target = self.options.get("target", "auto")
         if self.target != "auto" and self.target not in DEFAULT_PIPELINES:
             raise SparsaError(f"unknown target '{self.target}' (available here: auto, {', '.join(DEFAULT_PIPELINES)})")
+        if self.options.get("partitions", "worthwhile") not in ("worthwhile", "all"):
+            raise SparsaError(f"unknown partitions option '{self.options['partitions']}' (worthwhile or all)")
         self.devices = {"auto": ("cpu", "cuda"), "triton": ("cpu", "cuda")}.get(self.target, ("cpu",))
         self.stats: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
@@ -67,6 +84,7 @@ class SparsaBackend:
         partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
         calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+        left: set[str] = set()  # partitions kept in PyTorch by choice (not fallbacks)
         for name, sub in list(fused.named_children()):
             if not name.startswith("fused_"):
                 continue
@@ -75,6 +93,10 @@ class SparsaBackend:
                        if getattr(a, "op", None) == "get_attr"}
             try:
                 part = CompiledPartition(sub, self, modules)
+            except NothingToGain:
+                self.stats["partitions left to PyTorch (nothing to gain)"] += 1
+                left.add(name)
+                continue
             except SparsaError as e:  # not importable, or the target cannot lower it: it stays in PyTorch
                 self.stats[f"partition not compiled: {e.message}"] += 1
                 continue
@@ -90,7 +112,8 @@ class SparsaBackend:
             if node.op == "call_function" and node.target is not operator.getitem:
                 self.note_fallback(str(node.target))
         for node in fused.graph.nodes:
-            if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition):
+            if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition) and \
+                    node.target not in left:
                 self.note_fallback(f"partition {node.target}")
         fused.recompile()
         return fused
@@ -135,6 +158,9 @@ class CompiledPartition(torch.nn.Module):
             self.target = "triton" if _device(sub) == "cuda" else ("cpu" if cpu_available() else "reference")
         self.module = PassManager(backend.options.get("passes", DEFAULT_PIPELINES[self.target]), options).run(module)
         self.func = self.module.funcs[-1]
+        if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
+                op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME == "tensor.matmul" for op in self.func.walk()):
+            raise NothingToGain("only pointwise, view and reduction ops")
         self.cache: dict = {}
         self.constants_seen: tuple = ()
         self.weight_only_for: dict[frozenset[int], set[int]] = {}

@@ -70,6 +70,24 @@ def test_layout_ops_matmuls_of_every_rank_gather_concat_topk():
         sparsa.compile(SHAPES, target="cpu")(*inputs)
 
 
+BOOLS_AND_NARROW = """
+model M(x: f32[R, 64], y: f32[R, 3], g: f32[64, {n}], m: bool[R, 64]) -> (bool[R, 64], f32[R, 64], f32[R, {n}], f32[R, 3], bool[R, 3]) {{
+    p = softmax(x @ g, axis=-1)
+    return x > 0.0, where(m, x, 0.0), p, exp(y) + 1.0, y < 0.0
+}}
+"""
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 31, 33])
+def test_bool_tiles_and_narrow_last_dims(n):
+    """bool results and operands a full vector wide (a vector of i1 is stored bit-packed: these stay scalar
+    loops); a last dim narrower than a tile (a router's few experts) as one tile, and one just past it."""
+    src = BOOLS_AND_NARROW.format(n=n)
+    inputs = make_inputs(sparsa.compile(src), sizes={**SIZES, "R": 21})  # two full row tiles and a tail
+    inputs[3] = np.random.default_rng(n).random((21, 64)) > 0.5
+    check(src, inputs)
+
+
 SEARCHES = """
 model M(x: f32[R, 9], i: i32[R, 9]) -> (f32[R, 4], i64[R, 4], i64[9], i64[R, 1], i32[R, 3], i64[R, 3], i32[R, 9], i64[R], f32[R, 2]) {
     v, j = topk(x, k=4)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 from sparsa.ir import print_module  # noqa: E402
+from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
 
 
@@ -101,6 +102,28 @@ def test_unsupported_ops_fall_back_and_are_logged(monkeypatch, capfd):
     backend = check(Router(), torch.randn(7, 16))
     assert backend.fallbacks == {"aten.sort.default": 1}
     assert "sparsa: falls back to PyTorch for aten.sort.default" in capfd.readouterr().err
+
+
+class GraphBreakFragments(torch.nn.Module):
+    """What a graph break leaves a backend: pointwise ops and a mask from comparisons, no matmul."""
+
+    def forward(self, x, idx):
+        mask = (idx[:, :, None] == torch.arange(4)).sum(1) > 0
+        return F.silu(x) * x, mask
+
+
+@pytest.mark.parametrize("partitions", ["worthwhile", "all"])
+def test_fragments_without_gain_stay_in_pytorch(partitions, monkeypatch, capfd):
+    """By default a partition of pointwise, view and reduction ops alone runs in PyTorch, counted in stats
+    but not as a fallback; options={"partitions": "all"} compiles it."""
+    monkeypatch.setenv("SPARSA_LOG", "fallbacks")
+    backend = check(GraphBreakFragments(), torch.randn(9, 40), torch.randint(0, 4, (9, 2)),
+                    backend=SparsaBackend({"partitions": partitions}))
+    assert not backend.fallbacks and "falls back" not in capfd.readouterr().err
+    left = backend.stats["partitions left to PyTorch (nothing to gain)"]
+    assert (left, len(backend.partitions)) == ((1, 0) if partitions == "worthwhile" else (0, 1))
+    with pytest.raises(SparsaError, match="unknown partitions option 'some'"):
+        SparsaBackend({"partitions": "some"})
 
 
 def test_new_sequence_lengths_do_not_recompile_once_dynamic():

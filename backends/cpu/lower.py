@@ -161,6 +161,10 @@ class Lowering:
         bufferization's analysis take seconds per kernel."""
         if self.untiled:
             return
+        owner = result.owner
+        if any(isinstance(v.type, ir.ShapedType) and v.type.element_type == ir.IntegerType.get_signless(1)
+               for v in list(owner.operands) + list(owner.results)):
+            return  # bool tiles stay scalar loops: a vector of i1 is stored bit-packed, a bool array a byte each
         tag = f"sparsa.tile{len(self.tiled)}"
         result.owner.attributes[tag] = ir.UnitAttr.get()
         shape = tuple(d if isinstance(d, int) else None for d in self.shape(space))
