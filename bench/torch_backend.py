@@ -1,7 +1,7 @@
 """torch.compile benchmark (not a test): eager vs Inductor vs backend="sparsa" on the same modules, in one
 process, medians of timed runs after warm-up; compile times apart. Writes JSON with --json.
 
-Usage: python bench/torch_backend.py [--device cpu|cuda] [--runs 5] [--json out.json]
+Usage: python bench/torch_backend.py [--device cpu|cuda] [--runs 5] [--only MoE] [--json out.json]
 On CPU the backend's partitions run on the `cpu` target (native code through MLIR; SPARSA_NUM_THREADS=2
 here) unless --target says otherwise; on CUDA they run on `triton`. The machine load (1-minute load
 average, CPU) is recorded beside each figure.
@@ -59,6 +59,15 @@ def hf_moe_block(d: int, f: int, e: int, k: int, experts: str = "grouped_mm") ->
     for p in block.parameters():
         torch.nn.init.normal_(p, std=d**-0.5)
     return block
+
+
+# transformers' experts implementations: "grouped_mm" (its default; sort, histc, grouped matmul) and
+# "eager" (the classic loop over experts with nonzero, which graph-breaks)
+FORMS = {"grouped_mm": "grouped_mm experts", "eager": "expert loop"}
+# MoE blocks timed: Mixtral-like small and medium (8 experts, top-2) and fine-grained (64 experts, top-8,
+# narrow experts, as OLMoE and Qwen-MoE use)
+MOE_SIZES = [(1024, 512, 1024, 8, 2, ("grouped_mm", "eager")), (2048, 512, 256, 64, 8, ("grouped_mm", "eager")),
+             (4096, 1024, 2816, 8, 2, ("grouped_mm",))]
 
 
 def median_ms(fn: Callable[[], Any], runs: int, device: str) -> float:
@@ -133,6 +142,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json")
     parser.add_argument("--seq", type=int, default=1024, help="attention sequence length")
+    parser.add_argument("--only", default="", help="run the cases whose name contains this (e.g. MoE, E=64)")
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(2)
@@ -140,15 +150,17 @@ def main() -> None:
     torch.manual_seed(0)
     dev = args.device
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}")
-    rows = []
-    q, k, v = (torch.randn(1, 8, args.seq, 64, device=dev) for _ in range(3))
-    rows.append(case(f"sliding-window SDPA S={args.seq} w=256", SlidingWindowSDPA, [q, k, v], args))
-    rows.append(case("MLP 512-2048-512, 1024 tokens", MLP, [torch.randn(1024, 512, device=dev)], args))
-    x = torch.randn(1, 1024, 512, device=dev)
-    rows.append(case("Mixtral MoE block (grouped_mm experts) T=1024 D=512 F=1024 E=8 k=2",
-                     lambda: hf_moe_block(512, 1024, 8, 2), [x], args, swap=True))
-    rows.append(case("Mixtral MoE block (expert loop) T=1024 D=512 F=1024 E=8 k=2",
-                     lambda: hf_moe_block(512, 1024, 8, 2, experts="eager"), [x], args, swap=True))
+    cases: list[tuple[str, Callable[[], torch.nn.Module], Callable[[], list[torch.Tensor]], bool]] = [
+        (f"sliding-window SDPA S={args.seq} w=256", SlidingWindowSDPA,
+         lambda: [torch.randn(1, 8, args.seq, 64, device=dev) for _ in range(3)], False),
+        ("MLP 512-2048-512, 1024 tokens", MLP, lambda: [torch.randn(1024, 512, device=dev)], False)]
+    for T, D, hidden, E, k, forms in MOE_SIZES:
+        for form in forms:
+            cases.append((f"Mixtral MoE block ({FORMS[form]}) T={T} D={D} F={hidden} E={E} k={k}",
+                          lambda D=D, f=hidden, E=E, k=k, form=form: hf_moe_block(D, f, E, k, experts=form),
+                          lambda T=T, D=D: [torch.randn(1, T, D, device=dev)], True))
+    rows = [case(name, make, inputs(), args, swap=swap) for name, make, inputs, swap in cases
+            if args.only.lower() in name.lower()]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -88,6 +88,31 @@ def test_bool_tiles_and_narrow_last_dims(n):
     check(src, inputs)
 
 
+TOPK = """
+model M(x: f32[R, 40]) -> (f32[R, {k}], i64[R, {k}], f32[R, 3, {k}], i64[R, 3, {k}]) {{
+    v, i = topk(x, k={k})
+    w, j = topk(reshape(x[:, :30], [R, 3, 10]) * 2.0, k={k})
+    return v, i, w, j
+}}
+"""
+
+
+@pytest.mark.parametrize("k", [1, 4, 10])
+def test_topk_one_pass_insertion_keeps_numpy_order(k, monkeypatch):
+    """Rows with many ties, NaNs and -inf, k up to a whole rank-3 row; rows split over 3 threads."""
+    from sparsa.backends.cpu import jit
+
+    monkeypatch.setenv("SPARSA_NUM_THREADS", "3")
+    monkeypatch.setattr(jit, "SPLIT_WORK", 0)  # split however small
+    rng = np.random.default_rng(k)
+    x = rng.integers(-3, 3, (13, 40)).astype(np.float32)
+    x[rng.random(x.shape) < 0.1] = np.nan
+    x[rng.random(x.shape) < 0.05] = -np.inf
+    x[0] = np.arange(40)  # ascending: every element enters
+    x[1] = np.nan
+    check(TOPK.format(k=k), [x])
+
+
 SEARCHES = """
 model M(x: f32[R, 9], i: i32[R, 9]) -> (f32[R, 4], i64[R, 4], i64[9], i64[R, 1], i32[R, 3], i64[R, 3], i32[R, 9], i64[R], f32[R, 2]) {
     v, j = topk(x, k=4)

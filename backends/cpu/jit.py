@@ -48,9 +48,9 @@ TILE_M, TILE_N = 8, 32
 # A matmul with more rows runs in blocks of BLOCK_M rows, each block's rows staying in cache while every
 # TILE_N-wide column panel of B passes over them.
 BLOCK_M = 64
-# Work (elements touched, times k for a matmul) below which an op runs on one thread: handing half of it to
-# another thread costs ~0.2 ms here (silu of 256x1024: 0.16 ms on one thread, 0.27 on two; 4096x1024: 1.95
-# and 1.13).
+# Work (elements touched; a matmul's multiply-adds / 32, as vectorized) below which an op runs on one thread:
+# handing half of it to another thread costs ~0.15 ms here (silu of 256x1024: 0.16 ms on one thread, 0.27 on
+# two; 4096x1024: 1.95 and 1.13; a router's 1024x512 @ 512x8: 0.46 and 0.75).
 SPLIT_WORK = 1 << 20
 
 
@@ -341,7 +341,8 @@ class CpuFunction:
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
                                                                                strict=True)]
         if k.split == "parts":
-            self.parts(k, ins + outs, n)
+            small = kind == "TopkOp" and ins[0].size * op.k < SPLIT_WORK
+            self.parts(k, ins + outs, 1 if small else n)
         elif k.split == "rows":
             self.rows(k, ins, outs[0], k.rows, n)
         else:
@@ -357,7 +358,7 @@ class CpuFunction:
     def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
         """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
         m = out.shape[0]
-        work = max([out.size] + [a.size for a in ins]) * (ins[0].shape[-1] if isinstance(k.op, S.MatmulOp) else 1)
+        work = out.size * ins[0].shape[-1] // 32 if isinstance(k.op, S.MatmulOp) else max(a.size for a in ins + [out])
         if n == 1 or m < 2 * n or work < SPLIT_WORK:
             self.call(k, ins + [out])
             return

@@ -188,38 +188,60 @@ class LoopKernels:
         return self.plain(op, [op.x], build)
 
     def kernel_TopkOp(self, op: Operation) -> Kernel:
-        """k passes over each row, pass p finding the largest element after pass p-1's in (value descending,
-        index ascending) order: NumPy's stable descending sort, NaNs last."""
+        """One pass over each row keeping its best k so far, sorted, in the output row: an element that beats
+        the k-th (or fills a free place) is bubbled in from the top, each place it passes shifting down
+        one. Strictly greater wins, so ties keep the lower index first and NaNs come last: NumPy's stable
+        descending sort. Few elements beat the k-th of a random row, so most cost one compare. Rows (dim 0
+        and the dims after it but the last) are split over threads."""
         t = op.x.type
         order = Ordering(t.dtype)
 
-        def build(x: ir.Value, values: ir.Value, indices: ir.Value) -> None:
+        def build(x: ir.Value, values: ir.Value, indices: ir.Value, part: ir.Value, parts: ir.Value) -> None:
             sizes = B.sizes_of(x)
             n = sizes[-1]
-            with B.nest(sizes[:-1]) as ivs:
-                prev_v = B.load(x, *ivs, 0)  # any value: pass 0 ignores it
-                prev_i = B.c_index(-1)
-                passes = B.loop(0, op.k, 1, [prev_v, prev_i])
-                with ir.InsertionPoint(passes.body):
-                    p = passes.induction_variable
-                    pv, pi = passes.inner_iter_args
-                    search = B.loop(0, n, 1, [pv, B.c_index(-1)])
-                    with ir.InsertionPoint(search.body):
-                        j = search.induction_variable
-                        best, where = search.inner_iter_args
-                        v = B.load(x, *ivs, j)
-                        after = arith.OrIOp(order.greater(pv, v), arith.AndIOp(order.equal(pv, v), B.cmpi(
-                            "gt", j, pi)).result).result
-                        candidate = arith.OrIOp(B.cmpi("eq", p, B.c_index(0)), after).result
-                        better = arith.OrIOp(B.cmpi("lt", where, B.c_index(0)), order.greater(v, best)).result
-                        take = arith.AndIOp(candidate, better).result
-                        scf.YieldOp([B.select(take, v, best), B.select(take, j, where)])
-                    v, j = search.results
-                    B.store(v, values, *ivs, p)
-                    B.store(B.as_i64(j), indices, *ivs, p)
-                    scf.YieldOp([v, j])
+            lead = B.loop(part, sizes[0] if t.rank > 1 else 1, parts)
+            with ir.InsertionPoint(lead.body):
+                with B.nest(sizes[1:-1]) as inner:
+                    ivs = [lead.induction_variable] + inner if t.rank > 1 else []
+                    self.topk_row(order, x, values, indices, ivs, n, op.k)
+                scf.YieldOp([])
 
-        return self.plain(op, [op.x], build)
+        return self.plain(op, [op.x], build, parts=True)
+
+    def topk_row(self, order: Ordering, x: ir.Value, values: ir.Value, indices: ir.Value, ivs: list, n: B.Size,
+                 top: int) -> None:
+        """The row at `ivs`: its `top` best (value, index) pairs into values and indices, in order."""
+        if top == 0:
+            return
+        k = B.c_index(top)
+        scan = B.loop(0, n, 1, [B.c_index(0)])
+        with ir.InsertionPoint(scan.body):
+            j, count = scan.induction_variable, scan.inner_iter_args[0]
+            v = B.load(x, *ivs, j)
+            room = B.cmpi("lt", count, k)
+            worth = arith.OrIOp(room, order.greater(v, B.load(values, *ivs, B.minsi(count, B.c_index(top - 1))))
+                                ).result
+            enter = B.if_(worth)
+            with ir.InsertionPoint(enter.then_block):
+                self.bubble_in(order, values, indices, ivs, v, B.as_i64(j), count, top)
+                scf.YieldOp([])
+            scf.YieldOp([B.select(room, B.add(count, B.c_index(1)), count)])
+
+    @staticmethod
+    def bubble_in(order: Ordering, values: ir.Value, indices: ir.Value, ivs: list, v: ir.Value, j: ir.Value,
+                  count: ir.Value, k: int) -> None:
+        """Place (v, j) among the row's first `count` sorted entries: from the top, the first place it beats
+        (or the first free one) takes it, and every place after takes what the one before held."""
+        walk = B.loop(0, k, 1, [v, j, B.c_int(0, 1)])
+        with ir.InsertionPoint(walk.body):
+            q = walk.induction_variable
+            cv, ci, shifting = walk.inner_iter_args
+            held_v, held_i = B.load(values, *ivs, q), B.load(indices, *ivs, q)
+            take = arith.OrIOp(arith.OrIOp(shifting, B.cmpi("ge", q, count)).result,
+                               order.greater(cv, held_v)).result
+            B.store(B.select(take, cv, held_v), values, *ivs, q)
+            B.store(B.select(take, ci, held_i), indices, *ivs, q)
+            scf.YieldOp([B.select(take, held_v, cv), B.select(take, held_i, ci), take])
 
     # ---- the matrix-state scan -----------------------------------------------------------------------------
     def kernel_LinearAttentionOp(self, op: Operation) -> Kernel:
