@@ -181,12 +181,17 @@ class Importer:
     def operands(self, a: Any, b: Any) -> tuple[Value, Value]:
         """Two operands of a binary op with torch's type promotion (Python scalars take the tensor's kind)."""
         if isinstance(a, Value) and isinstance(b, Value):
-            dt = a.type.dtype if a.type.dtype == b.type.dtype else promote(a.type.dtype, b.type.dtype)
+            da, db = a.type.dtype, b.type.dtype
+            # torch promotes a bool to the other operand's type (mask * ids); the IR mixes no bools
+            dt = da if da == db or db == "i1" else db if da == "i1" else promote(da, db)
             return self.cast(a, dt), self.cast(b, dt)
         t, s = (a, b) if isinstance(a, Value) else (b, a)
         dt = t.type.dtype
         if isinstance(s, float) and not is_float(dt):
             dt = "f32"
+            t = self.cast(t, dt)
+        elif dt == "i1" and isinstance(s, int) and not isinstance(s, bool):
+            dt = "i64"
             t = self.cast(t, dt)
         c = self.const(s, dt)
         return (t, c) if isinstance(a, Value) else (c, t)
@@ -641,13 +646,14 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
 def _build_table() -> dict[Any, Callable]:
     import torch
 
+    from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
 
     table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         table[flex] = _flex_attention
-    for name, handler in _ops.items():
+    for name, handler in {**_ops, **OPS}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
         if op is not None:

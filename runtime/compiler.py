@@ -140,7 +140,7 @@ class CompiledModel:
         if torch_like is not None:
             import torch
 
-            outs = [torch.from_numpy(np.ascontiguousarray(o)).to(torch_like.device) for o in outs]
+            outs = [torch.from_numpy(np.asarray(o, order="C")).to(torch_like.device) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ---- introspection ---------------------------------------------------------------------------------

@@ -210,7 +210,7 @@ class CompiledPartition(torch.nn.Module):
             if constant not in self.weight_only_for:
                 self.weight_only_for[constant] = weight_only_ops(self.func, constant)
             outs = Interpreter(self.func, {}, self.cache, self.weight_only_for[constant]).run(arrays)
-        results = tuple(torch.from_numpy(np.ascontiguousarray(o)).to(device=device, dtype=dt)
+        results = tuple(torch.from_numpy(np.asarray(o, order="C")).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]
 

@@ -126,6 +126,53 @@ def test_fragments_without_gain_stay_in_pytorch(partitions, monkeypatch, capfd):
         SparsaBackend({"partitions": "some"})
 
 
+class BoolArithmetic(torch.nn.Module):
+    """Bools in arithmetic, promoted as torch does (Switch routing multiplies a mask by token counts)."""
+
+    def forward(self, x, ids):
+        mask = x > 0
+        return (mask * ids).sum(-1), mask * 3, mask + 0.5, ids + mask
+
+
+def test_bools_promote_in_arithmetic():
+    backend = check(BoolArithmetic(), torch.randn(6, 5), torch.randint(0, 9, (6, 5)),
+                    backend=SparsaBackend({"partitions": "all"}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
+class GroupRouting(torch.nn.Module):
+    """DeepSeek-V3's group-limited routing as its model code writes it (scatter of the chosen groups,
+    masked_fill, topk, gather), a Switch-style max.dim, and an in-place assembly of q from two halves."""
+
+    def __init__(self, experts=8, groups=4, topk_group=2, k=2):
+        super().__init__()
+        self.gate = torch.nn.Linear(16, experts, bias=False)
+        self.groups, self.topk_group, self.k = groups, topk_group, k
+
+    def forward(self, x, rot):
+        scores = self.gate(x).sigmoid()
+        T, E = scores.shape
+        group_scores = scores.view(T, self.groups, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, self.groups, E // self.groups).reshape(T, -1)
+        masked = scores.masked_fill(~score_mask.bool(), 0.0)
+        idx = torch.topk(masked, k=self.k, dim=-1)[1]  # sorted=False: any order is right (Sparsa's is sorted)
+        weights = scores.gather(1, idx)
+        top, arg = scores.max(dim=-1)
+        q = x.new_empty(T, 24)
+        q[:, :16] = x
+        q[:, 16:] = rot
+        causal = torch.ones(T, T).tril() + torch.ones(T, T).triu(1) * 2
+        return weights / weights.sum(-1, keepdim=True), idx, top, arg, q, causal, (idx >= 0).all()
+
+
+@pytest.mark.parametrize(("sizes", "tokens"), [((8, 4, 2, 2), 11), ((64, 8, 4, 8), 50)])
+def test_group_routing_scatter_gather_and_in_place_assembly_import(sizes, tokens):
+    backend = check(GroupRouting(*sizes), torch.randn(tokens, 16), torch.randn(tokens, 8))
+    assert not backend.fallbacks and len(backend.partitions) == 1
+
+
 def test_new_sequence_lengths_do_not_recompile_once_dynamic():
     backend = SparsaBackend()
     module = MLP()

@@ -32,6 +32,22 @@ def qwen3_moe():
         head_dim=8, **SMALL))
 
 
+def qwen2_moe():
+    """Shared experts beside the routed ones (a sigmoid-gated dense MLP)."""
+    return transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8,
+        num_experts_per_tok=2, **SMALL))
+
+
+def deepseek_v3():
+    """Group-limited routing (sigmoid scores, 4 groups, 2 kept), a shared expert, a first dense layer, and
+    multi-head latent attention (q assembled in place from its rotary and plain halves)."""
+    return transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+        intermediate_size=48, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=2, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, **{**SMALL, "num_key_value_heads": 4}))
+
+
 def run(model, ids, backend=None):
     torch.manual_seed(0)
     model.eval()
@@ -54,7 +70,7 @@ def test_llama_compiles_whole_with_attention_recognized():
     assert backend.stats["graphs"] == 1  # the second call with the same shapes did not recompile
 
 
-@pytest.mark.parametrize("make", [mixtral, qwen3_moe])
+@pytest.mark.parametrize("make", [mixtral, qwen3_moe, qwen2_moe])
 def test_grouped_mm_moe_blocks_are_recognized(make):
     """transformers' default experts (sort, histc, its grouped_mm_fallback op, an inverse permutation) are
     folded into one MoE call and imported as moe.moe: the model compiles as one partition, with the router,
@@ -66,6 +82,16 @@ def test_grouped_mm_moe_blocks_are_recognized(make):
     ir = print_module(backend.partitions[0].module)
     for op in ("moe.route", "moe.dispatch", "moe.grouped_matmul", "moe.grouped_matmul_combine", "attn.attention"):
         assert op in ir
+
+
+def test_deepseek_v3_group_routing_and_latent_attention_in_one_partition():
+    """The router's scatter/masked_fill/gather, the attention's in-place assembly and its causal mask all
+    import: one partition, nothing falls back (the reference target: the cpu target's kernels for these ops
+    are checked in test_torch_backend)."""
+    torch.manual_seed(0)
+    backend = run(deepseek_v3(), torch.randint(0, 64, (2, 9)), SparsaBackend({"target": "reference"}))
+    assert backend.stats["moe blocks recognized"] == 1 and not backend.fallbacks
+    assert backend.stats["partitions compiled"] == 1
 
 
 def test_mixtral_on_the_triton_target():

@@ -287,7 +287,7 @@ class CpuFunction:
         """Allocate k's outputs, run it (split over threads where it can be) and return its results."""
         op = k.op
         packed = {i: host.cache.get(("panels", id(k.inputs[i]))) for i in k.panels}
-        ins = [packed[i][0] if packed.get(i) else np.ascontiguousarray(host.values[id(v)])
+        ins = [packed[i][0] if packed.get(i) else np.asarray(host.values[id(v)], order="C")
                for i, v in enumerate(k.inputs)]
         kind = type(op).__name__
         n = num_threads()
@@ -424,7 +424,7 @@ class _Host(Interpreter):
             super()._compute(op)
             if id(op) in self.weight_only and op.NAME != "func.param":  # computed once: stored as kernels read it
                 for r in op.results:
-                    self.values[id(r)] = np.ascontiguousarray(self.values[id(r)])
+                    self.values[id(r)] = np.asarray(self.values[id(r)], order="C")
             return
         for r, o in zip(op.results, self.fn.launch(k, self), strict=True):
             self.values[id(r)] = o
