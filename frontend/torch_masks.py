@@ -122,9 +122,10 @@ def _slice_scatter(im: Importer, node: Any, x: Value, src: Value, dim: int = 0, 
     d = _axis(dim, x.type.rank)
     size = x.type.shape[d]
     start = 0 if start is None else start
-    end = size if end is None or (isinstance(end, int) and isinstance(size, int) and end > size) else end
+    end = size if end is None else end
     if step != 1 or not isinstance(start, int) or not isinstance(end, int) or not isinstance(size, int):
         raise Unsupported("slice_scatter with a step or symbolic bounds")
+    start, end = (min(max(b + size if b < 0 else b, 0), size) for b in (start, end))  # Python's slice bounds
     pieces = ([_slice(im, node, x, d, 0, start)] if start > 0 else []) + [im.cast(src, x.type.dtype)] + (
         [_slice(im, node, x, d, end, None)] if end < size else [])
     return pieces[0] if len(pieces) == 1 else im.emit(S.ConcatOp, pieces, axis=d)

@@ -161,7 +161,7 @@ class GroupRouting(torch.nn.Module):
         weights = scores.gather(1, idx)
         top, arg = scores.max(dim=-1)
         q = x.new_empty(T, 24)
-        q[:, :16] = x
+        q[:, :-8] = x
         q[:, 16:] = rot
         causal = torch.ones(T, T).tril() + torch.ones(T, T).triu(1) * 2
         return weights / weights.sum(-1, keepdim=True), idx, top, arg, q, causal, (idx >= 0).all()
