@@ -168,15 +168,12 @@ class Importer:
         return op.results[0] if len(op.results) == 1 else tuple(op.results)
 
     def const(self, value: Any, dtype: str) -> Value:
-        if dtype != "i1" and isinstance(value, bool):
-            value = int(value)
-        if dtype == "i1":
-            value = bool(value)
-        elif is_float(dtype):
-            value = float(value)
-        else:
-            value = int(value)
-        return self.emit(T.ConstantOp, value=value, result_types=[scalar(dtype)])
+        return self.splat(value, dtype, ())
+
+    def splat(self, value: Any, dtype: str, shape: tuple) -> Value:
+        """A tensor of `shape` (ints or symbolic dims) holding `value` as `dtype`."""
+        value = bool(value) if dtype == "i1" else float(value) if is_float(dtype) else int(value)
+        return self.emit(T.ConstantOp, value=value, result_types=[TensorType(dtype, tuple(as_dim(d) for d in shape))])
 
     def operands(self, a: Any, b: Any) -> tuple[Value, Value]:
         """Two operands of a binary op with torch's type promotion (Python scalars take the tensor's kind)."""
@@ -333,9 +330,7 @@ def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0
         if after == 0:
             continue
         shape = tuple(after if j == d else n for j, n in enumerate(out.type.shape))
-        dt = out.type.dtype
-        scalar_value = bool(value) if dt == "i1" else float(value) if is_float(dt) else int(value)
-        fill = im.emit(T.ConstantOp, value=scalar_value, result_types=[TensorType(dt, shape)])
+        fill = im.splat(value, out.type.dtype, shape)
         padded = im.emit(S.ConcatOp, [out, fill], axis=d)
         if not hasattr(im, "padded"):
             im.padded = {}
@@ -441,10 +436,7 @@ def _scalar_tensor(im: Importer, node: Any, value: Any, dtype: Any = None) -> Va
 
 
 def _full(im: Importer, node: Any, sizes: Any, value: Any, dtype: Any = None) -> Value:
-    dtype = torch_dtype(dtype) if dtype is not None else "f32"
-    shape = tuple(as_dim(s) for s in sizes)
-    return im.emit(T.ConstantOp, value=(bool(value) if dtype == "i1" else float(value) if is_float(dtype)
-                                        else int(value)), result_types=[TensorType(dtype, shape)])
+    return im.splat(value, torch_dtype(dtype) if dtype is not None else "f32", tuple(sizes))
 
 
 def _to_copy(im: Importer, node: Any, x: Value, dtype: Any = None) -> Value:

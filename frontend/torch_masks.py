@@ -17,37 +17,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice, as_dim, torch_dtype
+from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice, torch_dtype
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.types import TensorType, is_float
+from sparsa.ir.types import TensorType
 
 # The most (index length) x (dim length) comparisons per row a gather or scatter is imported with.
 MAX_COMPARISONS = 1 << 16
 
 
-def _filled(im: Importer, shape: tuple, value: Any, dtype: str) -> Value:
-    value = bool(value) if dtype == "i1" else float(value) if is_float(dtype) else int(value)
-    return im.emit(T.ConstantOp, value=value, result_types=[TensorType(dtype, tuple(as_dim(s) for s in shape))])
-
-
 def _full_of(value: Any):
     def h(im: Importer, node: Any, sizes: Any, dtype: Any = None) -> Value:
-        return _filled(im, tuple(sizes), value, torch_dtype(dtype) if dtype is not None else "f32")
+        return im.splat(value, torch_dtype(dtype) if dtype is not None else "f32", tuple(sizes))
     return h
 
 
 def _new_of(value: Any):
     def h(im: Importer, node: Any, x: Value, sizes: Any, dtype: Any = None) -> Value:
-        return _filled(im, tuple(sizes), value, torch_dtype(dtype) if dtype is not None else x.type.dtype)
+        return im.splat(value, torch_dtype(dtype) if dtype is not None else x.type.dtype, tuple(sizes))
     return h
 
 
 def _like_of(value: Any):
     def h(im: Importer, node: Any, x: Value, dtype: Any = None) -> Value:
-        return _filled(im, x.type.shape, value, torch_dtype(dtype) if dtype is not None else x.type.dtype)
+        return im.splat(value, torch_dtype(dtype) if dtype is not None else x.type.dtype, x.type.shape)
     return h
 
 

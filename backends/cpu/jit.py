@@ -196,6 +196,16 @@ def _threads(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
+def _work(op: Operation, ins: list[np.ndarray], out: np.ndarray) -> int:
+    """An op's work in the units of SPLIT_WORK: elements touched; a matmul's multiply-adds / 32 (they are
+    vectorized); a topk's compares (its input times k)."""
+    if isinstance(op, S.MatmulOp):
+        return out.size * ins[0].shape[-1] // 32
+    if isinstance(op, R.TopkOp):
+        return ins[0].size * op.k
+    return max(a.size for a in ins + [out])
+
+
 def _together(jobs: list) -> None:
     """Run the jobs at once: all but the last on the pool, the last on this thread (a wake-up fewer)."""
     pending = [_threads(len(jobs)).submit(j) for j in jobs[:-1]]
@@ -341,8 +351,8 @@ class CpuFunction:
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
                                                                                strict=True)]
         if k.split == "parts":
-            small = kind == "TopkOp" and ins[0].size * op.k < SPLIT_WORK
-            self.parts(k, ins + outs, 1 if small else n)
+            self.parts(k, ins + outs, n if not isinstance(op, R.TopkOp) or _work(op, ins, outs[0]) >= SPLIT_WORK
+                       else 1)
         elif k.split == "rows":
             self.rows(k, ins, outs[0], k.rows, n)
         else:
@@ -358,8 +368,7 @@ class CpuFunction:
     def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
         """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
         m = out.shape[0]
-        work = out.size * ins[0].shape[-1] // 32 if isinstance(k.op, S.MatmulOp) else max(a.size for a in ins + [out])
-        if n == 1 or m < 2 * n or work < SPLIT_WORK:
+        if n == 1 or m < 2 * n or _work(k.op, ins, out) < SPLIT_WORK:
             self.call(k, ins + [out])
             return
         bounds = [m * p // n for p in range(n + 1)]
