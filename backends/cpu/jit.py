@@ -21,6 +21,7 @@ from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
 from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.types import numpy_dtype
@@ -198,11 +199,13 @@ def _threads(n: int) -> ThreadPoolExecutor:
 
 def _work(op: Operation, ins: list[np.ndarray], out: np.ndarray) -> int:
     """An op's work in the units of SPLIT_WORK: elements touched; a matmul's multiply-adds / 32 (they are
-    vectorized); a topk's compares (its input times k)."""
+    vectorized); a topk's compares (its input times k); a router's compares and exps."""
     if isinstance(op, S.MatmulOp):
         return out.size * ins[0].shape[-1] // 32
     if isinstance(op, R.TopkOp):
         return ins[0].size * op.k
+    if isinstance(op, M.RouteOp):  # an exp (float64) costs about as much as 16 compares
+        return ins[0].size * (op.k + 16)
     return max(a.size for a in ins + [out])
 
 
@@ -336,7 +339,7 @@ class CpuFunction:
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
             out = np.zeros((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
-            return [out[0] if n == 1 else out.sum(axis=0)]
+            return [out[0] if n == 1 else np.add(out[0], out[1], out=out[0]) if n == 2 else out.sum(axis=0)]
         if kind == "GroupedMatmulOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
@@ -351,8 +354,8 @@ class CpuFunction:
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
                                                                                strict=True)]
         if k.split == "parts":
-            self.parts(k, ins + outs, n if not isinstance(op, R.TopkOp) or _work(op, ins, outs[0]) >= SPLIT_WORK
-                       else 1)
+            small = isinstance(op, R.TopkOp | M.RouteOp) and _work(op, ins, outs[0]) < SPLIT_WORK
+            self.parts(k, ins + outs, 1 if small else n)
         elif k.split == "rows":
             self.rows(k, ins, outs[0], k.rows, n)
         else:

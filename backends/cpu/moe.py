@@ -46,10 +46,12 @@ class MoeKernels:
                 # scores in float64, as the reference computes them
                 mx = B.fold(E, ninf, lambda e, m: arith.MaximumFOp(m, _ext(B.load(logits, t, e), f64)).result)
                 if op.score == "softmax":
-                    def exp_at(e: ir.Value) -> ir.Value:
-                        return mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
-                    total = B.fold(E, zero, lambda e, s: arith.AddFOp(s, exp_at(e)).result)
-                    B.each(E, lambda e: B.store(arith.DivFOp(exp_at(e), total).result, score, e))
+                    def exp_at(e: ir.Value, s: ir.Value) -> ir.Value:  # each exp once: kept in score, summed
+                        x = mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
+                        B.store(x, score, e)
+                        return arith.AddFOp(s, x).result
+                    total = B.fold(E, zero, exp_at)
+                    B.each(E, lambda e: B.store(arith.DivFOp(B.load(score, e), total).result, score, e))
                 else:
                     def sig(e: ir.Value) -> ir.Value:
                         x = _ext(B.load(logits, t, e), f64)
@@ -271,17 +273,13 @@ class MoeKernels:
         """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted)."""
         if not op.gather:
             return B.slice_tensor(rows_t, [start, 0], [n, D])
-        init = B.empty([n, D], et)
-        res_t = ir.RankedTensorType.get([B.DYN(), B.DYN()], et)
-        d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
-        g = linalg.GenericOp([res_t], [], [init], B.maps(2, [[d0, d1]]), B.iterators([PARALLEL, PARALLEL]))
-        block = g.regions[0].blocks.append(et)
-        with ir.InsertionPoint(block):
-            i, j = linalg.IndexOp(0).result, linalg.IndexOp(1).result
-            a = B.load(perm, B.add(start, i))
-            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
-            linalg.YieldOp([B.extract(rows_t, tok, j)])
-        return g.result
+        rows = B.loop(0, n, 1, [B.empty([n, D], et)])  # row by row: each a contiguous copy
+        with ir.InsertionPoint(rows.body):
+            i = rows.induction_variable
+            tok = B.as_index(arith.DivSIOp(B.load(perm, B.add(start, i)), B.c_int(op.topk)).result)
+            row = B.slice_tensor(rows_t, [tok, 0], [1, D])
+            scf.YieldOp([B.insert_slice(row, rows.inner_iter_args[0], [i, 0], [1, D])])
+        return rows.results[0]
 
     def scatter_add(self, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, N: ir.Value,
                     gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
