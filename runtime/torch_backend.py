@@ -169,11 +169,11 @@ class CompiledPartition(torch.nn.Module):
             from sparsa.backends.triton.function import TritonFunction
 
             self.native = TritonFunction(self.func)
-        elif self.target == "cpu":
-            from sparsa.backends.cpu.jit import CpuFunction
+        elif self.target == "cpu":  # compiled at the first call, knowing which inputs are parameters
+            from sparsa.backends.cpu.jit import check_lowering
 
-            self.native = CpuFunction(self.func)
-            self.cpu_builds = {frozenset(): self.native}
+            check_lowering(self.func)  # an op without a kernel: the partition stays in PyTorch
+            self.cpu_builds: dict[frozenset[int], Any] = {}
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
@@ -190,16 +190,20 @@ class CompiledPartition(torch.nn.Module):
         if seen != self.constants_seen:
             self.cache.clear()
             self.constants_seen = seen
-        if self.target == "cpu" and constant != self.native.constant_args:
-            # built again knowing the parameters: what only they feed runs once on the host, and the
-            # grouped GEMMs take their expert weights packed (once per parameter set; if that build
-            # fails, the first one serves)
+        if self.target == "cpu":
+            # built knowing the parameters: what only they feed runs once on the host, and the grouped GEMMs
+            # take their expert weights packed (once per parameter set; if that build fails, one without
+            # constants serves, caching nothing across calls)
             from sparsa.backends.cpu.jit import CpuFunction
 
             if constant not in self.cpu_builds:
                 try:
                     self.cpu_builds[constant] = CpuFunction(self.func, constant)
-                except SparsaError:  # the build without constants serves (nothing cached across calls)
+                except SparsaError:
+                    if not constant:
+                        raise
+                    if frozenset() not in self.cpu_builds:
+                        self.cpu_builds[frozenset()] = CpuFunction(self.func)
                     self.cpu_builds[constant] = self.cpu_builds[frozenset()]
             self.native = self.cpu_builds[constant]
             constant = constant if self.native.constant_args == constant else frozenset()

@@ -171,6 +171,22 @@ def test_unfused_scan_with_initial_state_and_broadcasting():
     assert "k1_scan_scan" in cpu.stage("mlir")
 
 
+def test_repeated_layers_share_their_kernels():
+    """Two layers with the same ops at the same shapes compile their kernels once: the second layer's
+    kernels call the first's functions (the module holds one of each), and the results are unchanged."""
+    src = """model M(x: f32[T, 32]) -> f32[T, 32] {
+    param w1: f32[32, 32]
+    param w2: f32[32, 32]
+    h = x + silu(x @ w1)
+    return h + silu(h @ w2) * 0.5
+}
+"""
+    cpu = check(src)
+    names = [k.name for k in cpu.native.kernels.values()]
+    assert len(names) == 8 and len(set(names)) == 5  # @, silu and + again; the scaling * is new
+    assert cpu.stage("mlir").count("func.func @k") == len(set(names))
+
+
 @pytest.mark.slow
 def test_whole_decoder_matches_reference():
     ref, cpu = pair(str(ROOT / "examples" / "tiny_moe_decoder.sp"))

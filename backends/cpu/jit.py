@@ -227,6 +227,25 @@ def _descriptor(a: np.ndarray) -> Any:
     return d
 
 
+def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[int]) -> tuple:
+    """(module, builder, kernel of each op): the MLIR module of func_op's kernels, in the current context."""
+    block = func_op.regions[0].block
+    fixed = {id(a) for i, a in enumerate(block.args) if i in constant_args}
+    fixed |= {id(r) for op in block.ops if id(op) in weight_only for r in op.results}
+    module = ir.Module.create()
+    builder = Kernels(module, fixed)
+    kernels = {id(op): builder.kernel(op) for op in block.ops[:-1]
+               if op.NAME not in HOST_OPS and id(op) not in weight_only}
+    return module, builder, kernels
+
+
+def check_lowering(func_op: Operation) -> None:
+    """CpuLoweringError (naming the op and its line) unless every op of func_op has a kernel: the kernels are
+    built, nothing is compiled (the torch backend compiles at the first call, knowing which inputs are weights)."""
+    with ir.Context(), ir.Location.unknown():
+        _build(func_op, frozenset(), weight_only_ops(func_op, frozenset()))
+
+
 class CpuFunction:
     """A Sparsa function compiled to native code: one kernel per op in one MLIR module, run in order by a
     small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
@@ -240,17 +259,8 @@ class CpuFunction:
         self.context = ir.Context()
         self.weight_only = weight_only_ops(func_op, constant_args)
         self._constant_sets: dict[frozenset[int], set[int]] = {constant_args: self.weight_only}
-        self.kernels: dict[int, Kernel] = {}
-        block = func_op.regions[0].block
-        fixed = {id(a) for i, a in enumerate(block.args) if i in constant_args}
-        fixed |= {id(r) for op in block.ops if id(op) in self.weight_only for r in op.results}
         with self.context, ir.Location.unknown():
-            module = ir.Module.create()
-            builder = Kernels(module, fixed)
-            for op in block.ops[:-1]:
-                if op.NAME in HOST_OPS or id(op) in self.weight_only:
-                    continue
-                self.kernels[id(op)] = builder.kernel(op)
+            module, builder, self.kernels = _build(func_op, constant_args, self.weight_only)
             self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled)}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
             name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL))

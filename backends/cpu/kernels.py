@@ -11,6 +11,9 @@ the host (jit.py) can run them on several threads at once. Outputs are allocated
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf
 
@@ -39,6 +42,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
         self.module = module
         self.fixed = fixed or set()
         self.kernels: list[Kernel] = []
+        self.compiled: dict[tuple, str] = {}  # a kernel's code (its name and tags left out) -> its function's name
 
     # ---- functions ------------------------------------------------------------------------------------
     def function(self, op: Operation, types: list[TensorType], parts: bool) -> tuple:
@@ -59,12 +63,26 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
             raise CpuLoweringError(f"'{op.NAME}' on {half.pop()} is not supported by the cpu backend yet (its "
                                    "kernels are float32; cast to f32 or use the triton target)", op.loc)
         builder = getattr(self, "kernel_" + type(op).__name__, None)
-        if builder is not None:
-            k = builder(op)
-        else:
-            k = self.dense(op)
+        start = len(self.tiled)
+        k = builder(op) if builder is not None else self.dense(op)
+        k = self.reuse(k, start)
         self.kernels.append(k)
         return k
+
+    def reuse(self, k: Kernel, start: int) -> Kernel:
+        """k, or an earlier kernel with the same code (a model's layers repeat their ops at the same shapes):
+        k's function is then dropped, with its schedule entries (tiled[start:]), and never compiled."""
+        fn = list(self.module.body.operations)[-1]
+        tags = {t[0]: f"sparsa.tile#{i}" for i, t in enumerate(self.tiled[start:])}
+        text = re.sub(r"sparsa\.tile\d+\b", lambda m: tags.get(m.group(0), m.group(0)),
+                      str(fn).replace(f"@{k.name}(", "@kernel(", 1))
+        key = (text, tuple(t[1:] for t in self.tiled[start:]))
+        same = self.compiled.setdefault(key, k.name)
+        if same == k.name:
+            return k
+        fn.erase()
+        del self.tiled[start:]
+        return dataclasses.replace(k, name=same)
 
     def dense(self, op: Operation) -> Kernel:
         """An op of Lowering, on tensor views of its memrefs; written straight into the output."""

@@ -5,11 +5,11 @@ read through the permutation, the epilogue inlined and the combine fused. Mixed 
 from __future__ import annotations
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, scf
+from torch_mlir.dialects import arith, func, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.lower import PARALLEL, element_type
+from sparsa.backends.cpu.lower import element_type
 from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor as T
