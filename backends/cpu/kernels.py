@@ -43,6 +43,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
         self.fixed = fixed or set()
         self.kernels: list[Kernel] = []
         self.compiled: dict[tuple, str] = {}  # a kernel's code (its name and tags left out) -> its function's name
+        self.last: func.FuncOp | None = None
 
     # ---- functions ------------------------------------------------------------------------------------
     def function(self, op: Operation, types: list[TensorType], parts: bool) -> tuple:
@@ -51,7 +52,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
         name = f"k{len(self.kernels)}_{op.NAME.replace('.', '_')}"
         args = [memref_type(t) for t in types] + [ir.IndexType.get()] * (2 if parts else 0)
         with ir.InsertionPoint(self.module.body):
-            fn = func.FuncOp(name, ir.FunctionType.get(args, []))
+            fn = self.last = func.FuncOp(name, ir.FunctionType.get(args, []))
             fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
             entry = fn.add_entry_block()
         return name, entry
@@ -72,7 +73,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
     def reuse(self, k: Kernel, start: int) -> Kernel:
         """k, or an earlier kernel with the same code (a model's layers repeat their ops at the same shapes):
         k's function is then dropped, with its schedule entries (tiled[start:]), and never compiled."""
-        fn = list(self.module.body.operations)[-1]
+        fn = self.last  # k's function, the one `function` made last
         tags = {t[0]: f"sparsa.tile#{i}" for i, t in enumerate(self.tiled[start:])}
         text = re.sub(r"sparsa\.tile\d+\b", lambda m: tags.get(m.group(0), m.group(0)),
                       str(fn).replace(f"@{k.name}(", "@kernel(", 1))
@@ -80,7 +81,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
         same = self.compiled.setdefault(key, k.name)
         if same == k.name:
             return k
-        fn.erase()
+        fn.operation.erase()
         del self.tiled[start:]
         return dataclasses.replace(k, name=same)
 
