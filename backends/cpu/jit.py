@@ -349,7 +349,9 @@ class CpuFunction:
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
             out = np.zeros((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))
             self.parts(k, ins + [out], n)
-            return [out[0] if n == 1 else np.add(out[0], out[1], out=out[0]) if n == 2 else out.sum(axis=0)]
+            for p in range(1, n):  # the parts' sums, in place
+                out[0] += out[p]
+            return [out[0]]
         if kind == "GroupedMatmulOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
