@@ -556,10 +556,16 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
                     raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
             try:
                 value = _RegionBuilder(block, 4, {}).value(m)
-            except NotRecognized:
-                if m.type.rank != 2:
-                    raise Unsupported("a materialized attention mask of rank other than 2") from None
-                value = block.append(S.GatherOp.build(m, [block.args[2], block.args[3]])).result
+            except NotRecognized:  # a mask tensor: read at (b, h, q, k), index 0 on its broadcast axes
+                if m.type.rank > 4:
+                    raise Unsupported("a materialized attention mask of rank above 4") from None
+                zero = None
+                indices = []
+                for size, arg in zip(m.type.shape, block.args[4 - m.type.rank:], strict=True):
+                    if size == 1 and zero is None:
+                        zero = block.append(T.ConstantOp.build(value=0, result_types=[idx])).result
+                    indices.append(zero if size == 1 else arg)
+                value = block.append(S.GatherOp.build(m, indices)).result
             if negate:
                 value = block.append(T.NotOp.build(value)).result
         block.append(YieldOp.build([value]))

@@ -17,6 +17,12 @@ The "batched_mm" experts gather each assignment's weights and multiply them one 
     y = bmm(down_proj[ids], a[..., None]).squeeze(-1) * w.view(-1)[:, None];  out = y.view(T, K, D).sum(1)
 and are folded the same way (the [T*K, 2F, D] gathered weights are never built).
 
+transformers before 5.23 also guards against expert-parallel sentinel ids (>= E) in both forms: the grouped
+form zeroes the rows of those ids around each grouped matmul (`masked_fill(h, (sorted ids >= E)[:, None], 0)`),
+the batched form clamps the ids to E - 1 before gathering weights (and, since 5.23, zeroes their gates).
+The fills change nothing that `moe_swiglu` computes (it skips ids >= E); the clamp is accepted only for ids
+from a top-k over E scores. transformers 5.23 and later write these guards under expert parallelism only.
+
 Graphs that differ in any checked step are left alone (and run as before).
 """
 
@@ -78,7 +84,11 @@ def fold_grouped_mm_moe(gm: Any) -> int:
 def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     """(the block's output node, (x, idx, w, gate_up_proj, down_proj)) when `first` starts a block."""
     rows, gate_up_t, offs = first.args[:3]
-    if not (_is(rows, aten.index.Tensor) and _is(gate_up_t, aten.transpose.int)):
+    if not _is(gate_up_t, aten.transpose.int):
+        return None
+    experts = gate_up_t.args[0].meta["val"].shape[0] if "val" in gate_up_t.args[0].meta else None
+    rows = _unfilled(rows, experts, aten)
+    if not _is(rows, aten.index.Tensor):
         return None
     x, (tok,) = rows.args[0], rows.args[1]
     if not _is(tok, aten.floor_divide.default):
@@ -88,14 +98,15 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if not (_is(sort, aten.sort.default) and _is(sort.args[0], aten.view.default)):
         return None
     idx = sort.args[0].args[0]
-    mul = _swiglu(first, aten)
+    mul = _swiglu(_filled(first, experts, aten), aten)
     second = _only_user(mul) if mul is not None else None
     if not (_is(second, grouped) and second.args[2] is offs and _is(second.args[1], aten.transpose.int)):
         return None
-    scaled = _only_user(second)
+    down_out = _filled(second, experts, aten)
+    scaled = _only_user(down_out)
     if not _is(scaled, aten.mul.Tensor):
         return None
-    gate_col = next((a for a in scaled.args if a is not second), None)
+    gate_col = next((a for a in scaled.args if a is not down_out), None)
     if not (_is(gate_col, aten.unsqueeze.default) and _is(gate_col.args[0], aten.index.Tensor)):
         return None
     gates_sorted = gate_col.args[0]
@@ -111,6 +122,27 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if val is None or val.dim() != 2 or val.shape[1] != k:
         return None
     return end, (x, idx, w, gate_up_t.args[0], second.args[1].args[0])
+
+
+def _is_sentinel_fill(node: Any, experts: int | None, aten: Any) -> bool:
+    """node = masked_fill(x, (sorted ids >= experts)[:, None], 0): rows of sentinel ids zeroed."""
+    if not (_is(node, aten.masked_fill.Scalar) and node.args[2] == 0 and experts is not None):
+        return False
+    mask = node.args[1]
+    ge = mask.args[0] if _is(mask, aten.unsqueeze.default) and mask.args[1] == -1 else None
+    ids = ge.args[0] if _is(ge, aten.ge.Scalar) and ge.args[1] == experts else None
+    return _is(ids, operator.getitem) and ids.args[1] == 0 and _is(ids.args[0], aten.sort.default)
+
+
+def _unfilled(node: Any, experts: int | None, aten: Any) -> Any:
+    """The rows a sentinel fill zeroes, when `node` is one; else `node`."""
+    return node.args[0] if _is_sentinel_fill(node, experts, aten) else node
+
+
+def _filled(node: Any, experts: int | None, aten: Any) -> Any:
+    """The sentinel fill that is `node`'s only user, when there is one; else `node`."""
+    user = _only_user(node)
+    return user if user is not None and user.args[0] is node and _is_sentinel_fill(user, experts, aten) else node
 
 
 def _swiglu(h: Any, aten: Any) -> Any:
@@ -139,9 +171,14 @@ def _match_batched(first: Any, aten: Any) -> tuple[Any, tuple] | None:
             return None
         rows = rows.args[0]
     x = rows
-    if not _is(ids, aten.view.default):
+    experts = gate_up.meta["val"].shape[0] if "val" in gate_up.meta else None
+    clamped = experts is not None and _is(ids, aten.clamp.default) and tuple(ids.args[1:]) == (0, experts - 1)
+    view = ids.args[0] if clamped else ids
+    if not _is(view, aten.view.default):
         return None
-    idx = ids.args[0]
+    idx = view.args[0]
+    if clamped and not _top_k_of(idx, experts, aten):  # a clamp changes nothing only for ids < E
+        return None
     squeeze = _only_user(first)
     mul = _swiglu(squeeze, aten) if _is(squeeze, aten.squeeze.dim) else None
     col2 = _only_user(mul) if mul is not None else None
@@ -155,9 +192,13 @@ def _match_batched(first: Any, aten: Any) -> tuple[Any, tuple] | None:
     if not _is(scaled, aten.mul.Tensor):
         return None
     gate_col = next((a for a in scaled.args if a is not squeeze2), None)
-    if not (_is(gate_col, aten.unsqueeze.default) and _is(gate_col.args[0], aten.view.default)):
+    gates = gate_col.args[0] if _is(gate_col, aten.unsqueeze.default) else None
+    if clamped and _is(gates, aten.masked_fill.Scalar) and gates.args[2] == 0 and \
+            _is(gates.args[1], aten.ge.Scalar) and tuple(gates.args[1].args) == (view, experts):
+        gates = gates.args[0]  # the gates of sentinel ids zeroed (transformers >= 5.23, expert parallel)
+    if not _is(gates, aten.view.default):
         return None
-    w = gate_col.args[0].args[0]
+    w = gates.args[0]
     view = _only_user(scaled)
     end = _only_user(view) if _is(view, aten.view.default) else None
     if not (_is(end, aten.sum.dim_IntList) and list(end.args[1]) == [1]):
@@ -166,3 +207,11 @@ def _match_batched(first: Any, aten: Any) -> tuple[Any, tuple] | None:
     if val is None or val.dim() != 2:
         return None
     return end, (x, idx, w, gate_up, down)
+
+
+def _top_k_of(idx: Any, experts: int, aten: Any) -> bool:
+    """idx = topk(scores, k, dim).indices over a dim of `experts` scores (so every id is < experts)."""
+    topk = idx.args[0] if _is(idx, operator.getitem) and idx.args[1] == 1 else None
+    scores = topk.args[0].meta.get("val") if _is(topk, aten.topk.default) else None
+    dim = topk.args[2] if scores is not None and len(topk.args) > 2 else -1
+    return scores is not None and scores.shape[dim] == experts

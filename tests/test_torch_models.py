@@ -137,9 +137,12 @@ def test_swapped_block_on_the_triton_target():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sentinel_guards", [False, True])
 @pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
-def test_both_transformers_expert_forms_fold_into_one_moe(experts):
-    """A Mixtral block with each of transformers' compilable expert implementations: one moe.moe, same result."""
+def test_both_transformers_expert_forms_fold_into_one_moe(experts, sentinel_guards):
+    """A Mixtral block with each of transformers' compilable expert implementations: one moe.moe, same result.
+    With sentinel guards (the experts' code under expert parallelism, and always before transformers 5.23)
+    the grouped form zeroes the rows of ids >= E around each grouped matmul and the batched form clamps ids."""
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     torch.manual_seed(0)
@@ -147,6 +150,7 @@ def test_both_transformers_expert_forms_fold_into_one_moe(experts):
                                         num_experts_per_tok=2)
     config._experts_implementation = experts
     block = MixtralSparseMoeBlock(config).eval()
+    block.experts._is_expert_parallel = sentinel_guards
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(2, 9, 32)

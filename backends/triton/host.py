@@ -27,14 +27,6 @@ def bstrides(t: Any, shape: tuple[int, ...]) -> list[int]:
     return out
 
 
-def batch2(shape: tuple[int, ...]) -> tuple[int, int]:
-    """The (at most two) batch dims of a matmul output shape [..., M, N], padded with 1s."""
-    batch = list(shape[:-2])
-    if len(batch) > 2:
-        raise ValueError(f"matmul with {len(batch)} batch dims (at most 2 on triton)")
-    return tuple([1] * (2 - len(batch)) + batch)
-
-
 def copy(src: Any, dst: Any) -> Any:
     """dst[...] = src (broadcast, cast to dst's dtype) with the strided copy kernel; returns dst."""
     shape = tuple(dst.shape)

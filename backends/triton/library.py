@@ -1,5 +1,5 @@
-"""The triton target's fixed kernels: the ones whose code does not depend on a region (matmul, row
-reductions and normalizations, top-k, strided copy, MoE routing and dispatch, BSR and N:M matmul).
+"""The triton target's fixed kernels: the ones whose code does not depend on a region (row reductions
+and normalizations, top-k, strided copy, MoE routing and dispatch, BSR and N:M matmul).
 
 Kernels that inline a region (fused elementwise groups, attention, grouped matmul epilogues, scans, block
 maps of data masks) are generated per op (codegen.py). The generated launcher calls these by name, with a
@@ -35,31 +35,6 @@ def copy_strided(X, OUT, NUMEL, n1, n2, n3, n4, n5, sx0, sx1, sx2, sx3, sx4, sx5
     x = tl.load(X + i0 * sx0 + i1 * sx1 + i2 * sx2 + i3 * sx3 + i4 * sx4 + i5 * sx5, mask=live)
     tl.store(OUT + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3 + i4 * so4 + i5 * so5,
              x.to(OUT.dtype.element_ty), mask=live)
-
-
-@triton.jit
-def matmul(A, B, C, M, N, K, NB1, sa0, sa1, sam, sak, sb0, sb1, sbk, sbn, sc0, sc1, scm, scn,
-           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """C[b0, b1] = A[b0, b1] @ B[b0, b1] for up to two (broadcast: stride 0) batch dims; fp32 accumulation."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_b = tl.program_id(2)
-    b0 = pid_b // NB1
-    b1 = pid_b % NB1
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    a_base = A + b0 * sa0 + b1 * sa1
-    b_base = B + b0 * sb0 + b1 * sb1
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + offs_m[:, None] * sam + offs_k[None, :] * sak,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        b = tl.load(b_base + offs_k[:, None] * sbk + offs_n[None, :] * sbn,
-                    mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
-        acc += tl.dot(a, b, input_precision=PRECISION)
-    tl.store(C + b0 * sc0 + b1 * sc1 + offs_m[:, None] * scm + offs_n[None, :] * scn, acc.to(C.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
 SUM, MEAN, MAX, MIN, LOGSUMEXP, ARGMAX = range(6)

@@ -1,12 +1,8 @@
-def launch_6c2b48d896fef476(dev, C, x_x):
+def launch_ad36ec02fa7492a5(dev, C, x_x):
     """@MixtralMoE on `dev`: C holds the prepared weights and block maps; inputs are torch tensors already checked against the signature."""
     d_T = x_x.shape[0]
     # tensor.matmul from "examples/mixtral_moe.sp":13
-    v2 = torch.empty((d_T, 8), dtype=torch.float32, device=dev)
-    _o = v2
-    _nb0, _nb1 = batch2(tuple(_o.shape))
-    _m, _n, _k = _o.shape[-2], _o.shape[-1], x_x.shape[-1]
-    lib.matmul[(cdiv(_m, 64), cdiv(_n, 64), _nb0 * _nb1)](x_x, C[0], _o, _m, _n, _k, _nb1, *bstrides(x_x, (_nb0, _nb1, _m, _k)), *bstrides(C[0], (_nb0, _nb1, _k, _n)), *bstrides(_o, (_nb0, _nb1, _m, _n)), BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PRECISION='ieee')
+    v2 = torch.matmul(x_x, C[0])
     # moe.route from "examples/mixtral_moe.sp":14
     v3 = torch.empty((d_T, 2), dtype=torch.float32, device=dev)
     v4 = torch.empty((d_T, 2), dtype=torch.int64, device=dev)
