@@ -94,23 +94,32 @@ def case(name: str, make: Callable[[], torch.nn.Module], inputs: list[torch.Tens
         eager = make().to(args.device).eval()
         want = eager(*inputs)
         row["eager_ms"] = median_ms(lambda: eager(*inputs), args.runs, args.device)
-        variants = {"inductor": (eager, "inductor", None), "sparsa": (eager, None, "backend")}
+        variants = {"inductor": (eager, "inductor", None), "sparsa": (eager, None, {})}
+        if args.device == "cuda":  # kernels replayed from CUDA graphs (Inductor's counterpart: reduce-overhead)
+            variants["inductor_graphs"] = (eager, "inductor", "reduce-overhead")
+            variants["sparsa_graphs"] = (eager, None, {"cuda_graphs": True})
         if swap:  # the same weights, the MoE block replaced by a Sparsa-compiled one before torch.compile
             swapped = make().to(args.device).eval()
             swapped.load_state_dict(eager.state_dict())
-            variants["sparsa_swapped"] = (_swapped_root(swapped), None, "backend")
+            variants["sparsa_swapped"] = (_swapped_root(swapped), None, {})
         for label, (module, backend_name, kind) in variants.items():
             torch._dynamo.reset()
             backend = backend_name
-            if kind is not None:
-                backend = SparsaBackend({"target": args.target} if args.target else None)
-            compiled = torch.compile(module, backend=backend)
+            if isinstance(kind, dict):
+                backend = SparsaBackend({**kind, **({"target": args.target} if args.target else {})})
+                compiled = torch.compile(module, backend=backend)
+            else:
+                compiled = torch.compile(module, backend=backend, mode=kind)
             t = time.perf_counter()
-            got = compiled(*inputs)
-            row[f"{label}_compile_s"] = time.perf_counter() - t
-            row[f"{label}_max_abs_err"] = float((got.float() - want.float()).abs().max())
-            row[f"{label}_ms"] = median_ms(lambda c=compiled: c(*inputs), args.runs, args.device)
-            if kind is not None:
+            try:
+                got = compiled(*inputs)
+                row[f"{label}_compile_s"] = time.perf_counter() - t
+                row[f"{label}_max_abs_err"] = float((got.float() - want.float()).abs().max())
+                row[f"{label}_ms"] = median_ms(lambda c=compiled: c(*inputs), args.runs, args.device)
+            except Exception as e:  # noqa: BLE001 - a compiler that fails on this module: say so, go on
+                row[f"{label}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                continue
+            if isinstance(kind, dict):
                 row[f"{label}_fallbacks"] = dict(backend.fallbacks)
             row[f"{label}_speedup_vs_eager"] = row["eager_ms"] / row[f"{label}_ms"]
         row["load_1min_after"] = os.getloadavg()[0]

@@ -293,9 +293,6 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
         end = None
     if start == 0 and end is None and step == 1:
         return x
-    padded = getattr(im, "padded", {}).get(id(x))
-    if padded is not None and start == 0 and step == 1 and padded[1] == d and end == padded[0].type.shape[d]:
-        return padded[0]  # slicing off what constant_pad_nd added (SDPA's mask alignment on CUDA)
     if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):
         raise Unsupported("slice with symbolic start")
     rank = x.type.rank
@@ -308,6 +305,13 @@ def _select(im: Importer, node: Any, x: Value, dim: int, index: int) -> Value:
     d = _axis(dim, x.type.rank)
     piece = _slice(im, node, x, d, index, index + 1 if index != -1 else None, 1)
     return im.emit(S.SqueezeOp, piece, axes=(d,))
+
+
+def _unbind(im: Importer, node: Any, x: Value, dim: int = 0) -> tuple:
+    d = _axis(dim, x.type.rank)
+    if not isinstance(x.type.shape[d], int):
+        raise Unsupported("unbind along a symbolic dim")
+    return tuple(_select(im, node, x, d, i) for i in range(x.type.shape[d]))
 
 
 def _expand(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
@@ -331,11 +335,7 @@ def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0
             continue
         shape = tuple(after if j == d else n for j, n in enumerate(out.type.shape))
         fill = im.splat(value, out.type.dtype, shape)
-        padded = im.emit(S.ConcatOp, [out, fill], axis=d)
-        if not hasattr(im, "padded"):
-            im.padded = {}
-        im.padded[id(padded)] = (out, d)
-        out = padded
+        out = im.emit(S.ConcatOp, [out, fill], axis=d)
     return out
 
 
@@ -596,8 +596,8 @@ _ops: dict[str, Callable] = {
     "view.default": _view, "_unsafe_view.default": _view, "reshape.default": _view,
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
-    "slice.Tensor": _slice, "select.int": _select, "expand.default": _expand, "cat.default": _cat,
-    "split_with_sizes.default": _split, "split.Tensor": _split,
+    "slice.Tensor": _slice, "select.int": _select, "unbind.int": _unbind, "expand.default": _expand,
+    "cat.default": _cat, "split_with_sizes.default": _split, "split.Tensor": _split,
     "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
@@ -676,6 +676,43 @@ class _Table(dict):
 
 
 SUPPORTED = _Table()
+
+
+def fold_pad_slices(gm: Any) -> int:
+    """Replace `constant_pad_nd(x, [0, p])[..., :n]`, padding at the end of one dim sliced straight back to
+    x's size n, by x; returns how many. This is how SDPA aligns a mask on CUDA: the padding is never read,
+    and with a dynamic sequence length its width is a size expression (Mod(8 - Mod(s0, 8), 8)) that the IR
+    has no form for."""
+    import torch
+
+    aten = torch.ops.aten
+    folded = 0
+    for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.constant_pad_nd.default]:
+        x, widths = pad.args[0], list(pad.args[1])
+        val = x.meta.get("val") if hasattr(x, "meta") else None
+        if val is None or any(not (isinstance(w, int) and w == 0) for w in widths[0::2]):
+            continue  # padding before a dim's start
+        dims = [val.dim() - 1 - i for i, w in enumerate(widths[1::2]) if not (isinstance(w, int) and w == 0)]
+        if len(dims) != 1 or not pad.users or not all(_slices_back(u, pad, val, dims[0]) for u in pad.users):
+            continue
+        for user in list(pad.users):
+            user.replace_all_uses_with(x)
+        folded += 1
+    if folded:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return folded
+
+
+def _slices_back(node: Any, padded: Any, val: Any, dim: int) -> bool:
+    """node = padded[..., 0:n] along `dim`, n being the unpadded size `val.shape[dim]`."""
+    import torch
+
+    if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor or node.args[0] is not padded:
+        return False
+    d, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    end = end.meta.get("val") if hasattr(end, "meta") else end
+    return d % val.dim() == dim and start in (0, None) and step == 1 and str(end) == str(val.shape[dim])
 
 
 def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = None) -> Importer:

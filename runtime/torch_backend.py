@@ -4,7 +4,7 @@ which runs in PyTorch. Each op that falls back is counted, and logged once when 
 
 Registered through the `torch_dynamo_backends` entry point. Options:
 `torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "...",
-"partitions": "worthwhile"})`.
+"partitions": "worthwhile", "cuda_graphs": False})`.
 
 Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
 `cpu`, native code through MLIR, or on `reference` where torch-mlir is not installed), or one of
@@ -16,6 +16,11 @@ Sparsa brings something to: a matmul, or an attention, MoE, scan or sparse-layou
 reduction ops alone (the fragments a graph break leaves: a silu, a mask built from comparisons) run in
 PyTorch, whose kernels are as fast one op at a time, without the hand-over to native code and back; they
 are counted in `stats`, not as fallbacks. "all" compiles those too.
+
+cuda_graphs: partitions on CUDA tensors replay their kernels from CUDA graphs (captured per input shape; the
+counterpart of Inductor's mode="reduce-overhead"): the host's work per kernel launch, most of a small
+call's time, is paid once. Inputs are copied into the captured buffers each call, except parameters, which
+are read in place.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from sparsa import knobs
 from sparsa.backends.cpu import available as cpu_available
 from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
-from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
+from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
@@ -54,6 +59,8 @@ class SparsaBackend:
         self.target = self.options.get("target", "auto")
         if self.target != "auto" and self.target not in DEFAULT_PIPELINES:
             raise SparsaError(f"unknown target '{self.target}' (available here: auto, {', '.join(DEFAULT_PIPELINES)})")
+        if not isinstance(self.options.get("cuda_graphs", False), bool):
+            raise SparsaError(f"the cuda_graphs option is true or false, got {self.options['cuda_graphs']!r}")
         if self.options.get("partitions", "worthwhile") not in ("worthwhile", "all"):
             raise SparsaError(f"unknown partitions option '{self.options['partitions']}' (worthwhile or all)")
         self.devices = {"auto": ("cpu", "cuda"), "triton": ("cpu", "cuda")}.get(self.target, ("cpu",))
@@ -72,6 +79,7 @@ class SparsaBackend:
         from sparsa.frontend.torch_moe import fold_grouped_mm_moe
 
         self.stats["moe blocks recognized"] += fold_grouped_mm_moe(gm)
+        fold_pad_slices(gm)
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
@@ -109,8 +117,12 @@ class SparsaBackend:
             call.args = tuple(None if i in part.unused_inputs else a for i, a in enumerate(call.args))
         fused.graph.eliminate_dead_code()
         for node in fused.graph.nodes:  # what still runs in PyTorch
-            if node.op == "call_function" and node.target is not operator.getitem:
-                self.note_fallback(str(node.target))
+            if node.op != "call_function" or node.target is operator.getitem:
+                continue
+            if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
+                self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
+                continue
+            self.note_fallback(str(node.target))
         for node in fused.graph.nodes:
             if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition) and \
                     node.target not in left:
@@ -165,10 +177,13 @@ class CompiledPartition(torch.nn.Module):
         self.constants_seen: tuple = ()
         self.weight_only_for: dict[frozenset[int], set[int]] = {}
         self.native: Any = None
+        self.graphs: Any = None
         if self.target == "triton":
-            from sparsa.backends.triton.function import TritonFunction
+            from sparsa.backends.triton.function import CudaGraphs, TritonFunction
 
             self.native = TritonFunction(self.func)
+            if backend.options.get("cuda_graphs", False):
+                self.graphs = CudaGraphs(self.native)
         elif self.target == "cpu":  # compiled at the first call, knowing which inputs are parameters
             from sparsa.backends.cpu.jit import check_lowering
 
@@ -178,7 +193,11 @@ class CompiledPartition(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
         if self.target == "triton":
-            outs = tuple(self.native(tensors, self.cache))
+            if self.graphs is not None and all(t.is_cuda for t in tensors):
+                static = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
+                outs = tuple(self.graphs(tensors, self.cache, static))
+            else:
+                outs = tuple(self.native(tensors, self.cache))
             return outs if self.tuple_output else outs[0]
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()

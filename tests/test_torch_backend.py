@@ -48,6 +48,19 @@ class WindowAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B, S, 16)
 
 
+class PaddedBiasAttention(WindowAttention):
+    """The window as an additive bias padded to a multiple of 8 and sliced back: SDPA's alignment of a mask
+    on CUDA, written out (with a dynamic length the padding's width is S-dependent)."""
+
+    def forward(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        i, j = torch.arange(S, device=x.device)[:, None], torch.arange(S, device=x.device)[None, :]
+        bias = torch.where((j <= i) & (i - j < self.window), 0.0, float("-inf"))
+        bias = F.pad(bias, (0, (8 - S % 8) % 8))[..., :S]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(B, S, 16)
+
+
 class Causal(torch.nn.Module):
     def forward(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -173,15 +186,20 @@ def test_group_routing_scatter_gather_and_in_place_assembly_import(sizes, tokens
     assert not backend.fallbacks and len(backend.partitions) == 1
 
 
-def test_new_sequence_lengths_do_not_recompile_once_dynamic():
+@pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
+def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()
-    module = MLP()
+    module = make()
     with torch.no_grad():
         compiled = torch.compile(module, backend=backend)
-        for S in (5, 5, 8, 13, 21):
+        for S in (5, 5, 9, 13, 21):  # no multiple of 8: the padding of PaddedBiasAttention is never empty
             x = torch.randn(1, S, 16)
             torch.testing.assert_close(compiled(x), module(x), rtol=1e-4, atol=1e-5)
     assert backend.stats["graphs"] == 2  # the first static shape, then one dynamic graph for every length
+    # the host computes the dynamic sizes (SymInt arithmetic): counted apart, not as ops falling back
+    assert not backend.fallbacks and backend.stats["partitions compiled"] == 2
+    if make is not MLP:
+        assert all("attn.attention" in print_module(p.module) for p in backend.partitions)
 
 
 def test_backend_is_registered_by_name_with_options():
@@ -239,6 +257,35 @@ def test_triton_target_runs_the_partitions():
     assert backend.partitions and all(p.target == "triton" for p in backend.partitions) and not backend.fallbacks
     assert "attn_block_sparse_" in "".join(p.native.stages["kernels"] for p in backend.partitions)
     check(MLP().to(DEVICE), torch.randn(2, 5, 16, device=DEVICE), backend=SparsaBackend({"target": "triton"}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU")
+def test_cuda_graphs_replay_the_partitions():
+    """options={"cuda_graphs": True}: one capture per input shape; new inputs are copied in, parameters are
+    read in place (an in-place update shows), new parameter tensors capture again."""
+    torch.manual_seed(0)
+    model = WindowAttention().cuda()
+    backend = SparsaBackend({"cuda_graphs": True})
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 150, 16, device="cuda")
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        (graphs,) = [p.graphs for p in backend.partitions]
+        assert graphs.captures == 1
+        model.qkv.weight.add_(0.5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert graphs.captures == 1
+        model.qkv.weight = torch.nn.Parameter(model.qkv.weight * 0.5)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert graphs.captures == 2 and backend.stats["partitions compiled"] == 1 and not backend.fallbacks
+        x = torch.randn(2, 90, 16, device="cuda")
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_option_is_checked():
+    with pytest.raises(SparsaError, match="cuda_graphs option is true or false"):
+        SparsaBackend({"cuda_graphs": "yes"})
 
 
 def test_auto_target_picks_by_device():

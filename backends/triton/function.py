@@ -135,3 +135,48 @@ def _cached(cache: dict[int, tuple[np.ndarray, ...]], v: Any) -> np.ndarray:
     if op is None or id(op) not in cache:
         raise SparsaError(f"the triton backend needs {v} to be computed from weights only")
     return cache[id(op)][op.results.index(v) if len(op.results) > 1 else 0]
+
+
+class CudaGraphs:
+    """A TritonFunction's calls replayed from CUDA graphs: the launcher (its allocations, kernel launches and
+    cuBLAS calls) is captured once per input signature, then each call copies its inputs into the captured
+    ones, replays, and returns copies of the outputs. What this saves is the host's work per launch, which
+    dominates small calls. Inputs in `static` (parameters) are captured in place, not copied: their values
+    may change in place between calls; a new tensor there captures again."""
+
+    def __init__(self, fn: TritonFunction):
+        self.fn = fn
+        self.graphs: dict[tuple, tuple[tuple, list[Any], list[Any], Any]] = {}  # by shapes, strides, dtypes
+        self.captures = 0
+
+    def __call__(self, tensors: list[Any], cache: dict[int, tuple[np.ndarray, ...]],
+                 static: frozenset[int]) -> list[Any]:
+        signature = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors)
+        pointers = tuple(tensors[i].data_ptr() for i in sorted(static))
+        entry = self.graphs.get(signature)
+        if entry is None or entry[0] != pointers:  # new shapes, or new parameter tensors (the old ones let go)
+            entry = self.graphs[signature] = (pointers, *self._capture(tensors, cache, static))
+        _, inputs, outputs, graph = entry
+        for i, (mine, t) in enumerate(zip(inputs, tensors, strict=True)):
+            if i not in static:
+                mine.copy_(t)
+        graph.replay()
+        return [o.clone() for o in outputs]
+
+    def _capture(self, tensors: list[Any], cache: dict[int, tuple[np.ndarray, ...]],
+                 static: frozenset[int]) -> tuple[list[Any], list[Any], Any]:
+        import torch
+
+        inputs = [t if i in static else torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+                  .copy_(t) for i, t in enumerate(tensors)]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a first run compiles the kernels and prepares the constants
+            self.fn(inputs, cache)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = self.fn(inputs, cache)
+        self.captures += 1
+        return inputs, outputs, graph
+
