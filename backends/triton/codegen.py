@@ -499,7 +499,7 @@ class TritonProgram:
             raise SparsaError(f"the triton grouped matmul needs expert segments aligned to a power-of-two tile >= 16 "
                               f"(fuse-moe-dispatch{{block=64}}), got block={block_m}", op.loc)
         weights = [op.weight] if combine else list(op.weights)
-        ws = ", ".join(f"{self.name(w)}, *{self.name(w)}.stride()" for w in weights)  # any layout: no copy
+        ws = ", ".join(f"contiguous({self.name(w)})" for w in weights)
         data = "".join(f"contiguous({self.name(v)}), *{self.name(v)}.shape, " for v in kern.data)
         out = self.new(op.result)
         w0 = self.name(weights[0])

@@ -2,8 +2,7 @@
 
 One program per (row tile, column tile) of the permuted assignment list: the tile's expert comes from
 the dispatch offsets (segments are aligned to the tile height), token rows are read through the
-permutation (no gathered copy), weights [E, K, N] are read through their strides (a transposed or sliced
-parameter is not copied per call), every weight of the stage is multiplied with one read of the rows, the
+permutation (no gathered copy), every weight of the stage is multiplied with one read of the rows, the
 epilogue region runs on the accumulators in registers, and for the last stage the gate-weighted rows are
 scatter-added straight into the [T, N] output (no [T, E] combine, no padded copy).
 """
@@ -87,12 +86,12 @@ class GroupedMatmulKernel:
         value = em.emit()
         accumulators = "\n".join(f"acc{i} = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)" for i in range(n))
         products = "\n".join(
-            f"b{i} = tl.load(W{i} + e * W{i}_se + offs_k[:, None] * W{i}_sk + offs_n[None, :] * W{i}_sn,\n"
+            f"b{i} = tl.load(W{i} + e * K * N + offs_k[:, None] * N + offs_n[None, :],\n"
             f"             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)\n"
             f"acc{i} += tl.dot(a, b{i}, input_precision=PRECISION).to(tl.float32)" for i in range(n))
         epilogue = "\n".join(em.lines + [f"y = {value}"])
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
-        fields = {"weights": "".join(f"W{i}, W{i}_se, W{i}_sk, W{i}_sn, " for i in range(n)), "data_params": params,
+        fields = {"weights": "".join(f"W{i}, " for i in range(n)), "data_params": params,
                   "op_line": f"{op.NAME}{where}", "accumulators": textwrap.indent(accumulators, " " * 4),
                   "products": textwrap.indent(products, " " * 8), "epilogue": textwrap.indent(epilogue, " " * 4)}
         digest = hashlib.sha256(KERNEL.format(name="_", **fields).encode()).hexdigest()[:16]
@@ -128,7 +127,7 @@ class GroupedMatmulKernel:
             extra += [t, *t.shape]
         grid = (tiles, -(-N // block_n))
         load_kernel_module(self.name, self.source)[grid](
-            rows, perm, offsets, *[a for w in weights for a in (w, *w.stride())], out, g, *extra,
+            rows, perm, offsets, *[w.contiguous() for w in weights], out, g, *extra,
             P, K, N, self.topk, experts, GATHER=self.gather, COMBINE=self.combine, BLOCK_M=block_m, BLOCK_N=block_n,
             BLOCK_K=block_k, BLOCK_E=1 << max(0, (experts - 1).bit_length()), PRECISION=precision(rows.dtype),
             num_warps=num_warps,
