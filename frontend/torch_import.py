@@ -555,7 +555,7 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
                 else:
                     raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
             try:
-                value = _RegionBuilder(block, 4, {}).value(m)
+                value = _RegionBuilder(block, {}).value(m)
             except NotRecognized:  # a mask tensor: read at (b, h, q, k), index 0 on its broadcast axes
                 if m.type.rank > 4:
                     raise Unsupported("a materialized attention mask of rank above 4") from None
@@ -680,9 +680,9 @@ SUPPORTED = _Table()
 
 def fold_pad_slices(gm: Any) -> int:
     """Replace `constant_pad_nd(x, [0, p])[..., :n]`, padding at the end of one dim sliced straight back to
-    x's size n, by x; returns how many. This is how SDPA aligns a mask on CUDA: the padding is never read,
-    and with a dynamic sequence length its width is a size expression (Mod(8 - Mod(s0, 8), 8)) that the IR
-    has no form for."""
+    x's size n, by x; returns how many (the caller removes what became dead). This is how SDPA aligns a
+    mask on CUDA: the padding is never read, and with a dynamic sequence length its width is a size
+    expression (Mod(8 - Mod(s0, 8), 8)) that the IR has no form for."""
     import torch
 
     aten = torch.ops.aten
@@ -698,9 +698,6 @@ def fold_pad_slices(gm: Any) -> int:
         for user in list(pad.users):
             user.replace_all_uses_with(x)
         folded += 1
-    if folded:
-        gm.graph.eliminate_dead_code()
-        gm.recompile()
     return folded
 
 

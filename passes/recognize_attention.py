@@ -51,10 +51,9 @@ class _RegionBuilder:
     `broadcast_to` move them, so `iota(S)[None, None, :, None]` is the query index however many unit axes
     were added one at a time."""
 
-    def __init__(self, block: Block, score_rank: int, special: dict[int, Value]):
+    def __init__(self, block: Block, special: dict[int, Value]):
         self.block = block
         self.index = block.args[-4:]  # (b, h, q, k); a score region's first argument is the score
-        self.rank = score_rank
         self.special = dict(special)
         self.map: dict[tuple[int, tuple], Value] = {}
 
@@ -206,7 +205,7 @@ class RecognizeAttention(RewritePattern):
     def mask_region(self, mask: tuple[Value, bool], scores: TensorType) -> Region:
         m, negate = mask
         block = Block([INDEX] * 4, ["b", "h", "q", "k"])
-        value = _RegionBuilder(block, scores.rank, {}).value(m)
+        value = _RegionBuilder(block, {}).value(m)
         if value.type.dtype != "i1":
             raise NotRecognized()
         if negate:
@@ -216,7 +215,7 @@ class RecognizeAttention(RewritePattern):
 
     def score_region(self, raw: Value, chain: list[Operation], scores: TensorType) -> Region:
         block = Block([scalar(scores.dtype)] + [INDEX] * 4, ["s", "b", "h", "q", "k"])
-        builder = _RegionBuilder(block, scores.rank, {id(raw): block.args[0]})
+        builder = _RegionBuilder(block, {id(raw): block.args[0]})
         value = builder.value(chain[-1].results[0])
         block.append(YieldOp.build([value]))
         return Region([block])

@@ -78,8 +78,11 @@ class SparsaBackend:
         """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
         from sparsa.frontend.torch_moe import fold_grouped_mm_moe
 
-        self.stats["moe blocks recognized"] += fold_grouped_mm_moe(gm)
-        fold_pad_slices(gm)
+        moe_blocks = fold_grouped_mm_moe(gm)
+        self.stats["moe blocks recognized"] += moe_blocks
+        if moe_blocks + fold_pad_slices(gm):
+            gm.graph.eliminate_dead_code()  # what the folded parts computed, so it is not partitioned
+            gm.recompile()
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
