@@ -4,6 +4,7 @@ C interface with NumPy arrays (memref descriptors built by `torch_mlir.runtime`)
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -11,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import execution_engine, ir, passmanager
-from torch_mlir import runtime as rt
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.cpu import cache
@@ -187,7 +187,12 @@ def num_threads() -> int:
             return max(1, int(value))
         except ValueError:
             raise SparsaError(f"SPARSA_NUM_THREADS must be a whole number, got {value!r}") from None
-    return os.cpu_count() or 1
+    return _cores()
+
+
+@functools.cache
+def _cores() -> int:
+    return os.cpu_count() or 1  # it reads /sys each time (24 us)
 
 
 def _threads(n: int) -> ThreadPoolExecutor:
@@ -217,14 +222,31 @@ def _together(jobs: list) -> None:
         f.result()
 
 
-def _descriptor(a: np.ndarray) -> Any:
-    if a.ndim:
-        return rt.get_ranked_memref_descriptor(a)
-    d = rt.make_zero_d_memref_descriptor(np.ctypeslib.as_ctypes_type(a.dtype))()
-    d.allocated = a.ctypes.data
-    d.aligned = a.ctypes.data_as(ctypes.POINTER(np.ctypeslib.as_ctypes_type(a.dtype)))
-    d.offset = 0
-    return d
+def _packed_args(arrays: Sequence[np.ndarray], scalars: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """The packed calling convention's argument array for `arrays` (memrefs) then `scalars` (index values):
+    one pointer per argument, to a pointer to its memref descriptor (allocated, aligned, offset, shape,
+    strides in elements: the same int64 layout for every element type) or to the scalar itself. Built in
+    one int64 buffer (torch-mlir's ctypes descriptors cost 16 us each: a new Structure class per call).
+    Returns (packed, storage): keep both alive over the call."""
+    n = len(arrays)
+    sizes = [3 + 2 * a.ndim for a in arrays]
+    slots = n + len(scalars)  # descriptors' addresses, then the packed pointers, then the data
+    store = np.empty(2 * slots + sum(sizes) + len(scalars), np.int64)
+    base = store.ctypes.data
+    at = 2 * slots
+    for i, a in enumerate(arrays):
+        ptr = a.ctypes.data
+        store[at:at + 3] = (ptr, ptr, 0)
+        store[at + 3:at + 3 + a.ndim] = a.shape
+        store[at + 3 + a.ndim:at + sizes[i]] = [st // a.itemsize for st in a.strides]
+        store[i] = base + 8 * at
+        at += sizes[i]
+    for j, v in enumerate(scalars):
+        store[at + j] = v
+        store[n + j] = base + 8 * (at + j)
+    store[slots:2 * slots] = base + 8 * np.arange(slots)  # packed arg i: the address of slot i
+    store[slots + n:2 * slots] = store[n:slots]  # a scalar's packed arg points at the value itself
+    return store[slots:2 * slots], store
 
 
 def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[int]) -> tuple:
@@ -299,12 +321,8 @@ class CpuFunction:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def call(self, k: Kernel, arrays: list[np.ndarray], part: int | None = None, parts: int | None = None) -> None:
-        keep = [_descriptor(a) for a in arrays]
-        ptrs = [ctypes.pointer(ctypes.pointer(d)) for d in keep]
-        if part is not None:
-            ptrs += [ctypes.pointer(ctypes.c_int64(part)), ctypes.pointer(ctypes.c_int64(parts))]
-        packed = (ctypes.c_void_p * len(ptrs))(*[ctypes.cast(p, ctypes.c_void_p) for p in ptrs])
-        self.entries[k.name](packed)
+        packed, _keep = _packed_args(arrays, () if part is None else (part, parts))
+        self.entries[k.name](packed.ctypes.data)
 
     def launch(self, k: Kernel, host: _Host) -> list[np.ndarray]:
         """Allocate k's outputs, run it (split over threads where it can be) and return its results."""
@@ -347,16 +365,18 @@ class CpuFunction:
         if kind == "GroupedMatmulCombineOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
-            out = np.zeros((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))
-            self.parts(k, ins + [out], n)
-            for p in range(1, n):  # the parts' sums, in place
-                out[0] += out[p]
-            return [out[0]]
+            out = np.empty((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))  # each part zeroes its slice
+            self.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+            total = out[0] if n == 1 else np.add(out[0], out[1])  # the parts' sum, into a new array
+            for p in range(2, n):
+                total += out[p]
+            return [total]
         if kind == "GroupedMatmulOp":
             rt_ = op.result.type
             width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
-            out = np.zeros((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
-            self.parts(k, ins + [out], n)
+            out = np.empty((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
+            self.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+            out[ins[1] < 0] = 0  # the segments' padding rows, which the kernel skips
             return [out]
         if kind == "GatherOp":  # the kernel reads without checking
             try:

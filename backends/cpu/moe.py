@@ -5,7 +5,7 @@ read through the permutation, the epilogue inlined and the combine fused. Mixed 
 from __future__ import annotations
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, memref, scf
+from torch_mlir.dialects import arith, func, linalg, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
@@ -178,7 +178,11 @@ class MoeKernels:
         """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
         through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
         applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
-        this part's slice of the [parts, T, N] output (the host sums the parts).
+        this part's slice of the [parts, T, N] output (each part zeroes its slice first; the host sums them).
+
+        The threads take work items in order as they free up, from a counter they share (the host passes it
+        zeroed; an atomic add claims the next item): segments end in partial chunks and experts get
+        different numbers of rows, so a fixed share (item % parts) left one thread waiting on the other.
 
         Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
         packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
@@ -191,36 +195,40 @@ class MoeKernels:
         if panels:
             for i, w in enumerate(weights):
                 types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
-        name, entry = self.function(op, types + [out_type], True)
+        name, entry = self.function(op, types + [out_type, TensorType("i64", (1,))], True)
         args = entry.arguments
         rows_m, perm, offsets = args[:3]
         w_ms = args[3:3 + len(weights)]
         gates_m = args[3 + len(weights)] if gates is not None else None
-        out, part, parts = args[len(inputs):]
+        out, counter, part, _ = args[len(inputs):]
         et = element_type(rt.dtype)
         E = weights[0].type.shape[0]
         with ir.InsertionPoint(entry):
+            if gates is not None:  # this part's slice of the output, zeroed here: in parallel, where it is used
+                linalg.fill(B.c_float(0.0, et), outs=[B.subview(out, [part, 0, 0], [1, B.mdim(out, 1),
+                                                                                   B.mdim(out, 2)], drop=[0])])
             rows_t = B.read(rows_m)
             w_ts = [B.read(w) for w in w_ms]
             D = B.mdim(rows_m, 1)
             n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
-            chunk = B.c_index(0)
-            experts = B.loop(0, n_experts, 1, [chunk])
+            experts = B.loop(0, n_experts, 1, [B.c_index(0), _claim(counter)])
             with ir.InsertionPoint(experts.body):
                 e = experts.induction_variable
                 lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
-                steps = B.loop(lo, hi, ROWS, [experts.inner_iter_args[0]])
+                steps = B.loop(lo, hi, ROWS, list(experts.inner_iter_args))
                 with ir.InsertionPoint(steps.body):
-                    start, g = steps.induction_variable, steps.inner_iter_args[0]
-                    mine = B.cmpi("eq", arith.RemUIOp(g, parts).result, part)
-                    work = B.if_(mine)
+                    start = steps.induction_variable
+                    g, claimed = steps.inner_iter_args
+                    work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
                     with ir.InsertionPoint(work.then_block):
                         size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
                         self.grouped_chunk(op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
                                            panels)
-                        scf.YieldOp([])
-                    scf.YieldOp([B.add(g, B.c_index(1))])
-                scf.YieldOp([steps.results[0]])
+                        scf.YieldOp([_claim(counter)])
+                    with ir.InsertionPoint(work.else_block):
+                        scf.YieldOp([claimed])
+                    scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
+                scf.YieldOp(list(steps.results))
             func.ReturnOp([])
         return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
                       else [])
@@ -230,15 +238,21 @@ class MoeKernels:
                       part: ir.Value, et: ir.Type, panels: bool) -> None:
         """One work item: the chunk's real rows (they come first in a segment; the padding (-1) after them is
         skipped) read through perm, times each weight, the epilogue, the store or combine — over the whole
-        width, or one panel of PANEL columns at a time with packed weights."""
+        width, or one panel of PANEL columns at a time with packed weights. The GEMMs run over the real rows
+        rounded up to a whole register tile where the segment's padding has that many (it does with the
+        pipeline's block of 64): the padding rows' results are dropped, and no rows are left to the scalar
+        remainder loop (a 64-row chunk with 3 real rows in it cost as much as one with 40)."""
+        from sparsa.backends.cpu.jit import TILE_M  # the schedule's register tile (jit imports this module)
+
         real = B.fold(size, B.c_index(0), lambda r, n: B.select(
             B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
         has = B.if_(B.cmpi("gt", real, B.c_index(0)))
         with ir.InsertionPoint(has.then_block):
-            x = self.gather_rows(op, rows_t, perm, start, real, D, et)
+            rows = B.minsi(B.mul(B.ceil_div(real, TILE_M), B.c_index(TILE_M)), size)
+            x = self.gather_rows(op, rows_t, perm, start, rows, D, et)
             if not panels:
                 ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]
-                self.chunk_out(op, x, ws, real, B.c_index(0), None, start, perm, out, gates, part, et)
+                self.chunk_out(op, x, ws, rows, real, B.c_index(0), None, start, perm, out, gates, part, et)
             else:
                 N = B.mdim(out, 2 if gates is not None else 1)
                 pl = B.loop(0, B.mdim(w_ts[0], 1))
@@ -247,22 +261,21 @@ class MoeKernels:
                     n0 = B.mul(j, B.c_index(PANEL))
                     ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
                     self.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
-                    self.chunk_out(op, x, ws, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)), start, perm, out,
-                                   gates, part, et)
+                    self.chunk_out(op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)), start, perm,
+                                   out, gates, part, et)
                     self.dim_map = {}
                     scf.YieldOp([])
             scf.YieldOp([])
 
-    def chunk_out(self, op: Operation, x: ir.Value, ws: list[ir.Value], real: ir.Value, col0: ir.Value,
-                  width: ir.Value | None, start: ir.Value, perm: ir.Value, out: ir.Value, gates: ir.Value | None,
-                  part: ir.Value, et: ir.Type) -> None:
-        """x @ each of ws, the epilogue, then columns col0.. of the output (`width` of them; None: all)."""
-        tiles = [self.matmul_tile(x, w, real, B.sizes_of(w)[1], et) for w in ws]
+    def chunk_out(self, op: Operation, x: ir.Value, ws: list[ir.Value], rows: ir.Value, real: ir.Value,
+                  col0: ir.Value, width: ir.Value | None, start: ir.Value, perm: ir.Value, out: ir.Value,
+                  gates: ir.Value | None, part: ir.Value, et: ir.Type) -> None:
+        """x (`rows` rows) @ each of ws, the epilogue, then the first `real` rows' columns col0.. of the
+        output (`width` of them; None: all)."""
+        tiles = [self.matmul_tile(x, w, rows, B.sizes_of(w)[1], et) for w in ws]
         (y,) = self.inline(op.epilogue, tiles, False)
-        if width is None:
-            width = B.mdim(y, 1)
-        else:
-            y = B.slice_tensor(y, [0, 0], [real, width])
+        width = B.mdim(y, 1) if width is None else width
+        y = B.slice_tensor(y, [0, 0], [real, width])
         if gates is None:
             B.write(y, B.subview(out, [start, col0], [real, width]))
         else:
@@ -270,13 +283,15 @@ class MoeKernels:
 
     def gather_rows(self, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
                     D: ir.Value, et: ir.Type) -> ir.Value:
-        """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted)."""
+        """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted); a padding
+        row (perm -1) reads row 0."""
         if not op.gather:
             return B.slice_tensor(rows_t, [start, 0], [n, D])
         rows = B.loop(0, n, 1, [B.empty([n, D], et)])  # row by row: each a contiguous copy
         with ir.InsertionPoint(rows.body):
             i = rows.induction_variable
-            tok = B.as_index(arith.DivSIOp(B.load(perm, B.add(start, i)), B.c_int(op.topk)).result)
+            a = arith.MaxSIOp(B.load(perm, B.add(start, i)), B.c_int(0)).result
+            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
             row = B.slice_tensor(rows_t, [tok, 0], [1, D])
             scf.YieldOp([B.insert_slice(row, rows.inner_iter_args[0], [i, 0], [1, D])])
         return rows.results[0]
@@ -311,6 +326,12 @@ def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
     if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
         return False
     return all(isinstance(o, ROW_SPLIT + (T.ConstantOp,)) or o.TERMINATOR for o in op.epilogue.block.ops)
+
+
+def _claim(counter: ir.Value) -> ir.Value:
+    """The next work item: counter[0], atomically incremented (every thread gets a different one)."""
+    add = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), 1)  # arith's AtomicRMWKind.addi
+    return B.as_index(memref.AtomicRMWOp(add, B.c_int(1), counter, [B.c_index(0)]).result)
 
 
 def _flatten(m: ir.Value) -> ir.Value:
