@@ -1,5 +1,5 @@
 """MLIR -> LLVM -> native code with the ExecutionEngine of the MLIR Python bindings, and calls through the
-C interface with NumPy arrays (memref descriptors built by `torch_mlir.runtime`)."""
+C interface with NumPy arrays (memref descriptors written by `_packed_args`)."""
 
 from __future__ import annotations
 
