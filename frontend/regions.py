@@ -182,8 +182,8 @@ def lower_attention(lw: Lowerer, node: A.Call, scope: Scope) -> Value:
         scale = a.number("scale")
     elif isinstance(q.type.shape[3], int):
         scale = 1.0 / math.sqrt(q.type.shape[3])
-    else:
-        raise lw.error(node.pos, "attention(): the head dim is symbolic; give scale= explicitly")
+    else:  # a symbolic head dim: 1/sqrt(Dh) at run time
+        q, scale = D.attn.scale_by_head_dim(q, lambda cls, *ops, **kw: lw.emit(cls, node.pos, *ops, **kw)), 1.0
     mask = function_region(lw, a, "mask", scope, q.type.dtype) if a.given("mask") else Region()
     score = function_region(lw, a, "score", scope, q.type.dtype) if a.given("score") else Region()
     return lw.emit(D.attn.AttentionOp, node.pos, q, k, v, regions=[mask, score], scale=scale)

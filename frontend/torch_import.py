@@ -528,7 +528,12 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
     mask_value = kw.get("attn_mask")
     if set(kw) - {"dropout_p", "is_causal", "attn_mask", "scale", "return_debug_mask"}:
         raise Unsupported(f"attention with {sorted(kw)}")
-    scale = kw.get("scale") or 1.0 / math.sqrt(q.type.shape[-1])
+    scale = kw.get("scale")
+    if scale is None and not isinstance(q.type.shape[-1], int):
+        # a symbolic head dim (dynamic=True on q, k, v as inputs): SDPA's 1/sqrt(Dh) is known only at run time
+        q, scale = D.attn.scale_by_head_dim(q, im.emit), 1.0
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.type.shape[-1])
     mask = Region()
     idx = scalar("i64")
     if is_causal or mask_value is not None:

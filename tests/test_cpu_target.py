@@ -278,6 +278,27 @@ def test_block_sparse_attention_any_length(attn_pair, S, seed):
     assert not got[:, :, :5].any()
 
 
+SYMBOLIC_HEAD_DIM = """mask causal(b, h, q, k) = k <= q
+model M(q: f32[1, 2, S, D], k: f32[1, 1, S, D], v: f32[1, 1, S, D]) -> f32[1, 2, S, D] {
+    return attention(q, k, v, mask=causal)
+}
+"""
+
+
+def test_symbolic_head_dim_takes_the_default_scale():
+    """scale defaults to 1/sqrt(Dh) with Dh symbolic too (computed at run time), on every head dim."""
+    ref, cpu = pair(SYMBOLIC_HEAD_DIM)
+    rng = np.random.default_rng(4)
+    for S, D in ((9, 8), (70, 20)):
+        q, k, v = (rng.standard_normal((1, h, S, D)).astype(np.float32) for h in (2, 1, 1))
+        s = np.where(np.tril(np.ones((S, S), bool)), q.astype(np.float64) @ np.swapaxes(k, -1, -2) / np.sqrt(D),
+                     -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = (p / p.sum(-1, keepdims=True)) @ v
+        close(ref(q, k, v), want)
+        close(cpu(q, k, v), want)
+
+
 def test_threads_split_the_work_and_agree(monkeypatch, moe_pair, attn_pair):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((300, 24)).astype(np.float32)

@@ -151,7 +151,6 @@ model M(x: f32[T, 4], idx: i64[T, 2], g: f32[T, 2]) -> f32[T, 4] {
     ("model M(x: f32[T, 4]) -> f32[T, 4] {\n for i in 0..2 { return x }\n}\n", "'return' inside a 'for' loop"),
     ("model M(x: f32[T, 4]) -> f32[T, 4] {\n a, b = x\n return x\n}\n", "cannot unpack one value into 2 names"),
     ("model M(x: f32[T, 4]) -> f32[T, 4] {\n return M(x)\n}\n", "model 'M' calls itself"),
-    ("model M(q: f32[1, 2, S, D]) -> f32[1, 2, S, D] {\n return attention(q, q, q)\n}\n", "give scale= explicitly"),
     ("model M(x: f32[T, 4]) -> f32[T, 4] {\n return softmax(x, axis=2)\n}\n", "axis 2 is out of range"),
     ("model M(x: f32[T, 4]) -> f32[T, 4] {\n return reshape(x, [-1, -1])\n}\n", "at most one -1"),
 ])

@@ -202,6 +202,30 @@ def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
         assert all("attn.attention" in print_module(p.module) for p in backend.partitions)
 
 
+class QKVWindowAttention(torch.nn.Module):
+    """Sliding-window SDPA on q, k, v handed in as inputs (under dynamic=True every dim of theirs is symbolic,
+    the head dim too)."""
+
+    def forward(self, q, k, v):
+        S = q.shape[-2]
+        i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (i - j < 6))
+
+
+def test_symbolic_head_dim_gets_its_default_scale_at_run_time():
+    """SDPA's default scale 1/sqrt(Dh) with Dh symbolic: q is scaled by a size computed at run time (the partition
+    used to fall back whole: math.sqrt of a symbol); one graph serves every length and head dim."""
+    backend = SparsaBackend()
+    module = QKVWindowAttention()
+    compiled = torch.compile(module, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for S, dh in ((20, 16), (33, 16), (33, 24)):
+            q, k, v = (torch.randn(1, 2, S, dh) for _ in range(3))
+            torch.testing.assert_close(compiled(q, k, v), module(q, k, v), rtol=1e-4, atol=1e-5)
+    assert backend.stats["graphs"] == 1 and backend.stats["partitions compiled"] == 1 and not backend.fallbacks
+    assert "attn.attention" in print_module(backend.partitions[0].module)
+
+
 def test_backend_is_registered_by_name_with_options():
     with torch.no_grad():
         module = MLP()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,17 @@ from sparsa.ir.dims import compatible, format_dim
 from sparsa.ir.types import TensorType, is_float, is_int
 
 INDEX_ARGS = ("b", "h", "q", "k")
+
+
+def scale_by_head_dim(q: Any, emit: Callable[..., Any]) -> Any:
+    """q * rsqrt(Dh), Dh summed from ones at run time: the default scale 1/sqrt(Dh) where q's head dim is
+    symbolic (the attention then takes scale 1; score(scale * q @ k^T) is the same either way). `emit(cls,
+    *operands, result_types=..., **attrs)` builds one op and returns its result."""
+    from sparsa.ir.dialects import tensor as T
+    from sparsa.ir.dialects import tensor_reduce as R
+
+    ones = emit(T.ConstantOp, value=1.0, result_types=[TensorType(q.type.dtype, (q.type.shape[-1],))])
+    return emit(T.MulOp, q, emit(T.RsqrtOp, emit(R.SumOp, ones, axes=(0,))))
 
 
 class AttentionOp(Operation):
