@@ -656,6 +656,8 @@ def _build_table() -> dict[Any, Callable]:
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         table[flex] = _flex_attention
+    # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
+    table[torch.ops.prims.convert_element_type.default] = _to_copy
     for name, handler in {**_ops, **OPS}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)

@@ -556,3 +556,17 @@ def test_every_registered_op_has_a_case():
         if name not in structural:
             assert "reference" in {k for c in cls.__mro__ for k in vars(c)}, f"{name} lacks reference()"
         assert (cls.__doc__ or "").strip(), f"{name} lacks a docstring"
+
+
+@pytest.mark.parametrize(("src", "shape", "want"), [
+    (("s", 8), (-1, 4, 2), ("s", 4, 2)),  # int factors divide across dims; the symbolic one carries over
+    (("s", 6), (3, -1), (3, "2*s")),
+    (("s", "t"), ("t", -1), ("t", "s")),
+    (("s", 8), (3, -1), (3, None)),  # 8 is not a multiple of 3: unknown
+])
+def test_reshape_infers_minus_one_with_symbolic_dims(src, shape, want):
+    from sparsa.ir.core import Block
+    from sparsa.ir.dialects.tensor_shape import ReshapeOp
+
+    x = Block([TensorType("f32", src)]).args[0]
+    assert ReshapeOp.build(x, shape=shape).result.type.shape == want

@@ -94,6 +94,26 @@ def test_deepseek_v3_group_routing_and_latent_attention_in_one_partition():
     assert backend.stats["partitions compiled"] == 1
 
 
+@pytest.mark.parametrize("make", [llama, deepseek_v3])
+def test_models_compile_whole_under_dynamic_true(make):
+    """dynamic=True: float attributes come in as 0-d float64 inputs cast by prims.convert_element_type, and
+    DeepSeek's view of [tokens, experts] as [-1, groups, experts per group] keeps its symbolic token count;
+    nothing falls back, and a new length reuses the graphs."""
+    torch.manual_seed(0)
+    model = make().eval()
+    backend = SparsaBackend()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    graphs = []
+    with torch.no_grad():
+        for S in (7, 12):
+            ids = torch.randint(0, 64, (1, S))
+            want, got = model(ids).logits, compiled(ids).logits
+            assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+            graphs.append(backend.stats["graphs"])
+    assert graphs[0] == graphs[1] and not backend.fallbacks
+    assert backend.stats["partitions compiled"] >= 1 and not any("not compiled" in k for k in backend.stats)
+
+
 def test_mixtral_on_the_triton_target():
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # without a GPU: Triton's interpreter

@@ -80,17 +80,19 @@ class ReshapeOp(Operation):
 
 
 def _remaining(src: list[Dim], known: list[Dim]) -> Dim:
-    """The dim -1 stands for: cancel `known` factors against `src` factors."""
-    if all(isinstance(d, int) for d in src + known):
-        total, part = int(np.prod(src)), int(np.prod(known))
-        return total // part if part and total % part == 0 else None
-    rest = list(src)
+    """The dim -1 stands for: `known`'s symbolic factors cancelled against `src`'s, and the product of `src`'s
+    int factors divided by `known`'s ([s, 8] to [-1, 4, 2] is [s, 4, 2]); None where that does not divide."""
+    rest = [d for d in src if not isinstance(d, int)]
     for d in known:
-        if d in rest:
+        if not isinstance(d, int):
+            if d not in rest:
+                return None
             rest.remove(d)
-        elif d != 1:
-            return None
-    out: Dim = 1
+    total = int(np.prod([d for d in src if isinstance(d, int)]))
+    part = int(np.prod([d for d in known if isinstance(d, int)]))
+    if not part or total % part:
+        return None
+    out: Dim = total // part
     for d in rest:
         out = mul(out, d)
     return out
