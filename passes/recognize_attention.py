@@ -12,6 +12,9 @@ NEG is -inf or a large negative constant (<= -1e4). `m` must be built from `iota
 ops and gathers of data by those indices: it becomes a symbolic mask region. Elementwise ops on the
 scores with constant operands become a score region. A query row whose mask is all false gives
 zeros in the attention op (the hand-written form gives NaN there, or a uniform row for a finite NEG).
+
+An attention op whose keys and values had each head repeated n times (transformers' repeat_kv, ahead of
+SDPA with a mask) takes the unrepeated ones: its grouped-query mapping does the same without the copies.
 """
 
 from __future__ import annotations
@@ -226,11 +229,46 @@ def _append(block: Block, op: Operation) -> Value:
     return op.results[0]
 
 
+def _repeated_heads(v: Value) -> tuple[Value, object] | None:
+    """(x, n) when v = reshape(broadcast_to(expand_dims(x, [2]), [B, Hkv, n, S, D]), [B, Hkv * n, S, D]):
+    x's heads each repeated n times in a row (transformers' repeat_kv)."""
+    r = v.defining_op
+    bt = r.x.defining_op if isinstance(r, S.ReshapeOp) else None
+    ed = bt.x.defining_op if isinstance(bt, S.BroadcastToOp) else None
+    if not (isinstance(ed, S.ExpandDimsOp) and tuple(ed.axes) == (2,) and ed.x.type.rank == 4):
+        return None
+    b, h, s, d = ed.x.type.shape
+    n = bt.result.type.shape[2]
+    if bt.result.type.shape != (b, h, n, s, d) or r.result.type.shape[0] != b or r.result.type.shape[2:] != (s, d):
+        return None
+    heads = r.result.type.shape[1]
+    if not (isinstance(h, int) and isinstance(n, int) and heads == h * n):
+        return None
+    return ed.x, h
+
+
+class GroupedHeads(RewritePattern):
+    """Attention on keys and values whose heads were each repeated n times (repeat_kv, for grouped-query
+    attention) reads the unrepeated ones: the attention op maps query head h to key/value head
+    h // (Hq / Hkv), which is what the repetition did, without the copies."""
+
+    ROOT = AttentionOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        k, v = _repeated_heads(op.k), _repeated_heads(op.v)
+        if k is None or v is None or k[1] != v[1] or op.q.type.shape[1] % k[1]:
+            return False
+        op.set_operand(1, k[0])
+        op.set_operand(2, v[0])
+        return True
+
+
 class RecognizeAttentionPass(PatternPass):
-    """Turn hand-written softmax(masked q @ k^T) @ v into the attention op with mask and score regions."""
+    """Turn hand-written softmax(masked q @ k^T) @ v into the attention op with mask and score regions, and
+    let grouped-query attention read its keys and values unrepeated."""
 
     NAME = "recognize-attention"
-    COUNTERS = {"RecognizeAttention": "attention ops recognized"}
+    COUNTERS = {"RecognizeAttention": "attention ops recognized", "GroupedHeads": "repeated kv heads read once"}
 
     def patterns(self) -> list[RewritePattern]:
-        return [RecognizeAttention()]
+        return [RecognizeAttention(), GroupedHeads()]

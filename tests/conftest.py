@@ -1,9 +1,13 @@
-"""Test-session setup: Triton kernels run under its interpreter unless a CUDA GPU is present; a fresh kernel cache."""
+"""Test-session setup: Triton kernels run under its interpreter unless a CUDA GPU is present; a fresh kernel cache;
+Dynamo's caches cleared around each test."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+
+import pytest
 
 
 def _has_cuda() -> bool:
@@ -28,3 +32,16 @@ if "SPARSA_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="sparsa-test-cache-")
     os.environ["SPARSA_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, True)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: Dynamo keeps compiled frames (of shared transformers helpers too) across
+    tests, and past its recompile limit it runs a frame eagerly without calling the backend at all."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()
+    yield
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None:
+        dynamo.reset()

@@ -15,13 +15,6 @@ from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 class MLP(torch.nn.Module):
     def __init__(self):
         super().__init__()

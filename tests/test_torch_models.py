@@ -21,6 +21,12 @@ def llama():
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(intermediate_size=64, **SMALL))
 
 
+def mistral():
+    """Sliding-window attention: transformers builds the window mask from aranges, and repeats the key/value
+    heads for SDPA (repeat_kv) since a mask is passed."""
+    return transformers.MistralForCausalLM(transformers.MistralConfig(intermediate_size=64, sliding_window=8, **SMALL))
+
+
 def mixtral():
     return transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=48, num_local_experts=4,
                                                                       num_experts_per_tok=2, **SMALL))
@@ -68,6 +74,17 @@ def test_llama_compiles_whole_with_attention_recognized():
     assert not backend.fallbacks and backend.stats["partitions compiled"] == 1
     assert "attn.attention" in print_module(backend.partitions[0].module)
     assert backend.stats["graphs"] == 1  # the second call with the same shapes did not recompile
+
+
+def test_mistral_window_mask_is_analysed_and_repeated_heads_read_once():
+    torch.manual_seed(0)
+    backend = run(mistral(), torch.randint(0, 64, (1, 40)))
+    assert not backend.fallbacks and backend.stats["partitions compiled"] == 1
+    attention = [op for op in backend.partitions[0].func.walk() if op.NAME == "attn.attention"]
+    assert len(attention) == 2  # one per layer, on the 2 key/value heads, not repeat_kv's 4 copies of them
+    assert all(op.q.type.shape[1] == 4 and op.k.type.shape[1] == op.v.type.shape[1] == 2 for op in attention)
+    mask = print_module(backend.partitions[0].module).split("attn.attention", 1)[1].split("func.yield", 1)[0]
+    assert "tensor.gather" not in mask and "{value = 8}" in mask  # the window, symbolic: q - 8 < k <= q
 
 
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe, qwen2_moe])
