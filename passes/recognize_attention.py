@@ -229,9 +229,9 @@ def _append(block: Block, op: Operation) -> Value:
     return op.results[0]
 
 
-def _repeated_heads(v: Value) -> tuple[Value, object] | None:
-    """(x, n) when v = reshape(broadcast_to(expand_dims(x, [2]), [B, Hkv, n, S, D]), [B, Hkv * n, S, D]):
-    x's heads each repeated n times in a row (transformers' repeat_kv)."""
+def _repeated_heads(v: Value) -> tuple[Value, int] | None:
+    """(x, Hkv) when v = reshape(broadcast_to(expand_dims(x, [2]), [B, Hkv, n, S, D]), [B, Hkv * n, S, D]):
+    each of x's Hkv heads repeated n times in a row (transformers' repeat_kv)."""
     r = v.defining_op
     bt = r.x.defining_op if isinstance(r, S.ReshapeOp) else None
     ed = bt.x.defining_op if isinstance(bt, S.BroadcastToOp) else None
@@ -241,8 +241,7 @@ def _repeated_heads(v: Value) -> tuple[Value, object] | None:
     n = bt.result.type.shape[2]
     if bt.result.type.shape != (b, h, n, s, d) or r.result.type.shape[0] != b or r.result.type.shape[2:] != (s, d):
         return None
-    heads = r.result.type.shape[1]
-    if not (isinstance(h, int) and isinstance(n, int) and heads == h * n):
+    if not (isinstance(h, int) and isinstance(n, int) and r.result.type.shape[1] == h * n):
         return None
     return ed.x, h
 
@@ -256,7 +255,8 @@ class GroupedHeads(RewritePattern):
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         k, v = _repeated_heads(op.k), _repeated_heads(op.v)
-        if k is None or v is None or k[1] != v[1] or op.q.type.shape[1] % k[1]:
+        hq = op.q.type.shape[1]
+        if k is None or v is None or k[1] != v[1] or not isinstance(hq, int) or hq % k[1]:
             return False
         op.set_operand(1, k[0])
         op.set_operand(2, v[0])
