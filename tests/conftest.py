@@ -34,14 +34,16 @@ if "SPARSA_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, True)
 
 
+def _reset_dynamo() -> None:
+    dynamo = sys.modules.get("torch._dynamo")  # only where a test has imported it
+    if dynamo is not None:
+        dynamo.reset()
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles from scratch: Dynamo keeps compiled frames (of shared transformers helpers too) across
     tests, and past its recompile limit it runs a frame eagerly without calling the backend at all."""
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:
-        dynamo.reset()
+    _reset_dynamo()
     yield
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None:
-        dynamo.reset()
+    _reset_dynamo()
