@@ -6,11 +6,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sparsa.frontend import ast as A
-from sparsa.frontend.values import DimRef, FnRef, Lit, ModelRef, show_dim, show_type
+from sparsa.frontend.values import DimRef, FnRef, Lit, ModelRef, show_dim
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Value
 from sparsa.ir.dims import Dim
-from sparsa.ir.types import LANGUAGE_DTYPES, TensorType, is_float
+from sparsa.ir.types import LANGUAGE_DTYPES, TensorType, is_float, show_type
 
 if TYPE_CHECKING:
     from sparsa.frontend.lower import Lowerer, Scope

@@ -6,11 +6,11 @@ import operator
 from typing import TYPE_CHECKING, Any
 
 from sparsa.frontend import ast as A
-from sparsa.frontend.values import DimRef, Lit, ModelRef, show_dim, show_type
+from sparsa.frontend.values import DimRef, Lit, ModelRef, show_dim
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Value
 from sparsa.ir.dims import compatible
-from sparsa.ir.types import is_float, is_int
+from sparsa.ir.types import is_float, is_int, show_type
 
 if TYPE_CHECKING:
     from sparsa.frontend.lower import Lowerer, Scope

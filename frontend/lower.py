@@ -23,13 +23,12 @@ from sparsa.frontend.values import (
     Poisoned,
     location,
     show_dim,
-    show_type,
 )
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, broadcast, mul
-from sparsa.ir.types import LANGUAGE_DTYPES, Layout, TensorType, is_float, is_int, promote
+from sparsa.ir.types import LANGUAGE_DTYPES, Layout, TensorType, is_float, is_int, promote, show_type
 
 POISON = object()
 

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from sparsa.frontend import ast as A
 from sparsa.frontend.builtins import REQUIRED, Args
-from sparsa.frontend.values import FnRef, LambdaRef, Lit, show_dim, show_type
+from sparsa.frontend.values import FnRef, LambdaRef, Lit, show_dim
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Operation, Region, Value
-from sparsa.ir.types import TensorType, is_float, is_int, scalar
+from sparsa.ir.traits import Elementwise
+from sparsa.ir.types import TensorType, is_float, is_int, scalar, show_type
 
 if TYPE_CHECKING:
     from sparsa.frontend.lower import Lowerer, Scope
@@ -130,10 +131,10 @@ def _pos(op: Operation | None, lam: A.Lambda) -> A.Pos:
 
 
 def _row_violation(op: Operation, rows: set[int]) -> str | None:
-    T, TS, TR = D.tensor, D.tensor_shape, D.tensor_reduce
+    TS, TR = D.tensor_shape, D.tensor_reduce
     name = op.NAME.split(".")[-1]
     first = next(v for v in op.operands if id(v) in rows)
-    if isinstance(op, T.UnaryOp | T.BinaryOp | T.NotOp | T.WhereOp | T.CastOp):
+    if isinstance(op, Elementwise):
         out = op.results[0].type
         if out.rank != first.type.rank or out.shape[0] != first.type.shape[0]:
             return f"{name} broadcasts the rows into {show_type(out)}"

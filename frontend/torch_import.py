@@ -520,7 +520,7 @@ def _sdpa_flash(im: Importer, node: Any, q: Value, k: Value, v: Value, dropout_p
 
 
 def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **kw: Any) -> tuple:
-    from sparsa.passes.recognize_attention import NotRecognized, _RegionBuilder
+    from sparsa.ir.region_builder import NotRecognized, RegionBuilder
 
     if kw.get("dropout_p", rest[0] if rest else 0.0):
         raise Unsupported("attention dropout")
@@ -560,7 +560,7 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
                 else:
                     raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
             try:
-                value = _RegionBuilder(block, {}).value(m)
+                value = RegionBuilder(block, {}).value(m)
             except NotRecognized:  # a mask tensor: read at (b, h, q, k), index 0 on its broadcast axes
                 if m.type.rank > 4:
                     raise Unsupported("a materialized attention mask of rank above 4") from None

@@ -7,9 +7,6 @@ from dataclasses import dataclass
 from sparsa.frontend import ast as A
 from sparsa.ir.diagnostics import Location, SparsaError
 from sparsa.ir.dims import Dim, format_dim
-from sparsa.ir.types import TensorType
-
-LANGUAGE_NAMES = {"i1": "bool"}
 
 
 @dataclass(frozen=True)
@@ -52,18 +49,6 @@ class LambdaRef:
     """An inline `|q, k| ...` function, lowered where it is used."""
 
     node: A.Lambda
-
-
-def show_type(t: TensorType) -> str:
-    """A tensor type as the language writes it: `f32[T, 512]`, `bool`, `i64[B*S]`."""
-    dtype = LANGUAGE_NAMES.get(t.dtype, t.dtype)
-    if t.rank == 0:
-        return dtype
-    return f"{dtype}[{', '.join(_dim(d) for d in t.shape)}]"
-
-
-def _dim(d: Dim) -> str:
-    return "?" if d is None else str(d) if isinstance(d, int) else d
 
 
 def show_dim(d: Dim) -> str:

@@ -322,6 +322,33 @@ class Operation:
     def verify(self) -> None:
         """Op-specific invariants beyond what the fields and infer() check; raise VerifyError."""
 
+    def result_shapes(self, ctx: Any, operands: Sequence[Any]) -> list[tuple[int, ...]]:
+        """The shapes of the results in one call, given the operands' arrays (only shapes and dtypes are
+        read) and `ctx` (the interpreter's `shape_of` for the dims the signature binds). Dims unknown at compile
+        time (a slice to a computed stop, say) come from `shape_rule`, else from the reference semantics run
+        on stand-ins of the operands (no data, stride 0)."""
+        types = [r.type for r in self.results]
+        if all(None not in t.shape for t in types):
+            return [ctx.shape_of(t) for t in types]
+        shapes = self.shape_rule([tuple(a.shape) for a in operands])
+        if shapes is not None:
+            return shapes
+        import numpy as np
+
+        dummies = [np.lib.stride_tricks.as_strided(np.zeros(1, a.dtype), a.shape, [0] * a.ndim) for a in operands]
+        outs = self.reference(ctx, *dummies)
+        return [np.shape(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
+
+    def interval(self, data: dict[int, Any], *args: Any) -> Any:
+        """Bounds of the result over a whole tile from bounds of the operands (`ir.intervals.Interval`s), for
+        block-map analysis of masks; `data` holds the arrays of outer values a mask reads. None: no bound."""
+        return None
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
+        """The results' shapes from the operands' concrete shapes, where the op has a rule cheaper than
+        running its reference (None: no rule)."""
+        return None
+
     def error(self, message: str) -> VerifyError:
         return VerifyError(f"'{self.NAME}' op {message}", self.text_loc or self.loc)
 

@@ -127,3 +127,12 @@ class TensorType:
 def scalar(dtype: str) -> TensorType:
     """A rank-0 tensor type."""
     return TensorType(dtype, ())
+
+
+def show_type(t: TensorType) -> str:
+    """A tensor type as the `.sp` language writes it (`f32[T, 512]`, `bool`, `i64[B*S]`): for messages
+    to users of either frontend and of weights."""
+    dtype = "bool" if t.dtype == "i1" else t.dtype
+    if t.rank == 0:
+        return dtype
+    return f"{dtype}[{', '.join('?' if d is None else str(d) for d in t.shape)}]"

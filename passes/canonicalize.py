@@ -7,11 +7,10 @@ import numpy as np
 from sparsa.ir.core import Module, Operation
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import is_float, round_to_dtype
 from sparsa.passes.base import Option, Pass
 from sparsa.passes.rewrite import RewritePattern, Rewriter, apply_patterns_greedily
-
-_FOLDABLE = (T.UnaryOp, T.BinaryOp, T.NotOp, T.WhereOp, T.CastOp)
 
 
 def splat_value(op: Operation | None) -> int | float | bool | None:
@@ -22,7 +21,7 @@ def splat_value(op: Operation | None) -> int | float | bool | None:
 class FoldConstants(RewritePattern):
     """An elementwise op whose operands are all splat constants becomes one splat constant."""
 
-    ROOT = _FOLDABLE
+    ROOT = Elementwise
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         values = [splat_value(v.defining_op) for v in op.operands]

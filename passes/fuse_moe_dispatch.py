@@ -21,10 +21,9 @@ from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp, MoeOp
+from sparsa.ir.traits import Elementwise
 from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
-
-_ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.NotOp, T.WhereOp, T.CastOp)
 
 
 class NotFusable(Exception):
@@ -65,7 +64,7 @@ def split_stages(moe: MoeOp) -> list[Stage]:
         pending = [op for op in pending if op not in mms]
         available = {id(op.results[0]) for op in mms} | consts
         for op in list(pending):
-            if isinstance(op, _ELEMENTWISE) and all(id(v) in available or _outside(v, block) for v in op.operands):
+            if isinstance(op, Elementwise) and all(id(v) in available or _outside(v, block) for v in op.operands):
                 stage.epilogue.append(op)
                 available.add(id(op.results[0]))
         pending = [op for op in pending if op not in stage.epilogue]

@@ -20,11 +20,10 @@ from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp
 from sparsa.ir.dims import compatible
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
 from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
-
-_ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.CastOp)
 
 
 def _state_sized(t: TensorType, state: TensorType) -> bool:
@@ -77,7 +76,7 @@ class FuseScan(RewritePattern):
         while work:
             v = work.pop()
             op = v.defining_op
-            if (op is None or id(op) in cone or not isinstance(op, _ELEMENTWISE)
+            if (op is None or id(op) in cone or not isinstance(op, Elementwise)
                     or not _state_sized(v.type, state) or any(id(u.op) not in members for u in v.uses)):
                 continue
             cone[id(op)] = op

@@ -65,7 +65,7 @@ class CompiledModel:
             self._dump_stages(self._pm.options.dump_dir)
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
-        from sparsa.backends.reference.interpreter import weight_only_ops
+        from sparsa.ir.analysis import weight_only_ops
 
         self._weight_only = weight_only_ops(self.module.funcs[-1])  # which ops those are: fixed at compile time
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)

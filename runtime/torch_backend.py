@@ -36,8 +36,9 @@ import torch
 
 from sparsa import knobs
 from sparsa.backends.cpu import available as cpu_available
-from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
+from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
+from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE

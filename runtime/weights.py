@@ -12,7 +12,7 @@ import numpy as np
 from sparsa.ir.core import Module
 from sparsa.ir.diagnostics import Location, SparsaError
 from sparsa.ir.dialects.sparse import layout_violation
-from sparsa.ir.types import Layout, TensorType, numpy_dtype, round_to_dtype
+from sparsa.ir.types import Layout, TensorType, numpy_dtype, round_to_dtype, show_type
 
 
 class WeightError(SparsaError):
@@ -29,8 +29,6 @@ class WeightSpec:
     loc: Location | None
 
     def describe(self) -> str:
-        from sparsa.frontend.values import show_type
-
         layout = f" sparse {self.layout.kind}{self.layout.params}" if self.layout else ""
         return show_type(self.type) + layout
 
@@ -79,8 +77,6 @@ def to_numpy(x: Any) -> np.ndarray:
 def check_weights(specs: Mapping[str, WeightSpec], arrays: Mapping[str, np.ndarray],
                   prune: bool = False) -> dict[str, np.ndarray]:
     """Arrays converted to each weight's element type; a WeightError lists every problem found."""
-    from sparsa.frontend.values import show_type
-
     problems: list[str] = []
     out: dict[str, np.ndarray] = {}
     for name, spec in specs.items():

@@ -17,8 +17,9 @@ from torch_mlir.dialects.transform import interpreter
 from sparsa.backends.cpu import cache
 from sparsa.backends.cpu.kernels import Kernels
 from sparsa.backends.cpu.moe import PANEL
-from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
-from sparsa.backends.reference.interpreter import Interpreter, weight_only_ops
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
@@ -383,7 +384,7 @@ class CpuFunction:
                 op.check_indices(ins[0].shape, ins[1:])
             except IndexError as e:
                 raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
-        outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, result_shapes(op, ins, host),
+        outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, op.result_shapes(host, ins),
                                                                                strict=True)]
         if k.split == "parts":
             small = isinstance(op, R.TopkOp | M.RouteOp) and _work(op, ins, outs[0]) < SPLIT_WORK
@@ -421,37 +422,6 @@ def pack_panels(w: np.ndarray) -> np.ndarray:
         cols = w[:, :, j * PANEL:(j + 1) * PANEL]
         out[:, j, :, :cols.shape[2]] = cols
     return out
-
-
-def result_shapes(op: Operation, ins: list[np.ndarray], host: Interpreter) -> list[tuple[int, ...]]:
-    """The shapes of op's results in this call. Dims unknown at compile time (a slice to a computed stop,
-    say) come from the operands' shapes by the op's shape rule."""
-    types = [r.type for r in op.results]
-    if all(None not in t.shape for t in types):
-        return [host.shape_of(t) for t in types]
-    shapes = [a.shape for a in ins]
-    if isinstance(op, ROW_SPLIT) or isinstance(op, R.AxisFloatOp | R.CumsumOp | R.RmsNormOp | R.LayerNormOp):
-        return [np.broadcast_shapes(*shapes) if isinstance(op, ROW_SPLIT) else shapes[0]]
-    if isinstance(op, R.TopkOp):
-        return [shapes[0][:-1] + (op.k,)] * 2
-    if isinstance(op, R.ReduceOp | R.ArgmaxOp):
-        axes = {a % len(shapes[0]) for a in (op.axes if isinstance(op, R.ReduceOp) else (op.axis,))}
-        return [tuple(1 if i in axes else n for i, n in enumerate(shapes[0]) if op.keepdim or i not in axes)]
-    if isinstance(op, S.MatmulOp):
-        a, b = shapes
-        batch = np.broadcast_shapes(a[:-2], b[:-2])
-        return [batch + a[-2:-1] + b[-1:] if len(b) > 1 else batch + a[-2:-1]]
-    if isinstance(op, S.TransposeOp):
-        return [tuple(shapes[0][p] for p in op.perm)]
-    if isinstance(op, S.ConcatOp):
-        axis = op.axis % len(shapes[0])
-        return [tuple(sum(s[axis] for s in shapes) if i == axis else n for i, n in enumerate(shapes[0]))]
-    if isinstance(op, S.GatherOp):
-        return [np.broadcast_shapes(*shapes[1:]) + shapes[0][len(shapes) - 1:]]
-    # any other op: its reference on stand-ins of the operands' shapes (no data, stride 0)
-    dummies = [np.lib.stride_tricks.as_strided(np.zeros(1, a.dtype), a.shape, [0] * a.ndim) for a in ins]
-    outs = op.reference(host, *dummies)
-    return [np.shape(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
 
 class _Host(Interpreter):

@@ -22,11 +22,12 @@ from sparsa.backends.cpu.build import Size
 from sparsa.backends.cpu.loops import LoopKernels
 from sparsa.backends.cpu.lower import PARALLEL, REDUCTION, CpuLoweringError, Lowering, element_type, exp
 from sparsa.backends.cpu.moe import MoeKernels
-from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel, memref_type
+from sparsa.backends.cpu.signature import Kernel, memref_type
 from sparsa.ir.core import Operation, Region
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
 
 SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
@@ -113,7 +114,7 @@ class Kernels(Lowering, LoopKernels, MoeKernels):
         if out is None or out.rank == 0 or out.shape[0] in (None, 0, 1):
             return "none", []
         cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
-        if isinstance(op, ROW_SPLIT):
+        if isinstance(op, Elementwise):  # every operand that has the dim is cut along it
             return "rows", cut
         if isinstance(op, S.MatmulOp):
             if out.rank == 2:

@@ -10,9 +10,10 @@ from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.lower import element_type
-from sparsa.backends.cpu.signature import ROW_SPLIT, Kernel
+from sparsa.backends.cpu.signature import Kernel
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor as T
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
@@ -325,7 +326,7 @@ def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
         return False
     if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
         return False
-    return all(isinstance(o, ROW_SPLIT + (T.ConstantOp,)) or o.TERMINATOR for o in op.epilogue.block.ops)
+    return all(isinstance(o, Elementwise | T.ConstantOp) or o.TERMINATOR for o in op.epilogue.block.ops)
 
 
 def _claim(counter: ir.Value) -> ir.Value:

@@ -10,7 +10,6 @@ from torch_mlir import ir
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.lower import element_type
 from sparsa.ir.core import Operation, Value
-from sparsa.ir.dialects import tensor as T
 from sparsa.ir.types import TensorType
 
 
@@ -30,6 +29,3 @@ class Kernel:
 def memref_type(t: TensorType) -> ir.MemRefType:
     return ir.MemRefType.get([d if isinstance(d, int) else B.DYN() for d in t.shape], element_type(t.dtype))
 
-
-# Row split by the host: the op's dim 0 is symbolic and every operand that has it is cut along it.
-ROW_SPLIT = (T.UnaryOp, T.BinaryOp, T.CmpOp, T.WhereOp, T.NotOp, T.CastOp)

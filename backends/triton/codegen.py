@@ -24,11 +24,11 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from sparsa.backends.reference.interpreter import weight_only_ops
 from sparsa.backends.triton.attention import NUM_STAGES, NUM_WARPS, AttentionKernel, head_block
 from sparsa.backends.triton.moe import GroupedMatmulKernel
 from sparsa.backends.triton.regions import ExprEmitter, RegionEmitter
 from sparsa.backends.triton.scan import FusedScanKernel
+from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import attn as AT
@@ -40,11 +40,12 @@ from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.attn_blocks import BlockMapOp, outer_values
 from sparsa.ir.dims import Dim
+from sparsa.ir.traits import Elementwise, Generator
 from sparsa.ir.types import TensorType, is_float
 
 TORCH_DTYPES = {"f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16", "f64": "torch.float64",
                 "i8": "torch.int8", "i32": "torch.int32", "i64": "torch.int64", "i1": "torch.bool"}
-ELEMENTWISE = (T.UnaryOp, T.BinaryOp, T.WhereOp, T.CastOp, T.NotOp, T.ConstantOp, T.IotaOp)
+ELEMENTWISE = (Elementwise, Generator)  # fused into one kernel per group
 BLOCK_EW = 1024
 REDUCE_OPS = {R.SumOp: "SUM", R.MeanOp: "MEAN", R.MaxOp: "MAX", R.MinOp: "MIN", R.LogSumExpOp: "LOGSUMEXP"}
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from sparsa.backends.reference.interpreter import RuntimeShapeError, bind_shape
 from sparsa.backends.triton.codegen import Const, TritonProgram
+from sparsa.ir.analysis import RuntimeShapeError, bind_shape
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.types import is_float

@@ -8,8 +8,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir import intervals as I
 from sparsa.ir.core import Attr, Operand, Operation, Result
 from sparsa.ir.dims import broadcast_shapes
+from sparsa.ir.traits import Elementwise, Generator
 from sparsa.ir.types import TensorType, is_float, is_int
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
@@ -31,7 +33,7 @@ def same_dtype(op: Operation, *types: TensorType) -> str:
     return types[0].dtype
 
 
-class ConstantOp(Operation):
+class ConstantOp(Generator, Operation):
     """A tensor of the result type with every element equal to `value` (a splat)."""
 
     NAME = "tensor.constant"
@@ -47,8 +49,11 @@ class ConstantOp(Operation):
     def reference(self, ctx: Any) -> np.ndarray:
         return np.full(ctx.shape_of(self.result.type), self.value)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.Interval(float(self.value), float(self.value))
 
-class IotaOp(Operation):
+
+class IotaOp(Generator, Operation):
     """0, 1, ..., n-1 along the only axis of the result (n may be symbolic)."""
 
     NAME = "tensor.iota"
@@ -63,7 +68,7 @@ class IotaOp(Operation):
         return np.arange(ctx.shape_of(self.result.type)[0])
 
 
-class CastOp(Operation):
+class CastOp(Elementwise, Operation):
     """Converts every element to element type `to` (floats to ints truncate toward zero)."""
 
     NAME = "tensor.cast"
@@ -77,8 +82,14 @@ class CastOp(Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return x
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        (a,) = args
+        if is_int(self.to) and not is_int(self.x.type.dtype):
+            return I.Interval(np.trunc(a.lo), np.trunc(a.hi))
+        return a if self.to != "i1" else None
 
-class UnaryOp(Operation):
+
+class UnaryOp(Elementwise, Operation):
     """Base of elementwise unary ops: `fn` is the NumPy semantics, `FLOAT_ONLY` limits the dtype."""
 
     FLOAT_ONLY: ClassVar[bool] = True
@@ -108,6 +119,10 @@ class NegOp(UnaryOp):
     FLOAT_ONLY = False
     fn = staticmethod(np.negative)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        (a,) = args
+        return I.Interval(-a.hi, -a.lo)
+
 
 class AbsOp(UnaryOp):
     """|x|, elementwise."""
@@ -115,6 +130,9 @@ class AbsOp(UnaryOp):
     NAME = "tensor.abs"
     FLOAT_ONLY = False
     fn = staticmethod(np.abs)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.absolute(*args)
 
 
 class ReluOp(UnaryOp):
@@ -234,7 +252,7 @@ class SoftplusOp(UnaryOp):
         return np.logaddexp(np.zeros_like(x), x)
 
 
-class NotOp(Operation):
+class NotOp(Elementwise, Operation):
     """Logical not of a boolean tensor."""
 
     NAME = "tensor.not"
@@ -249,8 +267,12 @@ class NotOp(Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.logical_not(x)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        (a,) = args
+        return I.Interval(1.0 - a.hi, 1.0 - a.lo)
 
-class BinaryOp(Operation):
+
+class BinaryOp(Elementwise, Operation):
     """Base of broadcasting binary ops on operands of one element type."""
 
     ALLOWED: ClassVar[str] = "numeric"  # "numeric" | "float" | "int" | "bool"
@@ -282,6 +304,10 @@ class AddOp(BinaryOp):
     NAME = "tensor.add"
     fn = staticmethod(np.add)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(a.lo + b.lo, a.hi + b.hi)
+
 
 class SubOp(BinaryOp):
     """a - b with broadcasting."""
@@ -289,12 +315,19 @@ class SubOp(BinaryOp):
     NAME = "tensor.sub"
     fn = staticmethod(np.subtract)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(a.lo - b.hi, a.hi - b.lo)
+
 
 class MulOp(BinaryOp):
     """a * b with broadcasting."""
 
     NAME = "tensor.mul"
     fn = staticmethod(np.multiply)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.mul(*args)
 
 
 class DivOp(BinaryOp):
@@ -311,12 +344,18 @@ class FloorDivOp(BinaryOp):
     NAME = "tensor.floordiv"
     fn = staticmethod(np.floor_divide)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.floordiv(*args)
+
 
 class ModOp(BinaryOp):
     """a % b with Python's semantics (the sign of b)."""
 
     NAME = "tensor.mod"
     fn = staticmethod(np.mod)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.mod(*args)
 
 
 class PowOp(BinaryOp):
@@ -332,12 +371,20 @@ class MinimumOp(BinaryOp):
     NAME = "tensor.minimum"
     fn = staticmethod(np.minimum)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))
+
 
 class MaximumOp(BinaryOp):
     """Elementwise maximum with broadcasting."""
 
     NAME = "tensor.maximum"
     fn = staticmethod(np.maximum)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))
 
 
 class AndOp(BinaryOp):
@@ -347,6 +394,10 @@ class AndOp(BinaryOp):
     ALLOWED = "bool"
     fn = staticmethod(np.logical_and)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))
+
 
 class OrOp(BinaryOp):
     """Logical or of boolean tensors."""
@@ -354,6 +405,10 @@ class OrOp(BinaryOp):
     NAME = "tensor.or"
     ALLOWED = "bool"
     fn = staticmethod(np.logical_or)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        a, b = args
+        return I.Interval(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))
 
 
 _PREDICATES = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
@@ -376,8 +431,11 @@ class CmpOp(BinaryOp):
     def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _PREDICATES[self.pred](a, b)
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.cmp(self.pred, *args)
 
-class WhereOp(Operation):
+
+class WhereOp(Elementwise, Operation):
     """cond ? a : b elementwise, all three broadcast together."""
 
     NAME = "tensor.where"
@@ -394,3 +452,9 @@ class WhereOp(Operation):
 
     def reference(self, ctx: Any, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(c, a, b)
+
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        c, a, b = args
+        lo = np.where(c.lo == 1, a.lo, np.where(c.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
+        hi = np.where(c.lo == 1, a.hi, np.where(c.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
+        return I.Interval(lo, hi)

@@ -11,6 +11,7 @@ from sparsa.ir.core import Attr, Operand, Operation, Result
 from sparsa.ir.dialects.tensor import same_dtype
 from sparsa.ir.dialects.tensor_shape import normalize_axis
 from sparsa.ir.dims import compatible, format_dim
+from sparsa.ir.traits import Reduction
 from sparsa.ir.types import TensorType, is_float
 
 
@@ -23,7 +24,7 @@ def _reduced(op: Operation, t: TensorType, axes: tuple[int, ...], keepdim: bool)
     return tuple(d for i, d in enumerate(t.shape) if i not in norm)
 
 
-class ReduceOp(Operation):
+class ReduceOp(Reduction, Operation):
     """Base of reductions over `axes` (keepdim keeps them as size 1)."""
 
     FLOAT_ONLY: ClassVar[bool] = False
@@ -31,6 +32,10 @@ class ReduceOp(Operation):
     axes = Attr(A.INTS)
     keepdim = Attr(A.BOOL, default=False)
     result = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        axes = {a % len(shapes[0]) for a in self.axes}
+        return [tuple(1 if i in axes else n for i, n in enumerate(shapes[0]) if self.keepdim or i not in axes)]
 
     def infer(self) -> list[TensorType]:
         t = self.x.type
@@ -92,7 +97,7 @@ class LogSumExpOp(ReduceOp):
         return out if keepdims else np.squeeze(out, axis=axis)
 
 
-class ArgmaxOp(Operation):
+class ArgmaxOp(Reduction, Operation):
     """Index (i64) of the first maximum along `axis`."""
 
     NAME = "tensor.argmax"
@@ -100,6 +105,10 @@ class ArgmaxOp(Operation):
     axis = Attr(A.INT)
     keepdim = Attr(A.BOOL, default=False)
     result = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        axis = self.axis % len(shapes[0])
+        return [tuple(1 if i == axis else n for i, n in enumerate(shapes[0]) if self.keepdim or i != axis)]
 
     def infer(self) -> list[TensorType]:
         return [TensorType("i64", _reduced(self, self.x.type, (self.axis,), self.keepdim))]
@@ -114,6 +123,9 @@ class AxisFloatOp(Operation):
     x = Operand()
     axis = Attr(A.INT)
     result = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0]]
 
     def infer(self) -> list[TensorType]:
         t = self.x.type
@@ -142,6 +154,9 @@ class CumsumOp(Operation):
     axis = Attr(A.INT)
     result = Result()
 
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0]]
+
     def infer(self) -> list[TensorType]:
         normalize_axis(self, self.axis, self.x.type.rank)
         if self.x.type.dtype == "i1":
@@ -168,6 +183,9 @@ class LayerNormOp(Operation):
     eps = Attr(A.FLOAT, default=1e-5)
     result = Result()
 
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0]]
+
     def infer(self) -> list[TensorType]:
         t = self.x.type
         same_dtype(self, t, self.weight.type, self.bias.type)
@@ -193,6 +211,9 @@ class RmsNormOp(Operation):
     eps = Attr(A.FLOAT, default=1e-6)
     result = Result()
 
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0]]
+
     def infer(self) -> list[TensorType]:
         t = self.x.type
         same_dtype(self, t, self.weight.type)
@@ -214,6 +235,9 @@ class TopkOp(Operation):
     k = Attr(A.INT)
     values = Result()
     indices = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0][:-1] + (self.k,)] * 2
 
     def infer(self) -> list[TensorType]:
         t = self.x.type

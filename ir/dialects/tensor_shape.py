@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir import intervals as I
 from sparsa.ir.core import Attr, Operand, Operation, Result
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dims import Dim, broadcast_shapes, compatible, format_dim, mul
+from sparsa.ir.traits import View
 from sparsa.ir.types import TensorType, is_int
 
 
@@ -28,6 +30,11 @@ class MatmulOp(Operation):
     lhs = Operand()
     rhs = Operand()
     result = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        a, b = shapes
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+        return [batch + a[-2:-1] + b[-1:] if len(b) > 1 else batch + a[-2:-1]]
 
     def infer(self) -> list[TensorType]:
         return [matmul_type(self, self.lhs.type, self.rhs.type)]
@@ -55,7 +62,7 @@ def matmul_type(op: Operation, a: TensorType, b: TensorType) -> TensorType:
     return TensorType(dt, shape)
 
 
-class ReshapeOp(Operation):
+class ReshapeOp(View, Operation):
     """The same elements in row-major order with a new shape (one -1 is inferred)."""
 
     NAME = "tensor.reshape"
@@ -98,13 +105,16 @@ def _remaining(src: list[Dim], known: list[Dim]) -> Dim:
     return out
 
 
-class TransposeOp(Operation):
+class TransposeOp(View, Operation):
     """Permutes the axes: result axis i is input axis perm[i]."""
 
     NAME = "tensor.transpose"
     x = Operand()
     perm = Attr(A.INTS)
     result = Result()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [tuple(shapes[0][p] for p in self.perm)]
 
     def infer(self) -> list[TensorType]:
         t = self.x.type
@@ -116,7 +126,7 @@ class TransposeOp(Operation):
         return np.transpose(x, self.perm)
 
 
-class ExpandDimsOp(Operation):
+class ExpandDimsOp(View, Operation):
     """Inserts size-1 axes at the given positions of the result (NumPy's `x[..., None]`)."""
 
     NAME = "tensor.expand_dims"
@@ -136,7 +146,7 @@ class ExpandDimsOp(Operation):
         return np.expand_dims(x, tuple(self.axes))
 
 
-class SqueezeOp(Operation):
+class SqueezeOp(View, Operation):
     """Removes the given size-1 axes."""
 
     NAME = "tensor.squeeze"
@@ -156,7 +166,7 @@ class SqueezeOp(Operation):
         return np.squeeze(x, tuple(self.axes))
 
 
-class SliceOp(Operation):
+class SliceOp(View, Operation):
     """x[start:stop:step] on every axis (Python slice rules; a `?` stop runs to the end)."""
 
     NAME = "tensor.slice"
@@ -202,6 +212,12 @@ class GatherOp(Operation):
     indices = Operand(variadic=True)
     result = Result()
 
+    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+        return I.gather(data.get(id(self.x)), self.result.type, list(args[1:]))
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [np.broadcast_shapes(*shapes[1:]) + shapes[0][len(shapes) - 1:]]
+
     def infer(self) -> list[TensorType]:
         t = self.x.type
         idx = [i.type for i in self.indices]
@@ -235,6 +251,10 @@ class ConcatOp(Operation):
     axis = Attr(A.INT)
     result = Result()
 
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        axis = self.axis % len(shapes[0])
+        return [tuple(sum(s[axis] for s in shapes) if i == axis else n for i, n in enumerate(shapes[0]))]
+
     def infer(self) -> list[TensorType]:
         types = [v.type for v in self.inputs]
         if not types:
@@ -265,7 +285,7 @@ def _add(a: Dim, b: Dim) -> Dim:
     return f"{a}+{b}"
 
 
-class SplitOp(Operation):
+class SplitOp(View, Operation):
     """Cuts `x` along `axis` into pieces of the given sizes (which must add up to the dim)."""
 
     NAME = "tensor.split"
@@ -286,7 +306,7 @@ class SplitOp(Operation):
         return tuple(np.split(x, np.cumsum(self.sizes)[:-1], axis=self.axis))
 
 
-class BroadcastToOp(Operation):
+class BroadcastToOp(View, Operation):
     """Broadcasts `x` to `shape` with NumPy's rules."""
 
     NAME = "tensor.broadcast_to"

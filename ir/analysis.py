@@ -1,0 +1,40 @@
+"""Analyses of a function that the runtime and every backend share (not interpretation, not a pass):
+which ops read only weights, and binding a call's shapes to a signature's symbolic dims."""
+
+from __future__ import annotations
+
+from sparsa.ir.core import Operation
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dims import is_symbol
+from sparsa.ir.types import TensorType
+
+
+class RuntimeShapeError(SparsaError):
+    """An input or weight whose shape or dtype does not fit the function's signature."""
+
+
+def weight_only_ops(func: Operation, constant_args: frozenset[int] = frozenset()) -> set[int]:
+    """Ids of the function's top-level ops that read only weights (params, packing), or function arguments
+    the caller promises are the same on every call (`constant_args`, by index: a torch model's parameters)."""
+    values: set[int] = {id(a) for i, a in enumerate(func.regions[0].block.args) if i in constant_args}
+    ops: set[int] = set()
+    for op in func.regions[0].block.ops:
+        if op.NAME == "func.param" or (op.operands and not op.regions and not op.TERMINATOR
+                                       and all(id(v) in values for v in op.operands)):
+            ops.add(id(op))
+            values.update(id(r) for r in op.results)
+    return ops
+
+
+def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what: str) -> None:
+    """Check a shape against type `t`, binding its symbolic dims in `dims` (consistently across calls)."""
+    if len(shape) != t.rank:
+        raise RuntimeShapeError(f"{what} must have rank {t.rank} ({t}), got shape {list(shape)}")
+    for axis, (d, n) in enumerate(zip(t.shape, shape, strict=True)):
+        if isinstance(d, int) and d != n:
+            raise RuntimeShapeError(f"{what} must have shape {t}, got {list(shape)} (dim {axis} is {n}, "
+                                    f"expected {d})")
+        if is_symbol(d):
+            bound = dims.setdefault(d, n)
+            if bound != n:
+                raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
