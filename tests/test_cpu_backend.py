@@ -15,8 +15,8 @@ pytest.importorskip("torch_mlir")
 from test_properties import inputs_for, random_modules  # noqa: E402
 
 import sparsa  # noqa: E402
+from sparsa.backends.cpu.context import CpuLoweringError  # noqa: E402
 from sparsa.backends.cpu.jit import CpuFunction  # noqa: E402
-from sparsa.backends.cpu.lower import CpuLoweringError  # noqa: E402
 from sparsa.backends.reference import run_function  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
@@ -77,7 +77,7 @@ model FFN(x: f32[T, D]) -> f32[T, D] {
 def test_matmul_is_tiled_and_vectorized_by_the_schedule():
     """Full TILE_M x TILE_N tiles become vector outer products with the accumulators in registers; the rows
     and columns past the last full tile (peeled loops) stay scalar, and the result is the same."""
-    from sparsa.backends.cpu.jit import TILE_M, TILE_N
+    from sparsa.backends.cpu.schedule import TILE_M, TILE_N
 
     m = sparsa.compile("model M(x: f32[T, 24], w: f32[24, 70]) -> f32[T, 70] {\n    return x @ w\n}",
                        passes="canonicalize")

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, bufferization, linalg, memref, scf, tensor
+from torch_mlir.dialects import math as mmath
 
 Size = int | ir.Value
 DYN = ir.ShapedType.get_dynamic_size
@@ -232,3 +233,56 @@ def fold(n: ir.Value, start: ir.Value, body: Callable[[ir.Value, ir.Value], ir.V
     with ir.InsertionPoint(f.body):
         scf.YieldOp([body(f.induction_variable, f.inner_iter_args[0])])
     return f.results[0]
+
+
+def exp(x: ir.Value) -> ir.Value:
+    """e**x. For float32, Cephes' expf as arith: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), e**r by a
+    degree-6 polynomial, 2**n built in the exponent bits (two factors, so subnormal results come out right);
+    inf past the overflow point, NaN kept. It vectorizes and inlines; math.exp becomes a scalar libm call per element
+    (LLVM has no vector expf without a vector math library). Other types use math.exp."""
+    et = x.type
+    if str(et) != "f32":
+        return mmath.ExpOp(x).result
+
+    def c(v: float) -> ir.Value:
+        return c_float(v, et)
+
+    def mul(a: ir.Value, b: ir.Value) -> ir.Value:
+        return arith.MulFOp(a, b).result
+
+    def add(a: ir.Value, b: ir.Value) -> ir.Value:
+        return arith.AddFOp(a, b).result
+
+    xc = arith.MinimumFOp(arith.MaximumFOp(x, c(-104.0)).result, c(88.72283935546875)).result
+    n = mmath.FloorOp(add(mul(xc, c(1.44269504088896341)), c(0.5))).result
+    r = arith.SubFOp(arith.SubFOp(xc, mul(n, c(0.693359375))).result, mul(n, c(-2.12194440e-4))).result
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = add(mul(p, r), c(k))
+    y = add(add(mul(p, mul(r, r)), r), c(1.0))
+    # 2**n as 2**(n >> 1) * 2**(n - (n >> 1)): both factors normal for n in -150..128 (results down to 0)
+    i32 = ir.IntegerType.get_signless(32)
+    ni = arith.FPToSIOp(i32, n).result
+    half = arith.ShRSIOp(ni, c_int(1, 32)).result
+
+    def pow2(k: ir.Value) -> ir.Value:
+        biased = arith.AddIOp(k, c_int(127, 32)).result
+        return arith.BitcastOp(et, arith.ShLIOp(biased, c_int(23, 32)).result).result
+
+    result = mul(mul(y, pow2(half)), pow2(arith.SubIOp(ni, half).result))
+    result = arith.SelectOp(arith.CmpFOp(2, x, c(88.72283935546875)).result, c(float("inf")), result).result
+    return arith.SelectOp(arith.CmpFOp(14, x, x).result, x, result).result  # uno: NaN stays NaN
+
+
+def erf(x: ir.Value, et: ir.Type) -> ir.Value:
+    """erf(x) by Abramowitz and Stegun 7.1.26 (absolute error < 1.5e-7): arith and one exp, so it
+    vectorizes (math.erf has no LLVM lowering but a scalar libm call)."""
+    a = mmath.AbsFOp(x).result
+    t = arith.DivFOp(c_float(1.0, et), arith.AddFOp(c_float(1.0, et), arith.MulFOp(
+        a, c_float(0.3275911, et)).result).result).result
+    poly = c_float(1.061405429, et)
+    for c in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = arith.AddFOp(arith.MulFOp(poly, t).result, c_float(c, et)).result
+    poly = arith.MulFOp(poly, t).result
+    tail = arith.MulFOp(poly, exp(arith.NegFOp(arith.MulFOp(a, a).result).result)).result
+    return mmath.CopySignOp(arith.SubFOp(c_float(1.0, et), tail).result, x).result

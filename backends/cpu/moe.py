@@ -1,321 +1,341 @@
 """The MoE kernels: routing (every router family, scores in float64), dispatch (a counting sort by expert
 with capacity, segments padded to the dispatch block) and the grouped GEMMs over expert segments, rows
-read through the permutation, the epilogue inlined and the combine fused. Mixed into `Kernels`."""
+read through the permutation, the epilogue inlined and the combine fused."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.lower import element_type
+from sparsa.backends.cpu.context import (
+    KERNELS,
+    LAUNCHES,
+    KernelContext,
+    element_type,
+)
+from sparsa.backends.cpu.schedule import TILE_M
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.threads import num_threads
 from sparsa.ir.core import Operation, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.traits import Elementwise
-from sparsa.ir.types import TensorType
+from sparsa.ir.types import TensorType, numpy_dtype
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
 PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
 
-
-class MoeKernels:
-    """Mixed into `Kernels`, whose `function`, `inline`, `matmul_tile` and `dim_map` these use."""
-
-    # ---- MoE: routing -------------------------------------------------------------------------------
-    def kernel_RouteOp(self, op: Operation) -> Kernel:
-        inputs = [op.logits] + ([op.bias] if op.bias is not None else [])
-        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], True)
-        args = entry.arguments
-        logits, bias = args[0], (args[1] if op.bias is not None else None)
-        w_out, i_out, part, parts = args[len(inputs):]
-        f64 = ir.F64Type.get()
-        et = element_type(op.logits.type.dtype)
-        with ir.InsertionPoint(entry):
-            T_, E = B.mdim(logits, 0), B.mdim(logits, 1)
-            score = B.alloca(E, f64)
-            sel = B.alloca(E, f64)
-            picked = B.alloca(E, ir.IntegerType.get_signless(1))
-            G = op.groups
-            gscore = B.alloca(B.c_index(G), f64) if G > 1 else None
-            gkept = B.alloca(B.c_index(G), ir.IntegerType.get_signless(1)) if G > 1 else None
-            ninf, zero, one = B.c_float(float("-inf"), f64), B.c_float(0.0, f64), B.c_float(1.0, f64)
-            tok = B.loop(part, T_, parts)
-            with ir.InsertionPoint(tok.body):
-                t = tok.induction_variable
-                # scores in float64, as the reference computes them
-                mx = B.fold(E, ninf, lambda e, m: arith.MaximumFOp(m, _ext(B.load(logits, t, e), f64)).result)
-                if op.score == "softmax":
-                    def exp_at(e: ir.Value, s: ir.Value) -> ir.Value:  # each exp once: kept in score, summed
-                        x = mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
-                        B.store(x, score, e)
-                        return arith.AddFOp(s, x).result
-                    total = B.fold(E, zero, exp_at)
-                    B.each(E, lambda e: B.store(arith.DivFOp(B.load(score, e), total).result, score, e))
-                else:
-                    def sig(e: ir.Value) -> ir.Value:
-                        x = _ext(B.load(logits, t, e), f64)
-                        return arith.DivFOp(one, arith.AddFOp(one, mmath.ExpOp(arith.NegFOp(x).result)
-                                                              .result).result).result
-                    B.each(E, lambda e: B.store(sig(e), score, e))
-
-                def selection(e: ir.Value) -> None:
-                    s = B.load(score, e)
-                    if bias is not None:
-                        s = arith.AddFOp(s, _ext(B.load(bias, e), f64)).result
-                    B.store(s, sel, e)
-                    B.store(B.c_int(0, 1), picked, e)
-                B.each(E, selection)
-                if G > 1:
-                    self.keep_groups(op, E, sel, picked, gscore, gkept)
-                # top-k: k passes of a first-max search over the experts not picked yet
-                for j in range(op.k):
-                    best = _argmax(E, sel, picked)
-                    B.store(B.c_int(1, 1), picked, best)
-                    B.store(B.as_i64(best), i_out, t, j)
-                    B.store(B.load(score, best), sel, best)  # sel now holds the picked weights' scores
-                weights = [B.load(sel, B.as_index(B.load(i_out, t, j))) for j in range(op.k)]
-                total = zero
-                for w in weights:
-                    total = arith.AddFOp(total, w).result
-                for j, w in enumerate(weights):
-                    if op.renormalize:
-                        w = arith.DivFOp(w, total).result
-                    w = arith.MulFOp(w, B.c_float(float(op.scale), f64)).result
-                    B.store(arith.TruncFOp(et, w).result if et != f64 else w, w_out, t, j)
-                scf.YieldOp([])
-            func.ReturnOp([])
-        return Kernel(name, op, inputs, list(op.results), "parts")
-
-    def keep_groups(self, op: Operation, E: ir.Value, sel: ir.Value, picked: ir.Value, gscore: ir.Value,
-                    gkept: ir.Value) -> None:
-        """DeepSeek's group-limited routing: score each group by the sum of its best `group_top`
-        selection scores, keep the best `groups_kept` groups, and mark the other groups' experts picked."""
+# ---- MoE: routing -------------------------------------------------------------------------------
+@KERNELS.lowers(M.RouteOp)
+def route_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    inputs = [op.logits] + ([op.bias] if op.bias is not None else [])
+    name, entry = cx.function(op, [v.type for v in inputs] + [r.type for r in op.results], True)
+    args = entry.arguments
+    logits, bias = args[0], (args[1] if op.bias is not None else None)
+    w_out, i_out, part, parts = args[len(inputs):]
+    f64 = ir.F64Type.get()
+    et = element_type(op.logits.type.dtype)
+    with ir.InsertionPoint(entry):
+        T_, E = B.mdim(logits, 0), B.mdim(logits, 1)
+        score = B.alloca(E, f64)
+        sel = B.alloca(E, f64)
+        picked = B.alloca(E, ir.IntegerType.get_signless(1))
         G = op.groups
-        size = B.as_index(arith.DivUIOp(E, B.c_index(G)).result)
-        f64 = ir.F64Type.get()
-        for g in range(G):
-            lo = B.mul(B.c_index(g), size)
-            total = B.c_float(0.0, f64)
-            for _ in range(op.group_top):
-                best = _argmax(size, sel, picked, lo)
-                B.store(B.c_int(1, 1), picked, best)
-                total = arith.AddFOp(total, B.load(sel, best)).result
-            B.store(total, gscore, g)
-            B.each(size, lambda e, lo=lo: B.store(B.c_int(0, 1), picked, B.add(lo, e)))
-            B.store(B.c_int(0, 1), gkept, g)
-        for _ in range(op.groups_kept):
-            best = _argmax(B.c_index(G), gscore, gkept)
-            B.store(B.c_int(1, 1), gkept, best)
-        for g in range(G):  # experts of dropped groups can no longer be chosen
-            dropped = arith.XOrIOp(B.load(gkept, g), B.c_int(1, 1)).result
-            lo = B.mul(B.c_index(g), size)
-            B.each(size, lambda e, lo=lo, dropped=dropped: B.store(dropped, picked, B.add(lo, e)))
-
-    # ---- MoE: dispatch ------------------------------------------------------------------------------
-    def kernel_DispatchOp(self, op: Operation) -> Kernel:
-        """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
-        in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
-        T*K + E*(block-1); offsets[E] says how much of it is used."""
-        name, entry = self.function(op, [op.experts.type] + [r.type for r in op.results], False)
-        experts, perm, offsets = entry.arguments
-        i64 = ir.IntegerType.get_signless(64)
-        E = op.num_experts
-        with ir.InsertionPoint(entry):
-            n = B.mul(B.mdim(experts, 0), B.mdim(experts, 1))
-            flat = _flatten(experts)
-            count = B.alloca(B.c_index(E), i64)
-            if op.capacity is None:
-                cap = B.as_i64(n)
-            else:  # ceil(capacity * T * K / E)
-                f64 = ir.F64Type.get()
-                total = arith.SIToFPOp(f64, B.as_i64(n)).result
-                c = arith.MulFOp(total, B.c_float(float(op.capacity) / E, f64)).result
-                cap = arith.FPToSIOp(i64, mmath.CeilOp(c).result).result
-            zero, one = B.c_int(0), B.c_int(1)
-            B.each(B.c_index(E), lambda e: B.store(zero, count, e))
-
-            def place(write: bool) -> None:
-                loop = B.loop(0, n)
-                with ir.InsertionPoint(loop.body):
-                    a = loop.induction_variable
-                    e = B.as_index(B.load(flat, a))
-                    c = B.load(count, e)
-                    keep = B.if_(B.cmpi("lt", c, cap))
-                    with ir.InsertionPoint(keep.then_block):
-                        if write:
-                            B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
-                        B.store(B.add(c, one), count, e)
-                        scf.YieldOp([])
-                    scf.YieldOp([])
-
-            place(False)
-            blk = B.c_int(op.block)
-            B.store(zero, offsets, 0)
-            running = zero
-            for e in range(E):
-                c = B.load(count, e)
-                padded = B.mul(arith.DivSIOp(B.add(c, B.c_int(op.block - 1)), blk).result, blk)
-                running = B.add(running, padded)
-                B.store(running, offsets, e + 1)
-                B.store(zero, count, e)
-            fill = B.loop(0, B.as_index(running))
-            with ir.InsertionPoint(fill.body):
-                B.store(B.c_int(-1), perm, fill.induction_variable)
-                scf.YieldOp([])
-            place(True)
-            func.ReturnOp([])
-        return Kernel(name, op, [op.experts], list(op.results))
-
-    # ---- MoE: grouped GEMM over expert segments -------------------------------------------------------
-    def kernel_GroupedMatmulOp(self, op: Operation) -> Kernel:
-        return self.grouped(op, list(op.weights), None)
-
-    def kernel_GroupedMatmulCombineOp(self, op: Operation) -> Kernel:
-        return self.grouped(op, [op.weight], op.gates)
-
-    def grouped(self, op: Operation, weights: list[Value], gates: Value | None) -> Kernel:
-        """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
-        through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
-        applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
-        this part's slice of the [parts, T, N] output (each part zeroes its slice first; the host sums them).
-
-        The threads take work items in order as they free up, from a counter they share (the host passes it
-        zeroed; an atomic add claims the next item): segments end in partial chunks and experts get
-        different numbers of rows, so a fixed share (item % parts) left one thread waiting on the other.
-
-        Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
-        packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
-        GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
-        inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
-        rt = op.result.type
-        out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-        panels = _packable(op, weights, self.fixed)
-        types = [v.type for v in inputs]
-        if panels:
-            for i, w in enumerate(weights):
-                types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
-        name, entry = self.function(op, types + [out_type, TensorType("i64", (1,))], True)
-        args = entry.arguments
-        rows_m, perm, offsets = args[:3]
-        w_ms = args[3:3 + len(weights)]
-        gates_m = args[3 + len(weights)] if gates is not None else None
-        out, counter, part, _ = args[len(inputs):]
-        et = element_type(rt.dtype)
-        E = weights[0].type.shape[0]
-        with ir.InsertionPoint(entry):
-            if gates is not None:  # this part's slice of the output, zeroed here: in parallel, where it is used
-                linalg.fill(B.c_float(0.0, et), outs=[B.subview(out, [part, 0, 0], [1, B.mdim(out, 1),
-                                                                                   B.mdim(out, 2)], drop=[0])])
-            rows_t = B.read(rows_m)
-            w_ts = [B.read(w) for w in w_ms]
-            D = B.mdim(rows_m, 1)
-            n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
-            experts = B.loop(0, n_experts, 1, [B.c_index(0), _claim(counter)])
-            with ir.InsertionPoint(experts.body):
-                e = experts.induction_variable
-                lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
-                steps = B.loop(lo, hi, ROWS, list(experts.inner_iter_args))
-                with ir.InsertionPoint(steps.body):
-                    start = steps.induction_variable
-                    g, claimed = steps.inner_iter_args
-                    work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
-                    with ir.InsertionPoint(work.then_block):
-                        size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
-                        self.grouped_chunk(op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
-                                           panels)
-                        scf.YieldOp([_claim(counter)])
-                    with ir.InsertionPoint(work.else_block):
-                        scf.YieldOp([claimed])
-                    scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
-                scf.YieldOp(list(steps.results))
-            func.ReturnOp([])
-        return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
-                      else [])
-
-    def grouped_chunk(self, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
-                      start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
-                      part: ir.Value, et: ir.Type, panels: bool) -> None:
-        """One work item: the chunk's real rows (they come first in a segment; the padding (-1) after them is
-        skipped) read through perm, times each weight, the epilogue, the store or combine — over the whole
-        width, or one panel of PANEL columns at a time with packed weights. The GEMMs run over the real rows
-        rounded up to a whole register tile where the segment's padding has that many (it does with the
-        pipeline's block of 64): the padding rows' results are dropped, and no rows are left to the scalar
-        remainder loop (a 64-row chunk with 3 real rows in it cost as much as one with 40)."""
-        from sparsa.backends.cpu.jit import TILE_M  # the schedule's register tile (jit imports this module)
-
-        real = B.fold(size, B.c_index(0), lambda r, n: B.select(
-            B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
-        has = B.if_(B.cmpi("gt", real, B.c_index(0)))
-        with ir.InsertionPoint(has.then_block):
-            rows = B.minsi(B.mul(B.ceil_div(real, TILE_M), B.c_index(TILE_M)), size)
-            x = self.gather_rows(op, rows_t, perm, start, rows, D, et)
-            if not panels:
-                ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]
-                self.chunk_out(op, x, ws, rows, real, B.c_index(0), None, start, perm, out, gates, part, et)
+        gscore = B.alloca(B.c_index(G), f64) if G > 1 else None
+        gkept = B.alloca(B.c_index(G), ir.IntegerType.get_signless(1)) if G > 1 else None
+        ninf, zero, one = B.c_float(float("-inf"), f64), B.c_float(0.0, f64), B.c_float(1.0, f64)
+        tok = B.loop(part, T_, parts)
+        with ir.InsertionPoint(tok.body):
+            t = tok.induction_variable
+            # scores in float64, as the reference computes them
+            mx = B.fold(E, ninf, lambda e, m: arith.MaximumFOp(m, _ext(B.load(logits, t, e), f64)).result)
+            if op.score == "softmax":
+                def exp_at(e: ir.Value, s: ir.Value) -> ir.Value:  # each exp once: kept in score, summed
+                    x = mmath.ExpOp(arith.SubFOp(_ext(B.load(logits, t, e), f64), mx).result).result
+                    B.store(x, score, e)
+                    return arith.AddFOp(s, x).result
+                total = B.fold(E, zero, exp_at)
+                B.each(E, lambda e: B.store(arith.DivFOp(B.load(score, e), total).result, score, e))
             else:
-                N = B.mdim(out, 2 if gates is not None else 1)
-                pl = B.loop(0, B.mdim(w_ts[0], 1))
-                with ir.InsertionPoint(pl.body):
-                    j = pl.induction_variable
-                    n0 = B.mul(j, B.c_index(PANEL))
-                    ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
-                    self.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
-                    self.chunk_out(op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)), start, perm,
-                                   out, gates, part, et)
-                    self.dim_map = {}
+                def sig(e: ir.Value) -> ir.Value:
+                    x = _ext(B.load(logits, t, e), f64)
+                    return arith.DivFOp(one, arith.AddFOp(one, mmath.ExpOp(arith.NegFOp(x).result)
+                                                          .result).result).result
+                B.each(E, lambda e: B.store(sig(e), score, e))
+
+            def selection(e: ir.Value) -> None:
+                s = B.load(score, e)
+                if bias is not None:
+                    s = arith.AddFOp(s, _ext(B.load(bias, e), f64)).result
+                B.store(s, sel, e)
+                B.store(B.c_int(0, 1), picked, e)
+            B.each(E, selection)
+            if G > 1:
+                keep_groups(cx, op, E, sel, picked, gscore, gkept)
+            # top-k: k passes of a first-max search over the experts not picked yet
+            for j in range(op.k):
+                best = _argmax(E, sel, picked)
+                B.store(B.c_int(1, 1), picked, best)
+                B.store(B.as_i64(best), i_out, t, j)
+                B.store(B.load(score, best), sel, best)  # sel now holds the picked weights' scores
+            weights = [B.load(sel, B.as_index(B.load(i_out, t, j))) for j in range(op.k)]
+            total = zero
+            for w in weights:
+                total = arith.AddFOp(total, w).result
+            for j, w in enumerate(weights):
+                if op.renormalize:
+                    w = arith.DivFOp(w, total).result
+                w = arith.MulFOp(w, B.c_float(float(op.scale), f64)).result
+                B.store(arith.TruncFOp(et, w).result if et != f64 else w, w_out, t, j)
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, list(op.results), "parts")
+
+
+def keep_groups(cx: KernelContext, op: Operation, E: ir.Value, sel: ir.Value, picked: ir.Value, gscore: ir.Value,
+                gkept: ir.Value) -> None:
+    """DeepSeek's group-limited routing: score each group by the sum of its best `group_top`
+    selection scores, keep the best `groups_kept` groups, and mark the other groups' experts picked."""
+    G = op.groups
+    size = B.as_index(arith.DivUIOp(E, B.c_index(G)).result)
+    f64 = ir.F64Type.get()
+    for g in range(G):
+        lo = B.mul(B.c_index(g), size)
+        total = B.c_float(0.0, f64)
+        for _ in range(op.group_top):
+            best = _argmax(size, sel, picked, lo)
+            B.store(B.c_int(1, 1), picked, best)
+            total = arith.AddFOp(total, B.load(sel, best)).result
+        B.store(total, gscore, g)
+        B.each(size, lambda e, lo=lo: B.store(B.c_int(0, 1), picked, B.add(lo, e)))
+        B.store(B.c_int(0, 1), gkept, g)
+    for _ in range(op.groups_kept):
+        best = _argmax(B.c_index(G), gscore, gkept)
+        B.store(B.c_int(1, 1), gkept, best)
+    for g in range(G):  # experts of dropped groups can no longer be chosen
+        dropped = arith.XOrIOp(B.load(gkept, g), B.c_int(1, 1)).result
+        lo = B.mul(B.c_index(g), size)
+        B.each(size, lambda e, lo=lo, dropped=dropped: B.store(dropped, picked, B.add(lo, e)))
+
+
+# ---- MoE: dispatch ------------------------------------------------------------------------------
+@KERNELS.lowers(M.DispatchOp)
+def dispatch_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
+    in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
+    T*K + E*(block-1); offsets[E] says how much of it is used."""
+    name, entry = cx.function(op, [op.experts.type] + [r.type for r in op.results], False)
+    experts, perm, offsets = entry.arguments
+    i64 = ir.IntegerType.get_signless(64)
+    E = op.num_experts
+    with ir.InsertionPoint(entry):
+        n = B.mul(B.mdim(experts, 0), B.mdim(experts, 1))
+        flat = _flatten(experts)
+        count = B.alloca(B.c_index(E), i64)
+        if op.capacity is None:
+            cap = B.as_i64(n)
+        else:  # ceil(capacity * T * K / E)
+            f64 = ir.F64Type.get()
+            total = arith.SIToFPOp(f64, B.as_i64(n)).result
+            c = arith.MulFOp(total, B.c_float(float(op.capacity) / E, f64)).result
+            cap = arith.FPToSIOp(i64, mmath.CeilOp(c).result).result
+        zero, one = B.c_int(0), B.c_int(1)
+        B.each(B.c_index(E), lambda e: B.store(zero, count, e))
+
+        def place(write: bool) -> None:
+            loop = B.loop(0, n)
+            with ir.InsertionPoint(loop.body):
+                a = loop.induction_variable
+                e = B.as_index(B.load(flat, a))
+                c = B.load(count, e)
+                keep = B.if_(B.cmpi("lt", c, cap))
+                with ir.InsertionPoint(keep.then_block):
+                    if write:
+                        B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
+                    B.store(B.add(c, one), count, e)
                     scf.YieldOp([])
-            scf.YieldOp([])
-
-    def chunk_out(self, op: Operation, x: ir.Value, ws: list[ir.Value], rows: ir.Value, real: ir.Value,
-                  col0: ir.Value, width: ir.Value | None, start: ir.Value, perm: ir.Value, out: ir.Value,
-                  gates: ir.Value | None, part: ir.Value, et: ir.Type) -> None:
-        """x (`rows` rows) @ each of ws, the epilogue, then the first `real` rows' columns col0.. of the
-        output (`width` of them; None: all)."""
-        tiles = [self.matmul_tile(x, w, rows, B.sizes_of(w)[1], et) for w in ws]
-        (y,) = self.inline(op.epilogue, tiles, False)
-        width = B.mdim(y, 1) if width is None else width
-        y = B.slice_tensor(y, [0, 0], [real, width])
-        if gates is None:
-            B.write(y, B.subview(out, [start, col0], [real, width]))
-        else:
-            self.scatter_add(op, y, perm, start, real, width, gates, out, part, col0)
-
-    def gather_rows(self, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
-                    D: ir.Value, et: ir.Type) -> ir.Value:
-        """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted); a padding
-        row (perm -1) reads row 0."""
-        if not op.gather:
-            return B.slice_tensor(rows_t, [start, 0], [n, D])
-        rows = B.loop(0, n, 1, [B.empty([n, D], et)])  # row by row: each a contiguous copy
-        with ir.InsertionPoint(rows.body):
-            i = rows.induction_variable
-            a = arith.MaxSIOp(B.load(perm, B.add(start, i)), B.c_int(0)).result
-            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
-            row = B.slice_tensor(rows_t, [tok, 0], [1, D])
-            scf.YieldOp([B.insert_slice(row, rows.inner_iter_args[0], [i, 0], [1, D])])
-        return rows.results[0]
-
-    def scatter_add(self, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, N: ir.Value,
-                    gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
-        """out[part, a // K, col0:col0 + N] += gates[a // K, a % K] * y[i] for the chunk's assignments
-        a = perm[start + i]."""
-        K = B.c_int(op.topk)
-        rows = B.loop(0, n)
-        with ir.InsertionPoint(rows.body):
-            i = rows.induction_variable
-            a = B.load(perm, B.add(start, i))
-            t, j = B.as_index(arith.DivSIOp(a, K).result), B.as_index(arith.RemSIOp(a, K).result)
-            g = B.load(gates, t, j)
-            cols = B.loop(0, N)
-            with ir.InsertionPoint(cols.body):
-                c = cols.induction_variable
-                v = arith.MulFOp(g, B.extract(y, i, c)).result
-                oc = B.add(col0, c)
-                B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
                 scf.YieldOp([])
+
+        place(False)
+        blk = B.c_int(op.block)
+        B.store(zero, offsets, 0)
+        running = zero
+        for e in range(E):
+            c = B.load(count, e)
+            padded = B.mul(arith.DivSIOp(B.add(c, B.c_int(op.block - 1)), blk).result, blk)
+            running = B.add(running, padded)
+            B.store(running, offsets, e + 1)
+            B.store(zero, count, e)
+        fill = B.loop(0, B.as_index(running))
+        with ir.InsertionPoint(fill.body):
+            B.store(B.c_int(-1), perm, fill.induction_variable)
             scf.YieldOp([])
+        place(True)
+        func.ReturnOp([])
+    return Kernel(name, op, [op.experts], list(op.results))
+
+
+# ---- MoE: grouped GEMM over expert segments -------------------------------------------------------
+@KERNELS.lowers(M.GroupedMatmulOp)
+def grouped_matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    return grouped(cx, op, list(op.weights), None)
+
+
+@KERNELS.lowers(M.GroupedMatmulCombineOp)
+def grouped_matmul_combine_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    return grouped(cx, op, [op.weight], op.gates)
+
+
+def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value | None) -> Kernel:
+    """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
+    through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
+    applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
+    this part's slice of the [parts, T, N] output (each part zeroes its slice first; the host sums them).
+
+    The threads take work items in order as they free up, from a counter they share (the host passes it
+    zeroed; an atomic add claims the next item): segments end in partial chunks and experts get
+    different numbers of rows, so a fixed share (item % parts) left one thread waiting on the other.
+
+    Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
+    packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
+    GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
+    inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
+    rt = op.result.type
+    out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
+    panels = _packable(op, weights, cx.fixed)
+    types = [v.type for v in inputs]
+    if panels:
+        for i, w in enumerate(weights):
+            types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
+    name, entry = cx.function(op, types + [out_type, TensorType("i64", (1,))], True)
+    args = entry.arguments
+    rows_m, perm, offsets = args[:3]
+    w_ms = args[3:3 + len(weights)]
+    gates_m = args[3 + len(weights)] if gates is not None else None
+    out, counter, part, _ = args[len(inputs):]
+    et = element_type(rt.dtype)
+    E = weights[0].type.shape[0]
+    with ir.InsertionPoint(entry):
+        if gates is not None:  # this part's slice of the output, zeroed here: in parallel, where it is used
+            linalg.fill(B.c_float(0.0, et), outs=[B.subview(out, [part, 0, 0], [1, B.mdim(out, 1),
+                                                                               B.mdim(out, 2)], drop=[0])])
+        rows_t = B.read(rows_m)
+        w_ts = [B.read(w) for w in w_ms]
+        D = B.mdim(rows_m, 1)
+        n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
+        experts = B.loop(0, n_experts, 1, [B.c_index(0), _claim(counter)])
+        with ir.InsertionPoint(experts.body):
+            e = experts.induction_variable
+            lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
+            steps = B.loop(lo, hi, ROWS, list(experts.inner_iter_args))
+            with ir.InsertionPoint(steps.body):
+                start = steps.induction_variable
+                g, claimed = steps.inner_iter_args
+                work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
+                with ir.InsertionPoint(work.then_block):
+                    size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                    grouped_chunk(cx, op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
+                                       panels)
+                    scf.YieldOp([_claim(counter)])
+                with ir.InsertionPoint(work.else_block):
+                    scf.YieldOp([claimed])
+                scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
+            scf.YieldOp(list(steps.results))
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
+                  else [])
+
+
+def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
+                  start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
+                  part: ir.Value, et: ir.Type, panels: bool) -> None:
+    """One work item: the chunk's real rows (they come first in a segment; the padding (-1) after them is
+    skipped) read through perm, times each weight, the epilogue, the store or combine — over the whole
+    width, or one panel of PANEL columns at a time with packed weights. The GEMMs run over the real rows
+    rounded up to a whole register tile where the segment's padding has that many (it does with the
+    pipeline's block of 64): the padding rows' results are dropped, and no rows are left to the scalar
+    remainder loop (a 64-row chunk with 3 real rows in it cost as much as one with 40)."""
+
+    real = B.fold(size, B.c_index(0), lambda r, n: B.select(
+        B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+    has = B.if_(B.cmpi("gt", real, B.c_index(0)))
+    with ir.InsertionPoint(has.then_block):
+        rows = B.minsi(B.mul(B.ceil_div(real, TILE_M), B.c_index(TILE_M)), size)
+        x = gather_rows(cx, op, rows_t, perm, start, rows, D, et)
+        if not panels:
+            ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]
+            chunk_out(cx, op, x, ws, rows, real, B.c_index(0), None, start, perm, out, gates, part, et)
+        else:
+            N = B.mdim(out, 2 if gates is not None else 1)
+            pl = B.loop(0, B.mdim(w_ts[0], 1))
+            with ir.InsertionPoint(pl.body):
+                j = pl.induction_variable
+                n0 = B.mul(j, B.c_index(PANEL))
+                ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
+                cx.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns, not N
+                chunk_out(cx, op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)), start, perm,
+                               out, gates, part, et)
+                cx.dim_map = {}
+                scf.YieldOp([])
+        scf.YieldOp([])
+
+
+def chunk_out(cx: KernelContext, op: Operation, x: ir.Value, ws: list[ir.Value], rows: ir.Value, real: ir.Value,
+              col0: ir.Value, width: ir.Value | None, start: ir.Value, perm: ir.Value, out: ir.Value,
+              gates: ir.Value | None, part: ir.Value, et: ir.Type) -> None:
+    """x (`rows` rows) @ each of ws, the epilogue, then the first `real` rows' columns col0.. of the
+    output (`width` of them; None: all)."""
+    tiles = [cx.matmul_tile(x, w, rows, B.sizes_of(w)[1], et) for w in ws]
+    (y,) = cx.inline(op.epilogue, tiles, False)
+    width = B.mdim(y, 1) if width is None else width
+    y = B.slice_tensor(y, [0, 0], [real, width])
+    if gates is None:
+        B.write(y, B.subview(out, [start, col0], [real, width]))
+    else:
+        scatter_add(cx, op, y, perm, start, real, width, gates, out, part, col0)
+
+
+def gather_rows(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
+                D: ir.Value, et: ir.Type) -> ir.Value:
+    """rows[perm[start + i] // topk] (or rows[start + i] when the rows are already permuted); a padding
+    row (perm -1) reads row 0."""
+    if not op.gather:
+        return B.slice_tensor(rows_t, [start, 0], [n, D])
+    rows = B.loop(0, n, 1, [B.empty([n, D], et)])  # row by row: each a contiguous copy
+    with ir.InsertionPoint(rows.body):
+        i = rows.induction_variable
+        a = arith.MaxSIOp(B.load(perm, B.add(start, i)), B.c_int(0)).result
+        tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
+        row = B.slice_tensor(rows_t, [tok, 0], [1, D])
+        scf.YieldOp([B.insert_slice(row, rows.inner_iter_args[0], [i, 0], [1, D])])
+    return rows.results[0]
+
+
+def scatter_add(cx: KernelContext, op: Operation, y: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
+                N: ir.Value, gates: ir.Value, out: ir.Value, part: ir.Value, col0: ir.Value) -> None:
+    """out[part, a // K, col0:col0 + N] += gates[a // K, a % K] * y[i] for the chunk's assignments
+    a = perm[start + i]."""
+    K = B.c_int(op.topk)
+    rows = B.loop(0, n)
+    with ir.InsertionPoint(rows.body):
+        i = rows.induction_variable
+        a = B.load(perm, B.add(start, i))
+        t, j = B.as_index(arith.DivSIOp(a, K).result), B.as_index(arith.RemSIOp(a, K).result)
+        g = B.load(gates, t, j)
+        cols = B.loop(0, N)
+        with ir.InsertionPoint(cols.body):
+            c = cols.induction_variable
+            v = arith.MulFOp(g, B.extract(y, i, c)).result
+            oc = B.add(col0, c)
+            B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
+            scf.YieldOp([])
+        scf.YieldOp([])
 
 
 def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
@@ -363,3 +383,55 @@ def _argmax(n: ir.Value, values: ir.Value, taken: ir.Value, lo: ir.Value | None 
         take = arith.AndIOp(free, better).result
         scf.YieldOp([B.select(take, v, best), B.select(take, e, at)])
     return loop.results[1]
+
+
+# ---- the host side ------------------------------------------------------------------------------------------
+@LAUNCHES.lowers(M.DispatchOp)
+def launch_dispatch(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """The permutation at its upper bound (every segment padded to the block), cut to its length after."""
+    op = k.op
+    t, kk = ins[0].shape
+    e = op.num_experts
+    if ins[0].size and (ins[0].min() < 0 or ins[0].max() >= e):
+        raise SparsaError(f"moe.dispatch: expert id outside 0..{e - 1}", op.loc)
+    perm, offsets = np.empty(t * kk + e * (op.block - 1), np.int64), np.empty(e + 1, np.int64)
+    fn.call(k, ins + [perm, offsets])
+    return [perm[: offsets[-1]], offsets]
+
+
+@LAUNCHES.lowers(M.GroupedMatmulOp, M.GroupedMatmulCombineOp)
+def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Weights packed in panels once per loaded weights (kept with the weight-only results); chunks claimed
+    from a shared counter; a combine's parts each write their own slice, summed here."""
+    op = k.op
+    weight_n = host.values[id(k.inputs[3])].shape[2]
+    for i in k.panels:
+        key = ("panels", id(k.inputs[i]))
+        if key not in host.cache:
+            host.cache[key] = (pack_panels(np.asarray(host.values[id(k.inputs[i])], order="C")),)
+        ins[i] = host.cache[key][0]
+    n = num_threads()
+    rt_ = op.result.type
+    width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
+    if isinstance(op, M.GroupedMatmulCombineOp):
+        out = np.empty((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))  # each part zeroes its slice
+        fn.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+        total = out[0] if n == 1 else np.add(out[0], out[1])  # the parts' sum, into a new array
+        for p in range(2, n):
+            total += out[p]
+        return [total]
+    out = np.empty((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
+    fn.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+    out[ins[1] < 0] = 0  # the segments' padding rows, which the kernel skips
+    return [out]
+
+
+def pack_panels(w: np.ndarray) -> np.ndarray:
+    """[E, K, N] -> [E, ceil(N / PANEL), K, PANEL], zero-padded: each panel one contiguous [K, PANEL] block."""
+    E, K, N = w.shape
+    NP = -(-N // PANEL)
+    out = np.zeros((E, NP, K, PANEL), w.dtype)
+    for j in range(NP):
+        cols = w[:, :, j * PANEL:(j + 1) * PANEL]
+        out[:, j, :, :cols.shape[2]] = cols
+    return out

@@ -1,0 +1,409 @@
+"""The cpu backend's lowering context and tables: what every dialect module's lowerings share while one
+function's kernels are built into one MLIR module.
+
+- `KERNELS`: op class -> the kernel (one MLIR function) computing the op, or `host` for the ops the host runs
+  itself (weights, views, per-call block maps, sparse layouts of values that are not weights).
+- `LOWERINGS`: op class -> its values inside a kernel body, as `linalg` on tensors (tagged for the schedule to
+  tile and vectorize) or, in scalar mode, as scalars (mask and score regions inlined into loops). An op with
+  a lowering and no kernel gets a generic one (`KernelContext.dense`).
+- `SCALARS`: elementwise op class -> its scalar arith, from which both forms above follow.
+- `LAUNCHES`: op class -> how the host allocates and runs the op's kernel, where that is more than the
+  generic (`CpuFunction.run`).
+
+A kernel takes its operands, then its outputs, as memrefs (symbolic dims dynamic); kernels that split their
+work take two more index arguments (part, parts) and do every parts-th work item from `part`, so the host
+(jit.py) can run them on several threads at once. Outputs are allocated by the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, scf, tensor
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.table import LoweringTable
+from sparsa.ir.core import Operation, Region, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.func import ParamOp
+from sparsa.ir.traits import Elementwise
+from sparsa.ir.types import TensorType
+
+PARALLEL = "#linalg.iterator_type<parallel>"
+REDUCTION = "#linalg.iterator_type<reduction>"
+
+KERNELS = LoweringTable("cpu kernels")
+LOWERINGS = LoweringTable("cpu lowerings")
+SCALARS = LoweringTable("cpu scalar rules")
+# op class -> rule(fn, kernel, host, inputs) -> outputs: how the host runs the op's kernel where that is more
+# than outputs of `op.result_shapes` and the kernel's own split (jit.py, CpuFunction.run)
+LAUNCHES = LoweringTable("cpu host launches")
+
+
+class CpuLoweringError(SparsaError):
+    """An op the cpu backend cannot lower."""
+
+
+def host(cx: KernelContext, op: Operation) -> None:
+    """The rule of the ops the host runs itself (no kernel)."""
+    return None
+
+
+KERNELS.lowers(ParamOp)(host)  # weights: bound by the host
+
+
+def element_type(dtype: str) -> ir.Type:
+    table = {"f32": ir.F32Type.get, "f64": ir.F64Type.get, "f16": ir.F16Type.get, "bf16": ir.BF16Type.get,
+             "i64": lambda: ir.IntegerType.get_signless(64), "i32": lambda: ir.IntegerType.get_signless(32),
+             "i8": lambda: ir.IntegerType.get_signless(8), "i1": lambda: ir.IntegerType.get_signless(1)}
+    return table[dtype]()
+
+
+def tensor_type(t: TensorType) -> ir.RankedTensorType:
+    dims = [d if isinstance(d, int) else ir.ShapedType.get_dynamic_size() for d in t.shape]
+    return ir.RankedTensorType.get(dims, element_type(t.dtype))
+
+
+def memref_type(t: TensorType) -> ir.MemRefType:
+    return ir.MemRefType.get([d if isinstance(d, int) else B.DYN() for d in t.shape], element_type(t.dtype))
+
+
+def is_integer_type(et: ir.Type) -> bool:
+    try:
+        ir.IntegerType(et)
+    except ValueError:
+        return False
+    return True
+
+
+def scalar_constant(et: ir.Type, value: float | int) -> ir.Value:
+    """A constant of element type et (a float or an integer type)."""
+    if is_integer_type(et):
+        return arith.ConstantOp(et, ir.IntegerAttr.get(et, int(value))).result
+    return arith.ConstantOp(et, ir.FloatAttr.get(et, float(value))).result
+
+
+def dtype_of(et: ir.Type) -> str:
+    return {"f32": "f32", "f64": "f64", "f16": "f16", "bf16": "bf16"}[str(et)]
+
+
+class KernelContext:
+    """Builds the kernels of one function into `module`: the state a lowering reads and writes (values
+    built so far, ops tagged for the schedule, scalar mode, dims built as other sizes) and the helpers
+    every dialect's lowerings share."""
+
+    def __init__(self, module: ir.Module, fixed: set[int] | None = None):
+        """`fixed`: ids of the values that are the same on every call (weights, constant inputs and what
+        only they feed)."""
+        self.module = module
+        self.fixed = fixed or set()
+        self.kernels: list[Kernel] = []
+        self.compiled: dict[tuple, str] = {}  # a kernel's code (its name and tags left out) -> its function's name
+        self.last: func.FuncOp | None = None
+        self.values: dict[int, ir.Value] = {}
+        # the ops the schedule (jit.py) tiles and vectorizes: (tag, "matmul" | "elementwise" | "reduction",
+        # the shape of the dims it tiles (None where unknown at compile time), element type, and for each
+        # result dim the tiled dim it comes from (-1: a kept size-1 dim))
+        self.tiled: list[tuple[str, str, tuple, str, tuple]] = []
+        # In scalar mode (a mask or score region inlined into a loop body) values are scalars and every
+        # elementwise op is its arith body alone.
+        self.scalar_mode = False
+        self.untiled = False
+        # Dims (by value) built as another size: a kernel that runs a region on slices of its inputs sets
+        # them — the fused scan's channel blocks (None: dynamic), a grouped GEMM's panels (PANEL columns).
+        self.dim_map: dict = {}
+
+    # ---- kernels ------------------------------------------------------------------------------------------
+    def kernel(self, op: Operation) -> Kernel | None:
+        """The kernel computing `op`, or None for an op the host runs (CpuLoweringError, naming the op and its
+        line, if there is neither)."""
+        half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
+        if half:
+            raise CpuLoweringError(f"'{op.NAME}' on {half.pop()} is not supported by the cpu backend yet (its "
+                                   "kernels are float32; cast to f32 or use the triton target)", op.loc)
+        rule = KERNELS.find(op)
+        if rule is host:
+            return None
+        start = len(self.tiled)
+        k = rule(self, op) if rule is not None else self.dense(op)
+        k = self.reuse(k, start)
+        self.kernels.append(k)
+        return k
+
+    def reuse(self, k: Kernel, start: int) -> Kernel:
+        """k, or an earlier kernel with the same code (a model's layers repeat their ops at the same shapes):
+        k's function is then dropped, with its schedule entries (tiled[start:]), and never compiled."""
+        fn = self.last  # k's function, the one `function` made last
+        tags = {t[0]: f"sparsa.tile#{i}" for i, t in enumerate(self.tiled[start:])}
+        text = re.sub(r"sparsa\.tile\d+\b", lambda m: tags.get(m.group(0), m.group(0)),
+                      str(fn).replace(f"@{k.name}(", "@kernel(", 1))
+        key = (text, tuple(t[1:] for t in self.tiled[start:]))
+        same = self.compiled.setdefault(key, k.name)
+        if same == k.name:
+            return k
+        fn.operation.erase()
+        del self.tiled[start:]
+        return dataclasses.replace(k, name=same)
+
+    def function(self, op: Operation, types: list[TensorType], parts: bool) -> tuple:
+        """An empty kernel function for `op` over memrefs of `types` (operands, then outputs), with
+        (part, parts) index arguments when it splits its work."""
+        name = f"k{len(self.kernels)}_{op.NAME.replace('.', '_')}"
+        args = [memref_type(t) for t in types] + [ir.IndexType.get()] * (2 if parts else 0)
+        with ir.InsertionPoint(self.module.body):
+            fn = self.last = func.FuncOp(name, ir.FunctionType.get(args, []))
+            fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
+            entry = fn.add_entry_block()
+        return name, entry
+
+    def dense(self, op: Operation) -> Kernel:
+        """An op of Lowering, on tensor views of its memrefs; written straight into the output."""
+        if op.regions and any(not r.empty for r in op.regions):
+            hint = " (run the fuse-moe-gating and fuse-moe-dispatch passes first)" if op.NAME == "moe.moe" else " yet"
+            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend{hint}", op.loc)
+        inputs = list(op.operands)
+        split, cut = self.row_split(op)
+        rows = op.results[0].type.shape[0] if split == "rows" else None
+        if isinstance(rows, int):  # a static dim 0 the host cuts: dynamic in the kernel
+            self.dim_map = {rows: None}
+        types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [r.type for r in op.results]]
+        name, entry = self.function(op, types, False)
+        with ir.InsertionPoint(entry):
+            for v, m in zip(inputs, entry.arguments, strict=False):
+                self.values[id(v)] = B.read(m)
+            self.lower(op)
+            for r, m in zip(op.results, entry.arguments[len(inputs):], strict=True):
+                B.write(self.get(r), m)
+            func.ReturnOp([])
+        self.dim_map = {}
+        return Kernel(name, op, inputs, list(op.results), split, cut)
+
+    def row_split(self, op: Operation) -> tuple[str, list[bool]]:
+        """Whether the host may cut this op along dim 0 (a dim it only carries through)."""
+        out = op.results[0].type if len(op.results) == 1 else None
+        if out is None or out.rank == 0 or out.shape[0] in (None, 0, 1):
+            return "none", []
+        cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
+        if isinstance(op, Elementwise):  # every operand that has the dim is cut along it
+            return "rows", cut
+        if isinstance(op, S.MatmulOp):
+            if out.rank == 2:
+                cut = [cut[0], False]
+            return "rows", cut
+        if isinstance(op, R.ReduceOp) and 0 not in {a % op.x.type.rank for a in op.axes}:
+            return "rows", cut
+        if isinstance(op, R.SoftmaxOp | R.RmsNormOp | R.LayerNormOp) and op.x.type.rank > 1 and \
+                (getattr(op, "axis", -1) % op.x.type.rank) != 0:
+            return "rows", [cut[0]] + [False] * (len(cut) - 1)
+        return "none", []
+
+    def plain(self, op: Operation, inputs: list[Value], build: Callable[..., None], parts: bool = False) -> Kernel:
+        """A kernel of `op` reading `inputs` and writing its results; `build(*memrefs)` makes the body."""
+        name, entry = self.function(op, [v.type for v in inputs] + [r.type for r in op.results], parts)
+        with ir.InsertionPoint(entry):
+            build(*entry.arguments)
+            func.ReturnOp([])
+        return Kernel(name, op, inputs, list(op.results), "parts" if parts else "none")
+
+    # ---- values in a kernel body ------------------------------------------------------------------------
+    def lower(self, op: Operation) -> None:
+        """op's values from its operands' (already built), by its LOWERINGS rule."""
+        rule = LOWERINGS.find(op)
+        if rule is None:
+            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend", op.loc)
+        out = rule(self, op)
+        results = out if isinstance(out, tuple) else (out,)
+        for r, v in zip(op.results, results, strict=True):
+            self.values[id(r)] = v
+
+    def get(self, v: Value) -> ir.Value:
+        return self.values[id(v)]
+
+    def elementwise(self, op: Operation, fn: Any) -> ir.Value:
+        if self.scalar_mode:
+            return fn(*[self.get(v) for v in op.operands])
+        out = op.results[0].type
+        operands = [(self.get(v), v.type) for v in op.operands]
+        init = self.empty_like_dims(out, self.out_sources(out, operands))
+        ins = [(v, self.broadcast_exprs(t, out.rank)) for v, t in operands]
+        ident = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+        result = self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: fn(*a[:-1]))
+        if out.rank:
+            self.tag(result, "elementwise", out)
+        return result
+
+    def dim(self, v: ir.Value, i: int) -> ir.Value:
+        return tensor.DimOp(v, arith.ConstantOp(ir.IndexType.get(), i).result).result
+
+    def empty_like_dims(self, t: TensorType, sources: list[tuple[ir.Value, int]]) -> ir.Value:
+        """tensor.empty of type t; each dynamic dim is read from (source value, source axis)."""
+        shape = self.shape(t)
+        dyn = [self.dim(src, axis) for d, (src, axis) in zip(shape, sources, strict=True) if not isinstance(d, int)]
+        it = iter(dyn)
+        return tensor.EmptyOp([d if isinstance(d, int) else next(it) for d in shape], element_type(t.dtype)).result
+
+    def shape(self, t: TensorType) -> tuple:
+        """t's shape as built (`dim_map` applied)."""
+        return tuple(self.dim_map.get(d, d) for d in t.shape)
+
+    def out_sources(self, out: TensorType, operands: list[tuple[ir.Value, TensorType]]) -> list[tuple[ir.Value, int]]:
+        """For each output axis, an operand axis of the same (broadcast) size to read a dynamic size from."""
+        sources = []
+        for axis in range(out.rank):
+            found = None
+            for v, t in operands:
+                a = axis - (out.rank - t.rank)
+                if a >= 0 and t.shape[a] != 1:
+                    found = (v, a)
+                    break
+            sources.append(found or (operands[0][0], 0))
+        return sources
+
+    def generic(self, out: TensorType, inputs: list[tuple[ir.Value, list]], init: ir.Value, kinds: list[str],
+                out_exprs: list, body: Any) -> ir.Value:
+        rank = len(kinds)
+        op = linalg.GenericOp([tensor_type(out.with_shape(self.shape(out)))], [v for v, _ in inputs], [init],
+                              B.maps(rank, [e for _, e in inputs] + [out_exprs]), B.iterators(kinds))
+        args = [ir.RankedTensorType(v.type).element_type for v, _ in inputs] + [element_type(out.dtype)]
+        block = op.regions[0].blocks.append(*args)
+        with ir.InsertionPoint(block):
+            linalg.YieldOp([body(*block.arguments)])
+        return op.result
+
+    def broadcast_exprs(self, t: TensorType, out_rank: int) -> list:
+        """Affine exprs reading operand type t inside an out_rank iteration space (NumPy broadcasting)."""
+        lead = out_rank - t.rank
+        return [ir.AffineConstantExpr.get(0) if d == 1 else ir.AffineDimExpr.get(lead + i)
+                for i, d in enumerate(t.shape)]
+
+    def tag(self, result: ir.Value, kind: str, space: TensorType, out_dims: tuple | None = None) -> None:
+        """Mark the op of `result` for the schedule (jit.py) to tile and vectorize over `space`'s dims.
+        Not inside a kernel's own loops (`untiled`): there, tiling every op and peeling its tails makes
+        bufferization's analysis take seconds per kernel."""
+        if self.untiled:
+            return
+        owner = result.owner
+        if any(isinstance(v.type, ir.ShapedType) and v.type.element_type == ir.IntegerType.get_signless(1)
+               for v in list(owner.operands) + list(owner.results)):
+            return  # bool tiles stay scalar loops: a vector of i1 is stored bit-packed, a bool array a byte each
+        tag = f"sparsa.tile{len(self.tiled)}"
+        result.owner.attributes[tag] = ir.UnitAttr.get()
+        shape = tuple(d if isinstance(d, int) else None for d in self.shape(space))
+        dims = tuple(range(space.rank)) if out_dims is None else out_dims
+        self.tiled.append((tag, kind, shape, str(element_type(space.dtype)), dims))
+
+    def zero_filled(self, t: TensorType, sources: list[tuple[ir.Value, int]], value: float | int = 0.0) -> ir.Value:
+        init = self.empty_like_dims(t, sources)
+        return linalg.fill(scalar_constant(element_type(t.dtype), value), outs=[init])
+
+    def inline(self, region: Region, args: list[ir.Value], scalar: bool) -> list[ir.Value]:
+        """The values a region yields, its ops lowered here on `args` (scalars in scalar mode)."""
+        saved = self.scalar_mode
+        self.scalar_mode = scalar
+        try:
+            for a, v in zip(region.block.args, args, strict=True):
+                self.values[id(a)] = v
+            for op in region.block.ops:
+                if op.TERMINATOR:
+                    return [self.get(v) for v in op.operands]
+                self.lower(op)
+        finally:
+            self.scalar_mode = saved
+        raise CpuLoweringError("region without a terminator")
+
+    def matmul_tile(self, a: ir.Value, b: ir.Value, m: ir.Value, n: ir.Value, et: ir.Type,
+                    init: ir.Value | None = None) -> ir.Value:
+        """a [m, k] @ b [k, n] as a tagged linalg matmul the schedule tiles."""
+        if init is None:
+            init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([m, n], et)])
+        d = [ir.AffineDimExpr.get(i) for i in range(3)]
+        res_t = init.type
+        g = linalg.GenericOp([res_t], [a, b], [init], B.maps(3, [[d[0], d[2]], [d[2], d[1]], [d[0], d[1]]]),
+                             B.iterators([PARALLEL, PARALLEL, REDUCTION]))
+        block = g.regions[0].blocks.append(et, et, et)
+        with ir.InsertionPoint(block):
+            x, y, acc = block.arguments
+            linalg.YieldOp([arith.AddFOp(acc, arith.MulFOp(x, y).result).result])
+        shape = tuple(s if s != B.DYN() else None for s in ir.RankedTensorType(res_t).shape)
+        self.tag(g.result, "matmul", TensorType(dtype_of(et), shape))
+        return g.result
+
+    def tile_map(self, inputs: list[tuple[ir.Value, list]], sizes: list[ir.Value], et: ir.Type, body,
+                 tag: bool = False) -> ir.Value:
+        """An elementwise generic over a tile of `sizes` (inputs with their affine exprs)."""
+        rank = len(sizes)
+        d = [ir.AffineDimExpr.get(i) for i in range(rank)]
+        init = B.empty(sizes, et)
+        g = linalg.GenericOp([init.type], [v for v, _ in inputs], [init], B.maps(rank, [e for _, e in inputs] + [d]),
+                             B.iterators([PARALLEL] * rank))
+        block = g.regions[0].blocks.append(*[ir.RankedTensorType(v.type).element_type for v, _ in inputs], et)
+        with ir.InsertionPoint(block):
+            linalg.YieldOp([body(*block.arguments[:-1])])
+        if tag:
+            self.tag(g.result, "elementwise", TensorType(dtype_of(et), (None,) * rank))
+        return g.result
+
+    def row_reduce(self, x: ir.Value, start: float, combine, tag: bool = False) -> ir.Value:
+        """[n, m] -> [n]: combine(acc, v) over each row."""
+        et = ir.RankedTensorType(x.type).element_type
+        init = linalg.fill(B.c_float(start, et), outs=[B.empty([B.mdim(x, 0)], et)])
+        d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
+        g = linalg.GenericOp([init.type], [x], [init], B.maps(2, [[d0, d1], [d0]]), B.iterators([PARALLEL, REDUCTION]))
+        block = g.regions[0].blocks.append(et, et)
+        with ir.InsertionPoint(block):
+            v, acc = block.arguments
+            linalg.YieldOp([combine(acc, v)])
+        if tag:
+            self.tag(g.result, "reduction", TensorType(dtype_of(et), (None, None)), (0,))
+        return g.result
+
+    def recurrence(self, out: ir.Value, axis: int, operands: list[tuple[ir.Value, TensorType]],
+                   h0: tuple[ir.Value, TensorType] | None, start: float | int,
+                   step: Callable[..., ir.Value]) -> None:
+        """out[t] = step(operands at t..., out[t-1]) along `axis`, with out[-1] = h0 (or `start`). The
+        operands broadcast to out (NumPy rules); each step is one generic over the other axes."""
+        rank = ir.MemRefType(out.type).rank
+        d = [ir.AffineDimExpr.get(i) for i in range(rank)]
+        kinds = [PARALLEL] * rank
+        et = ir.MemRefType(out.type).element_type
+        sizes = B.sizes_of(out)
+        sizes[axis] = 1
+        f = B.loop(0, B.mdim(out, axis))
+        with ir.InsertionPoint(f.body):
+            t = f.induction_variable
+            ins = [self.step_view(m, tt, axis, rank, t) for m, tt in operands]
+            cur = B.subview(out, [t if i == axis else 0 for i in range(rank)], sizes)
+            first = B.if_(B.cmpi("eq", t, B.c_index(0)), has_else=True)
+            with ir.InsertionPoint(first.then_block):
+                if h0 is None:
+                    B.memref_generic(ins, cur, d, kinds, lambda *a: step(*a[:-1], scalar_constant(et, start)))
+                else:
+                    state = [i for i in range(rank) if i != axis]
+                    lead = len(state) - h0[1].rank
+                    exprs = [ir.AffineConstantExpr.get(0) if s == 1 else d[state[lead + j]]
+                             for j, s in enumerate(h0[1].shape)]
+                    B.memref_generic(ins + [(h0[0], exprs)], cur, d, kinds, lambda *a: step(*a[:-1]))
+                scf.YieldOp([])
+            with ir.InsertionPoint(first.else_block):
+                prev = B.subview(out, [B.sub(t, B.c_index(1)) if i == axis else 0 for i in range(rank)], sizes)
+                B.memref_generic(ins + [(prev, d)], cur, d, kinds, lambda *a: step(*a[:-1]))
+                scf.YieldOp([])
+            scf.YieldOp([])
+
+    def step_view(self, m: ir.Value, t: TensorType, axis: int, rank: int, step: ir.Value) -> tuple[ir.Value, list]:
+        """Step `step` along `axis` of an operand right-aligned to a rank-`rank` output, with its exprs
+        (an operand without the axis is the same at every step)."""
+        exprs = self.broadcast_exprs(t, rank)
+        pos = axis - (rank - t.rank)
+        if pos < 0 or t.shape[pos] == 1:
+            return m, exprs
+        sizes = B.sizes_of(m)
+        sizes[pos] = 1
+        return B.subview(m, [step if i == pos else 0 for i in range(t.rank)], sizes), exprs

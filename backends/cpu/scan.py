@@ -1,0 +1,209 @@
+"""cpu lowerings of the `scan` dialect: the unfused first-order scan (a loop over time around a generic on
+one step), the fused scan streamed over time in blocks of channels with the state in cache, and the
+matrix-state linear-attention scan."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, memref, scf
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.build import Size
+from sparsa.backends.cpu.context import (
+    KERNELS,
+    LAUNCHES,
+    PARALLEL,
+    REDUCTION,
+    CpuLoweringError,
+    KernelContext,
+    element_type,
+)
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.threads import num_threads
+from sparsa.ir.core import Operation
+from sparsa.ir.dialects import scan as SC
+from sparsa.ir.types import TensorType, numpy_dtype
+
+SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
+
+
+@KERNELS.lowers(SC.ScanOp)
+def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """h[t] = a[t] * h[t-1] + b[t] along the axis (the unfused scan; fuse-scan usually replaces it)."""
+    inputs = [op.a, op.b] + ([op.h0] if op.h0 is not None else [])
+    axis = op.axis % op.result.type.rank
+
+    def build(*args: ir.Value) -> None:
+        h0 = (args[2], op.h0.type) if op.h0 is not None else None
+        cx.recurrence(args[len(inputs)], axis, [(args[0], op.a.type), (args[1], op.b.type)], h0, 0.0,
+                        lambda a, b, h: arith.AddFOp(arith.MulFOp(a, h).result, b).result)
+
+    return cx.plain(op, inputs, build)
+
+
+# ---- scans ----------------------------------------------------------------------------------------
+@KERNELS.lowers(SC.FusedScanOp)
+def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """h = a_t * h + b_t streamed over time: per step the producer region makes a_t, b_t from step t of
+    the inputs, the consumer reduces h to y_t, stored at step t of the output; h is never stored.
+
+    Where a state dim runs through to the output (Mamba's channels), the kernel takes SCAN_BLOCK of it
+    at a time, every time step for one block before the next: the block's state and temporaries stay
+    in L1, and blocks are split over threads (part, parts)."""
+    inputs = list(op.inputs)
+    rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
+    y_type = op.consumer.block.terminator.operands[0].type
+    channel = _channel_dim(op, y_type)
+    name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
+    args = entry.arguments
+    out, part, parts = args[len(inputs):]
+    dt = op.result.type.dtype
+    et = element_type(dt)
+    with ir.InsertionPoint(entry):
+        ts = [B.read(m) for m in args[:len(inputs)]]
+        state = TensorType(dt, tuple(op.state))
+        sources = cx.out_sources(state, [(t, v.type) for t, v in zip(ts, inputs, strict=True)])
+        timed = [(t, v) for t, v in zip(ts, inputs, strict=True)
+                 if 0 <= axis - (rank - v.type.rank) and v.type.shape[axis - (rank - v.type.rank)] != 1]
+        if not timed:
+            raise CpuLoweringError("a fused scan needs an input that runs over time", op.loc)
+        L = B.mdim(timed[0][0], axis - (rank - timed[0][1].type.rank))
+        sizes = [1 if i == axis else (d if isinstance(d, int) else B.mdim(*sources[i])) for i, d in
+                 enumerate(state.shape)]
+        if channel is None:  # one block: the whole state, on the first thread
+            blocks, width = B.select(B.cmpi("eq", part, B.c_index(0)), B.c_index(1), B.c_index(0)), None
+        else:
+            c, yc = channel
+            total = B.as_index(sizes[c])
+            blocks = B.ceil_div(total, SCAN_BLOCK)
+            cx.dim_map = {state.shape[c]: None}
+        chunks = B.loop(part, blocks, parts)
+        with ir.InsertionPoint(chunks.body):
+            views, offs_y, ysz = ts, {}, {}
+            block_sizes = list(sizes)
+            if channel is not None:
+                c0 = B.mul(chunks.induction_variable, B.c_index(SCAN_BLOCK))
+                width = B.minsi(B.c_index(SCAN_BLOCK), B.sub(total, c0))
+                views = [aligned_slice(cx, t, v.type, c, rank, c0, width) for t, v in zip(ts, inputs, strict=True)]
+                block_sizes[c] = width
+                offs_y, ysz = {yc: c0}, {yc: width}
+            h0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty(block_sizes, et)])
+            cx.untiled = True
+            loop = B.loop(0, L, 1, [h0])
+            with ir.InsertionPoint(loop.body):
+                t = loop.induction_variable
+                sliced = [aligned_slice(cx, x, v.type, axis, rank, t, 1)
+                          for x, v in zip(views, inputs, strict=True)]
+                a, bb = cx.inline(op.producer, sliced[:n], False)
+                prod_types = [v.type for v in op.producer.block.terminator.operands]
+                h = loop.inner_iter_args[0]
+                dd = [ir.AffineDimExpr.get(i) for i in range(rank)]
+                step = state.with_shape(tuple(1 if i == axis else d for i, d in enumerate(state.shape)))
+                # updated in place (h is the generic's own output), so the loop carries one buffer
+                new = cx.generic(step, [(a, cx.broadcast_exprs(prod_types[0], rank)),
+                                          (bb, cx.broadcast_exprs(prod_types[1], rank))], h,
+                                   [PARALLEL] * rank, dd,
+                                   lambda x, y, hv: arith.AddFOp(arith.MulFOp(x, hv).result, y).result)
+                (y,) = cx.inline(op.consumer, [new] + sliced[n:], False)
+                yt = ir.RankedTensorType(y.type)
+                offs = [t if i == op.out_axis else offs_y.get(i, 0) for i in range(yt.rank)]
+                ysizes = [1 if i == op.out_axis else ysz.get(i, s if s != B.DYN() else B.mdim(y, i))
+                          for i, s in enumerate(yt.shape)]
+                B.write(y, B.subview(out, offs, ysizes))
+                scf.YieldOp([new])
+            cx.untiled = False
+            scf.YieldOp([])
+        cx.dim_map = {}
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result], "parts")
+
+
+def aligned_slice(cx: KernelContext, x: ir.Value, t: TensorType, axis: int, rank: int, offset: ir.Value,
+                  size: Size) -> ir.Value:
+    """Elements offset..offset+size along state axis `axis` of an input of type t right-aligned to the
+    rank-`rank` state (an input without that axis, or with size 1 there, is taken whole). Sizes come
+    from x itself, which may already be a slice."""
+    pos = axis - (rank - t.rank)
+    if pos < 0 or t.shape[pos] == 1:
+        return x
+    sizes = B.sizes_of(x)
+    sizes[pos] = size
+    return B.slice_tensor(x, [offset if i == pos else 0 for i in range(t.rank)], sizes)
+
+
+# ---- the matrix-state scan -----------------------------------------------------------------------------
+@KERNELS.lowers(SC.LinearAttentionOp)
+def linear_attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """S_t = a_t S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, streamed over time with the [Dk, Dv] state in one
+    buffer that stays in cache; the [L, Dk, Dv] states are never stored. The host flattens the batch
+    dims (q, k, v: [N, L, D], a: [N, L]) and the N sequences are split over threads. The recurrent form
+    does Dk*Dv*4 flops a step, fewer than the chunked form's (`chunk` is the GPU kernel's blocking)."""
+    dt = op.result.type.dtype
+    dk, dv = op.q.type.shape[-1], op.v.type.shape[-1]
+    flat = [TensorType(dt, (None, None, dk)), TensorType(dt, (None, None, dk)), TensorType(dt, (None, None, dv)),
+            TensorType(dt, (None, None)), TensorType(dt, (None, None, dv))]
+    name, entry = cx.function(op, flat, True)
+    q, k, v, a, out, part, parts = entry.arguments
+    et = element_type(dt)
+    with ir.InsertionPoint(entry):
+        Dk, Dv = B.mdim(q, 2), B.mdim(v, 2)
+        state = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN()], et), [Dk, Dv], []).result
+        zero = B.c_float(0.0, et)
+        seqs = B.loop(part, B.mdim(q, 0), parts)
+        with ir.InsertionPoint(seqs.body):
+            n = seqs.induction_variable
+            B.memref_generic([], state, [ir.AffineDimExpr.get(i) for i in range(2)], [PARALLEL] * 2, lambda _: zero)
+            steps = B.loop(0, B.mdim(q, 1))
+            with ir.InsertionPoint(steps.body):
+                t = steps.induction_variable
+                decay = B.load(a, n, t)
+                qt, kt = (B.subview(m, [n, t, 0], [1, 1, Dk], drop=[0, 1]) for m in (q, k))
+                vt = B.subview(v, [n, t, 0], [1, 1, Dv], drop=[0, 1])
+                ot = B.subview(out, [n, t, 0], [1, 1, Dv], drop=[0, 1])
+                i, j = [ir.AffineDimExpr.get(i) for i in range(2)]
+                B.memref_generic([(kt, [i]), (vt, [j])], state, [i, j], [PARALLEL] * 2,
+                                 lambda kv, vv, s: arith.AddFOp(arith.MulFOp(decay, s).result,
+                                                                arith.MulFOp(kv, vv).result).result)
+                B.memref_generic([], ot, [ir.AffineDimExpr.get(0)], [PARALLEL], lambda _: zero)
+                # i (the reduction) outside, j inside: rows of the state are read contiguously
+                B.memref_generic([(state, [i, j]), (qt, [i])], ot, [j], [REDUCTION, PARALLEL],
+                                 lambda s, qv, o: arith.AddFOp(o, arith.MulFOp(s, qv).result).result)
+                scf.YieldOp([])
+            scf.YieldOp([])
+        func.ReturnOp([])  # the deallocation pass frees the state
+    return Kernel(name, op, [op.q, op.k, op.v, op.a], [op.result], "parts")
+
+
+def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
+    """A state dim of a fused scan that the consumer keeps, to cut the work into blocks along: (its axis in
+    the state, its axis in the consumer's result). Matched by size (symbol or number), so it must occur once
+    in each, other than the time axis, and every input must have it whole or not at all (size 1). The
+    last such dim is taken (contiguous blocks of the innermost kept axis)."""
+    state = list(op.state)
+    rank = len(state)
+    for c in reversed(range(rank)):
+        d = state[c]
+        if c == op.axis or d is None or d == 1 or state.count(d) != 1 or list(y.shape).count(d) != 1:
+            continue
+        yc = list(y.shape).index(d)
+        if yc == op.out_axis:
+            continue
+        if all(v.type.shape[c - (rank - v.type.rank)] in (1, d) for v in op.inputs if c - (rank - v.type.rank) >= 0):
+            return c, yc
+    return None
+
+
+@LAUNCHES.lowers(SC.LinearAttentionOp)
+def launch_linear_attention(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """q, k, v and the decay broadcast to their common leading dims and flattened to [N, L, .] sequences."""
+    op = k.op
+    lead = np.broadcast_shapes(*(a.shape[:-1] for a in ins[:3]), ins[3].shape)
+    flat = [np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-1:])).reshape(-1, *lead[-1:], a.shape[-1])
+            for a in ins[:3]]
+    flat.append(np.ascontiguousarray(np.broadcast_to(ins[3], lead)).reshape(-1, lead[-1]))
+    out = np.empty(flat[0].shape[:2] + ins[2].shape[-1:], numpy_dtype(op.result.type.dtype))
+    fn.parts(k, flat + [out], num_threads())
+    return [out.reshape(lead + ins[2].shape[-1:])]

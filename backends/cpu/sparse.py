@@ -1,0 +1,110 @@
+"""cpu lowerings of the `sparse` dialect: BSR and N:M matmuls over the stored blocks only, a dense product
+for sparse values that are not weights; layouts are packed by the host (once, for weights)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, scf
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.context import (
+    KERNELS,
+    LAUNCHES,
+    LOWERINGS,
+    PARALLEL,
+    REDUCTION,
+    KernelContext,
+    element_type,
+    host,
+)
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.tensor_shape import matmul
+from sparsa.backends.cpu.threads import num_threads
+from sparsa.ir.core import Operation
+from sparsa.ir.dialects import sparse as SP
+from sparsa.ir.types import TensorType, numpy_dtype
+
+# layout checks and packings whose sizes depend on the data: the host (the weights' once, cached)
+KERNELS.lowers(SP.ConvertOp, SP.PackBsrOp, SP.PackNmOp)(host)
+
+
+@LOWERINGS.lowers(SP.SparseMatmulOp)
+def lower_sparse_matmul(cx: KernelContext, op: Operation) -> ir.Value:
+    """x @ w for a sparse-layout w that is not a weight (lower-sparse-weights packs the weights): the
+    value is the dense product."""
+    return matmul(cx, op, op.x, op.w)
+
+
+# ---- sparse weights ---------------------------------------------------------------------------------
+@KERNELS.lowers(SP.BsrMatmulOp)
+def bsr_matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """x [M, K] @ W with W in BSR: for each stored block (r, c), out[:, c] += x[:, r] @ block; the
+    empty blocks cost nothing. The host passes x and the output as 2-D and splits M across threads."""
+    x2 = TensorType(op.x.type.dtype, (None, op.x.type.shape[-1]))
+    out2 = TensorType(op.result.type.dtype, (None, op.cols))
+    name, entry = cx.function(op, [x2, op.row_ptr.type, op.col_idx.type, op.blocks.type, out2], False)
+    x, row_ptr, col_idx, blocks, out = entry.arguments
+    et = element_type(out2.dtype)
+    with ir.InsertionPoint(entry):
+        xt, bt = B.read(x), B.read(blocks)
+        M = B.mdim(x, 0)
+        br, bc = B.mdim(blocks, 1), B.mdim(blocks, 2)
+        acc0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty([M, op.cols], et)])
+        rows = B.loop(0, B.sub(B.mdim(row_ptr, 0), B.c_index(1)), 1, [acc0])
+        with ir.InsertionPoint(rows.body):
+            r = rows.induction_variable
+            xs = B.slice_tensor(xt, [0, B.mul(r, br)], [M, br])
+            stored = B.loop(B.load(row_ptr, r), B.load(row_ptr, B.add(r, B.c_index(1))), 1,
+                            [rows.inner_iter_args[0]])
+            with ir.InsertionPoint(stored.body):
+                i, acc = stored.induction_variable, stored.inner_iter_args[0]
+                c0 = B.mul(B.as_index(B.load(col_idx, i)), bc)
+                blk = B.slice_tensor(bt, [i, 0, 0], [1, br, bc], drop=[0])
+                cur = B.slice_tensor(acc, [0, c0], [M, bc])
+                new = cx.matmul_tile(xs, blk, M, bc, et, init=cur)
+                scf.YieldOp([B.insert_slice(new, acc, [0, c0], [M, bc])])
+            scf.YieldOp([stored.results[0]])
+        B.write(rows.results[0], out)
+        func.ReturnOp([])
+    return Kernel(name, op, list(op.operands), [op.result], "rows", [True, False, False, False])
+
+
+@KERNELS.lowers(SP.NmMatmulOp)
+def nm_matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """x [M, K] @ W with W stored N:M along K: each output reads only the n kept inputs of every m."""
+    x2 = TensorType(op.x.type.dtype, (None, op.x.type.shape[-1]))
+    out2 = TensorType(op.result.type.dtype, (None, op.values.type.shape[1]))
+    name, entry = cx.function(op, [x2, op.values.type, op.indices.type, out2], False)
+    x, values, indices, out = entry.arguments
+    et = element_type(out2.dtype)
+    with ir.InsertionPoint(entry):
+        xt, vt, it = B.read(x), B.read(values), B.read(indices)
+        M, N = B.mdim(x, 0), B.mdim(values, 1)
+        init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([M, N], et)])
+        d = [ir.AffineDimExpr.get(i) for i in range(3)]
+        g = linalg.GenericOp([init.type], [vt, it], [init], B.maps(3, [[d[2], d[1]], [d[2], d[1]], [d[0], d[1]]]),
+                             B.iterators([PARALLEL, PARALLEL, REDUCTION]))
+        block = g.regions[0].blocks.append(et, ir.IntegerType.get_signless(8), et)
+        with ir.InsertionPoint(block):
+            w, off, acc = block.arguments
+            kk = linalg.IndexOp(2).result
+            col = B.add(B.mul(arith.DivUIOp(kk, B.c_index(op.n)).result, B.c_index(op.m)), B.as_index(off))
+            xv = B.extract(xt, linalg.IndexOp(0).result, col)
+            linalg.YieldOp([arith.AddFOp(acc, arith.MulFOp(xv, w).result).result])
+        B.write(g.result, out)
+        func.ReturnOp([])
+    return Kernel(name, op, list(op.operands), [op.result], "rows", [True, False, False])
+
+
+@LAUNCHES.lowers(SP.BsrMatmulOp, SP.NmMatmulOp)
+def launch_rows(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """x as 2-D rows, split over threads with the output."""
+    op = k.op
+    shape = host.shape_of(op.result.type)
+    x = ins[0].reshape(-1, ins[0].shape[-1])
+    out = np.empty((x.shape[0], shape[-1]), numpy_dtype(op.result.type.dtype))
+    fn.rows(k, [x] + ins[1:], out, [True] + k.rows[1:], num_threads())
+    return [out.reshape(shape)]

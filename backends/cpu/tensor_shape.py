@@ -1,0 +1,161 @@
+"""cpu lowerings of the `tensor` dialect's shape part: matmul (NumPy's rules, register-tiled by the schedule
+when both sides are matrices), transpose, expand_dims and squeeze in kernel bodies, gathers (single elements in
+scalar mode), concat as copies into slices of the output; the views the host takes without a kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch_mlir import ir
+from torch_mlir.dialects import arith, linalg, tensor
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.context import (
+    KERNELS,
+    LAUNCHES,
+    LOWERINGS,
+    PARALLEL,
+    REDUCTION,
+    CpuLoweringError,
+    KernelContext,
+    host,
+)
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.ir.core import Operation, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.types import TensorType, is_float
+
+# views: the host reshapes, slices and broadcasts without moving data
+KERNELS.lowers(S.ReshapeOp, S.ExpandDimsOp, S.SqueezeOp, S.SplitOp, S.BroadcastToOp, S.SliceOp)(host)
+
+
+@LOWERINGS.lowers(S.MatmulOp)
+def lower_matmul(cx: KernelContext, op: Operation) -> ir.Value:
+    return matmul(cx, op, op.lhs, op.rhs)
+
+
+def matmul(cx: KernelContext, op: Operation, lhs: Value, rhs: Value) -> ir.Value:
+    """NumPy's matmul: batch dims broadcast; a 1-D lhs is a row and a 1-D rhs a column, dropped from the
+    result. Tagged for the register-tiled schedule when both sides are matrices."""
+    a, b = lhs.type, rhs.type
+    out = op.result.type
+    if a.rank < 1 or b.rank < 1 or not is_float(out.dtype):
+        raise CpuLoweringError("cpu matmul needs float operands of rank >= 1", op.loc)
+    has_m, has_n = a.rank >= 2, b.rank >= 2
+    nb = out.rank - has_m - has_n
+    d = [ir.AffineDimExpr.get(i) for i in range(out.rank + 1)]
+    m, n, k = d[nb], d[nb + has_m], d[out.rank]
+    ba, bb = a.shape[:-2], b.shape[:-2]
+    batch_a = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - len(ba) + i] for i, s in enumerate(ba)]
+    batch_b = [ir.AffineConstantExpr.get(0) if s == 1 else d[nb - len(bb) + i] for i, s in enumerate(bb)]
+    av, bv = cx.get(lhs), cx.get(rhs)
+    sources = cx.out_sources(TensorType(out.dtype, out.shape[:nb]), [(av, a.with_shape(ba)),
+                                                                      (bv, b.with_shape(bb))])
+    sources += [(av, a.rank - 2)] * has_m + [(bv, b.rank - 1)] * has_n
+    init = cx.zero_filled(out, sources)
+    result = cx.generic(out, [(av, batch_a + [m] * has_m + [k]), (bv, batch_b + [k] + [n] * has_n)], init,
+                          [PARALLEL] * out.rank + [REDUCTION], d[:out.rank],
+                          lambda x, y, acc: arith.AddFOp(acc, arith.MulFOp(x, y).result).result)
+    if has_m and has_n:
+        cx.tag(result, "matmul", out)
+    return result
+
+
+@LOWERINGS.lowers(S.TransposeOp)
+def lower_transpose(cx: KernelContext, op: Operation) -> ir.Value:
+    out = op.result.type
+    x = cx.get(op.x)
+    d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+    src = [None] * out.rank
+    for i, p in enumerate(op.perm):
+        src[p] = d[i]
+    init = cx.empty_like_dims(out, [(x, p) for p in op.perm])
+    return cx.generic(out, [(x, src)], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+
+@LOWERINGS.lowers(S.ExpandDimsOp)
+def lower_expand_dims(cx: KernelContext, op: Operation) -> ir.Value:
+    out = op.result.type
+    x = cx.get(op.x)
+    new = {a % out.rank for a in op.axes}
+    d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+    kept = [i for i in range(out.rank) if i not in new]
+    init = cx.empty_like_dims(out, [(x, kept.index(i)) if i in kept else (x, 0) for i in range(out.rank)])
+    return cx.generic(out, [(x, [d[i] for i in kept])], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+
+@LOWERINGS.lowers(S.SqueezeOp)
+def lower_squeeze(cx: KernelContext, op: Operation) -> ir.Value:
+    out, t = op.result.type, op.x.type
+    x = cx.get(op.x)
+    gone = {a % t.rank for a in op.axes}
+    kept = [i for i in range(t.rank) if i not in gone]
+    d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+    src = [ir.AffineConstantExpr.get(0) if i in gone else d[kept.index(i)] for i in range(t.rank)]
+    init = cx.empty_like_dims(out, [(x, i) for i in kept])
+    return cx.generic(out, [(x, src)], init, [PARALLEL] * out.rank, d, lambda v, _: v)
+
+
+@LOWERINGS.lowers(S.GatherOp)
+def lower_gather(cx: KernelContext, op: Operation) -> ir.Value:
+    x, t = cx.get(op.x), op.x.type
+    n = len(op.indices)
+    if cx.scalar_mode:
+        if n != t.rank:
+            raise CpuLoweringError("a gather inside a mask must pick single elements", op.loc)
+        return tensor.ExtractOp(x, [wrapped(cx, cx.get(i), x, a) for a, i in enumerate(op.indices)]).result
+    out = op.result.type
+    lead = out.rank - (t.rank - n)
+    lead_type = TensorType(out.dtype, out.shape[:lead])
+    operands = [(cx.get(i), i.type) for i in op.indices]
+    sources = cx.out_sources(lead_type, operands) + [(x, n + j) for j in range(t.rank - n)]
+    init = cx.empty_like_dims(out, sources)
+    d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+    ins = [(v, cx.broadcast_exprs(it, lead)) for v, it in operands]
+
+    def body(*args: ir.Value) -> ir.Value:
+        picks = [wrapped(cx, v, x, a) for a, v in enumerate(args[:n])]
+        picks += [linalg.IndexOp(lead + j).result for j in range(t.rank - n)]
+        return tensor.ExtractOp(x, picks).result
+
+    return cx.generic(out, ins, init, [PARALLEL] * out.rank, d, body)
+
+
+def wrapped(cx: KernelContext, i: ir.Value, x: ir.Value, axis: int) -> ir.Value:
+    """An index into `axis` of x from an integer, negative ones counted from the end (as NumPy does)."""
+    i = arith.IndexCastOp(ir.IndexType.get(), i).result if not isinstance(i.type, ir.IndexType) else i
+    zero = arith.ConstantOp(ir.IndexType.get(), 0).result
+    neg = arith.CmpIOp(2, i, zero).result
+    return arith.SelectOp(neg, arith.AddIOp(i, tensor.DimOp(x, arith.ConstantOp(ir.IndexType.get(), axis)
+                                                            .result).result).result, i).result
+
+
+# ---- concat ------------------------------------------------------------------------------------------
+@KERNELS.lowers(S.ConcatOp)
+def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    rank = op.result.type.rank
+    axis = op.axis % rank
+    d = [ir.AffineDimExpr.get(i) for i in range(rank)]
+
+    def build(*args: ir.Value) -> None:
+        out, offset = args[-1], B.c_index(0)
+        for m in args[:-1]:
+            sizes = B.sizes_of(m)
+            view = B.subview(out, [offset if i == axis else 0 for i in range(rank)], sizes)
+            B.memref_generic([(m, d)], view, d, [PARALLEL] * rank, lambda v, _: v)
+            offset = B.add(offset, B.as_index(sizes[axis]))
+
+    return cx.plain(op, list(op.inputs), build)
+
+
+@LAUNCHES.lowers(S.GatherOp)
+def launch_gather(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Indices checked first: the kernel reads without checking."""
+    op = k.op
+    try:
+        op.check_indices(ins[0].shape, ins[1:])
+    except IndexError as e:
+        raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
+    return fn.run(k, host, ins)
