@@ -36,3 +36,9 @@ class View(Trait):
 
 class Reduction(Trait):
     """Combines the elements along some axes of its operand (sum, max, argmax, softmax's and norms' rows)."""
+
+
+class Composite(Trait):
+    """An op the pipeline rewrites into others before a backend sees it; `LOWERED_BY` names the passes."""
+
+    LOWERED_BY = ""

@@ -128,7 +128,7 @@ def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
         finite = bool(np.isfinite(o).all()) if o.dtype.kind == "f" else True
         print(f"output {i}: shape {list(o.shape)} {o.dtype}  checksum {float(np.sum(o, dtype=np.float64)):.6e}  "
               f"mean|x| {float(np.mean(np.abs(o))) if o.size else 0.0:.6e}{'' if finite else '  (non-finite values)'}")
-    print(f"compile {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t3 - t2):.1f} ms ({args.target})")
+    print(f"compile {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t3 - t2):.1f} ms ({model.target})")
     if args.out:
         np.savez(args.out, **{f"output{i}": o for i, o in enumerate(outs)})
         print(f"wrote {args.out}")
@@ -191,8 +191,7 @@ def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     import sparsa
 
     model = sparsa.compile(args.file, model=args.model, target=args.target, passes=args.passes, options=options)
-    stage = "source" if args.emit == "triton" else args.emit
-    _write(model.ir() if args.emit == "ir" else model.stage(stage), args.output)
+    _write(model.ir() if args.emit == "ir" else model.stage(args.emit), args.output)
     return 0
 
 
@@ -206,8 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_arguments(opt)
     opt.set_defaults(func=cmd_opt)
 
-    from sparsa.runtime.compiler import TARGETS
+    from sparsa.backends import base as backends
 
+    targets = (backends.AUTO, *backends.names())
+    stages = ["ir"] + list(dict.fromkeys(s for name in backends.names() for cls in [backends.REGISTRY[name]]
+                                         for s in (*cls.STAGES, *cls.EMIT_ALIASES)))
     run = sub.add_parser("run", help="compile a .sp model and run it on given or random inputs")
     run.add_argument("file", help="a .sp file")
     run.add_argument("--model", help="which model of the file (default: the last one)")
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     run.add_argument("--input", action="append", metavar="NAME=SPEC",
                      help="an input: randn:SHAPE, randint:HIGH:SHAPE, zeros:SHAPE, ones:SHAPE or a .npy file")
-    run.add_argument("--target", default="reference", choices=TARGETS)
+    run.add_argument("--target", default=backends.AUTO, choices=targets,
+                     help="where to run (default auto: triton with an NVIDIA GPU, else cpu, else reference)")
     run.add_argument("--out", help="save the outputs to this .npz file")
     knobs.add_arguments(run)
     run.set_defaults(func=cmd_run)
@@ -231,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", help="weights file (default: random weights)")
     exp.add_argument("--prune", action="store_true", help="prune loaded weights to their sparse layouts")
     exp.add_argument("--seed", type=int, default=0)
-    exp.add_argument("--target", default="reference", choices=TARGETS)
+    exp.add_argument("--target", default="reference", choices=targets,
+                     help="the run that is explained (default: the reference interpreter, which records every op)")
     exp.add_argument("--block-map", metavar="OUT.png", help="draw the first attention block map to a PNG")
     knobs.add_arguments(exp)
     exp.set_defaults(func=cmd_explain)
@@ -239,9 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a .sp model and print its IR")
     comp.add_argument("file", help="a .sp file")
     comp.add_argument("--model", help="which model of the file (default: the last one)")
-    comp.add_argument("--target", default="reference", choices=TARGETS)
-    stages = ["ir", "mlir", "schedule", "loops", "llvm", "triton", "kernels", "launcher"]  # cpu, then triton
-    comp.add_argument("--emit", default="ir", choices=stages)
+    comp.add_argument("--target", default=backends.AUTO, choices=targets)
+    comp.add_argument("--emit", default="ir", choices=stages, help="the IR, or a stage of the target's backend")
     comp.add_argument("--passes", help="override the target's pipeline")
     comp.add_argument("-o", "--output", help="write here instead of standard output")
     knobs.add_arguments(comp)

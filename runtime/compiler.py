@@ -9,13 +9,14 @@ from typing import Any
 
 import numpy as np
 
+from sparsa.backends import base as backends
 from sparsa.frontend import compile_source
+from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Module
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.printer import print_module
 from sparsa.knobs import DebugOptions
 from sparsa.passes import PassManager
-from sparsa.passes.pipelines import DEFAULT_PIPELINES
 from sparsa.runtime.weights import (
     WeightError,
     WeightSpec,
@@ -25,8 +26,6 @@ from sparsa.runtime.weights import (
     to_numpy,
     weight_specs,
 )
-
-TARGETS = tuple(DEFAULT_PIPELINES)
 
 
 def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
@@ -43,39 +42,33 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
 class CompiledModel:
     """A model compiled for one target: load or init weights, call it, and read its IR after any pass."""
 
-    def __init__(self, module: Module, name: str, target: str, pipeline: str, options: DebugOptions | None = None):
+    def __init__(self, module: Module, name: str, backend: backends.Backend, pipeline: str,
+                 options: DebugOptions | None = None):
         self.name = name
-        self.target = target
+        self.backend = backend
+        self.target = backend.NAME
         self.specs: dict[str, WeightSpec] = weight_specs(module)
         self.input_names = [a.name_hint for a in module.funcs[-1].regions[0].block.args]
         self.input_types = [a.type for a in module.funcs[-1].regions[0].block.args]
         self._input_ir = print_module(module)
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
-        self.native = None  # the compiled function of the cpu (backends/cpu) or triton (backends/triton) target
-        if target == "cpu":
-            from sparsa.backends.cpu.jit import CpuFunction
+        from sparsa.runtime.explain import RecordingInterpreter
 
-            self.native = CpuFunction(self.module.funcs[-1])
-        elif target == "triton":
-            from sparsa.backends.triton.function import TritonFunction
-
-            self.native = TritonFunction(self.module.funcs[-1])
-        if self.native is not None and self._pm.options.dump_dir:
+        # the reference target records what each op did (for `stats` and `sparsa explain`)
+        self.native = backend.compile(self.module.funcs[-1], {"interpreter": RecordingInterpreter})
+        if self._pm.options.dump_dir:
             self._dump_stages(self._pm.options.dump_dir)
         self._weights: dict[str, np.ndarray] | None = None
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
-        from sparsa.ir.analysis import weight_only_ops
-
         self._weight_only = weight_only_ops(self.module.funcs[-1])  # which ops those are: fixed at compile time
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
 
     def _dump_stages(self, folder: str) -> None:
-        """Each backend stage's text beside the pass snapshots: `<target>.<stage>.mlir|py`."""
+        """Each backend stage's text beside the pass snapshots: `<target>.<stage>.<suffix>`."""
         os.makedirs(folder, exist_ok=True)
         for stage, text in self.native.stages.items():
-            ext = "py" if self.target == "triton" else "mlir"
-            Path(folder, f"{self.target}.{stage}.{ext}").write_text(text)
+            Path(folder, f"{self.target}.{stage}.{self.backend.STAGE_SUFFIX}").write_text(text)
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:
@@ -94,8 +87,7 @@ class CompiledModel:
 
         self._weights = weights
         self._cache = {}
-        if self.target == "triton":
-            self.native.reset()
+        self.native.reset()
         Interpreter(self.module.funcs[-1], weights, self._cache, self._weight_only).precompute()
 
     @property
@@ -121,23 +113,14 @@ class CompiledModel:
         if len(args) != len(self.input_names):
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
-        if self.target == "triton":
-            self.weights  # noqa: B018 (raises the clear error when weights are missing)
-            outs = self.native(args, self._cache)
-            if torch_like is None:
-                outs = [_to_numpy(o) for o in outs]
-            return outs[0] if len(outs) == 1 else tuple(outs)
-        arrays = [to_numpy(a) for a in args]
-        if self.native is not None:
-            out = self.native(arrays, self.weights, self._cache)
-            outs = list(out) if isinstance(out, tuple) else [out]
-        else:
-            from sparsa.runtime.explain import RecordingInterpreter
-
-            interp = RecordingInterpreter(self.module.funcs[-1], self.weights, self._cache, self._weight_only)
-            outs = interp.run(arrays)
-            self.last_report = interp.report
-        if torch_like is not None:
+        if self.backend.INPUTS == "numpy":
+            args = [to_numpy(a) for a in args]
+        outs = self.native(args, self.weights, self._cache)
+        last = getattr(self.native, "last", None)
+        self.last_report = getattr(last, "report", None)
+        if self.backend.OUTPUTS == "torch" and torch_like is None:
+            outs = [_to_numpy(o) for o in outs]
+        elif self.backend.OUTPUTS == "numpy" and torch_like is not None:
             import torch
 
             outs = [torch.from_numpy(np.asarray(o, order="C")).to(torch_like.device) for o in outs]
@@ -146,8 +129,9 @@ class CompiledModel:
     # ---- introspection ---------------------------------------------------------------------------------
     def stage(self, name: str) -> str:
         """A backend stage's text (cpu: "mlir" before lowering, "llvm" after; triton: "kernels", "launcher",
-        and "source", the whole generated module)."""
-        stages = self.native.stages if self.native is not None else {}
+        and "source", the whole generated module): the backend's STAGES."""
+        stages = self.native.stages
+        name = self.backend.stage_name(name)
         if name not in stages:
             raise SparsaError(f"target '{self.target}' has no stage '{name}' (it has: ir"
                               f"{''.join(', ' + s for s in stages)})")
@@ -198,15 +182,15 @@ def _to_numpy(t: Any) -> np.ndarray:
     return t.numpy()
 
 
-def compile(path_or_source: str | os.PathLike, model: str | None = None, target: str = "reference",
+def compile(path_or_source: str | os.PathLike, model: str | None = None, target: str = backends.AUTO,
             passes: str | None = None, options: DebugOptions | None = None) -> CompiledModel:
-    """Compile a `.sp` file (path) or source text for `target`.
+    """Compile a `.sp` file (path) or source text for `target` (`auto`: triton with an NVIDIA GPU, else cpu,
+    else the reference interpreter with a warning saying why).
 
     With several models in the file and no `model`, the last one is compiled. `passes` overrides the
     target's default pipeline; `options` (knobs.DebugOptions) turns on IR printing and dumps.
     """
-    if target not in DEFAULT_PIPELINES:
-        raise SparsaError(f"unknown target '{target}' (available here: {', '.join(TARGETS)})")
+    backend = backends.get(target)
     text, filename = _read_source(path_or_source)
     module, name = compile_source(text, filename, model)
-    return CompiledModel(module, name, target, passes or DEFAULT_PIPELINES[target], options)
+    return CompiledModel(module, name, backend, passes or backend.PIPELINE, options)

@@ -35,14 +35,11 @@ import numpy as np
 import torch
 
 from sparsa import knobs
-from sparsa.backends.cpu import available as cpu_available
-from sparsa.backends.reference.interpreter import Interpreter
+from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
-from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
-from sparsa.passes.pipelines import DEFAULT_PIPELINES
 
 # Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
 GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
@@ -57,14 +54,12 @@ class SparsaBackend:
 
     def __init__(self, options: dict[str, Any] | None = None):
         self.options = dict(options or {})
-        self.target = self.options.get("target", "auto")
-        if self.target != "auto" and self.target not in DEFAULT_PIPELINES:
-            raise SparsaError(f"unknown target '{self.target}' (available here: auto, {', '.join(DEFAULT_PIPELINES)})")
+        self.target = self.options.get("target", backends.AUTO)
+        self.devices = backends.devices(self.target)  # an unknown target: SparsaError listing the known ones
         if not isinstance(self.options.get("cuda_graphs", False), bool):
             raise SparsaError(f"the cuda_graphs option is true or false, got {self.options['cuda_graphs']!r}")
         if self.options.get("partitions", "worthwhile") not in ("worthwhile", "all"):
             raise SparsaError(f"unknown partitions option '{self.options['partitions']}' (worthwhile or all)")
-        self.devices = {"auto": ("cpu", "cuda"), "triton": ("cpu", "cuda")}.get(self.target, ("cpu",))
         self.stats: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.partitions: list[CompiledPartition] = []  # for inspection: each one's IR after the pipeline
@@ -169,74 +164,63 @@ class CompiledPartition(torch.nn.Module):
         dump = backend.options.get("dump_dir")
         options = knobs.DebugOptions(dump_dir=os.path.join(dump, f"graph{backend.stats['graphs']}") if dump
                                      else None)
-        self.target = backend.target
-        if self.target == "auto":
-            self.target = "triton" if _device(sub) == "cuda" else ("cpu" if cpu_available() else "reference")
-        self.module = PassManager(backend.options.get("passes", DEFAULT_PIPELINES[self.target]), options).run(module)
+        if backend.target == backends.AUTO:  # by the device of the partition's tensors
+            self.backend = backends.choose(("triton",) if _device(sub) == "cuda" else ("cpu", "reference"))
+        else:
+            self.backend = backends.get(backend.target)
+        self.target = self.backend.NAME
+        self.module = PassManager(backend.options.get("passes", self.backend.PIPELINE), options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
                 op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME == "tensor.matmul" for op in self.func.walk()):
             raise NothingToGain("only pointwise, view and reduction ops")
         self.cache: dict = {}
         self.constants_seen: tuple = ()
-        self.weight_only_for: dict[frozenset[int], set[int]] = {}
+        self.builds: dict[frozenset[int], Any] = {}  # by the inputs that are parameters
         self.native: Any = None
         self.graphs: Any = None
-        if self.target == "triton":
-            from sparsa.backends.triton.function import CudaGraphs, TritonFunction
+        self.backend.check(self.func)  # an op the target cannot lower: the partition stays in PyTorch
+        if not self.backend.SPECIALIZES_ON_CONSTANTS:
+            self.native = self.backend.compile(self.func)
+            if backend.options.get("cuda_graphs", False) and self.target == "triton":
+                from sparsa.backends.triton.function import CudaGraphs
 
-            self.native = TritonFunction(self.func)
-            if backend.options.get("cuda_graphs", False):
                 self.graphs = CudaGraphs(self.native)
-        elif self.target == "cpu":  # compiled at the first call, knowing which inputs are parameters
-            from sparsa.backends.cpu.jit import check_lowering
-
-            check_lowering(self.func)  # an op without a kernel: the partition stays in PyTorch
-            self.cpu_builds: dict[frozenset[int], Any] = {}
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
-        if self.target == "triton":
+        # The module's parameters (AOTAutograd passes them as inputs): what only they feed (weight
+        # transposes, say) is computed once and kept while the same tensors at the same version come in.
+        constant = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
+        if self.backend.INPUTS == "any":  # torch tensors in, torch tensors out, on their device
             if self.graphs is not None and all(t.is_cuda for t in tensors):
-                static = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
-                outs = tuple(self.graphs(tensors, self.cache, static))
+                outs = tuple(self.graphs(tensors, self.cache, constant))
             else:
-                outs = tuple(self.native(tensors, self.cache))
+                outs = tuple(self.native(tensors, None, self.cache))
             return outs if self.tuple_output else outs[0]
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
-        # The module's parameters (AOTAutograd passes them as inputs): what only they feed (weight
-        # transposes, say) is computed once and kept while the same tensors at the same version come in.
-        constant = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
         seen = tuple((id(tensors[j]), tensors[j].data_ptr(), tensors[j]._version) for j in sorted(constant))
         if seen != self.constants_seen:
             self.cache.clear()
             self.constants_seen = seen
-        if self.target == "cpu":
+        if self.backend.SPECIALIZES_ON_CONSTANTS:
             # built knowing the parameters: what only they feed runs once on the host, and the grouped GEMMs
             # take their expert weights packed (once per parameter set; if that build fails, one without
             # constants serves, caching nothing across calls)
-            from sparsa.backends.cpu.jit import CpuFunction
-
-            if constant not in self.cpu_builds:
+            if constant not in self.builds:
                 try:
-                    self.cpu_builds[constant] = CpuFunction(self.func, constant)
+                    self.builds[constant] = self.backend.compile(self.func, {"constant_args": constant})
                 except SparsaError:
                     if not constant:
                         raise
-                    if frozenset() not in self.cpu_builds:
-                        self.cpu_builds[frozenset()] = CpuFunction(self.func)
-                    self.cpu_builds[constant] = self.cpu_builds[frozenset()]
-            self.native = self.cpu_builds[constant]
+                    if frozenset() not in self.builds:
+                        self.builds[frozenset()] = self.backend.compile(self.func)
+                    self.builds[constant] = self.builds[frozenset()]
+            self.native = self.builds[constant]
             constant = constant if self.native.constant_args == constant else frozenset()
-        if self.native is not None:
-            got = self.native(arrays, None, self.cache, constant)
-            outs = list(got) if isinstance(got, tuple) else [got]
-        else:
-            if constant not in self.weight_only_for:
-                self.weight_only_for[constant] = weight_only_ops(self.func, constant)
-            outs = Interpreter(self.func, {}, self.cache, self.weight_only_for[constant]).run(arrays)
+        outs = self.native(arrays, None, self.cache, constant)
         results = tuple(torch.from_numpy(np.asarray(o, order="C")).to(device=device, dtype=dt)
                         for o, dt in zip(outs, self.output_dtypes, strict=True))
         return results if self.tuple_output else results[0]

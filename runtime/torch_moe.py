@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from sparsa.backends.cpu import available as cpu_available
+from sparsa.backends import base as backends
 from sparsa.ir.diagnostics import SparsaError
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
@@ -75,9 +75,9 @@ class SparsaMoEBlock(torch.nn.Module):
         if x.dtype not in _DTYPES:
             raise SparsaError(f"swapped MoE block: dtype {x.dtype} is not supported (float32, bfloat16, float16)")
         target = self.target
-        if target == "auto":  # the cpu target's kernels are float32; half precision on CPU runs on the reference
-            native_cpu = cpu_available() and x.dtype == torch.float32
-            target = "triton" if x.device.type == "cuda" else ("cpu" if native_cpu else "reference")
+        if target == backends.AUTO:  # the cpu target's kernels are float32; half precision on CPU runs on the reference
+            cpu = ("cpu", "reference") if x.dtype == torch.float32 else ("reference",)
+            target = backends.choose(("triton",) if x.device.type == "cuda" else cpu).NAME
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
             gate, experts = self.block.gate, self.block.experts

@@ -31,7 +31,7 @@ def close(got, want, tol=TOL):
 
 
 def pair(src, model=None, seed=0):
-    ref = sparsa.compile(src, model=model).init_weights(seed)
+    ref = sparsa.compile(src, model=model, target="reference").init_weights(seed)
     cpu = sparsa.compile(src, model=model, target="cpu").init_weights(seed)
     return ref, cpu
 
@@ -62,7 +62,7 @@ def test_dense_ops_reductions_norms_casts_cumsum():
 
 
 def test_layout_ops_matmuls_of_every_rank_gather_concat_topk():
-    inputs = make_inputs(sparsa.compile(SHAPES))
+    inputs = make_inputs(sparsa.compile(SHAPES, target="reference"))
     inputs[3] = np.array([0, 3, 7, -1, 2], dtype=np.int32)  # a negative index counts from the end
     check(SHAPES, inputs)
     inputs[3] = np.array([0, 3, 42, -1, 2], dtype=np.int32)
@@ -83,7 +83,7 @@ def test_bool_tiles_and_narrow_last_dims(n):
     """bool results and operands a full vector wide (a vector of i1 is stored bit-packed: these stay scalar
     loops); a last dim narrower than a tile (a router's few experts) as one tile, and one just past it."""
     src = BOOLS_AND_NARROW.format(n=n)
-    inputs = make_inputs(sparsa.compile(src), sizes={**SIZES, "R": 21})  # two full row tiles and a tail
+    inputs = make_inputs(sparsa.compile(src, target="reference"), sizes={**SIZES, "R": 21})  # two full row tiles and a tail
     inputs[3] = np.random.default_rng(n).random((21, 64)) > 0.5
     check(src, inputs)
 
@@ -140,7 +140,7 @@ def test_linear_attention_scan(decay, chunk):
     src = LINEAR_ATTENTION.replace("DECAY", decay)
     passes = f"canonicalize,fuse-scan{{chunk={chunk}}},cse,dce"
     sizes = {"B": 2, "L": 45}
-    inputs = make_inputs(sparsa.compile(src, passes=passes), sizes=sizes)
+    inputs = make_inputs(sparsa.compile(src, passes=passes, target="reference"), sizes=sizes)
     inputs[3][0, 7] = 0.0
     cpu = check(src, inputs, passes=passes)
     assert "scan_linear_attention" in cpu.stage("mlir")

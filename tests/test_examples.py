@@ -65,7 +65,7 @@ def moe_reference(x, experts, gates, body, num_experts, capacity=None):
 
 
 def compiled(name):
-    m = sparsa.compile(str(EXAMPLES / f"{name}.sp"))
+    m = sparsa.compile(str(EXAMPLES / f"{name}.sp"), target="reference")
     m.init_weights(seed=3)
     return m, m.weights
 
@@ -203,7 +203,7 @@ def test_tiny_moe_decoder():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.sp")), ids=lambda p: p.stem)
 def test_every_example_compiles_and_round_trips(path):
-    m = sparsa.compile(str(path))
+    m = sparsa.compile(str(path), target="reference")
     from sparsa.ir import parse_module, print_module
 
     text = m.ir()

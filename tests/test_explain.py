@@ -46,7 +46,7 @@ def test_explain_needs_sizes_and_says_which():
 
 
 def test_stats_after_a_call():
-    m = sparsa.compile(str(EXAMPLES / "sparse_ffn.sp")).init_weights(0)
+    m = sparsa.compile(str(EXAMPLES / "sparse_ffn.sp"), target="reference").init_weights(0)
     m(np.zeros((4, 1024), np.float32))
     stats = m.stats()
     call = stats["last_call"]
@@ -62,7 +62,7 @@ def test_bsr_kernel_choice_follows_density(density, kernel):
     rng = np.random.default_rng(0)
     blocks = rng.random((8, 8)) < density
     w = np.kron(blocks, np.ones((8, 8))).astype(np.float32) * rng.standard_normal((64, 64)).astype(np.float32)
-    m = sparsa.compile(src).load_weights({"w": w})
+    m = sparsa.compile(src, target="reference").load_weights({"w": w})
     x = rng.standard_normal((3, 64)).astype(np.float32)
     np.testing.assert_allclose(m(x), x @ w, rtol=1e-5, atol=1e-5)
     assert m.stats()["last_call"]["kernels"][0]["kernel"].startswith(kernel)

@@ -35,7 +35,7 @@ model M(q: f32[1, 2, S, 8], table: bool[NB, NB], bias: f32[W]) -> (f32[1, 2, S, 
     return a, b
 }
 """
-    m = sparsa.compile(src)
+    m = sparsa.compile(src, target="reference")
     S = 12
     q, table, bias = randn(1, 2, S, 8), rng.random((3, 3)) > 0.4, randn(8)
     a, b = m(q, table, bias)
@@ -54,7 +54,7 @@ model M(q: f32[1, 1, S, 4], ids: i32[S]) -> f32[1, 1, S, 4] {
 """
     S = 9
     q, ids = randn(1, 1, S, 4), rng.integers(0, 3, S).astype(np.int32)
-    got = sparsa.compile(src)(q, ids)
+    got = sparsa.compile(src, target="reference")(q, ids)
     np.testing.assert_allclose(got, attention(q, q, q, ids[:, None] == ids[None, :], 0.5, lambda s: 2 * s),
                                rtol=1e-5, atol=1e-6)
 
@@ -78,7 +78,7 @@ model M(x: f32[T, 6]) -> (f32[T, 6], f32[6], i64[T], f32[T, 6], f32[6, T], f32[N
 }
 """
     x = randn(5, 6)
-    joined, last, firsts, normed, flipped, corner = sparsa.compile(src)(x)
+    joined, last, firsts, normed, flipped, corner = sparsa.compile(src, target="reference")(x)
     np.testing.assert_array_equal(joined, np.concatenate([x[:, 2:], x[:, :2]], 1))
     np.testing.assert_array_equal(last, x[-1])
     np.testing.assert_array_equal(firsts, np.argmax(np.cumsum(x, -1), -1))
@@ -95,7 +95,7 @@ model M(a: i32[4], b: i64[4]) -> (i64[4], i64[4], f32[4], bool[4]) {
 }
 """
     a, b = np.array([7, -7, 7, -7], np.int32), np.array([2, 2, -2, -2], np.int64)
-    fd, md, td, lg = sparsa.compile(src)(a, b)
+    fd, md, td, lg = sparsa.compile(src, target="reference")(a, b)
     assert fd.dtype == np.int64 and list(fd) == [7 // 2, -7 // 2, 7 // -2, -7 // -2]
     assert list(md) == [7 % 2, -7 % 2, 7 % -2, -7 % -2]
     np.testing.assert_allclose(td, a / b)
@@ -113,7 +113,7 @@ model M(x: f32[T, 4]) -> f32[T, 4] {
     return Block(x) + Block(x)
 }
 """
-    m = sparsa.compile(src).init_weights(1)
+    m = sparsa.compile(src, target="reference").init_weights(1)
     assert sorted(m.weights) == ["Block.0.w", "Block.1.w", "Block.2.w"]
     w = m.weights
     x = randn(2, 4)
@@ -135,7 +135,7 @@ model M(x: f32[T, 4], idx: i64[T, 2], g: f32[T, 2]) -> f32[T, 4] {
     return a + b
 }
 """
-    m = sparsa.compile(src).init_weights(2)
+    m = sparsa.compile(src, target="reference").init_weights(2)
     w = m.weights["w"]
     x, idx, g = randn(5, 4), rng.integers(0, 3, (5, 2)), randn(5, 2)
     want = np.zeros((5, 4))
@@ -156,5 +156,5 @@ model M(x: f32[T, 4], idx: i64[T, 2], g: f32[T, 2]) -> f32[T, 4] {
 ])
 def test_more_errors(src, fragment):
     with pytest.raises(sparsa.ir.SparsaError) as info:
-        sparsa.compile(src)
+        sparsa.compile(src, target="reference")
     assert fragment in str(info.value)

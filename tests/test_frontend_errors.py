@@ -14,7 +14,7 @@ from sparsa.ir.diagnostics import ParseError, SparsaError
 def errors_of(src: str) -> list[SparsaError]:
     src = textwrap.dedent(src).lstrip("\n")
     with pytest.raises(SparsaError) as info:
-        sparsa.compile(src)
+        sparsa.compile(src, target="reference")
     err = info.value
     return err.errors if isinstance(err, CompileErrors) else [err]
 
@@ -159,4 +159,4 @@ def test_sparse_layout_must_fit_the_shape():
 
 def test_unknown_model_is_named():
     with pytest.raises(SparsaError, match=r"no model 'Nope' in <source> \(it has: M\)"):
-        sparsa.compile("model M(x: f32[4]) -> f32[4] {\n return x\n}\n", model="Nope")
+        sparsa.compile("model M(x: f32[4]) -> f32[4] {\n return x\n}\n", model="Nope", target="reference")

@@ -56,8 +56,8 @@ def test_fused_moe_matches_unfused(router, body, E, K, T, capacity, block, seed)
         E, K = 2 * (E // 2 + 1), min(K, E // 2 + 1)  # two groups, top-k within the kept one
     K = min(K, E)
     src = program(router, BODIES[body], E, K, capacity)
-    plain = sparsa.compile(src, passes="canonicalize").init_weights(seed)
-    fused = sparsa.compile(src, passes=f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},cse,dce")
+    plain = sparsa.compile(src, passes="canonicalize", target="reference").init_weights(seed)
+    fused = sparsa.compile(src, passes=f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},cse,dce", target="reference")
     fused.load_weights(plain.weights)
     ir = fused.ir()
     assert "moe.route" in ir and "moe.dispatch" in ir and "moe.moe" not in ir, ir

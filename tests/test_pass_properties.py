@@ -36,8 +36,8 @@ model A(q: f32[1, 2, {S}, 4], k: f32[1, 2, {S}, 4], v: f32[1, 2, {S}, 4]) -> f32
     return softmax({masked}, axis=-1) @ v
 }}
 """
-    plain = sparsa.compile(src, passes="canonicalize")
-    fused = sparsa.compile(src, passes="canonicalize,recognize-attention,sparsify-attention{block_q=2 block_k=3},dce")
+    plain = sparsa.compile(src, passes="canonicalize", target="reference")
+    fused = sparsa.compile(src, passes="canonicalize,recognize-attention,sparsify-attention{block_q=2 block_k=3},dce", target="reference")
     assert "tensor.softmax" not in fused.ir()
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((1, 2, S, 4)).astype(np.float32) for _ in range(3))
@@ -56,8 +56,8 @@ model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N]) -> 
     return sum(h * c[:, :, None, :], axis=-1{', keepdim=true' if keepdim else ''})
 }}
 """
-    plain = sparsa.compile(src, passes="canonicalize")
-    fused = sparsa.compile(src, passes="canonicalize,fuse-scan,dce")
+    plain = sparsa.compile(src, passes="canonicalize", target="reference")
+    fused = sparsa.compile(src, passes="canonicalize,fuse-scan,dce", target="reference")
     assert "scan.fused" in fused.ir()
     rng = np.random.default_rng(seed)
     ins = [rng.standard_normal(s).astype(np.float32) for s in [(B, L, D), (B, L, D), (B, L, N), (B, L, N)]]
@@ -79,8 +79,8 @@ model M(x: f32[T, 16]) -> f32[T, 8] {{
     blocks = rng.random((16 // bsr[0], 32 // bsr[1])) < density
     up = (np.kron(blocks, np.ones(bsr)) * rng.standard_normal((16, 32))).astype(np.float32)
     weights = {"up": up, "down": rng.standard_normal((32, 8)).astype(np.float32)}
-    packed = sparsa.compile(src).load_weights(weights, prune=True)
-    plain = sparsa.compile(src, passes="canonicalize").load_weights(weights, prune=True)
+    packed = sparsa.compile(src, target="reference").load_weights(weights, prune=True)
+    plain = sparsa.compile(src, passes="canonicalize", target="reference").load_weights(weights, prune=True)
     assert "sparse.bsr_matmul" in packed.ir() and "sparse.nm_matmul" in packed.ir()
     x = rng.standard_normal((T, 16)).astype(np.float32)
     np.testing.assert_allclose(packed(x), plain(x), rtol=1e-5, atol=1e-5)
@@ -97,8 +97,8 @@ model LA(q: f32[B, L, {Dk}], k: f32[B, L, {Dk}], v: f32[B, L, {Dv}], g: f32[B, L
     return sum(h * q[:, :, :, None], axis=-2)
 }}
 """
-    plain = sparsa.compile(src, passes="canonicalize")
-    chunked = sparsa.compile(src, passes=f"canonicalize,fuse-scan{{chunk={chunk}}},dce")
+    plain = sparsa.compile(src, passes="canonicalize", target="reference")
+    chunked = sparsa.compile(src, passes=f"canonicalize,fuse-scan{{chunk={chunk}}},dce", target="reference")
     assert "scan.linear_attention" in chunked.ir() and "scan.scan" not in chunked.ir()
     rng = np.random.default_rng(seed)
     ins = [rng.standard_normal(s).astype(np.float32) for s in [(B, L, Dk), (B, L, Dk), (B, L, Dv), (B, L)]]

@@ -24,8 +24,8 @@ def body(ir: str) -> str:
 
 
 def test_unfused_example_matches_the_attention_construct():
-    hand = sparsa.compile(str(EXAMPLES / "unfused_attention.sp"))
-    construct = sparsa.compile(CONSTRUCT)
+    hand = sparsa.compile(str(EXAMPLES / "unfused_attention.sp"), target="reference")
+    construct = sparsa.compile(CONSTRUCT, target="reference")
     assert body(hand.ir()) == body(construct.ir())
     assert "tensor.softmax" not in hand.ir() and "attn.block_map" in hand.ir()
     rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ def test_unfused_example_matches_the_attention_construct():
 def test_static_sizes_give_the_same_precomputed_block_map():
     hand_src = (EXAMPLES / "unfused_attention.sp").read_text().replace("[B, H, S, 64]", "[1, 2, 256, 64]")
     hand_src = hand_src.replace("iota(S)", "iota(256)")
-    hand = sparsa.compile(hand_src)
-    construct = sparsa.compile(CONSTRUCT.replace("[B, H, S, 64]", "[1, 2, 256, 64]"))
+    hand = sparsa.compile(hand_src, target="reference")
+    construct = sparsa.compile(CONSTRUCT.replace("[B, H, S, 64]", "[1, 2, 256, 64]"), target="reference")
     maps = [re.search(r'map = "([^"]*)"', m.ir()).group(1) for m in (hand, construct)]
     assert maps[0] == maps[1] == "1x1x4x4:P1E3;F1P1E2;F2P1E1;F3P1"

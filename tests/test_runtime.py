@@ -24,7 +24,7 @@ model FFN(x: f32[T, 8]) -> f32[T, 8] {
 
 
 def ffn():
-    return sparsa.compile(FFN)
+    return sparsa.compile(FFN, target="reference")
 
 
 def good_weights(seed=0):
@@ -82,7 +82,7 @@ def test_init_weights_is_deterministic_and_fits_layouts():
 
 def test_torch_in_torch_out_and_named_inputs():
     torch = pytest.importorskip("torch")
-    m = sparsa.compile(str(EXAMPLES / "mixtral_moe.sp")).init_weights(0)
+    m = sparsa.compile(str(EXAMPLES / "mixtral_moe.sp"), target="reference").init_weights(0)
     x = torch.randn(6, 512)
     y = m(x)
     assert isinstance(y, torch.Tensor) and y.shape == (6, 512)
@@ -90,7 +90,7 @@ def test_torch_in_torch_out_and_named_inputs():
 
 
 def test_symbolic_dims_bind_per_call_and_are_checked():
-    m = sparsa.compile(str(EXAMPLES / "document_attention.sp"))
+    m = sparsa.compile(str(EXAMPLES / "document_attention.sp"), target="reference")
     for S in (8, 33):
         q = np.zeros((1, 2, S, 64), np.float32)
         assert m(q, q, q, np.zeros(S, np.int32)).shape == (1, 2, S, 64)
@@ -100,7 +100,7 @@ def test_symbolic_dims_bind_per_call_and_are_checked():
 
 
 def test_ir_after_a_pass_and_stats():
-    m = sparsa.compile("model M(x: f32[T]) -> f32[T] {\n  return x * 1.0 + 0.0\n}\n")
+    m = sparsa.compile("model M(x: f32[T]) -> f32[T] {\n  return x * 1.0 + 0.0\n}\n", target="reference")
     assert "tensor.mul" in m.ir(after="input")
     assert "tensor.mul" not in m.ir(after="canonicalize") and "tensor.add" not in m.ir()
     with pytest.raises(sparsa.ir.SparsaError, match="no pass 'lower-everything' in this model's pipeline"):
@@ -110,8 +110,8 @@ def test_ir_after_a_pass_and_stats():
 
 def test_last_model_is_the_default():
     src = "model A(x: f32[4]) -> f32[4] {\n return x\n}\nmodel B(x: f32[4]) -> f32[4] {\n return A(x) * 2.0\n}\n"
-    assert sparsa.compile(src).name == "B"
-    assert sparsa.compile(src, model="A").name == "A"
+    assert sparsa.compile(src, target="reference").name == "B"
+    assert sparsa.compile(src, model="A", target="reference").name == "A"
 
 
 def sparsa_cli(*args):

@@ -395,7 +395,7 @@ def test_parameters_feed_cached_results_until_they_change(target):
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
         (part,) = backend.partitions
         if target == "cpu":  # built once, at the first call, knowing its parameters: their transposes are
-            assert part.native.constant_args and list(part.cpu_builds) == [part.native.constant_args]  # the host's
+            assert part.native.constant_args and list(part.builds) == [part.native.constant_args]  # the host's
         cached = dict(part.cache)
         assert cached  # the transposed weights
         compiled(x)

@@ -39,7 +39,7 @@ CASES = {
 def setup(name: str):
     src, S = CASES[name]
     model = sparsa.compile(src.replace("S]", f"{S}]").replace("S,", f"{S},"),
-                           passes="canonicalize,sparsify-attention{block_q=16 block_k=16}")
+                           passes="canonicalize,sparsify-attention{block_q=16 block_k=16}", target="reference")
     att = next(o for o in model.module.walk() if isinstance(o, AttentionOp))
     rng = np.random.default_rng(0)
     def make(t):

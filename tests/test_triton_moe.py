@@ -37,7 +37,7 @@ model M(x: f32[T, 32]) -> f32[T, 32] {{
     return moe(x, idx, w, capacity=1.5) |e, h| {{ {BODIES[body]} }}
 }}
 """
-    model = sparsa.compile(src, passes="canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=16},cse,dce")
+    model = sparsa.compile(src, passes="canonicalize,fuse-moe-gating,fuse-moe-dispatch{block=16},cse,dce", target="reference")
     model.init_weights(1)
     x = np.random.default_rng(0).standard_normal((37, 32)).astype(np.float32)
     expected = model(x)
@@ -67,7 +67,7 @@ def test_grouped_kernels_compile_to_ptx(tmp_path):
 
     model = sparsa.compile("model M(x: f32[T, 32], i: i64[T, 2], g: f32[T, 2]) -> f32[T, 32] {\n"
                            "    param w1: f32[4, 32, 16]\n    param w3: f32[4, 32, 16]\n    param w2: f32[4, 16, 32]\n"
-                           "    return moe(x, i, g) |e, h| { (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }\n}\n")
+                           "    return moe(x, i, g) |e, h| { (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }\n}\n", target="reference")
     for op in [o for o in model.module.walk() if isinstance(o, GroupedMatmulOp | GroupedMatmulCombineOp)]:
         kernel = GroupedMatmulKernel.generate(op)
         types = {p: "*fp32" for p in ("ROWS", "OUT", "GATES", "W0", "W1")} | {"PERM": "*i64", "OFFSETS": "*i64"}

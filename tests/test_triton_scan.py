@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 def test_selective_scan_kernel(shape, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
     B, L, DI, N = shape
-    model = sparsa.compile(str(EXAMPLES / "selective_scan.sp"))
+    model = sparsa.compile(str(EXAMPLES / "selective_scan.sp"), target="reference")
     func = model.module.funcs[-1]
     rng = np.random.default_rng(0)
     ins = [rng.standard_normal((B, L, DI)).astype(np.float32), np.abs(rng.standard_normal((B, L, DI))).astype(
@@ -46,7 +46,7 @@ def test_unsupported_consumer_is_a_clear_error():
     h = scan(a[:, :, :, None] * ones([4]), b[:, :, :, None] * ones([4]), axis=1)
     return transpose(sum(h * 2.0, axis=2), [0, 2, 1])
 }"""
-    model = sparsa.compile(src)
+    model = sparsa.compile(src, target="reference")
     op = next((o for o in model.module.walk() if isinstance(o, FusedScanOp)), None)
     if op is None:
         pytest.skip("not fused")
@@ -58,7 +58,7 @@ def test_unsupported_consumer_is_a_clear_error():
 def test_scan_kernel_compiles_to_ptx(tmp_path):
     from test_triton_attention import compile_for_nvidia
 
-    op = next(o for o in sparsa.compile(str(EXAMPLES / "selective_scan.sp")).module.walk()
+    op = next(o for o in sparsa.compile(str(EXAMPLES / "selective_scan.sp"), target="reference").module.walk()
               if isinstance(o, FusedScanOp))
     kernel = FusedScanKernel.generate(op)
     types = {f"X{i}": "*fp32" for i in range(kernel.n_inputs)} | {"OUT": "*fp32"}

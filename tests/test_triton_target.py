@@ -75,7 +75,7 @@ def test_elementwise_reductions_and_norms():
 
 
 def test_layout_ops_matmul_gather_topk():
-    inputs = make_inputs(sparsa.compile(SHAPES))
+    inputs = make_inputs(sparsa.compile(SHAPES, target="reference"))
     inputs[3] = np.array([0, 3, 7, -1, 2], dtype=np.int32)  # a negative index counts from the end
     check(SHAPES, inputs)
 
@@ -133,7 +133,7 @@ def test_chunked_linear_attention(decay, chunk):
     src = LINEAR_ATTENTION.replace("DECAY", decay)
     passes = f"canonicalize,fuse-scan{{chunk={chunk}}},cse,dce"
     sizes = {"B": 2, "L": 45}
-    ref = sparsa.compile(src, passes=passes)
+    ref = sparsa.compile(src, passes=passes, target="reference")
     inputs = make_inputs(ref, sizes=sizes)
     inputs[3][0, 7] = 0.0  # a zero decay cuts the history
     tri = check(src, inputs, passes=passes)
@@ -292,7 +292,7 @@ def test_half_precision_models(dtype, tol):
         with pytest.raises(SparsaError, match=r":8:\d+: error: Triton's interpreter cannot run bfloat16 dots"):
             tri(np.zeros((4, 64), np.float32), np.zeros((1, 2, 4, 32), np.float32))
         pytest.skip("bfloat16 dots need a GPU (the interpreter refuses them, checked above)")
-    ref = sparsa.compile(src).init_weights(0)
+    ref = sparsa.compile(src, target="reference").init_weights(0)
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((40, 64)).astype(np.float32), rng.standard_normal((1, 2, 40, 32)).astype(np.float32)]
     tri = sparsa.compile(src, target="triton").init_weights(0)

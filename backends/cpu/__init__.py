@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 
+from sparsa.backends.base import UnsupportedOp
+
 
 @functools.cache
 def available() -> bool:
@@ -13,3 +15,7 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class CpuLoweringError(UnsupportedOp):
+    """An op the cpu backend cannot lower."""

@@ -25,11 +25,11 @@ from typing import Any
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf, tensor
 
+from sparsa.backends.cpu import CpuLoweringError
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.table import LoweringTable
 from sparsa.ir.core import Operation, Region, Value
-from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import ParamOp
@@ -45,10 +45,6 @@ SCALARS = LoweringTable("cpu scalar rules")
 # op class -> rule(fn, kernel, host, inputs) -> outputs: how the host runs the op's kernel where that is more
 # than outputs of `op.result_shapes` and the kernel's own split (jit.py, CpuFunction.run)
 LAUNCHES = LoweringTable("cpu host launches")
-
-
-class CpuLoweringError(SparsaError):
-    """An op the cpu backend cannot lower."""
 
 
 def host(cx: KernelContext, op: Operation) -> None:

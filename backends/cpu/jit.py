@@ -4,13 +4,13 @@ C interface with NumPy arrays (memref descriptors written by `_packed_args`)."""
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir.dialects.transform import interpreter
 
+from sparsa.backends.base import Executable
 from sparsa.backends.cpu import attn, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.schedule import schedule
@@ -90,7 +90,7 @@ def check_lowering(func_op: Operation) -> None:
         _build(func_op, frozenset(), weight_only_ops(func_op, frozenset()))
 
 
-class CpuFunction:
+class CpuFunction(Executable):
     """A Sparsa function compiled to native code: one kernel per op in one MLIR module, run in order by a
     small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
@@ -125,9 +125,9 @@ class CpuFunction:
         if not self.cached and symbols:  # an engine without functions has no object code to dump (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
-    def __call__(self, inputs: Sequence[np.ndarray], params: dict[str, np.ndarray] | None = None,
-                 cache: dict | None = None, constant_args: frozenset[int] = frozenset()) -> Any:
-        """Run on NumPy inputs (in order) and weights (by name); one array, or a tuple for several results.
+    def __call__(self, inputs: Sequence[np.ndarray], params: Mapping[str, np.ndarray] | None = None,
+                 cache: dict | None = None, constant_args: frozenset[int] = frozenset()) -> list[np.ndarray]:
+        """Run on NumPy inputs (in order) and weights (by name); a list of results.
         `cache` holds the weight-only results (packed sparse weights) between calls with the same weights;
         `constant_args` are inputs the caller keeps the same while it keeps `cache` (a torch model's
         parameters): what only they and the weights feed is computed once too."""
@@ -139,8 +139,7 @@ class CpuFunction:
                               f"{sorted(self.constant_args)}, called with {sorted(constant_args)}")
         host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
-        outs = [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
 
     def call(self, k: Kernel, arrays: list[np.ndarray], part: int | None = None, parts: int | None = None) -> None:
         packed, _keep = _packed_args(arrays, () if part is None else (part, parts))

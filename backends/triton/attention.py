@@ -19,9 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from sparsa.backends.triton.program import (
+    LOWERINGS,
+    Const,
+    TritonProgram,
+    digest,
+    dot_precision,
+    loc_comment,
+)
 from sparsa.backends.triton.regions import RegionEmitter
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import attn as AT
 from sparsa.ir.dialects.attn import AttentionOp
-from sparsa.ir.dialects.attn_blocks import outer_values
+from sparsa.ir.dialects.attn_blocks import BlockMapOp, outer_values
 
 KERNEL = '''
 @triton.jit
@@ -234,3 +244,105 @@ def _lists(selected: Any) -> tuple[Any, Any]:
     counts = selected.sum(dim=-1).to(torch.int32).contiguous()
     order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
     return order, counts
+
+
+# ---- launcher lines ---------------------------------------------------------------------------------
+BUILDER = '''
+@triton.jit
+def {name}(
+    FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
+    SQ, SK, NQB, NKB, H, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # {op_line}: classified per call, one program per (batch, head, query block), exact (every pair)
+    row = tl.program_id(0)
+    qb = row % NQB
+    b = row // NQB // H
+    h = row // NQB % H
+    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_idx = offs_q[:, None].to(tl.int64)
+    b_idx = b.to(tl.int64)
+    h_idx = h.to(tl.int64)
+    n_full = 0
+    n_part = 0
+    for kb in range(0, NKB):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_idx = offs_k[None, :].to(tl.int64)
+        live = (offs_q[:, None] < SQ) & (offs_k[None, :] < SK)
+{mask}
+        keep = (keep != 0) & live
+        any_kept = tl.max(tl.max(keep.to(tl.int32), 1), 0)
+        any_dropped = tl.max(tl.max((live & (keep == 0)).to(tl.int32), 1), 0)
+        is_full = (any_kept == 1) & (any_dropped == 0)
+        is_part = (any_kept == 1) & (any_dropped == 1)
+        tl.store(FULL_IDX + row * NKB + n_full, kb, mask=is_full)
+        tl.store(PART_IDX + row * NKB + n_part, kb, mask=is_part)
+        n_full += is_full.to(tl.int32)
+        n_part += is_part.to(tl.int32)
+    tl.store(FULL_CNT + row, n_full)
+    tl.store(PART_CNT + row, n_part)
+'''
+
+
+# ---- attention ------------------------------------------------------------------------------------
+@LOWERINGS.lowers(BlockMapOp)
+def block_map(p: TritonProgram, op: BlockMapOp) -> None:
+    if op.map is not None:  # classified at compile time: a launcher constant
+        p.names[id(op.result)] = f"C[{len(p.consts)}]"
+        p.consts.append(Const("lists", op))
+        return
+    out = p.new(op.result)
+    data_values = outer_values(op.mask)
+    data = {id(v): (f"data{i}", v) for i, v in enumerate(data_values)}
+    params = "".join(f"data{i}, " + "".join(f"data{i}_d{d}, " for d in range(v.type.rank))
+                     for i, v in enumerate(data_values))
+    em = RegionEmitter(op.mask, ["b_idx", "h_idx", "q_idx", "k_idx"], data, "mk")
+    value = em.emit()
+    mask = "\n".join(em.lines + [f"keep = {value}"])
+    fields = {"data_params": params, "op_line": loc_comment(op), "mask": textwrap.indent(mask, " " * 8)}
+    name = f"attn_block_map_{digest(BUILDER.format(name='_', **fields))}"
+    p.kernel(name, BUILDER.format(name=name, **fields))
+    nb, nh = p.dim(op.batch), p.dim(op.heads)
+    nqb = f"cdiv({p.dim(op.sq)}, {op.block_q})"
+    nkb = f"cdiv({p.dim(op.sk)}, {op.block_k})"
+    args = "".join(f"contiguous({p.name(v)}), *{p.name(v)}.shape, " for v in data_values)
+    p.lines += [
+        f"_nqb, _nkb, _rows = {nqb}, {nkb}, {nb} * {nh} * {nqb}",
+        "_fi = torch.empty((_rows, _nkb), dtype=torch.int32, device=dev)",
+        "_pi = torch.empty((_rows, _nkb), dtype=torch.int32, device=dev)",
+        "_fc = torch.empty((_rows,), dtype=torch.int32, device=dev)",
+        "_pc = torch.empty((_rows,), dtype=torch.int32, device=dev)",
+        f"{name}[(_rows,)](_fi, _fc, _pi, _pc, {args}{p.dim(op.sq)}, {p.dim(op.sk)}, _nqb, _nkb, {nh}, "
+        f"BLOCK_Q={op.block_q}, BLOCK_K={op.block_k})",
+        f"{out} = (_fi, _fc, _pi, _pc, {nb}, {nh}, _nqb, _nkb)",
+    ]
+
+
+@LOWERINGS.lowers(AT.AttentionOp)
+def attention(p: TritonProgram, op: AT.AttentionOp) -> None:
+    p.note_dot(op, op.q.type.dtype)
+    kern = AttentionKernel.generate(op)
+    p.kernel(kern.name, kern.source)
+    q, k, v = (f"last_contiguous({p.name(x)})" for x in (op.q, op.k, op.v))
+    d, dv = op.q.type.shape[3], op.v.type.shape[3]
+    for what, n in (("head dim", d), ("value head dim", dv)):
+        if not isinstance(n, int) or n > 256:
+            raise SparsaError(f"attention with {what} {n} is not supported by the triton backend (needs a "
+                              f"static size <= 256)", op.loc)
+    bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
+    out = p.new(op.result)
+    p.alloc(op.result, out, f"{p.name(op.q)}.shape[:3] + ({dv},)")
+    p.lines += [f"_q, _k, _v = {q}, {k}, {v}",
+                   "_B, _H, _SQ, _SK = _q.shape[0], _q.shape[1], _q.shape[2], _k.shape[2]"]
+    if op.block_map is not None:
+        p.lines.append(f"_fi, _fc, _pi, _pc, _mb, _mh, _nqb, _nkb = {p.name(op.block_map)}")
+    else:
+        p.lines += [f"_nqb, _nkb, _mb, _mh = cdiv(_SQ, {bq}), cdiv(_SK, {bk}), 1, 1",
+                       f"_fi, _fc, _pi, _pc = dense_lists(_nqb, _nkb, {not op.mask.empty}, dev)"]
+    data = "".join(f"contiguous({p.name(x)}), *{p.name(x)}.shape, " for x in kern.data)
+    p.lines.append(
+        f"{kern.name}[(_nqb, _B * _H)](_q, _k, _v, {out}, _fi, _fc, _pi, _pc, {data}"
+        f"_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
+        f"_v.stride(0), _v.stride(1), _v.stride(2), {out}.stride(0), {out}.stride(1), {out}.stride(2), "
+        f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, BLOCK_N={bk}, "
+        f"D={head_block(d)}, DV={head_block(dv)}, PRECISION={dot_precision(op.q.type.dtype)!r}, "
+        f"num_warps={NUM_WARPS}, num_stages={NUM_STAGES})")

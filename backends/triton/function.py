@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from sparsa.backends.triton.codegen import Const, TritonProgram
+from sparsa.backends.base import Executable
+from sparsa.backends.triton.codegen import generate
+from sparsa.backends.triton.program import Const
 from sparsa.ir.analysis import RuntimeShapeError, bind_shape
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
@@ -44,12 +47,12 @@ def pick_device() -> str:
     return "cpu"
 
 
-class TritonFunction:
+class TritonFunction(Executable):
     """Kernels and launcher of one function; `stages` has the texts `kernels`, `launcher` and `source`."""
 
     def __init__(self, func: Operation):
         self.func = func
-        self.program = TritonProgram(func)
+        self.program = generate(func)
         self.stages = {"kernels": self.program.kernels_text, "launcher": self.program.launcher_text,
                        "source": self.program.source}
         self._launch = None
@@ -74,7 +77,8 @@ class TritonFunction:
             self._consts[device] = [_prepare(c, cache, device) for c in self.program.consts]
         return self._consts[device]
 
-    def __call__(self, args: list[Any], cache: dict[int, tuple[np.ndarray, ...]]) -> list[Any]:
+    def __call__(self, args: Sequence[Any], weights: Mapping[str, Any] | None, cache: dict[int, tuple[np.ndarray, ...]],
+                 constant_args: frozenset[int] = frozenset()) -> list[Any]:
         """Run on torch tensors or arrays (checked against the signature); returns torch tensors on the device."""
         import torch
 
@@ -172,11 +176,11 @@ class CudaGraphs:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # a first run compiles the kernels and prepares the constants
-            self.fn(inputs, cache)
+            self.fn(inputs, None, cache)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = self.fn(inputs, cache)
+            outputs = self.fn(inputs, None, cache)
         self.captures += 1
         return inputs, outputs, graph
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from sparsa.backends.triton import library as lib
-from sparsa.backends.triton.codegen import npow2
+from sparsa.backends.triton.program import npow2
 
 COPY_BLOCK = 1024
 

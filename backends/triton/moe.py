@@ -15,8 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsa.backends.triton.attention import load_kernel_module, precision
+from sparsa.backends.triton.program import (
+    LOWERINGS,
+    TORCH_DTYPES,
+    TritonProgram,
+    dot_precision,
+    npow2,
+)
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.core import Operation
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects.attn_blocks import outer_values
 
 KERNEL = '''
@@ -134,3 +143,86 @@ class GroupedMatmulKernel:
             num_stages=num_stages,
         )
         return out.to(rows.dtype) if self.combine else out
+
+
+# ---- launcher lines ---------------------------------------------------------------------------------
+
+# ---- MoE ----------------------------------------------------------------------------------------
+@LOWERINGS.lowers(M.RouteOp)
+def route(p: TritonProgram, op: Operation) -> None:
+    logits = p.name(op.logits)
+    bias = p.name(op.bias) if op.bias is not None else logits
+    w, e = p.new(op.weights), p.new(op.experts)
+    p.alloc(op.weights, w, f"({logits}.shape[0], {op.k})")
+    p.alloc(op.experts, e, f"({logits}.shape[0], {op.k})")
+    p.lines += [
+        f"_l = contiguous({logits})",
+        "_E = _l.shape[1]",
+        "if _l.shape[0]:",
+        f"    lib.moe_route[(_l.shape[0],)](_l, contiguous({bias}), {w}, {e}, _E, {op.scale!r}, "
+        f"SOFTMAX={op.score == 'softmax'}, HAS_BIAS={op.bias is not None}, K={op.k}, RENORM={op.renormalize}, "
+        f"GROUPS={op.groups}, GROUP_TOP={op.group_top}, GROUPS_KEPT={op.groups_kept}, BLOCK_E=npow2(_E), "
+        f"BLOCK_G=npow2({op.groups}), BLOCK_K=npow2({op.k}))",
+    ]
+
+
+@LOWERINGS.lowers(M.DispatchOp)
+def dispatch(p: TritonProgram, op: Operation) -> None:
+    experts = p.name(op.experts)
+    perm, offsets = p.new(op.perm), p.new(op.offsets)
+    E, align = op.num_experts, op.block
+    cap = "_p" if op.capacity is None else \
+        f"math.ceil({op.capacity!r} * {experts}.shape[0] * {experts}.shape[1] / {E})"
+    p.lines += [
+        f"_ids = contiguous({experts})",
+        "_p = _ids.numel()",
+        "# the segments are padded to the grouped matmul's tile height; the list is allocated at its upper bound",
+        f"{perm} = torch.full((_p + {E * (align - 1)},), -1, dtype=torch.int64, device=dev)",
+        f"{offsets} = torch.zeros(({E + 1},), dtype=torch.int64, device=dev)",
+        f"_counts = torch.empty(({E},), dtype=torch.int32, device=dev)",
+        f"lib.moe_count[({E},)](_ids, _counts, _p, {cap}, BLOCK=1024)",
+        f"lib.moe_place[({E},)](_ids, _counts, {perm}, {offsets}, _p, {E}, {align}, BLOCK=1024, "
+        f"BLOCK_E={npow2(E)})",
+    ]
+
+
+@LOWERINGS.lowers(M.GroupedMatmulOp, M.GroupedMatmulCombineOp)
+def grouped(p: TritonProgram, op: Operation) -> None:
+    p.note_dot(op, op.rows.type.dtype)
+    kern = GroupedMatmulKernel.generate(op)
+    p.kernel(kern.name, kern.source)
+    combine = kern.combine
+    rows, perm, offsets = p.name(op.rows), p.name(op.perm), p.name(op.offsets)
+    dispatch = op.perm.defining_op
+    block_m = dispatch.block if isinstance(dispatch, M.DispatchOp) else 0
+    if block_m < 16 or block_m & (block_m - 1):
+        raise SparsaError(f"the triton grouped matmul needs expert segments aligned to a power-of-two tile >= 16 "
+                          f"(fuse-moe-dispatch{{block=64}}), got block={block_m}", op.loc)
+    weights = [op.weight] if combine else list(op.weights)
+    ws = ", ".join(f"contiguous({p.name(w)})" for w in weights)
+    data = "".join(f"contiguous({p.name(v)}), *{p.name(v)}.shape, " for v in kern.data)
+    out = p.new(op.result)
+    w0 = p.name(weights[0])
+    p.lines.append(f"_rows = contiguous({rows})")
+    p.lines.append(f"_N, _K = {w0}.shape[2], {w0}.shape[1]")
+    if combine:
+        gates = p.name(op.gates)
+        p.lines += [f"_acc = torch.zeros(({gates}.shape[0], _N), dtype=torch.float32, device=dev)",
+                       f"_g = contiguous({gates})"]
+        target = "_acc"
+    else:
+        p.lines.append(f"{out} = torch.empty(({perm}.shape[0], _N), dtype={TORCH_DTYPES[op.result.type.dtype]}, "
+                          f"device=dev)")
+        target = out
+    gate_arg = "_g" if combine else target
+    p.lines.append(
+        f"{kern.name}[(cdiv({perm}.shape[0], {block_m}), cdiv(_N, 64))](_rows, {perm}, {offsets}, {ws}, {target}, "
+        f"{gate_arg}, {data}{perm}.shape[0], _K, _N, {op.topk}, {offsets}.shape[0] - 1, GATHER={op.gather}, "
+        f"COMBINE={combine}, BLOCK_M={block_m}, BLOCK_N=64, BLOCK_K=32, BLOCK_E=npow2({offsets}.shape[0] - 1), "
+        f"PRECISION={dot_precision(op.rows.type.dtype)!r})")
+    if combine:
+        if op.result.type.dtype == "f32":
+            p.lines.append(f"{out} = _acc")
+        else:
+            p.alloc(op.result, out, "_acc.shape")
+            p.lines.append(f"copy(_acc, {out})")

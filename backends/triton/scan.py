@@ -15,8 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from sparsa.backends.triton.attention import load_kernel_module
+from sparsa.backends.triton.program import (
+    LOWERINGS,
+    TORCH_DTYPES,
+    TritonProgram,
+    dot_precision,
+    npow2,
+)
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import scan as SC
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects.func import YieldOp
@@ -111,3 +119,48 @@ class FusedScanKernel:
         load_kernel_module(self.name, self.source)[grid](*args, BLOCK_O=block_o, BLOCK_N=block_n,
                                                           num_warps=num_warps)
         return out
+
+
+# ---- launcher lines ---------------------------------------------------------------------------------
+
+# ---- scans and sparse weights -------------------------------------------------------------------------
+@LOWERINGS.lowers(SC.FusedScanOp)
+def scan(p: TritonProgram, op: SC.FusedScanOp) -> None:
+    kern = FusedScanKernel.generate(op)
+    p.kernel(kern.name, kern.source)
+    ins = ", ".join(p.name(v) for v in op.inputs)
+    state = "(" + "".join(f"{p.dim(d)}, " for d in op.state) + ")"
+    out = p.new(op.result)
+    p.lines += [f"_state = {state}",
+                   f"_y = torch.empty(_state[:-1], dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
+                   f"_args, _grid, _bn = scan_args([{ins}], _y, _state, {kern.axis})",
+                   f"{kern.name}[_grid](*_args, BLOCK_O=32, BLOCK_N=_bn)",
+                   f"{out} = reshape(_y, {p.shape(op.result.type)})"]
+
+
+@LOWERINGS.lowers(SC.LinearAttentionOp)
+def linear_attention(p: TritonProgram, op: SC.LinearAttentionOp) -> None:
+    q, k, v, a = (p.name(x) for x in (op.q, op.k, op.v, op.a))
+    dk, dv = op.q.type.shape[-1], op.v.type.shape[-1]
+    if not all(isinstance(n, int) and n <= 256 for n in (dk, dv)):
+        raise SparsaError("'scan.linear_attention' needs static head dims <= 256 on triton", op.loc)
+    # any chunk gives the same result (up to rounding); the tensor cores want a power of two >= 16
+    chunk = op.chunk if op.chunk >= 16 and not op.chunk & (op.chunk - 1) and op.chunk <= 128 else 64
+    out = p.new(op.result)
+    p.lines += [
+        f"_lead = torch.broadcast_shapes({q}.shape[:-1], {k}.shape[:-1], {v}.shape[:-1], {a}.shape)",
+        "_L = _lead[-1]",
+        "# broadcast inputs are copied out once; inputs of the full shape are only viewed",
+        f"_q = last_contiguous(reshape({q}.expand(_lead + ({dk},)), (-1, _L, {dk})))",
+        f"_k = last_contiguous(reshape({k}.expand(_lead + ({dk},)), (-1, _L, {dk})))",
+        f"_v = last_contiguous(reshape({v}.expand(_lead + ({dv},)), (-1, _L, {dv})))",
+        f"_a = last_contiguous(reshape({a}.expand(_lead), (-1, _L)))",
+        f"{out} = torch.empty(_lead + ({dv},), dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
+        f"_o = {out}.view(-1, _L, {dv})",
+        "if _o.numel():",
+        f"    lib.linear_attention[(_o.shape[0], cdiv({dv}, 64))](_q, _k, _v, _a, _o, _L, {dk}, {dv}, "
+        f"_q.stride(0), _q.stride(1), _k.stride(0), _k.stride(1), _v.stride(0), _v.stride(1), _a.stride(0), "
+        f"_o.stride(0), _o.stride(1), CHUNK={chunk}, BLOCK_DK={max(16, npow2(dk))}, "
+        f"BLOCK_DV={min(64, max(16, npow2(dv)))}, "
+        f"PRECISION={dot_precision(op.q.type.dtype)!r})",
+    ]

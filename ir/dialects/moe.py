@@ -10,6 +10,7 @@ import numpy as np
 from sparsa.ir import attrs as A
 from sparsa.ir.core import Attr, Operand, Operation, RegionField, Result
 from sparsa.ir.dims import compatible
+from sparsa.ir.traits import Composite
 from sparsa.ir.types import TensorType, is_float, is_int
 
 
@@ -31,10 +32,11 @@ def kept_assignments(idx: np.ndarray, experts: int, capacity: float | None) -> n
     return keep
 
 
-class MoeOp(Operation):
+class MoeOp(Composite, Operation):
     """y[t] = sum_j gates[t, j] * body(idx[t, j], x[t]), with at most ceil(capacity*T*K/E) tokens per expert."""
 
     NAME = "moe.moe"
+    LOWERED_BY = "fuse-moe-gating and fuse-moe-dispatch"
     x = Operand()
     idx = Operand()
     gates = Operand()

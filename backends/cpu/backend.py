@@ -1,0 +1,50 @@
+"""The cpu target: Sparsa IR lowered through upstream MLIR (the bindings torch-mlir ships) to LLVM native
+code, one kernel per op in one module, run by a small host (`jit.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sparsa.backends.base import Backend, Executable
+from sparsa.backends.cpu import CpuLoweringError, available
+from sparsa.ir.core import Operation
+from sparsa.passes.pipelines import sparse_pipeline
+
+
+class CpuBackend(Backend):
+    """Native code for this machine through MLIR and LLVM; float32 and integer kernels."""
+
+    NAME = "cpu"
+    # One kernel per op, the sparse ops as loops over their structure around tiled, vectorized GEMMs; expert
+    # segments of 64 rows (the grouped GEMM's work item).
+    PIPELINE = sparse_pipeline(block=64)
+    STAGES = ("mlir", "schedule", "loops", "llvm")
+    STAGE_SUFFIX = "mlir"
+    SPECIALIZES_ON_CONSTANTS = True
+    ERROR = CpuLoweringError
+
+    def unavailable(self) -> str | None:
+        if not available():
+            return "torch-mlir's MLIR Python bindings do not import (pip install torch-mlir)"
+        return None
+
+    def lowering(self, op: Operation) -> Any:
+        from sparsa.backends.cpu import jit  # noqa: F401 (every dialect's rules registered)
+        from sparsa.backends.cpu.context import KERNELS, LOWERINGS
+
+        return KERNELS.find(op) or LOWERINGS.find(op)
+
+    def supports(self, op: Operation) -> str | None:
+        half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
+        if half:
+            return f"its kernels are float32 and integer, not {half.pop()}: cast to f32 or use the triton target"
+        return super().supports(op)
+
+    def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
+        """Kernels built and compiled to native code now; `options["constant_args"]`: inputs the caller keeps
+        the same between calls (what only they and the weights feed runs once, expert weights packed)."""
+        from sparsa.backends.cpu.jit import CpuFunction
+
+        self.check(func)
+        return CpuFunction(func, frozenset((options or {}).get("constant_args", frozenset())))
