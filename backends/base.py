@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from sparsa.ir.analysis import weight_only_ops
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Module, Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.traits import Composite
 
@@ -64,6 +64,8 @@ class Backend(ABC):
     # first call, knowing which inputs are parameters)
     SPECIALIZES_ON_CONSTANTS: ClassVar[bool] = False
     ERROR: ClassVar[type[SparsaError]] = None  # raised for an op it cannot lower (default UnsupportedOp)
+    # passes the backend runs on whatever function it is given (a user's pipeline may leave them out)
+    LEGALIZE: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,6 +98,13 @@ class Backend(ABC):
             if reason is not None:
                 error = self.ERROR or UnsupportedOp
                 raise error(f"'{op.NAME}' is not supported by the {self.NAME} backend ({reason})", op.loc)
+
+    def legalize(self, func: Operation) -> None:
+        """Run the LEGALIZE passes on `func`, in place."""
+        if self.LEGALIZE:
+            from sparsa.passes import PassManager
+
+            PassManager(self.LEGALIZE).run(Module([func]))
 
     @abstractmethod
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:

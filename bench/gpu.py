@@ -60,7 +60,7 @@ def sparsa_kernel(mask_src: str, dtype: str) -> tuple[AttentionKernel, Attention
     src = (f"{mask_src}\nmodel M(q: {dtype}[{B}, {H}, {S}, {D}]{args}) -> {dtype}[{B}, {H}, {S}, {D}] {{\n"
            f"    return attention(q, q, q, mask=m{data})\n}}\n")
     blocks = f"block_q={CONFIG['block_q']} block_k={CONFIG['block_k']}"
-    model = sparsa.compile(src, passes=f"canonicalize,sparsify-attention{{{blocks}}}")
+    model = sparsa.compile(src, passes=f"canonicalize,sparsify-attention{{{blocks}}}", target="reference")
     att = next(o for o in model.module.walk() if isinstance(o, AttentionOp))
     return AttentionKernel.generate(att), att
 
@@ -215,7 +215,7 @@ def moe_bench(dtype_name: str, T: int = 1024, D: int = 512, F: int = 1024, E: in
     src = (f"model M(x: f32[T, {D}], i: i64[T, {K}], g: f32[T, {K}]) -> f32[T, {D}] {{\n"
            f"    param w1: f32[{E}, {D}, {F}]\n    param w3: f32[{E}, {D}, {F}]\n    param w2: f32[{E}, {F}, {D}]\n"
            f"    return moe(x, i, g) |e, h| {{ (silu(h @ w1[e]) * (h @ w3[e])) @ w2[e] }}\n}}\n")
-    model = sparsa.compile(src, passes=f"canonicalize,fuse-moe-dispatch{{block={block}}}")
+    model = sparsa.compile(src, passes=f"canonicalize,fuse-moe-dispatch{{block={block}}}", target="reference")
     up_op, down_op = [o for o in model.module.walk() if isinstance(o, GroupedMatmulOp | GroupedMatmulCombineOp)]
     up, down = GroupedMatmulKernel.generate(up_op), GroupedMatmulKernel.generate(down_op)
     x = torch.randn(T, D, device="cuda", dtype=dtype)
@@ -331,7 +331,7 @@ def scan_bench(B: int = 1, L: int = 2048, DI: int = 1024, N: int = 16) -> dict:
     from sparsa.backends.triton.scan import FusedScanKernel
     from sparsa.ir.dialects.scan import FusedScanOp
 
-    model = sparsa.compile(str(Path(__file__).parent.parent / "examples" / "selective_scan.sp"))
+    model = sparsa.compile(str(Path(__file__).parent.parent / "examples" / "selective_scan.sp"), target="reference")
     op = next(o for o in model.module.walk() if isinstance(o, FusedScanOp))
     kernel = FusedScanKernel.generate(op)
     u, delta = torch.randn(B, L, DI, device="cuda"), torch.rand(B, L, DI, device="cuda") * 0.1

@@ -7,6 +7,7 @@ from sparsa.passes import (
     fuse_moe_dispatch,
     fuse_moe_gating,
     fuse_scan,
+    hoist_region_invariants,
     lower_sparse_weights,
     recognize_attention,
     sparsify_attention,
@@ -17,6 +18,6 @@ from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 
 __all__ = [
     "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
-    "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "lower_sparse_weights",
-    "parse_pipeline", "recognize_attention", "sparsify_attention",
+    "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "hoist_region_invariants",
+    "lower_sparse_weights", "parse_pipeline", "recognize_attention", "sparsify_attention",
 ]

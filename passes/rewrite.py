@@ -31,6 +31,24 @@ class Rewriter:
     def erase_op(self, op: Operation) -> None:
         op.erase()
 
+    def move_before(self, op: Operation, anchor: Operation) -> None:
+        """Move `op` (with its uses) from its block to right before `anchor`."""
+        op.parent.ops.remove(op)
+        op.parent = None
+        anchor.parent.insert(anchor.parent.ops.index(anchor), op)
+
+    def set_operand(self, op: Operation, index: int, value: Value) -> None:
+        """Make operand `index` of `op` read `value`."""
+        op.set_operand(index, value)
+
+    def append_operand(self, op: Operation, value: Value) -> None:
+        """Add `value` as op's last operand (an optional operand group's)."""
+        op.operands.append(value)
+        op._add_use(value, len(op.operands) - 1)
+
+    def set_attr(self, op: Operation, name: str, value: object) -> None:
+        op.attributes[name] = value
+
 
 class RewritePattern(ABC):
     """A local rewrite: ROOT is the op class it looks at; returns True when it changed the IR."""

@@ -50,7 +50,7 @@ def test_example_matches_reference(example, model):
 
 def check(src, inputs=None, passes=None, sizes=SIZES):
     kw = {"passes": passes} if passes else {}
-    ref = sparsa.compile(src, **kw).init_weights(0)
+    ref = sparsa.compile(src, target="reference", **kw).init_weights(0)
     cpu = sparsa.compile(src, target="cpu", **kw).init_weights(0)
     inputs = make_inputs(ref, sizes=sizes) if inputs is None else inputs
     close(cpu(*inputs), ref(*inputs))

@@ -33,7 +33,7 @@ def _kernel_cache(monkeypatch, tmp_path_factory):
 
 
 def check(src, inputs=None, model=None, seed=0, tol=TOL, **kw):
-    ref = sparsa.compile(src, model=model, **kw).init_weights(seed)
+    ref = sparsa.compile(src, model=model, target="reference", **kw).init_weights(seed)
     tri = sparsa.compile(src, model=model, target="triton", **kw).init_weights(seed)
     inputs = make_inputs(ref, seed) if inputs is None else inputs
     want, got = ref(*inputs), tri(*inputs)

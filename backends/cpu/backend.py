@@ -19,6 +19,7 @@ class CpuBackend(Backend):
     # One kernel per op, the sparse ops as loops over their structure around tiled, vectorized GEMMs; expert
     # segments of 64 rows (the grouped GEMM's work item).
     PIPELINE = sparse_pipeline(block=64)
+    LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
     STAGES = ("mlir", "schedule", "loops", "llvm")
     STAGE_SUFFIX = "mlir"
     SPECIALIZES_ON_CONSTANTS = True
@@ -46,5 +47,6 @@ class CpuBackend(Backend):
         the same between calls (what only they and the weights feed runs once, expert weights packed)."""
         from sparsa.backends.cpu.jit import CpuFunction
 
+        self.legalize(func)
         self.check(func)
         return CpuFunction(func, frozenset((options or {}).get("constant_args", frozenset())))

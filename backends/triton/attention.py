@@ -26,6 +26,7 @@ from sparsa.backends.triton.program import (
     digest,
     dot_precision,
     loc_comment,
+    npow2,
 )
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.diagnostics import SparsaError
@@ -251,23 +252,26 @@ BUILDER = '''
 @triton.jit
 def {name}(
     FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
-    SQ, SK, NQB, NKB, H, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    SQ, SK, NQB, NKB, H, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BQP: tl.constexpr, BKP: tl.constexpr,
 ):
-    # {op_line}: classified per call, one program per (batch, head, query block), exact (every pair)
+    # {op_line}: classified per call, one program per (batch, head, query block), exact (every pair);
+    # BQP x BKP is the block padded to powers of two (tl.arange's extents)
     row = tl.program_id(0)
     qb = row % NQB
     b = row // NQB // H
     h = row // NQB % H
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    in_q = tl.arange(0, BQP)
+    offs_q = qb * BLOCK_Q + in_q
     q_idx = offs_q[:, None].to(tl.int64)
     b_idx = b.to(tl.int64)
     h_idx = h.to(tl.int64)
     n_full = 0
     n_part = 0
     for kb in range(0, NKB):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        in_k = tl.arange(0, BKP)
+        offs_k = kb * BLOCK_K + in_k
         k_idx = offs_k[None, :].to(tl.int64)
-        live = (offs_q[:, None] < SQ) & (offs_k[None, :] < SK)
+        live = (offs_q[:, None] < SQ) & (offs_k[None, :] < SK) & (in_q[:, None] < BLOCK_Q) & (in_k[None, :] < BLOCK_K)
 {mask}
         keep = (keep != 0) & live
         any_kept = tl.max(tl.max(keep.to(tl.int32), 1), 0)
@@ -289,6 +293,8 @@ def block_map(p: TritonProgram, op: BlockMapOp) -> None:
     if op.map is not None:  # classified at compile time: a launcher constant
         p.names[id(op.result)] = f"C[{len(p.consts)}]"
         p.consts.append(Const("lists", op))
+        if id(op.result) in p.returned:
+            p.lines.append(f"{p.new(op.result)} = dense_map(*C[{len(p.consts) - 1}])")
         return
     out = p.new(op.result)
     data_values = outer_values(op.mask)
@@ -312,9 +318,11 @@ def block_map(p: TritonProgram, op: BlockMapOp) -> None:
         "_fc = torch.empty((_rows,), dtype=torch.int32, device=dev)",
         "_pc = torch.empty((_rows,), dtype=torch.int32, device=dev)",
         f"{name}[(_rows,)](_fi, _fc, _pi, _pc, {args}{p.dim(op.sq)}, {p.dim(op.sk)}, _nqb, _nkb, {nh}, "
-        f"BLOCK_Q={op.block_q}, BLOCK_K={op.block_k})",
+        f"BLOCK_Q={op.block_q}, BLOCK_K={op.block_k}, BQP={npow2(op.block_q)}, BKP={npow2(op.block_k)})",
         f"{out} = (_fi, _fc, _pi, _pc, {nb}, {nh}, _nqb, _nkb)",
     ]
+    if id(op.result) in p.returned:  # the op's value: the map itself, not the kernel's lists
+        p.lines.append(f"{out} = dense_map(*{out})")
 
 
 @LOWERINGS.lowers(AT.AttentionOp)

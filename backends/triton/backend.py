@@ -17,6 +17,7 @@ class TritonBackend(Backend):
     NAME = "triton"
     # Expert segments are aligned to the grouped GEMM's 64-row tiles.
     PIPELINE = sparse_pipeline(block=64)
+    LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
     STAGES = ("kernels", "launcher", "source")
     EMIT_ALIASES = {"triton": "source"}
     STAGE_SUFFIX = "py"
@@ -43,5 +44,6 @@ class TritonBackend(Backend):
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
         from sparsa.backends.triton.function import TritonFunction
 
+        self.legalize(func)
         self.check(func)
         return TritonFunction(func)

@@ -13,6 +13,7 @@ import numpy as np
 
 from sparsa.backends.base import Executable
 from sparsa.backends.triton.codegen import generate
+from sparsa.backends.triton.host import bsc_index
 from sparsa.backends.triton.program import Const
 from sparsa.ir.analysis import RuntimeShapeError, bind_shape
 from sparsa.ir.core import Operation
@@ -124,14 +125,12 @@ def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) ->
 
         lists = block_lists(c.op.map.data, device)
         return (lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, *lists.shape)
+    if c.kind == "op":  # an op the launcher runs on the host (host.host_op)
+        return c.op
     # "bsc": a packed BSR weight indexed by block column, so each program walks only its column's blocks
     op = c.op
-    row_ptr, col_idx = (_cached(cache, v) for v in (op.row_ptr, op.col_idx))
-    block_rows = np.repeat(np.arange(len(row_ptr) - 1), np.diff(row_ptr))
-    order = np.argsort(col_idx, kind="stable")
-    ncols = op.cols // op.blocks.type.shape[2]
-    col_ptr = np.concatenate([[0], np.cumsum(np.bincount(col_idx, minlength=ncols))])
-    return tuple(_upload(a.astype(np.int64), "i64", device) for a in (col_ptr, block_rows[order], order))
+    row_ptr, col_idx = (_upload(_cached(cache, v), "i64", device) for v in (op.row_ptr, op.col_idx))
+    return bsc_index(row_ptr, col_idx, op.cols // op.blocks.type.shape[2])
 
 
 def _cached(cache: dict[int, tuple[np.ndarray, ...]], v: Any) -> np.ndarray:

@@ -106,3 +106,57 @@ def scan_args(inputs: list[Any], out: Any, state: tuple[int, ...], axis: int, bl
     m = math.prod(state[d] for d in outer)
     args += [state[d] for d in outer] + [m, state[axis], state[rank - 1]]
     return args, (max(1, cdiv(m, block_o)),), npow2(state[rank - 1])
+
+
+def dense_map(full_idx: Any, full_cnt: Any, part_idx: Any, part_cnt: Any, nb: int, nh: int, nqb: int,
+              nkb: int) -> Any:
+    """A block map as the `attn.block_map` op's value ([NB, NH, NQ, NK] of EMPTY 0 / PARTIAL 1 / FULL 2) from the
+    per-row block lists the attention kernel reads (a block map the function returns)."""
+    out = torch.zeros((nb * nh * nqb, nkb), dtype=torch.int8, device=full_idx.device)
+    cols = torch.arange(nkb, device=full_idx.device)[None, :]
+    for lists, counts, kind in ((full_idx, full_cnt, 2), (part_idx, part_cnt, 1)):
+        lists, counts = lists.reshape(-1, nkb), counts.reshape(-1)
+        live = cols < counts[:, None].long()
+        rows = torch.arange(out.shape[0], device=out.device)[:, None].expand_as(live)
+        out[rows[live], lists.long()[live]] = kind
+    return out.view(nb, nh, nqb, nkb)
+
+
+def align_segments(perm: Any, offsets: Any, block: int) -> tuple[Any, Any, Any]:
+    """Expert segments [offsets[e], offsets[e+1]) of `perm` each padded with -1 to a multiple of `block` rows
+    (the grouped matmul's tile): (padded perm, its offsets, each given row's position in it)."""
+    counts = offsets[1:] - offsets[:-1]
+    new_offsets = torch.zeros_like(offsets)
+    new_offsets[1:] = torch.cumsum((counts + block - 1) // block * block, 0)
+    n = perm.shape[0]
+    expert = torch.repeat_interleave(torch.arange(counts.shape[0], device=perm.device), counts, output_size=n)
+    where = new_offsets[expert] + torch.arange(n, device=perm.device) - offsets[expert]
+    padded = torch.full((int(new_offsets[-1]),), -1, dtype=perm.dtype, device=perm.device)
+    padded[where] = perm
+    return padded, new_offsets, where
+
+
+def bsc_index(row_ptr: Any, col_idx: Any, ncols: int) -> tuple[Any, Any, Any]:
+    """A BSR matrix's blocks by block column, so each program walks only its column's blocks: (column
+    pointers [ncols + 1], the block row of each block in column order, its index in the stored order)."""
+    row_ptr, col_idx = row_ptr.long(), col_idx.long()
+    rows = torch.arange(row_ptr.shape[0] - 1, device=row_ptr.device)
+    block_rows = torch.repeat_interleave(rows, row_ptr.diff(), output_size=col_idx.shape[0])
+    order = torch.argsort(col_idx, stable=True)
+    col_ptr = torch.zeros(ncols + 1, dtype=torch.int64, device=col_idx.device)
+    col_ptr[1:] = torch.cumsum(torch.bincount(col_idx, minlength=ncols), 0)
+    return col_ptr, block_rows[order], order
+
+
+def host_op(op: Any, dev: Any, *args: Any) -> tuple[Any, ...]:
+    """An op whose results' sizes depend on the data (packing a sparse layout that is not a weight's), run on
+    the host by its reference semantics: a copy to the host and back, per call."""
+    import numpy as np
+
+    from sparsa.ir.types import round_to_dtype
+
+    arrays = [a.detach().cpu().numpy() for a in args]
+    outs = op.reference(None, *arrays)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    return tuple(torch.from_numpy(np.ascontiguousarray(round_to_dtype(np.asarray(o), r.type.dtype))).to(dev)
+                 for o, r in zip(outs, op.results, strict=True))

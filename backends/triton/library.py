@@ -167,6 +167,23 @@ def cumsum_rows(X, OUT, COLS, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def linear_scan(A, B, H0, OUT, M, L, HAS_H0: tl.constexpr, BLOCK: tl.constexpr):
+    """h[t] = a[t] * h[t-1] + b[t] along each of M rows of [M, L] (a, b and out contiguous), from h0 [M] or 0;
+    each program carries the state of BLOCK rows in registers (in float32) over time."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = rows < M
+    if HAS_H0:
+        h = tl.load(H0 + rows, mask=live, other=0.0).to(tl.float32)
+    else:
+        h = tl.zeros([BLOCK], tl.float32)
+    for t in range(0, L):
+        a = tl.load(A + rows * L + t, mask=live, other=0.0).to(tl.float32)
+        b = tl.load(B + rows * L + t, mask=live, other=0.0).to(tl.float32)
+        h = a * h + b
+        tl.store(OUT + rows * L + t, h.to(OUT.dtype.element_ty), mask=live)
+
+
+@triton.jit
 def topk_rows(X, VALUES, INDICES, COLS, K: tl.constexpr, BLOCK: tl.constexpr):
     """The K largest of each row (BLOCK >= COLS), largest first, ties to the lower index."""
     row = tl.program_id(0).to(tl.int64)

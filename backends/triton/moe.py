@@ -24,7 +24,6 @@ from sparsa.backends.triton.program import (
 )
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.core import Operation
-from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects.attn_blocks import outer_values
 
@@ -146,6 +145,7 @@ class GroupedMatmulKernel:
 
 
 # ---- launcher lines ---------------------------------------------------------------------------------
+ALIGN = 64  # the tile height segments are padded to when the dispatch did not align them
 
 # ---- MoE ----------------------------------------------------------------------------------------
 @LOWERINGS.lowers(M.RouteOp)
@@ -184,6 +184,8 @@ def dispatch(p: TritonProgram, op: Operation) -> None:
         f"lib.moe_place[({E},)](_ids, _counts, {perm}, {offsets}, _p, {E}, {align}, BLOCK=1024, "
         f"BLOCK_E={npow2(E)})",
     ]
+    if id(op.perm) in p.returned:  # the op's value is the list up to its padded length (a sync, only here)
+        p.lines.append(f"{perm} = {perm}[:int({offsets}[-1])]")
 
 
 @LOWERINGS.lowers(M.GroupedMatmulOp, M.GroupedMatmulCombineOp)
@@ -195,9 +197,11 @@ def grouped(p: TritonProgram, op: Operation) -> None:
     rows, perm, offsets = p.name(op.rows), p.name(op.perm), p.name(op.offsets)
     dispatch = op.perm.defining_op
     block_m = dispatch.block if isinstance(dispatch, M.DispatchOp) else 0
-    if block_m < 16 or block_m & (block_m - 1):
-        raise SparsaError(f"the triton grouped matmul needs expert segments aligned to a power-of-two tile >= 16 "
-                          f"(fuse-moe-dispatch{{block=64}}), got block={block_m}", op.loc)
+    realigned = block_m < 16 or bool(block_m & (block_m - 1))
+    if realigned:  # segments not aligned to a tile (a dispatch of another block, or given): padded here, per call
+        block_m = ALIGN
+        p.lines.append(f"_perm, _offsets, _where = align_segments({perm}, {offsets}, {ALIGN})")
+        perm, offsets = "_perm", "_offsets"
     weights = [op.weight] if combine else list(op.weights)
     ws = ", ".join(f"contiguous({p.name(w)})" for w in weights)
     data = "".join(f"contiguous({p.name(v)}), *{p.name(v)}.shape, " for v in kern.data)
@@ -226,3 +230,5 @@ def grouped(p: TritonProgram, op: Operation) -> None:
         else:
             p.alloc(op.result, out, "_acc.shape")
             p.lines.append(f"copy(_acc, {out})")
+    elif realigned:
+        p.lines.append(f"{out} = {out}[_where]  # back to the given segments' rows")

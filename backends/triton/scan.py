@@ -123,9 +123,9 @@ class FusedScanKernel:
 
 # ---- launcher lines ---------------------------------------------------------------------------------
 
-# ---- scans and sparse weights -------------------------------------------------------------------------
+# ---- scans ----------------------------------------------------------------------------------------------
 @LOWERINGS.lowers(SC.FusedScanOp)
-def scan(p: TritonProgram, op: SC.FusedScanOp) -> None:
+def fused_scan(p: TritonProgram, op: SC.FusedScanOp) -> None:
     kern = FusedScanKernel.generate(op)
     p.kernel(kern.name, kern.source)
     ins = ", ".join(p.name(v) for v in op.inputs)
@@ -163,4 +163,26 @@ def linear_attention(p: TritonProgram, op: SC.LinearAttentionOp) -> None:
         f"_o.stride(0), _o.stride(1), CHUNK={chunk}, BLOCK_DK={max(16, npow2(dk))}, "
         f"BLOCK_DV={min(64, max(16, npow2(dv)))}, "
         f"PRECISION={dot_precision(op.q.type.dtype)!r})",
+    ]
+
+
+@LOWERINGS.lowers(SC.ScanOp)
+def unfused_scan(p: TritonProgram, op: SC.ScanOp) -> None:
+    """The unfused first-order scan (fuse-scan left it: its result is used as a whole): a and b broadcast to the
+    result, the time axis made last, one program per block of 64 positions carrying their state over time."""
+    rank = op.result.type.rank
+    axis = op.axis % rank
+    a, b = p.name(op.a), p.name(op.b)
+    out = p.new(op.result)
+    h0 = f"contiguous({p.name(op.h0)}.expand(_shape[:{axis}] + _shape[{axis} + 1:]))" if op.h0 is not None else "_a"
+    p.lines += [
+        f"_shape = torch.broadcast_shapes({a}.shape, {b}.shape)",
+        f"_a = contiguous({a}.expand(_shape).movedim({axis}, -1))",
+        f"_b = contiguous({b}.expand(_shape).movedim({axis}, -1))",
+        f"_h = torch.empty(_a.shape, dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
+        "_L = _shape[" + str(axis) + "]",
+        "_M = _h.numel() // max(1, _L)",
+        "if _h.numel():",
+        f"    lib.linear_scan[(cdiv(_M, 64),)](_a, _b, {h0}, _h, _M, _L, HAS_H0={op.h0 is not None}, BLOCK=64)",
+        f"{out} = _h.movedim(-1, {axis})",
     ]

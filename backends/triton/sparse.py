@@ -10,6 +10,7 @@ from sparsa.backends.triton.program import (
     dot_precision,
     npow2,
 )
+from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import sparse as SP
 
@@ -21,8 +22,12 @@ def bsr(p: TritonProgram, op: SP.BsrMatmulOp) -> None:
     br, bc = op.blocks.type.shape[1], op.blocks.type.shape[2]
     if not (isinstance(br, int) and isinstance(bc, int)):
         raise SparsaError("'sparse.bsr_matmul' needs static block sizes on triton", op.loc)
-    bsc = f"C[{len(p.consts)}]"
-    p.consts.append(Const("bsc", op))
+    if id(op.row_ptr.defining_op) in p.weight_only:  # a weight's: indexed by column once per weight load
+        bsc = f"C[{len(p.consts)}]"
+        p.consts.append(Const("bsc", op))
+    else:
+        bsc = "_bsc"
+        p.lines.append(f"_bsc = bsc_index({p.name(op.row_ptr)}, {p.name(op.col_idx)}, {op.cols // bc})")
     blocks = p.name(op.blocks)
     out = p.new(op.result)
     p.alloc(op.result, out, f"{x}.shape[:-1] + ({op.cols},)")
@@ -47,3 +52,21 @@ def nm(p: TritonProgram, op: SP.NmMatmulOp) -> None:
                    f"    lib.nm_matmul[(cdiv(_x.shape[0], 32), cdiv(_N, 64))](_x, contiguous({vals}), "
                    f"contiguous({idx}), _y, _x.shape[0], _x.shape[1], _N, _x.stride(0), NN={op.n}, MM={op.m}, "
                    f"BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, PRECISION={dot_precision(op.x.type.dtype)!r})"]
+
+
+@LOWERINGS.lowers(SP.SparseMatmulOp)
+def sparse_matmul(p: TritonProgram, op: SP.SparseMatmulOp) -> None:
+    """x @ w for a sparse-layout w that is not a weight (lower-sparse-weights packs the weights): the dense
+    product, on cuBLAS."""
+    p.note_dot(op, op.x.type.dtype)
+    p.lines.append(f"{p.new(op.result)} = torch.matmul({p.name(op.x)}, {p.name(op.w)})")
+
+
+@LOWERINGS.lowers(SP.ConvertOp, SP.PackBsrOp, SP.PackNmOp)
+def on_host(p: TritonProgram, op: Operation) -> None:
+    """A layout check or a packing of a value that is not a weight (the weights' run once, at load): sizes that
+    depend on the data, so the host runs the op's reference semantics, per call."""
+    outs = [p.new(r) for r in op.results]
+    args = "".join(f", {p.name(v)}" for v in op.operands)
+    p.lines.append(f"{', '.join(outs)}, = host_op(C[{len(p.consts)}], dev{args})")
+    p.consts.append(Const("op", op))

@@ -55,13 +55,17 @@ def view(p: TritonProgram, op: Operation) -> None:
         expr = f"{x}.squeeze({tuple(sorted(a % rank for a in op.axes))})"
     elif isinstance(op, S.BroadcastToOp):
         expr = f"{x}.expand({p.shape(op.result.type)})"
-    else:  # slice
-        if any(s <= 0 for s in op.steps):
-            raise SparsaError("'tensor.slice' with a non-positive step is not supported by the triton backend",
-                              op.loc)
-        parts = [f"{a}:{'' if b is None else p.dim(b)}:{s}" for a, b, s in zip(op.starts, op.stops, op.steps,
-                                                                                 strict=True)]
-        expr = f"{x}[{', '.join(parts)}{',' if len(parts) == 1 else ''}]"
+    else:  # slice: a view along positive steps; a negative step (a reversal) gathers its indices
+        parts, picks = [], []
+        for d, (a, b, s) in enumerate(zip(op.starts, op.stops, op.steps, strict=True)):
+            stop = "None" if b is None else p.dim(b)
+            if s > 0:
+                parts.append(f"{a}:{'' if b is None else stop}:{s}")
+            else:
+                parts.append(":")
+                picks.append(f".index_select({d}, torch.tensor(range(*slice({a}, {stop}, {s})"
+                             f".indices({x}.shape[{d}])), dtype=torch.int64, device=dev))")
+        expr = f"{x}[{', '.join(parts)}{',' if len(parts) == 1 else ''}]" + "".join(picks)
     p.lines.append(f"{out} = {expr}")
 
 

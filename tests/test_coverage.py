@@ -1,0 +1,114 @@
+"""Every registered op on every backend: it lowers, and agrees with the reference on the inputs of its case in
+test_ops.py, or the backend's `supports` names a reason (and the op is listed below as known unsupported).
+
+Each case of test_ops.py runs its modules on the reference interpreter through `run_function`; here that
+function is wrapped so that every module a case runs is also compiled for the backend under test (after the
+pipeline where the module holds a composite op such as `moe.moe`, which no backend lowers directly) and its
+results compared. Triton runs in its interpreter without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import test_ops
+
+import sparsa.backends.reference as reference
+from sparsa.backends import base as backends
+from sparsa.backends.reference.backend import ReferenceFunction
+from sparsa.ir import parse_module, print_module
+from sparsa.ir.core import Module, Operation
+from sparsa.ir.traits import Composite
+from sparsa.passes import PassManager
+
+import ir_helpers
+
+# op name -> the reason the backend gives; both lists are to stay empty
+KNOWN_UNSUPPORTED: dict[str, dict[str, str]] = {"cpu": {}, "triton": {}}
+# element types a backend refuses by name, whatever the op: a module of the case that has a value of one of these
+# is not run there (every op must still run on the case's other modules)
+UNSUPPORTED_DTYPES = {"cpu": {"f16", "bf16"}, "triton": set()}
+TOL = {"cpu": 2e-4, "triton": 2e-4}
+
+
+def _available(name: str) -> bool:
+    backend = backends.get(name)
+    if name == "triton":
+        pytest.importorskip("triton")
+        pytest.importorskip("torch")
+        return True
+    return backend.unavailable() is None
+
+
+def _on(backend: backends.Backend, func: Operation, inputs: list, params: dict | None) -> list:
+    """`func` compiled by `backend` and run (on a copy: the pipeline must not touch the caller's)."""
+    copy = parse_module(print_module(Module([func])))
+    if any(isinstance(op, Composite) for op in copy.walk()):
+        copy = PassManager(backend.PIPELINE).run(copy)
+    f = copy.funcs[-1]
+    reason = next((backend.supports(op) for op in f.regions[0].block.ops[:-1] if backend.supports(op)), None)
+    if reason is not None:
+        raise backends.UnsupportedOp(reason)
+    outs = backend.compile(f)(list(inputs), params or {}, {})
+    return [_numpy(o) for o in outs]
+
+
+def _numpy(o: object) -> np.ndarray:
+    """A result as NumPy (half-precision tensors widened to float32, as the reference stores them)."""
+    if not hasattr(o, "detach"):
+        return np.asarray(o)
+    o = o.detach().cpu()
+    return (o.float() if o.is_floating_point() and o.element_size() < 4 else o).numpy()
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize("name", sorted(test_ops.CASES))
+def test_every_op_lowers_or_says_why(name, target, monkeypatch):
+    if not _available(target):
+        pytest.skip(f"target {target} cannot run here")
+    backend = backends.get(target)
+    real = reference.run_function
+    compared: list[str] = []
+    refused: list[str] = []
+
+    def check(f, inputs, params, want):
+        try:
+            got = _on(backend, f, inputs, params)
+        except backends.UnsupportedOp as e:
+            dtypes = {v.type.dtype for op in f.walk() for v in (*op.operands, *op.results)}
+            if not dtypes & UNSUPPORTED_DTYPES[target]:
+                refused.append(str(e))
+            return want
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == np.shape(w), f"{name} on {target}: shape {g.shape}, reference {np.shape(w)}"
+            if np.asarray(w).dtype.kind == "f":
+                np.testing.assert_allclose(g, w, rtol=TOL[target], atol=TOL[target], err_msg=f"{name} on {target}")
+            else:
+                np.testing.assert_array_equal(g, w, err_msg=f"{name} on {target}")
+        compared.append(name)
+        return want
+
+    def both(module, inputs, params=None, func=None, cache=None):
+        want = real(module, inputs, params, func, cache)
+        return check(module.lookup(func) if func else module.funcs[-1], inputs, params, want)
+
+    def compiled(self, inputs, weights, cache, constant_args=frozenset()):
+        want = real_call(self, inputs, weights, cache, constant_args)
+        return check(self.func, inputs, weights, want)
+
+    real_call = ReferenceFunction.__call__
+    monkeypatch.setattr(reference, "run_function", both)
+    monkeypatch.setattr(ir_helpers, "run_function", both)
+    monkeypatch.setattr(ReferenceFunction, "__call__", compiled)
+    test_ops.CASES[name]()
+    if name in KNOWN_UNSUPPORTED[target]:
+        assert refused, f"{name} now lowers on {target}: remove it from KNOWN_UNSUPPORTED"
+        return
+    assert not refused, f"{name} is refused by {target}: {refused[0]}"
+    assert compared, f"the case of {name} ran nothing on {target}"
+
+
+def test_known_unsupported_lists_are_empty():
+    """The contract's goal: every op on every native target."""
+    assert KNOWN_UNSUPPORTED == {"cpu": {}, "triton": {}}
