@@ -94,18 +94,24 @@ def dense_lists(rows_: int, nkb: int, partial: bool, device: Any) -> tuple:
     return _DENSE_LISTS[key]
 
 
-def scan_args(inputs: list[Any], out: Any, state: tuple[int, ...], axis: int, block_o: int = 32) -> tuple:
+def scan_args(inputs: list[Any], out: Any, state: tuple[int, ...], axis: int, reduced: int,
+              block_o: int = 32) -> tuple:
     """(arguments, grid, BLOCK_N) of a fused scan kernel: every input with its strides broadcast to the state
-    (zero on size-1 axes, nothing expanded in memory), the output [.., L, ..] and the outer sizes."""
+    (zero on size-1 axes, nothing expanded in memory), the output (the state without its `reduced` axis) and
+    the outer sizes."""
     rank = len(state)
-    outer = [d for d in range(rank) if d not in (axis, rank - 1)]
+    outer = [d for d in range(rank) if d not in (axis, reduced)]
     args: list[Any] = []
     for x in inputs:
         args += [x, *bstrides(x, tuple(state))]
-    args += [out] + [out.stride(d) for d in outer] + [out.stride(axis)]
+
+    def out_axis(d: int) -> int:
+        return d - (d > reduced)
+
+    args += [out] + [out.stride(out_axis(d)) for d in outer] + [out.stride(out_axis(axis))]
     m = math.prod(state[d] for d in outer)
-    args += [state[d] for d in outer] + [m, state[axis], state[rank - 1]]
-    return args, (max(1, cdiv(m, block_o)),), npow2(state[rank - 1])
+    args += [state[d] for d in outer] + [m, state[axis], state[reduced]]
+    return args, (max(1, cdiv(m, block_o)),), npow2(state[reduced])
 
 
 def dense_map(full_idx: Any, full_cnt: Any, part_idx: Any, part_cnt: Any, nb: int, nh: int, nqb: int,

@@ -1,9 +1,10 @@
 """The fused scan (`scan.fused`) as a generated Triton kernel: the state lives in registers and the kernel
 streams over the time axis, computing each step's (a, b) from the inputs (the producer region) and the
-step's output from the state (the consumer region, a sum over the state's last axis).
+step's output from the state (the consumer region, a sum of h * x over one state axis, the "reduced" axis:
+the last for Mamba, the key axis for a linear-attention state with a per-key or per-value decay).
 
-Each program owns a tile of the state's outer positions (every axis but time and the last) and the
-whole last axis; inputs of any broadcastable shape are read with zero strides on their size-1 axes, so
+Each program owns a tile of the state's outer positions (every axis but time and the reduced one) and the
+whole reduced axis; inputs of any broadcastable shape are read with zero strides on their size-1 axes, so
 no input is expanded in memory and no [.., L, .., N] state is ever written.
 """
 
@@ -62,19 +63,20 @@ class FusedScanKernel:
     rank: int
     axis: int
     n_inputs: int
+    reduced: int  # the state axis the consumer sums over
+    keepdim: bool
 
     @classmethod
     def generate(cls, op: FusedScanOp) -> FusedScanKernel:
         rank, axis = len(op.state), op.axis
-        if axis == rank - 1 or rank < 2:
-            raise SparsaError("scan.fused with the time axis last is not supported by the triton backend", op.loc)
         cons = op.consumer.block.ops
         ok = (len(cons) == 3 and isinstance(cons[0], T.MulOp) and isinstance(cons[1], R.SumOp)
-              and tuple(a % rank for a in cons[1].axes) == (rank - 1,) and isinstance(cons[2], YieldOp))
-        if not ok:
-            raise SparsaError("the triton backend supports scan.fused consumers of the form sum(h * x, axis=-1) "
-                              "only", op.loc)
-        outer = [d for d in range(rank) if d not in (axis, rank - 1)]
+              and len(cons[1].axes) == 1 and isinstance(cons[2], YieldOp))
+        if not ok or cons[1].axes[0] % rank == axis:
+            raise SparsaError("the triton backend supports scan.fused consumers of the form sum(h * x, axis=d) "
+                              "over one state axis d", op.loc)
+        r = cons[1].axes[0] % rank
+        outer = [d for d in range(rank) if d not in (axis, r)]
         n_in = len(op.inputs)
         input_params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(n_in))
         out_strides = "".join(f"so_{d}, " for d in outer) + "so_t, "
@@ -85,7 +87,7 @@ class FusedScanKernel:
             rest = f"({rest}) // size{d}"
         bases = [f"out_base = {' + '.join(f'i{d} * so_{d}' for d in outer) or '0'}"]
         for i in range(n_in):
-            terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{rank - 1}"]
+            terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{r}"]
             bases.append(f"base{i} = {' + '.join(terms)}")
         loads = [f"x{i} = tl.load(X{i} + base{i} + t * sx{i}_{axis}, mask=live, other=0.0).to(tl.float32)"
                  for i in range(n_in)]
@@ -95,7 +97,7 @@ class FusedScanKernel:
         producer = prod.lines + [f"a_t = {a_val}", f"b_t = {b_val}"]
         cons_em = RegionEmitter(op.consumer, ["h"] + [f"x{i}" for i in range(n_prod, n_in)], {}, "c")
         product = cons_em.expr(cons[0])
-        consumer = [f"y_t = tl.sum(tl.where(live, {product}, 0.0), 1)  # sum(h * x, axis=-1)"]
+        consumer = [f"y_t = tl.sum(tl.where(live, {product}, 0.0), 1)  # sum(h * x, axis={r})"]
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
         fields = {"input_params": input_params, "out_strides": out_strides, "outer_sizes": outer_sizes,
                   "op_line": f"scan.fused{where}", "decompose": textwrap.indent("\n".join(decompose), " " * 4),
@@ -105,17 +107,18 @@ class FusedScanKernel:
                   "consumer": textwrap.indent("\n".join(consumer), " " * 8)}
         digest = hashlib.sha256(KERNEL.format(name="_", **fields).encode()).hexdigest()[:16]
         name = f"fused_scan_{digest}"
-        return cls(name, KERNEL.format(name=name, **fields), rank, axis, n_in)
+        return cls(name, KERNEL.format(name=name, **fields), rank, axis, n_in, r, cons[1].keepdim)
 
     def __call__(self, inputs: list[Any], state_shape: tuple[int, ...], block_o: int = 32,
                  num_warps: int = 4) -> Any:
-        """Run on torch tensors broadcastable to the state shape; returns [.., L, ..] (the last axis summed)."""
+        """Run on torch tensors broadcastable to the state shape; returns [.., L, ..] (the reduced axis summed)."""
         import torch
 
         from sparsa.backends.triton.host import scan_args
 
-        out = torch.empty(list(state_shape[:-1]), dtype=inputs[0].dtype, device=inputs[0].device)
-        args, grid, block_n = scan_args(inputs, out, tuple(state_shape), self.axis, block_o)
+        kept = [n for d, n in enumerate(state_shape) if d != self.reduced]
+        out = torch.empty(kept, dtype=inputs[0].dtype, device=inputs[0].device)
+        args, grid, block_n = scan_args(inputs, out, tuple(state_shape), self.axis, self.reduced, block_o)
         load_kernel_module(self.name, self.source)[grid](*args, BLOCK_O=block_o, BLOCK_N=block_n,
                                                           num_warps=num_warps)
         return out
@@ -131,9 +134,11 @@ def fused_scan(p: TritonProgram, op: SC.FusedScanOp) -> None:
     ins = ", ".join(p.name(v) for v in op.inputs)
     state = "(" + "".join(f"{p.dim(d)}, " for d in op.state) + ")"
     out = p.new(op.result)
+    r = kern.reduced
     p.lines += [f"_state = {state}",
-                   f"_y = torch.empty(_state[:-1], dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
-                   f"_args, _grid, _bn = scan_args([{ins}], _y, _state, {kern.axis})",
+                   f"_y = torch.empty(_state[:{r}] + _state[{r + 1}:], dtype={TORCH_DTYPES[op.result.type.dtype]}, "
+                   "device=dev)",
+                   f"_args, _grid, _bn = scan_args([{ins}], _y, _state, {kern.axis}, {r})",
                    f"{kern.name}[_grid](*_args, BLOCK_O=32, BLOCK_N=_bn)",
                    f"{out} = reshape(_y, {p.shape(op.result.type)})"]
 
