@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from sparsa.frontend import ast as A
 from sparsa.frontend.values import DimRef, FnRef, Lit, ModelRef, show_dim
 from sparsa.ir import dialects as D
-from sparsa.ir.core import Value
+from sparsa.ir.core import OP_REGISTRY, Value
 from sparsa.ir.dims import Dim
 from sparsa.ir.types import LANGUAGE_DTYPES, TensorType, is_float, show_type
 
@@ -347,11 +347,8 @@ def _region_builtin(name: str) -> Callable:
 
 T, TS, TR = D.tensor, D.tensor_shape, D.tensor_reduce
 BUILTINS: dict[str, Callable] = {
-    **{n: _unary(c, True) for n, c in [
-        ("exp", T.ExpOp), ("log", T.LogOp), ("sqrt", T.SqrtOp), ("rsqrt", T.RsqrtOp), ("tanh", T.TanhOp),
-        ("sigmoid", T.SigmoidOp), ("gelu", T.GeluOp), ("gelu_tanh", T.GeluTanhOp), ("silu", T.SiluOp),
-        ("softplus", T.SoftplusOp), ("sin", T.SinOp), ("cos", T.CosOp)]},
-    "abs": _unary(T.AbsOp, False), "relu": _unary(T.ReluOp, False),
+    # every unary op that names its .sp function (Elementwise.BUILTIN)
+    **{c.BUILTIN: _unary(c, c.FLOAT_ONLY) for c in OP_REGISTRY.values() if issubclass(c, T.UnaryOp) and c.BUILTIN},
     "sum": _reduction(TR.SumOp, "sum"), "mean": _reduction(TR.MeanOp, "mean"),
     "logsumexp": _reduction(TR.LogSumExpOp, "logsumexp"),
     "max": _min_max(TR.MaxOp, T.MaximumOp, "max"), "min": _min_max(TR.MinOp, T.MinimumOp, "min"),

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 from sparsa.ir import dialects as D
-from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
 from sparsa.ir.dims import Dim, check_expr
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote, scalar
 
 T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
@@ -580,23 +581,15 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
 
 
 _ops: dict[str, Callable] = {
-    "add.Tensor": _binary(T.AddOp), "add.Scalar": _binary(T.AddOp), "sub.Tensor": _binary(T.SubOp),
-    "sub.Scalar": _binary(T.SubOp), "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
-    "mul.Tensor": _binary(T.MulOp), "mul.Scalar": _binary(T.MulOp), "div.Tensor": _binary(T.DivOp),
-    "div.Scalar": _binary(T.DivOp), "floor_divide.default": _binary(T.FloorDivOp),
-    "remainder.Tensor": _binary(T.ModOp), "remainder.Scalar": _binary(T.ModOp),
-    "maximum.default": _binary(T.MaximumOp), "minimum.default": _binary(T.MinimumOp),
+    # every elementwise op that names its ATen overloads (Elementwise.ATEN): one operand or two
+    **{name: (_binary(c) if issubclass(c, T.BinaryOp) else _unary(c)) for c in OP_REGISTRY.values()
+       if issubclass(c, Elementwise) for name in c.ATEN},
+    "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
     "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow,
     "eq.Tensor": _cmp("eq"), "eq.Scalar": _cmp("eq"), "ne.Tensor": _cmp("ne"), "ne.Scalar": _cmp("ne"),
     "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),
     "gt.Tensor": _cmp("gt"), "gt.Scalar": _cmp("gt"), "ge.Tensor": _cmp("ge"), "ge.Scalar": _cmp("ge"),
-    "logical_and.default": _binary(T.AndOp), "logical_or.default": _binary(T.OrOp),
-    "logical_not.default": _unary(T.NotOp), "bitwise_not.default": _unary(T.NotOp),
     "bitwise_and.Tensor": _bool_binary(T.AndOp), "bitwise_or.Tensor": _bool_binary(T.OrOp),
-    "neg.default": _unary(T.NegOp), "exp.default": _unary(T.ExpOp), "log.default": _unary(T.LogOp),
-    "sqrt.default": _unary(T.SqrtOp), "rsqrt.default": _unary(T.RsqrtOp), "tanh.default": _unary(T.TanhOp),
-    "sigmoid.default": _unary(T.SigmoidOp), "relu.default": _unary(T.ReluOp), "abs.default": _unary(T.AbsOp),
-    "sin.default": _unary(T.SinOp), "cos.default": _unary(T.CosOp), "silu.default": _unary(T.SiluOp),
     "gelu.default": _gelu, "where.self": _where,
     "view.default": _view, "_unsafe_view.default": _view, "reshape.default": _view,
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,

@@ -3,10 +3,25 @@ which ops read only weights, and binding a call's shapes to a signature's symbol
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import is_symbol
 from sparsa.ir.types import TensorType
+
+
+@dataclass
+class Cost:
+    """What one executed op cost: FLOPs a dense computation of it would take, FLOPs it did, a note on the
+    kernel it chose, and for `explain` its block map or tokens per expert."""
+
+    dense: float
+    done: float
+    note: str = ""
+    block_map: Any = None
+    tokens_per_expert: list[int] | None = None
 
 
 class RuntimeShapeError(SparsaError):

@@ -344,6 +344,14 @@ class Operation:
         block-map analysis of masks; `data` holds the arrays of outer values a mask reads. None: no bound."""
         return None
 
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Any:
+        """An `ir.analysis.Cost` of one execution on arrays `args` giving `outs` (for `sparsa explain`): by
+        default one operation per element produced."""
+        from sparsa.ir.analysis import Cost
+
+        size = float(sum(getattr(o, "size", 0) for o in outs))
+        return Cost(size, size)
+
     def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
         """The results' shapes from the operands' concrete shapes, where the op has a rule cheaper than
         running its reference (None: no rule)."""

@@ -15,7 +15,13 @@ class Trait:
 class Elementwise(Trait):
     """Each result element reads only the operands' elements at the same (broadcast) index, so the op has
     a scalar form: it may be inlined into mask, score and scan regions, fused with its neighbours, and
-    split by rows. A backend lowers it by its scalar rule alone."""
+    split by rows. A backend lowers it by its scalar rule alone.
+
+    `BUILTIN` is its `.sp` function (`exp(x)`), `ATEN` the ATen overloads the torch importer maps to it; the
+    frontends read both, so a new elementwise op needs no entry of its own there."""
+
+    BUILTIN = ""
+    ATEN: tuple[str, ...] = ()
 
     def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         """The operands' shapes broadcast together."""

@@ -78,67 +78,10 @@ class RecordingInterpreter(Interpreter):
 
 
 def describe(op: Operation, args: list[Any], outs: list[Any], where: str) -> OpReport:
-    """FLOPs (dense-equivalent and done) and a note for one executed op."""
-    name = op.NAME
-    out = outs[0] if outs else None
-    if name == "tensor.matmul":
-        f = 2.0 * out.size * args[0].shape[-1]
-        return OpReport(name, where, f, f)
-    if name == "sparse.bsr_matmul":
-        x, row_ptr, col_idx, blocks = args
-        dense = 2.0 * out.size * x.shape[-1]
-        total = (len(row_ptr) - 1) * (op.cols // blocks.shape[2])
-        density = len(col_idx) / total if total else 0.0
-        if density > op.dense_above:
-            return OpReport(name, where, dense, dense, f"dense kernel: block density {density:.0%} > "
-                                                       f"{op.dense_above:.0%}")
-        return OpReport(name, where, dense, dense * density, f"block-sparse: {len(col_idx)}/{total} blocks "
-                                                            f"({density:.0%})")
-    if name == "sparse.nm_matmul":
-        dense = 2.0 * out.size * args[0].shape[-1]
-        return OpReport(name, where, dense, dense * op.n / op.m, f"{op.n}:{op.m} sparse")
-    if name in ("moe.grouped_matmul", "moe.grouped_matmul_combine"):
-        return _grouped(op, args, out, where)
-    if name == "attn.attention":
-        q, k, v = args[:3]
-        dense = 2.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
-        bm = args[3] if len(args) > 3 else None
-        if bm is None:
-            why = "dense (cost model)" if op.kernel == "dense" else ("dense, no mask" if op.mask.empty else
-                                                                      "dense masked")
-            return OpReport(name, where, dense, dense, why)
-        full = np.broadcast_to(bm, (q.shape[0], q.shape[1]) + bm.shape[2:])
-        visited = float((full != 0).mean())
-        c = _counts(bm)
-        return OpReport(name, where, dense, dense * visited,
-                        f"block-sparse {op.block_q}x{op.block_k}: {c['full']} full, {c['partial']} partial, "
-                        f"{c['empty']} empty tiles", block_map=bm)
-    if name == "moe.dispatch":
-        perm, offsets = outs
-        counts = [int((perm[offsets[e] : offsets[e + 1]] >= 0).sum()) for e in range(len(offsets) - 1)]
-        padding = int((perm < 0).sum())
-        return OpReport(name, where, 0.0, 0.0, f"{sum(counts)} assignments, {padding} padding rows "
-                                               f"(block {op.block})", tokens_per_expert=counts)
-    if name == "scan.fused":
-        state = float(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
-        f = 5.0 * state  # producer (a, b), the recurrence's multiply-add, the consumer's multiply-add
-        return OpReport(name, where, f, f, f"fused scan: {int(state)} state elements computed, none stored")
-    size = float(sum(o.size for o in outs if isinstance(o, np.ndarray)))
-    return OpReport(name, where, size, size)
-
-
-def _grouped(op: Operation, args: list[Any], out: np.ndarray, where: str) -> OpReport:
-    rows, perm, offsets = args[:3]
-    weights = args[3:-1] if op.NAME == "moe.grouped_matmul_combine" else args[3:]
-    experts = len(offsets) - 1
-    kept = int((perm >= 0).sum())
-    tokens = kept / op.topk
-    per_weight = [2.0 * w.shape[1] * w.shape[2] for w in weights]
-    done = sum(len(perm) * f for f in per_weight)
-    dense = sum(tokens * experts * f for f in per_weight)
-    fused = "gates * rows scattered into the output" if op.NAME.endswith("combine") else "epilogue fused"
-    note = f"{len(weights)} weight(s), {len(perm) - kept} padding rows, {fused}"
-    return OpReport(op.NAME, where, dense, done, note)
+    """FLOPs (dense-equivalent and done) and a note for one executed op: the op's own `cost`."""
+    c = op.cost(args, outs)
+    return OpReport(op.NAME, where, c.dense, c.done, c.note, block_map=c.block_map,
+                    tokens_per_expert=c.tokens_per_expert)
 
 
 def ascii_map(bm: np.ndarray, width: int = 64) -> str:

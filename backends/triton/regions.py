@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-from sparsa.ir.core import Region, Value
+from sparsa.backends.table import LoweringTable
+from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.types import is_float
-
-_BINARY = {T.AddOp: "({a} + {b})", T.SubOp: "({a} - {b})", T.MulOp: "({a} * {b})", T.DivOp: "({a} / {b})",
-           T.MinimumOp: "tl.minimum({a}, {b})", T.MaximumOp: "tl.maximum({a}, {b})", T.AndOp: "({a} & {b})",
-           T.OrOp: "({a} | {b})"}
-_UNARY = {T.NegOp: "(-{x})", T.AbsOp: "tl.abs({x})", T.ExpOp: "tl.exp({x})", T.LogOp: "tl.log({x})",
-          T.SqrtOp: "tl.sqrt({x})", T.NotOp: "({x} == 0)", T.SigmoidOp: "tl.sigmoid({x})",
-          T.TanhOp: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", T.ReluOp: "tl.maximum({x}, 0)",
-          T.SiluOp: "({x} * tl.sigmoid({x}))", T.RsqrtOp: "tl.rsqrt({x})", T.SinOp: "tl.sin({x})",
-          T.CosOp: "tl.cos({x})", T.SoftplusOp: "tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp({x})))",
-          T.GeluTanhOp: ("(0.5 * {x} * (1.0 + (2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * "
-                         "({x} + 0.044715 * {x} * {x} * {x}))) - 1.0)))"),
-          T.GeluOp: "(0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476)))"}
-_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
-_CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64", "i8": "tl.int8",
-         "i32": "tl.int32", "i64": "tl.int64", "i1": "tl.int1"}
 
 
 def _pow(a: str, exponent: Value, b: str) -> str:
@@ -74,41 +60,16 @@ class ExprEmitter:
             return f"tl.load({ptr} + offs_n, mask=offs_n < {ptr}_d0, other=0.0)[None, :]"
         raise SparsaError(f"the triton backend cannot read {v.type} from outside the region here")
 
-    def expr(self, op: object) -> str:
-        t = type(op)
-        if isinstance(op, T.ConstantOp):
-            v = op.value
-            return ("1" if v else "0") if isinstance(v, bool) else ("float('-inf')" if v == float("-inf") else repr(v))
-        if t in _BINARY:
-            return _BINARY[t].format(a=self.value(op.lhs), b=self.value(op.rhs))
-        if isinstance(op, T.FloorDivOp | T.ModOp) and is_float(op.result.type.dtype):
-            a, b = self.value(op.lhs), self.value(op.rhs)
-            return f"tl.floor({a} / {b})" if isinstance(op, T.FloorDivOp) else f"({a} - tl.floor({a} / {b}) * {b})"
-        if isinstance(op, T.FloorDivOp):
-            return python_floordiv(self.value(op.lhs), self.value(op.rhs))
-        if isinstance(op, T.ModOp):
-            return python_mod(self.value(op.lhs), self.value(op.rhs))
-        if isinstance(op, T.PowOp):
-            return _pow(self.value(op.lhs), op.rhs, self.value(op.rhs))
-        if isinstance(op, T.CmpOp):
-            return f"({self.value(op.lhs)} {_CMP[op.pred]} {self.value(op.rhs)})"
-        if t in _UNARY:
-            return _UNARY[t].format(x=self.value(op.operands[0]))
-        if isinstance(op, T.WhereOp):
-            return f"tl.where({self.value(op.cond)}, {self.value(op.a)}, {self.value(op.b)})"
-        if isinstance(op, T.CastOp):
-            if op.to == "i1":
-                return f"({self.value(op.x)} != 0)"
-            return f"({self.value(op.x)}).to({_CAST[op.to]})"
-        if isinstance(op, S.GatherOp) and id(op.x) in self.data:
-            ptr, data = self.data[id(op.x)]
-            dims = [f"{ptr}_d{i}" for i in range(data.type.rank)]
-            flat = "0"
-            for i, idx in enumerate(op.indices):
-                clamped = f"tl.minimum(tl.maximum({self.value(idx)}, 0), {dims[i]} - 1)"
-                flat = clamped if flat == "0" else f"({flat}) * {dims[i]} + {clamped}"
-            return f"tl.load({ptr} + ({flat}))"
-        raise SparsaError(f"'{op.NAME}' is not supported by the triton backend inside a mask or score")
+    def expr(self, op: Operation) -> str:
+        """op's Triton expression, by its SCALARS rule."""
+        rule = SCALARS.find(op)
+        if rule is None:
+            raise SparsaError(f"'{op.NAME}' is not supported by the triton backend inside a region", op.loc)
+        return rule(self, op)
+
+    def operands(self, op: Operation) -> list[str]:
+        """The expressions of op's operands."""
+        return [self.value(v) for v in op.operands]
 
 
 class RegionEmitter(ExprEmitter):
@@ -129,3 +90,87 @@ class RegionEmitter(ExprEmitter):
             raise SparsaError("region has no terminator")
         self.emit_ops(ops[:-1])
         return [self.value(v) for v in ops[-1].operands]
+
+
+# ---- scalar rules: one Triton expression per elementwise op class (and gathers of region data) ----------------
+SCALARS = LoweringTable("triton scalar rules")
+
+
+def _template(cls: type, text: str) -> None:
+    """A rule that formats `text` with the operands' expressions ({x}, or {a} and {b})."""
+
+    def rule(em: ExprEmitter, op: Operation) -> str:
+        args = em.operands(op)
+        return text.format(**dict(zip(("x",) if len(args) == 1 else ("a", "b", "c"), args, strict=False)))
+
+    SCALARS.lowers(cls)(rule)
+
+
+for _cls, _text in {
+    T.AddOp: "({a} + {b})", T.SubOp: "({a} - {b})", T.MulOp: "({a} * {b})", T.DivOp: "({a} / {b})",
+    T.MinimumOp: "tl.minimum({a}, {b})", T.MaximumOp: "tl.maximum({a}, {b})", T.AndOp: "({a} & {b})",
+    T.OrOp: "({a} | {b})", T.NegOp: "(-{x})", T.AbsOp: "tl.abs({x})", T.ExpOp: "tl.exp({x})",
+    T.LogOp: "tl.log({x})", T.SqrtOp: "tl.sqrt({x})", T.NotOp: "({x} == 0)", T.SigmoidOp: "tl.sigmoid({x})",
+    T.TanhOp: "(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)", T.ReluOp: "tl.maximum({x}, 0)",
+    T.SiluOp: "({x} * tl.sigmoid({x}))", T.RsqrtOp: "tl.rsqrt({x})", T.SinOp: "tl.sin({x})",
+    T.CosOp: "tl.cos({x})", T.SoftplusOp: "tl.where({x} > 20.0, {x}, tl.log(1.0 + tl.exp({x})))",
+    T.GeluTanhOp: ("(0.5 * {x} * (1.0 + (2.0 * tl.sigmoid(2.0 * (0.7978845608028654 * "
+                   "({x} + 0.044715 * {x} * {x} * {x}))) - 1.0)))"),
+    T.GeluOp: "(0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476)))",
+    T.WhereOp: "tl.where({a}, {b}, {c})",
+}.items():
+    _template(_cls, _text)
+
+_CMP = {"eq": "==", "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
+_CAST = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64", "i8": "tl.int8",
+         "i32": "tl.int32", "i64": "tl.int64", "i1": "tl.int1"}
+
+
+@SCALARS.lowers(T.ConstantOp)
+def _constant(em: ExprEmitter, op: Operation) -> str:
+    v = op.value
+    return ("1" if v else "0") if isinstance(v, bool) else ("float('-inf')" if v == float("-inf") else repr(v))
+
+
+@SCALARS.lowers(T.CmpOp)
+def _cmp(em: ExprEmitter, op: Operation) -> str:
+    a, b = em.operands(op)
+    return f"({a} {_CMP[op.pred]} {b})"
+
+
+@SCALARS.lowers(T.CastOp)
+def _cast(em: ExprEmitter, op: Operation) -> str:
+    (x,) = em.operands(op)
+    return f"({x} != 0)" if op.to == "i1" else f"({x}).to({_CAST[op.to]})"
+
+
+@SCALARS.lowers(T.FloorDivOp)
+def _floordiv(em: ExprEmitter, op: Operation) -> str:
+    a, b = em.operands(op)
+    return f"tl.floor({a} / {b})" if is_float(op.result.type.dtype) else python_floordiv(a, b)
+
+
+@SCALARS.lowers(T.ModOp)
+def _mod(em: ExprEmitter, op: Operation) -> str:
+    a, b = em.operands(op)
+    return f"({a} - tl.floor({a} / {b}) * {b})" if is_float(op.result.type.dtype) else python_mod(a, b)
+
+
+@SCALARS.lowers(T.PowOp)
+def _pow_rule(em: ExprEmitter, op: Operation) -> str:
+    a, b = em.operands(op)
+    return _pow(a, op.rhs, b)
+
+
+@SCALARS.lowers(S.GatherOp)
+def _gather(em: ExprEmitter, op: Operation) -> str:
+    """A gather of data from outside the region: a load at the (clamped) flat index."""
+    if id(op.x) not in em.data:
+        raise SparsaError("the triton backend reads only data from outside a region by index", op.loc)
+    ptr, data = em.data[id(op.x)]
+    dims = [f"{ptr}_d{i}" for i in range(data.type.rank)]
+    flat = "0"
+    for i, idx in enumerate(em.value(v) for v in op.indices):
+        clamped = f"tl.minimum(tl.maximum({idx}, 0), {dims[i]} - 1)"
+        flat = clamped if flat == "0" else f"({flat}) * {dims[i]} + {clamped}"
+    return f"tl.load({ptr} + ({flat}))"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, Region, RegionField, Result
 from sparsa.ir.dialects.attn_blocks import ceil_div_dim
 from sparsa.ir.dims import compatible, format_dim
@@ -149,6 +150,20 @@ class AttentionOp(Operation):
                         allowed[:, partial] = np.broadcast_to(np.asarray(m, dtype=bool), shape)
                     out[b, h, qpos] = _softmax_rows(s, allowed) @ vh[kpos]
         return out
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        q, k, v = args[:3]
+        dense = 2.0 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * (q.shape[3] + v.shape[3])
+        bm = args[3] if len(args) > 3 else None
+        if bm is None:
+            why = "dense (cost model)" if self.kernel == "dense" else "dense, no mask" if self.mask.empty else \
+                "dense masked"
+            return Cost(dense, dense, why)
+        full = np.broadcast_to(bm, (q.shape[0], q.shape[1]) + bm.shape[2:])
+        visited = float((full != 0).mean())
+        c = {name: int((bm == kind).sum()) for name, kind in (("full", 2), ("partial", 1), ("empty", 0))}
+        return Cost(dense, dense * visited, f"block-sparse {self.block_q}x{self.block_k}: {c['full']} full, "
+                    f"{c['partial']} partial, {c['empty']} empty tiles", block_map=bm)
 
 
 def _softmax_rows(s: np.ndarray, allowed: np.ndarray) -> np.ndarray:

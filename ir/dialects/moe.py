@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, RegionField, Result
 from sparsa.ir.dims import compatible
 from sparsa.ir.traits import Composite
@@ -201,6 +203,13 @@ class DispatchOp(Operation):
             perm[offsets[e] : offsets[e] + counts[e]] = ids[start[e] : start[e + 1]]
         return perm, offsets
 
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        perm, offsets = outs
+        counts = [int((perm[offsets[e] : offsets[e + 1]] >= 0).sum()) for e in range(len(offsets) - 1)]
+        padding = int((perm < 0).sum())
+        return Cost(0.0, 0.0, f"{sum(counts)} assignments, {padding} padding rows (block {self.block})",
+                    tokens_per_expert=counts)
+
 
 def _plus_one(d: Any) -> Any:
     return d + 1 if isinstance(d, int) else None
@@ -278,6 +287,9 @@ class GroupedMatmulOp(Operation):
             out[pos] = y
         return out
 
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        return grouped_cost(self, args)
+
 
 class GroupedMatmulCombineOp(Operation):
     """The last expert matmul with the weighted combine fused: y[t] += gates[t, j] * epilogue(row @ W_e)
@@ -310,3 +322,19 @@ class GroupedMatmulCombineOp(Operation):
             ids = perm[pos]
             np.add.at(y, ids // self.topk, flat_gates[ids][:, None] * rows_out)
         return y
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        return grouped_cost(self, args)
+
+
+def grouped_cost(op: Operation, args: Sequence[Any]) -> Cost:
+    """A grouped matmul's FLOPs done (every row of the segments, padding included) against every token through
+    every expert."""
+    rows, perm, offsets = args[:3]
+    weights = args[3:-1] if isinstance(op, GroupedMatmulCombineOp) else args[3:]
+    kept = int((perm >= 0).sum())
+    per_weight = [2.0 * w.shape[1] * w.shape[2] for w in weights]
+    done = sum(len(perm) * f for f in per_weight)
+    dense = sum(kept / op.topk * (len(offsets) - 1) * f for f in per_weight)
+    fused = "gates * rows scattered into the output" if isinstance(op, GroupedMatmulCombineOp) else "epilogue fused"
+    return Cost(dense, done, f"{len(weights)} weight(s), {len(perm) - kept} padding rows, {fused}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, RegionField, Result
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dialects.tensor_shape import normalize_axis
@@ -115,6 +117,11 @@ class FusedScanOp(Operation):
         if not steps:
             return np.zeros(ctx.shape_of(self.result.type))
         return np.concatenate(steps, axis=self.out_axis)
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        state = float(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
+        f = 5.0 * state  # producer (a, b), the recurrence's multiply-add, the consumer's multiply-add
+        return Cost(f, f, f"fused scan: {int(state)} state elements computed, none stored")
 
 
 class LinearAttentionOp(Operation):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from sparsa.ir import attrs as A
+from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, Result
 from sparsa.ir.dialects.tensor_shape import matmul_type
 from sparsa.ir.types import Layout, TensorType
@@ -181,6 +183,15 @@ class BsrMatmulOp(Operation):
                 y[..., c * bc : (c + 1) * bc] += xs @ blocks[i]
         return y
 
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        x, row_ptr, col_idx, blocks = args
+        dense = 2.0 * outs[0].size * x.shape[-1]
+        total = (len(row_ptr) - 1) * (self.cols // blocks.shape[2])
+        density = len(col_idx) / total if total else 0.0
+        if density > self.dense_above:
+            return Cost(dense, dense, f"dense kernel: block density {density:.0%} > {self.dense_above:.0%}")
+        return Cost(dense, dense * density, f"block-sparse: {len(col_idx)}/{total} blocks ({density:.0%})")
+
 
 class PackNmOp(Operation):
     """A dense N:M weight packed as values [K*N/M, cols] and in-group offsets [K*N/M, cols] (i8)."""
@@ -234,3 +245,7 @@ class NmMatmulOp(Operation):
         dense = np.zeros((x.shape[-1], cols), dtype=np.float64)
         np.add.at(dense, (rows, np.broadcast_to(np.arange(cols), rows.shape)), values)
         return x.astype(np.float64) @ dense
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        dense = 2.0 * outs[0].size * args[0].shape[-1]
+        return Cost(dense, dense * self.n / self.m, f"{self.n}:{self.m} sparse")

@@ -116,6 +116,7 @@ class NegOp(UnaryOp):
     """-x, elementwise."""
 
     NAME = "tensor.neg"
+    ATEN = ("neg.default",)
     FLOAT_ONLY = False
     fn = staticmethod(np.negative)
 
@@ -128,6 +129,8 @@ class AbsOp(UnaryOp):
     """|x|, elementwise."""
 
     NAME = "tensor.abs"
+    BUILTIN = "abs"
+    ATEN = ("abs.default",)
     FLOAT_ONLY = False
     fn = staticmethod(np.abs)
 
@@ -139,6 +142,8 @@ class ReluOp(UnaryOp):
     """max(x, 0), elementwise."""
 
     NAME = "tensor.relu"
+    BUILTIN = "relu"
+    ATEN = ("relu.default",)
     FLOAT_ONLY = False
 
     @staticmethod
@@ -150,6 +155,8 @@ class ExpOp(UnaryOp):
     """e**x, elementwise."""
 
     NAME = "tensor.exp"
+    BUILTIN = "exp"
+    ATEN = ("exp.default",)
     fn = staticmethod(np.exp)
 
 
@@ -157,6 +164,8 @@ class LogOp(UnaryOp):
     """Natural logarithm, elementwise."""
 
     NAME = "tensor.log"
+    BUILTIN = "log"
+    ATEN = ("log.default",)
     fn = staticmethod(np.log)
 
 
@@ -164,6 +173,8 @@ class SqrtOp(UnaryOp):
     """Square root, elementwise."""
 
     NAME = "tensor.sqrt"
+    BUILTIN = "sqrt"
+    ATEN = ("sqrt.default",)
     fn = staticmethod(np.sqrt)
 
 
@@ -171,6 +182,8 @@ class RsqrtOp(UnaryOp):
     """1 / sqrt(x), elementwise."""
 
     NAME = "tensor.rsqrt"
+    BUILTIN = "rsqrt"
+    ATEN = ("rsqrt.default",)
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -181,6 +194,8 @@ class TanhOp(UnaryOp):
     """Hyperbolic tangent, elementwise."""
 
     NAME = "tensor.tanh"
+    BUILTIN = "tanh"
+    ATEN = ("tanh.default",)
     fn = staticmethod(np.tanh)
 
 
@@ -188,6 +203,8 @@ class SinOp(UnaryOp):
     """Sine, elementwise."""
 
     NAME = "tensor.sin"
+    BUILTIN = "sin"
+    ATEN = ("sin.default",)
     fn = staticmethod(np.sin)
 
 
@@ -195,6 +212,8 @@ class CosOp(UnaryOp):
     """Cosine, elementwise."""
 
     NAME = "tensor.cos"
+    BUILTIN = "cos"
+    ATEN = ("cos.default",)
     fn = staticmethod(np.cos)
 
 
@@ -202,6 +221,8 @@ class SigmoidOp(UnaryOp):
     """1 / (1 + exp(-x)), elementwise."""
 
     NAME = "tensor.sigmoid"
+    BUILTIN = "sigmoid"
+    ATEN = ("sigmoid.default",)
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -212,6 +233,8 @@ class SiluOp(UnaryOp):
     """x * sigmoid(x), elementwise."""
 
     NAME = "tensor.silu"
+    BUILTIN = "silu"
+    ATEN = ("silu.default",)
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -223,6 +246,7 @@ class GeluOp(UnaryOp):
     """Exact GELU, x * Phi(x) with the error function (PyTorch's default)."""
 
     NAME = "tensor.gelu"
+    BUILTIN = "gelu"
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -234,6 +258,7 @@ class GeluTanhOp(UnaryOp):
     """GELU with the tanh approximation (PyTorch's approximate='tanh')."""
 
     NAME = "tensor.gelu_tanh"
+    BUILTIN = "gelu_tanh"
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -246,6 +271,7 @@ class SoftplusOp(UnaryOp):
     """log(1 + exp(x)), elementwise, computed without overflow."""
 
     NAME = "tensor.softplus"
+    BUILTIN = "softplus"
 
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
@@ -256,6 +282,7 @@ class NotOp(Elementwise, Operation):
     """Logical not of a boolean tensor."""
 
     NAME = "tensor.not"
+    ATEN = ("logical_not.default", "bitwise_not.default")
     x = Operand()
     result = Result()
 
@@ -302,6 +329,7 @@ class AddOp(BinaryOp):
     """a + b with broadcasting."""
 
     NAME = "tensor.add"
+    ATEN = ("add.Tensor", "add.Scalar")
     fn = staticmethod(np.add)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -313,6 +341,7 @@ class SubOp(BinaryOp):
     """a - b with broadcasting."""
 
     NAME = "tensor.sub"
+    ATEN = ("sub.Tensor", "sub.Scalar")
     fn = staticmethod(np.subtract)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -324,6 +353,7 @@ class MulOp(BinaryOp):
     """a * b with broadcasting."""
 
     NAME = "tensor.mul"
+    ATEN = ("mul.Tensor", "mul.Scalar")
     fn = staticmethod(np.multiply)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -334,6 +364,7 @@ class DivOp(BinaryOp):
     """a / b on floats with broadcasting."""
 
     NAME = "tensor.div"
+    ATEN = ("div.Tensor", "div.Scalar")
     ALLOWED = "float"
     fn = staticmethod(np.true_divide)
 
@@ -342,6 +373,7 @@ class FloorDivOp(BinaryOp):
     """a // b with Python's semantics (rounds toward minus infinity)."""
 
     NAME = "tensor.floordiv"
+    ATEN = ("floor_divide.default",)
     fn = staticmethod(np.floor_divide)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -352,6 +384,7 @@ class ModOp(BinaryOp):
     """a % b with Python's semantics (the sign of b)."""
 
     NAME = "tensor.mod"
+    ATEN = ("remainder.Tensor", "remainder.Scalar")
     fn = staticmethod(np.mod)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -369,6 +402,7 @@ class MinimumOp(BinaryOp):
     """Elementwise minimum with broadcasting."""
 
     NAME = "tensor.minimum"
+    ATEN = ("minimum.default",)
     fn = staticmethod(np.minimum)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -380,6 +414,7 @@ class MaximumOp(BinaryOp):
     """Elementwise maximum with broadcasting."""
 
     NAME = "tensor.maximum"
+    ATEN = ("maximum.default",)
     fn = staticmethod(np.maximum)
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
@@ -391,6 +426,7 @@ class AndOp(BinaryOp):
     """Logical and of boolean tensors."""
 
     NAME = "tensor.and"
+    ATEN = ("logical_and.default",)
     ALLOWED = "bool"
     fn = staticmethod(np.logical_and)
 
@@ -403,6 +439,7 @@ class OrOp(BinaryOp):
     """Logical or of boolean tensors."""
 
     NAME = "tensor.or"
+    ATEN = ("logical_or.default",)
     ALLOWED = "bool"
     fn = staticmethod(np.logical_or)
 

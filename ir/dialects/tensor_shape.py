@@ -9,6 +9,7 @@ import numpy as np
 
 from sparsa.ir import attrs as A
 from sparsa.ir import intervals as I
+from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, Result
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dims import Dim, broadcast_shapes, compatible, format_dim, mul
@@ -41,6 +42,10 @@ class MatmulOp(Operation):
 
     def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.matmul(a, b)
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        f = 2.0 * outs[0].size * args[0].shape[-1]
+        return Cost(f, f)
 
 
 def matmul_type(op: Operation, a: TensorType, b: TensorType) -> TensorType:
