@@ -154,10 +154,10 @@ class Canonicalize(Pass):
     """Fold constants, apply algebraic identities and erase dead code, to a fixpoint."""
 
     NAME = "canonicalize"
-    max_iterations = Option(int, 10, "most sweeps over the module before giving up on a fixpoint")
+    max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
     PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), ElideNoOpCast(),
                 ComposeTransposes(), ComposeReshapes(), FoldConstantWhere())
 
     def run(self, module: Module) -> None:
-        apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations)
+        apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations, self.NAME)

@@ -178,8 +178,8 @@ class FuseGating(RewritePattern):
         route = RouteOp.build(r.logits, r.bias, score=r.score, k=r.k, renormalize=r.renormalize, scale=r.scale,
                               groups=groups, group_top=group_top, groups_kept=kept, loc=op.idx.defining_op.loc)
         rewriter.insert_before(op, route)
-        op.set_operand(1, route.results[1])
-        op.set_operand(2, route.results[0])
+        rewriter.set_operand(op, 1, route.results[1])
+        rewriter.set_operand(op, 2, route.results[0])
         return True
 
 

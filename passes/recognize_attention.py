@@ -190,8 +190,8 @@ class GroupedHeads(RewritePattern):
         hq = op.q.type.shape[1]
         if k is None or v is None or k[1] != v[1] or not isinstance(hq, int) or hq % k[1]:
             return False
-        op.set_operand(1, k[0])
-        op.set_operand(2, v[0])
+        rewriter.set_operand(op, 1, k[0])
+        rewriter.set_operand(op, 2, v[0])
         return True
 
 

@@ -48,7 +48,7 @@ class SparsifyAttention(Pass):
             self.stats["blocks partial"] += counts["partial"]
             self.stats["block maps computed at compile time"] += 1
             if not attention_prefers_sparse(counts, q.shape[3] if isinstance(q.shape[3], int) else 64):
-                op.attributes["kernel"] = "dense"
+                rewriter.set_attr(op, "kernel", "dense")
                 self.stats["kept dense by the cost model"] += 1
                 return
             bm = BlockMapOp.build(regions=[Region()], map=block_map, loc=op.loc, **attrs)
@@ -56,7 +56,7 @@ class SparsifyAttention(Pass):
             bm = BlockMapOp.build(regions=[clone_region(op.mask)], loc=op.loc, **attrs)
             self.stats["block maps built per call"] += 1
         rewriter.insert_before(op, bm)
-        op.operands.append(bm.result)
-        op._add_use(bm.result, len(op.operands) - 1)
-        op.attributes["block_q"], op.attributes["block_k"] = bq, bk
-        op.attributes["kernel"] = "block-sparse"
+        rewriter.append_operand(op, bm.result)
+        rewriter.set_attr(op, "block_q", bq)
+        rewriter.set_attr(op, "block_k", bk)
+        rewriter.set_attr(op, "kernel", "block-sparse")

@@ -142,3 +142,54 @@ def test_env_knobs():
     opts = DebugOptions.from_env({"SPARSA_PRINT_IR_AFTER": "cse,dce", "SPARSA_DUMP_DIR": "/tmp/x",
                                   "SPARSA_PRINT_IR_AFTER_ALL": "1"})
     assert opts.print_ir_after == {"cse", "dce"} and opts.dump_dir == "/tmp/x" and opts.print_ir_after_all
+
+
+def test_greedy_driver_says_when_it_does_not_converge():
+    """Patterns that undo each other stop at the rewrite budget with a warning and a statistic, not a hang."""
+    from collections import Counter
+
+    from sparsa.ir import parse_module
+    from sparsa.ir.dialects.tensor import AddOp
+    from sparsa.passes.rewrite import RewritePattern, apply_patterns_greedily
+
+    class Swap(RewritePattern):
+        ROOT = AddOp
+
+        def match_and_rewrite(self, op, rewriter):
+            a, b = op.operands
+            rewriter.set_operand(op, 0, b)
+            rewriter.set_operand(op, 1, a)
+            return True
+
+    module = parse_module("""module {
+  func.func @f(%a: tensor<4xf32>, %b: tensor<4xf32>) -> (tensor<4xf32>) {
+    %0 = tensor.add(%a, %b) : (tensor<4xf32>, tensor<4xf32>) -> tensor<4xf32>
+    func.return(%0) : (tensor<4xf32>) -> ()
+  }
+}
+""")
+    stats: Counter[str] = Counter()
+    with pytest.warns(RuntimeWarning, match="swap-forever: the rewrite patterns did not reach a fixpoint"):
+        apply_patterns_greedily(module, [Swap()], stats, max_iterations=3, name="swap-forever")
+    assert stats["did not converge"] == 1 and stats["Swap"] > 3
+
+
+def test_greedy_driver_reaches_a_fixpoint_quietly():
+    import warnings
+
+    from sparsa.ir import parse_module
+    from sparsa.passes import PassManager
+
+    module = parse_module("""module {
+  func.func @f(%a: tensor<4xf32>) -> (tensor<4xf32>) {
+    %0 = tensor.neg(%a) : (tensor<4xf32>) -> tensor<4xf32>
+    %1 = tensor.neg(%0) : (tensor<4xf32>) -> tensor<4xf32>
+    func.return(%1) : (tensor<4xf32>) -> ()
+  }
+}
+""")
+    pm = PassManager("canonicalize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm.run(module)
+    assert "tensor.neg" not in str(module) and "did not converge" not in pm.statistics().get("canonicalize", {})
