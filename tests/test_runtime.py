@@ -162,3 +162,55 @@ def test_cli_compile_emits_ir_and_prints_passes(tmp_path):
     r = sparsa_cli("compile", str(bad))
     assert r.returncode == 1 and "bad.sp:2:14: error: matmul of f32[T, 8] and f32[T, 8]" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---- targets: the backend registry ------------------------------------------------------------------------
+AUTO_SRC = "model M(x: f32[T, 8]) -> f32[T, 8] {\n    return silu(x) * 2.0\n}\n"
+
+
+def test_auto_is_the_default_target_and_picks_the_best_that_runs_here():
+    from sparsa.backends import base as backends
+
+    m = sparsa.compile(AUTO_SRC)
+    assert m.target == backends.choose().NAME
+    if backends.get("cpu").unavailable() is None and backends.get("triton").unavailable() is not None:
+        assert m.target == "cpu"  # native code by default on a machine without a GPU
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    np.testing.assert_allclose(m(x), sparsa.compile(AUTO_SRC, target="reference")(x), rtol=1e-5, atol=1e-6)
+
+
+def test_auto_falls_back_to_the_reference_and_says_why(monkeypatch):
+    from sparsa.backends.cpu.backend import CpuBackend
+    from sparsa.backends.triton.backend import TritonBackend
+
+    monkeypatch.setattr(CpuBackend, "unavailable", lambda self: "no bindings (test)")
+    monkeypatch.setattr(TritonBackend, "unavailable", lambda self: "no GPU (test)")
+    with pytest.warns(RuntimeWarning, match=r"reference interpreter.*triton: no GPU \(test\); cpu: no bindings"):
+        m = sparsa.compile(AUTO_SRC)
+    assert m.target == "reference"
+
+
+def test_an_unknown_target_names_the_registered_ones():
+    with pytest.raises(sparsa.ir.SparsaError, match=r"unknown target 'gpu' \(available: auto, reference, cpu, triton\)"):
+        sparsa.compile(AUTO_SRC, target="gpu")
+
+
+def test_every_backend_declares_the_contract():
+    from sparsa.backends import base as backends
+
+    for name in backends.names():
+        b = backends.get(name)
+        assert b.NAME == name and b.PIPELINE and isinstance(b.STAGES, tuple)
+        assert set(b.EMIT_ALIASES.values()) <= set(b.STAGES)
+        assert b.OUTPUTS in ("numpy", "torch") and b.INPUTS in ("numpy", "any")
+
+
+def test_sparsa_run_runs_native_code_by_default(tmp_path):
+    from sparsa.backends import base as backends
+
+    src = tmp_path / "m.sp"
+    src.write_text(AUTO_SRC)
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "run", str(src), "--input", "x=randn:4,8"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"({backends.choose().NAME})" in r.stdout

@@ -62,34 +62,18 @@ def _exp(op: Operation, x: V) -> V:
     return B.exp(x)
 
 
-@SCALARS.lowers(T.LogOp)
-def _log(op: Operation, x: V) -> V:
-    return mmath.LogOp(x).result
+def _math(fn: type):
+    """A rule that is one `math` dialect op."""
+
+    def rule(op: Operation, x: V) -> V:
+        return fn(x).result
+
+    return rule
 
 
-@SCALARS.lowers(T.SqrtOp)
-def _sqrt(op: Operation, x: V) -> V:
-    return mmath.SqrtOp(x).result
-
-
-@SCALARS.lowers(T.RsqrtOp)
-def _rsqrt(op: Operation, x: V) -> V:
-    return mmath.RsqrtOp(x).result
-
-
-@SCALARS.lowers(T.TanhOp)
-def _tanh(op: Operation, x: V) -> V:
-    return mmath.TanhOp(x).result
-
-
-@SCALARS.lowers(T.SinOp)
-def _sin(op: Operation, x: V) -> V:
-    return mmath.SinOp(x).result
-
-
-@SCALARS.lowers(T.CosOp)
-def _cos(op: Operation, x: V) -> V:
-    return mmath.CosOp(x).result
+for _cls, _fn in [(T.LogOp, mmath.LogOp), (T.SqrtOp, mmath.SqrtOp), (T.RsqrtOp, mmath.RsqrtOp),
+                  (T.TanhOp, mmath.TanhOp), (T.SinOp, mmath.SinOp), (T.CosOp, mmath.CosOp)]:
+    SCALARS.lowers(_cls)(_math(_fn))
 
 
 @SCALARS.lowers(T.NegOp)

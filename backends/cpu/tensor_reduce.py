@@ -22,6 +22,7 @@ from sparsa.backends.cpu.context import (
     element_type,
 )
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.tensor_shape import drop_axes
 from sparsa.ir.core import Operation
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.types import TensorType, is_float
@@ -134,13 +135,7 @@ def logsumexp(cx: KernelContext, x: ir.Value, t: TensorType, axes: set[int], kee
     dk = [ir.AffineDimExpr.get(i) for i in range(t.rank)]
     result = cx.generic(kept, [(s, dk), (m, dk)], init, [PARALLEL] * t.rank, dk,
                           lambda v, mx, _: arith.AddFOp(mmath.LogOp(v).result, mx).result)
-    if keepdim:
-        return result
-    kept_axes = [i for i in range(t.rank) if i not in axes]
-    do = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
-    src = [ir.AffineConstantExpr.get(0) if i in axes else do[kept_axes.index(i)] for i in range(t.rank)]
-    init = cx.empty_like_dims(out, [(result, i) for i in kept_axes])
-    return cx.generic(out, [(result, src)], init, [PARALLEL] * out.rank, do, lambda v, _: v)
+    return result if keepdim else drop_axes(cx, result, kept, axes, out)
 
 
 @LOWERINGS.lowers(R.SoftmaxOp)

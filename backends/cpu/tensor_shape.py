@@ -88,9 +88,11 @@ def lower_expand_dims(cx: KernelContext, op: Operation) -> ir.Value:
 
 @LOWERINGS.lowers(S.SqueezeOp)
 def lower_squeeze(cx: KernelContext, op: Operation) -> ir.Value:
-    out, t = op.result.type, op.x.type
-    x = cx.get(op.x)
-    gone = {a % t.rank for a in op.axes}
+    return drop_axes(cx, cx.get(op.x), op.x.type, {a % op.x.type.rank for a in op.axes}, op.result.type)
+
+
+def drop_axes(cx: KernelContext, x: ir.Value, t: TensorType, gone: set[int], out: TensorType) -> ir.Value:
+    """x of type t without its size-1 axes `gone` (type out)."""
     kept = [i for i in range(t.rank) if i not in gone]
     d = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
     src = [ir.AffineConstantExpr.get(0) if i in gone else d[kept.index(i)] for i in range(t.rank)]
