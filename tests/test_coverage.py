@@ -12,6 +12,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import test_ops
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_properties import inputs_for, random_modules
 
 import sparsa.backends.reference as reference
 from sparsa.backends import base as backends
@@ -166,3 +169,19 @@ def test_programs_outside_the_examples(name, target):
     want = ref(*inputs)
     got = _numpy(sparsa.compile(src, target=target)(*inputs))
     np.testing.assert_allclose(got, want, rtol=TOL[target], atol=TOL[target])
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_programs_match_the_reference_on_every_target(target, data):
+    """Hypothesis-generated programs (test_properties.random_modules), compiled by each registered backend."""
+    if not _available(target):
+        pytest.skip(f"target {target} cannot run here")
+    module, _ = data.draw(random_modules())
+    inputs = inputs_for(module, data.draw(st.integers(0, 1000)))
+    want = reference.run_function(module, inputs)
+    got = [_numpy(o) for o in backends.get(target).compile(module.funcs[0])(inputs, {}, {})]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

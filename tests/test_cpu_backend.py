@@ -7,17 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("torch_mlir")
 
-from test_properties import inputs_for, random_modules  # noqa: E402
 
 import sparsa  # noqa: E402
 from sparsa.backends.cpu.context import CpuLoweringError  # noqa: E402
 from sparsa.backends.cpu.jit import CpuFunction  # noqa: E402
-from sparsa.backends.reference import run_function  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 rng = np.random.default_rng(0)
@@ -47,19 +43,6 @@ def test_broadcasting_matmul(a, b):
     m = sparsa.compile(src, target="reference")
     x, y = randn(*a), randn(*b)
     np.testing.assert_allclose(CpuFunction(m.module.funcs[-1])([x, y], None, {})[0], x @ y, rtol=1e-5, atol=1e-5)
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_random_programs_match_the_reference(data):
-    module, _ = data.draw(random_modules())
-    cpu = CpuFunction(module.funcs[0])
-    inputs = inputs_for(module, data.draw(st.integers(0, 1000)))
-    want = run_function(module, inputs)
-    got = cpu(inputs, None, {})  # the executables' convention: a list of results
-    assert len(got) == len(want)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 FFN = """const D = 16

@@ -13,7 +13,6 @@ import numpy as np
 
 from sparsa.backends.base import Executable
 from sparsa.backends.triton.codegen import generate
-from sparsa.backends.triton.host import bsc_index
 from sparsa.backends.triton.program import Const
 from sparsa.ir.analysis import RuntimeShapeError, bind_shape
 from sparsa.ir.core import Operation
@@ -128,6 +127,8 @@ def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) ->
     if c.kind == "op":  # an op the launcher runs on the host (host.host_op)
         return c.op
     # "bsc": a packed BSR weight indexed by block column, so each program walks only its column's blocks
+    from sparsa.backends.triton.host import bsc_index  # (imports Triton: after pick_device has chosen how)
+
     op = c.op
     row_ptr, col_idx = (_upload(_cached(cache, v), "i64", device) for v in (op.row_ptr, op.col_idx))
     return bsc_index(row_ptr, col_idx, op.cols // op.blocks.type.shape[2])
