@@ -110,6 +110,10 @@ class Backend(ABC):
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
         """`func` (after this backend's pipeline) as an executable."""
 
+    def graphs(self, executable: Executable) -> Any:
+        """`executable` replayed from captured device graphs (CUDA graphs), or None where the backend has none."""
+        return None
+
     def stage_name(self, name: str) -> str:
         """A stage's name from what `--emit` accepts."""
         return self.EMIT_ALIASES.get(name, name)

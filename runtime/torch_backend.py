@@ -182,10 +182,8 @@ class CompiledPartition(torch.nn.Module):
         self.backend.check(self.func)  # an op the target cannot lower: the partition stays in PyTorch
         if not self.backend.SPECIALIZES_ON_CONSTANTS:
             self.native = self.backend.compile(self.func)
-            if backend.options.get("cuda_graphs", False) and self.target == "triton":
-                from sparsa.backends.triton.function import CudaGraphs
-
-                self.graphs = CudaGraphs(self.native)
+            if backend.options.get("cuda_graphs", False):  # replayed per input signature, where the target can
+                self.graphs = self.backend.graphs(self.native)
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]

@@ -47,3 +47,8 @@ class TritonBackend(Backend):
         self.legalize(func)
         self.check(func)
         return TritonFunction(func)
+
+    def graphs(self, executable: Executable) -> Any:
+        from sparsa.backends.triton.function import CudaGraphs
+
+        return CudaGraphs(executable)
