@@ -15,11 +15,13 @@ from sparsa.ir.types import TensorType
 @dataclass
 class Cost:
     """What one executed op cost: FLOPs a dense computation of it would take, FLOPs it did, a note on the
-    kernel it chose, and for `explain` its block map or tokens per expert."""
+    kernel it chose, bytes it read and wrote (None: its operands' and results' sizes), and for `explain` its
+    block map or tokens per expert."""
 
     dense: float
     done: float
     note: str = ""
+    bytes: float | None = None
     block_map: Any = None
     tokens_per_expert: list[int] | None = None
 

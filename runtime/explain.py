@@ -23,6 +23,7 @@ class OpReport:
     dense_flops: float
     flops: float
     note: str = ""
+    bytes: float = 0.0
     block_map: np.ndarray | None = None
     tokens_per_expert: list[int] | None = None
 
@@ -48,7 +49,7 @@ class Report:
                for o in self.ops if o.tokens_per_expert is not None]
         kernels = [{"op": o.name, "where": o.where, "kernel": o.note} for o in self.ops
                    if o.name.startswith(("sparse.", "moe.grouped", "attn.attention", "scan.fused"))]
-        return {"dense_flops": self.dense_flops, "flops": self.flops,
+        return {"dense_flops": self.dense_flops, "flops": self.flops, "bytes": sum(o.bytes for o in self.ops),
                 "flops_saved": 1.0 - self.flops / self.dense_flops if self.dense_flops else 0.0,
                 "attention": attention, "moe": moe, "kernels": kernels}
 
@@ -80,7 +81,8 @@ class RecordingInterpreter(Interpreter):
 def describe(op: Operation, args: list[Any], outs: list[Any], where: str) -> OpReport:
     """FLOPs (dense-equivalent and done) and a note for one executed op: the op's own `cost`."""
     c = op.cost(args, outs)
-    return OpReport(op.NAME, where, c.dense, c.done, c.note, block_map=c.block_map,
+    moved = c.bytes if c.bytes is not None else float(sum(getattr(a, "nbytes", 0) for a in (*args, *outs)))
+    return OpReport(op.NAME, where, c.dense, c.done, c.note, moved, block_map=c.block_map,
                     tokens_per_expert=c.tokens_per_expert)
 
 
@@ -130,12 +132,13 @@ def format_report(report: Report, model_name: str) -> str:
     """The explain table, totals, MoE routing and attention block maps as text."""
     lines = [f"{model_name}: {report.flops / 1e9:.3f} GFLOP done of {report.dense_flops / 1e9:.3f} dense-equivalent "
              f"({1 - report.flops / report.dense_flops if report.dense_flops else 0:.1%} skipped)", ""]
-    lines.append(f"{'op':<28} {'where':<28} {'dense GFLOP':>12} {'done GFLOP':>11} {'done':>6}  kernel / note")
+    lines.append(f"{'op':<28} {'where':<28} {'dense GFLOP':>12} {'done GFLOP':>11} {'done':>6} {'MB':>8}  "
+                 "kernel / note")
     shown = [o for o in report.ops if o.note or o.dense_flops >= 1e-3 * report.dense_flops]
     for o in shown:
         ratio = f"{o.flops / o.dense_flops:.0%}" if o.dense_flops else "-"
-        lines.append(f"{o.name:<28} {o.where:<28} {o.dense_flops / 1e9:>12.4f} {o.flops / 1e9:>11.4f} {ratio:>6}  "
-                     f"{o.note}".rstrip())
+        lines.append(f"{o.name:<28} {o.where:<28} {o.dense_flops / 1e9:>12.4f} {o.flops / 1e9:>11.4f} {ratio:>6} "
+                     f"{o.bytes / 1e6:>8.2f}  {o.note}".rstrip())
     if len(shown) < len(report.ops):
         lines.append(f"({len(report.ops) - len(shown)} small ops under 0.1% of the work not shown)")
     for o in report.ops:
