@@ -13,7 +13,7 @@ from sparsa.backends import base as backends
 from sparsa.frontend import compile_source
 from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Module
-from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.diagnostics import Location, SparsaError
 from sparsa.ir.printer import print_module
 from sparsa.knobs import DebugOptions
 from sparsa.passes import PassManager
@@ -33,9 +33,17 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
     text = os.fspath(path_or_source)
     if "\n" not in text and (text.endswith(".sp") or os.path.exists(text)):
         try:
-            return Path(text).read_text(encoding="utf-8"), text
+            data = Path(text).read_bytes()
         except OSError as e:
             raise SparsaError(f"cannot read {text}: {e.strerror}") from None
+        try:
+            return data.decode("utf-8"), text
+        except UnicodeDecodeError as e:  # where, in the file's own lines
+            line = data.count(b"\n", 0, e.start) + 1
+            col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+            raise SparsaError(f"the file is not UTF-8 text (byte 0x{data[e.start]:02x} is not UTF-8 here: "
+                              f"{e.reason}): save it as UTF-8", Location(text, line, col),
+                              data.decode("utf-8", errors="replace")) from None
     return text, "<source>"
 
 

@@ -185,3 +185,25 @@ def test_random_programs_match_the_reference_on_every_target(target, data):
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize(("capacity", "experts", "tokens", "k"), [(1.1, 7, 70, 1), (1.25, 8, 37, 2), (0.3, 5, 24, 3),
+                                                                   (2.0, 3, 11, 2), (0.7, 6, 50, 2)])
+def test_capacity_limits_are_one_rule_on_every_target(target, capacity, experts, tokens, k):
+    """moe.dispatch keeps the same assignments everywhere: ceil(capacity * T * K / E), one function
+    (`DispatchOp.capacity_limit`), where the cpu target once rounded ceil(n * (capacity / E)) (1.1, 7, 70, 1:
+    11 kept by the reference, 12 by cpu)."""
+    import sparsa
+
+    if not _available(target):
+        pytest.skip(f"target {target} cannot run here")
+    src = (f"model M(x: f32[T, 16], i: i64[T, {k}], g: f32[T, {k}]) -> f32[T, 16] {{\n    param w: f32[{experts}, 16, 16]\n"
+           f"    return moe(x, i, g, capacity={capacity}) |e, h| {{ h @ w[e] }}\n}}\n")
+    rng = np.random.default_rng(tokens)
+    x = rng.standard_normal((tokens, 16)).astype(np.float32)
+    ids = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int64) if k <= experts else None
+    gates = rng.random((tokens, k)).astype(np.float32)
+    want = sparsa.compile(src, target="reference").init_weights(0)(x, ids, gates)
+    got = _numpy(sparsa.compile(src, target=target).init_weights(0)(x, ids, gates))
+    np.testing.assert_allclose(got, want, rtol=TOL[target], atol=TOL[target])

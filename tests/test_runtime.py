@@ -214,3 +214,25 @@ def test_sparsa_run_runs_native_code_by_default(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"({backends.choose().NAME})" in r.stdout
+
+
+def test_a_file_that_is_not_utf8_is_a_positioned_error(tmp_path):
+    bad = tmp_path / "bad.sp"
+    bad.write_bytes(b"model M(x: f32[4]) -> f32[4] {\n    # caf\xe9\n    return x\n}\n")
+    with pytest.raises(sparsa.ir.SparsaError, match=r"bad.sp:2:10: error: the file is not UTF-8 text"):
+        sparsa.compile(str(bad), target="reference")
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "run", str(bad), "--input", "x=randn:4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "internal error" not in r.stderr and "^" in r.stderr
+
+
+def test_explain_on_a_native_target_reports_the_same_ir(tmp_path):
+    from sparsa.backends import base as backends
+
+    if backends.get("cpu").unavailable() is not None:
+        pytest.skip("no cpu target here")
+    example = Path(__file__).parent.parent / "examples" / "mixtral_moe.sp"
+    r = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "explain", str(example), "--target", "cpu",
+                        "--shape", "T=64"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "MixtralMoE on cpu: one call took" in r.stdout and "moe.grouped_matmul" in r.stdout

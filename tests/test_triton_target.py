@@ -303,3 +303,12 @@ def test_half_precision_models(dtype, tol):
     want = ref(*inputs)
     scale = float(np.abs(want).max())
     np.testing.assert_allclose(got.float().cpu().numpy(), want, rtol=tol, atol=tol * scale)
+
+
+def test_functions_that_differ_only_in_their_parameter_order_get_their_own_launchers():
+    """A(x, y) = x - y and B(y, x) = x - y in one process: each its own launcher, not the other's."""
+    a = sparsa.compile("model A(x: f32[4], y: f32[4]) -> f32[4] {\n    return x - y\n}\n", target="triton")
+    b = sparsa.compile("model B(y: f32[4], x: f32[4]) -> f32[4] {\n    return x - y\n}\n", target="triton")
+    one, two = np.arange(4, dtype=np.float32), np.ones(4, np.float32)
+    np.testing.assert_array_equal(a(one, two), one - two)
+    np.testing.assert_array_equal(b(one, two), two - one)

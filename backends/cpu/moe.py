@@ -130,21 +130,16 @@ def dispatch_kernel(cx: KernelContext, op: Operation) -> Kernel:
     """Counting sort of assignments by expert (stable: token order, then slot order), capacity applied
     in that order; segments padded to `block` with -1. perm is allocated by the host at its upper bound
     T*K + E*(block-1); offsets[E] says how much of it is used."""
-    name, entry = cx.function(op, [op.experts.type] + [r.type for r in op.results], False)
-    experts, perm, offsets = entry.arguments
+    limit = TensorType("i64", (1,))  # the op's capacity_limit, computed by the host (one rule for every target)
+    name, entry = cx.function(op, [op.experts.type, limit] + [r.type for r in op.results], False)
+    experts, limit_mem, perm, offsets = entry.arguments
     i64 = ir.IntegerType.get_signless(64)
     E = op.num_experts
     with ir.InsertionPoint(entry):
         n = B.mul(B.mdim(experts, 0), B.mdim(experts, 1))
         flat = _flatten(experts)
         count = B.alloca(B.c_index(E), i64)
-        if op.capacity is None:
-            cap = B.as_i64(n)
-        else:  # ceil(capacity * T * K / E)
-            f64 = ir.F64Type.get()
-            total = arith.SIToFPOp(f64, B.as_i64(n)).result
-            c = arith.MulFOp(total, B.c_float(float(op.capacity) / E, f64)).result
-            cap = arith.FPToSIOp(i64, mmath.CeilOp(c).result).result
+        cap = B.load(limit_mem, 0)
         zero, one = B.c_int(0), B.c_int(1)
         B.each(B.c_index(E), lambda e: B.store(zero, count, e))
 
@@ -395,7 +390,7 @@ def launch_dispatch(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> lis
     if ins[0].size and (ins[0].min() < 0 or ins[0].max() >= e):
         raise SparsaError(f"moe.dispatch: expert id outside 0..{e - 1}", op.loc)
     perm, offsets = np.empty(t * kk + e * (op.block - 1), np.int64), np.empty(e + 1, np.int64)
-    fn.call(k, ins + [perm, offsets])
+    fn.call(k, [ins[0], np.array([op.capacity_limit(t, kk)], np.int64), perm, offsets])
     return [perm[: offsets[-1]], offsets]
 
 

@@ -172,7 +172,7 @@ def dispatch(p: TritonProgram, op: Operation) -> None:
     perm, offsets = p.new(op.perm), p.new(op.offsets)
     E, align = op.num_experts, op.block
     cap = "_p" if op.capacity is None else \
-        f"math.ceil({op.capacity!r} * {experts}.shape[0] * {experts}.shape[1] / {E})"
+        f"expert_capacity({op.capacity!r}, {experts}.shape[0], {experts}.shape[1], {E})"  # the op's capacity_limit
     p.lines += [
         f"_ids = contiguous({experts})",
         "_p = _ids.numel()",

@@ -159,7 +159,8 @@ class TritonProgram:
 
     @property
     def launcher_name(self) -> str:
-        return f"launch_{digest(self.kernels_text + chr(10).join(self.lines))}"
+        # the parameter list too: two functions with the same body and their inputs in another order differ
+        return f"launch_{digest(self.kernels_text + ', '.join(self.inputs) + chr(10) + chr(10).join(self.lines))}"
 
     @property
     def launcher_text(self) -> str:
@@ -176,7 +177,8 @@ class TritonProgram:
                 "from sparsa.backends.triton import library as lib\n"
                 "from sparsa.backends.triton.host import (align_segments, bsc_index, bstrides, cdiv, contiguous,\n"
                 "    copy, dense_lists, dense_map, host_op, last_contiguous, npow2, reshape, rows, scan_args,\n"
-                "    unpermute)\n\n")
+                "    unpermute)\n"
+                "from sparsa.ir.dialects.moe import expert_capacity\n\n")
         return head + self.kernels_text + "\n\n" + self.launcher_text
 
 

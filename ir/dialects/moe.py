@@ -186,6 +186,11 @@ class DispatchOp(Operation):
             raise self.error(f"block ({self.block}) and num_experts ({self.num_experts}) must be positive")
         return [TensorType("i64", (None,)), TensorType("i64", (self.num_experts + 1,))]
 
+    def capacity_limit(self, tokens: int, k: int) -> int:
+        """Most assignments one expert keeps for `tokens` tokens of `k` assignments: every one without a
+        capacity, else ceil(capacity * T * K / E). The one rule every target uses."""
+        return tokens * k if self.capacity is None else expert_capacity(self.capacity, tokens, k, self.num_experts)
+
     def reference(self, ctx: Any, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         E = self.num_experts
         if experts.size and (experts.min() < 0 or experts.max() >= E):
