@@ -202,7 +202,10 @@ def test_capacity_limits_are_one_rule_on_every_target(target, capacity, experts,
            f"    return moe(x, i, g, capacity={capacity}) |e, h| {{ h @ w[e] }}\n}}\n")
     rng = np.random.default_rng(tokens)
     x = rng.standard_normal((tokens, 16)).astype(np.float32)
-    ids = np.stack([rng.permutation(experts)[:k] for _ in range(tokens)]).astype(np.int64) if k <= experts else None
+    # half the tokens go to expert 0 first: its limit decides which are dropped (11 vs 12 kept in the first case)
+    rows = [rng.permutation(experts)[:k] for _ in range(tokens)]
+    rows = [r if t % 2 else np.concatenate([[0], [e for e in r if e != 0]])[:k] for t, r in enumerate(rows)]
+    ids = np.stack(rows).astype(np.int64)
     gates = rng.random((tokens, k)).astype(np.float32)
     want = sparsa.compile(src, target="reference").init_weights(0)(x, ids, gates)
     got = _numpy(sparsa.compile(src, target=target).init_weights(0)(x, ids, gates))
