@@ -55,3 +55,14 @@ def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what
             bound = dims.setdefault(d, n)
             if bound != n:
                 raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
+
+
+def check_int_range(lo: int, hi: int, dtype: str, what: str) -> None:
+    """RuntimeShapeError when integers in [lo, hi] (an input's) do not fit integer type `dtype` (narrowing would
+    wrap them silently)."""
+    bits = {"i8": 8, "i32": 32, "i64": 64}.get(dtype)
+    if bits is None:
+        return
+    low, high = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if lo < low or hi > high:
+        raise RuntimeShapeError(f"{what} has values in [{lo}, {hi}], outside {dtype}'s range [{low}, {high}]")

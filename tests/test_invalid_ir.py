@@ -136,3 +136,14 @@ def test_sparse_metadata_is_verified(body, message):
             "\n    func.return(%y) : (tensor<4x8xf32>) -> ()\n  }\n}\n")
     with pytest.raises(VerifyError, match=message):
         verify_module(parse_module(text))
+
+
+@pytest.mark.parametrize("group_top", [0, 3])
+def test_route_group_top_is_checked(group_top):
+    """A group of 2 experts has no third best (the cpu kernel read and wrote index -1 for it)."""
+    text = ("module {\n  func.func @f(%x: tensor<4x8xf32>) -> (tensor<4x2xf32>) {\n"
+            f"    %w, %e = moe.route(%x) {{score = \"softmax\", k = 2, groups = 4, group_top = {group_top}, "
+            "groups_kept = 2} : (tensor<4x8xf32>) -> (tensor<4x2xf32>, tensor<4x2xi64>)\n"
+            "    func.return(%w) : (tensor<4x2xf32>) -> ()\n  }\n}\n")
+    with pytest.raises((ParseError, VerifyError), match=rf"group_top = {group_top} must be in 1..2"):
+        verify_module(parse_module(text, "route.sir"))

@@ -236,3 +236,19 @@ def test_explain_on_a_native_target_reports_the_same_ir(tmp_path):
                         "--shape", "T=64"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "MixtralMoE on cpu: one call took" in r.stdout and "moe.grouped_matmul" in r.stdout
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+def test_an_integer_input_that_does_not_fit_its_type_is_refused(target):
+    """i64 values given for an i32 input used to wrap silently."""
+    from sparsa.backends import base as backends
+
+    if target == "triton":
+        pytest.importorskip("triton")
+    elif backends.get(target).unavailable() is not None:
+        pytest.skip(f"no {target} target here")
+    m = sparsa.compile("model M(i: i32[4]) -> i32[4] {\n    return i + 1\n}\n", target=target)
+    ok = np.array([1, 2, 3, -4], np.int64)
+    np.testing.assert_array_equal(np.asarray(m(ok)), ok + 1)
+    with pytest.raises(sparsa.ir.SparsaError, match=r"input 'i' has values in \[1, 4294967296\], outside i32's range"):
+        m(np.array([1, 2, 3, 1 << 32], np.int64))

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsa.ir.analysis import RuntimeShapeError, bind_shape, weight_only_ops
+from sparsa.ir.analysis import RuntimeShapeError, bind_shape, check_int_range, weight_only_ops
 from sparsa.ir.core import Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, evaluate, format_dim
@@ -65,6 +65,8 @@ class Interpreter:
         bind_shape(t, array.shape, self.dims, what)
         if array.dtype.kind != numpy_dtype(t.dtype).kind and not (t.dtype == "i1" and array.dtype == bool):
             raise RuntimeShapeError(f"{what} must have element type {t.dtype}, got {dtype_of_array(array)}")
+        if array.dtype.kind == "i" and array.size and array.dtype.itemsize > numpy_dtype(t.dtype).itemsize:
+            check_int_range(int(array.min()), int(array.max()), t.dtype, what)
         return round_to_dtype(array, t.dtype)
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:

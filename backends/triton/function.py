@@ -14,7 +14,7 @@ import numpy as np
 from sparsa.backends.base import Executable
 from sparsa.backends.triton.codegen import generate
 from sparsa.backends.triton.program import Const
-from sparsa.ir.analysis import RuntimeShapeError, bind_shape
+from sparsa.ir.analysis import RuntimeShapeError, bind_shape, check_int_range
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.types import is_float
@@ -97,6 +97,8 @@ class TritonFunction(Executable):
             got = "b" if x.dtype == torch.bool else "f" if x.is_floating_point() else "i"
             if got != _kind(t.dtype):
                 raise RuntimeShapeError(f"input '{name}' must have element type {t.dtype}, got {x.dtype}")
+            if got == "i" and x.numel() and x.element_size() > _torch_dtype(t.dtype).itemsize:
+                check_int_range(int(x.min()), int(x.max()), t.dtype, f"input '{name}'")
             tensors.append(x.to(device=device, dtype=_torch_dtype(t.dtype)))
         outs = self.launcher()(device, self.constants(cache, device), *tensors)
         return list(outs)

@@ -143,6 +143,9 @@ class RouteOp(Operation):
                 raise self.error(f"{E} experts do not split into {self.groups} groups keeping {self.groups_kept}")
             if self.groups > 1 and self.k > self.groups_kept * (E // self.groups):
                 raise self.error(f"k = {self.k} exceeds the experts of {self.groups_kept} kept groups")
+            if self.groups > 1 and not 1 <= self.group_top <= E // self.groups:
+                raise self.error(f"group_top = {self.group_top} must be in 1..{E // self.groups} (a group's experts: "
+                                 "a group is scored by the sum of its best group_top)")
         shape = (t.shape[0], self.k)
         return [TensorType(t.dtype, shape), TensorType("i64", shape)]
 
