@@ -5,24 +5,61 @@ environment variable (for library use, e.g. under `torch.compile`); the flag win
 
 Environment-only variables, read where they act:
 - SPARSA_LOG=fallbacks: the torch.compile backend names each op it leaves to PyTorch (runtime/torch_backend.py).
-- SPARSA_CACHE_DIR: where generated Triton kernels (backends/triton/attention.py), compiled cpu kernels
-  (backends/cpu/cache.py, under cpu/) and the parser's tables (frontend/parser.py, under lark/) are kept;
-  default ~/.cache/sparsa.
+- SPARSA_CACHE_DIR: where generated Triton kernels (backends/triton/attention.py) and compiled cpu kernels
+  (backends/cpu/cache.py, under cpu/) are kept; default ~/.cache/sparsa. A directory another user owns or
+  can write to is refused (said once): compiled code then goes nowhere shared. Nothing in it is unpickled.
 - SPARSA_NUM_THREADS: threads the cpu target's kernels split their work over; default every core.
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Cache directories already refused in this process (each said once).
+_REFUSED: set[str] = set()
 
-def cache_root() -> Path:
-    """SPARSA_CACHE_DIR, else $XDG_CACHE_HOME/sparsa, else ~/.cache/sparsa."""
+
+def cache_root() -> Path | None:
+    """SPARSA_CACHE_DIR, else $XDG_CACHE_HOME/sparsa, else ~/.cache/sparsa (created private to this user), or
+    None, with a warning the first time, when it belongs to another user or others can write to it: code
+    found there would run as this user, so such a directory is not used."""
     base = os.environ.get("SPARSA_CACHE_DIR")
-    return Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsa"
+    path = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsa"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = path.stat()
+    except OSError as e:
+        reason = f"cannot be created ({e.strerror})"
+    else:
+        if hasattr(os, "getuid") and st.st_uid != os.getuid():
+            reason = "belongs to another user"
+        elif st.st_mode & 0o022:
+            reason = "other users can write to it"
+        else:
+            return path
+    if str(path) not in _REFUSED:
+        _REFUSED.add(str(path))
+        warnings.warn(f"sparsa: not caching compiled code in {path}: it {reason}; compiling without a cache",
+                      RuntimeWarning, stacklevel=2)
+    return None
+
+
+@functools.cache
+def private_dir() -> Path:
+    """A directory of this process's own (mode 0700, removed at exit), for files that must exist on disk when
+    no cache directory may be used (Triton reads a kernel's source from its file)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="sparsa-"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,12 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-import lark
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 from lark.lexer import PatternStr
 
 from sparsa.frontend import ast as A
 from sparsa.ir.diagnostics import Location, ParseError
-from sparsa.knobs import cache_root
 
 _GRAMMAR = Path(__file__).with_name("grammar.lark")
 
@@ -43,17 +41,10 @@ class _DropNewlinesInBrackets:
 
 @cache
 def _parser() -> Lark:
-    """The LALR parser. Building its tables takes ~0.1 s, so they are kept under the cache root (Lark checks
-    the grammar's hash on load and rebuilds a stale or unreadable file)."""
-    tables: str | bool = False
-    try:
-        where = cache_root() / "lark"
-        where.mkdir(parents=True, exist_ok=True)
-        tables = str(where / f"sparsa-grammar-lark{lark.__version__}.cache")
-    except OSError:  # no writable cache directory: build the tables every time
-        pass
+    """The LALR parser, built once per process (~0.07 s). Lark's own table cache is a pickle, and nothing is
+    unpickled from a cache directory, so the tables are not kept on disk."""
     return Lark(_GRAMMAR.read_text(), parser="lalr", postlex=_DropNewlinesInBrackets(),
-                propagate_positions=True, maybe_placeholders=True, cache=tables)
+                propagate_positions=True, maybe_placeholders=True)
 
 
 def _pos(meta_or_tok: object) -> A.Pos:

@@ -252,3 +252,34 @@ def test_an_integer_input_that_does_not_fit_its_type_is_refused(target):
     np.testing.assert_array_equal(np.asarray(m(ok)), ok + 1)
     with pytest.raises(sparsa.ir.SparsaError, match=r"input 'i' has values in \[1, 4294967296\], outside i32's range"):
         m(np.array([1, 2, 3, 1 << 32], np.int64))
+
+
+def test_a_cache_directory_others_can_write_is_refused_once(tmp_path, monkeypatch):
+    """Code found in a shared cache directory would run as this user: such a directory is not used (one warning),
+    and the model still compiles and runs."""
+    import os
+    import warnings
+
+    from sparsa.backends import base as backends
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(shared))
+    target = "cpu" if backends.get("cpu").unavailable() is None else "reference"
+    x = np.ones((3, 8), np.float32)
+    with pytest.warns(RuntimeWarning, match=r"not caching compiled code in .*shared: it other users can write to it"):
+        y = sparsa.compile(AUTO_SRC, target=target)(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        np.testing.assert_allclose(sparsa.compile(AUTO_SRC, target=target)(x), y)
+    assert list(shared.iterdir()) == []
+
+
+def test_nothing_is_unpickled_from_the_cache(tmp_path):
+    """The parser's tables are built per process, not kept as a pickle (Lark's cache) under the cache directory,
+    where a planted file would run arbitrary code the next time anyone compiles."""
+    subprocess.run([sys.executable, "-c", "import sparsa; sparsa.compile('model M(x: f32[4]) -> f32[4] {\\n"
+                    "    return x\\n}\\n', target='reference')"], check=True, timeout=300,
+                   env={**__import__("os").environ, "SPARSA_CACHE_DIR": str(tmp_path)})
+    assert not any(p.suffix == ".cache" or "lark" in p.name for p in tmp_path.rglob("*"))

@@ -21,9 +21,10 @@ from sparsa.knobs import cache_root
 FORMAT = 1
 
 
-def cache_dir() -> Path:
-    """The cpu entries: `cpu/` under the cache root (knobs.cache_root)."""
-    return cache_root() / "cpu"
+def cache_dir() -> Path | None:
+    """The cpu entries: `cpu/` under the cache root (knobs.cache_root), or None when there is none to use."""
+    root = cache_root()
+    return None if root is None else root / "cpu"
 
 
 def _version(dist: str) -> str:
@@ -61,6 +62,8 @@ class Loaded:
 def load(name: str) -> tuple[Loaded, dict[str, str]] | None:
     """(the loaded kernels, the stages' text) for a good entry, else None (missing, stale or corrupt)."""
     folder = cache_dir()
+    if folder is None:
+        return None
     meta_path, obj_path = folder / f"{name}.json", folder / f"{name}.o"
     try:
         meta = json.loads(meta_path.read_text())
@@ -79,6 +82,8 @@ def load(name: str) -> tuple[Loaded, dict[str, str]] | None:
 def store(name: str, engine: Any, stages: dict[str, str], symbols: list[str]) -> None:
     """Write the engine's object code and the stages as one entry (atomically; failures only cost the cache)."""
     folder = cache_dir()
+    if folder is None:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder) as tmp:

@@ -12,9 +12,9 @@ import hashlib
 import importlib.util
 import os
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import attn as AT
 from sparsa.ir.dialects.attn import AttentionOp
 from sparsa.ir.dialects.attn_blocks import BlockMapOp, outer_values
+from sparsa.knobs import cache_root, private_dir
 
 KERNEL = '''
 @triton.jit
@@ -223,12 +224,14 @@ def load_kernel_module(name: str, text: str) -> Any:
         return getattr(sys.modules[mod_name], name)
     if not text.startswith("import triton"):
         text = "import triton\nimport triton.language as tl\n\n" + text
-    base = Path(os.environ.get("SPARSA_CACHE_DIR", Path.home() / ".cache" / "sparsa")) / "triton"
+    root = cache_root()
+    base = (root if root is not None else private_dir()) / "triton"
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"{name}_{tag}.py"
-    if not path.exists() or path.read_text() != text:
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(text)
+    if not path.exists() or path.read_text() != text:  # written whole under a unique name, then renamed
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     if mod_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(mod_name, path)
