@@ -1,6 +1,7 @@
 """`torch.compile(model, backend="sparsa")`: Dynamo's graph, via AOTAutograd (ATen ops, inference), split
 into the parts Sparsa supports (imported into the IR, run through the target's passes) and the rest,
-which runs in PyTorch. Each op that falls back is counted, and logged once when SPARSA_LOG=fallbacks.
+which runs in PyTorch. Each op that falls back is recorded with its reason (`sparsa.report()`), a summary
+of each graph goes to the `sparsa` logger at INFO, and SPARSA_LOG=fallbacks says each fallback as it happens.
 
 Registered through the `torch_dynamo_backends` entry point. Options:
 `torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "...",
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import operator
 import os
-import sys
 from collections import Counter
 from typing import Any
 
@@ -40,6 +40,7 @@ from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
+from sparsa.runtime.report import REPORT, PartitionRecord
 
 # Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
 GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
@@ -71,6 +72,16 @@ class SparsaBackend:
         return aot_autograd(fw_compiler=self.compile_aten)(gm, example_inputs)
 
     def compile_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
+        """An ATen graph (forward or backward) compiled as `partition_aten` does, as a boxed function (the
+        calling convention AOTAutograd asks of its compilers), recorded for `sparsa.report()`."""
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        self.record = REPORT.new_graph()
+        fused = self.partition_aten(gm, example_inputs)
+        REPORT.finish(self.record)
+        return make_boxed_func(fused)
+
+    def partition_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
         """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
         from sparsa.frontend.torch_moe import fold_grouped_mm_moe
 
@@ -92,6 +103,7 @@ class SparsaBackend:
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
         calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
         left: set[str] = set()  # partitions kept in PyTorch by choice (not fallbacks)
+        failed: dict[str, str] = {}  # partitions Sparsa could not compile, and why
         for name, sub in list(fused.named_children()):
             if not name.startswith("fused_"):
                 continue
@@ -100,15 +112,19 @@ class SparsaBackend:
                        if getattr(a, "op", None) == "get_attr"}
             try:
                 part = CompiledPartition(sub, self, modules)
-            except NothingToGain:
+            except NothingToGain as e:
                 self.stats["partitions left to PyTorch (nothing to gain)"] += 1
+                self.record.kept.append((name, e.message))
                 left.add(name)
                 continue
             except SparsaError as e:  # not importable, or the target cannot lower it: it stays in PyTorch
                 self.stats[f"partition not compiled: {e.message}"] += 1
+                failed[name] = e.message.splitlines()[0]
                 continue
             setattr(fused, name, part)
             self.partitions.append(part)
+            self.record.partitions.append(PartitionRecord(name, part.target, Counter(
+                op.NAME for op in part.func.walk() if not op.STRUCTURAL)))
             self.stats["partitions compiled"] += 1
             # Inputs the IR never reads (e.g. the block-mask tensors traced from create_block_mask, which
             # sparsify-attention replaces) are not passed, so PyTorch no longer computes them.
@@ -121,19 +137,38 @@ class SparsaBackend:
             if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
                 self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
                 continue
-            self.note_fallback(str(node.target))
+            self.note_fallback(str(node.target), _why_not(node, devices, self.target))
         for node in fused.graph.nodes:
             if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition) and \
                     node.target not in left:
-                self.note_fallback(f"partition {node.target}")
+                why = f"its partition did not compile: {failed.get(node.target, 'unknown reason')}"
+                for inner in getattr(fused, node.target).graph.nodes:
+                    if inner.op == "call_function" and inner.target is not operator.getitem:
+                        self.note_fallback(str(inner.target), why)
         fused.recompile()
         return fused
 
-    def note_fallback(self, op: str) -> None:
-        if self.fallbacks[op] == 0 and "fallbacks" in os.environ.get("SPARSA_LOG", ""):
-            print(f"sparsa: falls back to PyTorch for {op}", file=sys.stderr)
+    def note_fallback(self, op: str, why: str) -> None:
+        """One node left to PyTorch, and why (`sparsa.report()`; SPARSA_LOG=fallbacks says it as it happens)."""
+        REPORT.fallback(self.record, op, why)
         self.fallbacks[op] += 1
         self.stats["fallback nodes"] += 1
+
+
+def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
+    """Why an ATen node was not given to Sparsa."""
+    if node.target not in SUPPORTED:
+        return "no import into Sparsa's IR for this op"
+    vals = node.meta.get("val")
+    for v in vals if isinstance(vals, tuple | list) else [vals]:
+        if hasattr(v, "dtype"):
+            try:
+                torch_dtype(v.dtype)
+            except Unsupported:
+                return f"element type {v.dtype} is not imported"
+            if v.device.type not in devices:
+                return f"tensors on {v.device.type}, where target '{target}' does not run"
+    return "not in a partition"
 
 
 def _types_ok(node: Any, devices: tuple[str, ...]) -> bool:

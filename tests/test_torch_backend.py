@@ -403,3 +403,51 @@ def test_parameters_feed_cached_results_until_they_change(target):
         model[0].weight.mul_(2.0)  # in place: the same tensor at a new version
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
         assert all(part.cache[k] is not v for k, v in cached.items())
+
+
+def test_report_names_every_fallback_with_its_reason_and_logs_a_summary(caplog):
+    """A bf16 MLP on the CPU stays in PyTorch; sparsa.report() says so, op by op, with the reason."""
+    import logging
+
+    import sparsa
+    from sparsa.backends import base as backends
+
+    if backends.get("cpu").unavailable() is not None:
+        pytest.skip("no cpu target here")
+    sparsa.report().clear()
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="sparsa"), torch.no_grad():
+        got = torch.compile(model, backend="sparsa", options={"target": "cpu"})(x)
+    torch.testing.assert_close(got, model(x))
+    rep = sparsa.report()
+    assert len(rep.graphs) == 1 and not rep.partitions
+    reasons = {why for (_, why) in rep.fallbacks}
+    assert any("bf16" in why or "bfloat16" in why for why in reasons), reasons
+    assert "falls back:" in str(rep) and "aten." in str(rep)
+    assert any(r.name == "sparsa" and "sparsa: graph 0: partitions none compiled" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_report_lists_partitions_and_their_targets():
+    import sparsa
+
+    sparsa.report().clear()
+    torch.manual_seed(0)
+    model = WindowAttention()
+    x = torch.randn(1, 12, 16)
+    with torch.no_grad():
+        torch.compile(model, backend="sparsa", options={"target": "reference"})(x)
+    rep = sparsa.report()
+    assert rep.partitions and {p.target for p in rep.partitions} == {"reference"}
+    assert any(p.ops["attn.attention"] for p in rep.partitions)
+
+
+def test_training_graphs_compile_without_the_boxed_arguments_warning(recwarn):
+    torch.manual_seed(0)
+    model = MLP()
+    x = torch.randn(4, 16, requires_grad=True)
+    torch.compile(model, backend="sparsa", options={"target": "reference"})(x).sum().backward()
+    assert x.grad is not None
+    assert not [w for w in recwarn if "boxed arguments" in str(w.message)]
