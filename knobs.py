@@ -9,6 +9,8 @@ Environment-only variables, read where they act:
   (backends/cpu/cache.py, under cpu/) are kept; default ~/.cache/sparsa. A directory another user owns or
   can write to is refused (said once): compiled code then goes nowhere shared. Nothing in it is unpickled.
 - SPARSA_NUM_THREADS: threads the cpu target's kernels split their work over; default every core.
+- SPARSA_DETERMINISTIC=1: the cpu target splits work at fixed places and sums partial results in a fixed
+  order, so results are bitwise identical over calls and thread counts (`deterministic()`).
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 
@@ -19,6 +21,12 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+def deterministic() -> bool:
+    """SPARSA_DETERMINISTIC=1: fixed partitions of work and a fixed order of reduction (see the docstring)."""
+    return os.environ.get("SPARSA_DETERMINISTIC", "") not in ("", "0")
+
 
 # Cache directories already refused in this process (each said once).
 _REFUSED: set[str] = set()

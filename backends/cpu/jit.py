@@ -23,6 +23,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.types import numpy_dtype
+from sparsa.knobs import deterministic
 
 # After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
 # would leak otherwise), then from vectors and loops to LLVM. Vector transfers are unrolled rather than staged
@@ -38,6 +39,9 @@ PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buf
 # LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
 # the attention kernel's scalar loops) against 0.3 s at O2, for the same vector code in the scheduled tiles.
 OPT_LEVEL = 2
+# Row splits under SPARSA_DETERMINISTIC=1 fall at multiples of this many rows (the matmul's row block, a multiple
+# of its register tile), so no row moves between a full tile and the remainder loop with the thread count.
+DETERMINISTIC_ROWS = 64
 
 _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
            "i8": ctypes.c_int8, "i1": ctypes.c_bool}
@@ -167,11 +171,14 @@ class CpuFunction(Executable):
             self.call(k, ins + outs)
         return outs
 
-    def parts(self, k: Kernel, arrays: list[np.ndarray], n: int) -> None:
-        if n == 1:
-            self.call(k, arrays, 0, 1)
+    def parts(self, k: Kernel, arrays: list[np.ndarray], n: int, threads: int | None = None) -> None:
+        """Run parts 0..n-1 of k, on `threads` threads (default n), each thread its parts in order."""
+        threads = min(n, threads or n)
+        if threads == 1:
+            for p in range(n):
+                self.call(k, arrays, p, n)
             return
-        together([lambda p=p: self.call(k, arrays, p, n) for p in range(n)])
+        together([lambda t=t: [self.call(k, arrays, p, n) for p in range(t, n, threads)] for t in range(threads)])
 
     def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
         """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
@@ -180,6 +187,8 @@ class CpuFunction(Executable):
             self.call(k, ins + [out])
             return
         bounds = [m * p // n for p in range(n + 1)]
+        if deterministic():  # at multiples of a row block: each row in the same kind of register tile
+            bounds = sorted({min(m, -(-b // DETERMINISTIC_ROWS) * DETERMINISTIC_ROWS) for b in bounds})
         slabs = [[a[lo:hi] if c else a for a, c in zip(ins, cut, strict=True)] + [out[lo:hi]]
                  for lo, hi in zip(bounds, bounds[1:], strict=False)]
         together([lambda s=s: self.call(k, s) for s in slabs])

@@ -27,8 +27,12 @@ from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, numpy_dtype
+from sparsa.knobs import deterministic
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+# Parts of a grouped GEMM under SPARSA_DETERMINISTIC=1, whatever the threads: the combine's slices are summed in
+# this fixed number and order.
+DETERMINISTIC_PARTS = 4
 PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
 
 # ---- MoE: routing -------------------------------------------------------------------------------
@@ -196,6 +200,8 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     The threads take work items in order as they free up, from a counter they share (the host passes it
     zeroed; an atomic add claims the next item): segments end in partial chunks and experts get
     different numbers of rows, so a fixed share (item % parts) left one thread waiting on the other.
+    With SPARSA_DETERMINISTIC=1 the share is fixed (item % parts, over a fixed number of parts), so every
+    slice of a combine sums the same rows in the same order, whatever the threads.
 
     Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
     packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
@@ -213,7 +219,15 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     rows_m, perm, offsets = args[:3]
     w_ms = args[3:3 + len(weights)]
     gates_m = args[3 + len(weights)] if gates is not None else None
-    out, counter, part, _ = args[len(inputs):]
+    out, counter, part, parts = args[len(inputs):]
+    fixed = deterministic()  # items part, part + parts, ...: the same rows meet in the same slice every time
+
+    def first() -> ir.Value:
+        return part if fixed else _claim(counter)
+
+    def following(claimed: ir.Value) -> ir.Value:
+        return B.add(claimed, parts) if fixed else _claim(counter)
+
     et = element_type(rt.dtype)
     E = weights[0].type.shape[0]
     with ir.InsertionPoint(entry):
@@ -224,7 +238,7 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
         w_ts = [B.read(w) for w in w_ms]
         D = B.mdim(rows_m, 1)
         n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
-        experts = B.loop(0, n_experts, 1, [B.c_index(0), _claim(counter)])
+        experts = B.loop(0, n_experts, 1, [B.c_index(0), first()])
         with ir.InsertionPoint(experts.body):
             e = experts.induction_variable
             lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
@@ -237,7 +251,7 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
                     size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
                     grouped_chunk(cx, op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
                                        panels)
-                    scf.YieldOp([_claim(counter)])
+                    scf.YieldOp([following(claimed)])
                 with ir.InsertionPoint(work.else_block):
                     scf.YieldOp([claimed])
                 scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
@@ -405,18 +419,19 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
         if key not in host.cache:
             host.cache[key] = (pack_panels(np.asarray(host.values[id(k.inputs[i])], order="C")),)
         ins[i] = host.cache[key][0]
-    n = num_threads()
+    threads = num_threads()
+    n = DETERMINISTIC_PARTS if deterministic() else threads  # slices: fixed, or one per thread
     rt_ = op.result.type
     width = rt_.shape[1] if isinstance(rt_.shape[1], int) else weight_n
     if isinstance(op, M.GroupedMatmulCombineOp):
         out = np.empty((n, ins[4].shape[0], width), numpy_dtype(rt_.dtype))  # each part zeroes its slice
-        fn.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+        fn.parts(k, ins + [out, np.zeros(1, np.int64)], n, threads)
         total = out[0] if n == 1 else np.add(out[0], out[1])  # the parts' sum, into a new array
         for p in range(2, n):
             total += out[p]
         return [total]
     out = np.empty((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
-    fn.parts(k, ins + [out, np.zeros(1, np.int64)], n)
+    fn.parts(k, ins + [out, np.zeros(1, np.int64)], n, threads)
     out[ins[1] < 0] = 0  # the segments' padding rows, which the kernel skips
     return [out]
 
