@@ -7,9 +7,13 @@ structure it knows -- a top-k softmax router (`gate.weight` [E, D], `gate.top_k`
 `experts.down_proj` [E, D, F]), as transformers 5.x writes Mixtral, Qwen3-MoE and OLMoE -- and replaces
 each with a module that runs the whole block (router, dispatch, grouped GEMMs, combine) as one compiled
 Sparsa model: `triton` on CUDA tensors, `cpu` on float32 CPU tensors where torch-mlir is installed,
-`reference` otherwise (or the `target` given). Inference only: the
-weights are read when a block first runs on a device and dtype. Use it before `torch.compile`; Dynamo
-leaves the swapped blocks alone (they run as Sparsa calls) and compiles the rest.
+`reference` otherwise (or the `target` given). Inference only. The swapped module keeps the block's `gate` and
+`experts` under their names, so the model's state_dict keys do not change and `load_state_dict` of the original
+checkpoint works; the parameters stay the one source of truth: the compiled model reads them again whenever
+one of them is another tensor or was updated in place (its version counter: `load_state_dict`, `copy_`, an
+optimizer step). Writes through `.data` do not count as updates in PyTorch; call `refresh()` after those. Use
+it before `torch.compile`; Dynamo leaves the swapped blocks alone (they run as Sparsa calls) and compiles the
+rest.
 """
 
 from __future__ import annotations
@@ -56,13 +60,23 @@ class SparsaMoEBlock(torch.nn.Module):
 
     def __init__(self, block: torch.nn.Module, target: str = "auto"):
         super().__init__()
-        self.block = block  # kept as a submodule: .to(device) and state_dict keep working
+        # the block's own children, under their names: state_dict keys, .to(device) and loading keep working
+        self.gate, self.experts = block.gate, block.experts
         self.target = target
         self._models: dict[tuple, Any] = {}
+        self._seen: dict[tuple, tuple] = {}  # per compiled model: the parameters it last read
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        return self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj
+
+    def refresh(self) -> None:
+        """Read the parameters again at the next call (after writes through `.data`, which PyTorch does not
+        count as updates)."""
+        self._seen.clear()
 
     def source(self, dtype: torch.dtype) -> str:
         """The `.sp` model this block compiles to."""
-        gate, experts = self.block.gate, self.block.experts
+        gate, experts = self.gate, self.experts
         E, D = gate.weight.shape
         renorm = getattr(gate, "norm_topk_prob", True)
         return MOE_SOURCE.format(dt=_DTYPES[dtype], D=D, E=E, F=experts.down_proj.shape[2], K=gate.top_k,
@@ -80,15 +94,18 @@ class SparsaMoEBlock(torch.nn.Module):
             target = backends.choose(("triton",) if x.device.type == "cuda" else cpu).NAME
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
-            gate, experts = self.block.gate, self.block.experts
+            self._models[key] = sparsa.compile(self.source(x.dtype), target=target)
+        seen = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
+        if self._seen.get(key) != seen:  # first call, or a parameter changed: read them (again)
+            gate, experts = self.gate, self.experts
             F = experts.down_proj.shape[2]
             with torch.no_grad():
                 gu = experts.gate_up_proj.detach().float().cpu()
                 weights = {"gate": gate.weight.detach().float().cpu().T, "w_gate": gu[:, :F, :].transpose(1, 2),
                            "w_up": gu[:, F:, :].transpose(1, 2),
                            "w_down": experts.down_proj.detach().float().cpu().transpose(1, 2)}
-            model = sparsa.compile(self.source(x.dtype), target=target)
-            self._models[key] = model.load_weights({k: v.contiguous().numpy() for k, v in weights.items()})
+            self._models[key].load_weights({k: v.contiguous().numpy() for k, v in weights.items()})
+            self._seen[key] = seen
         return self._models[key]
 
     @torch._dynamo.disable

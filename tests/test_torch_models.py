@@ -160,6 +160,34 @@ def test_swapped_moe_blocks_match_eager(make):
         assert {key[0] for key in model.get_submodule(names[0])._models} == {"cpu"}
 
 
+def test_swapped_blocks_keep_the_parameters_names_and_read_them_after_a_load():
+    """The swap keeps the block's parameters under their names (the original checkpoint loads), and weights
+    loaded or updated afterwards are used (they were read once, at the first call, and renamed moe.block.*)."""
+    torch.manual_seed(0)
+    model = mixtral().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    swap_moe_blocks(model)
+    assert set(model.state_dict()) == set(checkpoint)
+    with torch.no_grad():
+        first = model(ids).logits
+        for name, p in model.named_parameters():  # new weights, loaded the usual way
+            if ".mlp.experts." in name:
+                p.mul_(1.5)
+        scaled = model(ids).logits
+        model.load_state_dict(checkpoint)  # and back: the original checkpoint loads into the swapped model
+        again = model(ids).logits
+    assert not torch.allclose(scaled, first)
+    torch.testing.assert_close(again, first)
+    fresh = mixtral().eval()
+    fresh.load_state_dict(checkpoint)
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if ".mlp.experts." in name:
+                p.mul_(1.5)
+        torch.testing.assert_close(scaled, fresh(ids).logits, rtol=1e-4, atol=1e-5)
+
+
 def test_swapped_block_on_the_triton_target():
     torch.manual_seed(0)
     model = mixtral().eval()
