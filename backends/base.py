@@ -63,7 +63,7 @@ class Backend(ABC):
     # whether `compile` specializes on options["constant_args"] (so the torch backend compiles at a partition's
     # first call, knowing which inputs are parameters)
     SPECIALIZES_ON_CONSTANTS: ClassVar[bool] = False
-    ERROR: ClassVar[type[SparsaError]] = None  # raised for an op it cannot lower (default UnsupportedOp)
+    ERROR: ClassVar[type[SparsaError] | None] = None  # raised for an op it cannot lower (default UnsupportedOp)
     # passes the backend runs on whatever function it is given (a user's pipeline may leave them out)
     LEGALIZE: ClassVar[str] = ""
 
