@@ -172,9 +172,15 @@ class Importer:
         return self.splat(value, dtype, ())
 
     def splat(self, value: Any, dtype: str, shape: tuple) -> Value:
-        """A tensor of `shape` (ints or symbolic dims) holding `value` as `dtype`."""
+        """A tensor of `shape` (ints or symbolic dims) holding `value` as `dtype`; a symbolic value (a SymInt:
+        flex_attention's block count under dynamic shapes) is counted at run time, as a sum of that many ones."""
+        dims = tuple(as_dim(d) for d in shape)
+        if isinstance(value, str):
+            ones = self.emit(T.ConstantOp, value=1, result_types=[TensorType("i64", (as_dim(value),))])
+            n = self.cast(self.emit(R.SumOp, ones, axes=(0,)), dtype)
+            return n if not dims else self.emit(S.BroadcastToOp, n, shape=dims)
         value = bool(value) if dtype == "i1" else float(value) if is_float(dtype) else int(value)
-        return self.emit(T.ConstantOp, value=value, result_types=[TensorType(dtype, tuple(as_dim(d) for d in shape))])
+        return self.emit(T.ConstantOp, value=value, result_types=[TensorType(dtype, dims)])
 
     def operands(self, a: Any, b: Any) -> tuple[Value, Value]:
         """Two operands of a binary op with torch's type promotion (Python scalars take the tensor's kind)."""

@@ -451,3 +451,27 @@ def test_training_graphs_compile_without_the_boxed_arguments_warning(recwarn):
     torch.compile(model, backend="sparsa", options={"target": "reference"})(x).sum().backward()
     assert x.grad is not None
     assert not [w for w in recwarn if "boxed arguments" in str(w.message)]
+
+
+def test_flex_attention_at_new_shapes_is_no_hard_error():
+    """A flex_attention module recompiled for a new batch and length (Dynamo then makes the sizes symbolic) ran
+    into `int('((s0+127)//128)')` on the block count: a symbolic scalar is now counted at run time, and what
+    Sparsa cannot take stays in PyTorch, with its reason in sparsa.report()."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import sparsa
+
+    def causal(b, h, q, k):
+        return k <= q
+
+    class Causal(torch.nn.Module):
+        def forward(self, q, k, v):
+            S = q.shape[2]
+            return flex_attention(q, k, v, block_mask=create_block_mask(causal, None, None, S, S, device="cpu"))
+
+    model = Causal()
+    compiled = torch.compile(model, backend="sparsa")
+    for B, S in ((1, 64), (2, 96), (1, 130)):
+        q, k, v = (torch.randn(B, 2, S, 16) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-4, atol=1e-5)
+    assert all(why for (_, why) in sparsa.report().fallbacks)
