@@ -84,10 +84,19 @@ class CompileReport:
         for g in self.graphs:
             lines.append(f"graph {g.index}:")
             lines += [f"  {p.name}: {p.target} ({sum(p.ops.values())} ops: "
-                      f"{', '.join(f'{n} x{c}' for n, c in p.ops.most_common(4))})" for p in g.partitions]
+                      f"{', '.join(f'{n} x{c}' for n, c in _first(p.ops)[:5])})" for p in g.partitions]
             lines += [f"  kept in PyTorch: {name}: {why}" for name, why in g.kept]
             lines += [f"  falls back: {op} x{n}: {why}" for (op, why), n in g.fallbacks.most_common()]
         return "\n".join(lines)
+
+
+def _first(ops: Counter[str]) -> list[tuple[str, int]]:
+    """A partition's ops, the sparse and dense-matmul ones (what it is compiled for) before the rest."""
+    def key(item: tuple[str, int]) -> tuple[bool, int]:
+        name, count = item
+        return (not (name.split(".")[0] in ("attn", "moe", "scan", "sparse") or name == "tensor.matmul"), -count)
+
+    return sorted(ops.items(), key=key)
 
 
 REPORT = CompileReport()  # the process's record, read by `sparsa.report()`
