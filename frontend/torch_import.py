@@ -438,6 +438,18 @@ def _arange_start(im: Importer, node: Any, start: Any, end: Any, step: Any = 1, 
     return base if start == 0 else im.emit(T.AddOp, base, im.const(start, base.type.dtype))
 
 
+def _same_sizes(im: Importer, x: Value, like: Value, axes: tuple[int, ...]) -> Value:
+    """x with like's sizes on `axes` where they differ only by name: attention needs k's batch to be q's and v's
+    batch, heads and length to be k's, which torch checks at run time but Dynamo may give separate symbols
+    (flex_attention at a new shape). A reshape, which checks the sizes at run time too."""
+    shape = list(x.type.shape)
+    for a in axes:
+        want = like.type.shape[a]
+        if shape[a] != want and not (isinstance(shape[a], int) and isinstance(want, int)):
+            shape[a] = want
+    return x if tuple(shape) == x.type.shape else im.emit(S.ReshapeOp, x, shape=tuple(shape))
+
+
 def _scalar_tensor(im: Importer, node: Any, value: Any, dtype: Any = None) -> Value:
     return im.const(value, torch_dtype(dtype) if dtype is not None else "f32")
 
@@ -491,6 +503,7 @@ def _flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score
         mask = im.region_from_graph(mask_gm, [idx] * 4, names, [im.tensor(b) for b in mask_bufs], "mask_mod")
     if kernel_options and any(kernel_options.get(o) for o in ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")):
         raise Unsupported("flex_attention returning its log-sum-exp")
+    k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
     out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, score], scale=float(scale))
     return (out, None, None)
 
@@ -582,6 +595,7 @@ def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **k
                 value = block.append(T.NotOp.build(value)).result
         block.append(YieldOp.build([value]))
         mask = Region([block])
+    k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
     out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, Region()], scale=float(scale))
     return (out, None)
 

@@ -453,10 +453,11 @@ def test_training_graphs_compile_without_the_boxed_arguments_warning(recwarn):
     assert not [w for w in recwarn if "boxed arguments" in str(w.message)]
 
 
-def test_flex_attention_at_new_shapes_is_no_hard_error():
+def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention():
     """A flex_attention module recompiled for a new batch and length (Dynamo then makes the sizes symbolic) ran
-    into `int('((s0+127)//128)')` on the block count: a symbolic scalar is now counted at run time, and what
-    Sparsa cannot take stays in PyTorch, with its reason in sparsa.report()."""
+    into `int('((s0+127)//128)')` on the block count (a symbolic scalar is now counted at run time), and then
+    its k and v got length symbols of their own, which the attention op refused (they are unified by a reshape
+    checked at run time): every shape now runs Sparsa's attention, nothing falls back."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     import sparsa
@@ -469,9 +470,12 @@ def test_flex_attention_at_new_shapes_is_no_hard_error():
             S = q.shape[2]
             return flex_attention(q, k, v, block_mask=create_block_mask(causal, None, None, S, S, device="cpu"))
 
+    sparsa.report().clear()
     model = Causal()
     compiled = torch.compile(model, backend="sparsa")
     for B, S in ((1, 64), (2, 96), (1, 130)):
         q, k, v = (torch.randn(B, 2, S, 16) for _ in range(3))
         torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-4, atol=1e-5)
-    assert all(why for (_, why) in sparsa.report().fallbacks)
+    report = sparsa.report()
+    assert len(report.graphs) == 3 and not report.fallbacks, str(report)
+    assert all(any(p.ops["attn.attention"] for p in g.partitions) for g in report.graphs)
