@@ -111,7 +111,7 @@ def test_deepseek_v3_group_routing_and_latent_attention_in_one_partition():
     assert backend.stats["partitions compiled"] == 1
 
 
-@pytest.mark.parametrize("make", [llama, deepseek_v3])
+@pytest.mark.parametrize("make", [llama, deepseek_v3, qwen2_moe])
 def test_models_compile_whole_under_dynamic_true(make):
     """dynamic=True: float attributes come in as 0-d float64 inputs cast by prims.convert_element_type, and
     DeepSeek's view of [tokens, experts] as [-1, groups, experts per group] keeps its symbolic token count;
