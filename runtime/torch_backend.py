@@ -93,11 +93,12 @@ class SparsaBackend:
         from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
-        devices = self.devices
+        devices, target = self.devices, self.target
 
         class Support(OperatorSupportBase):
             def is_node_supported(self, submodules: Any, node: Any) -> bool:
-                return node.op == "call_function" and node.target in SUPPORTED and _types_ok(node, devices)
+                return node.op == "call_function" and node.target in SUPPORTED and \
+                    _type_problem(node, devices, target) is None
 
         partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
@@ -155,10 +156,9 @@ class SparsaBackend:
         self.stats["fallback nodes"] += 1
 
 
-def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
-    """Why an ATen node was not given to Sparsa."""
-    if node.target not in SUPPORTED:
-        return "no import into Sparsa's IR for this op"
+def _type_problem(node: Any, devices: tuple[str, ...], target: str) -> str | None:
+    """Why a node's values keep it from Sparsa (an element type not imported, a device the target does not run
+    on), or None."""
     vals = node.meta.get("val")
     for v in vals if isinstance(vals, tuple | list) else [vals]:
         if hasattr(v, "dtype"):
@@ -168,21 +168,14 @@ def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
                 return f"element type {v.dtype} is not imported"
             if v.device.type not in devices:
                 return f"tensors on {v.device.type}, where target '{target}' does not run"
-    return "not in a partition"
+    return None
 
 
-def _types_ok(node: Any, devices: tuple[str, ...]) -> bool:
-    vals = node.meta.get("val")
-    vals = vals if isinstance(vals, tuple | list) else [vals]
-    try:
-        for v in vals:
-            if hasattr(v, "dtype"):
-                torch_dtype(v.dtype)
-                if v.device.type not in devices:
-                    return False
-    except Unsupported:
-        return False
-    return True
+def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
+    """Why an ATen node was not given to Sparsa."""
+    if node.target not in SUPPORTED:
+        return "no import into Sparsa's IR for this op"
+    return _type_problem(node, devices, target) or "not in a partition"
 
 
 class CompiledPartition(torch.nn.Module):

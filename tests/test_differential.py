@@ -69,14 +69,6 @@ def moe_programs(draw):
     return src, [x]
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@FUZZ
-@given(program=moe_programs())
-def test_moe_programs(target, program):
-    _target(target)
-    _compare(*program, target)
-
-
 # ---- attention --------------------------------------------------------------------------------------------
 MASKS = ["k <= q", "q - k < {w}", "abs(q - k) <= {w}", "doc[q] == doc[k]", "k < {p} or q < {p}", "k % 3 != 1"]
 SCORES = [None, "{c} * tanh(s / {c})", "s - 0.25 * abs(q - k)", "s * 0.5"]
@@ -105,14 +97,6 @@ def attention_programs(draw):
     if uses_doc:
         inputs.append(np.sort(rng.integers(0, 4, S)).astype(np.int64))
     return src, inputs
-
-
-@pytest.mark.parametrize("target", TARGETS)
-@FUZZ
-@given(program=attention_programs())
-def test_attention_programs(target, program):
-    _target(target)
-    _compare(*program, target)
 
 
 # ---- scans -------------------------------------------------------------------------------------------------
@@ -150,12 +134,16 @@ def scan_programs(draw):
     return src, inputs
 
 
+FAMILIES = {"moe": moe_programs, "attention": attention_programs, "scan": scan_programs}
+
+
 @pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @FUZZ
-@given(program=scan_programs())
-def test_scan_programs(target, program):
+@given(data=st.data())
+def test_programs(family, target, data):
     _target(target)
-    _compare(*program, target)
+    _compare(*data.draw(FAMILIES[family]()), target)
 
 
 def test_exact_capacity_limits_are_among_the_programs():

@@ -19,3 +19,12 @@ def available() -> bool:
 
 class CpuLoweringError(UnsupportedOp):
     """An op the cpu backend cannot lower."""
+
+
+def refused_dtype(op: object) -> str | None:
+    """Why the cpu target refuses op for its element types (None: it does not): the kernels are float32 and
+    integer."""
+    half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
+    if half:
+        return f"its kernels are float32 and integer, not {half.pop()}: cast to f32 or use the triton target"
+    return None

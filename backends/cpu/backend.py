@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sparsa.backends.base import Backend, Executable
-from sparsa.backends.cpu import CpuLoweringError, available
+from sparsa.backends.cpu import CpuLoweringError, available, refused_dtype
 from sparsa.ir.core import Operation
 from sparsa.passes.pipelines import sparse_pipeline
 
@@ -37,10 +37,7 @@ class CpuBackend(Backend):
         return KERNELS.find(op) or LOWERINGS.find(op)
 
     def supports(self, op: Operation) -> str | None:
-        half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
-        if half:
-            return f"its kernels are float32 and integer, not {half.pop()}: cast to f32 or use the triton target"
-        return super().supports(op)
+        return refused_dtype(op) or super().supports(op)
 
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
         """Kernels built and compiled to native code now; `options["constant_args"]`: inputs the caller keeps

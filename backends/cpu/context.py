@@ -25,7 +25,7 @@ from typing import Any
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf, tensor
 
-from sparsa.backends.cpu import CpuLoweringError
+from sparsa.backends.cpu import CpuLoweringError, refused_dtype
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.table import LoweringTable
@@ -120,10 +120,9 @@ class KernelContext:
     def kernel(self, op: Operation) -> Kernel | None:
         """The kernel computing `op`, or None for an op the host runs (CpuLoweringError, naming the op and its
         line, if there is neither)."""
-        half = {v.type.dtype for v in list(op.operands) + list(op.results)} & {"f16", "bf16"}
-        if half:
-            raise CpuLoweringError(f"'{op.NAME}' on {half.pop()} is not supported by the cpu backend yet (its "
-                                   "kernels are float32; cast to f32 or use the triton target)", op.loc)
+        why = refused_dtype(op)
+        if why:
+            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend ({why})", op.loc)
         rule = KERNELS.find(op)
         if rule is host:
             return None
