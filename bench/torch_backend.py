@@ -94,14 +94,16 @@ def case(name: str, make: Callable[[], torch.nn.Module], inputs: list[torch.Tens
         eager = make().to(args.device).eval()
         want = eager(*inputs)
         row["eager_ms"] = median_ms(lambda: eager(*inputs), args.runs, args.device)
-        variants = {"inductor": (eager, "inductor", None), "sparsa": (eager, None, {})}
+        variants = {"inductor": (eager, "inductor", None), "sparsa": (eager, None, {}),
+                    "sparsa_freezing": (eager, None, {"freezing": True})}  # parameter-derived results kept
         if args.device == "cuda":  # kernels replayed from CUDA graphs (Inductor's counterpart: reduce-overhead)
             variants["inductor_graphs"] = (eager, "inductor", "reduce-overhead")
             variants["sparsa_graphs"] = (eager, None, {"cuda_graphs": True})
         if swap:  # the same weights, the MoE block replaced by a Sparsa-compiled one before torch.compile
-            swapped = make().to(args.device).eval()
-            swapped.load_state_dict(eager.state_dict())
-            variants["sparsa_swapped"] = (_swapped_root(swapped), None, {})
+            for label, freezing in (("sparsa_swapped", False), ("sparsa_swapped_freezing", True)):
+                swapped = make().to(args.device).eval()
+                swapped.load_state_dict(eager.state_dict())
+                variants[label] = (_swapped_root(swapped, freezing), None, {})
         for label, (module, backend_name, kind) in variants.items():
             torch._dynamo.reset()
             backend = backend_name
@@ -138,9 +140,9 @@ class _Holder(torch.nn.Module):
         return self.block(x)
 
 
-def _swapped_root(module: torch.nn.Module) -> torch.nn.Module:
+def _swapped_root(module: torch.nn.Module, freezing: bool) -> torch.nn.Module:
     holder = _Holder(module)
-    swap_moe_blocks(holder)
+    swap_moe_blocks(holder, freezing=freezing)
     return holder
 
 

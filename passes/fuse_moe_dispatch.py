@@ -6,7 +6,9 @@
           ({ a, b -> silu(a) * b })                    #   shares one read; elementwise work in the epilogue
     y  = moe.grouped_matmul_combine(h1, perm, offsets, W2, gates)   # last matmul + gates * row scatter-add
 
-The expert body must be a chain of stages: matmuls of the stage input by expert weights `W[e]`, then
+The expert body must be a chain of stages: matmuls of the stage input by expert weights `W[e]` (or slices
+and transposes of it, `W[e][:F].T` for weights stored [E, N, K]: the same views of all experts are taken
+in front of the dispatch, where the backends see them), then
 elementwise ops (the epilogue) that give the next stage's input; the last stage ends in one matmul whose
 epilogue gives the body's value. A body of another shape stays a `moe.moe` and runs as written.
 """
@@ -33,16 +35,43 @@ class NotFusable(Exception):
 @dataclass
 class Stage:
     matmuls: list[Operation]                  # matmul(stage input, W[e]) in body order
-    weights: list[Value]                      # the [E, K, N] weights they index by e
+    weights: list[ExpertWeight]               # the [E, K, N] weights they index by e
     epilogue: list[Operation] = field(default_factory=list)
     output: Value | None = None
 
 
-def _expert_weight(v: Value, e: Value) -> Value | None:
-    """W if v = W[e] (a gather of a 3-D tensor from outside the body by the expert number)."""
+@dataclass
+class ExpertWeight:
+    """A body value that is expert e's slice of an outside [E, ...] tensor, seen through views: W[e], or
+    W[e][a:b].T as weights stored [E, N, K] (PyTorch's layout) are written."""
+
+    base: Value                                     # W, defined outside the body
+    views: list[Operation]                          # slices and transposes applied to W[e], in order
+
+    def hoist(self, before: Operation, rewriter: Rewriter) -> Value:
+        """The same views of every expert at once, built before `before`: an [E, K, N] value."""
+        w = self.base
+        for view in self.views:
+            if isinstance(view, S.SliceOp):
+                new = S.SliceOp.build(w, starts=[0, *view.starts], stops=[None, *view.stops],
+                                      steps=[1, *view.steps], loc=view.loc)
+            else:
+                new = S.TransposeOp.build(w, perm=[0, *(p + 1 for p in view.perm)], loc=view.loc)
+            rewriter.insert_before(before, new)
+            w = new.result
+        return w
+
+
+def _expert_weight(v: Value, e: Value) -> ExpertWeight | None:
+    """v as W[e] of a 3-D W from outside the body (a gather by the expert number), through slices and
+    transposes of it; None for any other value."""
+    views: list[Operation] = []
     op = v.defining_op
+    while isinstance(op, S.SliceOp | S.TransposeOp):
+        views.insert(0, op)
+        op = op.x.defining_op
     if isinstance(op, S.GatherOp) and len(op.indices) == 1 and op.indices[0] is e and op.x.type.rank == 3:
-        return op.x
+        return ExpertWeight(op.x, views)
     return None
 
 
@@ -140,11 +169,12 @@ class FuseDispatch(RewritePattern):
         rows = op.x
         for i, stage in enumerate(stages):
             region = _epilogue(stage)
+            weights = [w.hoist(dispatch, rewriter) for w in stage.weights]
             if i == len(stages) - 1:
-                new = GroupedMatmulCombineOp.build(rows, perm, offsets, stage.weights[0], op.gates, regions=[region],
+                new = GroupedMatmulCombineOp.build(rows, perm, offsets, weights[0], op.gates, regions=[region],
                                                    topk=k, gather=i == 0, loc=stage.matmuls[0].loc)
             else:
-                new = GroupedMatmulOp.build(rows, perm, offsets, stage.weights, regions=[region], topk=k,
+                new = GroupedMatmulOp.build(rows, perm, offsets, weights, regions=[region], topk=k,
                                             gather=i == 0, loc=stage.matmuls[0].loc)
             rewriter.insert_before(op, new)
             rows = new.result

@@ -57,8 +57,9 @@ class SparsaBackend:
         self.options = dict(options or {})
         self.target = self.options.get("target", backends.AUTO)
         self.devices = backends.devices(self.target)  # an unknown target: SparsaError listing the known ones
-        if not isinstance(self.options.get("cuda_graphs", False), bool):
-            raise SparsaError(f"the cuda_graphs option is true or false, got {self.options['cuda_graphs']!r}")
+        for flag in ("cuda_graphs", "freezing"):
+            if not isinstance(self.options.get(flag, False), bool):
+                raise SparsaError(f"the {flag} option is true or false, got {self.options[flag]!r}")
         if self.options.get("partitions", "worthwhile") not in ("worthwhile", "all"):
             raise SparsaError(f"unknown partitions option '{self.options['partitions']}' (worthwhile or all)")
         self.stats: Counter[str] = Counter()
@@ -202,6 +203,9 @@ class CompiledPartition(torch.nn.Module):
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
                 op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME == "tensor.matmul" for op in self.func.walk()):
             raise NothingToGain("only pointwise, view and reduction ops")
+        # Freezing (opt-in, as Inductor's): parameters are taken as constants, and what only they feed is kept
+        # between calls. Without it a parameter is an input like any other, read afresh at each call.
+        self.freezing = backend.options.get("freezing", False)
         self.cache: dict = {}
         self.constants_seen: tuple = ()
         self.builds: dict[frozenset[int], Any] = {}  # by the inputs that are parameters
@@ -215,12 +219,14 @@ class CompiledPartition(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         tensors = [args[i] for i in self.tensor_pos]
-        # The module's parameters (AOTAutograd passes them as inputs): what only they feed (weight
-        # transposes, say) is computed once and kept while the same tensors at the same version come in.
-        constant = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
+        # With freezing, the module's parameters (AOTAutograd passes them as inputs): what only they feed
+        # (weight transposes, packed panels) is computed once and kept while the same tensors at the same
+        # version come in. Writes through `.data` do not change the version, which is why it is opt-in.
+        params = frozenset(j for j, t in enumerate(tensors) if isinstance(t, torch.nn.Parameter))
+        constant = params if self.freezing else frozenset()
         if self.backend.INPUTS == "any":  # torch tensors in, torch tensors out, on their device
-            if self.graphs is not None and all(t.is_cuda for t in tensors):
-                outs = tuple(self.graphs(tensors, self.cache, constant))
+            if self.graphs is not None and all(t.is_cuda for t in tensors):  # parameters read in place
+                outs = tuple(self.graphs(tensors, self.cache, params))
             else:
                 outs = tuple(self.native(tensors, None, self.cache))
             return outs if self.tuple_output else outs[0]

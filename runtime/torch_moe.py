@@ -9,11 +9,15 @@ each with a module that runs the whole block (router, dispatch, grouped GEMMs, c
 Sparsa model: `triton` on CUDA tensors, `cpu` on float32 CPU tensors where torch-mlir is installed,
 `reference` otherwise (or the `target` given). Inference only. The swapped module keeps the block's `gate` and
 `experts` under their names, so the model's state_dict keys do not change and `load_state_dict` of the original
-checkpoint works; the parameters stay the one source of truth: the compiled model reads them again whenever
-one of them is another tensor or was updated in place (its version counter: `load_state_dict`, `copy_`, an
-optimizer step). Writes through `.data` do not count as updates in PyTorch; call `refresh()` after those. Use
-it before `torch.compile`; Dynamo leaves the swapped blocks alone (they run as Sparsa calls) and compiles the
-rest.
+checkpoint works.
+
+The parameters stay the one source of truth. By default the compiled model takes them as inputs at every
+call, in PyTorch's own layout ([E, N, K]: the grouped GEMMs' weights are packed from them as they are read),
+so any write is seen, writes through `.data` included. `freezing=True` (as Inductor's freezing) loads them
+into the compiled model as constants instead, kept while the parameters are the same tensors at the same
+version (`load_state_dict`, `copy_` and optimizer steps make a new version; writes through `.data` do not:
+call `refresh()` after those). Use it before `torch.compile`; Dynamo leaves the swapped blocks alone (they run
+as Sparsa calls) and compiles the rest.
 """
 
 from __future__ import annotations
@@ -26,18 +30,17 @@ from sparsa.backends import base as backends
 from sparsa.ir.diagnostics import SparsaError
 
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}
+# transformers' layout: gate.weight [E, D], experts.gate_up_proj [E, 2F, D], experts.down_proj [E, D, F];
+# the weights are the model's inputs (read at every call) or, with freezing, its parameters
 MOE_SOURCE = """
-model MoE(x: {dt}[T, {D}]) -> {dt}[T, {D}] {{
-    param gate: {dt}[{D}, {E}]
-    param w_gate: {dt}[{E}, {D}, {F}]
-    param w_up: {dt}[{E}, {D}, {F}]
-    param w_down: {dt}[{E}, {F}, {D}]
-    p = softmax(x @ gate)
+model MoE(x: {dt}[T, {D}]{inputs}) -> {dt}[T, {D}] {{
+{params}    p = softmax(x @ gate.T)
     w, idx = topk(p, k={K})
     {renorm}
-    return moe(x, idx, w) |e, h| {{ (silu(h @ w_gate[e]) * (h @ w_up[e])) @ w_down[e] }}
+    return moe(x, idx, w) |e, h| {{ (silu(h @ w_gate_up[e][:{F}].T) * (h @ w_gate_up[e][{F}:].T)) @ w_down[e].T }}
 }}
 """
+WEIGHTS = (("gate", "[{E}, {D}]"), ("w_gate_up", "[{E}, {F2}, {D}]"), ("w_down", "[{E}, {D}, {F}]"))
 
 
 def known_moe_block(module: torch.nn.Module) -> bool:
@@ -58,11 +61,12 @@ def known_moe_block(module: torch.nn.Module) -> bool:
 class SparsaMoEBlock(torch.nn.Module):
     """A known MoE block run as one compiled Sparsa model (its weights stay the original parameters)."""
 
-    def __init__(self, block: torch.nn.Module, target: str = "auto"):
+    def __init__(self, block: torch.nn.Module, target: str = "auto", freezing: bool = False):
         super().__init__()
         # the block's own children, under their names: state_dict keys, .to(device) and loading keep working
         self.gate, self.experts = block.gate, block.experts
         self.target = target
+        self.freezing = freezing
         self._models: dict[tuple, Any] = {}
         self._seen: dict[tuple, tuple] = {}  # per compiled model: the parameters it last read
 
@@ -70,20 +74,26 @@ class SparsaMoEBlock(torch.nn.Module):
         return self.gate.weight, self.experts.gate_up_proj, self.experts.down_proj
 
     def refresh(self) -> None:
-        """Read the parameters again at the next call (after writes through `.data`, which PyTorch does not
-        count as updates)."""
+        """With freezing: read the parameters again at the next call (after writes through `.data`, which
+        PyTorch does not count as updates). Without it they are read at every call anyway."""
         self._seen.clear()
 
     def source(self, dtype: torch.dtype) -> str:
         """The `.sp` model this block compiles to."""
         gate, experts = self.gate, self.experts
         E, D = gate.weight.shape
+        F = experts.down_proj.shape[2]
+        dt = _DTYPES[dtype]
+        decls = [(name, f"{dt}{shape.format(E=E, D=D, F=F, F2=2 * F)}") for name, shape in WEIGHTS]
+        inputs = "" if self.freezing else "".join(f", {name}: {t}" for name, t in decls)
+        params = "".join(f"    param {name}: {t}\n" for name, t in decls) if self.freezing else ""
         renorm = getattr(gate, "norm_topk_prob", True)
-        return MOE_SOURCE.format(dt=_DTYPES[dtype], D=D, E=E, F=experts.down_proj.shape[2], K=gate.top_k,
+        return MOE_SOURCE.format(dt=dt, D=D, F=F, K=gate.top_k, inputs=inputs, params=params,
                                  renorm="w = w / sum(w, axis=-1, keepdim=true)" if renorm else "")
 
     def compiled(self, x: torch.Tensor) -> Any:
-        """The compiled model for x's device and dtype, its weights read from the block's parameters."""
+        """The compiled model for x's device and dtype (with freezing, its weights read from the block's
+        parameters when they changed)."""
         import sparsa
 
         if x.dtype not in _DTYPES:
@@ -95,35 +105,36 @@ class SparsaMoEBlock(torch.nn.Module):
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
             self._models[key] = sparsa.compile(self.source(x.dtype), target=target)
-        seen = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
-        if self._seen.get(key) != seen:  # first call, or a parameter changed: read them (again)
-            gate, experts = self.gate, self.experts
-            F = experts.down_proj.shape[2]
-            with torch.no_grad():
-                gu = experts.gate_up_proj.detach().float().cpu()
-                weights = {"gate": gate.weight.detach().float().cpu().T, "w_gate": gu[:, :F, :].transpose(1, 2),
-                           "w_up": gu[:, F:, :].transpose(1, 2),
-                           "w_down": experts.down_proj.detach().float().cpu().transpose(1, 2)}
-            self._models[key].load_weights({k: v.contiguous().numpy() for k, v in weights.items()})
-            self._seen[key] = seen
+        if self.freezing:
+            seen = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
+            if self._seen.get(key) != seen:  # first call, or a parameter changed: read them (again)
+                self._models[key].load_weights(dict(zip((name for name, _ in WEIGHTS), self._weights(x),
+                                                        strict=True)))
+                self._seen[key] = seen
         return self._models[key]
+
+    def _weights(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The parameters as the compiled model takes them: detached, in x's dtype and on its device."""
+        return [p.detach().to(device=x.device, dtype=x.dtype) for p in self._params()]
 
     @torch._dynamo.disable
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        y = self.compiled(x)(x)
+        model = self.compiled(x)
+        y = model(x) if self.freezing else model(x, *self._weights(x))
         return y.to(hidden_states.dtype).reshape(shape)
 
 
-def swap_moe_blocks(model: torch.nn.Module, target: str = "auto") -> list[str]:
-    """Replace every known MoE block of `model` in place; returns the names of the blocks replaced."""
+def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool = False) -> list[str]:
+    """Replace every known MoE block of `model` in place; returns the names of the blocks replaced.
+    `freezing`: load the parameters into the compiled blocks as constants (see the module docstring)."""
     swapped = []
     for name, module in list(model.named_modules()):
         if not name or not known_moe_block(module):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparsaMoEBlock(module, target))
+        setattr(parent, child, SparsaMoEBlock(module, target, freezing))
         swapped.append(name)
     return swapped

@@ -61,12 +61,23 @@ def moe_programs(draw):
     exact = [c / (T * K) * E for c in range(1, 4) if c / (T * K) * E > 0.05]
     capacity = draw(st.none() | st.sampled_from([0.5, 1.0, 1.1, 1.25, 2.0, *exact]))
     cap = "" if capacity is None else f", capacity={capacity!r}"
-    src = (f"model M(x: f32[T, {D}]) -> f32[T, {D}] {{\n    param gate: f32[{D}, {E}]\n"
-           f"    param w1: f32[{E}, {D}, {F}]\n    param w2: f32[{E}, {F}, {D}]\n"
+    # expert weights stored [E, K, N], or [E, N, K] as PyTorch stores them (read through .T), as parameters
+    # or as inputs (what the torch backend and swapped blocks pass: packed at each call on cpu)
+    layout = draw(st.sampled_from(["kn", "nk", "nk-inputs"]))
+    if layout == "kn":
+        weights, body = (f"f32[{E}, {D}, {F}]", f"f32[{E}, {F}, {D}]"), "silu(h @ w1[e]) @ w2[e]"
+    else:
+        weights, body = (f"f32[{E}, {F}, {D}]", f"f32[{E}, {D}, {F}]"), "silu(h @ w1[e].T) @ w2[e].T"
+    inputs = f", w1: {weights[0]}, w2: {weights[1]}" if layout == "nk-inputs" else ""
+    params = "" if inputs else f"    param w1: {weights[0]}\n    param w2: {weights[1]}\n"
+    src = (f"model M(x: f32[T, {D}]{inputs}) -> f32[T, {D}] {{\n    param gate: f32[{D}, {E}]\n{params}"
            f"    {ROUTERS[router].format(K=K)}\n"
-           f"    return moe(x, idx, w{cap}) |e, h| {{ silu(h @ w1[e]) @ w2[e] }}\n}}\n")
-    x = np.random.default_rng(draw(st.integers(0, 999))).standard_normal((T, D)).astype(np.float32)
-    return src, [x]
+           f"    return moe(x, idx, w{cap}) |e, h| {{ {body} }}\n}}\n")
+    rng = np.random.default_rng(draw(st.integers(0, 999)))
+    x = rng.standard_normal((T, D)).astype(np.float32)
+    extra = [(rng.standard_normal((E, F, D)) / D**0.5).astype(np.float32),
+             (rng.standard_normal((E, D, F)) / F**0.5).astype(np.float32)] if inputs else []
+    return src, [x, *extra]
 
 
 # ---- attention --------------------------------------------------------------------------------------------

@@ -26,6 +26,8 @@ BODIES = {
     "swiglu": "(silu(h @ w1[e]) * (h @ w3[e])) @ w2[e]",
     "relu": "relu(h @ w1[e]) @ w2[e]",
     "chain": "tanh((h @ w1[e]) @ w2[e] * 0.5)",
+    "transposed": "silu(h @ w2[e].T) @ w1[e].T",  # weights stored [E, N, K], as PyTorch's are
+    "sliced": "(relu(h @ w1[e][:, 1:4]) * (h @ w3[e][:, :3].T.T)) @ w2[e][1:4]",
 }
 
 

@@ -382,13 +382,61 @@ def test_mask_of_rank_four_as_input(target):
 
 
 @pytest.mark.parametrize("target", ["cpu", "reference"])
-def test_parameters_feed_cached_results_until_they_change(target):
-    """A parameter's transpose (what only parameters feed) is computed once and reused; an in-place update
-    of the parameter (a new version) or new parameter tensors recompute it."""
+def test_parameters_are_read_at_every_call_writes_through_data_included(target):
+    """Without freezing, a parameter is an input like any other: writes through `.data` (which PyTorch does
+    not count as a new version; EMA and init code use them) are seen at the next call."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(), torch.nn.Linear(24, 8)).eval()
+    backend = SparsaBackend({"target": target})
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend=backend)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        version = model[0].weight._version
+        model[0].weight.data.mul_(2.0)
+        model[2].weight.data.copy_(torch.randn(8, 24))
+        assert model[0].weight._version == version  # PyTorch does not see it as an update
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        assert not backend.partitions[0].cache  # nothing derived from the parameters is kept
+
+
+def test_moe_expert_weights_written_through_data_are_seen_without_freezing():
+    """transformers' grouped_mm MoE block: its expert weights reach the grouped GEMMs transposed; the cpu target
+    packs them from the parameters at each call, so a write through `.data` is seen at the next call."""
+    pytest.importorskip("torch_mlir")
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 40, 32)
+    backend = SparsaBackend({"target": "cpu"})
+    with torch.no_grad():
+        compiled = torch.compile(block, backend=backend)
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-4)
+        assert backend.stats["moe blocks recognized"] == 1
+        kernels = backend.partitions[0].native.kernels.values()
+        assert any(k.repacked for k in kernels)  # packed from the parameters, at each call
+        block.experts.gate_up_proj.data.mul_(-1.5)
+        block.experts.down_proj.data.copy_(torch.randn_like(block.experts.down_proj))
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["cpu", "reference"])
+def test_with_freezing_parameters_feed_cached_results_until_they_change(target):
+    """With freezing, a parameter's transpose (what only parameters feed) is computed once and reused; an
+    in-place update of the parameter (a new version) or new parameter tensors recompute it."""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
     model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.SiLU(), torch.nn.Linear(24, 8)).eval()
-    backend = SparsaBackend({"target": target})
+    backend = SparsaBackend({"target": target, "freezing": True})
     x = torch.randn(5, 16)
     with torch.no_grad():
         compiled = torch.compile(model, backend=backend)

@@ -155,7 +155,7 @@ def test_swapped_moe_blocks_match_eager(make):
     backend = run(model, ids)  # the rest of the model through the backend; the blocks run as Sparsa calls
     assert not backend.fallbacks
     src = model.get_submodule(names[0]).source(torch.float32)
-    assert "moe(x, idx, w)" in src and "silu(h @ w_gate[e])" in src
+    assert "moe(x, idx, w)" in src and "silu(h @ w_gate_up[e][:" in src and "param" not in src
     if cpu_available():  # float32 on CPU: the swapped blocks run natively
         assert {key[0] for key in model.get_submodule(names[0])._models} == {"cpu"}
 
@@ -186,6 +186,34 @@ def test_swapped_blocks_keep_the_parameters_names_and_read_them_after_a_load():
             if ".mlp.experts." in name:
                 p.mul_(1.5)
         torch.testing.assert_close(scaled, fresh(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+def test_swapped_blocks_see_writes_through_data(freezing):
+    """Without freezing the parameters are the compiled block's inputs: a write through `.data` (no new
+    version) is seen at the next call. With freezing they are loaded as constants: such a write is seen after
+    refresh(), an in-place update with a new version at once."""
+    torch.manual_seed(0)
+    model = mixtral().eval()
+    ids = torch.randint(0, 64, (2, 9))
+    reference = mixtral().eval()
+    reference.load_state_dict(model.state_dict())
+    names = swap_moe_blocks(model, freezing=freezing)
+    block = model.get_submodule(names[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+        router = torch.randn(4, 32)
+        for m in (model, reference):
+            m.get_submodule(names[0]).experts.down_proj.data.mul_(-2.0)
+            m.get_submodule(names[0]).gate.weight.data.copy_(router)
+        if freezing:
+            assert not torch.allclose(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+            block.refresh()
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+        for m in (model, reference):
+            m.get_submodule(names[0]).experts.gate_up_proj.mul_(0.5)  # a new version
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    assert ("param w_gate_up" in block.source(torch.float32)) == freezing
 
 
 def test_swapped_block_on_the_triton_target():

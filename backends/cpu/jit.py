@@ -4,6 +4,7 @@ C interface with NumPy arrays (memref descriptors written by `_packed_args`)."""
 from __future__ import annotations
 
 import ctypes
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -80,8 +81,9 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     module = ir.Module.create()
     builder = KernelContext(module, fixed)
     kernels = {}
+    views = moe.packed_transposes(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     for op in block.ops[:-1]:
-        k = builder.kernel(op) if id(op) not in weight_only else None
+        k = builder.kernel(op) if id(op) not in weight_only and id(op) not in views else None
         if k is not None:
             kernels[id(op)] = k
     return module, builder, kernels
@@ -124,6 +126,7 @@ class CpuFunction(Executable):
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
                 self.stages["llvm"] = str(module)
                 self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
+        self._scratch = threading.local()  # per calling thread: buffers reused from call to call
         packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self.entries = {k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
         if not self.cached and symbols:  # an engine without functions has no object code to dump (it crashes)
@@ -144,6 +147,15 @@ class CpuFunction(Executable):
         host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
         return [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
+
+    def scratch(self, key: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A buffer of this calling thread's, the same one at every call with the same key and shape (fresh
+        pages for a large array cost a fault each: 16 MB, about 4 ms). Its contents last until the next call."""
+        buffers = self._scratch.__dict__
+        buf = buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = buffers[key] = np.empty(shape, dtype)
+        return buf
 
     def call(self, k: Kernel, arrays: list[np.ndarray], part: int | None = None, parts: int | None = None) -> None:
         packed, _keep = _packed_args(arrays, () if part is None else (part, parts))

@@ -20,11 +20,12 @@ from sparsa.backends.cpu.context import (
 )
 from sparsa.backends.cpu.schedule import TILE_M
 from sparsa.backends.cpu.signature import Kernel
-from sparsa.backends.cpu.threads import num_threads
+from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
@@ -258,7 +259,7 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
             scf.YieldOp(list(steps.results))
         func.ReturnOp([])
     return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
-                  else [])
+                  else [], repacked=[3 + i for i, w in enumerate(weights) if panels and id(w) not in cx.fixed])
 
 
 def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
@@ -348,14 +349,37 @@ def scatter_add(cx: KernelContext, op: Operation, y: ir.Value, perm: ir.Value, s
 
 
 def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
-    """Whether a grouped GEMM can take its weights packed in panels: they are the same on every call (packed
-    once per loaded weights), with one output width, and the epilogue is elementwise (so it can run a panel
-    at a time)."""
-    if any(id(w) not in fixed for w in weights):
+    """Whether a grouped GEMM can take its weights packed in panels: each is the same on every call (packed
+    once per loaded weights) or a [0, 2, 1] transpose (packed at each call from the transpose's source, which
+    costs about a copy and replaces the transpose's own), with one output width, and the epilogue is
+    elementwise (so it can run a panel at a time)."""
+    if any(id(w) not in fixed and not _transposed(w) for w in weights):
         return False
     if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
         return False
     return all(isinstance(o, Elementwise | T.ConstantOp) or o.TERMINATOR for o in op.epilogue.block.ops)
+
+
+def _transposed(w: Value) -> bool:
+    """Whether w is its source with the last two axes swapped: a weight stored [E, N, K], as PyTorch's
+    Linear and transformers' expert weights are."""
+    owner = w.defining_op
+    return isinstance(owner, S.TransposeOp) and tuple(owner.perm) == (0, 2, 1)
+
+
+def packed_transposes(ops: list[Operation], fixed: set[int]) -> set[int]:
+    """The transposes the host leaves as NumPy views (no kernel, no copy): every use is a weight of a grouped
+    GEMM that takes it packed, and the host packs it from the transpose's source."""
+    packed: set[int] = set()  # the weight values that reach a kernel packed
+    for op in ops:
+        if isinstance(op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp):
+            weights = list(op.weights) if isinstance(op, M.GroupedMatmulOp) else [op.weight]
+            if _packable(op, weights, fixed):
+                packed |= {id(w) for w in weights}
+    return {id(op) for op in ops if isinstance(op, S.TransposeOp) and id(op.result) not in fixed and
+            _transposed(op.result) and op.result.uses and id(op.result) in packed and
+            all(isinstance(u.op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp) and u.index >= 3 and
+                not (isinstance(u.op, M.GroupedMatmulCombineOp) and u.index == 4) for u in op.result.uses)}
 
 
 def _claim(counter: ir.Value) -> ir.Value:
@@ -415,9 +439,13 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
     op = k.op
     weight_n = host.values[id(k.inputs[3])].shape[2]
     for i in k.panels:
+        if i in k.repacked:  # a weight that may change between calls: packed now, from what the host holds
+            w = host.values[id(k.inputs[i])]
+            ins[i] = pack_panels(w, fn.scratch((k.name, i), panels_shape(w.shape), w.dtype))
+            continue
         key = ("panels", id(k.inputs[i]))
         if key not in host.cache:
-            host.cache[key] = (pack_panels(np.asarray(host.values[id(k.inputs[i])], order="C")),)
+            host.cache[key] = (pack_panels(host.values[id(k.inputs[i])]),)
         ins[i] = host.cache[key][0]
     threads = num_threads()
     n = DETERMINISTIC_PARTS if deterministic() else threads  # slices: fixed, or one per thread
@@ -436,12 +464,30 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
     return [out]
 
 
-def pack_panels(w: np.ndarray) -> np.ndarray:
-    """[E, K, N] -> [E, ceil(N / PANEL), K, PANEL], zero-padded: each panel one contiguous [K, PANEL] block."""
+def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The packed shape of an [E, K, N] weight."""
+    E, K, N = shape
+    return E, -(-N // PANEL), K, PANEL
+
+
+def pack_panels(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[E, K, N] -> [E, ceil(N / PANEL), K, PANEL], zero-padded: each panel one contiguous [K, PANEL] block.
+    w may be a strided view; one stored [E, N, K] (a transpose's source) is read PANEL rows at a time,
+    runs of PANEL * K contiguous elements, near the speed of a copy."""
     E, K, N = w.shape
-    NP = -(-N // PANEL)
-    out = np.zeros((E, NP, K, PANEL), w.dtype)
-    for j in range(NP):
-        cols = w[:, :, j * PANEL:(j + 1) * PANEL]
-        out[:, j, :, :cols.shape[2]] = cols
+    full = N // PANEL
+    out = np.empty(panels_shape(w.shape), w.dtype) if out is None else out
+
+    def experts(lo: int, hi: int) -> None:
+        if w.strides[1] < w.strides[2]:  # stored [E, N, K]
+            src = w[lo:hi].transpose(0, 2, 1)
+            out[lo:hi, :full] = src[:, :full * PANEL].reshape(hi - lo, full, PANEL, K).transpose(0, 1, 3, 2)
+        else:
+            out[lo:hi, :full] = w[lo:hi, :, :full * PANEL].reshape(hi - lo, K, full, PANEL).transpose(0, 2, 1, 3)
+        if N % PANEL:  # the last panel's columns past N are zero
+            out[lo:hi, full] = 0
+            out[lo:hi, full, :, :N % PANEL] = w[lo:hi, :, full * PANEL:]
+
+    n = min(E, num_threads()) if w.size >= SPLIT_WORK else 1  # NumPy's copies let go of the GIL
+    together([lambda p=p: experts(E * p // n, E * (p + 1) // n) for p in range(n)])
     return out

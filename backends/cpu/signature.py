@@ -19,3 +19,4 @@ class Kernel:
     split: str = "none"  # "none", "parts" (takes part, parts) or "rows" (the host cuts dim 0)
     rows: list[bool] = field(default_factory=list)  # with "rows": which inputs are cut
     panels: list[int] = field(default_factory=list)  # inputs the host passes packed in panels (pack_panels)
+    repacked: list[int] = field(default_factory=list)  # of those, the ones packed at each call (not weights)
