@@ -158,8 +158,24 @@ def test_programs(family, target, data):
 
 
 def test_exact_capacity_limits_are_among_the_programs():
-    """The MoE strategy offers capacities whose limit is a whole number in real arithmetic (where rounding
-    order decided between targets)."""
-    T, K, E = 30, 2, 7
-    c = 2 / (T * K) * E
-    assert math.isclose(c * T * K / E, 2.0)
+    """The MoE strategy draws capacities whose limit is a whole number in real arithmetic and where the two
+    orders of rounding the targets once used, ceil(n * (capacity / E)) and ceil(capacity * n / E), disagree
+    (the trust issue's defect), and each weight layout."""
+    import re
+
+    from hypothesis import find
+
+    def disagreeing(program: tuple[str, list[np.ndarray]]) -> bool:
+        src, inputs = program
+        cap = re.search(r"capacity=([0-9.e-]+)", src)
+        if cap is None:
+            return False
+        capacity, n = float(cap.group(1)), inputs[0].shape[0] * int(re.search(r"k=(\d+)", src).group(1))
+        E = int(re.search(r"gate: f32\[\d+, (\d+)\]", src).group(1))
+        exact = math.isclose(capacity * n / E, round(capacity * n / E), rel_tol=1e-12)
+        return exact and math.ceil(n * (capacity / E)) != math.ceil(capacity * n / E)
+
+    quick = settings(max_examples=5000, database=None)
+    _compare(*find(moe_programs(), disagreeing, settings=quick), "reference")  # a program like any other
+    for layout in ("w1[e]) @", "w1[e].T", "w1: f32"):  # [E, K, N] and [E, N, K] parameters, [E, N, K] inputs
+        find(moe_programs(), lambda p, layout=layout: layout in p[0], settings=quick)
