@@ -7,6 +7,8 @@ symbolic dims, bound again from the input shapes at every call.
 
 from __future__ import annotations
 
+import contextvars
+
 import math
 import operator
 from collections.abc import Callable
@@ -37,11 +39,38 @@ def torch_dtype(dtype: Any) -> str:
     return table[dtype]
 
 
+# While a graph is imported: the symbolic sizes met so far, each class of sizes Dynamo's shape environment
+# proves equal written as its first member (a graph's inputs come first, so their sizes are the names).
+_SIZES: contextvars.ContextVar[list | None] = contextvars.ContextVar("sparsa_import_sizes", default=None)
+
+
+def _same_size(d: Any) -> Any:
+    """d's expression, or the first one met in this import that the shape environment proves equal to it
+    (under the graph's guards: a chunked scan's `2*((s-1)//2)+2` is `s` when s is even, as Dynamo guards)."""
+    import sympy
+
+    expr, env = d.node.expr, d.node.shape_env
+    met = _SIZES.get()
+    if met is None or isinstance(expr, sympy.Integer):
+        return expr
+    for other in met:
+        if other == expr:
+            return other
+        try:
+            same = env._maybe_evaluate_static(sympy.Eq(expr, other))
+        except Exception:  # noqa: BLE001 - an expression the environment cannot decide: not known equal
+            same = None
+        if same is not None and bool(same):
+            return other
+    met.append(expr)
+    return expr
+
+
 def as_dim(d: Any) -> Dim:
     """An int, or a SymInt / sympy expression as a symbolic dim expression."""
     if isinstance(d, int):
         return d
-    text = str(d.node.expr if hasattr(d, "node") else d).replace(" ", "")
+    text = str(_same_size(d) if hasattr(d, "node") else d).replace(" ", "")
     try:
         check_expr(text)
     except ValueError:
@@ -735,6 +764,16 @@ def _slices_back(node: Any, padded: Any, val: Any, dim: int) -> bool:
 def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = None) -> Importer:
     """Import an ATen FX graph made of SUPPORTED ops (raises Unsupported otherwise); the importer holds
     `module`, `tensor_pos` (which graph inputs are the function's arguments) and the output structure."""
+    import sympy
+
     im = Importer(gm, modules)
-    im.module, im.tensor_pos = im.run(name)
+    # the inputs' sizes that are plain symbols first: an equal expression met earlier is written as the name,
+    # which binds from the inputs
+    names = [d.node.expr for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())
+             if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
+    token = _SIZES.set(list(dict.fromkeys(names)))
+    try:
+        im.module, im.tensor_pos = im.run(name)
+    finally:
+        _SIZES.reset(token)
     return im

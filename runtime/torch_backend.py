@@ -95,11 +95,12 @@ class SparsaBackend:
         from torch.fx.passes.operator_support import OperatorSupportBase
 
         devices, target = self.devices, self.target
+        laid_out = _layout_bound(gm)
 
         class Support(OperatorSupportBase):
             def is_node_supported(self, submodules: Any, node: Any) -> bool:
                 return node.op == "call_function" and node.target in SUPPORTED and \
-                    _type_problem(node, devices, target) is None
+                    _type_problem(node, devices, target) is None and node not in laid_out
 
         partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
         fused = partitioner.fuse_partitions(partitioner.propose_partitions())
@@ -176,7 +177,38 @@ def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
     """Why an ATen node was not given to Sparsa."""
     if node.target not in SUPPORTED:
         return "no import into Sparsa's IR for this op"
+    if node in _layout_bound(node.graph.owning_module):
+        return "a view that as_strided reads through its storage (Sparsa's results are compact tensors)"
     return _type_problem(node, devices, target) or "not in a partition"
+
+
+def _layout_bound(gm: Any) -> set[Any]:
+    """The nodes whose values must be PyTorch's own, storage and strides included: `as_strided` reads its
+    input's storage, not its elements, so a view it reads (a slice of a larger tensor, say, as longformer's
+    chunking does) cannot be a partition's output, which is a compact tensor of the same elements. Such a
+    view stays in PyTorch, and so does every view between it and a tensor that owns its storage whole."""
+    bound: set[Any] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function":
+            continue
+        read = any(u.op == "call_function" and "as_strided" in str(u.target) for u in node.users) or \
+            any(u in bound and getattr(u.target, "is_view", False) for u in node.users)
+        if read and not _owns_storage(node.meta.get("val")):
+            bound.add(node)
+    return bound
+
+
+def _owns_storage(val: Any) -> bool:
+    """Whether a tensor value is laid out as a fresh contiguous tensor: its whole storage, from offset 0."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if not isinstance(val, torch.Tensor):
+        return True
+    try:
+        return val.is_contiguous() and statically_known_true(val.storage_offset() == 0) and statically_known_true(
+            val.untyped_storage().nbytes() == val.numel() * val.element_size())
+    except (RuntimeError, NotImplementedError):  # no storage to ask about
+        return False
 
 
 class CompiledPartition(torch.nn.Module):

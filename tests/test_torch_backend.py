@@ -527,3 +527,29 @@ def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention():
     report = sparsa.report()
     assert len(report.graphs) == 3 and not report.fallbacks, str(report)
     assert all(any(p.ops["attn.attention"] for p in g.partitions) for g in report.graphs)
+
+
+@pytest.mark.parametrize("target", ["cpu", "reference"])
+def test_views_that_as_strided_reads_keep_pytorchs_storage(target):
+    """as_strided reads its input's storage: a slice of a computed tensor, read so, must be PyTorch's view of
+    the whole tensor, not a compact copy of its elements from a partition (longformer's chunking did this and
+    differed from eager by 3e-4)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+
+    def f(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = (x @ w)[:, :4]  # a view into the [6, 8] product's storage
+        return torch.as_strided(y, (3, 6), (6, 1)) * 2.0 + torch.relu(x @ w).sum()
+
+    torch.manual_seed(0)
+    x, w = torch.randn(6, 5), torch.randn(5, 8)
+    backend = SparsaBackend({"target": target})
+    torch.testing.assert_close(torch.compile(f, backend=backend)(x, w), f(x, w), rtol=1e-5, atol=1e-5)
+    assert backend.stats["partitions compiled"] >= 1
+    assert any("as_strided reads" in why for why in sparsa_report_reasons())
+
+
+def sparsa_report_reasons() -> list[str]:
+    import sparsa
+
+    return [why for graph in sparsa.report().graphs for _, why in graph.fallbacks]
