@@ -8,7 +8,6 @@ symbolic dims, bound again from the input shapes at every call.
 from __future__ import annotations
 
 import contextvars
-
 import math
 import operator
 from collections.abc import Callable
@@ -162,6 +161,12 @@ class Importer:
             if node.op == "output":
                 out = inner.tensor(inner.env[node.args[0] if not isinstance(node.args[0], tuple | list)
                                               else node.args[0][0]])
+                continue
+            val = node.meta.get("val")
+            if node.op == "call_function" and (isinstance(val, int) and not isinstance(val, bool) or
+                                               type(val).__name__ == "SymInt"):
+                # size arithmetic on a captured length (`kv < S // 4`): the size, computed out here, read inside
+                inner.env[node] = self.splat(as_dim(val), "i64", ())
                 continue
             handler = SUPPORTED.get(node.target) if node.op == "call_function" else None
             if handler is None:
@@ -523,13 +528,18 @@ def _flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score
     mask_gm = block_mask[-1] if isinstance(block_mask, tuple | list) and block_mask else None
     if q.type.shape[2] != k.type.shape[2] and mask_gm is None:
         raise Unsupported("flex_attention without a mask_mod")
+    def captured(bufs: Any) -> list[Value]:
+        # tensors the mods read, and sizes (a sequence length, symbolic at a new shape): 0-d tensors
+        return [b if isinstance(b, Value) else im.splat(b, "i64", ()) if isinstance(b, int | str) else im.tensor(b)
+                for b in bufs]
+
     score = Region()
     if score_gm is not None and _has_ops(score_gm):
         score = im.region_from_graph(score_gm, [scalar(q.type.dtype)] + [idx] * 4, ["s"] + names,
-                                     [im.tensor(b) for b in score_bufs], "score_mod")
+                                     captured(score_bufs), "score_mod")
     mask = Region()
     if mask_gm is not None and _has_ops(mask_gm):
-        mask = im.region_from_graph(mask_gm, [idx] * 4, names, [im.tensor(b) for b in mask_bufs], "mask_mod")
+        mask = im.region_from_graph(mask_gm, [idx] * 4, names, captured(mask_bufs), "mask_mod")
     if kernel_options and any(kernel_options.get(o) for o in ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")):
         raise Unsupported("flex_attention returning its log-sum-exp")
     k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
@@ -769,8 +779,8 @@ def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = 
     im = Importer(gm, modules)
     # the inputs' sizes that are plain symbols first: an equal expression met earlier is written as the name,
     # which binds from the inputs
-    names = [d.node.expr for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())
-             if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
+    sizes = [d for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())]
+    names = [d.node.expr for d in sizes if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
     token = _SIZES.set(list(dict.fromkeys(names)))
     try:
         im.module, im.tensor_pos = im.run(name)

@@ -122,6 +122,9 @@ PROGRAMS = {
     "slice in a score": ("""model M(q: f32[1, 2, 70, 16], bias: f32[72]) -> f32[1, 2, 70, 16] {
     return attention(q, q, q, mask=|b, h, i, j| j <= i, score=|s, b, h, i, j| s + bias[2:][i])
 }""", {}),
+    "a 0-d input in a mask and a score": ("""model M(q: f32[1, 2, 70, 16], n: i64[]) -> f32[1, 2, 70, 16] {
+    return attention(q, q, q, mask=|i, j| j <= i and (j >= i - n - 5 or j < n), score=|s, i, j| s - cast(n, f32))
+}""", {}),
     "unfused scan": ("""model M(a: f32[B, L, D], b: f32[B, L, D]) -> f32[B, L, D] {
     return scan(a, b, axis=1) * 2.0
 }""", {"B": 2, "L": 9, "D": 5}),
@@ -158,7 +161,8 @@ def test_programs_outside_the_examples(name, target):
     for t in ref.input_types:
         shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.shape)
         if t.dtype == "i64":
-            inputs.append(np.sort(rng.integers(0, 4, shape)).astype(np.int64))
+            ids = rng.integers(0, 4, shape)
+            inputs.append((np.sort(ids) if ids.ndim else ids + 6).astype(np.int64))
         else:  # decays and gates in (0.5, 1): the scans stay bounded
             inputs.append(rng.uniform(0.5, 1.0, shape).astype(np.float32) if t is ref.input_types[-1] and "g" in
                           ref.input_names[-1:] else rng.standard_normal(shape).astype(np.float32))

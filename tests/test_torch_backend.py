@@ -530,6 +530,41 @@ def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention():
 
 
 @pytest.mark.parametrize("target", ["cpu", "reference"])
+def test_flex_attention_document_mask_reading_the_length_at_new_shapes(target):
+    """A document mask_mod that captures the document ids and the sequence length (`kv < S // 4`, a global
+    prefix): at a new batch and length the length is symbolic, and the size arithmetic runs in the mod's
+    graph. The captured length is a 0-d value computed outside the mask and read inside it; every shape runs
+    Sparsa's attention (it used to fall back: "expected a tensor, got str", then "op floordiv")."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    import sparsa
+
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+
+    class Documents(torch.nn.Module):
+        def forward(self, q, k, v, doc):
+            S = q.shape[2]
+
+            def mask(b, h, qi, ki):
+                return ((doc[qi] == doc[ki]) & (ki <= qi)) | (ki < S // 4)
+
+            return flex_attention(q, k, v, block_mask=create_block_mask(mask, None, None, S, S, device="cpu"))
+
+    sparsa.report().clear()
+    torch.manual_seed(0)
+    model = Documents()
+    compiled = torch.compile(model, backend="sparsa", options={"target": target})
+    for B, S in ((1, 64), (2, 96), (1, 130)):
+        q, k, v = (torch.randn(B, 2, S, 16) for _ in range(3))
+        doc = torch.sort(torch.randint(0, 3, (S,))).values
+        torch.testing.assert_close(compiled(q, k, v, doc), model(q, k, v, doc), rtol=1e-4, atol=1e-5)
+    report = sparsa.report()
+    assert len(report.graphs) == 3 and not report.fallbacks, str(report)
+    assert all(any(p.ops["attn.attention"] for p in g.partitions) for g in report.graphs)
+
+
+@pytest.mark.parametrize("target", ["cpu", "reference"])
 def test_views_that_as_strided_reads_keep_pytorchs_storage(target):
     """as_strided reads its input's storage: a slice of a computed tensor, read so, must be PyTorch's view of
     the whole tensor, not a compact copy of its elements from a partition (longformer's chunking did this and

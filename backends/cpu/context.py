@@ -219,7 +219,10 @@ class KernelContext:
             self.values[id(r)] = v
 
     def get(self, v: Value) -> ir.Value:
-        return self.values[id(v)]
+        x = self.values[id(v)]
+        if self.scalar_mode and isinstance(x.type, ir.RankedTensorType) and x.type.rank == 0:
+            return tensor.ExtractOp(x, []).result  # a 0-d value from outside the region (a length), as a scalar
+        return x
 
     def elementwise(self, op: Operation, fn: Any) -> ir.Value:
         if self.scalar_mode:

@@ -55,6 +55,8 @@ class ExprEmitter:
     def value(self, v: Value) -> str:
         if id(v) in self.names:
             return self.names[id(v)]
+        if v.type.rank == 0 and id(v) in self.data:  # a 0-d value from outside (a length): one load
+            return f"tl.load({self.data[id(v)][0]})"
         if v.type.rank == 1 and id(v) in self.data:  # a vector from outside (a bias): one value per column
             ptr, _ = self.data[id(v)]
             return f"tl.load({ptr} + offs_n, mask=offs_n < {ptr}_d0, other=0.0)[None, :]"
