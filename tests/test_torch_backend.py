@@ -501,7 +501,19 @@ def test_training_graphs_compile_without_the_boxed_arguments_warning(recwarn):
     assert not [w for w in recwarn if "boxed arguments" in str(w.message)]
 
 
-def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention():
+def _softcap(s, b, h, q, k):
+    return 20.0 * torch.tanh(s / 20.0)
+
+
+FLEX_MODS = {  # mask_mod, score_mod
+    "causal with softcap": (lambda b, h, q, k: k <= q, _softcap),
+    "sliding window": (lambda b, h, q, k: (k <= q) & (q - k < 24), None),
+    "prefix LM": (lambda b, h, q, k: (k <= q) | (k < 16), None),
+}
+
+
+@pytest.mark.parametrize("mods", sorted(FLEX_MODS))
+def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention(mods):
     """A flex_attention module recompiled for a new batch and length (Dynamo then makes the sizes symbolic) ran
     into `int('((s0+127)//128)')` on the block count (a symbolic scalar is now counted at run time), and then
     its k and v got length symbols of their own, which the attention op refused (they are unified by a reshape
@@ -510,13 +522,13 @@ def test_flex_attention_at_new_shapes_compiles_to_sparsa_attention():
 
     import sparsa
 
-    def causal(b, h, q, k):
-        return k <= q
+    mask_mod, score_mod = FLEX_MODS[mods]
 
     class Causal(torch.nn.Module):
         def forward(self, q, k, v):
             S = q.shape[2]
-            return flex_attention(q, k, v, block_mask=create_block_mask(causal, None, None, S, S, device="cpu"))
+            return flex_attention(q, k, v, score_mod=score_mod,
+                                  block_mask=create_block_mask(mask_mod, None, None, S, S, device="cpu"))
 
     sparsa.report().clear()
     model = Causal()
