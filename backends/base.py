@@ -45,6 +45,10 @@ class Executable(ABC):
         `cache` holds what depends only on the weights (and on `constant_args`, inputs the caller keeps the same
         while it keeps the cache: a torch model's parameters) between calls."""
 
+    def binary(self, stage: str) -> bytes:
+        """A stage that is bytes, not text (the backend's BINARY_STAGES: cpu's "obj")."""
+        raise SparsaError(f"no binary stage '{stage}' here")
+
     def reset(self) -> None:  # noqa: B027 (optional: most executables prepare nothing of their own)
         """Forget anything prepared from the weights (new weights were loaded)."""
 
@@ -57,6 +61,7 @@ class Backend(ABC):
     STAGES: ClassVar[tuple[str, ...]] = ()  # in order; their text is kept by the executable
     EMIT_ALIASES: ClassVar[dict[str, str]] = {}  # other names `--emit` accepts for a stage
     STAGE_SUFFIX: ClassVar[str] = "txt"  # of a stage's file in a dump folder
+    BINARY_STAGES: ClassVar[tuple[str, ...]] = ()  # stages that are bytes (`--emit` them with -o FILE)
     OUTPUTS: ClassVar[str] = "numpy"  # what an executable returns: "numpy" arrays or "torch" tensors
     INPUTS: ClassVar[str] = "numpy"  # what it takes: "numpy" arrays, or "any" (torch tensors or arrays)
     DEVICES: ClassVar[tuple[str, ...]] = ("cpu",)  # torch devices whose tensors it runs on (the torch backend)
@@ -66,6 +71,18 @@ class Backend(ABC):
     ERROR: ClassVar[type[SparsaError] | None] = None  # raised for an op it cannot lower (default UnsupportedOp)
     # passes the backend runs on whatever function it is given (a user's pipeline may leave them out)
     LEGALIZE: ClassVar[str] = ""
+    # what `NAME:<variant>` names, for a backend that takes one (cpu: the machine to compile for); "" : none
+    VARIANT: ClassVar[str] = ""
+
+    def __init__(self, variant: str | None = None):
+        if variant is not None and not self.VARIANT:
+            raise SparsaError(f"target '{self.NAME}' takes no ':' suffix, got '{self.NAME}:{variant}'")
+        self.variant = variant
+
+    @property
+    def label(self) -> str:
+        """The name it was asked for: `cpu` or `cpu:x86-64-v3`."""
+        return self.NAME if self.variant is None else f"{self.NAME}:{self.variant}"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -143,9 +160,11 @@ def get(name: str) -> Backend:
     _load()
     if name == AUTO:
         return choose()
-    if name not in REGISTRY:
-        raise SparsaError(f"unknown target '{name}' (available: {', '.join((AUTO, *REGISTRY))})")
-    return REGISTRY[name]()
+    base, colon, variant = name.partition(":")
+    if base not in REGISTRY:
+        raise SparsaError(f"unknown target '{name}' (available: {', '.join((AUTO, *REGISTRY))}"
+                          f"{''.join(f', {n}:<{c.VARIANT}>' for n, c in REGISTRY.items() if c.VARIANT)})")
+    return REGISTRY[base](variant if colon else None)
 
 
 def choose(order: Sequence[str] = AUTO_ORDER) -> Backend:

@@ -3,10 +3,14 @@
 Medians of at least 5 timed runs after a warm-up; torch.set_num_threads(2) (SPARSA_NUM_THREADS likewise);
 float32. Every row records the 1-minute load average beside it, since this machine is shared: compare
 figures within one run only. Useful GFLOP/s count only the FLOPs the sparse structure needs, and each is
-also given as a fraction of OpenBLAS sgemm (2048^3, torch.matmul) measured at the start of the same run.
+also given as a fraction of this machine's best sgemm (2048^3): the faster of NumPy's BLAS and torch's (each
+named by what it is: OpenBLAS, MKL), measured at the start of the run and again at its end.
+The header names the target (CPU, ISA, vector registers, register tile, caches, cores), a measured FMA peak
+of one core (multiply-adds through the same MLIR -> LLVM JIT) and the measured copy bandwidth.
 
     python bench/cpu.py                 # every case
     python bench/cpu.py --only moe      # cases whose name contains "moe"
+    python bench/cpu.py --target cpu:x86-64-v3   # AVX2 code (and its tiles) on an AVX-512 machine
     python bench/cpu.py --inductor      # also torch.compile (Inductor) variants: minutes of compiling
     python bench/cpu.py --json out.json
 """
@@ -56,12 +60,53 @@ def failed(case: str, impl: str, e: Exception) -> None:
     ROWS.append({"case": case, "impl": impl, "error": f"{type(e).__name__}: {first[:300]}"})
 
 
-def sgemm_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    ms = median_ms(lambda: a @ b, runs=5)
-    gf = 2 * 2048**3 / ms / 1e6
-    record("sgemm 2048^3", "torch.matmul (OpenBLAS)", ms, 2 * 2048**3, gf)
-    return gf
+TARGET = "cpu"  # --target
+
+
+def blas_names() -> tuple[str, str]:
+    """What NumPy's and torch's matmuls call (NumPy's build record; torch's BLAS_INFO)."""
+    import re
+
+    try:
+        numpy_blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+    except (KeyError, TypeError):
+        numpy_blas = "BLAS"
+    numpy_blas = "OpenBLAS" if "openblas" in numpy_blas.lower() else numpy_blas
+    found = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
+    torch_blas = {"mkl": "MKL", "open": "OpenBLAS", "openblas": "OpenBLAS"}.get(found.group(1), found.group(1)) \
+        if found else "BLAS"
+    return numpy_blas, torch_blas
+
+
+def sgemm_gflops(when: str = "start") -> float:
+    """The best sgemm of this machine now: NumPy's and torch's, each timed, the faster one returned."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    an, bn = a.numpy(), b.numpy()
+    numpy_blas, torch_blas = blas_names()
+    best = 0.0
+    for impl, fn in ((f"numpy.matmul ({numpy_blas})", lambda: an @ bn),
+                     (f"torch.matmul ({torch_blas})", lambda: a @ b)):
+        ms = median_ms(fn, runs=5)
+        gf = 2 * n**3 / ms / 1e6
+        record(f"sgemm {n}^3 ({when})", impl, ms, 2 * n**3, max(best, gf))
+        best = max(best, gf)
+    return best
+
+
+def machine_header() -> dict[str, Any]:
+    """The target, a measured FMA peak and copy bandwidth: printed and kept in the JSON."""
+    from sparsa.backends import base as backends
+    from sparsa.backends.cpu.probe import copy_bandwidth_gbs, fma_peak_gflops
+
+    target = backends.get(TARGET).target
+    info = {"target": TARGET, "machine": target.describe(), "isa": target.isa, "cores": target.cores,
+            "fma_peak_gflops_per_core": round(fma_peak_gflops(target), 1), "copy_gbs": round(copy_bandwidth_gbs(), 1),
+            "load": round(os.getloadavg()[0], 2)}
+    print(f"target {TARGET}: {info['machine']}")
+    print(f"FMA peak {info['fma_peak_gflops_per_core']} GFLOP/s per core (float32, {target.isa}); copy "
+          f"{info['copy_gbs']} GB/s (one thread); load {info['load']}")
+    return info
 
 
 # ---- MoE ------------------------------------------------------------------------------------------------
@@ -124,7 +169,7 @@ def moe_case(sgemm: float, inductor: bool, label: str, T: int, D: int, F: int, E
     case = f"MoE {label} T={T} D={D} F={F} E={E} k={K}"
     flops = 2 * T * K * D * F * 3
     t = time.perf_counter()
-    model = sparsa.compile(MOE.format(D=D, F=F, E=E, K=K), target="cpu")
+    model = sparsa.compile(MOE.format(D=D, F=F, E=E, K=K), target=TARGET)
     cold = time.perf_counter() - t
     model.init_weights(0)
     wt = {n: torch.from_numpy(np.ascontiguousarray(a)) for n, a in model.weights.items()}
@@ -161,7 +206,7 @@ model A(q: f32[1, 8, S, 64], k: f32[1, 8, S, 64], v: f32[1, 8, S, 64]{extra}) ->
     return attention(q, k, v, mask=m{"(doc=doc)" if extra else ""})
 }}
 """
-    return sparsa.compile(src, target="cpu")
+    return sparsa.compile(src, target=TARGET)
 
 
 def bench_attention(sgemm: float) -> None:
@@ -227,7 +272,7 @@ def bench_scan(sgemm: float) -> None:
     B, L, DI, N = 1, 2048, 1024, 16
     case = f"selective scan L={L} D={DI} N={N}"
     m = sparsa.compile(open(os.path.join(os.path.dirname(__file__), "..", "examples", "selective_scan.sp")).read(),
-                       target="cpu")
+                       target=TARGET)
     rng = np.random.default_rng(0)
     u, delta, Bs, C = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((B, L, DI), (B, L, DI), (B, L, N),
                                                                                   (B, L, N)))
@@ -252,7 +297,7 @@ def bench_bsr(sgemm: float) -> None:
     T, K, N, blk, density = 2048, 1024, 4096, 32, 0.10
     case = f"BSR FFN {density:.0%} blocks T={T} {K}x{N}"
     m = sparsa.compile(f"model F(x: f32[T, {K}]) -> f32[T, {N}] {{\n    param w: f32[{K}, {N}] sparse "
-                       f"bsr({blk}, {blk})\n    return x @ w\n}}\n", target="cpu")
+                       f"bsr({blk}, {blk})\n    return x @ w\n}}\n", target=TARGET)
     rng = np.random.default_rng(0)
     keep = rng.random((K // blk, N // blk)) < density
     w = rng.standard_normal((K, N)).astype(np.float32) * np.kron(keep, np.ones((blk, blk), np.float32))
@@ -269,20 +314,26 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run the cases whose group name contains this")
     parser.add_argument("--inductor", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--json", default="", help="write the rows here")
+    parser.add_argument("--target", default="cpu", help="cpu, or cpu:<machine> that runs here (cpu:x86-64-v3)")
     args = parser.parse_args()
+    global TARGET
+    TARGET = args.target
     torch.set_num_threads(2)
     os.environ.setdefault("SPARSA_NUM_THREADS", "2")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, sparsa threads "
           f"{os.environ['SPARSA_NUM_THREADS']}, load {os.getloadavg()[0]:.2f}")
+    header = machine_header()
     sgemm = sgemm_gflops()
     groups = {"moe": lambda: bench_moe(sgemm, args.inductor), "attention": lambda: bench_attention(sgemm),
               "scan": lambda: bench_scan(sgemm), "bsr": lambda: bench_bsr(sgemm)}
     for name, run in groups.items():
         if args.only in name:
             run()
+    end = sgemm_gflops("end")
+    print(f"best sgemm {sgemm:.1f} GFLOP/s at the start, {end:.1f} at the end (the ratios above use the start's)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(ROWS, f, indent=1)
+            json.dump({"machine": header, "rows": ROWS}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 from sparsa import knobs
 from sparsa.ir.diagnostics import SparsaError
@@ -21,12 +22,36 @@ def _read(path: str) -> str:
         raise SparsaError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _write(text: str, path: str | None) -> None:
+def _write(text: str | bytes, path: str | None) -> None:
+    if isinstance(text, bytes):  # object code: to a file, or to a pipe
+        if path is None or path == "-":
+            if sys.stdout.isatty():
+                raise SparsaError("object code is binary: write it to a file with -o FILE.o")
+            sys.stdout.buffer.write(text)
+            return
+        with open(path, "wb") as f:
+            f.write(text)
+        return
     if path is None or path == "-":
         sys.stdout.write(text)
         return
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _target_name(choices: Sequence[str]) -> Any:
+    """An argparse type for --target: one of `choices`, or `NAME:<variant>` for a backend that takes one
+    (cpu:x86-64-v3, cpu:aarch64, ...), checked when the backend is made."""
+    from sparsa.backends import base as backends
+
+    def check(name: str) -> str:
+        base, colon, variant = name.partition(":")
+        if name in choices or (colon and variant and base in backends.REGISTRY and backends.REGISTRY[base].VARIANT):
+            return name
+        variants = [f"{n}:<{c.VARIANT}>" for n, c in backends.REGISTRY.items() if c.VARIANT]
+        raise argparse.ArgumentTypeError(f"invalid choice: '{name}' (choose from {', '.join([*choices, *variants])})")
+
+    return check
 
 
 def cmd_opt(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
@@ -220,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     targets = (backends.AUTO, *backends.names())
     stages = ["ir"] + list(dict.fromkeys(s for name in backends.names() for cls in [backends.REGISTRY[name]]
-                                         for s in (*cls.STAGES, *cls.EMIT_ALIASES)))
+                                         for s in (*cls.STAGES, *cls.EMIT_ALIASES, *cls.BINARY_STAGES)))
+    target = _target_name(targets)
     run = sub.add_parser("run", help="compile a .sp model and run it on given or random inputs")
     run.add_argument("file", help="a .sp file")
     run.add_argument("--model", help="which model of the file (default: the last one)")
@@ -231,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs (default 0)")
     run.add_argument("--input", action="append", metavar="NAME=SPEC",
                      help="an input: randn:SHAPE, randint:HIGH:SHAPE, zeros:SHAPE, ones:SHAPE or a .npy file")
-    run.add_argument("--target", default=backends.AUTO, choices=targets,
+    run.add_argument("--target", default=backends.AUTO, type=target, metavar="TARGET",
                      help="where to run (default auto: triton with an NVIDIA GPU, else cpu, else reference)")
     run.add_argument("--out", help="save the outputs to this .npz file")
     knobs.add_arguments(run)
@@ -245,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--weights", help="weights file (default: random weights)")
     exp.add_argument("--prune", action="store_true", help="prune loaded weights to their sparse layouts")
     exp.add_argument("--seed", type=int, default=0)
-    exp.add_argument("--target", default="reference", choices=targets,
+    exp.add_argument("--target", default="reference", type=target, metavar="TARGET",
                      help="the run that is explained (default: the reference interpreter, which records every op)")
     exp.add_argument("--block-map", metavar="OUT.png", help="draw the first attention block map to a PNG")
     knobs.add_arguments(exp)
@@ -254,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile a .sp model and print its IR")
     comp.add_argument("file", help="a .sp file")
     comp.add_argument("--model", help="which model of the file (default: the last one)")
-    comp.add_argument("--target", default=backends.AUTO, choices=targets)
+    comp.add_argument("--target", default=backends.AUTO, type=target, metavar="TARGET",
+                      help=f"{', '.join(targets)}, or cpu:<machine> for ahead-of-time code (cpu:x86-64-v3, "
+                           "cpu:x86-64-v4, cpu:aarch64, an LLVM CPU name or triple)")
     comp.add_argument("--emit", default="ir", choices=stages, help="the IR, or a stage of the target's backend")
     comp.add_argument("--passes", help="override the target's pipeline")
     comp.add_argument("-o", "--output", help="write here instead of standard output")

@@ -54,7 +54,7 @@ class CompiledModel:
                  options: DebugOptions | None = None):
         self.name = name
         self.backend = backend
-        self.target = backend.NAME
+        self.target = backend.label
         self.specs: dict[str, WeightSpec] = weight_specs(module)
         self.input_names = [a.name_hint for a in module.funcs[-1].regions[0].block.args]
         self.input_types = [a.type for a in module.funcs[-1].regions[0].block.args]
@@ -135,9 +135,12 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     # ---- introspection ---------------------------------------------------------------------------------
-    def stage(self, name: str) -> str:
+    def stage(self, name: str) -> str | bytes:
         """A backend stage's text (cpu: "mlir" before lowering, "llvm" after; triton: "kernels", "launcher",
-        and "source", the whole generated module): the backend's STAGES."""
+        and "source", the whole generated module): the backend's STAGES; or bytes for its BINARY_STAGES
+        (cpu: "obj", the object code for the target)."""
+        if name in self.backend.BINARY_STAGES:
+            return self.native.binary(name)
         stages = self.native.stages
         name = self.backend.stage_name(name)
         if name not in stages:

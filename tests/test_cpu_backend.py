@@ -59,8 +59,9 @@ model FFN(x: f32[T, D]) -> f32[T, D] {
 def test_matmul_is_tiled_and_vectorized_by_the_schedule():
     """Full TILE_M x TILE_N tiles become vector outer products with the accumulators in registers; the rows
     and columns past the last full tile (peeled loops) stay scalar, and the result is the same."""
-    from sparsa.backends.cpu.schedule import TILE_M, TILE_N
+    from sparsa.backends.cpu.target import host_target
 
+    TILE_M, TILE_N = host_target().tile
     m = sparsa.compile("model M(x: f32[T, 24], w: f32[24, 70]) -> f32[T, 70] {\n    return x @ w\n}",
                        passes="canonicalize", target="reference")
     cpu = CpuFunction(m.module.funcs[-1])

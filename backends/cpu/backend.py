@@ -21,9 +21,24 @@ class CpuBackend(Backend):
     PIPELINE = sparse_pipeline(block=64)
     LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
     STAGES = ("mlir", "schedule", "loops", "llvm")
+    BINARY_STAGES = ("obj",)  # the kernels' object code for the target
     STAGE_SUFFIX = "mlir"
     SPECIALIZES_ON_CONSTANTS = True
     ERROR = CpuLoweringError
+    VARIANT = "cpu"  # cpu:x86-64-v3, cpu:x86-64-v4, cpu:aarch64, an LLVM CPU name or triple: ahead-of-time code
+
+    def __init__(self, variant: str | None = None):
+        super().__init__(variant)
+        self._target: Any = None
+
+    @property
+    def target(self) -> Any:
+        """The CpuTarget compiled for: this machine, or the one the variant names (a SparsaError if unknown)."""
+        if self._target is None:
+            from sparsa.backends.cpu.target import host_target, named_target
+
+            self._target = host_target() if self.variant is None else named_target(self.variant)
+        return self._target
 
     def unavailable(self) -> str | None:
         if not available():
@@ -46,4 +61,4 @@ class CpuBackend(Backend):
 
         self.legalize(func)
         self.check(func)
-        return CpuFunction(func, frozenset((options or {}).get("constant_args", frozenset())))
+        return CpuFunction(func, frozenset((options or {}).get("constant_args", frozenset())), self.target)

@@ -28,6 +28,7 @@ from torch_mlir.dialects import arith, func, linalg, scf, tensor
 from sparsa.backends.cpu import CpuLoweringError, refused_dtype
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.target import CpuTarget, host_target
 from sparsa.backends.table import LoweringTable
 from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import tensor_reduce as R
@@ -95,11 +96,12 @@ class KernelContext:
     built so far, ops tagged for the schedule, scalar mode, dims built as other sizes) and the helpers
     every dialect's lowerings share."""
 
-    def __init__(self, module: ir.Module, fixed: set[int] | None = None):
+    def __init__(self, module: ir.Module, fixed: set[int] | None = None, target: CpuTarget | None = None):
         """`fixed`: ids of the values that are the same on every call (weights, constant inputs and what
-        only they feed)."""
+        only they feed); `target`: the machine the kernels are for (default: this one)."""
         self.module = module
         self.fixed = fixed or set()
+        self.target = target or host_target()
         self.kernels: list[Kernel] = []
         self.compiled: dict[tuple, str] = {}  # a kernel's code (its name and tags left out) -> its function's name
         self.last: func.FuncOp | None = None

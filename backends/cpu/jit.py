@@ -6,16 +6,18 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.base import Executable
-from sparsa.backends.cpu import attn, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
+from sparsa.backends.cpu import aot, attn, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.target import CpuTarget, host_target
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together, work
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.analysis import weight_only_ops
@@ -73,13 +75,14 @@ def _packed_args(arrays: Sequence[np.ndarray], scalars: Sequence[int] = ()) -> t
     return store[slots:2 * slots], store
 
 
-def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[int]) -> tuple:
+def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[int],
+           target: CpuTarget | None = None) -> tuple:
     """(module, builder, kernel of each op): the MLIR module of func_op's kernels, in the current context."""
     block = func_op.regions[0].block
     fixed = {id(a) for i, a in enumerate(block.args) if i in constant_args}
     fixed |= {id(r) for op in block.ops if id(op) in weight_only for r in op.results}
     module = ir.Module.create()
-    builder = KernelContext(module, fixed)
+    builder = KernelContext(module, fixed, target)
     kernels = {}
     views = moe.packed_transposes(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     for op in block.ops[:-1]:
@@ -87,6 +90,22 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
         if k is not None:
             kernels[id(op)] = k
     return module, builder, kernels
+
+
+def _for_target(module: ir.Module, target: CpuTarget) -> None:
+    """Give every LLVM function a named target's CPU and features: LLVM generates each function's code for
+    them (on this machine too: x86-64-v3 on an AVX-512 host). This machine's own are left to the execution
+    engine, which asks its LLVM (llvmlite's, of another version, names features MLIR's does not know)."""
+    if target.host or (not target.cpu and not target.features):
+        return
+    quoted = ", ".join(f'"{f}"' for f in target.features.split(",") if f)
+    features = ir.Attribute.parse(f"#llvm.target_features<[{quoted}]>")
+    for op in module.body.operations:
+        if op.operation.name == "llvm.func" and "sym_name" in op.attributes:
+            if target.cpu:
+                op.attributes["target_cpu"] = ir.StringAttr.get(target.cpu)
+            if target.features:
+                op.attributes["target_features"] = features
 
 
 def check_lowering(func_op: Operation) -> None:
@@ -101,20 +120,27 @@ class CpuFunction(Executable):
     small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
-    def __init__(self, func_op: Operation, constant_args: frozenset[int] = frozenset()):
+    def __init__(self, func_op: Operation, constant_args: frozenset[int] = frozenset(),
+                 target: CpuTarget | None = None):
         """`constant_args`: inputs the caller keeps the same between calls (see __call__); what only they and
-        the weights feed runs on the host once, and the kernels may take it packed (expert weights)."""
+        the weights feed runs on the host once, and the kernels may take it packed (expert weights).
+        `target`: the machine to compile for (default: this one); code for another machine is only lowered
+        (its stages and `object_code()`), not loaded."""
         self.func_op = func_op
         self.constant_args = constant_args
+        self.target = target or host_target()
         self.context = ir.Context()
         self.weight_only = weight_only_ops(func_op, constant_args)
         self._constant_sets: dict[frozenset[int], set[int]] = {constant_args: self.weight_only}
+        self.engine: Any = None
+        self.cached = False
+        runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
-            module, builder, self.kernels = _build(func_op, constant_args, self.weight_only)
-            self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled)}
+            module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
+            self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled, self.target.tile)}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
-            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL))
-            hit = cache.load(name)
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL), self.target.key())
+            hit = cache.load(name) if runs else None
             self.cached = hit is not None
             if hit is not None:
                 self.engine, stages = hit
@@ -124,13 +150,26 @@ class CpuFunction(Executable):
                 interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
                 self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
+                _for_target(module, self.target)
                 self.stages["llvm"] = str(module)
-                self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
+                if runs:
+                    self.engine = execution_engine.ExecutionEngine(module, opt_level=OPT_LEVEL)
         self._scratch = threading.local()  # per calling thread: buffers reused from call to call
         packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-        self.entries = {k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
-        if not self.cached and symbols:  # an engine without functions has no object code to dump (it crashes)
+        self.entries = {} if self.engine is None else {
+            k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
+        if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
+
+    def binary(self, stage: str) -> bytes:
+        if stage != "obj":
+            return super().binary(stage)
+        return self.object_code()
+
+    def object_code(self) -> bytes:
+        """The kernels as a relocatable object file for the target (ELF on Linux triples; the `--emit obj`
+        stage): LLVM code generation for its triple, CPU and features."""
+        return aot.object_code(self.stages["llvm"], self.target, OPT_LEVEL)
 
     def __call__(self, inputs: Sequence[np.ndarray], params: Mapping[str, np.ndarray] | None = None,
                  cache: dict | None = None, constant_args: frozenset[int] = frozenset()) -> list[np.ndarray]:
@@ -138,6 +177,11 @@ class CpuFunction(Executable):
         `cache` holds the weight-only results (packed sparse weights) between calls with the same weights;
         `constant_args` are inputs the caller keeps the same while it keeps `cache` (a torch model's
         parameters): what only they and the weights feed is computed once too."""
+        if self.engine is None:
+            here = host_target()
+            raise SparsaError(f"compiled ahead of time for {self.target.cpu or self.target.triple} "
+                              f"({self.target.triple}, {self.target.isa}), which this machine ({here.cpu}, "
+                              f"{here.triple}, {here.isa}) cannot run: emit its object code (--emit obj) instead")
         if constant_args not in self._constant_sets:
             self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
         weight_only = self._constant_sets[constant_args]

@@ -18,8 +18,8 @@ from sparsa.backends.cpu.context import (
     KernelContext,
     element_type,
 )
-from sparsa.backends.cpu.schedule import TILE_M
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
@@ -34,7 +34,6 @@ ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu p
 # Parts of a grouped GEMM under SPARSA_DETERMINISTIC=1, whatever the threads: the combine's slices are summed in
 # this fixed number and order.
 DETERMINISTIC_PARTS = 4
-PANEL = 32  # columns of one panel of a packed expert weight: [E, K, N] is stored [E, ceil(N / PANEL), K, PANEL]
 
 # ---- MoE: routing -------------------------------------------------------------------------------
 @KERNELS.lowers(M.RouteOp)
@@ -276,7 +275,8 @@ def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.V
         B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
     has = B.if_(B.cmpi("gt", real, B.c_index(0)))
     with ir.InsertionPoint(has.then_block):
-        rows = B.minsi(B.mul(B.ceil_div(real, TILE_M), B.c_index(TILE_M)), size)
+        tile_m = cx.target.tile[0]
+        rows = B.minsi(B.mul(B.ceil_div(real, tile_m), B.c_index(tile_m)), size)
         x = gather_rows(cx, op, rows_t, perm, start, rows, D, et)
         if not panels:
             ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]

@@ -3,23 +3,23 @@ reductions) tiled into register tiles, peeled, vectorized, bufferized and lowere
 
 from __future__ import annotations
 
-# Register tile of a matmul: TILE_M x TILE_N accumulators updated by one outer product per step of k, kept
-# in registers over the k loop. On this machine (AVX-512, one core), x @ w at 512x512x2048: 8x32 148
-# GFLOP/s, 6x64 196, 12x32 164, 4x64 127 (OpenBLAS 89-105). 8x32 divides the 64-row attention blocks and
-# grouped-GEMM chunks with no scalar remainder, and the MoE layers ran as fast with it as with 6x64.
-TILE_M, TILE_N = 8, 32
+from sparsa.backends.cpu.target import ROW_BLOCK
+
+# The register tile of a matmul (TILE_M x TILE_N accumulators updated by one outer product per step of k, kept
+# in registers over the k loop) comes from the target (target.py: CpuTarget.tile).
 # A matmul with more rows runs in blocks of BLOCK_M rows, each block's rows staying in cache while every
 # TILE_N-wide column panel of B passes over them.
-BLOCK_M = 64
+BLOCK_M = ROW_BLOCK
 
 
-def tiles(kind: str, shape: tuple) -> list[int]:
-    """Tile sizes of a scheduled op's loops: the last two output dims by TILE_M x TILE_N (the last by TILE_N
-    for a vector), 1 for leading dims, and 1 for a matmul's reduction. A last dim known to be narrower than
-    TILE_N (a router's 8 experts) is one tile wide: peeled, it would all be the scalar remainder."""
+def tiles(kind: str, shape: tuple, tile: tuple[int, int]) -> list[int]:
+    """Tile sizes of a scheduled op's loops: the last two output dims by the register tile TILE_M x TILE_N (the
+    last by TILE_N for a vector), 1 for leading dims, and 1 for a matmul's reduction. A last dim known to be
+    narrower than TILE_N (a router's 8 experts) is one tile wide: peeled, it would all be the scalar remainder."""
+    tile_m, tile_n = tile
     rank, last = len(shape), shape[-1] if shape else None
-    width = last if isinstance(last, int) and 0 < last < TILE_N else TILE_N
-    out = [1] * max(0, rank - 2) + ([TILE_M, width] if rank >= 2 else [width])
+    width = last if isinstance(last, int) and 0 < last < tile_n else tile_n
+    out = [1] * max(0, rank - 2) + ([tile_m, width] if rank >= 2 else [width])
     return out + [1] if kind == "matmul" else out
 
 
@@ -33,8 +33,9 @@ def interchange(kind: str, rank: int) -> list[int]:
     return order
 
 
-def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
-    """The transform-dialect script run on the lowered module (kept as the `schedule` stage).
+def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int]) -> str:
+    """The transform-dialect script run on the lowered module (kept as the `schedule` stage), for the
+    target's register tile.
 
     Matmuls, elementwise ops and reductions are tiled (`tiles`); where a tiled dim is not a known multiple of its tile,
     the loop is peeled so that every full tile has a static shape (the remainder runs as scalar loops).
@@ -47,7 +48,7 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
              "  transform.named_sequence @__transform_main(%root: !transform.any_op {transform.consumed}) {"]
     loop = '!transform.op<"scf.for">'
     for i, (tag, kind, shape, _, _) in enumerate(ops):
-        sizes = tiles(kind, shape)
+        sizes = tiles(kind, shape, tile)
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
         order = interchange(kind, len(shape))
@@ -73,13 +74,13 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]]) -> str:
         "    %f = transform.structured.match ops{[\"func.func\"]} in %root : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
     for i, (tag, kind, shape, dtype, out_dims) in enumerate(ops):
-        sizes = tiles(kind, shape)
-        tile = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)
+        sizes = tiles(kind, shape, tile)
+        full = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)  # a full tile's result shape
         # a reduction's result does not show whether its reduced dim is a full tile: its operands do
         operands = "" if kind != "reduction" else (
-            f" filter_operand_types = [tensor<{'x'.join(map(str, sizes))}x{dtype}>, tensor<{tile}x{dtype}>]")
+            f" filter_operand_types = [tensor<{'x'.join(map(str, sizes))}x{dtype}>, tensor<{full}x{dtype}>]")
         lines += [f"    %v{i} = transform.structured.match attributes{{{tag}}} filter_result_type = "
-                  f"tensor<{tile}x{dtype}>{operands} in %root : (!transform.any_op) -> !transform.any_op",
+                  f"tensor<{full}x{dtype}>{operands} in %root : (!transform.any_op) -> !transform.any_op",
                   f"    transform.structured.vectorize %v{i} : !transform.any_op"]
     lines += [
         "    transform.apply_patterns to %f {",

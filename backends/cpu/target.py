@@ -1,0 +1,197 @@
+"""The machine the cpu target compiles for: read from the host (LLVM's CPU name and features, sysfs caches,
+cores) or named for ahead-of-time code (`cpu:x86-64-v3`, `cpu:x86-64-v4`, `cpu:aarch64`, any LLVM CPU name or
+target triple). The kernels' register tiles follow from it, LLVM's code generator is given its CPU and
+features, and it is part of the disk cache's key.
+
+The register tile of a matmul is TILE_M rows x TILE_N columns of accumulators updated by one outer product
+per step of k: TILE_M * TILE_N / lanes vector registers of accumulators, TILE_N / lanes for the row of B and
+one for the broadcast element of A must fit the vector register file, or the accumulators spill (8 x 32 on
+AVX2 is 32 accumulators for 16 ymm registers). TILE_M divides the 64-row blocks of the matmuls, attention
+and grouped GEMMs, and TILE_N is a power-of-two number of vectors dividing a packed panel, so that no full
+block leaves rows or columns to a scalar remainder loop. Among the tiles that fit, the one with the most
+accumulators wins, then one with at most one load per multiply-add, then the one with more rows. That
+gives 8x32 on AVX-512 (on one AVX-512 core, x @ w at 512x512x2048: 8x32 148 GFLOP/s, 4x64 127, 12x32
+164, 6x64 196, but 12 and 6 rows leave remainders in 64-row blocks, and the MoE layers ran as fast with
+8x32 as with 6x64), 4x16 on AVX2 (8 x 8 would need 9 loads per 8 multiply-adds) and 8x8 on NEON.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sparsa.ir.diagnostics import SparsaError
+
+ROW_BLOCK = 64  # rows of the matmuls' row blocks, the attention blocks and the grouped GEMMs' chunks
+PANEL = 32  # columns of one panel of a packed expert weight ([E, K, N] is stored [E, ceil(N / PANEL), K, PANEL])
+
+
+@dataclass(frozen=True)
+class CpuTarget:
+    """What the kernels are built for; `tile` and the cache key derive from it."""
+
+    triple: str                 # LLVM target triple
+    cpu: str                    # LLVM CPU name ("" : the triple's generic CPU)
+    features: str               # LLVM feature string ("+avx2,+fma,..."; "" : the CPU's own)
+    vector_bits: int            # widest vector register the kernels use
+    vector_registers: int       # how many of them
+    fma: bool
+    caches: dict[int, int] = field(default_factory=dict, compare=False)  # level -> bytes (data or unified)
+    cores: int = 1
+    host: bool = False          # read from this machine
+
+    @property
+    def arch(self) -> str:
+        return self.triple.split("-", 1)[0]
+
+    @property
+    def isa(self) -> str:
+        """The vector ISA in a word: avx512, avx2, sse, neon."""
+        if self.arch in ("aarch64", "arm64"):
+            return "sve" if "+sve" in self.features else "neon"
+        return {512: "avx512", 256: "avx2"}.get(self.vector_bits, "sse")
+
+    def lanes(self, bits: int = 32) -> int:
+        return self.vector_bits // bits
+
+    @functools.cached_property
+    def tile(self) -> tuple[int, int]:
+        """(TILE_M, TILE_N) of f32 matmuls (see the module docstring)."""
+        lanes = self.lanes()
+        best: tuple = ()
+        for m in (8, 4, 2, 1):
+            for vectors in (1, 2, 4, 8):
+                if m * vectors + vectors + 1 > self.vector_registers or PANEL % (lanes * vectors):
+                    continue
+                # loads (B's row, A's broadcasts) per multiply-add at most one: not bound by the load ports
+                rank = (m * vectors, m + vectors <= m * vectors, m)
+                if not best or rank > best[0]:
+                    best = (rank, (m, lanes * vectors))
+        return best[1]
+
+    def runs_here(self) -> bool:
+        """Whether code for this target runs on this machine (same architecture; every feature present)."""
+        here = host_target()
+        if self.arch != here.arch:
+            return False
+        if self.host:
+            return True
+        have = set(here.features.split(","))
+        return all(f in have for f in self.features.split(",") if f.startswith("+"))
+
+    def key(self) -> str:
+        """What the compiled code depends on, for the cache key."""
+        return f"{self.triple}|{self.cpu}|{self.features}|{self.vector_bits}x{self.vector_registers}|{self.tile}"
+
+    def describe(self) -> str:
+        """One line for people: CPU, ISA, vector registers, tile, caches, cores."""
+        caches = ", ".join(f"L{level} {_size(b)}" for level, b in sorted(self.caches.items()))
+        return (f"{self.cpu or 'generic'} ({self.triple}): {self.isa}, {self.vector_registers} x "
+                f"{self.vector_bits}-bit vector registers{', FMA' if self.fma else ''}; "
+                f"matmul register tile {self.tile[0]}x{self.tile[1]}"
+                + (f"; {caches}" if caches else "") + f"; {self.cores} core{'s' * (self.cores != 1)}")
+
+
+def _size(b: int) -> str:
+    return f"{b >> 20} MiB" if b >= 1 << 20 else f"{b >> 10} KiB"
+
+
+def _caches() -> dict[int, int]:
+    """Data and unified cache sizes by level, from sysfs (empty where there is none)."""
+    out: dict[int, int] = {}
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    for index in sorted(base.glob("index*")) if base.is_dir() else []:
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction":
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        out[level] = int(text.rstrip("KMG")) * scale
+    return out
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _vectors(arch: str, features: set[str]) -> tuple[int, int, bool]:
+    """(vector bits, vector registers, FMA) of an architecture with these LLVM features."""
+    if arch in ("aarch64", "arm64"):
+        return 128, 32, True  # NEON (SVE's length is not known ahead of time: its NEON view)
+    if arch not in ("x86_64", "i386", "i686"):
+        raise SparsaError(f"cpu target: architecture '{arch}' is not supported (x86_64 and aarch64 are)")
+    if "+avx512f" in features:
+        return 512, 32, True
+    if "+avx2" in features or "+avx" in features:
+        return 256, 16, "+fma" in features
+    return 128, 16, False
+
+
+@functools.cache
+def host_target() -> CpuTarget:
+    """This machine, as LLVM sees it."""
+    import llvmlite.binding as llvm
+
+    triple = llvm.get_process_triple()
+    features = llvm.get_host_cpu_features().flatten()
+    bits, regs, fma = _vectors(triple.split("-", 1)[0], set(features.split(",")))
+    return CpuTarget(triple, llvm.get_host_cpu_name(), features, bits, regs, fma, _caches(), _cores(), host=True)
+
+
+# Named CPUs whose vector ISA the kernels need to know (LLVM knows every name; these say what each has).
+# x86-64 micro-architecture levels as LLVM defines them, and the common server and desktop CPUs.
+_X86_LEVELS = {
+    "x86-64": "+sse2", "x86-64-v2": "+sse4.2,+popcnt", "x86-64-v3": "+avx,+avx2,+fma,+bmi2,+f16c",
+    "x86-64-v4": "+avx,+avx2,+fma,+bmi2,+f16c,+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl"}
+_X86_AVX512 = ("skylake-avx512", "cascadelake", "cooperlake", "icelake-server", "icelake-client", "tigerlake",
+               "sapphirerapids", "emeraldrapids", "graniterapids", "rocketlake", "znver4", "znver5")
+_X86_AVX2 = ("haswell", "broadwell", "skylake", "alderlake", "raptorlake", "meteorlake", "arrowlake", "znver1",
+             "znver2", "znver3", "btver2")
+
+
+def named_target(spec: str) -> CpuTarget:
+    """The target `cpu:<spec>` names: an x86-64 level, an LLVM CPU name, `aarch64`, or an LLVM triple."""
+    import llvmlite.binding as llvm
+
+    spec = spec.strip()
+    if not spec or spec == "host":
+        return host_target()
+    if re.fullmatch(r"(x86_64|aarch64|arm64|i[36]86)(-[\w.]+){1,3}", spec):  # a triple: its generic CPU
+        triple, cpu = spec, ""
+    elif spec in ("aarch64", "arm64"):
+        triple, cpu = "aarch64-unknown-linux-gnu", "generic"
+    else:
+        arm = spec.startswith(("neoverse", "cortex-a", "apple-", "ampere", "graviton", "a64fx", "thunderx"))
+        triple, cpu = ("aarch64-unknown-linux-gnu" if arm else "x86_64-unknown-linux-gnu"), spec
+    arch = triple.split("-", 1)[0]
+    try:
+        llvm.initialize_all_targets()
+        llvm.Target.from_triple(triple)
+    except RuntimeError as e:
+        raise SparsaError(f"cpu target '{spec}': LLVM does not know the triple {triple} ({e})") from None
+    if arch in ("x86_64", "i386", "i686"):
+        if cpu in _X86_LEVELS:
+            features = _X86_LEVELS[cpu]
+        elif cpu in _X86_AVX512:
+            features = _X86_LEVELS["x86-64-v4"]
+        elif cpu in _X86_AVX2:
+            features = _X86_LEVELS["x86-64-v3"]
+        elif cpu in ("", "generic"):
+            features = _X86_LEVELS["x86-64"]
+        else:
+            raise SparsaError(f"cpu target '{spec}': unknown x86 CPU (use an x86-64 level, x86-64-v3 or x86-64-v4, "
+                              f"or one of {', '.join(_X86_AVX2 + _X86_AVX512)})")
+    else:
+        features = "+neon" if cpu in ("", "generic") else ""
+    bits, regs, fma = _vectors(arch, set(features.split(",")) if arch.startswith(("x86", "i")) else set())
+    return CpuTarget(triple, cpu, features, bits, regs, fma)

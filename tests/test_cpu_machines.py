@@ -1,0 +1,121 @@
+"""The cpu target's machine model: register tiles derived from the target (brute force over the rule), code
+for named machines (x86-64-v3 and -v4 run here where the host has their features; aarch64 objects are emitted
+and their architecture read back), the LLVM IR bridge between torch-mlir's LLVM and llvmlite's, the cache key,
+and the probes the benchmark prints."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch_mlir")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from example_inputs import make_inputs  # noqa: E402
+
+import sparsa  # noqa: E402
+from sparsa.backends.cpu import aot  # noqa: E402
+from sparsa.backends.cpu.target import PANEL, ROW_BLOCK, CpuTarget, host_target, named_target  # noqa: E402
+from sparsa.ir.diagnostics import SparsaError  # noqa: E402
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.sp"))
+MACHINES = {"x86-64-v3": ("x86_64", "avx2", (4, 16)), "x86-64-v4": ("x86_64", "avx512", (8, 32)),
+            "neoverse-n1": ("aarch64", "neon", (8, 8)), "aarch64": ("aarch64", "neon", (8, 8)),
+            "x86-64": ("x86_64", "sse", (4, 8))}
+
+
+@pytest.mark.parametrize("name", sorted(MACHINES))
+def test_named_machines_and_their_register_tiles(name):
+    arch, isa, tile = MACHINES[name]
+    t = named_target(name)
+    assert (t.arch, t.isa, t.tile) == (arch, isa, tile)
+
+
+@pytest.mark.parametrize("bits,registers", [(128, 16), (128, 32), (256, 16), (256, 32), (512, 32)])
+def test_the_tile_is_the_best_that_fits_by_brute_force(bits, registers):
+    """Every (rows, vectors) pair: the chosen tile fits the register file (accumulators, B's row, A's broadcast),
+    divides the row block and the panel, and none that does has more accumulators."""
+    t = CpuTarget("x86_64-unknown-linux-gnu", "test", "", bits, registers, True)
+    lanes = bits // 32
+    m, n = t.tile
+    fits = [(rm, v) for rm in range(1, 17) for v in range(1, 17)
+            if rm * v + v + 1 <= registers and ROW_BLOCK % rm == 0 and PANEL % (v * lanes) == 0]
+    assert (m, n // lanes) in fits
+    assert m * (n // lanes) == max(rm * v for rm, v in fits)
+
+
+def test_host_target_reads_this_machine():
+    t = host_target()
+    assert t.host and t.runs_here() and t.cores >= 1 and t.vector_bits in (128, 256, 512)
+    assert t.isa in t.describe() and f"{t.tile[0]}x{t.tile[1]}" in t.describe()
+
+
+def test_unknown_machines_are_clear_errors():
+    with pytest.raises(SparsaError, match="unknown x86 CPU"):
+        named_target("pentium9")
+    with pytest.raises(SparsaError, match="takes no ':' suffix"):
+        sparsa.compile(EXAMPLES[0].read_text(), target="reference:x")
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_every_example_compiles_to_objects_for_x86_and_aarch64(example):
+    """The lowering assumes no x86: each example's kernels become an object for x86-64-v3, x86-64-v4 and an
+    AArch64 CPU with NEON, and each object's ELF header names its architecture."""
+    for name in ("x86-64-v3", "x86-64-v4", "neoverse-n1"):
+        obj = sparsa.compile(example.read_text(), target=f"cpu:{name}").stage("obj")
+        assert aot.elf_machine(obj) == MACHINES[name][0], name
+
+
+@pytest.mark.skipif(not named_target("x86-64-v3").runs_here(), reason="needs an x86-64 host with AVX2 and FMA")
+@pytest.mark.parametrize("example", ["mixtral_moe", "sliding_window_attention", "selective_scan"])
+def test_a_named_machine_this_host_can_run_gives_the_reference_results(example):
+    src = (Path(__file__).parent.parent / "examples" / f"{example}.sp").read_text()
+    ref = sparsa.compile(src, target="reference").init_weights(0)
+    m = sparsa.compile(src, target="cpu:x86-64-v3").init_weights(0)
+    assert m.target == "cpu:x86-64-v3" and m.native.target.tile == (4, 16)
+    assert 'target_cpu = "x86-64-v3"' in m.stage("llvm")
+    inputs = make_inputs(ref)
+    np.testing.assert_allclose(m(*inputs), ref(*inputs), rtol=2e-4, atol=2e-4)
+
+
+def test_code_for_another_architecture_is_emitted_not_run(tmp_path):
+    src = EXAMPLES[0].read_text()
+    other = "neoverse-n1" if host_target().arch == "x86_64" else "x86-64-v3"
+    m = sparsa.compile(src, target=f"cpu:{other}").init_weights(0)
+    with pytest.raises(SparsaError, match="compiled ahead of time .* cannot run"):
+        m(*make_inputs(m))
+    out = tmp_path / "model.o"
+    done = subprocess.run([sys.executable, "-m", "sparsa.runtime.cli", "compile", str(EXAMPLES[0]), "--target",
+                           f"cpu:{other}", "--emit", "obj", "-o", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert aot.elf_machine(out.read_bytes()) == MACHINES[other][0]
+
+
+def test_the_target_is_part_of_the_cache_key():
+    from sparsa.backends.cpu import cache
+
+    texts = ("the same kernels", "the same schedule")
+    assert cache.key(*texts, host_target().key()) != cache.key(*texts, named_target("x86-64-v3").key())
+
+
+def test_newer_float_spellings_are_rewritten_for_llvmlite():
+    text = ("%1 = fadd float %0, f0x42B17218\n  %2 = call <4 x float> @f(<4 x float> splat (float -inf))\n"
+            "  %3 = fmul double %x, f0x3FF0000000000000\n  %nan = fadd float %inf, nan\n  @nanfoo = global i32 0")
+    out = aot.legacy_float_spelling(text)
+    assert float.fromhex("0x1.62e43p+6") == 88.72283935546875  # f0x42B17218 as a float
+    assert "0x40562E4300000000" in out and "splat (float 0xFFF0000000000000)" in out
+    assert "double %x, 0x3FF0000000000000" in out and "%nan = fadd float %inf, 0x7FF8000000000000" in out
+    assert "@nanfoo" in out
+
+
+def test_probes_measure_something():
+    from sparsa.backends.cpu.probe import copy_bandwidth_gbs, fma_peak_gflops
+
+    peak = fma_peak_gflops(seconds=0.02)
+    assert math.isfinite(peak) and peak > 0.1
+    assert copy_bandwidth_gbs(mib=8) > 0.01
