@@ -5,6 +5,7 @@ and the probes the benchmark prints."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -119,3 +120,27 @@ def test_probes_measure_something():
     peak = fma_peak_gflops(seconds=0.02)
     assert math.isfinite(peak) and peak > 0.1
     assert copy_bandwidth_gbs(mib=8) > 0.01
+
+
+def test_the_tuner_times_the_candidates_once_per_machine_and_can_be_turned_off(tmp_path, monkeypatch, capsys):
+    from sparsa.backends.cpu import target as T
+    from sparsa.backends.cpu import tune
+
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(T, "_TUNED", {})
+    host = host_target()
+    assert tune.candidates(host)[0] == host.derived_tile and len(tune.candidates(host)) <= tune.MAX_CANDIDATES
+    assert tune.stored(host) is None
+    tile = host.tile  # the first ask tunes, says so, and stores the winner
+    assert tile in tune.candidates(host) and "tuning the cpu register tile" in capsys.readouterr().err
+    assert tune.stored(host) == tile
+    (path,) = (tmp_path / "cpu").glob("tile-*.json")
+    assert set(json.loads(path.read_text())["ms"]) <= {f"{m}x{n}" for m, n in tune.candidates(host)}
+    monkeypatch.setattr(T, "_TUNED", {})
+    assert host.tile == tile and not capsys.readouterr().err  # read back: no tuning again
+    path.write_text("{not json")
+    assert tune.stored(host) is None  # a damaged record is ignored (and tuned again when asked)
+    monkeypatch.setenv("SPARSA_AUTOTUNE", "0")
+    monkeypatch.setattr(T, "_TUNED", {})
+    assert host.tile == host.derived_tile and not capsys.readouterr().err
+    assert tune.tune(host, budget_s=0.0, say=False) == host.derived_tile  # no time: the derived tile alone

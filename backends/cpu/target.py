@@ -17,6 +17,7 @@ gives 8x32 on AVX-512 (on one AVX-512 core, x @ w at 512x512x2048: 8x32 148 GFLO
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -42,6 +43,7 @@ class CpuTarget:
     caches: dict[int, int] = field(default_factory=dict, compare=False)  # level -> bytes (data or unified)
     cores: int = 1
     host: bool = False          # read from this machine
+    fixed_tile: tuple[int, int] | None = None  # a register tile chosen by the caller (the tuner's candidates)
 
     @property
     def arch(self) -> str:
@@ -57,9 +59,20 @@ class CpuTarget:
     def lanes(self, bits: int = 32) -> int:
         return self.vector_bits // bits
 
-    @functools.cached_property
+    @property
     def tile(self) -> tuple[int, int]:
-        """(TILE_M, TILE_N) of f32 matmuls (see the module docstring)."""
+        """(TILE_M, TILE_N) of f32 matmuls: the tuned one on this machine (tune.py), else the derived one."""
+        if self.fixed_tile is not None:
+            return self.fixed_tile
+        return _host_tile(self) if self.host else self.derived_tile
+
+    def with_tile(self, tile: tuple[int, int]) -> CpuTarget:
+        """The same machine with the register tile fixed."""
+        return dataclasses.replace(self, fixed_tile=tuple(tile))
+
+    @functools.cached_property
+    def derived_tile(self) -> tuple[int, int]:
+        """(TILE_M, TILE_N) of f32 matmuls by the rule of the module docstring."""
         lanes = self.lanes()
         best: tuple = ()
         for m in (8, 4, 2, 1):
@@ -93,6 +106,21 @@ class CpuTarget:
                 f"{self.vector_bits}-bit vector registers{', FMA' if self.fma else ''}; "
                 f"matmul register tile {self.tile[0]}x{self.tile[1]}"
                 + (f"; {caches}" if caches else "") + f"; {self.cores} core{'s' * (self.cores != 1)}")
+
+
+_TUNED: dict[str, tuple[int, int]] = {}  # this process's host tile, by the host's key
+
+
+def _host_tile(target: CpuTarget) -> tuple[int, int]:
+    """The host's register tile: tuned once per machine (stored), unless SPARSA_AUTOTUNE=0."""
+    from sparsa.backends.cpu import tune
+
+    if not tune.enabled():
+        return target.derived_tile
+    name = f"{target.cpu}|{target.features}"
+    if name not in _TUNED:
+        _TUNED[name] = tune.stored(target) or tune.tune(target)
+    return _TUNED[name]
 
 
 def _size(b: int) -> str:

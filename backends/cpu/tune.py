@@ -1,0 +1,120 @@
+"""The bounded tuner of the cpu target's register tile: on first use on a machine it times a few candidate
+tiles on a matmul of grouped-GEMM chunk shape (64-row blocks; the attention and grouped-GEMM tiles are the
+same register tiles) and keeps the fastest, in a JSON file per CPU model and feature set under the cache
+directory. About a second in all, said on stderr while it runs; SPARSA_AUTOTUNE=0 turns it off (the derived
+tile of target.py is used). It runs when the host's tile is first asked for, at compile time, never inside
+a call; `bench/cpu.py` asks before it times anything.
+
+The candidates are the derived tile (target.py's rule) and the next tiles that fit the register file, most
+accumulators first; the derived tile wins ties: it is only replaced by one measured faster by more than the noise
+(TIE), so a quiet machine and a busy one choose alike where the candidates are alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.cpu.target import PANEL, ROW_BLOCK, CpuTarget
+
+BUDGET_S = 2.0  # for all candidates, compiling included
+TIE = 0.05  # a candidate must be this much faster than the derived tile to replace it
+MAX_CANDIDATES = 3
+_SHAPE = (256, 512, 256)  # m, k, n: four 64-row blocks, a k that streams B's panel from L1/L2
+
+
+def enabled() -> bool:
+    return os.environ.get("SPARSA_AUTOTUNE", "1") != "0"
+
+
+def candidates(target: CpuTarget) -> list[tuple[int, int]]:
+    """The derived tile first, then the other tiles that fit, most accumulators first (MAX_CANDIDATES)."""
+    lanes = target.lanes()
+    fits = [(m, lanes * v) for m in (8, 4, 2) for v in (1, 2, 4, 8)
+            if m * v + v + 1 <= target.vector_registers and ROW_BLOCK % m == 0 and PANEL % (lanes * v) == 0]
+    others = sorted((t for t in fits if t != target.derived_tile), key=lambda t: (-t[0] * t[1], -t[0]))
+    return [target.derived_tile, *others][:MAX_CANDIDATES]
+
+
+def _path(target: CpuTarget) -> Path | None:
+    from sparsa.backends.cpu.cache import cache_dir
+
+    folder = cache_dir()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(f"{target.cpu}|{target.features}|{target.vector_registers}".encode()).hexdigest()[:16]
+    return folder / f"tile-{target.cpu or 'generic'}-{digest}.json"
+
+
+def stored(target: CpuTarget) -> tuple[int, int] | None:
+    """The tile tuned earlier on this CPU model, if any (a file that does not parse is ignored)."""
+    path = _path(target)
+    if path is None or not path.is_file():
+        return None
+    try:
+        tile = tuple(json.loads(path.read_text())["tile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return tile if tile in candidates(target) else None  # type: ignore[return-value]
+
+
+def tune(target: CpuTarget, budget_s: float = BUDGET_S, say: bool = True) -> tuple[int, int]:
+    """Time the candidates (within `budget_s`), store the winner for this CPU model, return it."""
+    import sparsa
+    from sparsa.backends.cpu.jit import CpuFunction
+
+    start = time.perf_counter()
+    tiles = candidates(target)
+    if say:
+        print(f"sparsa: tuning the cpu register tile for {target.cpu} ({len(tiles)} candidates, at most "
+              f"{budget_s:.0f} s, once per machine; SPARSA_AUTOTUNE=0 skips)", file=sys.stderr, flush=True)
+    m, k, n = _SHAPE
+    src = f"model M(x: f32[{m}, {k}], w: f32[{k}, {n}]) -> f32[{m}, {n}] {{\n    return x @ w\n}}\n"
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    times: dict[tuple[int, int], float] = {}
+    for tile in tiles:
+        if times and time.perf_counter() - start > budget_s:
+            break
+        func = sparsa.compile(src, target="reference", passes="canonicalize").module.funcs[-1]
+        fn = CpuFunction(func, target=target.with_tile(tile))
+        fn([x, w], None, {})
+        runs = []
+        while len(runs) < 5 or (len(runs) < 50 and sum(runs) < 0.05):
+            t = time.perf_counter()
+            fn([x, w], None, {})
+            runs.append(time.perf_counter() - t)
+        times[tile] = statistics.median(runs)
+    derived = times[target.derived_tile]
+    winner = min(times, key=times.get)  # type: ignore[arg-type]
+    if times[winner] > derived * (1 - TIE):
+        winner = target.derived_tile
+    _store(target, winner, times, time.perf_counter() - start)
+    if say:
+        print(f"sparsa: register tile {winner[0]}x{winner[1]} ("
+              + ", ".join(f"{a}x{b} {1e3 * t:.2f} ms" for (a, b), t in times.items()) + ")",
+              file=sys.stderr, flush=True)
+    return winner
+
+
+def _store(target: CpuTarget, tile: tuple[int, int], times: dict, seconds: float) -> None:
+    path = _path(target)
+    if path is None:
+        return
+    record: dict[str, Any] = {"cpu": target.cpu, "tile": list(tile), "seconds": round(seconds, 3),
+                              "ms": {f"{a}x{b}": round(1e3 * t, 4) for (a, b), t in times.items()}}
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs tuning again
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, path)
