@@ -191,7 +191,8 @@ def test_auto_falls_back_to_the_reference_and_says_why(monkeypatch):
 
 
 def test_an_unknown_target_names_the_registered_ones():
-    with pytest.raises(sparsa.ir.SparsaError, match=r"unknown target 'gpu' \(available: auto, reference, cpu, triton\)"):
+    with pytest.raises(sparsa.ir.SparsaError,
+                       match=r"unknown target 'gpu' \(available: auto, reference, cpu, triton, cpu:<cpu>\)"):
         sparsa.compile(AUTO_SRC, target="gpu")
 
 
