@@ -137,7 +137,8 @@ class CpuFunction(Executable):
         runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
             module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
-            self.stages = {"mlir": str(module), "schedule": schedule(builder.tiled, self.target.tile)}
+            self.stages = {"mlir": str(module),
+                           "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k)}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
             name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL), self.target.key())
             hit = cache.load(name) if runs else None

@@ -66,6 +66,13 @@ class CpuTarget:
             return self.fixed_tile
         return _host_tile(self) if self.host else self.derived_tile
 
+    @property
+    def block_k(self) -> int:
+        """The k block of a matmul: a block_k x TILE_N slab of B fills a third of L1 (32 KiB where unknown),
+        in multiples of 32 between 64 and 256 (128 on a 48 KiB L1 with 32 columns)."""
+        l1 = self.caches.get(1, 32 << 10)
+        return max(64, min(256, l1 // (3 * 4 * self.tile[1]) // 32 * 32))
+
     def with_tile(self, tile: tuple[int, int]) -> CpuTarget:
         """The same machine with the register tile fixed."""
         return dataclasses.replace(self, fixed_tile=tuple(tile))
@@ -97,7 +104,8 @@ class CpuTarget:
 
     def key(self) -> str:
         """What the compiled code depends on, for the cache key."""
-        return f"{self.triple}|{self.cpu}|{self.features}|{self.vector_bits}x{self.vector_registers}|{self.tile}"
+        return (f"{self.triple}|{self.cpu}|{self.features}|{self.vector_bits}x{self.vector_registers}|{self.tile}|"
+                f"{self.block_k}")
 
     def describe(self) -> str:
         """One line for people: CPU, ISA, vector registers, tile, caches, cores."""
