@@ -41,7 +41,7 @@ class CpuTarget:
     vector_registers: int       # how many of them
     fma: bool
     caches: dict[int, int] = field(default_factory=dict, compare=False)  # level -> bytes (data or unified)
-    cores: int = 1
+    cores: int = 0              # 0: not known (a named machine)
     host: bool = False          # read from this machine
     fixed_tile: tuple[int, int] | None = None  # a register tile chosen by the caller (the tuner's candidates)
 
@@ -113,7 +113,8 @@ class CpuTarget:
         return (f"{self.cpu or 'generic'} ({self.triple}): {self.isa}, {self.vector_registers} x "
                 f"{self.vector_bits}-bit vector registers{', FMA' if self.fma else ''}; "
                 f"matmul register tile {self.tile[0]}x{self.tile[1]}"
-                + (f"; {caches}" if caches else "") + f"; {self.cores} core{'s' * (self.cores != 1)}")
+                + (f"; {caches}" if caches else "") + (f"; {self.cores} core{'s' * (self.cores != 1)}"
+                                                       if self.cores else ""))
 
 
 _TUNED: dict[str, tuple[int, int]] = {}  # this process's host tile, by the host's key

@@ -35,7 +35,10 @@ def num_threads() -> int:
 
 @functools.cache
 def _cores() -> int:
-    return os.cpu_count() or 1  # it reads /sys each time (24 us)
+    """The cores this process may run on (the target's count: its CPU affinity, not every core of the host)."""
+    from sparsa.backends.cpu.target import host_target
+
+    return host_target().cores or 1
 
 
 def _threads(n: int) -> ThreadPoolExecutor:
