@@ -93,6 +93,11 @@ class Backend(ABC):
         """Why this backend cannot run on this machine (None: it can)."""
         return None
 
+    def cannot_run(self) -> str | None:
+        """Why what this backend compiles is for another machine (cpu:aarch64 on x86-64 compiles ahead of
+        time only), or None. (A backend `unavailable` by default may still run by name: triton's interpreter.)"""
+        return None
+
     @abstractmethod
     def lowering(self, op: Operation) -> Any:
         """The rule that lowers `op` here, or None."""

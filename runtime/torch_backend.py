@@ -57,6 +57,10 @@ class SparsaBackend:
         self.options = dict(options or {})
         self.target = self.options.get("target", backends.AUTO)
         self.devices = backends.devices(self.target)  # an unknown target: SparsaError listing the known ones
+        if self.target != backends.AUTO:  # torch.compile runs what it compiles: code for another machine cannot
+            why = backends.get(self.target).cannot_run()
+            if why is not None:
+                raise SparsaError(f"target '{self.target}' cannot run here: {why}")
         for flag in ("cuda_graphs", "freezing"):
             if not isinstance(self.options.get(flag, False), bool):
                 raise SparsaError(f"the {flag} option is true or false, got {self.options[flag]!r}")
@@ -229,7 +233,7 @@ class CompiledPartition(torch.nn.Module):
             self.backend = backends.choose(("triton",) if _device(sub) == "cuda" else ("cpu", "reference"))
         else:
             self.backend = backends.get(backend.target)
-        self.target = self.backend.NAME
+        self.target = self.backend.label
         self.module = PassManager(backend.options.get("passes", self.backend.PIPELINE), options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(

@@ -144,3 +144,20 @@ def test_the_tuner_times_the_candidates_once_per_machine_and_can_be_turned_off(t
     monkeypatch.setattr(T, "_TUNED", {})
     assert host.tile == host.derived_tile and not capsys.readouterr().err
     assert tune.tune(host, budget_s=0.0, say=False) == host.derived_tile  # no time: the derived tile alone
+
+
+def test_the_torch_backend_runs_a_named_machine_and_refuses_one_it_cannot_run():
+    torch = pytest.importorskip("torch")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    other = "neoverse-n1" if host_target().arch == "x86_64" else "x86-64-v3"
+    with pytest.raises(SparsaError, match=f"target 'cpu:{other}' cannot run here"):
+        SparsaBackend({"target": f"cpu:{other}"})
+    if not named_target("x86-64-v3").runs_here():
+        return
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    backend = SparsaBackend({"target": "cpu:x86-64-v3", "partitions": "all"})
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x), rtol=1e-5, atol=1e-5)
+    assert [p.target for p in backend.partitions] == ["cpu:x86-64-v3"]

@@ -31,6 +31,16 @@ class CpuBackend(Backend):
         super().__init__(variant)
         self._target: Any = None
 
+    def cannot_run(self) -> str | None:
+        why = None
+        if self.unavailable() is None and not self.target.runs_here():
+            from sparsa.backends.cpu.target import host_target
+
+            here = host_target()
+            why = (f"it compiles for {self.target.cpu or self.target.triple} ({self.target.triple}, "
+                   f"{self.target.isa}), which this machine ({here.cpu}, {here.triple}, {here.isa}) cannot run")
+        return why
+
     @property
     def target(self) -> Any:
         """The CpuTarget compiled for: this machine, or the one the variant names (a SparsaError if unknown)."""
