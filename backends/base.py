@@ -160,6 +160,12 @@ def names() -> tuple[str, ...]:
     return tuple(REGISTRY)
 
 
+def variant_names() -> list[str]:
+    """`NAME:<variant>` for each backend that takes a variant (cpu:<cpu>)."""
+    _load()
+    return [f"{n}:<{c.VARIANT}>" for n, c in REGISTRY.items() if c.VARIANT]
+
+
 def get(name: str) -> Backend:
     """The backend called `name` (`auto`: the best that can run here), or a SparsaError listing the names."""
     _load()
@@ -167,8 +173,7 @@ def get(name: str) -> Backend:
         return choose()
     base, colon, variant = name.partition(":")
     if base not in REGISTRY:
-        raise SparsaError(f"unknown target '{name}' (available: {', '.join((AUTO, *REGISTRY))}"
-                          f"{''.join(f', {n}:<{c.VARIANT}>' for n, c in REGISTRY.items() if c.VARIANT)})")
+        raise SparsaError(f"unknown target '{name}' (available: {', '.join((AUTO, *REGISTRY, *variant_names()))})")
     return REGISTRY[base](variant if colon else None)
 
 

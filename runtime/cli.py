@@ -23,19 +23,14 @@ def _read(path: str) -> str:
 
 
 def _write(text: str | bytes, path: str | None) -> None:
-    if isinstance(text, bytes):  # object code: to a file, or to a pipe
-        if path is None or path == "-":
-            if sys.stdout.isatty():
-                raise SparsaError("object code is binary: write it to a file with -o FILE.o")
-            sys.stdout.buffer.write(text)
-            return
-        with open(path, "wb") as f:
-            f.write(text)
-        return
+    """Text, or bytes (object code: to a file or a pipe, never a terminal), to `path` or standard output."""
+    binary = isinstance(text, bytes)
     if path is None or path == "-":
-        sys.stdout.write(text)
+        if binary and sys.stdout.isatty():
+            raise SparsaError("object code is binary: write it to a file with -o FILE.o")
+        (sys.stdout.buffer if binary else sys.stdout).write(text)
         return
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path, "wb" if binary else "w", encoding=None if binary else "utf-8") as f:
         f.write(text)
 
 
@@ -48,8 +43,8 @@ def _target_name(choices: Sequence[str]) -> Any:
         base, colon, variant = name.partition(":")
         if name in choices or (colon and variant and base in backends.REGISTRY and backends.REGISTRY[base].VARIANT):
             return name
-        variants = [f"{n}:<{c.VARIANT}>" for n, c in backends.REGISTRY.items() if c.VARIANT]
-        raise argparse.ArgumentTypeError(f"invalid choice: '{name}' (choose from {', '.join([*choices, *variants])})")
+        raise argparse.ArgumentTypeError(f"invalid choice: '{name}' (choose from "
+                                         f"{', '.join([*choices, *backends.variant_names()])})")
 
     return check
 

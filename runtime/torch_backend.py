@@ -138,13 +138,14 @@ class SparsaBackend:
             call = calls[name]
             call.args = tuple(None if i in part.unused_inputs else a for i, a in enumerate(call.args))
         fused.graph.eliminate_dead_code()
+        laid_out = _layout_bound(fused)  # the fused graph's own nodes, for the reasons below
         for node in fused.graph.nodes:  # what still runs in PyTorch
             if node.op != "call_function" or node.target is operator.getitem:
                 continue
             if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
                 self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
                 continue
-            self.note_fallback(str(node.target), _why_not(node, devices, self.target))
+            self.note_fallback(str(node.target), _why_not(node, devices, self.target, laid_out))
         for node in fused.graph.nodes:
             if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition) and \
                     node.target not in left:
@@ -177,11 +178,11 @@ def _type_problem(node: Any, devices: tuple[str, ...], target: str) -> str | Non
     return None
 
 
-def _why_not(node: Any, devices: tuple[str, ...], target: str) -> str:
-    """Why an ATen node was not given to Sparsa."""
+def _why_not(node: Any, devices: tuple[str, ...], target: str, laid_out: set[Any]) -> str:
+    """Why an ATen node was not given to Sparsa (`laid_out`: the graph's `_layout_bound` nodes)."""
     if node.target not in SUPPORTED:
         return "no import into Sparsa's IR for this op"
-    if node in _layout_bound(node.graph.owning_module):
+    if node in laid_out:
         return "a view that as_strided reads through its storage (Sparsa's results are compact tensors)"
     return _type_problem(node, devices, target) or "not in a partition"
 
@@ -211,8 +212,8 @@ def _owns_storage(val: Any) -> bool:
     try:
         return val.is_contiguous() and statically_known_true(val.storage_offset() == 0) and statically_known_true(
             val.untyped_storage().nbytes() == val.numel() * val.element_size())
-    except (RuntimeError, NotImplementedError):  # no storage to ask about
-        return False
+    except (RuntimeError, NotImplementedError):  # a tensor without storage to ask about (a subclass): not known
+        return False  # to own it, so a view of it that as_strided reads stays PyTorch's
 
 
 class CompiledPartition(torch.nn.Module):

@@ -32,14 +32,8 @@ class CpuBackend(Backend):
         self._target: Any = None
 
     def cannot_run(self) -> str | None:
-        why = None
-        if self.unavailable() is None and not self.target.runs_here():
-            from sparsa.backends.cpu.target import host_target
-
-            here = host_target()
-            why = (f"it compiles for {self.target.cpu or self.target.triple} ({self.target.triple}, "
-                   f"{self.target.isa}), which this machine ({here.cpu}, {here.triple}, {here.isa}) cannot run")
-        return why
+        why = None if self.unavailable() is not None else self.target.why_not_here()
+        return None if why is None else f"it compiles {why}"
 
     @property
     def target(self) -> Any:

@@ -179,10 +179,8 @@ class CpuFunction(Executable):
         `constant_args` are inputs the caller keeps the same while it keeps `cache` (a torch model's
         parameters): what only they and the weights feed is computed once too."""
         if self.engine is None:
-            here = host_target()
-            raise SparsaError(f"compiled ahead of time for {self.target.cpu or self.target.triple} "
-                              f"({self.target.triple}, {self.target.isa}), which this machine ({here.cpu}, "
-                              f"{here.triple}, {here.isa}) cannot run: emit its object code (--emit obj) instead")
+            raise SparsaError(f"compiled ahead of time {self.target.why_not_here()}: emit its object code "
+                              f"(--emit obj) instead")
         if constant_args not in self._constant_sets:
             self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
         weight_only = self._constant_sets[constant_args]

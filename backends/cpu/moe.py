@@ -370,16 +370,15 @@ def _transposed(w: Value) -> bool:
 def packed_transposes(ops: list[Operation], fixed: set[int]) -> set[int]:
     """The transposes the host leaves as NumPy views (no kernel, no copy): every use is a weight of a grouped
     GEMM that takes it packed, and the host packs it from the transpose's source."""
-    packed: set[int] = set()  # the weight values that reach a kernel packed
+    slots: set[tuple[int, int]] = set()  # (op, operand index) of the weights that reach a kernel packed
     for op in ops:
         if isinstance(op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp):
             weights = list(op.weights) if isinstance(op, M.GroupedMatmulOp) else [op.weight]
             if _packable(op, weights, fixed):
-                packed |= {id(w) for w in weights}
-    return {id(op) for op in ops if isinstance(op, S.TransposeOp) and id(op.result) not in fixed and
-            _transposed(op.result) and op.result.uses and id(op.result) in packed and
-            all(isinstance(u.op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp) and u.index >= 3 and
-                not (isinstance(u.op, M.GroupedMatmulCombineOp) and u.index == 4) for u in op.result.uses)}
+                slots |= {(id(op), 3 + i) for i in range(len(weights))}
+    return {id(op) for op in ops if isinstance(op, S.TransposeOp) and _transposed(op.result) and
+            id(op.result) not in fixed and op.result.uses and
+            all((id(u.op), u.index) in slots for u in op.result.uses)}
 
 
 def _claim(counter: ir.Value) -> ir.Value:

@@ -77,20 +77,33 @@ class CpuTarget:
         """The same machine with the register tile fixed."""
         return dataclasses.replace(self, fixed_tile=tuple(tile))
 
+    def fitting_tiles(self) -> list[tuple[int, int]]:
+        """Every f32 register tile (TILE_M, TILE_N) that fits the register file and divides the row block and
+        the packed panel (see the module docstring)."""
+        lanes = self.lanes()
+        return [(m, lanes * v) for m in (8, 4, 2, 1) for v in (1, 2, 4, 8)
+                if m * v + v + 1 <= self.vector_registers and ROW_BLOCK % m == 0 and PANEL % (lanes * v) == 0]
+
     @functools.cached_property
     def derived_tile(self) -> tuple[int, int]:
-        """(TILE_M, TILE_N) of f32 matmuls by the rule of the module docstring."""
+        """(TILE_M, TILE_N) of f32 matmuls by the rule of the module docstring: the most accumulators, then at
+        most one load (B's row, A's broadcasts) per multiply-add, then more rows."""
         lanes = self.lanes()
-        best: tuple = ()
-        for m in (8, 4, 2, 1):
-            for vectors in (1, 2, 4, 8):
-                if m * vectors + vectors + 1 > self.vector_registers or PANEL % (lanes * vectors):
-                    continue
-                # loads (B's row, A's broadcasts) per multiply-add at most one: not bound by the load ports
-                rank = (m * vectors, m + vectors <= m * vectors, m)
-                if not best or rank > best[0]:
-                    best = (rank, (m, lanes * vectors))
-        return best[1]
+
+        def rank(tile: tuple[int, int]) -> tuple:
+            m, vectors = tile[0], tile[1] // lanes
+            return m * vectors, m + vectors <= m * vectors, m
+
+        return max(self.fitting_tiles(), key=rank)
+
+    def why_not_here(self) -> str | None:
+        """Why code for this target cannot run on this machine ("for <machine>, which this machine ... cannot
+        run"), or None."""
+        if self.runs_here():
+            return None
+        here = host_target()
+        return (f"for {self.cpu or self.triple} ({self.triple}, {self.isa}), which this machine "
+                f"({here.cpu}, {here.triple}, {here.isa}) cannot run")
 
     def runs_here(self) -> bool:
         """Whether code for this target runs on this machine (same architecture; every feature present)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsa.backends.cpu.target import PANEL, ROW_BLOCK, CpuTarget
+from sparsa.backends.cpu.target import CpuTarget
 
 BUDGET_S = 2.0  # for all candidates, compiling included
 TIE = 0.05  # a candidate must be this much faster than the derived tile to replace it
@@ -39,10 +39,8 @@ def enabled() -> bool:
 
 def candidates(target: CpuTarget) -> list[tuple[int, int]]:
     """The derived tile first, then the other tiles that fit, most accumulators first (MAX_CANDIDATES)."""
-    lanes = target.lanes()
-    fits = [(m, lanes * v) for m in (8, 4, 2) for v in (1, 2, 4, 8)
-            if m * v + v + 1 <= target.vector_registers and ROW_BLOCK % m == 0 and PANEL % (lanes * v) == 0]
-    others = sorted((t for t in fits if t != target.derived_tile), key=lambda t: (-t[0] * t[1], -t[0]))
+    others = sorted((t for t in target.fitting_tiles() if t != target.derived_tile),
+                    key=lambda t: (-t[0] * t[1], -t[0]))
     return [target.derived_tile, *others][:MAX_CANDIDATES]
 
 
