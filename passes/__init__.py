@@ -10,6 +10,7 @@ from sparsa.passes import (
     hoist_region_invariants,
     lower_sparse_weights,
     recognize_attention,
+    shard_experts,
     sparsify_attention,
 )
 from sparsa.passes.base import PASS_REGISTRY, Option, Pass
@@ -19,5 +20,5 @@ from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 __all__ = [
     "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
     "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "hoist_region_invariants",
-    "lower_sparse_weights", "parse_pipeline", "recognize_attention", "sparsify_attention",
+    "lower_sparse_weights", "parse_pipeline", "recognize_attention", "shard_experts", "sparsify_attention",
 ]

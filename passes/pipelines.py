@@ -3,6 +3,8 @@ compiler. Each backend declares its own pipeline from it (backends/*/backend.py)
 
 from __future__ import annotations
 
+from sparsa.ir.diagnostics import SparsaError
+
 
 def sparse_pipeline(block: int) -> str:
     """Routers folded into moe.route, experts as dispatch + grouped matmuls + fused combine (expert segments
@@ -12,3 +14,16 @@ def sparse_pipeline(block: int) -> str:
     the clean-up."""
     return (f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},recognize-attention,"
             "hoist-region-invariants,sparsify-attention,fuse-scan,lower-sparse-weights,cse,dce")
+
+
+def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:
+    """`pipeline` with the experts split over `ranks` right after they are dispatched (`shard-experts`)."""
+    from sparsa.passes.pipeline import format_pipeline, parse_pipeline
+    from sparsa.passes.shard_experts import ShardExperts
+
+    passes = parse_pipeline(pipeline)
+    at = next((i for i, p in enumerate(passes) if p.NAME == "fuse-moe-dispatch"), None)
+    if at is None:
+        raise SparsaError(f"expert parallel needs fuse-moe-dispatch in the pipeline, got: {pipeline}")
+    passes.insert(at + 1, ShardExperts(ranks=ranks))
+    return format_pipeline(passes)

@@ -17,6 +17,8 @@ from sparsa.ir.diagnostics import Location, SparsaError
 from sparsa.ir.printer import print_module
 from sparsa.knobs import DebugOptions
 from sparsa.passes import PassManager
+from sparsa.passes.pipelines import expert_parallel_pipeline
+from sparsa.runtime import expert_parallel as ep
 from sparsa.runtime.weights import (
     WeightError,
     WeightSpec,
@@ -51,20 +53,27 @@ class CompiledModel:
     """A model compiled for one target: load or init weights, call it, and read its IR after any pass."""
 
     def __init__(self, module: Module, name: str, backend: backends.Backend, pipeline: str,
-                 options: DebugOptions | None = None):
+                 options: DebugOptions | None = None, expert_parallel: Any = None):
         self.name = name
         self.backend = backend
         self.target = backend.label
         self.specs: dict[str, WeightSpec] = weight_specs(module)
+        self.exchange = None if expert_parallel is None else ep.TorchExchange(expert_parallel)
+        if self.exchange is not None:
+            pipeline = expert_parallel_pipeline(pipeline, self.exchange.size)
         self.input_names = [a.name_hint for a in module.funcs[-1].regions[0].block.args]
         self.input_types = [a.type for a in module.funcs[-1].regions[0].block.args]
         self._input_ir = print_module(module)
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
+        self.shards = ep.sharded_params(self.module)  # weight name -> ranks its experts are split over
+        if self.exchange is not None:
+            ep.check_sharded(self.module, self.exchange.size)
         from sparsa.runtime.explain import RecordingInterpreter
 
         # the reference target records what each op did (for `stats` and `sparsa explain`)
-        self.native = backend.compile(self.module.funcs[-1], {"interpreter": RecordingInterpreter})
+        self.native = backend.compile(self.module.funcs[-1], {"interpreter": RecordingInterpreter,
+                                                              "exchange": self.exchange})
         if self._pm.options.dump_dir:
             self._dump_stages(self._pm.options.dump_dir)
         self._weights: dict[str, np.ndarray] | None = None
@@ -80,13 +89,21 @@ class CompiledModel:
 
     # ---- weights ------------------------------------------------------------------------------------
     def load_weights(self, source: str | os.PathLike | Mapping[str, Any], prune: bool = False) -> CompiledModel:
-        """Weights from a .safetensors or .npz file or a dict, by dotted name; checked against the model."""
-        self._set_weights(check_weights(self.specs, read_weights(source), prune=prune))
+        """Weights from a .safetensors or .npz file or a dict, by dotted name; checked against the model. With
+        expert_parallel, an expert weight may come in full (this rank keeps its block) or as this rank's block."""
+        arrays = read_weights(source)
+        if self.shards:
+            arrays = ep.shard_weights(arrays, self.specs, self.shards, self.exchange.rank)
+        self._set_weights(check_weights(ep.block_specs(self.specs, self.shards), arrays, prune=prune))
         return self
 
     def init_weights(self, seed: int = 0) -> CompiledModel:
-        """Deterministic random weights that fit every shape and sparse layout."""
-        self._set_weights(init_weights(self.specs, seed))
+        """Deterministic random weights that fit every shape and sparse layout: the same full model on every rank
+        of an expert-parallel group, each keeping its block of the experts."""
+        weights = init_weights(self.specs, seed)
+        if self.shards:
+            weights = ep.shard_weights(weights, self.specs, self.shards, self.exchange.rank)
+        self._set_weights(weights)
         return self
 
     def _set_weights(self, weights: dict[str, np.ndarray]) -> None:
@@ -121,6 +138,8 @@ class CompiledModel:
         if len(args) != len(self.input_names):
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
+        if self.exchange is not None:
+            self.exchange.begin_call()
         if self.backend.INPUTS == "numpy":
             args = [to_numpy(a) for a in args]
         outs = self.native(args, self.weights, self._cache)
@@ -176,6 +195,9 @@ class CompiledModel:
         }
         if self.last_report is not None:
             out["last_call"] = self.last_report.summary()
+        if self.exchange is not None:  # what the last call moved between ranks, this rank's view
+            out["all_to_all"] = {"rank": self.exchange.rank, "ranks": self.exchange.size,
+                                 **self.exchange.counters.as_dict()}
         return out
 
     def __repr__(self) -> str:
@@ -194,14 +216,17 @@ def _to_numpy(t: Any) -> np.ndarray:
 
 
 def compile(path_or_source: str | os.PathLike, model: str | None = None, target: str = backends.AUTO,
-            passes: str | None = None, options: DebugOptions | None = None) -> CompiledModel:
+            passes: str | None = None, options: DebugOptions | None = None,
+            expert_parallel: Any = None) -> CompiledModel:
     """Compile a `.sp` file (path) or source text for `target` (`auto`: triton with an NVIDIA GPU, else cpu,
     else the reference interpreter with a warning saying why).
 
     With several models in the file and no `model`, the last one is compiled. `passes` overrides the
     target's default pipeline; `options` (knobs.DebugOptions) turns on IR printing and dumps.
+    `expert_parallel` (a torch.distributed process group, e.g. `dist.group.WORLD`) splits the MoE experts into
+    equal blocks over its ranks: each rank runs its own tokens and its block of the experts (shard-experts).
     """
     backend = backends.get(target)
     text, filename = _read_source(path_or_source)
     module, name = compile_source(text, filename, model)
-    return CompiledModel(module, name, backend, passes or backend.PIPELINE, options)
+    return CompiledModel(module, name, backend, passes or backend.PIPELINE, options, expert_parallel)

@@ -60,9 +60,12 @@ class CpuBackend(Backend):
 
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
         """Kernels built and compiled to native code now; `options["constant_args"]`: inputs the caller keeps
-        the same between calls (what only they and the weights feed runs once, expert weights packed)."""
+        the same between calls (what only they and the weights feed runs once, expert weights packed);
+        `options["exchange"]`: the process group of an expert-parallel function."""
         from sparsa.backends.cpu.jit import CpuFunction
 
         self.legalize(func)
         self.check(func)
-        return CpuFunction(func, frozenset((options or {}).get("constant_args", frozenset())), self.target)
+        options = options or {}
+        return CpuFunction(func, frozenset(options.get("constant_args", frozenset())), self.target,
+                           options.get("exchange"))

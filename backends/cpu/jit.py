@@ -39,6 +39,8 @@ PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buf
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
 
+# The fast-math flag every float multiply and add carries (see _contract).
+CONTRACT = "contract"
 # LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
 # the attention kernel's scalar loops) against 0.3 s at O2, for the same vector code in the scheduled tiles.
 OPT_LEVEL = 2
@@ -92,6 +94,20 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     return module, builder, kernels
 
 
+def _contract(module: ir.Module) -> None:
+    """Let LLVM fuse each float multiply and the add of its product into one FMA, as the vectorized tiles' outer
+    products do: a matmul's remainder rows (scalar loops) then round like its full tiles, so a row's result does
+    not depend on where it falls (rows of a rank's tokens against the same rows of all ranks' tokens, bitwise)."""
+    flags = ir.Attribute.parse(f"#llvm.fastmath<{CONTRACT}>")
+
+    def mark(op: ir.Operation) -> ir.WalkResult:
+        if op.name in ("llvm.fmul", "llvm.fadd", "llvm.fsub"):
+            op.attributes["fastmathFlags"] = flags
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(mark)
+
+
 def _for_target(module: ir.Module, target: CpuTarget) -> None:
     """Give every LLVM function a named target's CPU and features: LLVM generates each function's code for
     them (on this machine too: x86-64-v3 on an AVX-512 host). This machine's own are left to the execution
@@ -121,12 +137,14 @@ class CpuFunction(Executable):
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
     def __init__(self, func_op: Operation, constant_args: frozenset[int] = frozenset(),
-                 target: CpuTarget | None = None):
+                 target: CpuTarget | None = None, exchange: Any = None):
         """`constant_args`: inputs the caller keeps the same between calls (see __call__); what only they and
         the weights feed runs on the host once, and the kernels may take it packed (expert weights).
         `target`: the machine to compile for (default: this one); code for another machine is only lowered
-        (its stages and `object_code()`), not loaded."""
+        (its stages and `object_code()`), not loaded. `exchange`: the process group the host exchanges rows over
+        (expert parallel)."""
         self.func_op = func_op
+        self.exchange = exchange
         self.constant_args = constant_args
         self.target = target or host_target()
         self.context = ir.Context()
@@ -140,7 +158,8 @@ class CpuFunction(Executable):
             self.stages = {"mlir": str(module),
                            "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k)}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
-            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, str(OPT_LEVEL), self.target.key())
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, CONTRACT, str(OPT_LEVEL),
+                             self.target.key())
             hit = cache.load(name) if runs else None
             self.cached = hit is not None
             if hit is not None:
@@ -151,6 +170,7 @@ class CpuFunction(Executable):
                 interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
                 self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
+                _contract(module)
                 _for_target(module, self.target)
                 self.stages["llvm"] = str(module)
                 if runs:
@@ -254,7 +274,7 @@ class _Host(Interpreter):
     weights, views, cached weight-only results and block maps of data masks."""
 
     def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict, weight_only: set[int]):
-        super().__init__(fn.func_op, params, cache, weight_only)
+        super().__init__(fn.func_op, params, cache, weight_only, fn.exchange)
         self.fn = fn
 
     def _compute(self, op: Operation) -> None:

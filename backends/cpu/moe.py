@@ -4,11 +4,12 @@ read through the permutation, the epilogue inlined and the combine fused."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, scf
+from torch_mlir.dialects import arith, func, linalg, llvm, memref, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
@@ -17,6 +18,7 @@ from sparsa.backends.cpu.context import (
     LAUNCHES,
     KernelContext,
     element_type,
+    host,
 )
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import PANEL
@@ -24,6 +26,7 @@ from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
+from sparsa.ir.dialects import moe_exchange as X
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.traits import Elementwise
@@ -34,6 +37,11 @@ ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu p
 # Parts of a grouped GEMM under SPARSA_DETERMINISTIC=1, whatever the threads: the combine's slices are summed in
 # this fixed number and order.
 DETERMINISTIC_PARTS = 4
+
+# The exchange among ranks (expert parallel) is the host's: it calls the process group (torch.distributed) with
+# the arrays the kernels made, and the NumPy plan over [T, K] ids is small next to the GEMMs around it.
+KERNELS.lowers(X.ExchangePlanOp, X.AllToAllOp, X.CombineRowsOp, X.LocalExpertsOp)(host)
+
 
 # ---- MoE: routing -------------------------------------------------------------------------------
 @KERNELS.lowers(M.RouteOp)
@@ -151,14 +159,19 @@ def dispatch_kernel(cx: KernelContext, op: Operation) -> Kernel:
             loop = B.loop(0, n)
             with ir.InsertionPoint(loop.body):
                 a = loop.induction_variable
-                e = B.as_index(B.load(flat, a))
-                c = B.load(count, e)
-                keep = B.if_(B.cmpi("lt", c, cap))
-                with ir.InsertionPoint(keep.then_block):
-                    if write:
-                        B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
-                    B.store(B.add(c, one), count, e)
-                    scf.YieldOp([])
+                eid = B.load(flat, a)
+                real = B.if_(B.cmpi("ge", eid, zero)) if op.drop_negative else None  # -1: no assignment
+                with ir.InsertionPoint(real.then_block) if real is not None else nullcontext():
+                    e = B.as_index(eid)
+                    c = B.load(count, e)
+                    keep = B.if_(B.cmpi("lt", c, cap))
+                    with ir.InsertionPoint(keep.then_block):
+                        if write:
+                            B.store(B.as_i64(a), perm, B.add(B.as_index(B.load(offsets, e)), B.as_index(c)))
+                        B.store(B.add(c, one), count, e)
+                        scf.YieldOp([])
+                    if real is not None:
+                        scf.YieldOp([])
                 scf.YieldOp([])
 
         place(False)
@@ -341,7 +354,9 @@ def scatter_add(cx: KernelContext, op: Operation, y: ir.Value, perm: ir.Value, s
         cols = B.loop(0, N)
         with ir.InsertionPoint(cols.body):
             c = cols.induction_variable
-            v = arith.MulFOp(g, B.extract(y, i, c)).result
+            # the product rounded before it is added (a fence: no FMA): a token's sum of gated rows is then the
+            # same whichever parts, ranks or order its assignments are summed in (K = 2: bitwise)
+            v = llvm.intr_arithmetic_fence(arith.MulFOp(g, B.extract(y, i, c)).result)
             oc = B.add(col0, c)
             B.store(arith.AddFOp(B.load(out, part, t, oc), v).result, out, part, t, oc)
             scf.YieldOp([])
@@ -424,8 +439,9 @@ def launch_dispatch(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> lis
     op = k.op
     t, kk = ins[0].shape
     e = op.num_experts
-    if ins[0].size and (ins[0].min() < 0 or ins[0].max() >= e):
-        raise SparsaError(f"moe.dispatch: expert id outside 0..{e - 1}", op.loc)
+    lowest = -1 if op.drop_negative else 0
+    if ins[0].size and (ins[0].min() < lowest or ins[0].max() >= e):
+        raise SparsaError(f"moe.dispatch: expert id outside {lowest}..{e - 1}", op.loc)
     perm, offsets = np.empty(t * kk + e * (op.block - 1), np.int64), np.empty(e + 1, np.int64)
     fn.call(k, [ins[0], np.array([op.capacity_limit(t, kk)], np.int64), perm, offsets])
     return [perm[: offsets[-1]], offsets]

@@ -16,9 +16,10 @@ class ReferenceFunction(Executable):
     """A function run op by op with each op's NumPy semantics. `options["interpreter"]` may name a subclass of
     `Interpreter` (one that records what each op did, say); the last call's interpreter is `last`."""
 
-    def __init__(self, func: Operation, interpreter: type[Interpreter] = Interpreter):
+    def __init__(self, func: Operation, interpreter: type[Interpreter] = Interpreter, exchange: Any = None):
         self.func = func
         self.interpreter = interpreter
+        self.exchange = exchange
         self.stages: dict[str, str] = {}
         self.last: Interpreter | None = None
         self._weight_only: dict[frozenset[int], set[int]] = {}
@@ -27,7 +28,7 @@ class ReferenceFunction(Executable):
                  constant_args: frozenset[int] = frozenset()) -> list[Any]:
         if constant_args not in self._weight_only:
             self._weight_only[constant_args] = weight_only_ops(self.func, constant_args)
-        self.last = self.interpreter(self.func, weights or {}, cache, self._weight_only[constant_args])
+        self.last = self.interpreter(self.func, weights or {}, cache, self._weight_only[constant_args], self.exchange)
         return self.last.run(list(inputs))
 
 
@@ -42,4 +43,5 @@ class ReferenceBackend(Backend):
         return getattr(op, "reference", None)
 
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> ReferenceFunction:
-        return ReferenceFunction(func, (options or {}).get("interpreter", Interpreter))
+        options = options or {}
+        return ReferenceFunction(func, options.get("interpreter", Interpreter), options.get("exchange"))

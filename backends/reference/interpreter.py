@@ -22,8 +22,11 @@ class Interpreter:
     """
 
     def __init__(self, func: Operation, params: Mapping[str, np.ndarray] | None = None,
-                 cache: dict[int, tuple[np.ndarray, ...]] | None = None, weight_only: set[int] | None = None):
+                 cache: dict[int, tuple[np.ndarray, ...]] | None = None, weight_only: set[int] | None = None,
+                 exchange: Any = None):
+        """`exchange`: the process group the expert-parallel ops (moe_exchange) exchange rows over."""
         self.func = func
+        self.exchange = exchange
         self.params = params or {}
         self.dims: dict[str, int] = {}
         self.values: dict[int, np.ndarray] = {}

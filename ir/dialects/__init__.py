@@ -1,5 +1,18 @@
 """Dialects: importing this package registers every op."""
 
-from sparsa.ir.dialects import attn, attn_blocks, func, moe, scan, sparse, tensor, tensor_reduce, tensor_shape
+from sparsa.ir.dialects import (
+    attn,
+    attn_blocks,
+    func,
+    moe,
+    moe_exchange,
+    scan,
+    sparse,
+    tensor,
+    tensor_reduce,
+    tensor_shape,
+)
 
-__all__ = ["attn", "attn_blocks", "func", "moe", "scan", "sparse", "tensor", "tensor_reduce", "tensor_shape"]
+__all__ = [
+    "attn", "attn_blocks", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_reduce", "tensor_shape",
+]

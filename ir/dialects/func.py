@@ -40,11 +40,13 @@ class FuncOp(Operation):
 
 
 class ParamOp(Operation):
-    """A named weight of the function, supplied by the weights file under its dotted name."""
+    """A named weight of the function, supplied by the weights file under its dotted name; with `shards`, split
+    along its first axis into that many equal blocks over the ranks of a process group, and this is one rank's."""
 
     NAME = "func.param"
     STRUCTURAL = True
     name = Attr(A.STR)
+    shards = Attr(A.INT, default=None)
     value = Result()
 
 

@@ -171,13 +171,15 @@ class RouteOp(Operation):
 class DispatchOp(Operation):
     """Sorts (token, slot) assignments by expert, stably (token order, then slot order), dropping those over
     capacity; `perm` lists assignment ids t*K+j per expert segment, each segment starting at a multiple of
-    `block` (padding is -1); `offsets[e]` is where expert e's segment starts, offsets[E] the total length."""
+    `block` (padding is -1); `offsets[e]` is where expert e's segment starts, offsets[E] the total length.
+    With `drop_negative`, ids below 0 are no assignment (the slots of a received token that other ranks serve)."""
 
     NAME = "moe.dispatch"
     experts = Operand()
     num_experts = Attr(A.INT)
     block = Attr(A.INT, default=1)
     capacity = Attr(A.FLOAT, default=None)
+    drop_negative = Attr(A.BOOL, default=False)
     perm = Result()
     offsets = Result()
 
@@ -189,6 +191,10 @@ class DispatchOp(Operation):
             raise self.error(f"block ({self.block}) and num_experts ({self.num_experts}) must be positive")
         return [TensorType("i64", (None,)), TensorType("i64", (self.num_experts + 1,))]
 
+    def verify(self) -> None:
+        if self.drop_negative and self.capacity is not None:
+            raise self.error("drop_negative dispatches what another step kept: it takes no capacity")
+
     def capacity_limit(self, tokens: int, k: int) -> int:
         """Most assignments one expert keeps for `tokens` tokens of `k` assignments: every one without a
         capacity, else ceil(capacity * T * K / E). The one rule every target uses."""
@@ -196,11 +202,12 @@ class DispatchOp(Operation):
 
     def reference(self, ctx: Any, experts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         E = self.num_experts
-        if experts.size and (experts.min() < 0 or experts.max() >= E):
-            raise ValueError(f"moe.dispatch: expert id outside 0..{E - 1}")
+        lowest = -1 if self.drop_negative else 0
+        if experts.size and (experts.min() < lowest or experts.max() >= E):
+            raise ValueError(f"moe.dispatch: expert id outside {lowest}..{E - 1}")
         keep = kept_assignments(experts, E, self.capacity).reshape(-1)
         flat = experts.reshape(-1)
-        ids = np.flatnonzero(keep)
+        ids = np.flatnonzero(keep & (flat >= 0))
         ids = ids[np.argsort(flat[ids], kind="stable")]
         counts = np.bincount(flat[ids], minlength=E)
         padded = -(-counts // self.block) * self.block

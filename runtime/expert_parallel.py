@@ -1,0 +1,125 @@
+"""Expert parallel on torch.distributed: the process group the `moe_exchange` ops exchange rows over (gloo on
+CPUs, NCCL on GPUs; torchrun sets the rendezvous), the bytes each call moves, and each rank's weight blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from sparsa.ir.core import Module
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects.func import ParamOp
+from sparsa.ir.dialects.moe import MoeOp
+from sparsa.ir.dialects.moe_exchange import ExchangePlanOp
+from sparsa.ir.types import TensorType
+from sparsa.runtime.weights import WeightSpec
+
+
+@dataclass
+class ExchangeCounters:
+    """Bytes one rank moved in one call: sent to and received from other ranks, and kept (its own rows, which
+    all_to_all copies locally), per exchange in program order, and the small collectives of counts."""
+
+    sent_bytes: int = 0
+    received_bytes: int = 0
+    local_bytes: int = 0
+    count_bytes: int = 0
+    exchanges: list[dict[str, int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes,
+                "local_bytes": self.local_bytes, "count_bytes": self.count_bytes,
+                "exchanges": [dict(e) for e in self.exchanges]}
+
+
+class TorchExchange:
+    """A torch.distributed process group as the IR's `Exchange`: all_gather and all_to_all_single on NumPy rows."""
+
+    def __init__(self, group: Any):
+        try:
+            import torch
+            import torch.distributed as dist
+        except ImportError as e:
+            raise SparsaError(f"expert_parallel needs torch.distributed ({e}): pip install torch") from None
+        if not dist.is_available() or not dist.is_initialized():
+            raise SparsaError("expert_parallel needs an initialized process group: call "
+                              "torch.distributed.init_process_group('gloo') first (torchrun sets the rendezvous)")
+        self.torch, self.dist, self.group = torch, dist, group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+            else torch.device("cpu")
+        self.counters = ExchangeCounters()
+
+    def begin_call(self) -> None:
+        """Counters from zero: what one call moves."""
+        self.counters = ExchangeCounters()
+
+    def _tensor(self, a: np.ndarray) -> Any:
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def all_gather(self, a: np.ndarray) -> np.ndarray:
+        parts = [self.torch.empty(a.shape, dtype=self._tensor(a).dtype, device=self.device) for _ in range(self.size)]
+        self.dist.all_gather(parts, self._tensor(a), group=self.group)
+        self.counters.count_bytes += a.nbytes * self.size
+        return np.stack([p.cpu().numpy() for p in parts])
+
+    def all_to_all(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        sends, receives = [int(n) for n in sends], [int(n) for n in receives]
+        row = data.itemsize * int(np.prod(data.shape[1:]))
+        src = self._tensor(data)
+        out = self.torch.empty((sum(receives),) + tuple(data.shape[1:]), dtype=src.dtype, device=self.device)
+        self.dist.all_to_all_single(out, src, output_split_sizes=receives, input_split_sizes=sends, group=self.group)
+        c = self.counters
+        if data.ndim == 1 and sends == [1] * self.size:  # the row counts themselves
+            c.count_bytes += row * (self.size - 1) * 2
+        else:
+            mine = sends[self.rank] * row
+            sent, received = sum(sends) * row - mine, sum(receives) * row - mine
+            c.sent_bytes += sent
+            c.received_bytes += received
+            c.local_bytes += mine
+            c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received})
+        return out.cpu().numpy()
+
+
+def sharded_params(module: Module) -> dict[str, int]:
+    """Weights split over the ranks (name -> ranks): those `shard-experts` made each rank load a block of."""
+    return {op.name: op.shards for op in module.walk() if isinstance(op, ParamOp) and op.shards is not None}
+
+
+def check_sharded(module: Module, ranks: int) -> None:
+    """A SparsaError unless every MoE of the module was split over the ranks."""
+    left = next((op for op in module.walk() if isinstance(op, MoeOp)), None)
+    if left is not None:
+        raise SparsaError("expert parallel: this moe's expert body is not a chain of expert matmuls and "
+                          "elementwise ops that fuse-moe-dispatch can lower, so its experts cannot be split over "
+                          f"{ranks} ranks", left.loc)
+    if not any(isinstance(op, ExchangePlanOp) for op in module.walk()):
+        raise SparsaError("expert parallel: the model has no moe whose experts could be split over the ranks")
+
+
+def block_specs(specs: Mapping[str, WeightSpec], shards: Mapping[str, int]) -> dict[str, WeightSpec]:
+    """The weights one rank holds: a sharded one as its block of experts."""
+    out = dict(specs)
+    for name, ranks in shards.items():
+        s = specs[name]
+        t = s.type
+        out[name] = WeightSpec(name, TensorType(t.dtype, (t.shape[0] // ranks,) + t.shape[1:]), s.layout, s.loc)
+    return out
+
+
+def shard_weights(arrays: Mapping[str, np.ndarray], specs: Mapping[str, WeightSpec], shards: Mapping[str, int],
+                  rank: int) -> dict[str, np.ndarray]:
+    """Weights with every sharded one given in full (every rank's experts) cut to this rank's block; one given as
+    the block already, or mis-shaped, is left for the weight check."""
+    out = dict(arrays)
+    for name, ranks in shards.items():
+        a, full = out.get(name), specs[name].type.shape
+        if a is not None and np.ndim(a) == len(full) and np.shape(a)[0] == full[0] and ranks > 1:
+            n = full[0] // ranks
+            out[name] = a[rank * n:(rank + 1) * n]
+    return out
