@@ -110,6 +110,22 @@ def _int(text: str, spec: str) -> int:
         raise SparsaError(f"bad --input value {spec}: expected randint:HIGH:SHAPE") from None
 
 
+def _process_group(enabled: bool) -> Any:
+    """With --expert-parallel: the process group torchrun set up (gloo), and this rank's prefix for printing."""
+    if not enabled:
+        return None, ""
+    import os
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SparsaError("--expert-parallel runs one process per rank under torchrun, e.g. torchrun "
+                          "--nproc-per-node 2 --no-python sparsa run model.sp --random-weights --expert-parallel")
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.group.WORLD, f"[rank {dist.get_rank()}/{dist.get_world_size()}] "
+
+
 def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     """`sparsa run FILE.sp`: compile, load or make weights, run on the given inputs, report shapes and time."""
     import time
@@ -118,9 +134,12 @@ def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
 
     import sparsa
 
+    group, rank = _process_group(args.expert_parallel)
+    seed = args.seed + (group.rank() if group is not None else 0)  # each rank its own tokens
     t0 = time.perf_counter()
-    print(f"compiling {args.file} for {args.target} ...", file=sys.stderr, flush=True)
-    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options)
+    print(f"{rank}compiling {args.file} for {args.target} ...", file=sys.stderr, flush=True)
+    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options,
+                           expert_parallel=group)
     t1 = time.perf_counter()
     if args.weights:
         model.load_weights(args.weights, prune=args.prune)
@@ -134,24 +153,29 @@ def cmd_run(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
         name, eq, spec = item.partition("=")
         if not eq:
             raise SparsaError(f"bad --input {item!r}: expected NAME=randn:SHAPE or NAME=file.npy")
-        given[name] = _input_array(spec, name, model, args.seed)
+        given[name] = _input_array(spec, name, model, seed)
     missing = [n for n in model.input_names if n not in given]
     if missing:
         raise SparsaError(f"model '{model.name}' needs --input for {', '.join(missing)} "
                           f"(e.g. --input {missing[0]}=randn:64,512)")
-    print(f"running {model.name} ...", file=sys.stderr, flush=True)
+    print(f"{rank}running {model.name} ...", file=sys.stderr, flush=True)
     t2 = time.perf_counter()
     outs = model(**given)
     t3 = time.perf_counter()
     outs = outs if isinstance(outs, tuple) else (outs,)
     for i, o in enumerate(outs):
         finite = bool(np.isfinite(o).all()) if o.dtype.kind == "f" else True
-        print(f"output {i}: shape {list(o.shape)} {o.dtype}  checksum {float(np.sum(o, dtype=np.float64)):.6e}  "
+        print(f"{rank}output {i}: shape {list(o.shape)} {o.dtype}  checksum {float(np.sum(o, dtype=np.float64)):.6e}  "
               f"mean|x| {float(np.mean(np.abs(o))) if o.size else 0.0:.6e}{'' if finite else '  (non-finite values)'}")
-    print(f"compile {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t3 - t2):.1f} ms ({model.target})")
+    print(f"{rank}compile {1e3 * (t1 - t0):.1f} ms, run {1e3 * (t3 - t2):.1f} ms ({model.target})")
+    if group is not None:
+        a2a = model.stats()["all_to_all"]
+        print(f"{rank}all_to_all: sent {a2a['sent_bytes']} B, received {a2a['received_bytes']} B to and from other "
+              f"ranks, kept {a2a['local_bytes']} B, counts {a2a['count_bytes']} B")
     if args.out:
-        np.savez(args.out, **{f"output{i}": o for i, o in enumerate(outs)})
-        print(f"wrote {args.out}")
+        out = args.out if group is None else args.out.replace(".npz", "") + f".rank{group.rank()}.npz"
+        np.savez(out, **{f"output{i}": o for i, o in enumerate(outs)})
+        print(f"{rank}wrote {out}")
     return 0
 
 
@@ -166,7 +190,10 @@ def cmd_explain(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     from sparsa.ir.types import numpy_dtype
     from sparsa.runtime.explain import format_report, save_block_map_png
 
-    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options)
+    group, rank = _process_group(args.expert_parallel)
+    seed = args.seed + (group.rank() if group is not None else 0)
+    model = sparsa.compile(args.file, model=args.model, target=args.target, options=options,
+                           expert_parallel=group)
     if args.weights:
         model.load_weights(args.weights, prune=args.prune)
     else:
@@ -180,8 +207,8 @@ def cmd_explain(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     given = {}
     for item in args.input or []:
         name, eq, spec = item.partition("=")
-        given[name] = _input_array(spec, name, model, args.seed)
-    rng = np.random.default_rng(args.seed)
+        given[name] = _input_array(spec, name, model, seed)
+    rng = np.random.default_rng(seed)
     inputs = []
     for name, t in zip(model.input_names, model.input_types, strict=True):
         if name in given:
@@ -200,13 +227,14 @@ def cmd_explain(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
     elapsed = time.perf_counter() - t0
     report = model.last_report
     if report is None:  # a native target: the same IR (its pipeline) recorded op by op by the reference
-        twin = sparsa.compile(args.file, model=args.model, target="reference", passes=model.backend.PIPELINE)
+        twin = sparsa.compile(args.file, model=args.model, target="reference", passes=model.backend.PIPELINE,
+                              expert_parallel=group)
         twin.load_weights(model.weights)
         twin(*inputs)
         report = twin.last_report
         print(f"{model.name} on {model.target}: one call took {1e3 * elapsed:.1f} ms (the first, compiling included "
               f"where the target compiles lazily); the figures below are the reference's run of the same IR")
-    print(format_report(report, model.name), end="")
+    print(format_report(report, rank + model.name), end="")
     if args.block_map:
         maps = [o for o in report.ops if o.block_map is not None]
         if not maps:
@@ -254,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an input: randn:SHAPE, randint:HIGH:SHAPE, zeros:SHAPE, ones:SHAPE or a .npy file")
     run.add_argument("--target", default=backends.AUTO, type=target, metavar="TARGET",
                      help="where to run (default auto: triton with an NVIDIA GPU, else cpu, else reference)")
-    run.add_argument("--out", help="save the outputs to this .npz file")
+    run.add_argument("--out", help="save the outputs to this .npz file (per rank: FILE.rankN.npz)")
+    run.add_argument("--expert-parallel", action="store_true",
+                     help="split the MoE experts over the ranks torchrun started (gloo); each rank runs its own inputs")
     knobs.add_arguments(run)
     run.set_defaults(func=cmd_run)
 
@@ -269,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--target", default="reference", type=target, metavar="TARGET",
                      help="the run that is explained (default: the reference interpreter, which records every op)")
     exp.add_argument("--block-map", metavar="OUT.png", help="draw the first attention block map to a PNG")
+    exp.add_argument("--expert-parallel", action="store_true",
+                     help="under torchrun: each rank explains its own call, tokens and bytes per rank included")
     knobs.add_arguments(exp)
     exp.set_defaults(func=cmd_explain)
 

@@ -3,6 +3,7 @@ CPUs, NCCL on GPUs; torchrun sets the rendezvous), the bytes each call moves, an
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,17 +22,19 @@ from sparsa.runtime.weights import WeightSpec
 @dataclass
 class ExchangeCounters:
     """Bytes one rank moved in one call: sent to and received from other ranks, and kept (its own rows, which
-    all_to_all copies locally), per exchange in program order, and the small collectives of counts."""
+    all_to_all copies locally), per exchange in program order, and the small collectives of counts; with the
+    seconds each took on this rank (waiting for the slowest rank included)."""
 
     sent_bytes: int = 0
     received_bytes: int = 0
     local_bytes: int = 0
     count_bytes: int = 0
-    exchanges: list[dict[str, int]] = field(default_factory=list)
+    count_seconds: float = 0.0
+    exchanges: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {"sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes,
-                "local_bytes": self.local_bytes, "count_bytes": self.count_bytes,
+                "local_bytes": self.local_bytes, "count_bytes": self.count_bytes, "count_seconds": self.count_seconds,
                 "exchanges": [dict(e) for e in self.exchanges]}
 
 
@@ -62,28 +65,35 @@ class TorchExchange:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
     def all_gather(self, a: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         parts = [self.torch.empty(a.shape, dtype=self._tensor(a).dtype, device=self.device) for _ in range(self.size)]
         self.dist.all_gather(parts, self._tensor(a), group=self.group)
-        self.counters.count_bytes += a.nbytes * self.size
+        self.counters.count_bytes += a.nbytes * (self.size - 1) * 2
+        self.counters.count_seconds += time.perf_counter() - t0
         return np.stack([p.cpu().numpy() for p in parts])
 
     def all_to_all(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
         sends, receives = [int(n) for n in sends], [int(n) for n in receives]
         row = data.itemsize * int(np.prod(data.shape[1:]))
         src = self._tensor(data)
         out = self.torch.empty((sum(receives),) + tuple(data.shape[1:]), dtype=src.dtype, device=self.device)
         self.dist.all_to_all_single(out, src, output_split_sizes=receives, input_split_sizes=sends, group=self.group)
+        result = out.cpu().numpy()
+        seconds = time.perf_counter() - t0
         c = self.counters
         if data.ndim == 1 and sends == [1] * self.size:  # the row counts themselves
             c.count_bytes += row * (self.size - 1) * 2
+            c.count_seconds += seconds
         else:
             mine = sends[self.rank] * row
             sent, received = sum(sends) * row - mine, sum(receives) * row - mine
             c.sent_bytes += sent
             c.received_bytes += received
             c.local_bytes += mine
-            c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received})
-        return out.cpu().numpy()
+            c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received,
+                                "seconds": seconds})
+        return result
 
 
 def sharded_params(module: Module) -> dict[str, int]:

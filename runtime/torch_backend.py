@@ -5,7 +5,11 @@ of each graph goes to the `sparsa` logger at INFO, and SPARSA_LOG=fallbacks says
 
 Registered through the `torch_dynamo_backends` entry point. Options:
 `torch.compile(m, backend="sparsa", options={"target": "auto", "passes": "...", "dump_dir": "...",
-"partitions": "worthwhile", "cuda_graphs": False})`.
+"partitions": "worthwhile", "cuda_graphs": False, "freezing": False, "expert_parallel": None})`.
+
+expert_parallel: a torch.distributed process group (`dist.group.WORLD`): each MoE a partition holds runs expert
+parallel over its ranks (`shard-experts`): this rank's tokens in, its block of the experts (cut from the full
+parameters each rank holds), tokens exchanged with all_to_all. Every rank must run the same model.
 
 Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
 `cpu`, native code through MLIR, or on `reference` where torch-mlir is not installed), or one of
@@ -40,6 +44,7 @@ from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
+from sparsa.passes.pipelines import expert_parallel_pipeline
 from sparsa.runtime.report import REPORT, PartitionRecord
 
 # Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
@@ -66,6 +71,12 @@ class SparsaBackend:
                 raise SparsaError(f"the {flag} option is true or false, got {self.options[flag]!r}")
         if self.options.get("partitions", "worthwhile") not in ("worthwhile", "all"):
             raise SparsaError(f"unknown partitions option '{self.options['partitions']}' (worthwhile or all)")
+        group = self.options.get("expert_parallel")
+        self.exchange = None
+        if group is not None:
+            from sparsa.runtime.expert_parallel import TorchExchange
+
+            self.exchange = TorchExchange(group)
         self.stats: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.partitions: list[CompiledPartition] = []  # for inspection: each one's IR after the pipeline
@@ -235,7 +246,11 @@ class CompiledPartition(torch.nn.Module):
         else:
             self.backend = backends.get(backend.target)
         self.target = self.backend.label
-        self.module = PassManager(backend.options.get("passes", self.backend.PIPELINE), options).run(module)
+        pipeline = backend.options.get("passes", self.backend.PIPELINE)
+        self.exchange = backend.exchange
+        if self.exchange is not None:
+            pipeline = expert_parallel_pipeline(pipeline, self.exchange.size)
+        self.module = PassManager(pipeline, options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
                 op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME == "tensor.matmul" for op in self.func.walk()):
@@ -250,7 +265,7 @@ class CompiledPartition(torch.nn.Module):
         self.graphs: Any = None
         self.backend.check(self.func)  # an op the target cannot lower: the partition stays in PyTorch
         if not self.backend.SPECIALIZES_ON_CONSTANTS:
-            self.native = self.backend.compile(self.func)
+            self.native = self.backend.compile(self.func, {"exchange": self.exchange})
             if backend.options.get("cuda_graphs", False):  # replayed per input signature, where the target can
                 self.graphs = self.backend.graphs(self.native)
 
@@ -280,12 +295,13 @@ class CompiledPartition(torch.nn.Module):
             # constants serves, caching nothing across calls)
             if constant not in self.builds:
                 try:
-                    self.builds[constant] = self.backend.compile(self.func, {"constant_args": constant})
+                    self.builds[constant] = self.backend.compile(self.func, {"constant_args": constant,
+                                                                             "exchange": self.exchange})
                 except SparsaError:
                     if not constant:
                         raise
                     if frozenset() not in self.builds:
-                        self.builds[frozenset()] = self.backend.compile(self.func)
+                        self.builds[frozenset()] = self.backend.compile(self.func, {"exchange": self.exchange})
                     self.builds[constant] = self.builds[frozenset()]
             self.native = self.builds[constant]
             constant = constant if self.native.constant_args == constant else frozenset()

@@ -61,12 +61,14 @@ def known_moe_block(module: torch.nn.Module) -> bool:
 class SparsaMoEBlock(torch.nn.Module):
     """A known MoE block run as one compiled Sparsa model (its weights stay the original parameters)."""
 
-    def __init__(self, block: torch.nn.Module, target: str = "auto", freezing: bool = False):
+    def __init__(self, block: torch.nn.Module, target: str = "auto", freezing: bool = False,
+                 expert_parallel: Any = None):
         super().__init__()
         # the block's own children, under their names: state_dict keys, .to(device) and loading keep working
         self.gate, self.experts = block.gate, block.experts
         self.target = target
         self.freezing = freezing
+        self.expert_parallel = expert_parallel
         self._models: dict[tuple, Any] = {}
         self._seen: dict[tuple, tuple] = {}  # per compiled model: the parameters it last read
 
@@ -104,7 +106,8 @@ class SparsaMoEBlock(torch.nn.Module):
             target = backends.choose(("triton",) if x.device.type == "cuda" else cpu).NAME
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
-            self._models[key] = sparsa.compile(self.source(x.dtype), target=target)
+            self._models[key] = sparsa.compile(self.source(x.dtype), target=target,
+                                               expert_parallel=self.expert_parallel)
         if self.freezing:
             seen = tuple((id(p), p.data_ptr(), p._version) for p in self._params())
             if self._seen.get(key) != seen:  # first call, or a parameter changed: read them (again)
@@ -126,15 +129,18 @@ class SparsaMoEBlock(torch.nn.Module):
         return y.to(hidden_states.dtype).reshape(shape)
 
 
-def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool = False) -> list[str]:
+def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool = False,
+                    expert_parallel: Any = None) -> list[str]:
     """Replace every known MoE block of `model` in place; returns the names of the blocks replaced.
-    `freezing`: load the parameters into the compiled blocks as constants (see the module docstring)."""
+    `freezing`: load the parameters into the compiled blocks as constants (see the module docstring);
+    `expert_parallel`: a torch.distributed process group the blocks split their experts over (each rank passes
+    its own tokens; with freezing it keeps only its block of the expert weights)."""
     swapped = []
     for name, module in list(model.named_modules()):
         if not name or not known_moe_block(module):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SparsaMoEBlock(module, target, freezing))
+        setattr(parent, child, SparsaMoEBlock(module, target, freezing, expert_parallel))
         swapped.append(name)
     return swapped

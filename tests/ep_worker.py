@@ -24,6 +24,9 @@ def main() -> None:
         cases = json.load(f)
     for case in cases:
         os.environ["SPARSA_DETERMINISTIC"] = "1" if case.get("deterministic") else "0"
+        if case.get("torch"):
+            run_torch(case, rank, folder)
+            continue
         m = sparsa.compile(case["source"], target=case["target"], expert_parallel=dist.group.WORLD)
         inputs = np.load(os.path.join(folder, case["name"] + ".inputs.npz"))
         if case.get("weights"):
@@ -43,6 +46,49 @@ def main() -> None:
                  stats=np.array(json.dumps(stats)), ir=np.array(m.ir()))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def mixtral_block(seed: int) -> object:
+    """transformers' Mixtral MoE block (grouped_mm experts), small, the same on every rank."""
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return block
+
+
+def run_torch(case: dict, rank: int, folder: str) -> None:
+    """The block under torch.compile(backend=sparsa, expert_parallel) or swapped for a Sparsa block."""
+    import torch
+    import torch.distributed as dist
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+    from sparsa.runtime.torch_moe import swap_moe_blocks
+
+    block = mixtral_block(case["seed"])
+    lo, hi = case["splits"][rank], case["splits"][rank + 1]
+    x = torch.from_numpy(np.load(os.path.join(folder, case["name"] + ".inputs.npz"))["x"][lo:hi])[None]
+    with torch.no_grad():
+        if case["torch"] == "compile":
+            backend = SparsaBackend({"target": case["target"], "expert_parallel": dist.group.WORLD})
+            y = torch.compile(block, backend=backend)(x)
+            stats = backend.exchange.counters.as_dict()
+            ir = "".join(str(p.module) for p in backend.partitions)
+        else:
+            holder = torch.nn.Sequential(block)
+            swap_moe_blocks(holder, case["target"], freezing=case["torch"] == "swap-frozen",
+                            expert_parallel=dist.group.WORLD)
+            y = holder(x)
+            model = next(iter(holder[0]._models.values()))
+            stats, ir = model.stats()["all_to_all"], model.ir()
+    np.savez(os.path.join(folder, f"{case['name']}.{rank}.npz"), y=y[0].numpy(), stats=np.array(json.dumps(stats)),
+             ir=np.array(ir))
 
 
 if __name__ == "__main__":

@@ -54,8 +54,10 @@ def roundtrip(module: Module) -> Module:
 
 
 def run_op(name: str, inputs: Sequence[np.ndarray], attrs: dict[str, Any] | None = None,
-           result_types: Sequence[TensorType] | None = None, regions: Sequence[Region] | None = None) -> list:
-    """Build `name` on function arguments typed like `inputs`, round-trip it, run it on the reference."""
+           result_types: Sequence[TensorType] | None = None, regions: Sequence[Region] | None = None,
+           exchange: Any = None) -> list:
+    """Build `name` on function arguments typed like `inputs`, round-trip it, run it on the reference (with
+    `exchange`, the process group of an expert-parallel op)."""
     cls = OP_REGISTRY[name]
 
     def body(block: Block, args: list) -> list:
@@ -65,4 +67,4 @@ def run_op(name: str, inputs: Sequence[np.ndarray], attrs: dict[str, Any] | None
         return op.results
 
     module = roundtrip(make_func("f", [type_of(x) for x in inputs], body))
-    return run_function(module, list(inputs))
+    return run_function(module, list(inputs), exchange=exchange)

@@ -3,6 +3,7 @@ rank's tokens concatenated in rank order; global capacity brute-forced; bytes ag
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -113,6 +114,10 @@ def cases(world: int) -> list[dict]:
                     deterministic=True))
     for c in out:
         c["splits"] = splits
+    if importlib.util.find_spec("transformers") is not None:  # transformers' Mixtral block, every rank with tokens
+        for how in ("compile", "swap", "swap-frozen"):
+            out.append(dict(name=f"torch-{how}", torch=how, target="cpu", k=2, capacity=None, seed=6,
+                            splits={2: [0, 9, 25], 4: [0, 9, 25, 28, 40]}[world]))
     return out
 
 
@@ -136,6 +141,9 @@ def prepare(folder: Path, world: int) -> list[dict]:
 
 def check(folder: Path, world: int, todo: list[dict]) -> None:
     for c in todo:
+        if c.get("torch"):
+            check_torch(folder, world, c)
+            continue
         os.environ["SPARSA_DETERMINISTIC"] = "1" if c.get("deterministic") else "0"
         try:
             one = sparsa.compile(c["source"], target=c["target"])
@@ -166,6 +174,29 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             assert stats["sent_bytes"] == sum(e["sent_bytes"] for e in stats["exchanges"])
         if c["capacity"] is not None:
             assert not kept.all(), f"{c['name']}: capacity dropped nothing; the case tests nothing"
+
+
+def check_torch(folder: Path, world: int, c: dict) -> None:
+    """The rank outputs against the eager block on every token, and the bytes against the minimum."""
+    import torch
+
+    sys.path.insert(0, str(WORKER.parent))
+    from ep_worker import mixtral_block
+
+    block = mixtral_block(c["seed"])
+    x = np.load(folder / f"{c['name']}.inputs.npz")["x"]
+    with torch.no_grad():
+        want = block(torch.from_numpy(x)[None])[0].numpy()
+        gate = block.gate.weight.numpy().T
+    ranks = [np.load(folder / f"{c['name']}.{r}.npz") for r in range(world)]
+    np.testing.assert_allclose(np.concatenate([r["y"] for r in ranks]), want, rtol=1e-4, atol=1e-5,
+                               err_msg=c["name"])
+    experts, kept = routing(x, gate, 2, None)
+    rows = minimum_rows(experts, kept, c["splits"], 8, world)
+    for r in range(world):
+        assert "moe.exchange_plan" in str(ranks[r]["ir"]), c["name"]
+        stats = json.loads(str(ranks[r]["stats"]))
+        assert stats["exchanges"][0]["sent_bytes"] == rows[r] * 32 * 4, (c["name"], r)
 
 
 @pytest.mark.slow

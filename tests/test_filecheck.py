@@ -68,6 +68,8 @@ def test_filecheck_case(tmp_path, name, index, args, case):
     assert check.returncode == 0, f"{name} case {index}:\n{check.stderr}\n--- output ---\n{out.getvalue()}"
 
     before, after = parse_module(case), parse_module(out.getvalue())
+    if any(op.NAME == "moe.exchange_plan" for op in after.walk()):
+        return  # a function over several ranks: test_expert_parallel.py runs it on real processes against one
     rng = np.random.default_rng(index)
     for fb, fa in zip(before.funcs, after.funcs, strict=True):
         inputs, params = random_inputs(before, fb, rng)

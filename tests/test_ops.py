@@ -352,6 +352,72 @@ def case_dispatch():
         np.testing.assert_array_equal(offsets, want_offsets)
 
 
+def case_dispatch_drop_negative():
+    """Ids of -1 (slots another rank serves) are no assignment; the rest dispatch as usual."""
+    experts = rng.integers(-1, 4, size=(9, 2)).astype(np.int64)
+    perm, offsets = run_op("moe.dispatch", [experts], {"num_experts": 4, "block": 2, "drop_negative": True})
+    want_perm, want_offsets = _dispatch_expected(np.where(experts < 0, 99, experts), 4, 2, None)
+    np.testing.assert_array_equal(perm, want_perm)
+    np.testing.assert_array_equal(offsets, want_offsets)
+
+
+def _world_of_one(case):
+    """Run `case(exchange)` on a real gloo process group of one rank (the many-rank runs are in
+    test_expert_parallel.py), torn down after."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    from sparsa.runtime.expert_parallel import TorchExchange
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        case(TorchExchange(dist.group.WORLD))
+    finally:
+        dist.destroy_process_group()
+
+
+def case_exchange_plan(ex):
+    from sparsa.ir.dialects.moe import kept_assignments
+
+    experts = rng.integers(0, 4, size=(7, 2)).astype(np.int64)
+    experts[:, 1] = (experts[:, 0] + 1) % 4
+    for capacity in (None, 0.5):
+        rows, local, sends, receives = run_op("moe.exchange_plan", [experts],
+                                              {"num_experts": 4, "ranks": 1, "capacity": capacity}, exchange=ex)
+        keep = kept_assignments(experts, 4, capacity)
+        want_rows = np.flatnonzero(keep.any(1))
+        np.testing.assert_array_equal(rows, want_rows)
+        np.testing.assert_array_equal(local, np.where(keep[want_rows], experts[want_rows], -1))
+        assert sends.tolist() == receives.tolist() == [want_rows.size]
+
+
+def case_all_to_all(ex):
+    data = randn(5, 3)
+    (out,) = run_op("moe.all_to_all", [data, np.array([5]), np.array([5])], exchange=ex)
+    np.testing.assert_array_equal(out, data)
+
+
+def case_combine_rows():
+    parts, rows, tokens = randn(5, 3), np.array([0, 2, 0, 3, 2]), randn(4, 2)
+    (y,) = run_op("moe.combine_rows", [parts, rows, tokens])
+    want = np.zeros((4, 3), np.float32)
+    for p, t in zip(parts, rows, strict=True):
+        want[t] += p
+    np.testing.assert_allclose(y, want, rtol=1e-6)
+
+
+def case_local_experts(ex):
+    w = randn(4, 2, 3)
+    (out,) = run_op("moe.local_experts", [w], {"ranks": 1}, exchange=ex)
+    np.testing.assert_array_equal(out, w)
+
+
 def _grouped_case(name):
     from sparsa.backends.reference import run_function
     from sparsa.ir.dialects.moe import GroupedMatmulCombineOp, GroupedMatmulOp
@@ -515,7 +581,11 @@ CASES = {
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
     "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
     "scan.fused": case_fused_scan, "scan.linear_attention": case_linear_attention,
-    "sparse.convert": case_sparse_convert, "moe.route": case_route, "moe.dispatch": case_dispatch,
+    "sparse.convert": case_sparse_convert, "moe.route": case_route,
+    "moe.dispatch": lambda: (case_dispatch(), case_dispatch_drop_negative()),
+    "moe.exchange_plan": lambda: _world_of_one(case_exchange_plan),
+    "moe.all_to_all": lambda: _world_of_one(case_all_to_all), "moe.combine_rows": case_combine_rows,
+    "moe.local_experts": lambda: _world_of_one(case_local_experts),
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),

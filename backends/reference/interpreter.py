@@ -129,10 +129,11 @@ class Interpreter:
 
 
 def run_function(module: Module, inputs: Sequence[np.ndarray], params: Mapping[str, Any] | None = None,
-                 func: str | None = None, cache: dict | None = None) -> list[np.ndarray]:
+                 func: str | None = None, cache: dict | None = None, exchange: Any = None) -> list[np.ndarray]:
     """Run `func` (default: the last function) of `module` on NumPy inputs with named weights.
 
-    Pass the same `cache` dict on every call with the same weights to compute weight-only ops once.
+    Pass the same `cache` dict on every call with the same weights to compute weight-only ops once; `exchange`
+    is the process group of expert-parallel ops.
     """
     f = module.lookup(func) if func else module.funcs[-1]
-    return Interpreter(f, params, cache).run(inputs)
+    return Interpreter(f, params, cache, exchange=exchange).run(inputs)
