@@ -58,17 +58,20 @@ class CompiledModel:
         self.backend = backend
         self.target = backend.label
         self.specs: dict[str, WeightSpec] = weight_specs(module)
-        self.exchange = None if expert_parallel is None else ep.TorchExchange(expert_parallel)
-        if self.exchange is not None:
-            pipeline = expert_parallel_pipeline(pipeline, self.exchange.size)
+        # a process group, or a number of ranks: compiled for them without one, to read its IR and code
+        self.exchange = None if expert_parallel is None or isinstance(expert_parallel, int) \
+            else ep.TorchExchange(expert_parallel)
+        self.ranks = self.exchange.size if self.exchange is not None else expert_parallel
+        if self.ranks is not None:
+            pipeline = expert_parallel_pipeline(pipeline, self.ranks)
         self.input_names = [a.name_hint for a in module.funcs[-1].regions[0].block.args]
         self.input_types = [a.type for a in module.funcs[-1].regions[0].block.args]
         self._input_ir = print_module(module)
         self._pm = PassManager(pipeline, options or DebugOptions())
         self.module = self._pm.run(module)
         self.shards = ep.sharded_params(self.module)  # weight name -> ranks its experts are split over
-        if self.exchange is not None:
-            ep.check_sharded(self.module, self.exchange.size)
+        if self.ranks is not None:
+            ep.check_sharded(self.module, self.ranks)
         from sparsa.runtime.explain import RecordingInterpreter
 
         # the reference target records what each op did (for `stats` and `sparsa explain`)
@@ -93,7 +96,7 @@ class CompiledModel:
         expert_parallel, an expert weight may come in full (this rank keeps its block) or as this rank's block."""
         arrays = read_weights(source)
         if self.shards:
-            arrays = ep.shard_weights(arrays, self.specs, self.shards, self.exchange.rank)
+            arrays = ep.shard_weights(arrays, self.specs, self.shards, self._rank())
         self._set_weights(check_weights(ep.block_specs(self.specs, self.shards), arrays, prune=prune))
         return self
 
@@ -102,9 +105,16 @@ class CompiledModel:
         of an expert-parallel group, each keeping its block of the experts."""
         weights = init_weights(self.specs, seed)
         if self.shards:
-            weights = ep.shard_weights(weights, self.specs, self.shards, self.exchange.rank)
+            weights = ep.shard_weights(weights, self.specs, self.shards, self._rank())
         self._set_weights(weights)
         return self
+
+    def _rank(self) -> int:
+        if self.exchange is None:
+            raise SparsaError(f"model '{self.name}' was compiled for {self.ranks} ranks without a process group: its "
+                              "IR and code can be read, but to load weights and run it pass the group "
+                              "(expert_parallel=dist.group.WORLD)")
+        return self.exchange.rank
 
     def _set_weights(self, weights: dict[str, np.ndarray]) -> None:
         """Install weights and run what depends only on them (packing sparse layouts) once, now."""
@@ -224,7 +234,8 @@ def compile(path_or_source: str | os.PathLike, model: str | None = None, target:
     With several models in the file and no `model`, the last one is compiled. `passes` overrides the
     target's default pipeline; `options` (knobs.DebugOptions) turns on IR printing and dumps.
     `expert_parallel` (a torch.distributed process group, e.g. `dist.group.WORLD`) splits the MoE experts into
-    equal blocks over its ranks: each rank runs its own tokens and its block of the experts (shard-experts).
+    equal blocks over its ranks: each rank runs its own tokens and its block of the experts (shard-experts); a
+    number of ranks instead compiles for them without a group, to read the IR and code (it cannot run).
     """
     backend = backends.get(target)
     text, filename = _read_source(path_or_source)

@@ -265,3 +265,33 @@ def test_pipeline_and_ir_text() -> None:
     with pytest.raises(SparsaError, match="do not split into equal blocks over 3 ranks"):
         PassManager(expert_parallel_pipeline(sparse_pipeline(block=64), 3)).run(
             sparsa.frontend.compile_source(moe_source(), "<t>")[0])
+
+
+def test_compiled_for_ranks_without_a_group_can_be_read_not_run() -> None:
+    """`expert_parallel=2` (a number, no group) compiles the sharded code to be read; running it is refused."""
+    m = sparsa.compile(moe_source(), target="cpu", expert_parallel=2)
+    assert "moe.exchange_plan" in m.ir() and "shards = 2" in m.ir() and m.shards == {"w1": 2, "w3": 2, "w2": 2}
+    assert "@" in m.stage("llvm")
+    with pytest.raises(SparsaError, match="without a process group"):
+        m.init_weights(0)
+    with pytest.raises(SparsaError, match="no moe whose experts"):
+        sparsa.compile("model M(x: f32[T, 4]) -> f32[T, 4] { return x * 2.0 }", target="reference", expert_parallel=2)
+    with pytest.raises(SparsaError, match="'moe.exchange_plan' is not supported by the triton backend"):
+        sparsa.compile(moe_source(), target="triton", expert_parallel=2)
+
+
+@pytest.mark.slow
+def test_readme_torchrun_command(tmp_path: Path) -> None:
+    """The README's command: two processes under torchrun, each printing its output and the bytes it moved."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "torchrun --nproc-per-node 2 --no-python sparsa run examples/mixtral_moe.sp" in readme
+    root = Path(__file__).parent.parent
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "--no-python", "sparsa", "run", str(root / "examples" / "mixtral_moe.sp"),
+           "--random-weights", "--input", "x=randn:1024,512", "--target", "cpu", "--expert-parallel",
+           "--out", str(tmp_path / "y.npz")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for r in range(2):
+        assert f"[rank {r}/2] all_to_all: sent" in done.stdout
+        assert np.load(tmp_path / f"y.rank{r}.npz")["output0"].shape == (1024, 512)
