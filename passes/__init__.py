@@ -9,6 +9,7 @@ from sparsa.passes import (
     fuse_scan,
     hoist_region_invariants,
     lower_sparse_weights,
+    overlap_exchanges,
     recognize_attention,
     shard_experts,
     sparsify_attention,
@@ -20,5 +21,6 @@ from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 __all__ = [
     "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
     "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "hoist_region_invariants",
-    "lower_sparse_weights", "parse_pipeline", "recognize_attention", "shard_experts", "sparsify_attention",
+    "lower_sparse_weights", "overlap_exchanges", "parse_pipeline", "recognize_attention", "shard_experts",
+    "sparsify_attention",
 ]

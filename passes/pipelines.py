@@ -17,7 +17,9 @@ def sparse_pipeline(block: int) -> str:
 
 
 def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:
-    """`pipeline` with the experts split over `ranks` right after they are dispatched (`shard-experts`)."""
+    """`pipeline` with the experts split over `ranks` right after they are dispatched (`shard-experts`), and at
+    the end each exchange begun early and waited for late, with independent work between (`overlap-exchanges`)."""
+    from sparsa.passes.overlap_exchanges import OverlapExchanges
     from sparsa.passes.pipeline import format_pipeline, parse_pipeline
     from sparsa.passes.shard_experts import ShardExperts
 
@@ -26,4 +28,4 @@ def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:
     if at is None:
         raise SparsaError(f"expert parallel needs fuse-moe-dispatch in the pipeline, got: {pipeline}")
     passes.insert(at + 1, ShardExperts(ranks=ranks))
-    return format_pipeline(passes)
+    return format_pipeline([*passes, OverlapExchanges()])

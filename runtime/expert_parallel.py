@@ -56,6 +56,8 @@ class TorchExchange:
         self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
             else torch.device("cpu")
         self.counters = ExchangeCounters()
+        # exchanges begun and not yet waited for, by the array their rows arrive in (kept alive here)
+        self._pending: dict[int, tuple] = {}
 
     def begin_call(self) -> None:
         """Counters from zero: what one call moves."""
@@ -73,27 +75,46 @@ class TorchExchange:
         return np.stack([p.cpu().numpy() for p in parts])
 
     def all_to_all(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        return self.wait(self.start(data, sends, receives))
+
+    def start(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        """The exchange begun (gloo runs it on its own threads); the rows arrive in the array returned. Counted
+        now, in the order the exchanges begin (the same on every rank); timed when it is waited for."""
         t0 = time.perf_counter()
         sends, receives = [int(n) for n in sends], [int(n) for n in receives]
-        row = data.itemsize * int(np.prod(data.shape[1:]))
         src = self._tensor(data)
         out = self.torch.empty((sum(receives),) + tuple(data.shape[1:]), dtype=src.dtype, device=self.device)
-        self.dist.all_to_all_single(out, src, output_split_sizes=receives, input_split_sizes=sends, group=self.group)
-        result = out.cpu().numpy()
+        work = self.dist.all_to_all_single(out, src, output_split_sizes=receives, input_split_sizes=sends,
+                                           group=self.group, async_op=True)
+        rows = out.numpy() if self.device.type == "cpu" else np.empty(out.shape, data.dtype)
+        self._pending[id(rows)] = (work, out, src, rows, t0, self._count(data, sends, receives))
+        return rows
+
+    def wait(self, rows: np.ndarray) -> np.ndarray:
+        work, out, _src, _rows, t0, entry = self._pending.pop(id(rows))
+        work.wait()
+        result = rows if self.device.type == "cpu" else out.cpu().numpy()
         seconds = time.perf_counter() - t0
-        c = self.counters
-        if data.ndim == 1 and sends == [1] * self.size:  # the row counts themselves
-            c.count_bytes += row * (self.size - 1) * 2
-            c.count_seconds += seconds
+        if entry is None:
+            self.counters.count_seconds += seconds
         else:
-            mine = sends[self.rank] * row
-            sent, received = sum(sends) * row - mine, sum(receives) * row - mine
-            c.sent_bytes += sent
-            c.received_bytes += received
-            c.local_bytes += mine
-            c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received,
-                                "seconds": seconds})
+            entry["seconds"] = seconds
         return result
+
+    def _count(self, data: np.ndarray, sends: list[int], receives: list[int]) -> dict[str, Any] | None:
+        """Add one exchange's bytes to the counters; its entry (None for the row counts themselves)."""
+        row = data.itemsize * int(np.prod(data.shape[1:]))
+        c = self.counters
+        if data.ndim == 1 and sends == [1] * self.size:
+            c.count_bytes += row * (self.size - 1) * 2
+            return None
+        mine = sends[self.rank] * row
+        sent, received = sum(sends) * row - mine, sum(receives) * row - mine
+        c.sent_bytes += sent
+        c.received_bytes += received
+        c.local_bytes += mine
+        c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received, "seconds": 0.0})
+        return c.exchanges[-1]
 
 
 def sharded_params(module: Module) -> dict[str, int]:

@@ -44,6 +44,23 @@ model M(x: f32[T, D]) -> f32[T, D] {
 """
 
 
+SHARED = """
+const D = 32
+const F = 48
+const E = 8
+model M(x: f32[T, D]) -> f32[T, D] {
+    param gate: f32[D, E]
+    param w1: f32[E, D, F]
+    param w2: f32[E, F, D]
+    param s1: f32[D, F]
+    param s2: f32[F, D]
+    weights, experts = topk(softmax(x @ gate, axis=-1), k=2)
+    routed = moe(x, experts, weights) |e, h| { silu(h @ w1[e]) @ w2[e] }
+    return routed + silu(x @ s1) @ s2
+}
+"""
+
+
 def moe_source(k: int = 2, capacity: float | None = None) -> str:
     return MOE.replace("K)", f"{k})").replace(" CAPACITY", "" if capacity is None else f", capacity={capacity}")
 
@@ -112,6 +129,8 @@ def cases(world: int) -> list[dict]:
                     skew=True, weights=True, blocks=True))
     out.append(dict(name="deterministic-cpu", source=moe_source(), target="cpu", k=2, capacity=None, seed=5,
                     deterministic=True))
+    # a shared expert (not split: every rank runs it on its tokens) runs while the token rows are in flight
+    out.append(dict(name="shared-cpu", source=SHARED, target="cpu", k=2, capacity=None, seed=7))
     for c in out:
         c["splits"] = splits
     if importlib.util.find_spec("transformers") is not None:  # transformers' Mixtral block, every rank with tokens
@@ -161,7 +180,11 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             assert np.array_equal(got, want), f"{c['name']}: not bitwise equal to one process"
         else:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=c["name"])
-        assert "moe.exchange_plan" in str(ranks[0]["ir"]) and f"shards = {world}" in str(ranks[0]["ir"])
+        ir = str(ranks[0]["ir"])
+        assert "moe.exchange_plan" in ir and f"shards = {world}" in ir
+        if c["name"] == "shared-cpu":  # the shared expert runs between the first start and the first wait
+            assert ir.index("moe.all_to_all_start") < ir.index("tensor.matmul(%x, %s1)") \
+                < ir.index("moe.all_to_all_wait")
         experts, kept = routing(x, one.weights["gate"], c["k"], c["capacity"])
         rows = minimum_rows(experts, kept, c["splits"], 8, world)
         for r in range(world):

@@ -403,6 +403,27 @@ def case_all_to_all(ex):
     np.testing.assert_array_equal(out, data)
 
 
+def case_all_to_all_start_wait(ex):
+    """Begun, then waited for: the same rows as moe.all_to_all."""
+    from sparsa.backends.reference import run_function
+    from sparsa.ir.dialects.moe_exchange import AllToAllStartOp, AllToAllWaitOp
+
+    from ir_helpers import make_func, roundtrip, type_of
+
+    data = randn(4, 3)
+
+    def body(block, args):
+        start = AllToAllStartOp.build(*args)
+        wait = AllToAllWaitOp.build(start.result)
+        block.append(start)
+        block.append(wait)
+        return wait.results
+
+    module = roundtrip(make_func("f", [type_of(a) for a in (data, np.array([4]), np.array([4]))], body))
+    (out,) = run_function(module, [data, np.array([4]), np.array([4])], exchange=ex)
+    np.testing.assert_array_equal(out, data)
+
+
 def case_combine_rows():
     parts, rows, tokens = randn(5, 3), np.array([0, 2, 0, 3, 2]), randn(4, 2)
     (y,) = run_op("moe.combine_rows", [parts, rows, tokens])
@@ -585,6 +606,7 @@ CASES = {
     "moe.dispatch": lambda: (case_dispatch(), case_dispatch_drop_negative()),
     "moe.exchange_plan": lambda: _world_of_one(case_exchange_plan),
     "moe.all_to_all": lambda: _world_of_one(case_all_to_all), "moe.combine_rows": case_combine_rows,
+    **{n: lambda: _world_of_one(case_all_to_all_start_wait) for n in ("moe.all_to_all_start", "moe.all_to_all_wait")},
     "moe.local_experts": lambda: _world_of_one(case_local_experts),
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},

@@ -36,6 +36,12 @@ class Exchange(Protocol):
     def all_to_all(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
         """Rows sends[r] of `data` (in order) to rank r; receives[r] rows from rank r, in rank order."""
 
+    def start(self, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        """`all_to_all` begun: returns the array the rows arrive in, to be read only after `wait(it)`."""
+
+    def wait(self, rows: np.ndarray) -> np.ndarray:
+        """The array a `start` returned, once its rows have arrived."""
+
 
 def exchange_of(op: Operation, ctx: Any, ranks: int) -> Exchange:
     """The process group of the call, checked against the ranks the op was compiled for."""
@@ -147,15 +153,7 @@ class AllToAllOp(Operation):
     result = Result()
 
     def infer(self) -> list[TensorType]:
-        d, s, r = self.data.type, self.sends.type, self.receives.type
-        if d.rank < 1:
-            raise self.error(f"needs rows to exchange, got {d}")
-        for c in (s, r):
-            if c.rank != 1 or c.dtype != "i64":
-                raise self.error(f"needs i64 row counts per rank, got {s} and {r}")
-        if not compatible(s.shape[0], r.shape[0]):
-            raise self.error(f"send and receive counts disagree on the ranks: {s} and {r}")
-        return [TensorType(d.dtype, (None,) + d.shape[1:])]
+        return [_check_exchange(self, self.data.type, self.sends.type, self.receives.type)]
 
     def reference(self, ctx: Any, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
         ex = exchange_of(self, ctx, sends.shape[0])
@@ -168,6 +166,63 @@ class AllToAllOp(Operation):
         row = data.itemsize * int(np.prod(data.shape[1:]))
         return Cost(0.0, 0.0, f"{int(sends.sum())} rows out, {int(receives.sum())} in, {row} bytes a row",
                     bytes=float(row * (int(sends.sum()) + int(receives.sum()))))
+
+
+def _check_exchange(op: Operation, d: TensorType, s: TensorType, r: TensorType) -> TensorType:
+    if d.rank < 1:
+        raise op.error(f"needs rows to exchange, got {d}")
+    for c in (s, r):
+        if c.rank != 1 or c.dtype != "i64":
+            raise op.error(f"needs i64 row counts per rank, got {s} and {r}")
+    if not compatible(s.shape[0], r.shape[0]):
+        raise op.error(f"send and receive counts disagree on the ranks: {s} and {r}")
+    return TensorType(d.dtype, (None,) + d.shape[1:])
+
+
+class AllToAllStartOp(Operation):
+    """`moe.all_to_all` begun: the rows are in flight until the `moe.all_to_all_wait` that reads this result, and
+    the ops between the two run meanwhile (`overlap-exchanges` puts independent work there)."""
+
+    NAME = "moe.all_to_all_start"
+    PURE = False  # a collective
+    data = Operand()
+    sends = Operand()
+    receives = Operand()
+    result = Result()
+    cost = AllToAllOp.cost
+
+    def infer(self) -> list[TensorType]:
+        return [_check_exchange(self, self.data.type, self.sends.type, self.receives.type)]
+
+    def verify(self) -> None:
+        uses = self.result.uses
+        if len(uses) != 1 or not isinstance(uses[0].op, AllToAllWaitOp):
+            raise self.error("its rows must be read by exactly one 'moe.all_to_all_wait'")
+
+    def reference(self, ctx: Any, data: np.ndarray, sends: np.ndarray, receives: np.ndarray) -> np.ndarray:
+        ex = exchange_of(self, ctx, sends.shape[0])
+        if int(sends.sum()) != data.shape[0]:
+            raise ValueError(f"moe.all_to_all_start: {data.shape[0]} rows but sends add up to {int(sends.sum())}")
+        return ex.start(np.ascontiguousarray(data), sends, receives)
+
+
+class AllToAllWaitOp(Operation):
+    """The rows of a `moe.all_to_all_start`, once they have arrived."""
+
+    NAME = "moe.all_to_all_wait"
+    PURE = False  # a collective's end: it stays where the schedule put it
+    rows = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        return [self.rows.type]
+
+    def verify(self) -> None:
+        if not isinstance(self.rows.defining_op, AllToAllStartOp):
+            raise self.error("waits for the rows of a 'moe.all_to_all_start'")
+
+    def reference(self, ctx: Any, rows: np.ndarray) -> np.ndarray:
+        return exchange_of(self, ctx, self.rows.defining_op.sends.type.shape[0]).wait(rows)
 
 
 class CombineRowsOp(Operation):
