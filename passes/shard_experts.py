@@ -12,7 +12,11 @@ dispatch and the grouped matmuls it feeds (what `fuse-moe-dispatch` made) become
     p  = moe.grouped_matmul_combine(h, perm, offsets, W2_r, gr)   # gated sum per received token
     y  = moe.combine_rows(moe.all_to_all(p, receives, sends), rows, gates)   # summed on the token's own rank
 
-A token with two experts on one rank travels there once and comes back once, as one row each way.
+A token with two experts on one rank travels there once and comes back once, as one row each way. With
+`own_first` (the default), the rows a rank sends itself go through its experts straight from `x[rows]`
+(`moe.rank_rows {own = true}`), apart from the rows other ranks send (`{own = false}` of what arrives), so
+`overlap-exchanges` can run them while the exchange is in flight; `moe.insert_own_rows` puts the two partial
+results back in rank order before they go home.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import ParamOp
 from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp
-from sparsa.ir.dialects.moe_exchange import AllToAllOp, CombineRowsOp, ExchangePlanOp, LocalExpertsOp
+from sparsa.ir.dialects.moe_exchange import (
+    AllToAllOp,
+    CombineRowsOp,
+    ExchangePlanOp,
+    InsertOwnRowsOp,
+    LocalExpertsOp,
+    RankRowsOp,
+)
 from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
@@ -33,8 +44,9 @@ class ShardDispatch(RewritePattern):
 
     ROOT = DispatchOp
 
-    def __init__(self, ranks: int):
+    def __init__(self, ranks: int, own_first: bool):
         self.ranks = ranks
+        self.own_first = own_first
         self.shards: dict[int, Value] = {}  # id of a full weight -> this rank's block of it
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
@@ -53,30 +65,25 @@ class ShardDispatch(RewritePattern):
         for v, hint in zip(plan.results, ("rows", "local", "sends", "receives"), strict=True):
             v.name_hint = hint
 
-        def exchange(v: Value, forward: bool = True) -> Value:
-            counts = (sends, receives) if forward else (receives, sends)
-            return _before(rewriter, op, AllToAllOp.build(v, *counts, loc=op.loc)).result
+        def exchange(v: Value) -> Value:
+            return _before(rewriter, op, AllToAllOp.build(v, sends, receives, loc=op.loc)).result
 
-        xr = exchange(_before(rewriter, op, S.GatherOp.build(x, [rows], loc=op.loc)).result)
-        lr = exchange(local)
-        gr = exchange(_before(rewriter, op, S.GatherOp.build(final.gates, [rows], loc=op.loc)).result)
-        dispatch = _before(rewriter, op, DispatchOp.build(lr, num_experts=E // R, block=op.block, drop_negative=True,
-                                                          loc=op.loc))
-        perm, offsets = dispatch.results
-        mapping = {id(x): xr}
-        for g in users:
-            src = xr if g.gather else mapping[id(g.rows)]
-            if isinstance(g, GroupedMatmulCombineOp):
-                new = GroupedMatmulCombineOp.build(src, perm, offsets, self.shard(g.weight, g, rewriter), gr,
-                                                   regions=[clone_region(g.epilogue)], topk=g.topk, gather=g.gather,
-                                                   loc=g.loc)
-            else:
-                new = GroupedMatmulOp.build(src, perm, offsets, [self.shard(w, g, rewriter) for w in g.weights],
-                                            regions=[clone_region(g.epilogue)], topk=g.topk, gather=g.gather,
-                                            loc=g.loc)
-            rewriter.insert_before(final, new)
-            mapping[id(g.result)] = new.result
-        back = AllToAllOp.build(mapping[id(final.result)], receives, sends, loc=final.loc)
+        xs = _before(rewriter, op, S.GatherOp.build(x, [rows], loc=op.loc)).result
+        gs = _before(rewriter, op, S.GatherOp.build(final.gates, [rows], loc=op.loc)).result
+        xr, lr, gr = exchange(xs), exchange(local), exchange(gs)
+        if self.own_first and R > 1:
+            # this rank's own tokens need no exchange: their experts run while the others' rows are in flight
+            def block(v: Value, counts: Value, own: bool) -> Value:
+                return _before(rewriter, final, RankRowsOp.build(v, counts, own=own, loc=op.loc)).result
+
+            mine = self.experts(op, users, rewriter, block(xs, sends, True), block(local, sends, True),
+                                block(gs, sends, True))
+            theirs = self.experts(op, users, rewriter, block(xr, receives, False), block(lr, receives, False),
+                                  block(gr, receives, False))
+            partial = _before(rewriter, final, InsertOwnRowsOp.build(theirs, mine, receives, loc=final.loc)).result
+        else:
+            partial = self.experts(op, users, rewriter, xr, lr, gr)
+        back = AllToAllOp.build(partial, receives, sends, loc=final.loc)
         rewriter.insert_before(final, back)
         y = CombineRowsOp.build(back.result, rows, final.gates, loc=final.loc)
         rewriter.insert_before(final, y)
@@ -85,6 +92,29 @@ class ShardDispatch(RewritePattern):
             rewriter.erase_op(g)
         rewriter.erase_op(op)
         return True
+
+    def experts(self, op: Operation, users: list[Operation], rewriter: Rewriter, x: Value, ids: Value,
+                gates: Value) -> Value:
+        """This rank's experts on received rows x (local expert ids per slot, -1 for none; their gates): a
+        dispatch, the grouped matmuls on the weight blocks, the gated sum per row."""
+        final = users[-1]
+        dispatch = _before(rewriter, final, DispatchOp.build(ids, num_experts=op.num_experts // self.ranks,
+                                                             block=op.block, drop_negative=True, loc=op.loc))
+        perm, offsets = dispatch.results
+        mapping = {id(users[0].rows): x}
+        for g in users:
+            src = x if g.gather else mapping[id(g.rows)]
+            if isinstance(g, GroupedMatmulCombineOp):
+                new = GroupedMatmulCombineOp.build(src, perm, offsets, self.shard(g.weight, g, rewriter), gates,
+                                                   regions=[clone_region(g.epilogue)], topk=g.topk, gather=g.gather,
+                                                   loc=g.loc)
+            else:
+                new = GroupedMatmulOp.build(src, perm, offsets, [self.shard(w, g, rewriter) for w in g.weights],
+                                            regions=[clone_region(g.epilogue)], topk=g.topk, gather=g.gather,
+                                            loc=g.loc)
+            rewriter.insert_before(final, new)
+            mapping[id(g.result)] = new.result
+        return mapping[id(final.result)]
 
     def shard(self, w: Value, user: Operation, rewriter: Rewriter) -> Value:
         """This rank's block of expert weight w ([E, K, N]): a param becomes a sharded param (each rank loads only
@@ -149,7 +179,9 @@ class ShardExperts(PatternPass):
 
     NAME = "shard-experts"
     ranks = Option(int, 1, "ranks of the process group the experts are split over")
+    own_first = Option(bool, True, "run this rank's own tokens through its experts apart, without waiting for the "
+                       "exchange (two smaller grouped GEMMs instead of one)")
     COUNTERS = {"ShardDispatch": "moe dispatches split over the ranks"}
 
     def patterns(self) -> list[RewritePattern]:
-        return [ShardDispatch(self.ranks)]
+        return [ShardDispatch(self.ranks, self.own_first)]

@@ -424,6 +424,16 @@ def case_all_to_all_start_wait(ex):
     np.testing.assert_array_equal(out, data)
 
 
+def case_rank_rows(ex):
+    """On one rank every row is its own, and putting its own block back gives the rows again."""
+    data, counts = randn(4, 3), np.array([4])
+    own, others = (run_op("moe.rank_rows", [data, counts], {"own": o}, exchange=ex)[0] for o in (True, False))
+    np.testing.assert_array_equal(own, data)
+    assert others.shape == (0, 3)
+    (back,) = run_op("moe.insert_own_rows", [others, own, counts], exchange=ex)
+    np.testing.assert_array_equal(back, data)
+
+
 def case_combine_rows():
     parts, rows, tokens = randn(5, 3), np.array([0, 2, 0, 3, 2]), randn(4, 2)
     (y,) = run_op("moe.combine_rows", [parts, rows, tokens])
@@ -608,6 +618,7 @@ CASES = {
     "moe.all_to_all": lambda: _world_of_one(case_all_to_all), "moe.combine_rows": case_combine_rows,
     **{n: lambda: _world_of_one(case_all_to_all_start_wait) for n in ("moe.all_to_all_start", "moe.all_to_all_wait")},
     "moe.local_experts": lambda: _world_of_one(case_local_experts),
+    **{n: lambda: _world_of_one(case_rank_rows) for n in ("moe.rank_rows", "moe.insert_own_rows")},
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),

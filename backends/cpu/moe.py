@@ -41,7 +41,7 @@ DETERMINISTIC_PARTS = 4
 # The exchange among ranks (expert parallel) is the host's: it calls the process group (torch.distributed) with
 # the arrays the kernels made, and the NumPy plan over [T, K] ids is small next to the GEMMs around it.
 KERNELS.lowers(X.ExchangePlanOp, X.AllToAllOp, X.AllToAllStartOp, X.AllToAllWaitOp, X.CombineRowsOp,
-               X.LocalExpertsOp)(host)
+               X.LocalExpertsOp, X.RankRowsOp, X.InsertOwnRowsOp)(host)
 
 
 # ---- MoE: routing -------------------------------------------------------------------------------

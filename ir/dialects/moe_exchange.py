@@ -249,6 +249,61 @@ class CombineRowsOp(Operation):
         return y
 
 
+def _blocks(counts: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+class RankRowsOp(Operation):
+    """Rows of `data` laid out in blocks of counts[r] rows per rank (as an all_to_all sends or receives them):
+    with `own`, this rank's block; without, every other rank's blocks, in rank order."""
+
+    NAME = "moe.rank_rows"
+    data = Operand()
+    counts = Operand()
+    own = Attr(A.BOOL)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        d, c = self.data.type, self.counts.type
+        if d.rank < 1 or c.rank != 1 or c.dtype != "i64":
+            raise self.error(f"needs rows and i64 counts per rank, got {d} and {c}")
+        return [TensorType(d.dtype, (None,) + d.shape[1:])]
+
+    def reference(self, ctx: Any, data: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        r = exchange_of(self, ctx, counts.shape[0]).rank
+        at = _blocks(counts)
+        if at[-1] != data.shape[0]:
+            raise ValueError(f"moe.rank_rows: {data.shape[0]} rows but the counts add up to {at[-1]}")
+        if self.own:
+            return data[at[r]:at[r + 1]]
+        return np.concatenate([data[:at[r]], data[at[r + 1]:]])
+
+
+class InsertOwnRowsOp(Operation):
+    """The other ranks' blocks (`others`, in rank order) with this rank's block (`own`) put back in its place:
+    blocks of counts[r] rows per rank, as `moe.rank_rows` took them apart."""
+
+    NAME = "moe.insert_own_rows"
+    others = Operand()
+    own = Operand()
+    counts = Operand()
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        o, m, c = self.others.type, self.own.type, self.counts.type
+        if o.rank < 1 or o.dtype != m.dtype or o.shape[1:] != m.shape[1:] or c.rank != 1 or c.dtype != "i64":
+            raise self.error(f"needs two row blocks of one type and i64 counts per rank, got {o}, {m}, {c}")
+        return [TensorType(o.dtype, (None,) + o.shape[1:])]
+
+    def reference(self, ctx: Any, others: np.ndarray, own: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        r = exchange_of(self, ctx, counts.shape[0]).rank
+        at = _blocks(counts)
+        if own.shape[0] != counts[r] or others.shape[0] + own.shape[0] != at[-1]:
+            raise ValueError(f"moe.insert_own_rows: blocks of {others.shape[0]} and {own.shape[0]} rows do not fit "
+                             f"counts {counts.tolist()} at rank {r}")
+        return np.concatenate([others[:at[r]], own, others[at[r]:]])
+
+
 class LocalExpertsOp(View, Operation):
     """This rank's block of an [E, ...] tensor split over `ranks` along its first axis (expert weights passed as
     inputs; weights that are params are loaded as the block itself)."""
