@@ -60,7 +60,8 @@ def rank_main(args: argparse.Namespace) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                             world_size=args.world, timeout=datetime.timedelta(seconds=300))
-    m = sparsa.compile(args.model, target="cpu", expert_parallel=dist.group.WORLD).init_weights(0)
+    m = sparsa.compile(args.model, target="cpu", expert_parallel=dist.group.WORLD, passes=pipeline(args))
+    m.init_weights(0)
     x = np.array_split(inputs(args.tokens, m.input_types[0].shape[1]), args.world)[args.rank]
     per_call = []
     for _ in range(args.reps + 1):
@@ -74,6 +75,21 @@ def rank_main(args: argparse.Namespace) -> None:
     Path(args.out, f"rank{args.rank}.json").write_text(json.dumps({"time": statistics.median(per_call[1:]),
                                                                     "stats": stats}))
     dist.destroy_process_group()
+
+
+def pipeline(args: argparse.Namespace) -> str | None:
+    """The cpu pipeline with shard-experts as the flags ask (None: the default, overlapped, not own-first)."""
+    if not (args.own_first or args.no_overlap):
+        return None
+    from sparsa.backends.cpu.backend import CpuBackend
+    from sparsa.passes.pipelines import expert_parallel_pipeline
+
+    steps = expert_parallel_pipeline(CpuBackend.PIPELINE, args.world)
+    if args.own_first:
+        steps = steps.replace("shard-experts{ranks", "shard-experts{own_first=true,ranks")
+    if args.no_overlap:
+        steps = steps.replace(",overlap-exchanges", "")
+    return steps
 
 
 def minimum(x: np.ndarray, gate: np.ndarray, k: int, world: int) -> tuple[list[int], list[int]]:
@@ -94,6 +110,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--model", default=MODEL)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--own-first", action="store_true", help="shard-experts{own_first=true}")
+    p.add_argument("--no-overlap", action="store_true", help="without overlap-exchanges")
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -115,9 +133,10 @@ def main() -> None:
         s.close()
         threads = str(max(1, (os.cpu_count() or 1) // args.world))
         env = dict(os.environ, SPARSA_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+        flags = [f for f, on in (("--own-first", args.own_first), ("--no-overlap", args.no_overlap)) if on]
         procs = [subprocess.Popen([sys.executable, __file__, "--world", str(args.world), "--tokens", str(args.tokens),
                                    "--model", args.model, "--reps", str(args.reps), "--rank", str(r), "--port",
-                                   str(port), "--out", out], env=env) for r in range(args.world)]
+                                   str(port), "--out", out, *flags], env=env) for r in range(args.world)]
         for proc in procs:
             if proc.wait(timeout=900):
                 raise SystemExit(f"a rank failed (exit {proc.returncode})")
@@ -137,10 +156,10 @@ def main() -> None:
     s = ranks[0]["stats"]
     ex = s["exchanges"]
     moved = sum(e["sent_bytes"] + e["received_bytes"] for e in ex)
-    seconds = sum(e["seconds"] for e in ex)
-    print(f"rank 0, last call: count exchange {1e6 * s['count_seconds']:.0f} us; {len(ex)} row exchanges "
-          f"{1e3 * seconds:.2f} ms for {moved / 1e6:.2f} MB in and out ({moved / seconds / 1e9:.2f} GB/s); "
-          f"per exchange (ms): {', '.join('%.2f' % (1e3 * e['seconds']) for e in ex)}")
+    waited = sum(e["waited_seconds"] for e in ex)
+    print(f"rank 0, last call: count exchange {1e6 * s['count_seconds']:.0f} us; {len(ex)} row exchanges of "
+          f"{moved / 1e6:.2f} MB in and out; begun to arrived (ms): "
+          f"{', '.join('%.2f' % (1e3 * e['seconds']) for e in ex)}; blocked waiting {1e3 * waited:.2f} ms in all")
 
 
 if __name__ == "__main__":

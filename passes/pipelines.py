@@ -24,8 +24,12 @@ def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:
     from sparsa.passes.shard_experts import ShardExperts
 
     passes = parse_pipeline(pipeline)
-    at = next((i for i, p in enumerate(passes) if p.NAME == "fuse-moe-dispatch"), None)
-    if at is None:
+    names = [p.NAME for p in passes]
+    if "shard-experts" in names:  # a pipeline that says how (its own options): the ranks are the group's
+        shard = passes[names.index("shard-experts")]
+        shard.options["ranks"] = ranks
+        return format_pipeline(passes)
+    if "fuse-moe-dispatch" not in names:
         raise SparsaError(f"expert parallel needs fuse-moe-dispatch in the pipeline, got: {pipeline}")
-    passes.insert(at + 1, ShardExperts(ranks=ranks))
+    passes.insert(names.index("fuse-moe-dispatch") + 1, ShardExperts(ranks=ranks))
     return format_pipeline([*passes, OverlapExchanges()])

@@ -22,8 +22,9 @@ from sparsa.runtime.weights import WeightSpec
 @dataclass
 class ExchangeCounters:
     """Bytes one rank moved in one call: sent to and received from other ranks, and kept (its own rows, which
-    all_to_all copies locally), per exchange in program order, and the small collectives of counts; with the
-    seconds each took on this rank (waiting for the slowest rank included)."""
+    all_to_all copies locally), per exchange in the order they begin, and the small collectives of counts; with
+    the seconds from each exchange's start to its rows' arrival on this rank (work overlapped with it, and
+    waiting for the slowest rank, included) and the part of them this rank spent blocked in its wait."""
 
     sent_bytes: int = 0
     received_bytes: int = 0
@@ -92,13 +93,14 @@ class TorchExchange:
 
     def wait(self, rows: np.ndarray) -> np.ndarray:
         work, out, _src, _rows, t0, entry = self._pending.pop(id(rows))
+        t1 = time.perf_counter()
         work.wait()
         result = rows if self.device.type == "cpu" else out.cpu().numpy()
-        seconds = time.perf_counter() - t0
+        t2 = time.perf_counter()
         if entry is None:
-            self.counters.count_seconds += seconds
-        else:
-            entry["seconds"] = seconds
+            self.counters.count_seconds += t2 - t0
+        else:  # begun to arrived (work ran meanwhile), and the part of it this rank spent blocked
+            entry["seconds"], entry["waited_seconds"] = t2 - t0, t2 - t1
         return result
 
     def _count(self, data: np.ndarray, sends: list[int], receives: list[int]) -> dict[str, Any] | None:
@@ -113,7 +115,8 @@ class TorchExchange:
         c.sent_bytes += sent
         c.received_bytes += received
         c.local_bytes += mine
-        c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received, "seconds": 0.0})
+        c.exchanges.append({"row_bytes": row, "sent_bytes": sent, "received_bytes": received, "seconds": 0.0,
+                            "waited_seconds": 0.0})
         return c.exchanges[-1]
 
 

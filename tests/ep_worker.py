@@ -27,7 +27,8 @@ def main() -> None:
         if case.get("torch"):
             run_torch(case, rank, folder)
             continue
-        m = sparsa.compile(case["source"], target=case["target"], expert_parallel=dist.group.WORLD)
+        m = sparsa.compile(case["source"], target=case["target"], expert_parallel=dist.group.WORLD,
+                           passes=case.get("passes"))
         inputs = np.load(os.path.join(folder, case["name"] + ".inputs.npz"))
         if case.get("weights"):
             weights = dict(np.load(os.path.join(folder, case["name"] + ".weights.npz")))

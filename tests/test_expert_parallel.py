@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 import sparsa
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.moe import kept_assignments
+from sparsa.backends.cpu.backend import CpuBackend
+from sparsa.backends.reference.backend import ReferenceBackend
 from sparsa.ir.dialects.moe_exchange import global_keep, plan
+from sparsa.passes.pipelines import expert_parallel_pipeline
 
 pytest.importorskip("torch.distributed")
 
@@ -131,6 +134,11 @@ def cases(world: int) -> list[dict]:
                     deterministic=True))
     # a shared expert (not split: every rank runs it on its tokens) runs while the token rows are in flight
     out.append(dict(name="shared-cpu", source=SHARED, target="cpu", k=2, capacity=None, seed=7))
+    # own-first: a rank's own rows through its experts apart from the others' (bitwise the same, capacity too)
+    for target, backend in (("cpu", CpuBackend), ("reference", ReferenceBackend)):
+        own = expert_parallel_pipeline(backend.PIPELINE, world).replace("shard-experts{", "shard-experts{own_first=1,")
+        out.append(dict(name=f"own-first-{target}", source=moe_source(2, 1.0), target=target, k=2, capacity=1.0,
+                        seed=8, deterministic=target == "cpu", passes=own))
     for c in out:
         c["splits"] = splits
     if importlib.util.find_spec("transformers") is not None:  # transformers' Mixtral block, every rank with tokens
@@ -165,7 +173,7 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             continue
         os.environ["SPARSA_DETERMINISTIC"] = "1" if c.get("deterministic") else "0"
         try:
-            one = sparsa.compile(c["source"], target=c["target"])
+            one = sparsa.compile(c["source"], target=c["target"])  # one process: the target's own pipeline
             if c.get("weights"):
                 one.load_weights(folder / f"{c['name']}.weights.npz")
             else:
@@ -182,6 +190,7 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=c["name"])
         ir = str(ranks[0]["ir"])
         assert "moe.exchange_plan" in ir and f"shards = {world}" in ir
+        assert ("moe.rank_rows" in ir) == c["name"].startswith("own-first")
         if c["name"] == "shared-cpu":  # the shared expert runs between the first start and the first wait
             assert ir.index("moe.all_to_all_start") < ir.index("tensor.matmul(%x, %s1)") \
                 < ir.index("moe.all_to_all_wait")
