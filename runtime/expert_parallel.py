@@ -92,7 +92,7 @@ class TorchExchange:
         return rows
 
     def wait(self, rows: np.ndarray) -> np.ndarray:
-        work, out, _src, _rows, t0, entry = self._pending.pop(id(rows))
+        work, out, _src, _rows, t0, entry = self._pending.pop(self._find(rows))
         t1 = time.perf_counter()
         work.wait()
         result = rows if self.device.type == "cpu" else out.cpu().numpy()
@@ -102,6 +102,19 @@ class TorchExchange:
         else:  # begun to arrived (work ran meanwhile), and the part of it this rank spent blocked
             entry["seconds"], entry["waited_seconds"] = t2 - t0, t2 - t1
         return result
+
+    def _find(self, rows: np.ndarray) -> int:
+        """The pending exchange whose rows `rows` are: the array `start` returned, or a view of its memory (a
+        host that wraps it in a tensor and back); else the first begun of the same shape and element type (a
+        host that copied it to a GPU and back before the rows arrived)."""
+        if id(rows) in self._pending:
+            return id(rows)
+        alike = [key for key, (*_, mine, _t0, _entry) in self._pending.items()
+                 if mine.shape == rows.shape and mine.dtype == rows.dtype]
+        same = [key for key in alike if rows.size and self._pending[key][3].ctypes.data == rows.ctypes.data]
+        if not same and not alike:
+            raise SparsaError("moe.all_to_all_wait: these rows are not those of an exchange begun on this rank")
+        return (same or alike)[0]
 
     def _count(self, data: np.ndarray, sends: list[int], receives: list[int]) -> dict[str, Any] | None:
         """Add one exchange's bytes to the counters; its entry (None for the row counts themselves)."""

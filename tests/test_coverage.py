@@ -43,12 +43,14 @@ def _available(name: str) -> bool:
     return backend.unavailable() is None
 
 
-def _on(backend: backends.Backend, func: Operation, inputs: list, params: dict | None) -> list:
-    """`func` compiled by `backend` and run (on a copy: the pipeline must not touch the caller's)."""
+def _on(backend: backends.Backend, func: Operation, inputs: list, params: dict | None, exchange: object = None) -> list:
+    """`func` compiled by `backend` and run (on a copy: the pipeline must not touch the caller's); `exchange`: the
+    process group of an expert-parallel case."""
     copy = parse_module(print_module(Module([func])))
     if any(isinstance(op, Composite) for op in copy.walk()):
         copy = PassManager(backend.PIPELINE).run(copy)
-    outs = backend.compile(copy.funcs[-1])(list(inputs), params or {}, {})  # UnsupportedOp: supports() said no
+    compiled = backend.compile(copy.funcs[-1], {"exchange": exchange})  # UnsupportedOp: supports() said no
+    outs = compiled(list(inputs), params or {}, {})
     return [_numpy(o) for o in outs]
 
 
@@ -70,9 +72,9 @@ def test_every_op_lowers_or_says_why(name, target, monkeypatch):
     compared: list[str] = []
     refused: list[str] = []
 
-    def check(f, inputs, params, want):
+    def check(f, inputs, params, want, exchange=None):
         try:
-            got = _on(backend, f, inputs, params)
+            got = _on(backend, f, inputs, params, exchange)
         except backends.UnsupportedOp as e:
             dtypes = {v.type.dtype for op in f.walk() for v in (*op.operands, *op.results)}
             if not dtypes & UNSUPPORTED_DTYPES[target]:
@@ -88,9 +90,9 @@ def test_every_op_lowers_or_says_why(name, target, monkeypatch):
         compared.append(name)
         return want
 
-    def both(module, inputs, params=None, func=None, cache=None):
-        want = real(module, inputs, params, func, cache)
-        return check(module.lookup(func) if func else module.funcs[-1], inputs, params, want)
+    def both(module, inputs, params=None, func=None, cache=None, exchange=None):
+        want = real(module, inputs, params, func, cache, exchange)
+        return check(module.lookup(func) if func else module.funcs[-1], inputs, params, want, exchange)
 
     def compiled(self, inputs, weights, cache, constant_args=frozenset()):
         want = real_call(self, inputs, weights, cache, constant_args)

@@ -46,7 +46,7 @@ class TritonBackend(Backend):
 
         self.legalize(func)
         self.check(func)
-        return TritonFunction(func)
+        return TritonFunction(func, (options or {}).get("exchange"))
 
     def graphs(self, executable: Executable) -> Any:
         from sparsa.backends.triton.function import CudaGraphs

@@ -50,8 +50,10 @@ def pick_device() -> str:
 class TritonFunction(Executable):
     """Kernels and launcher of one function; `stages` has the texts `kernels`, `launcher` and `source`."""
 
-    def __init__(self, func: Operation):
+    def __init__(self, func: Operation, exchange: Any = None):
+        """`exchange`: the process group the host-run exchange ops of an expert-parallel function use."""
         self.func = func
+        self.exchange = exchange
         self.program = generate(func)
         self.stages = {"kernels": self.program.kernels_text, "launcher": self.program.launcher_text,
                        "source": self.program.source}
@@ -74,7 +76,7 @@ class TritonFunction(Executable):
         """The launcher's constants on `device`, from the weight-only results in `cache` (made once per device
         until `reset`)."""
         if device not in self._consts:
-            self._consts[device] = [_prepare(c, cache, device) for c in self.program.consts]
+            self._consts[device] = [_prepare(c, cache, device, self.exchange) for c in self.program.consts]
         return self._consts[device]
 
     def __call__(self, args: Sequence[Any], weights: Mapping[str, Any] | None, cache: dict[int, tuple[np.ndarray, ...]],
@@ -117,7 +119,7 @@ def _upload(a: np.ndarray, dt: str, device: str) -> Any:
     return torch.from_numpy(np.asarray(a, order="C")).to(device=device, dtype=_torch_dtype(dt))
 
 
-def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) -> Any:
+def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str, exchange: Any = None) -> Any:
     """One launcher constant from the weight-only results (computed at weight load) or the compile-time map."""
     if c.kind == "value":
         return _upload(cache[id(c.op)][c.index], c.op.results[c.index].type.dtype, device)
@@ -126,8 +128,10 @@ def _prepare(c: Const, cache: dict[int, tuple[np.ndarray, ...]], device: str) ->
 
         lists = block_lists(c.op.map.data, device)
         return (lists.full_idx, lists.full_cnt, lists.part_idx, lists.part_cnt, *lists.shape)
-    if c.kind == "op":  # an op the launcher runs on the host (host.host_op)
-        return c.op
+    if c.kind == "op":  # an op the launcher runs on the host (host.host_op), in the function's context
+        from sparsa.backends.triton.host import HostStep
+
+        return HostStep(c.op, exchange)
     # "bsc": a packed BSR weight indexed by block column, so each program walks only its column's blocks
     from sparsa.backends.triton.host import bsc_index  # (imports Triton: after pick_device has chosen how)
 

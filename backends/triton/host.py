@@ -154,15 +154,26 @@ def bsc_index(row_ptr: Any, col_idx: Any, ncols: int) -> tuple[Any, Any, Any]:
     return col_ptr, block_rows[order], order
 
 
-def host_op(op: Any, dev: Any, *args: Any) -> tuple[Any, ...]:
-    """An op whose results' sizes depend on the data (packing a sparse layout that is not a weight's), run on
-    the host by its reference semantics: a copy to the host and back, per call."""
+class HostStep:
+    """An op the launcher runs on the host, with the context its reference semantics reads: the process group
+    of an expert-parallel function (`exchange`)."""
+
+    def __init__(self, op: Any, exchange: Any = None):
+        self.op = op
+        self.exchange = exchange
+
+
+def host_op(step: HostStep, dev: Any, *args: Any) -> tuple[Any, ...]:
+    """An op whose results' sizes depend on the data (packing a sparse layout that is not a weight's, the plan
+    and the exchanges of expert parallel), run on the host by its reference semantics: a copy to the host and
+    back, per call."""
     import numpy as np
 
     from sparsa.ir.types import round_to_dtype
 
+    op = step.op
     arrays = [a.detach().cpu().numpy() for a in args]
-    outs = op.reference(None, *arrays)
+    outs = op.reference(step, *arrays)
     outs = outs if isinstance(outs, tuple) else (outs,)
     return tuple(torch.from_numpy(np.ascontiguousarray(round_to_dtype(np.asarray(o), r.type.dtype))).to(dev)
                  for o, r in zip(outs, op.results, strict=True))

@@ -23,8 +23,10 @@ from sparsa.backends.triton.program import (
     npow2,
 )
 from sparsa.backends.triton.regions import RegionEmitter
+from sparsa.backends.triton.sparse import on_host
 from sparsa.ir.core import Operation
 from sparsa.ir.dialects import moe as M
+from sparsa.ir.dialects import moe_exchange as X
 from sparsa.ir.dialects.attn_blocks import outer_values
 
 KERNEL = '''
@@ -148,6 +150,12 @@ class GroupedMatmulKernel:
 ALIGN = 64  # the tile height segments are padded to when the dispatch did not align them
 
 # ---- MoE ----------------------------------------------------------------------------------------
+# The exchange among ranks (expert parallel) is the host's: the launcher calls the process group with the
+# tensors the kernels made (host.host_op), as the cpu target's host does.
+LOWERINGS.lowers(X.ExchangePlanOp, X.AllToAllOp, X.AllToAllStartOp, X.AllToAllWaitOp, X.CombineRowsOp,
+                 X.LocalExpertsOp, X.RankRowsOp, X.InsertOwnRowsOp)(on_host)
+
+
 @LOWERINGS.lowers(M.RouteOp)
 def route(p: TritonProgram, op: Operation) -> None:
     logits = p.name(op.logits)

@@ -64,8 +64,9 @@ def sparse_matmul(p: TritonProgram, op: SP.SparseMatmulOp) -> None:
 
 @LOWERINGS.lowers(SP.ConvertOp, SP.PackBsrOp, SP.PackNmOp)
 def on_host(p: TritonProgram, op: Operation) -> None:
-    """A layout check or a packing of a value that is not a weight (the weights' run once, at load): sizes that
-    depend on the data, so the host runs the op's reference semantics, per call."""
+    """An op the launcher runs on the host by its reference semantics, per call: a layout check or a packing of a
+    value that is not a weight (the weights' run once, at load), whose sizes depend on the data; and the plan
+    and exchanges of expert parallel, which call the process group."""
     outs = [p.new(r) for r in op.results]
     args = "".join(f", {p.name(v)}" for v in op.operands)
     p.lines.append(f"{', '.join(outs)}, = host_op(C[{len(p.consts)}], dev{args})")
