@@ -144,6 +144,10 @@ def cases(world: int) -> list[dict]:
                         seed=9))
     for c in out:
         c["splits"] = splits
+    # the shared example's whole decoder: four MoE layers (params `layers.i...`), sequences split by batch
+    decoder = (Path(__file__).parent.parent / "examples" / "tiny_moe_decoder.sp").read_text()
+    out.append(dict(name="decoder-cpu", source=decoder, target="cpu", seed=10, tokens=True, deterministic=True,
+                    splits={2: [0, 2, 4], 4: [0, 1, 1, 3, 4]}[world]))
     if importlib.util.find_spec("transformers") is not None:  # transformers' Mixtral block, every rank with tokens
         for how in ("compile", "swap", "swap-frozen"):
             out.append(dict(name=f"torch-{how}", torch=how, target="cpu", k=2, capacity=None, seed=6,
@@ -156,6 +160,8 @@ def prepare(folder: Path, world: int) -> list[dict]:
     for c in todo:
         rng = np.random.default_rng(c["seed"])
         x = rng.standard_normal((c["splits"][-1], 32)).astype(np.float32)
+        if c.get("tokens"):
+            x = rng.integers(0, 1024, size=(c["splits"][-1], 8)).astype(np.int32)
         if c.get("skew"):
             x[:, 0] += 4.0
         np.savez(folder / f"{c['name']}.inputs.npz", x=x)
@@ -193,6 +199,9 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=c["name"])
         ir = str(ranks[0]["ir"])
         assert "moe.exchange_plan" in ir and f"shards = {world}" in ir
+        if c.get("tokens"):
+            assert ir.count("moe.exchange_plan") == 4  # one per layer
+            continue
         assert ("moe.rank_rows" in ir) == c["name"].startswith("own-first")
         if c["name"] == "shared-cpu":  # the shared expert runs between the first start and the first wait
             assert ir.index("moe.all_to_all_start") < ir.index("tensor.matmul(%x, %s1)") \
