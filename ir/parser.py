@@ -1,7 +1,7 @@
 """Parser for the textual IR (`.sir`): the one grammar that reads back what the printer writes.
 
     module   := 'module' '{' func* '}' | func*
-    func     := 'func.func' '@'NAME '(' (%v ':' type),* ')' '->' '(' type,* ')' '{' op* '}' loc?
+    func     := 'func.func' '@'NAME '(' (%v ':' type),* ')' '->' '(' type,* ')' ('attributes' attrs)? '{' op* '}' loc?
     op       := (%v,+ '=')? OPNAME '(' %v,* ')' ('(' region,+ ')')? attrs? ':' '(' type,* ')' '->' types loc?
     region   := '{' ('^'NAME '(' (%v ':' type),* ')' ':' op*)? '}'
     attrs    := '{' (NAME '=' literal),* '}'
@@ -268,12 +268,15 @@ class Parser:
         block = self.block_args()
         self.expect("->")
         results = self.type_list()
+        extra = {}
+        if self.accept("attributes"):  # MLIR's spelling of a function's other attributes
+            extra = self.attributes(OP_REGISTRY["func.func"])
         self.expect("{", "'{' opening the function body")
         self.ops(block)
         self.expect("}", "'}' closing the function body, or an op")
         self.scopes.pop()
         loc = self.location()
-        func = OP_REGISTRY["func.func"]([], [], {"sym_name": name, "result_types": tuple(results)},
+        func = OP_REGISTRY["func.func"]([], [], {"sym_name": name, "result_types": tuple(results), **extra},
                                         [Region([block])], loc)
         func.text_loc = self.loc(start)
         return func

@@ -80,12 +80,13 @@ def _op(op: Operation, namer: Namer, indent: int, out: list[str]) -> None:
     out.append(f"{line}{_attrs(op)} : {operand_types} -> {result_types}" + (f" {op.loc}" if op.loc else ""))
 
 
-def _attrs(op: Operation) -> str:
+def _attrs(op: Operation, attributes: dict | None = None) -> str:
+    attributes = op.attributes if attributes is None else attributes
     parts = []
     for f in type(op).attr_fields:
-        if f.name not in op.attributes:
+        if f.name not in attributes:
             continue
-        value = op.attributes[f.name]
+        value = attributes[f.name]
         if not f.required and value == f.default:
             continue
         parts.append(f"{f.name} = {f.kind.format(value)}")
@@ -97,7 +98,9 @@ def _func(op: Operation, namer: Namer, indent: int, out: list[str]) -> None:
     block: Block = op.regions[0].block
     args = ", ".join(f"{namer.define(a)}: {a.type}" for a in block.args)
     results = format_types(list(op.attributes["result_types"]), True)
-    out.append(f"{pad}func.func @{op.attributes['sym_name']}({args}) -> {results} {{")
+    extra = {k: v for k, v in op.attributes.items() if k not in ("sym_name", "result_types")}
+    attrs = f" attributes{_attrs(op, extra)}" if extra else ""
+    out.append(f"{pad}func.func @{op.attributes['sym_name']}({args}) -> {results}{attrs} {{")
     for o in block.ops:
         _op(o, namer, indent + 2, out)
     out.append(f"{pad}}}" + (f" {op.loc}" if op.loc else ""))

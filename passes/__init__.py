@@ -4,6 +4,7 @@ from sparsa.passes import (
     canonicalize,
     cse,
     dce,
+    differentiate,
     fuse_moe_dispatch,
     fuse_moe_gating,
     fuse_scan,
@@ -19,7 +20,7 @@ from sparsa.passes.manager import PassError, PassManager
 from sparsa.passes.pipeline import format_pipeline, parse_pipeline
 
 __all__ = [
-    "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce",
+    "PASS_REGISTRY", "Option", "Pass", "PassError", "PassManager", "canonicalize", "cse", "dce", "differentiate",
     "format_pipeline", "fuse_moe_dispatch", "fuse_moe_gating", "fuse_scan", "hoist_region_invariants",
     "lower_sparse_weights", "overlap_exchanges", "parse_pipeline", "recognize_attention", "shard_experts",
     "sparsify_attention",

@@ -251,7 +251,7 @@ def cmd_compile(args: argparse.Namespace, options: knobs.DebugOptions) -> int:
 
     model = sparsa.compile(args.file, model=args.model, target=args.target, passes=args.passes, options=options,
                            expert_parallel=args.expert_parallel)
-    _write(model.ir() if args.emit == "ir" else model.stage(args.emit), args.output)
+    _write(model.ir(grad=args.grad) if args.emit == "ir" else model.stage(args.emit, grad=args.grad), args.output)
     return 0
 
 
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "cpu:x86-64-v4, cpu:aarch64, an LLVM CPU name or triple)")
     comp.add_argument("--emit", default="ir", choices=stages, help="the IR, or a stage of the target's backend")
     comp.add_argument("--passes", help="override the target's pipeline")
+    comp.add_argument("--grad", action="store_true",
+                      help="the backward function (reverse mode: the model's vjp) instead of the forward")
     comp.add_argument("--expert-parallel", type=int, metavar="RANKS",
                       help="compile for the MoE experts split over RANKS processes (shard-experts), to read the code")
     comp.add_argument("-o", "--output", help="write here instead of standard output")

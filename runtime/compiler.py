@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,26 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
     return text, "<source>"
 
 
+@dataclass
+class Backward:
+    """A model's backward function: its module (forward and `_vjp`), the names of what it gives gradients of,
+    the forward's result types (one cotangent each), the compiled function and its weight-only results."""
+
+    module: Module
+    names: list[str]
+    results: list[Any]
+    native: Any
+    cache: dict
+    prepared: bool = False
+
+
+def grad_pipeline(pipeline: str) -> str:
+    """A target pipeline with `differentiate` after its first step (canonicalize): the rest then optimizes the
+    backward function too."""
+    first, _, rest = pipeline.partition(",")
+    return f"{first},differentiate,{rest}" if first == "canonicalize" else f"differentiate,{pipeline}"
+
+
 class CompiledModel:
     """A model compiled for one target: load or init weights, call it, and read its IR after any pass."""
 
@@ -83,6 +104,7 @@ class CompiledModel:
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}  # weight-only results (packing), per loaded weights
         self._weight_only = weight_only_ops(self.module.funcs[-1])  # which ops those are: fixed at compile time
         self.last_report = None  # what the last call did, op by op (see runtime/explain.py)
+        self._grad: Backward | None = None  # the backward function, built at the first vjp
 
     def _dump_stages(self, folder: str) -> None:
         """Each backend stage's text beside the pass snapshots: `<target>.<stage>.<suffix>`."""
@@ -123,6 +145,10 @@ class CompiledModel:
         self._weights = weights
         self._cache = {}
         self.native.reset()
+        if self._grad is not None:  # the backward function's weight-only results: again, for these weights
+            self._grad.native.reset()
+            self._grad.cache.clear()
+            self._grad.prepared = False
         Interpreter(self.module.funcs[-1], weights, self._cache, self._weight_only).precompute()
 
     @property
@@ -137,7 +163,18 @@ class CompiledModel:
     # ---- calling ----------------------------------------------------------------------------------------
     def __call__(self, *inputs: Any, **named: Any) -> Any:
         """Run on NumPy arrays or torch tensors (by position or input name); outputs come back the same kind."""
+        args = self._arguments(inputs, named)
+        if self.exchange is not None:
+            self.exchange.begin_call()
+        outs = self._run(self.native, args, self._cache)
+        last = getattr(self.native, "last", None)
+        self.last_report = getattr(last, "report", None)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _arguments(self, inputs: tuple, named: dict[str, Any]) -> list[Any]:
+        """The inputs in order, from positional and named ones."""
         args = list(inputs)
+        named = dict(named)
         for name in self.input_names[len(args):]:
             if name not in named:
                 raise SparsaError(f"model '{self.name}' needs input '{name}' ({len(self.input_names)} inputs: "
@@ -147,38 +184,84 @@ class CompiledModel:
             raise SparsaError(f"model '{self.name}' has no input '{next(iter(named))}'")
         if len(args) != len(self.input_names):
             raise SparsaError(f"model '{self.name}' takes {len(self.input_names)} inputs, got {len(args)}")
+        return args
+
+    def _run(self, native: Any, args: list[Any], cache: dict) -> list[Any]:
+        """A compiled function on `args`: NumPy or torch in, the same kind out."""
         torch_like = next((a for a in args if hasattr(a, "detach")), None)
-        if self.exchange is not None:
-            self.exchange.begin_call()
         if self.backend.INPUTS == "numpy":
             args = [to_numpy(a) for a in args]
-        outs = self.native(args, self.weights, self._cache)
-        last = getattr(self.native, "last", None)
-        self.last_report = getattr(last, "report", None)
+        outs = native(args, self.weights, cache)
         if self.backend.OUTPUTS == "torch" and torch_like is None:
             outs = [_to_numpy(o) for o in outs]
         elif self.backend.OUTPUTS == "numpy" and torch_like is not None:
             import torch
 
             outs = [torch.from_numpy(np.asarray(o, order="C")).to(torch_like.device) for o in outs]
-        return outs[0] if len(outs) == 1 else tuple(outs)
+        return list(outs)
+
+    # ---- reverse mode -----------------------------------------------------------------------------------
+    def vjp(self, *inputs: Any, **named: Any) -> tuple[Any, Any]:
+        """`y, pullback = m.vjp(*inputs)`: the outputs, and `pullback(dy)` (one cotangent per output) giving the
+        gradient of every float input and weight, a dict by its `.sp` name. The backward function (`ir(grad=True)`)
+        is compiled for the target at the first call; it runs the forward again (residuals recomputed)."""
+        args = self._arguments(inputs, named)
+        outs = self(*args)
+        grad = self._backward()
+
+        def pullback(*dys: Any) -> dict[str, Any]:
+            if len(dys) != len(grad.results):
+                raise SparsaError(f"pullback takes one cotangent per output of '{self.name}' ({len(grad.results)}), "
+                                  f"got {len(dys)}")
+            return dict(zip(grad.names, self._run(grad.native, [*args, *dys], grad.cache), strict=True))
+
+        return outs, pullback
+
+    def _backward(self) -> Backward:
+        """The backward function, compiled for the target (once), its weight-only results prepared."""
+        if self._grad is None:
+            if self.ranks is not None:
+                raise SparsaError("reverse mode with expert_parallel is not built yet (it needs the exchange's "
+                                  "transpose)")
+            from sparsa.ir import parse_module
+            from sparsa.ir.autodiff import grad_targets
+
+            module = parse_module(self._input_ir)
+            forward = module.funcs[-1]
+            names = [name for _, name, _ in grad_targets(forward)]
+            results = list(forward.attributes["result_types"])
+            pm = PassManager(grad_pipeline(self._pm.pipeline), self._pm.options)
+            grad_module = pm.run(module)
+            native = self.backend.compile(grad_module.funcs[-1])
+            self._grad = Backward(grad_module, names, results, native, {})
+        if self._weights is not None and not self._grad.prepared:
+            from sparsa.backends.reference.interpreter import Interpreter
+
+            f = self._grad.module.funcs[-1]
+            Interpreter(f, self._weights, self._grad.cache, weight_only_ops(f)).precompute()
+            self._grad.prepared = True
+        return self._grad
 
     # ---- introspection ---------------------------------------------------------------------------------
-    def stage(self, name: str) -> str | bytes:
+    def stage(self, name: str, grad: bool = False) -> str | bytes:
         """A backend stage's text (cpu: "mlir" before lowering, "llvm" after; triton: "kernels", "launcher",
         and "source", the whole generated module): the backend's STAGES; or bytes for its BINARY_STAGES
-        (cpu: "obj", the object code for the target)."""
+        (cpu: "obj", the object code for the target). With `grad`, the backward function's."""
+        native = self._backward().native if grad else self.native
         if name in self.backend.BINARY_STAGES:
-            return self.native.binary(name)
-        stages = self.native.stages
+            return native.binary(name)
+        stages = native.stages
         name = self.backend.stage_name(name)
         if name not in stages:
             raise SparsaError(f"target '{self.target}' has no stage '{name}' (it has: ir"
                               f"{''.join(', ' + s for s in stages)})")
         return stages[name]
 
-    def ir(self, after: str | None = None) -> str:
-        """The final IR as text, or the IR right after pass `after` (or "input": as the frontend wrote it)."""
+    def ir(self, after: str | None = None, grad: bool = False) -> str:
+        """The final IR as text, or the IR right after pass `after` (or "input": as the frontend wrote it); with
+        `grad`, the module with the backward function, after the target's pipeline."""
+        if grad:
+            return print_module(self._backward().module)
         if after is None:
             return print_module(self.module)
         if after == "input":

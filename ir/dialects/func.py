@@ -15,6 +15,8 @@ class FuncOp(Operation):
     PURE = False
     sym_name = Attr(A.STR)
     result_types = Attr(A.TYPES)
+    # a backward function's (the differentiate pass's): how it has the forward's values, "recompute"
+    residuals = Attr(A.STR, default=None)
     body = RegionField()
 
     @property

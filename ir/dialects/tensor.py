@@ -88,6 +88,11 @@ class CastOp(Elementwise, Operation):
             return I.Interval(np.trunc(a.lo), np.trunc(a.hi))
         return a if self.to != "i1" else None
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """A float cast passes the cotangent back in the source's type; nothing flows to or from integers."""
+        (x,), (dy,) = xs, dys
+        return [g.cast(dy, x.type.dtype) if is_float(x.type.dtype) and is_float(self.to) else None]
+
 
 class UnaryOp(Elementwise, Operation):
     """Base of elementwise unary ops: `fn` is the NumPy semantics, `FLOAT_ONLY` limits the dtype."""
@@ -124,6 +129,11 @@ class NegOp(UnaryOp):
         (a,) = args
         return I.Interval(-a.hi, -a.lo)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """d(-x) = -dx."""
+        dy = dys[0]
+        return [g.neg(dy)]
+
 
 class AbsOp(UnaryOp):
     """|x|, elementwise."""
@@ -136,6 +146,15 @@ class AbsOp(UnaryOp):
 
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
         return I.absolute(*args)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """sign(x) dy, 0 at 0 (as PyTorch)."""
+        x = xs[0]
+        dy = dys[0]
+        sign = g.where(g.cmp("gt", x, g.scalar(0.0, x.type.dtype)), g.scalar(1.0, x.type.dtype),
+                       g.where(g.cmp("lt", x, g.scalar(0.0, x.type.dtype)), g.scalar(-1.0, x.type.dtype),
+                               g.scalar(0.0, x.type.dtype)))
+        return [g.mul(dy, sign)]
 
 
 class ReluOp(UnaryOp):
@@ -150,6 +169,12 @@ class ReluOp(UnaryOp):
     def fn(x: np.ndarray) -> np.ndarray:
         return np.maximum(x, 0).astype(x.dtype)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy where x > 0."""
+        x = xs[0]
+        dy = dys[0]
+        return [g.mask(g.cmp("gt", x, g.scalar(0.0, x.type.dtype)), dy)]
+
 
 class ExpOp(UnaryOp):
     """e**x, elementwise."""
@@ -158,6 +183,12 @@ class ExpOp(UnaryOp):
     BUILTIN = "exp"
     ATEN = ("exp.default",)
     fn = staticmethod(np.exp)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """exp(x) dy."""
+        y = ys[0]
+        dy = dys[0]
+        return [g.mul(dy, y)]
 
 
 class LogOp(UnaryOp):
@@ -168,6 +199,12 @@ class LogOp(UnaryOp):
     ATEN = ("log.default",)
     fn = staticmethod(np.log)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy / x."""
+        x = xs[0]
+        dy = dys[0]
+        return [g.div(dy, x)]
+
 
 class SqrtOp(UnaryOp):
     """Square root, elementwise."""
@@ -176,6 +213,12 @@ class SqrtOp(UnaryOp):
     BUILTIN = "sqrt"
     ATEN = ("sqrt.default",)
     fn = staticmethod(np.sqrt)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy / (2 sqrt(x))."""
+        y = ys[0]
+        dy = dys[0]
+        return [g.div(dy, g.scale(y, 2.0))]
 
 
 class RsqrtOp(UnaryOp):
@@ -189,6 +232,12 @@ class RsqrtOp(UnaryOp):
     def fn(x: np.ndarray) -> np.ndarray:
         return 1.0 / np.sqrt(x)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """-dy / (2 x^1.5)."""
+        y = ys[0]
+        dy = dys[0]
+        return [g.mul(g.scale(dy, -0.5), g.mul(y, g.mul(y, y)))]
+
 
 class TanhOp(UnaryOp):
     """Hyperbolic tangent, elementwise."""
@@ -197,6 +246,12 @@ class TanhOp(UnaryOp):
     BUILTIN = "tanh"
     ATEN = ("tanh.default",)
     fn = staticmethod(np.tanh)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """(1 - tanh(x)^2) dy."""
+        y = ys[0]
+        dy = dys[0]
+        return [g.mul(dy, g.sub(g.scalar(1.0, y.type.dtype), g.mul(y, y)))]
 
 
 class SinOp(UnaryOp):
@@ -207,6 +262,12 @@ class SinOp(UnaryOp):
     ATEN = ("sin.default",)
     fn = staticmethod(np.sin)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """cos(x) dy."""
+        x = xs[0]
+        dy = dys[0]
+        return [g.mul(dy, g.emit("tensor.cos", x))]
+
 
 class CosOp(UnaryOp):
     """Cosine, elementwise."""
@@ -215,6 +276,12 @@ class CosOp(UnaryOp):
     BUILTIN = "cos"
     ATEN = ("cos.default",)
     fn = staticmethod(np.cos)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """-sin(x) dy."""
+        x = xs[0]
+        dy = dys[0]
+        return [g.neg(g.mul(dy, g.emit("tensor.sin", x)))]
 
 
 class SigmoidOp(UnaryOp):
@@ -227,6 +294,12 @@ class SigmoidOp(UnaryOp):
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
         return (0.5 * (1.0 + np.tanh(0.5 * x.astype(np.float64)))).astype(x.dtype)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """s (1 - s) dy."""
+        y = ys[0]
+        dy = dys[0]
+        return [g.mul(dy, g.mul(y, g.sub(g.scalar(1.0, y.type.dtype), y)))]
 
 
 class SiluOp(UnaryOp):
@@ -241,6 +314,14 @@ class SiluOp(UnaryOp):
         x64 = x.astype(np.float64)
         return (x64 * 0.5 * (1.0 + np.tanh(0.5 * x64))).astype(x.dtype)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """s (1 + x (1 - s)) dy, s = sigmoid(x)."""
+        x = xs[0]
+        dy = dys[0]
+        s = g.emit("tensor.sigmoid", x)
+        one = g.scalar(1.0, x.type.dtype)
+        return [g.mul(dy, g.mul(s, g.add(one, g.mul(x, g.sub(one, s)))))]
+
 
 class GeluOp(UnaryOp):
     """Exact GELU, x * Phi(x) with the error function (PyTorch's default)."""
@@ -252,6 +333,17 @@ class GeluOp(UnaryOp):
     def fn(x: np.ndarray) -> np.ndarray:
         x64 = x.astype(np.float64)
         return (0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))).astype(x.dtype)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """(Phi(x) + x phi(x)) dy."""
+        x = xs[0]
+        y = ys[0]
+        dy = dys[0]
+        dt = x.type.dtype
+        zero = g.cmp("eq", x, g.scalar(0.0, dt))
+        cdf = g.where(zero, g.scalar(0.5, dt), g.div(y, g.where(zero, g.scalar(1.0, dt), x)))  # Phi(x) = gelu(x) / x
+        pdf = g.scale(g.emit("tensor.exp", g.scale(g.mul(x, x), -0.5)), 0.3989422804014327)
+        return [g.mul(dy, g.add(cdf, g.mul(x, pdf)))]
 
 
 class GeluTanhOp(UnaryOp):
@@ -266,6 +358,18 @@ class GeluTanhOp(UnaryOp):
         inner = math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64**3)
         return (0.5 * x64 * (1.0 + np.tanh(inner))).astype(x.dtype)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The tanh approximation's own derivative."""
+        x = xs[0]
+        dy = dys[0]
+        dt = x.type.dtype
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        t = g.emit("tensor.tanh", g.scale(g.add(x, g.scale(g.mul(x, g.mul(x, x)), 0.044715)), c))
+        one = g.scalar(1.0, dt)
+        du = g.scale(g.add(one, g.scale(g.mul(x, x), 3 * 0.044715)), c)
+        d = g.add(g.scale(g.add(one, t), 0.5), g.mul(g.scale(x, 0.5), g.mul(g.sub(one, g.mul(t, t)), du)))
+        return [g.mul(dy, d)]
+
 
 class SoftplusOp(UnaryOp):
     """log(1 + exp(x)), elementwise, computed without overflow."""
@@ -276,6 +380,12 @@ class SoftplusOp(UnaryOp):
     @staticmethod
     def fn(x: np.ndarray) -> np.ndarray:
         return np.logaddexp(np.zeros_like(x), x)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """sigmoid(x) dy."""
+        x = xs[0]
+        dy = dys[0]
+        return [g.mul(dy, g.emit("tensor.sigmoid", x))]
 
 
 class NotOp(Elementwise, Operation):
@@ -336,6 +446,13 @@ class AddOp(BinaryOp):
         a, b = args
         return I.Interval(a.lo + b.lo, a.hi + b.hi)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy to both, summed over broadcast dims."""
+        a = xs[0]
+        b = xs[1]
+        dy = dys[0]
+        return [g.unbroadcast(dy, a.type), g.unbroadcast(dy, b.type)]
+
 
 class SubOp(BinaryOp):
     """a - b with broadcasting."""
@@ -348,6 +465,13 @@ class SubOp(BinaryOp):
         a, b = args
         return I.Interval(a.lo - b.hi, a.hi - b.lo)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy and -dy."""
+        a = xs[0]
+        b = xs[1]
+        dy = dys[0]
+        return [g.unbroadcast(dy, a.type), g.unbroadcast(g.neg(dy), b.type)]
+
 
 class MulOp(BinaryOp):
     """a * b with broadcasting."""
@@ -359,6 +483,13 @@ class MulOp(BinaryOp):
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
         return I.mul(*args)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """b dy and a dy."""
+        a = xs[0]
+        b = xs[1]
+        dy = dys[0]
+        return [g.unbroadcast(g.mul(dy, b), a.type), g.unbroadcast(g.mul(dy, a), b.type)]
+
 
 class DivOp(BinaryOp):
     """a / b on floats with broadcasting."""
@@ -367,6 +498,15 @@ class DivOp(BinaryOp):
     ATEN = ("div.Tensor", "div.Scalar")
     ALLOWED = "float"
     fn = staticmethod(np.true_divide)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy / b and -dy a / b^2."""
+        a = xs[0]
+        b = xs[1]
+        y = ys[0]
+        dy = dys[0]
+        q = g.div(dy, b)
+        return [g.unbroadcast(q, a.type), g.unbroadcast(g.neg(g.mul(q, y)), b.type)]
 
 
 class FloorDivOp(BinaryOp):
@@ -379,6 +519,10 @@ class FloorDivOp(BinaryOp):
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
         return I.floordiv(*args)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Piecewise constant: nothing flows back (as PyTorch)."""
+        return [None, None]
+
 
 class ModOp(BinaryOp):
     """a % b with Python's semantics (the sign of b)."""
@@ -390,12 +534,34 @@ class ModOp(BinaryOp):
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
         return I.mod(*args)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy and -floor(a / b) dy."""
+        a = xs[0]
+        b = xs[1]
+        y = ys[0]
+        dy = dys[0]
+        if not is_float(y.type.dtype):
+            return [None, None]
+        return [g.unbroadcast(dy, a.type),
+                g.unbroadcast(g.neg(g.mul(dy, g.emit("tensor.floordiv", a, b))), b.type)]
+
 
 class PowOp(BinaryOp):
     """a ** b with broadcasting."""
 
     NAME = "tensor.pow"
     fn = staticmethod(np.power)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """b a^(b-1) dy and a^b log(a) dy."""
+        a = xs[0]
+        b = xs[1]
+        y = ys[0]
+        dy = dys[0]
+        one = g.scalar(1.0, y.type.dtype)
+        da = g.mul(dy, g.mul(b, g.emit("tensor.pow", a, g.sub(b, one))))
+        db = g.mul(dy, g.mul(y, g.emit("tensor.log", a)))  # for a > 0, as PyTorch (dropped where b is a constant)
+        return [g.unbroadcast(da, a.type), g.unbroadcast(db, b.type)]
 
 
 class MinimumOp(BinaryOp):
@@ -409,6 +575,16 @@ class MinimumOp(BinaryOp):
         a, b = args
         return I.Interval(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy to the smaller; split evenly on ties (as PyTorch)."""
+        a = xs[0]
+        b = xs[1]
+        dy = dys[0]
+        half = g.scale(dy, 0.5)
+        ta = g.where(g.cmp("lt", a, b), dy, g.mask(g.cmp("eq", a, b), half))
+        tb = g.where(g.cmp("lt", b, a), dy, g.mask(g.cmp("eq", a, b), half))
+        return [g.unbroadcast(ta, a.type), g.unbroadcast(tb, b.type)]
+
 
 class MaximumOp(BinaryOp):
     """Elementwise maximum with broadcasting."""
@@ -420,6 +596,16 @@ class MaximumOp(BinaryOp):
     def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
         a, b = args
         return I.Interval(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy to the larger; split evenly on ties (as PyTorch)."""
+        a = xs[0]
+        b = xs[1]
+        dy = dys[0]
+        half = g.scale(dy, 0.5)
+        ta = g.where(g.cmp("gt", a, b), dy, g.mask(g.cmp("eq", a, b), half))
+        tb = g.where(g.cmp("gt", b, a), dy, g.mask(g.cmp("eq", a, b), half))
+        return [g.unbroadcast(ta, a.type), g.unbroadcast(tb, b.type)]
 
 
 class AndOp(BinaryOp):
@@ -495,3 +681,11 @@ class WhereOp(Elementwise, Operation):
         lo = np.where(c.lo == 1, a.lo, np.where(c.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
         hi = np.where(c.lo == 1, a.hi, np.where(c.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
         return I.Interval(lo, hi)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dy where cond holds to a, elsewhere to b; nothing to the condition."""
+        (c, a, b), (dy,) = xs, dys
+        zero = g.scalar(0.0, dy.type.dtype)
+        return [None, g.unbroadcast(g.where(c, dy, zero), a.type), g.unbroadcast(g.where(c, zero, dy), b.type)]
+
+

@@ -59,6 +59,10 @@ class SumOp(ReduceOp):
     NAME = "tensor.sum"
     fn = staticmethod(np.sum)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY spread over the summed axes."""
+        return [g.reduce_like(dys[0], xs[0].type, self.axes, self.keepdim)]
+
 
 class MeanOp(ReduceOp):
     """Arithmetic mean over `axes`."""
@@ -67,6 +71,12 @@ class MeanOp(ReduceOp):
     FLOAT_ONLY = True
     fn = staticmethod(np.mean)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY spread over the averaged axes, over their element count (a sum of ones: counts symbolic dims)."""
+        x = xs[0]
+        count = g.emit("tensor.sum", g.full(1.0, x.type), axes=list(self.axes), keepdim=self.keepdim)
+        return [g.reduce_like(g.div(dys[0], count), x.type, self.axes, self.keepdim)]
+
 
 class MaxOp(ReduceOp):
     """Maximum over `axes`."""
@@ -74,12 +84,26 @@ class MaxOp(ReduceOp):
     NAME = "tensor.max"
     fn = staticmethod(np.max)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY to the largest elements, split evenly among ties (as PyTorch's amax and amin)."""
+        x, y = xs[0], g.reduce_like(ys[0], xs[0].type, self.axes, self.keepdim)
+        hit = g.cast(g.cmp("eq", x, y), x.type.dtype)
+        ties = g.reduce_like(g.sum(hit, self.axes, keepdim=True), x.type, self.axes, True)
+        return [g.div(g.mul(hit, g.reduce_like(dys[0], x.type, self.axes, self.keepdim)), ties)]
+
 
 class MinOp(ReduceOp):
     """Minimum over `axes`."""
 
     NAME = "tensor.min"
     fn = staticmethod(np.min)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY to the smallest elements, split evenly among ties (as PyTorch's amax and amin)."""
+        x, y = xs[0], g.reduce_like(ys[0], xs[0].type, self.axes, self.keepdim)
+        hit = g.cast(g.cmp("eq", x, y), x.type.dtype)
+        ties = g.reduce_like(g.sum(hit, self.axes, keepdim=True), x.type, self.axes, True)
+        return [g.div(g.mul(hit, g.reduce_like(dys[0], x.type, self.axes, self.keepdim)), ties)]
 
 
 class LogSumExpOp(ReduceOp):
@@ -95,6 +119,12 @@ class LogSumExpOp(ReduceOp):
         m = np.where(np.isfinite(m), m, 0.0)
         out = np.log(np.sum(np.exp(x64 - m), axis=axis, keepdims=True)) + m
         return out if keepdims else np.squeeze(out, axis=axis)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY softmax(x) over the reduced axes."""
+        x = xs[0]
+        p = g.emit("tensor.exp", g.sub(x, g.reduce_like(ys[0], x.type, self.axes, self.keepdim)))
+        return [g.mul(p, g.reduce_like(dys[0], x.type, self.axes, self.keepdim))]
 
 
 class ArgmaxOp(Reduction, Operation):
@@ -115,6 +145,10 @@ class ArgmaxOp(Reduction, Operation):
 
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.argmax(x, axis=self.axis, keepdims=self.keepdim)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Indices: nothing flows back."""
+        return [None]
 
 
 class AxisFloatOp(Operation):
@@ -145,6 +179,11 @@ class SoftmaxOp(AxisFloatOp):
         e = np.exp(x64 - np.max(x64, axis=self.axis, keepdims=True))
         return e / np.sum(e, axis=self.axis, keepdims=True)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """y (dY - sum(dY y))."""
+        y, dy = ys[0], dys[0]
+        return [g.mul(y, g.sub(dy, g.sum(g.mul(dy, y), [self.axis], keepdim=True)))]
+
 
 class CumsumOp(Operation):
     """Inclusive running sum along `axis`."""
@@ -165,6 +204,14 @@ class CumsumOp(Operation):
 
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.cumsum(x, axis=self.axis)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The reversed cumulative sum of dY: its total, less the running sum before each element."""
+        dy = dys[0]
+        if not is_float(dy.type.dtype):
+            return [None]
+        total = g.sum(dy, [self.axis], keepdim=True)
+        return [g.add(g.sub(total, g.emit("tensor.cumsum", dy, axis=self.axis)), dy)]
 
 
 def _check_last_dim(op: Operation, x: TensorType, w: TensorType, what: str) -> None:
@@ -201,6 +248,20 @@ class LayerNormOp(Operation):
         var = ((x64 - mu) ** 2).mean(axis=-1, keepdims=True)
         return (x64 - mu) / np.sqrt(var + self.eps) * w + b
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """xh = (x - mu) r: dx = r (dxh - mean(dxh) - xh mean(dxh xh)), dxh = dY w; dw = dY xh, db = dY summed."""
+        (x, w, b), dy = xs, dys[0]
+        mu = g.emit("tensor.mean", x, axes=[-1], keepdim=True)
+        xc = g.sub(x, mu)
+        var = g.emit("tensor.mean", g.mul(xc, xc), axes=[-1], keepdim=True)
+        r = g.emit("tensor.rsqrt", g.add(var, g.scalar(self.eps, x.type.dtype)))
+        xh = g.mul(xc, r)
+        dxh = g.mul(dy, w)
+        m1 = g.emit("tensor.mean", dxh, axes=[-1], keepdim=True)
+        m2 = g.emit("tensor.mean", g.mul(dxh, xh), axes=[-1], keepdim=True)
+        dx = g.mul(r, g.sub(g.sub(dxh, m1), g.mul(xh, m2)))
+        return [dx, g.unbroadcast(g.mul(dy, xh), w.type), g.unbroadcast(dy, b.type)]
+
 
 class RmsNormOp(Operation):
     """x / sqrt(mean(x * x) + eps) * w over the last axis."""
@@ -225,6 +286,16 @@ class RmsNormOp(Operation):
     def reference(self, ctx: Any, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         x64 = x.astype(np.float64)
         return x64 / np.sqrt((x64 * x64).mean(axis=-1, keepdims=True) + self.eps) * w
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """r = 1 / rms(x): dx = r (dY w) - x r^3 mean(dY w x); dw = dY x r summed over the leading dims."""
+        (x, w), dy = xs, dys[0]
+        mean_sq = g.emit("tensor.mean", g.mul(x, x), axes=[-1], keepdim=True)
+        r = g.emit("tensor.rsqrt", g.add(mean_sq, g.scalar(self.eps, x.type.dtype)))
+        gw = g.mul(dy, w)
+        inner = g.emit("tensor.mean", g.mul(gw, x), axes=[-1], keepdim=True)
+        dx = g.sub(g.mul(gw, r), g.mul(x, g.mul(inner, g.mul(r, g.mul(r, r)))))
+        return [dx, g.unbroadcast(g.mul(dy, g.mul(x, r)), w.type)]
 
 
 class TopkOp(Operation):

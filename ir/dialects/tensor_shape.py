@@ -47,6 +47,24 @@ class MatmulOp(Operation):
         f = 2.0 * outs[0].size * args[0].shape[-1]
         return Cost(f, f)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dA = dY @ B^T and dB = A^T @ dY, 1-D operands promoted as matmul does, batch dims summed back."""
+        (a, b), dy = xs, dys[0]
+        a2 = a if a.type.rank > 1 else g.emit("tensor.expand_dims", a, axes=[0])
+        b2 = b if b.type.rank > 1 else g.emit("tensor.expand_dims", b, axes=[1])
+        dy2 = dy
+        if a.type.rank == 1:
+            dy2 = g.emit("tensor.expand_dims", dy2, axes=[dy2.type.rank - (0 if b.type.rank == 1 else 1)])
+        if b.type.rank == 1:
+            dy2 = g.emit("tensor.expand_dims", dy2, axes=[dy2.type.rank])
+        da = g.unbroadcast(g.emit("tensor.matmul", dy2, g.transpose_last(b2)), a2.type)
+        db = g.unbroadcast(g.emit("tensor.matmul", g.transpose_last(a2), dy2), b2.type)
+        if a.type.rank == 1:
+            da = g.emit("tensor.squeeze", da, axes=[0])
+        if b.type.rank == 1:
+            db = g.emit("tensor.squeeze", db, axes=[1])
+        return [da, db]
+
 
 def matmul_type(op: Operation, a: TensorType, b: TensorType) -> TensorType:
     """Result type of numpy.matmul on `a` and `b`, or a verify error naming the contracted dims."""
@@ -90,6 +108,11 @@ class ReshapeOp(View, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return x.reshape([ctx.dim(d) if d != -1 else -1 for d in self.shape])
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY reshaped back to the operand's shape."""
+        shape = [-1 if d is None else d for d in xs[0].type.shape]
+        return [g.emit("tensor.reshape", dys[0], shape=shape)]
+
 
 def _remaining(src: list[Dim], known: list[Dim]) -> Dim:
     """The dim -1 stands for: `known`'s symbolic factors cancelled against `src`'s, and the product of `src`'s
@@ -130,6 +153,13 @@ class TransposeOp(View, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.transpose(x, self.perm)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY transposed back (the inverse permutation)."""
+        inverse = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inverse[p] = i
+        return [g.emit("tensor.transpose", dys[0], perm=inverse)]
+
 
 class ExpandDimsOp(View, Operation):
     """Inserts size-1 axes at the given positions of the result (NumPy's `x[..., None]`)."""
@@ -150,6 +180,10 @@ class ExpandDimsOp(View, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.expand_dims(x, tuple(self.axes))
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY with the new axes squeezed away."""
+        return [g.emit("tensor.squeeze", dys[0], axes=list(self.axes))]
+
 
 class SqueezeOp(View, Operation):
     """Removes the given size-1 axes."""
@@ -169,6 +203,11 @@ class SqueezeOp(View, Operation):
 
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.squeeze(x, tuple(self.axes))
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY with the squeezed axes put back."""
+        axes = sorted(a % xs[0].type.rank for a in self.axes)
+        return [g.emit("tensor.expand_dims", dys[0], axes=axes)]
 
 
 class SliceOp(View, Operation):
@@ -195,6 +234,29 @@ class SliceOp(View, Operation):
         idx = tuple(slice(a, None if b is None else ctx.dim(b), s)
                     for a, b, s in zip(self.starts, self.stops, self.steps, strict=True))
         return x[idx]
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY put back where the slice took it from, zeros around it (unit steps, static bounds)."""
+        x, dy = xs[0], dys[0]
+        out = dy
+        for axis, (start, stop, step) in enumerate(zip(self.starts, self.stops, self.steps, strict=True)):
+            n = x.type.shape[axis]
+            end = n if stop is None else stop
+            if step != 1 or not isinstance(n, int) or not isinstance(end, int) or start < 0 or end < 0:
+                if (start, stop, step) == (0, None, 1):
+                    continue
+                raise self.error("has no derivative yet for steps other than 1 or symbolic and negative bounds")
+            end = min(end, n)
+            pieces = []
+            for size in (start, None, n - end):
+                if size is None:
+                    pieces.append(out)
+                elif size:
+                    shape = list(out.type.shape)
+                    shape[axis] = size
+                    pieces.append(g.full(0.0, TensorType(out.type.dtype, tuple(shape))))
+            out = pieces[0] if len(pieces) == 1 else g.emit("tensor.concat", pieces, axis=axis)
+        return [out]
 
 
 def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
@@ -279,6 +341,14 @@ class ConcatOp(Operation):
     def reference(self, ctx: Any, *xs: np.ndarray) -> np.ndarray:
         return np.concatenate(xs, axis=self.axis)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Each input's slice of dY."""
+        axis = self.axis % ys[0].type.rank
+        sizes = [x.type.shape[axis] for x in xs]
+        if not all(isinstance(s, int) for s in sizes):
+            raise self.error("has no derivative yet when an input's size along the axis is symbolic")
+        return list(g.op("tensor.split", dys[0], sizes=sizes, axis=axis).results)
+
 
 def _add(a: Dim, b: Dim) -> Dim:
     if isinstance(a, int) and isinstance(b, int):
@@ -310,6 +380,11 @@ class SplitOp(View, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, ...]:
         return tuple(np.split(x, np.cumsum(self.sizes)[:-1], axis=self.axis))
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The pieces' cotangents joined (zeros for a piece nothing flowed to)."""
+        parts = [d if d is not None else g.full(0.0, y.type) for d, y in zip(dys, ys, strict=True)]
+        return [g.emit("tensor.concat", parts, axis=self.axis)]
+
 
 class BroadcastToOp(View, Operation):
     """Broadcasts `x` to `shape` with NumPy's rules."""
@@ -329,3 +404,9 @@ class BroadcastToOp(View, Operation):
 
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.broadcast_to(x, [ctx.dim(d) for d in self.shape]).copy()
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY summed over the broadcast dims."""
+        return [g.unbroadcast(dys[0], xs[0].type)]
+
+

@@ -1,0 +1,121 @@
+"""Reverse mode: what an op's vector-Jacobian rule (`vjp`, a method on its class) builds the backward ops with,
+and which values a function's gradient is taken for. The `differentiate` pass drives the rules.
+
+A rule reads `vjp(self, g, dys, xs, ys)`: `g` a `Grad` (emits ops into the backward function), `dys` the
+cotangent of each result (None where nothing flows back), `xs` and `ys` the op's operands and results as the
+backward function has them (it runs the forward again). It returns a cotangent per operand: a value of the
+operand's type, or None where none flows (indices, masks, integers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sparsa.ir.core import OP_REGISTRY, Block, Operation, Value
+from sparsa.ir.diagnostics import Location
+from sparsa.ir.types import TensorType, is_float
+
+
+class Grad:
+    """Builds backward ops at the end of `block`, at the location of the op whose rule runs."""
+
+    def __init__(self, block: Block):
+        self.block = block
+        self.loc: Location | None = None
+
+    def emit(self, name: str, *operands: Value | Sequence[Value], result_types: Sequence[TensorType] | None = None,
+             **attrs: Any) -> Value:
+        op = OP_REGISTRY[name].build(*operands, result_types=result_types, loc=self.loc, **attrs)
+        self.block.append(op)
+        return op.results[0]
+
+    def op(self, name: str, *operands: Value | Sequence[Value], **attrs: Any) -> Operation:
+        """Like `emit`, for an op of several results: the op itself."""
+        op = OP_REGISTRY[name].build(*operands, loc=self.loc, **attrs)
+        self.block.append(op)
+        return op
+
+    # ---- constants ----------------------------------------------------------------------------------------
+    def scalar(self, value: float, dtype: str) -> Value:
+        return self.emit("tensor.constant", value=value, result_types=[TensorType(dtype, ())])
+
+    def full(self, value: float, t: TensorType) -> Value:
+        """A splat of `value` with t's shape and element type."""
+        return self.emit("tensor.constant", value=value, result_types=[TensorType(t.dtype, t.shape)])
+
+    # ---- arithmetic ---------------------------------------------------------------------------------------
+    def add(self, a: Value, b: Value) -> Value:
+        return self.emit("tensor.add", a, b)
+
+    def sub(self, a: Value, b: Value) -> Value:
+        return self.emit("tensor.sub", a, b)
+
+    def mul(self, a: Value, b: Value) -> Value:
+        return self.emit("tensor.mul", a, b)
+
+    def div(self, a: Value, b: Value) -> Value:
+        return self.emit("tensor.div", a, b)
+
+    def neg(self, a: Value) -> Value:
+        return self.emit("tensor.neg", a)
+
+    def scale(self, a: Value, c: float) -> Value:
+        return self.mul(a, self.scalar(c, a.type.dtype))
+
+    def where(self, cond: Value, a: Value, b: Value) -> Value:
+        return self.emit("tensor.where", cond, a, b)
+
+    def cmp(self, pred: str, a: Value, b: Value) -> Value:
+        return self.emit("tensor.cmp", a, b, pred=pred)
+
+    def mask(self, cond: Value, a: Value) -> Value:
+        """a where cond holds, else 0."""
+        return self.where(cond, a, self.scalar(0.0, a.type.dtype))
+
+    def cast(self, a: Value, dtype: str) -> Value:
+        return a if a.type.dtype == dtype else self.emit("tensor.cast", a, to=dtype)
+
+    # ---- shapes -------------------------------------------------------------------------------------------
+    def sum(self, a: Value, axes: Sequence[int], keepdim: bool = False) -> Value:
+        return a if not axes else self.emit("tensor.sum", a, axes=list(axes), keepdim=keepdim)
+
+    def broadcast_to(self, a: Value, t: TensorType) -> Value:
+        return a if a.type.shape == t.shape else self.emit("tensor.broadcast_to", a, shape=list(t.shape))
+
+    def reduce_like(self, dy: Value, x: TensorType, axes: Sequence[int], keepdim: bool) -> Value:
+        """The cotangent of a reduction over `axes` of x, spread back over x (the reduced axes put back first)."""
+        axes = sorted(a % x.rank for a in axes)
+        if not keepdim and axes:
+            dy = self.emit("tensor.expand_dims", dy, axes=axes)
+        return self.broadcast_to(dy, x)
+
+    def unbroadcast(self, g: Value, to: TensorType) -> Value:
+        """g summed over the dims a broadcast added or stretched, so it has `to`'s shape."""
+        t = g.type
+        lead = t.rank - to.rank
+        axes = list(range(lead)) + [lead + i for i, d in enumerate(to.shape) if d == 1 and t.shape[lead + i] != 1]
+        g = self.sum(g, axes, keepdim=True)
+        if lead:
+            g = self.emit("tensor.squeeze", g, axes=list(range(lead)))
+        return g
+
+    def transpose_last(self, a: Value) -> Value:
+        perm = list(range(a.type.rank))
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+        return self.emit("tensor.transpose", a, perm=perm)
+
+
+def grad_targets(func: Operation) -> list[tuple[str, str, Value]]:
+    """What a function's gradient is taken for, in order: ("input", name, value) for each float input, then
+    ("param", name, value) for each float weight, in the order they are declared."""
+    block = func.regions[0].block
+    out = [("input", a.name_hint or str(a.index), a) for a in block.args if is_float(a.type.dtype)]
+    out += [("param", op.attributes["name"], op.result) for op in block.ops
+            if op.NAME == "func.param" and is_float(op.result.type.dtype)]
+    return out
+
+
+def differentiable(v: Value) -> bool:
+    """Whether a cotangent flows to v: float values only (indices, masks and integers have none)."""
+    return is_float(v.type.dtype)

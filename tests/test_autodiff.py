@@ -1,0 +1,269 @@
+"""Reverse mode: every op's vector-Jacobian rule against central finite differences (float64, on the reference) and
+against torch autograd (float32), through `m.vjp`; random op chains (hypothesis) the same way; the backward
+function on the cpu and triton targets against the reference; clear errors where no rule exists yet."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from test_properties import random_modules
+
+import sparsa
+from sparsa.ir.core import OP_REGISTRY
+from sparsa.ir.diagnostics import SparsaError
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# name -> (.sp body over x (and y), its torch transcription, extra inputs' shapes); x is [3, 4]
+UNARY = ["abs", "relu", "exp", "sqrt", "rsqrt", "tanh", "sin", "cos", "sigmoid", "silu", "gelu", "gelu_tanh",
+         "softplus", "log"]
+TORCH_UNARY = {"abs": torch.abs, "relu": torch.relu, "exp": torch.exp, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+               "tanh": torch.tanh, "sin": torch.sin, "cos": torch.cos, "sigmoid": torch.sigmoid, "silu": F.silu,
+               "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "softplus": F.softplus,
+               "log": torch.log}
+CASES = {
+    **{f"unary {n}": (f"{n}(x)", TORCH_UNARY[n], {}) for n in UNARY},
+    "neg": ("-x", lambda x: -x, {}),
+    "add broadcast": ("x + y", lambda x, y: x + y, {"y": (4,)}),
+    "sub broadcast": ("y - x", lambda x, y: y - x, {"y": (3, 1)}),
+    "mul": ("x * y", lambda x, y: x * y, {"y": (3, 4)}),
+    "div": ("x / y", lambda x, y: x / y, {"y": (1, 4)}),
+    "pow": ("x ** y", lambda x, y: x ** y, {"y": (3, 4)}),
+    "pow constant": ("x ** 3.0", lambda x: x ** 3.0, {}),
+    "maximum": ("max(x, y)", torch.maximum, {"y": (3, 4)}),
+    "minimum": ("min(x, y)", torch.minimum, {"y": (4,)}),
+    "where": ("where(x > y, x * 2.0, y)", lambda x, y: torch.where(x > y, x * 2.0, y), {"y": (3, 4)}),
+    "matmul": ("x @ y", lambda x, y: x @ y, {"y": (4, 5)}),
+    "matmul vector": ("x @ y", lambda x, y: x @ y, {"y": (4,)}),
+    "matmul batched": ("y @ x", lambda x, y: y @ x, {"y": (2, 5, 3)}),
+    "sum": ("sum(x, axis=1)", lambda x: x.sum(1), {}),
+    "sum keepdim": ("sum(x, axis=0, keepdim=true)", lambda x: x.sum(0, keepdim=True), {}),
+    "mean": ("mean(x, axis=-1)", lambda x: x.mean(-1), {}),
+    "max": ("max(x, axis=1)", lambda x: x.amax(1), {}),
+    "min": ("min(x, axis=0, keepdim=true)", lambda x: x.amin(0, keepdim=True), {}),
+    "logsumexp": ("logsumexp(x, axis=1)", lambda x: torch.logsumexp(x, 1), {}),
+    "softmax": ("softmax(x, axis=-1)", lambda x: torch.softmax(x, -1), {}),
+    "cumsum": ("cumsum(x, axis=1)", lambda x: torch.cumsum(x, 1), {}),
+    "rmsnorm": ("rmsnorm(x, y)", lambda x, y: x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-6) * y,
+                {"y": (4,)}),
+    "layernorm": ("layernorm(x, y, y * 0.5)", lambda x, y: F.layer_norm(x, (4,), y, y * 0.5, 1e-5), {"y": (4,)}),
+    "transpose": ("transpose(x, [1, 0]) @ y", lambda x, y: x.T @ y, {"y": (3, 2)}),
+    "reshape": ("reshape(x, [2, 6])", lambda x: x.reshape(2, 6), {}),
+    "slice": ("x[1:3, :2]", lambda x: x[1:3, :2], {}),
+    "concat": ("concat([x, y], axis=0)", lambda x, y: torch.cat([x, y], 0), {"y": (2, 4)}),
+    "split": ("a, b = split(x, [1, 3], axis=1)\n    return b * a", lambda x: torch.split(x, [1, 3], 1)[1]
+              * torch.split(x, [1, 3], 1)[0], {}),
+}
+
+
+def _source(body: str, extra: dict, dtype: str) -> str:
+    args = "".join(f", {n}: {dtype}[{', '.join(map(str, s))}]" for n, s in extra.items())
+    body = body if "return" in body else f"return {body}"
+    return f"model M(x: {dtype}[3, 4]{args}) -> ANY {{\n    {body}\n}}"
+
+
+def _compile(body: str, extra: dict, dtype: str, target: str = "reference") -> sparsa.CompiledModel:
+    """The case as a model; its result type is read off the frontend's error for a wrong one."""
+    import re
+
+    probe = _source(body, extra, dtype).replace("-> ANY", f"-> {dtype}[1]")
+    try:
+        return sparsa.compile(probe, target=target)
+    except SparsaError as e:
+        got = re.search(r"got (\w+\[[^\]]*\])", str(e))
+        assert got, str(e)
+        return sparsa.compile(probe.replace(f"-> {dtype}[1]", f"-> {got.group(1)}"), target=target)
+
+
+def _inputs(name: str, extra: dict, dtype: str) -> list[np.ndarray]:
+    rng = np.random.default_rng(abs(hash(name)) % 1000)
+    xs = [rng.standard_normal((3, 4))] + [rng.standard_normal(s) for s in extra.values()]
+    if name in ("unary sqrt", "unary rsqrt", "unary log", "pow", "pow constant"):
+        xs[0] = np.abs(xs[0]) + 0.5  # in the domain
+    if name == "div":
+        xs[1] = np.sign(xs[1]) * (np.abs(xs[1]) + 0.5)
+    return [x.astype(dtype) for x in xs]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_against_finite_differences(name: str) -> None:
+    """float64 on the reference (the case's IR with every f32 made f64): <dy, J e_i> by central differences
+    equals the i-th component of the backward function's result."""
+    from sparsa.backends.reference import run_function
+    from sparsa.ir import parse_module, print_module
+    from sparsa.passes import PassManager
+    from sparsa.runtime.compiler import grad_pipeline
+
+    body, _, extra = CASES[name]
+    text = print_module(_compile(body, extra, "f32").module)
+    module = parse_module(text.replace("xf32>", "xf64>").replace("tensor<f32>", "tensor<f64>"))
+    grad = PassManager(grad_pipeline("canonicalize,cse,dce")).run(module)
+    fwd, back = (f.attributes["sym_name"] for f in grad.funcs)
+    xs = _inputs(name, extra, np.float64)
+    (y,) = run_function(grad, xs, func=fwd)
+    dy = np.random.default_rng(7).standard_normal(np.shape(y))
+    grads = run_function(grad, [*xs, dy], func=back)
+    eps = 1e-6
+    for k, x in enumerate(xs):
+        want = np.zeros_like(x)
+        for i in np.ndindex(x.shape):
+            plus, minus = [a.copy() for a in xs], [a.copy() for a in xs]
+            plus[k][i] += eps
+            minus[k][i] -= eps
+            diff = run_function(grad, plus, func=fwd)[0] - run_function(grad, minus, func=fwd)[0]
+            want[i] = np.sum(diff * dy) / (2 * eps)
+        np.testing.assert_allclose(grads[k], want, rtol=1e-6, atol=1e-6, err_msg=f"{name}: input {k}")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_rule_against_torch_autograd(name: str) -> None:
+    """float32: the pullback equals torch autograd's gradients (ties and kinks broken as PyTorch breaks them)."""
+    body, fn, extra = CASES[name]
+    m = _compile(body, extra, "f32")
+    xs = _inputs(name, extra, np.float32)
+    y, pullback = m.vjp(*xs)
+    dy = np.random.default_rng(7).standard_normal(np.shape(y)).astype(np.float32)
+    grads = pullback(dy)
+    ts = [torch.tensor(x, requires_grad=True) for x in xs]
+    out = fn(*ts)
+    np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-5, atol=1e-5)
+    out.backward(torch.tensor(dy))
+    for n, t in zip(m.input_names, ts, strict=True):
+        np.testing.assert_allclose(grads[n], t.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=f"{name}: d{n}")
+
+
+def test_every_tensor_op_with_float_results_has_a_rule_or_is_listed() -> None:
+    """Which ops reverse mode covers: every tensor-dialect op with float results, except the ones listed here with
+    what they wait for."""
+    waiting = {"tensor.gather": "a scatter-add op with cpu and triton kernels",
+               "tensor.topk": "a scatter-add op with cpu and triton kernels"}
+    missing = sorted(n for n, c in OP_REGISTRY.items() if n.startswith("tensor.") and not hasattr(c, "vjp")
+                     and n not in waiting and n not in ("tensor.constant", "tensor.iota", "tensor.not", "tensor.and",
+                                                         "tensor.or", "tensor.cmp"))
+    assert not missing, f"tensor ops without a vjp rule: {missing}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(random_modules())
+def test_random_chains_against_torch(drawn) -> None:
+    """Random chains of ops (test_properties' generator): the backward function equals torch autograd of the same
+    chain transcribed op by op into torch (float64)."""
+    from sparsa.ir import print_module
+    from sparsa.passes import PassManager
+    from sparsa.runtime.compiler import grad_pipeline
+
+    module, _ = drawn
+    f = module.funcs[-1]
+    grad = PassManager(grad_pipeline("canonicalize,cse,dce")).run(module)
+    back = grad.funcs[-1]
+    assert back.attributes["residuals"] == "recompute", print_module(grad)
+    from sparsa.backends.reference import run_function
+
+    rng = np.random.default_rng(0)
+    shapes = [tuple(3 if not isinstance(d, int) else d for d in a.type.shape) for a in f.regions[0].block.args]
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    ys = run_function(grad, xs, func=f.attributes["sym_name"])
+    dys = [rng.standard_normal(np.shape(y)).astype(np.float32) for y in ys]
+    got = run_function(grad, [*xs, *dys], func=back.attributes["sym_name"])
+    ts = [torch.tensor(x, dtype=torch.float64, requires_grad=True) for x in xs]
+    pairs = [(o, torch.tensor(d, dtype=torch.float64)) for o, d in zip(_torch_run(f, ts), dys, strict=True)
+             if o.requires_grad]  # an output of constants alone has nothing to flow back
+    if pairs:
+        torch.autograd.backward([o for o, _ in pairs], [d for _, d in pairs])
+    for g, t in zip(got, ts, strict=True):
+        want = t.grad.numpy() if t.grad is not None else np.zeros(t.shape)  # nothing reached it
+        np.testing.assert_allclose(g, want, rtol=2e-3, atol=2e-3)
+
+
+def _torch_run(f, ts):
+    """f's ops run in torch (float64), one op at a time, by their NumPy semantics' torch counterparts."""
+    env = {id(a): t for a, t in zip(f.regions[0].block.args, ts, strict=True)}
+    unary = {"tensor.neg": torch.neg, "tensor.abs": torch.abs, "tensor.relu": torch.relu, "tensor.exp": torch.exp,
+             "tensor.log": torch.log, "tensor.sqrt": torch.sqrt, "tensor.rsqrt": torch.rsqrt, "tensor.tanh": torch.tanh,
+             "tensor.sin": torch.sin, "tensor.cos": torch.cos, "tensor.sigmoid": torch.sigmoid, "tensor.silu": F.silu,
+             "tensor.gelu": F.gelu, "tensor.gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+             "tensor.softplus": F.softplus}
+    binary = {"tensor.add": torch.add, "tensor.sub": torch.sub, "tensor.mul": torch.mul, "tensor.div": torch.div,
+              "tensor.maximum": torch.maximum, "tensor.minimum": torch.minimum, "tensor.pow": torch.pow}
+    for op in f.regions[0].block.ops:
+        args = [env[id(v)] for v in op.operands]
+        a = op.attributes
+        if op.NAME == "func.return":
+            return args
+        if op.NAME == "tensor.constant":
+            out = torch.full([3 if not isinstance(d, int) else d for d in op.result.type.shape], a["value"],
+                             dtype=torch.float64)
+        elif op.NAME in unary:
+            out = unary[op.NAME](args[0])
+        elif op.NAME in binary:
+            out = binary[op.NAME](*args)
+        elif op.NAME == "tensor.cmp":
+            out = {"lt": torch.lt, "gt": torch.gt, "le": torch.le, "ge": torch.ge, "eq": torch.eq,
+                   "ne": torch.ne}[a["pred"]](*args)
+        elif op.NAME == "tensor.where":
+            out = torch.where(*args)
+        elif op.NAME in ("tensor.sum", "tensor.mean", "tensor.max", "tensor.min"):
+            fn = {"tensor.sum": torch.sum, "tensor.mean": torch.mean, "tensor.max": torch.amax,
+                  "tensor.min": torch.amin}[op.NAME]
+            out = fn(args[0], dim=list(a["axes"]), keepdim=a.get("keepdim", False))
+        elif op.NAME == "tensor.softmax":
+            out = torch.softmax(args[0], a["axis"])
+        elif op.NAME == "tensor.transpose":
+            out = args[0].permute(*a["perm"])
+        else:
+            raise AssertionError(f"no torch transcription of {op.NAME}")
+        env[id(op.results[0])] = out
+    raise AssertionError("no return")
+
+
+@pytest.mark.parametrize("target", ["cpu", "triton"])
+def test_backward_on_native_targets(target: str) -> None:
+    """A small MLP's backward function compiled for the target equals the reference's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    if target == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    src = """model MLP(x: f32[T, 8]) -> f32[T, 4] {
+    param w1: f32[8, 16]
+    param b1: f32[16]
+    param w2: f32[16, 4]
+    param g: f32[4]
+    return rmsnorm(gelu_tanh(x @ w1 + b1) @ w2, g)
+}"""
+    ref = sparsa.compile(src, target="reference").init_weights(3)
+    native = sparsa.compile(src, target=target).init_weights(3)
+    x = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal((10, 4)).astype(np.float32)
+    want = ref.vjp(x)[1](dy)
+    got = native.vjp(x)[1](dy)
+    assert list(got) == ["x", "w1", "b1", "w2", "g"]
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-4, atol=2e-4, err_msg=f"{target}: d{k}")
+
+
+def test_ir_cli_and_errors(tmp_path) -> None:
+    """`m.ir(grad=True)` and `sparsa compile --grad` show the backward function; ops without a rule name
+    themselves and their line; a pullback with the wrong number of cotangents says so."""
+    from sparsa.runtime.cli import main
+
+    src = tmp_path / "m.sp"
+    src.write_text("model M(x: f32[T, 4]) -> f32[T, 4] {\n    param w: f32[4, 4]\n    return tanh(x @ w)\n}\n")
+    m = sparsa.compile(str(src), target="reference").init_weights(0)
+    text = m.ir(grad=True)
+    assert 'func.func @M_vjp(%x: tensor<{T}x4xf32>, %d_0: tensor<{T}x4xf32>)' in text
+    assert 'residuals = "recompute"' in text
+    out = tmp_path / "grad.sir"
+    assert main(["compile", str(src), "--grad", "--target", "reference", "-o", str(out)]) == 0
+    assert "@M_vjp" in out.read_text()
+    _, pullback = m.vjp(np.ones((2, 4), np.float32))
+    with pytest.raises(SparsaError, match="one cotangent per output"):
+        pullback()
+    moe = sparsa.compile("../shared/examples/mixtral_moe.sp" if False else str(
+        __import__("pathlib").Path(__file__).parent.parent / "examples" / "mixtral_moe.sp"), target="reference")
+    with pytest.raises(SparsaError, match="'moe.moe' has no derivative yet") as e:
+        moe.ir(grad=True)
+    assert "mixtral_moe.sp:16" in str(e.value)
