@@ -146,6 +146,22 @@ def case_gather():
     np.testing.assert_array_equal(out, table[qi, ki])
 
 
+def case_scatter_add():
+    """Rows and single elements added at repeated and negative places (NumPy's add.at)."""
+    base, upd = randn(4, 3), randn(2, 3, 3)
+    tok = np.array([[0, 2, 2], [-1, 1, 2]], dtype=np.int32)
+    (out,) = run_op("tensor.scatter_add", [base, upd, tok], {})
+    want = base.copy()
+    np.add.at(want, tok, upd)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    pts = randn(5)
+    rows, cols = np.array([0, 3, 0, 1, -4]), np.array([2, 1, 2, 0, 0])
+    (out,) = run_op("tensor.scatter_add", [base, pts, rows, cols], {})
+    want = base.copy()
+    np.add.at(want, (rows, cols), pts)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
 def case_concat():
     a, b = randn(2, 3), randn(2, 5)
     (out,) = run_op("tensor.concat", [a, b], {"axis": -1})
@@ -604,6 +620,7 @@ CASES = {
     "tensor.where": case_where, "tensor.matmul": case_matmul, "tensor.reshape": case_reshape,
     "tensor.transpose": case_transpose, "tensor.expand_dims": case_expand_dims, "tensor.squeeze": case_squeeze,
     "tensor.slice": case_slice, "tensor.gather": case_gather, "tensor.concat": case_concat,
+    "tensor.scatter_add": case_scatter_add,
     "tensor.split": case_split, "tensor.broadcast_to": case_broadcast_to,
     "tensor.sum": _reduction("tensor.sum", np.sum), "tensor.mean": _reduction("tensor.mean", np.mean),
     "tensor.max": _reduction("tensor.max", np.max), "tensor.min": _reduction("tensor.min", np.min),

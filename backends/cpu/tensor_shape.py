@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, linalg, tensor
+from torch_mlir.dialects import arith, func, linalg, memref, tensor
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
@@ -132,6 +132,42 @@ def wrapped(cx: KernelContext, i: ir.Value, x: ir.Value, axis: int) -> ir.Value:
     neg = arith.CmpIOp(2, i, zero).result
     return arith.SelectOp(neg, arith.AddIOp(i, tensor.DimOp(x, arith.ConstantOp(ir.IndexType.get(), axis)
                                                             .result).result).result, i).result
+
+
+# ---- scatter-add (a gather's transpose) ------------------------------------------------------------------
+@KERNELS.lowers(S.ScatterAddOp)
+def scatter_add_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """out = base, then out[i0[p], i1[p], ...] += updates[p] for every place p in order, on one thread (places
+    may repeat)."""
+    inputs = [op.base, op.updates, *op.indices]
+    name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], False)
+    base, upd, *idx, out = entry.arguments
+    n, rank = len(op.indices), op.base.type.rank
+    with ir.InsertionPoint(entry):
+        memref.CopyOp(base, out)
+        lead = [B.mdim(idx[0], a) for a in range(op.indices[0].type.rank)]
+        with B.nest(lead) as ps:
+            picks = []
+            for a, i in enumerate(idx):  # negative places count from the end, as NumPy's
+                v = B.as_index(B.load(i, *ps))
+                picks.append(B.select(B.cmpi("lt", v, B.c_index(0)), B.add(v, B.mdim(base, a)), v))
+            with B.nest([B.mdim(base, a) for a in range(n, rank)]) as rs:
+                u, cur = B.load(upd, *ps, *rs), B.load(out, *picks, *rs)
+                total = arith.AddFOp(cur, u).result if is_float(op.base.type.dtype) else arith.AddIOp(cur, u).result
+                B.store(total, out, *picks, *rs)
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result])
+
+
+@LAUNCHES.lowers(S.ScatterAddOp)
+def launch_scatter_add(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Places checked first: the kernel writes without checking."""
+    op = k.op
+    try:
+        S.GatherOp.check_indices(ins[0].shape, ins[2:])
+    except IndexError as e:
+        raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
+    return fn.run(k, host, ins)
 
 
 # ---- concat ------------------------------------------------------------------------------------------

@@ -32,6 +32,15 @@ def matmul(p: TritonProgram, op: Operation) -> None:
     p.lines.append(f"{p.new(op.result)} = torch.matmul({a}, {b})")
 
 
+@LOWERINGS.lowers(S.ScatterAddOp)
+def scatter_add(p: TritonProgram, op: Operation) -> None:
+    """torch's index_put_ with accumulate (atomic adds on a GPU), on a copy of the base: the places a gather read,
+    each update added (repeated places add up; negative ones count from the end, as NumPy's)."""
+    places = ", ".join(f"{p.name(i)}.long()" for i in op.indices)
+    p.lines.append(f"{p.new(op.result)} = {p.name(op.base)}.clone().index_put_(({places},), "
+                   f"{p.name(op.updates)}, accumulate=True)")
+
+
 @LOWERINGS.lowers(S.ReshapeOp)
 def reshape(p: TritonProgram, op: Operation) -> None:
     x = p.name(op.x)

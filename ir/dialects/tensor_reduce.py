@@ -320,6 +320,20 @@ class TopkOp(Operation):
         shape = t.shape[:-1] + (self.k,)
         return [TensorType(t.dtype, shape), TensorType("i64", shape)]
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The values' cotangent put back where they were taken from along the last axis; none to indices."""
+        x, dv = xs[0], dys[0]
+        if dv is None:
+            return [None]
+        idx = ys[1]
+        shape = idx.type.shape
+        places = []
+        for axis in range(idx.type.rank - 1):  # the position along each leading axis, broadcast over the rest
+            iota = g.emit("tensor.iota", result_types=[TensorType("i64", (shape[axis],))])
+            iota = g.emit("tensor.reshape", iota, shape=[-1 if a == axis else 1 for a in range(idx.type.rank)])
+            places.append(g.broadcast_to(iota, TensorType("i64", shape)))
+        return [g.emit("tensor.scatter_add", g.full(0.0, x.type), dv, [*places, idx])]
+
     def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.k > x.shape[-1]:
             raise ValueError(f"topk: k = {self.k} exceeds the last dim {x.shape[-1]}")

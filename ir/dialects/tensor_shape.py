@@ -300,6 +300,13 @@ class GatherOp(Operation):
         self.check_indices(x.shape, indices)
         return x[tuple(indices)]
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY added back at the places read (scatter-add into zeros); nothing to the indices."""
+        x, idx = xs[0], xs[1:]
+        lead = TensorType("i64", ys[0].type.shape[:ys[0].type.rank - (x.type.rank - len(idx))])
+        idx = [g.broadcast_to(i, TensorType(i.type.dtype, lead.shape)) for i in idx]
+        return [g.emit("tensor.scatter_add", g.full(0.0, x.type.without_layout()), dys[0], idx), *[None] * len(idx)]
+
     @staticmethod
     def check_indices(shape: tuple[int, ...], indices: Sequence[np.ndarray]) -> None:
         """IndexError unless every index is in -n..n-1 of its axis (negative ones count from the end)."""
@@ -308,6 +315,43 @@ class GatherOp(Operation):
             if i.size and (i.min() < -n or i.max() >= n):
                 bad = int(i[(i < -n) | (i >= n)].flat[0])
                 raise IndexError(f"index {bad} is out of range for axis {axis} of size {n}")
+
+
+class ScatterAddOp(Operation):
+    """base with `updates` added at x[i0, i1, ...] (the places `tensor.gather` reads; repeated places add up):
+    index tensors of one shape S, updates of shape S + base's remaining dims (the transpose of a gather)."""
+
+    NAME = "tensor.scatter_add"
+    base = Operand()
+    updates = Operand()
+    indices = Operand(variadic=True)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        t, u = self.base.type, self.updates.type
+        idx = [i.type for i in self.indices]
+        if not idx or len(idx) > t.rank or any(not is_int(i.dtype) for i in idx):
+            raise self.error(f"needs 1 to {t.rank} integer index tensors for {t}")
+        lead = idx[0].shape
+        if any(len(i.shape) != len(lead) or not all(compatible(a, b) for a, b in zip(i.shape, lead, strict=True))
+               for i in idx):
+            raise self.error(f"index tensors must have one shape, got {', '.join(map(str, idx))}")
+        want = lead + t.shape[len(idx):]
+        if u.dtype != t.dtype or len(u.shape) != len(want) or not all(
+                compatible(a, b) for a, b in zip(u.shape, want, strict=True)):
+            raise self.error(f"updates must be {t.dtype} of shape index + the base's remaining dims, got {u}")
+        return [t.without_layout()]
+
+    def reference(self, ctx: Any, base: np.ndarray, updates: np.ndarray, *indices: np.ndarray) -> np.ndarray:
+        GatherOp.check_indices(base.shape, indices)
+        out = np.array(base, copy=True)
+        np.add.at(out, tuple(indices), updates)
+        return out
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """dY to the base; to the updates, dY gathered at the same places."""
+        dy = dys[0]
+        return [dy, g.emit("tensor.gather", dy, list(xs[2:])), *[None] * len(xs[2:])]
 
 
 class ConcatOp(Operation):
