@@ -58,12 +58,23 @@ CASES = {
     "gather rows": ("x[y]", lambda x, y: x[y], {"y": "i64:5"}),
     "gather elements": ("x[y, z]", lambda x, y, z: x[y, z], {"y": "i64:6", "z": "i64:6"}),
     "topk values": ("a, b = topk(x, k=2)\n    return a * 3.0", lambda x: torch.topk(x, 2).values * 3.0, {}),
+    "scan": ("scan(x, y, axis=1)", lambda x, y: _torch_scan(x, y, None), {"y": (3, 4)}),
+    "scan h0": ("scan(x, y, axis=1, h0=z)", lambda x, y, z: _torch_scan(x, y, z), {"y": (3, 4), "z": (3,)}),
     "split": ("a, b = split(x, [1, 3], axis=1)\n    return b * a", lambda x: torch.split(x, [1, 3], 1)[1]
               * torch.split(x, [1, 3], 1)[0], {}),
 }
 
 
 INDICES = {"gather rows": [[0, 2, 2, -1, 1]], "gather elements": [[0, 2, 1, 2, -3, 0], [3, 0, -1, 3, 1, 3]]}
+
+
+def _torch_scan(a, b, h0):
+    h = torch.zeros(a.shape[0], dtype=a.dtype) if h0 is None else h0
+    out = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out.append(h)
+    return torch.stack(out, 1)
 
 
 def _source(body: str, extra: dict, dtype: str) -> str:
@@ -91,7 +102,7 @@ def _inputs(name: str, extra: dict, dtype: str) -> list[np.ndarray]:
     if name in INDICES:  # places (repeated, and negative ones counted from the end)
         return [rng.standard_normal((3, 4)).astype(dtype)] + [np.array(i, np.int64) for i in INDICES[name]]
     xs = [rng.standard_normal((3, 4))] + [rng.standard_normal(s) for s in extra.values()]
-    if name in ("unary sqrt", "unary rsqrt", "unary log", "pow", "pow constant"):
+    if name in ("unary sqrt", "unary rsqrt", "unary log", "pow", "pow constant", "scan", "scan h0"):
         xs[0] = np.abs(xs[0]) + 0.5  # in the domain
     if name == "div":
         xs[1] = np.sign(xs[1]) * (np.abs(xs[1]) + 0.5)
@@ -293,3 +304,48 @@ def test_ir_cli_and_errors(tmp_path) -> None:
     with pytest.raises(SparsaError, match="'moe.moe' has no derivative yet") as e:
         moe.ir(grad=True)
     assert "mixtral_moe.sp:16" in str(e.value)
+
+
+def _selective_scan(u, delta, A, Bs, C, D):
+    dA = torch.exp(delta[..., None] * A)
+    dBu = (delta * u)[..., None] * Bs[:, :, None, :]
+    h, hs = torch.zeros(u.shape[0], u.shape[2], A.shape[1], dtype=u.dtype), []
+    for t in range(u.shape[1]):
+        h = dA[:, t] * h + dBu[:, t]
+        hs.append(h)
+    return (torch.stack(hs, 1) * C[:, :, None, :]).sum(-1) + D * u
+
+
+def _hand_attention(q, k, v):
+    S = q.shape[2]
+    s = (q @ k.transpose(-1, -2)) * 0.125
+    s = s.masked_fill(~torch.tril(torch.ones(S, S, dtype=torch.bool)), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize(("example", "shapes", "fn"), [
+    ("selective_scan.sp", [(2, 7, 5), (2, 7, 5), (5, 4), (2, 7, 4), (2, 7, 4), (5,)], _selective_scan),
+    ("unfused_attention.sp", [(1, 2, 9, 64)] * 3, _hand_attention),
+])
+def test_shared_examples_against_autograd(example: str, shapes: list, fn, target: str) -> None:
+    """The shared examples reverse mode covers so far: their pullback against an autograd transcription (the
+    scan's backward is the transposed scan, on every target)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from pathlib import Path
+
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    if example == "selective_scan.sp":  # a step size > 0, a decay < 0 (Mamba's)
+        xs[1], xs[2] = np.abs(xs[1]) * 0.3 + 0.05, -np.abs(xs[2]) - 0.5
+    m = sparsa.compile(str(Path(__file__).parent.parent / "examples" / example), target=target)
+    y, pullback = m.vjp(*xs)
+    dy = rng.standard_normal(np.shape(y)).astype(np.float32)
+    grads = pullback(dy)
+    ts = [torch.tensor(x, requires_grad=True) for x in xs]
+    out = fn(*ts)
+    out.backward(torch.tensor(dy))
+    np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-4, atol=1e-5)
+    for n, t in zip(m.input_names, ts, strict=True):
+        np.testing.assert_allclose(grads[n], t.grad.numpy(), rtol=1e-3, atol=1e-4, err_msg=f"{example}: d{n}")

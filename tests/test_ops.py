@@ -521,6 +521,13 @@ def case_scan():
         h = a[:, t, :1] * h + b[:, t]
         expected.append(h)
     np.testing.assert_allclose(out, np.stack(expected, axis=1), rtol=1e-5, atol=1e-6)
+    for a_ in (a, a[:, :, :1]):  # transposed: from the last step back, a read a step ahead
+        (out,) = run_op("scan.scan", [a_, b], {"axis": 1, "transpose": True})
+        h, expected = 0, [None] * 5
+        for t in range(4, -1, -1):
+            h = (np.broadcast_to(a_, b.shape)[:, t + 1] * h if t < 4 else 0) + b[:, t]
+            expected[t] = h
+        np.testing.assert_allclose(out, np.stack(expected, axis=1), rtol=1e-5, atol=1e-6)
 
 
 def case_fused_scan():

@@ -366,21 +366,24 @@ class KernelContext:
 
     def recurrence(self, out: ir.Value, axis: int, operands: list[tuple[ir.Value, TensorType]],
                    h0: tuple[ir.Value, TensorType] | None, start: float | int,
-                   step: Callable[..., ir.Value]) -> None:
+                   step: Callable[..., ir.Value], reverse: bool = False, ahead: tuple[int, ...] = ()) -> None:
         """out[t] = step(operands at t..., out[t-1]) along `axis`, with out[-1] = h0 (or `start`). The
-        operands broadcast to out (NumPy rules); each step is one generic over the other axes."""
+        operands broadcast to out (NumPy rules); each step is one generic over the other axes. With `reverse`,
+        from the last step back (out[t+1] is the previous one), the operands in `ahead` read at t+1."""
         rank = ir.MemRefType(out.type).rank
         d = [ir.AffineDimExpr.get(i) for i in range(rank)]
         kinds = [PARALLEL] * rank
         et = ir.MemRefType(out.type).element_type
         sizes = B.sizes_of(out)
         sizes[axis] = 1
-        f = B.loop(0, B.mdim(out, axis))
+        n = B.mdim(out, axis)
+        f = B.loop(0, n)
         with ir.InsertionPoint(f.body):
-            t = f.induction_variable
+            i = f.induction_variable
+            t = B.sub(B.sub(n, B.c_index(1)), i) if reverse else i
             ins = [self.step_view(m, tt, axis, rank, t) for m, tt in operands]
             cur = B.subview(out, [t if i == axis else 0 for i in range(rank)], sizes)
-            first = B.if_(B.cmpi("eq", t, B.c_index(0)), has_else=True)
+            first = B.if_(B.cmpi("eq", i, B.c_index(0)), has_else=True)
             with ir.InsertionPoint(first.then_block):
                 if h0 is None:
                     B.memref_generic(ins, cur, d, kinds, lambda *a: step(*a[:-1], scalar_constant(et, start)))
@@ -392,7 +395,10 @@ class KernelContext:
                     B.memref_generic(ins + [(h0[0], exprs)], cur, d, kinds, lambda *a: step(*a[:-1]))
                 scf.YieldOp([])
             with ir.InsertionPoint(first.else_block):
-                prev = B.subview(out, [B.sub(t, B.c_index(1)) if i == axis else 0 for i in range(rank)], sizes)
+                before = B.add(t, B.c_index(1)) if reverse else B.sub(t, B.c_index(1))
+                prev = B.subview(out, [before if i == axis else 0 for i in range(rank)], sizes)
+                ins = [self.step_view(m, tt, axis, rank, before) if k in ahead else v
+                       for k, ((m, tt), v) in enumerate(zip(operands, ins, strict=True))]
                 B.memref_generic(ins + [(prev, d)], cur, d, kinds, lambda *a: step(*a[:-1]))
                 scf.YieldOp([])
             scf.YieldOp([])

@@ -32,14 +32,16 @@ SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state
 
 @KERNELS.lowers(SC.ScanOp)
 def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
-    """h[t] = a[t] * h[t-1] + b[t] along the axis (the unfused scan; fuse-scan usually replaces it)."""
+    """h[t] = a[t] * h[t-1] + b[t] along the axis (the unfused scan; fuse-scan usually replaces it); transposed,
+    h[t] = a[t+1] * h[t+1] + b[t] from the last step back."""
     inputs = [op.a, op.b] + ([op.h0] if op.h0 is not None else [])
     axis = op.axis % op.result.type.rank
 
     def build(*args: ir.Value) -> None:
         h0 = (args[2], op.h0.type) if op.h0 is not None else None
         cx.recurrence(args[len(inputs)], axis, [(args[0], op.a.type), (args[1], op.b.type)], h0, 0.0,
-                        lambda a, b, h: arith.AddFOp(arith.MulFOp(a, h).result, b).result)
+                      lambda a, b, h: arith.AddFOp(arith.MulFOp(a, h).result, b).result,
+                      reverse=op.transpose, ahead=(0,) if op.transpose else ())
 
     return cx.plain(op, inputs, build)
 

@@ -180,14 +180,17 @@ def unfused_scan(p: TritonProgram, op: SC.ScanOp) -> None:
     a, b = p.name(op.a), p.name(op.b)
     out = p.new(op.result)
     h0 = f"contiguous({p.name(op.h0)}.expand(_shape[:{axis}] + _shape[{axis} + 1:]))" if op.h0 is not None else "_a"
+    # transposed: the forward scan over time reversed, a taken a step ahead (lam[t] = a[t+1] lam[t+1] + b[t])
+    flip_a = ".flip(-1).roll(1, -1)" if op.transpose else ""
+    flip_b = ".flip(-1)" if op.transpose else ""
     p.lines += [
         f"_shape = torch.broadcast_shapes({a}.shape, {b}.shape)",
-        f"_a = contiguous({a}.expand(_shape).movedim({axis}, -1))",
-        f"_b = contiguous({b}.expand(_shape).movedim({axis}, -1))",
+        f"_a = contiguous({a}.expand(_shape).movedim({axis}, -1){flip_a})",
+        f"_b = contiguous({b}.expand(_shape).movedim({axis}, -1){flip_b})",
         f"_h = torch.empty(_a.shape, dtype={TORCH_DTYPES[op.result.type.dtype]}, device=dev)",
         "_L = _shape[" + str(axis) + "]",
         "_M = _h.numel() // max(1, _L)",
         "if _h.numel():",
         f"    lib.linear_scan[(cdiv(_M, 64),)](_a, _b, {h0}, _h, _M, _L, HAS_H0={op.h0 is not None}, BLOCK=64)",
-        f"{out} = _h.movedim(-1, {axis})",
+        f"{out} = _h{flip_b}.movedim(-1, {axis})",
     ]

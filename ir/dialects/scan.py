@@ -17,14 +17,21 @@ from sparsa.ir.types import TensorType, is_float
 
 
 class ScanOp(Operation):
-    """h[t] = a[t] * h[t-1] + b[t] along `axis` (h[-1] = h0, or 0), elementwise over the other axes."""
+    """h[t] = a[t] * h[t-1] + b[t] along `axis` (h[-1] = h0, or 0), elementwise over the other axes; with
+    `transpose`, the transposed recurrence from the last step back: h[t] = a[t+1] * h[t+1] + b[t] (h[n-1] =
+    b[n-1]), what carries cotangents back through a scan."""
 
     NAME = "scan.scan"
     a = Operand()
     b = Operand()
     h0 = Operand(optional=True)
     axis = Attr(A.INT)
+    transpose = Attr(A.BOOL, default=False)
     result = Result()
+
+    def verify(self) -> None:
+        if self.transpose and self.h0 is not None:
+            raise self.error("a transposed scan starts from its last step: it takes no h0")
 
     def infer(self) -> list[TensorType]:
         dt = same_dtype(self, self.a.type, self.b.type)
@@ -48,10 +55,41 @@ class ScanOp(Operation):
         a, b = np.moveaxis(a, axis, 0), np.moveaxis(b, axis, 0)
         out = np.empty(a.shape, dtype=np.float64)
         h = np.zeros(a.shape[1:]) if h0 is None else np.broadcast_to(h0.astype(np.float64), a.shape[1:])
-        for t in range(a.shape[0]):
-            h = a[t] * h + b[t]
+        n = a.shape[0]
+        for t in (range(n - 1, -1, -1) if self.transpose else range(n)):
+            h = (a[t + 1] * h if t + 1 < n else h) + b[t] if self.transpose else a[t] * h + b[t]
             out[t] = h
         return np.moveaxis(out, 0, axis)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The transposed scan carries dy back (lam[t] = dy[t] + a[t+1] lam[t+1]): db = lam, da = lam h[t-1]
+        (the states shifted a step, h0 or 0 first), dh0 = a[0] lam[0]."""
+        if self.transpose:
+            raise self.error("has no derivative yet in its transposed form (a second derivative)")
+        a, b = xs[0], xs[1]
+        h0 = xs[2] if len(xs) > 2 else None
+        h, dy = ys[0], dys[0]
+        rank = h.type.rank
+        axis = self.axis % rank
+        lam = g.emit("scan.scan", a, dy, axis=axis, transpose=True)
+
+        def steps(v: Any, start: int, stop: int | None) -> Any:
+            return g.emit("tensor.slice", v, starts=[start if i == axis else 0 for i in range(rank)],
+                          stops=[stop if i == axis else None for i in range(rank)], steps=[1] * rank)
+
+        dt = h.type.dtype
+        state = TensorType(dt, tuple(d for i, d in enumerate(h.type.shape) if i != axis))
+        if h0 is None:
+            start = g.full(0.0, TensorType(dt, tuple(1 if i == axis else d for i, d in enumerate(h.type.shape))))
+        else:
+            start = g.emit("tensor.expand_dims", g.broadcast_to(h0, state), axes=[axis])
+        prev = g.emit("tensor.concat", [start, steps(h, 0, -1)], axis=axis)
+        out = [g.unbroadcast(g.mul(lam, prev), a.type), g.unbroadcast(lam, b.type)]
+        if h0 is not None:
+            a0 = steps(g.broadcast_to(a, TensorType(dt, h.type.shape)), 0, 1)
+            dh0 = g.emit("tensor.squeeze", g.mul(steps(lam, 0, 1), a0), axes=[axis])
+            out.append(g.unbroadcast(dh0, h0.type))
+        return out
 
 
 def time_slice(x: np.ndarray, axis: int, rank: int, t: int) -> np.ndarray:
