@@ -18,11 +18,73 @@ from sparsa.ir.types import TensorType, is_float
 
 
 class Grad:
-    """Builds backward ops at the end of `block`, at the location of the op whose rule runs."""
+    """Builds backward ops at the end of `block`, at the location of the op whose rule runs, and keeps the
+    cotangent of every value reached so far (`grads`, summed as they flow in)."""
 
     def __init__(self, block: Block):
         self.block = block
         self.loc: Location | None = None
+        self.grads: dict[int, Value] = {}
+
+    def flow(self, v: Value, d: Value | None) -> None:
+        """Add cotangent d to v's (a rule calls this for values its op reads without taking them as operands:
+        the outer values of a region)."""
+        if d is None or not differentiable(v):
+            return
+        if d.type.dtype != v.type.dtype:
+            raise AssertionError(f"a cotangent of {d.type} for a value of {v.type}")
+        self.grads[id(v)] = d if id(v) not in self.grads else self.add(self.grads[id(v)], d)
+
+    def reverse(self, ops: Sequence[Operation]) -> None:
+        """Each op's rule, last op first, from the cotangents its results have (a SparsaError for an op that
+        has none to give)."""
+        from sparsa.ir.diagnostics import SparsaError
+
+        for op in reversed(list(ops)):
+            dys = [self.grads.get(id(r)) for r in op.results]
+            if all(d is None for d in dys) or not any(differentiable(v) for v in op.operands):
+                continue
+            rule = getattr(op, "vjp", None)
+            if rule is None:
+                raise SparsaError(f"'{op.NAME}' has no derivative yet: reverse mode covers the tensor ops, MoE "
+                                  "layers and scans so far (attention and sparse weights are to come)", op.loc)
+            self.loc = op.loc
+            for v, d in zip(op.operands, rule(self, dys, list(op.operands), list(op.results)), strict=True):
+                self.flow(v, d)
+
+    def inline(self, region: Any, args: Sequence[Value]) -> tuple[list[Value], list[Operation]]:
+        """A single-block region's ops run on `args` (whole tensors: an elementwise epilogue on every row at
+        once): the values it yields, and the ops made."""
+        from sparsa.ir.clone import clone_op
+
+        block = region.block
+        mapping: dict[int, Value] = {id(a): v for a, v in zip(block.args, args, strict=True)}
+        ops = []
+        for op in block.ops:
+            if op.TERMINATOR:
+                return [mapping.get(id(v), v) for v in op.operands], ops
+            copy = clone_op(op, mapping)
+            self.block.append(copy)
+            ops.append(copy)
+        return [], ops
+
+    def region(self, region: Any, args: Sequence[Value], dys: Sequence[Value | None],
+               inlined: tuple[list[Value], list[Operation]] | None = None) -> list[Value | None]:
+        """The cotangents of a region's arguments with cotangents `dys` on the values it yields (its ops run on
+        `args`, or `inlined` already); the outer values it reads get theirs through `flow`."""
+        yields, ops = inlined if inlined is not None else self.inline(region, args)
+        for v, d in zip(yields, dys, strict=True):
+            self.flow(v, d)
+        self.reverse(ops)
+        return [self.grads.get(id(v)) for v in args]
+
+    def identity(self, t: TensorType) -> Any:
+        """A region that yields its one argument (an epilogue that keeps a grouped matmul's product)."""
+        from sparsa.ir.core import Region
+
+        block = Block([t])
+        block.append(OP_REGISTRY["func.yield"].build([block.args[0]]))
+        return Region([block])
 
     def emit(self, name: str, *operands: Value | Sequence[Value], result_types: Sequence[TensorType] | None = None,
              **attrs: Any) -> Value:

@@ -13,10 +13,9 @@ without a rule is an error naming it and its line.
 
 from __future__ import annotations
 
-from sparsa.ir.autodiff import Grad, differentiable, grad_targets
+from sparsa.ir.autodiff import Grad, grad_targets
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
-from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
 from sparsa.ir.types import TensorType
 from sparsa.passes.base import Pass
@@ -45,33 +44,14 @@ class Differentiate(Pass):
             new.append(copy)
             forward.append(copy)
         g = Grad(new)
-        grads: dict[int, Value] = {}
-
-        def flow(v: Value, d: Value | None) -> None:
-            if d is None or not differentiable(v):
-                return
-            if d.type.dtype != v.type.dtype:
-                raise AssertionError(f"a cotangent of {d.type} for a value of {v.type}")
-            grads[id(v)] = d if id(v) not in grads else g.add(grads[id(v)], d)
-
         for v, d in zip(outs, new.args[len(block.args):], strict=True):
-            flow(mapping.get(id(v), v), d)
-        for op in reversed(forward):
-            dys = [grads.get(id(r)) for r in op.results]
-            if all(d is None for d in dys) or not any(differentiable(v) for v in op.operands):
-                continue
-            rule = getattr(op, "vjp", None)
-            if rule is None:
-                raise SparsaError(f"'{op.NAME}' has no derivative yet: reverse mode covers the tensor ops so far "
-                                  "(MoE, attention, scans and sparse weights are to come)", op.loc)
-            g.loc = op.loc
-            for v, d in zip(op.operands, rule(g, dys, list(op.operands), list(op.results)), strict=True):
-                flow(v, d)
-            self.stats["ops differentiated"] += 1
+            g.flow(mapping.get(id(v), v), d)
+        g.reverse(forward)
+        self.stats["ops differentiated"] += sum(1 for op in forward if hasattr(op, "vjp"))
         results = []
         for _, _, v in grad_targets(f):
             mine = mapping.get(id(v), v)
-            results.append(grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
+            results.append(g.grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
         new.append(ReturnOp.build(results))
         return FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
                                "result_types": [r.type for r in results], "residuals": "recompute"},

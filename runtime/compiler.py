@@ -64,10 +64,13 @@ class Backward:
 
 
 def grad_pipeline(pipeline: str) -> str:
-    """A target pipeline with `differentiate` after its first step (canonicalize): the rest then optimizes the
-    backward function too."""
-    first, _, rest = pipeline.partition(",")
-    return f"{first},differentiate,{rest}" if first == "canonicalize" else f"differentiate,{pipeline}"
+    """A target pipeline with `differentiate` after the MoE layers are dispatched (their rules reuse the dispatch),
+    or else after its first step (canonicalize): the rest then optimizes the backward function too."""
+    steps = pipeline.split(",")
+    at = next((i for i, s in enumerate(steps) if s.startswith("fuse-moe-dispatch")), None)
+    if at is None:
+        at = 0 if steps[0] == "canonicalize" else -1
+    return ",".join([*steps[:at + 1], "differentiate", *steps[at + 1:]])
 
 
 class CompiledModel:

@@ -465,6 +465,25 @@ def case_local_experts(ex):
     np.testing.assert_array_equal(out, w)
 
 
+def case_grouped_weight_grad():
+    """X_seg^T dY_seg per expert, rows through the permutation or already permuted, padding adding nothing."""
+    T, K, D, N, E = 7, 2, 4, 5, 3
+    experts = rng.integers(0, E, size=(T, K)).astype(np.int64)
+    for block, capacity in ((1, None), (4, 0.5)):
+        perm, offsets = _dispatch_expected(experts, E, block, capacity)
+        x, dy = randn(T, D), randn(len(perm), N)
+        for gather in (True, False):
+            rows = x if gather else randn(len(perm), D)
+            (out,) = run_op("moe.grouped_weight_grad", [rows, perm, offsets.astype(np.int64), dy],
+                            {"topk": K, "gather": gather})
+            want = np.zeros((E, D, N))
+            for p, a in enumerate(perm):
+                if a >= 0:
+                    e = next(e for e in range(E) if offsets[e] <= p < offsets[e + 1])
+                    want[e] += np.outer(x[a // K] if gather else rows[p], dy[p])
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 def _grouped_case(name):
     from sparsa.backends.reference import run_function
     from sparsa.ir.dialects.moe import GroupedMatmulCombineOp, GroupedMatmulOp
@@ -644,6 +663,7 @@ CASES = {
     "moe.local_experts": lambda: _world_of_one(case_local_experts),
     **{n: lambda: _world_of_one(case_rank_rows) for n in ("moe.rank_rows", "moe.insert_own_rows")},
     "moe.grouped_matmul": lambda: _grouped_case("moe.grouped_matmul"),
+    "moe.grouped_weight_grad": case_grouped_weight_grad,
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),
     "sparse.matmul": case_sparse_matmul,

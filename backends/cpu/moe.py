@@ -275,6 +275,44 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
                   else [], repacked=[3 + i for i, w in enumerate(weights) if panels and id(w) not in cx.fixed])
 
 
+@KERNELS.lowers(M.GroupedWeightGradOp)
+def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """dW[e] = X_e^T dY_e: experts split over the parts (each owns its blocks of the output); an expert's
+    segment in chunks of ROWS rows, each chunk's rows gathered through perm, transposed, and multiplied into the
+    expert's [K, N] block (a tiled GEMM accumulating onto it)."""
+    inputs = [op.rows, op.perm, op.offsets, op.dout]
+    name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
+    rows_m, perm, offsets, dout, out, part, parts = entry.arguments
+    et = element_type(op.result.type.dtype)
+    with ir.InsertionPoint(entry):
+        rows_t, dout_t = B.read(rows_m), B.read(dout)
+        K, N = B.mdim(rows_m, 1), B.mdim(dout, 1)
+        experts = B.loop(part, B.sub(B.mdim(offsets, 0), B.c_index(1)), parts)
+        with ir.InsertionPoint(experts.body):
+            e = experts.induction_variable
+            block = B.subview(out, [e, 0, 0], [1, K, N], drop=[0])
+            linalg.fill(B.c_float(0.0, et), outs=[block])
+            lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
+            steps = B.loop(lo, hi, ROWS)
+            with ir.InsertionPoint(steps.body):
+                start = steps.induction_variable
+                size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                real = B.fold(size, B.c_index(0), lambda r, n: B.select(
+                    B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+                has = B.if_(B.cmpi("gt", real, B.c_index(0)))
+                with ir.InsertionPoint(has.then_block):
+                    x = gather_rows(cx, op, rows_t, perm, start, real, K, et)  # [real, K]
+                    xt = linalg.transpose(x, outs=[B.empty([K, real], et)], permutation=[1, 0])
+                    dy = B.slice_tensor(dout_t, [start, 0], [real, N])
+                    acc = cx.matmul_tile(xt, dy, K, N, et, init=B.read(block))
+                    B.write(acc, block)
+                    scf.YieldOp([])
+                scf.YieldOp([])
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result], "parts")
+
+
 def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
                   start: ir.Value, size: ir.Value, D: ir.Value, out: ir.Value, gates: ir.Value | None,
                   part: ir.Value, et: ir.Type, panels: bool) -> None:

@@ -196,6 +196,25 @@ def dispatch(p: TritonProgram, op: Operation) -> None:
         p.lines.append(f"{perm} = {perm}[:int({offsets}[-1])]")
 
 
+@LOWERINGS.lowers(M.GroupedWeightGradOp)
+def grouped_weight_grad(p: TritonProgram, op: Operation) -> None:
+    """X_seg^T dY_seg per expert on cuBLAS (torch.matmul on each segment's rows), a loop over the experts on the
+    host: the offsets are read once per call."""
+    p.note_dot(op, op.rows.type.dtype)
+    rows, perm, offsets, dout = (p.name(v) for v in (op.rows, op.perm, op.offsets, op.dout))
+    out = p.new(op.result)
+    pick = f"_rows[{perm}[_pos] // {op.topk}]" if op.gather else "_rows[_pos]"
+    p.lines += [
+        f"_off = {offsets}.tolist()",
+        f"_rows = contiguous({rows})",
+        f"{out} = torch.zeros((len(_off) - 1, _rows.shape[1], {dout}.shape[1]), dtype=_rows.dtype, device=dev)",
+        "for _e in range(len(_off) - 1):",
+        "    _pos = torch.arange(_off[_e], _off[_e + 1], device=dev)",
+        f"    _pos = _pos[{perm}[_pos] >= 0]",
+        f"    {out}[_e] = torch.matmul({pick}.T, {dout}[_pos])",
+    ]
+
+
 @LOWERINGS.lowers(M.GroupedMatmulOp, M.GroupedMatmulCombineOp)
 def grouped(p: TritonProgram, op: Operation) -> None:
     p.note_dot(op, op.rows.type.dtype)

@@ -149,6 +149,30 @@ class RouteOp(Operation):
         shape = (t.shape[0], self.k)
         return [TensorType(t.dtype, shape), TensorType("i64", shape)]
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Through the picked scores only (no gradient through the choice, the selection bias or the groups): the
+        renormalization and scale, scattered back to the picked experts, then softmax's or sigmoid's rule."""
+        logits, dw = xs[0], dys[0]
+        experts = ys[1]
+        if dw is None:
+            return [None] * len(xs)
+        T, K = experts.type.shape
+        s = g.emit("tensor.softmax", logits, axis=-1) if self.score == "softmax" else g.emit("tensor.sigmoid", logits)
+        row = g.emit("tensor.reshape", g.emit("tensor.iota", result_types=[TensorType("i64", (T,))]), shape=[-1, 1])
+        row = g.broadcast_to(row, TensorType("i64", (T, K)))
+        picked = g.emit("tensor.gather", s, [row, experts])
+        d = g.scale(dw, self.scale)
+        if self.renormalize:  # w = p / sum(p): dp = (d - sum(d w)) / sum(p)
+            total = g.sum(picked, [1], keepdim=True)
+            w = g.div(picked, total)
+            d = g.div(g.sub(d, g.sum(g.mul(d, w), [1], keepdim=True)), total)
+        ds = g.emit("tensor.scatter_add", g.full(0.0, logits.type), d, [row, experts])
+        if self.score == "softmax":
+            dl = g.mul(s, g.sub(ds, g.sum(g.mul(ds, s), [1], keepdim=True)))
+        else:
+            dl = g.mul(ds, g.mul(s, g.sub(g.scalar(1.0, s.type.dtype), s)))
+        return [dl] + [None] * (len(xs) - 1)
+
     def reference(self, ctx: Any, logits: np.ndarray, bias: np.ndarray | None = None) -> tuple:
         x = logits.astype(np.float64)
         s = _softmax(x) if self.score == "softmax" else _sigmoid(x)
@@ -302,6 +326,14 @@ class GroupedMatmulOp(Operation):
             out[pos] = y
         return out
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The products again, the epilogue's rules, then dRows through the transposed weights and dW per
+        expert segment; nothing to perm and offsets."""
+        weights = list(self.weights)
+        dzs = g.region(self.epilogue, _products(self, g, weights), [dys[0]])
+        drows, dws = _grouped_backward(self, g, weights, dzs)
+        return [drows, None, None, *dws]
+
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         return grouped_cost(self, args)
 
@@ -338,8 +370,99 @@ class GroupedMatmulCombineOp(Operation):
             np.add.at(y, ids // self.topk, flat_gates[ids][:, None] * rows_out)
         return y
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Each kept assignment's row gets gates[t, j] dY[t]; its gate gets <row, dY[t]> (dropped assignments,
+        not in perm, get nothing); then as a grouped matmul."""
+        dy = dys[0]
+        (z,) = _products(self, g, [self.weight])
+        inlined = g.inline(self.epilogue, [z])
+        rows_out = inlined[0][0]
+        tok, slot = _token_of(self, g)
+        real = g.emit("tensor.cmp", self.perm, g.scalar(0, "i64"), pred="ge")
+        dy_rows = g.emit("tensor.gather", dy, [tok])
+        gate = g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot]))
+        d_out = g.mul(dy_rows, g.emit("tensor.expand_dims", gate, axes=[1]))
+        dot = g.mask(real, g.sum(g.mul(rows_out, dy_rows), [1]))
+        dgates = g.emit("tensor.scatter_add", g.full(0.0, self.gates.type), dot, [tok, slot])
+        (dz,) = g.region(self.epilogue, [z], [d_out], inlined)
+        drows, (dw,) = _grouped_backward(self, g, [self.weight], [dz])
+        return [drows, None, None, dw, dgates]
+
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         return grouped_cost(self, args)
+
+
+class GroupedWeightGradOp(Operation):
+    """The weight gradient of a grouped matmul: dW[e] = rows_e^T @ dout_e over expert e's segment of `perm`
+    (rows read through the permutation with `gather`, token perm[p] // topk; `dout` in permuted order);
+    padding positions add nothing. One [K, N] block per expert: X_seg^T dY_seg, never a dense [T, E] form."""
+
+    NAME = "moe.grouped_weight_grad"
+    rows = Operand()
+    perm = Operand()
+    offsets = Operand()
+    dout = Operand()
+    topk = Attr(A.INT)
+    gather = Attr(A.BOOL, default=False)
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        r, d, o = self.rows.type, self.dout.type, self.offsets.type
+        if r.rank != 2 or d.rank != 2 or r.dtype != d.dtype or o.rank != 1:
+            raise self.error(f"needs rows [P or T, K], dout [P, N] of one type and offsets [E+1], got {r}, {d}, {o}")
+        experts = o.shape[0] - 1 if isinstance(o.shape[0], int) else None
+        return [TensorType(r.dtype, (experts, r.shape[1], d.shape[1]))]
+
+    def reference(self, ctx: Any, rows: np.ndarray, perm: np.ndarray, offsets: np.ndarray,
+                  dout: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(offsets) - 1, rows.shape[1], dout.shape[1]), dtype=np.float64)
+        for e in range(len(offsets) - 1):
+            pos = np.arange(offsets[e], offsets[e + 1])
+            pos = pos[perm[pos] >= 0]
+            x = rows[perm[pos] // self.topk] if self.gather else rows[pos]
+            out[e] = x.astype(np.float64).T @ dout[pos].astype(np.float64)
+        return out
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        rows, perm, _, dout = args
+        f = 2.0 * int((perm >= 0).sum()) * rows.shape[1] * dout.shape[1]
+        return Cost(f, f, "X_seg^T dY_seg per expert")
+
+
+# ---- derivatives: the backward reuses the dispatch (the same permutation and segments) -------------------------
+def _products(op: Operation, g: Any, weights: list[Any]) -> list[Any]:
+    """Each weight's rows @ W_e again, before the epilogue (a grouped matmul per weight, the product kept)."""
+    rows = op.rows
+    return [g.emit("moe.grouped_matmul", rows, op.perm, op.offsets, [w], regions=[g.identity(
+        TensorType(rows.type.dtype, (None, w.type.shape[2])))], topk=op.topk, gather=op.gather) for w in weights]
+
+
+def _token_of(op: Operation, g: Any) -> tuple[Any, Any]:
+    """(token, slot) of each position of perm (padding reads assignment 0: its rows are zero)."""
+    a = g.emit("tensor.maximum", op.perm, g.scalar(0, "i64"))
+    k = g.scalar(op.topk, "i64")
+    return g.emit("tensor.floordiv", a, k), g.emit("tensor.mod", a, k)
+
+
+def _grouped_backward(op: Operation, g: Any, weights: list[Any], dzs: list[Any]) -> tuple[Any, list[Any]]:
+    """From each product's cotangent (rows in perm order): the rows' cotangent (through the transposed weights,
+    scattered back to tokens when the rows were gathered) and each weight's, X_seg^T dZ_seg per expert."""
+    drows = None
+    dws = []
+    for w, dz in zip(weights, dzs, strict=True):
+        if dz is None:
+            dws.append(None)
+            continue
+        wt = g.emit("tensor.transpose", w, perm=[0, 2, 1])
+        part = g.emit("moe.grouped_matmul", dz, op.perm, op.offsets, [wt], regions=[g.identity(
+            TensorType(dz.type.dtype, (None, w.type.shape[1])))], topk=op.topk, gather=False)
+        drows = part if drows is None else g.add(drows, part)
+        dws.append(g.emit("moe.grouped_weight_grad", op.rows, op.perm, op.offsets, dz, topk=op.topk,
+                          gather=op.gather))
+    if drows is not None and op.gather:  # each position's row back to its token (padding rows are zero)
+        tok, _ = _token_of(op, g)
+        drows = g.emit("tensor.scatter_add", g.full(0.0, op.rows.type), drows, [tok])
+    return drows, dws
 
 
 def grouped_cost(op: Operation, args: Sequence[Any]) -> Cost:
