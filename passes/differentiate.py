@@ -1,14 +1,16 @@
-"""`differentiate`: add the reverse-mode function of a module's model (its last function).
+"""`differentiate`: add the reverse mode of a module's model (its last function).
 
-    func.func @M(%x) -> (%y)                    func.func @M_vjp(%x, %dy) -> (%dx, %dw, ...) {residuals = "recompute"}
-                                                  <the forward ops of @M, again>
-                                                  <each op's vjp rule, last op first, cotangents summed>
+    func.func @M(%x) -> (%y)
+    func.func @M_fwd(%x) -> (%y, %r1, %r2, ...) attributes {residuals = "saved"}     (residuals=saved, default)
+    func.func @M_bwd(%r1, %r2, ..., %dy) -> (%dx, %dw, ...) attributes {residuals = "saved"}
+    func.func @M_vjp(%x, %dy) -> (%dx, %dw, ...) attributes {residuals = "recompute"}  (residuals=recompute)
 
-The backward function takes the model's inputs and one cotangent per result, runs the forward again (its
-residuals are recomputed, not saved: the choice is the function's `residuals` attribute), then each op's
-vector-Jacobian rule (`vjp` on the op class, ir/autodiff.py) in reverse order. It returns the gradient of every
-float input, then of every float weight, in `grad_targets` order; a value nothing flows to gets zeros. An op
-without a rule is an error naming it and its line.
+The backward applies each op's vector-Jacobian rule (`vjp` on the op class, ir/autodiff.py) in reverse order to
+the cotangents of the results. It returns the gradient of every float input, then of every float weight, in
+`grad_targets` order; a value nothing flows to gets zeros. With saved residuals the forward also returns the
+values the backward reads (weights, constants and what only they feed are made again instead: they are
+weight-only, run once per weight load); with recompute one function runs the forward again. The choice is each
+function's `residuals` attribute. An op without a rule is an error naming it and its line.
 """
 
 from __future__ import annotations
@@ -16,23 +18,31 @@ from __future__ import annotations
 from sparsa.ir.autodiff import Grad, grad_targets
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
+from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
 from sparsa.ir.types import TensorType
-from sparsa.passes.base import Pass
+from sparsa.passes.base import Option, Pass
 
 
 class Differentiate(Pass):
-    """Add `@<model>_vjp`: the model's forward again, then its ops' vector-Jacobian rules in reverse."""
+    """Add the model's reverse mode: `@<model>_fwd` and `@<model>_bwd` (residuals saved), or `@<model>_vjp`."""
 
     NAME = "differentiate"
+    residuals = Option(str, "saved", "saved: a forward that also returns what the backward reads, and a backward "
+                       "taking it; recompute: one function that runs the forward again")
 
     def run(self, module: Module) -> None:
         f = module.funcs[-1]
         if f.attributes.get("residuals") is not None:
             return  # already a backward function
-        module.funcs.append(self.backward(f))
+        if self.residuals not in ("saved", "recompute"):
+            raise SparsaError(f"differentiate: residuals is 'saved' or 'recompute', got '{self.residuals}'")
+        vjp, n_forward, outputs = self.backward(f)
+        module.funcs += split(vjp, n_forward, outputs) if self.residuals == "saved" else [vjp]
 
-    def backward(self, f: Operation) -> Operation:
+    def backward(self, f: Operation) -> tuple[Operation, int, list[Value]]:
+        """`@<model>_vjp` (the forward again, then the rules), how many of its ops are the forward's, and the
+        values of the model's outputs in it."""
         block = f.regions[0].block
         outs = block.terminator.operands
         new = Block([a.type for a in block.args] + [v.type for v in outs],
@@ -53,6 +63,62 @@ class Differentiate(Pass):
             mine = mapping.get(id(v), v)
             results.append(g.grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
         new.append(ReturnOp.build(results))
-        return FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
-                               "result_types": [r.type for r in results], "residuals": "recompute"},
-                      [Region([new])], f.loc)
+        vjp = FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
+                              "result_types": [r.type for r in results], "residuals": "recompute"},
+                     [Region([new])], f.loc)
+        return vjp, len(forward), [mapping.get(id(v), v) for v in outs]
+
+
+def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operation]:
+    """`@M_fwd` (the inputs in; the outputs and the residuals out) and `@M_bwd` (the residuals and one cotangent
+    per output in; the gradients out) from `@M_vjp`. A residual is a forward value the backward reads, except what
+    it makes again for nothing: weights (declared again), constants, and what only they feed (run once per weight
+    load, as every weight-only value is)."""
+    block = vjp.regions[0].block
+    n_in = len(block.args) - len(outputs)
+    fwd_ops, bwd_ops = block.ops[:n_forward], block.ops[n_forward:]
+    produced = {id(r): op for op in fwd_ops for r in op.results}
+    inputs = {id(a) for a in block.args[:n_in]}
+    cheap: set[int] = set()  # ops the backward makes again: params, constants and what only they feed
+    for op in fwd_ops:
+        if (not op.operands and not op.regions) or (op.operands and not op.regions and all(
+                id(v) in produced and id(produced[id(v)]) in cheap for v in op.operands)):
+            cheap.add(id(op))
+    needed: list = []
+    seen: set[int] = set()
+
+    def need(v: Value) -> None:
+        if id(v) in seen or (id(v) not in produced and id(v) not in inputs):
+            return
+        seen.add(id(v))
+        if id(v) in produced and id(produced[id(v)]) in cheap:
+            for u in produced[id(v)].operands:
+                need(u)
+            return
+        needed.append(v)
+
+    for op in bwd_ops:
+        for inner in op.walk():
+            for v in inner.operands:
+                need(v)
+    name = vjp.attributes["sym_name"].removesuffix("_vjp")
+    fwd_block = Block([a.type for a in block.args[:n_in]], [a.name_hint for a in block.args[:n_in]])
+    mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args[:n_in], fwd_block.args, strict=True)}
+    for op in fwd_ops:
+        fwd_block.append(clone_op(op, mapping))
+    fwd_results = [mapping[id(v)] if id(v) in mapping else v for v in outputs + needed]
+    fwd_block.append(ReturnOp.build(fwd_results))
+    fwd = FuncOp([], [], {"sym_name": f"{name}_fwd", "result_types": [v.type for v in fwd_results],
+                          "residuals": "saved"}, [Region([fwd_block])], vjp.loc)
+    cot = block.args[n_in:]
+    bwd_block = Block([v.type for v in needed] + [a.type for a in cot],
+                      [v.name_hint or f"r{i}" for i, v in enumerate(needed)] + [a.name_hint for a in cot])
+    mapping = {id(v): b for v, b in zip([*needed, *cot], bwd_block.args, strict=True)}
+    for op in fwd_ops:  # the weights and what only they and constants feed, where the backward reads them
+        if id(op) in cheap and any(id(r) in seen for r in op.results):
+            bwd_block.append(clone_op(op, mapping))
+    for op in bwd_ops:
+        bwd_block.append(clone_op(op, mapping))
+    bwd = FuncOp([], [], {"sym_name": f"{name}_bwd", "result_types": list(vjp.attributes["result_types"]),
+                          "residuals": "saved"}, [Region([bwd_block])], vjp.loc)
+    return [fwd, bwd]

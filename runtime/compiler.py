@@ -52,14 +52,16 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
 
 @dataclass
 class Backward:
-    """A model's backward function: its module (forward and `_vjp`), the names of what it gives gradients of,
-    the forward's result types (one cotangent each), the compiled function and its weight-only results."""
+    """A model's reverse mode: its module (the model, then `_fwd` and `_bwd`, or `_vjp`), the names of what it
+    gives gradients of, the model's result types (one cotangent each), the compiled backward, its weight-only
+    results (both halves'), and the compiled forward that also returns the residuals (None: recomputed)."""
 
     module: Module
     names: list[str]
     results: list[Any]
     native: Any
     cache: dict
+    forward: Any = None
     prepared: bool = False
 
 
@@ -150,6 +152,8 @@ class CompiledModel:
         self.native.reset()
         if self._grad is not None:  # the backward function's weight-only results: again, for these weights
             self._grad.native.reset()
+            if self._grad.forward is not None:
+                self._grad.forward.reset()
             self._grad.cache.clear()
             self._grad.prepared = False
         Interpreter(self.module.funcs[-1], weights, self._cache, self._weight_only).precompute()
@@ -209,14 +213,19 @@ class CompiledModel:
         gradient of every float input and weight, a dict by its `.sp` name. The backward function (`ir(grad=True)`)
         is compiled for the target at the first call; it runs the forward again (residuals recomputed)."""
         args = self._arguments(inputs, named)
-        outs = self(*args)
         grad = self._backward()
+        n = len(grad.results)
+        if grad.forward is None:  # residuals recomputed: the model's own forward, then the forward again
+            outs = self(*args)
+            saved = list(args)
+        else:  # the forward that also returns what the backward reads
+            both = self._run(grad.forward, args, grad.cache)
+            outs, saved = (both[0] if n == 1 else tuple(both[:n])), both[n:]
 
         def pullback(*dys: Any) -> dict[str, Any]:
-            if len(dys) != len(grad.results):
-                raise SparsaError(f"pullback takes one cotangent per output of '{self.name}' ({len(grad.results)}), "
-                                  f"got {len(dys)}")
-            return dict(zip(grad.names, self._run(grad.native, [*args, *dys], grad.cache), strict=True))
+            if len(dys) != n:
+                raise SparsaError(f"pullback takes one cotangent per output of '{self.name}' ({n}), got {len(dys)}")
+            return dict(zip(grad.names, self._run(grad.native, [*saved, *dys], grad.cache), strict=True))
 
         return outs, pullback
 
@@ -235,13 +244,15 @@ class CompiledModel:
             results = list(forward.attributes["result_types"])
             pm = PassManager(grad_pipeline(self._pm.pipeline), self._pm.options)
             grad_module = pm.run(module)
+            saved = grad_module.funcs[-1].attributes.get("residuals") == "saved"
+            forward = self.backend.compile(grad_module.funcs[-2]) if saved else None
             native = self.backend.compile(grad_module.funcs[-1])
-            self._grad = Backward(grad_module, names, results, native, {})
+            self._grad = Backward(grad_module, names, results, native, {}, forward)
         if self._weights is not None and not self._grad.prepared:
             from sparsa.backends.reference.interpreter import Interpreter
 
-            f = self._grad.module.funcs[-1]
-            Interpreter(f, self._weights, self._grad.cache, weight_only_ops(f)).precompute()
+            for f in self._grad.module.funcs[1:]:  # both halves' weight-only results, in one cache (ops differ)
+                Interpreter(f, self._weights, self._grad.cache, weight_only_ops(f)).precompute()
             self._grad.prepared = True
         return self._grad
 
