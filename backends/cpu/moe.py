@@ -34,6 +34,9 @@ from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+# rows of one weight-gradient chunk: each chunk adds X^T dY into the expert's whole [K, N] block, so longer
+# chunks pass over that block fewer times
+WGRAD_ROWS = 512
 # Parts of a grouped GEMM under SPARSA_DETERMINISTIC=1, whatever the threads: the combine's slices are summed in
 # this fixed number and order.
 DETERMINISTIC_PARTS = 4
@@ -293,10 +296,10 @@ def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
             block = B.subview(out, [e, 0, 0], [1, K, N], drop=[0])
             linalg.fill(B.c_float(0.0, et), outs=[block])
             lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
-            steps = B.loop(lo, hi, ROWS)
+            steps = B.loop(lo, hi, WGRAD_ROWS)
             with ir.InsertionPoint(steps.body):
                 start = steps.induction_variable
-                size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                size = B.minsi(B.c_index(WGRAD_ROWS), B.sub(hi, start))
                 real = B.fold(size, B.c_index(0), lambda r, n: B.select(
                     B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
                 has = B.if_(B.cmpi("gt", real, B.c_index(0)))
