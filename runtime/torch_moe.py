@@ -17,7 +17,8 @@ so any write is seen, writes through `.data` included. `freezing=True` (as Induc
 into the compiled model as constants instead, kept while the parameters are the same tensors at the same
 version (`load_state_dict`, `copy_` and optimizer steps make a new version; writes through `.data` do not:
 call `refresh()` after those). Use it before `torch.compile`; Dynamo leaves the swapped blocks alone (they run
-as Sparsa calls) and compiles the rest.
+as Sparsa calls) and compiles the rest. Under autograd (training), a swapped block's backward is Sparsa's
+(`m.vjp`): gradients reach the hidden states and the block's parameters.
 """
 
 from __future__ import annotations
@@ -125,8 +126,28 @@ class SparsaMoEBlock(torch.nn.Module):
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         model = self.compiled(x)
-        y = model(x) if self.freezing else model(x, *self._weights(x))
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self._params())):
+            # training: Sparsa's backward (the dispatch reused, weight gradients per expert segment)
+            y = _SparsaMoE.apply(model, self.freezing, x, *self._params())
+        else:
+            y = model(x) if self.freezing else model(x, *self._weights(x))
         return y.to(hidden_states.dtype).reshape(shape)
+
+
+class _SparsaMoE(torch.autograd.Function):
+    """A swapped block under autograd: the forward is the compiled model's `vjp` (its saved residuals kept for
+    the backward), the backward its pullback, whose gradients go to x and the block's parameters."""
+
+    @staticmethod
+    def forward(ctx: Any, model: Any, frozen: bool, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        weights = [p.detach().to(device=x.device, dtype=x.dtype) for p in params]
+        y, ctx.pullback = model.vjp(x.detach()) if frozen else model.vjp(x.detach(), *weights)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        grads = ctx.pullback(dy.contiguous())
+        return (None, None, grads["x"], *(grads[name].to(dy.dtype) for name, _ in WEIGHTS))
 
 
 def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool = False,

@@ -494,3 +494,43 @@ def test_saved_and_recomputed_residuals_agree(example: str) -> None:
     b = run_function(recompute, [*xs, dy], m.weights, func=recompute.funcs[-1].attributes["sym_name"])
     for u, v in zip(a, b, strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("freezing", [False, True])
+def test_swapped_moe_block_trains_with_sparsas_backward(freezing: bool) -> None:
+    """transformers' Mixtral block swapped for a Sparsa block: loss.backward() runs Sparsa's pullback, and the
+    hidden states' and every parameter's gradient equal eager autograd's."""
+    pytest.importorskip("torch_mlir")
+    pytest.importorskip("transformers")
+    import copy
+
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparsa.runtime.torch_moe import _SparsaMoE, swap_moe_blocks
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    holder = torch.nn.Sequential(copy.deepcopy(block))
+    assert swap_moe_blocks(holder, "cpu", freezing=freezing) == ["0"]
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out = holder(x)
+    nodes, seen = [out.grad_fn], []
+    while nodes:  # the autograd graph: Sparsa's function is in it
+        node = nodes.pop()
+        seen.append(node.name())
+        nodes += [n for n, _ in node.next_functions if n is not None]
+    assert any(name.startswith(_SparsaMoE.__name__) for name in seen), seen
+    (out * out).sum().backward()
+    ref = block(x_ref)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    (ref * ref).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-3, atol=1e-4)
+    for (name, p), q in zip(holder[0].named_parameters(), block.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
