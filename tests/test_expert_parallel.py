@@ -28,15 +28,16 @@ pytest.importorskip("torch.distributed")
 
 WORKER = Path(__file__).with_name("ep_worker.py")
 
-MOE = """
+HEADER = """
 const D = 32
 const F = 48
 const E = 8
 model M(x: f32[T, D]) -> f32[T, D] {
     param gate: f32[D, E]
     param w1: f32[E, D, F]
-    param w3: f32[E, D, F]
     param w2: f32[E, F, D]
+"""
+MOE = HEADER + """    param w3: f32[E, D, F]
     probs = softmax(x @ gate, axis=-1)
     weights, experts = topk(probs, k=K)
     weights = weights / sum(weights, axis=-1, keepdim=true)
@@ -47,15 +48,7 @@ model M(x: f32[T, D]) -> f32[T, D] {
 """
 
 
-SHARED = """
-const D = 32
-const F = 48
-const E = 8
-model M(x: f32[T, D]) -> f32[T, D] {
-    param gate: f32[D, E]
-    param w1: f32[E, D, F]
-    param w2: f32[E, F, D]
-    param s1: f32[D, F]
+SHARED = HEADER + """    param s1: f32[D, F]
     param s2: f32[F, D]
     weights, experts = topk(softmax(x @ gate, axis=-1), k=2)
     routed = moe(x, experts, weights) |e, h| { silu(h @ w1[e]) @ w2[e] }

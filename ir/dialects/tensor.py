@@ -577,13 +577,16 @@ class MinimumOp(BinaryOp):
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dy to the smaller; split evenly on ties (as PyTorch)."""
-        a = xs[0]
-        b = xs[1]
-        dy = dys[0]
-        half = g.scale(dy, 0.5)
-        ta = g.where(g.cmp("lt", a, b), dy, g.mask(g.cmp("eq", a, b), half))
-        tb = g.where(g.cmp("lt", b, a), dy, g.mask(g.cmp("eq", a, b), half))
-        return [g.unbroadcast(ta, a.type), g.unbroadcast(tb, b.type)]
+        return _pick_vjp(g, "lt", xs, dys[0])
+
+
+def _pick_vjp(g: Any, pred: str, xs: list, dy: Any) -> list:
+    """The cotangent of an elementwise min (pred "lt") or max ("gt"): dy to the operand picked, half each on ties."""
+    a, b = xs
+    half = g.scale(dy, 0.5)
+    ta = g.where(g.cmp(pred, a, b), dy, g.mask(g.cmp("eq", a, b), half))
+    tb = g.where(g.cmp(pred, b, a), dy, g.mask(g.cmp("eq", a, b), half))
+    return [g.unbroadcast(ta, a.type), g.unbroadcast(tb, b.type)]
 
 
 class MaximumOp(BinaryOp):
@@ -599,13 +602,7 @@ class MaximumOp(BinaryOp):
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dy to the larger; split evenly on ties (as PyTorch)."""
-        a = xs[0]
-        b = xs[1]
-        dy = dys[0]
-        half = g.scale(dy, 0.5)
-        ta = g.where(g.cmp("gt", a, b), dy, g.mask(g.cmp("eq", a, b), half))
-        tb = g.where(g.cmp("gt", b, a), dy, g.mask(g.cmp("eq", a, b), half))
-        return [g.unbroadcast(ta, a.type), g.unbroadcast(tb, b.type)]
+        return _pick_vjp(g, "gt", xs, dys[0])
 
 
 class AndOp(BinaryOp):
