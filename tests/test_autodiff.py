@@ -534,3 +534,34 @@ def test_swapped_moe_block_trains_with_sparsas_backward(freezing: bool) -> None:
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-3, atol=1e-4)
     for (name, p), q in zip(holder[0].named_parameters(), block.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_torch_compile_training_backward_graphs_do_not_fall_back(target: str) -> None:
+    """loss.backward() under torch.compile(backend=sparsa): AOTAutograd's backward graph holds ATen's
+    *_backward ops, imported as the op classes' own rules; nothing falls back and every gradient equals eager."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 6)
+
+        def forward(self, x):
+            h = F.silu(self.a(x))
+            h = torch.tanh(self.b(h)) + F.gelu(h) + F.gelu(h, approximate="tanh") + torch.relu(h) * torch.sigmoid(h)
+            return torch.softmax(self.c(h), -1)
+
+    torch.manual_seed(0)
+    net = Net()
+    ref = Net()
+    ref.load_state_dict(net.state_dict())
+    backend = SparsaBackend({"target": target})
+    x = torch.randn(5, 8)
+    (torch.compile(net, backend=backend)(x) ** 2).sum().backward()
+    (ref(x) ** 2).sum().backward()
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
