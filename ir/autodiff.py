@@ -106,6 +106,14 @@ class Grad:
         """A splat of `value` with t's shape and element type."""
         return self.emit("tensor.constant", value=value, result_types=[TensorType(t.dtype, t.shape)])
 
+    def zeros_like(self, v: Value) -> Value:
+        """Zeros of v's shape: a splat where every dim is known or named, else built on v itself (a dim known
+        only at run time: rows received from other ranks)."""
+        if None not in v.type.shape:
+            return self.full(0.0, v.type.without_layout())
+        zero = self.scalar(0.0, v.type.dtype)
+        return self.where(self.cmp("eq", v, v), zero, zero)
+
     # ---- arithmetic ---------------------------------------------------------------------------------------
     def add(self, a: Value, b: Value) -> Value:
         return self.emit("tensor.add", a, b)

@@ -66,10 +66,13 @@ class Backward:
 
 
 def grad_pipeline(pipeline: str) -> str:
-    """A target pipeline with `differentiate` after the MoE layers are dispatched (their rules reuse the dispatch),
-    or else after its first step (canonicalize): the rest then optimizes the backward function too."""
+    """A target pipeline with `differentiate` after the MoE layers are dispatched (their rules reuse the dispatch)
+    and split over the ranks (the exchange's rules send cotangents back), or else after its first step
+    (canonicalize): the rest then optimizes the backward function too."""
     steps = pipeline.split(",")
-    at = next((i for i, s in enumerate(steps) if s.startswith("fuse-moe-dispatch")), None)
+    at = next((i for i, s in enumerate(steps) if s.startswith("shard-experts")), None)
+    if at is None:
+        at = next((i for i, s in enumerate(steps) if s.startswith("fuse-moe-dispatch")), None)
     if at is None:
         at = 0 if steps[0] == "canonicalize" else -1
     return ",".join([*steps[:at + 1], "differentiate", *steps[at + 1:]])
@@ -210,8 +213,10 @@ class CompiledModel:
     # ---- reverse mode -----------------------------------------------------------------------------------
     def vjp(self, *inputs: Any, **named: Any) -> tuple[Any, Any]:
         """`y, pullback = m.vjp(*inputs)`: the outputs, and `pullback(dy)` (one cotangent per output) giving the
-        gradient of every float input and weight, a dict by its `.sp` name. The backward function (`ir(grad=True)`)
-        is compiled for the target at the first call; it runs the forward again (residuals recomputed)."""
+        gradient of every float input and weight, a dict by its `.sp` name. The forward that saves residuals and
+        the backward (`ir(grad=True)`) are compiled for the target at the first call. With expert_parallel, an
+        expert weight's gradient is this rank's block of it, and a replicated weight's (the router's) this
+        rank's share: summed over the ranks, as data parallel sums them, it is one process's."""
         args = self._arguments(inputs, named)
         grad = self._backward()
         n = len(grad.results)
@@ -219,6 +224,8 @@ class CompiledModel:
             outs = self(*args)
             saved = list(args)
         else:  # the forward that also returns what the backward reads
+            if self.exchange is not None:
+                self.exchange.begin_call()
             both = self._run(grad.forward, args, grad.cache)
             outs, saved = (both[0] if n == 1 else tuple(both[:n])), both[n:]
 
@@ -232,9 +239,6 @@ class CompiledModel:
     def _backward(self) -> Backward:
         """The backward function, compiled for the target (once), its weight-only results prepared."""
         if self._grad is None:
-            if self.ranks is not None:
-                raise SparsaError("reverse mode with expert_parallel is not built yet (it needs the exchange's "
-                                  "transpose)")
             from sparsa.ir import parse_module
             from sparsa.ir.autodiff import grad_targets
 
@@ -245,8 +249,9 @@ class CompiledModel:
             pm = PassManager(grad_pipeline(self._pm.pipeline), self._pm.options)
             grad_module = pm.run(module)
             saved = grad_module.funcs[-1].attributes.get("residuals") == "saved"
-            forward = self.backend.compile(grad_module.funcs[-2]) if saved else None
-            native = self.backend.compile(grad_module.funcs[-1])
+            options = {"exchange": self.exchange}
+            forward = self.backend.compile(grad_module.funcs[-2], options) if saved else None
+            native = self.backend.compile(grad_module.funcs[-1], options)
             self._grad = Backward(grad_module, names, results, native, {}, forward)
         if self._weights is not None and not self._grad.prepared:
             from sparsa.backends.reference.interpreter import Interpreter

@@ -39,6 +39,12 @@ def main() -> None:
             m.init_weights(case["seed"])
         lo, hi = case["splits"][rank], case["splits"][rank + 1]
         x = inputs["x"][lo:hi]
+        if case.get("grad"):  # reverse mode: this rank's pullback
+            y, pullback = m.vjp(x)
+            grads = pullback(inputs["dy"][lo:hi])
+            np.savez(os.path.join(folder, f"{case['name']}.{rank}.npz"), y=y, ir=np.array(m.ir(grad=True)),
+                     stats=np.array(json.dumps(m.stats()["all_to_all"])), **{f"d_{k}": v for k, v in grads.items()})
+            continue
         y = m(x)
         for _ in range(case.get("repeat", 1) - 1):  # the same call again: the plan and buffers are per call
             y = m(x)

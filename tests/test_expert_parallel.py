@@ -137,6 +137,10 @@ def cases(world: int) -> list[dict]:
                         seed=9))
     for c in out:
         c["splits"] = splits
+    # reverse mode: the exchange's transpose carries the cotangents back (capacity on, so drops get nothing)
+    for target in ("reference", "cpu"):
+        out.append(dict(name=f"grad-{target}", source=moe_source(2, 1.0), target=target, k=2, capacity=1.0, seed=11,
+                        grad=True, splits=splits))
     # the shared example's whole decoder: four MoE layers (params `layers.i...`), sequences split by batch
     decoder = (Path(__file__).parent.parent / "examples" / "tiny_moe_decoder.sp").read_text()
     out.append(dict(name="decoder-cpu", source=decoder, target="cpu", seed=10, tokens=True, deterministic=True,
@@ -157,7 +161,7 @@ def prepare(folder: Path, world: int) -> list[dict]:
             x = rng.integers(0, 1024, size=(c["splits"][-1], 8)).astype(np.int32)
         if c.get("skew"):
             x[:, 0] += 4.0
-        np.savez(folder / f"{c['name']}.inputs.npz", x=x)
+        np.savez(folder / f"{c['name']}.inputs.npz", x=x, dy=rng.standard_normal(x.shape).astype(np.float32))
         if c.get("weights"):
             m = sparsa.compile(c["source"], target="reference").init_weights(c["seed"])
             w = dict(m.weights)
@@ -172,6 +176,9 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
     for c in todo:
         if c.get("torch"):
             check_torch(folder, world, c)
+            continue
+        if c.get("grad"):
+            check_grad(folder, world, c)
             continue
         os.environ["SPARSA_DETERMINISTIC"] = "1" if c.get("deterministic") else "0"
         try:
@@ -211,6 +218,23 @@ def check(folder: Path, world: int, todo: list[dict]) -> None:
             assert stats["sent_bytes"] == sum(e["sent_bytes"] for e in stats["exchanges"])
         if c["capacity"] is not None:
             assert not kept.all(), f"{c['name']}: capacity dropped nothing; the case tests nothing"
+
+
+def check_grad(folder: Path, world: int, c: dict) -> None:
+    """Each rank's pullback against one process's on every token: x's gradient rank by rank, each expert
+    weight's as the rank's block of it, and a replicated weight's (the router) summed over the ranks."""
+    one = sparsa.compile(c["source"], target=c["target"]).init_weights(c["seed"])
+    data = np.load(folder / f"{c['name']}.inputs.npz")
+    y, pullback = one.vjp(data["x"])
+    want = pullback(data["dy"])
+    ranks = [np.load(folder / f"{c['name']}.{r}.npz") for r in range(world)]
+    assert "moe.all_to_all" in str(ranks[0]["ir"]) and "moe.grouped_weight_grad" in str(ranks[0]["ir"])
+    np.testing.assert_allclose(np.concatenate([r["y"] for r in ranks]), y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([r["d_x"] for r in ranks]), want["x"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sum(r["d_gate"] for r in ranks), want["gate"], rtol=1e-4, atol=1e-5)
+    for name in ("w1", "w2", "w3"):
+        np.testing.assert_allclose(np.concatenate([r[f"d_{name}"] for r in ranks]), want[name], rtol=1e-4,
+                                   atol=1e-5, err_msg=f"{c['name']}: d{name}")
 
 
 def check_torch(folder: Path, world: int, c: dict) -> None:

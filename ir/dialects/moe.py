@@ -383,7 +383,7 @@ class GroupedMatmulCombineOp(Operation):
         gate = g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot]))
         d_out = g.mul(dy_rows, g.emit("tensor.expand_dims", gate, axes=[1]))
         dot = g.mask(real, g.sum(g.mul(rows_out, dy_rows), [1]))
-        dgates = g.emit("tensor.scatter_add", g.full(0.0, self.gates.type), dot, [tok, slot])
+        dgates = g.emit("tensor.scatter_add", g.zeros_like(self.gates), dot, [tok, slot])
         (dz,) = g.region(self.epilogue, [z], [d_out], inlined)
         drows, (dw,) = _grouped_backward(self, g, [self.weight], [dz])
         return [drows, None, None, dw, dgates]
@@ -461,7 +461,7 @@ def _grouped_backward(op: Operation, g: Any, weights: list[Any], dzs: list[Any])
                           gather=op.gather))
     if drows is not None and op.gather:  # each position's row back to its token (padding rows are zero)
         tok, _ = _token_of(op, g)
-        drows = g.emit("tensor.scatter_add", g.full(0.0, op.rows.type), drows, [tok])
+        drows = g.emit("tensor.scatter_add", g.zeros_like(op.rows), drows, [tok])
     return drows, dws
 
 

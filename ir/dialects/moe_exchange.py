@@ -161,6 +161,10 @@ class AllToAllOp(Operation):
             raise ValueError(f"moe.all_to_all: {data.shape[0]} rows but sends add up to {int(sends.sum())}")
         return ex.all_to_all(np.ascontiguousarray(data), sends, receives)
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The exchange's transpose: the cotangents go back the way the rows came (receives and sends swapped)."""
+        return [g.emit("moe.all_to_all", dys[0], xs[2], xs[1]), None, None]
+
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         data, sends, receives = args
         row = data.itemsize * int(np.prod(data.shape[1:]))
@@ -248,6 +252,10 @@ class CombineRowsOp(Operation):
         np.add.at(y, rows, parts)  # in row order: a token's partials from rank 0, then rank 1, ...
         return y
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """Each part gets its token's cotangent."""
+        return [g.emit("tensor.gather", dys[0], [xs[1]]), None, None]
+
 
 def _blocks(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -278,6 +286,13 @@ class RankRowsOp(Operation):
             return data[at[r]:at[r + 1]]
         return np.concatenate([data[:at[r]], data[at[r + 1]:]])
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The block's cotangent back in its place, zeros for the rows not taken."""
+        data, counts, dy = xs[0], xs[1], dys[0]
+        rest = g.emit("moe.rank_rows", g.zeros_like(data), counts, own=not self.own)
+        parts = (rest, dy) if self.own else (dy, rest)
+        return [g.emit("moe.insert_own_rows", *parts, counts), None]
+
 
 class InsertOwnRowsOp(Operation):
     """The other ranks' blocks (`others`, in rank order) with this rank's block (`own`) put back in its place:
@@ -302,6 +317,11 @@ class InsertOwnRowsOp(Operation):
             raise ValueError(f"moe.insert_own_rows: blocks of {others.shape[0]} and {own.shape[0]} rows do not fit "
                              f"counts {counts.tolist()} at rank {r}")
         return np.concatenate([others[:at[r]], own, others[at[r]:]])
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The cotangent taken apart again: the other ranks' blocks, and this rank's."""
+        dy, counts = dys[0], xs[2]
+        return [g.emit("moe.rank_rows", dy, counts, own=False), g.emit("moe.rank_rows", dy, counts, own=True), None]
 
 
 class LocalExpertsOp(View, Operation):

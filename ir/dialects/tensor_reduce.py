@@ -332,7 +332,7 @@ class TopkOp(Operation):
             iota = g.emit("tensor.iota", result_types=[TensorType("i64", (shape[axis],))])
             iota = g.emit("tensor.reshape", iota, shape=[-1 if a == axis else 1 for a in range(idx.type.rank)])
             places.append(g.broadcast_to(iota, TensorType("i64", shape)))
-        return [g.emit("tensor.scatter_add", g.full(0.0, x.type), dv, [*places, idx])]
+        return [g.emit("tensor.scatter_add", g.zeros_like(x), dv, [*places, idx])]
 
     def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.k > x.shape[-1]:

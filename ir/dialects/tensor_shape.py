@@ -305,7 +305,7 @@ class GatherOp(Operation):
         x, idx = xs[0], xs[1:]
         lead = TensorType("i64", ys[0].type.shape[:ys[0].type.rank - (x.type.rank - len(idx))])
         idx = [g.broadcast_to(i, TensorType(i.type.dtype, lead.shape)) for i in idx]
-        return [g.emit("tensor.scatter_add", g.full(0.0, x.type.without_layout()), dys[0], idx), *[None] * len(idx)]
+        return [g.emit("tensor.scatter_add", g.zeros_like(x), dys[0], idx), *[None] * len(idx)]
 
     @staticmethod
     def check_indices(shape: tuple[int, ...], indices: Sequence[np.ndarray]) -> None:
@@ -426,7 +426,7 @@ class SplitOp(View, Operation):
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """The pieces' cotangents joined (zeros for a piece nothing flowed to)."""
-        parts = [d if d is not None else g.full(0.0, y.type) for d, y in zip(dys, ys, strict=True)]
+        parts = [d if d is not None else g.zeros_like(y) for d, y in zip(dys, ys, strict=True)]
         return [g.emit("tensor.concat", parts, axis=self.axis)]
 
 
