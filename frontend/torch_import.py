@@ -418,37 +418,6 @@ def _softmax(im: Importer, node: Any, x: Value, dim: int, half_to_float: bool = 
     return im.emit(R.SoftmaxOp, x, axis=_axis(dim, x.type.rank))
 
 
-def _derivative(cls: type, reads: str, **fixed: Any) -> Callable:
-    """An ATen `*_backward` op (what AOTAutograd's backward graphs hold) as Sparsa's own rule for the forward op:
-    the op class's `vjp`, given the forward's input (`reads` "input": the forward op is built again on it) or
-    its output ("output": all the rules of these ops read)."""
-    def h(im: Importer, node: Any, dy: Any, v: Any, *args: Any, **kwargs: Any) -> Value:
-        from sparsa.ir.autodiff import Grad
-
-        dy, v = im.operands(dy, v)
-        attrs = {k: f(v, *args, **kwargs) for k, f in fixed.items()}
-        y = im.emit(cls, v, **attrs)
-        x = v if reads == "input" else None
-        g = Grad(im.block)
-        (dx,) = y.defining_op.vjp(g, [dy], [x], [v if reads == "output" else y])
-        return dx
-    return h
-
-
-def _threshold_backward(im: Importer, node: Any, dy: Any, x: Any, threshold: Any) -> Value:
-    if threshold != 0:
-        raise Unsupported("threshold_backward with a threshold other than 0")
-    return _derivative(T.ReluOp, "input")(im, node, dy, x)
-
-
-def _gelu_backward(im: Importer, node: Any, dy: Any, x: Any, approximate: str = "none") -> Value:
-    return _derivative(T.GeluTanhOp if approximate == "tanh" else T.GeluOp, "input")(im, node, dy, x)
-
-
-def _softmax_backward(im: Importer, node: Any, dy: Any, y: Any, dim: int, input_dtype: Any = None) -> Value:
-    return _derivative(R.SoftmaxOp, "output", axis=lambda v, *a, **k: _axis(dim, v.type.rank))(im, node, dy, y)
-
-
 def _argmax(im: Importer, node: Any, x: Value, dim: Any = None, keepdim: bool = False) -> Value:
     if dim is None:
         raise Unsupported("argmax over all elements")
@@ -689,11 +658,6 @@ _ops: dict[str, Callable] = {
     "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
-    # AOTAutograd's backward graphs: the derivatives of Sparsa's own op classes
-    "silu_backward.default": _derivative(T.SiluOp, "input"),
-    "sigmoid_backward.default": _derivative(T.SigmoidOp, "output"),
-    "tanh_backward.default": _derivative(T.TanhOp, "output"), "threshold_backward.default": _threshold_backward,
-    "gelu_backward.default": _gelu_backward, "_softmax_backward_data.default": _softmax_backward,
     "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
     "arange.default": _arange, "arange.start": _arange_start, "scalar_tensor.default": _scalar_tensor,
     "full.default": _full,
@@ -737,6 +701,7 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
 def _build_table() -> dict[Any, Callable]:
     import torch
 
+    from sparsa.frontend.torch_derivatives import OPS as DERIVATIVES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
 
@@ -746,7 +711,7 @@ def _build_table() -> dict[Any, Callable]:
         table[flex] = _flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
-    for name, handler in {**_ops, **OPS}.items():
+    for name, handler in {**_ops, **OPS, **DERIVATIVES}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
         if op is not None:

@@ -69,8 +69,9 @@ class TorchExchange:
 
     def all_gather(self, a: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        parts = [self.torch.empty(a.shape, dtype=self._tensor(a).dtype, device=self.device) for _ in range(self.size)]
-        self.dist.all_gather(parts, self._tensor(a), group=self.group)
+        mine = self._tensor(a)
+        parts = [self.torch.empty_like(mine) for _ in range(self.size)]
+        self.dist.all_gather(parts, mine, group=self.group)
         self.counters.count_bytes += a.nbytes * (self.size - 1) * 2
         self.counters.count_seconds += time.perf_counter() - t0
         return np.stack([p.cpu().numpy() for p in parts])
