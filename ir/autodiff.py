@@ -47,10 +47,29 @@ class Grad:
             rule = getattr(op, "vjp", None)
             if rule is None:
                 raise SparsaError(f"'{op.NAME}' has no derivative yet: reverse mode covers the tensor ops, MoE "
-                                  "layers and scans so far (attention and sparse weights are to come)", op.loc)
+                                  "layers, attention and scans so far (sparse weights are to come)", op.loc)
             self.loc = op.loc
             for v, d in zip(op.operands, rule(self, dys, list(op.operands), list(op.results)), strict=True):
                 self.flow(v, d)
+
+    def swap(self, op: Operation, name: str) -> Operation:
+        """Replace forward op `op` by op `name` of the same operands, attributes and regions and more results (one
+        that also returns what the rule reads: attention's log-sum-exp). op's results become its first ones, so
+        whatever reads or maps them keeps them."""
+        new = OP_REGISTRY[name](list(op.operands), (), dict(op.attributes), list(op.regions), op.loc)
+        op.regions = []
+        extra = new.infer()[len(op.results):]
+        for r in op.results:
+            r.owner = new
+            new.results.append(r)
+        for t in extra:
+            new.results.append(Value(t, new, len(new.results)))
+        for v in op.operands:
+            v.uses = [u for u in v.uses if u.op is not op]
+        block = op.parent
+        block.ops[block.ops.index(op)] = new
+        new.parent, op.parent = block, None
+        return new
 
     def inline(self, region: Any, args: Sequence[Value]) -> tuple[list[Value], list[Operation]]:
         """A single-block region's ops run on `args` (whole tensors: an elementwise epilogue on every row at

@@ -9,7 +9,7 @@ are free where they are, and a region reads outer data only as tensors).
 from __future__ import annotations
 
 from sparsa.ir.core import Operation
-from sparsa.ir.dialects.attn import AttentionOp
+from sparsa.ir.dialects.attn import AttentionBase
 from sparsa.ir.dialects.attn_blocks import BlockMapOp
 from sparsa.ir.traits import Generator
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
@@ -23,7 +23,7 @@ def _invariant(op: Operation, inside: set[int]) -> bool:
 class HoistFromMaskRegions(RewritePattern):
     """Move the first region-invariant op of an attention op's (or block map's) regions before it."""
 
-    ROOT = (AttentionOp, BlockMapOp)
+    ROOT = (AttentionBase, BlockMapOp)
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         for region in op.regions:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sparsa.ir.clone import clone_region
 from sparsa.ir.core import Module, Region
-from sparsa.ir.dialects.attn import AttentionOp
+from sparsa.ir.dialects.attn import AttentionBase
 from sparsa.ir.dialects.attn_blocks import BlockMap, BlockMapOp, classify, mask_axes_used, outer_values
 from sparsa.passes.base import Option, Pass
 from sparsa.passes.cost_model import attention_prefers_sparse
@@ -26,12 +26,12 @@ class SparsifyAttention(Pass):
 
     def run(self, module: Module) -> None:
         rewriter = Rewriter()
-        for op in [o for o in module.walk() if isinstance(o, AttentionOp)]:
+        for op in [o for o in module.walk() if isinstance(o, AttentionBase)]:
             if op.mask.empty or op.block_map is not None or op.kernel:
                 continue
             self.sparsify(op, rewriter)
 
-    def sparsify(self, op: AttentionOp, rewriter: Rewriter) -> None:
+    def sparsify(self, op: AttentionBase, rewriter: Rewriter) -> None:
         bq, bk = self.block_q, self.block_k
         q, k = op.q.type, op.k.type
         uses_b, uses_h = mask_axes_used(op.mask)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import op_cases_attention
 import pytest
 
 from sparsa.ir import OP_REGISTRY, TensorType, scalar
@@ -667,6 +668,7 @@ CASES = {
     **{n: _packed_cases for n in ("sparse.pack_bsr", "sparse.bsr_matmul", "sparse.pack_nm", "sparse.nm_matmul")},
     "moe.grouped_matmul_combine": lambda: _grouped_case("moe.grouped_matmul_combine"),
     "sparse.matmul": case_sparse_matmul,
+    **op_cases_attention.CASES,
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf
+from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import exp
@@ -35,7 +36,8 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
     map does not mark EMPTY; FULL blocks skip the mask, PARTIAL ones evaluate it inline on the scores;
     grouped heads read their shared K/V in place; a row with nothing allowed gives zeros. K comes
     transposed ([B, Hk, Dh, Sk], one copy per call by the host): Q @ K^T with K^T's rows contiguous
-    runs 20-25% faster than reading K's columns in the register tile."""
+    runs 20-25% faster than reading K's columns in the register tile. `attn.attention_lse` also writes each
+    row's m + log(l) (+inf where nothing is allowed)."""
     data = []
     for region in (op.mask, op.score):
         if not region.empty:
@@ -44,11 +46,11 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
     types = [v.type for v in inputs]
     kt_ = op.k.type  # the host passes K transposed, [B, Hk, Dh, Sk]: Q @ K^T then reads rows of it
     types[1] = TensorType(kt_.dtype, kt_.shape[:2] + (kt_.shape[3], kt_.shape[2]))
-    name, entry = cx.function(op, types + [op.result.type], True)
+    name, entry = cx.function(op, types + [r.type for r in op.results], True)
     args = entry.arguments
     q, k, v = args[:3]
     bm = args[3] if op.block_map is not None else None
-    out, part, parts = args[len(inputs):]
+    out, *lse, part, parts = args[len(inputs):]
     et = element_type(op.q.type.dtype)
     bq, bk = op.block_q or 64, op.block_k or 64
     masked = not op.mask.empty
@@ -97,9 +99,15 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
             o = cx.tile_map([(acc, [d0, d1]), (l_fin, [d0])], [nq, Dv], et, lambda a, s: B.select(
                 arith.CmpFOp(2, s, zero).result, arith.DivFOp(a, s).result, zero))
             B.write(o, B.subview(out, [b, h, q0, 0], [1, 1, nq, Dv], drop=[0, 1]))
+            if lse:
+                m_fin = keys.results[0]
+                inf = B.c_float(float("inf"), et)
+                lse_t = cx.tile_map([(m_fin, [d0]), (l_fin, [d0])], [nq], et, lambda m, s: B.select(
+                    arith.CmpFOp(2, s, zero).result, arith.AddFOp(m, mmath.LogOp(s).result).result, inf))
+                B.write(lse_t, B.subview(lse[0], [b, h, q0], [1, 1, nq], drop=[0, 1]))
             scf.YieldOp([])
         func.ReturnOp([])
-    return Kernel(name, op, inputs, [op.result], "parts")
+    return Kernel(name, op, inputs, list(op.results), "parts")
 
 
 def attend(cx: KernelContext, op: Operation, Q: ir.Value, kt: ir.Value, vt: ir.Value, state: list[ir.Value],

@@ -13,7 +13,7 @@ from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.base import Executable
-from sparsa.backends.cpu import aot, attn, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
+from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel

@@ -3,6 +3,7 @@
 from sparsa.ir.dialects import (
     attn,
     attn_blocks,
+    attn_grad,
     func,
     moe,
     moe_exchange,
@@ -14,5 +15,6 @@ from sparsa.ir.dialects import (
 )
 
 __all__ = [
-    "attn", "attn_blocks", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_reduce", "tensor_shape",
+    "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_reduce",
+    "tensor_shape",
 ]

@@ -28,16 +28,10 @@ def scale_by_head_dim(q: Any, emit: Callable[..., Any]) -> Any:
     return emit(T.MulOp, q, emit(T.RsqrtOp, emit(R.SumOp, ones, axes=(0,))))
 
 
-class AttentionOp(Operation):
-    """softmax(score(scale * q @ k^T) where mask else -inf) @ v per batch and head; an all-masked row gives 0.
+class AttentionBase(Operation):
+    """The fields attention and its backward share: q, k, v, an optional block map, the scale, the tiles, and the
+    mask and score-modifier regions (what `sparsify-attention` and `hoist-region-invariants` work on)."""
 
-    The mask region takes index scalars (b, h, q, k) and yields a boolean; the score region takes
-    (s, b, h, q, k) and yields the new score. Either may be empty. Both may read outer values (mask data).
-    With a `block_map` operand (from `attn.block_map`, tiles of block_q x block_k), EMPTY tiles are
-    skipped, FULL tiles use no mask, and only PARTIAL tiles evaluate the mask.
-    """
-
-    NAME = "attn.attention"
     q = Operand()
     k = Operand()
     v = Operand()
@@ -46,11 +40,10 @@ class AttentionOp(Operation):
     block_q = Attr(A.INT, default=0)
     block_k = Attr(A.INT, default=0)
     kernel = Attr(A.StrKind(("", "dense", "block-sparse")), default="")  # the cost model's choice
-    result = Result()
     mask = RegionField(optional=True)
     score = RegionField(optional=True)
 
-    def infer(self) -> list[TensorType]:
+    def check_qkv(self) -> None:
         q, k, v = self.q.type, self.k.type, self.v.type
         if q.rank != 4 or k.rank != 4 or v.rank != 4:
             raise self.error(f"needs q [B, Hq, Sq, Dh], k and v [B, Hkv, Sk, Dh]; got {q}, {k}, {v}")
@@ -64,7 +57,6 @@ class AttentionOp(Operation):
         hq, hkv = q.shape[1], k.shape[1]
         if isinstance(hq, int) and isinstance(hkv, int) and (hkv == 0 or hq % hkv):
             raise self.error(f"query heads {hq} must be a multiple of key/value heads {hkv}")
-        return [TensorType(q.dtype, q.shape[:3] + (v.shape[3],))]
 
     def verify(self) -> None:
         _check_region(self, self.mask, 4, "i1", "mask")
@@ -88,6 +80,45 @@ class AttentionOp(Operation):
                                  f"got {format_dim(t.shape[axis])}")
         if self.mask.empty:
             raise self.error("has a block map but no mask")
+
+    def head_scores(self, ctx: Any, q: np.ndarray, k: np.ndarray, b: int, h: int) -> tuple[np.ndarray, ...]:
+        """One head's raw scores scale * q @ k^T, the modified scores and the allowed pairs (float64, dense)."""
+        rep = q.shape[1] // k.shape[1]
+        s0 = self.scale * (q[b, h].astype(np.float64) @ k[b, h // rep].astype(np.float64).T)
+        idx = [np.array(b, dtype=np.int64), np.array(h, dtype=np.int64),
+               np.arange(s0.shape[0], dtype=np.int64)[:, None], np.arange(s0.shape[1], dtype=np.int64)[None, :]]
+        s = s0
+        if not self.score.empty:
+            (s,) = ctx.run_region(self.score, [s0, *idx])
+            s = np.broadcast_to(np.asarray(s, dtype=np.float64), s0.shape)
+        allowed = np.ones(s0.shape, dtype=bool)
+        if not self.mask.empty:
+            (m,) = ctx.run_region(self.mask, idx)
+            allowed = np.broadcast_to(np.asarray(m, dtype=bool), s0.shape)
+        return s0, s, allowed, idx
+
+
+class AttentionOp(AttentionBase):
+    """softmax(score(scale * q @ k^T) where mask else -inf) @ v per batch and head; an all-masked row gives 0.
+
+    The mask region takes index scalars (b, h, q, k) and yields a boolean; the score region takes
+    (s, b, h, q, k) and yields the new score. Either may be empty. Both may read outer values (mask data).
+    With a `block_map` operand (from `attn.block_map`, tiles of block_q x block_k), EMPTY tiles are
+    skipped, FULL tiles use no mask, and only PARTIAL tiles evaluate the mask.
+    """
+
+    NAME = "attn.attention"
+    result = Result()
+
+    def infer(self) -> list[TensorType]:
+        self.check_qkv()
+        q, v = self.q.type, self.v.type
+        return [TensorType(q.dtype, q.shape[:3] + (v.shape[3],))]
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        from sparsa.ir.dialects.attn_grad import attention_vjp
+
+        return attention_vjp(self, g, dys, xs, ys)
 
     def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                   block_map: np.ndarray | None = None) -> np.ndarray:
@@ -181,12 +212,13 @@ def index_grids(B: int, H: int, Sq: int, Sk: int) -> list[np.ndarray]:
             for i, n in enumerate((B, H, Sq, Sk))]
 
 
-def _check_region(op: Operation, region: Region, nargs: int, yields: str | None, what: str) -> None:
+def _check_region(op: Operation, region: Region, nargs: int, yields: str | None, what: str,
+                  scores: tuple[str, ...] = ("s",)) -> None:
     if region.empty:
         return
     args = region.block.args
     if len(args) != nargs:
-        raise op.error(f"{what} region takes {nargs} arguments ({', '.join(('s',) * (nargs - 4) + INDEX_ARGS)}), "
+        raise op.error(f"{what} region takes {nargs} arguments ({', '.join(scores[:nargs - 4] + INDEX_ARGS)}), "
                        f"got {len(args)}")
     for a in args[nargs - 4 :]:
         if a.type.rank != 0 or not is_int(a.type.dtype):

@@ -1,0 +1,265 @@
+"""cpu lowerings of attention's backward (ir/dialects/attn_grad.py): flash-attention-2's two passes over the
+forward's block map, the probabilities recomputed per tile from the forward's log-sum-exp.
+
+- `attn.attention_grad_q`: per (batch, head, query block), over the key blocks its row of the map does not mark
+  EMPTY: P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+- `attn.attention_grad_kv`: per (batch, key/value head, key block), over the query heads that share it and the
+  query blocks of its column of the map: the same tiles transposed (S^T = K Q^T), dV += P^T dO, dK += dS^T Q.
+
+Each kernel writes its own rows, so the threads never add into the same memory. FULL tiles evaluate no mask,
+PARTIAL ones inline it; the score modifier and its derivative region are inlined as scalar code. The host passes
+K^T and V^T (the dQ pass) or Q^T and dO^T (the dK/dV pass), one copy per call, so every product reads rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, scf
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.attn import cast_index
+from sparsa.backends.cpu.build import exp
+from sparsa.backends.cpu.context import KERNELS, LAUNCHES, KernelContext, element_type
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.ir.core import Value
+from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
+from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradKvOp, AttentionGradQOp
+from sparsa.ir.types import TensorType
+
+
+def _transposed(t: TensorType) -> TensorType:
+    return TensorType(t.dtype, t.shape[:2] + (t.shape[3], t.shape[2]))
+
+
+def _start(cx: KernelContext, op: AttentionGradBase, extra: list[TensorType]) -> tuple:
+    """The kernel function (operands, the mask's and score's data, the host's transposed copies, the results;
+    split in parts), its arguments, the data read into the kernel, and the operands' memrefs by name."""
+    data: list[Value] = []
+    for region in (op.mask, op.score, op.score_grad):
+        if not region.empty:
+            data += [v for v in outer_values(region) if all(v is not d for d in data)]
+    inputs = list(op.operands) + data
+    name, entry = cx.function(op, [v.type for v in inputs] + extra + [r.type for r in op.results], True)
+    args = list(entry.arguments)
+    named = dict(zip(["q", "k", "v"], args[:3], strict=True))
+    rest = args[3:len(op.operands)]
+    if op.block_map is not None:
+        named["bm"], rest = rest[0], rest[1:]
+    named.update(zip(["dout", "lse", "delta"], rest, strict=True))
+    with ir.InsertionPoint(entry):
+        for val, m in zip(data, args[len(op.operands):len(inputs)], strict=True):
+            cx.values[id(val)] = B.read(m)
+    return name, entry, inputs, named, args[len(inputs):]
+
+
+def _tile_kind(op: AttentionGradBase, bm: ir.Value | None, b: ir.Value, h: ir.Value, i: ir.Value,
+               j: ir.Value) -> ir.Value:
+    if bm is None:
+        return B.c_int(FULL if op.mask.empty else 1, 8)
+    return B.load(bm, arith.RemUIOp(b, B.mdim(bm, 0)).result, arith.RemUIOp(h, B.mdim(bm, 1)).result, i, j)
+
+
+def _visit(bm: ir.Value | None, kind: ir.Value, state: list[ir.Value], step) -> None:
+    """step(state) on a tile the map does not mark EMPTY; the state unchanged on one it does."""
+    if bm is None:
+        scf.YieldOp(step(state))
+        return
+    live = B.if_(B.cmpi("ne", kind, B.c_int(EMPTY, 8)), [s.type for s in state], True)
+    with ir.InsertionPoint(live.then_block):
+        scf.YieldOp(step(state))
+    with ir.InsertionPoint(live.else_block):
+        scf.YieldOp(state)
+    scf.YieldOp(list(live.results))
+
+
+class _Tile:
+    """One (query block, key block) tile's elementwise steps; `transposed`: rows are keys, columns queries."""
+
+    def __init__(self, cx: KernelContext, op: AttentionGradBase, b: ir.Value, h: ir.Value, q0: ir.Value,
+                 k0: ir.Value, rows: ir.Value, cols: ir.Value, et: ir.Type, transposed: bool):
+        self.cx, self.op, self.b, self.h, self.q0, self.k0 = cx, op, b, h, q0, k0
+        self.sizes, self.et, self.transposed = [rows, cols], et, transposed
+        d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
+        self.tile, self.row = [d0, d1], [d1] if transposed else [d0]  # `row`: a per-query vector's index
+
+    def index(self, region: Any) -> list[ir.Value]:
+        qd, kd = (1, 0) if self.transposed else (0, 1)
+        idx = [B.as_i64(self.b), B.as_i64(self.h), B.as_i64(B.add(self.q0, linalg.IndexOp(qd).result)),
+               B.as_i64(B.add(self.k0, linalg.IndexOp(kd).result))]
+        first = len(region.block.args) - 4
+        return [cast_index(self.cx, region, first + n, x) for n, x in enumerate(idx)]
+
+    def probs(self, s: ir.Value, lse: ir.Value, kind: ir.Value) -> ir.Value:
+        """P = exp(score(scale * s) - lse), 0 where the mask disallows (FULL tiles: no mask evaluated)."""
+        if self.op.mask.empty:
+            return self._probs(s, lse, False)
+        full = B.if_(B.cmpi("eq", kind, B.c_int(FULL, 8)), [s.type], True)
+        with ir.InsertionPoint(full.then_block):
+            scf.YieldOp([self._probs(s, lse, False)])
+        with ir.InsertionPoint(full.else_block):
+            scf.YieldOp([self._probs(s, lse, True)])
+        return full.results[0]
+
+    def _probs(self, s: ir.Value, lse: ir.Value, masked: bool) -> ir.Value:
+        op, cx, et = self.op, self.cx, self.et
+        scale, zero = B.c_float(float(op.scale), et), B.c_float(0.0, et)
+
+        def body(x: ir.Value, lv: ir.Value) -> ir.Value:
+            x = arith.MulFOp(x, scale).result
+            if not op.score.empty:
+                (x,) = cx.inline(op.score, [x, *self.index(op.score)], True)
+            p = exp(arith.SubFOp(x, lv).result)
+            if masked:
+                (ok,) = cx.inline(op.mask, self.index(op.mask), True)
+                p = B.select(ok, p, zero)
+            return p
+
+        return cx.tile_map([(s, self.tile), (lse, self.row)], self.sizes, et, body)
+
+    def dscores(self, s: ir.Value, p: ir.Value, dp: ir.Value, delta: ir.Value) -> ir.Value:
+        """scale * score'(scale * s) * P * (dP - delta): the raw scores' cotangent."""
+        op, cx, et = self.op, self.cx, self.et
+        scale = B.c_float(float(op.scale), et)
+
+        def body(x: ir.Value, pv: ir.Value, dpv: ir.Value, dl: ir.Value) -> ir.Value:
+            ds = arith.MulFOp(pv, arith.SubFOp(dpv, dl).result).result
+            if not op.score_grad.empty:
+                x = arith.MulFOp(x, scale).result
+                (ds,) = cx.inline(op.score_grad, [x, ds, *self.index(op.score_grad)], True)
+            return arith.MulFOp(ds, scale).result
+
+        return cx.tile_map([(s, self.tile), (p, self.tile), (dp, self.tile), (delta, self.row)], self.sizes, et,
+                           body)
+
+
+@KERNELS.lowers(AttentionGradQOp)
+def grad_q_kernel(cx: KernelContext, op: AttentionGradQOp) -> Kernel:
+    """dQ per (batch, head, query block) over its row of the block map."""
+    name, entry, inputs, m, (kt, vt, out, part, parts) = _start(
+        cx, op, [_transposed(op.k.type), _transposed(op.v.type)])
+    et = element_type(op.q.type.dtype)
+    bq, bk = op.block_q or 64, op.block_k or 64
+    with ir.InsertionPoint(entry):
+        q, k, dout, lse, delta = (B.read(m[n]) for n in ("q", "k", "dout", "lse", "delta"))
+        kt_, vt_ = B.read(kt), B.read(vt)
+        Bn, Hq, Sq, Dh = (B.mdim(m["q"], i) for i in range(4))
+        Hkv, Sk, Dv = B.mdim(m["k"], 1), B.mdim(m["k"], 2), B.mdim(m["v"], 3)
+        rep = arith.DivUIOp(Hq, Hkv).result
+        NQ, NK = B.ceil_div(Sq, bq), B.ceil_div(Sk, bk)
+        per_b = B.mul(Hq, NQ)
+        items = B.loop(part, B.mul(Bn, per_b), parts)
+        with ir.InsertionPoint(items.body):
+            it = items.induction_variable
+            b = arith.DivUIOp(it, per_b).result
+            h = arith.RemUIOp(arith.DivUIOp(it, NQ).result, Hq).result
+            i = arith.RemUIOp(it, NQ).result
+            hk = arith.DivUIOp(h, rep).result
+            q0 = B.mul(i, B.c_index(bq))
+            nq = B.minsi(B.c_index(bq), B.sub(Sq, q0))
+            Q = B.slice_tensor(q, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1])
+            dO = B.slice_tensor(dout, [b, h, q0, 0], [1, 1, nq, Dv], drop=[0, 1])
+            L = B.slice_tensor(lse, [b, h, q0], [1, 1, nq], drop=[0, 1])
+            Dl = B.slice_tensor(delta, [b, h, q0], [1, 1, nq], drop=[0, 1])
+            acc0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty([nq, Dh], et)])
+            keys = B.loop(0, NK, 1, [acc0])
+            with ir.InsertionPoint(keys.body):
+                j = keys.induction_variable
+                kind = _tile_kind(op, m.get("bm"), b, h, i, j)
+
+                def step(state: list[ir.Value], j: ir.Value = j, kind: ir.Value = kind) -> list[ir.Value]:
+                    k0 = B.mul(j, B.c_index(bk))
+                    nk = B.minsi(B.c_index(bk), B.sub(Sk, k0))
+                    tile = _Tile(cx, op, b, h, q0, k0, nq, nk, et, False)
+                    S = cx.matmul_tile(Q, B.slice_tensor(kt_, [b, hk, 0, k0], [1, 1, Dh, nk], drop=[0, 1]), nq, nk, et)
+                    P = tile.probs(S, L, kind)
+                    dP = cx.matmul_tile(dO, B.slice_tensor(vt_, [b, hk, 0, k0], [1, 1, Dv, nk], drop=[0, 1]), nq, nk,
+                                        et)
+                    dS = tile.dscores(S, P, dP, Dl)
+                    K = B.slice_tensor(k, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1])
+                    return [cx.matmul_tile(dS, K, nq, Dh, et, init=state[0])]
+
+                _visit(m.get("bm"), kind, list(keys.inner_iter_args), step)
+            B.write(keys.results[0], B.subview(out, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1]))
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, list(op.results), "parts")
+
+
+@KERNELS.lowers(AttentionGradKvOp)
+def grad_kv_kernel(cx: KernelContext, op: AttentionGradKvOp) -> Kernel:
+    """dK and dV per (batch, key/value head, key block) over its column of the block map, for each query head
+    that reads it."""
+    name, entry, inputs, m, (qt, dot, dk_out, dv_out, part, parts) = _start(
+        cx, op, [_transposed(op.q.type), _transposed(op.dout.type)])
+    et = element_type(op.q.type.dtype)
+    bq, bk = op.block_q or 64, op.block_k or 64
+    with ir.InsertionPoint(entry):
+        q, k, v, dout, lse, delta = (B.read(m[n]) for n in ("q", "k", "v", "dout", "lse", "delta"))
+        qt_, dot_ = B.read(qt), B.read(dot)
+        Bn, Hq, Sq, Dh = (B.mdim(m["q"], i) for i in range(4))
+        Hkv, Sk, Dv = B.mdim(m["k"], 1), B.mdim(m["k"], 2), B.mdim(m["v"], 3)
+        rep = arith.DivUIOp(Hq, Hkv).result
+        NQ, NK = B.ceil_div(Sq, bq), B.ceil_div(Sk, bk)
+        per_b = B.mul(Hkv, NK)
+        items = B.loop(part, B.mul(Bn, per_b), parts)
+        with ir.InsertionPoint(items.body):
+            it = items.induction_variable
+            b = arith.DivUIOp(it, per_b).result
+            hk = arith.RemUIOp(arith.DivUIOp(it, NK).result, Hkv).result
+            j = arith.RemUIOp(it, NK).result
+            k0 = B.mul(j, B.c_index(bk))
+            nk = B.minsi(B.c_index(bk), B.sub(Sk, k0))
+            K = B.slice_tensor(k, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1])
+            V = B.slice_tensor(v, [b, hk, k0, 0], [1, 1, nk, Dv], drop=[0, 1])
+            zero = B.c_float(0.0, et)
+            init = [linalg.fill(zero, outs=[B.empty([nk, Dh], et)]), linalg.fill(zero, outs=[B.empty([nk, Dv], et)])]
+            heads = B.loop(0, rep, 1, init)
+            with ir.InsertionPoint(heads.body):
+                h = B.add(B.mul(hk, rep), heads.induction_variable)
+                blocks = B.loop(0, NQ, 1, list(heads.inner_iter_args))
+                with ir.InsertionPoint(blocks.body):
+                    i = blocks.induction_variable
+                    kind = _tile_kind(op, m.get("bm"), b, h, i, j)
+
+                    def step(state: list[ir.Value], h: ir.Value = h, i: ir.Value = i,
+                             kind: ir.Value = kind) -> list[ir.Value]:
+                        q0 = B.mul(i, B.c_index(bq))
+                        nq = B.minsi(B.c_index(bq), B.sub(Sq, q0))
+                        tile = _Tile(cx, op, b, h, q0, k0, nk, nq, et, True)
+                        L = B.slice_tensor(lse, [b, h, q0], [1, 1, nq], drop=[0, 1])
+                        Dl = B.slice_tensor(delta, [b, h, q0], [1, 1, nq], drop=[0, 1])
+                        ST = cx.matmul_tile(K, B.slice_tensor(qt_, [b, h, 0, q0], [1, 1, Dh, nq], drop=[0, 1]), nk, nq,
+                                            et)
+                        PT = tile.probs(ST, L, kind)
+                        dO = B.slice_tensor(dout, [b, h, q0, 0], [1, 1, nq, Dv], drop=[0, 1])
+                        dV = cx.matmul_tile(PT, dO, nk, Dv, et, init=state[1])
+                        dPT = cx.matmul_tile(V, B.slice_tensor(dot_, [b, h, 0, q0], [1, 1, Dv, nq], drop=[0, 1]), nk,
+                                             nq, et)
+                        dST = tile.dscores(ST, PT, dPT, Dl)
+                        Q = B.slice_tensor(q, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1])
+                        return [cx.matmul_tile(dST, Q, nk, Dh, et, init=state[0]), dV]
+
+                    _visit(m.get("bm"), kind, list(blocks.inner_iter_args), step)
+                scf.YieldOp(list(blocks.results))
+            dK, dV = heads.results
+            B.write(dK, B.subview(dk_out, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1]))
+            B.write(dV, B.subview(dv_out, [b, hk, k0, 0], [1, 1, nk, Dv], drop=[0, 1]))
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, list(op.results), "parts")
+
+
+@LAUNCHES.lowers(AttentionGradQOp)
+def launch_grad_q(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """K^T and V^T, one copy each per call, after the kernel's operands."""
+    return fn.run(k, host, ins + [np.ascontiguousarray(np.swapaxes(ins[i], -1, -2)) for i in (1, 2)])
+
+
+@LAUNCHES.lowers(AttentionGradKvOp)
+def launch_grad_kv(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Q^T and dO^T, one copy each per call, after the kernel's operands."""
+    dout = ins[4 if k.op.block_map is not None else 3]
+    return fn.run(k, host, ins + [np.ascontiguousarray(np.swapaxes(a, -1, -2)) for a in (ins[0], dout)])

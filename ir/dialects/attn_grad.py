@@ -1,0 +1,231 @@
+"""Attention's reverse mode: the forward that also returns each row's log-sum-exp, and the two backward ops that
+walk the forward's block map (dQ over a query block's row of tiles, dK/dV over a key block's column).
+
+With P = exp(score(s0) - lse) where the mask allows (0 elsewhere), s0 = scale * q @ k^T, and
+delta = rowsum(dO * O):
+
+    dV = P^T dO          dP = dO V^T          dS = P * (dP - delta)          dS0 = dS * score'(s0)
+    dQ = scale * dS0 K   dK = scale * dS0^T Q    (grouped heads: dK, dV summed over the heads sharing them)
+
+`score'` is the score region differentiated by its ops' own rules: the `score_grad` region of (s0, ds, b, h, q, k)
+yields ds * d score / d s0. EMPTY tiles of the block map are never visited; FULL ones evaluate no mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sparsa.ir.analysis import Cost
+from sparsa.ir.core import Block, Operand, Region, RegionField, Result, Value
+from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects.attn import AttentionBase, AttentionOp, _check_region
+from sparsa.ir.dialects.attn_blocks import outer_values
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.dims import compatible
+from sparsa.ir.types import TensorType, is_float
+
+
+class AttentionLseOp(AttentionOp):
+    """attn.attention that also returns each query row's log-sum-exp of its allowed scores (+inf for a row with
+    none allowed), [B, Hq, Sq]: the residual the backward reads."""
+
+    NAME = "attn.attention_lse"
+    lse = Result()
+
+    def infer(self) -> list[TensorType]:
+        out = super().infer()[0]
+        return [out, TensorType(out.dtype, out.shape[:3])]
+
+    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  block_map: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        out = super().reference(ctx, q, k, v, block_map)
+        lse = np.empty(q.shape[:3], dtype=np.float64)
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                _, s, allowed, _ = self.head_scores(ctx, q, k, b, h)
+                lse[b, h] = logsumexp_rows(s, allowed)
+        return out, lse
+
+
+def logsumexp_rows(s: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """log sum exp over each row's allowed entries; +inf for a row with none (exp(s - lse) is then 0)."""
+    s = np.where(allowed, s, -np.inf)
+    m = np.max(s, axis=-1)
+    safe = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        out = safe + np.log(np.exp(s - safe[:, None]).sum(axis=-1))
+    return np.where(np.isfinite(m), out, np.inf)
+
+
+class AttentionGradBase(AttentionBase):
+    """The backward ops' operands beyond q, k, v and the block map: the output's cotangent dout, the forward's
+    log-sum-exp and delta = rowsum(dout * out); and the score modifier's derivative region."""
+
+    dout = Operand()
+    lse = Operand()
+    delta = Operand()
+    score_grad = RegionField(optional=True)
+
+    def verify(self) -> None:
+        super().verify()
+        q, d = self.q.type, self.dout.type
+        if d.rank != 4 or d.dtype != q.dtype or not all(map(compatible, d.shape[:3], q.shape[:3])):
+            raise self.error(f"needs dout [B, Hq, Sq, Dv] like the output, got {d} for q {q}")
+        for what, t in (("lse", self.lse.type), ("delta", self.delta.type)):
+            if t.rank != 3 or t.dtype != q.dtype:
+                raise self.error(f"needs {what} [B, Hq, Sq] of {q.dtype}, got {t}")
+        if self.score.empty != self.score_grad.empty:
+            raise self.error("needs a score_grad region exactly when it has a score region")
+        _check_region(self, self.score_grad, 6, None, "score_grad", ("s", "ds"))
+
+    def grads(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, *rest: np.ndarray) -> list[np.ndarray]:
+        """dq, dk, dv in float64 (dense per head: a sound block map's EMPTY tiles are all masked)."""
+        dout, lse, delta = rest[-3:]
+        rep = q.shape[1] // k.shape[1]
+        dq = np.zeros(q.shape, np.float64)
+        dk, dv = np.zeros(k.shape, np.float64), np.zeros(v.shape, np.float64)
+        for b in range(q.shape[0]):
+            for h in range(q.shape[1]):
+                s0, s, allowed, idx = self.head_scores(ctx, q, k, b, h)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    p = np.where(allowed, np.exp(s - lse[b, h].astype(np.float64)[:, None]), 0.0)
+                do = dout[b, h].astype(np.float64)
+                ds = p * (do @ v[b, h // rep].astype(np.float64).T - delta[b, h].astype(np.float64)[:, None])
+                if not self.score_grad.empty:
+                    (ds,) = ctx.run_region(self.score_grad, [s0, ds, *idx])
+                    ds = np.where(allowed, np.broadcast_to(np.asarray(ds, np.float64), s0.shape), 0.0)
+                dq[b, h] = self.scale * ds @ k[b, h // rep].astype(np.float64)
+                dk[b, h // rep] += self.scale * ds.T @ q[b, h].astype(np.float64)
+                dv[b, h // rep] += p.T @ do
+        return [dq, dk, dv]
+
+    def grad_cost(self, args: Sequence[Any], products: int) -> Cost:
+        q, k = args[0], args[1]
+        dense = 2.0 * products * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        bm = args[3] if self.block_map is not None else None
+        if bm is None:
+            return Cost(dense, dense, "dense backward" + (", masked" if not self.mask.empty else ""))
+        full = np.broadcast_to(bm, (q.shape[0], q.shape[1]) + bm.shape[2:])
+        return Cost(dense, dense * float((full != 0).mean()),
+                    f"block-sparse backward {self.block_q}x{self.block_k}: {int((bm == 0).sum())} empty tiles skipped",
+                    block_map=bm)
+
+
+class AttentionGradQOp(AttentionGradBase):
+    """dq of attention: per query block, over the key blocks of its block-map row (EMPTY ones skipped)."""
+
+    NAME = "attn.attention_grad_q"
+    dq = Result()
+
+    def infer(self) -> list[TensorType]:
+        self.check_qkv()
+        return [self.q.type.without_layout()]
+
+    def reference(self, ctx: Any, *args: np.ndarray) -> np.ndarray:
+        return self.grads(ctx, *args)[0]
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0]]
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        return self.grad_cost(args, 3)
+
+
+class AttentionGradKvOp(AttentionGradBase):
+    """dk and dv of attention: per key block, over the query blocks of its block-map column (the transposed map),
+    summed over the query heads that share the key/value head."""
+
+    NAME = "attn.attention_grad_kv"
+    dk = Result()
+    dv = Result()
+
+    def infer(self) -> list[TensorType]:
+        self.check_qkv()
+        return [self.k.type.without_layout(), self.v.type.without_layout()]
+
+    def reference(self, ctx: Any, *args: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _, dk, dv = self.grads(ctx, *args)
+        return dk, dv
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[1], shapes[2]]
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        return self.grad_cost(args, 4)
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------
+def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list) -> list:
+    """attn.attention's vector-Jacobian rule: the forward made to return its log-sum-exp, delta from the output,
+    and the two backward ops over the same block map, mask and score regions."""
+    from sparsa.ir.clone import clone_region
+
+    if len(dys) > 1 and dys[1] is not None:
+        raise SparsaError("attention's log-sum-exp has no derivative (it is the backward's residual)", op.loc)
+    dout = dys[0]
+    if dout is None:
+        return [None] * len(xs)
+    if not isinstance(op, AttentionLseOp):
+        op = g.swap(op, AttentionLseOp.NAME)  # the same op, its regions moved over, now also giving lse
+    lse = op.results[1]
+    delta = g.sum(g.mul(dout, ys[0]), [-1])
+    score_grad = Region() if op.score.empty else score_grad_region(op)
+    operands = [*xs[:3], *xs[3:4], dout, lse, delta]
+    attrs = {"scale": op.scale, "block_q": op.block_q, "block_k": op.block_k, "kernel": op.kernel}
+    dq = g.op(AttentionGradQOp.NAME, *operands, **attrs, regions=[
+        clone_region(op.mask), clone_region(op.score), clone_region(score_grad)]).results[0]
+    kv = g.op(AttentionGradKvOp.NAME, *operands, **attrs, regions=[
+        clone_region(op.mask), clone_region(op.score), score_grad])
+    return [dq, *kv.results] + [None] * (len(xs) - 3)
+
+
+def score_grad_region(op: AttentionBase) -> Region:
+    """(s0, ds, b, h, q, k) -> ds * d score(s0, b, h, q, k) / d s0, by the rules of the score region's ops. A score
+    that reads a float value computed from the model's inputs or weights (a learned bias) would need that value's
+    gradient too: an error naming the op, for now."""
+    from sparsa.ir.autodiff import Grad
+
+    region = op.score
+    args = region.block.args
+    block = Block([args[0].type, args[0].type, *[a.type for a in args[1:]]],
+                  ["s", "ds", *[a.name_hint for a in args[1:]]])
+    sub = Grad(block)
+    sub.loc = op.loc
+    s, ds, *idx = block.args
+    (d_s,) = sub.region(region, [s, *idx], [ds])[:1]
+    for v in outer_values(region):
+        if is_float(v.type.dtype) and id(v) in sub.grads and _reads_model_values(v):
+            raise SparsaError("attention's score modifier reads a value computed from the model's inputs or "
+                              "weights; its gradient is not supported yet (constants and index arithmetic are)",
+                              op.loc)
+    if d_s is None:
+        d_s = sub.scalar(0.0, s.type.dtype)
+    block.append(YieldOp.build([d_s]))
+    _drop_dead(block)
+    return Region([block])
+
+
+def _drop_dead(block: Block) -> None:
+    """Erase the ops whose results nothing reads (the cotangents of outer values the region computed on the way)."""
+    for inner in reversed(list(block.ops)):
+        if not inner.TERMINATOR and inner.PURE and all(not r.uses for r in inner.results):
+            inner.erase()
+
+
+def _reads_model_values(v: Value) -> bool:
+    """Whether v is computed from a function argument or a weight (not only constants and indices)."""
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        op = x.defining_op
+        if op is None or op.NAME == "func.param":
+            return True
+        stack.extend(op.operands)
+    return False
