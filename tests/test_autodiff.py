@@ -460,7 +460,7 @@ def test_moe_layer_against_finite_differences() -> None:
             np.testing.assert_allclose(got[name][i], want, rtol=1e-5, atol=1e-7, err_msg=f"d{name}{i}")
 
 
-@pytest.mark.parametrize("example", ["mixtral_moe.sp", "selective_scan.sp"])
+@pytest.mark.parametrize("example", ["mixtral_moe.sp", "selective_scan.sp", "sliding_window_attention.sp"])
 def test_saved_and_recomputed_residuals_agree(example: str) -> None:
     """`@M_fwd` + `@M_bwd` (residuals saved, the default) and `@M_vjp` (recomputed) give the same gradients; the
     saved forward returns the model's outputs first and no weight among its residuals."""

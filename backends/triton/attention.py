@@ -33,15 +33,17 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import attn as AT
 from sparsa.ir.dialects.attn import AttentionOp
 from sparsa.ir.dialects.attn_blocks import BlockMapOp, outer_values
+from sparsa.ir.dialects.attn_grad import AttentionLseOp
 from sparsa.knobs import cache_root, private_dir
 
 KERNEL = '''
 @triton.jit
 def {name}(
-    Q, K, V, O, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
+    Q, K, V, O, LSE, FULL_IDX, FULL_CNT, PART_IDX, PART_CNT, {data_params}
     sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h, so_s,
     H, HKV, SQ, SK, NQB, NKB, MAPB, MAPH, scale, HD, HDV,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, PRECISION: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):
     # {op_line}
     qb = tl.program_id(0)
@@ -96,6 +98,10 @@ def {name}(
     out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i[:, None] > 0, l_i[:, None], 1.0), 0.0)
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_s + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < SQ) & (offs_dv[None, :] < HDV))
+    if WRITE_LSE:  # natural log-sum-exp of each row's allowed scores (+inf where none): the backward's residual
+        lse = tl.where(l_i > 0, (m_i + tl.math.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453,
+                       float("inf"))
+        tl.store(LSE + bh * SQ + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < SQ)
 '''
 
 
@@ -170,12 +176,12 @@ class AttentionKernel:
             args += [t, *t.shape]
         grid = (nqb, B * H)
         self.load()[grid](
-            q, k, v, out, full_idx, full_cnt, part_idx, part_cnt, *args,
+            q, k, v, out, out, full_idx, full_cnt, part_idx, part_cnt, *args,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             H, HKV, SQ, SK, nqb, nkb, lists.shape[0], lists.shape[1], self.scale, D, DV,
             BLOCK_M=self.block_q, BLOCK_N=self.block_k, D=head_block(D), DV=head_block(DV),
-            PRECISION=precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            PRECISION=precision(q.dtype), WRITE_LSE=False, num_warps=num_warps, num_stages=num_stages,
         )
         return out
 
@@ -209,7 +215,9 @@ def block_lists(block_map: Any, device: Any) -> BlockLists:
     import torch
 
     bm = torch.as_tensor(np.array(block_map, dtype=np.int8), device=device)
-    return BlockLists(*_lists(bm == 2), *_lists(bm == 1), tuple(bm.shape))
+    from sparsa.backends.triton.host import select_lists
+
+    return BlockLists(*select_lists(bm == 2), *select_lists(bm == 1), tuple(bm.shape))
 
 
 def load_kernel_module(name: str, text: str) -> Any:
@@ -239,15 +247,6 @@ def load_kernel_module(name: str, text: str) -> Any:
         spec.loader.exec_module(module)
         sys.modules[mod_name] = module
     return getattr(sys.modules[mod_name], name)
-
-
-def _lists(selected: Any) -> tuple[Any, Any]:
-    """Per block-map row: the key-block indices selected (first, in order) and how many there are."""
-    import torch
-
-    counts = selected.sum(dim=-1).to(torch.int32).contiguous()
-    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
-    return order, counts
 
 
 # ---- launcher lines ---------------------------------------------------------------------------------
@@ -342,18 +341,23 @@ def attention(p: TritonProgram, op: AT.AttentionOp) -> None:
     bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
     out = p.new(op.result)
     p.alloc(op.result, out, f"{p.name(op.q)}.shape[:3] + ({dv},)")
+    lse = out  # attn.attention_lse also writes each row's log-sum-exp
+    if isinstance(op, AttentionLseOp):
+        lse = p.new(op.results[1])
+        p.alloc(op.results[1], lse, f"{p.name(op.q)}.shape[:3]")
     p.lines += [f"_q, _k, _v = {q}, {k}, {v}",
                    "_B, _H, _SQ, _SK = _q.shape[0], _q.shape[1], _q.shape[2], _k.shape[2]"]
     if op.block_map is not None:
-        p.lines.append(f"_fi, _fc, _pi, _pc, _mb, _mh, _nqb, _nkb = {p.name(op.block_map)}")
+        p.lines += [f"_fi, _fc, _pi, _pc, _mb, _mh = map_lists({p.name(op.block_map)}, False)",
+                    f"_nqb, _nkb = cdiv(_SQ, {bq}), cdiv(_SK, {bk})"]
     else:
         p.lines += [f"_nqb, _nkb, _mb, _mh = cdiv(_SQ, {bq}), cdiv(_SK, {bk}), 1, 1",
                        f"_fi, _fc, _pi, _pc = dense_lists(_nqb, _nkb, {not op.mask.empty}, dev)"]
     data = "".join(f"contiguous({p.name(x)}), *{p.name(x)}.shape, " for x in kern.data)
     p.lines.append(
-        f"{kern.name}[(_nqb, _B * _H)](_q, _k, _v, {out}, _fi, _fc, _pi, _pc, {data}"
+        f"{kern.name}[(_nqb, _B * _H)](_q, _k, _v, {out}, {lse}, _fi, _fc, _pi, _pc, {data}"
         f"_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
         f"_v.stride(0), _v.stride(1), _v.stride(2), {out}.stride(0), {out}.stride(1), {out}.stride(2), "
         f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, BLOCK_N={bk}, "
         f"D={head_block(d)}, DV={head_block(dv)}, PRECISION={dot_precision(op.q.type.dtype)!r}, "
-        f"num_warps={NUM_WARPS}, num_stages={NUM_STAGES})")
+        f"WRITE_LSE={lse != out}, num_warps={NUM_WARPS}, num_stages={NUM_STAGES})")

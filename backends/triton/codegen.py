@@ -3,7 +3,16 @@ launcher), from the rules every dialect module registers (`program.LOWERINGS`)."
 
 from __future__ import annotations
 
-from sparsa.backends.triton import attention, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401
+from sparsa.backends.triton import (  # noqa: F401
+    attention,
+    attention_grad,
+    moe,
+    scan,
+    sparse,
+    tensor,
+    tensor_reduce,
+    tensor_shape,
+)
 from sparsa.backends.triton.program import TritonProgram
 from sparsa.ir.core import Operation
 

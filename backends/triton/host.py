@@ -128,6 +128,26 @@ def dense_map(full_idx: Any, full_cnt: Any, part_idx: Any, part_cnt: Any, nb: in
     return out.view(nb, nh, nqb, nkb)
 
 
+def select_lists(selected: Any) -> tuple[Any, Any]:
+    """Per block-map row: the key-block indices selected (first, in order) and how many there are."""
+    counts = selected.sum(dim=-1).to(torch.int32).contiguous()
+    order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+    return order, counts
+
+
+def map_lists(bm: Any, transposed: bool) -> tuple:
+    """A block map's FULL and PARTIAL lists by rows (query blocks) or, `transposed`, by columns (key blocks), with
+    the map's batch and head extents: from the lists a launcher holds or a dense map passed in (a residual)."""
+    if isinstance(bm, tuple):
+        if not transposed:
+            return bm[:6]
+        bm = dense_map(*bm)
+    if transposed:
+        bm = bm.transpose(-1, -2)
+    bm = bm.contiguous()
+    return (*select_lists(bm == 2), *select_lists(bm == 1), bm.shape[0], bm.shape[1])
+
+
 def align_segments(perm: Any, offsets: Any, block: int) -> tuple[Any, Any, Any]:
     """Expert segments [offsets[e], offsets[e+1]) of `perm` each padded with -1 to a multiple of `block` rows
     (the grouped matmul's tile): (padded perm, its offsets, each given row's position in it)."""

@@ -176,8 +176,8 @@ class TritonProgram:
                 "import math\n\nimport torch\nimport triton\nimport triton.language as tl\n\n"
                 "from sparsa.backends.triton import library as lib\n"
                 "from sparsa.backends.triton.host import (align_segments, bsc_index, bstrides, cdiv, contiguous,\n"
-                "    copy, dense_lists, dense_map, host_op, last_contiguous, npow2, reshape, rows, scan_args,\n"
-                "    unpermute)\n"
+                "    copy, dense_lists, dense_map, host_op, last_contiguous, map_lists, npow2, reshape, rows,\n"
+                "    scan_args, unpermute)\n"
                 "from sparsa.ir.dialects.moe import expert_capacity\n\n")
         return head + self.kernels_text + "\n\n" + self.launcher_text
 
