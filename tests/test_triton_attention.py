@@ -111,8 +111,27 @@ def compile_for_nvidia(tmp_path, name: str, text: str, types: dict, constexprs: 
 def test_kernel_compiles_to_ptx_for_sm80_and_sm90(tmp_path):
     _, att, _ = setup("document_softcap")
     kernel = AttentionKernel.generate(att)
-    types = {p: "*fp32" for p in ("Q", "K", "V", "O")} | {p: "*i32" for p in ("FULL_IDX", "FULL_CNT", "PART_IDX",
-                                                                              "PART_CNT", "data0")}
+    types = {p: "*fp32" for p in ("Q", "K", "V", "O", "LSE")} | {p: "*i32" for p in (
+        "FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "data0")}
     types["scale"] = "fp32"
-    constexprs = {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "DV": 64, "PRECISION": "ieee"}
+    constexprs = {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "DV": 64, "PRECISION": "ieee", "WRITE_LSE": True}
     assert compile_for_nvidia(tmp_path, kernel.name, kernel.source, types, constexprs) == ["80", "90"]
+
+
+@pytest.mark.slow
+def test_backward_kernels_compile_to_ptx_for_sm80_and_sm90(tmp_path):
+    """attention's dQ and dK/dV kernels (a data mask and a soft cap: every region inlined) for real GPUs."""
+    from sparsa.backends.triton.attention_grad import kernel_source
+    from sparsa.ir.dialects.attn_grad import AttentionGradBase
+
+    model, _, _ = setup("document_softcap")
+    module = model._backward().module
+    ops = [o for o in module.walk() if isinstance(o, AttentionGradBase)]
+    assert {o.NAME for o in ops} == {"attn.attention_grad_q", "attn.attention_grad_kv"}
+    for op in ops:
+        name, source, data = kernel_source(op)
+        assert len(data) == 1
+        types = {p: "*fp32" for p in ("Q", "K", "V", "DO", "LSE", "DELTA", "OUT1", "OUT2")} | {
+            p: "*i32" for p in ("FULL_IDX", "FULL_CNT", "PART_IDX", "PART_CNT", "data0")} | {"scale": "fp32"}
+        constexprs = {"BLOCK_M": 64, "BLOCK_N": 64, "D": 64, "DV": 64, "PRECISION": "ieee"}
+        assert compile_for_nvidia(tmp_path, name, source, types, constexprs) == ["80", "90"], op.NAME
