@@ -43,7 +43,60 @@ def _softmax_backward(im: Importer, node: Any, dy: Any, y: Any, dim: int, input_
     return _derivative(R.SoftmaxOp, "output", axis=lambda v, *a, **k: _axis(dim, v.type.rank))(im, node, dy, y)
 
 
+def _sdpa_backward(im: Importer, node: Any, dout: Value, q: Value, k: Value, v: Value, out: Value, lse: Value,
+                   dropout_p: float, is_causal: bool, attn_mask: Any = None, scale: Any = None) -> tuple:
+    """SDPA's CPU flash backward as attention's own rule, on the forward's output and log-sum-exp: the dQ and
+    dK/dV ops, given their block map by sparsify-attention like the forward (EMPTY tiles never visited)."""
+    from sparsa.frontend.torch_attention import sdpa_operands
+    from sparsa.ir.autodiff import Grad
+    from sparsa.ir.dialects.attn_grad import AttentionLseOp, attention_vjp
+
+    q2, k, v, mask, score, scale = sdpa_operands(im, q, k, v, dropout_p, is_causal, attn_mask=attn_mask,
+                                                 scale=scale)
+    if q2 is not q:
+        raise Unsupported("SDPA's backward with a head dim known only at run time")
+    if lse.type.dtype != q.type.dtype:
+        raise Unsupported(f"SDPA's backward with a {lse.type.dtype} log-sum-exp for {q.type.dtype} queries")
+    forward = AttentionLseOp.build(q, k, v, regions=[mask, score], scale=float(scale))
+    forward.drop_uses()  # a description of the forward for the rule, not an op of the graph
+    # (a bias the score adds gets no gradient: SDPA's flash backward gives none)
+    dq, dk, dv = attention_vjp(forward, Grad(im.block), [dout, None], [q, k, v], [out, lse], bias_grads=False)
+    return dq, dk, dv
+
+
+def _zero_padded(im: Importer, g: Value, sizes: Any, dim: int, before: int, after: int) -> Value:
+    """g with zeros before and after it along dim, to `sizes` (a select's or a slice's transpose)."""
+    from sparsa.ir.dialects import tensor_shape as S
+
+    if not all(isinstance(s, int) for s in sizes):
+        raise Unsupported("a select or slice backward of sizes known only at run time")
+    parts = [im.splat(0.0, g.type.dtype, (*sizes[:dim], n, *sizes[dim + 1:])) if n else None for n in (before, after)]
+    parts = [x for x in (parts[0], g, parts[1]) if x is not None]
+    return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=dim)
+
+
+def _select_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, index: int) -> Value:
+    from sparsa.ir.dialects import tensor_shape as S
+
+    dim = _axis(dim, len(sizes))
+    index %= sizes[dim]
+    g = im.emit(S.ExpandDimsOp, dy, axes=[dim])
+    return _zero_padded(im, g, sizes, dim, index, sizes[dim] - index - 1)
+
+
+def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, start: int, end: int,
+                    step: int) -> Value:
+    dim = _axis(dim, len(sizes))
+    if step != 1 or not isinstance(sizes[dim], int):
+        raise Unsupported("a slice backward with a step or a run-time size")
+    n = sizes[dim]
+    start, end = (max(0, min(n, x + n if x < 0 else x)) for x in (start, end))
+    return _zero_padded(im, dy, sizes, dim, start, n - end)
+
+
 OPS: dict[str, Callable] = {
+    "_scaled_dot_product_flash_attention_for_cpu_backward.default": _sdpa_backward,
+    "select_backward.default": _select_backward, "slice_backward.default": _slice_backward,
     "silu_backward.default": _derivative(T.SiluOp, "input"),
     "sigmoid_backward.default": _derivative(T.SigmoidOp, "output"),
     "tanh_backward.default": _derivative(T.TanhOp, "output"), "threshold_backward.default": _threshold_backward,

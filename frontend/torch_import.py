@@ -8,7 +8,6 @@ symbolic dims, bound again from the input shapes at every call.
 from __future__ import annotations
 
 import contextvars
-import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -563,82 +562,6 @@ def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
     return xs[i]
 
 
-def _sdpa_efficient(im: Importer, node: Any, q: Value, k: Value, v: Value, attn_bias: Any = None,
-                    compute_log_sumexp: bool = False, dropout_p: float = 0.0, is_causal: bool = False,
-                    scale: Any = None) -> tuple:
-    """The CUDA lowering of SDPA with a mask (its bias padded for alignment, sliced back): the same op."""
-    out, _ = _sdpa(im, node, q, k, v, dropout_p=dropout_p, is_causal=is_causal, attn_mask=attn_bias, scale=scale)
-    return (out, None, None, None)
-
-
-def _sdpa_flash(im: Importer, node: Any, q: Value, k: Value, v: Value, dropout_p: float = 0.0,
-                is_causal: bool = False, return_debug_mask: bool = False, scale: Any = None) -> tuple:
-    """The CUDA flash lowering of SDPA (no mask, or causal)."""
-    out, _ = _sdpa(im, node, q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
-    return (out, *([None] * 8))
-
-
-def _sdpa(im: Importer, node: Any, q: Value, k: Value, v: Value, *rest: Any, **kw: Any) -> tuple:
-    from sparsa.ir.region_builder import NotRecognized, RegionBuilder
-
-    if kw.get("dropout_p", rest[0] if rest else 0.0):
-        raise Unsupported("attention dropout")
-    is_causal = kw.get("is_causal", rest[1] if len(rest) > 1 else False)
-    mask_value = kw.get("attn_mask")
-    if set(kw) - {"dropout_p", "is_causal", "attn_mask", "scale", "return_debug_mask"}:
-        raise Unsupported(f"attention with {sorted(kw)}")
-    scale = kw.get("scale")
-    if scale is None and not isinstance(q.type.shape[-1], int):
-        # a symbolic head dim (dynamic=True on q, k, v as inputs): SDPA's 1/sqrt(Dh) is known only at run time
-        q, scale = D.attn.scale_by_head_dim(q, im.emit), 1.0
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.type.shape[-1])
-    mask = Region()
-    idx = scalar("i64")
-    if is_causal or mask_value is not None:
-        block = Block([idx] * 4, ["b", "h", "q", "k"])
-        if is_causal:
-            value = block.append(T.CmpOp.build(block.args[3], block.args[2], pred="le")).result
-        else:
-            m = im.tensor(mask_value)
-            while isinstance(m.defining_op, S.BroadcastToOp):  # a mask expanded over batch and heads
-                m = m.defining_op.x
-            w = m.defining_op
-            negate = False
-            if m.type.dtype != "i1":
-                # an additive mask: where(allowed, 0, -inf) is the boolean `allowed`; where(blocked, -inf, 0)
-                # (how SDPA turns a boolean mask into a bias on CUDA) is `not blocked`
-                def const(v: Value) -> Any:
-                    d = v.defining_op
-                    return d.value if isinstance(d, T.ConstantOp) else None
-
-                if isinstance(w, T.WhereOp) and const(w.a) == 0 and (const(w.b) or 0) <= -1e4:
-                    m = w.cond
-                elif isinstance(w, T.WhereOp) and const(w.b) == 0 and (const(w.a) or 0) <= -1e4:
-                    m, negate = w.cond, True
-                else:
-                    raise Unsupported("an additive attention mask that is not where(mask, 0, -inf)")
-            try:
-                value = RegionBuilder(block, {}).value(m)
-            except NotRecognized:  # a mask tensor: read at (b, h, q, k), index 0 on its broadcast axes
-                if m.type.rank > 4:
-                    raise Unsupported("a materialized attention mask of rank above 4") from None
-                zero = None
-                indices = []
-                for size, arg in zip(m.type.shape, block.args[4 - m.type.rank:], strict=True):
-                    if size == 1 and zero is None:
-                        zero = block.append(T.ConstantOp.build(value=0, result_types=[idx])).result
-                    indices.append(zero if size == 1 else arg)
-                value = block.append(S.GatherOp.build(m, indices)).result
-            if negate:
-                value = block.append(T.NotOp.build(value)).result
-        block.append(YieldOp.build([value]))
-        mask = Region([block])
-    k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
-    out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, Region()], scale=float(scale))
-    return (out, None)
-
-
 _ops: dict[str, Callable] = {
     # every elementwise op that names its ATen overloads (Elementwise.ATEN): one operand or two
     **{name: (_binary(c) if issubclass(c, T.BinaryOp) else _unary(c)) for c in OP_REGISTRY.values()
@@ -664,9 +587,7 @@ _ops: dict[str, Callable] = {
     "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
     "detach.default": _identity, "lift_fresh_copy.default": _identity,
     "embedding.default": _embedding, "index.Tensor": _index, "native_layer_norm.default": _layer_norm,
-    "_scaled_dot_product_flash_attention_for_cpu.default": _sdpa,
-    "_scaled_dot_product_efficient_attention.default": _sdpa_efficient,
-    "_scaled_dot_product_flash_attention.default": _sdpa_flash, "constant_pad_nd.default": _constant_pad_nd,
+    "constant_pad_nd.default": _constant_pad_nd,
 }
 
 
@@ -701,6 +622,7 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
 def _build_table() -> dict[Any, Callable]:
     import torch
 
+    from sparsa.frontend.torch_attention import OPS as ATTENTION
     from sparsa.frontend.torch_derivatives import OPS as DERIVATIVES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
@@ -711,7 +633,7 @@ def _build_table() -> dict[Any, Callable]:
         table[flex] = _flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
-    for name, handler in {**_ops, **OPS, **DERIVATIVES}.items():
+    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
         if op is not None:

@@ -71,10 +71,16 @@ class Rewriter:
         if old is not None:
             self.notify(old)
 
-    def append_operand(self, op: Operation, value: Value) -> None:
-        """Add `value` as op's last operand (an optional operand group's)."""
-        op.operands.append(value)
-        op._add_use(value, len(op.operands) - 1)
+    def append_operand(self, op: Operation, value: Value, field: str | None = None) -> None:
+        """Add `value` as op's last operand, or as the one of its optional operand `field` (empty until now),
+        wherever that field sits among the op's operands."""
+        at = len(op.operands) if field is None else op.operand_segment(field)[0]
+        for v in {id(v): v for v in op.operands[at:]}.values():
+            for u in v.uses:
+                if u.op is op and u.index >= at:
+                    u.index += 1
+        op.operands.insert(at, value)
+        op._add_use(value, at)
         self.notify(op)
 
     def set_attr(self, op: Operation, name: str, value: object) -> None:

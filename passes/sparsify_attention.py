@@ -56,7 +56,7 @@ class SparsifyAttention(Pass):
             bm = BlockMapOp.build(regions=[clone_region(op.mask)], loc=op.loc, **attrs)
             self.stats["block maps built per call"] += 1
         rewriter.insert_before(op, bm)
-        rewriter.append_operand(op, bm.result)
+        rewriter.append_operand(op, bm.result, "block_map")
         rewriter.set_attr(op, "block_q", bq)
         rewriter.set_attr(op, "block_k", bk)
         rewriter.set_attr(op, "kernel", "block-sparse")

@@ -83,9 +83,24 @@ class SparsaBackend:
 
     def __call__(self, gm: Any, example_inputs: list[Any]) -> Any:
         from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.partitioners import min_cut_rematerialization_partition
 
         self.stats["graphs"] += 1
-        return aot_autograd(fw_compiler=self.compile_aten)(gm, example_inputs)
+        # Training: the forward saves what is costly to make again, the backward makes the rest again (Inductor's
+        # choice too); what the forward made from no input at all (a mask from positions) the backward makes
+        # again here, so it imports as a mask region there too, never as a saved tensor.
+        made: dict[str, list[Any]] = {}  # this graph's forward outputs made from no input, by name
+
+        def forward(fw: Any, inputs: list[Any]) -> Any:
+            made.update(input_free_outputs(fw))
+            return self.compile_aten(fw, inputs)
+
+        def backward(bw: Any, inputs: list[Any]) -> Any:
+            self.stats["saved tensors made again in the backward"] += make_again(bw, made)
+            return self.compile_aten(bw, inputs)
+
+        return aot_autograd(fw_compiler=forward, bw_compiler=backward,
+                            partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
     def compile_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
         """An ATen graph (forward or backward) compiled as `partition_aten` does, as a boxed function (the
@@ -172,6 +187,53 @@ class SparsaBackend:
         REPORT.fallback(self.record, op, why)
         self.fallbacks[op] += 1
         self.stats["fallback nodes"] += 1
+
+
+def input_free_outputs(gm: Any) -> dict[str, list[Any]]:
+    """The outputs of a forward graph computed from none of its inputs (an attention mask built from positions),
+    by name (the backward graph's placeholder for a saved one has that name): the nodes making each, in order,
+    copied into a graph of their own (compiling the forward moves its nodes into partitions)."""
+    import torch.fx
+
+    free: dict[Any, bool] = {}
+    for n in gm.graph.nodes:
+        free[n] = n.op == "call_function" and all(free.get(a, False) for a in n.all_input_nodes)
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    made = {}
+    for o in outputs if isinstance(outputs, tuple | list) else [outputs]:
+        if getattr(o, "op", None) == "call_function" and free[o] and hasattr(o.meta.get("val"), "shape"):
+            deps, stack = set(), [o]
+            while stack:
+                x = stack.pop()
+                if x not in deps:
+                    deps.add(x)
+                    stack.extend(x.all_input_nodes)
+            graph, env = torch.fx.Graph(), {}
+            for n in (n for n in gm.graph.nodes if n in deps):
+                env[n] = graph.node_copy(n, lambda a, env=env: env[a])
+            made[o.name] = list(env.values())
+    return made
+
+
+def make_again(gm: Any, made: dict[str, list[Any]]) -> int:
+    """In a backward graph, the saved tensors its forward made from no input are computed again from the same
+    nodes (the placeholder stays, unread: the calling convention keeps its arguments); how many."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    count = 0
+    for p in placeholders:
+        if p.name not in made or not p.users:
+            continue
+        env: dict[Any, Any] = {}
+        with gm.graph.inserting_before(first):
+            for n in made[p.name]:
+                env[n] = gm.graph.node_copy(n, lambda a, env=env: env[a])
+        p.replace_all_uses_with(env[made[p.name][-1]])
+        count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
 
 
 def _type_problem(node: Any, devices: tuple[str, ...], target: str) -> str | None:

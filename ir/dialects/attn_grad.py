@@ -158,9 +158,10 @@ class AttentionGradKvOp(AttentionGradBase):
 
 
 # ---- the rule ---------------------------------------------------------------------------------------------
-def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list) -> list:
+def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list, bias_grads: bool = True) -> list:
     """attn.attention's vector-Jacobian rule: the forward made to return its log-sum-exp, delta from the output,
-    and the two backward ops over the same block map, mask and score regions."""
+    and the two backward ops over the same block map, mask and score regions. `bias_grads`: a score modifier
+    reading a float value of the model's is an error (its gradient is not built); False: that value gets none."""
     from sparsa.ir.clone import clone_region
 
     if len(dys) > 1 and dys[1] is not None:
@@ -168,11 +169,13 @@ def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list) -> lis
     dout = dys[0]
     if dout is None:
         return [None] * len(xs)
-    if not isinstance(op, AttentionLseOp):
+    if isinstance(op, AttentionLseOp):
+        lse = ys[1]
+    else:
         op = g.swap(op, AttentionLseOp.NAME)  # the same op, its regions moved over, now also giving lse
-    lse = op.results[1]
+        lse = op.results[1]
     delta = g.sum(g.mul(dout, ys[0]), [-1])
-    score_grad = Region() if op.score.empty else score_grad_region(op)
+    score_grad = Region() if op.score.empty else score_grad_region(op, bias_grads)
     operands = [*xs[:3], *xs[3:4], dout, lse, delta]
     attrs = {"scale": op.scale, "block_q": op.block_q, "block_k": op.block_k, "kernel": op.kernel}
     dq = g.op(AttentionGradQOp.NAME, *operands, **attrs, regions=[
@@ -182,7 +185,7 @@ def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list) -> lis
     return [dq, *kv.results] + [None] * (len(xs) - 3)
 
 
-def score_grad_region(op: AttentionBase) -> Region:
+def score_grad_region(op: AttentionBase, refuse: bool = True) -> Region:
     """(s0, ds, b, h, q, k) -> ds * d score(s0, b, h, q, k) / d s0, by the rules of the score region's ops. A score
     that reads a float value computed from the model's inputs or weights (a learned bias) would need that value's
     gradient too: an error naming the op, for now."""
@@ -197,7 +200,7 @@ def score_grad_region(op: AttentionBase) -> Region:
     s, ds, *idx = block.args
     (d_s,) = sub.region(region, [s, *idx], [ds])[:1]
     for v in outer_values(region):
-        if is_float(v.type.dtype) and id(v) in sub.grads and _reads_model_values(v):
+        if refuse and is_float(v.type.dtype) and id(v) in sub.grads and _reads_model_values(v):
             raise SparsaError("attention's score modifier reads a value computed from the model's inputs or "
                               "weights; its gradient is not supported yet (constants and index arithmetic are)",
                               op.loc)
