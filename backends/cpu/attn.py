@@ -20,6 +20,7 @@ from sparsa.backends.cpu.context import (
     host,
 )
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.threads import transposed
 from sparsa.ir.core import Operation, Region
 from sparsa.ir.dialects import attn as AT
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, BlockMapOp, outer_values
@@ -179,5 +180,5 @@ def cast_index(cx: KernelContext, region: Region, arg: int, x: ir.Value) -> ir.V
 @LAUNCHES.lowers(AT.AttentionOp)
 def launch_attention(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
     """K transposed once per call: the kernel reads K^T."""
-    ins[1] = np.ascontiguousarray(np.swapaxes(ins[1], -1, -2))
+    (ins[1],) = transposed(ins[1])
     return fn.run(k, host, ins)

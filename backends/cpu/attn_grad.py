@@ -24,6 +24,7 @@ from sparsa.backends.cpu.attn import cast_index
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import KERNELS, LAUNCHES, KernelContext, element_type
 from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.threads import transposed
 from sparsa.ir.core import Value
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradKvOp, AttentionGradQOp
@@ -255,11 +256,11 @@ def grad_kv_kernel(cx: KernelContext, op: AttentionGradKvOp) -> Kernel:
 @LAUNCHES.lowers(AttentionGradQOp)
 def launch_grad_q(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
     """K^T and V^T, one copy each per call, after the kernel's operands."""
-    return fn.run(k, host, ins + [np.ascontiguousarray(np.swapaxes(ins[i], -1, -2)) for i in (1, 2)])
+    return fn.run(k, host, ins + transposed(ins[1], ins[2]))
 
 
 @LAUNCHES.lowers(AttentionGradKvOp)
 def launch_grad_kv(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
     """Q^T and dO^T, one copy each per call, after the kernel's operands."""
     dout = ins[4 if k.op.block_map is not None else 3]
-    return fn.run(k, host, ins + [np.ascontiguousarray(np.swapaxes(a, -1, -2)) for a in (ins[0], dout)])
+    return fn.run(k, host, ins + transposed(ins[0], dout))

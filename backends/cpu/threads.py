@@ -66,3 +66,22 @@ def together(jobs: list) -> None:
     jobs[-1]()
     for f in pending:
         f.result()
+
+
+def transposed(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Each array with its last two dims swapped, contiguous: copied in slabs of its leading dims on the kernel
+    threads at once (what the attention kernels read K^T, Q^T, V^T and dO^T from; one thread copies 4 MB of heads
+    in 1.3-2.6 ms)."""
+    outs = [np.empty(a.shape[:-2] + (a.shape[-1], a.shape[-2]), a.dtype) for a in arrays]
+    jobs = []
+    n = num_threads()
+    for a, o in zip(arrays, outs, strict=True):
+        src, dst = a.reshape(-1, *a.shape[-2:]), o.reshape(-1, *o.shape[-2:])
+        bounds = sorted({len(src) * p // n for p in range(n + 1)})
+        jobs += [lambda s=src[lo:hi], d=dst[lo:hi]: np.copyto(d, np.swapaxes(s, -1, -2))
+                 for lo, hi in zip(bounds, bounds[1:], strict=False)]
+    if len(jobs) == 1:
+        jobs[0]()
+    elif jobs:
+        together(jobs)
+    return outs

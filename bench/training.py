@@ -1,0 +1,128 @@
+"""Forward + backward on the cpu target against what people train with today, side by side in one process
+(not a test). Same conventions as bench/cpu.py: medians after a warm-up, 2 threads, float32, the load beside
+every row, the machine's header first.
+
+    python bench/training.py                  # every case
+    python bench/training.py --only attention # sliding-window attention: .sp, torch.compile, eager SDPA, Flex
+    python bench/training.py --only moe       # a Mixtral block
+    python bench/training.py --only scan      # the selective scan (its eager loop takes minutes: one run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import torch
+from cpu import hf_loop, machine_header, median_ms, record, sgemm_gflops
+
+import sparsa
+
+F = torch.nn.functional
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def bench_attention(sgemm: float) -> None:
+    """The issue's case: sliding window 256 at S=2048, B=1, H=8, Dh=64, forward + backward."""
+    S, H, Dh, W = 2048, 8, 64, 256
+    case = f"sliding window {W} S={S} fwd+bwd"
+    useful = 4 * H * Dh * sum(min(W, n + 1) for n in range(S)) * 3.5  # forward 2 products, backward 5
+    m = sparsa.compile(f"mask w(q, k) = k <= q and q - k < {W}\n"
+                       f"model A(q: f32[1, {H}, {S}, {Dh}], k: f32[1, {H}, {S}, {Dh}], v: f32[1, {H}, {S}, {Dh}]) "
+                       f"-> f32[1, {H}, {S}, {Dh}] {{\n    return attention(q, k, v, mask=w)\n}}\n", target="cpu")
+    qkv = [torch.randn(1, H, S, Dh, requires_grad=True) for _ in range(3)]
+    xs = [t.detach().numpy() for t in qkv]
+    dy = torch.randn(1, H, S, Dh)
+    dyn = dy.numpy()
+    record(case, "sparsa cpu (.sp, m.vjp)", median_ms(lambda: m.vjp(*xs)[1](dyn)), useful, sgemm)
+
+    class Sliding(torch.nn.Module):
+        def forward(self, q, k, v):
+            i = torch.arange(q.shape[2])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=(i[None, :] <= i[:, None])
+                                                  & (i[:, None] - i[None, :] < W))
+
+    def step(f):
+        for t in qkv:
+            t.grad = None
+        f(*qkv).backward(dy)
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    backend = SparsaBackend({"target": "cpu"})
+    compiled = torch.compile(Sliding(), backend=backend)
+    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: step(compiled), warmup=2), useful, sgemm,
+           fallbacks=sum(backend.fallbacks.values()))
+    record(case, "eager SDPA boolean mask", median_ms(lambda: step(Sliding())), useful, sgemm)
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        bm = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), None, None, S, S, device="cpu")
+        flex = torch.compile(flex_attention)
+        record(case, "FlexAttention compiled", median_ms(lambda: step(lambda q, k, v: flex(q, k, v, block_mask=bm)),
+                                                           warmup=2), useful, sgemm)
+    except Exception as e:  # Inductor's CPU flex backward is not available everywhere
+        print(f"{case}: FlexAttention fwd+bwd unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def bench_moe(sgemm: float) -> None:
+    T, D, Fd, E, K = 1024, 512, 1024, 8, 2
+    case = f"Mixtral block T={T} D={D} F={Fd} E={E} k={K} fwd+bwd"
+    flops = 2 * T * K * D * Fd * 3 * 3
+    m = sparsa.compile(os.path.join(EXAMPLES, "mixtral_moe.sp"), target="cpu").init_weights(0)
+    x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
+    dy = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
+    record(case, "sparsa cpu (m.vjp)", median_ms(lambda: m.vjp(x)[1](dy)), flops, sgemm)
+    ws = {n: torch.tensor(np.asarray(a), requires_grad=True) for n, a in m.weights.items()}
+    tx, tdy = torch.tensor(x, requires_grad=True), torch.from_numpy(dy)
+
+    def eager():
+        for t in (tx, *ws.values()):
+            t.grad = None
+        hf_loop(tx, ws["gate"], ws["w1"], ws["w3"], ws["w2"], K).backward(tdy)
+
+    record(case, "eager HF loop + autograd", median_ms(eager), flops, sgemm)
+
+
+def bench_scan(sgemm: float) -> None:
+    B, L, DI, N = 1, 2048, 1024, 16
+    case = f"selective scan L={L} D={DI} N={N} fwd+bwd"
+    flops = 9 * B * L * DI * N * 3
+    m = sparsa.compile(os.path.join(EXAMPLES, "selective_scan.sp"), target="cpu")
+    rng = np.random.default_rng(0)
+    u, delta, Bs, C = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((B, L, DI), (B, L, DI), (B, L, N),
+                                                                                  (B, L, N)))
+    delta = np.abs(delta) * 0.3 + 0.05
+    A = -np.abs(rng.standard_normal((DI, N))).astype(np.float32)
+    Dskip = rng.standard_normal(DI).astype(np.float32)
+    dy = rng.standard_normal((B, L, DI)).astype(np.float32)
+    record(case, "sparsa cpu (m.vjp)", median_ms(lambda: m.vjp(u, delta, A, Bs, C, Dskip)[1](dy)), flops, sgemm)
+    ts = [torch.tensor(a, requires_grad=True) for a in (u, delta, A, Bs, C, Dskip)]
+
+    def loop():
+        tu, td, tA, tB, tC, tD = ts
+        h, ys = torch.zeros(B, DI, N), []
+        for t in range(L):
+            h = torch.exp(td[:, t, :, None] * tA) * h + (td[:, t] * tu[:, t])[:, :, None] * tB[:, t, None, :]
+            ys.append((h * tC[:, t, None, :]).sum(-1))
+        (torch.stack(ys, 1) + tD * tu).backward(torch.from_numpy(dy))
+
+    record(case, "eager loop over time + autograd", median_ms(loop, runs=1, warmup=0), flops, sgemm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="run the cases whose group name contains this")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    os.environ.setdefault("SPARSA_NUM_THREADS", "2")
+    machine_header()
+    sgemm = sgemm_gflops()
+    for name, run in {"attention": bench_attention, "moe": bench_moe, "scan": bench_scan}.items():
+        if args.only in name:
+            run(sgemm)
+
+
+if __name__ == "__main__":
+    main()
