@@ -578,7 +578,8 @@ _ops: dict[str, Callable] = {
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
     "slice.Tensor": _slice, "select.int": _select, "unbind.int": _unbind, "expand.default": _expand,
     "cat.default": _cat, "split_with_sizes.default": _split, "split.Tensor": _split,
-    "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
+    "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "sum.default": _reduce(R.SumOp),
+    "mean.default": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
     "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
@@ -624,6 +625,7 @@ def _build_table() -> dict[Any, Callable]:
 
     from sparsa.frontend.torch_attention import OPS as ATTENTION
     from sparsa.frontend.torch_derivatives import OPS as DERIVATIVES
+    from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
 
@@ -633,7 +635,7 @@ def _build_table() -> dict[Any, Callable]:
         table[flex] = _flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
-    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES}.items():
+    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **LOSSES}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
         if op is not None:
