@@ -1,4 +1,4 @@
-"""test_ops.py's cases for attention's reverse mode: `attn.attention_lse` and the two backward ops against torch
+"""test_ops.py's cases for attention's reverse mode: `attn.attention_lse` and the backward op against torch
 autograd in float64, on a masked, soft-capped attention with grouped heads and two fully masked rows."""
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def case_attention_lse():
 
 
 def case_attention_grad():
-    """Both backward ops, fed the forward's lse and delta, give autograd's dq, dk, dv (rows allowing nothing: 0)."""
+    """The backward op, fed the forward's lse and delta, give autograd's dq, dk, dv (rows allowing nothing: 0)."""
     import torch
 
     q, k, v, dout = _data()
@@ -86,12 +86,10 @@ def case_attention_grad():
     want, _ = _torch_forward(*ts)
     want.backward(torch.tensor(dout[..., 2:, :], dtype=torch.float64))
     args = [q, k, v, dout, lse, delta]
-    (dq,) = run_op("attn.attention_grad_q", args, {"scale": 0.3}, regions=_regions(True))
-    dk, dv = run_op("attn.attention_grad_kv", args, {"scale": 0.3}, regions=_regions(True))
+    dq, dk, dv = run_op("attn.attention_grad", args, {"scale": 0.3}, regions=_regions(True))
     for got, t in zip((dq, dk, dv), ts, strict=True):
         np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-4, atol=1e-5)
     assert (dq[..., :2, :] == 0).all()
 
 
-CASES = {"attn.attention_lse": case_attention_lse, "attn.attention_grad_q": case_attention_grad,
-         "attn.attention_grad_kv": case_attention_grad}
+CASES = {"attn.attention_lse": case_attention_lse, "attn.attention_grad": case_attention_grad}

@@ -1,5 +1,5 @@
 """torch.compile training with Sparsa's derivatives: masked SDPA's backward graph imports as attention's own rule
-(the dQ and dK/dV ops over the block map), nothing of the forward or the backward falls back, and every gradient
+(the backward op over the block map), nothing of the forward or the backward falls back, and every gradient
 equals eager PyTorch's."""
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def test_sliding_window_sdpa_trains_on_sparsas_backward(target: str) -> None:
     for n, g in grads.items():
         torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-5, msg=n)
     ops = [op for part in backend.partitions for op in part.func.walk()]
-    grad_ops = [op for op in ops if op.NAME in ("attn.attention_grad_q", "attn.attention_grad_kv")]
-    assert len(grad_ops) == 2 and all(op.block_map is not None for op in grad_ops)
+    grad_ops = [op for op in ops if op.NAME == "attn.attention_grad"]
+    assert len(grad_ops) == 1 and all(op.block_map is not None for op in grad_ops)
     assert any(op.NAME == "attn.attention_lse" for op in ops)
 
 
@@ -94,7 +94,7 @@ def test_a_bias_tensor_is_added_and_masks_where_minus_inf() -> None:
     f(*ref, bias).backward(dy)
     assert not backend.fallbacks, dict(backend.fallbacks)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
-    assert {"attn.attention_lse", "attn.attention_grad_q", "attn.attention_grad_kv", "tensor.gather"} <= names
+    assert {"attn.attention_lse", "attn.attention_grad", "tensor.gather"} <= names
     for a, b in zip(qkv, ref, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
 
@@ -165,4 +165,4 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     for n, g in want_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
-    assert {"attn.attention_lse", "attn.attention_grad_q", "attn.attention_grad_kv"} <= names
+    assert {"attn.attention_lse", "attn.attention_grad"} <= names

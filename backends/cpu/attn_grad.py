@@ -1,14 +1,12 @@
-"""cpu lowerings of attention's backward (ir/dialects/attn_grad.py): flash-attention-2's two passes over the
+"""cpu lowering of attention's backward (ir/dialects/attn_grad.py): flash-attention-2's loop order over the
 forward's block map, the probabilities recomputed per tile from the forward's log-sum-exp.
 
-- `attn.attention_grad_q`: per (batch, head, query block), over the key blocks its row of the map does not mark
-  EMPTY: P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K.
-- `attn.attention_grad_kv`: per (batch, key/value head, key block), over the query heads that share it and the
-  query blocks of its column of the map: the same tiles transposed (S^T = K Q^T), dV += P^T dO, dK += dS^T Q.
-
-Each kernel writes its own rows, so the threads never add into the same memory. FULL tiles evaluate no mask,
-PARTIAL ones inline it; the score modifier and its derivative region are inlined as scalar code. The host passes
-K^T and V^T (the dQ pass) or Q^T and dO^T (the dK/dV pass), one copy per call, so every product reads rows.
+Per (batch, key/value head, key block), for each query head that shares it and each query block of its column of
+the map that is not EMPTY, the tile transposed (S^T = K Q^T): P^T = exp(S^T - lse), dV += P^T dO,
+dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and dS K added into this thread's partial dQ: five
+products a tile. dK and dV rows are each item's own; the partial dQs (one per part) are summed by the host. FULL
+tiles evaluate no mask, PARTIAL ones inline it; the score modifier and its derivative region are inlined as scalar
+code. The host passes Q^T and dO^T, transposed on the kernel threads, so every product reads rows.
 """
 
 from __future__ import annotations
@@ -24,10 +22,10 @@ from sparsa.backends.cpu.attn import cast_index
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import KERNELS, LAUNCHES, KernelContext, element_type
 from sparsa.backends.cpu.signature import Kernel
-from sparsa.backends.cpu.threads import transposed
+from sparsa.backends.cpu.threads import num_threads, transposed
 from sparsa.ir.core import Value
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
-from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradKvOp, AttentionGradQOp
+from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradOp
 from sparsa.ir.types import TensorType
 
 
@@ -136,65 +134,14 @@ class _Tile:
                            body)
 
 
-@KERNELS.lowers(AttentionGradQOp)
-def grad_q_kernel(cx: KernelContext, op: AttentionGradQOp) -> Kernel:
-    """dQ per (batch, head, query block) over its row of the block map."""
-    name, entry, inputs, m, (kt, vt, out, part, parts) = _start(
-        cx, op, [_transposed(op.k.type), _transposed(op.v.type)])
-    et = element_type(op.q.type.dtype)
-    bq, bk = op.block_q or 64, op.block_k or 64
-    with ir.InsertionPoint(entry):
-        q, k, dout, lse, delta = (B.read(m[n]) for n in ("q", "k", "dout", "lse", "delta"))
-        kt_, vt_ = B.read(kt), B.read(vt)
-        Bn, Hq, Sq, Dh = (B.mdim(m["q"], i) for i in range(4))
-        Hkv, Sk, Dv = B.mdim(m["k"], 1), B.mdim(m["k"], 2), B.mdim(m["v"], 3)
-        rep = arith.DivUIOp(Hq, Hkv).result
-        NQ, NK = B.ceil_div(Sq, bq), B.ceil_div(Sk, bk)
-        per_b = B.mul(Hq, NQ)
-        items = B.loop(part, B.mul(Bn, per_b), parts)
-        with ir.InsertionPoint(items.body):
-            it = items.induction_variable
-            b = arith.DivUIOp(it, per_b).result
-            h = arith.RemUIOp(arith.DivUIOp(it, NQ).result, Hq).result
-            i = arith.RemUIOp(it, NQ).result
-            hk = arith.DivUIOp(h, rep).result
-            q0 = B.mul(i, B.c_index(bq))
-            nq = B.minsi(B.c_index(bq), B.sub(Sq, q0))
-            Q = B.slice_tensor(q, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1])
-            dO = B.slice_tensor(dout, [b, h, q0, 0], [1, 1, nq, Dv], drop=[0, 1])
-            L = B.slice_tensor(lse, [b, h, q0], [1, 1, nq], drop=[0, 1])
-            Dl = B.slice_tensor(delta, [b, h, q0], [1, 1, nq], drop=[0, 1])
-            acc0 = linalg.fill(B.c_float(0.0, et), outs=[B.empty([nq, Dh], et)])
-            keys = B.loop(0, NK, 1, [acc0])
-            with ir.InsertionPoint(keys.body):
-                j = keys.induction_variable
-                kind = _tile_kind(op, m.get("bm"), b, h, i, j)
-
-                def step(state: list[ir.Value], j: ir.Value = j, kind: ir.Value = kind) -> list[ir.Value]:
-                    k0 = B.mul(j, B.c_index(bk))
-                    nk = B.minsi(B.c_index(bk), B.sub(Sk, k0))
-                    tile = _Tile(cx, op, b, h, q0, k0, nq, nk, et, False)
-                    S = cx.matmul_tile(Q, B.slice_tensor(kt_, [b, hk, 0, k0], [1, 1, Dh, nk], drop=[0, 1]), nq, nk, et)
-                    P = tile.probs(S, L, kind)
-                    dP = cx.matmul_tile(dO, B.slice_tensor(vt_, [b, hk, 0, k0], [1, 1, Dv, nk], drop=[0, 1]), nq, nk,
-                                        et)
-                    dS = tile.dscores(S, P, dP, Dl)
-                    K = B.slice_tensor(k, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1])
-                    return [cx.matmul_tile(dS, K, nq, Dh, et, init=state[0])]
-
-                _visit(m.get("bm"), kind, list(keys.inner_iter_args), step)
-            B.write(keys.results[0], B.subview(out, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1]))
-            scf.YieldOp([])
-        func.ReturnOp([])
-    return Kernel(name, op, inputs, list(op.results), "parts")
-
-
-@KERNELS.lowers(AttentionGradKvOp)
-def grad_kv_kernel(cx: KernelContext, op: AttentionGradKvOp) -> Kernel:
+@KERNELS.lowers(AttentionGradOp)
+def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
     """dK and dV per (batch, key/value head, key block) over its column of the block map, for each query head
-    that reads it."""
-    name, entry, inputs, m, (qt, dot, dk_out, dv_out, part, parts) = _start(
-        cx, op, [_transposed(op.q.type), _transposed(op.dout.type)])
+    that reads it; each tile's dS K added into this part's partial dQ (the host sums the parts)."""
+    q_t = op.q.type
+    partials = TensorType(q_t.dtype, (None, *q_t.shape))
+    name, entry, inputs, m, (qt, dot, dq_parts, _, dk_out, dv_out, part, parts) = _start(
+        cx, op, [_transposed(op.q.type), _transposed(op.dout.type), partials])
     et = element_type(op.q.type.dtype)
     bq, bk = op.block_q or 64, op.block_k or 64
     with ir.InsertionPoint(entry):
@@ -241,6 +188,8 @@ def grad_kv_kernel(cx: KernelContext, op: AttentionGradKvOp) -> Kernel:
                                              nq, et)
                         dST = tile.dscores(ST, PT, dPT, Dl)
                         Q = B.slice_tensor(q, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1])
+                        view = B.subview(dq_parts, [part, b, h, q0, 0], [1, 1, 1, nq, Dh], drop=[0, 1, 2])
+                        B.write(cx.matmul_tile(dST, K, nq, Dh, et, init=B.read(view), transpose_a=True), view)
                         return [cx.matmul_tile(dST, Q, nk, Dh, et, init=state[0]), dV]
 
                     _visit(m.get("bm"), kind, list(blocks.inner_iter_args), step)
@@ -253,14 +202,12 @@ def grad_kv_kernel(cx: KernelContext, op: AttentionGradKvOp) -> Kernel:
     return Kernel(name, op, inputs, list(op.results), "parts")
 
 
-@LAUNCHES.lowers(AttentionGradQOp)
-def launch_grad_q(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
-    """K^T and V^T, one copy each per call, after the kernel's operands."""
-    return fn.run(k, host, ins + transposed(ins[1], ins[2]))
-
-
-@LAUNCHES.lowers(AttentionGradKvOp)
-def launch_grad_kv(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
-    """Q^T and dO^T, one copy each per call, after the kernel's operands."""
+@LAUNCHES.lowers(AttentionGradOp)
+def launch_grad(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
+    """Q^T and dO^T (one copy each per call) and zeroed partial dQs, one per part, after the kernel's operands;
+    dQ is their sum."""
     dout = ins[4 if k.op.block_map is not None else 3]
-    return fn.run(k, host, ins + transposed(ins[0], dout))
+    partials = np.zeros((num_threads(), *ins[0].shape), ins[0].dtype)
+    outs = fn.run(k, host, ins + transposed(ins[0], dout) + [partials])
+    np.sum(partials, axis=0, out=outs[0])
+    return outs

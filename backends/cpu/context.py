@@ -319,13 +319,15 @@ class KernelContext:
         raise CpuLoweringError("region without a terminator")
 
     def matmul_tile(self, a: ir.Value, b: ir.Value, m: ir.Value, n: ir.Value, et: ir.Type,
-                    init: ir.Value | None = None) -> ir.Value:
-        """a [m, k] @ b [k, n] as a tagged linalg matmul the schedule tiles."""
+                    init: ir.Value | None = None, transpose_a: bool = False) -> ir.Value:
+        """a [m, k] @ b [k, n] (a given as [k, m] with `transpose_a`: the register tile reads a's elements one at
+        a time, so either layout runs alike) as a tagged linalg matmul the schedule tiles."""
         if init is None:
             init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([m, n], et)])
         d = [ir.AffineDimExpr.get(i) for i in range(3)]
         res_t = init.type
-        g = linalg.GenericOp([res_t], [a, b], [init], B.maps(3, [[d[0], d[2]], [d[2], d[1]], [d[0], d[1]]]),
+        a_map = [d[2], d[0]] if transpose_a else [d[0], d[2]]
+        g = linalg.GenericOp([res_t], [a, b], [init], B.maps(3, [a_map, [d[2], d[1]], [d[0], d[1]]]),
                              B.iterators([PARALLEL, PARALLEL, REDUCTION]))
         block = g.regions[0].blocks.append(et, et, et)
         with ir.InsertionPoint(block):

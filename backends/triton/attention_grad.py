@@ -1,4 +1,4 @@
-"""Attention's backward as generated Triton kernels (ir/dialects/attn_grad.py), over the forward's block map.
+"""Attention's backward (ir/dialects/attn_grad.py) as two generated Triton kernels over the forward's block map.
 
 - dQ: one program per (query block, batch x head); its row's FULL key blocks (no mask), then its PARTIAL ones.
 - dK/dV: one program per (key block, batch x key/value head); for each query head that reads it, the FULL and
@@ -17,7 +17,7 @@ from sparsa.backends.triton.program import LOWERINGS, TritonProgram, digest, dot
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.attn_blocks import outer_values
-from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradKvOp, AttentionGradQOp
+from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradOp
 
 HEAD = '''
 @triton.jit
@@ -132,8 +132,8 @@ DKV = '''
 '''
 
 
-def kernel_source(op: AttentionGradBase) -> tuple[str, str, list]:
-    """(name, source, data values in argument order) of op's kernel."""
+def kernel_source(op: AttentionGradBase, grad_q: bool) -> tuple[str, str, list]:
+    """(name, source, data values in argument order) of op's dQ kernel (`grad_q`) or its dK/dV kernel."""
     data_values = list({id(v): v for r in (op.mask, op.score, op.score_grad) if not r.empty
                         for v in outer_values(r)}.values())
     data = {id(v): (f"data{i}", v) for i, v in enumerate(data_values)}
@@ -154,7 +154,6 @@ def kernel_source(op: AttentionGradBase) -> tuple[str, str, list]:
         parts["mask"] = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
     parts["mask"] = textwrap.indent(parts["mask"], " " * 4)
     tile = TILE.strip("\n").format(**parts)
-    grad_q = isinstance(op, AttentionGradQOp)
     depth = 12 if grad_q else 16
     body = (DQ if grad_q else DKV).format(
         load_q=textwrap.indent(LOAD_Q.strip("\n"), " " * (4 if grad_q else 16)),
@@ -166,39 +165,40 @@ def kernel_source(op: AttentionGradBase) -> tuple[str, str, list]:
     return name, HEAD.format(name=name, **fields) + body, data_values
 
 
-@LOWERINGS.lowers(AttentionGradQOp, AttentionGradKvOp)
+@LOWERINGS.lowers(AttentionGradOp)
 def attention_grad(p: TritonProgram, op: AttentionGradBase) -> None:
+    """Two launches: dQ over the map's rows, then dK and dV over its columns."""
     p.note_dot(op, op.q.type.dtype)
-    name, source, data_values = kernel_source(op)
-    p.kernel(name, source)
     d, dv = op.q.type.shape[3], op.v.type.shape[3]
     for what, n in (("head dim", d), ("value head dim", dv)):
         if not isinstance(n, int) or n > 256:
             raise SparsaError(f"attention's backward with {what} {n} is not supported by the triton backend (needs "
                               f"a static size <= 256)", op.loc)
     bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
-    grad_q = isinstance(op, AttentionGradQOp)
     outs = [p.new(r) for r in op.results]
-    for r, n, like in zip(op.results, outs, (op.q,) if grad_q else (op.k, op.v), strict=True):
+    for r, n, like in zip(op.results, outs, (op.q, op.k, op.v), strict=True):
         p.alloc(r, n, f"{p.name(like)}.shape")
-    o1, o2 = outs[0], outs[-1]
     q, k, v, do = (f"last_contiguous({p.name(x)})" for x in (op.q, op.k, op.v, op.dout))
     p.lines += [f"_q, _k, _v, _do = {q}, {k}, {v}, {do}",
                 f"_lse, _delta = contiguous({p.name(op.lse)}), contiguous({p.name(op.delta)})",
                 "_B, _H, _SQ, _SK = _q.shape[0], _q.shape[1], _q.shape[2], _k.shape[2]",
                 f"_nqb, _nkb = cdiv(_SQ, {bq}), cdiv(_SK, {bk})"]
-    if op.block_map is not None:
-        p.lines.append(f"_fi, _fc, _pi, _pc, _mb, _mh = map_lists({p.name(op.block_map)}, {not grad_q})")
-    else:
-        rows = "_nqb, _nkb" if grad_q else "_nkb, _nqb"
-        p.lines.append(f"_fi, _fc, _pi, _pc = dense_lists({rows}, {not op.mask.empty}, dev)")
-        p.lines.append("_mb, _mh = 1, 1")
-    data = "".join(f"contiguous({p.name(x)}), *{p.name(x)}.shape, " for x in data_values)
-    grid = "(_nqb, _B * _H)" if grad_q else "(_nkb, _B * _k.shape[1])"
-    p.lines.append(
-        f"{name}[{grid}](_q, _k, _v, _do, _lse, _delta, {o1}, {o2}, _fi, _fc, _pi, _pc, {data}"
-        "_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
-        "_v.stride(0), _v.stride(1), _v.stride(2), _do.stride(0), _do.stride(1), _do.stride(2), "
-        f"{o1}.stride(0), {o1}.stride(1), {o1}.stride(2), {o2}.stride(0), {o2}.stride(1), {o2}.stride(2), "
-        f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, BLOCK_N={bk}, "
-        f"D={head_block(d)}, DV={head_block(dv)}, PRECISION={dot_precision(op.q.type.dtype)!r})")
+    for grad_q, (o1, o2) in ((True, (outs[0], outs[0])), (False, (outs[1], outs[2]))):
+        name, source, data_values = kernel_source(op, grad_q)
+        p.kernel(name, source)
+        if op.block_map is not None:
+            p.lines.append(f"_fi, _fc, _pi, _pc, _mb, _mh = map_lists({p.name(op.block_map)}, {not grad_q})")
+        else:
+            rows = "_nqb, _nkb" if grad_q else "_nkb, _nqb"
+            p.lines.append(f"_fi, _fc, _pi, _pc = dense_lists({rows}, {not op.mask.empty}, dev)")
+            p.lines.append("_mb, _mh = 1, 1")
+        data = "".join(f"contiguous({p.name(x)}), *{p.name(x)}.shape, " for x in data_values)
+        grid = "(_nqb, _B * _H)" if grad_q else "(_nkb, _B * _k.shape[1])"
+        p.lines.append(
+            f"{name}[{grid}](_q, _k, _v, _do, _lse, _delta, {o1}, {o2}, _fi, _fc, _pi, _pc, {data}"
+            "_q.stride(0), _q.stride(1), _q.stride(2), _k.stride(0), _k.stride(1), _k.stride(2), "
+            "_v.stride(0), _v.stride(1), _v.stride(2), _do.stride(0), _do.stride(1), _do.stride(2), "
+            f"{o1}.stride(0), {o1}.stride(1), {o1}.stride(2), {o2}.stride(0), {o2}.stride(1), {o2}.stride(2), "
+            f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, "
+            f"BLOCK_N={bk}, D={head_block(d)}, DV={head_block(dv)}, "
+            f"PRECISION={dot_precision(op.q.type.dtype)!r})")

@@ -1,5 +1,5 @@
-"""Attention's reverse mode: the forward that also returns each row's log-sum-exp, and the two backward ops that
-walk the forward's block map (dQ over a query block's row of tiles, dK/dV over a key block's column).
+"""Attention's reverse mode: the forward that also returns each row's log-sum-exp, and the backward op that walks
+the forward's block map (dQ over a query block's row of tiles, dK/dV over a key block's column).
 
 With P = exp(score(s0) - lse) where the mask allows (0 elsewhere), s0 = scale * q @ k^T, and
 delta = rowsum(dO * O):
@@ -114,53 +114,33 @@ class AttentionGradBase(AttentionBase):
                     block_map=bm)
 
 
-class AttentionGradQOp(AttentionGradBase):
-    """dq of attention: per query block, over the key blocks of its block-map row (EMPTY ones skipped)."""
+class AttentionGradOp(AttentionGradBase):
+    """attention's backward: dq over each query block's row of the block map, dk and dv over each key block's
+    column (the transposed map), summed over the query heads that share a key/value head; EMPTY tiles skipped."""
 
-    NAME = "attn.attention_grad_q"
+    NAME = "attn.attention_grad"
     dq = Result()
-
-    def infer(self) -> list[TensorType]:
-        self.check_qkv()
-        return [self.q.type.without_layout()]
-
-    def reference(self, ctx: Any, *args: np.ndarray) -> np.ndarray:
-        return self.grads(ctx, *args)[0]
-
-    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        return [shapes[0]]
-
-    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
-        return self.grad_cost(args, 3)
-
-
-class AttentionGradKvOp(AttentionGradBase):
-    """dk and dv of attention: per key block, over the query blocks of its block-map column (the transposed map),
-    summed over the query heads that share the key/value head."""
-
-    NAME = "attn.attention_grad_kv"
     dk = Result()
     dv = Result()
 
     def infer(self) -> list[TensorType]:
         self.check_qkv()
-        return [self.k.type.without_layout(), self.v.type.without_layout()]
+        return [self.q.type.without_layout(), self.k.type.without_layout(), self.v.type.without_layout()]
 
-    def reference(self, ctx: Any, *args: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        _, dk, dv = self.grads(ctx, *args)
-        return dk, dv
+    def reference(self, ctx: Any, *args: np.ndarray) -> tuple[np.ndarray, ...]:
+        return tuple(self.grads(ctx, *args))
 
     def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        return [shapes[1], shapes[2]]
+        return [shapes[0], shapes[1], shapes[2]]
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
-        return self.grad_cost(args, 4)
+        return self.grad_cost(args, 5)
 
 
 # ---- the rule ---------------------------------------------------------------------------------------------
 def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list, bias_grads: bool = True) -> list:
     """attn.attention's vector-Jacobian rule: the forward made to return its log-sum-exp, delta from the output,
-    and the two backward ops over the same block map, mask and score regions. `bias_grads`: a score modifier
+    and the backward op over the same block map, mask and score regions. `bias_grads`: a score modifier
     reading a float value of the model's is an error (its gradient is not built); False: that value gets none."""
     from sparsa.ir.clone import clone_region
 
@@ -178,11 +158,9 @@ def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list, bias_g
     score_grad = Region() if op.score.empty else score_grad_region(op, bias_grads)
     operands = [*xs[:3], *xs[3:4], dout, lse, delta]
     attrs = {"scale": op.scale, "block_q": op.block_q, "block_k": op.block_k, "kernel": op.kernel}
-    dq = g.op(AttentionGradQOp.NAME, *operands, **attrs, regions=[
-        clone_region(op.mask), clone_region(op.score), clone_region(score_grad)]).results[0]
-    kv = g.op(AttentionGradKvOp.NAME, *operands, **attrs, regions=[
-        clone_region(op.mask), clone_region(op.score), score_grad])
-    return [dq, *kv.results] + [None] * (len(xs) - 3)
+    grads = g.op(AttentionGradOp.NAME, *operands, **attrs,
+                 regions=[clone_region(op.mask), clone_region(op.score), score_grad])
+    return [*grads.results] + [None] * (len(xs) - 3)
 
 
 def score_grad_region(op: AttentionBase, refuse: bool = True) -> Region:
