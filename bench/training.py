@@ -1,6 +1,7 @@
 """Forward + backward on the cpu target against what people train with today, side by side in one process
 (not a test). Same conventions as bench/cpu.py: medians after a warm-up, 2 threads, float32, the load beside
-every row, the machine's header first.
+every row, the machine's header first. The attention case warms up 5 calls: the first calls of a process fault
+their large buffers' pages in (malloc's mmap threshold grows as they are freed), which a training loop pays once.
 
     python bench/training.py                  # every case
     python bench/training.py --only attention # sliding-window attention: .sp, torch.compile, eager SDPA, Flex
@@ -35,7 +36,7 @@ def bench_attention(sgemm: float) -> None:
     xs = [t.detach().numpy() for t in qkv]
     dy = torch.randn(1, H, S, Dh)
     dyn = dy.numpy()
-    record(case, "sparsa cpu (.sp, m.vjp)", median_ms(lambda: m.vjp(*xs)[1](dyn)), useful, sgemm)
+    record(case, "sparsa cpu (.sp, m.vjp)", median_ms(lambda: m.vjp(*xs)[1](dyn), runs=11, warmup=5), useful, sgemm)
 
     class Sliding(torch.nn.Module):
         def forward(self, q, k, v):
@@ -52,9 +53,9 @@ def bench_attention(sgemm: float) -> None:
 
     backend = SparsaBackend({"target": "cpu"})
     compiled = torch.compile(Sliding(), backend=backend)
-    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: step(compiled), warmup=2), useful, sgemm,
+    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: step(compiled), runs=11, warmup=5), useful, sgemm,
            fallbacks=sum(backend.fallbacks.values()))
-    record(case, "eager SDPA boolean mask", median_ms(lambda: step(Sliding())), useful, sgemm)
+    record(case, "eager SDPA boolean mask", median_ms(lambda: step(Sliding()), runs=11, warmup=5), useful, sgemm)
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
