@@ -65,16 +65,7 @@ def {name}(
     q_idx = offs_m[:, None].to(tl.int64)
     b_idx = b.to(tl.int64)
     h_idx = h.to(tl.int64)
-    for phase in tl.static_range(2):  # 0: FULL key blocks (no mask), 1: PARTIAL key blocks (mask in registers)
-        if phase == 0:
-            count = tl.load(FULL_CNT + row)
-        else:
-            count = tl.load(PART_CNT + row)
-        for j in range(0, count):
-            if phase == 0:
-                kb = tl.load(FULL_IDX + row * NKB + j)
-            else:
-                kb = tl.load(PART_IDX + row * NKB + j)
+{blocks}
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
             k_idx = offs_n[None, :].to(tl.int64)
             k = tl.load(k_base + offs_n[:, None] * sk_s + offs_d[None, :],
@@ -103,6 +94,24 @@ def {name}(
                        float("inf"))
         tl.store(LSE + bh * SQ + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < SQ)
 '''
+
+
+# A block map row's FULL blocks (phase 0: no mask evaluated), then its PARTIAL ones (phase 1: the mask in registers)
+LIST_LOOP = '''for phase in tl.static_range(2):
+    if phase == 0:
+        count = tl.load(FULL_CNT + row)
+    else:
+        count = tl.load(PART_CNT + row)
+    for j in range(0, count):
+        if phase == 0:
+            {var} = tl.load(FULL_IDX + row * {n} + j)
+        else:
+            {var} = tl.load(PART_IDX + row * {n} + j)'''
+
+
+def list_loop(var: str, n: str, indent: int) -> str:
+    """LIST_LOOP over a row of `n` entries, each block's index in `var`, indented for its template."""
+    return textwrap.indent(LIST_LOOP.format(var=var, n=n), " " * indent)
 
 
 # Launch configuration from a sweep on an H100 (bf16, Dh=64, 64x64 tiles): 4 warps and a 3-stage pipeline
@@ -137,7 +146,7 @@ class AttentionKernel:
         value = em.emit()
         mask = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
-        fields = {"data_params": params, "op_line": f"attn.attention{where}",
+        fields = {"data_params": params, "op_line": f"attn.attention{where}", "blocks": list_loop("kb", "NKB", 4),
                   "score": textwrap.indent(score, " " * 12), "mask": textwrap.indent(mask, " " * 16)}
         # The name (and so the cached file) is a hash of the whole kernel text: a changed template or region
         # can never load a stale kernel.
@@ -195,6 +204,17 @@ class BlockLists:
     part_idx: Any
     part_cnt: Any
     shape: tuple[int, ...]
+
+
+def tiles(op: Any, what: str) -> tuple[int, int, int, int]:
+    """(head dim, value head dim, block_q, block_k) of an attention op or its backward: static head dims up to
+    256 (a clear error otherwise), the block map's tiles or 64 x 64."""
+    d, dv = op.q.type.shape[3], op.v.type.shape[3]
+    for dim, n in (("head dim", d), ("value head dim", dv)):
+        if not isinstance(n, int) or n > 256:
+            raise SparsaError(f"{what} with {dim} {n} is not supported by the triton backend (needs a static size "
+                              "<= 256)", op.loc)
+    return (d, dv, op.block_q, op.block_k) if op.block_map is not None else (d, dv, 64, 64)
 
 
 def head_block(d: int) -> int:
@@ -333,12 +353,7 @@ def attention(p: TritonProgram, op: AT.AttentionOp) -> None:
     kern = AttentionKernel.generate(op)
     p.kernel(kern.name, kern.source)
     q, k, v = (f"last_contiguous({p.name(x)})" for x in (op.q, op.k, op.v))
-    d, dv = op.q.type.shape[3], op.v.type.shape[3]
-    for what, n in (("head dim", d), ("value head dim", dv)):
-        if not isinstance(n, int) or n > 256:
-            raise SparsaError(f"attention with {what} {n} is not supported by the triton backend (needs a "
-                              f"static size <= 256)", op.loc)
-    bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
+    d, dv, bq, bk = tiles(op, "attention")
     out = p.new(op.result)
     p.alloc(op.result, out, f"{p.name(op.q)}.shape[:3] + ({dv},)")
     lse = out  # attn.attention_lse also writes each row's log-sum-exp

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import textwrap
 
-from sparsa.backends.triton.attention import head_block
+from sparsa.backends.triton.attention import head_block, list_loop, tiles
 from sparsa.backends.triton.program import LOWERINGS, TritonProgram, digest, dot_precision, loc_comment
 from sparsa.backends.triton.regions import RegionEmitter
-from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradOp
 
@@ -77,16 +76,7 @@ DQ = '''
 {load_q}
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     row = ((b % MAPB) * MAPH + (h % MAPH)) * NQB + qb
-    for phase in tl.static_range(2):  # 0: FULL key blocks (no mask), 1: PARTIAL key blocks
-        if phase == 0:
-            count = tl.load(FULL_CNT + row)
-        else:
-            count = tl.load(PART_CNT + row)
-        for j in range(0, count):
-            if phase == 0:
-                kb = tl.load(FULL_IDX + row * NKB + j)
-            else:
-                kb = tl.load(PART_IDX + row * NKB + j)
+{blocks}
             offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
 {load_kv}
 {tile}
@@ -110,16 +100,7 @@ DKV = '''
         h = hk * rep + r
         h_idx = h.to(tl.int64)
         row = ((b % MAPB) * MAPH + (h % MAPH)) * NKB + kb  # the transposed map: a row per key block
-        for phase in tl.static_range(2):  # 0: FULL query blocks (no mask), 1: PARTIAL query blocks
-            if phase == 0:
-                count = tl.load(FULL_CNT + row)
-            else:
-                count = tl.load(PART_CNT + row)
-            for j in range(0, count):
-                if phase == 0:
-                    qb = tl.load(FULL_IDX + row * NQB + j)
-                else:
-                    qb = tl.load(PART_IDX + row * NQB + j)
+{blocks}
                 offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
 {load_q}
 {tile}
@@ -158,7 +139,8 @@ def kernel_source(op: AttentionGradBase, grad_q: bool) -> tuple[str, str, list]:
     body = (DQ if grad_q else DKV).format(
         load_q=textwrap.indent(LOAD_Q.strip("\n"), " " * (4 if grad_q else 16)),
         load_kv=textwrap.indent(LOAD_KV.strip("\n"), " " * (12 if grad_q else 4)),
-        tile=textwrap.indent(tile, " " * depth))
+        tile=textwrap.indent(tile, " " * depth),
+        blocks=list_loop("kb", "NKB", 4) if grad_q else list_loop("qb", "NQB", 8))
     fields = {"data_params": params, "op_line": loc_comment(op)}
     text = HEAD.format(name="_", **fields) + body
     name = f"attn_grad_{'q' if grad_q else 'kv'}_{digest(text)}"
@@ -169,12 +151,7 @@ def kernel_source(op: AttentionGradBase, grad_q: bool) -> tuple[str, str, list]:
 def attention_grad(p: TritonProgram, op: AttentionGradBase) -> None:
     """Two launches: dQ over the map's rows, then dK and dV over its columns."""
     p.note_dot(op, op.q.type.dtype)
-    d, dv = op.q.type.shape[3], op.v.type.shape[3]
-    for what, n in (("head dim", d), ("value head dim", dv)):
-        if not isinstance(n, int) or n > 256:
-            raise SparsaError(f"attention's backward with {what} {n} is not supported by the triton backend (needs "
-                              f"a static size <= 256)", op.loc)
-    bq, bk = (op.block_q, op.block_k) if op.block_map is not None else (64, 64)
+    d, dv, bq, bk = tiles(op, "attention's backward")
     outs = [p.new(r) for r in op.results]
     for r, n, like in zip(op.results, outs, (op.q, op.k, op.v), strict=True):
         p.alloc(r, n, f"{p.name(like)}.shape")
