@@ -61,7 +61,7 @@ def logsumexp_rows(s: np.ndarray, allowed: np.ndarray) -> np.ndarray:
 
 
 class AttentionGradBase(AttentionBase):
-    """The backward ops' operands beyond q, k, v and the block map: the output's cotangent dout, the forward's
+    """The backward's operands beyond q, k, v and the block map: the output's cotangent dout, the forward's
     log-sum-exp and delta = rowsum(dout * out); and the score modifier's derivative region."""
 
     dout = Operand()
