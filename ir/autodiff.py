@@ -47,7 +47,8 @@ class Grad:
             rule = getattr(op, "vjp", None)
             if rule is None:
                 raise SparsaError(f"'{op.NAME}' has no derivative yet: reverse mode covers the tensor ops, MoE "
-                                  "layers, attention and scans so far (sparse weights are to come)", op.loc)
+                                  "layers, attention, scans and sparse weights (as sparse.matmul, before "
+                                  "lower-sparse-weights packs them)", op.loc)
             self.loc = op.loc
             for v, d in zip(op.operands, rule(self, dys, list(op.operands), list(op.results)), strict=True):
                 self.flow(v, d)

@@ -69,6 +69,9 @@ class ConvertOp(Operation):
             raise ValueError(f"value does not fit {self.result.type.layout}: {why}")
         return x
 
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        return [dys[0]]  # the same values (sparse.matmul's rule keeps the cotangent on the pattern)
+
 
 class SparseMatmulOp(Operation):
     """x @ w where w carries a sparse layout; the value equals the dense product."""
@@ -85,6 +88,36 @@ class SparseMatmulOp(Operation):
 
     def reference(self, ctx: Any, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return np.matmul(x, w)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """The dense product's rule (dx = dy w^T; dw = x^T dy, batches summed), dw then kept on w's pattern only:
+        its stored blocks (#bsr) or its kept entries (#nm). Pruned places get no gradient, so training keeps the
+        layout."""
+        from sparsa.ir.dialects.tensor_shape import MatmulOp
+
+        conv = self.w.defining_op
+        if not isinstance(conv, ConvertOp):
+            raise self.error("differentiates a weight given in its sparse layout by sparse.convert only")
+        dense = conv.x
+        product = MatmulOp.build(xs[0], dense)
+        product.drop_uses()  # the rule's description of the product, not an op of the function
+        dx, dw = product.vjp(g, dys, [xs[0], dense], ys)
+        return [dx, None if dw is None else g.mask(_pattern(g, conv), dw)]
+
+
+def _pattern(g: Any, conv: ConvertOp) -> Any:
+    """Where a sparse weight stores values: its nonzero entries (#nm), or every entry of a block with one (#bsr)."""
+    w = conv.x
+    nonzero = g.cmp("ne", w, g.scalar(0.0, w.type.dtype))
+    if conv.layout == "nm":
+        return nonzero
+    (rows, cols), (br, bc) = w.type.shape, conv.block
+    if not isinstance(rows, int) or not isinstance(cols, int):
+        raise conv.error(f"differentiates a #bsr weight of static shape only, got {w.type}")
+    tiles = g.emit("tensor.reshape", g.cast(nonzero, w.type.dtype), shape=[rows // br, br, cols // bc, bc])
+    stored = g.emit("tensor.max", tiles, axes=[1, 3], keepdim=True)
+    spread = g.emit("tensor.broadcast_to", stored, shape=[rows // br, br, cols // bc, bc])
+    return g.cmp("ne", g.emit("tensor.reshape", spread, shape=[rows, cols]), g.scalar(0.0, w.type.dtype))
 
 
 # ---- packed storage: what `lower-sparse-weights` turns a sparse weight into ------------------------------
