@@ -122,11 +122,11 @@ def test_kernel_compiles_to_ptx_for_sm80_and_sm90(tmp_path):
 def test_backward_kernels_compile_to_ptx_for_sm80_and_sm90(tmp_path):
     """attention's dQ and dK/dV kernels (a data mask and a soft cap: every region inlined) for real GPUs."""
     from sparsa.backends.triton.attention_grad import kernel_source
-    from sparsa.ir.dialects.attn_grad import AttentionGradBase
+    from sparsa.ir.dialects.attn_grad import AttentionGradOp
 
     model, _, _ = setup("document_softcap")
     module = model._backward().module
-    ops = [o for o in module.walk() if isinstance(o, AttentionGradBase)]
+    ops = [o for o in module.walk() if isinstance(o, AttentionGradOp)]
     assert [o.NAME for o in ops] == ["attn.attention_grad"]
     for grad_q in (True, False):
         name, source, data = kernel_source(ops[0], grad_q)

@@ -82,8 +82,7 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
                 j = keys.induction_variable
                 state = list(keys.inner_iter_args)
                 if bm is not None:
-                    kind = B.load(bm, arith.RemUIOp(b, B.mdim(bm, 0)).result,
-                                  arith.RemUIOp(h, B.mdim(bm, 1)).result, i, j)
+                    kind = tile_kind(bm, b, h, i, j)
                     live = B.if_(B.cmpi("ne", kind, B.c_int(EMPTY, 8)), [s.type for s in state])
                     with ir.InsertionPoint(live.then_block):
                         scf.YieldOp(attend(cx, op, Q, kt, vt, state, b, h, q0, nq, j, bk, Sk, Dh, Dv, rep, et,
@@ -109,6 +108,11 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
             scf.YieldOp([])
         func.ReturnOp([])
     return Kernel(name, op, inputs, list(op.results), "parts")
+
+
+def tile_kind(bm: ir.Value, b: ir.Value, h: ir.Value, i: ir.Value, j: ir.Value) -> ir.Value:
+    """The block map's EMPTY/PARTIAL/FULL of tile (i, j) for batch b, head h (the map broadcast over both)."""
+    return B.load(bm, arith.RemUIOp(b, B.mdim(bm, 0)).result, arith.RemUIOp(h, B.mdim(bm, 1)).result, i, j)
 
 
 def attend(cx: KernelContext, op: Operation, Q: ir.Value, kt: ir.Value, vt: ir.Value, state: list[ir.Value],

@@ -18,14 +18,14 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.attn import cast_index
+from sparsa.backends.cpu.attn import cast_index, tile_kind
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import KERNELS, LAUNCHES, KernelContext, element_type
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.threads import num_threads, transposed
 from sparsa.ir.core import Value
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
-from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradOp
+from sparsa.ir.dialects.attn_grad import AttentionGradOp
 from sparsa.ir.types import TensorType
 
 
@@ -33,7 +33,7 @@ def _transposed(t: TensorType) -> TensorType:
     return TensorType(t.dtype, t.shape[:2] + (t.shape[3], t.shape[2]))
 
 
-def _start(cx: KernelContext, op: AttentionGradBase, extra: list[TensorType]) -> tuple:
+def _start(cx: KernelContext, op: AttentionGradOp, extra: list[TensorType]) -> tuple:
     """The kernel function (operands, the mask's and score's data, the host's transposed copies, the results;
     split in parts), its arguments, the data read into the kernel, and the operands' memrefs by name."""
     data: list[Value] = []
@@ -54,11 +54,11 @@ def _start(cx: KernelContext, op: AttentionGradBase, extra: list[TensorType]) ->
     return name, entry, inputs, named, args[len(inputs):]
 
 
-def _tile_kind(op: AttentionGradBase, bm: ir.Value | None, b: ir.Value, h: ir.Value, i: ir.Value,
+def _tile_kind(op: AttentionGradOp, bm: ir.Value | None, b: ir.Value, h: ir.Value, i: ir.Value,
                j: ir.Value) -> ir.Value:
     if bm is None:
         return B.c_int(FULL if op.mask.empty else 1, 8)
-    return B.load(bm, arith.RemUIOp(b, B.mdim(bm, 0)).result, arith.RemUIOp(h, B.mdim(bm, 1)).result, i, j)
+    return tile_kind(bm, b, h, i, j)
 
 
 def _visit(bm: ir.Value | None, kind: ir.Value, state: list[ir.Value], step) -> None:
@@ -75,19 +75,18 @@ def _visit(bm: ir.Value | None, kind: ir.Value, state: list[ir.Value], step) -> 
 
 
 class _Tile:
-    """One (query block, key block) tile's elementwise steps; `transposed`: rows are keys, columns queries."""
+    """One tile's elementwise steps, transposed: rows are the key block's keys, columns the query block's queries."""
 
-    def __init__(self, cx: KernelContext, op: AttentionGradBase, b: ir.Value, h: ir.Value, q0: ir.Value,
-                 k0: ir.Value, rows: ir.Value, cols: ir.Value, et: ir.Type, transposed: bool):
+    def __init__(self, cx: KernelContext, op: AttentionGradOp, b: ir.Value, h: ir.Value, q0: ir.Value,
+                 k0: ir.Value, rows: ir.Value, cols: ir.Value, et: ir.Type):
         self.cx, self.op, self.b, self.h, self.q0, self.k0 = cx, op, b, h, q0, k0
-        self.sizes, self.et, self.transposed = [rows, cols], et, transposed
+        self.sizes, self.et = [rows, cols], et
         d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
-        self.tile, self.row = [d0, d1], [d1] if transposed else [d0]  # `row`: a per-query vector's index
+        self.tile, self.row = [d0, d1], [d1]  # `row`: a per-query vector (lse, delta) along the columns
 
     def index(self, region: Any) -> list[ir.Value]:
-        qd, kd = (1, 0) if self.transposed else (0, 1)
-        idx = [B.as_i64(self.b), B.as_i64(self.h), B.as_i64(B.add(self.q0, linalg.IndexOp(qd).result)),
-               B.as_i64(B.add(self.k0, linalg.IndexOp(kd).result))]
+        idx = [B.as_i64(self.b), B.as_i64(self.h), B.as_i64(B.add(self.q0, linalg.IndexOp(1).result)),
+               B.as_i64(B.add(self.k0, linalg.IndexOp(0).result))]
         first = len(region.block.args) - 4
         return [cast_index(self.cx, region, first + n, x) for n, x in enumerate(idx)]
 
@@ -176,7 +175,7 @@ def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
                              kind: ir.Value = kind) -> list[ir.Value]:
                         q0 = B.mul(i, B.c_index(bq))
                         nq = B.minsi(B.c_index(bq), B.sub(Sq, q0))
-                        tile = _Tile(cx, op, b, h, q0, k0, nk, nq, et, True)
+                        tile = _Tile(cx, op, b, h, q0, k0, nk, nq, et)
                         L = B.slice_tensor(lse, [b, h, q0], [1, 1, nq], drop=[0, 1])
                         Dl = B.slice_tensor(delta, [b, h, q0], [1, 1, nq], drop=[0, 1])
                         ST = cx.matmul_tile(K, B.slice_tensor(qt_, [b, h, 0, q0], [1, 1, Dh, nq], drop=[0, 1]), nk, nq,

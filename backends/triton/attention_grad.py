@@ -16,7 +16,7 @@ from sparsa.backends.triton.attention import head_block, list_loop, tiles
 from sparsa.backends.triton.program import LOWERINGS, TritonProgram, digest, dot_precision, loc_comment
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.dialects.attn_blocks import outer_values
-from sparsa.ir.dialects.attn_grad import AttentionGradBase, AttentionGradOp
+from sparsa.ir.dialects.attn_grad import AttentionGradOp
 
 HEAD = '''
 @triton.jit
@@ -113,7 +113,7 @@ DKV = '''
 '''
 
 
-def kernel_source(op: AttentionGradBase, grad_q: bool) -> tuple[str, str, list]:
+def kernel_source(op: AttentionGradOp, grad_q: bool) -> tuple[str, str, list]:
     """(name, source, data values in argument order) of op's dQ kernel (`grad_q`) or its dK/dV kernel."""
     data_values = list({id(v): v for r in (op.mask, op.score, op.score_grad) if not r.empty
                         for v in outer_values(r)}.values())
@@ -148,7 +148,7 @@ def kernel_source(op: AttentionGradBase, grad_q: bool) -> tuple[str, str, list]:
 
 
 @LOWERINGS.lowers(AttentionGradOp)
-def attention_grad(p: TritonProgram, op: AttentionGradBase) -> None:
+def attention_grad(p: TritonProgram, op: AttentionGradOp) -> None:
     """Two launches: dQ over the map's rows, then dK and dV over its columns."""
     p.note_dot(op, op.q.type.dtype)
     d, dv, bq, bk = tiles(op, "attention's backward")

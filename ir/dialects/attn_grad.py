@@ -60,14 +60,24 @@ def logsumexp_rows(s: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(m), out, np.inf)
 
 
-class AttentionGradBase(AttentionBase):
-    """The backward's operands beyond q, k, v and the block map: the output's cotangent dout, the forward's
-    log-sum-exp and delta = rowsum(dout * out); and the score modifier's derivative region."""
+class AttentionGradOp(AttentionBase):
+    """attention's backward: dq over each query block's row of the block map, dk and dv over each key block's
+    column (the transposed map), summed over the query heads that share a key/value head; EMPTY tiles skipped.
+    Beyond q, k, v and the block map it reads the output's cotangent dout, the forward's log-sum-exp and
+    delta = rowsum(dout * out), and has the score modifier's derivative region."""
 
+    NAME = "attn.attention_grad"
     dout = Operand()
     lse = Operand()
     delta = Operand()
     score_grad = RegionField(optional=True)
+    dq = Result()
+    dk = Result()
+    dv = Result()
+
+    def infer(self) -> list[TensorType]:
+        self.check_qkv()
+        return [self.q.type.without_layout(), self.k.type.without_layout(), self.v.type.without_layout()]
 
     def verify(self) -> None:
         super().verify()
@@ -81,7 +91,8 @@ class AttentionGradBase(AttentionBase):
             raise self.error("needs a score_grad region exactly when it has a score region")
         _check_region(self, self.score_grad, 6, None, "score_grad", ("s", "ds"))
 
-    def grads(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, *rest: np.ndarray) -> list[np.ndarray]:
+    def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                  *rest: np.ndarray) -> tuple[np.ndarray, ...]:
         """dq, dk, dv in float64 (dense per head: a sound block map's EMPTY tiles are all masked)."""
         dout, lse, delta = rest[-3:]
         rep = q.shape[1] // k.shape[1]
@@ -100,11 +111,15 @@ class AttentionGradBase(AttentionBase):
                 dq[b, h] = self.scale * ds @ k[b, h // rep].astype(np.float64)
                 dk[b, h // rep] += self.scale * ds.T @ q[b, h].astype(np.float64)
                 dv[b, h // rep] += p.T @ do
-        return [dq, dk, dv]
+        return dq, dk, dv
 
-    def grad_cost(self, args: Sequence[Any], products: int) -> Cost:
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        return [shapes[0], shapes[1], shapes[2]]
+
+    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
+        """Five products a visited tile (FlashAttention-2's backward)."""
         q, k = args[0], args[1]
-        dense = 2.0 * products * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
+        dense = 2.0 * 5 * q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * q.shape[3]
         bm = args[3] if self.block_map is not None else None
         if bm is None:
             return Cost(dense, dense, "dense backward" + (", masked" if not self.mask.empty else ""))
@@ -112,29 +127,6 @@ class AttentionGradBase(AttentionBase):
         return Cost(dense, dense * float((full != 0).mean()),
                     f"block-sparse backward {self.block_q}x{self.block_k}: {int((bm == 0).sum())} empty tiles skipped",
                     block_map=bm)
-
-
-class AttentionGradOp(AttentionGradBase):
-    """attention's backward: dq over each query block's row of the block map, dk and dv over each key block's
-    column (the transposed map), summed over the query heads that share a key/value head; EMPTY tiles skipped."""
-
-    NAME = "attn.attention_grad"
-    dq = Result()
-    dk = Result()
-    dv = Result()
-
-    def infer(self) -> list[TensorType]:
-        self.check_qkv()
-        return [self.q.type.without_layout(), self.k.type.without_layout(), self.v.type.without_layout()]
-
-    def reference(self, ctx: Any, *args: np.ndarray) -> tuple[np.ndarray, ...]:
-        return tuple(self.grads(ctx, *args))
-
-    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        return [shapes[0], shapes[1], shapes[2]]
-
-    def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
-        return self.grad_cost(args, 5)
 
 
 # ---- the rule ---------------------------------------------------------------------------------------------
