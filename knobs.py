@@ -11,6 +11,8 @@ Environment-only variables, read where they act:
 - SPARSA_NUM_THREADS: threads the cpu target's kernels split their work over; default every core.
 - SPARSA_DETERMINISTIC=1: the cpu target splits work at fixed places and sums partial results in a fixed
   order, so results are bitwise identical over calls and thread counts (`deterministic()`).
+- SPARSA_NATIVE_HOST=0: cpu functions compiled while it is set run their kernels from a Python loop over the
+  ops instead of one native call (`native_host()`; for comparison and debugging).
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 
@@ -26,6 +28,12 @@ from pathlib import Path
 def deterministic() -> bool:
     """SPARSA_DETERMINISTIC=1: fixed partitions of work and a fixed order of reduction (see the docstring)."""
     return os.environ.get("SPARSA_DETERMINISTIC", "") not in ("", "0")
+
+
+def native_host() -> bool:
+    """Whether the cpu target compiles a function's host into native code (default) or runs its kernels from
+    a Python loop (SPARSA_NATIVE_HOST=0)."""
+    return os.environ.get("SPARSA_NATIVE_HOST", "") not in ("0", "false", "no")
 
 
 # Cache directories already refused in this process (each said once).

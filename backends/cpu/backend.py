@@ -20,7 +20,7 @@ class CpuBackend(Backend):
     # segments of 64 rows (the grouped GEMM's work item).
     PIPELINE = sparse_pipeline(block=64)
     LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
-    STAGES = ("mlir", "schedule", "loops", "llvm")
+    STAGES = ("mlir", "schedule", "host", "loops", "llvm")
     BINARY_STAGES = ("obj",)  # the kernels' object code for the target
     STAGE_SUFFIX = "mlir"
     SPECIALIZES_ON_CONSTANTS = True

@@ -15,10 +15,12 @@ from torch_mlir.dialects.transform import interpreter
 from sparsa.backends.base import Executable
 from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
+from sparsa.backends.cpu.host import ALIGN, HEADER, HostProgram, address
+from sparsa.backends.cpu.host_text import merge
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import CpuTarget, host_target
-from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together, work
+from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, openmp_parallel, row_bounds, together, work
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation
@@ -26,7 +28,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.types import numpy_dtype
-from sparsa.knobs import deterministic
+from sparsa.knobs import deterministic, native_host
 
 # After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
 # would leak otherwise), then from vectors and loops to LLVM. Vector transfers are unrolled rather than staged
@@ -44,10 +46,8 @@ CONTRACT = "contract"
 # LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
 # the attention kernel's scalar loops) against 0.3 s at O2, for the same vector code in the scheduled tiles.
 OPT_LEVEL = 2
-# Row splits under SPARSA_DETERMINISTIC=1 fall at multiples of this many rows (the matmul's row block, a multiple
-# of its register tile), so no row moves between a full tile and the remainder loop with the thread count.
-DETERMINISTIC_ROWS = 64
 
+_NO_FIXED: tuple = ([], [], ())  # the native host's weight-only arrays, addresses and shapes, when it reads none
 _CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
            "i8": ctypes.c_int8, "i1": ctypes.c_bool}
 def _packed_args(arrays: Sequence[np.ndarray], scalars: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -155,11 +155,17 @@ class CpuFunction(Executable):
         runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
             module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
+            self.host = HostProgram(func_op, self.kernels, self.weight_only,
+                                    "it exchanges rows between ranks (expert parallel)" if exchange is not None
+                                    else None if native_host() else "SPARSA_NATIVE_HOST=0")
             self.stages = {"mlir": str(module),
-                           "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k)}
+                           "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k),
+                           "host": self.host.text if self.host.why_not is None else
+                           f"// no native host: {self.host.why_not}; Python runs the kernels in order\n"}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
-            name = cache.key(self.stages["mlir"], self.stages["schedule"], PIPELINE, CONTRACT, str(OPT_LEVEL),
-                             self.target.key())
+            symbols += ["sparsa_main"] if self.host.why_not is None else []
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], self.stages["host"], PIPELINE, CONTRACT,
+                             str(OPT_LEVEL), self.target.key())
             hit = cache.load(name) if runs else None
             self.cached = hit is not None
             if hit is not None:
@@ -170,6 +176,8 @@ class CpuFunction(Executable):
                 interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
                 self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
+                if self.host.why_not is None:
+                    merge(self.host.text, module)
                 _contract(module)
                 _for_target(module, self.target)
                 self.stages["llvm"] = str(module)
@@ -179,6 +187,9 @@ class CpuFunction(Executable):
         packed = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
         self.entries = {} if self.engine is None else {
             k.name: packed(self.engine.raw_lookup("_mlir_ciface_" + k.name)) for k in self.kernels.values()}
+        self.main = None if self.engine is None or self.host.why_not is not None else \
+            packed(self.engine.raw_lookup("sparsa_main"))
+        self._plans: dict[tuple, Any] = {}  # by the inputs' shapes, the weights' and the threads
         if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
@@ -207,9 +218,67 @@ class CpuFunction(Executable):
         if not weight_only >= self.weight_only:
             raise SparsaError("cpu function: built for constant inputs "
                               f"{sorted(self.constant_args)}, called with {sorted(constant_args)}")
+        if self.main is not None and cache is not None and weight_only is self.weight_only:
+            outs = self._native(inputs, cache)
+            if outs is not None:
+                return outs
         host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
         return [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
+
+    def _native(self, inputs: Sequence[np.ndarray], cache: dict) -> list[np.ndarray] | None:
+        """One call of the native host (`sparsa_main`), or None where this call needs the Python host first
+        (the weight-only results are not in `cache` yet; inputs the signature refuses, for its error)."""
+        host = self.host
+        fixed = cache.get(("native host", id(self))) if host.fixed else _NO_FIXED
+        if fixed is None:
+            arrays = []
+            for op, j, _ in host.fixed:
+                if id(op) not in cache:
+                    return None
+                arrays.append(np.ascontiguousarray(cache[id(op)][j]))
+            fixed = cache[("native host", id(self))] = (arrays, [address(a) for a in arrays],
+                                                        tuple(a.shape for a in arrays))
+        if len(inputs) != len(host.inputs):
+            return None
+        ins = []
+        for i, (a, want) in enumerate(zip(inputs, host.dtypes, strict=True)):
+            if type(a) is not np.ndarray or a.dtype != want or not a.flags.c_contiguous:
+                v = host.inputs[i]  # checked and converted as the interpreter does (its errors)
+                a = np.ascontiguousarray(Interpreter(self.func_op).bind(v, a, f"input '{v.name_hint or v.index}'"))
+            ins.append(a)
+        threads, exact = num_threads(), deterministic()
+        key = (tuple(a.shape for a in ins), fixed[2], threads, exact)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 256:  # shapes that keep changing (a growing KV cache): the recent ones
+                self._plans.clear()
+                self._scratch.__dict__.pop("argv", None)
+            plan = self._plans[key] = host.plan(key[0], fixed[2], threads, exact)
+        outs = [np.empty(shape, dtype) for shape, dtype in plan.outputs]
+        mine = self._scratch.__dict__  # this thread's workspace and argv arrays (one per plan)
+        space = mine.get("workspace")
+        if space is None or space[0].size < plan.workspace + ALIGN:
+            buf = np.empty(plan.workspace + ALIGN, np.uint8)
+            space = mine["workspace"] = (buf, address(buf) + -address(buf) % ALIGN)
+        made = mine.setdefault("argv", {}).get(key)
+        if made is None:
+            argv = np.array([0, 0, threads, openmp_parallel(), 0, *[0] * host.pointers, *plan.tail], np.int64)
+            made = mine["argv"][key] = (argv, address(argv))
+            argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
+        argv = made[0]
+        argv[4] = space[1]
+        at = 2 + HEADER
+        for a in ins:
+            argv[at] = address(a)
+            at += 1
+        argv[at:at + len(fixed[1])] = fixed[1]
+        at += len(fixed[1])
+        for o in outs:
+            argv[at] = address(o)
+            at += 1
+        self.main(made[1])
+        return outs
 
     def scratch(self, key: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A buffer of this calling thread's, the same one at every call with the same key and shape (fresh
@@ -238,7 +307,8 @@ class CpuFunction(Executable):
                                                                                strict=True)]
         n = num_threads()
         if k.split == "parts":
-            small = isinstance(op, R.TopkOp | M.RouteOp) and work(op, ins, outs[0]) < SPLIT_WORK
+            amount = work(op, [a.shape for a in ins], outs[0].shape)
+            small = isinstance(op, R.TopkOp | M.RouteOp) and amount < SPLIT_WORK
             self.parts(k, ins + outs, 1 if small else n)
         elif k.split == "rows":
             self.rows(k, ins, outs[0], k.rows, n)
@@ -258,12 +328,10 @@ class CpuFunction(Executable):
     def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
         """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
         m = out.shape[0]
-        if n == 1 or m < 2 * n or work(k.op, ins, out) < SPLIT_WORK:
+        if n == 1 or m < 2 * n or work(k.op, [a.shape for a in ins], out.shape) < SPLIT_WORK:
             self.call(k, ins + [out])
             return
-        bounds = [m * p // n for p in range(n + 1)]
-        if deterministic():  # at multiples of a row block: each row in the same kind of register tile
-            bounds = sorted({min(m, -(-b // DETERMINISTIC_ROWS) * DETERMINISTIC_ROWS) for b in bounds})
+        bounds = row_bounds(m, n, deterministic())
         slabs = [[a[lo:hi] if c else a for a, c in zip(ins, cut, strict=True)] + [out[lo:hi]]
                  for lo, hi in zip(bounds, bounds[1:], strict=False)]
         together([lambda s=s: self.call(k, s) for s in slabs])

@@ -3,7 +3,12 @@ work estimate below which an op stays on one thread."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
+import glob
+import importlib.util
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +24,12 @@ from sparsa.ir.dialects import tensor_shape as S
 # handing half of it to another thread costs ~0.15 ms here (silu of 256x1024: 0.16 ms on one thread, 0.27 on
 # two; 4096x1024: 1.95 and 1.13; a router's 1024x512 @ 512x8: 0.46 and 0.75).
 SPLIT_WORK = 1 << 20
+# The same for the native host (host.py), whose OpenMP team starts a region in about 1 us (GOMP_parallel on two
+# spinning threads here) rather than the ~150 us of handing Python work to a pool thread.
+NATIVE_SPLIT_WORK = 1 << 15
+# Row splits under SPARSA_DETERMINISTIC=1 fall at multiples of this many rows (the matmul's row block, a multiple
+# of its register tile), so no row moves between a full tile and the remainder loop with the thread count.
+DETERMINISTIC_ROWS = 64
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -48,16 +59,27 @@ def _threads(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def work(op: Operation, ins: list[np.ndarray], out: np.ndarray) -> int:
-    """An op's work in the units of SPLIT_WORK: elements touched; a matmul's multiply-adds / 32 (they are
-    vectorized); a topk's compares (its input times k); a router's compares and exps."""
+def work(op: Operation, ins: list[tuple[int, ...]], out: tuple[int, ...]) -> int:
+    """An op's work (from its operands' and result's shapes) in the units of SPLIT_WORK: elements touched; a
+    matmul's multiply-adds / 32 (they are vectorized); a topk's compares (its input times k); a router's
+    compares and exps."""
+    size = [math.prod(s) for s in ins]
     if isinstance(op, S.MatmulOp):
-        return out.size * ins[0].shape[-1] // 32
+        return math.prod(out) * ins[0][-1] // 32
     if isinstance(op, R.TopkOp):
-        return ins[0].size * op.k
+        return size[0] * op.k
     if isinstance(op, M.RouteOp):  # an exp (float64) costs about as much as 16 compares
-        return ins[0].size * (op.k + 16)
-    return max(a.size for a in ins + [out])
+        return size[0] * (op.k + 16)
+    return max(size + [math.prod(out)])
+
+
+def row_bounds(m: int, n: int, exact: bool) -> list[int]:
+    """Where n slabs of m rows start and end; with `exact` (SPARSA_DETERMINISTIC=1) at multiples of
+    DETERMINISTIC_ROWS, so each row lands in the same kind of register tile whatever the thread count."""
+    bounds = [m * p // n for p in range(n + 1)]
+    if exact:
+        bounds = sorted({min(m, -(-b // DETERMINISTIC_ROWS) * DETERMINISTIC_ROWS) for b in bounds})
+    return bounds
 
 
 def together(jobs: list) -> None:
@@ -85,3 +107,21 @@ def transposed(*arrays: np.ndarray) -> list[np.ndarray]:
     elif jobs:
         together(jobs)
     return outs
+
+
+@functools.cache
+def openmp_parallel() -> int:
+    """The address of libgomp's GOMP_parallel, the entry the native host starts its parallel regions through
+    (0 when no libgomp loads: every region then runs on the calling thread). The copy torch ships comes first,
+    so that Sparsa's kernels and torch's share one OpenMP team; else the system's."""
+    spec = importlib.util.find_spec("torch")
+    found = []
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found += sorted(glob.glob(os.path.join(folder, "lib", "libgomp*.so*")))
+    system = ctypes.util.find_library("gomp")
+    for path in found + ([system] if system else []):
+        try:
+            return ctypes.cast(ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL).GOMP_parallel, ctypes.c_void_p).value or 0
+        except (OSError, AttributeError):
+            continue
+    return 0

@@ -1,0 +1,253 @@
+"""The native host of a cpu function: one LLVM function, `sparsa_main`, that runs the kernels in order on
+buffers laid out in one workspace, splits them over a persistent OpenMP team (libgomp's `GOMP_parallel`) and
+writes the results into the caller's arrays. Python crosses into native code once per call.
+
+The calling convention is one int64 array, `argv`:
+
+    argv[0]  threads          the team size the plan was made for
+    argv[1]  pool             the address of GOMP_parallel (0: no OpenMP runtime, every region on one thread)
+    argv[2]  workspace        a 64-byte aligned buffer of the plan's `workspace` bytes
+    argv[3:] pointers         each input, then each weight or weight-only result the kernels read, then each output
+    ...      the plan         every value's dims and strides, each temporary's offset in the workspace, each
+                              split kernel's work items, team and row bounds, each copied output's bytes
+
+Everything that depends on the shapes of a call (the `Plan`) is worked out in Python once per set of input
+shapes, from the IR's types and each op's `result_shapes`; the native code only loads it. Functions with an op
+whose host side is still Python (its `LAUNCHES` rule, a host op that is not a view) keep the Python host;
+`HostProgram.why_not` says which op."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sparsa.backends.cpu.context import LAUNCHES
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, row_bounds, work
+from sparsa.ir.analysis import bind_shape
+from sparsa.ir.core import Operation, Value
+from sparsa.ir.dialects import moe as M
+from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import evaluate
+from sparsa.ir.types import numpy_dtype
+
+HEADER = 3  # threads, pool, workspace
+ALIGN = 64  # bytes: every temporary starts on a cache line
+VIEWS = (S.ReshapeOp, S.ExpandDimsOp, S.SqueezeOp)  # the same contiguous buffer under other dims
+
+
+@dataclasses.dataclass
+class Place:
+    """Where a value lives in a call: its address (an argv pointer slot, a workspace offset slot, or another
+    value's for a view) and the argv slots of its dims and strides."""
+
+    value: Value
+    kind: str  # "arg" (argv[ptr] is its address), "temp" (workspace + argv[ptr]) or "view" (of `source`)
+    ptr: int
+    dims: int = 0  # argv slot of dim 0; its strides follow its dims
+    source: Value | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.value.type.rank
+
+    @property
+    def itemsize(self) -> int:
+        return numpy_dtype(self.value.type.dtype).itemsize
+
+
+@dataclasses.dataclass
+class Launch:
+    """A kernel in the program: split ones run in a region function (`region`) over `items` work items read
+    from argv[slot] (team argv[slot + 1], row bounds from argv[argv[slot + 2]])."""
+
+    kernel: Kernel
+    slot: int = 0
+    region: str = ""
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one set of input shapes needs: argv past the pointers, the outputs' shapes and dtypes, the
+    workspace's bytes."""
+
+    tail: list[int]
+    outputs: list[tuple[tuple[int, ...], np.dtype]]
+    workspace: int
+
+
+class _Shapes:
+    """The context `result_shapes` reads: the dims the signature binds."""
+
+    def __init__(self, dims: dict[str, int]):
+        self.dims = dims
+
+    def dim(self, d: Any) -> int:
+        return evaluate(d, self.dims)
+
+    def shape_of(self, t: Any) -> tuple[int, ...]:
+        return tuple(evaluate(d, self.dims) for d in t.shape)
+
+
+def address(a: np.ndarray) -> int:
+    """The address of an array's first element (a third of the time of `a.ctypes.data`, for writable arrays)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(a))
+    except (TypeError, ValueError):  # read-only, or empty
+        return a.ctypes.data
+
+
+def _stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of `shape` with no data (stride 0): what `result_shapes` reads is shapes and dtypes."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+class HostProgram:
+    """The host of one function as native code (`text`: LLVM dialect, kept as the `host` stage), the argv
+    layout its calls fill, and `plan()` for a set of shapes. `why_not` is set instead when an op's host side
+    is still Python."""
+
+    def __init__(self, func_op: Operation, kernels: dict[int, Kernel], weight_only: set[int],
+                 refused: str | None = None):
+        """`refused`: why the function keeps the Python host whatever its ops (the caller's reason)."""
+        block = func_op.regions[0].block
+        self.func_op = func_op
+        self.why_not: str | None = refused
+        self.inputs = list(block.args)
+        self.dtypes = [numpy_dtype(a.type.dtype) for a in self.inputs]
+        self.returns = list(block.ops[-1].operands)
+        self.places: dict[int, Place] = {}
+        self.launches: list[Launch] = []
+        self.copies: list[tuple[int, Value, int]] = []  # (output index, value, argv slot of its bytes)
+        self.ops = [op for op in block.ops[:-1] if id(op) not in weight_only]
+        produced = {id(r): op for op in block.ops[:-1] if id(op) in weight_only for r in op.results}
+        self.fixed: list[tuple[Operation, int, Value]] = []  # weight-only results read here: (op, result, value)
+        for op in self.ops:
+            for v in op.operands:
+                self._fix(produced, v)
+        for v in self.returns:
+            self._fix(produced, v)
+        slot = HEADER
+        for v in self.inputs + [v for _, _, v in self.fixed]:
+            self.places[id(v)] = Place(v, "arg", slot)
+            slot += 1
+        self.out_slots = list(range(slot, slot + len(self.returns)))
+        self.pointers = slot + len(self.returns) - HEADER  # pointer slots after the header
+        direct = {}  # a kernel's result returned: written straight into the output
+        for i, v in enumerate(self.returns):
+            if id(v) not in self.places and id(v) not in direct:
+                direct[id(v)] = i
+        self.tail = slot = self.out_slots[-1] + 1 if self.returns else slot
+        for op in self.ops:
+            if self.why_not:
+                break
+            self.why_not = self._place(op, kernels.get(id(op)), direct)
+        if self.why_not:
+            return
+        for place in self.places.values():
+            place.dims, slot = slot, slot + 2 * place.rank
+        for launch in self.launches:
+            if launch.kernel.split != "none":
+                launch.slot, slot = slot, slot + 3
+        for i, v in enumerate(self.returns):
+            place = self.places[id(v)]
+            if not (place.kind == "arg" and place.ptr == self.out_slots[i]):
+                self.copies.append((i, v, slot))
+                slot += 1
+        self.temp = slot  # workspace offsets, one per temporary
+        for place in self.places.values():
+            if place.kind == "temp":
+                place.ptr, slot = slot, slot + 1
+        self.size = slot  # argv's length before the row bounds
+        from sparsa.backends.cpu.host_text import program_text
+
+        self.text = program_text(self)
+
+    def _fix(self, produced: dict[int, Operation], v: Value) -> None:
+        op = produced.get(id(v))
+        if op is not None and all(f[2] is not v for f in self.fixed):
+            self.fixed.append((op, op.results.index(v), v))
+
+    def _place(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
+        """Give op's results their places (None), or say why the function keeps the Python host."""
+        if k is None:
+            if not isinstance(op, VIEWS):
+                return f"'{op.NAME}' runs on the Python host"
+            self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
+            return None
+        if LAUNCHES.find(op) is not None or k.panels:
+            return f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
+        if list(k.outputs) != list(op.results):
+            return f"the kernel of '{op.NAME}' takes more than its op's operands and results"
+        for r in op.results:
+            i = direct.pop(id(r), None)
+            self.places[id(r)] = Place(r, "arg", self.out_slots[i]) if i is not None else Place(r, "temp", 0)
+        self.launches.append(Launch(k))
+        return None
+
+    def _base(self, v: Value) -> Value:
+        place = self.places[id(v)]
+        return place.source if place.kind == "view" else v
+
+    # ---- one set of shapes ----------------------------------------------------------------------------
+    def plan(self, shapes: Sequence[tuple[int, ...]], fixed_shapes: Sequence[tuple[int, ...]], threads: int,
+             deterministic: bool) -> Plan:
+        """argv past the pointers for inputs of these shapes (checked against the signature as the reference
+        interpreter checks them) and weight-only results of `fixed_shapes`, split over `threads`."""
+        dims: dict[str, int] = {}
+        for a, shape in zip(self.inputs, shapes, strict=True):
+            bind_shape(a.type, shape, dims, f"input '{a.name_hint or a.index}'")
+        known = {id(a): tuple(s) for a, s in zip(self.inputs, shapes, strict=True)}
+        for (_, _, v), shape in zip(self.fixed, fixed_shapes, strict=True):
+            known[id(v)] = tuple(shape)
+        ctx = _Shapes(dims)
+        for op in self.ops:
+            ins = [_stand_in(known[id(v)], numpy_dtype(v.type.dtype)) for v in op.operands]
+            for r, shape in zip(op.results, op.result_shapes(ctx, ins), strict=True):
+                known[id(r)] = tuple(shape)
+        tail = [0] * (self.size - self.tail)
+        at = self.tail
+
+        def put(slot: int, values: Sequence[int]) -> None:
+            tail[slot - at:slot - at + len(values)] = values
+
+        offset = 0
+        for place in self.places.values():
+            shape = known[id(place.value)]
+            strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+            put(place.dims, [*shape, *strides])
+            if place.kind == "temp":
+                put(place.ptr, [offset])
+                offset += -(-int(np.prod(shape, dtype=np.int64)) * place.itemsize // ALIGN) * ALIGN
+        bounds: list[int] = []
+        for launch in self.launches:
+            if launch.kernel.split == "none":
+                continue
+            items, team, cut = self._split(launch.kernel, known, threads, deterministic)
+            put(launch.slot, [items, team, self.size + len(bounds)])
+            bounds += cut
+        for _, v, slot in self.copies:
+            put(slot, [int(np.prod(known[id(v)], dtype=np.int64)) * self.places[id(v)].itemsize])
+        outputs = [(known[id(v)], numpy_dtype(v.type.dtype)) for v in self.returns]
+        return Plan(tail + bounds, outputs, offset)
+
+    def _split(self, k: Kernel, known: dict[int, tuple[int, ...]], threads: int,
+               deterministic: bool) -> tuple[int, int, list[int]]:
+        """(work items, team size, row bounds) of a split kernel, as `CpuFunction.run` splits it."""
+        op = k.op
+        in_shapes = [known[id(v)] for v in k.inputs]
+        out = known[id(k.outputs[0])]
+        amount = work(op, in_shapes, out)
+        if k.split == "parts":
+            small = isinstance(op, R.TopkOp | M.RouteOp) and amount < NATIVE_SPLIT_WORK
+            return (1, 1, []) if small else (threads, threads, [])
+        m = out[0]
+        if threads == 1 or m < 2 * threads or amount < NATIVE_SPLIT_WORK:
+            return 1, 1, [0, m]
+        cut = row_bounds(m, threads, deterministic)
+        return len(cut) - 1, min(len(cut) - 1, threads), cut

@@ -1,0 +1,211 @@
+"""The text of a native host program (`host.HostProgram`) in MLIR's LLVM dialect: `sparsa_main`, a region
+function per split kernel that claims work items from a shared counter, and `sparsa_parallel`, which runs a
+region on the OpenMP team (or on the calling thread). Kernels are declared with the signature MLIR gives a
+function of memrefs (each memref: allocated and aligned pointers, offset, sizes, strides), and `merge` checks
+the declarations against the compiled kernels before the program joins their module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch_mlir import ir
+
+from sparsa.backends.cpu.signature import Kernel
+
+PARALLEL = """\
+// fn(frame) on the OpenMP team (GOMP_parallel at `pool`), or on this thread alone
+llvm.func @sparsa_parallel(%fn: !llvm.ptr, %frame: !llvm.ptr, %team: i64, %pool: !llvm.ptr) {
+  %null = llvm.mlir.zero : !llvm.ptr
+  %one = llvm.mlir.constant(1 : i64) : i64
+  %no_pool = llvm.icmp "eq" %pool, %null : !llvm.ptr
+  %alone = llvm.icmp "sle" %team, %one : i64
+  %here = llvm.or %no_pool, %alone : i1
+  llvm.cond_br %here, ^here, ^team
+^here:
+  llvm.call %fn(%frame) : !llvm.ptr, (!llvm.ptr) -> ()
+  llvm.return
+^team:
+  %threads = llvm.trunc %team : i64 to i32
+  %flags = llvm.mlir.constant(0 : i32) : i32
+  llvm.call %pool(%fn, %frame, %threads, %flags) : !llvm.ptr, (!llvm.ptr, !llvm.ptr, i32, i32) -> ()
+  llvm.return
+}
+"""
+
+
+class _Function:
+    """One LLVM function's body being written: fresh SSA names, argv loads made once."""
+
+    def __init__(self, argv: str):
+        self.argv = argv
+        self.lines: list[str] = []
+        self.count = 0
+        self.loaded: dict[tuple, str] = {}
+
+    def emit(self, text: str, hint: str = "v") -> str:
+        self.count += 1
+        name = f"%{hint}{self.count}"
+        self.lines.append(f"  {name} = {text}")
+        return name
+
+    def do(self, text: str) -> None:
+        self.lines.append(f"  {text}")
+
+    def const(self, n: int) -> str:
+        key = ("const", n)
+        if key not in self.loaded:
+            self.loaded[key] = self.emit(f"llvm.mlir.constant({n} : i64) : i64", "c")
+        return self.loaded[key]
+
+    def at(self, base: str, index: str | int, elem: str = "i64") -> str:
+        if isinstance(index, int):
+            return self.emit(f"llvm.getelementptr {base}[{index}] : (!llvm.ptr) -> !llvm.ptr, {elem}", "p")
+        return self.emit(f"llvm.getelementptr {base}[{index}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}", "p")
+
+    def arg(self, slot: int, ptr: bool = False, hint: str = "a") -> str:
+        """argv[slot], as an i64 or a pointer (loaded once per function)."""
+        key = (slot, ptr)
+        if key not in self.loaded:
+            where = self.argv if slot == 0 else self.at(self.argv, slot)
+            self.loaded[key] = self.emit(f"llvm.load {where} : !llvm.ptr -> {'!llvm.ptr' if ptr else 'i64'}", hint)
+        return self.loaded[key]
+
+    def binary(self, op: str, a: str, b: str) -> str:
+        return self.emit(f"llvm.{op} {a}, {b} : i64")
+
+
+def _memref_types(rank: int) -> list[str]:
+    return ["!llvm.ptr", "!llvm.ptr", "i64"] + ["i64"] * (2 * rank)
+
+
+def _signature(k: Kernel) -> list[str]:
+    types = [t for v in k.inputs + k.outputs for t in _memref_types(v.type.rank)]
+    return types + (["i64", "i64"] if k.split == "parts" else [])
+
+
+class _Writer:
+    """Writes the program of `prog` (a HostProgram)."""
+
+    def __init__(self, prog: Any):
+        self.prog = prog
+
+    def address(self, f: _Function, ws: str, v: Any) -> str:
+        place = self.prog.places[id(v)]
+        if place.kind == "view":
+            place = self.prog.places[id(place.source)]
+        if place.kind == "arg":
+            return f.arg(place.ptr, ptr=True, hint="ptr")
+        return f.at(ws, f.arg(place.ptr, hint="off"), "i8")
+
+    def memref(self, f: _Function, ws: str, v: Any) -> list[str]:
+        """A value's memref arguments: its address twice, offset 0, its dims and strides from argv."""
+        place = self.prog.places[id(v)]
+        ptr = self.address(f, ws, v)
+        shape = [f.arg(place.dims + i, hint="d") for i in range(2 * place.rank)]
+        return [ptr, ptr, f.const(0), *shape]
+
+    def call(self, f: _Function, k: Kernel, args: list[str]) -> None:
+        f.do(f"llvm.call @{k.name}({', '.join(args)}) : ({', '.join(_signature(k))}) -> ()")
+
+    def region(self, index: int, launch: Any) -> tuple[str, str]:
+        """The region function of a split kernel: claim work items until none is left."""
+        k = launch.kernel
+        f = _Function("%argv")
+        f.lines.append("  %argv = llvm.load %frame : !llvm.ptr -> !llvm.ptr")
+        ws = f.emit(f"llvm.load {f.at('%frame', 1)} : !llvm.ptr -> !llvm.ptr", "ws")
+        counter = f.at("%frame", 2)
+        items = f.arg(launch.slot, hint="items")
+        args = [self.memref(f, ws, v) for v in k.inputs + k.outputs]
+        bounds = f.arg(launch.slot + 2, hint="bounds") if k.split == "rows" else None
+        one = f.const(1)
+        f.do("llvm.br ^claim")
+        f.lines.append("^claim:")
+        item = f.emit(f"llvm.atomicrmw add {counter}, {one} monotonic : !llvm.ptr, i64", "item")
+        done = f.emit(f"llvm.icmp \"sge\" {item}, {items} : i64", "done")
+        f.do(f"llvm.cond_br {done}, ^exit, ^work")
+        f.lines.append("^work:")
+        if k.split == "parts":
+            self.call(f, k, [a for m in args for a in m] + [item, items])
+        else:  # rows lo..hi of the output and of the inputs cut with it
+            at = f.binary("add", bounds, item)
+            lo = f.emit(f"llvm.load {f.at('%argv', at)} : !llvm.ptr -> i64", "lo")
+            hi = f.emit(f"llvm.load {f.at('%argv', f.binary('add', at, one))} : !llvm.ptr -> i64", "hi")
+            rows = f.binary("sub", hi, lo)
+            cut = list(k.rows) + [True] * len(k.outputs)
+            sliced = []
+            for v, m, c in zip(k.inputs + k.outputs, args, cut, strict=True):
+                if c:
+                    rank = v.type.rank
+                    step = f.binary("mul", lo, m[3 + rank])  # elements before row lo
+                    size = self.prog.places[id(v)].itemsize
+                    ptr = f.at(m[0], f.binary("mul", step, f.const(size)), "i8")
+                    m = [ptr, ptr, m[2], rows, *m[4:]]
+                sliced += m
+            self.call(f, k, sliced)
+        f.do("llvm.br ^claim")
+        f.lines.append("^exit:")
+        f.do("llvm.return")
+        name = f"host_{k.name}_{index}"
+        head = f"// {k.op.NAME}: {k.split} split, work items claimed from frame[2]\n"
+        return name, head + f"llvm.func @{name}(%frame: !llvm.ptr) {{\n" + "\n".join(f.lines) + "\n}\n"
+
+    def main(self, regions: dict[int, str]) -> str:
+        prog = self.prog
+        f = _Function("%argv")
+        pool = f.arg(1, ptr=True, hint="pool")
+        ws = f.arg(2, ptr=True, hint="ws")
+        frame = f.emit(f"llvm.alloca {f.const(3)} x i64 : (i64) -> !llvm.ptr", "frame")
+        f.do(f"llvm.store %argv, {frame} : !llvm.ptr, !llvm.ptr")
+        f.do(f"llvm.store {ws}, {f.at(frame, 1)} : !llvm.ptr, !llvm.ptr")
+        counter = f.at(frame, 2)
+        for i, launch in enumerate(prog.launches):
+            k = launch.kernel
+            f.lines.append(f"  // {k.op.NAME} ({k.name})")
+            if k.split == "none":
+                self.call(f, k, [a for v in k.inputs + k.outputs for a in self.memref(f, ws, v)])
+                continue
+            f.do(f"llvm.store {f.const(0)}, {counter} : i64, !llvm.ptr")
+            fn = f.emit(f"llvm.mlir.addressof @{regions[i]} : !llvm.ptr", "fn")
+            team = f.arg(launch.slot + 1, hint="team")
+            f.do(f"llvm.call @sparsa_parallel({fn}, {frame}, {team}, {pool}) : "
+                 "(!llvm.ptr, !llvm.ptr, i64, !llvm.ptr) -> ()")
+        for out, v, slot in prog.copies:
+            f.lines.append(f"  // result {out}: copied (an input, a weight, a view or a value returned twice)")
+            dst = f.arg(prog.out_slots[out], ptr=True, hint="out")
+            f.do(f'"llvm.intr.memcpy"({dst}, {self.address(f, ws, v)}, {f.arg(slot, hint="bytes")}) '
+                 "<{isVolatile = false}> : (!llvm.ptr, !llvm.ptr, i64) -> ()")
+        f.do("llvm.return")
+        return "llvm.func @sparsa_main(%argv: !llvm.ptr) {\n" + "\n".join(f.lines) + "\n}\n"
+
+
+def program_text(prog: Any) -> str:
+    """The whole program: kernel declarations, sparsa_parallel, the region functions, sparsa_main."""
+    w = _Writer(prog)
+    declared: dict[str, str] = {}
+    for launch in prog.launches:
+        declared.setdefault(launch.kernel.name, ", ".join(_signature(launch.kernel)))
+    regions, bodies = {}, []
+    for i, launch in enumerate(prog.launches):
+        if launch.kernel.split != "none":
+            regions[i], text = w.region(i, launch)
+            bodies.append(text)
+    decls = "".join(f"llvm.func @{name}({types})\n" for name, types in declared.items())
+    return ("// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL + "\n"
+            + "\n".join(bodies) + "\n" + w.main(regions))
+
+
+def merge(text: str, module: ir.Module) -> None:
+    """Parse the program and move its functions into `module` (the kernels lowered to LLVM), after checking
+    that each kernel it declares has that signature there."""
+    host = ir.Module.parse(text)
+    compiled = {op.attributes["sym_name"].value: op for op in module.body.operations
+                if op.operation.name == "llvm.func"}
+    for op in list(host.body.operations):
+        name = op.attributes["sym_name"].value
+        if len(op.regions[0].blocks) == 0:  # a kernel's declaration
+            have = compiled.get(name)
+            if have is None or str(have.attributes["function_type"]) != str(op.attributes["function_type"]):
+                raise RuntimeError(f"native host: kernel @{name} is not {op.attributes['function_type']} "
+                                   f"({'missing' if have is None else have.attributes['function_type']})")
+            continue
+        module.body.append(op)

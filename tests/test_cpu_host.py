@@ -1,0 +1,162 @@
+"""The cpu target's native host (backends/cpu/host.py): one call into native code runs every kernel, on the
+workspace it lays out and the OpenMP team it splits work over. Checked against the Python host that runs the
+same kernels one by one (SPARSA_NATIVE_HOST=0, bitwise) and against the reference interpreter."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch_mlir")
+
+import sparsa  # noqa: E402
+from sparsa.backends.cpu.jit import CpuFunction  # noqa: E402
+from sparsa.ir.analysis import RuntimeShapeError  # noqa: E402
+
+rng = np.random.default_rng(0)
+
+DENSE = """model M(x: f32[T, 32], b: f32[32]) -> (f32[T, 32], f32[T, 32], f32[T, 32], f32[32], f32[T, 4, 8]) {
+    param w: f32[32, 32]
+    h = relu(x @ w + b)
+    y = softmax(h @ w, axis=-1) * mean(h, axis=-1, keepdim=true)
+    return y, h, y, b, reshape(y, [T, 4, 8])
+}
+"""
+
+
+def _pair(src: str, monkeypatch, **weights):
+    """(native, Python host, reference) of one model, the same weights in each."""
+    ref = sparsa.compile(src, target="reference")
+    native = sparsa.compile(src, target="cpu")
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    python = sparsa.compile(src, target="cpu")
+    monkeypatch.delenv("SPARSA_NATIVE_HOST")
+    for m in (ref, native, python):
+        m.load_weights(weights) if weights else m.init_weights(1)
+    return native, python, ref
+
+
+def test_host_stage_is_one_native_function(monkeypatch):
+    native, python, _ = _pair(DENSE, monkeypatch)
+    host = native.native.stages["host"]
+    at = 0
+    for line in ("llvm.func @k0_tensor_matmul(", "llvm.func @sparsa_parallel(", "llvm.call %pool(",
+                 "llvm.func @host_k0_tensor_matmul_0(%frame: !llvm.ptr)", "llvm.atomicrmw add",
+                 "llvm.func @sparsa_main(%argv: !llvm.ptr)", "llvm.call @sparsa_parallel(", "llvm.intr.memcpy"):
+        at = host.index(line, at)  # in this order
+    assert "llvm.func @sparsa_main" in native.native.stages["llvm"]
+    assert native.native.main is not None and python.native.main is None
+    assert python.native.stages["host"].startswith("// no native host: SPARSA_NATIVE_HOST=0")
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("rows", [0, 1, 5, 64, 700, 2049])
+def test_native_host_matches_the_python_host_bitwise(monkeypatch, threads, rows):
+    """Every result (kernel outputs written in place, an input and a value returned twice copied out, a view),
+    at shapes that split over the team and ones that do not."""
+    native, python, ref = _pair(DENSE, monkeypatch)
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    x, b = rng.standard_normal((rows, 32), np.float32), rng.standard_normal(32, np.float32)
+    got, want, oracle = native(x, b), python(x, b), ref(x, b)
+    for g, w, o in zip(got, want, oracle, strict=True):
+        assert g.shape == o.shape and g.flags.owndata
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+
+
+def test_native_host_under_deterministic_splits(monkeypatch):
+    monkeypatch.setenv("SPARSA_DETERMINISTIC", "1")
+    native, _, _ = _pair(DENSE, monkeypatch)
+    x, b = rng.standard_normal((3000, 32), np.float32), rng.standard_normal(32, np.float32)
+    results = []
+    for threads in ("1", "2", "3"):
+        monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+        results.append(native(x, b))
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other, strict=True):
+            np.testing.assert_array_equal(a, b_)
+
+
+def test_shapes_change_between_calls(monkeypatch):
+    """A plan per set of shapes; the workspace grows and is reused; results never alias it."""
+    native, _, ref = _pair(DENSE, monkeypatch)
+    b = rng.standard_normal(32, np.float32)
+    kept = []
+    for rows in (3, 900, 2, 900, 17):
+        x = rng.standard_normal((rows, 32), np.float32)
+        kept.append((x, native(x, b)))
+    for x, got in kept:  # earlier results unchanged by later calls
+        for g, o in zip(got, ref(x, b), strict=True):
+            np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_converted_or_refused_as_the_interpreter_does(monkeypatch):
+    native, _, ref = _pair(DENSE, monkeypatch)
+    x64 = rng.standard_normal((6, 64)).astype(np.float64)[:, ::2]  # float64, strided
+    b = rng.standard_normal(32, np.float32)
+    for g, o in zip(native(x64, b), ref(x64, b), strict=True):
+        np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeShapeError, match=r"input 'x' must have shape f32\[\{T\}, 32\]|dim 1 is 31"):
+        native(np.zeros((4, 31), np.float32), b)
+    with pytest.raises(RuntimeShapeError, match="element type f32"):
+        native(np.zeros((4, 32), np.int32), b)
+
+
+def test_calls_from_several_threads_at_once(monkeypatch):
+    native, _, ref = _pair(DENSE, monkeypatch)
+    b = rng.standard_normal(32, np.float32)
+    xs = [rng.standard_normal((r, 32), np.float32) for r in (5, 300, 40, 1200)]
+    got: dict[int, tuple] = {}
+
+    def work(i: int) -> None:
+        for _ in range(20):
+            got[i] = native(xs[i], b)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(xs):
+        for g, o in zip(got[i], ref(x, b), strict=True):
+            np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+
+
+def test_functions_with_python_host_ops_say_so():
+    m = sparsa.compile(open(_example("mixtral_moe.sp")).read(), target="cpu")
+    assert m.native.main is None
+    assert m.native.stages["host"].startswith("// no native host:")
+    assert "moe." in m.native.stages["host"]
+
+
+def _example(name: str) -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).parent.parent.parent / "shared" / "examples" / name)
+
+
+def test_cached_object_keeps_the_entry(monkeypatch, tmp_path):
+    """A second compile of the same function loads the object from the disk cache, sparsa_main with it."""
+    monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
+    ref = sparsa.compile(DENSE, target="reference").init_weights(2)
+    first = sparsa.compile(DENSE, target="cpu").init_weights(2)
+    second = sparsa.compile(DENSE, target="cpu").init_weights(2)
+    assert not first.native.cached and second.native.cached and second.native.main is not None
+    x, b = rng.standard_normal((9, 32), np.float32), rng.standard_normal(32, np.float32)
+    for g, o in zip(second(x, b), ref(x, b), strict=True):
+        np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+
+
+def test_direct_function_without_weights():
+    """A function called with no weight cache (a fresh dict) still runs natively: nothing weight-only to read."""
+    m = sparsa.compile("model M(a: f32[N, 8], b: f32[8, 3]) -> f32[N, 3] {\n  return tanh(a @ b)\n}\n",
+                       target="reference")
+    fn = CpuFunction(m.module.funcs[-1])
+    a, b = rng.standard_normal((11, 8), np.float32), rng.standard_normal((8, 3), np.float32)
+    calls = []
+    main = fn.main
+    fn.main = lambda p: (calls.append(p), main(p))
+    np.testing.assert_allclose(fn([a, b], None, {})[0], np.tanh(a @ b), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
