@@ -352,6 +352,11 @@ class Operation:
         size = float(sum(getattr(o, "size", 0) for o in outs))
         return Cost(size, size)
 
+    def per_shape(self) -> bool:
+        """Whether the results depend on the call's dims alone (no operand's data): a host computes them once per
+        set of shapes (a block map of a mask over positions only)."""
+        return False
+
     def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
         """The results' shapes from the operands' concrete shapes, where the op has a rule cheaper than
         running its reference (None: no rule)."""

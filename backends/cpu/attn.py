@@ -13,13 +13,15 @@ from torch_mlir.dialects import math as mmath
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import (
+    HOSTED,
     KERNELS,
     LAUNCHES,
     KernelContext,
     element_type,
     host,
 )
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.signature import Hosted, Kernel
+from sparsa.backends.cpu.tensor_shape import transpose_kernel
 from sparsa.backends.cpu.threads import transposed
 from sparsa.ir.core import Operation, Region
 from sparsa.ir.dialects import attn as AT
@@ -179,6 +181,13 @@ def cast_index(cx: KernelContext, region: Region, arg: int, x: ir.Value) -> ir.V
     """An i64 index as the integer type region argument `arg` declares."""
     want = element_type(region.block.args[arg].type.dtype)
     return x if want == x.type else arith.TruncIOp(want, x).result
+
+
+@HOSTED.lowers(AT.AttentionOp)
+def hosted_attention(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
+    """K transposed into a workspace buffer first, by a kernel of its own."""
+    step, kt = transpose_kernel(cx, op, op.k)
+    return Hosted(before=[step], args={1: kt})
 
 
 @LAUNCHES.lowers(AT.AttentionOp)

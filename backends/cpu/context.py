@@ -8,7 +8,7 @@ function's kernels are built into one MLIR module.
   a lowering and no kernel gets a generic one (`KernelContext.dense`).
 - `SCALARS`: elementwise op class -> its scalar arith, from which both forms above follow.
 - `LAUNCHES`: op class -> how the host allocates and runs the op's kernel, where that is more than the
-  generic (`CpuFunction.run`).
+  generic (`CpuFunction.run`); `HOSTED`: the same for the native host (`host.py`), as data it generates code from.
 
 A kernel takes its operands, then its outputs, as memrefs (symbolic dims dynamic); kernels that split their
 work take two more index arguments (part, parts) and do every parts-th work item from `part`, so the host
@@ -46,6 +46,9 @@ SCALARS = LoweringTable("cpu scalar rules")
 # op class -> rule(fn, kernel, host, inputs) -> outputs: how the host runs the op's kernel where that is more
 # than outputs of `op.result_shapes` and the kernel's own split (jit.py, CpuFunction.run)
 LAUNCHES = LoweringTable("cpu host launches")
+# op class -> rule(cx, op, kernel) -> signature.Hosted: how the native host (host.py) does what the op's LAUNCHES
+# rule does in Python; an op with a LAUNCHES rule and none here keeps its function on the Python host
+HOSTED = LoweringTable("cpu native host launches")
 
 
 def host(cx: KernelContext, op: Operation) -> None:
@@ -149,10 +152,10 @@ class KernelContext:
         del self.tiled[start:]
         return dataclasses.replace(k, name=same)
 
-    def function(self, op: Operation, types: list[TensorType], parts: bool) -> tuple:
+    def function(self, op: Operation, types: list[TensorType], parts: bool, label: str = "") -> tuple:
         """An empty kernel function for `op` over memrefs of `types` (operands, then outputs), with
-        (part, parts) index arguments when it splits its work."""
-        name = f"k{len(self.kernels)}_{op.NAME.replace('.', '_')}"
+        (part, parts) index arguments when it splits its work; `label` names it instead of the op."""
+        name = f"k{len(self.kernels)}_{label or op.NAME.replace('.', '_')}"
         args = [memref_type(t) for t in types] + [ir.IndexType.get()] * (2 if parts else 0)
         with ir.InsertionPoint(self.module.body):
             fn = self.last = func.FuncOp(name, ir.FunctionType.get(args, []))

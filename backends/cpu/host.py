@@ -7,26 +7,30 @@ The calling convention is one int64 array, `argv`:
     argv[0]  threads          the team size the plan was made for
     argv[1]  pool             the address of GOMP_parallel (0: no OpenMP runtime, every region on one thread)
     argv[2]  workspace        a 64-byte aligned buffer of the plan's `workspace` bytes
-    argv[3:] pointers         each input, then each weight or weight-only result the kernels read, then each output
+    argv[3]  status           0, or 1 + the index of the kernel whose index tensors failed their check (the call
+                              is then run again on the Python host, for its error)
+    argv[4:] pointers         each input, then each weight or weight-only result the kernels read, then each output
     ...      the plan         every value's dims and strides, each temporary's offset in the workspace, each
-                              split kernel's work items, team and row bounds, each copied output's bytes
+                              split kernel's work items, team and row bounds, each index check's count and
+                              bound, each copied output's bytes
 
 Everything that depends on the shapes of a call (the `Plan`) is worked out in Python once per set of input
 shapes, from the IR's types and each op's `result_shapes`; the native code only loads it. Functions with an op
-whose host side is still Python (its `LAUNCHES` rule, a host op that is not a view) keep the Python host;
-`HostProgram.why_not` says which op."""
+whose host side is still Python (a `LAUNCHES` rule without a `HOSTED` one, a host op that is not a view) keep
+the Python host; `HostProgram.why_not` says which op."""
 
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from sparsa.backends.cpu.context import LAUNCHES
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
+from sparsa.backends.cpu.signature import Kernel, Scratch
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, row_bounds, work
 from sparsa.ir.analysis import bind_shape
 from sparsa.ir.core import Operation, Value
@@ -36,7 +40,7 @@ from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import evaluate
 from sparsa.ir.types import numpy_dtype
 
-HEADER = 3  # threads, pool, workspace
+HEADER = 4  # threads, pool, workspace, status
 ALIGN = 64  # bytes: every temporary starts on a cache line
 VIEWS = (S.ReshapeOp, S.ExpandDimsOp, S.SqueezeOp)  # the same contiguous buffer under other dims
 
@@ -47,7 +51,9 @@ class Place:
     value's for a view) and the argv slots of its dims and strides."""
 
     value: Value
-    kind: str  # "arg" (argv[ptr] is its address), "temp" (workspace + argv[ptr]) or "view" (of `source`)
+    # "arg" (argv[ptr] is its address, set at each call), "temp" (workspace + argv[ptr]), "view" (of `source`) or
+    # "planned" (argv[ptr] is its address, an array the plan computed: a block map of the call's sizes)
+    kind: str
     ptr: int
     dims: int = 0  # argv slot of dim 0; its strides follow its dims
     source: Value | None = None
@@ -63,12 +69,15 @@ class Place:
 
 @dataclasses.dataclass
 class Launch:
-    """A kernel in the program: split ones run in a region function (`region`) over `items` work items read
-    from argv[slot] (team argv[slot + 1], row bounds from argv[argv[slot + 2]])."""
+    """A kernel in the program, on `args` (its operands then results: IR values or Scratch buffers): split ones
+    run in a region function over the work items read from argv[slot] (team argv[slot + 1], row bounds from
+    argv[argv[slot + 2]]); `checks` are index tensors checked first (index value, indexed value, axis, the argv
+    slot of their element count and of the axis's size after it)."""
 
     kernel: Kernel
+    args: list[Any]
+    checks: list[tuple[Value, Value, int, int]] = dataclasses.field(default_factory=list)
     slot: int = 0
-    region: str = ""
 
 
 @dataclasses.dataclass
@@ -79,6 +88,7 @@ class Plan:
     tail: list[int]
     outputs: list[tuple[tuple[int, ...], np.dtype]]
     workspace: int
+    arrays: list[np.ndarray]  # what the "planned" places' addresses point to
 
 
 class _Shapes:
@@ -112,9 +122,10 @@ class HostProgram:
     layout its calls fill, and `plan()` for a set of shapes. `why_not` is set instead when an op's host side
     is still Python."""
 
-    def __init__(self, func_op: Operation, kernels: dict[int, Kernel], weight_only: set[int],
+    def __init__(self, func_op: Operation, kernels: dict[int, Kernel], weight_only: set[int], cx: KernelContext,
                  refused: str | None = None):
-        """`refused`: why the function keeps the Python host whatever its ops (the caller's reason)."""
+        """`cx`: the context the kernels were built in (the HOSTED rules add kernels of their own to it);
+        `refused`: why the function keeps the Python host whatever its ops (the caller's reason)."""
         block = func_op.regions[0].block
         self.func_op = func_op
         self.why_not: str | None = refused
@@ -122,6 +133,7 @@ class HostProgram:
         self.dtypes = [numpy_dtype(a.type.dtype) for a in self.inputs]
         self.returns = list(block.ops[-1].operands)
         self.places: dict[int, Place] = {}
+        self.cx = cx
         self.launches: list[Launch] = []
         self.copies: list[tuple[int, Value, int]] = []  # (output index, value, argv slot of its bytes)
         self.ops = [op for op in block.ops[:-1] if id(op) not in weight_only]
@@ -154,14 +166,16 @@ class HostProgram:
         for launch in self.launches:
             if launch.kernel.split != "none":
                 launch.slot, slot = slot, slot + 3
+            for i, (index, of, axis, _) in enumerate(launch.checks):
+                launch.checks[i], slot = (index, of, axis, slot), slot + 2
         for i, v in enumerate(self.returns):
             place = self.places[id(v)]
             if not (place.kind == "arg" and place.ptr == self.out_slots[i]):
                 self.copies.append((i, v, slot))
                 slot += 1
-        self.temp = slot  # workspace offsets, one per temporary
+        self.temp = slot  # workspace offsets, one per temporary; addresses of planned arrays
         for place in self.places.values():
-            if place.kind == "temp":
+            if place.kind in ("temp", "planned"):
                 place.ptr, slot = slot, slot + 1
         self.size = slot  # argv's length before the row bounds
         from sparsa.backends.cpu.host_text import program_text
@@ -176,18 +190,35 @@ class HostProgram:
     def _place(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
         """Give op's results their places (None), or say why the function keeps the Python host."""
         if k is None:
-            if not isinstance(op, VIEWS):
-                return f"'{op.NAME}' runs on the Python host"
-            self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
-            return None
-        if LAUNCHES.find(op) is not None or k.panels:
-            return f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
-        if list(k.outputs) != list(op.results):
+            if op.per_shape() and not op.operands and len(op.results) == 1 and id(op.result) not in direct:
+                self.places[id(op.result)] = Place(op.result, "planned", 0)
+                return None
+            if isinstance(op, VIEWS):
+                self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
+                return None
+        hosted = None
+        if k is None or LAUNCHES.find(op) is not None or k.panels:
+            rule = HOSTED.find(op)
+            if rule is None:
+                return f"'{op.NAME}' runs on the Python host" if k is None else \
+                    f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
+            hosted = rule(self.cx, op, k)
+        if k is not None and list(k.outputs) != list(op.results):
             return f"the kernel of '{op.NAME}' takes more than its op's operands and results"
         for r in op.results:
             i = direct.pop(id(r), None)
             self.places[id(r)] = Place(r, "arg", self.out_slots[i]) if i is not None else Place(r, "temp", 0)
-        self.launches.append(Launch(k))
+        for step in hosted.before if hosted else []:
+            for s in [*step.inputs, *step.outputs]:
+                if isinstance(s, Scratch):
+                    self.places[id(s)] = Place(s, "temp" if s.data is None else "planned", 0)
+            self.launches.append(Launch(step, [*step.inputs, *step.outputs]))
+        if k is None:  # a host op the kernels of `before` compute
+            return None
+        args = [*k.inputs, *k.outputs]
+        for i, s in (hosted.args if hosted else {}).items():
+            args[i] = s
+        self.launches.append(Launch(k, args, [(*c, 0) for c in hosted.checks] if hosted else []))
         return None
 
     def _base(self, v: Value) -> Value:
@@ -206,10 +237,22 @@ class HostProgram:
         for (_, _, v), shape in zip(self.fixed, fixed_shapes, strict=True):
             known[id(v)] = tuple(shape)
         ctx = _Shapes(dims)
+        arrays = {}
         for op in self.ops:
+            place = self.places.get(id(op.results[0])) if op.results else None
+            if place is not None and place.kind == "planned":  # the op's data, for these sizes
+                arrays[id(op.result)] = np.ascontiguousarray(op.reference(ctx), numpy_dtype(op.result.type.dtype))
+                known[id(op.result)] = arrays[id(op.result)].shape
+                continue
             ins = [_stand_in(known[id(v)], numpy_dtype(v.type.dtype)) for v in op.operands]
             for r, shape in zip(op.results, op.result_shapes(ctx, ins), strict=True):
                 known[id(r)] = tuple(shape)
+        for place in self.places.values():
+            s = place.value
+            if isinstance(s, Scratch):
+                known[id(s)] = s.shape(known)
+                if s.data is not None:
+                    arrays[id(s)] = np.ascontiguousarray(s.data(known, ctx), numpy_dtype(s.type.dtype))
         tail = [0] * (self.size - self.tail)
         at = self.tail
 
@@ -224,8 +267,12 @@ class HostProgram:
             if place.kind == "temp":
                 put(place.ptr, [offset])
                 offset += -(-int(np.prod(shape, dtype=np.int64)) * place.itemsize // ALIGN) * ALIGN
+            elif place.kind == "planned":
+                put(place.ptr, [address(arrays[id(place.value)])])
         bounds: list[int] = []
         for launch in self.launches:
+            for index, of, axis, slot in launch.checks:
+                put(slot, [math.prod(known[id(index)]), known[id(of)][axis]])
             if launch.kernel.split == "none":
                 continue
             items, team, cut = self._split(launch.kernel, known, threads, deterministic)
@@ -234,7 +281,7 @@ class HostProgram:
         for _, v, slot in self.copies:
             put(slot, [int(np.prod(known[id(v)], dtype=np.int64)) * self.places[id(v)].itemsize])
         outputs = [(known[id(v)], numpy_dtype(v.type.dtype)) for v in self.returns]
-        return Plan(tail + bounds, outputs, offset)
+        return Plan(tail + bounds, outputs, offset, list(arrays.values()))
 
     def _split(self, k: Kernel, known: dict[int, tuple[int, ...]], threads: int,
                deterministic: bool) -> tuple[int, int, list[int]]:

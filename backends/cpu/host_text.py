@@ -33,6 +33,35 @@ llvm.func @sparsa_parallel(%fn: !llvm.ptr, %frame: !llvm.ptr, %team: i64, %pool:
 """
 
 
+CHECK = """\
+// whether every one of `count` i{bits} indices at %p lies in -n..n-1 (negative ones count from the end)
+llvm.func @sparsa_indices_ok_i{bits}(%p: !llvm.ptr, %count: i64, %n: i64) -> i1 {{
+  %zero = llvm.mlir.constant(0 : i64) : i64
+  %one = llvm.mlir.constant(1 : i64) : i64
+  %low = llvm.sub %zero, %n : i64
+  llvm.br ^next(%zero : i64)
+^next(%i: i64):
+  %more = llvm.icmp "slt" %i, %count : i64
+  llvm.cond_br %more, ^check, ^good
+^check:
+  %at = llvm.getelementptr %p[%i] : (!llvm.ptr, i64) -> !llvm.ptr, i{bits}
+  %raw = llvm.load %at : !llvm.ptr -> i{bits}
+  {widen}
+  %under = llvm.icmp "slt" %x, %low : i64
+  %over = llvm.icmp "sge" %x, %n : i64
+  %out = llvm.or %under, %over : i1
+  %after = llvm.add %i, %one : i64
+  llvm.cond_br %out, ^bad, ^next(%after : i64)
+^good:
+  %yes = llvm.mlir.constant(true) : i1
+  llvm.return %yes : i1
+^bad:
+  %no = llvm.mlir.constant(false) : i1
+  llvm.return %no : i1
+}}
+"""
+
+
 class _Function:
     """One LLVM function's body being written: fresh SSA names, argv loads made once."""
 
@@ -62,6 +91,13 @@ class _Function:
             return self.emit(f"llvm.getelementptr {base}[{index}] : (!llvm.ptr) -> !llvm.ptr, {elem}", "p")
         return self.emit(f"llvm.getelementptr {base}[{index}] : (!llvm.ptr, i64) -> !llvm.ptr, {elem}", "p")
 
+    def at_unshared(self, base: str, index: int) -> str:
+        """A pointer to base[index] for one block's use (left out of the loads made once: it dominates nothing)."""
+        self.count += 1
+        name = f"%q{self.count}"
+        self.lines.append(f"  {name} = llvm.getelementptr {base}[{index}] : (!llvm.ptr) -> !llvm.ptr, i64")
+        return name
+
     def arg(self, slot: int, ptr: bool = False, hint: str = "a") -> str:
         """argv[slot], as an i64 or a pointer (loaded once per function)."""
         key = (slot, ptr)
@@ -79,7 +115,7 @@ def _memref_types(rank: int) -> list[str]:
 
 
 def _signature(k: Kernel) -> list[str]:
-    types = [t for v in k.inputs + k.outputs for t in _memref_types(v.type.rank)]
+    types = [t for v in [*k.inputs, *k.outputs] for t in _memref_types(v.type.rank)]
     return types + (["i64", "i64"] if k.split == "parts" else [])
 
 
@@ -93,7 +129,7 @@ class _Writer:
         place = self.prog.places[id(v)]
         if place.kind == "view":
             place = self.prog.places[id(place.source)]
-        if place.kind == "arg":
+        if place.kind in ("arg", "planned"):
             return f.arg(place.ptr, ptr=True, hint="ptr")
         return f.at(ws, f.arg(place.ptr, hint="off"), "i8")
 
@@ -115,7 +151,7 @@ class _Writer:
         ws = f.emit(f"llvm.load {f.at('%frame', 1)} : !llvm.ptr -> !llvm.ptr", "ws")
         counter = f.at("%frame", 2)
         items = f.arg(launch.slot, hint="items")
-        args = [self.memref(f, ws, v) for v in k.inputs + k.outputs]
+        args = [self.memref(f, ws, v) for v in launch.args]
         bounds = f.arg(launch.slot + 2, hint="bounds") if k.split == "rows" else None
         one = f.const(1)
         f.do("llvm.br ^claim")
@@ -133,7 +169,7 @@ class _Writer:
             rows = f.binary("sub", hi, lo)
             cut = list(k.rows) + [True] * len(k.outputs)
             sliced = []
-            for v, m, c in zip(k.inputs + k.outputs, args, cut, strict=True):
+            for v, m, c in zip(launch.args, args, cut, strict=True):
                 if c:
                     rank = v.type.rank
                     step = f.binary("mul", lo, m[3 + rank])  # elements before row lo
@@ -161,8 +197,19 @@ class _Writer:
         for i, launch in enumerate(prog.launches):
             k = launch.kernel
             f.lines.append(f"  // {k.op.NAME} ({k.name})")
+            for n, (index, _, axis, slot) in enumerate(launch.checks):
+                f.lines.append(f"  // its index tensor {n} within axis {axis}'s size (argv[{slot}], argv[{slot + 1}])")
+                width = index.type.dtype[1:]
+                ok = f.emit(f"llvm.call @sparsa_indices_ok_i{width}({self.address(f, ws, index)}, {f.arg(slot)}, "
+                            f"{f.arg(slot + 1)}) : (!llvm.ptr, i64, i64) -> i1", "ok")
+                f.do(f"llvm.cond_br {ok}, ^ok{i}_{n}, ^bad{i}_{n}")
+                f.lines.append(f"^bad{i}_{n}:")
+                f.do(f"%status{i}_{n} = llvm.mlir.constant({i + 1} : i64) : i64")
+                f.do(f"llvm.store %status{i}_{n}, {f.at_unshared('%argv', 3)} : i64, !llvm.ptr")
+                f.do("llvm.return")
+                f.lines.append(f"^ok{i}_{n}:")
             if k.split == "none":
-                self.call(f, k, [a for v in k.inputs + k.outputs for a in self.memref(f, ws, v)])
+                self.call(f, k, [a for v in launch.args for a in self.memref(f, ws, v)])
                 continue
             f.do(f"llvm.store {f.const(0)}, {counter} : i64, !llvm.ptr")
             fn = f.emit(f"llvm.mlir.addressof @{regions[i]} : !llvm.ptr", "fn")
@@ -190,8 +237,11 @@ def program_text(prog: Any) -> str:
             regions[i], text = w.region(i, launch)
             bodies.append(text)
     decls = "".join(f"llvm.func @{name}({types})\n" for name, types in declared.items())
+    widths = sorted({int(c[0].type.dtype[1:]) for launch in prog.launches for c in launch.checks})
+    checks = "".join(CHECK.format(bits=b, widen=f"%x = llvm.sext %raw : i{b} to i64" if b < 64 else
+                                  "%x = llvm.add %raw, %zero : i64") + "\n" for b in widths)
     return ("// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL + "\n"
-            + "\n".join(bodies) + "\n" + w.main(regions))
+            + checks + "\n".join(bodies) + "\n" + w.main(regions))
 
 
 def merge(text: str, module: ir.Module) -> None:

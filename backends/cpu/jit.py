@@ -155,7 +155,7 @@ class CpuFunction(Executable):
         runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
             module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
-            self.host = HostProgram(func_op, self.kernels, self.weight_only,
+            self.host = HostProgram(func_op, self.kernels, self.weight_only, builder,
                                     "it exchanges rows between ranks (expert parallel)" if exchange is not None
                                     else None if native_host() else "SPARSA_NATIVE_HOST=0")
             self.stages = {"mlir": str(module),
@@ -263,11 +263,11 @@ class CpuFunction(Executable):
             space = mine["workspace"] = (buf, address(buf) + -address(buf) % ALIGN)
         made = mine.setdefault("argv", {}).get(key)
         if made is None:
-            argv = np.array([0, 0, threads, openmp_parallel(), 0, *[0] * host.pointers, *plan.tail], np.int64)
+            argv = np.array([0, 0, threads, openmp_parallel(), 0, 0, *[0] * host.pointers, *plan.tail], np.int64)
             made = mine["argv"][key] = (argv, address(argv))
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]
-        argv[4] = space[1]
+        argv[2 + 2] = space[1]
         at = 2 + HEADER
         for a in ins:
             argv[at] = address(a)
@@ -278,6 +278,9 @@ class CpuFunction(Executable):
             argv[at] = address(o)
             at += 1
         self.main(made[1])
+        if argv[2 + 3]:  # an index out of range: the Python host runs the call again and says where
+            argv[2 + 3] = 0
+            return None
         return outs
 
     def scratch(self, key: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -4,14 +4,16 @@ scalar mode), concat as copies into slices of the output; the views the host tak
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, tensor
+from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
+    HOSTED,
     KERNELS,
     LAUNCHES,
     LOWERINGS,
@@ -21,7 +23,7 @@ from sparsa.backends.cpu.context import (
     KernelContext,
     host,
 )
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor_shape as S
@@ -159,6 +161,11 @@ def scatter_add_kernel(cx: KernelContext, op: Operation) -> Kernel:
     return Kernel(name, op, inputs, [op.result])
 
 
+@HOSTED.lowers(S.ScatterAddOp)
+def hosted_scatter_add(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
+    return Hosted(checks=[(i, op.base, a) for a, i in enumerate(op.indices)])
+
+
 @LAUNCHES.lowers(S.ScatterAddOp)
 def launch_scatter_add(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
     """Places checked first: the kernel writes without checking."""
@@ -186,6 +193,103 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
             offset = B.add(offset, B.as_index(sizes[axis]))
 
     return cx.plain(op, list(op.inputs), build)
+
+
+@HOSTED.lowers(S.GatherOp)
+def hosted_gather(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
+    return Hosted(checks=[(i, op.x, a) for a, i in enumerate(op.indices)])
+
+
+# ---- strided views the native host copies out ---------------------------------------------------------
+@HOSTED.lowers(S.SliceOp, S.SplitOp)
+def hosted_view(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
+    """Each result copied out of the view NumPy's semantics make of the operand (its offset and strides)."""
+    return Hosted(before=[view_copy_kernel(cx, op, i) for i in range(len(op.results))])
+
+
+def view_geometry(op: Operation, index: int, shape: tuple[int, ...], ctx: Any) -> np.ndarray:
+    """[offset, strides...] in elements of result `index` of view op `op` on a contiguous operand of `shape`: the
+    op's reference run on an array with that layout and no memory behind it (views read nothing)."""
+    dtype = np.dtype(np.float32)
+    strides = [dtype.itemsize * math.prod(shape[a + 1:]) for a in range(len(shape))]
+    base = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, strides)
+    views = op.reference(ctx, base)
+    view = views[index] if isinstance(views, tuple) else views
+    offset = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // dtype.itemsize
+    return np.array([offset, *[s // dtype.itemsize for s in view.strides]], np.int64)
+
+
+def view_copy_kernel(cx: KernelContext, op: Operation, index: int) -> Kernel:
+    """A kernel copying result `index` of a view op out of its contiguous operand: out[i] = x.flat[offset + i .
+    strides], offset and strides (a Scratch made per set of shapes by `view_geometry`) its second argument."""
+    x, out = op.operands[0], op.results[index]
+    rank = out.type.rank
+    geometry = Scratch(TensorType("i64", (rank + 1,)), lambda known: (rank + 1,), f"{op.NAME}_geometry",
+                       lambda known, ctx: view_geometry(op, index, known[id(x)], ctx))
+    start = len(cx.tiled)
+    name, entry = cx.function(op, [x.type, geometry.type, out.type], False, "view_copy")
+    src, at, dst = entry.arguments
+    with ir.InsertionPoint(entry):
+        dims = ir.MemRefType(src.type).shape
+        size = math.prod(dims) if B.DYN() not in dims else B.DYN()
+        flat_type = ir.MemRefType.get([size], ir.MemRefType(src.type).element_type)
+        flat = memref.CollapseShapeOp(flat_type, src, ir.ArrayAttr.get([ir.ArrayAttr.get(
+            [ir.IntegerAttr.get(ir.IntegerType.get_signless(64), a) for a in range(x.type.rank)])])).result \
+            if x.type.rank != 1 else src
+        with B.nest(B.sizes_of(dst)) as ivs:
+            place = B.as_index(B.load(at, 0))
+            for a, i in enumerate(ivs):
+                place = B.add(place, B.mul(i, B.as_index(B.load(at, a + 1))))
+            B.store(B.load(flat, place), dst, *ivs)
+        func.ReturnOp([])
+    k = cx.reuse(Kernel(name, op, [x, geometry], [out]), start)
+    cx.kernels.append(k)
+    return k
+
+
+# ---- transposes the native host makes for other kernels ------------------------------------------------
+TRANSPOSE_ROWS = 16  # rows of the source read per pass: 16 x Dh elements stay in L1 while their columns are written
+
+
+def transpose_kernel(cx: KernelContext, op: Operation, v: Value) -> tuple[Kernel, Scratch]:
+    """A kernel writing v ([..., S, D]) with its last two dims swapped into a Scratch buffer: the native host's
+    `threads.transposed`. Its work items are the slices of the leading dims; each is copied TRANSPOSE_ROWS
+    source rows at a time, so the rows read stay in cache while the destination's rows are written in order."""
+    t = v.type
+    rank = t.rank
+    swapped = TensorType(t.dtype, t.shape[:-2] + (t.shape[-1], t.shape[-2]))
+    scratch = Scratch(swapped, lambda known: known[id(v)][:-2] + known[id(v)][-2:][::-1], f"{v.name_hint}_t")
+    start = len(cx.tiled)
+    name, entry = cx.function(op, [t, swapped], True, "transpose")
+    src, dst, part, parts = entry.arguments
+    with ir.InsertionPoint(entry):
+        lead = [B.mdim(src, a) for a in range(rank - 2)]
+        S_, D = B.mdim(src, rank - 2), B.mdim(src, rank - 1)
+        total = B.c_index(1)
+        for n in lead:
+            total = B.mul(total, n)
+        items = B.loop(part, total, parts)
+        with ir.InsertionPoint(items.body):
+            rest, at = items.induction_variable, []
+            for n in reversed(lead):
+                at.insert(0, arith.RemUIOp(rest, n).result)
+                rest = arith.DivUIOp(rest, n).result
+            rows = B.loop(0, S_, TRANSPOSE_ROWS)
+            with ir.InsertionPoint(rows.body):
+                s0 = rows.induction_variable
+                hi = B.minsi(B.add(s0, B.c_index(TRANSPOSE_ROWS)), S_)
+                with B.nest([D]) as (d,):
+                    each = B.loop(s0, hi)
+                    with ir.InsertionPoint(each.body):
+                        s = each.induction_variable
+                        B.store(B.load(src, *at, s, d), dst, *at, d, s)
+                        scf.YieldOp([])
+                scf.YieldOp([])
+            scf.YieldOp([])
+        func.ReturnOp([])
+    k = cx.reuse(Kernel(name, op, [v], [scratch], "parts"), start)
+    cx.kernels.append(k)
+    return k, scratch
 
 
 @LAUNCHES.lowers(S.GatherOp)

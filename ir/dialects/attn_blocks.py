@@ -199,6 +199,9 @@ class BlockMapOp(Operation):
                 raise self.error(f"map of shape {list(self.map.data.shape)} does not match "
                                  f"[{', '.join(format_dim(d) for d in want)}]")
 
+    def per_shape(self) -> bool:
+        return self.map is not None or not outer_values(self.mask)
+
     def reference(self, ctx: Any) -> np.ndarray:
         if self.map is not None:
             return self.map.data
