@@ -187,7 +187,9 @@ def cast_index(cx: KernelContext, region: Region, arg: int, x: ir.Value) -> ir.V
 def hosted_attention(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
     """K transposed into a workspace buffer first, by a kernel of its own."""
     step, kt = transpose_kernel(cx, op, op.k)
-    return Hosted(before=[step], args={1: kt})
+    args = [*k.inputs, *k.outputs]
+    args[1] = kt
+    return Hosted(before=[step], args=args)
 
 
 @LAUNCHES.lowers(AT.AttentionOp)

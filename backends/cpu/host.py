@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
-from sparsa.backends.cpu.signature import Kernel, Scratch
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, row_bounds, work
 from sparsa.ir.analysis import bind_shape
 from sparsa.ir.core import Operation, Value
@@ -76,8 +76,12 @@ class Launch:
 
     kernel: Kernel
     args: list[Any]
-    checks: list[tuple[Value, Value, int, int]] = dataclasses.field(default_factory=list)
+    checks: list[tuple[Value, Any, int]] = dataclasses.field(default_factory=list)
+    zeroed: list[Scratch] = dataclasses.field(default_factory=list)
+    items: Any = None
+    sum_parts: tuple[Scratch, Value] | None = None
     slot: int = 0
+    sum_slot: int = 0  # with sum_parts: argv[sum_slot] parts, argv[sum_slot + 1] elements of each
 
 
 @dataclasses.dataclass
@@ -94,8 +98,10 @@ class Plan:
 class _Shapes:
     """The context `result_shapes` reads: the dims the signature binds."""
 
-    def __init__(self, dims: dict[str, int]):
+    def __init__(self, dims: dict[str, int], threads: int = 1, exact: bool = False):
         self.dims = dims
+        self.threads = threads  # the team the plan is for
+        self.exact = exact  # SPARSA_DETERMINISTIC=1
 
     def dim(self, d: Any) -> int:
         return evaluate(d, self.dims)
@@ -136,38 +142,54 @@ class HostProgram:
         self.cx = cx
         self.launches: list[Launch] = []
         self.copies: list[tuple[int, Value, int]] = []  # (output index, value, argv slot of its bytes)
+        self.zeroed: dict[int, int] = {}  # a Scratch zeroed before its kernel -> the argv slot of its bytes
+        self.shapes: dict[int, Any] = {}  # op -> its HOSTED rule's result shapes
         self.ops = [op for op in block.ops[:-1] if id(op) not in weight_only]
         produced = {id(r): op for op in block.ops[:-1] if id(op) in weight_only for r in op.results}
-        self.fixed: list[tuple[Operation, int, Value]] = []  # weight-only results read here: (op, result, value)
+        # what the kernels read from the call's cache: (cache key, index in its tuple, value or Scratch) - the
+        # weight-only results by their op, weights packed by the Python host by their keys
+        self.fixed: list[tuple[Any, int, Any]] = []
         for op in self.ops:
             for v in op.operands:
                 self._fix(produced, v)
         for v in self.returns:
             self._fix(produced, v)
-        slot = HEADER
         for v in self.inputs + [v for _, _, v in self.fixed]:
-            self.places[id(v)] = Place(v, "arg", slot)
-            slot += 1
-        self.out_slots = list(range(slot, slot + len(self.returns)))
-        self.pointers = slot + len(self.returns) - HEADER  # pointer slots after the header
-        direct = {}  # a kernel's result returned: written straight into the output
+            self.places[id(v)] = Place(v, "arg", 0)
+        self.padded: set[int] = set()  # values longer than their semantics (perm at its bound): MoE ops read them
+        direct = {}  # a kernel's result returned: written straight into the output (its index)
         for i, v in enumerate(self.returns):
             if id(v) not in self.places and id(v) not in direct:
                 direct[id(v)] = i
-        self.tail = slot = self.out_slots[-1] + 1 if self.returns else slot
         for op in self.ops:
             if self.why_not:
                 break
             self.why_not = self._place(op, kernels.get(id(op)), direct)
+        if not self.why_not and any(id(v) in self.padded for v in self.returns):
+            self.why_not = "it returns a value of a MoE dispatch's length"
         if self.why_not:
             return
+        slot = HEADER
+        for v in self.inputs + [v for _, _, v in self.fixed]:
+            self.places[id(v)].ptr, slot = slot, slot + 1
+        self.out_slots = list(range(slot, slot + len(self.returns)))
+        self.pointers = slot + len(self.returns) - HEADER  # pointer slots after the header
+        for place in self.places.values():
+            if place.kind == "out":
+                place.kind, place.ptr = "arg", self.out_slots[place.ptr]
+        self.tail = slot = slot + len(self.returns)
         for place in self.places.values():
             place.dims, slot = slot, slot + 2 * place.rank
         for launch in self.launches:
             if launch.kernel.split != "none":
                 launch.slot, slot = slot, slot + 3
-            for i, (index, of, axis, _) in enumerate(launch.checks):
-                launch.checks[i], slot = (index, of, axis, slot), slot + 2
+            for i, (index, bounds, _) in enumerate(launch.checks):
+                launch.checks[i], slot = (index, bounds, slot), slot + 3
+            for zero in launch.zeroed:
+                self.zeroed.setdefault(id(zero), slot)
+                slot += 1 if self.zeroed[id(zero)] == slot else 0
+            if launch.sum_parts:
+                launch.sum_slot, slot = slot, slot + 2
         for i, v in enumerate(self.returns):
             place = self.places[id(v)]
             if not (place.kind == "arg" and place.ptr == self.out_slots[i]):
@@ -185,7 +207,7 @@ class HostProgram:
     def _fix(self, produced: dict[int, Operation], v: Value) -> None:
         op = produced.get(id(v))
         if op is not None and all(f[2] is not v for f in self.fixed):
-            self.fixed.append((op, op.results.index(v), v))
+            self.fixed.append((id(op), op.results.index(v), v))
 
     def _place(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
         """Give op's results their places (None), or say why the function keeps the Python host."""
@@ -193,33 +215,45 @@ class HostProgram:
             if op.per_shape() and not op.operands and len(op.results) == 1 and id(op.result) not in direct:
                 self.places[id(op.result)] = Place(op.result, "planned", 0)
                 return None
-            if isinstance(op, VIEWS):
+            if isinstance(op, VIEWS) and id(op.operands[0]) not in self.padded:
                 self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
                 return None
-        hosted = None
+        hosted = Hosted()
         if k is None or LAUNCHES.find(op) is not None or k.panels:
             rule = HOSTED.find(op)
-            if rule is None:
-                return f"'{op.NAME}' runs on the Python host" if k is None else \
-                    f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
-            hosted = rule(self.cx, op, k)
+            hosted = rule(self.cx, op, k) if rule is not None else \
+                f"'{op.NAME}' runs on the Python host" if k is None else \
+                f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
+            if isinstance(hosted, str):
+                return hosted
+        if any(id(v) in self.padded for v in op.operands) and not hosted.takes_padded:
+            return f"'{op.NAME}' reads a value of a MoE dispatch's length"
         if k is not None and list(k.outputs) != list(op.results):
             return f"the kernel of '{op.NAME}' takes more than its op's operands and results"
+        if hosted.shapes is not None:
+            self.shapes[id(op)] = hosted.shapes
+        self.padded.update(id(v) for v in hosted.padded)
         for r in op.results:
             i = direct.pop(id(r), None)
-            self.places[id(r)] = Place(r, "arg", self.out_slots[i]) if i is not None else Place(r, "temp", 0)
-        for step in hosted.before if hosted else []:
-            for s in [*step.inputs, *step.outputs]:
-                if isinstance(s, Scratch):
-                    self.places[id(s)] = Place(s, "temp" if s.data is None else "planned", 0)
-            self.launches.append(Launch(step, [*step.inputs, *step.outputs]))
-        if k is None:  # a host op the kernels of `before` compute
-            return None
-        args = [*k.inputs, *k.outputs]
-        for i, s in (hosted.args if hosted else {}).items():
-            args[i] = s
-        self.launches.append(Launch(k, args, [(*c, 0) for c in hosted.checks] if hosted else []))
+            self.places[id(r)] = Place(r, "out", i) if i is not None else Place(r, "temp", 0)
+        steps = [Launch(s, [*s.inputs, *s.outputs]) for s in hosted.before]
+        if k is not None:  # else a host op the kernels of `before` compute
+            steps.append(Launch(k, hosted.args or [*k.inputs, *k.outputs], [(*c, 0) for c in hosted.checks],
+                                hosted.zeroed, hosted.items, hosted.sum_parts))
+        for launch in steps:
+            for s in [*launch.args, *([launch.sum_parts[0]] if launch.sum_parts else [])]:
+                if isinstance(s, Scratch) and id(s) not in self.places:
+                    self._scratch(s)
+            self.launches.append(launch)
         return None
+
+    def _scratch(self, s: Scratch) -> None:
+        """A place for a Scratch buffer: the workspace, an array the plan makes, or one the call's cache holds."""
+        if s.cached is not None:
+            self.fixed.append((s.cached, 0, s))
+            self.places[id(s)] = Place(s, "arg", 0)
+        else:
+            self.places[id(s)] = Place(s, "temp" if s.data is None else "planned", 0)
 
     def _base(self, v: Value) -> Value:
         place = self.places[id(v)]
@@ -236,7 +270,7 @@ class HostProgram:
         known = {id(a): tuple(s) for a, s in zip(self.inputs, shapes, strict=True)}
         for (_, _, v), shape in zip(self.fixed, fixed_shapes, strict=True):
             known[id(v)] = tuple(shape)
-        ctx = _Shapes(dims)
+        ctx = _Shapes(dims, threads, deterministic)
         arrays = {}
         for op in self.ops:
             place = self.places.get(id(op.results[0])) if op.results else None
@@ -244,13 +278,18 @@ class HostProgram:
                 arrays[id(op.result)] = np.ascontiguousarray(op.reference(ctx), numpy_dtype(op.result.type.dtype))
                 known[id(op.result)] = arrays[id(op.result)].shape
                 continue
-            ins = [_stand_in(known[id(v)], numpy_dtype(v.type.dtype)) for v in op.operands]
-            for r, shape in zip(op.results, op.result_shapes(ctx, ins), strict=True):
+            rule = self.shapes.get(id(op))
+            if rule is not None:
+                shapes_ = rule(known, ctx)
+            else:
+                shapes_ = op.result_shapes(ctx, [_stand_in(known[id(v)], numpy_dtype(v.type.dtype))
+                                                 for v in op.operands])
+            for r, shape in zip(op.results, shapes_, strict=True):
                 known[id(r)] = tuple(shape)
         for place in self.places.values():
             s = place.value
-            if isinstance(s, Scratch):
-                known[id(s)] = s.shape(known)
+            if isinstance(s, Scratch) and s.cached is None:
+                known[id(s)] = tuple(s.shape(known, ctx))
                 if s.data is not None:
                     arrays[id(s)] = np.ascontiguousarray(s.data(known, ctx), numpy_dtype(s.type.dtype))
         tail = [0] * (self.size - self.tail)
@@ -271,11 +310,16 @@ class HostProgram:
                 put(place.ptr, [address(arrays[id(place.value)])])
         bounds: list[int] = []
         for launch in self.launches:
-            for index, of, axis, slot in launch.checks:
-                put(slot, [math.prod(known[id(index)]), known[id(of)][axis]])
+            for index, limits, slot in launch.checks:
+                put(slot, [math.prod(known[id(index)]), *limits(known)])
+            for zero in launch.zeroed:
+                put(self.zeroed[id(zero)], [math.prod(known[id(zero)]) * self.places[id(zero)].itemsize])
+            if launch.sum_parts:
+                parts = known[id(launch.sum_parts[0])]
+                put(launch.sum_slot, [parts[0], math.prod(parts[1:])])
             if launch.kernel.split == "none":
                 continue
-            items, team, cut = self._split(launch.kernel, known, threads, deterministic)
+            items, team, cut = self._split(launch, known, threads, deterministic, ctx)
             put(launch.slot, [items, team, self.size + len(bounds)])
             bounds += cut
         for _, v, slot in self.copies:
@@ -283,10 +327,14 @@ class HostProgram:
         outputs = [(known[id(v)], numpy_dtype(v.type.dtype)) for v in self.returns]
         return Plan(tail + bounds, outputs, offset, list(arrays.values()))
 
-    def _split(self, k: Kernel, known: dict[int, tuple[int, ...]], threads: int,
-               deterministic: bool) -> tuple[int, int, list[int]]:
+    def _split(self, launch: Launch, known: dict[int, tuple[int, ...]], threads: int,
+               deterministic: bool, ctx: _Shapes) -> tuple[int, int, list[int]]:
         """(work items, team size, row bounds) of a split kernel, as `CpuFunction.run` splits it."""
+        k = launch.kernel
         op = k.op
+        if launch.items is not None:
+            items = launch.items(ctx)
+            return items, min(items, threads), []
         in_shapes = [known[id(v)] for v in k.inputs]
         out = known[id(k.outputs[0])]
         amount = work(op, in_shapes, out)

@@ -10,8 +10,6 @@ from typing import Any
 
 from torch_mlir import ir
 
-from sparsa.backends.cpu.signature import Kernel
-
 PARALLEL = """\
 // fn(frame) on the OpenMP team (GOMP_parallel at `pool`), or on this thread alone
 llvm.func @sparsa_parallel(%fn: !llvm.ptr, %frame: !llvm.ptr, %team: i64, %pool: !llvm.ptr) {
@@ -34,11 +32,10 @@ llvm.func @sparsa_parallel(%fn: !llvm.ptr, %frame: !llvm.ptr, %team: i64, %pool:
 
 
 CHECK = """\
-// whether every one of `count` i{bits} indices at %p lies in -n..n-1 (negative ones count from the end)
-llvm.func @sparsa_indices_ok_i{bits}(%p: !llvm.ptr, %count: i64, %n: i64) -> i1 {{
+// whether every one of `count` i{bits} indices at %p lies in low..n-1
+llvm.func @sparsa_indices_ok_i{bits}(%p: !llvm.ptr, %count: i64, %low: i64, %n: i64) -> i1 {{
   %zero = llvm.mlir.constant(0 : i64) : i64
   %one = llvm.mlir.constant(1 : i64) : i64
-  %low = llvm.sub %zero, %n : i64
   llvm.br ^next(%zero : i64)
 ^next(%i: i64):
   %more = llvm.icmp "slt" %i, %count : i64
@@ -62,6 +59,43 @@ llvm.func @sparsa_indices_ok_i{bits}(%p: !llvm.ptr, %count: i64, %n: i64) -> i1 
 """
 
 
+SUM_PARTS = """\
+// dst = src[0] + src[1] + ... + src[parts - 1], `count` {t} each, added in that order
+llvm.func @sparsa_sum_parts_{t}(%dst: !llvm.ptr, %src: !llvm.ptr, %parts: i64, %count: i64) {{
+  %zero = llvm.mlir.constant(0 : i64) : i64
+  %one = llvm.mlir.constant(1 : i64) : i64
+  %size = llvm.mlir.constant({size} : i64) : i64
+  %bytes = llvm.mul %count, %size : i64
+  "llvm.intr.memcpy"(%dst, %src, %bytes) <{{isVolatile = false}}> : (!llvm.ptr, !llvm.ptr, i64) -> ()
+  llvm.br ^part(%one : i64)
+^part(%p: i64):
+  %more = llvm.icmp "slt" %p, %parts : i64
+  llvm.cond_br %more, ^start, ^done
+^start:
+  %base = llvm.mul %p, %count : i64
+  %from = llvm.getelementptr %src[%base] : (!llvm.ptr, i64) -> !llvm.ptr, {t}
+  llvm.br ^add(%zero : i64)
+^add(%i: i64):
+  %inner = llvm.icmp "slt" %i, %count : i64
+  llvm.cond_br %inner, ^body, ^next
+^body:
+  %d = llvm.getelementptr %dst[%i] : (!llvm.ptr, i64) -> !llvm.ptr, {t}
+  %s = llvm.getelementptr %from[%i] : (!llvm.ptr, i64) -> !llvm.ptr, {t}
+  %a = llvm.load %d : !llvm.ptr -> {t}
+  %b = llvm.load %s : !llvm.ptr -> {t}
+  %sum = llvm.fadd %a, %b : {t}
+  llvm.store %sum, %d : {t}, !llvm.ptr
+  %i1 = llvm.add %i, %one : i64
+  llvm.br ^add(%i1 : i64)
+^next:
+  %p1 = llvm.add %p, %one : i64
+  llvm.br ^part(%p1 : i64)
+^done:
+  llvm.return
+}}
+"""
+
+
 class _Function:
     """One LLVM function's body being written: fresh SSA names, argv loads made once."""
 
@@ -80,10 +114,10 @@ class _Function:
     def do(self, text: str) -> None:
         self.lines.append(f"  {text}")
 
-    def const(self, n: int) -> str:
-        key = ("const", n)
+    def const(self, n: int, type_: str = "i64") -> str:
+        key = ("const", n, type_)
         if key not in self.loaded:
-            self.loaded[key] = self.emit(f"llvm.mlir.constant({n} : i64) : i64", "c")
+            self.loaded[key] = self.emit(f"llvm.mlir.constant({n} : {type_}) : {type_}", "c")
         return self.loaded[key]
 
     def at(self, base: str, index: str | int, elem: str = "i64") -> str:
@@ -114,9 +148,10 @@ def _memref_types(rank: int) -> list[str]:
     return ["!llvm.ptr", "!llvm.ptr", "i64"] + ["i64"] * (2 * rank)
 
 
-def _signature(k: Kernel) -> list[str]:
-    types = [t for v in [*k.inputs, *k.outputs] for t in _memref_types(v.type.rank)]
-    return types + (["i64", "i64"] if k.split == "parts" else [])
+def _signature(launch: Any) -> list[str]:
+    """The LLVM argument types of a launch's kernel: each memref's, then (part, parts) where it splits so."""
+    types = [t for v in launch.args for t in _memref_types(v.type.rank)]
+    return types + (["i64", "i64"] if launch.kernel.split == "parts" else [])
 
 
 class _Writer:
@@ -140,8 +175,8 @@ class _Writer:
         shape = [f.arg(place.dims + i, hint="d") for i in range(2 * place.rank)]
         return [ptr, ptr, f.const(0), *shape]
 
-    def call(self, f: _Function, k: Kernel, args: list[str]) -> None:
-        f.do(f"llvm.call @{k.name}({', '.join(args)}) : ({', '.join(_signature(k))}) -> ()")
+    def call(self, f: _Function, launch: Any, args: list[str]) -> None:
+        f.do(f"llvm.call @{launch.kernel.name}({', '.join(args)}) : ({', '.join(_signature(launch))}) -> ()")
 
     def region(self, index: int, launch: Any) -> tuple[str, str]:
         """The region function of a split kernel: claim work items until none is left."""
@@ -161,7 +196,7 @@ class _Writer:
         f.do(f"llvm.cond_br {done}, ^exit, ^work")
         f.lines.append("^work:")
         if k.split == "parts":
-            self.call(f, k, [a for m in args for a in m] + [item, items])
+            self.call(f, launch, [a for m in args for a in m] + [item, items])
         else:  # rows lo..hi of the output and of the inputs cut with it
             at = f.binary("add", bounds, item)
             lo = f.emit(f"llvm.load {f.at('%argv', at)} : !llvm.ptr -> i64", "lo")
@@ -177,7 +212,7 @@ class _Writer:
                     ptr = f.at(m[0], f.binary("mul", step, f.const(size)), "i8")
                     m = [ptr, ptr, m[2], rows, *m[4:]]
                 sliced += m
-            self.call(f, k, sliced)
+            self.call(f, launch, sliced)
         f.do("llvm.br ^claim")
         f.lines.append("^exit:")
         f.do("llvm.return")
@@ -197,25 +232,36 @@ class _Writer:
         for i, launch in enumerate(prog.launches):
             k = launch.kernel
             f.lines.append(f"  // {k.op.NAME} ({k.name})")
-            for n, (index, _, axis, slot) in enumerate(launch.checks):
-                f.lines.append(f"  // its index tensor {n} within axis {axis}'s size (argv[{slot}], argv[{slot + 1}])")
+            for n, (index, _, slot) in enumerate(launch.checks):
+                f.lines.append(f"  // index tensor {n}: argv[{slot}] indices, each in argv[{slot + 1}].."
+                               f"argv[{slot + 2}]-1")
                 width = index.type.dtype[1:]
                 ok = f.emit(f"llvm.call @sparsa_indices_ok_i{width}({self.address(f, ws, index)}, {f.arg(slot)}, "
-                            f"{f.arg(slot + 1)}) : (!llvm.ptr, i64, i64) -> i1", "ok")
+                            f"{f.arg(slot + 1)}, {f.arg(slot + 2)}) : (!llvm.ptr, i64, i64, i64) -> i1", "ok")
                 f.do(f"llvm.cond_br {ok}, ^ok{i}_{n}, ^bad{i}_{n}")
                 f.lines.append(f"^bad{i}_{n}:")
                 f.do(f"%status{i}_{n} = llvm.mlir.constant({i + 1} : i64) : i64")
                 f.do(f"llvm.store %status{i}_{n}, {f.at_unshared('%argv', 3)} : i64, !llvm.ptr")
                 f.do("llvm.return")
                 f.lines.append(f"^ok{i}_{n}:")
+            for zero in launch.zeroed:
+                f.do(f'"llvm.intr.memset"({self.address(f, ws, zero)}, {f.const(0, "i8")}, '
+                     f'{f.arg(prog.zeroed[id(zero)], hint="bytes")}) <{{isVolatile = false}}> : '
+                     "(!llvm.ptr, i8, i64) -> ()")
             if k.split == "none":
-                self.call(f, k, [a for v in launch.args for a in self.memref(f, ws, v)])
-                continue
-            f.do(f"llvm.store {f.const(0)}, {counter} : i64, !llvm.ptr")
-            fn = f.emit(f"llvm.mlir.addressof @{regions[i]} : !llvm.ptr", "fn")
-            team = f.arg(launch.slot + 1, hint="team")
-            f.do(f"llvm.call @sparsa_parallel({fn}, {frame}, {team}, {pool}) : "
-                 "(!llvm.ptr, !llvm.ptr, i64, !llvm.ptr) -> ()")
+                self.call(f, launch, [a for v in launch.args for a in self.memref(f, ws, v)])
+            else:
+                f.do(f"llvm.store {f.const(0)}, {counter} : i64, !llvm.ptr")
+                fn = f.emit(f"llvm.mlir.addressof @{regions[i]} : !llvm.ptr", "fn")
+                team = f.arg(launch.slot + 1, hint="team")
+                f.do(f"llvm.call @sparsa_parallel({fn}, {frame}, {team}, {pool}) : "
+                     "(!llvm.ptr, !llvm.ptr, i64, !llvm.ptr) -> ()")
+            if launch.sum_parts:
+                src, dst = launch.sum_parts
+                f.lines.append("  // the parts' slices summed into the result")
+                f.do(f"llvm.call @sparsa_sum_parts_{dst.type.dtype}({self.address(f, ws, dst)}, "
+                     f"{self.address(f, ws, src)}, {f.arg(launch.sum_slot)}, {f.arg(launch.sum_slot + 1)}) : "
+                     "(!llvm.ptr, !llvm.ptr, i64, i64) -> ()")
         for out, v, slot in prog.copies:
             f.lines.append(f"  // result {out}: copied (an input, a weight, a view or a value returned twice)")
             dst = f.arg(prog.out_slots[out], ptr=True, hint="out")
@@ -230,7 +276,7 @@ def program_text(prog: Any) -> str:
     w = _Writer(prog)
     declared: dict[str, str] = {}
     for launch in prog.launches:
-        declared.setdefault(launch.kernel.name, ", ".join(_signature(launch.kernel)))
+        declared.setdefault(launch.kernel.name, ", ".join(_signature(launch)))
     regions, bodies = {}, []
     for i, launch in enumerate(prog.launches):
         if launch.kernel.split != "none":
@@ -240,6 +286,8 @@ def program_text(prog: Any) -> str:
     widths = sorted({int(c[0].type.dtype[1:]) for launch in prog.launches for c in launch.checks})
     checks = "".join(CHECK.format(bits=b, widen=f"%x = llvm.sext %raw : i{b} to i64" if b < 64 else
                                   "%x = llvm.add %raw, %zero : i64") + "\n" for b in widths)
+    sums = sorted({launch.sum_parts[1].type.dtype for launch in prog.launches if launch.sum_parts})
+    checks += "".join(SUM_PARTS.format(t=t, size={"f32": 4, "f64": 8}[t]) + "\n" for t in sums)
     return ("// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL + "\n"
             + checks + "\n".join(bodies) + "\n" + w.main(regions))
 

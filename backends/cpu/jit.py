@@ -190,6 +190,7 @@ class CpuFunction(Executable):
         self.main = None if self.engine is None or self.host.why_not is not None else \
             packed(self.engine.raw_lookup("sparsa_main"))
         self._plans: dict[tuple, Any] = {}  # by the inputs' shapes, the weights' and the threads
+        self.calls = {"native": 0, "python": 0}  # which host ran each call
         if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
@@ -221,7 +222,9 @@ class CpuFunction(Executable):
         if self.main is not None and cache is not None and weight_only is self.weight_only:
             outs = self._native(inputs, cache)
             if outs is not None:
+                self.calls["native"] += 1
                 return outs
+        self.calls["python"] += 1
         host = _Host(self, params or {}, cache if cache is not None else {}, weight_only)
         outs = host.run(list(inputs))
         return [np.array(o, copy=True) if not o.flags.owndata or not o.flags.c_contiguous else o for o in outs]
@@ -233,10 +236,10 @@ class CpuFunction(Executable):
         fixed = cache.get(("native host", id(self))) if host.fixed else _NO_FIXED
         if fixed is None:
             arrays = []
-            for op, j, _ in host.fixed:
-                if id(op) not in cache:
+            for key, j, _ in host.fixed:
+                if key not in cache:
                     return None
-                arrays.append(np.ascontiguousarray(cache[id(op)][j]))
+                arrays.append(np.ascontiguousarray(cache[key][j]))
             fixed = cache[("native host", id(self))] = (arrays, [address(a) for a in arrays],
                                                         tuple(a.shape for a in arrays))
         if len(inputs) != len(host.inputs):

@@ -14,13 +14,14 @@ from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
+    HOSTED,
     KERNELS,
     LAUNCHES,
     KernelContext,
     element_type,
     host,
 )
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
 from sparsa.ir.core import Operation, Value
@@ -519,6 +520,54 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
     fn.parts(k, ins + [out, np.zeros(1, np.int64)], n, threads)
     out[ins[1] < 0] = 0  # the segments' padding rows, which the kernel skips
     return [out]
+
+
+# ---- the native host's side (host.py) ---------------------------------------------------------------------
+@HOSTED.lowers(M.DispatchOp)
+def hosted_dispatch(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
+    """Expert ids checked first; the capacity limit made once per set of shapes; the permutation kept at its bound
+    (T*K + E*(block-1), what offsets[E] says is used marked, the rest never read): only the grouped GEMMs read it."""
+    ex = op.experts
+    lowest = -1 if op.drop_negative else 0
+    limit = Scratch(TensorType("i64", (1,)), lambda known, ctx: (1,), "capacity_limit",
+                    lambda known, ctx: np.array([op.capacity_limit(*known[id(ex)])], np.int64))
+
+    def shapes(known: dict, ctx: Any) -> list[tuple[int, ...]]:
+        t, kk = known[id(ex)]
+        return [(t * kk + op.num_experts * (op.block - 1),), (op.num_experts + 1,)]
+
+    return Hosted(checks=[(ex, lambda known: (lowest, op.num_experts))], args=[ex, limit, *op.results],
+                  shapes=shapes, padded=[op.results[0]])
+
+
+@HOSTED.lowers(M.GroupedMatmulOp, M.GroupedMatmulCombineOp)
+def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
+    """The weights' panels as the Python host packed them (kept in the call's cache); a zeroed counter the parts
+    claim chunks from; a combine's parts each write a slice of a workspace buffer, summed into the result after."""
+    if k.repacked:
+        return f"the grouped GEMM of '{op.NAME}' packs weights that may change at every call on the Python host"
+    args: list[Any] = list(k.inputs)
+    for i in k.panels:
+        w = k.inputs[i]
+        args[i] = Scratch(TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL)),
+                          lambda known, ctx: (), f"{w.name_hint}_panels", cached=("panels", id(w)))
+    counter = Scratch(TensorType("i64", (1,)), lambda known, ctx: (1,), "chunks_claimed")
+    weight = k.inputs[3]
+    rt = op.result.type
+
+    def width(known: dict) -> int:
+        return rt.shape[1] if isinstance(rt.shape[1], int) else known[id(weight)][2]
+
+    def parts(ctx: Any) -> int:
+        return DETERMINISTIC_PARTS if ctx.exact else ctx.threads
+
+    if isinstance(op, M.GroupedMatmulCombineOp):
+        slices = Scratch(TensorType(rt.dtype, (None,) + rt.shape), lambda known, ctx: (
+            parts(ctx), known[id(op.gates)][0], width(known)), "part_slices")
+        return Hosted(args=[*args, slices, counter], zeroed=[counter], items=parts, sum_parts=(slices, op.result),
+                      shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))], takes_padded=True)
+    return Hosted(args=[*args, op.result, counter], zeroed=[counter], items=parts, takes_padded=True,
+                  shapes=lambda known, ctx: [(known[id(op.perm)][0], width(known))], padded=[op.result])
 
 
 def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -32,18 +32,31 @@ class Scratch:
     shapes from them and the call's dims (a strided view's offset and strides for the kernel that copies it)."""
 
     type: TensorType
-    shape: Callable[[dict[int, tuple[int, ...]]], tuple[int, ...]]
+    shape: Callable[[dict[int, tuple[int, ...]], Any], tuple[int, ...]]  # (known shapes, the plan's context)
     name_hint: str = "scratch"
     data: Callable[[dict[int, tuple[int, ...]], Any], Any] | None = None
+    cached: Any = None  # instead: the array the Python host keeps under this key in the call's cache (packed weights)
 
 
 @dataclass
 class Hosted:
-    """How the native host runs an op whose Python host does more than run its kernel (its LAUNCHES rule): kernels
-    run first (`before`, writing Scratch buffers), index tensors checked against a value's dims before the kernel
-    reads them (`checks`: index value, indexed value, axis), and kernel arguments (by position, operands then
-    results) replaced by Scratch buffers (`args`)."""
+    """How the native host runs an op whose Python host does more than run its kernel (its LAUNCHES rule), as data
+    the host program is generated from:
+    - `before`: kernels run first (writing Scratch buffers, or the results of an op that has no kernel);
+    - `checks`: index tensors checked before the kernel reads them: (index value, bounds(known shapes) -> (low,
+      high)), every index in low..high-1;
+    - `args`: the kernel's arguments, operands then results, where they are not its op's (Scratch buffers);
+    - `zeroed`: Scratch arguments zeroed before the kernel; `items`: its work items (ctx -> count);
+    - `sum_parts`: (a Scratch of [parts, *shape], the result it sums into) after the kernel;
+    - `shapes`: the results' shapes (known, ctx) where they are not the op's semantics: `padded` ones longer
+      (a dispatch's permutation at its bound), which only ops that say `takes_padded` may read."""
 
     before: list[Kernel] = field(default_factory=list)
-    checks: list[tuple[Value, Value, int]] = field(default_factory=list)
-    args: dict[int, Any] = field(default_factory=dict)
+    checks: list[tuple[Value, Callable[[dict], tuple[int, int]]]] = field(default_factory=list)
+    args: list[Any] | None = None
+    zeroed: list[Scratch] = field(default_factory=list)
+    items: Callable[[Any], int] | None = None
+    sum_parts: tuple[Scratch, Value] | None = None
+    shapes: Callable[[dict, Any], list[tuple[int, ...]]] | None = None
+    padded: list[Value] = field(default_factory=list)
+    takes_padded: bool = False

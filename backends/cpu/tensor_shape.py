@@ -163,7 +163,7 @@ def scatter_add_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
 @HOSTED.lowers(S.ScatterAddOp)
 def hosted_scatter_add(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
-    return Hosted(checks=[(i, op.base, a) for a, i in enumerate(op.indices)])
+    return Hosted(checks=[(i, within(op.base, a)) for a, i in enumerate(op.indices)])
 
 
 @LAUNCHES.lowers(S.ScatterAddOp)
@@ -197,7 +197,12 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
 @HOSTED.lowers(S.GatherOp)
 def hosted_gather(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
-    return Hosted(checks=[(i, op.x, a) for a, i in enumerate(op.indices)])
+    return Hosted(checks=[(i, within(op.x, a)) for a, i in enumerate(op.indices)])
+
+
+def within(v: Value, axis: int) -> Any:
+    """The bounds of an index into `axis` of v: -n..n-1 (negative ones count from the end, as NumPy's)."""
+    return lambda known: (-known[id(v)][axis], known[id(v)][axis])
 
 
 # ---- strided views the native host copies out ---------------------------------------------------------
@@ -224,7 +229,7 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int) -> Kernel:
     strides], offset and strides (a Scratch made per set of shapes by `view_geometry`) its second argument."""
     x, out = op.operands[0], op.results[index]
     rank = out.type.rank
-    geometry = Scratch(TensorType("i64", (rank + 1,)), lambda known: (rank + 1,), f"{op.NAME}_geometry",
+    geometry = Scratch(TensorType("i64", (rank + 1,)), lambda known, ctx: (rank + 1,), f"{op.NAME}_geometry",
                        lambda known, ctx: view_geometry(op, index, known[id(x)], ctx))
     start = len(cx.tiled)
     name, entry = cx.function(op, [x.type, geometry.type, out.type], False, "view_copy")
@@ -258,7 +263,7 @@ def transpose_kernel(cx: KernelContext, op: Operation, v: Value) -> tuple[Kernel
     t = v.type
     rank = t.rank
     swapped = TensorType(t.dtype, t.shape[:-2] + (t.shape[-1], t.shape[-2]))
-    scratch = Scratch(swapped, lambda known: known[id(v)][:-2] + known[id(v)][-2:][::-1], f"{v.name_hint}_t")
+    scratch = Scratch(swapped, lambda known, ctx: known[id(v)][:-2] + known[id(v)][-2:][::-1], f"{v.name_hint}_t")
     start = len(cx.tiled)
     name, entry = cx.function(op, [t, swapped], True, "transpose")
     src, dst, part, parts = entry.arguments
