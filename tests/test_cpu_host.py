@@ -244,3 +244,34 @@ def test_attention_runs_natively_with_its_block_map_per_shape(monkeypatch):
         got, want = native(*ins), python(*ins)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(got, ref(*ins), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_moe_block_runs_natively_packing_its_weights_each_call():
+    """transformers' grouped_mm Mixtral block under torch.compile, parameters read afresh at each call (no
+    freezing): the expert weights are packed into panels by a kernel of the native host at every call, from the
+    transposes PyTorch's layout makes (no kernel makes those); a write through `.data` is seen."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config).eval()
+    for p in block.parameters():  # transformers leaves them uninitialised outside a model
+        torch.nn.init.normal_(p, std=0.2)
+    backend = SparsaBackend({"target": "cpu"})
+    compiled = torch.compile(block, backend=backend)
+    x = torch.randn(1, 7, 32)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+        for p in block.parameters():
+            p.data.mul_(1.5)
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+    natives = [p.native for p in backend.partitions if getattr(p, "native", None) is not None]
+    assert any("pack_panels" in n.stages["host"] for n in natives)
+    assert sum(n.calls["native"] for n in natives) >= 2

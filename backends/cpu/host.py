@@ -165,8 +165,9 @@ class HostProgram:
             if self.why_not:
                 break
             self.why_not = self._place(op, kernels.get(id(op)), direct)
-        if not self.why_not and any(id(v) in self.padded for v in self.returns):
-            self.why_not = "it returns a value of a MoE dispatch's length"
+        if not self.why_not and any(id(v) in self.padded or self.places[id(v)].kind == "virtual"
+                                    for v in self.returns if id(v) in self.places):
+            self.why_not = "it returns a value of a MoE dispatch's length or a transpose only packed weights read"
         if self.why_not:
             return
         slot = HEADER
@@ -228,6 +229,10 @@ class HostProgram:
                 return hosted
         if any(id(v) in self.padded for v in op.operands) and not hosted.takes_padded:
             return f"'{op.NAME}' reads a value of a MoE dispatch's length"
+        if hosted.virtual:
+            for r in op.results:
+                self.places[id(r)] = Place(r, "virtual", 0)
+            return None
         if k is not None and list(k.outputs) != list(op.results):
             return f"the kernel of '{op.NAME}' takes more than its op's operands and results"
         if hosted.shapes is not None:
@@ -241,6 +246,8 @@ class HostProgram:
             steps.append(Launch(k, hosted.args or [*k.inputs, *k.outputs], [(*c, 0) for c in hosted.checks],
                                 hosted.zeroed, hosted.items, hosted.sum_parts))
         for launch in steps:
+            if any(self.places[id(v)].kind == "virtual" for v in launch.args if id(v) in self.places):
+                return f"a kernel of '{op.NAME}' reads a transpose that only packed weights are made from"
             for s in [*launch.args, *([launch.sum_parts[0]] if launch.sum_parts else [])]:
                 if isinstance(s, Scratch) and id(s) not in self.places:
                     self._scratch(s)

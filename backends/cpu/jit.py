@@ -87,6 +87,7 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     builder = KernelContext(module, fixed, target)
     kernels = {}
     views = moe.packed_transposes(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
+    builder.packed = views
     for op in block.ops[:-1]:
         k = builder.kernel(op) if id(op) not in weight_only and id(op) not in views else None
         if k is not None:

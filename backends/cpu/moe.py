@@ -544,11 +544,14 @@ def hosted_dispatch(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
 def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
     """The weights' panels as the Python host packed them (kept in the call's cache); a zeroed counter the parts
     claim chunks from; a combine's parts each write a slice of a workspace buffer, summed into the result after."""
-    if k.repacked:
-        return f"the grouped GEMM of '{op.NAME}' packs weights that may change at every call on the Python host"
     args: list[Any] = list(k.inputs)
+    before = []
     for i in k.panels:
         w = k.inputs[i]
+        if i in k.repacked:  # a weight that may change between calls: packed at each call, by a kernel
+            step, args[i] = pack_kernel(cx, op, w)
+            before.append(step)
+            continue
         args[i] = Scratch(TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL)),
                           lambda known, ctx: (), f"{w.name_hint}_panels", cached=("panels", id(w)))
     counter = Scratch(TensorType("i64", (1,)), lambda known, ctx: (1,), "chunks_claimed")
@@ -564,10 +567,54 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
     if isinstance(op, M.GroupedMatmulCombineOp):
         slices = Scratch(TensorType(rt.dtype, (None,) + rt.shape), lambda known, ctx: (
             parts(ctx), known[id(op.gates)][0], width(known)), "part_slices")
-        return Hosted(args=[*args, slices, counter], zeroed=[counter], items=parts, sum_parts=(slices, op.result),
-                      shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))], takes_padded=True)
-    return Hosted(args=[*args, op.result, counter], zeroed=[counter], items=parts, takes_padded=True,
+        return Hosted(before, args=[*args, slices, counter], zeroed=[counter], items=parts,
+                      sum_parts=(slices, op.result), takes_padded=True,
+                      shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))])
+    return Hosted(before, args=[*args, op.result, counter], zeroed=[counter], items=parts, takes_padded=True,
                   shapes=lambda known, ctx: [(known[id(op.perm)][0], width(known))], padded=[op.result])
+
+
+@HOSTED.lowers(S.TransposeOp)
+def hosted_packed_transpose(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
+    """A transpose no kernel makes (`packed_transposes`): the grouped GEMMs' pack kernels read its source."""
+    return Hosted(virtual=True)
+
+
+def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scratch]:
+    """A kernel packing grouped-GEMM weight w ([E, K, N]) in panels ([E, ceil(N / PANEL), K, PANEL], zero past N)
+    into a Scratch buffer, the experts split over the parts: `pack_panels` in native code, for weights that may
+    change between calls. From the source of a transpose no kernel makes ([E, N, K]: PyTorch's layout) where w
+    is one."""
+    owner = w.defining_op
+    source = owner.operands[0] if owner is not None and id(owner) in cx.packed else w
+    flipped = source is not w
+    E, K = w.type.shape[0], w.type.shape[1]
+    panels = Scratch(TensorType(w.type.dtype, (E, None, K, PANEL)), lambda known, ctx: (
+        known[id(source)][0], -(-known[id(source)][1 if flipped else 2] // PANEL), known[id(source)][2 if flipped
+                                                                                                     else 1], PANEL),
+        f"{w.name_hint}_panels")
+    start = len(cx.tiled)
+    name, entry = cx.function(op, [source.type, panels.type], True, "pack_panels")
+    src, dst, part, parts = entry.arguments
+    et = element_type(w.type.dtype)
+    with ir.InsertionPoint(entry):
+        n = B.mdim(src, 1 if flipped else 2)
+        experts = B.loop(part, B.mdim(src, 0), parts)
+        with ir.InsertionPoint(experts.body):
+            e = experts.induction_variable
+            with B.nest([B.mdim(dst, 1), B.mdim(dst, 2), B.c_index(PANEL)]) as (p, kk, j):
+                col = B.add(B.mul(p, B.c_index(PANEL)), j)
+                inside = B.if_(B.cmpi("lt", col, n), [et])
+                with ir.InsertionPoint(inside.then_block):
+                    scf.YieldOp([B.load(src, e, col, kk) if flipped else B.load(src, e, kk, col)])
+                with ir.InsertionPoint(inside.else_block):
+                    scf.YieldOp([B.c_float(0.0, et)])
+                B.store(inside.results[0], dst, e, p, kk, j)
+            scf.YieldOp([])
+        func.ReturnOp([])
+    k = cx.reuse(Kernel(name, op, [source], [panels], "parts"), start)
+    cx.kernels.append(k)
+    return k, panels
 
 
 def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:

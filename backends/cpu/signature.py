@@ -60,3 +60,4 @@ class Hosted:
     shapes: Callable[[dict, Any], list[tuple[int, ...]]] | None = None
     padded: list[Value] = field(default_factory=list)
     takes_padded: bool = False
+    virtual: bool = False  # the results are never made: other ops' rules read through them (a packed transpose)
