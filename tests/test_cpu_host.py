@@ -275,3 +275,22 @@ def test_torch_moe_block_runs_natively_packing_its_weights_each_call():
     natives = [p.native for p in backend.partitions if getattr(p, "native", None) is not None]
     assert any("pack_panels" in n.stages["host"] for n in natives)
     assert sum(n.calls["native"] for n in natives) >= 2
+
+
+@pytest.mark.parametrize("sq,hq,hk,sk", [(1, 8, 8, 4099), (3, 8, 2, 700), (1, 4, 1, 1), (2, 2, 2, 256)])
+def test_decode_attention_reads_k_and_v_in_place(monkeypatch, sq, hq, hk, sk):
+    """A few static query rows, no mask: the Flash-Decoding kernels (chunks of keys, merged by log-sum-exp) instead
+    of K transposed and the prefill kernel; grouped heads; key counts that do not fill the last chunk."""
+    src = f"""model D(q: f32[2, {hq}, {sq}, 64], k: f32[2, {hk}, S, 64], v: f32[2, {hk}, S, 32]) -> f32[2, {hq}, {sq}, 32] {{
+    return attention(q, k, v)
+}}
+"""
+    native, python, ref = _pair(src, monkeypatch)
+    host = native.native.stages["host"]
+    assert "attention_decode" in host and "attention_merge" in host and "transpose" not in host
+    q = rng.standard_normal((2, hq, sq, 64), np.float32)
+    k, v = rng.standard_normal((2, hk, sk, 64), np.float32), rng.standard_normal((2, hk, sk, 32), np.float32)
+    got = native(q, k, v)
+    assert native.native.calls["native"] == 1
+    np.testing.assert_allclose(got, ref(q, k, v), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, python(q, k, v), rtol=1e-5, atol=1e-6)

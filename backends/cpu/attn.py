@@ -11,6 +11,7 @@ from torch_mlir.dialects import arith, func, linalg, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.attn_decode import decode_kernels, decodes
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import (
     HOSTED,
@@ -185,7 +186,10 @@ def cast_index(cx: KernelContext, region: Region, arg: int, x: ir.Value) -> ir.V
 
 @HOSTED.lowers(AT.AttentionOp)
 def hosted_attention(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
-    """K transposed into a workspace buffer first, by a kernel of its own."""
+    """K transposed into a workspace buffer first, by a kernel of its own; or, for a few query rows, the decode
+    kernels (attn_decode.py), which read K and V once in place."""
+    if decodes(cx, op):
+        return Hosted(before=decode_kernels(cx, op), instead=True)
     step, kt = transpose_kernel(cx, op, op.k)
     args = [*k.inputs, *k.outputs]
     args[1] = kt

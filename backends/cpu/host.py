@@ -242,7 +242,7 @@ class HostProgram:
             i = direct.pop(id(r), None)
             self.places[id(r)] = Place(r, "out", i) if i is not None else Place(r, "temp", 0)
         steps = [Launch(s, [*s.inputs, *s.outputs]) for s in hosted.before]
-        if k is not None:  # else a host op the kernels of `before` compute
+        if k is not None and not hosted.instead:  # else the kernels of `before` compute the results
             steps.append(Launch(k, hosted.args or [*k.inputs, *k.outputs], [(*c, 0) for c in hosted.checks],
                                 hosted.zeroed, hosted.items, hosted.sum_parts))
         for launch in steps:

@@ -61,3 +61,4 @@ class Hosted:
     padded: list[Value] = field(default_factory=list)
     takes_padded: bool = False
     virtual: bool = False  # the results are never made: other ops' rules read through them (a packed transpose)
+    instead: bool = False  # the kernels of `before` compute the results; the op's own kernel is not run
