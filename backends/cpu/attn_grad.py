@@ -20,8 +20,9 @@ from torch_mlir.dialects import arith, func, linalg, scf
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.attn import cast_index, tile_kind
 from sparsa.backends.cpu.build import exp
-from sparsa.backends.cpu.context import KERNELS, LAUNCHES, KernelContext, element_type
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.context import HOSTED, KERNELS, LAUNCHES, KernelContext, element_type
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
+from sparsa.backends.cpu.tensor_shape import transpose_kernel
 from sparsa.backends.cpu.threads import num_threads, transposed
 from sparsa.ir.core import Value
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
@@ -199,6 +200,17 @@ def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
             scf.YieldOp([])
         func.ReturnOp([])
     return Kernel(name, op, inputs, list(op.results), "parts")
+
+
+@HOSTED.lowers(AttentionGradOp)
+def hosted_grad(cx: KernelContext, op: AttentionGradOp, k: Kernel) -> Hosted:
+    """Q^T and dO^T by kernels of their own, zeroed partial dQs (one per part) in the workspace, summed into dQ."""
+    to_q, qt = transpose_kernel(cx, op, op.q)
+    to_dout, dot = transpose_kernel(cx, op, op.dout)
+    partials = Scratch(TensorType(op.q.type.dtype, (None, *op.q.type.shape)),
+                       lambda known, ctx: (ctx.threads, *known[id(op.q)]), "dq_parts")
+    return Hosted(before=[to_q, to_dout], args=[*k.inputs, qt, dot, partials, *k.outputs], zeroed=[partials],
+                  sum_parts=(partials, op.results[0]))
 
 
 @LAUNCHES.lowers(AttentionGradOp)

@@ -213,7 +213,7 @@ class HostProgram:
     def _place(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
         """Give op's results their places (None), or say why the function keeps the Python host."""
         if k is None:
-            if op.per_shape() and not op.operands and len(op.results) == 1 and id(op.result) not in direct:
+            if op.per_shape() and not op.operands and len(op.results) == 1:  # returned: copied out
                 self.places[id(op.result)] = Place(op.result, "planned", 0)
                 return None
             if isinstance(op, VIEWS) and id(op.operands[0]) not in self.padded:

@@ -271,16 +271,7 @@ class CpuFunction(Executable):
             made = mine["argv"][key] = (argv, address(argv))
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]
-        argv[2 + 2] = space[1]
-        at = 2 + HEADER
-        for a in ins:
-            argv[at] = address(a)
-            at += 1
-        argv[at:at + len(fixed[1])] = fixed[1]
-        at += len(fixed[1])
-        for o in outs:
-            argv[at] = address(o)
-            at += 1
+        argv[2 + 2:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
         self.main(made[1])
         if argv[2 + 3]:  # an index out of range: the Python host runs the call again and says where
             argv[2 + 3] = 0

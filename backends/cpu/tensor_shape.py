@@ -212,25 +212,33 @@ def hosted_view(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
     return Hosted(before=[view_copy_kernel(cx, op, i) for i in range(len(op.results))])
 
 
-def view_geometry(op: Operation, index: int, shape: tuple[int, ...], ctx: Any) -> np.ndarray:
+@HOSTED.lowers(S.BroadcastToOp)
+def hosted_broadcast_to(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
+    """Copied out of NumPy's broadcast view (stride 0 on the broadcast axes)."""
+    return Hosted(before=[view_copy_kernel(cx, op, 0, lambda ctx, x: np.broadcast_to(x, [ctx.dim(d)
+                                                                                         for d in op.shape]))])
+
+
+def view_geometry(op: Operation, index: int, shape: tuple[int, ...], ctx: Any, view: Any = None) -> np.ndarray:
     """[offset, strides...] in elements of result `index` of view op `op` on a contiguous operand of `shape`: the
-    op's reference run on an array with that layout and no memory behind it (views read nothing)."""
+    op's reference (or `view(ctx, x)`) run on an array with that layout and no memory behind it (views read
+    nothing)."""
     dtype = np.dtype(np.float32)
     strides = [dtype.itemsize * math.prod(shape[a + 1:]) for a in range(len(shape))]
     base = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, strides)
-    views = op.reference(ctx, base)
+    views = (view or op.reference)(ctx, base)
     view = views[index] if isinstance(views, tuple) else views
     offset = (view.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // dtype.itemsize
     return np.array([offset, *[s // dtype.itemsize for s in view.strides]], np.int64)
 
 
-def view_copy_kernel(cx: KernelContext, op: Operation, index: int) -> Kernel:
+def view_copy_kernel(cx: KernelContext, op: Operation, index: int, view: Any = None) -> Kernel:
     """A kernel copying result `index` of a view op out of its contiguous operand: out[i] = x.flat[offset + i .
     strides], offset and strides (a Scratch made per set of shapes by `view_geometry`) its second argument."""
     x, out = op.operands[0], op.results[index]
     rank = out.type.rank
     geometry = Scratch(TensorType("i64", (rank + 1,)), lambda known, ctx: (rank + 1,), f"{op.NAME}_geometry",
-                       lambda known, ctx: view_geometry(op, index, known[id(x)], ctx))
+                       lambda known, ctx: view_geometry(op, index, known[id(x)], ctx, view))
     start = len(cx.tiled)
     name, entry = cx.function(op, [x.type, geometry.type, out.type], False, "view_copy")
     src, at, dst = entry.arguments
@@ -240,12 +248,12 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int) -> Kernel:
         flat_type = ir.MemRefType.get([size], ir.MemRefType(src.type).element_type)
         flat = memref.CollapseShapeOp(flat_type, src, ir.ArrayAttr.get([ir.ArrayAttr.get(
             [ir.IntegerAttr.get(ir.IntegerType.get_signless(64), a) for a in range(x.type.rank)])])).result \
-            if x.type.rank != 1 else src
+            if x.type.rank > 1 else src
         with B.nest(B.sizes_of(dst)) as ivs:
             place = B.as_index(B.load(at, 0))
             for a, i in enumerate(ivs):
                 place = B.add(place, B.mul(i, B.as_index(B.load(at, a + 1))))
-            B.store(B.load(flat, place), dst, *ivs)
+            B.store(B.load(flat, place) if x.type.rank else B.load(src), dst, *ivs)  # a scalar: its one element
         func.ReturnOp([])
     k = cx.reuse(Kernel(name, op, [x, geometry], [out]), start)
     cx.kernels.append(k)
