@@ -11,8 +11,9 @@ import pytest
 
 pytest.importorskip("torch_mlir")
 
-import sparsa  # noqa: E402
 from example_inputs import make_inputs  # noqa: E402
+
+import sparsa  # noqa: E402
 from sparsa.backends.cpu.jit import CpuFunction  # noqa: E402
 from sparsa.ir.analysis import RuntimeShapeError  # noqa: E402
 from sparsa.ir.diagnostics import SparsaError  # noqa: E402
