@@ -315,3 +315,23 @@ def test_backward_functions_run_natively(monkeypatch, example):
     for name in results[0]:
         np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(results[0][name], results[2][name], rtol=2e-4, atol=2e-4)
+
+
+SPARSE_3D = """model M(x: f32[B, T, 64]) -> f32[B, T, 48] {
+    param a: f32[64, 64] sparse bsr(8, 16)
+    param b: f32[64, 48] sparse nm(2, 4)
+    return relu(x @ a) @ b
+}
+"""
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (3, 70)])
+def test_sparse_weight_matmuls_run_natively_on_rows(monkeypatch, shape):
+    """BSR and N:M matmuls take x and write the result as 2-D rows: views of the 3-D buffers, split over threads."""
+    native, python, ref = _pair(SPARSE_3D, monkeypatch)
+    x = rng.standard_normal((*shape, 64), np.float32)
+    native(x)
+    got = native(x)
+    assert native.native.calls["native"] >= 1, native.native.host.why_not
+    np.testing.assert_array_equal(got, python(x))
+    np.testing.assert_allclose(got, ref(x), rtol=1e-5, atol=1e-5)

@@ -259,6 +259,8 @@ class HostProgram:
         if s.cached is not None:
             self.fixed.append((s.cached, 0, s))
             self.places[id(s)] = Place(s, "arg", 0)
+        elif s.alias is not None:
+            self.places[id(s)] = Place(s, "view", 0, source=self._base(s.alias))
         else:
             self.places[id(s)] = Place(s, "temp" if s.data is None else "planned", 0)
 
@@ -342,8 +344,8 @@ class HostProgram:
         if launch.items is not None:
             items = launch.items(ctx)
             return items, min(items, threads), []
-        in_shapes = [known[id(v)] for v in k.inputs]
-        out = known[id(k.outputs[0])]
+        in_shapes = [known[id(v)] for v in launch.args[:len(k.inputs)]]
+        out = known[id(launch.args[len(k.inputs)])]
         amount = work(op, in_shapes, out)
         if k.split == "parts":
             small = isinstance(op, R.TopkOp | M.RouteOp) and amount < NATIVE_SPLIT_WORK

@@ -36,6 +36,7 @@ class Scratch:
     name_hint: str = "scratch"
     data: Callable[[dict[int, tuple[int, ...]], Any], Any] | None = None
     cached: Any = None  # instead: the array the Python host keeps under this key in the call's cache (packed weights)
+    alias: Value | None = None  # instead: this value's buffer under the Scratch's shape (x as 2-D rows)
 
 
 @dataclass

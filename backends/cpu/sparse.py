@@ -3,6 +3,7 @@ for sparse values that are not weights; layouts are packed by the host (once, fo
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch_mlir.dialects import arith, func, linalg, scf
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
+    HOSTED,
     KERNELS,
     LAUNCHES,
     LOWERINGS,
@@ -20,10 +22,10 @@ from sparsa.backends.cpu.context import (
     element_type,
     host,
 )
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.tensor_shape import matmul
 from sparsa.backends.cpu.threads import num_threads
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import sparse as SP
 from sparsa.ir.types import TensorType, numpy_dtype
 
@@ -97,6 +99,19 @@ def nm_matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
         B.write(g.result, out)
         func.ReturnOp([])
     return Kernel(name, op, list(op.operands), [op.result], "rows", [True, False, False])
+
+
+@HOSTED.lowers(SP.BsrMatmulOp, SP.NmMatmulOp)
+def hosted_rows(cx: KernelContext, op: Operation, k: Kernel) -> Hosted:
+    """x and the result as 2-D rows: views of their buffers."""
+    width = op.result.type.shape[-1]
+
+    def rows(v: Value) -> Scratch:
+        return Scratch(TensorType(v.type.dtype, (None, v.type.shape[-1])), lambda known, ctx: (
+            math.prod(known[id(v)][:-1]), known[id(v)][-1]), f"{v.name_hint or 'result'}_rows", alias=v)
+
+    shapes = (lambda known, ctx: [known[id(op.x)][:-1] + (width,)]) if isinstance(width, int) else None
+    return Hosted(args=[rows(op.x), *k.inputs[1:], rows(op.result)], shapes=shapes)
 
 
 @LAUNCHES.lowers(SP.BsrMatmulOp, SP.NmMatmulOp)
