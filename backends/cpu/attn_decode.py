@@ -96,8 +96,7 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
                 B.store(sums.results[0], part_m, b, h, qi, c, Dv + 1)
             scf.YieldOp([])
         func.ReturnOp([])
-    chunks = cx.reuse(Kernel(name, op, [op.q, op.k, op.v], [partials], "parts"), start)
-    cx.kernels.append(chunks)
+    chunks = cx.extra(Kernel(name, op, [op.q, op.k, op.v], [partials], "parts"), start)
 
     start = len(cx.tiled)
     name, entry = cx.function(op, [partial_type, op.result.type], True, "attention_merge")
@@ -130,6 +129,5 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
             B.each(B.c_index(Dv), column)
             scf.YieldOp([])
         func.ReturnOp([])
-    merge = cx.reuse(Kernel(name, op, [partials], [op.result], "parts"), start)
-    cx.kernels.append(merge)
+    merge = cx.extra(Kernel(name, op, [partials], [op.result], "parts"), start)
     return [chunks, merge]

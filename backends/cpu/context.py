@@ -153,6 +153,13 @@ class KernelContext:
         del self.tiled[start:]
         return dataclasses.replace(k, name=same)
 
+    def extra(self, k: Kernel, start: int) -> Kernel:
+        """A kernel a HOSTED rule built (its schedule entries from tiled[start:]): an earlier one of the same code
+        if there is one, and counted, so that the next kernel gets a name of its own."""
+        k = self.reuse(k, start)
+        self.kernels.append(k)
+        return k
+
     def function(self, op: Operation, types: list[TensorType], parts: bool, label: str = "") -> tuple:
         """An empty kernel function for `op` over memrefs of `types` (operands, then outputs), with
         (part, parts) index arguments when it splits its work; `label` names it instead of the op."""

@@ -612,9 +612,7 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
                 B.store(inside.results[0], dst, e, p, kk, j)
             scf.YieldOp([])
         func.ReturnOp([])
-    k = cx.reuse(Kernel(name, op, [source], [panels], "parts"), start)
-    cx.kernels.append(k)
-    return k, panels
+    return cx.extra(Kernel(name, op, [source], [panels], "parts"), start), panels
 
 
 def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -255,9 +255,7 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int, view: Any = N
                 place = B.add(place, B.mul(i, B.as_index(B.load(at, a + 1))))
             B.store(B.load(flat, place) if x.type.rank else B.load(src), dst, *ivs)  # a scalar: its one element
         func.ReturnOp([])
-    k = cx.reuse(Kernel(name, op, [x, geometry], [out]), start)
-    cx.kernels.append(k)
-    return k
+    return cx.extra(Kernel(name, op, [x, geometry], [out]), start)
 
 
 # ---- transposes the native host makes for other kernels ------------------------------------------------
@@ -300,9 +298,7 @@ def transpose_kernel(cx: KernelContext, op: Operation, v: Value) -> tuple[Kernel
                 scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
-    k = cx.reuse(Kernel(name, op, [v], [scratch], "parts"), start)
-    cx.kernels.append(k)
-    return k, scratch
+    return cx.extra(Kernel(name, op, [v], [scratch], "parts"), start), scratch
 
 
 @LAUNCHES.lowers(S.GatherOp)
