@@ -288,8 +288,28 @@ def program_text(prog: Any) -> str:
                                   "%x = llvm.add %raw, %zero : i64") + "\n" for b in widths)
     sums = sorted({launch.sum_parts[1].type.dtype for launch in prog.launches if launch.sum_parts})
     checks += "".join(SUM_PARTS.format(t=t, size={"f32": 4, "f64": 8}[t]) + "\n" for t in sums)
-    return ("// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL + "\n"
-            + checks + "\n".join(bodies) + "\n" + w.main(regions))
+    return (legend(prog) + "\n// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL
+            + "\n" + checks + "\n".join(bodies) + "\n" + w.main(regions))
+
+
+def legend(prog: Any) -> str:
+    """Comment lines naming argv's slots: the header, each pointer, each value's dims and strides."""
+
+    def name(v: Any) -> str:
+        owner = getattr(v, "defining_op", None)
+        if owner is not None and owner.NAME == "func.param":
+            return f"weight '{owner.attributes['name']}'"
+        hint = getattr(v, "name_hint", None)
+        return f"'{hint}'" if hint else f"a result of {owner.NAME}" if owner is not None else "a value"
+
+    lines = ["// argv: [0] threads, [1] GOMP_parallel, [2] workspace, [3] status"]
+    pointers = {p.ptr: p for p in prog.places.values() if p.kind == "arg"}
+    lines += [f"//   [{slot}] {name(p.value)}" + (f" (result {prog.out_slots.index(slot)})" if slot in prog.out_slots
+                                                  else "") for slot, p in sorted(pointers.items())]
+    lines += [f"//   [{i}] result {n} (copied)" for n, i in enumerate(prog.out_slots) if i not in pointers]
+    lines += [f"//   [{p.dims}..{p.dims + 2 * p.rank - 1}] dims and strides of {name(p.value)} ({p.kind})"
+              for p in prog.places.values() if p.rank and p.kind != "virtual"]
+    return "\n".join(lines) + "\n"
 
 
 def merge(text: str, module: ir.Module) -> None:
