@@ -217,7 +217,7 @@ class CpuFunction(Executable):
         if constant_args not in self._constant_sets:
             self._constant_sets[constant_args] = weight_only_ops(self.func_op, constant_args)
         weight_only = self._constant_sets[constant_args]
-        if not weight_only >= self.weight_only:
+        if weight_only is not self.weight_only and not weight_only >= self.weight_only:
             raise SparsaError("cpu function: built for constant inputs "
                               f"{sorted(self.constant_args)}, called with {sorted(constant_args)}")
         if self.main is not None and cache is not None and weight_only is self.weight_only:
