@@ -29,7 +29,7 @@ from cpu import MOE, ROWS, hf_loop, machine_header, sorted_dispatch
 
 import sparsa
 
-EXAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "examples"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def median_us(fn: Callable[[], Any], seconds: float = 1.0, warmup: int = 20) -> float:

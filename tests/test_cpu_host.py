@@ -175,7 +175,7 @@ def test_an_expert_id_out_of_range_is_the_python_hosts_error():
 def _example(name: str) -> str:
     from pathlib import Path
 
-    return str(Path(__file__).parent.parent.parent / "shared" / "examples" / name)
+    return str(Path(__file__).parent.parent / "examples" / name)
 
 
 def test_cached_object_keeps_the_entry(monkeypatch, tmp_path):
@@ -335,3 +335,28 @@ def test_sparse_weight_matmuls_run_natively_on_rows(monkeypatch, shape):
     assert native.native.calls["native"] >= 1, native.native.host.why_not
     np.testing.assert_array_equal(got, python(x))
     np.testing.assert_allclose(got, ref(x), rtol=1e-5, atol=1e-5)
+
+
+MASKED_DECODE = """mask recent(q, k; pos: i32[1], keep: i32[S]) = k <= pos[0] + q and pos[0] + q - k < 300 and keep[k] != 0
+score capped(s, q, k) = 5.0 * tanh(s / 5.0)
+
+model D(q: f32[1, 4, 2, 64], k: f32[1, 2, S, 64], v: f32[1, 2, S, 64], pos: i32[1], keep: i32[S]) -> f32[1, 4, 2, 64] {
+    return attention(q, k, v, mask=recent(pos=pos, keep=keep), score=capped)
+}
+"""
+
+
+@pytest.mark.parametrize("sk,at", [(1000, 998), (600, 0), (5, 3)])
+def test_decode_attention_with_a_mask_its_data_and_a_score_modifier(monkeypatch, sk, at):
+    """Decode against a cache: a window ending at the query's position (data), keys dropped by a data mask, a
+    softcap; chunks with nothing allowed (at=0: every chunk but the first) weigh nothing, rows with nothing
+    allowed give zeros."""
+    native, python, ref = _pair(MASKED_DECODE, monkeypatch)
+    assert "attention_decode" in native.native.stages["host"]
+    q = rng.standard_normal((1, 4, 2, 64), np.float32)
+    k, v = rng.standard_normal((1, 2, sk, 64), np.float32), rng.standard_normal((1, 2, sk, 64), np.float32)
+    pos, keep = np.array([at], np.int32), (rng.random(sk) > 0.3).astype(np.int32)
+    got = native(q, k, v, pos, keep)
+    assert native.native.calls["native"] == 1
+    np.testing.assert_allclose(got, ref(q, k, v, pos, keep), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, python(q, k, v, pos, keep), rtol=1e-5, atol=1e-6)

@@ -11,7 +11,7 @@ from torch_mlir.dialects import arith, func, linalg, scf
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.attn_decode import decode_kernels, decodes
+from sparsa.backends.cpu.attn_decode import cast_index, decode_kernels, decodes
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import (
     HOSTED,
@@ -24,7 +24,7 @@ from sparsa.backends.cpu.context import (
 from sparsa.backends.cpu.signature import Hosted, Kernel
 from sparsa.backends.cpu.tensor_shape import transpose_kernel
 from sparsa.backends.cpu.threads import transposed
-from sparsa.ir.core import Operation, Region
+from sparsa.ir.core import Operation
 from sparsa.ir.dialects import attn as AT
 from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, BlockMapOp, outer_values
 from sparsa.ir.types import TensorType
@@ -168,20 +168,14 @@ def scores(cx: KernelContext, op: Operation, S: ir.Value, b: ir.Value, h: ir.Val
         idx = [B.as_i64(b), B.as_i64(h), B.as_i64(B.add(q0, linalg.IndexOp(0).result)),
                B.as_i64(B.add(k0, linalg.IndexOp(1).result))]
         if not op.score.empty:
-            (s,) = cx.inline(op.score, [s, *[cast_index(cx, op.score, i + 1, x) for i, x in enumerate(idx)]],
+            (s,) = cx.inline(op.score, [s, *[cast_index(op.score, i + 1, x) for i, x in enumerate(idx)]],
                                True)
         if masked:
-            (ok,) = cx.inline(op.mask, [cast_index(cx, op.mask, i, x) for i, x in enumerate(idx)], True)
+            (ok,) = cx.inline(op.mask, [cast_index(op.mask, i, x) for i, x in enumerate(idx)], True)
             s = B.select(ok, s, B.c_float(float("-inf"), et))
         return s
 
     return cx.tile_map([(S, [d0, d1])], [nq, nk], et, body)
-
-
-def cast_index(cx: KernelContext, region: Region, arg: int, x: ir.Value) -> ir.Value:
-    """An i64 index as the integer type region argument `arg` declares."""
-    want = element_type(region.block.args[arg].type.dtype)
-    return x if want == x.type else arith.TruncIOp(want, x).result
 
 
 @HOSTED.lowers(AT.AttentionOp)

@@ -16,21 +16,22 @@ from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import exp
 from sparsa.backends.cpu.context import KernelContext, element_type
 from sparsa.backends.cpu.signature import Kernel, Scratch
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Operation, Region
+from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.types import TensorType
 
-DECODE_ROWS = 4  # static query rows at or under which attention without mask or score modifier decodes
+DECODE_ROWS = 4  # static query rows at or under which attention decodes
 CHUNK = 256  # key rows per work item: 256 x 64 floats of K and of V stay in L2 between the two passes
 
 
 def decodes(cx: KernelContext, op: Operation) -> bool:
-    """Whether `op` runs as decode: static query rows at most DECODE_ROWS, no mask, score modifier or block map,
-    float32 head dims (static) that are whole vectors of the target's."""
+    """Whether `op` runs as decode: static query rows at most DECODE_ROWS, float32 head dims (static) that are
+    whole vectors of the target's. A mask and a score modifier are evaluated inline on every score (their data
+    read in place); a block map is not needed (one query row's tiles are as cheap to test element by element)."""
     q, v = op.q.type, op.v.type
     lanes = cx.target.lanes()
-    return (isinstance(q.shape[2], int) and q.shape[2] <= DECODE_ROWS and op.mask.empty and op.score.empty
-            and op.block_map is None and q.dtype == "f32" and all(isinstance(d, int) and d % lanes == 0
-                                                                  for d in (q.shape[3], v.shape[3])))
+    return (isinstance(q.shape[2], int) and q.shape[2] <= DECODE_ROWS and q.dtype == "f32"
+            and all(isinstance(d, int) and d % lanes == 0 for d in (q.shape[3], v.shape[3])))
 
 
 def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
@@ -47,10 +48,16 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
     add = ir.Attribute.parse("#vector.kind<add>")
     ninf, zero = float("-inf"), 0.0
 
+    data = []
+    for region in (op.mask, op.score):
+        if not region.empty:
+            data += [x for x in outer_values(region) if all(x is not d for d in data)]
     start = len(cx.tiled)
-    name, entry = cx.function(op, [q_t, k_t, v_t, partial_type], True, "attention_decode")
-    q, k, v, part_m, part, parts = entry.arguments
+    name, entry = cx.function(op, [q_t, k_t, v_t, *[d.type for d in data], partial_type], True, "attention_decode")
+    q, k, v, *data_m, part_m, part, parts = entry.arguments
     with ir.InsertionPoint(entry):
+        for x, m in zip(data, data_m, strict=True):
+            cx.values[id(x)] = B.read(m)
         Hq, Sq = B.mdim(q, 1), B.mdim(q, 2)
         Bn, Hk, Sk = B.mdim(k, 0), B.mdim(k, 1), B.mdim(k, 2)
         rep = arith.DivUIOp(Hq, Hk).result
@@ -77,14 +84,17 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
                         kv = vector.LoadOp(vt, k, [b, hk, row, B.c_index(d)]).result
                         dot = arith.MulFOp(qv[n], kv).result if dot is None else vector.FMAOp(qv[n], kv, dot).result
                     s = arith.MulFOp(vector.ReductionOp(et, add, dot, fastmath=reassoc).result, scale).result
+                    s = modified(cx, op, s, [b, h, qi, row], et)
                     B.store(s, buf, j)
                     scf.YieldOp([arith.MaximumFOp(scores.inner_iter_args[0], s).result])
                 m = scores.results[0]
+                # a chunk with nothing allowed (m = -inf) gives p = 0 everywhere, never NaN; the merge weighs it 0
+                m_safe = B.select(arith.CmpFOp(1, m, B.c_float(ninf, et)).result, B.c_float(zero, et), m)
                 acc0 = [vector.BroadcastOp(vt, B.c_float(zero, et)).result for _ in range(0, Dv, lanes)]
                 sums = B.loop(0, nk, 1, [B.c_float(zero, et), *acc0])  # pass 2: exp, their sum, sum of p * V
                 with ir.InsertionPoint(sums.body):
                     j = sums.induction_variable
-                    p = exp(arith.SubFOp(B.load(buf, j), m).result)
+                    p = exp(arith.SubFOp(B.load(buf, j), m_safe).result)
                     pv = vector.BroadcastOp(vt, p).result
                     accs = [vector.FMAOp(pv, vector.LoadOp(vt, v, [b, hk, B.add(k0, j), B.c_index(d)]).result,
                                          a).result for a, d in zip(sums.inner_iter_args[1:], range(0, Dv, lanes),
@@ -96,7 +106,7 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
                 B.store(sums.results[0], part_m, b, h, qi, c, Dv + 1)
             scf.YieldOp([])
         func.ReturnOp([])
-    chunks = cx.extra(Kernel(name, op, [op.q, op.k, op.v], [partials], "parts"), start)
+    chunks = cx.extra(Kernel(name, op, [op.q, op.k, op.v, *data], [partials], "parts"), start)
 
     start = len(cx.tiled)
     name, entry = cx.function(op, [partial_type, op.result.type], True, "attention_merge")
@@ -131,3 +141,20 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
         func.ReturnOp([])
     merge = cx.extra(Kernel(name, op, [partials], [op.result], "parts"), start)
     return [chunks, merge]
+
+
+def modified(cx: KernelContext, op: Operation, s: ir.Value, at: list[ir.Value], et: ir.Type) -> ir.Value:
+    """A scaled score through the score modifier, then -inf where the mask disallows (b, h, q, k)."""
+    idx = [B.as_i64(i) for i in at]
+    if not op.score.empty:
+        (s,) = cx.inline(op.score, [s, *[cast_index(op.score, i + 1, x) for i, x in enumerate(idx)]], True)
+    if not op.mask.empty:
+        (ok,) = cx.inline(op.mask, [cast_index(op.mask, i, x) for i, x in enumerate(idx)], True)
+        s = B.select(ok, s, B.c_float(float("-inf"), et))
+    return s
+
+
+def cast_index(region: Region, arg: int, x: ir.Value) -> ir.Value:
+    """An i64 index as the integer type region argument `arg` declares."""
+    want = element_type(region.block.args[arg].type.dtype)
+    return x if want == x.type else arith.TruncIOp(want, x).result

@@ -89,7 +89,7 @@ class _Tile:
         idx = [B.as_i64(self.b), B.as_i64(self.h), B.as_i64(B.add(self.q0, linalg.IndexOp(1).result)),
                B.as_i64(B.add(self.k0, linalg.IndexOp(0).result))]
         first = len(region.block.args) - 4
-        return [cast_index(self.cx, region, first + n, x) for n, x in enumerate(idx)]
+        return [cast_index(region, first + n, x) for n, x in enumerate(idx)]
 
     def probs(self, s: ir.Value, lse: ir.Value, kind: ir.Value) -> ir.Value:
         """P = exp(score(scale * s) - lse), 0 where the mask disallows (FULL tiles: no mask evaluated)."""

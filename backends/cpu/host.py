@@ -157,6 +157,7 @@ class HostProgram:
         for v in self.inputs + [v for _, _, v in self.fixed]:
             self.places[id(v)] = Place(v, "arg", 0)
         self.padded: set[int] = set()  # values longer than their semantics (perm at its bound): MoE ops read them
+        self.unmade: dict[int, str] = {}  # values of ops only the Python host runs -> why (an error if read)
         direct = {}  # a kernel's result returned: written straight into the output (its index)
         for i, v in enumerate(self.returns):
             if id(v) not in self.places and id(v) not in direct:
@@ -168,6 +169,8 @@ class HostProgram:
         if not self.why_not and any(id(v) in self.padded or self.places[id(v)].kind == "virtual"
                                     for v in self.returns if id(v) in self.places):
             self.why_not = "it returns a value of a MoE dispatch's length or a transpose only packed weights read"
+        if not self.why_not:
+            self.why_not = next((self.unmade[id(v)] for v in self.returns if id(v) in self.unmade), None)
         if self.why_not:
             return
         slot = HEADER
@@ -216,14 +219,16 @@ class HostProgram:
             if op.per_shape() and not op.operands and len(op.results) == 1:  # returned: copied out
                 self.places[id(op.result)] = Place(op.result, "planned", 0)
                 return None
-            if isinstance(op, VIEWS) and id(op.operands[0]) not in self.padded:
+            if isinstance(op, VIEWS) and id(op.operands[0]) not in self.padded | set(self.unmade):
                 self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
                 return None
         hosted = Hosted()
         if k is None or LAUNCHES.find(op) is not None or k.panels:
             rule = HOSTED.find(op)
+            if rule is None and k is None:  # fine while no kernel reads its results (a decode reads no block map)
+                self.unmade.update({id(r): f"'{op.NAME}' runs on the Python host" for r in op.results})
+                return None
             hosted = rule(self.cx, op, k) if rule is not None else \
-                f"'{op.NAME}' runs on the Python host" if k is None else \
                 f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
             if isinstance(hosted, str):
                 return hosted
@@ -248,6 +253,9 @@ class HostProgram:
         for launch in steps:
             if any(self.places[id(v)].kind == "virtual" for v in launch.args if id(v) in self.places):
                 return f"a kernel of '{op.NAME}' reads a transpose that only packed weights are made from"
+            for v in [*launch.args, *[c[0] for c in launch.checks]]:
+                if id(v) in self.unmade:
+                    return self.unmade[id(v)]
             for s in [*launch.args, *([launch.sum_parts[0]] if launch.sum_parts else [])]:
                 if isinstance(s, Scratch) and id(s) not in self.places:
                     self._scratch(s)
