@@ -360,3 +360,24 @@ def test_decode_attention_with_a_mask_its_data_and_a_score_modifier(monkeypatch,
     assert native.native.calls["native"] == 1
     np.testing.assert_allclose(got, ref(q, k, v, pos, keep), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got, python(q, k, v, pos, keep), rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_writes_the_log_sum_exp_the_backward_reads(monkeypatch):
+    """m.vjp of a decode-shaped attention: its saved forward is attn.attention_lse, whose decode merge also writes
+    each row's log-sum-exp (+inf where nothing is allowed); the gradients match the reference's."""
+    src = """mask upto(q, k) = k <= q + 650
+score capped(s, q, k) = 5.0 * tanh(s / 5.0)
+
+model D(q: f32[1, 4, 2, 64], k: f32[1, 2, S, 64], v: f32[1, 2, S, 64]) -> f32[1, 4, 2, 64] {
+    return attention(q, k, v, mask=upto, score=capped)
+}
+"""
+    native, _, ref = _pair(src, monkeypatch)
+    q = rng.standard_normal((1, 4, 2, 64), np.float32)
+    k, v = rng.standard_normal((1, 2, 700, 64), np.float32), rng.standard_normal((1, 2, 700, 64), np.float32)
+    ins = [q, k, v]
+    dy = rng.standard_normal((1, 4, 2, 64), np.float32)
+    got, want = native.vjp(*ins)[1](dy), ref.vjp(*ins)[1](dy)
+    assert "attention_merge" in native._grad.forward.stages["host"]
+    for name in ("q", "k", "v"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)

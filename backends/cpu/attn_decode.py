@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, scf, vector
+from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import exp
@@ -109,8 +110,9 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
     chunks = cx.extra(Kernel(name, op, [op.q, op.k, op.v, *data], [partials], "parts"), start)
 
     start = len(cx.tiled)
-    name, entry = cx.function(op, [partial_type, op.result.type], True, "attention_merge")
-    part_m, out, part, parts = entry.arguments
+    results = list(op.results)  # the output, and for attn.attention_lse each row's log-sum-exp
+    name, entry = cx.function(op, [partial_type, *[r.type for r in results]], True, "attention_merge")
+    part_m, out, *lse, part, parts = entry.arguments
     with ir.InsertionPoint(entry):
         Bn, Hq, Sq, NC = (B.mdim(part_m, i) for i in range(4))
         rows = B.loop(part, B.mul(B.mul(Bn, Hq), Sq), parts)
@@ -137,9 +139,12 @@ def decode_kernels(cx: KernelContext, op: Operation) -> list[Kernel]:
                 B.store(B.select(positive, arith.DivFOp(num, den).result, B.c_float(zero, et)), out, b, h, qi, d)
 
             B.each(B.c_index(Dv), column)
+            if lse:  # M + log(sum), +inf for a row with nothing allowed (as the prefill kernel writes it)
+                B.store(B.select(positive, arith.AddFOp(safe, mmath.LogOp(den).result).result,
+                                 B.c_float(float("inf"), et)), lse[0], b, h, qi)
             scf.YieldOp([])
         func.ReturnOp([])
-    merge = cx.extra(Kernel(name, op, [partials], [op.result], "parts"), start)
+    merge = cx.extra(Kernel(name, op, [partials], results, "parts"), start)
     return [chunks, merge]
 
 
