@@ -173,6 +173,15 @@ class HostProgram:
             self.why_not = next((self.unmade[id(v)] for v in self.returns if id(v) in self.unmade), None)
         if self.why_not:
             return
+        self._layout()
+        from sparsa.backends.cpu.host_text import program_text
+
+        self.text = program_text(self)
+
+    def _layout(self) -> None:
+        """argv's slots: the pointers (inputs, cached arrays, outputs), then the plan's (dims and strides, split
+        kernels, index checks, zeroed buffers, sums of parts, copied outputs, workspace offsets and planned
+        arrays); the row bounds follow at `size`."""
         slot = HEADER
         for v in self.inputs + [v for _, _, v in self.fixed]:
             self.places[id(v)].ptr, slot = slot, slot + 1
@@ -204,9 +213,6 @@ class HostProgram:
             if place.kind in ("temp", "planned"):
                 place.ptr, slot = slot, slot + 1
         self.size = slot  # argv's length before the row bounds
-        from sparsa.backends.cpu.host_text import program_text
-
-        self.text = program_text(self)
 
     def _fix(self, produced: dict[int, Operation], v: Value) -> None:
         op = produced.get(id(v))
