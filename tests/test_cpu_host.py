@@ -381,3 +381,42 @@ model D(q: f32[1, 4, 2, 64], k: f32[1, 2, S, 64], v: f32[1, 2, S, 64]) -> f32[1,
     assert "attention_merge" in native._grad.forward.stages["host"]
     for name in ("q", "k", "v"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
+
+
+def test_plans_dropped_by_one_thread_are_not_read_through_another_threads_argv(monkeypatch):
+    """Past 256 sets of shapes the plans are dropped (a growing KV cache); a thread whose argv was made from a
+    dropped plan (whose arrays, here a block map of the call's sizes, are gone) makes a new one from the new plan."""
+    import queue
+
+    src = open(_example("sliding_window_attention.sp")).read()
+    native, _, ref = _pair(src, monkeypatch)
+    fn = native.native
+
+    def inputs(s: int) -> list[np.ndarray]:
+        return [np.random.default_rng(s).standard_normal((1, s, 512), np.float32)]
+
+    jobs: queue.Queue = queue.Queue()
+    done: queue.Queue = queue.Queue()
+
+    def worker() -> None:  # one thread, its argv cache kept between its calls
+        while (s := jobs.get()) is not None:
+            try:
+                out = native(*inputs(s))
+                argvs = fn._scratch.__dict__["argv"]
+                done.put((out, all(m[-1] is fn._plans[k] for k, m in argvs.items() if k in fn._plans)))
+            except Exception as e:  # said in the test's thread, never a hang
+                done.put((e, False))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    jobs.put(70)
+    done.get(timeout=120)
+    for s in range(1, 260):  # then this thread needs a new plan past 256 and drops them all
+        fn._plans.setdefault(("stand-in", s), None)
+    native(*inputs(71))
+    jobs.put(70)
+    got, fresh = done.get(timeout=120)
+    jobs.put(None)
+    thread.join()
+    assert fresh
+    np.testing.assert_allclose(got, ref(*inputs(70)), rtol=1e-4, atol=1e-4)

@@ -266,9 +266,9 @@ class CpuFunction(Executable):
             buf = np.empty(plan.workspace + ALIGN, np.uint8)
             space = mine["workspace"] = (buf, address(buf) + -address(buf) % ALIGN)
         made = mine.setdefault("argv", {}).get(key)
-        if made is None:
+        if made is None or made[2] is not plan:  # (another thread may have dropped the plan this argv was made from)
             argv = np.array([0, 0, threads, openmp_parallel(), 0, 0, *[0] * host.pointers, *plan.tail], np.int64)
-            made = mine["argv"][key] = (argv, address(argv))
+            made = mine["argv"][key] = (argv, address(argv), plan)  # the plan keeps its arrays alive
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]
         argv[2 + 2:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
