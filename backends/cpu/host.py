@@ -41,6 +41,7 @@ from sparsa.ir.dims import evaluate
 from sparsa.ir.types import numpy_dtype
 
 HEADER = 4  # threads, pool, workspace, status
+WORKSPACE, STATUS = 2, 3  # their argv slots
 ALIGN = 64  # bytes: every temporary starts on a cache line
 VIEWS = (S.ReshapeOp, S.ExpandDimsOp, S.SqueezeOp)  # the same contiguous buffer under other dims
 

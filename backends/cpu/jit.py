@@ -15,7 +15,7 @@ from torch_mlir.dialects.transform import interpreter
 from sparsa.backends.base import Executable
 from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
-from sparsa.backends.cpu.host import ALIGN, HEADER, HostProgram, address
+from sparsa.backends.cpu.host import ALIGN, HEADER, STATUS, WORKSPACE, HostProgram, address
 from sparsa.backends.cpu.host_text import merge
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
@@ -48,8 +48,6 @@ CONTRACT = "contract"
 OPT_LEVEL = 2
 
 _NO_FIXED: tuple = ([], [], ())  # the native host's weight-only arrays, addresses and shapes, when it reads none
-_CTYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double, "i64": ctypes.c_int64, "i32": ctypes.c_int32,
-           "i8": ctypes.c_int8, "i1": ctypes.c_bool}
 def _packed_args(arrays: Sequence[np.ndarray], scalars: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """The packed calling convention's argument array for `arrays` (memrefs) then `scalars` (index values):
     one pointer per argument, to a pointer to its memref descriptor (allocated, aligned, offset, shape,
@@ -271,10 +269,10 @@ class CpuFunction(Executable):
             made = mine["argv"][key] = (argv, address(argv), plan)  # the plan keeps its arrays alive
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]
-        argv[2 + 2:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
+        at = 2 + WORKSPACE  # argv[2:] is the program's argv (the two slots before it: the packed convention)
+        argv[at:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
         self.main(made[1])
-        if argv[2 + 3]:  # an index out of range: the Python host runs the call again and says where
-            argv[2 + 3] = 0
+        if argv[2 + STATUS]:  # an index out of range: the Python host runs the call again and says where
             return None
         return outs
 
