@@ -48,12 +48,27 @@ class Differentiate(Pass):
         new = Block([a.type for a in block.args] + [v.type for v in outs],
                     [a.name_hint for a in block.args] + [f"d_{v.name_hint or i}" for i, v in enumerate(outs)])
         mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args, new.args, strict=False)}
-        forward = []
+        forward: list[Operation] = []
+        g = Grad(new)
         for op in block.ops[:-1]:
             copy = clone_op(op, mapping)
-            new.append(copy)
-            forward.append(copy)
-        g = Grad(new)
+            form = getattr(copy, "training_form", None)
+            start = len(new.ops)
+            g.loc = copy.loc
+            results = form(g) if form is not None else None
+            if results is None:
+                new.append(copy)
+                forward.append(copy)
+                continue
+            # the op's training form: ops that keep what its rule would otherwise compute again (a fused MoE
+            # epilogue's products), so the backward reads them as residuals
+            copy.drop_uses()
+            self.stats["ops in their training form"] += 1
+            forward.extend(new.ops[start:])
+            for r, v in zip(op.results, results, strict=True):
+                v.name_hint = r.name_hint
+                mapping[id(r)] = v
+        g.loc = None
         for v, d in zip(outs, new.args[len(block.args):], strict=True):
             g.flow(mapping.get(id(v), v), d)
         g.reverse(forward)

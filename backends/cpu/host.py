@@ -167,7 +167,10 @@ class HostProgram:
             if self.why_not:
                 break
             self.why_not = self._place(op, kernels.get(id(op)), direct)
-        if not self.why_not and any(id(v) in self.padded or self.places[id(v)].kind == "virtual"
+        # a saved forward's residuals may keep a dispatch's length at its bound: the backward reads them (as
+        # the native host made them, or the Python host, whose ops take them as they take padding), nobody else
+        residuals = func_op.attributes.get("residuals") == "saved"
+        if not self.why_not and any((id(v) in self.padded and not residuals) or self.places[id(v)].kind == "virtual"
                                     for v in self.returns if id(v) in self.places):
             self.why_not = "it returns a value of a MoE dispatch's length or a transpose only packed weights read"
         if not self.why_not:
@@ -221,12 +224,21 @@ class HostProgram:
             self.fixed.append((id(op), op.results.index(v), v))
 
     def _place(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
-        """Give op's results their places (None), or say why the function keeps the Python host."""
+        """Give op's results their places (None), or say why the function keeps the Python host. What reads a
+        value at a dispatch's bound and has a length known only at run time is at that bound too: its rows past
+        offsets[E] are padding, as the segments' own padding rows are (the grouped GEMMs zero them, perm is -1
+        there), and the IR the MoE rules make never lets padding rows count (they are masked, zero or skipped)."""
+        why = self._place_op(op, k, direct)
+        if why is None and any(id(v) in self.padded for v in op.operands):
+            self.padded.update(id(r) for r in op.results if None in r.type.shape)
+        return why
+
+    def _place_op(self, op: Operation, k: Kernel | None, direct: dict[int, int]) -> str | None:
         if k is None:
             if op.per_shape() and not op.operands and len(op.results) == 1:  # returned: copied out
                 self.places[id(op.result)] = Place(op.result, "planned", 0)
                 return None
-            if isinstance(op, VIEWS) and id(op.operands[0]) not in self.padded | set(self.unmade):
+            if isinstance(op, VIEWS) and id(op.operands[0]) not in self.unmade:
                 self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
                 return None
         hosted = Hosted()
@@ -239,8 +251,6 @@ class HostProgram:
                 f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
             if isinstance(hosted, str):
                 return hosted
-        if any(id(v) in self.padded for v in op.operands) and not hosted.takes_padded:
-            return f"'{op.NAME}' reads a value of a MoE dispatch's length"
         if hosted.virtual:
             for r in op.results:
                 self.places[id(r)] = Place(r, "virtual", 0)

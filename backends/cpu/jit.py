@@ -189,6 +189,7 @@ class CpuFunction(Executable):
         self.main = None if self.engine is None or self.host.why_not is not None else \
             packed(self.engine.raw_lookup("sparsa_main"))
         self._plans: dict[tuple, Any] = {}  # by the inputs' shapes, the weights' and the threads
+        self.dead_after = _last_reads(func_op)  # the Python host's: values it lets go after each op
         self.calls = {"native": 0, "python": 0}  # which host ran each call
         if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
@@ -333,6 +334,22 @@ class CpuFunction(Executable):
         together([lambda s=s: self.call(k, s) for s in slabs])
 
 
+def _last_reads(func_op: Operation) -> dict[int, list[int]]:
+    """Op index -> the values (ids) no later op reads (in its regions either), except what the function returns."""
+    ops = func_op.regions[0].block.ops
+    last: dict[int, int] = {}
+    for i, op in enumerate(ops[:-1]):
+        for inner in op.walk():
+            for v in inner.operands:
+                last[id(v)] = i
+    for v in ops[-1].operands:
+        last.pop(id(v), None)
+    dead: dict[int, list[int]] = {}
+    for v, i in last.items():
+        dead.setdefault(i, []).append(v)
+    return dead
+
+
 class _Host(Interpreter):
     """Runs the function's ops in order: kernels for computing ops, the interpreter's own handling for
     weights, views, cached weight-only results and block maps of data masks."""
@@ -340,6 +357,20 @@ class _Host(Interpreter):
     def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict, weight_only: set[int]):
         super().__init__(fn.func_op, params, cache, weight_only, fn.exchange)
         self.fn = fn
+
+    def _run_block(self, ops: list[Operation]) -> list[np.ndarray]:
+        """The function's ops in order, each value let go after the last op that reads it: its memory is then
+        reused by the next arrays instead of fresh pages (a page fault per 4 KiB, ~1.6 ms per 8 MB)."""
+        if ops is not self.func.regions[0].block.ops:
+            return super()._run_block(ops)
+        dead = self.fn.dead_after
+        for i, op in enumerate(ops):
+            if op.TERMINATOR:
+                return [self.values[id(v)] for v in op.operands]
+            self._run_op(op)
+            for v in dead.get(i, ()):
+                self.values.pop(v, None)
+        return []
 
     def _compute(self, op: Operation) -> None:
         k = self.fn.kernels.get(id(op))

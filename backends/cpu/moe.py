@@ -189,7 +189,7 @@ def dispatch_kernel(cx: KernelContext, op: Operation) -> Kernel:
             running = B.add(running, padded)
             B.store(running, offsets, e + 1)
             B.store(zero, count, e)
-        fill = B.loop(0, B.as_index(running))
+        fill = B.loop(0, B.mdim(perm, 0))  # the segments' padding, and past offsets[E] to the bound (the host's)
         with ir.InsertionPoint(fill.body):
             B.store(B.c_int(-1), perm, fill.induction_variable)
             scf.YieldOp([])
@@ -274,6 +274,9 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
                     scf.YieldOp([claimed])
                 scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
             scf.YieldOp(list(steps.results))
+        if gates is None:  # the rows past offsets[E] (perm at its bound: the native host's) are padding too
+            _zero_rows(out, B.as_index(B.load(offsets, n_experts)), B.sub(B.mdim(out, 0), B.as_index(B.load(
+                offsets, n_experts))), B.cmpi("eq", part, B.c_index(0)), et)
         func.ReturnOp([])
     return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
                   else [], repacked=[3 + i for i, w in enumerate(weights) if panels and id(w) not in cx.fixed])
@@ -349,6 +352,17 @@ def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.V
                                out, gates, part, et)
                 cx.dim_map = {}
                 scf.YieldOp([])
+        scf.YieldOp([])
+    if gates is None:  # the segment's padding rows (after its real ones) are zero rows
+        _zero_rows(out, B.add(start, real), B.sub(size, real), None, et)
+
+
+def _zero_rows(out: ir.Value, lo: ir.Value, n: ir.Value, also: ir.Value | None, et: ir.Type) -> None:
+    """out[lo:lo + n] = 0 where n > 0 (and `also` holds)."""
+    cond = B.cmpi("gt", n, B.c_index(0))
+    when = B.if_(cond if also is None else arith.AndIOp(cond, also).result)
+    with ir.InsertionPoint(when.then_block):
+        linalg.fill(B.c_float(0.0, et), outs=[B.subview(out, [lo, 0], [n, B.mdim(out, 1)])])
         scf.YieldOp([])
 
 
@@ -517,8 +531,7 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
             total += out[p]
         return [total]
     out = np.empty((ins[1].shape[0], width), numpy_dtype(rt_.dtype))
-    fn.parts(k, ins + [out, np.zeros(1, np.int64)], n, threads)
-    out[ins[1] < 0] = 0  # the segments' padding rows, which the kernel skips
+    fn.parts(k, ins + [out, np.zeros(1, np.int64)], n, threads)  # (padding rows zeroed by the kernel)
     return [out]
 
 
@@ -568,9 +581,9 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
         slices = Scratch(TensorType(rt.dtype, (None,) + rt.shape), lambda known, ctx: (
             parts(ctx), known[id(op.gates)][0], width(known)), "part_slices")
         return Hosted(before, args=[*args, slices, counter], zeroed=[counter], items=parts,
-                      sum_parts=(slices, op.result), takes_padded=True,
+                      sum_parts=(slices, op.result),
                       shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))])
-    return Hosted(before, args=[*args, op.result, counter], zeroed=[counter], items=parts, takes_padded=True,
+    return Hosted(before, args=[*args, op.result, counter], zeroed=[counter], items=parts,
                   shapes=lambda known, ctx: [(known[id(op.perm)][0], width(known))], padded=[op.result])
 
 

@@ -50,7 +50,7 @@ class Hosted:
     - `zeroed`: Scratch arguments zeroed before the kernel; `items`: its work items (ctx -> count);
     - `sum_parts`: (a Scratch of [parts, *shape], the result it sums into) after the kernel;
     - `shapes`: the results' shapes (known, ctx) where they are not the op's semantics: `padded` ones longer
-      (a dispatch's permutation at its bound), which only ops that say `takes_padded` may read."""
+      (a dispatch's permutation at its bound: what reads them is at the bound too, see HostProgram._place)."""
 
     before: list[Kernel] = field(default_factory=list)
     checks: list[tuple[Value, Callable[[dict], tuple[int, int]]]] = field(default_factory=list)
@@ -60,6 +60,5 @@ class Hosted:
     sum_parts: tuple[Scratch, Value] | None = None
     shapes: Callable[[dict, Any], list[tuple[int, ...]]] | None = None
     padded: list[Value] = field(default_factory=list)
-    takes_padded: bool = False
     virtual: bool = False  # the results are never made: other ops' rules read through them (a packed transpose)
     instead: bool = False  # the kernels of `before` compute the results; the op's own kernel is not run

@@ -326,6 +326,15 @@ class GroupedMatmulOp(Operation):
             out[pos] = y
         return out
 
+    def training_form(self, g: Any) -> list[Any] | None:
+        """With a fused epilogue: each product its own grouped matmul and the epilogue on them as tensor ops, so
+        a backward reads the products (saved) instead of computing them again (two of a SwiGLU expert's three
+        GEMMs). The epilogue's padding rows are not zeroed: only grouped ops read them, and those skip padding."""
+        if _keeps_product(self.epilogue):
+            return None
+        (y,), _ = g.inline(self.epilogue, _products(self, g, list(self.weights)))
+        return [y]
+
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """The products again, the epilogue's rules, then dRows through the transposed weights and dW per
         expert segment; nothing to perm and offsets."""
@@ -369,6 +378,19 @@ class GroupedMatmulCombineOp(Operation):
             ids = perm[pos]
             np.add.at(y, ids // self.topk, flat_gates[ids][:, None] * rows_out)
         return y
+
+    def training_form(self, g: Any) -> list[Any]:
+        """The expert rows as a grouped matmul, then the weighted combine as tensor ops (gather the gate, scale,
+        scatter-add to the token), so a backward reads the rows (saved) for the gates' gradient instead of
+        computing the last GEMM again."""
+        (rows,), _ = g.inline(self.epilogue, _products(self, g, [self.weight]))
+        tok, slot = _token_of(self, g)
+        real = g.emit("tensor.cmp", self.perm, g.scalar(0, "i64"), pred="ge")
+        gate = g.emit("tensor.expand_dims", g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot])), axes=[1])
+        weighted = g.mul(rows, gate)
+        if not _keeps_product(self.epilogue):  # an epilogue's padding rows need not be zero (a bias)
+            weighted = g.mask(g.emit("tensor.expand_dims", real, axes=[1]), weighted)
+        return [g.emit("tensor.scatter_add", g.full(0.0, self.result.type), weighted, [tok])]
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """Each kept assignment's row gets gates[t, j] dY[t]; its gate gets <row, dY[t]> (dropped assignments,
@@ -435,6 +457,12 @@ def _products(op: Operation, g: Any, weights: list[Any]) -> list[Any]:
     rows = op.rows
     return [g.emit("moe.grouped_matmul", rows, op.perm, op.offsets, [w], regions=[g.identity(
         TensorType(rows.type.dtype, (None, w.type.shape[2])))], topk=op.topk, gather=op.gather) for w in weights]
+
+
+def _keeps_product(epilogue: Any) -> bool:
+    """An epilogue that yields its one argument as it is."""
+    block = epilogue.block
+    return len(block.args) == 1 and len(block.ops) == 1 and block.ops[0].operands == [block.args[0]]
 
 
 def _token_of(op: Operation, g: Any) -> tuple[Any, Any]:
