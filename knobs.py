@@ -13,6 +13,8 @@ Environment-only variables, read where they act:
   order, so results are bitwise identical over calls and thread counts (`deterministic()`).
 - SPARSA_NATIVE_HOST=0: cpu functions compiled while it is set run their kernels from a Python loop over the
   ops instead of one native call (`native_host()`; for comparison and debugging).
+- SPARSA_PROFILE=1: cpu functions compiled while it is set time each kernel their native host runs (with the
+  checks, zeroing and sums around it); `CompiledModel.profile()` prints the table (`profile()`).
 - TRITON_INTERPRET=1: Triton's own switch to run kernels on the CPU (set by tests/conftest.py without a GPU).
 """
 
@@ -34,6 +36,11 @@ def native_host() -> bool:
     """Whether the cpu target compiles a function's host into native code (default) or runs its kernels from
     a Python loop (SPARSA_NATIVE_HOST=0)."""
     return os.environ.get("SPARSA_NATIVE_HOST", "") not in ("0", "false", "no")
+
+
+def profile() -> bool:
+    """SPARSA_PROFILE=1: the cpu target's native hosts time each kernel they run (see the docstring)."""
+    return os.environ.get("SPARSA_PROFILE", "") not in ("", "0", "false", "no")
 
 
 # Cache directories already refused in this process (each said once).

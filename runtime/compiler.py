@@ -261,6 +261,30 @@ class CompiledModel:
         return self._grad
 
     # ---- introspection ---------------------------------------------------------------------------------
+    def profile(self) -> str:
+        """Where the time of the calls so far went, kernel by kernel, largest first: the model's function, and
+        the saved forward and the backward once `vjp` has run. The cpu target's native host times its kernels
+        when SPARSA_PROFILE=1 was set as the model was compiled (each kernel with its index checks, zeroing and
+        the sum of its parts); other targets and hosts say they have no profile."""
+        fns = [(self.name, self.native)]
+        if self._grad is not None:
+            fns += [(f"{self.name}_fwd", self._grad.forward)] if self._grad.forward is not None else []
+            fns.append((f"{self.name} backward", self._grad.native))
+        lines = []
+        for name, fn in fns:
+            host = getattr(fn, "host", None)
+            if host is None or host.why_not is not None or host.profile_slot is None:
+                why = "not the cpu target" if host is None else f"no native host: {host.why_not}" \
+                    if host.why_not is not None else "compiled without SPARSA_PROFILE=1"
+                lines.append(f"{name}: no profile ({why})")
+                continue
+            rows, calls = fn.profile(), fn.calls["native"]
+            total = sum(ms for *_, ms in rows)
+            lines.append(f"{name}: {calls} native call(s), {total / max(calls, 1):.3f} ms a call in its kernels")
+            for kernel, what, ms in sorted(rows, key=lambda r: -r[2]):
+                lines.append(f"  {ms / max(calls, 1):9.3f} ms {100 * ms / (total or 1):5.1f}%  {kernel:30s} {what}")
+        return "\n".join(lines)
+
     def stage(self, name: str, grad: bool = False) -> str | bytes:
         """A backend stage's text (cpu: "mlir" before lowering, "llvm" after; triton: "kernels", "launcher",
         and "source", the whole generated module): the backend's STAGES; or bytes for its BINARY_STAGES

@@ -13,6 +13,8 @@ The calling convention is one int64 array, `argv`:
     ...      the plan         every value's dims and strides, each temporary's offset in the workspace, each
                               split kernel's work items, team and row bounds, each index check's count and
                               bound, each copied output's bytes
+    ...      profile          with SPARSA_PROFILE=1: nanoseconds spent in each launch, added at each call (the
+                              caller reads and clears them)
 
 Everything that depends on the shapes of a call (the `Plan`) is worked out in Python once per set of input
 shapes, from the IR's types and each op's `result_shapes`; the native code only loads it. Functions with an op
@@ -130,11 +132,13 @@ class HostProgram:
     is still Python."""
 
     def __init__(self, func_op: Operation, kernels: dict[int, Kernel], weight_only: set[int], cx: KernelContext,
-                 refused: str | None = None):
+                 refused: str | None = None, profile: bool = False):
         """`cx`: the context the kernels were built in (the HOSTED rules add kernels of their own to it);
-        `refused`: why the function keeps the Python host whatever its ops (the caller's reason)."""
+        `refused`: why the function keeps the Python host whatever its ops (the caller's reason); `profile`:
+        time each launch (argv's profile slots, from `profile_slot`)."""
         block = func_op.regions[0].block
         self.func_op = func_op
+        self.profile_slot: int | None = profile  # (made a slot number by _layout)
         self.why_not: str | None = refused
         self.inputs = list(block.args)
         self.dtypes = [numpy_dtype(a.type.dtype) for a in self.inputs]
@@ -212,11 +216,40 @@ class HostProgram:
             if not (place.kind == "arg" and place.ptr == self.out_slots[i]):
                 self.copies.append((i, v, slot))
                 slot += 1
+        if self.profile_slot:
+            self.profile_slot, slot = slot, slot + len(self.launches)
+        else:
+            self.profile_slot = None
         self.temp = slot  # workspace offsets, one per temporary; addresses of planned arrays
         for place in self.places.values():
             if place.kind in ("temp", "planned"):
                 place.ptr, slot = slot, slot + 1
         self.size = slot  # argv's length before the row bounds
+        self.lifetimes = self._lifetimes()
+
+    def _lifetimes(self) -> dict[int, tuple[int, int]]:
+        """Each temporary's first and last launch (a view's reads count as its source's; what is copied out
+        lives to the end): temporaries whose lifetimes do not meet may share workspace bytes."""
+        live: dict[int, tuple[int, int]] = {}
+
+        def use(v: Any, i: int) -> None:
+            place = self.places.get(id(v))
+            if place is None:
+                return
+            if place.kind == "view":
+                use(place.source, i)
+            elif place.kind == "temp":
+                first, _ = live.get(id(v), (i, i))
+                live[id(v)] = (first, i)
+
+        end = len(self.launches)
+        for i, launch in enumerate(self.launches):
+            for v in [*launch.args, *[c[0] for c in launch.checks], *launch.zeroed,
+                      *(launch.sum_parts or ())]:
+                use(v, i)
+        for _, v, _ in self.copies:
+            use(v, end)
+        return live
 
     def _fix(self, produced: dict[int, Operation], v: Value) -> None:
         op = produced.get(id(v))
@@ -332,14 +365,13 @@ class HostProgram:
         def put(slot: int, values: Sequence[int]) -> None:
             tail[slot - at:slot - at + len(values)] = values
 
-        offset = 0
+        offsets, workspace = self._offsets(known)
         for place in self.places.values():
             shape = known[id(place.value)]
             strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
             put(place.dims, [*shape, *strides])
             if place.kind == "temp":
-                put(place.ptr, [offset])
-                offset += -(-int(np.prod(shape, dtype=np.int64)) * place.itemsize // ALIGN) * ALIGN
+                put(place.ptr, [offsets[id(place.value)]])
             elif place.kind == "planned":
                 put(place.ptr, [address(arrays[id(place.value)])])
         bounds: list[int] = []
@@ -359,7 +391,28 @@ class HostProgram:
         for _, v, slot in self.copies:
             put(slot, [int(np.prod(known[id(v)], dtype=np.int64)) * self.places[id(v)].itemsize])
         outputs = [(known[id(v)], numpy_dtype(v.type.dtype)) for v in self.returns]
-        return Plan(tail + bounds, outputs, offset, list(arrays.values()))
+        return Plan(tail + bounds, outputs, workspace, list(arrays.values()))
+
+    def _offsets(self, known: dict[int, tuple[int, ...]]) -> tuple[dict[int, int], int]:
+        """Each temporary's offset in the workspace, and its bytes: in order of first use, each at the lowest
+        aligned offset clear of every temporary placed so far whose lifetime meets its own (a buffer is reused
+        once its value is dead, so a long function touches a few arrays' worth of memory, warm in cache,
+        instead of fresh memory at every op)."""
+        placed: list[tuple[int, int, int, int]] = []  # (first, last, offset, end)
+        offsets = {}
+        temps = [p for p in self.places.values() if p.kind == "temp"]
+        for place in sorted(temps, key=lambda p: self.lifetimes.get(id(p.value), (-1, -1))):
+            v = place.value
+            size = -(-int(np.prod(known[id(v)], dtype=np.int64)) * place.itemsize // ALIGN) * ALIGN
+            first, last = self.lifetimes.get(id(v), (-1, len(self.launches)))  # (never read: kept apart)
+            at = 0
+            for lo, hi in sorted((o, e) for f, la, o, e in placed if f <= last and first <= la):
+                if at + size <= lo:
+                    break
+                at = max(at, hi)
+            placed.append((first, last, at, at + size))
+            offsets[id(v)] = at
+        return offsets, max((e for *_, e in placed), default=0)
 
     def _split(self, launch: Launch, known: dict[int, tuple[int, ...]], threads: int,
                deterministic: bool, ctx: _Shapes) -> tuple[int, int, list[int]]:

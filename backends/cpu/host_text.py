@@ -6,6 +6,7 @@ the declarations against the compiled kernels before the program joins their mod
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from torch_mlir import ir
@@ -28,6 +29,27 @@ llvm.func @sparsa_parallel(%fn: !llvm.ptr, %frame: !llvm.ptr, %team: i64, %pool:
   llvm.call %pool(%fn, %frame, %threads, %flags) : !llvm.ptr, (!llvm.ptr, !llvm.ptr, i32, i32) -> ()
   llvm.return
 }
+"""
+
+
+LIBC = {"clock_gettime"}  # what the program calls in the C library (declared, resolved when it is loaded)
+
+NOW = """\
+// nanoseconds on the monotonic clock (SPARSA_PROFILE=1: each launch's time is added to its argv slot)
+llvm.func @clock_gettime(i32, !llvm.ptr) -> i32
+llvm.func @sparsa_now() -> i64 {{
+  %one = llvm.mlir.constant(1 : i64) : i64
+  %ts = llvm.alloca %one x !llvm.array<2 x i64> : (i64) -> !llvm.ptr
+  %clock = llvm.mlir.constant({clock} : i32) : i32
+  %r = llvm.call @clock_gettime(%clock, %ts) : (i32, !llvm.ptr) -> i32
+  %s = llvm.load %ts : !llvm.ptr -> i64
+  %at = llvm.getelementptr %ts[1] : (!llvm.ptr) -> !llvm.ptr, i64
+  %ns = llvm.load %at : !llvm.ptr -> i64
+  %giga = llvm.mlir.constant(1000000000 : i64) : i64
+  %whole = llvm.mul %s, %giga : i64
+  %t = llvm.add %whole, %ns : i64
+  llvm.return %t : i64
+}}
 """
 
 
@@ -232,6 +254,7 @@ class _Writer:
         for i, launch in enumerate(prog.launches):
             k = launch.kernel
             f.lines.append(f"  // {k.op.NAME} ({k.name})")
+            start = f.emit("llvm.call @sparsa_now() : () -> i64", "t") if prog.profile_slot is not None else None
             for n, (index, _, slot) in enumerate(launch.checks):
                 f.lines.append(f"  // index tensor {n}: argv[{slot}] indices, each in argv[{slot + 1}].."
                                f"argv[{slot + 2}]-1")
@@ -262,6 +285,12 @@ class _Writer:
                 f.do(f"llvm.call @sparsa_sum_parts_{dst.type.dtype}({self.address(f, ws, dst)}, "
                      f"{self.address(f, ws, src)}, {f.arg(launch.sum_slot)}, {f.arg(launch.sum_slot + 1)}) : "
                      "(!llvm.ptr, !llvm.ptr, i64, i64) -> ()")
+            if start is not None:
+                f.lines.append(f"  // its time, added to argv[{prog.profile_slot + i}]")
+                took = f.binary("sub", f.emit("llvm.call @sparsa_now() : () -> i64", "t"), start)
+                slot = f.at_unshared("%argv", prog.profile_slot + i)
+                total = f.binary("add", f.emit(f"llvm.load {slot} : !llvm.ptr -> i64", "ns"), took)
+                f.do(f"llvm.store {total}, {slot} : i64, !llvm.ptr")
         for out, v, slot in prog.copies:
             f.lines.append(f"  // result {out}: copied (an input, a weight, a view or a value returned twice)")
             dst = f.arg(prog.out_slots[out], ptr=True, hint="out")
@@ -288,6 +317,8 @@ def program_text(prog: Any) -> str:
                                   "%x = llvm.add %raw, %zero : i64") + "\n" for b in widths)
     sums = sorted({launch.sum_parts[1].type.dtype for launch in prog.launches if launch.sum_parts})
     checks += "".join(SUM_PARTS.format(t=t, size={"f32": 4, "f64": 8}[t]) + "\n" for t in sums)
+    if prog.profile_slot is not None:
+        checks += NOW.format(clock=time.CLOCK_MONOTONIC) + "\n"
     return (legend(prog) + "\n// the kernels this host calls (compiled in the same module)\n" + decls + "\n" + PARALLEL
             + "\n" + checks + "\n".join(bodies) + "\n" + w.main(regions))
 
@@ -320,7 +351,7 @@ def merge(text: str, module: ir.Module) -> None:
                 if op.operation.name == "llvm.func"}
     for op in list(host.body.operations):
         name = op.attributes["sym_name"].value
-        if len(op.regions[0].blocks) == 0:  # a kernel's declaration
+        if len(op.regions[0].blocks) == 0 and name not in LIBC:  # a kernel's declaration
             have = compiled.get(name)
             if have is None or str(have.attributes["function_type"]) != str(op.attributes["function_type"]):
                 raise RuntimeError(f"native host: kernel @{name} is not {op.attributes['function_type']} "

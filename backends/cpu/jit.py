@@ -17,6 +17,7 @@ from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, 
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.host import ALIGN, HEADER, STATUS, WORKSPACE, HostProgram, address
 from sparsa.backends.cpu.host_text import merge
+from sparsa.backends.cpu.outputs import empty as pooled_empty
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import CpuTarget, host_target
@@ -28,7 +29,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.types import numpy_dtype
-from sparsa.knobs import deterministic, native_host
+from sparsa.knobs import deterministic, native_host, profile
 
 # After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
 # would leak otherwise), then from vectors and loops to LLVM. Vector transfers are unrolled rather than staged
@@ -156,7 +157,7 @@ class CpuFunction(Executable):
             module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
             self.host = HostProgram(func_op, self.kernels, self.weight_only, builder,
                                     "it exchanges rows between ranks (expert parallel)" if exchange is not None
-                                    else None if native_host() else "SPARSA_NATIVE_HOST=0")
+                                    else None if native_host() else "SPARSA_NATIVE_HOST=0", profile())
             self.stages = {"mlir": str(module),
                            "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k),
                            "host": self.host.text if self.host.why_not is None else
@@ -191,6 +192,7 @@ class CpuFunction(Executable):
         self._plans: dict[tuple, Any] = {}  # by the inputs' shapes, the weights' and the threads
         self.dead_after = _last_reads(func_op)  # the Python host's: values it lets go after each op
         self.calls = {"native": 0, "python": 0}  # which host ran each call
+        self.timings = np.zeros(len(self.host.launches), np.int64)  # SPARSA_PROFILE=1: ns per launch, all calls
         if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
             cache.store(name, self.engine, {k: self.stages[k] for k in ("loops", "llvm")}, symbols)
 
@@ -258,7 +260,7 @@ class CpuFunction(Executable):
                 self._plans.clear()
                 self._scratch.__dict__.pop("argv", None)
             plan = self._plans[key] = host.plan(key[0], fixed[2], threads, exact)
-        outs = [np.empty(shape, dtype) for shape, dtype in plan.outputs]
+        outs = [pooled_empty(shape, dtype) for shape, dtype in plan.outputs]
         mine = self._scratch.__dict__  # this thread's workspace and argv arrays (one per plan)
         space = mine.get("workspace")
         if space is None or space[0].size < plan.workspace + ALIGN:
@@ -273,9 +275,24 @@ class CpuFunction(Executable):
         at = 2 + WORKSPACE  # argv[2:] is the program's argv (the two slots before it: the packed convention)
         argv[at:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
         self.main(made[1])
+        if host.profile_slot is not None:
+            at = 2 + host.profile_slot
+            self.timings += argv[at:at + len(host.launches)]
+            argv[at:at + len(host.launches)] = 0
         if argv[2 + STATUS]:  # an index out of range: the Python host runs the call again and says where
             return None
         return outs
+
+    def profile(self) -> list[tuple[str, str, float]]:
+        """With SPARSA_PROFILE=1: each launch of the native host (in order) as (kernel, op and its location,
+        milliseconds over every native call so far)."""
+        rows = []
+        for launch, ns in zip(self.host.launches, self.timings, strict=True):
+            op = launch.kernel.op
+            where = f"{op.loc.line}:{op.loc.col}" if getattr(op.loc, "line", None) else ""
+            rows.append((launch.kernel.name, f"{op.NAME} -> {op.results[0].type if op.results else ''} {where}",
+                         ns / 1e6))
+        return rows
 
     def scratch(self, key: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A buffer of this calling thread's, the same one at every call with the same key and shape (fresh

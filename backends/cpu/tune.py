@@ -7,7 +7,10 @@ a call; `bench/cpu.py` asks before it times anything.
 
 The candidates are the derived tile (target.py's rule) and the next tiles that fit the register file, most
 accumulators first; the derived tile wins ties: it is only replaced by one measured faster by more than the noise
-(TIE), so a quiet machine and a busy one choose alike where the candidates are alike.
+(TIE), so a quiet machine and a busy one choose alike where the candidates are alike. A register tile is a
+property of one core: the candidates run on one thread (a team of threads on a busy machine waits on its
+slowest member: 20x swings were seen under a parallel test run), in rounds that run each candidate in turn (a
+burst of load then hits them all), and each keeps its fastest run.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -80,19 +82,24 @@ def tune(target: CpuTarget, budget_s: float = BUDGET_S, say: bool = True) -> tup
     src = f"model M(x: f32[{m}, {k}], w: f32[{k}, {n}]) -> f32[{m}, {n}] {{\n    return x @ w\n}}\n"
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
-    times: dict[tuple[int, int], float] = {}
-    for tile in tiles:
-        if times and time.perf_counter() - start > budget_s:
+    built = {}
+    for tile in tiles:  # compiling takes most of the budget
+        if built and time.perf_counter() - start > budget_s / 2:
             break
         func = sparsa.compile(src, target="reference", passes="canonicalize").module.funcs[-1]
-        fn = CpuFunction(func, target=target.with_tile(tile))
-        fn([x, w], None, {})
-        runs = []
-        while len(runs) < 5 or (len(runs) < 50 and sum(runs) < 0.05):
-            t = time.perf_counter()
+        built[tile] = CpuFunction(func, target=target.with_tile(tile))
+    runs: dict[tuple[int, int], list[float]] = {tile: [] for tile in built}
+    with _one_thread():
+        for fn in built.values():
             fn([x, w], None, {})
-            runs.append(time.perf_counter() - t)
-        times[tile] = statistics.median(runs)
+        rounds = 0
+        while rounds < 5 or (rounds < 50 and time.perf_counter() - start < budget_s):
+            for tile, fn in built.items():
+                t = time.perf_counter()
+                fn([x, w], None, {})
+                runs[tile].append(time.perf_counter() - t)
+            rounds += 1
+    times = {tile: min(r) for tile, r in runs.items()}
     derived = times[target.derived_tile]
     winner = min(times, key=times.get)  # type: ignore[arg-type]
     if times[winner] > derived * (1 - TIE):
@@ -103,6 +110,20 @@ def tune(target: CpuTarget, budget_s: float = BUDGET_S, say: bool = True) -> tup
               + ", ".join(f"{a}x{b} {1e3 * t:.2f} ms" for (a, b), t in times.items()) + ")",
               file=sys.stderr, flush=True)
     return winner
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """SPARSA_NUM_THREADS=1 while the candidates run (tuning happens at compile time, before any call)."""
+    before = os.environ.get("SPARSA_NUM_THREADS")
+    os.environ["SPARSA_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("SPARSA_NUM_THREADS", None)
+        else:
+            os.environ["SPARSA_NUM_THREADS"] = before
 
 
 def _store(target: CpuTarget, tile: tuple[int, int], times: dict, seconds: float) -> None:

@@ -379,10 +379,13 @@ class GroupedMatmulCombineOp(Operation):
             np.add.at(y, ids // self.topk, flat_gates[ids][:, None] * rows_out)
         return y
 
-    def training_form(self, g: Any) -> list[Any]:
+    def training_form(self, g: Any) -> list[Any] | None:
         """The expert rows as a grouped matmul, then the weighted combine as tensor ops (gather the gate, scale,
         scatter-add to the token), so a backward reads the rows (saved) for the gates' gradient instead of
-        computing the last GEMM again."""
+        computing the last GEMM again. Not where the tokens are known only at run time (rows another rank sent):
+        the sum has no shape to start from."""
+        if None in self.result.type.shape:
+            return None
         (rows,), _ = g.inline(self.epilogue, _products(self, g, [self.weight]))
         tok, slot = _token_of(self, g)
         real = g.emit("tensor.cmp", self.perm, g.scalar(0, "i64"), pred="ge")
