@@ -86,12 +86,16 @@ def _select_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, i
 
 def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, start: int, end: int,
                     step: int) -> Value:
+    """tensor.slice's own rule: dY in the rows the slice took (every step-th), zeros elsewhere."""
+    from sparsa.ir.autodiff import Grad
+    from sparsa.ir.dialects.tensor_shape import put_back
+
     dim = _axis(dim, len(sizes))
-    if step != 1 or not isinstance(sizes[dim], int):
-        raise Unsupported("a slice backward with a step or a run-time size")
+    if not all(isinstance(s, int) for s in sizes):
+        raise Unsupported("a slice backward of sizes known only at run time")
     n = sizes[dim]
-    start, end = (max(0, min(n, x + n if x < 0 else x)) for x in (start, end))
-    return _zero_padded(im, dy, sizes, dim, start, n - end)
+    start = max(0, min(n, start + n if start < 0 else start))
+    return put_back(Grad(im.block), dy, dim, n, start, step)
 
 
 OPS: dict[str, Callable] = {

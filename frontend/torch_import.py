@@ -363,19 +363,30 @@ def _expand(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
 
 
 def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0) -> Value:
-    """Padding at the end of dims (pairs from the last dim backwards), as a concat with a splat constant."""
+    """Padding before and after dims (pairs from the last dim backwards) as a concat with splat constants; a
+    negative amount crops (a slice)."""
     pad = list(pad)
     out = x
     for i in range(0, len(pad), 2):
         d = x.type.rank - 1 - i // 2
         before, after = pad[i], pad[i + 1]
-        if before != 0 or not isinstance(after, int) or after < 0:
-            raise Unsupported("constant_pad_nd other than static padding at the end")
-        if after == 0:
-            continue
-        shape = tuple(after if j == d else n for j, n in enumerate(out.type.shape))
-        fill = im.splat(value, out.type.dtype, shape)
-        out = im.emit(S.ConcatOp, [out, fill], axis=d)
+        if not isinstance(before, int) or not isinstance(after, int):
+            raise Unsupported("constant_pad_nd by amounts known only at run time")
+        if before < 0 or after < 0:
+            n = out.type.shape[d]
+            if not isinstance(n, int):
+                raise Unsupported("constant_pad_nd cropping a dim known only at run time")
+            starts, stops = [0] * out.type.rank, [None] * out.type.rank
+            starts[d], stops[d] = max(0, -before), n - max(0, -after)
+            out = im.emit(S.SliceOp, out, starts=tuple(starts), stops=tuple(stops), steps=(1,) * out.type.rank)
+        parts = []
+        for amount in (before, None, after):
+            if amount is None:
+                parts.append(out)
+            elif amount > 0:
+                shape = tuple(amount if j == d else n for j, n in enumerate(out.type.shape))
+                parts.append(im.splat(value, out.type.dtype, shape))
+        out = parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
     return out
 
 
@@ -628,6 +639,7 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
+    from sparsa.frontend.torch_ssm import OPS as SSM
 
     table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
@@ -635,7 +647,7 @@ def _build_table() -> dict[Any, Callable]:
         table[flex] = _flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
-    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **LOSSES}.items():
+    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **LOSSES, **SSM}.items():
         packet, overload = name.split(".")
         op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
         if op is not None:

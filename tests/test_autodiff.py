@@ -55,6 +55,7 @@ CASES = {
     "transpose": ("transpose(x, [1, 0]) @ y", lambda x, y: x.T @ y, {"y": (3, 2)}),
     "reshape": ("reshape(x, [2, 6])", lambda x: x.reshape(2, 6), {}),
     "slice": ("x[1:3, :2]", lambda x: x[1:3, :2], {}),
+    "slice steps": ("x[0:3:2, 1::2]", lambda x: x[0:3:2, 1::2], {}),
     "concat": ("concat([x, y], axis=0)", lambda x, y: torch.cat([x, y], 0), {"y": (2, 4)}),
     "gather rows": ("x[y]", lambda x, y: x[y], {"y": "i64:5"}),
     "gather elements": ("x[y, z]", lambda x, y, z: x[y, z], {"y": "i64:6", "z": "i64:6"}),

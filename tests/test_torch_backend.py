@@ -104,7 +104,10 @@ def test_causal_sdpa():
 
 
 def test_unsupported_ops_fall_back_and_are_logged(monkeypatch, capfd):
+    from sparsa.runtime.report import REPORT
+
     monkeypatch.setenv("SPARSA_LOG", "fallbacks")
+    monkeypatch.setattr(REPORT, "_said", set())  # each (op, reason) is said once a process: an earlier test's
     backend = check(Router(), torch.randn(7, 16))
     assert backend.fallbacks == {"aten.sort.default": 1}
     assert "sparsa: falls back to PyTorch for aten.sort.default" in capfd.readouterr().err

@@ -166,3 +166,105 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     assert {"attn.attention_lse", "attn.attention_grad"} <= names
+
+
+# What each tiny model's training graphs still leave to PyTorch (the forward's MoE routing and transformers'
+# grouped matmuls, and their backward, are not recognized in training graphs yet): the test fails when one more
+# kind of op falls back, and says so when one fewer does.
+TINY_LMS = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
+                                                            intermediate_size=64)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                intermediate_size=64, moe_intermediate_size=32,
+                                                                head_dim=8)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(state_size=8)),
+}
+LEFT_TO_PYTORCH = {
+    "mixtral": {"aten.sort.default", "aten.histc.default", "transformers.grouped_mm_fallback.default",
+                "aten.empty_like.default", "aten.index_put.default",
+                "transformers.grouped_mm_fallback_backward.default", "aten.scatter.src"},
+}
+LEFT_TO_PYTORCH["qwen3_moe"] = LEFT_TO_PYTORCH["mixtral"]  # (Mamba: nothing)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_LMS))
+def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> None:
+    """transformers' Mixtral, Qwen3-MoE and Mamba trained for two SGD steps under backend=sparsa: the losses and
+    every parameter's gradient equal eager's, the attention of the MoE models runs on Sparsa's backward, and only
+    the ops named in LEFT_TO_PYTORCH stay in PyTorch."""
+    pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    config_name, model_name, extra = TINY_LMS[name]
+    torch.manual_seed(0)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2)
+    if name != "mamba":
+        common.update(num_attention_heads=4, num_key_value_heads=2)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**common, **extra))
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 64, (2, 24))
+
+    def train(m, backend):
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        f = torch.compile(m, backend=backend) if backend is not None else m
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = f(ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+            opt.step()
+        return losses, grads
+
+    backend = SparsaBackend({"target": "cpu"})
+    losses, grads = train(model, backend)
+    want_losses, want_grads = train(ref, None)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    left = set(backend.fallbacks)
+    assert left <= LEFT_TO_PYTORCH.get(name, set()), f"more left to PyTorch: {left - LEFT_TO_PYTORCH.get(name, set())}"
+    assert left == LEFT_TO_PYTORCH.get(name, set()), f"fewer left to PyTorch: update LEFT_TO_PYTORCH ({left})"
+    names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    if name != "mamba":
+        assert {"attn.attention_lse", "attn.attention_grad"} <= names
+
+
+class ConvBlock(torch.nn.Module):
+    """Mamba's pieces outside the scan: a causal depthwise conv1d (padding both sides, the tail cut), softplus,
+    a strided slice, padding before and a negative pad (a crop), stack."""
+
+    def __init__(self, channels: int = 6, taps: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1)
+        self.proj = torch.nn.Linear(channels, channels)
+
+    def forward(self, x):  # x: [B, C, L]
+        L = x.shape[-1]
+        h = F.softplus(self.conv(x)[..., :L])
+        every_other = h[:, :, 1::2]
+        padded = F.pad(every_other, (2, -1))
+        both = torch.stack([padded, padded * 2.0], dim=1).sum(1)
+        return self.proj(both.transpose(1, 2))
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target: str) -> None:
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model, x = ConvBlock(), torch.randn(2, 6, 11)
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    losses, grads = _train(model, backend, x)
+    want_losses, want_grads = _train(ref, None, x)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)

@@ -10,7 +10,7 @@ import numpy as np
 from sparsa.ir import attrs as A
 from sparsa.ir import intervals as I
 from sparsa.ir.analysis import Cost
-from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dims import Dim, broadcast_shapes, compatible, format_dim, mul
 from sparsa.ir.traits import View
@@ -236,27 +236,49 @@ class SliceOp(View, Operation):
         return x[idx]
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """dY put back where the slice took it from, zeros around it (unit steps, static bounds)."""
+        """dY put back where the slice took it from, zeros around it (static bounds, positive steps)."""
         x, dy = xs[0], dys[0]
         out = dy
         for axis, (start, stop, step) in enumerate(zip(self.starts, self.stops, self.steps, strict=True)):
             n = x.type.shape[axis]
             end = n if stop is None else stop
-            if step != 1 or not isinstance(n, int) or not isinstance(end, int) or start < 0 or end < 0:
+            if step < 1 or not isinstance(n, int) or not isinstance(end, int) or start < 0 or end < 0:
                 if (start, stop, step) == (0, None, 1):
                     continue
-                raise self.error("has no derivative yet for steps other than 1 or symbolic and negative bounds")
-            end = min(end, n)
-            pieces = []
-            for size in (start, None, n - end):
-                if size is None:
-                    pieces.append(out)
-                elif size:
-                    shape = list(out.type.shape)
-                    shape[axis] = size
-                    pieces.append(g.full(0.0, TensorType(out.type.dtype, tuple(shape))))
-            out = pieces[0] if len(pieces) == 1 else g.emit("tensor.concat", pieces, axis=axis)
+                raise self.error("has no derivative yet for negative steps or symbolic and negative bounds")
+            out = put_back(g, out, axis, n, start, step)
         return [out]
+
+
+def put_back(g: Any, taken: Value, axis: int, n: int, start: int, step: int) -> Value:
+    """The transpose of taking rows start, start + step, ... along `axis` of an axis of n: `taken` in those rows,
+    zeros in the others (each taken row followed by step - 1 zero rows, cut to the axis, zeros around it). `g`
+    builds the ops (ir/autodiff.py's Grad)."""
+    dtype, m = taken.type.dtype, taken.type.shape[axis]
+    out = taken
+    span = 0 if m == 0 else min(m * step, n - start)
+    if step != 1 and m:
+        spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
+        gaps = list(spread.type.shape)
+        gaps[axis + 1] = step - 1
+        spread = g.emit("tensor.concat", [spread, g.full(0.0, TensorType(dtype, tuple(gaps)))], axis=axis + 1)
+        shape = list(out.type.shape)
+        shape[axis] = m * step
+        out = g.emit("tensor.reshape", spread, shape=shape)
+        if span < m * step:
+            rank = out.type.rank
+            stops: list[Any] = [None] * rank
+            stops[axis] = span
+            out = g.emit("tensor.slice", out, starts=[0] * rank, stops=stops, steps=[1] * rank)
+    pieces = []
+    for size in (start, None, n - start - span):
+        if size is None:
+            pieces.append(out)
+        elif size:
+            shape = list(out.type.shape)
+            shape[axis] = size
+            pieces.append(g.full(0.0, TensorType(dtype, tuple(shape))))
+    return pieces[0] if len(pieces) == 1 else g.emit("tensor.concat", pieces, axis=axis)
 
 
 def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:

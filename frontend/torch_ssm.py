@@ -1,0 +1,118 @@
+"""The ATen ops of a state-space block that are not attention, a MoE block or plain tensor ops: Mamba's causal
+depthwise convolution and its backward, softplus and its backward, and stack. The convolution is imported as
+what it computes (shifted slices of the padded input times one weight column each, summed), and its backward
+as the `vjp` rules of those same ops: the derivative `differentiate` would build, not a transcription of
+PyTorch's convolution_backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sparsa.frontend.torch_import import Importer, Unsupported, _axis
+from sparsa.ir.core import Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.types import TensorType
+
+
+def _depthwise_conv1d(im: Importer, x: Value, w: Value, bias: Value | None, stride: Any, padding: Any,
+                      dilation: Any, transposed: bool, output_padding: Any, groups: int) -> Value:
+    """y[b, c, t] = bias[c] + sum_k w[c, 0, k] * xp[b, c, t + k*dilation], xp = x with `padding` zeros on both
+    sides of the time axis: one slice, multiply and add per tap (Mamba's convolutions have 4)."""
+    if transposed or x.type.rank != 3 or w.type.rank != 3 or list(stride) != [1] or any(output_padding):
+        raise Unsupported("convolutions other than 1-D, stride 1 and not transposed")
+    B, C, L = x.type.shape
+    channels, per_group, K = w.type.shape
+    if groups != C or channels != C or per_group != 1 or not all(isinstance(d, int) for d in (C, L, K)):
+        raise Unsupported("convolutions other than depthwise (groups = channels) of static sizes")
+    pad, step = int(padding[0]), int(dilation[0])
+    parts = [x]
+    if pad:
+        zeros = im.splat(0.0, x.type.dtype, (B, C, pad))
+        parts = [zeros, x, zeros]
+    xp = parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=2)
+    out = L + 2 * pad - step * (K - 1)
+    if out <= 0:
+        raise Unsupported("a convolution with no output")
+    y = None
+    for k in range(K):
+        tap = im.emit(S.SliceOp, w, starts=(0, 0, k), stops=(C, 1, k + 1), steps=(1, 1, 1))
+        column = im.emit(S.ReshapeOp, tap, shape=(C, 1))
+        window = im.emit(S.SliceOp, xp, starts=(0, 0, k * step), stops=(None, None, k * step + out),
+                         steps=(1, 1, 1))
+        term = im.emit(T.MulOp, window, column)
+        y = term if y is None else im.emit(T.AddOp, y, term)
+    if bias is not None:
+        y = im.emit(T.AddOp, y, im.emit(S.ReshapeOp, bias, shape=(C, 1)))
+    return y
+
+
+def _convolution(im: Importer, node: Any, x: Value, w: Value, bias: Any, stride: Any, padding: Any, dilation: Any,
+                 transposed: bool, output_padding: Any, groups: int) -> Value:
+    return _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _convolution_backward(im: Importer, node: Any, dy: Value, x: Value, w: Value, bias_sizes: Any, stride: Any,
+                          padding: Any, dilation: Any, transposed: bool, output_padding: Any, groups: int,
+                          output_mask: Any) -> tuple:
+    """The convolution built again on its inputs (with a bias of zeros where it had one), then its ops' rules in
+    reverse: (dx, dw, dbias), None where output_mask says not wanted."""
+    from sparsa.ir.autodiff import Grad
+
+    start = len(im.block.ops)
+    bias = im.splat(0.0, w.type.dtype, tuple(bias_sizes)) if bias_sizes is not None else None
+    y = _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+    ops = im.block.ops[start:]
+    g = Grad(im.block)
+    g.flow(y, dy)
+    g.reverse(ops)
+    wanted = list(output_mask)
+    grads = []
+    for i, v in enumerate((x, w, bias)):
+        if not wanted[i]:
+            grads.append(None)
+        elif v is None:
+            raise Unsupported("a bias gradient of a convolution without a bias")
+        else:
+            grads.append(g.grads.get(id(v)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
+    return tuple(grads)
+
+
+def _softplus(im: Importer, node: Any, x: Value, beta: float = 1.0, threshold: float = 20.0) -> Value:
+    """log(1 + exp(beta x)) / beta; ATen's linear branch above `threshold` equals it in float32 (they differ by
+    exp(-threshold))."""
+    if threshold < 15:
+        raise Unsupported(f"softplus with a threshold of {threshold} (its linear branch is not the function)")
+    if beta == 1:
+        return im.emit(T.SoftplusOp, x)
+    scaled = im.emit(T.MulOp, x, im.const(float(beta), x.type.dtype))
+    return im.emit(T.DivOp, im.emit(T.SoftplusOp, scaled), im.const(float(beta), x.type.dtype))
+
+
+def _softplus_backward(im: Importer, node: Any, dy: Value, x: Value, beta: float = 1.0,
+                       threshold: float = 20.0) -> Value:
+    """softplus's own rule (sigmoid(beta x) dy)."""
+    from sparsa.ir.autodiff import Grad
+
+    if threshold < 15:
+        raise Unsupported(f"softplus_backward with a threshold of {threshold}")
+    start = len(im.block.ops)
+    y = _softplus(im, node, x, beta, threshold)
+    g = Grad(im.block)
+    g.flow(y, dy)
+    g.reverse(im.block.ops[start:])
+    return g.grads[id(x)]
+
+
+def _stack(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
+    xs = [im.tensor(x) for x in xs]
+    d = _axis(dim, xs[0].type.rank + 1)
+    parts = [im.emit(S.ExpandDimsOp, x, axes=(d,)) for x in xs]
+    return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
+
+
+OPS: dict[str, Callable] = {
+    "convolution.default": _convolution, "convolution_backward.default": _convolution_backward,
+    "softplus.default": _softplus, "softplus_backward.default": _softplus_backward, "stack.default": _stack,
+}
