@@ -193,3 +193,39 @@ def test_the_python_host_lets_values_go_after_their_last_read():
     dead = _last_reads(f)
     assert dead == {1: [id(x)], 2: [id(v1)]}  # %0 is returned: kept; %2 never read after it is made
     assert id(v0) not in sum(dead.values(), [])
+
+
+FUSABLE = """model M(a: f32[T, 48], b: f32[T, 48], c: f32[48], m: bool[T, 48]) -> (f32[T, 48], f32[T, 48], f32[T, 48]) {
+    s = sigmoid(a)
+    y = silu(a) * b + c * 2.0
+    z = where(a > b, s * y, y - s)
+    w = where(m, z, 0.0)
+    return y, z, w
+}
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 37, 700])
+def test_elementwise_chains_run_as_one_kernel(monkeypatch, rows):
+    """silu, mul and the add that only feed one another are one kernel (`c * 2.0`, of another shape, is not
+    computed again per row: a kernel of its own); `y` and `s`, read twice, end their groups; the comparison inside
+    `z`'s group stays a register, never a bool tensor; `w` reads a bool input and stays apart. Native and Python
+    hosts agree bitwise, and with the reference."""
+    src = FUSABLE
+    native = sparsa.compile(src, target="cpu")
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    python = sparsa.compile(src, target="cpu")
+    monkeypatch.delenv("SPARSA_NATIVE_HOST")
+    ref = sparsa.compile(src, target="reference")
+    names = sorted(k.name for k in native.native.kernels.values())
+    assert any("fused_silu_mul_add" in n for n in names) and any(n.endswith("tensor_mul") for n in names), names
+    assert any("fused_cmp_mul_sub_where" in n for n in names), names
+    assert sum("fused" in n for n in names) == 2 and any(n.endswith("_tensor_where") for n in names), names
+    rng = np.random.default_rng(rows)
+    ins = [rng.standard_normal((rows, 48)).astype(np.float32), rng.standard_normal((rows, 48)).astype(np.float32),
+           rng.standard_normal(48).astype(np.float32), rng.random((rows, 48)) > 0.5]
+    got, again, want = native(*ins), python(*ins), ref(*ins)
+    assert native.native.calls["native"] == 1
+    for g, p, r in zip(got, again, want, strict=True):
+        np.testing.assert_array_equal(g, p)
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

@@ -193,14 +193,64 @@ class KernelContext:
         self.dim_map = {}
         return Kernel(name, op, inputs, list(op.results), split, cut)
 
+    def fused(self, ops: list[Operation], inputs: list[Value]) -> Kernel:
+        """Elementwise ops that only feed one another, ending in `ops[-1]` (`fused_groups`), as one kernel: one
+        loop nest over the last op's result whose body is each op's scalar rule in turn, so the intermediate
+        values stay in registers instead of a pass over memory each; split by rows like one elementwise op."""
+        for op in ops:
+            why = refused_dtype(op)
+            if why:
+                raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend ({why})", op.loc)
+        root = ops[-1]
+        result = root.results[0]
+        out = result.type
+        split, cut = "none", []
+        if out.rank and out.shape[0] not in (0, 1):
+            split, cut = "rows", [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in inputs]
+        if isinstance(out.shape[0] if out.rank else None, int) and split == "rows":
+            self.dim_map = {out.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
+        start = len(self.tiled)
+        types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [out]]
+        names = [op.NAME.split(".")[-1] for op in ops]
+        label = "fused_" + "_".join(names[:4]) + (f"_and_{len(names) - 4}_more" if len(names) > 4 else "")
+        name, entry = self.function(root, types, False, label)
+        with ir.InsertionPoint(entry):
+            operands = [(B.read(m), v.type) for v, m in zip(inputs, entry.arguments, strict=False)]
+            init = self.empty_like_dims(out, self.out_sources(out, operands))
+            ins = [(t, self.broadcast_exprs(vt, out.rank)) for t, vt in operands]
+            ident = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+
+            def body(*scalars: ir.Value) -> ir.Value:
+                saved, self.scalar_mode = self.scalar_mode, True
+                try:
+                    for v, s in zip(inputs, scalars, strict=True):
+                        self.values[id(v)] = s
+                    for op in ops:
+                        self.lower(op)
+                    return self.get(result)
+                finally:
+                    self.scalar_mode = saved
+
+            value = self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: body(*a[:-1]))
+            if out.rank:
+                self.tag(value, "elementwise", out)
+            B.write(value, entry.arguments[len(inputs)])
+            func.ReturnOp([])
+        self.dim_map = {}
+        k = self.reuse(Kernel(name, root, list(inputs), [result], split, cut), start)
+        self.kernels.append(k)
+        return k
+
     def row_split(self, op: Operation) -> tuple[str, list[bool]]:
         """Whether the host may cut this op along dim 0 (a dim it only carries through)."""
         out = op.results[0].type if len(op.results) == 1 else None
-        if out is None or out.rank == 0 or out.shape[0] in (None, 0, 1):
+        if out is None or out.rank == 0 or out.shape[0] in (0, 1):
             return "none", []
         cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
-        if isinstance(op, Elementwise):  # every operand that has the dim is cut along it
-            return "rows", cut
+        if isinstance(op, Elementwise):  # every operand that has the dim is cut along it (a dim known only at
+            return "rows", cut  # run time too: an elementwise op's operands have the result's, or 1 where typed 1)
+        if out.shape[0] is None:
+            return "none", []
         if isinstance(op, S.MatmulOp):
             if out.rank == 2:
                 cut = [cut[0], False]

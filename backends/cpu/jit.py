@@ -24,10 +24,11 @@ from sparsa.backends.cpu.target import CpuTarget, host_target
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, openmp_parallel, row_bounds, together, work
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.analysis import weight_only_ops
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import numpy_dtype
 from sparsa.knobs import deterministic, native_host, profile
 
@@ -87,11 +88,64 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     kernels = {}
     views = moe.packed_transposes(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     builder.packed = views
+    groups = fused_groups(block.ops, weight_only | views)
+    inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}
     for op in block.ops[:-1]:
+        if id(op) in inside:
+            continue
+        if id(op) in groups:
+            kernels[id(op)] = builder.fused(*groups[id(op)])
+            continue
         k = builder.kernel(op) if id(op) not in weight_only and id(op) not in views else None
         if k is not None:
             kernels[id(op)] = k
-    return module, builder, kernels
+    return module, builder, kernels, inside
+
+
+def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[Operation], list[Value]]]:
+    """Chains of elementwise ops that become one kernel (`KernelContext.fused`): the last op's id -> (the group's
+    ops in order, the values it reads from outside). An op joins the op that reads its result when that result
+    has no other use (nor is returned) and has the reader's shape (nothing is computed twice); a group that would
+    read or write a bool tensor is left apart (bool tiles are not vectorized)."""
+    uses: dict[int, int] = {}
+    for op in ops:
+        for inner in op.walk():
+            for v in inner.operands:
+                uses[id(v)] = uses.get(id(v), 0) + 1
+    at = {id(op): i for i, op in enumerate(ops)}
+
+    def fusable(op: Any) -> bool:
+        return isinstance(op, Elementwise) and len(op.results) == 1 and not op.regions and id(op) not in skip
+
+    absorbed: set[int] = set()
+    groups = {}
+    for root in reversed(ops[:-1]):
+        if id(root) in absorbed or not fusable(root) or root.results[0].type.rank == 0 \
+                or root.results[0].type.dtype == "i1":
+            continue
+        shape = root.results[0].type.shape
+        members, stack = {id(root): root}, [root]
+        while stack:
+            for v in stack.pop().operands:
+                p = v.defining_op
+                if p is not None and id(p) in at and fusable(p) and id(p) not in absorbed and id(p) not in members \
+                        and uses.get(id(v)) == 1 and v.type.shape == shape:
+                    members[id(p)] = p
+                    stack.append(p)
+        if len(members) < 2:
+            continue
+        group = sorted(members.values(), key=lambda op: at[id(op)])
+        inputs: list[Value] = []
+        for op in group:
+            for v in op.operands:
+                if v.defining_op is None or id(v.defining_op) not in members:
+                    if all(v is not w for w in inputs):
+                        inputs.append(v)
+        if any(v.type.dtype == "i1" for v in inputs):
+            continue
+        absorbed.update(members)
+        groups[id(root)] = (group, inputs)
+    return groups
 
 
 def _contract(module: ir.Module) -> None:
@@ -154,7 +208,7 @@ class CpuFunction(Executable):
         self.cached = False
         runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
-            module, builder, self.kernels = _build(func_op, constant_args, self.weight_only, self.target)
+            module, builder, self.kernels, self.fused = _build(func_op, constant_args, self.weight_only, self.target)
             self.host = HostProgram(func_op, self.kernels, self.weight_only, builder,
                                     "it exchanges rows between ranks (expert parallel)" if exchange is not None
                                     else None if native_host() else "SPARSA_NATIVE_HOST=0", profile())
@@ -190,7 +244,7 @@ class CpuFunction(Executable):
         self.main = None if self.engine is None or self.host.why_not is not None else \
             packed(self.engine.raw_lookup("sparsa_main"))
         self._plans: dict[tuple, Any] = {}  # by the inputs' shapes, the weights' and the threads
-        self.dead_after = _last_reads(func_op)  # the Python host's: values it lets go after each op
+        self.dead_after = _last_reads(func_op, self.kernels)  # the Python host's: values it lets go after each op
         self.calls = {"native": 0, "python": 0}  # which host ran each call
         self.timings = np.zeros(len(self.host.launches), np.int64)  # SPARSA_PROFILE=1: ns per launch, all calls
         if runs and not self.cached and symbols:  # an engine without functions has no object code (it crashes)
@@ -351,14 +405,19 @@ class CpuFunction(Executable):
         together([lambda s=s: self.call(k, s) for s in slabs])
 
 
-def _last_reads(func_op: Operation) -> dict[int, list[int]]:
-    """Op index -> the values (ids) no later op reads (in its regions either), except what the function returns."""
+def _last_reads(func_op: Operation, kernels: dict[int, Kernel] | None = None) -> dict[int, list[int]]:
+    """Op index -> the values (ids) no later op reads (in its regions either), except what the function returns.
+    A fused kernel reads its group's inputs where it runs: at the position of the group's last op."""
     ops = func_op.regions[0].block.ops
+    at = {id(op): i for i, op in enumerate(ops)}
     last: dict[int, int] = {}
     for i, op in enumerate(ops[:-1]):
         for inner in op.walk():
             for v in inner.operands:
-                last[id(v)] = i
+                last[id(v)] = max(last.get(id(v), i), i)
+    for k in (kernels or {}).values():
+        for v in k.inputs:
+            last[id(v)] = max(last.get(id(v), 0), at[id(k.op)])
     for v in ops[-1].operands:
         last.pop(id(v), None)
     dead: dict[int, list[int]] = {}
@@ -391,6 +450,8 @@ class _Host(Interpreter):
 
     def _compute(self, op: Operation) -> None:
         k = self.fn.kernels.get(id(op))
+        if k is None and id(op) in self.fn.fused:  # computed inside the kernel of the elementwise op it feeds
+            return
         if k is None:
             super()._compute(op)
             if id(op) in self.weight_only and op.NAME != "func.param":  # computed once: stored as kernels read it
