@@ -7,6 +7,7 @@ import numpy as np
 from sparsa.ir.core import Module, Operation
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import broadcast_shapes
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import is_float, round_to_dtype
 from sparsa.passes.base import Option, Pass
@@ -150,6 +151,29 @@ class FoldConstantWhere(RewritePattern):
         return True
 
 
+class ReadBroadcastsInPlace(RewritePattern):
+    """An elementwise op that reads broadcast_to(x) reads x instead where its other operands already give its
+    result's shape: it broadcasts as it reads, and the larger copy is never written (a sum's cotangent spread
+    over a selective scan's [B, L, D, N] states: 128 MB)."""
+
+    ROOT = Elementwise
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        for i, v in enumerate(op.operands):
+            spread = v.defining_op
+            if not isinstance(spread, S.BroadcastToOp):
+                continue
+            others = [w.type.shape for j, w in enumerate(op.operands) if j != i]
+            try:
+                shape = broadcast_shapes(spread.x.type.shape, *others)
+            except ValueError:
+                continue
+            if others and tuple(shape) == tuple(op.result.type.shape):
+                rewriter.set_operand(op, i, spread.x)
+                return True
+        return False
+
+
 class Canonicalize(Pass):
     """Fold constants, apply algebraic identities and erase dead code, to a fixpoint."""
 
@@ -157,7 +181,7 @@ class Canonicalize(Pass):
     max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
     PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), ElideNoOpCast(),
-                ComposeTransposes(), ComposeReshapes(), FoldConstantWhere())
+                ComposeTransposes(), ComposeReshapes(), FoldConstantWhere(), ReadBroadcastsInPlace())
 
     def run(self, module: Module) -> None:
         apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations, self.NAME)

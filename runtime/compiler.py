@@ -68,13 +68,14 @@ class Backward:
 def grad_pipeline(pipeline: str) -> str:
     """A target pipeline with `differentiate` after the MoE layers are dispatched (their rules reuse the dispatch)
     and split over the ranks (the exchange's rules send cotangents back), and after attention is recognized and
-    given its block map (its backward walks the same map); or else after its first step (canonicalize). The rest
-    (scan fusion, clean-up) then optimizes the backward function too."""
+    given its block map (its backward walks the same map); or else after its first step (canonicalize). Then
+    canonicalize again (the rules' constants and broadcasts folded), and the rest (scan fusion, clean-up)
+    optimizes the backward function too."""
     steps = pipeline.split(",")
     after = ("shard-experts", "fuse-moe-dispatch", "sparsify-attention")
     found = [i for i, s in enumerate(steps) if s.startswith(after)]
     at = max(found) if found else 0 if steps[0] == "canonicalize" else -1
-    return ",".join([*steps[:at + 1], "differentiate", *steps[at + 1:]])
+    return ",".join([*steps[:at + 1], "differentiate", "canonicalize", *steps[at + 1:]])
 
 
 class CompiledModel:

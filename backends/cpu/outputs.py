@@ -10,6 +10,8 @@ from malloc, which reuses them without faults."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 SMALLEST = 1 << 18  # bytes: smaller results are plain np.empty (below glibc's mmap threshold, reused already)
@@ -38,10 +40,9 @@ class _Lease:
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialized C-contiguous array, its memory reused from a result that is gone where one of the same
-    size is free."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    """An uninitialized C-contiguous array of a NumPy dtype, its memory reused from a result that is gone where
+    one of the same size is free (at every call: a few hundred nanoseconds for a small one)."""
+    n = math.prod(shape) * dtype.itemsize
     if n < SMALLEST:
         return np.empty(shape, dtype)
     free = _free.get(n)
