@@ -42,6 +42,8 @@ class _Lease:
 def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialized C-contiguous array of a NumPy dtype, its memory reused from a result that is gone where
     one of the same size is free (at every call: a few hundred nanoseconds for a small one)."""
+    if not isinstance(dtype, np.dtype):
+        dtype = np.dtype(dtype)
     n = math.prod(shape) * dtype.itemsize
     if n < SMALLEST:
         return np.empty(shape, dtype)
