@@ -229,3 +229,29 @@ def test_elementwise_chains_run_as_one_kernel(monkeypatch, rows):
     for g, p, r in zip(got, again, want, strict=True):
         np.testing.assert_array_equal(g, p)
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+SUMMED = """model M(h: f32[T, 8, 16], c: f32[T, 1, 16], d: f32[8]) -> (f32[T, 8], f32[T, 8, 1], f32[16]) {
+    y = sum(h * c, axis=-1)
+    z = sum(exp(h) * c + 1.0, axis=2, keepdim=true)
+    w = sum(sum(h * h, axis=1), axis=0)
+    return y + d, z, w
+}
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 5, 300])
+@pytest.mark.parametrize("native_host", ["1", "0"])
+def test_a_sum_ends_an_elementwise_chain(monkeypatch, rows, native_host):
+    """sum(h * c) sums the products as they are made (c read broadcast); with keepdim, over a middle axis and
+    under another sum; on both hosts, split by rows or not, as the reference."""
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", native_host)
+    cpu = sparsa.compile(SUMMED, target="cpu")
+    names = [k.name for k in cpu.native.kernels.values()]
+    assert sum(n.endswith(("_fused_mul_sum", "_fused_exp_mul_add_sum")) for n in names) == 3, names
+    ref = sparsa.compile(SUMMED, target="reference")
+    rng = np.random.default_rng(rows)
+    ins = [rng.standard_normal((rows, 8, 16)).astype(np.float32),
+           rng.standard_normal((rows, 1, 16)).astype(np.float32), rng.standard_normal(8).astype(np.float32)]
+    for g, r in zip(cpu(*ins), ref(*ins), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

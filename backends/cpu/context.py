@@ -35,7 +35,7 @@ from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import ParamOp
 from sparsa.ir.traits import Elementwise
-from sparsa.ir.types import TensorType
+from sparsa.ir.types import TensorType, is_float
 
 PARALLEL = "#linalg.iterator_type<parallel>"
 REDUCTION = "#linalg.iterator_type<reduction>"
@@ -204,11 +204,14 @@ class KernelContext:
         root = ops[-1]
         result = root.results[0]
         out = result.type
+        summed = isinstance(root, R.SumOp)  # the chain's value summed over axes as it is made (never stored)
+        space = root.x.type if summed else out  # the loop nest's dims
+        axes = {a % space.rank for a in root.axes} if summed else set()
         split, cut = "none", []
-        if out.rank and out.shape[0] not in (0, 1):
-            split, cut = "rows", [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in inputs]
-        if isinstance(out.shape[0] if out.rank else None, int) and split == "rows":
-            self.dim_map = {out.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
+        if space.rank and space.shape[0] not in (0, 1) and 0 not in axes and (out.rank or not summed):
+            split, cut = "rows", [v.type.rank == space.rank and v.type.shape[0] == space.shape[0] for v in inputs]
+        if isinstance(space.shape[0] if space.rank else None, int) and split == "rows":
+            self.dim_map = {space.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
         start = len(self.tiled)
         types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [out]]
         names = [op.NAME.split(".")[-1] for op in ops]
@@ -216,24 +219,42 @@ class KernelContext:
         name, entry = self.function(root, types, False, label)
         with ir.InsertionPoint(entry):
             operands = [(B.read(m), v.type) for v, m in zip(inputs, entry.arguments, strict=False)]
-            init = self.empty_like_dims(out, self.out_sources(out, operands))
-            ins = [(t, self.broadcast_exprs(vt, out.rank)) for t, vt in operands]
-            ident = [ir.AffineDimExpr.get(i) for i in range(out.rank)]
+            ins = [(t, self.broadcast_exprs(vt, space.rank)) for t, vt in operands]
+            d = [ir.AffineDimExpr.get(i) for i in range(space.rank)]
+            sources = self.out_sources(space, operands)
 
             def body(*scalars: ir.Value) -> ir.Value:
                 saved, self.scalar_mode = self.scalar_mode, True
                 try:
                     for v, s in zip(inputs, scalars, strict=True):
                         self.values[id(v)] = s
-                    for op in ops:
+                    for op in ops[:-1] if summed else ops:
                         self.lower(op)
-                    return self.get(result)
+                    return self.get(root.x if summed else result)
                 finally:
                     self.scalar_mode = saved
 
-            value = self.generic(out, ins, init, [PARALLEL] * out.rank, ident, lambda *a: body(*a[:-1]))
-            if out.rank:
-                self.tag(value, "elementwise", out)
+            if not summed:
+                init = self.empty_like_dims(out, sources)
+                value = self.generic(out, ins, init, [PARALLEL] * out.rank, d, lambda *a: body(*a[:-1]))
+                if out.rank:
+                    self.tag(value, "elementwise", out)
+            else:
+                kept = [i for i in range(space.rank) if i not in axes]
+                keep = root.keepdim
+                out_exprs = [ir.AffineConstantExpr.get(0) if i in axes else d[i] for i in range(space.rank)] if keep \
+                    else [d[i] for i in kept]
+                init = self.zero_filled(out, [sources[i] for i in (range(space.rank) if keep else kept)], 0.0)
+                add = arith.AddFOp if is_float(out.dtype) else arith.AddIOp
+                kinds = [REDUCTION if i in axes else PARALLEL for i in range(space.rank)]
+                value = self.generic(out, ins, init, kinds, out_exprs,
+                                     lambda *a: add(a[-1], body(*a[:-1])).result)
+                if out.rank:
+                    dims = tuple(-1 if i in axes else i for i in range(space.rank)) if keep else tuple(kept)
+                    lead = [space.rank - vt.rank for _, vt in operands]
+                    reads = ";".join(",".join(str(-1 if n == 1 else j + lo) for j, n in enumerate(vt.shape))
+                                     for (_, vt), lo in zip(operands, lead, strict=True))
+                    self.tag(value, "reduction:" + reads, space, dims)
             B.write(value, entry.arguments[len(inputs)])
             func.ReturnOp([])
         self.dim_map = {}

@@ -29,7 +29,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.traits import Elementwise
-from sparsa.ir.types import numpy_dtype
+from sparsa.ir.types import is_float, numpy_dtype
 from sparsa.knobs import deterministic, native_host, profile
 
 # After the schedule (tiled, vectorized, bufferized): free every buffer a kernel allocates (its temporaries
@@ -99,14 +99,15 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
         k = builder.kernel(op) if id(op) not in weight_only and id(op) not in views else None
         if k is not None:
             kernels[id(op)] = k
-    return module, builder, kernels, inside
+    return module, builder, kernels, (inside, set(groups))
 
 
 def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[Operation], list[Value]]]:
     """Chains of elementwise ops that become one kernel (`KernelContext.fused`): the last op's id -> (the group's
     ops in order, the values it reads from outside). An op joins the op that reads its result when that result
-    has no other use (nor is returned) and has the reader's shape (nothing is computed twice); a group that would
-    read or write a bool tensor is left apart (bool tiles are not vectorized)."""
+    has no other use (nor is returned) and has the reader's shape (nothing is computed twice); a sum may end a
+    chain (the chain's value summed as it is made: `sum(h * c, axis=-1)` never stores `h * c`); a group that
+    would read or write a bool tensor is left apart (bool tiles are not vectorized)."""
     uses: dict[int, int] = {}
     for op in ops:
         for inner in op.walk():
@@ -120,10 +121,11 @@ def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[O
     absorbed: set[int] = set()
     groups = {}
     for root in reversed(ops[:-1]):
-        if id(root) in absorbed or not fusable(root) or root.results[0].type.rank == 0 \
-                or root.results[0].type.dtype == "i1":
+        summed = type(root) is R.SumOp and id(root) not in skip and is_float(root.x.type.dtype)
+        if id(root) in absorbed or not (fusable(root) or summed) or root.results[0].type.dtype == "i1" \
+                or (root.results[0].type.rank == 0 and not summed):
             continue
-        shape = root.results[0].type.shape
+        shape = root.x.type.shape if summed else root.results[0].type.shape
         members, stack = {id(root): root}, [root]
         while stack:
             for v in stack.pop().operands:
@@ -208,7 +210,8 @@ class CpuFunction(Executable):
         self.cached = False
         runs = self.target.runs_here()
         with self.context, ir.Location.unknown():
-            module, builder, self.kernels, self.fused = _build(func_op, constant_args, self.weight_only, self.target)
+            module, builder, self.kernels, (self.fused, self.fused_roots) = _build(func_op, constant_args,
+                                                                                   self.weight_only, self.target)
             self.host = HostProgram(func_op, self.kernels, self.weight_only, builder,
                                     "it exchanges rows between ranks (expert parallel)" if exchange is not None
                                     else None if native_host() else "SPARSA_NATIVE_HOST=0", profile())
@@ -371,7 +374,12 @@ class CpuFunction(Executable):
     def run(self, k: Kernel, host: _Host, ins: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs of the shapes `op.result_shapes` gives, and the kernel run on them as it splits."""
         op = k.op
-        outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs, op.result_shapes(host, ins),
+        operands = ins
+        if id(op) in self.fused_roots:  # a fused chain's last op: what it reads inside the chain is never made
+            space = np.broadcast_to(np.empty((), np.float32), np.broadcast_shapes(*[a.shape for a in ins]))
+            operands = [ins[k.inputs.index(v)] if v in k.inputs else space for v in op.operands]
+        outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs,
+                                                                               op.result_shapes(host, operands),
                                                                                strict=True)]
         n = num_threads()
         if k.split == "parts":

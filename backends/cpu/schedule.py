@@ -48,6 +48,7 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int
              "  transform.named_sequence @__transform_main(%root: !transform.any_op {transform.consumed}) {"]
     loop = '!transform.op<"scf.for">'
     for i, (tag, kind, shape, _, _) in enumerate(ops):
+        kind = kind.partition(":")[0]
         sizes = tiles(kind, shape, tile)
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
@@ -81,11 +82,16 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int
         "    %f = transform.structured.match ops{[\"func.func\"]} in %root : (!transform.any_op) -> !transform.any_op",
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
     for i, (tag, kind, shape, dtype, out_dims) in enumerate(ops):
+        kind, _, reads = kind.partition(":")  # "reduction:<input dims>;...": a fused chain's inputs, broadcast
         sizes = tiles(kind, shape, tile)
         full = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)  # a full tile's result shape
-        # a reduction's result does not show whether its reduced dim is a full tile: its operands do
+        # a reduction's result does not show whether its reduced dim is a full tile: its operands do (each input's
+        # tile: the tiled dims it has, 1 where it is broadcast)
+        inputs = ["x".join(str(sizes[int(d)]) if int(d) >= 0 else "1" for d in r.split(",") if d) for r in
+                  reads.split(";")] if reads else ["x".join(map(str, sizes))]
         operands = "" if kind != "reduction" else (
-            f" filter_operand_types = [tensor<{'x'.join(map(str, sizes))}x{dtype}>, tensor<{full}x{dtype}>]")
+            " filter_operand_types = [" + ", ".join(f"tensor<{t + 'x' if t else ''}{dtype}>" for t in inputs)
+            + f", tensor<{full}x{dtype}>]")
         lines += [f"    %v{i} = transform.structured.match attributes{{{tag}}} filter_result_type = "
                   f"tensor<{full}x{dtype}>{operands} in %root : (!transform.any_op) -> !transform.any_op",
                   f"    transform.structured.vectorize %v{i} : !transform.any_op"]
