@@ -128,6 +128,23 @@ def test_cross_entropy_and_embedding_backward_import(reduction: str) -> None:
     assert (got[0][0] == 0).all()  # the padding row
 
 
+def _train_lm(model, backend, ids, steps: int = 2):
+    """A causal LM trained for `steps` SGD steps on `ids` (its own labels), compiled with `backend` (None: eager):
+    the losses and the last step's gradients of the parameters that got one."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    f = torch.compile(model, backend=backend) if backend is not None else model
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = f(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+    return losses, grads
+
+
 def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     """transformers' Mistral (sliding window 8, grouped heads) trained for two SGD steps under backend=sparsa:
     the losses and every parameter's gradient equal eager's, and no node of any graph falls back (the window
@@ -143,23 +160,9 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 24))
 
-    def train(m, backend):
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        f = torch.compile(m, backend=backend) if backend is not None else m
-        losses = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss = f(ids, labels=ids).loss
-            loss.backward()
-            losses.append(loss.item())
-            grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-            opt.step()
-        return losses, grads
-
     backend = SparsaBackend({"target": "cpu"})
-    losses, grads = train(model, backend)
-    want_losses, want_grads = train(ref, None)
+    losses, grads = _train_lm(model, backend, ids)
+    want_losses, want_grads = _train_lm(ref, None, ids)
     assert not backend.fallbacks, dict(backend.fallbacks)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-5)
     for n, g in want_grads.items():
@@ -205,23 +208,9 @@ def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> 
     ref = copy.deepcopy(model)
     ids = torch.randint(0, 64, (2, 24))
 
-    def train(m, backend):
-        m.train()
-        opt = torch.optim.SGD(m.parameters(), lr=0.05)
-        f = torch.compile(m, backend=backend) if backend is not None else m
-        losses = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss = f(ids, labels=ids).loss
-            loss.backward()
-            losses.append(loss.item())
-            grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-            opt.step()
-        return losses, grads
-
     backend = SparsaBackend({"target": "cpu"})
-    losses, grads = train(model, backend)
-    want_losses, want_grads = train(ref, None)
+    losses, grads = _train_lm(model, backend, ids)
+    want_losses, want_grads = _train_lm(ref, None, ids)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-5)
     assert grads.keys() == want_grads.keys()
     for n, g in want_grads.items():
