@@ -255,3 +255,16 @@ def test_a_sum_ends_an_elementwise_chain(monkeypatch, rows, native_host):
            rng.standard_normal((rows, 1, 16)).astype(np.float32), rng.standard_normal(8).astype(np.float32)]
     for g, r in zip(cpu(*ins), ref(*ins), strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_a_fused_sum_over_a_dim_of_size_one():
+    """Found by the random-program test: a chain summed over a dim of size 1 that no input is broadcast along
+    (the loop nest reads it by its index; read as a constant 0 the transform interpreter crashed)."""
+    src = """model M(a: f32[3, 1], b: f32[3, 1]) -> f32[3, 1] {
+    return sum(where(b <= a, a, b), axis=1, keepdim=true)
+}
+"""
+    cpu = sparsa.compile(src, target="cpu")
+    assert any("fused" in k.name for k in cpu.native.kernels.values())
+    a, b = np.array([[1.0], [2.0], [-1.0]], np.float32), np.array([[0.5], [3.0], [-1.0]], np.float32)
+    np.testing.assert_array_equal(cpu(a, b), np.maximum(a, b))

@@ -219,8 +219,15 @@ class KernelContext:
         name, entry = self.function(root, types, False, label)
         with ir.InsertionPoint(entry):
             operands = [(B.read(m), v.type) for v, m in zip(inputs, entry.arguments, strict=False)]
-            ins = [(t, self.broadcast_exprs(vt, space.rank)) for t, vt in operands]
             d = [ir.AffineDimExpr.get(i) for i in range(space.rank)]
+
+            def spread(i: int, n: Any, lead: int) -> bool:  # read broadcast along loop dim lead + i
+                return n == 1 and space.shape[lead + i] != 1
+
+            # (a dim of size 1 everywhere is read by its index: a reduction over a dim no operand indexes
+            # crashes the transform interpreter)
+            ins = [(t, [ir.AffineConstantExpr.get(0) if spread(i, n, space.rank - vt.rank)
+                        else d[space.rank - vt.rank + i] for i, n in enumerate(vt.shape)]) for t, vt in operands]
             sources = self.out_sources(space, operands)
 
             def body(*scalars: ir.Value) -> ir.Value:
@@ -252,7 +259,7 @@ class KernelContext:
                 if out.rank:
                     dims = tuple(-1 if i in axes else i for i in range(space.rank)) if keep else tuple(kept)
                     lead = [space.rank - vt.rank for _, vt in operands]
-                    reads = ";".join(",".join(str(-1 if n == 1 else j + lo) for j, n in enumerate(vt.shape))
+                    reads = ";".join(",".join(str(-1 if spread(j, n, lo) else j + lo) for j, n in enumerate(vt.shape))
                                      for (_, vt), lo in zip(operands, lead, strict=True))
                     self.tag(value, "reduction:" + reads, space, dims)
             B.write(value, entry.arguments[len(inputs)])
