@@ -58,15 +58,10 @@ def _convolution_backward(im: Importer, node: Any, dy: Value, x: Value, w: Value
                           output_mask: Any) -> tuple:
     """The convolution built again on its inputs (with a bias of zeros where it had one), then its ops' rules in
     reverse: (dx, dw, dbias), None where output_mask says not wanted."""
-    from sparsa.ir.autodiff import Grad
-
     start = len(im.block.ops)
     bias = im.splat(0.0, w.type.dtype, tuple(bias_sizes)) if bias_sizes is not None else None
     y = _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
-    ops = im.block.ops[start:]
-    g = Grad(im.block)
-    g.flow(y, dy)
-    g.reverse(ops)
+    g = _reverse(im, start, y, dy)
     wanted = list(output_mask)
     grads = []
     for i, v in enumerate((x, w, bias)):
@@ -93,16 +88,21 @@ def _softplus(im: Importer, node: Any, x: Value, beta: float = 1.0, threshold: f
 def _softplus_backward(im: Importer, node: Any, dy: Value, x: Value, beta: float = 1.0,
                        threshold: float = 20.0) -> Value:
     """softplus's own rule (sigmoid(beta x) dy)."""
-    from sparsa.ir.autodiff import Grad
-
     if threshold < 15:
         raise Unsupported(f"softplus_backward with a threshold of {threshold}")
     start = len(im.block.ops)
-    y = _softplus(im, node, x, beta, threshold)
+    return _reverse(im, start, _softplus(im, node, x, beta, threshold), dy).grads[id(x)]
+
+
+def _reverse(im: Importer, start: int, y: Value, dy: Value) -> Any:
+    """The rules of the ops made since `start` (a forward built again on its inputs), in reverse, from dy on y:
+    the Grad holding each input's cotangent."""
+    from sparsa.ir.autodiff import Grad
+
     g = Grad(im.block)
     g.flow(y, dy)
     g.reverse(im.block.ops[start:])
-    return g.grads[id(x)]
+    return g
 
 
 def _stack(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:

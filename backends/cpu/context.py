@@ -265,9 +265,7 @@ class KernelContext:
             B.write(value, entry.arguments[len(inputs)])
             func.ReturnOp([])
         self.dim_map = {}
-        k = self.reuse(Kernel(name, root, list(inputs), [result], split, cut), start)
-        self.kernels.append(k)
-        return k
+        return self.extra(Kernel(name, root, list(inputs), [result], split, cut), start)
 
     def row_split(self, op: Operation) -> tuple[str, list[bool]]:
         """Whether the host may cut this op along dim 0 (a dim it only carries through)."""

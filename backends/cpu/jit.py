@@ -422,7 +422,7 @@ def _last_reads(func_op: Operation, kernels: dict[int, Kernel] | None = None) ->
     for i, op in enumerate(ops[:-1]):
         for inner in op.walk():
             for v in inner.operands:
-                last[id(v)] = max(last.get(id(v), i), i)
+                last[id(v)] = i
     for k in (kernels or {}).values():
         for v in k.inputs:
             last[id(v)] = max(last.get(id(v), 0), at[id(k.op)])
