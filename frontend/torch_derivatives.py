@@ -98,7 +98,20 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
     return put_back(Grad(im.block), dy, dim, n, start, step)
 
 
+def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:
+    """base with src[p] added at p with its coordinate along dim replaced by index[p]."""
+    from sparsa.ir.autodiff import Grad
+
+    axis = _axis(dim, base.type.rank)
+    if index.type.shape != src.type.shape or index.type.rank != base.type.rank or index.type.dtype != "i64":
+        raise Unsupported(f"scatter_add of {src.type} at {index.type} (an index of the source's shape, int64)")
+    if src.type.dtype != base.type.dtype:
+        src = im.cast(src, base.type.dtype)
+    return R.scatter_along(Grad(im.block), base, src, index, axis)
+
+
 OPS: dict[str, Callable] = {
+    "scatter_add.default": _scatter_add,
     "_scaled_dot_product_flash_attention_for_cpu_backward.default": _sdpa_backward,
     "select_backward.default": _select_backward, "slice_backward.default": _slice_backward,
     "silu_backward.default": _derivative(T.SiluOp, "input"),

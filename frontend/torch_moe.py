@@ -48,6 +48,98 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: tor
     return y.to(x.dtype)
 
 
+# The folded block as a PyTorch op, for training graphs: folded before AOTAutograd traces the joint graph
+# (`fold_before_autograd`), its backward there is `moe_swiglu_backward`, which the importer turns into Sparsa's
+# derivative of the block (`tensor.pullback` of the `moe.moe`), instead of the graph of sorts, scatters and
+# grouped matmuls PyTorch's autograd makes of the unfolded block.
+@torch.library.custom_op("sparsa::moe_swiglu", mutates_args=())
+def moe_swiglu_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                  down: torch.Tensor) -> torch.Tensor:
+    """`moe_swiglu` as an op of its own (what runs where the partition holding it is not compiled)."""
+    return moe_swiglu(x, idx, w, gate_up, down)
+
+
+@moe_swiglu_op.register_fake
+def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("sparsa::moe_swiglu_backward", mutates_args=())
+def moe_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                        down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cotangents of x, w, gate_up and down given dy's of `moe_swiglu` (none to the expert ids)."""
+    F = down.shape[-1]
+    dx, dw, dgate_up, ddown = (torch.zeros_like(t) for t in (x, w, gate_up, down))
+    for e in range(gate_up.shape[0]):
+        tok, slot = torch.where(idx == e)
+        rows, gate = x[tok], w[tok, slot, None]
+        h = rows @ gate_up[e].transpose(0, 1)
+        g, u = h[:, :F], h[:, F:]
+        s = torch.sigmoid(g)
+        a = g * s * u
+        dout = dy[tok]
+        dw[tok, slot] = (dout * (a @ down[e].transpose(0, 1))).sum(-1).to(w.dtype)
+        dout = dout * gate
+        ddown[e] = dout.transpose(0, 1) @ a
+        da = dout @ down[e]
+        dh = torch.cat([da * u * s * (1 + g * (1 - s)), da * g * s], -1)
+        dgate_up[e] = dh.transpose(0, 1) @ rows
+        dx.index_add_(0, tok, dh @ gate_up[e])
+    return dx, dw, dgate_up, ddown
+
+
+@moe_swiglu_backward.register_fake
+def _(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+      down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t) for t in (x, w, gate_up, down))
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    x, idx, w, gate_up, down = ctx.saved_tensors
+    dx, dw, dgate_up, ddown = moe_swiglu_backward(dy, x, idx, w, gate_up, down)
+    return dx, None, dw, dgate_up, ddown
+
+
+moe_swiglu_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
+    """Dynamo's graph with its MoE blocks folded into `sparsa::moe_swiglu`, for AOTAutograd to trace (so that the
+    backward graph calls `moe_swiglu_backward`), and how many; (gm, 0) where none is folded. Only graphs that
+    compute gradients (an input requires one) and call transformers' grouped matmul or a bmm are traced to ATen
+    here (functionalized, on Dynamo's fake tensors); a graph with dynamic shapes is left as it is."""
+    if not torch.is_grad_enabled() or not any(getattr(t, "requires_grad", False) for t in example_inputs):
+        return gm, 0
+    if not any(n.op in ("call_function", "call_method") and ("grouped_mm" in str(n.target) or "bmm" in str(n.target))
+               for n in gm.graph.nodes):
+        return gm, 0
+    if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(
+            isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
+            for d in getattr(n.meta.get("example_value"), "shape", ())):
+        return gm, 0
+    from torch._guards import detect_fake_mode
+    from torch.func import functionalize
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        fake_mode = FakeTensorMode()
+    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+    with fake_mode, torch.no_grad():
+        traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
+    folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default)
+    if not folded:
+        return gm, 0
+    traced.graph.eliminate_dead_code()
+    traced.recompile()
+    return traced, folded
+
+
 def _is(node: Any, target: Any) -> bool:
     return getattr(node, "op", None) == "call_function" and node.target is target
 
@@ -57,9 +149,10 @@ def _only_user(node: Any) -> Any:
     return users[0] if len(users) == 1 else None
 
 
-def fold_grouped_mm_moe(gm: Any) -> int:
-    """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph;
-    returns how many. The sort, histogram and grouped matmuls are left dead: the caller removes them."""
+def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu) -> int:
+    """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph into a
+    call of `into`; returns how many. The sort, histogram and grouped matmuls are left dead: the caller removes
+    them."""
     grouped = getattr(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None), "default", None)
     aten = torch.ops.aten
     folded = 0
@@ -71,7 +164,7 @@ def fold_grouped_mm_moe(gm: Any) -> int:
             continue
         end, args = match
         with gm.graph.inserting_before(end):
-            call = gm.graph.call_function(moe_swiglu, args)
+            call = gm.graph.call_function(into, args)
         call.meta["val"] = end.meta.get("val")
         end.replace_all_uses_with(call)
         folded += 1

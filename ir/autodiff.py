@@ -9,6 +9,7 @@ operand's type, or None where none flows (indices, masks, integers).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -209,3 +210,102 @@ def grad_targets(func: Operation) -> list[tuple[str, str, Value]]:
 def differentiable(v: Value) -> bool:
     """Whether a cotangent flows to v: float values only (indices, masks and integers have none)."""
     return is_float(v.type.dtype)
+
+
+def vjp_function(f: Operation, stats: Counter | None = None) -> tuple[Operation, int, list[Value]]:
+    """`@<f>_vjp`: f's inputs and a cotangent per output in, the forward again (each op in its training form, where
+    it has one), then the rules, returning the gradient of each `grad_targets(f)`; how many of its ops are the
+    forward's, and the values of f's outputs in it. (`differentiate` builds a model's backward with it.)"""
+    from sparsa.ir.clone import clone_op
+    from sparsa.ir.core import Region
+    from sparsa.ir.dialects.func import FuncOp, ReturnOp
+
+    stats = Counter() if stats is None else stats
+    block = f.regions[0].block
+    outs = block.terminator.operands
+    new = Block([a.type for a in block.args] + [v.type for v in outs],
+                [a.name_hint for a in block.args] + [f"d_{v.name_hint or i}" for i, v in enumerate(outs)])
+    mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args, new.args, strict=False)}
+    forward: list[Operation] = []
+    g = Grad(new)
+    for op in block.ops[:-1]:
+        copy = clone_op(op, mapping)
+        form = getattr(copy, "training_form", None)
+        start = len(new.ops)
+        g.loc = copy.loc
+        results = form(g) if form is not None else None
+        if results is None:
+            new.append(copy)
+            forward.append(copy)
+            continue
+        # the op's training form: ops that keep what its rule would otherwise compute again (a fused MoE
+        # epilogue's products), so the backward reads them as residuals
+        copy.drop_uses()
+        stats["ops in their training form"] += 1
+        forward.extend(new.ops[start:])
+        for r, v in zip(op.results, results, strict=True):
+            v.name_hint = r.name_hint
+            mapping[id(r)] = v
+    g.loc = None
+    for v, d in zip(outs, new.args[len(block.args):], strict=True):
+        g.flow(mapping.get(id(v), v), d)
+    g.reverse(forward)
+    stats["ops differentiated"] += sum(1 for op in forward if hasattr(op, "vjp"))
+    results = []
+    for _, _, v in grad_targets(f):
+        mine = mapping.get(id(v), v)
+        results.append(g.grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
+    new.append(ReturnOp.build(results))
+    vjp = FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
+                          "result_types": [r.type for r in results], "residuals": "recompute"},
+                 [Region([new])], f.loc)
+    return vjp, len(forward), [mapping.get(id(v), v) for v in outs]
+
+
+def pullback_ops(pullback: Operation, stats: Counter | None = None) -> tuple[list[Operation], list[Value]]:
+    """What a `tensor.pullback` stands for: new ops (not yet in any block) that read the values before it, and
+    the cotangent of each of its `wrt` values among their results. They are the ops between the wrt values and
+    its result (`of`), again, in their training forms, then those ops' rules (`vjp_function` of a function made
+    of them)."""
+    from sparsa.ir.clone import clone_op
+    from sparsa.ir.core import Region
+    from sparsa.ir.dialects.func import FuncOp, ReturnOp
+
+    block = pullback.parent
+    before = block.ops[:block.ops.index(pullback)]
+    produced = {id(r): op for op in before for r in op.results}
+
+    def reads(op: Operation) -> list[Value]:  # its operands and its regions' outer values
+        return [v for inner in op.walk() for v in inner.operands if v.owner is block or id(v) in produced]
+
+    feeding: set[int] = set()  # the ops `of` is computed from
+    stack = [pullback.of]
+    while stack:
+        op = produced.get(id(stack.pop()))
+        if op is not None and id(op) not in feeding:
+            feeding.add(id(op))
+            stack += reads(op)
+    wrt = list({id(v): v for v in pullback.wrt}.values())
+    varying = {id(v) for v in wrt}
+    cone = []  # of those, the ones a wrt value reaches
+    for op in before:
+        if id(op) in feeding and any(id(v) in varying for v in reads(op)):
+            cone.append(op)
+            varying.update(id(r) for r in op.results)
+    inside = {id(r) for op in cone for r in op.results} | {id(w) for w in wrt}
+    outer = [v for op in cone for v in reads(op)] + [pullback.of]  # `of` itself where no wrt value reaches it
+    args = wrt + list({id(v): v for v in outer if id(v) not in inside}.values())
+    fblock = Block([v.type for v in args], [v.name_hint for v in args])
+    mapping: dict[int, Value] = {id(v): a for v, a in zip(args, fblock.args, strict=True)}
+    for op in cone:
+        fblock.append(clone_op(op, mapping))
+    fblock.append(ReturnOp.build([mapping[id(pullback.of)]]))
+    f = FuncOp([], [], {"sym_name": "pullback", "result_types": [pullback.of.type]}, [Region([fblock])],
+               pullback.loc)
+    vjp, _, _ = vjp_function(f, stats)
+    vblock = vjp.regions[0].block
+    mapping = {id(a): v for a, v in zip(vblock.args, [*args, pullback.cotangent], strict=True)}
+    ops = [clone_op(op, mapping) for op in vblock.ops[:-1]]
+    grads = [mapping.get(id(v), v) for v in vblock.terminator.operands]  # of each float arg: the wrt first
+    of_wrt = {id(w): d for w, d in zip(wrt, grads, strict=False)}
+    return ops, [of_wrt[id(w)] for w in pullback.wrt]

@@ -15,12 +15,11 @@ function's `residuals` attribute. An op without a rule is an error naming it and
 
 from __future__ import annotations
 
-from sparsa.ir.autodiff import Grad, grad_targets
+from sparsa.ir.autodiff import pullback_ops, vjp_function
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
-from sparsa.ir.types import TensorType
 from sparsa.passes.base import Option, Pass
 
 
@@ -41,47 +40,8 @@ class Differentiate(Pass):
         module.funcs += split(vjp, n_forward, outputs) if self.residuals == "saved" else [vjp]
 
     def backward(self, f: Operation) -> tuple[Operation, int, list[Value]]:
-        """`@<model>_vjp` (the forward again, then the rules), how many of its ops are the forward's, and the
-        values of the model's outputs in it."""
-        block = f.regions[0].block
-        outs = block.terminator.operands
-        new = Block([a.type for a in block.args] + [v.type for v in outs],
-                    [a.name_hint for a in block.args] + [f"d_{v.name_hint or i}" for i, v in enumerate(outs)])
-        mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args, new.args, strict=False)}
-        forward: list[Operation] = []
-        g = Grad(new)
-        for op in block.ops[:-1]:
-            copy = clone_op(op, mapping)
-            form = getattr(copy, "training_form", None)
-            start = len(new.ops)
-            g.loc = copy.loc
-            results = form(g) if form is not None else None
-            if results is None:
-                new.append(copy)
-                forward.append(copy)
-                continue
-            # the op's training form: ops that keep what its rule would otherwise compute again (a fused MoE
-            # epilogue's products), so the backward reads them as residuals
-            copy.drop_uses()
-            self.stats["ops in their training form"] += 1
-            forward.extend(new.ops[start:])
-            for r, v in zip(op.results, results, strict=True):
-                v.name_hint = r.name_hint
-                mapping[id(r)] = v
-        g.loc = None
-        for v, d in zip(outs, new.args[len(block.args):], strict=True):
-            g.flow(mapping.get(id(v), v), d)
-        g.reverse(forward)
-        self.stats["ops differentiated"] += sum(1 for op in forward if hasattr(op, "vjp"))
-        results = []
-        for _, _, v in grad_targets(f):
-            mine = mapping.get(id(v), v)
-            results.append(g.grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
-        new.append(ReturnOp.build(results))
-        vjp = FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
-                              "result_types": [r.type for r in results], "residuals": "recompute"},
-                     [Region([new])], f.loc)
-        return vjp, len(forward), [mapping.get(id(v), v) for v in outs]
+        """`@<model>_vjp`, how many of its ops are the forward's, and the model's outputs in it (`vjp_function`)."""
+        return vjp_function(f, self.stats)
 
 
 def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operation]:
@@ -137,3 +97,27 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     bwd = FuncOp([], [], {"sym_name": f"{name}_bwd", "result_types": list(vjp.attributes["result_types"]),
                           "residuals": "saved"}, [Region([bwd_block])], vjp.loc)
     return [fwd, bwd]
+
+
+class ExpandPullbacks(Pass):
+    """Replace each `tensor.pullback` by the vector-Jacobian rules of the ops between its `wrt` values and its
+    result, run after a copy of those ops (the forward again, in its training form), as `differentiate` does."""
+
+    NAME = "expand-pullbacks"
+
+    def run(self, module: Module) -> None:
+        for f in module.funcs:
+            block = f.regions[0].block
+            for op in [op for op in block.ops if op.NAME == "tensor.pullback"]:
+                self.expand(block, op)
+                self.stats["pullbacks expanded"] += 1
+
+    def expand(self, block: Block, pullback: Operation) -> None:
+        ops, grads = pullback_ops(pullback, self.stats)
+        at = block.ops.index(pullback)
+        for op in ops:
+            block.insert(at, op)
+            at += 1
+        for r, d in zip(pullback.results, grads, strict=True):
+            r.replace_all_uses_with(d)
+        pullback.erase()

@@ -13,7 +13,7 @@ def sparse_pipeline(block: int) -> str:
     scans fused with their producers and consumer so the state is never stored, sparse weights packed; then
     the clean-up."""
     return (f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},recognize-attention,"
-            "hoist-region-invariants,sparsify-attention,fuse-scan,lower-sparse-weights,cse,dce")
+            "hoist-region-invariants,sparsify-attention,expand-pullbacks,fuse-scan,lower-sparse-weights,cse,dce")
 
 
 def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:

@@ -41,6 +41,7 @@ import torch
 from sparsa import knobs
 from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
+from sparsa.frontend.torch_moe import fold_before_autograd, fold_grouped_mm_moe
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
@@ -91,14 +92,21 @@ class SparsaBackend:
         # again here, so it imports as a mask region there too, never as a saved tensor.
         made: dict[str, list[Any]] = {}  # this graph's forward outputs made from no input, by name
 
+        distinct: dict[str, int] = {}  # this graph's forward outputs that are a top-k's indices, by name
+
         def forward(fw: Any, inputs: list[Any]) -> Any:
             made.update(input_free_outputs(fw))
+            distinct.update(topk_index_outputs(fw))
             return self.compile_aten(fw, inputs)
 
         def backward(bw: Any, inputs: list[Any]) -> Any:
             self.stats["saved tensors made again in the backward"] += make_again(bw, made)
+            self.stats["top-k backward scatters as adds"] += scatters_as_adds(bw, distinct)
             return self.compile_aten(bw, inputs)
 
+        # MoE blocks are folded before AOTAutograd traces the joint graph: their backward is then Sparsa's
+        gm, folded = fold_before_autograd(gm, example_inputs)
+        self.stats["moe blocks recognized for training"] += folded
         return aot_autograd(fw_compiler=forward, bw_compiler=backward,
                             partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
@@ -114,8 +122,6 @@ class SparsaBackend:
 
     def partition_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
         """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
-        from sparsa.frontend.torch_moe import fold_grouped_mm_moe
-
         moe_blocks = fold_grouped_mm_moe(gm)
         self.stats["moe blocks recognized"] += moe_blocks
         if moe_blocks + fold_pad_slices(gm):
@@ -215,6 +221,43 @@ def input_free_outputs(gm: Any) -> dict[str, list[Any]]:
     return made
 
 
+def _topk_indices(node: Any) -> int | None:
+    """The axis along which a node's values are a top-k's indices (distinct along it), or None."""
+    aten = torch.ops.aten
+    if getattr(node, "op", None) != "call_function" or node.target is not operator.getitem or node.args[1] != 1 \
+            or getattr(node.args[0], "target", None) is not aten.topk.default:
+        return None
+    topk = node.args[0]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    return dim % len(node.meta["val"].shape)
+
+
+def topk_index_outputs(gm: Any) -> dict[str, int]:
+    """The outputs of a forward graph that are a top-k's indices, by name (the backward's placeholder for a saved
+    one has that name), with the axis they are distinct along."""
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    return {o.name: axis for o in outputs if (axis := _topk_indices(o)) is not None}
+
+
+def scatters_as_adds(gm: Any, distinct: dict[str, int]) -> int:
+    """A top-k's backward, scatter(zeros, dim, the top-k's indices, src), as scatter_add: the same where no index
+    repeats along dim, as a top-k's do not (`distinct`: the saved ones, by placeholder name); how many."""
+    aten = torch.ops.aten
+    zeros = (aten.new_zeros.default, aten.zeros.default, aten.zeros_like.default)
+    count = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is not aten.scatter.src or n.kwargs:
+            continue
+        base, dim, index, _ = n.args
+        along = distinct.get(index.name) if index.op == "placeholder" else _topk_indices(index)
+        if getattr(base, "target", None) in zeros and along is not None and dim % len(n.meta["val"].shape) == along:
+            n.target = aten.scatter_add.default
+            count += 1
+    if count:
+        gm.recompile()
+    return count
+
+
 def make_again(gm: Any, made: dict[str, list[Any]]) -> int:
     """In a backward graph, the saved tensors its forward made from no input are computed again from the same
     nodes (the placeholder stays, unread: the calling convention keeps its arguments); how many."""
@@ -312,6 +355,11 @@ class CompiledPartition(torch.nn.Module):
         self.exchange = backend.exchange
         if self.exchange is not None:
             pipeline = expert_parallel_pipeline(pipeline, self.exchange.size)
+        steps = pipeline.split(",")
+        if "expand-pullbacks" in steps and any(op.NAME == "tensor.pullback" for op in module.funcs[-1].walk()):
+            # a folded block's backward: the rules' constants and broadcasts folded, as after `differentiate`
+            steps.insert(steps.index("expand-pullbacks") + 1, "canonicalize")
+            pipeline = ",".join(steps)
         self.module = PassManager(pipeline, options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(

@@ -234,6 +234,32 @@ def case_topk():
     np.testing.assert_array_equal(vals, np.array([[0.7, 0.7, 0.2], [5.0, 5.0, 3.0]], np.float32))
 
 
+def case_pullback():
+    """y = tanh(x @ w) * b: the cotangents of x, w and b (each of the function's values, read by the ops before the
+    pullback), and zeros for an input y does not read."""
+    from sparsa.backends.reference import run_function
+
+    from ir_helpers import make_func, roundtrip
+
+    x, w, b, c, dy = randn(4, 3), randn(3, 5), randn(1, 5), randn(2, 2), randn(4, 5)
+
+    def fn(block, args):
+        xv, wv, bv, cv, dv = args
+        m = block.append(MatmulOp.build(xv, wv)).result
+        t = block.append(OP_REGISTRY["tensor.tanh"].build(m)).result
+        y = block.append(MulOp.build(t, bv)).result
+        return block.append(OP_REGISTRY["tensor.pullback"].build(y, dv, [xv, wv, bv, cv, xv])).results
+
+    types = [TensorType("f32", a.shape) for a in (x, w, b, c, dy)]
+    module = roundtrip(make_func("f", types, fn))
+    dx, dw, db, dc, dx2 = run_function(module, [x, w, b, c, dy])
+    t = np.tanh(x @ w)
+    dm = dy * b * (1 - t * t)
+    for got, want in ((dx, dm @ w.T), (dw, x.T @ dm), (db, (dy * t).sum(0, keepdims=True)), (dc, 0 * c),
+                      (dx2, dm @ w.T)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def _gather_then(op_cls, *outer):
     """Body builder: gather the expert's weight, then op(h, w_e)."""
     def body(block, args):
@@ -653,7 +679,7 @@ CASES = {
     "tensor.max": _reduction("tensor.max", np.max), "tensor.min": _reduction("tensor.min", np.min),
     "tensor.logsumexp": _reduction("tensor.logsumexp", _logsumexp), "tensor.argmax": case_argmax,
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
-    "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "moe.moe": case_moe,
+    "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "tensor.pullback": case_pullback, "moe.moe": case_moe,
     "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
     "scan.fused": case_fused_scan, "scan.linear_attention": case_linear_attention,
     "sparse.convert": case_sparse_convert, "moe.route": case_route,

@@ -171,9 +171,6 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     assert {"attn.attention_lse", "attn.attention_grad"} <= names
 
 
-# What each tiny model's training graphs still leave to PyTorch (the forward's MoE routing and transformers'
-# grouped matmuls, and their backward, are not recognized in training graphs yet): the test fails when one more
-# kind of op falls back, and says so when one fewer does.
 TINY_LMS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             intermediate_size=64)),
@@ -182,19 +179,12 @@ TINY_LMS = {
                                                                 head_dim=8)),
     "mamba": ("MambaConfig", "MambaForCausalLM", dict(state_size=8)),
 }
-LEFT_TO_PYTORCH = {
-    "mixtral": {"aten.sort.default", "aten.histc.default", "transformers.grouped_mm_fallback.default",
-                "aten.empty_like.default", "aten.index_put.default",
-                "transformers.grouped_mm_fallback_backward.default", "aten.scatter.src"},
-}
-LEFT_TO_PYTORCH["qwen3_moe"] = LEFT_TO_PYTORCH["mixtral"]  # (Mamba: nothing)
-
-
 @pytest.mark.parametrize("name", sorted(TINY_LMS))
 def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> None:
     """transformers' Mixtral, Qwen3-MoE and Mamba trained for two SGD steps under backend=sparsa: the losses and
-    every parameter's gradient equal eager's, the attention of the MoE models runs on Sparsa's backward, and only
-    the ops named in LEFT_TO_PYTORCH stay in PyTorch."""
+    every parameter's gradient equal eager's, nothing stays in PyTorch, and the attention and the MoE blocks run on
+    Sparsa's backward (the blocks folded before AOTAutograd: their expert weights' gradients are grouped GEMMs over
+    the dispatch's segments, the router's through the top-k's rule)."""
     pytest.importorskip("torch_mlir")
     transformers = pytest.importorskip("transformers")
     from sparsa.runtime.torch_backend import SparsaBackend
@@ -215,12 +205,12 @@ def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> 
     assert grads.keys() == want_grads.keys()
     for n, g in want_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
-    left = set(backend.fallbacks)
-    assert left <= LEFT_TO_PYTORCH.get(name, set()), f"more left to PyTorch: {left - LEFT_TO_PYTORCH.get(name, set())}"
-    assert left == LEFT_TO_PYTORCH.get(name, set()), f"fewer left to PyTorch: update LEFT_TO_PYTORCH ({left})"
+    assert not backend.fallbacks, dict(backend.fallbacks)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     if name != "mamba":
-        assert {"attn.attention_lse", "attn.attention_grad"} <= names
+        assert {"attn.attention_lse", "attn.attention_grad", "moe.dispatch", "moe.grouped_weight_grad"} <= names
+        assert backend.stats["moe blocks recognized for training"] == 2  # one per layer
+        assert backend.stats["top-k backward scatters as adds"] == 2
 
 
 class ConvBlock(torch.nn.Module):
@@ -257,3 +247,56 @@ def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target:
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
     for n, g in want_grads.items():
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize(("experts", "sentinel_guards"), [("grouped_mm", False), ("batched_mm", False),
+                                                         ("grouped_mm", True)])
+def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentinel_guards: bool) -> None:
+    """A transformers Mixtral block in each compilable expert form, trained under backend=sparsa: the block is
+    folded before AOTAutograd traces it, so the forward graph holds sparsa::moe_swiglu and the backward graph its
+    backward, imported as the pullback of moe.moe (grouped GEMMs over the dispatch's segments); the router's
+    backward (softmax, top-k's scatter) is imported too. Nothing falls back; losses and gradients equal eager's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = experts
+    block = MixtralSparseMoeBlock(config)
+    block.experts._is_expert_parallel = sentinel_guards
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 9, 32)
+    backend = SparsaBackend({"target": target})
+    losses, grads = _train(block, backend, x)
+    want_losses, want_grads = _train(ref, None, x)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["moe blocks recognized for training"] == 1
+    names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    assert {"moe.dispatch", "moe.grouped_weight_grad", "tensor.scatter_add"} <= names
+
+
+def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
+    """scatter writes over its base (the last write winning where indices repeat): only a top-k's backward (onto
+    zeros, at the top-k's indices) is imported, as a scatter_add; any other runs in PyTorch, said why, and right."""
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    def f(x, idx, src):
+        return (x @ x.T).scatter(-1, idx, src)
+
+    x, src = torch.randn(4, 4), torch.randn(4, 2)
+    idx = torch.tensor([[0, 0], [1, 3], [2, 2], [3, 0]])
+    backend = SparsaBackend({"target": "reference"})
+    got = torch.compile(f, backend=backend)(x, idx, src)
+    torch.testing.assert_close(got, f(x, idx, src))
+    assert set(backend.fallbacks) == {"aten.scatter.src"}

@@ -10,11 +10,12 @@ from sparsa.ir.dialects import (
     scan,
     sparse,
     tensor,
+    tensor_grad,
     tensor_reduce,
     tensor_shape,
 )
 
 __all__ = [
-    "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_reduce",
-    "tensor_shape",
+    "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_grad",
+    "tensor_reduce", "tensor_shape",
 ]

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from sparsa.ir import attrs as A
-from sparsa.ir.core import Attr, Operand, Operation, Result
+from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import same_dtype
 from sparsa.ir.dialects.tensor_shape import normalize_axis
 from sparsa.ir.dims import compatible, format_dim
@@ -298,6 +298,21 @@ class RmsNormOp(Operation):
         return [dx, g.unbroadcast(g.mul(dy, g.mul(x, r)), w.type)]
 
 
+def scatter_along(g: Any, base: Value, updates: Value, idx: Value, axis: int) -> Value:
+    """base with updates[p] added at p with its coordinate along `axis` replaced by idx[p] (PyTorch's
+    scatter_add; a top-k's values' cotangent put back where they were taken from). g emits the ops (a Grad)."""
+    shape = idx.type.shape
+    places = []
+    for a in range(idx.type.rank):  # the position along each other axis, broadcast over the rest
+        if a == axis:
+            places.append(idx)
+            continue
+        iota = g.emit("tensor.iota", result_types=[TensorType("i64", (shape[a],))])
+        iota = g.emit("tensor.reshape", iota, shape=[-1 if b == a else 1 for b in range(idx.type.rank)])
+        places.append(g.broadcast_to(iota, TensorType("i64", shape)))
+    return g.emit("tensor.scatter_add", base, updates, places)
+
+
 class TopkOp(Operation):
     """The k largest values along the last axis, largest first, ties to the lower index; and their i64 indices."""
 
@@ -322,17 +337,9 @@ class TopkOp(Operation):
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """The values' cotangent put back where they were taken from along the last axis; none to indices."""
-        x, dv = xs[0], dys[0]
-        if dv is None:
+        if dys[0] is None:
             return [None]
-        idx = ys[1]
-        shape = idx.type.shape
-        places = []
-        for axis in range(idx.type.rank - 1):  # the position along each leading axis, broadcast over the rest
-            iota = g.emit("tensor.iota", result_types=[TensorType("i64", (shape[axis],))])
-            iota = g.emit("tensor.reshape", iota, shape=[-1 if a == axis else 1 for a in range(idx.type.rank)])
-            places.append(g.broadcast_to(iota, TensorType("i64", shape)))
-        return [g.emit("tensor.scatter_add", g.zeros_like(x), dv, [*places, idx])]
+        return [scatter_along(g, g.zeros_like(xs[0]), dys[0], ys[1], ys[1].type.rank - 1)]
 
     def reference(self, ctx: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.k > x.shape[-1]:
