@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from sparsa.ir.core import Module, Operation
+from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import broadcast_shapes
@@ -117,6 +118,51 @@ class ComposeTransposes(RewritePattern):
         return True
 
 
+class TransposedWeightGrad(RewritePattern):
+    """transpose(grouped_weight_grad, [0, 2, 1]) is the weight gradient computed transposed (dY_seg^T X_seg): the
+    gradient of an expert weight PyTorch stores [E, N, K] is written in its layout, never transposed after."""
+
+    ROOT = S.TransposeOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        inner = op.x.defining_op
+        if not isinstance(inner, M.GroupedWeightGradOp) or tuple(op.perm) != (0, 2, 1) or len(op.x.uses) != 1:
+            return False
+        new = M.GroupedWeightGradOp.build(*inner.operands, loc=op.loc,
+                                          **{**inner.attributes, "transposed": not inner.transposed})
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+
+class AddDisjointConcats(RewritePattern):
+    """concat(a, 0) + concat(0, b) is concat(a, b): pieces along one axis, of the same sizes, each zero on one side
+    (the gradients of a weight's slices put back, gate_proj's and up_proj's of a fused gate_up: one concat, no
+    sum of two padded copies)."""
+
+    ROOT = T.AddOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        a, b = (v.defining_op for v in (op.lhs, op.rhs))
+        if not (isinstance(a, S.ConcatOp) and isinstance(b, S.ConcatOp)) or a.axis != b.axis or \
+                not op.lhs.type == op.rhs.type == op.result.type or len(a.inputs) != len(b.inputs):
+            return False
+        pieces = []
+        for x, y in zip(a.inputs, b.inputs, strict=True):
+            if x.type != y.type:
+                return False
+            if splat_value(x.defining_op) == 0:
+                pieces.append(y)
+            elif splat_value(y.defining_op) == 0:
+                pieces.append(x)
+            else:
+                return False
+        new = S.ConcatOp.build(pieces, axis=a.axis, loc=op.loc)
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+
 class ComposeReshapes(RewritePattern):
     """reshape(reshape(x)) becomes one reshape; a reshape to the operand's own type disappears."""
 
@@ -181,7 +227,8 @@ class Canonicalize(Pass):
     max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
     PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), ElideNoOpCast(),
-                ComposeTransposes(), ComposeReshapes(), FoldConstantWhere(), ReadBroadcastsInPlace())
+                ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), ComposeReshapes(),
+                FoldConstantWhere(), ReadBroadcastsInPlace())
 
     def run(self, module: Module) -> None:
         apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations, self.NAME)

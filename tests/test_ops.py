@@ -493,22 +493,23 @@ def case_local_experts(ex):
 
 
 def case_grouped_weight_grad():
-    """X_seg^T dY_seg per expert, rows through the permutation or already permuted, padding adding nothing."""
+    """X_seg^T dY_seg per expert (dY_seg^T X_seg, transposed), rows through the permutation or already permuted,
+    padding adding nothing."""
     T, K, D, N, E = 7, 2, 4, 5, 3
     experts = rng.integers(0, E, size=(T, K)).astype(np.int64)
     for block, capacity in ((1, None), (4, 0.5)):
         perm, offsets = _dispatch_expected(experts, E, block, capacity)
         x, dy = randn(T, D), randn(len(perm), N)
-        for gather in (True, False):
+        for gather, transposed in ((True, False), (False, False), (True, True), (False, True)):
             rows = x if gather else randn(len(perm), D)
             (out,) = run_op("moe.grouped_weight_grad", [rows, perm, offsets.astype(np.int64), dy],
-                            {"topk": K, "gather": gather})
+                            {"topk": K, "gather": gather, "transposed": transposed})
             want = np.zeros((E, D, N))
             for p, a in enumerate(perm):
                 if a >= 0:
                     e = next(e for e in range(E) if offsets[e] <= p < offsets[e + 1])
                     want[e] += np.outer(x[a // K] if gather else rows[p], dy[p])
-            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(out, want.transpose(0, 2, 1) if transposed else want, rtol=1e-5, atol=1e-5)
 
 
 def _grouped_case(name):

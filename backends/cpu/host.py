@@ -33,11 +33,9 @@ import numpy as np
 
 from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
-from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, row_bounds, work
+from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, one_part_below, row_bounds, work
 from sparsa.ir.analysis import bind_shape
 from sparsa.ir.core import Operation, Value
-from sparsa.ir.dialects import moe as M
-from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import evaluate
 from sparsa.ir.types import numpy_dtype
@@ -426,7 +424,7 @@ class HostProgram:
         out = known[id(launch.args[len(k.inputs)])]
         amount = work(op, in_shapes, out)
         if k.split == "parts":
-            small = isinstance(op, R.TopkOp | M.RouteOp) and amount < NATIVE_SPLIT_WORK
+            small = one_part_below(op) and amount < NATIVE_SPLIT_WORK
             return (1, 1, []) if small else (threads, threads, [])
         m = out[0]
         if threads == 1 or m < 2 * threads or amount < NATIVE_SPLIT_WORK:

@@ -21,12 +21,19 @@ from sparsa.backends.cpu.outputs import empty as pooled_empty
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import CpuTarget, host_target
-from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, openmp_parallel, row_bounds, together, work
+from sparsa.backends.cpu.threads import (
+    SPLIT_WORK,
+    num_threads,
+    one_part_below,
+    openmp_parallel,
+    row_bounds,
+    together,
+    work,
+)
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
-from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import is_float, numpy_dtype
@@ -384,7 +391,7 @@ class CpuFunction(Executable):
         n = num_threads()
         if k.split == "parts":
             amount = work(op, [a.shape for a in ins], outs[0].shape)
-            small = isinstance(op, R.TopkOp | M.RouteOp) and amount < SPLIT_WORK
+            small = one_part_below(op) and amount < SPLIT_WORK
             self.parts(k, ins + outs, 1 if small else n)
         elif k.split == "rows":
             self.rows(k, ins, outs[0], k.rows, n)

@@ -286,7 +286,8 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
 def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
     """dW[e] = X_e^T dY_e: experts split over the parts (each owns its blocks of the output); an expert's
     segment in chunks of ROWS rows, each chunk's rows gathered through perm, transposed, and multiplied into the
-    expert's [K, N] block (a tiled GEMM accumulating onto it)."""
+    expert's [K, N] block (a tiled GEMM accumulating onto it). `transposed`: dY_e^T X_e into [N, K] blocks, the
+    register tile reading dY's chunk as the transposed left operand."""
     inputs = [op.rows, op.perm, op.offsets, op.dout]
     name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
     rows_m, perm, offsets, dout, out, part, parts = entry.arguments
@@ -297,7 +298,7 @@ def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
         experts = B.loop(part, B.sub(B.mdim(offsets, 0), B.c_index(1)), parts)
         with ir.InsertionPoint(experts.body):
             e = experts.induction_variable
-            block = B.subview(out, [e, 0, 0], [1, K, N], drop=[0])
+            block = B.subview(out, [e, 0, 0], [1, N, K] if op.transposed else [1, K, N], drop=[0])
             linalg.fill(B.c_float(0.0, et), outs=[block])
             lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
             steps = B.loop(lo, hi, WGRAD_ROWS)
@@ -309,9 +310,12 @@ def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                 has = B.if_(B.cmpi("gt", real, B.c_index(0)))
                 with ir.InsertionPoint(has.then_block):
                     x = gather_rows(cx, op, rows_t, perm, start, real, K, et)  # [real, K]
-                    xt = linalg.transpose(x, outs=[B.empty([K, real], et)], permutation=[1, 0])
                     dy = B.slice_tensor(dout_t, [start, 0], [real, N])
-                    acc = cx.matmul_tile(xt, dy, K, N, et, init=B.read(block))
+                    if op.transposed:
+                        acc = cx.matmul_tile(dy, x, N, K, et, init=B.read(block), transpose_a=True)
+                    else:
+                        xt = linalg.transpose(x, outs=[B.empty([K, real], et)], permutation=[1, 0])
+                        acc = cx.matmul_tile(xt, dy, K, N, et, init=B.read(block))
                     B.write(acc, block)
                     scf.YieldOp([])
                 scf.YieldOp([])

@@ -73,6 +73,12 @@ def work(op: Operation, ins: list[tuple[int, ...]], out: tuple[int, ...]) -> int
     return max(size + [math.prod(out)])
 
 
+def one_part_below(op: Operation) -> bool:
+    """Whether a kernel split in parts runs as one part below the split work (a topk's, a router's, a view's
+    copy, a concat: their parts split no GEMM, so a few rows are not worth waking the threads)."""
+    return isinstance(op, R.TopkOp | M.RouteOp | S.SliceOp | S.SplitOp | S.BroadcastToOp | S.ConcatOp)
+
+
 def row_bounds(m: int, n: int, exact: bool) -> list[int]:
     """Where n slabs of m rows start and end; with `exact` (SPARSA_DETERMINISTIC=1) at multiples of
     DETERMINISTIC_ROWS, so each row lands in the same kind of register tile whatever the thread count."""

@@ -204,14 +204,16 @@ def grouped_weight_grad(p: TritonProgram, op: Operation) -> None:
     rows, perm, offsets, dout = (p.name(v) for v in (op.rows, op.perm, op.offsets, op.dout))
     out = p.new(op.result)
     pick = f"_rows[{perm}[_pos] // {op.topk}]" if op.gather else "_rows[_pos]"
+    block = f"{dout}.shape[1], _rows.shape[1]" if op.transposed else f"_rows.shape[1], {dout}.shape[1]"
+    product = f"torch.matmul({dout}[_pos].T, {pick})" if op.transposed else f"torch.matmul({pick}.T, {dout}[_pos])"
     p.lines += [
         f"_off = {offsets}.tolist()",
         f"_rows = contiguous({rows})",
-        f"{out} = torch.zeros((len(_off) - 1, _rows.shape[1], {dout}.shape[1]), dtype=_rows.dtype, device=dev)",
+        f"{out} = torch.zeros((len(_off) - 1, {block}), dtype=_rows.dtype, device=dev)",
         "for _e in range(len(_off) - 1):",
         "    _pos = torch.arange(_off[_e], _off[_e + 1], device=dev)",
         f"    _pos = _pos[{perm}[_pos] >= 0]",
-        f"    {out}[_e] = torch.matmul({pick}.T, {dout}[_pos])",
+        f"    {out}[_e] = {product}",
     ]
 
 

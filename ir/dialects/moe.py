@@ -420,7 +420,8 @@ class GroupedMatmulCombineOp(Operation):
 class GroupedWeightGradOp(Operation):
     """The weight gradient of a grouped matmul: dW[e] = rows_e^T @ dout_e over expert e's segment of `perm`
     (rows read through the permutation with `gather`, token perm[p] // topk; `dout` in permuted order);
-    padding positions add nothing. One [K, N] block per expert: X_seg^T dY_seg, never a dense [T, E] form."""
+    padding positions add nothing. One [K, N] block per expert: X_seg^T dY_seg, never a dense [T, E] form; with
+    `transposed`, [N, K] blocks dY_seg^T X_seg (a weight stored [E, N, K], as PyTorch's are)."""
 
     NAME = "moe.grouped_weight_grad"
     rows = Operand()
@@ -429,6 +430,7 @@ class GroupedWeightGradOp(Operation):
     dout = Operand()
     topk = Attr(A.INT)
     gather = Attr(A.BOOL, default=False)
+    transposed = Attr(A.BOOL, default=False)
     result = Result()
 
     def infer(self) -> list[TensorType]:
@@ -436,7 +438,8 @@ class GroupedWeightGradOp(Operation):
         if r.rank != 2 or d.rank != 2 or r.dtype != d.dtype or o.rank != 1:
             raise self.error(f"needs rows [P or T, K], dout [P, N] of one type and offsets [E+1], got {r}, {d}, {o}")
         experts = o.shape[0] - 1 if isinstance(o.shape[0], int) else None
-        return [TensorType(r.dtype, (experts, r.shape[1], d.shape[1]))]
+        block = (d.shape[1], r.shape[1]) if self.transposed else (r.shape[1], d.shape[1])
+        return [TensorType(r.dtype, (experts, *block))]
 
     def reference(self, ctx: Any, rows: np.ndarray, perm: np.ndarray, offsets: np.ndarray,
                   dout: np.ndarray) -> np.ndarray:
@@ -446,7 +449,7 @@ class GroupedWeightGradOp(Operation):
             pos = pos[perm[pos] >= 0]
             x = rows[perm[pos] // self.topk] if self.gather else rows[pos]
             out[e] = x.astype(np.float64).T @ dout[pos].astype(np.float64)
-        return out
+        return out.transpose(0, 2, 1) if self.transposed else out
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         rows, perm, _, dout = args
