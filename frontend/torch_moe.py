@@ -111,25 +111,26 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
     """Dynamo's graph with its MoE blocks folded into `sparsa::moe_swiglu`, for AOTAutograd to trace (so that the
     backward graph calls `moe_swiglu_backward`), and how many; (gm, 0) where none is folded. Only graphs that
     compute gradients (an input requires one) and call transformers' grouped matmul or a bmm are traced to ATen
-    here (functionalized, on Dynamo's fake tensors); a graph with dynamic shapes is left as it is."""
+    here (functionalized, on the fake tensors and sizes Dynamo traced it with: dynamic sizes stay symbolic)."""
     if not torch.is_grad_enabled() or not any(getattr(t, "requires_grad", False) for t in example_inputs):
         return gm, 0
     if not any(n.op in ("call_function", "call_method") and ("grouped_mm" in str(n.target) or "bmm" in str(n.target))
                for n in gm.graph.nodes):
         return gm, 0
-    if not all(isinstance(t, torch.Tensor) for t in example_inputs) or any(
-            isinstance(d, torch.SymInt) for n in gm.graph.nodes if n.op == "placeholder"
-            for d in getattr(n.meta.get("example_value"), "shape", ())):
-        return gm, 0
-    from torch._guards import detect_fake_mode
+    from torch._guards import TracingContext, detect_fake_mode
     from torch.func import functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    fake_mode = detect_fake_mode(example_inputs)
-    if fake_mode is None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        fake_mode = FakeTensorMode()
-    fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in example_inputs]
+    fake_mode, context = detect_fake_mode(example_inputs), TracingContext.try_get()
+    if fake_mode is None or context is None:
+        return gm, 0
+    fakes = []  # as AOTAutograd makes them (the same fake tensors: from_tensor keeps one per tensor)
+    for t in example_inputs:
+        if isinstance(t, torch.Tensor):
+            symbolic = context.tensor_to_context.get(t)
+            t = fake_mode.from_tensor(t, symbolic_context=symbolic,
+                                      source=getattr(symbolic, "tensor_source", None))
+        fakes.append(t)
     with fake_mode, torch.no_grad():
         traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
     folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default)

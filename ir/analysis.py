@@ -8,7 +8,7 @@ from typing import Any
 
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
-from sparsa.ir.dims import is_symbol
+from sparsa.ir.dims import evaluate, format_dim, is_symbol, symbols
 from sparsa.ir.types import TensorType
 
 
@@ -55,6 +55,28 @@ def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what
             bound = dims.setdefault(d, n)
             if bound != n:
                 raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {d} = {bound} from an earlier input")
+    for axis, (d, n) in enumerate(zip(t.shape, shape, strict=True)):  # expressions (2*s: a graph's T*K rows)
+        if not isinstance(d, str) or is_symbol(d):
+            continue
+        unknown = symbols(d) - dims.keys()
+        if len(unknown) == 1:
+            (s,) = unknown
+            value = _solve(d, s, n, dims)
+            if value is None:
+                raise RuntimeShapeError(f"{what}: dim {axis} is {n}, which {format_dim(d)} is for no {s}")
+            dims[s] = value
+        if not symbols(d) - dims.keys() and evaluate(d, dims) != n:
+            raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {format_dim(d)} = {evaluate(d, dims)}")
+
+
+def _solve(d: str, s: str, n: int, dims: dict[str, int]) -> int | None:
+    """The value of s making dim expression d equal n, where d is linear in s (a*s + b), else None."""
+    b = evaluate(d, {**dims, s: 0})
+    a = evaluate(d, {**dims, s: 1}) - b
+    if a == 0 or (n - b) % a or (n - b) // a < 0:
+        return None
+    value = (n - b) // a
+    return value if evaluate(d, {**dims, s: value}) == n else None
 
 
 def check_int_range(lo: int, hi: int, dtype: str, what: str) -> None:

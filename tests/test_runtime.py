@@ -284,3 +284,27 @@ def test_nothing_is_unpickled_from_the_cache(tmp_path):
                     "    return x\\n}\\n', target='reference')"], check=True, timeout=300,
                    env={**__import__("os").environ, "SPARSA_CACHE_DIR": str(tmp_path)})
     assert not any(p.suffix == ".cache" or "lark" in p.name for p in tmp_path.rglob("*"))
+
+
+def test_inputs_bind_symbols_their_dims_are_expressions_of() -> None:
+    """A dim given as an expression of one unbound symbol (a graph's 2*s rows) binds it, brute force over small
+    linear forms and sizes; a size no value gives, or one that disagrees with bound symbols, is an error."""
+    from sparsa.ir.analysis import RuntimeShapeError, bind_shape
+    from sparsa.ir.types import TensorType
+
+    for a in range(1, 5):
+        for b in range(0, 4):
+            t = TensorType("f32", (f"{a}*s + {b}" if b else f"{a}*s", 3))
+            for n in range(0, 25):
+                dims: dict[str, int] = {}
+                if n >= b and (n - b) % a == 0:
+                    bind_shape(t, (n, 3), dims, "x")
+                    assert dims == {"s": (n - b) // a}
+                else:
+                    with pytest.raises(RuntimeShapeError, match="for no s"):
+                        bind_shape(t, (n, 3), dims, "x")
+    with pytest.raises(RuntimeShapeError, match=r"dim 0 is 7 but \{2\*s\} = 6"):
+        bind_shape(TensorType("f32", ("2*s",)), (7,), {"s": 3}, "x")
+    dims = {}
+    bind_shape(TensorType("f32", ("2*s", "s")), (8, 4), dims, "x")  # the plain symbol first, then checked
+    assert dims == {"s": 4}

@@ -300,3 +300,37 @@ def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
     got = torch.compile(f, backend=backend)(x, idx, src)
     torch.testing.assert_close(got, f(x, idx, src))
     assert set(backend.fallbacks) == {"aten.scatter.src"}
+
+
+def test_moe_block_trains_at_changing_sizes() -> None:
+    """Called at three token counts, Dynamo compiles the block again with a symbolic size: the fold keeps it
+    symbolic (traced on AOTAutograd's own fake tensors), the partitions bind sizes given as expressions (2*s
+    rows), nothing falls back, and every output and gradient equals eager's."""
+    pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ref = copy.deepcopy(block)
+    backend = SparsaBackend({"target": "cpu"})
+    compiled = torch.compile(block, backend=backend)
+    for tokens in (9, 13, 17):
+        x = torch.randn(2, tokens, 32, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        for f, inp in ((compiled, x), (ref, x_ref)):
+            y = f(inp)
+            (y[0] if isinstance(y, tuple) else y).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+        for (n, p), q in zip(block.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+            p.grad, q.grad = None, None
+    assert backend.stats["graphs"] == 2 and backend.stats["moe blocks recognized for training"] == 2
+    assert not backend.fallbacks, dict(backend.fallbacks)
