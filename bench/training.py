@@ -84,6 +84,38 @@ def bench_moe(sgemm: float) -> None:
         hf_loop(tx, ws["gate"], ws["w1"], ws["w3"], ws["w2"], K).backward(tdy)
 
     record(case, "eager HF loop + autograd", median_ms(eager), flops, sgemm)
+    # transformers' own block (grouped_mm experts: a sort, then one GEMM per expert), the same weights: eager, and
+    # under torch.compile(backend="sparsa"), which folds it before AOTAutograd (the backward is Sparsa's)
+    block = transformers_block(ws, K)
+    bx, bdy = tx.detach()[None].clone().requires_grad_(True), tdy[None]  # [1, T, D]: the block's batch dim
+
+    def block_step(f):
+        for t in (bx, *block.parameters()):
+            t.grad = None
+        out = f(bx)
+        (out[0] if isinstance(out, tuple) else out).backward(bdy)
+
+    record(case, "eager transformers grouped_mm", median_ms(lambda: block_step(block)), flops, sgemm)
+    compiled = torch.compile(block, backend="sparsa")
+    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: block_step(compiled), runs=7, warmup=2), flops,
+           sgemm)
+
+
+def transformers_block(ws: dict, k: int) -> torch.nn.Module:
+    """transformers' MixtralSparseMoeBlock with the .sp model's weights (gate [D, E], w1/w3 [E, D, F], w2 [E, F, D])."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    E, D, Fd = ws["w1"].shape
+    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=Fd, num_local_experts=E,
+                                        num_experts_per_tok=k)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(ws["gate"].T)
+        block.experts.gate_up_proj.copy_(torch.cat([ws["w1"], ws["w3"]], 2).transpose(1, 2))
+        block.experts.down_proj.copy_(ws["w2"].transpose(1, 2))
+    return block
 
 
 def bench_scan(sgemm: float) -> None:
