@@ -284,6 +284,11 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     assert backend.stats["moe blocks recognized for training"] == 1
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     assert {"moe.dispatch", "moe.grouped_weight_grad", "tensor.scatter_add"} <= names
+    if target == "cpu" and experts == "grouped_mm":  # gate_up's halves packed through the slices, not copied out
+        kernels = [(launch.kernel.name, launch.kernel.op.NAME) for part in backend.partitions
+                   for launch in part.native.host.launches]
+        assert any("pack_panels" in k for k, _ in kernels), kernels
+        assert not [k for k, op in kernels if op == "tensor.slice"], kernels
 
 
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:

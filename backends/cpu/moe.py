@@ -429,32 +429,55 @@ def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
     once per loaded weights) or a [0, 2, 1] transpose (packed at each call from the transpose's source, which
     costs about a copy and replaces the transpose's own), with one output width, and the epilogue is
     elementwise (so it can run a panel at a time)."""
-    if any(id(w) not in fixed and not _transposed(w) for w in weights):
+    if any(id(w) not in fixed and _view_chain(w) is None for w in weights):
         return False
     if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
         return False
     return all(isinstance(o, Elementwise | T.ConstantOp) or o.TERMINATOR for o in op.epilogue.block.ops)
 
 
-def _transposed(w: Value) -> bool:
-    """Whether w is its source with the last two axes swapped: a weight stored [E, N, K], as PyTorch's
-    Linear and transformers' expert weights are."""
-    owner = w.defining_op
-    return isinstance(owner, S.TransposeOp) and tuple(owner.perm) == (0, 2, 1)
+def _view_op(op: Operation | None) -> bool:
+    """A view a pack kernel reads through: the last two axes of a 3-D tensor swapped (a weight stored [E, N, K],
+    as PyTorch's Linear and transformers' expert weights are), or a slice of them with unit steps (one half of
+    transformers' fused gate_up_proj)."""
+    if isinstance(op, S.TransposeOp):
+        return tuple(op.perm) == (0, 2, 1)
+    return isinstance(op, S.SliceOp) and op.x.type.rank == 3 and all(s == 1 for s in op.steps) and \
+        op.starts[0] == 0 and op.stops[0] is None
+
+
+def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int]] | None:
+    """w ([E, K, N]) as views of a source (`_view_op`s, at least one): the source, the source's axis of each of
+    w's last two, and the offset along each (a slice's start); None where w is not such a view."""
+    axis_of, offset = {1: 1, 2: 2}, {1: 0, 2: 0}
+    v = w
+    while _view_op(v.defining_op):
+        op = v.defining_op
+        if isinstance(op, S.TransposeOp):
+            axis_of = {a: tuple(op.perm)[c] for a, c in axis_of.items()}
+        else:
+            if not all(isinstance(d, int) for d in w.type.shape[1:]):
+                return None  # a slice's columns are read by w's static sizes
+            offset = {a: o + op.starts[axis_of[a]] for a, o in offset.items()}
+        v = op.operands[0]
+    return None if v is w else (v, axis_of, offset)
 
 
 def packed_transposes(ops: list[Operation], fixed: set[int]) -> set[int]:
-    """The transposes the host leaves as NumPy views (no kernel, no copy): every use is a weight of a grouped
-    GEMM that takes it packed, and the host packs it from the transpose's source."""
+    """The views (`_view_op`) the host leaves as NumPy views (no kernel, no copy): every use is a weight of a
+    grouped GEMM that takes it packed, or another such view; the pack kernel reads through them."""
     slots: set[tuple[int, int]] = set()  # (op, operand index) of the weights that reach a kernel packed
     for op in ops:
         if isinstance(op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp):
             weights = list(op.weights) if isinstance(op, M.GroupedMatmulOp) else [op.weight]
             if _packable(op, weights, fixed):
                 slots |= {(id(op), 3 + i) for i in range(len(weights))}
-    return {id(op) for op in ops if isinstance(op, S.TransposeOp) and _transposed(op.result) and
-            id(op.result) not in fixed and op.result.uses and
-            all((id(u.op), u.index) in slots for u in op.result.uses)}
+    views: set[int] = set()
+    for op in reversed(ops):  # uses first: a view whose every use is a packed weight or a view read through
+        if _view_op(op) and id(op.result) not in fixed and op.result.uses and all(
+                (id(u.op), u.index) in slots or id(u.op) in views for u in op.result.uses):
+            views.add(id(op))
+    return views
 
 
 def _claim(counter: ir.Value) -> ir.Value:
@@ -601,21 +624,19 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
     """A kernel packing grouped-GEMM weight w ([E, K, N]) in panels ([E, ceil(N / PANEL), K, PANEL], zero past N)
     into a Scratch buffer, the experts split over the parts: `pack_panels` in native code, for weights that may
     change between calls. From the source of a transpose no kernel makes ([E, N, K]: PyTorch's layout) where w
-    is one."""
-    owner = w.defining_op
-    source = owner.operands[0] if owner is not None and id(owner) in cx.packed else w
-    flipped = source is not w
+    is one, or of the tensor a slice of it views (half of a fused gate_up), at the slice's offsets."""
+    chain = _view_chain(w) if id(w.defining_op) in cx.packed else None
+    source, axis_of, offset = chain if chain is not None else (w, {1: 1, 2: 2}, {1: 0, 2: 0})
     E, K = w.type.shape[0], w.type.shape[1]
     panels = Scratch(TensorType(w.type.dtype, (E, None, K, PANEL)), lambda known, ctx: (
-        known[id(source)][0], -(-known[id(source)][1 if flipped else 2] // PANEL), known[id(source)][2 if flipped
-                                                                                                     else 1], PANEL),
-        f"{w.name_hint}_panels")
+        known[id(w)][0], -(-known[id(w)][2] // PANEL), known[id(w)][1], PANEL), f"{w.name_hint}_panels")
     start = len(cx.tiled)
     name, entry = cx.function(op, [source.type, panels.type], True, "pack_panels")
     src, dst, part, parts = entry.arguments
     et = element_type(w.type.dtype)
     with ir.InsertionPoint(entry):
-        n = B.mdim(src, 1 if flipped else 2)
+        N = w.type.shape[2]  # static where a slice is read through (`_view_chain`)
+        n = B.c_index(N) if isinstance(N, int) else B.mdim(src, axis_of[2])
         experts = B.loop(part, B.mdim(src, 0), parts)
         with ir.InsertionPoint(experts.body):
             e = experts.induction_variable
@@ -623,7 +644,9 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
                 col = B.add(B.mul(p, B.c_index(PANEL)), j)
                 inside = B.if_(B.cmpi("lt", col, n), [et])
                 with ir.InsertionPoint(inside.then_block):
-                    scf.YieldOp([B.load(src, e, col, kk) if flipped else B.load(src, e, kk, col)])
+                    at = {0: e, axis_of[1]: B.add(kk, B.c_index(offset[1])),
+                          axis_of[2]: B.add(col, B.c_index(offset[2]))}
+                    scf.YieldOp([B.load(src, at[0], at[1], at[2])])
                 with ir.InsertionPoint(inside.else_block):
                     scf.YieldOp([B.c_float(0.0, et)])
                 B.store(inside.results[0], dst, e, p, kk, j)

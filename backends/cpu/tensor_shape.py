@@ -222,7 +222,10 @@ def within(v: Value, axis: int) -> Any:
 # ---- strided views the native host copies out ---------------------------------------------------------
 @HOSTED.lowers(S.SliceOp, S.SplitOp)
 def hosted_view(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
-    """Each result copied out of the view NumPy's semantics make of the operand (its offset and strides)."""
+    """Each result copied out of the view NumPy's semantics make of the operand (its offset and strides); none
+    where only grouped GEMMs' pack kernels read through it (`cx.packed`: half of a fused gate_up weight)."""
+    if id(op) in cx.packed:
+        return Hosted(virtual=True)
     return Hosted(before=[view_copy_kernel(cx, op, i) for i in range(len(op.results))])
 
 
