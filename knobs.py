@@ -26,10 +26,22 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# POSIX keeps os.environ's variables in this dict of bytes, in step with every change made through os.environ
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env(name: str, default: str = "") -> str:
+    """os.environ.get(name, default), without its key encoding and mapping layers: 0.04 us instead of 0.6 (a
+    compiled model reads two variables per call; a 16x32 model's whole call is under 10 us)."""
+    if _ENVIRON is None:
+        return os.environ.get(name, default)
+    value = _ENVIRON.get(name.encode())
+    return default if value is None else os.fsdecode(value)
+
 
 def deterministic() -> bool:
     """SPARSA_DETERMINISTIC=1: fixed partitions of work and a fixed order of reduction (see the docstring)."""
-    return os.environ.get("SPARSA_DETERMINISTIC", "") not in ("", "0")
+    return env("SPARSA_DETERMINISTIC") not in ("", "0")
 
 
 def native_host() -> bool:

@@ -19,6 +19,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.knobs import env
 
 # Work (elements touched; a matmul's multiply-adds / 32, as vectorized) below which an op runs on one thread:
 # handing half of it to another thread costs ~0.15 ms here (silu of 256x1024: 0.16 ms on one thread, 0.27 on
@@ -35,7 +36,7 @@ _pool: ThreadPoolExecutor | None = None
 
 def num_threads() -> int:
     """Threads the kernels split their work over: SPARSA_NUM_THREADS, default every core."""
-    value = os.environ.get("SPARSA_NUM_THREADS", "")
+    value = env("SPARSA_NUM_THREADS")
     if value:
         try:
             return max(1, int(value))
