@@ -107,6 +107,10 @@ def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
 moe_swiglu_op.register_autograd(_backward, setup_context=_setup)
 
 
+class FoldFailed(Exception):
+    """Dynamo's graph could not be traced to ATen for the fold (the reason); it is compiled unfolded."""
+
+
 def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
     """Dynamo's graph with its MoE blocks folded into `sparsa::moe_swiglu`, for AOTAutograd to trace (so that the
     backward graph calls `moe_swiglu_backward`), and how many; (gm, 0) where none is folded. Only graphs that
@@ -131,8 +135,11 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
             t = fake_mode.from_tensor(t, symbolic_context=symbolic,
                                       source=getattr(symbolic, "tensor_source", None))
         fakes.append(t)
-    with fake_mode, torch.no_grad():
-        traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
+    try:
+        with fake_mode, torch.no_grad():
+            traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
+    except Exception as e:  # noqa: BLE001 - any tracing failure: the graph goes on as Dynamo gave it, and says so
+        raise FoldFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default)
     if not folded:
         return gm, 0

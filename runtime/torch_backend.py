@@ -41,12 +41,12 @@ import torch
 from sparsa import knobs
 from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
-from sparsa.frontend.torch_moe import fold_before_autograd, fold_grouped_mm_moe
+from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
 from sparsa.passes.pipelines import expert_parallel_pipeline
-from sparsa.runtime.report import REPORT, PartitionRecord
+from sparsa.runtime.report import LOG, REPORT, PartitionRecord
 
 # Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
 GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
@@ -105,8 +105,12 @@ class SparsaBackend:
             return self.compile_aten(bw, inputs)
 
         # MoE blocks are folded before AOTAutograd traces the joint graph: their backward is then Sparsa's
-        gm, folded = fold_before_autograd(gm, example_inputs)
-        self.stats["moe blocks recognized for training"] += folded
+        try:
+            gm, folded = fold_before_autograd(gm, example_inputs)
+            self.stats["moe blocks recognized for training"] += folded
+        except FoldFailed as e:  # compiled as Dynamo gave it: the blocks' ops then show in the report's fallbacks
+            self.stats[f"training graphs not folded: {e}"] += 1
+            LOG.info("a training graph was not traced for the MoE fold (%s); compiling it unfolded", e)
         return aot_autograd(fw_compiler=forward, bw_compiler=backward,
                             partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 

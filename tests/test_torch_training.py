@@ -339,3 +339,33 @@ def test_moe_block_trains_at_changing_sizes() -> None:
             p.grad, q.grad = None, None
     assert backend.stats["graphs"] == 2 and backend.stats["moe blocks recognized for training"] == 2
     assert not backend.fallbacks, dict(backend.fallbacks)
+
+
+def test_a_training_graph_the_fold_cannot_trace_is_compiled_unfolded(monkeypatch) -> None:
+    """Where Dynamo's graph cannot be traced for the fold, it is compiled as it came: right gradients, the reason in
+    the backend's stats, and the block's ops among the fallbacks (nothing silent)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch.func, "functionalize", cannot)  # the fold's tracing step (AOTAutograd has its own)
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = "grouped_mm"
+    block = MixtralSparseMoeBlock(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ref = copy.deepcopy(block)
+    backend = SparsaBackend({"target": "reference"})
+    x = torch.randn(2, 9, 32)
+    _, grads = _train(block, backend, x, steps=1)
+    _, want = _train(ref, None, x, steps=1)
+    for n, g in want.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    assert backend.stats["training graphs not folded: RuntimeError: cannot trace this"] == 1
+    assert "transformers.grouped_mm_fallback.default" in backend.fallbacks
