@@ -249,6 +249,22 @@ def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target:
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
+def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False) -> tuple:
+    """A small transformers Mixtral block in one expert form (weights drawn from N(0, 0.2)), and a copy."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    config._experts_implementation = experts
+    block = MixtralSparseMoeBlock(config)
+    block.experts._is_expert_parallel = sentinel_guards
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return block, copy.deepcopy(block)
+
+
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 @pytest.mark.parametrize(("experts", "sentinel_guards"), [("grouped_mm", False), ("batched_mm", False),
                                                          ("grouped_mm", True)])
@@ -259,20 +275,9 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     backward (softmax, top-k's scatter) is imported too. Nothing falls back; losses and gradients equal eager's."""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
     from sparsa.runtime.torch_backend import SparsaBackend
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    config._experts_implementation = experts
-    block = MixtralSparseMoeBlock(config)
-    block.experts._is_expert_parallel = sentinel_guards
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    ref = copy.deepcopy(block)
+    block, ref = _mixtral_block(experts, sentinel_guards)
     x = torch.randn(2, 9, 32)
     backend = SparsaBackend({"target": target})
     losses, grads = _train(block, backend, x)
@@ -312,19 +317,9 @@ def test_moe_block_trains_at_changing_sizes() -> None:
     symbolic (traced on AOTAutograd's own fake tensors), the partitions bind sizes given as expressions (2*s
     rows), nothing falls back, and every output and gradient equals eager's."""
     pytest.importorskip("torch_mlir")
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
     from sparsa.runtime.torch_backend import SparsaBackend
 
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    config._experts_implementation = "grouped_mm"
-    block = MixtralSparseMoeBlock(config)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    ref = copy.deepcopy(block)
+    block, ref = _mixtral_block()
     backend = SparsaBackend({"target": "cpu"})
     compiled = torch.compile(block, backend=backend)
     for tokens in (9, 13, 17):
@@ -344,23 +339,13 @@ def test_moe_block_trains_at_changing_sizes() -> None:
 def test_a_training_graph_the_fold_cannot_trace_is_compiled_unfolded(monkeypatch) -> None:
     """Where Dynamo's graph cannot be traced for the fold, it is compiled as it came: right gradients, the reason in
     the backend's stats, and the block's ops among the fallbacks (nothing silent)."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
     from sparsa.runtime.torch_backend import SparsaBackend
 
     def cannot(*args, **kwargs):
         raise RuntimeError("cannot trace this")
 
+    block, ref = _mixtral_block()
     monkeypatch.setattr(torch.func, "functionalize", cannot)  # the fold's tracing step (AOTAutograd has its own)
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    config._experts_implementation = "grouped_mm"
-    block = MixtralSparseMoeBlock(config)
-    for p in block.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    ref = copy.deepcopy(block)
     backend = SparsaBackend({"target": "reference"})
     x = torch.randn(2, 9, 32)
     _, grads = _train(block, backend, x, steps=1)
