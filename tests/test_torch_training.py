@@ -265,16 +265,19 @@ def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False) -
     return block, copy.deepcopy(block)
 
 
-@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize(("experts", "sentinel_guards"), [("grouped_mm", False), ("batched_mm", False),
                                                          ("grouped_mm", True)])
 def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentinel_guards: bool) -> None:
     """A transformers Mixtral block in each compilable expert form, trained under backend=sparsa: the block is
     folded before AOTAutograd traces it, so the forward graph holds sparsa::moe_swiglu and the backward graph its
     backward, imported as the pullback of moe.moe (grouped GEMMs over the dispatch's segments); the router's
-    backward (softmax, top-k's scatter) is imported too. Nothing falls back; losses and gradients equal eager's."""
+    backward (softmax, top-k's scatter) is imported too. Nothing falls back; losses and gradients equal eager's.
+    (triton: its interpreter here, on CPU tensors.)"""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
+    if target == "triton":
+        pytest.importorskip("triton")
     from sparsa.runtime.torch_backend import SparsaBackend
 
     block, ref = _mixtral_block(experts, sentinel_guards)
