@@ -292,7 +292,13 @@ def pullback_ops(pullback: Operation, stats: Counter | None = None) -> tuple[lis
         if id(op) in feeding and any(id(v) in varying for v in reads(op)):
             cone.append(op)
             varying.update(id(r) for r in op.results)
-    inside = {id(r) for op in cone for r in op.results} | {id(w) for w in wrt}
+    made = {id(r) for op in cone for r in op.results}
+    if any(id(w) in made for w in wrt):
+        from sparsa.ir.diagnostics import SparsaError
+
+        raise SparsaError("tensor.pullback: a wrt value is computed from another one (the cotangents are of values "
+                          "the ops between read, not of what they compute)", pullback.loc)
+    inside = made | {id(w) for w in wrt}
     outer = [v for op in cone for v in reads(op)] + [pullback.of]  # `of` itself where no wrt value reaches it
     args = wrt + list({id(v): v for v in outer if id(v) not in inside}.values())
     fblock = Block([v.type for v in args], [v.name_hint for v in args])

@@ -599,3 +599,23 @@ def test_torch_compile_training_backward_graphs_do_not_fall_back(target: str) ->
     assert not backend.fallbacks, dict(backend.fallbacks)
     for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_pullback_wrt_values_computed_from_each_other_is_refused() -> None:
+    """The cotangents a pullback gives are of values the ops between read; one wrt value made from another (the
+    matmul's product and its operand) is an error naming the op, not a silently partial derivative."""
+    from sparsa.ir import parse_module
+    from sparsa.ir.diagnostics import SparsaError
+    from sparsa.passes import PassManager
+
+    module = parse_module("""module {
+  func.func @pb(%x: tensor<4x3xf32>, %w: tensor<3x5xf32>, %dy: tensor<4x5xf32>) -> (tensor<4x3xf32>, tensor<4x5xf32>) {
+    %m = tensor.matmul(%x, %w) : (tensor<4x3xf32>, tensor<3x5xf32>) -> tensor<4x5xf32>
+    %y = tensor.tanh(%m) : (tensor<4x5xf32>) -> tensor<4x5xf32>
+    %dx, %dm = tensor.pullback(%y, %dy, %x, %m) : (tensor<4x5xf32>, tensor<4x5xf32>, tensor<4x3xf32>, tensor<4x5xf32>) -> (tensor<4x3xf32>, tensor<4x5xf32>)
+    func.return(%dx, %dm) : (tensor<4x3xf32>, tensor<4x5xf32>) -> ()
+  }
+}
+""")
+    with pytest.raises(SparsaError, match="a wrt value is computed from another one"):
+        PassManager("expand-pullbacks").run(module)
