@@ -45,6 +45,18 @@ def _train(model, backend, x, steps: int = 2):
     return losses, grads
 
 
+def _trains_as_eager(model, ref, backend, data, train=None, loss_atol: float = 1e-6, grad_atol: float = 1e-5):
+    """`model` trained under `backend` and `ref` (its copy) eagerly, by `train` (default `_train`): the losses and
+    every gradient of the last step equal within float32 tolerance; returns both runs' gradients."""
+    train = train or _train
+    losses, grads = train(model, backend, data)
+    want_losses, want_grads = train(ref, None, data)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=loss_atol)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=grad_atol, msg=n)
+    return grads, want_grads
+
+
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 def test_sliding_window_sdpa_trains_on_sparsas_backward(target: str) -> None:
     """Two optimizer steps under backend=sparsa equal eager's; the backward graph holds attention's dQ and dK/dV
@@ -59,13 +71,9 @@ def test_sliding_window_sdpa_trains_on_sparsas_backward(target: str) -> None:
     ref = copy.deepcopy(model)
     x = torch.randn(2, 150, 64)
     backend = SparsaBackend({"target": target})
-    losses, grads = _train(model, backend, x)
-    want_losses, want_grads = _train(ref, None, x)
+    _trains_as_eager(model, ref, backend, x)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["saved tensors made again in the backward"] >= 1
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
-    for n, g in grads.items():
-        torch.testing.assert_close(g, want_grads[n], rtol=1e-4, atol=1e-5, msg=n)
     ops = [op for part in backend.partitions for op in part.func.walk()]
     grad_ops = [op for op in ops if op.NAME == "attn.attention_grad"]
     assert len(grad_ops) == 1 and all(op.block_map is not None for op in grad_ops)
@@ -161,12 +169,8 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     ids = torch.randint(0, 64, (2, 24))
 
     backend = SparsaBackend({"target": "cpu"})
-    losses, grads = _train_lm(model, backend, ids)
-    want_losses, want_grads = _train_lm(ref, None, ids)
+    _trains_as_eager(model, ref, backend, ids, _train_lm, loss_atol=1e-5)
     assert not backend.fallbacks, dict(backend.fallbacks)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-5)
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     assert {"attn.attention_lse", "attn.attention_grad"} <= names
 
@@ -199,12 +203,8 @@ def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> 
     ids = torch.randint(0, 64, (2, 24))
 
     backend = SparsaBackend({"target": "cpu"})
-    losses, grads = _train_lm(model, backend, ids)
-    want_losses, want_grads = _train_lm(ref, None, ids)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-5)
+    grads, want_grads = _trains_as_eager(model, ref, backend, ids, _train_lm, loss_atol=1e-5)
     assert grads.keys() == want_grads.keys()
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
     assert not backend.fallbacks, dict(backend.fallbacks)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     if name != "mamba":
@@ -241,12 +241,8 @@ def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target:
     model, x = ConvBlock(), torch.randn(2, 6, 11)
     ref = copy.deepcopy(model)
     backend = SparsaBackend({"target": target, "partitions": "all"})
-    losses, grads = _train(model, backend, x)
-    want_losses, want_grads = _train(ref, None, x)
+    _trains_as_eager(model, ref, backend, x, grad_atol=1e-6)
     assert not backend.fallbacks, dict(backend.fallbacks)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False) -> tuple:
@@ -283,11 +279,7 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     block, ref = _mixtral_block(experts, sentinel_guards)
     x = torch.randn(2, 9, 32)
     backend = SparsaBackend({"target": target})
-    losses, grads = _train(block, backend, x)
-    want_losses, want_grads = _train(ref, None, x)
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    _trains_as_eager(block, ref, backend, x)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["moe blocks recognized for training"] == 1
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
