@@ -120,7 +120,7 @@ class KernelContext:
         # Dims (by value) built as another size: a kernel that runs a region on slices of its inputs sets
         # them — the fused scan's channel blocks (None: dynamic), a grouped GEMM's panels (PANEL columns).
         self.dim_map: dict = {}
-        self.packed: set[int] = set()  # transposes no kernel makes: the hosts pack grouped GEMMs' weights from them
+        self.packed: set[int] = set()  # views no kernel makes (packed_views): the pack kernels read through them
 
     # ---- kernels ------------------------------------------------------------------------------------------
     def kernel(self, op: Operation) -> Kernel | None:

@@ -93,7 +93,7 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     module = ir.Module.create()
     builder = KernelContext(module, fixed, target)
     kernels = {}
-    views = moe.packed_transposes(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
+    views = moe.packed_views(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     builder.packed = views
     groups = fused_groups(block.ops, weight_only | views)
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}

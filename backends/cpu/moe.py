@@ -463,7 +463,7 @@ def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int]] | None
     return None if v is w else (v, axis_of, offset)
 
 
-def packed_transposes(ops: list[Operation], fixed: set[int]) -> set[int]:
+def packed_views(ops: list[Operation], fixed: set[int]) -> set[int]:
     """The views (`_view_op`) the host leaves as NumPy views (no kernel, no copy): every use is a weight of a
     grouped GEMM that takes it packed, or another such view; the pack kernel reads through them."""
     slots: set[tuple[int, int]] = set()  # (op, operand index) of the weights that reach a kernel packed
@@ -616,7 +616,7 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
 
 @HOSTED.lowers(S.TransposeOp)
 def hosted_packed_transpose(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
-    """A transpose no kernel makes (`packed_transposes`): the grouped GEMMs' pack kernels read its source."""
+    """A transpose no kernel makes (`packed_views`): the grouped GEMMs' pack kernels read its source."""
     return Hosted(virtual=True)
 
 

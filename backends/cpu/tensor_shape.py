@@ -195,14 +195,14 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
     def build(*args: ir.Value) -> None:
         *ins, out, part, parts = args
         flat_out, total = _flat(out), product(out, range(axis, rank))
+        pieces = [(_flat(m), product(m, range(axis, rank))) for m in ins]  # each input flat, and its run
         outer = B.loop(part, product(out, range(axis)), parts)
         with ir.InsertionPoint(outer.body):
             o, at = outer.induction_variable, B.c_index(0)
-            for m in ins:
-                run = product(m, range(axis, rank))
+            for flat, run in pieces:
                 src, dst = B.mul(o, run), B.add(B.mul(o, total), at)
                 with B.nest([run]) as (j,):
-                    B.store(B.load(_flat(m), B.add(src, j)), flat_out, B.add(dst, j))
+                    B.store(B.load(flat, B.add(src, j)), flat_out, B.add(dst, j))
                 at = B.add(at, run)
             scf.YieldOp([])
 
