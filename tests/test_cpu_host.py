@@ -158,6 +158,34 @@ def test_moe_layers_run_natively(monkeypatch, example, tokens):
         np.testing.assert_allclose(g, o, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_moe_items_over_weight_groups(monkeypatch, threads):
+    """Grouped GEMMs whose items are (expert, group of weight panels) over the expert's segment, one panel a group
+    here (the machine's L2 gives one group at these sizes): every group of an expert covers its columns once,
+    the first zeroes the padding rows, the rows come packed by register tile from pack_rows (Python host) and
+    its kernel (native host), bitwise alike, and a deterministic run gives the same bits at any thread count."""
+    from sparsa.backends.cpu.target import CpuTarget
+
+    monkeypatch.setattr(CpuTarget, "weight_group", lambda self, k, weights: 1)
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    src = open(_example("mixtral_moe.sp")).read()
+    native, python, ref = _pair(src, monkeypatch)
+    assert "pack_rows" in native.native.stages["host"]
+    for tokens in (150, 3):
+        x = rng.standard_normal((tokens, native.input_types[0].shape[1]), np.float32)
+        native(x)
+        got, want = native(x), python(x)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(got, ref(x), rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("SPARSA_DETERMINISTIC", "1")
+    exact = sparsa.compile(src, target="cpu").init_weights(1)
+    x = rng.standard_normal((150, native.input_types[0].shape[1]), np.float32)
+    first = exact(x)
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("SPARSA_NUM_THREADS", n)
+        np.testing.assert_array_equal(exact(x), first)
+
+
 def test_an_expert_id_out_of_range_is_the_python_hosts_error():
     src = """model R(x: f32[T, 8], e: i32[T, 2], w: f32[T, 2]) -> f32[T, 8] {
     param w1: f32[4, 8, 8]

@@ -17,6 +17,7 @@ from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, 
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.host import ALIGN, HEADER, STATUS, WORKSPACE, HostProgram, address
 from sparsa.backends.cpu.host_text import merge
+from sparsa.backends.cpu.outputs import aligned
 from sparsa.backends.cpu.outputs import empty as pooled_empty
 from sparsa.backends.cpu.schedule import schedule
 from sparsa.backends.cpu.signature import Kernel
@@ -364,7 +365,7 @@ class CpuFunction(Executable):
         buffers = self._scratch.__dict__
         buf = buffers.get(key)
         if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = buffers[key] = np.empty(shape, dtype)
+            buf = buffers[key] = aligned(shape, dtype)
         return buf
 
     def call(self, k: Kernel, arrays: list[np.ndarray], part: int | None = None, parts: int | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, llvm, memref, scf
+from torch_mlir.dialects import arith, func, linalg, llvm, memref, scf, tensor
 from torch_mlir.dialects import math as mmath
 
 from sparsa.backends.cpu import build as B
@@ -21,6 +21,7 @@ from sparsa.backends.cpu.context import (
     element_type,
     host,
 )
+from sparsa.backends.cpu.outputs import aligned
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
@@ -210,10 +211,11 @@ def grouped_matmul_combine_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
 
 def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value | None) -> Kernel:
-    """Work items are chunks of up to ROWS rows of one expert's segment: the chunk's tokens are read
-    through perm (gather), multiplied by each of the expert's weights (tiled GEMMs), the epilogue is
-    applied, and the rows are stored at their perm positions — or, with gates, scaled and added into
-    this part's slice of the [parts, T, N] output (each part zeroes its slice first; the host sums them).
+    """Work items are chunks of up to ROWS rows of one expert's segment (or, with weights in panels, one expert
+    and a group of its panels: `grouped_items`): the chunk's tokens are read through perm (gather; with panels,
+    packed by register tile once, before: `pack_rows`), multiplied by each of the expert's weights (tiled GEMMs),
+    the epilogue is applied, and the rows are stored at their perm positions — or, with gates, scaled and added
+    into this part's slice of the [parts, T, N] output (each part zeroes its slice first; the host sums them).
 
     The threads take work items in order as they free up, from a counter they share (the host passes it
     zeroed; an atomic add claims the next item): segments end in partial chunks and experts get
@@ -228,10 +230,13 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     rt = op.result.type
     out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
     panels = _packable(op, weights, cx.fixed)
+    m = rows_packing(cx, op, panels)
     types = [v.type for v in inputs]
     if panels:
         for i, w in enumerate(weights):
             types[3 + i] = TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL))
+    if m:
+        types[0] = TensorType(op.rows.type.dtype, (None, op.rows.type.shape[1], m))
     name, entry = cx.function(op, types + [out_type, TensorType("i64", (1,))], True)
     args = entry.arguments
     rows_m, perm, offsets = args[:3]
@@ -256,30 +261,158 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
         w_ts = [B.read(w) for w in w_ms]
         D = B.mdim(rows_m, 1)
         n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
-        experts = B.loop(0, n_experts, 1, [B.c_index(0), first()])
-        with ir.InsertionPoint(experts.body):
-            e = experts.induction_variable
-            lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
-            steps = B.loop(lo, hi, ROWS, list(experts.inner_iter_args))
-            with ir.InsertionPoint(steps.body):
-                start = steps.induction_variable
-                g, claimed = steps.inner_iter_args
-                work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
-                with ir.InsertionPoint(work.then_block):
-                    size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
-                    grouped_chunk(cx, op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
-                                       panels)
-                    scf.YieldOp([following(claimed)])
-                with ir.InsertionPoint(work.else_block):
-                    scf.YieldOp([claimed])
-                scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
-            scf.YieldOp(list(steps.results))
+        if panels and (m or not op.gather):  # items of weight panel groups
+            k_dim = weights[0].type.shape[1]
+            group = cx.target.weight_group(k_dim if isinstance(k_dim, int) else 1024, len(weights))
+            grouped_items(cx, op, rows_t, perm, offsets, w_ts, n_experts, out, gates_m, part, et, m, group,
+                          first, following)
+        else:  # items of ROWS rows, over every column
+            experts = B.loop(0, n_experts, 1, [B.c_index(0), first()])
+            with ir.InsertionPoint(experts.body):
+                e = experts.induction_variable
+                lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
+                steps = B.loop(lo, hi, ROWS, list(experts.inner_iter_args))
+                with ir.InsertionPoint(steps.body):
+                    start = steps.induction_variable
+                    g, claimed = steps.inner_iter_args
+                    work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
+                    with ir.InsertionPoint(work.then_block):
+                        size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                        grouped_chunk(cx, op, rows_t, perm, w_ts, e, start, size, D, out, gates_m, part, et,
+                                      panels)
+                        scf.YieldOp([following(claimed)])
+                    with ir.InsertionPoint(work.else_block):
+                        scf.YieldOp([claimed])
+                    scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
+                scf.YieldOp(list(steps.results))
         if gates is None:  # the rows past offsets[E] (perm at its bound: the native host's) are padding too
             _zero_rows(out, B.as_index(B.load(offsets, n_experts)), B.sub(B.mdim(out, 0), B.as_index(B.load(
                 offsets, n_experts))), B.cmpi("eq", part, B.c_index(0)), et)
         func.ReturnOp([])
     return Kernel(name, op, inputs, [op.result], "parts", panels=[3 + i for i in range(len(weights))] if panels
-                  else [], repacked=[3 + i for i, w in enumerate(weights) if panels and id(w) not in cx.fixed])
+                  else [], repacked=[3 + i for i, w in enumerate(weights) if panels and id(w) not in cx.fixed],
+                  packed_rows=m)
+
+
+def rows_packing(cx: KernelContext, op: Operation, panels: bool) -> int:
+    """The rows of the register tile when a grouped GEMM reads its rows packed by tile (`pack_rows`), else 0: its
+    weights come in panels, it gathers its rows (the gather is a copy: packing them costs nothing more) and every
+    segment starts at a multiple of the tile (the dispatch's block)."""
+    d = op.perm.defining_op
+    m = cx.target.tile[0]
+    return m if panels and op.gather and isinstance(d, M.DispatchOp) and d.block % m == 0 and ROWS % m == 0 else 0
+
+
+def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value, offsets: ir.Value,
+                  w_ts: list[ir.Value], n_experts: ir.Value, out: ir.Value, gates: ir.Value | None, part: ir.Value,
+                  et: ir.Type, m: int, group: int, first: Any, following: Any) -> None:
+    """The work items of a grouped GEMM with packed weights whose rows are in perm's order (not gathered) or come
+    packed (xp [tiles, D, m], `pack_rows`, where m): an item is one expert and a group of `group` weight panels
+    (`CpuTarget.weight_group`), over every chunk of ROWS rows of the expert's segment. The group's panels are
+    read from L2 by each chunk after the first, where a chunk over every panel streamed the whole expert's
+    weights from memory once per 64 rows (B's bandwidth, not the FMAs, then bounded the GEMM: ~130 against
+    ~180 GFLOP/s a core on an AVX-512 Xeon). A chunk's rows are a slice of xp (or of the rows): no gather
+    here."""
+    n_panels = B.mdim(w_ts[0], 1)
+    n_groups = B.ceil_div(n_panels, group)
+    D = B.mdim(w_ts[0], 2)
+    N = B.mdim(out, 2 if gates is not None else 1)
+    experts = B.loop(0, n_experts, 1, [B.c_index(0), first()])
+    with ir.InsertionPoint(experts.body):
+        e = experts.induction_variable
+        lo, hi = B.as_index(B.load(offsets, e)), B.as_index(B.load(offsets, B.add(e, B.c_index(1))))
+        groups = B.loop(0, n_groups, 1, list(experts.inner_iter_args))
+        with ir.InsertionPoint(groups.body):
+            grp = groups.induction_variable
+            g, claimed = groups.inner_iter_args
+            work = B.if_(B.cmpi("eq", g, claimed), [B.index()])
+            with ir.InsertionPoint(work.then_block):
+                p0 = B.mul(grp, B.c_index(group))
+                p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
+                steps = B.loop(lo, hi, ROWS)
+                with ir.InsertionPoint(steps.body):
+                    start = steps.induction_variable
+                    size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
+                    real = B.fold(size, B.c_index(0), lambda r, n: B.select(
+                        B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+                    has = B.if_(B.cmpi("gt", real, B.c_index(0)))
+                    with ir.InsertionPoint(has.then_block):
+                        if m:
+                            tiles = B.ceil_div(real, m)
+                            x = B.slice_tensor(xp, [arith.DivUIOp(start, B.c_index(m)).result, 0, 0],
+                                               [tiles, D, m])
+                            rows = B.mul(tiles, B.c_index(m))
+                        else:  # the real rows rounded up to whole register tiles where the padding allows
+                            tile_m = cx.target.tile[0]
+                            rows = B.minsi(B.mul(B.ceil_div(real, tile_m), B.c_index(tile_m)), size)
+                            x = B.slice_tensor(xp, [start, 0], [rows, D])
+                        pl = B.loop(p0, p1)
+                        with ir.InsertionPoint(pl.body):
+                            j = pl.induction_variable
+                            n0 = B.mul(j, B.c_index(PANEL))
+                            ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
+                            cx.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns
+                            chunk_out(cx, op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)),
+                                      start, perm, out, gates, part, et)
+                            cx.dim_map = {}
+                            scf.YieldOp([])
+                        scf.YieldOp([])
+                    if gates is None:  # the segment's padding rows (after its real ones) are zero rows: item 0's
+                        _zero_rows(out, B.add(start, real), B.sub(size, real), B.cmpi("eq", grp, B.c_index(0)), et)
+                    scf.YieldOp([])
+                scf.YieldOp([following(claimed)])
+            with ir.InsertionPoint(work.else_block):
+                scf.YieldOp([claimed])
+            scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
+        scf.YieldOp(list(groups.results))
+
+
+def pack_rows(rows: np.ndarray, perm: np.ndarray, op: Operation, m: int) -> np.ndarray:
+    """The rows a grouped GEMM multiplies, in perm's order (rows[perm // topk] where it gathers) and packed by
+    register tile: [ceil(n / m), D, m], element [t, k, r] row t * m + r's k-th; a padding row (perm -1) is zeros.
+    The Python host's; the native host runs `pack_rows_kernel`."""
+    n, D = len(perm), rows.shape[1]
+    src = rows[np.maximum(perm, 0) // op.topk] if op.gather else rows[:n]
+    tiles = -(-n // m)
+    out = aligned((tiles, D, m), rows.dtype)
+    flat = np.zeros((tiles * m, D), rows.dtype)
+    np.copyto(flat[:n], src, where=(perm >= 0)[:, None])
+    out[...] = flat.reshape(tiles, m, D).transpose(0, 2, 1)
+    return out
+
+
+def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, Scratch]:
+    """`pack_rows` in native code, into a Scratch buffer sized by perm's bound (what offsets[E] says is used is
+    packed), the tiles shared over the parts."""
+    rows = op.rows
+    xp = Scratch(TensorType(rows.type.dtype, (None, rows.type.shape[1], m)), lambda known, ctx: (
+        -(-known[id(op.perm)][0] // m), known[id(rows)][1], m), "rows_packed")
+    start = len(cx.tiled)
+    name, entry = cx.function(op, [rows.type, op.perm.type, op.offsets.type, xp.type], True, "pack_rows")
+    src, perm, offsets, dst, part, parts = entry.arguments
+    et = element_type(rows.type.dtype)
+    with ir.InsertionPoint(entry):
+        used = B.as_index(B.load(offsets, B.sub(B.mdim(offsets, 0), B.c_index(1))))
+        D = B.mdim(src, 1)
+        toks = memref.AllocaOp(ir.MemRefType.get([m], B.index()), [], []).result
+        zero = B.c_float(0.0, et)
+        tiles = B.loop(part, B.ceil_div(used, m), parts)
+        with ir.InsertionPoint(tiles.body):
+            t = tiles.induction_variable
+            real = []
+            for r in range(m):  # each row's token (-1: a padding row, packed as zeros)
+                i = B.add(B.mul(t, B.c_index(m)), B.c_index(r))
+                a = B.load(perm, i)
+                real.append(arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result)
+                tok = B.as_index(arith.DivSIOp(arith.MaxSIOp(a, B.c_int(0)).result, B.c_int(op.topk)).result)
+                B.store(B.select(real[r], tok, B.c_index(0)), toks, r)
+            at = [B.load(toks, r) for r in range(m)]
+            with B.nest([D]) as (k,):
+                for r in range(m):  # a contiguous run of m stores
+                    B.store(B.select(real[r], B.load(src, at[r], k), zero), dst, t, k, B.c_index(r))
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return cx.extra(Kernel(name, op, [rows, op.perm, op.offsets], [xp], "parts"), start), xp
 
 
 @KERNELS.lowers(M.GroupedWeightGradOp)
@@ -338,9 +471,13 @@ def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.V
         B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
     has = B.if_(B.cmpi("gt", real, B.c_index(0)))
     with ir.InsertionPoint(has.then_block):
-        tile_m = cx.target.tile[0]
-        rows = B.minsi(B.mul(B.ceil_div(real, tile_m), B.c_index(tile_m)), size)
-        x = gather_rows(cx, op, rows_t, perm, start, rows, D, et)
+        if panels:
+            x = gather_packed(op, rows_t, perm, start, real, D, et, cx.target.tile[0])
+            rows = B.mul(B.mdim(x, 0), B.c_index(cx.target.tile[0]))
+        else:
+            tile_m = cx.target.tile[0]
+            rows = B.minsi(B.mul(B.ceil_div(real, tile_m), B.c_index(tile_m)), size)
+            x = gather_rows(cx, op, rows_t, perm, start, rows, D, et)
         if not panels:
             ws = [B.slice_tensor(w, [e, 0, 0], [1, D, B.mdim(w, 2)], drop=[0]) for w in w_ts]
             chunk_out(cx, op, x, ws, rows, real, B.c_index(0), None, start, perm, out, gates, part, et)
@@ -375,7 +512,10 @@ def chunk_out(cx: KernelContext, op: Operation, x: ir.Value, ws: list[ir.Value],
               gates: ir.Value | None, part: ir.Value, et: ir.Type) -> None:
     """x (`rows` rows) @ each of ws, the epilogue, then the first `real` rows' columns col0.. of the
     output (`width` of them; None: all)."""
-    tiles = [cx.matmul_tile(x, w, rows, B.sizes_of(w)[1], et) for w in ws]
+    if ir.RankedTensorType(x.type).rank == 3:  # rows packed by register tile (gather_packed)
+        tiles = [_rows(cx.packed_matmul_tile(x, w, et)) for w in ws]
+    else:
+        tiles = [cx.matmul_tile(x, w, rows, B.sizes_of(w)[1], et) for w in ws]
     (y,) = cx.inline(op.epilogue, tiles, False)
     width = B.mdim(y, 1) if width is None else width
     y = B.slice_tensor(y, [0, 0], [real, width])
@@ -383,6 +523,38 @@ def chunk_out(cx: KernelContext, op: Operation, x: ir.Value, ws: list[ir.Value],
         B.write(y, B.subview(out, [start, col0], [real, width]))
     else:
         scatter_add(cx, op, y, perm, start, real, width, gates, out, part, col0)
+
+
+def gather_packed(op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value, D: ir.Value,
+                  et: ir.Type, m: int) -> ir.Value:
+    """The chunk's n rows (as gather_rows) packed by register tile of m rows: [ceil(n / m), D, m], the rows
+    past n zero (their products are dropped; zeros, not whatever the buffer held, keep them cheap)."""
+    tiles = B.ceil_div(n, m)
+    xp = B.empty([tiles, D, m], et)
+    zero = linalg.fill(B.c_float(0.0, et), outs=[B.empty([1, D, m], et)])
+    xp = B.insert_slice(zero, xp, [B.sub(tiles, B.c_index(1)), 0, 0], [1, D, m])
+    rows = B.loop(0, n, 1, [xp])
+    with ir.InsertionPoint(rows.body):
+        i = rows.induction_variable
+        if op.gather:
+            a = arith.MaxSIOp(B.load(perm, B.add(start, i)), B.c_int(0)).result
+            tok = B.as_index(arith.DivSIOp(a, B.c_int(op.topk)).result)
+        else:
+            tok = B.add(start, i)
+        row = B.slice_tensor(rows_t, [tok, 0], [1, D], drop=[0])
+        at = [arith.DivUIOp(i, B.c_index(m)).result, 0, arith.RemUIOp(i, B.c_index(m)).result]
+        scf.YieldOp([B.insert_slice(row, rows.inner_iter_args[0], at, [1, D, 1])])
+    return rows.results[0]
+
+
+def _rows(y: ir.Value) -> ir.Value:
+    """[tiles, m, n] as [tiles * m, n]."""
+    t = ir.RankedTensorType(y.type)
+    m, n = t.shape[1], t.shape[2]
+    out = ir.RankedTensorType.get([B.DYN(), n], t.element_type)
+    assoc = ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
+                              for g in ([0, 1], [2])])
+    return tensor.CollapseShapeOp(out, y, assoc).result
 
 
 def gather_rows(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
@@ -537,6 +709,8 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
     from a shared counter; a combine's parts each write their own slice, summed here."""
     op = k.op
     weight_n = host.values[id(k.inputs[3])].shape[2]
+    if k.packed_rows:
+        ins[0] = pack_rows(ins[0], ins[1], op, k.packed_rows)
     for i in k.panels:
         if i in k.repacked:  # a weight that may change between calls: packed now, from what the host holds
             w = host.values[id(k.inputs[i])]
@@ -586,6 +760,9 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
     claim chunks from; a combine's parts each write a slice of a workspace buffer, summed into the result after."""
     args: list[Any] = list(k.inputs)
     before = []
+    if k.packed_rows:
+        step, args[0] = pack_rows_kernel(cx, op, k.packed_rows)
+        before.append(step)
     for i in k.panels:
         w = k.inputs[i]
         if i in k.repacked:  # a weight that may change between calls: packed at each call, by a kernel
@@ -667,7 +844,7 @@ def pack_panels(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     runs of PANEL * K contiguous elements, near the speed of a copy."""
     E, K, N = w.shape
     full = N // PANEL
-    out = np.empty(panels_shape(w.shape), w.dtype) if out is None else out
+    out = aligned(panels_shape(w.shape), w.dtype) if out is None else out
 
     def experts(lo: int, hi: int) -> None:
         if w.strides[1] < w.strides[2]:  # stored [E, N, K]

@@ -30,13 +30,26 @@ class _Lease:
     def __init__(self, buf: np.ndarray, shape: tuple[int, ...], dtype: np.dtype):
         self.buf = buf
         self.__array_interface__ = {"shape": shape, "typestr": dtype.str, "version": 3,
-                                    "data": (buf.__array_interface__["data"][0], False)}
+                                    "data": (buf.ctypes.data, False)}
 
     def __del__(self) -> None:
         n = self.buf.nbytes
         if _held[0] + n <= LIMIT:  # (list and dict operations are atomic under the GIL: no lock to deadlock on)
             _free.setdefault(n, []).append(self.buf)
             _held[0] += n
+
+
+ALIGN = 64  # bytes: a cache line (and an AVX-512 vector)
+
+
+def aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty starting on a cache line. glibc's large blocks start 16 bytes past a page, so every 64-byte vector
+    load from a plain np.empty array spans two cache lines (a packed weight's GEMM: ~12% slower)."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    buf = np.empty(n + ALIGN, np.uint8)
+    at = -buf.ctypes.data % ALIGN
+    return buf[at:at + n].view(dtype).reshape(shape)
 
 
 def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -53,7 +66,7 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     except IndexError:  # another thread took the last one
         buf = None
     if buf is None:
-        buf = np.empty(n, np.uint8)
+        buf = aligned((n,), np.uint8)
     else:
         _held[0] -= n
     return np.asarray(_Lease(buf, tuple(shape), dtype))

@@ -73,6 +73,13 @@ class CpuTarget:
         l1 = self.caches.get(1, 32 << 10)
         return max(64, min(256, l1 // (3 * 4 * self.tile[1]) // 32 * 32))
 
+    def weight_group(self, k: int, weights: int) -> int:
+        """Panels of a grouped GEMM's weights one work item multiplies every row of an expert's segment by: as
+        many as fill half of L2 (1 MiB where unknown) with `weights` [k, PANEL] panels each, at least one. The
+        group is then read from L2 by every chunk of rows, instead of streaming from memory for each."""
+        l2 = self.caches.get(2, 2 << 20)
+        return max(1, l2 // 2 // (weights * k * PANEL * 4))
+
     def with_tile(self, tile: tuple[int, int]) -> CpuTarget:
         """The same machine with the register tile fixed."""
         return dataclasses.replace(self, fixed_tile=tuple(tile))
@@ -118,7 +125,7 @@ class CpuTarget:
     def key(self) -> str:
         """What the compiled code depends on, for the cache key."""
         return (f"{self.triple}|{self.cpu}|{self.features}|{self.vector_bits}x{self.vector_registers}|{self.tile}|"
-                f"{self.block_k}")
+                f"{self.block_k}|L2 {self.caches.get(2)}")
 
     def describe(self) -> str:
         """One line for people: CPU, ISA, vector registers, tile, caches, cores."""
