@@ -550,7 +550,7 @@ def gather_packed(op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Val
 def _rows(y: ir.Value) -> ir.Value:
     """[tiles, m, n] as [tiles * m, n]."""
     t = ir.RankedTensorType(y.type)
-    m, n = t.shape[1], t.shape[2]
+    n = t.shape[2]
     out = ir.RankedTensorType.get([B.DYN(), n], t.element_type)
     assoc = ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
                               for g in ([0, 1], [2])])
