@@ -41,8 +41,8 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
     grouped heads read their shared K/V in place; a row with nothing allowed gives zeros. K comes
     transposed by key block ([B, Hk, NK, Dh, bk], one copy per call by the host): Q @ K^T with K^T's rows
     contiguous runs 20-25% faster than reading K's columns in the register tile, and a block's K^T in one run
-    another ~8% (rows of a whole K^T lay Sk * 4 bytes apart: at Sk = 4096 all in the same few L1 sets). `attn.attention_lse` also writes each
-    row's m + log(l) (+inf where nothing is allowed)."""
+    another ~8% (rows of a whole K^T lay Sk * 4 bytes apart: at Sk = 4096 all in the same few L1 sets).
+    `attn.attention_lse` also writes each row's m + log(l) (+inf where nothing is allowed)."""
     data = []
     for region in (op.mask, op.score):
         if not region.empty:
