@@ -235,17 +235,30 @@ def fold(n: ir.Value, start: ir.Value, body: Callable[[ir.Value, ir.Value], ir.V
     return f.results[0]
 
 
+def splat(v: float | int, t: ir.Type) -> ir.Value:
+    """A constant of scalar type t, or of vector type t with every element v."""
+    if not isinstance(t, ir.VectorType):
+        return c_float(v, t) if isinstance(t, ir.FloatType) else arith.ConstantOp(t, v).result
+    e = ir.VectorType(t).element_type
+    attr = ir.FloatAttr.get(e, v) if isinstance(e, ir.FloatType) else ir.IntegerAttr.get(e, v)
+    return arith.ConstantOp(t, ir.DenseElementsAttr.get_splat(t, attr)).result
+
+
 def exp(x: ir.Value) -> ir.Value:
     """e**x. For float32, Cephes' expf as arith: x = n ln2 + r (|r| <= ln2 / 2, ln2 in two parts), e**r by a
     degree-6 polynomial, 2**n built in the exponent bits (two factors, so subnormal results come out right);
     inf past the overflow point, NaN kept. It vectorizes and inlines; math.exp becomes a scalar libm call per element
-    (LLVM has no vector expf without a vector math library). Other types use math.exp."""
+    (LLVM has no vector expf without a vector math library). x may be a vector of float32 too. Other types use
+    math.exp."""
     et = x.type
-    if str(et) != "f32":
+    shape = ir.VectorType(et).shape if isinstance(et, ir.VectorType) else None
+    if str(et.element_type if shape else et) != "f32":
         return mmath.ExpOp(x).result
+    i32 = ir.IntegerType.get_signless(32)
+    it = ir.VectorType.get(shape, i32) if shape else i32
 
     def c(v: float) -> ir.Value:
-        return c_float(v, et)
+        return splat(v, et)
 
     def mul(a: ir.Value, b: ir.Value) -> ir.Value:
         return arith.MulFOp(a, b).result
@@ -261,13 +274,12 @@ def exp(x: ir.Value) -> ir.Value:
         p = add(mul(p, r), c(k))
     y = add(add(mul(p, mul(r, r)), r), c(1.0))
     # 2**n as 2**(n >> 1) * 2**(n - (n >> 1)): both factors normal for n in -150..128 (results down to 0)
-    i32 = ir.IntegerType.get_signless(32)
-    ni = arith.FPToSIOp(i32, n).result
-    half = arith.ShRSIOp(ni, c_int(1, 32)).result
+    ni = arith.FPToSIOp(it, n).result
+    half = arith.ShRSIOp(ni, splat(1, it)).result
 
     def pow2(k: ir.Value) -> ir.Value:
-        biased = arith.AddIOp(k, c_int(127, 32)).result
-        return arith.BitcastOp(et, arith.ShLIOp(biased, c_int(23, 32)).result).result
+        biased = arith.AddIOp(k, splat(127, it)).result
+        return arith.BitcastOp(et, arith.ShLIOp(biased, splat(23, it)).result).result
 
     result = mul(mul(y, pow2(half)), pow2(arith.SubIOp(ni, half).result))
     result = arith.SelectOp(arith.CmpFOp(2, x, c(88.72283935546875)).result, c(float("inf")), result).result
