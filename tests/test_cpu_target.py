@@ -148,8 +148,9 @@ def test_linear_attention_scan(decay, chunk):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch, static):
-    """The selective scan cut into 128-channel blocks (300 = two blocks and a tail) split over threads, with the
-    channel count symbolic or fixed (a fixed one used to make each step's slice the whole width: a crash)."""
+    """The selective scan in items of channel vectors (300 = four items of 64 and a masked tail) split over
+    threads, with the channel count symbolic or fixed (a fixed one used to make each step's slice the whole width
+    in the blocked kernel: a crash)."""
     src = (ROOT / "examples" / "selective_scan.sp").read_text()
     if static:
         src = src.replace("DI]", "300]").replace("DI,", "300,")
@@ -161,6 +162,28 @@ def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch, static):
         monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
         close(cpu(*inputs), want)
     assert "arith.minsi" in cpu.stage("mlir")  # the last block is cut short
+    assert "vector.maskedload" in cpu.stage("mlir")  # channels in vector lanes (lane_scan_kernel)
+
+
+FUSED_SCAN = """model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N], w: f32[D, N]) -> f32[B, L, D] {
+    h = scan(DECAY, (u * a)[:, :, :, None] * bm[:, :, None, :], axis=1)
+    return sum(h * c[:, :, None, :], axis=-1)
+}"""
+
+
+@pytest.mark.parametrize(("decay", "lanes"), [("exp(-(a * a)[:, :, :, None] * w)", True),
+                                              ("sigmoid(a[:, :, :, None] - w) * 0.5", True),
+                                              ("exp(-abs(a[:, :, :, None] - w))", False)])
+@pytest.mark.parametrize(("D", "N"), [(1, 1), (70, 3), (130, 16)])
+def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
+    """Fused scans of region ops the lane-vector kernel evaluates on vectors (with a time-invariant [D, N] input
+    read once per item, a constant, a batch dim kept as work items, tails masked) and of one it does not (abs:
+    the blocked kernel), against the reference at channel counts below, across and past one item."""
+    src = FUSED_SCAN.replace("DECAY", decay)
+    ref, cpu = pair(src)
+    inputs = make_inputs(ref, sizes={"B": 2, "L": 5, "D": D, "N": N})
+    close(cpu(*inputs), ref(*inputs))
+    assert ("vector.maskedload" in cpu.stage("mlir")) == lanes
 
 
 def test_unfused_scan_with_initial_state_and_broadcasting():

@@ -28,6 +28,9 @@ def c_int(n: int, bits: int = 64) -> ir.Value:
 
 
 def c_float(x: float, et: ir.Type) -> ir.Value:
+    """A float constant of type et (a vector type: every element x)."""
+    if isinstance(et, ir.VectorType):
+        return splat(x, et)
     return arith.ConstantOp(et, ir.FloatAttr.get(et, x)).result
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, scf
+from torch_mlir.dialects import arith, func, linalg, memref, scf, vector
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import Size
@@ -17,14 +17,17 @@ from sparsa.backends.cpu.context import (
     LAUNCHES,
     PARALLEL,
     REDUCTION,
+    SCALARS,
     CpuLoweringError,
     KernelContext,
     element_type,
 )
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.threads import num_threads
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import scan as SC
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.types import TensorType, numpy_dtype
 
 SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
@@ -47,10 +50,21 @@ def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
 
 # ---- scans ----------------------------------------------------------------------------------------
+# Region ops the lane-vector scan evaluates on vectors of channels with their scalar rules (tensor.py): each is
+# arith on its operands and constants made like them, or B.exp
+# vectors of channels one lane-vector scan item takes (as one vector of 4x the lanes): its rows of the inputs lie a
+# row of channels apart, so each visit reads 4 cache lines instead of 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on
+# one AVX-512 core), and the exps of 4 vectors are independent work for the core meanwhile
+ITEM_VECTORS = 4
+AHEAD = 16  # time steps the lane-vector scan asks for its channel inputs' rows ahead of reading them
+LANE_OPS = (T.MulOp, T.AddOp, T.SubOp, T.DivOp, T.ExpOp, T.NegOp, T.MaximumOp, T.MinimumOp, T.SigmoidOp, T.SiluOp)
+
+
 @KERNELS.lowers(SC.FusedScanOp)
 def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     """h = a_t * h + b_t streamed over time: per step the producer region makes a_t, b_t from step t of
     the inputs, the consumer reduces h to y_t, stored at step t of the output; h is never stored.
+    Where `lane_plan` allows, `lane_scan_kernel` instead; otherwise:
 
     Where a state dim runs through to the output (Mamba's channels), the kernel takes SCAN_BLOCK of it
     at a time, every time step for one block before the next: the block's state and temporaries stay
@@ -59,6 +73,9 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
     y_type = op.consumer.block.terminator.operands[0].type
     channel = _channel_dim(op, y_type)
+    plan = lane_plan(cx, op)
+    if plan is not None:
+        return lane_scan_kernel(cx, op, *plan)
     name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
     args = entry.arguments
     out, part, parts = args[len(inputs):]
@@ -121,6 +138,170 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
         cx.dim_map = {}
         func.ReturnOp([])
     return Kernel(name, op, inputs, [op.result], "parts")
+
+
+def lane_plan(cx: KernelContext, op: Operation) -> tuple[int, int | None] | None:
+    """(the channel dim, the dim the consumer sums over or None) where the lane-vector scan applies: float32; a
+    channel dim (`_channel_dim`) last in the output and contiguous in every input that runs over time and has it;
+    producer and consumer regions of LANE_OPS and constants, the consumer ending in one sum over one state dim
+    (the rest of the state, other than time and channel, kept as work items). Else None."""
+    y = op.consumer.block.terminator.operands[0]
+    channel = _channel_dim(op, y.type)
+    rank, axis = len(op.state), op.axis
+    if channel is None or op.result.type.dtype != "f32" or any(v.type.dtype != "f32" for v in op.inputs):
+        return None
+    c, yc = channel
+    if any(d != 1 for d in y.type.shape[yc + 1:]):
+        return None
+    for v in op.inputs:
+        p = c - (rank - v.type.rank)
+        timed = 0 <= axis - (rank - v.type.rank) and v.type.shape[axis - (rank - v.type.rank)] != 1
+        if p >= 0 and v.type.shape[p] != 1 and timed and any(d != 1 for d in v.type.shape[p + 1:]):
+            return None
+    for region in (op.producer, op.consumer):
+        for o in region.block.ops[:-1]:
+            if not isinstance(o, LANE_OPS + (T.ConstantOp, R.SumOp)) or o.results[0].type.dtype != "f32" or (
+                    isinstance(o, R.SumOp) and (region is op.producer or o.results[0] is not y)):
+                return None
+    summed = y.defining_op
+    if not isinstance(summed, R.SumOp):
+        return (c, None) if y.type.rank == rank else None
+    if summed.x.type.rank != rank or summed.keepdim or len(summed.axes) != 1:
+        return None
+    r = summed.axes[0] % rank
+    return (c, r) if r not in (axis, c) else None
+
+
+def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) -> Kernel:
+    """The fused scan with channels in vector lanes: a work item is one vector of channels (the target's lanes)
+    at one index of the kept dims; its state (one vector per index of the summed dim r) stays in a small buffer
+    in L1 over every time step, and the regions run on vectors (inputs without the channel dim broadcast, inputs
+    that do not change over time read once per item). The consumer's sum over r is a sum of vectors: no
+    horizontal reduction. For Mamba's scan that is an exp and three multiply-adds per state vector a step, where
+    the blocked kernel ran each region op as a loop of its own over a [.., 128, N] temporary."""
+    inputs = list(op.inputs)
+    rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
+    dt = op.result.type.dtype
+    et = element_type(dt)
+    lanes = cx.target.lanes() * ITEM_VECTORS
+    vt = ir.VectorType.get([lanes], et)
+    kept = [i for i in range(rank) if i not in (axis, c, r)]
+    name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
+    args = entry.arguments
+    out, part, parts = args[len(inputs):]
+    ms = list(args[:len(inputs)])
+
+    def pos(v: Value, i: int) -> int | None:  # input v's axis for state dim i; None where v lacks it or has 1
+        p = i - (rank - v.type.rank)
+        return p if p >= 0 and v.type.shape[p] != 1 else None
+
+    def size(i: int) -> ir.Value:
+        for v, m in zip(inputs, ms, strict=True):
+            if pos(v, i) is not None:
+                return B.mdim(m, pos(v, i))
+        return B.c_index(1)
+
+    with ir.InsertionPoint(entry):
+        zero = B.c_float(0.0, et)
+        L, D = size(axis), size(c)
+        NR = size(r) if r is not None else B.c_index(1)
+        kept_sizes = [size(i) for i in kept]
+        blocks = B.ceil_div(D, lanes)
+        total = blocks
+        for s in kept_sizes:
+            total = B.mul(total, s)
+        state = memref.AllocaOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result
+        # inputs with channels that never change over time: read once per item, one vector per index of r
+        still = [i for i, v in enumerate(inputs) if pos(v, c) is not None and pos(v, axis) is None]
+        held = {i: memref.AllocaOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result for i in still}
+        items = B.loop(part, total, parts)
+        with ir.InsertionPoint(items.body):
+            rest = items.induction_variable
+            d0 = B.mul(arith.RemUIOp(rest, blocks).result, B.c_index(lanes))
+            rest = arith.DivUIOp(rest, blocks).result
+            at = {c: d0}
+            for i, s in reversed(list(zip(kept, kept_sizes, strict=True))):
+                at[i] = arith.RemUIOp(rest, s).result
+                rest = arith.DivUIOp(rest, s).result
+
+            def index(v: Value, t: ir.Value | None, k: ir.Value) -> list[ir.Value]:
+                idx = []
+                for p in range(v.type.rank):
+                    i = p + (rank - v.type.rank)
+                    idx.append(B.c_index(0) if v.type.shape[p] == 1 else t if i == axis else k if i == r else at[i])
+                return idx
+
+            # this item's channels: d0.. below D (a masked load reads them, zeros past D)
+            mask = vector.CreateMaskOp(ir.VectorType.get([lanes], ir.IntegerType.get_signless(1)),
+                                       [B.minsi(B.c_index(lanes), B.sub(D, d0))]).result
+            zeros = vector.BroadcastOp(vt, zero).result
+
+            def read(j: int, t: ir.Value | None, k: ir.Value) -> ir.Value:
+                """Input j at time t, index k of r: a vector of channels, or a scalar."""
+                v, m = inputs[j], ms[j]
+                if j in held and t is not None:
+                    return vector.LoadOp(vt, held[j], [k, B.c_index(0)]).result
+                pc = pos(v, c)
+                if pc is None:
+                    return B.load(m, *index(v, t, k))
+                if j in held:  # once per item, whatever its strides
+                    return vector.TransferReadOp(vt, m, index(v, t, k), ir.AffineMap.get(v.type.rank, 0, [
+                        ir.AffineDimExpr.get(pc)]), zero, [False]).result
+                return vector.MaskedLoadOp(vt, m, index(v, t, k), mask, zeros).result  # channels contiguous
+
+            for j, buf in held.items():
+                B.each(NR, lambda k, j=j, buf=buf: vector.StoreOp(read(j, None, k), buf, [k, B.c_index(0)]))
+            B.each(NR, lambda k: vector.StoreOp(vector.BroadcastOp(vt, zero).result, state, [k, B.c_index(0)]))
+            steps = B.loop(0, L)
+            with ir.InsertionPoint(steps.body):
+                t = steps.induction_variable
+                # the channel inputs' rows AHEAD steps on, asked for now: one item's rows lie D apart (a page
+                # each at D = 1024), past what the hardware prefetchers follow
+                later = B.minsi(B.add(t, B.c_index(AHEAD)), B.sub(L, B.c_index(1)))
+                for j, v in enumerate(inputs):
+                    if pos(v, c) is not None and pos(v, axis) is not None and (r is None or pos(v, r) is None):
+                        memref.PrefetchOp(ms[j], index(v, later, B.c_index(0)), False, 3, True)
+                # what does not vary along r read once a step
+                step = {j: read(j, t, B.c_index(0)) for j, v in enumerate(inputs) if r is None or pos(v, r) is None}
+                over = B.loop(0, NR, 1, [zeros])
+                with ir.InsertionPoint(over.body):
+                    k = over.induction_variable
+                    now = [step[j] if j in step else read(j, t, k) for j in range(len(inputs))]
+                    a, b = _lanes(op.producer, now[:n], vt)
+                    h = vector.FMAOp(a, vector.LoadOp(vt, state, [k, B.c_index(0)]).result, b).result
+                    vector.StoreOp(h, state, [k, B.c_index(0)])
+                    (y,) = _lanes(op.consumer, [h] + now[n:], vt)
+                    scf.YieldOp([arith.AddFOp(over.inner_iter_args[0], y).result])
+                yt = op.result.type
+                # the output's dims: the state's without r
+                idx = [t if i == op.out_axis else at[i if r is None or i < r else i + 1] for i in range(yt.rank)]
+                vector.MaskedStoreOp(out, idx, mask, over.results[0])
+                scf.YieldOp([])
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result], "parts")
+
+
+def _lanes(region: Region, args: list[ir.Value], vt: ir.Type) -> list[ir.Value]:
+    """A LANE_OPS region's results on lane values (vectors of channels, or scalars where a value has none), by
+    the ops' scalar rules; a sum over the summed dim is its operand at the current index (the caller adds)."""
+    vals = {id(a): x for a, x in zip(region.block.args, args, strict=True)}
+
+    def vec(x: ir.Value) -> ir.Value:
+        return x if isinstance(x.type, ir.VectorType) else vector.BroadcastOp(vt, x).result
+
+    for o in region.block.ops[:-1]:
+        if isinstance(o, T.ConstantOp):
+            vals[id(o.results[0])] = B.c_float(float(o.value), ir.VectorType(vt).element_type)
+            continue
+        if isinstance(o, R.SumOp):
+            vals[id(o.results[0])] = vals[id(o.x)]
+            continue
+        xs = [vals[id(v)] for v in o.operands]
+        if any(isinstance(x.type, ir.VectorType) for x in xs):
+            xs = [vec(x) for x in xs]
+        vals[id(o.results[0])] = SCALARS.find(o)(o, *xs)
+    return [vec(vals[id(v)]) for v in region.block.terminator.operands]
 
 
 def aligned_slice(cx: KernelContext, x: ir.Value, t: TensorType, axis: int, rank: int, offset: ir.Value,
