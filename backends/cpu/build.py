@@ -140,10 +140,12 @@ def subview(m: ir.Value, offsets: Sequence[Size], sizes: Sequence[Size], drop: S
     return memref.SubViewOp(result, m, do, ds, [], so, ss, [1] * len(ss)).result
 
 
-def read(m: ir.Value) -> ir.Value:
-    """The tensor view of a memref the kernel only reads."""
+def read(m: ir.Value, writable: bool = False) -> ir.Value:
+    """The tensor view of a memref the kernel only reads (`writable`: or updates in place, a result written back
+    to m: bufferization then computes into m rather than into a copy of it)."""
     mt = ir.MemRefType(m.type)
-    return bufferization.ToTensorOp(ir.RankedTensorType.get(mt.shape, mt.element_type), m, restrict=True).result
+    return bufferization.ToTensorOp(ir.RankedTensorType.get(mt.shape, mt.element_type), m, restrict=True,
+                                    writable=writable or None).result
 
 
 def write(t: ir.Value, m: ir.Value) -> None:

@@ -424,13 +424,15 @@ class KernelContext:
         self.tag(g.result, "matmul", TensorType(dtype_of(et), shape))
         return g.result
 
-    def packed_matmul_tile(self, ap: ir.Value, b: ir.Value, et: ir.Type) -> ir.Value:
+    def packed_matmul_tile(self, ap: ir.Value, b: ir.Value, et: ir.Type, init: ir.Value | None = None) -> ir.Value:
         """a @ b [k, n] with a's rows packed by register tile (`ap` [tiles, k, TILE_M]: ap[t, :, r] is row
         t * TILE_M + r), as [tiles, TILE_M, n]: a register tile then reads TILE_M consecutive floats of a per
         step of k, one stream, instead of TILE_M rows a row's length apart (rows 4 KiB apart share L1 sets)."""
         tiles, m = B.mdim(ap, 0), ir.RankedTensorType(ap.type).shape[2]
         n = ir.RankedTensorType(b.type).shape[1]
-        init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([tiles, m, n if n != B.DYN() else B.mdim(b, 1)], et)])
+        if init is None:  # else accumulated onto [tiles, m, n]
+            init = linalg.fill(B.c_float(0.0, et), outs=[B.empty([tiles, m, n if n != B.DYN() else B.mdim(b, 1)],
+                                                                  et)])
         d = [ir.AffineDimExpr.get(i) for i in range(4)]
         g = linalg.GenericOp([init.type], [ap, b], [init], B.maps(4, [[d[0], d[3], d[1]], [d[3], d[2]],
                                                                       [d[0], d[1], d[2]]]),
