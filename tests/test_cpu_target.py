@@ -365,6 +365,25 @@ def test_sparse_weights_small_blocks_and_nm():
     assert "sparse_bsr_matmul" in cpu.stage("mlir") and "sparse_nm_matmul" in cpu.stage("mlir")
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_bsr_by_block_columns_over_random_patterns(monkeypatch, threads):
+    """The BSR kernel puts the stored blocks in column order and accumulates each block column's tile over them:
+    random patterns with empty block rows and columns (a column with no block is zeros), a block in every place,
+    none at all, and row counts on both sides of the 64-row tile, against the dense product."""
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    src = "model F(x: f32[T, 48]) -> f32[T, 80] {\n    param w: f32[48, 80] sparse bsr(8, 16)\n    return x @ w\n}\n"
+    rng = np.random.default_rng(7)
+    for density in (0.0, 0.3, 1.0):
+        keep = rng.random((6, 5)) < density
+        keep[2, :] = keep[2, :] & (density == 1.0)  # an empty block row (unless every block is kept)
+        w = (rng.standard_normal((48, 80)) * np.kron(keep, np.ones((8, 16)))).astype(np.float32)
+        cpu = sparsa.compile(src, target="cpu").load_weights({"w": w})
+        assert "sparse_bsr_matmul" in cpu.stage("mlir")
+        for T in (1, 63, 64, 65, 200):
+            x = rng.standard_normal((T, 48)).astype(np.float32)
+            np.testing.assert_allclose(cpu(x), x.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+
+
 def test_disk_cache_hit_and_corrupt_entry_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSA_CACHE_DIR", str(tmp_path))
     x = np.random.default_rng(1).standard_normal((9, 24)).astype(np.float32)
