@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, memref, scf
+from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
@@ -91,7 +91,7 @@ def _bsr_by_columns(cx: KernelContext, op: Operation, x: ir.Value, row_ptr: ir.V
     streamed through memory once per stored block."""
     br, bc = op.blocks.type.shape[1:]
     idx = B.index()
-    xt, bt = B.read(x), B.read(blocks)
+    bt = B.read(blocks)
     M, nbr, nnz = B.mdim(x, 0), B.sub(B.mdim(row_ptr, 0), B.c_index(1)), B.mdim(col_idx, 0)
     ncb = op.cols // bc
 
@@ -126,27 +126,54 @@ def _bsr_by_columns(cx: KernelContext, op: Operation, x: ir.Value, row_ptr: ir.V
         B.store(B.add(p, B.c_index(1)), cursor, c)
 
     stored(place)
+    m = cx.target.tile[0]
+    K = B.mdim(x, 1)
     tile = memref.AllocOp(ir.MemRefType.get([BSR_ROWS, bc], et), [], []).result
+    packed = memref.AllocOp(ir.MemRefType.get([BSR_ROWS // m, B.DYN(), m], et), [K], []).result
     chunks = B.loop(0, M, BSR_ROWS)
     with ir.InsertionPoint(chunks.body):
         m0 = chunks.induction_variable
         mc = B.minsi(B.c_index(BSR_ROWS), B.sub(M, m0))
-        acc = B.subview(tile, [0, 0], [mc, bc])
+        tiles = B.ceil_div(mc, m)
+        # the chunk's rows packed by register tile ([tiles, K, m], rows past M zero): a k step of a block's GEMM
+        # reads m consecutive floats, not m rows a row of x apart
+        xp = B.subview(packed, [0, 0, 0], [tiles, K, m])
+        d = [ir.AffineDimExpr.get(k) for k in range(3)]
+        zero = B.c_float(0.0, et)
+
+        def row(*_: ir.Value) -> ir.Value:
+            at = B.add(m0, B.add(B.mul(linalg.IndexOp(0).result, B.c_index(m)), linalg.IndexOp(2).result))
+            inside = B.cmpi("lt", at, M)
+            return B.select(inside, B.load(x, B.select(inside, at, B.c_index(0)), linalg.IndexOp(1).result), zero)
+
+        B.memref_generic([], xp, d, [PARALLEL] * 3, row)
+        xpt = B.read(xp)
+        acc = B.subview(tile, [0, 0], [B.mul(tiles, B.c_index(m)), bc])
         columns = B.loop(0, ncb)
         with ir.InsertionPoint(columns.body):
             c = columns.induction_variable
-            linalg.fill(B.c_float(0.0, et), outs=[acc])
+            linalg.fill(zero, outs=[acc])
             column = B.loop(B.load(col_ptr, c), B.load(col_ptr, B.add(c, B.c_index(1))))
             with ir.InsertionPoint(column.body):
                 p = column.induction_variable
                 i, r = B.load(order, p), B.load(brow, p)
-                xs = B.slice_tensor(xt, [m0, B.mul(r, B.c_index(br))], [mc, br])
+                ap = B.slice_tensor(xpt, [0, B.mul(r, B.c_index(br)), 0], [tiles, br, m])
                 blk = B.slice_tensor(bt, [i, 0, 0], [1, br, bc], drop=[0])
-                B.write(cx.matmul_tile(xs, blk, mc, B.c_index(bc), et, init=B.read(acc, writable=True)), acc)
+                init = tensor.ExpandShapeOp(ir.RankedTensorType.get([B.DYN(), m, bc], et), B.read(acc, writable=True),
+                                            _pairs(), [tiles], [B.DYN(), m, bc]).result
+                y = cx.packed_matmul_tile(ap, blk, et, init)
+                B.write(tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), bc], et), y, _pairs()).result, acc)
                 scf.YieldOp([])
-            B.write(B.read(acc), B.subview(out, [m0, B.mul(c, B.c_index(bc))], [mc, bc]))
+            B.write(B.slice_tensor(B.read(acc), [0, 0], [mc, bc]), B.subview(out, [m0, B.mul(c, B.c_index(bc))],
+                                                                                 [mc, bc]))
             scf.YieldOp([])
         scf.YieldOp([])
+
+
+def _pairs() -> ir.ArrayAttr:
+    """The reassociation of [a, b, c] with [a * b, c]."""
+    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
+                             for g in ([0, 1], [2])])
 
 
 @KERNELS.lowers(SP.NmMatmulOp)
