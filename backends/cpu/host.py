@@ -424,7 +424,7 @@ class HostProgram:
         out = known[id(launch.args[len(k.inputs)])]
         amount = work(op, in_shapes, out)
         if k.split == "parts":
-            small = one_part_below(op) and amount < NATIVE_SPLIT_WORK
+            small = (one_part_below(op) or k.one_part_below) and amount < NATIVE_SPLIT_WORK
             return (1, 1, []) if small else (threads, threads, [])
         m = out[0]
         if threads == 1 or m < 2 * threads or amount < NATIVE_SPLIT_WORK:

@@ -384,7 +384,8 @@ def pack_rows(rows: np.ndarray, perm: np.ndarray, op: Operation, m: int) -> np.n
 
 def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, Scratch]:
     """`pack_rows` in native code, into a Scratch buffer sized by perm's bound (what offsets[E] says is used is
-    packed), the tiles shared over the parts."""
+    packed, but for tiles of padding only, which no GEMM reads: a segment's real rows come first), the tiles
+    shared over the parts."""
     rows = op.rows
     xp = Scratch(TensorType(rows.type.dtype, (None, rows.type.shape[1], m)), lambda known, ctx: (
         -(-known[id(op.perm)][0] // m), known[id(rows)][1], m), "rows_packed")
@@ -400,20 +401,23 @@ def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, 
         tiles = B.loop(part, B.ceil_div(used, m), parts)
         with ir.InsertionPoint(tiles.body):
             t = tiles.induction_variable
-            real = []
-            for r in range(m):  # each row's token (-1: a padding row, packed as zeros)
-                i = B.add(B.mul(t, B.c_index(m)), B.c_index(r))
-                a = B.load(perm, i)
-                real.append(arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result)
-                tok = B.as_index(arith.DivSIOp(arith.MaxSIOp(a, B.c_int(0)).result, B.c_int(op.topk)).result)
-                B.store(B.select(real[r], tok, B.c_index(0)), toks, r)
-            at = [B.load(toks, r) for r in range(m)]
-            with B.nest([D]) as (k,):
-                for r in range(m):  # a contiguous run of m stores
-                    B.store(B.select(real[r], B.load(src, at[r], k), zero), dst, t, k, B.c_index(r))
+            some = B.if_(B.cmpi("ge", B.load(perm, B.mul(t, B.c_index(m))), B.c_int(0)))  # a real row in it
+            with ir.InsertionPoint(some.then_block):
+                real = []
+                for r in range(m):  # each row's token (-1: a padding row, packed as zeros)
+                    i = B.add(B.mul(t, B.c_index(m)), B.c_index(r))
+                    a = B.load(perm, i)
+                    real.append(arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result)
+                    tok = B.as_index(arith.DivSIOp(arith.MaxSIOp(a, B.c_int(0)).result, B.c_int(op.topk)).result)
+                    B.store(B.select(real[r], tok, B.c_index(0)), toks, r)
+                at = [B.load(toks, r) for r in range(m)]
+                with B.nest([D]) as (k,):
+                    for r in range(m):  # a contiguous run of m stores
+                        B.store(B.select(real[r], B.load(src, at[r], k), zero), dst, t, k, B.c_index(r))
+                scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
-    return cx.extra(Kernel(name, op, [rows, op.perm, op.offsets], [xp], "parts"), start), xp
+    return cx.extra(Kernel(name, op, [rows, op.perm, op.offsets], [xp], "parts", one_part_below=True), start), xp
 
 
 @KERNELS.lowers(M.GroupedWeightGradOp)

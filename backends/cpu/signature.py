@@ -23,6 +23,7 @@ class Kernel:
     rows: list[bool] = field(default_factory=list)  # with "rows": which inputs are cut
     panels: list[int] = field(default_factory=list)  # inputs the host passes packed in panels (pack_panels)
     packed_rows: int = 0  # a grouped GEMM's rows come packed by register tiles of this many rows (pack_rows)
+    one_part_below: bool = False  # split in parts, but one part below the split work (a copy: pack_rows)
     repacked: list[int] = field(default_factory=list)  # of those, the ones packed at each call (not weights)
 
 
