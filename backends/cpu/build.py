@@ -169,6 +169,12 @@ def insert_slice(src: ir.Value, dest: ir.Value, offsets: Sequence[Size], sizes: 
     return tensor.InsertSliceOp(src, dest, do, ds, [], so, ss, [1] * len(ss)).result
 
 
+def reassociation(*groups: Sequence[int]) -> ir.ArrayAttr:
+    """The reassociation attribute of an expand or collapse shape: the dims each group joins."""
+    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
+                             for g in groups])
+
+
 def ceil_div(a: ir.Value, b: int) -> ir.Value:
     return arith.DivUIOp(add(a, c_index(b - 1)), c_index(b)).result
 

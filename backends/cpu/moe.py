@@ -334,8 +334,7 @@ def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value
                 with ir.InsertionPoint(steps.body):
                     start = steps.induction_variable
                     size = B.minsi(B.c_index(ROWS), B.sub(hi, start))
-                    real = B.fold(size, B.c_index(0), lambda r, n: B.select(
-                        B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+                    real = _real_rows(perm, start, size)
                     has = B.if_(B.cmpi("gt", real, B.c_index(0)))
                     with ir.InsertionPoint(has.then_block):
                         if m:
@@ -449,8 +448,7 @@ def grouped_weight_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
             with ir.InsertionPoint(steps.body):
                 start = steps.induction_variable
                 size = B.minsi(B.c_index(WGRAD_ROWS), B.sub(hi, start))
-                real = B.fold(size, B.c_index(0), lambda r, n: B.select(
-                    B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+                real = _real_rows(perm, start, size)
                 has = B.if_(B.cmpi("gt", real, B.c_index(0)))
                 with ir.InsertionPoint(has.then_block):
                     x = gather_rows(cx, op, rows_t, perm, start, real, K, et)  # [real, K]
@@ -500,16 +498,11 @@ def _packed_weight_grad(cx: KernelContext, left: ir.Value, right: ir.Value, bloc
         col = B.mul(j, B.c_index(PANEL))
         dst = B.subview(block, [0, col], [M, PANEL])
         init = tensor.ExpandShapeOp(ir.RankedTensorType.get([M // m, m, PANEL], et), B.read(dst, writable=True),
-                                    _groups([0, 1], [2]), [], [M // m, m, PANEL]).result
+                                    B.reassociation([0, 1], [2]), [], [M // m, m, PANEL]).result
         acc = cx.packed_matmul_tile(ap, B.slice_tensor(bp, [j, 0, 0], [1, n, PANEL], drop=[0]), et, init)
-        B.write(tensor.CollapseShapeOp(ir.RankedTensorType.get([M, PANEL], et), acc, _groups([0, 1], [2])).result,
-                dst)
+        whole = tensor.CollapseShapeOp(ir.RankedTensorType.get([M, PANEL], et), acc, B.reassociation([0, 1], [2]))
+        B.write(whole.result, dst)
         scf.YieldOp([])
-
-
-def _groups(*groups: list[int]) -> ir.ArrayAttr:
-    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
-                             for g in groups])
 
 
 def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, w_ts: list[ir.Value], e: ir.Value,
@@ -522,8 +515,7 @@ def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.V
     pipeline's block of 64): the padding rows' results are dropped, and no rows are left to the scalar
     remainder loop (a 64-row chunk with 3 real rows in it cost as much as one with 40)."""
 
-    real = B.fold(size, B.c_index(0), lambda r, n: B.select(
-        B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
+    real = _real_rows(perm, start, size)
     has = B.if_(B.cmpi("gt", real, B.c_index(0)))
     with ir.InsertionPoint(has.then_block):
         if panels:
@@ -551,6 +543,13 @@ def grouped_chunk(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.V
         scf.YieldOp([])
     if gates is None:  # the segment's padding rows (after its real ones) are zero rows
         _zero_rows(out, B.add(start, real), B.sub(size, real), None, et)
+
+
+def _real_rows(perm: ir.Value, start: ir.Value, size: ir.Value) -> ir.Value:
+    """How many of the chunk perm[start:start + size] are real rows (>= 0): a segment's come first, its padding
+    (-1) after them."""
+    return B.fold(size, B.c_index(0), lambda r, n: B.select(
+        B.cmpi("ge", B.load(perm, B.add(start, r)), B.c_int(0)), B.add(n, B.c_index(1)), n))
 
 
 def _zero_rows(out: ir.Value, lo: ir.Value, n: ir.Value, also: ir.Value | None, et: ir.Type) -> None:
@@ -607,7 +606,7 @@ def _rows(y: ir.Value) -> ir.Value:
     t = ir.RankedTensorType(y.type)
     n = t.shape[2]
     out = ir.RankedTensorType.get([B.DYN(), n], t.element_type)
-    return tensor.CollapseShapeOp(out, y, _groups([0, 1], [2])).result
+    return tensor.CollapseShapeOp(out, y, B.reassociation([0, 1], [2])).result
 
 
 def gather_rows(cx: KernelContext, op: Operation, rows_t: ir.Value, perm: ir.Value, start: ir.Value, n: ir.Value,
@@ -717,8 +716,7 @@ def _flatten(m: ir.Value) -> ir.Value:
     for s in mt.shape:
         n = B.DYN() if s == B.DYN() or n == B.DYN() else n * s
     out = ir.MemRefType.get([n], mt.element_type)
-    return memref.CollapseShapeOp(out, m, ir.ArrayAttr.get([ir.ArrayAttr.get(
-        [ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in range(mt.rank)])])).result
+    return memref.CollapseShapeOp(out, m, B.reassociation(range(mt.rank))).result
 
 
 def _ext(v: ir.Value, to: ir.Type) -> ir.Value:

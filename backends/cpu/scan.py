@@ -173,12 +173,13 @@ def lane_plan(cx: KernelContext, op: Operation) -> tuple[int, int | None] | None
 
 
 def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) -> Kernel:
-    """The fused scan with channels in vector lanes: a work item is one vector of channels (the target's lanes)
-    at one index of the kept dims; its state (one vector per index of the summed dim r) stays in a small buffer
-    in L1 over every time step, and the regions run on vectors (inputs without the channel dim broadcast, inputs
-    that do not change over time read once per item). The consumer's sum over r is a sum of vectors: no
-    horizontal reduction. For Mamba's scan that is an exp and three multiply-adds per state vector a step, where
-    the blocked kernel ran each region op as a loop of its own over a [.., 128, N] temporary."""
+    """The fused scan with channels in vector lanes: a work item is ITEM_VECTORS vectors of channels (one vector of
+    that many times the target's lanes) at one index of the kept dims; its state (one vector per index of the
+    summed dim r) stays in a small buffer in L1 over every time step, and the regions run on vectors (inputs
+    without the channel dim broadcast, inputs that do not change over time read once per item). The consumer's
+    sum over r is a sum of vectors: no horizontal reduction. For Mamba's scan that is an exp and three
+    multiply-adds per state vector a step, where the blocked kernel ran each region op as a loop of its own over
+    a [.., 128, N] temporary."""
     inputs = list(op.inputs)
     rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
     dt = op.result.type.dtype
@@ -210,10 +211,11 @@ def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) ->
         total = blocks
         for s in kept_sizes:
             total = B.mul(total, s)
-        state = memref.AllocaOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result
+        # on the heap, not the stack: NR is the data's (the deallocation pass frees them)
+        state = memref.AllocOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result
         # inputs with channels that never change over time: read once per item, one vector per index of r
         still = [i for i, v in enumerate(inputs) if pos(v, c) is not None and pos(v, axis) is None]
-        held = {i: memref.AllocaOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result for i in still}
+        held = {i: memref.AllocOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result for i in still}
         items = B.loop(part, total, parts)
         with ir.InsertionPoint(items.body):
             rest = items.induction_variable

@@ -160,20 +160,17 @@ def _bsr_by_columns(cx: KernelContext, op: Operation, x: ir.Value, row_ptr: ir.V
                 ap = B.slice_tensor(xpt, [0, B.mul(r, B.c_index(br)), 0], [tiles, br, m])
                 blk = B.slice_tensor(bt, [i, 0, 0], [1, br, bc], drop=[0])
                 init = tensor.ExpandShapeOp(ir.RankedTensorType.get([B.DYN(), m, bc], et), B.read(acc, writable=True),
-                                            _pairs(), [tiles], [B.DYN(), m, bc]).result
+                                            B.reassociation([0, 1], [2]), [tiles], [B.DYN(), m, bc]).result
                 y = cx.packed_matmul_tile(ap, blk, et, init)
-                B.write(tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), bc], et), y, _pairs()).result, acc)
+                flat = ir.RankedTensorType.get([B.DYN(), bc], et)
+                whole = tensor.CollapseShapeOp(flat, y, B.reassociation([0, 1], [2]))
+                B.write(whole.result, acc)
                 scf.YieldOp([])
             B.write(B.slice_tensor(B.read(acc), [0, 0], [mc, bc]), B.subview(out, [m0, B.mul(c, B.c_index(bc))],
                                                                                  [mc, bc]))
             scf.YieldOp([])
         scf.YieldOp([])
 
-
-def _pairs() -> ir.ArrayAttr:
-    """The reassociation of [a, b, c] with [a * b, c]."""
-    return ir.ArrayAttr.get([ir.ArrayAttr.get([ir.IntegerAttr.get(ir.IntegerType.get_signless(64), i) for i in g])
-                             for g in ([0, 1], [2])])
 
 
 @KERNELS.lowers(SP.NmMatmulOp)
