@@ -194,6 +194,19 @@ def test_unfused_scan_with_initial_state_and_broadcasting():
     assert "k1_scan_scan" in cpu.stage("mlir")
 
 
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_unfused_scans_split_over_threads(monkeypatch, threads):
+    """An unfused scan's parts each scan a slice of the dim next to the time axis (the one before it when time is
+    last; a 1-D scan in one part): along the last axis, along the first with an initial state, and 1-D (the
+    reversed scans of a backward split alike: the selective scan's vjp in test_cpu_training)."""
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    src = """model M(a: f32[L, 5], b: f32[L, 5], h: f32[5], c: f32[L], d: f32[L]) -> (f32[L, 5], f32[L, 5], f32[L]) {
+    return scan(sigmoid(a), b, axis=0, h0=h), scan(a, b, axis=1), scan(sigmoid(c), d, axis=0)
+}"""
+    cpu = check(src, passes="canonicalize,cse,dce")
+    assert "scan_scan" in cpu.stage("mlir")
+
+
 def test_repeated_layers_share_their_kernels():
     """Two layers with the same ops at the same shapes compile their kernels once: the second layer's
     kernels call the first's functions (the module holds one of each), and the results are unchanged."""

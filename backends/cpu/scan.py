@@ -38,15 +38,43 @@ def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     """h[t] = a[t] * h[t-1] + b[t] along the axis (the unfused scan; fuse-scan usually replaces it); transposed,
     h[t] = a[t+1] * h[t+1] + b[t] from the last step back."""
     inputs = [op.a, op.b] + ([op.h0] if op.h0 is not None else [])
-    axis = op.axis % op.result.type.rank
+    rank = op.result.type.rank
+    axis = op.axis % rank
+    # the threads split the dim next to the time axis (a state's channels), each part scanning its slice
+    split = axis + 1 if axis + 1 < rank else axis - 1
 
     def build(*args: ir.Value) -> None:
-        h0 = (args[2], op.h0.type) if op.h0 is not None else None
-        cx.recurrence(args[len(inputs)], axis, [(args[0], op.a.type), (args[1], op.b.type)], h0, 0.0,
-                      lambda a, b, h: arith.AddFOp(arith.MulFOp(a, h).result, b).result,
+        out, part, parts = args[len(inputs)], args[-2], args[-1]
+        if split < 0:  # a 1-D scan: one part does it
+            only = B.if_(B.cmpi("eq", part, B.c_index(0)))
+            with ir.InsertionPoint(only.then_block):
+                scan_slice(args[0], args[1], args[2] if op.h0 is not None else None, out)
+                scf.YieldOp([])
+            return
+        n = B.mdim(out, split)
+        lo = arith.DivUIOp(B.mul(n, part), parts).result
+        width = B.sub(arith.DivUIOp(B.mul(n, B.add(part, B.c_index(1))), parts).result, lo)
+
+        def cut(m: ir.Value, t: TensorType, at: int) -> ir.Value:  # m's slice of the split dim (at: its axis)
+            if at < 0 or t.shape[at] == 1:
+                return m
+            sizes = B.sizes_of(m)
+            sizes[at] = width
+            return B.subview(m, [lo if i == at else 0 for i in range(t.rank)], sizes)
+
+        h0 = None
+        if op.h0 is not None:  # h0's dims are the state's without the time axis, right-aligned
+            state = [i for i in range(rank) if i != axis]
+            h0 = cut(args[2], op.h0.type, state.index(split) - (len(state) - op.h0.type.rank))
+        scan_slice(*(cut(args[i], v.type, split - (rank - v.type.rank)) for i, v in enumerate([op.a, op.b])), h0,
+                   cut(out, op.result.type, split))
+
+    def scan_slice(a: ir.Value, b: ir.Value, h0: ir.Value | None, out: ir.Value) -> None:
+        cx.recurrence(out, axis, [(a, op.a.type), (b, op.b.type)], (h0, op.h0.type) if h0 is not None else None,
+                      0.0, lambda x, y, h: arith.AddFOp(arith.MulFOp(x, h).result, y).result,
                       reverse=op.transpose, ahead=(0,) if op.transpose else ())
 
-    return cx.plain(op, inputs, build)
+    return cx.plain(op, inputs, build, parts=True)
 
 
 # ---- scans ----------------------------------------------------------------------------------------
