@@ -13,7 +13,19 @@ from torch_mlir import execution_engine, ir, passmanager
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.base import Executable
-from sparsa.backends.cpu import aot, attn, attn_grad, cache, moe, scan, sparse, tensor, tensor_reduce, tensor_shape  # noqa: F401 (their rules)
+from sparsa.backends.cpu import (  # noqa: F401 (their rules)
+    aot,
+    attn,
+    attn_grad,
+    cache,
+    moe,
+    moe_pack,
+    scan,
+    sparse,
+    tensor,
+    tensor_reduce,
+    tensor_shape,
+)
 from sparsa.backends.cpu.context import LAUNCHES, KernelContext
 from sparsa.backends.cpu.host import ALIGN, HEADER, STATUS, WORKSPACE, HostProgram, address
 from sparsa.backends.cpu.host_text import merge
@@ -94,7 +106,7 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     module = ir.Module.create()
     builder = KernelContext(module, fixed, target)
     kernels = {}
-    views = moe.packed_views(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
+    views = moe_pack.packed_views(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     builder.packed = views
     groups = fused_groups(block.ops, weight_only | views)
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}

@@ -1,6 +1,7 @@
 """The MoE kernels: routing (every router family, scores in float64), dispatch (a counting sort by expert
 with capacity, segments padded to the dispatch block) and the grouped GEMMs over expert segments, rows
-read through the permutation, the epilogue inlined and the combine fused."""
+read through the permutation, the epilogue inlined and the combine fused. Their operands' packed layouts are
+moe_pack.py's."""
 
 from __future__ import annotations
 
@@ -22,17 +23,14 @@ from sparsa.backends.cpu.context import (
     element_type,
     host,
 )
-from sparsa.backends.cpu.outputs import aligned
+from sparsa.backends.cpu.moe_pack import pack_kernel, pack_panels, pack_rows, pack_rows_kernel, packable, panels_shape
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.target import PANEL
-from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
+from sparsa.backends.cpu.threads import num_threads
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import moe_exchange as X
-from sparsa.ir.dialects import tensor as T
-from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
 
@@ -230,7 +228,7 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
     rt = op.result.type
     out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
-    panels = _packable(op, weights, cx.fixed)
+    panels = packable(op, weights, cx.fixed)
     m = rows_packing(cx, op, panels)
     types = [v.type for v in inputs]
     if panels:
@@ -365,58 +363,6 @@ def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value
                 scf.YieldOp([claimed])
             scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
         scf.YieldOp(list(groups.results))
-
-
-def pack_rows(rows: np.ndarray, perm: np.ndarray, op: Operation, m: int) -> np.ndarray:
-    """The rows a grouped GEMM multiplies, in perm's order (rows[perm // topk] where it gathers) and packed by
-    register tile: [ceil(n / m), D, m], element [t, k, r] row t * m + r's k-th; a padding row (perm -1) is zeros.
-    The Python host's; the native host runs `pack_rows_kernel`."""
-    n, D = len(perm), rows.shape[1]
-    src = rows[np.maximum(perm, 0) // op.topk] if op.gather else rows[:n]
-    tiles = -(-n // m)
-    out = aligned((tiles, D, m), rows.dtype)
-    flat = np.zeros((tiles * m, D), rows.dtype)
-    np.copyto(flat[:n], src, where=(perm >= 0)[:, None])
-    out[...] = flat.reshape(tiles, m, D).transpose(0, 2, 1)
-    return out
-
-
-def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, Scratch]:
-    """`pack_rows` in native code, into a Scratch buffer sized by perm's bound (what offsets[E] says is used is
-    packed, but for tiles of padding only, which no GEMM reads: a segment's real rows come first), the tiles
-    shared over the parts."""
-    rows = op.rows
-    xp = Scratch(TensorType(rows.type.dtype, (None, rows.type.shape[1], m)), lambda known, ctx: (
-        -(-known[id(op.perm)][0] // m), known[id(rows)][1], m), "rows_packed")
-    start = len(cx.tiled)
-    name, entry = cx.function(op, [rows.type, op.perm.type, op.offsets.type, xp.type], True, "pack_rows")
-    src, perm, offsets, dst, part, parts = entry.arguments
-    et = element_type(rows.type.dtype)
-    with ir.InsertionPoint(entry):
-        used = B.as_index(B.load(offsets, B.sub(B.mdim(offsets, 0), B.c_index(1))))
-        D = B.mdim(src, 1)
-        toks = memref.AllocaOp(ir.MemRefType.get([m], B.index()), [], []).result
-        zero = B.c_float(0.0, et)
-        tiles = B.loop(part, B.ceil_div(used, m), parts)
-        with ir.InsertionPoint(tiles.body):
-            t = tiles.induction_variable
-            some = B.if_(B.cmpi("ge", B.load(perm, B.mul(t, B.c_index(m))), B.c_int(0)))  # a real row in it
-            with ir.InsertionPoint(some.then_block):
-                real = []
-                for r in range(m):  # each row's token (-1: a padding row, packed as zeros)
-                    i = B.add(B.mul(t, B.c_index(m)), B.c_index(r))
-                    a = B.load(perm, i)
-                    real.append(arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result)
-                    tok = B.as_index(arith.DivSIOp(arith.MaxSIOp(a, B.c_int(0)).result, B.c_int(op.topk)).result)
-                    B.store(B.select(real[r], tok, B.c_index(0)), toks, r)
-                at = [B.load(toks, r) for r in range(m)]
-                with B.nest([D]) as (k,):
-                    for r in range(m):  # a contiguous run of m stores
-                        B.store(B.select(real[r], B.load(src, at[r], k), zero), dst, t, k, B.c_index(r))
-                scf.YieldOp([])
-            scf.YieldOp([])
-        func.ReturnOp([])
-    return cx.extra(Kernel(name, op, [rows, op.perm, op.offsets], [xp], "parts", one_part_below=True), start), xp
 
 
 @KERNELS.lowers(M.GroupedWeightGradOp)
@@ -648,62 +594,6 @@ def scatter_add(cx: KernelContext, op: Operation, y: ir.Value, perm: ir.Value, s
         scf.YieldOp([])
 
 
-def _packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
-    """Whether a grouped GEMM can take its weights packed in panels: each is the same on every call (packed
-    once per loaded weights) or a [0, 2, 1] transpose (packed at each call from the transpose's source, which
-    costs about a copy and replaces the transpose's own), with one output width, and the epilogue is
-    elementwise (so it can run a panel at a time)."""
-    if any(id(w) not in fixed and _view_chain(w) is None for w in weights):
-        return False
-    if len({w.type.shape[2] for w in weights}) != 1 or weights[0].type.shape[2] != op.result.type.shape[-1]:
-        return False
-    return all(isinstance(o, Elementwise | T.ConstantOp) or o.TERMINATOR for o in op.epilogue.block.ops)
-
-
-def _view_op(op: Operation | None) -> bool:
-    """A view a pack kernel reads through: the last two axes of a 3-D tensor swapped (a weight stored [E, N, K],
-    as PyTorch's Linear and transformers' expert weights are), or a slice of them with unit steps (one half of
-    transformers' fused gate_up_proj)."""
-    if isinstance(op, S.TransposeOp):
-        return tuple(op.perm) == (0, 2, 1)
-    return isinstance(op, S.SliceOp) and op.x.type.rank == 3 and all(s == 1 for s in op.steps) and \
-        op.starts[0] == 0 and op.stops[0] is None
-
-
-def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int]] | None:
-    """w ([E, K, N]) as views of a source (`_view_op`s, at least one): the source, the source's axis of each of
-    w's last two, and the offset along each (a slice's start); None where w is not such a view."""
-    axis_of, offset = {1: 1, 2: 2}, {1: 0, 2: 0}
-    v = w
-    while _view_op(v.defining_op):
-        op = v.defining_op
-        if isinstance(op, S.TransposeOp):
-            axis_of = {a: tuple(op.perm)[c] for a, c in axis_of.items()}
-        else:
-            if not all(isinstance(d, int) for d in w.type.shape[1:]):
-                return None  # a slice's columns are read by w's static sizes
-            offset = {a: o + op.starts[axis_of[a]] for a, o in offset.items()}
-        v = op.operands[0]
-    return None if v is w else (v, axis_of, offset)
-
-
-def packed_views(ops: list[Operation], fixed: set[int]) -> set[int]:
-    """The views (`_view_op`) the host leaves as NumPy views (no kernel, no copy): every use is a weight of a
-    grouped GEMM that takes it packed, or another such view; the pack kernel reads through them."""
-    slots: set[tuple[int, int]] = set()  # (op, operand index) of the weights that reach a kernel packed
-    for op in ops:
-        if isinstance(op, M.GroupedMatmulOp | M.GroupedMatmulCombineOp):
-            weights = list(op.weights) if isinstance(op, M.GroupedMatmulOp) else [op.weight]
-            if _packable(op, weights, fixed):
-                slots |= {(id(op), 3 + i) for i in range(len(weights))}
-    views: set[int] = set()
-    for op in reversed(ops):  # uses first: a view whose every use is a packed weight or a view read through
-        if _view_op(op) and id(op.result) not in fixed and op.result.uses and all(
-                (id(u.op), u.index) in slots or id(u.op) in views for u in op.result.uses):
-            views.add(id(op))
-    return views
-
-
 def _claim(counter: ir.Value) -> ir.Value:
     """The next work item: counter[0], atomically incremented (every thread gets a different one)."""
     add = ir.IntegerAttr.get(ir.IntegerType.get_signless(64), 1)  # arith's AtomicRMWKind.addi
@@ -840,73 +730,3 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
                       shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))])
     return Hosted(before, args=[*args, op.result, counter], zeroed=[counter], items=parts,
                   shapes=lambda known, ctx: [(known[id(op.perm)][0], width(known))], padded=[op.result])
-
-
-@HOSTED.lowers(S.TransposeOp)
-def hosted_packed_transpose(cx: KernelContext, op: Operation, k: Kernel | None) -> Hosted:
-    """A transpose no kernel makes (`packed_views`): the grouped GEMMs' pack kernels read its source."""
-    return Hosted(virtual=True)
-
-
-def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scratch]:
-    """A kernel packing grouped-GEMM weight w ([E, K, N]) in panels ([E, ceil(N / PANEL), K, PANEL], zero past N)
-    into a Scratch buffer, the experts split over the parts: `pack_panels` in native code, for weights that may
-    change between calls. From the source of a transpose no kernel makes ([E, N, K]: PyTorch's layout) where w
-    is one, or of the tensor a slice of it views (half of a fused gate_up), at the slice's offsets."""
-    chain = _view_chain(w) if id(w.defining_op) in cx.packed else None
-    source, axis_of, offset = chain if chain is not None else (w, {1: 1, 2: 2}, {1: 0, 2: 0})
-    E, K = w.type.shape[0], w.type.shape[1]
-    panels = Scratch(TensorType(w.type.dtype, (E, None, K, PANEL)), lambda known, ctx: (
-        known[id(w)][0], -(-known[id(w)][2] // PANEL), known[id(w)][1], PANEL), f"{w.name_hint}_panels")
-    start = len(cx.tiled)
-    name, entry = cx.function(op, [source.type, panels.type], True, "pack_panels")
-    src, dst, part, parts = entry.arguments
-    et = element_type(w.type.dtype)
-    with ir.InsertionPoint(entry):
-        N = w.type.shape[2]  # static where a slice is read through (`_view_chain`)
-        n = B.c_index(N) if isinstance(N, int) else B.mdim(src, axis_of[2])
-        experts = B.loop(part, B.mdim(src, 0), parts)
-        with ir.InsertionPoint(experts.body):
-            e = experts.induction_variable
-            with B.nest([B.mdim(dst, 1), B.mdim(dst, 2), B.c_index(PANEL)]) as (p, kk, j):
-                col = B.add(B.mul(p, B.c_index(PANEL)), j)
-                inside = B.if_(B.cmpi("lt", col, n), [et])
-                with ir.InsertionPoint(inside.then_block):
-                    at = {0: e, axis_of[1]: B.add(kk, B.c_index(offset[1])),
-                          axis_of[2]: B.add(col, B.c_index(offset[2]))}
-                    scf.YieldOp([B.load(src, at[0], at[1], at[2])])
-                with ir.InsertionPoint(inside.else_block):
-                    scf.YieldOp([B.c_float(0.0, et)])
-                B.store(inside.results[0], dst, e, p, kk, j)
-            scf.YieldOp([])
-        func.ReturnOp([])
-    return cx.extra(Kernel(name, op, [source], [panels], "parts"), start), panels
-
-
-def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """The packed shape of an [E, K, N] weight."""
-    E, K, N = shape
-    return E, -(-N // PANEL), K, PANEL
-
-
-def pack_panels(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """[E, K, N] -> [E, ceil(N / PANEL), K, PANEL], zero-padded: each panel one contiguous [K, PANEL] block.
-    w may be a strided view; one stored [E, N, K] (a transpose's source) is read PANEL rows at a time,
-    runs of PANEL * K contiguous elements, near the speed of a copy."""
-    E, K, N = w.shape
-    full = N // PANEL
-    out = aligned(panels_shape(w.shape), w.dtype) if out is None else out
-
-    def experts(lo: int, hi: int) -> None:
-        if w.strides[1] < w.strides[2]:  # stored [E, N, K]
-            src = w[lo:hi].transpose(0, 2, 1)
-            out[lo:hi, :full] = src[:, :full * PANEL].reshape(hi - lo, full, PANEL, K).transpose(0, 1, 3, 2)
-        else:
-            out[lo:hi, :full] = w[lo:hi, :, :full * PANEL].reshape(hi - lo, K, full, PANEL).transpose(0, 2, 1, 3)
-        if N % PANEL:  # the last panel's columns past N are zero
-            out[lo:hi, full] = 0
-            out[lo:hi, full, :, :N % PANEL] = w[lo:hi, :, full * PANEL:]
-
-    n = min(E, num_threads()) if w.size >= SPLIT_WORK else 1  # NumPy's copies let go of the GIL
-    together([lambda p=p: experts(E * p // n, E * (p + 1) // n) for p in range(n)])
-    return out

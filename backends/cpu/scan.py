@@ -100,10 +100,10 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     inputs = list(op.inputs)
     rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
     y_type = op.consumer.block.terminator.operands[0].type
-    channel = _channel_dim(op, y_type)
-    plan = lane_plan(cx, op)
+    plan = lane_plan(op)
     if plan is not None:
         return lane_scan_kernel(cx, op, *plan)
+    channel = _channel_dim(op, y_type)
     name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
     args = entry.arguments
     out, part, parts = args[len(inputs):]
@@ -168,7 +168,7 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     return Kernel(name, op, inputs, [op.result], "parts")
 
 
-def lane_plan(cx: KernelContext, op: Operation) -> tuple[int, int | None] | None:
+def lane_plan(op: Operation) -> tuple[int, int | None] | None:
     """(the channel dim, the dim the consumer sums over or None) where the lane-vector scan applies: float32; a
     channel dim (`_channel_dim`) last in the output and contiguous in every input that runs over time and has it;
     producer and consumer regions of LANE_OPS and constants, the consumer ending in one sum over one state dim
