@@ -7,6 +7,7 @@ import numpy as np
 from sparsa.ir.core import Module, Operation
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import broadcast_shapes
 from sparsa.ir.traits import Elementwise
@@ -84,6 +85,23 @@ class FoldInvolution(RewritePattern):
         if type(inner) is not type(op):
             return False
         rewriter.replace_op(op, [inner.operands[0]])
+        return True
+
+
+class NegateAfterSum(RewritePattern):
+    """sum(neg(x)) becomes neg(sum(x)): the negation on the smaller result (the rules of sub and max end so)."""
+
+    ROOT = R.SumOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        neg = op.x.defining_op
+        if not isinstance(neg, T.NegOp) or len(op.x.uses) != 1:
+            return False
+        total = R.SumOp.build(neg.x, axes=list(op.axes), keepdim=op.keepdim, loc=op.loc)
+        rewriter.insert_before(op, total)
+        out = T.NegOp.build(total.result, loc=neg.loc)
+        rewriter.insert_before(op, out)
+        rewriter.replace_op(op, [out.result])
         return True
 
 
@@ -226,8 +244,8 @@ class Canonicalize(Pass):
     NAME = "canonicalize"
     max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
-    PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), ElideNoOpCast(),
-                ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), ComposeReshapes(),
+    PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), NegateAfterSum(),
+                ElideNoOpCast(), ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), ComposeReshapes(),
                 FoldConstantWhere(), ReadBroadcastsInPlace())
 
     def run(self, module: Module) -> None:

@@ -121,3 +121,30 @@ class ExpandPullbacks(Pass):
         for r, d in zip(pullback.results, grads, strict=True):
             r.replace_all_uses_with(d)
         pullback.erase()
+
+
+class ExpandScanGrads(Pass):
+    """Replace each `scan.fused_grad` by the unfused ops it stands for (`expansion`: the states stored), for a
+    target without a kernel for it."""
+
+    NAME = "expand-scan-grads"
+
+    def run(self, module: Module) -> None:
+        for f in module.funcs:
+            block = f.regions[0].block
+            for op in [op for op in block.ops if op.NAME == "scan.fused_grad"]:
+                expand_scan_grad(op)
+                self.stats["scan backwards expanded"] += 1
+
+
+def expand_scan_grad(op: Operation) -> None:
+    """Put `scan.fused_grad` op's expansion in its place."""
+    block = op.parent
+    ops, grads = op.expansion()
+    at = block.ops.index(op)
+    for new in ops:
+        block.insert(at, new)
+        at += 1
+    for r, d in zip(op.results, grads, strict=True):
+        r.replace_all_uses_with(d)
+    op.erase()

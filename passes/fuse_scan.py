@@ -18,7 +18,7 @@ from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
-from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp
+from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp, step_type
 from sparsa.ir.dims import compatible
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
@@ -30,13 +30,6 @@ def _state_sized(t: TensorType, state: TensorType) -> bool:
     return t.rank == state.rank and all(compatible(a, b) for a, b in zip(t.shape, state.shape, strict=True))
 
 
-def _step_type(t: TensorType, axis: int, rank: int) -> TensorType:
-    pos = axis - (rank - t.rank)
-    if pos < 0 or t.shape[pos] == 1:
-        return t
-    return t.with_shape(t.shape[:pos] + (1,) + t.shape[pos + 1 :])
-
-
 class FuseScan(RewritePattern):
     """scan with elementwise state-sized producers and a sum(h * X) consumer becomes scan.fused."""
 
@@ -44,7 +37,7 @@ class FuseScan(RewritePattern):
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         state = op.result.type
-        if op.h0 is not None or len(op.result.uses) != 1:
+        if op.h0 is not None or op.transpose or len(op.result.uses) != 1:
             return False
         mul = op.result.uses[0].op
         if not isinstance(mul, T.MulOp) or len(mul.result.uses) != 1 or mul.result.type != state:
@@ -99,7 +92,7 @@ class FuseScan(RewritePattern):
 
     def region(self, cone: list[Operation], leaves: list[Value], outputs: list[Value], axis: int,
                rank: int) -> Region:
-        block = Block([_step_type(v.type, axis, rank) for v in leaves])
+        block = Block([step_type(v.type, axis, rank) for v in leaves])
         mapping = {id(v): arg for v, arg in zip(leaves, block.args, strict=True)}
         for op in cone:
             new = type(op).build(*[mapping[id(v)] for v in op.operands], loc=op.loc, **dict(op.attributes))
@@ -109,8 +102,8 @@ class FuseScan(RewritePattern):
         return Region([block])
 
     def consumer(self, mul: Operation, red: Operation, h: Value, other: Value, axis: int, rank: int) -> Region:
-        state_step = _step_type(h.type, axis, rank)
-        block = Block([state_step, _step_type(other.type, axis, rank)], ["h", None])
+        state_step = step_type(h.type, axis, rank)
+        block = Block([state_step, step_type(other.type, axis, rank)], ["h", None])
         hv, ov = block.args
         product = T.MulOp.build(hv, ov, loc=mul.loc) if mul.lhs is h else T.MulOp.build(ov, hv, loc=mul.loc)
         block.append(product)

@@ -186,6 +186,17 @@ def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
     assert ("vector.maskedload" in cpu.stage("mlir")) == lanes
 
 
+@pytest.mark.parametrize("passes", [None, "cse,dce"])
+def test_sum_of_a_negation(passes):
+    """A sum over either axis of a negated chain (the rules of sub and max end so): with canonicalize the negation
+    goes after the sum; without it the cpu backend leaves the negation out of the sum's kernel (MLIR folds
+    `out + -x` to `out - x`, a combiner its vectorizer refused for a reduction: a crash)."""
+    src = """model M(a: f32[L, D], d: f32[L, D]) -> (f32[D], f32[L]) {
+    return sum(-(a * d), axis=0), sum(-exp(a), axis=1)
+}"""
+    check(src, passes=passes, sizes={"L": 37, "D": 40})
+
+
 def test_unfused_scan_with_initial_state_and_broadcasting():
     src = """model M(a: f32[B, L, 1], b: f32[B, L, 6], h: f32[6]) -> f32[B, L, 6] {
     return scan(sigmoid(a), b, axis=1, h0=h) + scan(a, b, axis=-2)

@@ -210,7 +210,7 @@ def hosted_grad(cx: KernelContext, op: AttentionGradOp, k: Kernel) -> Hosted:
     partials = Scratch(TensorType(op.q.type.dtype, (None, *op.q.type.shape)),
                        lambda known, ctx: (ctx.threads, *known[id(op.q)]), "dq_parts")
     return Hosted(before=[to_q, to_dout], args=[*k.inputs, qt, dot, partials, *k.outputs], zeroed=[partials],
-                  sum_parts=(partials, op.results[0]))
+                  sum_parts=[(partials, op.results[0])])
 
 
 @LAUNCHES.lowers(AttentionGradOp)

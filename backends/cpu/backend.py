@@ -58,6 +58,17 @@ class CpuBackend(Backend):
     def supports(self, op: Operation) -> str | None:
         return refused_dtype(op) or super().supports(op)
 
+    def legalize(self, func: Operation) -> None:
+        """LEGALIZE, then each scan backward whose channels cannot go in vector lanes (`grad_lane_plan`) replaced
+        by its expansion: the unfused scan and its rules, the states stored."""
+        super().legalize(func)
+        from sparsa.backends.cpu.scan_grad import grad_lane_plan
+        from sparsa.passes.differentiate import expand_scan_grad
+
+        for op in list(func.regions[0].block.ops):
+            if op.NAME == "scan.fused_grad" and grad_lane_plan(op) is None:
+                expand_scan_grad(op)
+
     def compile(self, func: Operation, options: Mapping[str, Any] | None = None) -> Executable:
         """Kernels built and compiled to native code now; `options["constant_args"]`: inputs the caller keeps
         the same between calls (what only they and the weights feed runs once, expert weights packed);

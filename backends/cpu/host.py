@@ -80,9 +80,9 @@ class Launch:
     checks: list[tuple[Value, Any, int]] = dataclasses.field(default_factory=list)
     zeroed: list[Scratch] = dataclasses.field(default_factory=list)
     items: Any = None
-    sum_parts: tuple[Scratch, Value] | None = None
+    sum_parts: list[tuple[Scratch, Value]] = dataclasses.field(default_factory=list)
     slot: int = 0
-    sum_slot: int = 0  # with sum_parts: argv[sum_slot] parts, argv[sum_slot + 1] elements of each
+    sum_slot: int = 0  # argv[sum_slot + 2 i] parts, argv[sum_slot + 2 i + 1] elements of each, for sum_parts[i]
 
 
 @dataclasses.dataclass
@@ -208,7 +208,7 @@ class HostProgram:
                 self.zeroed.setdefault(id(zero), slot)
                 slot += 1 if self.zeroed[id(zero)] == slot else 0
             if launch.sum_parts:
-                launch.sum_slot, slot = slot, slot + 2
+                launch.sum_slot, slot = slot, slot + 2 * len(launch.sum_parts)
         for i, v in enumerate(self.returns):
             place = self.places[id(v)]
             if not (place.kind == "arg" and place.ptr == self.out_slots[i]):
@@ -243,7 +243,7 @@ class HostProgram:
         end = len(self.launches)
         for i, launch in enumerate(self.launches):
             for v in [*launch.args, *[c[0] for c in launch.checks], *launch.zeroed,
-                      *(launch.sum_parts or ())]:
+                      *[v for pair in launch.sum_parts for v in pair]]:
                 use(v, i)
         for _, v, _ in self.copies:
             use(v, end)
@@ -304,7 +304,7 @@ class HostProgram:
             for v in [*launch.args, *[c[0] for c in launch.checks]]:
                 if id(v) in self.unmade:
                     return self.unmade[id(v)]
-            for s in [*launch.args, *([launch.sum_parts[0]] if launch.sum_parts else [])]:
+            for s in [*launch.args, *[src for src, _ in launch.sum_parts]]:
                 if isinstance(s, Scratch) and id(s) not in self.places:
                     self._scratch(s)
             self.launches.append(launch)
@@ -378,9 +378,9 @@ class HostProgram:
                 put(slot, [math.prod(known[id(index)]), *limits(known)])
             for zero in launch.zeroed:
                 put(self.zeroed[id(zero)], [math.prod(known[id(zero)]) * self.places[id(zero)].itemsize])
-            if launch.sum_parts:
-                parts = known[id(launch.sum_parts[0])]
-                put(launch.sum_slot, [parts[0], math.prod(parts[1:])])
+            for i, (src, _) in enumerate(launch.sum_parts):
+                parts = known[id(src)]
+                put(launch.sum_slot + 2 * i, [parts[0], math.prod(parts[1:])])
             if launch.kernel.split == "none":
                 continue
             items, team, cut = self._split(launch, known, threads, deterministic, ctx)

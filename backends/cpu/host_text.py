@@ -279,11 +279,11 @@ class _Writer:
                 team = f.arg(launch.slot + 1, hint="team")
                 f.do(f"llvm.call @sparsa_parallel({fn}, {frame}, {team}, {pool}) : "
                      "(!llvm.ptr, !llvm.ptr, i64, !llvm.ptr) -> ()")
-            if launch.sum_parts:
-                src, dst = launch.sum_parts
+            for j, (src, dst) in enumerate(launch.sum_parts):
                 f.lines.append("  // the parts' slices summed into the result")
+                at = launch.sum_slot + 2 * j
                 f.do(f"llvm.call @sparsa_sum_parts_{dst.type.dtype}({self.address(f, ws, dst)}, "
-                     f"{self.address(f, ws, src)}, {f.arg(launch.sum_slot)}, {f.arg(launch.sum_slot + 1)}) : "
+                     f"{self.address(f, ws, src)}, {f.arg(at)}, {f.arg(at + 1)}) : "
                      "(!llvm.ptr, !llvm.ptr, i64, i64) -> ()")
             if start is not None:
                 f.lines.append(f"  // its time, added to argv[{prog.profile_slot + i}]")
@@ -315,7 +315,7 @@ def program_text(prog: Any) -> str:
     widths = sorted({int(c[0].type.dtype[1:]) for launch in prog.launches for c in launch.checks})
     checks = "".join(CHECK.format(bits=b, widen=f"%x = llvm.sext %raw : i{b} to i64" if b < 64 else
                                   "%x = llvm.add %raw, %zero : i64") + "\n" for b in widths)
-    sums = sorted({launch.sum_parts[1].type.dtype for launch in prog.launches if launch.sum_parts})
+    sums = sorted({dst.type.dtype for launch in prog.launches for _, dst in launch.sum_parts})
     checks += "".join(SUM_PARTS.format(t=t, size={"f32": 4, "f64": 8}[t]) + "\n" for t in sums)
     if prog.profile_slot is not None:
         checks += NOW.format(clock=time.CLOCK_MONOTONIC) + "\n"

@@ -21,6 +21,7 @@ from sparsa.backends.cpu import (  # noqa: F401 (their rules)
     moe,
     moe_pack,
     scan,
+    scan_grad,
     sparse,
     tensor,
     tensor_reduce,
@@ -47,6 +48,7 @@ from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
+from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import is_float, numpy_dtype
@@ -127,7 +129,9 @@ def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[O
     ops in order, the values it reads from outside). An op joins the op that reads its result when that result
     has no other use (nor is returned) and has the reader's shape (nothing is computed twice); a sum may end a
     chain (the chain's value summed as it is made: `sum(h * c, axis=-1)` never stores `h * c`); a group that
-    would read or write a bool tensor is left apart (bool tiles are not vectorized)."""
+    would read or write a bool tensor is left apart (bool tiles are not vectorized), and so is a negation a sum
+    would end with (MLIR folds the sum's `out + -x` into `out - x`, which its vectorizer does not take for a
+    reduction: `canonicalize` puts the negation after the sum)."""
     uses: dict[int, int] = {}
     for op in ops:
         for inner in op.walk():
@@ -141,7 +145,8 @@ def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[O
     absorbed: set[int] = set()
     groups = {}
     for root in reversed(ops[:-1]):
-        summed = type(root) is R.SumOp and id(root) not in skip and is_float(root.x.type.dtype)
+        summed = type(root) is R.SumOp and id(root) not in skip and is_float(root.x.type.dtype) \
+            and not isinstance(root.x.defining_op, T.NegOp)
         if id(root) in absorbed or not (fusable(root) or summed) or root.results[0].type.dtype == "i1" \
                 or (root.results[0].type.rank == 0 and not summed):
             continue

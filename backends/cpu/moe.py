@@ -726,7 +726,7 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
         slices = Scratch(TensorType(rt.dtype, (None,) + rt.shape), lambda known, ctx: (
             parts(ctx), known[id(op.gates)][0], width(known)), "part_slices")
         return Hosted(before, args=[*args, slices, counter], zeroed=[counter], items=parts,
-                      sum_parts=(slices, op.result),
+                      sum_parts=[(slices, op.result)],
                       shapes=lambda known, ctx: [(known[id(op.gates)][0], width(known))])
     return Hosted(before, args=[*args, op.result, counter], zeroed=[counter], items=parts,
                   shapes=lambda known, ctx: [(known[id(op.perm)][0], width(known))], padded=[op.result])

@@ -168,20 +168,22 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
     return Kernel(name, op, inputs, [op.result], "parts")
 
 
-def lane_plan(op: Operation) -> tuple[int, int | None] | None:
+def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, int | None] | None:
     """(the channel dim, the dim the consumer sums over or None) where the lane-vector scan applies: float32; a
     channel dim (`_channel_dim`) last in the output and contiguous in every input that runs over time and has it;
     producer and consumer regions of LANE_OPS and constants, the consumer ending in one sum over one state dim
-    (the rest of the state, other than time and channel, kept as work items). Else None."""
+    (the rest of the state, other than time and channel, kept as work items). Else None. (`inputs`: the fused
+    scan's, where op is its backward.)"""
+    inputs = list(op.inputs) if inputs is None else inputs
     y = op.consumer.block.terminator.operands[0]
-    channel = _channel_dim(op, y.type)
+    channel = _channel_dim(op, y.type, inputs)
     rank, axis = len(op.state), op.axis
-    if channel is None or op.result.type.dtype != "f32" or any(v.type.dtype != "f32" for v in op.inputs):
+    if channel is None or y.type.dtype != "f32" or any(v.type.dtype != "f32" for v in inputs):
         return None
     c, yc = channel
     if any(d != 1 for d in y.type.shape[yc + 1:]):
         return None
-    for v in op.inputs:
+    for v in inputs:
         p = c - (rank - v.type.rank)
         timed = 0 <= axis - (rank - v.type.rank) and v.type.shape[axis - (rank - v.type.rank)] != 1
         if p >= 0 and v.type.shape[p] != 1 and timed and any(d != 1 for d in v.type.shape[p + 1:]):
@@ -200,103 +202,133 @@ def lane_plan(op: Operation) -> tuple[int, int | None] | None:
     return (c, r) if r not in (axis, c) else None
 
 
+class LaneItems:
+    """What a lane-vector scan kernel (forward or backward) knows of its inputs' dims: a work item is ITEM_VECTORS
+    vectors of channels (state dim c; one vector of that many times the target's lanes) at one index of the kept
+    dims (the state's others but time and r, the summed dim). Built in the kernel's entry block; `item` starts an
+    item, then `read` gives an input's lane value at a time step and an index of r."""
+
+    def __init__(self, cx: KernelContext, op: Operation, inputs: list[Value], ms: list[ir.Value], c: int,
+                 r: int | None):
+        self.inputs, self.ms, self.c, self.r = inputs, ms, c, r
+        self.rank, self.axis = len(op.state), op.axis
+        self.et = element_type(op.inputs[0].type.dtype)
+        self.lanes = cx.target.lanes() * ITEM_VECTORS
+        self.vt = ir.VectorType.get([self.lanes], self.et)
+        self.kept = [i for i in range(self.rank) if i not in (self.axis, c, r)]
+        self.zero = B.c_float(0.0, self.et)
+        self.L, self.D = self.size(self.axis), self.size(c)
+        self.NR = self.size(r) if r is not None else B.c_index(1)
+        self.kept_sizes = [self.size(i) for i in self.kept]
+        self.blocks = B.ceil_div(self.D, self.lanes)
+        self.total = self.blocks
+        for n in self.kept_sizes:
+            self.total = B.mul(self.total, n)
+        # inputs with channels that never change over time: read once per item, one vector per index of r
+        self.still = [i for i, v in enumerate(inputs) if self.pos(v, c) is not None and self.pos(v, self.axis) is None]
+        self.held = {i: self.buffer(self.NR) for i in self.still}
+
+    def pos(self, v: Value, i: int) -> int | None:
+        """Input v's axis for state dim i; None where v lacks it or has 1."""
+        p = i - (self.rank - v.type.rank)
+        return p if p >= 0 and v.type.shape[p] != 1 else None
+
+    def size(self, i: int) -> ir.Value:
+        for v, m in zip(self.inputs, self.ms, strict=True):
+            if self.pos(v, i) is not None:
+                return B.mdim(m, self.pos(v, i))
+        return B.c_index(1)
+
+    def buffer(self, rows: ir.Value) -> ir.Value:
+        """[rows, lanes] on the heap, not the stack: rows is the data's (the deallocation pass frees it)."""
+        return memref.AllocOp(ir.MemRefType.get([B.DYN(), self.lanes], self.et), [rows], []).result
+
+    def item(self, n: ir.Value) -> None:
+        """Start item n: its channels d0.. (below D: a masked load reads them, zeros past D) and kept indices;
+        the inputs that do not vary over time read."""
+        rest = n
+        self.d0 = B.mul(arith.RemUIOp(rest, self.blocks).result, B.c_index(self.lanes))
+        rest = arith.DivUIOp(rest, self.blocks).result
+        self.at = {self.c: self.d0}
+        for i, s in reversed(list(zip(self.kept, self.kept_sizes, strict=True))):
+            self.at[i] = arith.RemUIOp(rest, s).result
+            rest = arith.DivUIOp(rest, s).result
+        self.mask = vector.CreateMaskOp(ir.VectorType.get([self.lanes], ir.IntegerType.get_signless(1)),
+                                        [B.minsi(B.c_index(self.lanes), B.sub(self.D, self.d0))]).result
+        self.zeros = vector.BroadcastOp(self.vt, self.zero).result
+        for j, buf in self.held.items():
+            B.each(self.NR, lambda k, j=j, buf=buf: vector.StoreOp(self.read(j, None, k), buf, [k, B.c_index(0)]))
+
+    def index(self, v: Value, t: ir.Value | None, k: ir.Value) -> list[ir.Value]:
+        idx = []
+        for p in range(v.type.rank):
+            i = p + (self.rank - v.type.rank)
+            idx.append(B.c_index(0) if v.type.shape[p] == 1 else t if i == self.axis else k if i == self.r
+                       else self.at[i])
+        return idx
+
+    def read(self, j: int, t: ir.Value | None, k: ir.Value) -> ir.Value:
+        """Input j at time t, index k of r: a vector of channels, or a scalar."""
+        v, m, vt = self.inputs[j], self.ms[j], self.vt
+        if j in self.held and t is not None:
+            return vector.LoadOp(vt, self.held[j], [k, B.c_index(0)]).result
+        pc = self.pos(v, self.c)
+        if pc is None:
+            return B.load(m, *self.index(v, t, k))
+        if j in self.held:  # once per item, whatever its strides
+            return vector.TransferReadOp(vt, m, self.index(v, t, k), ir.AffineMap.get(v.type.rank, 0, [
+                ir.AffineDimExpr.get(pc)]), self.zero, [False]).result
+        return vector.MaskedLoadOp(vt, m, self.index(v, t, k), self.mask, self.zeros).result  # channels contiguous
+
+    def step(self, t: ir.Value) -> dict[int, ir.Value]:
+        """Step t's values of the inputs that do not vary along r (read once a step), after asking for the
+        channel inputs' rows AHEAD steps on: one item's rows lie D apart (a page each at D = 1024), past what the
+        hardware prefetchers follow."""
+        later = B.minsi(B.add(t, B.c_index(AHEAD)), B.sub(self.L, B.c_index(1)))
+        for j, v in enumerate(self.inputs):
+            if self.pos(v, self.c) is not None and self.pos(v, self.axis) is not None and (
+                    self.r is None or self.pos(v, self.r) is None):
+                memref.PrefetchOp(self.ms[j], self.index(v, later, B.c_index(0)), False, 3, True)
+        return {j: self.read(j, t, B.c_index(0)) for j, v in enumerate(self.inputs)
+                if self.r is None or self.pos(v, self.r) is None}
+
+    def now(self, step: dict[int, ir.Value], t: ir.Value, k: ir.Value) -> list[ir.Value]:
+        """Every input at time t, index k of r."""
+        return [step[j] if j in step else self.read(j, t, k) for j in range(len(self.inputs))]
+
+    def fill(self, buf: ir.Value, rows: ir.Value, value: ir.Value | None = None) -> None:
+        """rows of buf set to `value` (zeros by default)."""
+        B.each(rows, lambda k: vector.StoreOp(value if value is not None else self.zeros, buf, [k, B.c_index(0)]))
+
+
 def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) -> Kernel:
-    """The fused scan with channels in vector lanes: a work item is ITEM_VECTORS vectors of channels (one vector of
-    that many times the target's lanes) at one index of the kept dims; its state (one vector per index of the
+    """The fused scan with channels in vector lanes (`LaneItems`): an item's state (one vector per index of the
     summed dim r) stays in a small buffer in L1 over every time step, and the regions run on vectors (inputs
     without the channel dim broadcast, inputs that do not change over time read once per item). The consumer's
     sum over r is a sum of vectors: no horizontal reduction. For Mamba's scan that is an exp and three
     multiply-adds per state vector a step, where the blocked kernel ran each region op as a loop of its own over
     a [.., 128, N] temporary."""
     inputs = list(op.inputs)
-    rank, axis, n = len(op.state), op.axis, op.num_producer_inputs
-    dt = op.result.type.dtype
-    et = element_type(dt)
-    lanes = cx.target.lanes() * ITEM_VECTORS
-    vt = ir.VectorType.get([lanes], et)
-    kept = [i for i in range(rank) if i not in (axis, c, r)]
+    n = op.num_producer_inputs
     name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
     args = entry.arguments
     out, part, parts = args[len(inputs):]
-    ms = list(args[:len(inputs)])
-
-    def pos(v: Value, i: int) -> int | None:  # input v's axis for state dim i; None where v lacks it or has 1
-        p = i - (rank - v.type.rank)
-        return p if p >= 0 and v.type.shape[p] != 1 else None
-
-    def size(i: int) -> ir.Value:
-        for v, m in zip(inputs, ms, strict=True):
-            if pos(v, i) is not None:
-                return B.mdim(m, pos(v, i))
-        return B.c_index(1)
-
     with ir.InsertionPoint(entry):
-        zero = B.c_float(0.0, et)
-        L, D = size(axis), size(c)
-        NR = size(r) if r is not None else B.c_index(1)
-        kept_sizes = [size(i) for i in kept]
-        blocks = B.ceil_div(D, lanes)
-        total = blocks
-        for s in kept_sizes:
-            total = B.mul(total, s)
-        # on the heap, not the stack: NR is the data's (the deallocation pass frees them)
-        state = memref.AllocOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result
-        # inputs with channels that never change over time: read once per item, one vector per index of r
-        still = [i for i, v in enumerate(inputs) if pos(v, c) is not None and pos(v, axis) is None]
-        held = {i: memref.AllocOp(ir.MemRefType.get([B.DYN(), lanes], et), [NR], []).result for i in still}
-        items = B.loop(part, total, parts)
+        li = LaneItems(cx, op, inputs, list(args[:len(inputs)]), c, r)
+        vt = li.vt
+        state = li.buffer(li.NR)
+        items = B.loop(part, li.total, parts)
         with ir.InsertionPoint(items.body):
-            rest = items.induction_variable
-            d0 = B.mul(arith.RemUIOp(rest, blocks).result, B.c_index(lanes))
-            rest = arith.DivUIOp(rest, blocks).result
-            at = {c: d0}
-            for i, s in reversed(list(zip(kept, kept_sizes, strict=True))):
-                at[i] = arith.RemUIOp(rest, s).result
-                rest = arith.DivUIOp(rest, s).result
-
-            def index(v: Value, t: ir.Value | None, k: ir.Value) -> list[ir.Value]:
-                idx = []
-                for p in range(v.type.rank):
-                    i = p + (rank - v.type.rank)
-                    idx.append(B.c_index(0) if v.type.shape[p] == 1 else t if i == axis else k if i == r else at[i])
-                return idx
-
-            # this item's channels: d0.. below D (a masked load reads them, zeros past D)
-            mask = vector.CreateMaskOp(ir.VectorType.get([lanes], ir.IntegerType.get_signless(1)),
-                                       [B.minsi(B.c_index(lanes), B.sub(D, d0))]).result
-            zeros = vector.BroadcastOp(vt, zero).result
-
-            def read(j: int, t: ir.Value | None, k: ir.Value) -> ir.Value:
-                """Input j at time t, index k of r: a vector of channels, or a scalar."""
-                v, m = inputs[j], ms[j]
-                if j in held and t is not None:
-                    return vector.LoadOp(vt, held[j], [k, B.c_index(0)]).result
-                pc = pos(v, c)
-                if pc is None:
-                    return B.load(m, *index(v, t, k))
-                if j in held:  # once per item, whatever its strides
-                    return vector.TransferReadOp(vt, m, index(v, t, k), ir.AffineMap.get(v.type.rank, 0, [
-                        ir.AffineDimExpr.get(pc)]), zero, [False]).result
-                return vector.MaskedLoadOp(vt, m, index(v, t, k), mask, zeros).result  # channels contiguous
-
-            for j, buf in held.items():
-                B.each(NR, lambda k, j=j, buf=buf: vector.StoreOp(read(j, None, k), buf, [k, B.c_index(0)]))
-            B.each(NR, lambda k: vector.StoreOp(vector.BroadcastOp(vt, zero).result, state, [k, B.c_index(0)]))
-            steps = B.loop(0, L)
+            li.item(items.induction_variable)
+            li.fill(state, li.NR)
+            steps = B.loop(0, li.L)
             with ir.InsertionPoint(steps.body):
                 t = steps.induction_variable
-                # the channel inputs' rows AHEAD steps on, asked for now: one item's rows lie D apart (a page
-                # each at D = 1024), past what the hardware prefetchers follow
-                later = B.minsi(B.add(t, B.c_index(AHEAD)), B.sub(L, B.c_index(1)))
-                for j, v in enumerate(inputs):
-                    if pos(v, c) is not None and pos(v, axis) is not None and (r is None or pos(v, r) is None):
-                        memref.PrefetchOp(ms[j], index(v, later, B.c_index(0)), False, 3, True)
-                # what does not vary along r read once a step
-                step = {j: read(j, t, B.c_index(0)) for j, v in enumerate(inputs) if r is None or pos(v, r) is None}
-                over = B.loop(0, NR, 1, [zeros])
+                step = li.step(t)
+                over = B.loop(0, li.NR, 1, [li.zeros])
                 with ir.InsertionPoint(over.body):
                     k = over.induction_variable
-                    now = [step[j] if j in step else read(j, t, k) for j in range(len(inputs))]
+                    now = li.now(step, t, k)
                     a, b = _lanes(op.producer, now[:n], vt)
                     h = vector.FMAOp(a, vector.LoadOp(vt, state, [k, B.c_index(0)]).result, b).result
                     vector.StoreOp(h, state, [k, B.c_index(0)])
@@ -304,8 +336,8 @@ def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) ->
                     scf.YieldOp([arith.AddFOp(over.inner_iter_args[0], y).result])
                 yt = op.result.type
                 # the output's dims: the state's without r
-                idx = [t if i == op.out_axis else at[i if r is None or i < r else i + 1] for i in range(yt.rank)]
-                vector.MaskedStoreOp(out, idx, mask, over.results[0])
+                idx = [t if i == op.out_axis else li.at[i if r is None or i < r else i + 1] for i in range(yt.rank)]
+                vector.MaskedStoreOp(out, idx, li.mask, over.results[0])
                 scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
@@ -324,8 +356,8 @@ def _lanes(region: Region, args: list[ir.Value], vt: ir.Type) -> list[ir.Value]:
         if isinstance(o, T.ConstantOp):
             vals[id(o.results[0])] = B.c_float(float(o.value), ir.VectorType(vt).element_type)
             continue
-        if isinstance(o, R.SumOp):
-            vals[id(o.results[0])] = vals[id(o.x)]
+        if isinstance(o, R.SumOp) or o.NAME in ("tensor.expand_dims", "tensor.squeeze", "tensor.broadcast_to"):
+            vals[id(o.results[0])] = vals[id(o.operands[0])]  # (views: the same lane value)
             continue
         xs = [vals[id(v)] for v in o.operands]
         if any(isinstance(x.type, ir.VectorType) for x in xs):
@@ -390,7 +422,7 @@ def linear_attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
     return Kernel(name, op, [op.q, op.k, op.v, op.a], [op.result], "parts")
 
 
-def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
+def _channel_dim(op: Operation, y: TensorType, inputs: list[Value] | None = None) -> tuple[int, int] | None:
     """A state dim of a fused scan that the consumer keeps, to cut the work into blocks along: (its axis in
     the state, its axis in the consumer's result). Matched by size (symbol or number), so it must occur once
     in each, other than the time axis, and every input must have it whole or not at all (size 1). The
@@ -404,7 +436,8 @@ def _channel_dim(op: Operation, y: TensorType) -> tuple[int, int] | None:
         yc = list(y.shape).index(d)
         if yc == op.out_axis:
             continue
-        if all(v.type.shape[c - (rank - v.type.rank)] in (1, d) for v in op.inputs if c - (rank - v.type.rank) >= 0):
+        if all(v.type.shape[c - (rank - v.type.rank)] in (1, d) for v in (op.inputs if inputs is None else inputs)
+               if c - (rank - v.type.rank) >= 0):
             return c, yc
     return None
 

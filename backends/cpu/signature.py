@@ -50,7 +50,7 @@ class Hosted:
       high)), every index in low..high-1;
     - `args`: the kernel's arguments, operands then results, where they are not its op's (Scratch buffers);
     - `zeroed`: Scratch arguments zeroed before the kernel; `items`: its work items (ctx -> count);
-    - `sum_parts`: (a Scratch of [parts, *shape], the result it sums into) after the kernel;
+    - `sum_parts`: (a Scratch of [parts, *shape], the result it sums into) each, after the kernel;
     - `shapes`: the results' shapes (known, ctx) where they are not the op's semantics: `padded` ones longer
       (a dispatch's permutation at its bound: what reads them is at the bound too, see HostProgram._place)."""
 
@@ -59,7 +59,7 @@ class Hosted:
     args: list[Any] | None = None
     zeroed: list[Scratch] = field(default_factory=list)
     items: Callable[[Any], int] | None = None
-    sum_parts: tuple[Scratch, Value] | None = None
+    sum_parts: list[tuple[Scratch, Value]] = field(default_factory=list)
     shapes: Callable[[dict, Any], list[tuple[int, ...]]] | None = None
     padded: list[Value] = field(default_factory=list)
     virtual: bool = False  # the results are never made: other ops' rules read through them (a packed transpose)

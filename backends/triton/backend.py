@@ -17,7 +17,8 @@ class TritonBackend(Backend):
     NAME = "triton"
     # Expert segments are aligned to the grouped GEMM's 64-row tiles.
     PIPELINE = sparse_pipeline(block=64)
-    LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
+    # masks then read data, never slice it; a scan's backward as the unfused scan and its rules (no kernel yet)
+    LEGALIZE = "hoist-region-invariants,expand-scan-grads"
     STAGES = ("kernels", "launcher", "source")
     EMIT_ALIASES = {"triton": "source"}
     STAGE_SUFFIX = "py"

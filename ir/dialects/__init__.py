@@ -8,6 +8,7 @@ from sparsa.ir.dialects import (
     moe,
     moe_exchange,
     scan,
+    scan_grad,
     sparse,
     tensor,
     tensor_grad,
@@ -16,6 +17,6 @@ from sparsa.ir.dialects import (
 )
 
 __all__ = [
-    "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "sparse", "tensor", "tensor_grad",
-    "tensor_reduce", "tensor_shape",
+    "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "scan_grad", "sparse", "tensor",
+    "tensor_grad", "tensor_reduce", "tensor_shape",
 ]

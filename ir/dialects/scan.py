@@ -92,6 +92,15 @@ class ScanOp(Operation):
         return out
 
 
+def step_type(t: TensorType, axis: int, rank: int) -> TensorType:
+    """One time step of a value right-aligned to a rank-`rank` state (size 1 on the time axis; a value without
+    it, or with 1 there, is its own step)."""
+    pos = axis - (rank - t.rank)
+    if pos < 0 or t.shape[pos] == 1:
+        return t
+    return t.with_shape(t.shape[:pos] + (1,) + t.shape[pos + 1 :])
+
+
 def time_slice(x: np.ndarray, axis: int, rank: int, t: int) -> np.ndarray:
     """Step t of an input right-aligned to a rank-`rank` state (kept as a size-1 axis); inputs without
     the time axis (size 1 there, or too few dims) are the same at every step."""
@@ -155,6 +164,12 @@ class FusedScanOp(Operation):
         if not steps:
             return np.zeros(ctx.shape_of(self.result.type))
         return np.concatenate(steps, axis=self.out_axis)
+
+    def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """`scan.fused_grad` (ir/dialects/scan_grad.py): the states computed again chunk by chunk, never stored."""
+        from sparsa.ir.dialects.scan_grad import fused_scan_grad
+
+        return fused_scan_grad(g, self, xs, dys[0])
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         state = float(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
