@@ -4,9 +4,10 @@ lanes, as the forward's lane kernel (`LaneItems`), its states computed again ins
 A work item (ITEM_VECTORS vectors of channels at one index of the kept dims) runs:
 1. the forward over every step, keeping the state before each chunk of `chunk` steps (checkpoints: [L/chunk, N,
    lanes] per item, where the unfused backward stored [L, N] states per channel);
-2. the chunks from the last back: the chunk's states again from its checkpoint into a [chunk + 1, N, lanes]
-   buffer (in L2), then its steps from the last back, the state's cotangent lam and the next step's decay a_{t+1}
-   kept per N in L1, the derivative regions run on vectors.
+2. the chunks from the last back: the chunk's states and decays again from its checkpoint into [chunk + 1, N,
+   lanes] buffers (in L2), then its steps from the last back, the state's cotangent lam and the next step's decay
+   a_{t+1} kept per N in L1, the derivative regions run on vectors (the producer's rules read the decay kept: its
+   exp is made twice a step in all, not four times).
 
 The regions yield cotangents of the state's step shape; each is summed to its input's shape here: over N by a
 sum of vectors, over channels by one horizontal sum a step, over time in an accumulator per item. An input that
@@ -96,6 +97,8 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
         state, lam, later = li.buffer(NR), li.buffer(NR), li.buffer(NR)
         marks = li.buffer(B.mul(chunks, NR))  # the state before each chunk
         hs = li.buffer(B.mul(B.c_index(chunk + 1), NR))  # a chunk's states, after the one before it
+        decays = li.buffer(B.mul(B.c_index(chunk), NR))  # and its a_t
+        b_read = bool(op.producer_grad.block.args[n + 1].uses)  # (what the rules read of b_t: made again)
         pos = [(li.pos(v, axis) is not None, r is not None and li.pos(v, r) is not None, li.pos(v, c) is not None)
                for v in xs]
         accs = {j: li.buffer(NR if has_r else B.c_index(1)) for j, (timed, has_r, _) in enumerate(pos) if not timed}
@@ -106,8 +109,8 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
         def put(v: ir.Value, buf: ir.Value, i: ir.Value) -> None:
             vector.StoreOp(v, buf, [i, zero_i])
 
-        def forward(t: ir.Value, h_at: Any, to: Any) -> None:
-            """One step of the recurrence: the state read from h_at(k), written to to(k)."""
+        def forward(t: ir.Value, h_at: Any, to: Any, keep: Any = None) -> None:
+            """One step of the recurrence: the state read from h_at(k), written to to(k) (a_t to keep(k))."""
             step = li.step(t)
             each = B.loop(0, NR)
             with ir.InsertionPoint(each.body):
@@ -115,6 +118,8 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                 a, b = _lanes(op.producer, li.now(step, t, k)[:n], vt)
                 buf, i = to(k)
                 put(vector.FMAOp(a, row(*h_at(k)), b).result, buf, i)
+                if keep is not None:
+                    put(a, *keep(k))
                 scf.YieldOp([])
 
         def store(j: int, g: ir.Value, t: ir.Value | None, k: ir.Value) -> None:
@@ -168,7 +173,8 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                     t = steps.induction_variable
                     s = B.sub(t, t0)
                     forward(t, lambda k: (hs, B.add(B.mul(s, NR), k)),
-                            lambda k: (hs, B.add(B.mul(B.add(s, B.c_index(1)), NR), k)))
+                            lambda k: (hs, B.add(B.mul(B.add(s, B.c_index(1)), NR), k)),
+                            lambda k: (decays, B.add(B.mul(s, NR), k)))
                     scf.YieldOp([])
                 rev = B.loop(0, B.sub(t1, t0))
                 with ir.InsertionPoint(rev.body):
@@ -187,10 +193,12 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                         before = row(hs, B.add(B.mul(s, NR), k))
                         dh, *dc = _lanes(op.consumer_grad, [h, *now[n:], dy], vt)
                         lam_t = vector.FMAOp(row(later, k), row(lam, k), dh).result
-                        a, _ = _lanes(op.producer, now[:n], vt)
+                        a = row(decays, B.add(B.mul(s, NR), k))
+                        b = _lanes(op.producer, now[:n], vt)[1] if b_read else li.zeros
                         put(a, later, k)
                         put(lam_t, lam, k)
-                        dp = _lanes(op.producer_grad, [*now[:n], arith.MulFOp(lam_t, before).result, lam_t], vt)
+                        dp = _lanes(op.producer_grad, [*now[:n], a, b, arith.MulFOp(lam_t, before).result, lam_t],
+                                    vt)
                         sums = []
                         for j, g in enumerate([*dp, *dc]):
                             timed, has_r, _ = pos[j]

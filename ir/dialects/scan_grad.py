@@ -8,10 +8,11 @@ Per step t from the last back, with h_t the forward's state (h_-1 = 0) and a_t i
 
     (dh_t, dc_t...) = consumer_grad(h_t, c_t..., dy_t)        c: the consumer's inputs at step t
     lam_t = dh_t + a_{t+1} lam_{t+1}                          the state's cotangent (lam_L = 0)
-    (dp_t...) = producer_grad(p_t..., lam_t h_{t-1}, lam_t)   p: the producer's inputs; (da_t, db_t)
+    (dp_t...) = producer_grad(p_t..., a_t, b_t, lam_t h_{t-1}, lam_t)   p: the producer's inputs; (da_t, db_t)
 
 The derivative regions are the forward regions' vector-Jacobian rules (ir/autodiff.py) on their arguments
-broadcast to one step of the state, so every cotangent they yield has the state's step shape and holds no sum:
+broadcast to one step of the state, so every cotangent they yield has the state's step shape and holds no sum (the
+producer's rules read a_t and b_t as arguments where they read what it yields: the exp of a decay is not made again):
 summing it to its input's shape (over the dims the input lacks, and over time where it does not vary along it)
 is the op's, which a kernel does where it is cheapest (a channel dim in vector lanes: across them once a step).
 `expansion()` is the same derivative written with the unfused ops (the states stored): what a target without a
@@ -70,13 +71,13 @@ class FusedScanGradOp(Operation):
         blocks = [r.block for r in (self.producer, self.consumer, self.producer_grad, self.consumer_grad)]
         if any(r.empty for r in (self.producer, self.consumer, self.producer_grad, self.consumer_grad)):
             raise self.error("needs producer, consumer, producer_grad and consumer_grad regions")
-        want = (n, 1 + len(xs) - n, n + 2, 2 + len(xs) - n)
+        want = (n, 1 + len(xs) - n, n + 4, 2 + len(xs) - n)
         yields = (2, 1, n, 1 + len(xs) - n)
         for block, args, out in zip(blocks, want, yields, strict=True):
             t = block.terminator
             if len(block.args) != args or t is None or len(t.operands) != out:
                 raise self.error(f"a region takes {args} arguments and yields {out} values: "
-                                 "producer (p) -> (a, b); consumer (h, c) -> y; producer_grad (p, da, db) -> dp; "
+                                 "producer (p) -> (a, b); consumer (h, c) -> y; producer_grad (p, a, b, da, db) -> dp; "
                                  "consumer_grad (h, c, dy) -> (dh, dc)")
         step = self.step()
         for block in blocks[2:]:
@@ -103,9 +104,10 @@ class FusedScanGradOp(Operation):
             dy_t = np.take(dy, [t], axis=self.out_axis)
             dh, *dc = ctx.run_region(self.consumer_grad, [hs[t], *steps[t][n:], dy_t])
             lam = dh + later * lam
-            later = ctx.run_region(self.producer, steps[t][:n])[0].astype(np.float64)
+            a_t, b_t = ctx.run_region(self.producer, steps[t][:n])
+            later = a_t.astype(np.float64)
             before = hs[t - 1] if t else np.zeros_like(lam)
-            dp = ctx.run_region(self.producer_grad, [*steps[t][:n], lam * before, lam])
+            dp = ctx.run_region(self.producer_grad, [*steps[t][:n], a_t, b_t, lam * before, lam])
             for j, d in enumerate([*dp, *dc]):
                 _accumulate(grads[j], np.asarray(d, dtype=np.float64), axis, rank, t)
         return tuple(g.astype(x.dtype) for g, x in zip(grads, xs, strict=True))
@@ -175,7 +177,7 @@ def fused_scan_grad(g: Any, op: Operation, xs: list[Value], dy: Value) -> list[V
     from sparsa.ir.clone import clone_region
 
     step = TensorType(dy.type.dtype, tuple(1 if i == op.axis else d for i, d in enumerate(op.state)))
-    producer_grad = derivative(op.producer, step, [step, step])
+    producer_grad = derivative(op.producer, step, [step, step], yielded=True)
     consumer_grad = derivative(op.consumer, step, [op.consumer.block.terminator.operands[0].type])
     regions = [clone_region(op.producer, {}), clone_region(op.consumer, {}), producer_grad, consumer_grad]
     grad = g.op("scan.fused_grad", [*xs, dy], regions=regions, axis=op.axis,
@@ -183,17 +185,22 @@ def fused_scan_grad(g: Any, op: Operation, xs: list[Value], dy: Value) -> list[V
     return list(grad.results)
 
 
-def derivative(region: Region, step: TensorType, cotangents: Sequence[TensorType]) -> Region:
-    """A region taking `region`'s arguments and a cotangent per value it yields, and yielding the cotangent of
-    each argument at the state's step shape: the arguments broadcast to it first, so no rule sums over a dim an
-    argument lacks (zeros where none flows)."""
+def derivative(region: Region, step: TensorType, cotangents: Sequence[TensorType], yielded: bool = False) -> Region:
+    """A region taking `region`'s arguments (then, `yielded`, the values it yields) and a cotangent per value it
+    yields, and yielding the cotangent of each argument at the state's step shape: the arguments broadcast to it
+    first, so no rule sums over a dim an argument lacks (zeros where none flows). With `yielded` the rules read
+    those arguments where they read what the region yields, so what only that needed is not computed again."""
     from sparsa.ir.autodiff import Grad
 
     args = [a.type for a in region.block.args]
-    block = Block([*args, *cotangents])
+    outs = [v.type for v in region.block.terminator.operands] if yielded else []
+    block = Block([*args, *outs, *cotangents])
     g = Grad(block)
     wide = [g.broadcast_to(a, TensorType(a.type.dtype, step.shape)) for a in block.args[:len(args)]]
-    grads = g.region(region, wide, list(block.args[len(args):]))
+    inlined = g.inline(region, wide)
+    grads = g.region(region, wide, list(block.args[len(args) + len(outs):]), inlined)
+    for v, given in zip(inlined[0], block.args[len(args):len(args) + len(outs)], strict=False):
+        v.replace_all_uses_with(given)
     block.append(YieldOp.build([d if d is not None else g.full(0.0, step) for d in grads]))
     _prune(block)
     return Region([block])
