@@ -186,6 +186,36 @@ def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
     assert ("vector.maskedload" in cpu.stage("mlir")) == lanes
 
 
+def test_vector_exp_short_and_full_forms():
+    """A lane scan's decay exp on vectors of channels: vectors all at or above EXP_FAST_LOW take the short form,
+    vectors with a lane below it, a NaN or -inf the full one; both against float64 (normal results within 2 ulp,
+    subnormals, 0, inf and NaN exactly) around the thresholds and the overflow point."""
+    from sparsa.backends.cpu.build import EXP_FAST_LOW
+
+    src = """model M(x: f32[B, L, D], b: f32[B, L, D], w: f32[D, N], c: f32[B, L, N]) -> f32[B, L, D] {
+    h = scan(exp(x[:, :, :, None] * w), b[:, :, :, None] * c[:, :, None, :], axis=1)
+    return sum(h * c[:, :, None, :], axis=-1)
+}"""
+    cpu = sparsa.compile(src, target="cpu")
+    rng = np.random.default_rng(0)
+    fast = rng.uniform(EXP_FAST_LOW, 88.0, 512)
+    edges = [EXP_FAST_LOW, EXP_FAST_LOW + 1e-5, -87.3, -87.4, -90.0, -103.0, -103.9, -104.5, -150.0, 88.72283935546875,
+             88.7229, 89.0, 100.0, 0.0, -0.0, 1e-30, np.inf, -np.inf, np.nan]
+    mixed = rng.uniform(-110.0, 90.0, 512 - len(edges))
+    x = np.concatenate([fast, edges, mixed]).astype(np.float32)  # the first 512 in whole vectors of the short form
+    D = x.size
+    xs = np.stack([np.zeros(D, np.float32), x])[None]  # h_1 = exp(x) h_0 + b_1 with h_0 = 1, b_1 = 0
+    b = np.stack([np.ones(D, np.float32), np.zeros(D, np.float32)])[None]
+    y = cpu(xs, b, np.ones((D, 1), np.float32), np.ones((1, 2, 1), np.float32))[0, 1]
+    want = np.exp(x.astype(np.float64))
+    normal = np.isfinite(want) & (want >= np.finfo(np.float32).tiny) & (want <= np.finfo(np.float32).max)
+    np.testing.assert_allclose(y[normal], want[normal], rtol=2.4e-7)
+    with np.errstate(over="ignore"):
+        want32 = want.astype(np.float32)  # subnormal results, 0, inf and NaN exactly
+    np.testing.assert_allclose(y[~normal], want32[~normal], rtol=1e-6, atol=2e-45)
+    assert "vector.maskedload" in cpu.stage("mlir") and "scf.if" in cpu.stage("mlir")
+
+
 @pytest.mark.parametrize("passes", [None, "cse,dce"])
 def test_sum_of_a_negation(passes):
     """A sum over either axis of a negated chain (the rules of sub and max end so): with canonicalize the negation
