@@ -273,7 +273,7 @@ class HostProgram:
                 self.places[id(op.result)] = Place(op.result, "view", 0, source=self._base(op.operands[0]))
                 return None
         hosted = Hosted()
-        if k is None or LAUNCHES.find(op) is not None or k.panels:
+        if k is None or LAUNCHES.find(op) is not None or k.panels or k.hosted:
             rule = HOSTED.find(op)
             if rule is None and k is None:  # fine while no kernel reads its results (a decode reads no block map)
                 self.unmade.update({id(r): f"'{op.NAME}' runs on the Python host" for r in op.results})

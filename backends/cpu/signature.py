@@ -25,6 +25,7 @@ class Kernel:
     packed_rows: int = 0  # a grouped GEMM's rows come packed by register tiles of this many rows (pack_rows)
     one_part_below: bool = False  # split in parts, but one part below the split work (a copy: pack_rows)
     repacked: list[int] = field(default_factory=list)  # of those, the ones packed at each call (not weights)
+    hosted: bool = False  # the native host asks its HOSTED rule what to run, though the Python host runs it as is
 
 
 @dataclass(eq=False)

@@ -308,22 +308,14 @@ def _flat(src: ir.Value) -> ir.Value:
 TRANSPOSE_ROWS = 16  # rows of the source read per pass: 16 x Dh elements stay in L1 while their columns are written
 
 
-def transpose_kernel(cx: KernelContext, op: Operation, v: Value, block: int = 0) -> tuple[Kernel, Scratch]:
+def transpose_kernel(cx: KernelContext, op: Operation, v: Value) -> tuple[Kernel, Scratch]:
     """A kernel writing v ([..., S, D]) with its last two dims swapped into a Scratch buffer: the native host's
-    `threads.transposed` (with `block`: in blocks of that many of S, [..., ceil(S / block), D, block], each block
-    contiguous; the last one's columns past S are never written). Its work items are the slices of the leading
-    dims; each is copied TRANSPOSE_ROWS source rows at a time, so the rows read stay in cache while the
-    destination's rows are written in order."""
+    `threads.transposed`. Its work items are the slices of the leading dims; each is copied TRANSPOSE_ROWS source
+    rows at a time, so the rows read stay in cache while the destination's rows are written in order."""
     t = v.type
     rank = t.rank
-    if block:
-        swapped = TensorType(t.dtype, t.shape[:-2] + (None, t.shape[-1], block))
-        scratch = Scratch(swapped, lambda known, ctx: known[id(v)][:-2] + (
-            -(-known[id(v)][-2] // block), known[id(v)][-1], block), f"{v.name_hint}_t")
-    else:
-        swapped = TensorType(t.dtype, t.shape[:-2] + (t.shape[-1], t.shape[-2]))
-        scratch = Scratch(swapped, lambda known, ctx: known[id(v)][:-2] + known[id(v)][-2:][::-1],
-                          f"{v.name_hint}_t")
+    swapped = TensorType(t.dtype, t.shape[:-2] + (t.shape[-1], t.shape[-2]))
+    scratch = Scratch(swapped, lambda known, ctx: known[id(v)][:-2] + known[id(v)][-2:][::-1], f"{v.name_hint}_t")
     start = len(cx.tiled)
     name, entry = cx.function(op, [t, swapped], True, "transpose")
     src, dst, part, parts = entry.arguments
@@ -347,9 +339,7 @@ def transpose_kernel(cx: KernelContext, op: Operation, v: Value, block: int = 0)
                     each = B.loop(s0, hi)
                     with ir.InsertionPoint(each.body):
                         s = each.induction_variable
-                        to = [arith.DivUIOp(s, B.c_index(block)).result, d,
-                              arith.RemUIOp(s, B.c_index(block)).result] if block else [d, s]
-                        B.store(B.load(src, *at, s, d), dst, *at, *to)
+                        B.store(B.load(src, *at, s, d), dst, *at, d, s)
                         scf.YieldOp([])
                 scf.YieldOp([])
             scf.YieldOp([])

@@ -97,22 +97,9 @@ def together(jobs: list) -> None:
         f.result()
 
 
-def transposed_blocks(a: np.ndarray, block: int) -> np.ndarray:
-    """a ([..., S, D]) transposed in blocks of `block` rows: [..., ceil(S / block), D, block], each block's
-    D x block contiguous (columns past S zero). What the attention kernel reads K^T from: a key block's K^T is
-    one 16 KB run, where rows of a whole K^T lay S * 4 bytes apart (a multiple of 4 KiB: every row in the same
-    few L1 sets)."""
-    S, D = a.shape[-2:]
-    n = -(-S // block)
-    src = a if n * block == S else np.concatenate([a, np.zeros(a.shape[:-2] + (n * block - S, D), a.dtype)], -2)
-    blocks = src.reshape(a.shape[:-2] + (n, block, D))
-    (out,) = transposed(blocks)
-    return out
-
-
 def transposed(*arrays: np.ndarray) -> list[np.ndarray]:
     """Each array with its last two dims swapped, contiguous: copied in slabs of its leading dims on the kernel
-    threads at once (what the attention kernels read K^T, Q^T, V^T and dO^T from; one thread copies 4 MB of heads
+    threads at once (what attention's backward reads Q^T and dO^T from; one thread copies 4 MB of heads
     in 1.3-2.6 ms)."""
     outs = [np.empty(a.shape[:-2] + (a.shape[-1], a.shape[-2]), a.dtype) for a in arrays]
     jobs = []
