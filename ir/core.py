@@ -185,6 +185,8 @@ class Operation:
     # Structural ops (function, parameter, terminators) are run by the interpreter itself; every
     # other op defines `reference(self, ctx, *args)`: NumPy arrays in, an array or tuple out.
     STRUCTURAL: ClassVar[bool] = False
+    # its regions read only their arguments and what they make (a fused scan's), never a value from outside
+    ISOLATED: ClassVar[bool] = False
     operand_fields: ClassVar[list[Operand]] = []
     result_fields: ClassVar[list[Result]] = []
     attr_fields: ClassVar[list[Attr]] = []

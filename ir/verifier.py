@@ -41,13 +41,12 @@ def verify_op(op: Operation, visible: list[set[int]]) -> None:
             raise op.error(f"region '{field.name}' must have exactly one block")
         block = region.block
         scope = {id(a) for a in block.args}
-        visible.append(scope)
+        inside = [scope] if op.ISOLATED else [*visible, scope]  # an isolated region sees only its own values
         for i, inner in enumerate(block.ops):
             if inner.TERMINATOR and i != len(block.ops) - 1:
                 raise inner.error("is a terminator and must be the last op of its block")
-            verify_op(inner, visible)
+            verify_op(inner, inside)
             scope.update(id(r) for r in inner.results)
-        visible.pop()
         last = block.terminator
         if op.NAME != "func.func" and (last is None or last.NAME != "func.yield"):
             raise op.error(f"region '{field.name}' must end in 'func.yield'")

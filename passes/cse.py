@@ -26,8 +26,8 @@ class CSE(Pass):
         scopes.append({})
         for op in list(block.ops):
             for r in op.regions:
-                for b in r.blocks:
-                    self._block(b, scopes)
+                for b in r.blocks:  # (an isolated region shares nothing with the values around it)
+                    self._block(b, [{}] if op.ISOLATED else scopes)
             if not op.PURE or op.TERMINATOR or op.regions:
                 continue
             key = _key(op)

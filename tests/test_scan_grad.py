@@ -116,3 +116,40 @@ def test_other_scans_on_cpu(decay, lanes):
     _, got, _ = _grads(cpu, xs)
     _close(got, want)
     assert ("vector.maskedload" in cpu._grad.native.stages["mlir"]) == lanes
+
+
+@pytest.mark.parametrize("decay", [None, "exp(-max(a[:, :, :, None] - w, 0.0))"])
+def test_triton_kernel_against_reference(decay):
+    """The generated reverse kernel (Triton's interpreter without a GPU): 70 steps (three chunks, the last short),
+    80 outer positions (three programs), a reduced axis of 5 in 8 lanes; the selective scan, and a decay whose rule
+    compares and selects."""
+    pytest.importorskip("triton")
+    if decay is None:
+        src, xs = SCAN, _inputs(2, 70, 40, 5)
+    else:
+        src = OTHER.replace("DECAY", decay)
+        rng = np.random.default_rng(4)
+        xs = [rng.standard_normal(s).astype(np.float32) for s in [(2, 70, 40), (2, 70, 40), (2, 70, 5), (40, 5)]]
+    _, want, _ = _grads(sparsa.compile(src, target="reference"), xs)
+    tri = sparsa.compile(src, target="triton")
+    _, got, _ = _grads(tri, xs)
+    _close(got, want)
+    assert "fused_scan_grad_" in tri._grad.native.stages["source"]
+
+
+def test_scan_regions_are_isolated():
+    """A fused scan's regions see only their own values: cse keeps a region's constant though the function has the
+    same one outside (it merged them, and the kernels could not read it), and the verifier refuses a region op
+    reading an outer value."""
+    from sparsa.ir import VerifyError, verify_module
+    from sparsa.ir.dialects.scan import FusedScanOp
+
+    src = OTHER.replace("DECAY", "exp(-max(a[:, :, :, None] - w, 0.0))")
+    module = parse_module(sparsa.compile(src, target="reference").ir(grad=True))
+    verify_module(module)
+    fused = next(o for o in module.walk() if isinstance(o, FusedScanOp))
+    outer = fused.inputs[0]
+    inner = fused.producer.block.ops[0]
+    inner.set_operand(0, outer)
+    with pytest.raises(VerifyError, match="does not dominate"):
+        verify_module(module)

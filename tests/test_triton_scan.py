@@ -65,3 +65,23 @@ def test_scan_kernel_compiles_to_ptx(tmp_path):
     types = {f"X{i}": "*fp32" for i in range(kernel.n_inputs)} | {"OUT": "*fp32"}
     assert compile_for_nvidia(tmp_path, kernel.name, kernel.source, types, {"BLOCK_O": 32, "BLOCK_N": 16}) == [
         "80", "90"]
+
+
+@pytest.mark.slow
+def test_scan_grad_kernel_compiles_to_ptx(tmp_path):
+    """The reverse kernel (scan.fused_grad: checkpoints, a chunk's states again, atomics into the gradients) builds
+    for sm_80 and sm_90 (the interpreter runs it in test_scan_grad)."""
+    from test_triton_attention import compile_for_nvidia
+
+    from sparsa.backends.triton.scan_grad import generate
+    from sparsa.ir.dialects.scan_grad import CHUNK, FusedScanGradOp
+
+    m = sparsa.compile(str(EXAMPLES / "selective_scan.sp"), target="reference")
+    from sparsa.ir import parse_module
+
+    op = next(o for o in parse_module(m.ir(grad=True)).walk() if isinstance(o, FusedScanGradOp))
+    name, source = generate(op)
+    types = {f"{p}{i}": "*fp32" for p in "XG" for i in range(len(op.xs))} | {n: "*fp32" for n in ("DY", "CK", "HS",
+                                                                                                   "AS")}
+    assert compile_for_nvidia(tmp_path, name, source, types, {"BLOCK_O": 32, "BLOCK_N": 16, "CHUNK": CHUNK}) == [
+        "80", "90"]

@@ -17,8 +17,7 @@ class TritonBackend(Backend):
     NAME = "triton"
     # Expert segments are aligned to the grouped GEMM's 64-row tiles.
     PIPELINE = sparse_pipeline(block=64)
-    # masks then read data, never slice it; a scan's backward as the unfused scan and its rules (no kernel yet)
-    LEGALIZE = "hoist-region-invariants,expand-scan-grads"
+    LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
     STAGES = ("kernels", "launcher", "source")
     EMIT_ALIASES = {"triton": "source"}
     STAGE_SUFFIX = "py"

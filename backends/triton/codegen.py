@@ -8,6 +8,7 @@ from sparsa.backends.triton import (  # noqa: F401
     attention_grad,
     moe,
     scan,
+    scan_grad,
     sparse,
     tensor,
     tensor_reduce,

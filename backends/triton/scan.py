@@ -54,6 +54,17 @@ def {name}(
 '''
 
 
+def reduced_axis(op: FusedScanOp) -> int:
+    """The state axis a fused scan's consumer sums over (or its backward's): the form the kernels take."""
+    rank, cons = len(op.state), op.consumer.block.ops
+    ok = (len(cons) == 3 and isinstance(cons[0], T.MulOp) and isinstance(cons[1], R.SumOp)
+          and len(cons[1].axes) == 1 and isinstance(cons[2], YieldOp))
+    if not ok or cons[1].axes[0] % rank == op.axis:
+        raise SparsaError(f"the triton backend supports {op.NAME} consumers of the form sum(h * x, axis=d) over one "
+                          "state axis d", op.loc)
+    return cons[1].axes[0] % rank
+
+
 @dataclass
 class FusedScanKernel:
     """The generated kernel for one scan.fused op."""
@@ -70,12 +81,7 @@ class FusedScanKernel:
     def generate(cls, op: FusedScanOp) -> FusedScanKernel:
         rank, axis = len(op.state), op.axis
         cons = op.consumer.block.ops
-        ok = (len(cons) == 3 and isinstance(cons[0], T.MulOp) and isinstance(cons[1], R.SumOp)
-              and len(cons[1].axes) == 1 and isinstance(cons[2], YieldOp))
-        if not ok or cons[1].axes[0] % rank == axis:
-            raise SparsaError("the triton backend supports scan.fused consumers of the form sum(h * x, axis=d) "
-                              "over one state axis d", op.loc)
-        r = cons[1].axes[0] % rank
+        r = reduced_axis(op)
         outer = [d for d in range(rank) if d not in (axis, r)]
         n_in = len(op.inputs)
         input_params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(n_in))

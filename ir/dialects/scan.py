@@ -118,6 +118,7 @@ class FusedScanOp(Operation):
     remaining inputs to y_t. The [..., L, ..., N] state is never stored: only one step of it is live."""
 
     NAME = "scan.fused"
+    ISOLATED = True
     inputs = Operand(variadic=True)
     axis = Attr(A.INT)
     num_producer_inputs = Attr(A.INT)

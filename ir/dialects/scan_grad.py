@@ -40,6 +40,7 @@ class FusedScanGradOp(Operation):
     """The cotangent of each input of a `scan.fused` given dy, its result's (module docstring)."""
 
     NAME = "scan.fused_grad"
+    ISOLATED = True
     inputs = Operand(variadic=True)  # the fused scan's inputs, then dy
     axis = Attr(A.INT)
     num_producer_inputs = Attr(A.INT)
