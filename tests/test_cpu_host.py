@@ -72,6 +72,32 @@ def test_native_host_matches_the_python_host_bitwise(monkeypatch, threads, rows)
         np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
 
 
+BATCH = """model M(x: f32[B, S, D], y: f32[B, S, D], z: f32[D], w: f32[B, 1, D], u: f32[S, D]) -> (f32[B, S, D],
+        f32[B, S, D], f32[B, S, D]) {
+    return silu(x) * y + z * w, exp(x) - u, x * 2.0
+}"""
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("shape", [(1, 4096, 64), (1, 7, 5), (3, 700, 40)])
+def test_elementwise_kernels_at_batch_1_cut_dim_1(monkeypatch, threads, shape):
+    """At batch 1 ([1, S, D]) an elementwise kernel is cut along S (dim 0 would be one part): inputs with S whole
+    are cut with the result, those that broadcast along it ([B, 1, D], [D]) are not, and an [S, D] input is cut
+    along its own dim 0; the native host equal to the Python host bitwise and both to the reference."""
+    native, python, ref = _pair(BATCH, monkeypatch)
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    B, S, D = shape
+    xs = [rng.standard_normal(s, np.float32) for s in [(B, S, D), (B, S, D), (D,), (B, 1, D), (S, D)]]
+    got, want, oracle = native(*xs), python(*xs), ref(*xs)
+    for g, w, o in zip(got, want, oracle, strict=True):
+        np.testing.assert_array_equal(g, w)
+        np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
+    kernels = [k for k in native.native.kernels.values() if k.split == "rows"]
+    assert all((k.rows_1 is not None) == (k.outputs[0].type.shape[1] == "S") for k in kernels)
+    # silu(x) * y + (z * w): x and y cut, z * w ([B, 1, D]) not; exp(x) - u: u [S, D] along its dim 0; x * 2.0
+    assert sorted(str(k.rows_1) for k in kernels if k.rows_1) == ["[1, 0]", "[1, 1, None]", "[1, None]"]
+
+
 def test_native_host_under_deterministic_splits(monkeypatch):
     monkeypatch.setenv("SPARSA_DETERMINISTIC", "1")
     native, _, _ = _pair(DENSE, monkeypatch)

@@ -178,9 +178,12 @@ class KernelContext:
             raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend{hint}", op.loc)
         inputs = list(op.operands)
         split, cut = self.row_split(op)
+        rows_1 = self.dim1_cut(op.results[0].type, inputs) if split == "rows" and isinstance(op, Elementwise) else None
         rows = op.results[0].type.shape[0] if split == "rows" else None
         if isinstance(rows, int):  # a static dim 0 the host cuts: dynamic in the kernel
             self.dim_map = {rows: None}
+        if rows_1 is not None and isinstance(op.results[0].type.shape[1], int):  # and dim 1 where it may cut it
+            self.dim_map[op.results[0].type.shape[1]] = None
         types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [r.type for r in op.results]]
         name, entry = self.function(op, types, False)
         with ir.InsertionPoint(entry):
@@ -191,7 +194,7 @@ class KernelContext:
                 B.write(self.get(r), m)
             func.ReturnOp([])
         self.dim_map = {}
-        return Kernel(name, op, inputs, list(op.results), split, cut)
+        return Kernel(name, op, inputs, list(op.results), split, cut, rows_1=rows_1)
 
     def fused(self, ops: list[Operation], inputs: list[Value]) -> Kernel:
         """Elementwise ops that only feed one another, ending in `ops[-1]` (`fused_groups`), as one kernel: one
@@ -212,6 +215,9 @@ class KernelContext:
             split, cut = "rows", [v.type.rank == space.rank and v.type.shape[0] == space.shape[0] for v in inputs]
         if isinstance(space.shape[0] if space.rank else None, int) and split == "rows":
             self.dim_map = {space.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
+        rows_1 = self.dim1_cut(space, inputs) if split == "rows" and not summed else None
+        if rows_1 is not None and isinstance(space.shape[1], int):  # and dim 1 where it may cut it
+            self.dim_map[space.shape[1]] = None
         start = len(self.tiled)
         types = [t.with_shape(self.shape(t)) for t in [v.type for v in inputs] + [out]]
         names = [op.NAME.split(".")[-1] for op in ops]
@@ -265,7 +271,17 @@ class KernelContext:
             B.write(value, entry.arguments[len(inputs)])
             func.ReturnOp([])
         self.dim_map = {}
-        return self.extra(Kernel(name, root, list(inputs), [result], split, cut), start)
+        return self.extra(Kernel(name, root, list(inputs), [result], split, cut, rows_1=rows_1), start)
+
+    @staticmethod
+    def dim1_cut(space: TensorType, inputs: list[Value]) -> list[int | None] | None:
+        """For an elementwise kernel over `space`: each input's axis along space's dim 1 where it has that dim whole
+        (None where it lacks it or has 1), so the host may cut dim 1 when dim 0 is 1; None where space has no such
+        dim."""
+        if space.rank < 2 or space.shape[1] in (0, 1):
+            return None
+        axes = [1 - (space.rank - v.type.rank) for v in inputs]
+        return [p if p >= 0 and v.type.shape[p] == space.shape[1] else None for p, v in zip(axes, inputs, strict=True)]
 
     def row_split(self, op: Operation) -> tuple[str, list[bool]]:
         """Whether the host may cut this op along dim 0 (a dim it only carries through)."""

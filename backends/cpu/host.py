@@ -201,7 +201,7 @@ class HostProgram:
             place.dims, slot = slot, slot + 2 * place.rank
         for launch in self.launches:
             if launch.kernel.split != "none":
-                launch.slot, slot = slot, slot + 3
+                launch.slot, slot = slot, slot + 4
             for i, (index, bounds, _) in enumerate(launch.checks):
                 launch.checks[i], slot = (index, bounds, slot), slot + 3
             for zero in launch.zeroed:
@@ -383,8 +383,8 @@ class HostProgram:
                 put(launch.sum_slot + 2 * i, [parts[0], math.prod(parts[1:])])
             if launch.kernel.split == "none":
                 continue
-            items, team, cut = self._split(launch, known, threads, deterministic, ctx)
-            put(launch.slot, [items, team, self.size + len(bounds)])
+            items, team, cut, axis = self._split(launch, known, threads, deterministic, ctx)
+            put(launch.slot, [items, team, self.size + len(bounds), axis])
             bounds += cut
         for _, v, slot in self.copies:
             put(slot, [int(np.prod(known[id(v)], dtype=np.int64)) * self.places[id(v)].itemsize])
@@ -413,21 +413,23 @@ class HostProgram:
         return offsets, max((e for *_, e in placed), default=0)
 
     def _split(self, launch: Launch, known: dict[int, tuple[int, ...]], threads: int,
-               deterministic: bool, ctx: _Shapes) -> tuple[int, int, list[int]]:
-        """(work items, team size, row bounds) of a split kernel, as `CpuFunction.run` splits it."""
+               deterministic: bool, ctx: _Shapes) -> tuple[int, int, list[int], int]:
+        """(work items, team size, row bounds, the dim they cut) of a split kernel, as `CpuFunction.run` splits it
+        (dim 1 where dim 0 is 1 and the kernel allows it: `Kernel.rows_1`)."""
         k = launch.kernel
         op = k.op
         if launch.items is not None:
             items = launch.items(ctx)
-            return items, min(items, threads), []
+            return items, min(items, threads), [], 0
         in_shapes = [known[id(v)] for v in launch.args[:len(k.inputs)]]
         out = known[id(launch.args[len(k.inputs)])]
         amount = work(op, in_shapes, out)
         if k.split == "parts":
             small = (one_part_below(op) or k.one_part_below) and amount < NATIVE_SPLIT_WORK
-            return (1, 1, []) if small else (threads, threads, [])
-        m = out[0]
+            return (1, 1, [], 0) if small else (threads, threads, [], 0)
+        axis = 1 if out[0] == 1 and k.rows_1 is not None else 0
+        m = out[axis]
         if threads == 1 or m < 2 * threads or amount < NATIVE_SPLIT_WORK:
-            return 1, 1, [0, m]
+            return 1, 1, [0, m], axis
         cut = row_bounds(m, threads, deterministic)
-        return len(cut) - 1, min(len(cut) - 1, threads), cut
+        return len(cut) - 1, min(len(cut) - 1, threads), cut, axis

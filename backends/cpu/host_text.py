@@ -225,15 +225,33 @@ class _Writer:
             hi = f.emit(f"llvm.load {f.at('%argv', f.binary('add', at, one))} : !llvm.ptr -> i64", "hi")
             rows = f.binary("sub", hi, lo)
             cut = list(k.rows) + [True] * len(k.outputs)
+            cut_1 = list(k.rows_1) + [1] * len(k.outputs) if k.rows_1 is not None else [None] * len(cut)
+            second = None  # (the plan cut dim 1: dim 0 is 1)
+            if any(a is not None for a in cut_1):
+                second = f.emit(f"llvm.icmp \"ne\" {f.arg(launch.slot + 3, hint='dim')}, {f.const(0)} : i64", "second")
             sliced = []
-            for v, m, c in zip(launch.args, args, cut, strict=True):
+            for v, m, c, c1 in zip(launch.args, args, cut, cut_1, strict=True):
+                size, rank = self.prog.places[id(v)].itemsize, v.type.rank
+
+                def at_row(axis: int, m: list[str] = m, size: int = size, rank: int = rank) -> str:
+                    step = f.binary("mul", lo, m[3 + rank + axis])  # elements before row lo along that axis
+                    return f.at(m[0], f.binary("mul", step, f.const(size)), "i8")
+
+                first = list(m)  # cut along dim 0 (where it is cut)
                 if c:
-                    rank = v.type.rank
-                    step = f.binary("mul", lo, m[3 + rank])  # elements before row lo
-                    size = self.prog.places[id(v)].itemsize
-                    ptr = f.at(m[0], f.binary("mul", step, f.const(size)), "i8")
-                    m = [ptr, ptr, m[2], rows, *m[4:]]
-                sliced += m
+                    first[0] = first[1] = at_row(0)
+                    first[3] = rows
+                if second is None or c1 is None and not c:
+                    sliced += first
+                    continue
+                other = list(m)  # cut along dim 1 (where the plan chose it: dim 0 is 1)
+                if c1 is not None:
+                    other[0] = other[1] = at_row(c1)
+                    other[3 + c1] = rows
+                ptr = f.emit(f"llvm.select {second}, {other[0]}, {first[0]} : i1, !llvm.ptr", "p")
+                sliced += [ptr, ptr, m[2]] + [
+                    x if x == y else f.emit(f"llvm.select {second}, {y}, {x} : i1, i64", "n")
+                    for x, y in zip(first[3:], other[3:], strict=True)]
             self.call(f, launch, sliced)
         f.do("llvm.br ^claim")
         f.lines.append("^exit:")

@@ -427,13 +427,20 @@ class CpuFunction(Executable):
         together([lambda t=t: [self.call(k, arrays, p, n) for p in range(t, n, threads)] for t in range(threads)])
 
     def rows(self, k: Kernel, ins: list[np.ndarray], out: np.ndarray, cut: list[bool], n: int) -> None:
-        """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output)."""
-        m = out.shape[0]
+        """Run on n slabs of dim 0 at once (inputs that share the dim are cut with the output); of dim 1 where
+        dim 0 is 1 and the kernel allows it (`Kernel.rows_1`: an elementwise kernel at batch 1)."""
+        axis = 1 if out.shape[0] == 1 and k.rows_1 is not None else 0
+        m = out.shape[axis]
         if n == 1 or m < 2 * n or work(k.op, [a.shape for a in ins], out.shape) < SPLIT_WORK:
             self.call(k, ins + [out])
             return
         bounds = row_bounds(m, n, deterministic())
-        slabs = [[a[lo:hi] if c else a for a, c in zip(ins, cut, strict=True)] + [out[lo:hi]]
+        axes = [0 if c else None for c in cut] if axis == 0 else list(k.rows_1)
+
+        def slab(a: np.ndarray, at: int | None, lo: int, hi: int) -> np.ndarray:
+            return a if at is None else a[(slice(None),) * at + (slice(lo, hi),)]
+
+        slabs = [[slab(a, at, lo, hi) for a, at in zip(ins, axes, strict=True)] + [slab(out, axis, lo, hi)]
                  for lo, hi in zip(bounds, bounds[1:], strict=False)]
         together([lambda s=s: self.call(k, s) for s in slabs])
 

@@ -21,6 +21,9 @@ class Kernel:
     outputs: list[Value]
     split: str = "none"  # "none", "parts" (takes part, parts) or "rows" (the host cuts dim 0)
     rows: list[bool] = field(default_factory=list)  # with "rows": which inputs are cut
+    # with "rows", for an elementwise kernel: each input's axis along the result's dim 1 (None: not cut), the host
+    # cutting that dim instead where dim 0 is 1 (batch 1: [1, S, D] would be one part)
+    rows_1: list[int | None] | None = None
     panels: list[int] = field(default_factory=list)  # inputs the host passes packed in panels (pack_panels)
     packed_rows: int = 0  # a grouped GEMM's rows come packed by register tiles of this many rows (pack_rows)
     one_part_below: bool = False  # split in parts, but one part below the split work (a copy: pack_rows)
