@@ -113,14 +113,7 @@ class ExpandPullbacks(Pass):
                 self.stats["pullbacks expanded"] += 1
 
     def expand(self, block: Block, pullback: Operation) -> None:
-        ops, grads = pullback_ops(pullback, self.stats)
-        at = block.ops.index(pullback)
-        for op in ops:
-            block.insert(at, op)
-            at += 1
-        for r, d in zip(pullback.results, grads, strict=True):
-            r.replace_all_uses_with(d)
-        pullback.erase()
+        replace_by(pullback, *pullback_ops(pullback, self.stats))
 
 
 class ExpandScanGrads(Pass):
@@ -139,12 +132,16 @@ class ExpandScanGrads(Pass):
 
 def expand_scan_grad(op: Operation) -> None:
     """Put `scan.fused_grad` op's expansion in its place."""
+    replace_by(op, *op.expansion())
+
+
+def replace_by(op: Operation, ops: list[Operation], values: list[Value]) -> None:
+    """`ops` (in no block) put where `op` is, its results replaced by `values`, op erased."""
     block = op.parent
-    ops, grads = op.expansion()
     at = block.ops.index(op)
     for new in ops:
         block.insert(at, new)
         at += 1
-    for r, d in zip(op.results, grads, strict=True):
+    for r, d in zip(op.results, values, strict=True):
         r.replace_all_uses_with(d)
     op.erase()

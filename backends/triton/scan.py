@@ -54,6 +54,24 @@ def {name}(
 '''
 
 
+def tile_walk(n_in: int, rank: int, axis: int, r: int, out: str, strides: str) -> tuple[str, str, list[str], list[str]]:
+    """What a scan kernel's program knows of its tile (BLOCK_O outer positions x the reduced axis r) and its
+    n_in inputs' strides broadcast to the state: (input parameters, outer-size parameters, the lines splitting
+    offs_o into the outer indices, the lines of `out`'s row offsets and each input's tile offsets)."""
+    outer = [d for d in range(rank) if d not in (axis, r)]
+    params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(n_in))
+    sizes = "".join(f"size{d}, " for d in outer)
+    decompose, rest = [], "offs_o"
+    for d in reversed(outer):
+        decompose.append(f"i{d} = ({rest}) % size{d}")
+        rest = f"({rest}) // size{d}"
+    bases = [f"{out}_base = {' + '.join(f'i{d} * {strides}_{d}' for d in outer) or '0'}"]
+    for i in range(n_in):
+        terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{r}"]
+        bases.append(f"base{i} = {' + '.join(terms)}")
+    return params, sizes, decompose, bases
+
+
 def reduced_axis(op: FusedScanOp) -> int:
     """The state axis a fused scan's consumer sums over (or its backward's): the form the kernels take."""
     rank, cons = len(op.state), op.consumer.block.ops
@@ -84,17 +102,8 @@ class FusedScanKernel:
         r = reduced_axis(op)
         outer = [d for d in range(rank) if d not in (axis, r)]
         n_in = len(op.inputs)
-        input_params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(n_in))
+        input_params, outer_sizes, decompose, bases = tile_walk(n_in, rank, axis, r, "out", "so")
         out_strides = "".join(f"so_{d}, " for d in outer) + "so_t, "
-        outer_sizes = "".join(f"size{d}, " for d in outer)
-        decompose, rest = [], "offs_o"
-        for d in reversed(outer):
-            decompose.append(f"i{d} = ({rest}) % size{d}")
-            rest = f"({rest}) // size{d}"
-        bases = [f"out_base = {' + '.join(f'i{d} * so_{d}' for d in outer) or '0'}"]
-        for i in range(n_in):
-            terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{r}"]
-            bases.append(f"base{i} = {' + '.join(terms)}")
         loads = [f"x{i} = tl.load(X{i} + base{i} + t * sx{i}_{axis}, mask=live, other=0.0).to(tl.float32)"
                  for i in range(n_in)]
         n_prod = op.num_producer_inputs

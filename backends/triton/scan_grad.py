@@ -18,7 +18,7 @@ import textwrap
 
 from sparsa.backends.triton.program import LOWERINGS, TORCH_DTYPES, TritonProgram
 from sparsa.backends.triton.regions import RegionEmitter
-from sparsa.backends.triton.scan import reduced_axis
+from sparsa.backends.triton.scan import reduced_axis, tile_walk
 from sparsa.ir.dialects.scan_grad import CHUNK, FusedScanGradOp
 
 VIEWS = ("tensor.expand_dims", "tensor.squeeze", "tensor.broadcast_to")  # the same tile
@@ -105,18 +105,10 @@ def generate(op: FusedScanGradOp) -> tuple[str, str]:
     rank, axis, r = len(op.state), op.axis, reduced_axis(op)
     outer = [d for d in range(rank) if d not in (axis, r)]
     xs, n = op.xs, op.num_producer_inputs
-    input_params = "".join(f"X{i}, " + "".join(f"sx{i}_{d}, " for d in range(rank)) for i in range(len(xs)))
+    input_params, outer_sizes, decompose, bases = tile_walk(len(xs), rank, axis, r, "dy", "sdy")
     grad_params = "".join(f"G{i}, " + "".join(f"sg{i}_{d}, " for d in range(rank)) for i in range(len(xs)))
     dy_strides = "".join(f"sdy_{d}, " for d in outer) + "sdy_t, "
-    outer_sizes = "".join(f"size{d}, " for d in outer)
-    decompose, rest = [], "offs_o"
-    for d in reversed(outer):
-        decompose.append(f"i{d} = ({rest}) % size{d}")
-        rest = f"({rest}) // size{d}"
-    bases = [f"dy_base = {' + '.join(f'i{d} * sdy_{d}' for d in outer) or '0'}"]
     for i in range(len(xs)):
-        terms = [f"i{d}[:, None] * sx{i}_{d}" for d in outer] + [f"offs_n[None, :] * sx{i}_{r}"]
-        bases.append(f"base{i} = {' + '.join(terms)}")
         rows = " + ".join(f"i{d} * sg{i}_{d}" for d in outer) or "0 * offs_o"
         bases.append(f"gbase{i} = {rows}")  # the gradient's row offsets; its reduced axis added where it has one
 
