@@ -26,7 +26,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith, func, scf, vector
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.context import HOSTED, KERNELS, LAUNCHES, KernelContext
+from sparsa.backends.cpu.context import HOSTED, KERNELS, LAUNCHES, CpuLoweringError, KernelContext
 from sparsa.backends.cpu.scan import LANE_OPS, LaneItems, _lanes, lane_plan
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import num_threads
@@ -72,8 +72,6 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
     """Module docstring. Arguments: the inputs, dy, a partial [parts, ...] per shared cotangent, the cotangents."""
     plan = grad_lane_plan(op)
     if plan is None:
-        from sparsa.backends.cpu.context import CpuLoweringError
-
         raise CpuLoweringError("scan.fused_grad needs its channels in vector lanes here (legalize expands it "
                                "otherwise)", op.loc)
     c, r = plan
