@@ -54,7 +54,7 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
     with ir.InsertionPoint(entry):
         for val, m in zip(data, args[len(inputs) - len(data):len(inputs)], strict=True):
             cx.values[id(val)] = B.read(m)
-        qt, kt, vt = B.read(q), B.read(k), B.read(v)
+        qt, kr, vt = B.read(q), B.read(k), B.read(v)
         Bn, Hq, Sq, Dh = (B.mdim(q, i) for i in range(4))
         Hkv, Sk, Dv = B.mdim(k, 1), B.mdim(v, 2), B.mdim(v, 3)
         rep = arith.DivUIOp(Hq, Hkv).result
@@ -84,13 +84,13 @@ def attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
                     kind = tile_kind(bm, b, h, i, j)
                     live = B.if_(B.cmpi("ne", kind, B.c_int(EMPTY, 8)), [s.type for s in state])
                     with ir.InsertionPoint(live.then_block):
-                        scf.YieldOp(attend(cx, op, Q, kt, vt, state, b, h, q0, nq, j, bk, Sk, Dh, Dv, rep, et,
+                        scf.YieldOp(attend(cx, op, Q, kr, vt, state, b, h, q0, nq, j, bk, Sk, Dh, Dv, rep, et,
                                                 kind))
                     with ir.InsertionPoint(live.else_block):
                         scf.YieldOp(state)
                     scf.YieldOp(list(live.results))
                 else:
-                    scf.YieldOp(attend(cx, op, Q, kt, vt, state, b, h, q0, nq, j, bk, Sk, Dh, Dv, rep, et,
+                    scf.YieldOp(attend(cx, op, Q, kr, vt, state, b, h, q0, nq, j, bk, Sk, Dh, Dv, rep, et,
                                             B.c_int(1 if masked else FULL, 8)))
             _, l_fin, acc = keys.results
             zero = B.c_float(0.0, et)
@@ -113,7 +113,7 @@ def tile_kind(bm: ir.Value, b: ir.Value, h: ir.Value, i: ir.Value, j: ir.Value) 
     return B.load(bm, arith.RemUIOp(b, B.mdim(bm, 0)).result, arith.RemUIOp(h, B.mdim(bm, 1)).result, i, j)
 
 
-def attend(cx: KernelContext, op: Operation, Q: ir.Value, kt: ir.Value, vt: ir.Value, state: list[ir.Value],
+def attend(cx: KernelContext, op: Operation, Q: ir.Value, kr: ir.Value, vt: ir.Value, state: list[ir.Value],
            b: ir.Value, h: ir.Value, q0: ir.Value, nq: ir.Value, j: ir.Value, bk: int, Sk: ir.Value, Dh: ir.Value,
            Dv: ir.Value, rep: ir.Value, et: ir.Type, kind: ir.Value) -> list[ir.Value]:
     """One key block of the online softmax: (m, l, acc) -> (m', l', acc'). Q comes scaled and transposed."""
@@ -121,7 +121,7 @@ def attend(cx: KernelContext, op: Operation, Q: ir.Value, kt: ir.Value, vt: ir.V
     k0 = B.mul(j, B.c_index(bk))
     nk = B.minsi(B.c_index(bk), B.sub(Sk, k0))
     hk = arith.DivUIOp(h, rep).result
-    K = B.slice_tensor(kt, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1])
+    K = B.slice_tensor(kr, [b, hk, k0, 0], [1, 1, nk, Dh], drop=[0, 1])
     V = B.slice_tensor(vt, [b, hk, k0, 0], [1, 1, nk, Dv], drop=[0, 1])
     ST = cx.matmul_tile(K, Q, nk, nq, et)  # S^T [nk, nq]
     if op.mask.empty:
@@ -133,7 +133,7 @@ def attend(cx: KernelContext, op: Operation, Q: ir.Value, kt: ir.Value, vt: ir.V
         with ir.InsertionPoint(full.else_block):
             scf.YieldOp([scores(cx, op, ST, b, h, q0, k0, nq, nk, et, True)])
         ST = full.results[0]
-    if isinstance(op.v.type.shape[3], int) and isinstance(op.block_q or 64, int):
+    if isinstance(op.v.type.shape[3], int):
         m_new, l_new, PT, scaled = softmax_columns(ST, state, nk, nq, op.block_q or 64, op.v.type.shape[3], et)
         return [m_new, l_new, cx.matmul_tile(PT, V, nq, Dv, et, init=scaled, transpose_a=True)]
     d0, d1 = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)
@@ -168,7 +168,8 @@ def softmax_columns(ST: ir.Value, state: list[ir.Value], nk: ir.Value, nq: ir.Va
     row = ir.AffineMap.get(2, 0, [ir.AffineDimExpr.get(1)])
     ninf, zero = B.c_float(float("-inf"), et), B.c_float(0.0, et)
     c0 = B.c_index(0)
-    zeros = vector.BroadcastOp(vt, zero).result
+    zeros, ninfs = vector.BroadcastOp(vt, zero).result, vector.BroadcastOp(vt, ninf).result
+    one = ir.AffineMap.get_minor_identity(1, 1)  # m, l: one vector of the block's rows
 
     def largest(a: ir.Value, b: ir.Value) -> ir.Value:  # (one vmaxps: no NaN here to order)
         return arith.SelectOp(arith.CmpFOp(2, a, b).result, a, b).result
@@ -176,13 +177,13 @@ def softmax_columns(ST: ir.Value, state: list[ir.Value], nk: ir.Value, nq: ir.Va
     def column(t: ir.Value, k: ir.Value) -> ir.Value:
         return vector.TransferReadOp(vt, t, [k, c0], row, ninf, [False]).result
 
-    ups = B.loop(0, nk, 1, [vector.BroadcastOp(vt, ninf).result])
+    ups = B.loop(0, nk, 1, [ninfs])
     with ir.InsertionPoint(ups.body):
         scf.YieldOp([largest(column(ST, ups.induction_variable), ups.inner_iter_args[0])])
-    mo = vector.TransferReadOp(vt, m, [c0], ir.AffineMap.get_minor_identity(1, 1), ninf, [False]).result
-    lo = vector.TransferReadOp(vt, l_, [c0], ir.AffineMap.get_minor_identity(1, 1), zero, [False]).result
+    mo = vector.TransferReadOp(vt, m, [c0], one, ninf, [False]).result
+    lo = vector.TransferReadOp(vt, l_, [c0], one, zero, [False]).result
     mn = largest(ups.results[0], mo)
-    safe = arith.SelectOp(arith.CmpFOp(1, mn, vector.BroadcastOp(vt, ninf).result).result, zeros, mn).result
+    safe = arith.SelectOp(arith.CmpFOp(1, mn, ninfs).result, zeros, mn).result
     alpha = exp(arith.SubFOp(mo, safe).result)  # a row with nothing allowed yet keeps exp() at 0, never NaN
     ps = B.loop(0, nk, 1, [B.empty([nk, nq], et), zeros])
     with ir.InsertionPoint(ps.body):
@@ -193,7 +194,6 @@ def softmax_columns(ST: ir.Value, state: list[ir.Value], nk: ir.Value, nq: ir.Va
         scf.YieldOp([PT, arith.AddFOp(total, p).result])
     PT, total = ps.results
     ln = arith.AddFOp(arith.MulFOp(lo, alpha).result, total).result
-    one = ir.AffineMap.get_minor_identity(1, 1)
     m_new = vector.TransferWriteOp(m.type, mn, m, [c0], one, [False]).result
     l_new = vector.TransferWriteOp(l_.type, ln, l_, [c0], one, [False]).result
     factors = vector.TransferWriteOp(m.type, alpha, B.empty([nq], et), [c0], one, [False]).result

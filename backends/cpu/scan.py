@@ -202,6 +202,12 @@ def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, in
     return (c, r) if r not in (axis, c) else None
 
 
+def state_axis(v: Value, i: int, rank: int) -> int | None:
+    """Input v's axis for dim i of a rank-`rank` state (v right-aligned to it); None where v lacks it or has 1."""
+    p = i - (rank - v.type.rank)
+    return p if p >= 0 and v.type.shape[p] != 1 else None
+
+
 class LaneItems:
     """What a lane-vector scan kernel (forward or backward) knows of its inputs' dims: a work item is ITEM_VECTORS
     vectors of channels (state dim c; one vector of that many times the target's lanes) at one index of the kept
@@ -229,9 +235,7 @@ class LaneItems:
         self.held = {i: self.buffer(self.NR) for i in self.still}
 
     def pos(self, v: Value, i: int) -> int | None:
-        """Input v's axis for state dim i; None where v lacks it or has 1."""
-        p = i - (self.rank - v.type.rank)
-        return p if p >= 0 and v.type.shape[p] != 1 else None
+        return state_axis(v, i, self.rank)
 
     def size(self, i: int) -> ir.Value:
         for v, m in zip(self.inputs, self.ms, strict=True):

@@ -27,7 +27,7 @@ from torch_mlir.dialects import arith, func, scf, vector
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import HOSTED, KERNELS, LAUNCHES, CpuLoweringError, KernelContext
-from sparsa.backends.cpu.scan import LANE_OPS, LaneItems, _lanes, lane_plan
+from sparsa.backends.cpu.scan import LANE_OPS, LaneItems, _lanes, lane_plan, state_axis
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import num_threads
 from sparsa.ir.core import Operation
@@ -60,11 +60,7 @@ def shared(op: Operation, plan: tuple[int, int | None]) -> list[bool]:
     c, r = plan
     rank = len(op.state)
     kept = [i for i in range(rank) if i not in (op.axis, c, r) and op.state[i] != 1]
-    out = []
-    for v in op.xs:
-        has = {i for i in range(rank) if i - (rank - v.type.rank) >= 0 and v.type.shape[i - (rank - v.type.rank)] != 1}
-        out.append(c not in has or any(i not in has for i in kept))
-    return out
+    return [any(state_axis(v, i, rank) is None for i in [c, *kept]) for v in op.xs]
 
 
 @KERNELS.lowers(FusedScanGradOp)
