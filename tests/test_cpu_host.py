@@ -334,6 +334,46 @@ def test_torch_moe_block_runs_natively_packing_its_weights_each_call():
     assert sum(n.calls["native"] for n in natives) >= 2
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
+@pytest.mark.parametrize("view,E,N,K", [
+    ("transpose(wt[:, 5:75, :], [0, 2, 1])", 3, 70, 37),  # a slice of PyTorch's layout: a partial panel, K % lanes
+    ("transpose(wt, [0, 2, 1])", 2, 64, 48),  # whole panels, K a multiple of every vector width
+    ("wt[:, :, 3:99]", 2, 96, 20),  # columns contiguous in the source
+])
+def test_expert_weights_packed_from_their_views_at_each_call(monkeypatch, target, view, E, N, K):
+    """Expert weights that are inputs, read through a transpose or a slice: packed into panels by the native host's
+    pack kernel at every call (vectors along the source's contiguous axis, transposed in registers where it is
+    PyTorch's [E, N, K]), on AVX-512, AVX2 and SSE code; bitwise the Python host's NumPy packing, and the
+    reference's result. A second call with other weights is packed afresh."""
+    from sparsa.backends.cpu.target import named_target
+
+    if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+        pytest.skip(f"{target} does not run here")
+    shape = {"transpose(wt[:, 5:75, :], [0, 2, 1])": (E, 80, K), "transpose(wt, [0, 2, 1])": (E, N, K),
+             "wt[:, :, 3:99]": (E, K, 100)}[view]
+    head = f"x: f32[T, {K}], idx: i64[T, 2], w: f32[T, 2], wt: f32{list(shape)}, w2: f32[{E}, {N}, {K}]"
+    src = f"""model P({head}) -> f32[T, {K}] {{
+    wu = {view}
+    return moe(x, idx, w) |e, h| {{ silu(h @ wu[e]) @ w2[e] }}
+}}
+"""
+    ref = sparsa.compile(src, target="reference")
+    native = sparsa.compile(src, target=target)
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    python = sparsa.compile(src, target=target)
+    monkeypatch.delenv("SPARSA_NATIVE_HOST")
+    assert "pack_panels" in native.native.stages["host"] and native.native.main is not None
+    for seed in (0, 1):
+        r = np.random.default_rng(seed)
+        idx = np.stack([r.permutation(E)[:2] for _ in range(50)])
+        ins = (r.standard_normal((50, K), np.float32), idx, r.random((50, 2), np.float32),
+               r.standard_normal(shape, np.float32) * 0.3, r.standard_normal((E, N, K), np.float32) * 0.3)
+        got = native(*ins)
+        np.testing.assert_array_equal(got, python(*ins))
+        np.testing.assert_allclose(got, ref(*ins), rtol=1e-4, atol=1e-4)
+    assert native.native.calls == {"native": 2, "python": 0}
+
+
 @pytest.mark.parametrize("sq,hq,hk,sk", [(1, 8, 8, 4099), (3, 8, 2, 700), (1, 4, 1, 1), (2, 2, 2, 256)])
 def test_decode_attention_reads_k_and_v_in_place(monkeypatch, sq, hq, hk, sk):
     """A few static query rows, no mask: the Flash-Decoding kernels (chunks of keys, merged by log-sum-exp) instead

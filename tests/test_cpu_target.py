@@ -187,8 +187,8 @@ def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
 
 
 def test_vector_exp_short_and_full_forms():
-    """A lane scan's decay exp on vectors of channels: vectors all at or above EXP_FAST_LOW take the short form,
-    vectors with a lane below it, a NaN or -inf the full one; both against float64 (normal results within 2 ulp,
+    """A lane scan's decay exp on vectors of channels: vectors all in [EXP_FAST_LOW, EXP_HIGH) take the short form,
+    vectors with a lane outside, a NaN or an infinity the full one; both against float64 (normal results within 2 ulp,
     subnormals, 0, inf and NaN exactly) around the thresholds and the overflow point."""
     from sparsa.backends.cpu.build import EXP_FAST_LOW
 
@@ -198,7 +198,10 @@ def test_vector_exp_short_and_full_forms():
 }"""
     cpu = sparsa.compile(src, target="cpu")
     rng = np.random.default_rng(0)
+    from sparsa.backends.cpu.build import EXP_HIGH
+
     fast = rng.uniform(EXP_FAST_LOW, 88.0, 512)
+    fast[-32:] = np.linspace(88.6, np.nextafter(np.float32(EXP_HIGH), np.float32(0)), 32)  # the short form's last
     edges = [EXP_FAST_LOW, EXP_FAST_LOW + 1e-5, -87.3, -87.4, -90.0, -103.0, -103.9, -104.5, -150.0, 88.72283935546875,
              88.7229, 89.0, 100.0, 0.0, -0.0, 1e-30, np.inf, -np.inf, np.nan]
     mixed = rng.uniform(-110.0, 90.0, 512 - len(edges))

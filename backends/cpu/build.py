@@ -255,7 +255,27 @@ def splat(v: float | int, t: ir.Type) -> ir.Value:
     return arith.ConstantOp(t, ir.DenseElementsAttr.get_splat(t, attr)).result
 
 
+def transpose_square(rows: Sequence[ir.Value]) -> list[ir.Value]:
+    """n vectors of n lanes (a square matrix by rows) transposed in registers: log2(n) rounds of two-source shuffles,
+    the round of bit b swapping bit b of every element's row with bit b of its lane (a pair of rows i, i + b gives
+    lanes with bit b clear from i and set from i + b, and the other way round), so that element (r, c) ends at
+    (c, r). On x86 each shuffle is a vpermt2ps or an unpack and blend: 64 of them for 16 x 16 elements."""
+    n, out = len(rows), list(rows)
+    if n & (n - 1):
+        raise ValueError(f"transpose_square: {n} rows is not a power of two")
+    b = n // 2
+    while b:
+        low = [c if not c & b else n + c - b for c in range(n)]
+        high = [c + b if not c & b else n + c for c in range(n)]
+        for i in (i for i in range(n) if not i & b):
+            out[i], out[i + b] = (vector.ShuffleOp(out[i], out[i + b], low).result,
+                                  vector.ShuffleOp(out[i], out[i + b], high).result)
+        b //= 2
+    return out
+
+
 EXP_FAST_LOW = -86.0  # at or above it e**x is a normal float with n >= -124: 2**n added to the exponent bits
+EXP_HIGH = 88.72283935546875  # e**x of it and above is inf in float32; below it the short form's 2**128 * y is finite
 
 
 def exp(x: ir.Value) -> ir.Value:
@@ -264,17 +284,18 @@ def exp(x: ir.Value) -> ir.Value:
     inf past the overflow point, NaN kept. It vectorizes and inlines; math.exp becomes a scalar libm call per element
     (LLVM has no vector expf without a vector math library). x may be a vector of float32 too: then where every
     lane is at least EXP_FAST_LOW (a scan's decays, a softmax's scores near their max) a branch takes the short
-    form, n added to the polynomial's exponent bits (8 fewer instructions of ~28 an exp); a NaN, a lane below it
-    or -inf takes the full one. Other types use math.exp."""
+    form, n added to the polynomial's exponent bits and nothing clamped; a NaN, a lane below it or at or above
+    EXP_HIGH, or an infinity takes the full one. Other types use math.exp."""
     et = x.type
     shape = ir.VectorType(et).shape if isinstance(et, ir.VectorType) else None
     if str(et.element_type if shape else et) != "f32":
         return mmath.ExpOp(x).result
     if shape is None:
         return _exp(x, False)
-    low = arith.CmpFOp(11, x, splat(EXP_FAST_LOW, et)).result
+    outside = arith.OrIOp(arith.CmpFOp(11, x, splat(EXP_FAST_LOW, et)).result,  # ult, uge: NaN is outside too
+                          arith.CmpFOp(10, x, splat(EXP_HIGH, et)).result).result
     i1 = ir.IntegerType.get_signless(1)
-    some = vector.ReductionOp(i1, ir.Attribute.parse("#vector.kind<or>"), low).result
+    some = vector.ReductionOp(i1, ir.Attribute.parse("#vector.kind<or>"), outside).result
     branch = if_(some, [et], has_else=True)
     with ir.InsertionPoint(branch.then_block):
         scf.YieldOp([_exp(x, False)])
@@ -284,7 +305,7 @@ def exp(x: ir.Value) -> ir.Value:
 
 
 def _exp(x: ir.Value, fast: bool) -> ir.Value:
-    """exp's arith (`fast`: every element at least EXP_FAST_LOW and none NaN)."""
+    """exp's arith (`fast`: every element in [EXP_FAST_LOW, EXP_HIGH))."""
     et = x.type
     shape = ir.VectorType(et).shape if isinstance(et, ir.VectorType) else None
     i32 = ir.IntegerType.get_signless(32)
@@ -299,9 +320,8 @@ def _exp(x: ir.Value, fast: bool) -> ir.Value:
     def add(a: ir.Value, b: ir.Value) -> ir.Value:
         return arith.AddFOp(a, b).result
 
-    top = c(88.72283935546875)
-    xc = arith.SelectOp(arith.CmpFOp(4, x, top).result, x, top).result if fast else \
-        arith.MinimumFOp(arith.MaximumFOp(x, c(-104.0)).result, top).result
+    top = c(EXP_HIGH)
+    xc = x if fast else arith.MinimumFOp(arith.MaximumFOp(x, c(-104.0)).result, top).result
     n = mmath.FloorOp(add(mul(xc, c(1.44269504088896341)), c(0.5))).result
     r = arith.SubFOp(arith.SubFOp(xc, mul(n, c(0.693359375))).result, mul(n, c(-2.12194440e-4))).result
     p = c(1.9875691500e-4)
@@ -309,10 +329,9 @@ def _exp(x: ir.Value, fast: bool) -> ir.Value:
         p = add(mul(p, r), c(k))
     y = add(add(mul(p, mul(r, r)), r), c(1.0))
     ni = arith.FPToSIOp(it, n).result
-    if fast:  # y in [0.7, 1.5) and n in -124..128: the result's exponent is y's plus n
+    if fast:  # y in [0.7, 1.5) and n in -124..128 (y < 1 where n = 128, below EXP_HIGH): y's exponent plus n
         bits = arith.AddIOp(arith.BitcastOp(it, y).result, arith.ShLIOp(ni, splat(23, it)).result).result
-        result = arith.BitcastOp(et, bits).result
-        return arith.SelectOp(arith.CmpFOp(2, x, top).result, c(float("inf")), result).result
+        return arith.BitcastOp(et, bits).result
     # 2**n as 2**(n >> 1) * 2**(n - (n >> 1)): both factors normal for n in -150..128 (results down to 0)
     half = arith.ShRSIOp(ni, splat(1, it)).result
 
