@@ -35,6 +35,7 @@ from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
 
 ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+FEW_ROWS = (2,)  # register tiles of fewer rows than the target's, for segments with that few (decode: `few_rows`)
 # rows of one weight-gradient chunk: each chunk adds X^T dY into the expert's whole [K, N] block, so longer
 # chunks pass over that block fewer times
 WGRAD_ROWS = 512
@@ -335,25 +336,20 @@ def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value
                     real = _real_rows(perm, start, size)
                     has = B.if_(B.cmpi("gt", real, B.c_index(0)))
                     with ir.InsertionPoint(has.then_block):
-                        if m:
-                            tiles = B.ceil_div(real, m)
-                            x = B.slice_tensor(xp, [arith.DivUIOp(start, B.c_index(m)).result, 0, 0],
-                                               [tiles, D, m])
-                            rows = B.mul(tiles, B.c_index(m))
-                        else:  # the real rows rounded up to whole register tiles where the padding allows
-                            tile_m = cx.target.tile[0]
-                            rows = B.minsi(B.mul(B.ceil_div(real, tile_m), B.c_index(tile_m)), size)
-                            x = B.slice_tensor(xp, [start, 0], [rows, D])
-                        pl = B.loop(p0, p1)
-                        with ir.InsertionPoint(pl.body):
-                            j = pl.induction_variable
-                            n0 = B.mul(j, B.c_index(PANEL))
-                            ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
-                            cx.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns
-                            chunk_out(cx, op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)),
-                                      start, perm, out, gates, part, et)
-                            cx.dim_map = {}
-                            scf.YieldOp([])
+
+                        def over_panels(x: ir.Value, rows: ir.Value) -> None:
+                            pl = B.loop(p0, p1)
+                            with ir.InsertionPoint(pl.body):
+                                j = pl.induction_variable
+                                n0 = B.mul(j, B.c_index(PANEL))
+                                ws = [B.slice_tensor(w, [e, j, 0, 0], [1, 1, D, PANEL], drop=[0, 1]) for w in w_ts]
+                                cx.dim_map = {op.result.type.shape[-1]: PANEL}  # the epilogue sees PANEL columns
+                                chunk_out(cx, op, x, ws, rows, real, n0, B.minsi(B.c_index(PANEL), B.sub(N, n0)),
+                                          start, perm, out, gates, part, et)
+                                cx.dim_map = {}
+                                scf.YieldOp([])
+
+                        few_rows(xp, start, real, size, D, m or cx.target.tile[0], bool(m), over_panels)
                         scf.YieldOp([])
                     if gates is None:  # the segment's padding rows (after its real ones) are zero rows: item 0's
                         _zero_rows(out, B.add(start, real), B.sub(size, real), B.cmpi("eq", grp, B.c_index(0)), et)
@@ -363,6 +359,39 @@ def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value
                 scf.YieldOp([claimed])
             scf.YieldOp([B.add(g, B.c_index(1)), work.results[0]])
         scf.YieldOp(list(groups.results))
+
+
+def few_rows(xp: ir.Value, start: ir.Value, real: ir.Value, size: ir.Value, D: ir.Value, m: int, packed: bool,
+             gemm: Any) -> None:
+    """gemm(x, rows) on the `real` rows of a chunk of `size` from row `start` of xp: its real rows rounded up to whole
+    register tiles of m rows (where the padding has that many: `size`), or where they are at most one of FEW_ROWS
+    (< m), that many rows (a register tile of r rows, its shape static). xp is [rows, D], or [tiles, D, m] with
+    `packed` rows (`pack_rows`; x then [tiles or 1, D, m or r]). An expert at decode gets a row or two: padded to m
+    rows, its GEMM did m / r times the multiplications (for the same reads of its weights)."""
+    first = arith.DivUIOp(start, B.c_index(m)).result
+    few = [r for r in FEW_ROWS if r < m]
+
+    def variant(i: int) -> None:
+        if i == len(few) and packed:
+            tiles = B.ceil_div(real, m)
+            gemm(B.slice_tensor(xp, [first, 0, 0], [tiles, D, m]), B.mul(tiles, B.c_index(m)))
+            return
+        if i == len(few):
+            rows = B.minsi(B.mul(B.ceil_div(real, m), B.c_index(m)), size)
+            gemm(B.slice_tensor(xp, [start, 0], [rows, D]), rows)
+            return
+        r = few[i]
+        fits = B.if_(arith.AndIOp(B.cmpi("le", real, B.c_index(r)), B.cmpi("ge", size, B.c_index(r))).result,
+                     has_else=True)
+        with ir.InsertionPoint(fits.then_block):
+            gemm(B.slice_tensor(xp, [first, 0, 0], [1, D, r]) if packed else B.slice_tensor(xp, [start, 0], [r, D]),
+                 r)
+            scf.YieldOp([])
+        with ir.InsertionPoint(fits.else_block):
+            variant(i + 1)
+            scf.YieldOp([])
+
+    variant(0)
 
 
 @KERNELS.lowers(M.GroupedWeightGradOp)

@@ -15,11 +15,13 @@ BLOCK_M = ROW_BLOCK
 def tiles(kind: str, shape: tuple, tile: tuple[int, int]) -> list[int]:
     """Tile sizes of a scheduled op's loops: the last two output dims by the register tile TILE_M x TILE_N (the
     last by TILE_N for a vector), 1 for leading dims, and 1 for a matmul's reduction. A last dim known to be
-    narrower than TILE_N (a router's 8 experts) is one tile wide: peeled, it would all be the scalar remainder."""
+    narrower than TILE_N (a router's 8 experts) is one tile wide, and so are rows known to be fewer than TILE_M (a
+    decode step's expert rows): peeled, they would all be the scalar remainder."""
     tile_m, tile_n = tile
     rank, last = len(shape), shape[-1] if shape else None
     width = last if isinstance(last, int) and 0 < last < tile_n else tile_n
-    out = [1] * max(0, rank - 2) + ([tile_m, width] if rank >= 2 else [width])
+    rows = shape[-2] if rank >= 2 and isinstance(shape[-2], int) and 0 < shape[-2] < tile_m else tile_m
+    out = [1] * max(0, rank - 2) + ([rows, width] if rank >= 2 else [width])
     return out + [1] if kind == "matmul" else out
 
 
