@@ -186,6 +186,31 @@ def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
     assert ("vector.maskedload" in cpu.stage("mlir")) == lanes
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
+@pytest.mark.parametrize("dtype", ["f32", "i32", "i64", "bool"])
+def test_transposes_of_the_last_two_axes(target, dtype):
+    """Blocks of lanes x lanes transposed in registers (16, 8 or 4 lanes of 32 bits, 8, 4 or 2 of 64), rows and
+    columns past the last whole block one at a time, bools one at a time; ranks 2 to 4 (leading dims one), shapes below, at and past
+    a block, a 3-D permutation that is not a swap of the last two (the generic): every element where NumPy puts it."""
+    from sparsa.backends.cpu.target import named_target
+
+    if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+        pytest.skip(f"{target} does not run here")
+    np_type = {"f32": np.float32, "i32": np.int32, "i64": np.int64, "bool": np.bool_}[dtype]
+    src = f"""model M(a: {dtype}[R, C], b: {dtype}[2, R, C], c: {dtype}[2, 3, R, C]) -> ({dtype}[C, R], {dtype}[2, C, R],
+        {dtype}[2, 3, C, R], {dtype}[C, 2, R]) {{
+    return transpose(a, [1, 0]), transpose(b, [0, 2, 1]), transpose(c, [0, 1, 3, 2]), transpose(b, [2, 0, 1])
+}}"""
+    m = sparsa.compile(src.replace("\n        ", " "), target=target)
+    rng = np.random.default_rng(0)
+    for R, C in [(1, 1), (3, 5), (16, 16), (37, 70), (64, 33), (5, 128)]:
+        ins = [(rng.standard_normal(s) * 100).astype(np_type) for s in ((R, C), (2, R, C), (2, 3, R, C))]
+        want = [ins[0].T, ins[1].transpose(0, 2, 1), ins[2].transpose(0, 1, 3, 2), ins[1].transpose(2, 0, 1)]
+        for got, w in zip(m(*ins), want, strict=True):
+            assert got.dtype == w.dtype and np.array_equal(got, w), (R, C)
+    assert "transpose" in m.native.stages["llvm"]
+
+
 def test_vector_exp_short_and_full_forms():
     """A lane scan's decay exp on vectors of channels: vectors all in [EXP_FAST_LOW, EXP_HIGH) take the short form,
     vectors with a lane outside, a NaN or an infinity the full one; both against float64 (normal results within 2 ulp,
