@@ -4,6 +4,7 @@ same kernels one by one (SPARSA_NATIVE_HOST=0, bitwise) and against the referenc
 
 from __future__ import annotations
 
+import re
 import threading
 
 import numpy as np
@@ -167,10 +168,12 @@ def test_functions_with_python_host_ops_say_so():
 @pytest.mark.parametrize("tokens", [1, 4, 150])
 def test_moe_layers_run_natively(monkeypatch, example, tokens):
     """Dispatch (its permutation at its bound, the capacity per set of shapes), the grouped GEMMs on the panels the
-    first call packed, a combine's parts summed: bitwise the Python host's, at decode and at prefill sizes."""
+    first call packed (segments of one or two rows as a two-row register tile), a combine's parts summed: bitwise the
+    Python host's, at decode and at prefill sizes."""
     src = open(_example(example)).read()
     native, python, ref = _pair(src, monkeypatch)
     assert native.native.main is not None, native.native.host.why_not
+    assert re.search(r"vector<(1x)?2x\d+xf32>", native.native.stages["loops"])  # whatever the target's tile
     sizes = {"T": tokens, "S": tokens, "B": 1}
     ins = [rng.standard_normal([sizes.get(d, 2) if isinstance(d, str) else d for d in t.shape], np.float32)
            if t.dtype.startswith("f") else rng.integers(0, 50, [sizes.get(d, 2) if isinstance(d, str) else d

@@ -368,7 +368,7 @@ def few_rows(xp: ir.Value, start: ir.Value, real: ir.Value, size: ir.Value, D: i
     (< m), that many rows (a register tile of r rows, its shape static). xp is [rows, D], or [tiles, D, m] with
     `packed` rows (`pack_rows`; x then [tiles or 1, D, m or r]). An expert at decode gets a row or two: padded to m
     rows, its GEMM did m / r times the multiplications (for the same reads of its weights)."""
-    first = arith.DivUIOp(start, B.c_index(m)).result
+    first = arith.DivUIOp(start, B.c_index(m)).result if packed else None  # the chunk's first tile
     few = [r for r in FEW_ROWS if r < m]
 
     def variant(i: int) -> None:
