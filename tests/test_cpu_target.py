@@ -215,7 +215,7 @@ def test_vector_exp_short_and_full_forms():
     """A lane scan's decay exp on vectors of channels: vectors all in [EXP_FAST_LOW, EXP_HIGH) take the short form,
     vectors with a lane outside, a NaN or an infinity the full one; both against float64 (normal results within 2 ulp,
     subnormals, 0, inf and NaN exactly) around the thresholds and the overflow point."""
-    from sparsa.backends.cpu.build import EXP_FAST_LOW
+    from sparsa.backends.cpu.build import EXP_FAST_LOW, EXP_HIGH
 
     src = """model M(x: f32[B, L, D], b: f32[B, L, D], w: f32[D, N], c: f32[B, L, N]) -> f32[B, L, D] {
     h = scan(exp(x[:, :, :, None] * w), b[:, :, :, None] * c[:, :, None, :], axis=1)
@@ -223,10 +223,9 @@ def test_vector_exp_short_and_full_forms():
 }"""
     cpu = sparsa.compile(src, target="cpu")
     rng = np.random.default_rng(0)
-    from sparsa.backends.cpu.build import EXP_HIGH
-
     fast = rng.uniform(EXP_FAST_LOW, 88.0, 512)
     fast[-32:] = np.linspace(88.6, np.nextafter(np.float32(EXP_HIGH), np.float32(0)), 32)  # the short form's last
+    fast[-64 + 5] = EXP_HIGH  # one lane at the overflow point sends its vector to the full form (the short: NaN)
     edges = [EXP_FAST_LOW, EXP_FAST_LOW + 1e-5, -87.3, -87.4, -90.0, -103.0, -103.9, -104.5, -150.0, 88.72283935546875,
              88.7229, 89.0, 100.0, 0.0, -0.0, 1e-30, np.inf, -np.inf, np.nan]
     mixed = rng.uniform(-110.0, 90.0, 512 - len(edges))
