@@ -151,8 +151,8 @@ def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Va
     """dst[e, p] = w[e, :, c0:c0 + PANEL] in vectors of `lanes` (at_w(kk, col): src's indices of w[e, kk, col]).
     From a source stored [E, N, K] (`transposed`: PyTorch's layout), per step of `lanes` rows of K, each group of
     lanes columns is read as lanes vectors along K, transposed in registers (`B.transpose_square`) and stored as
-    lanes rows of the panel: every load and store a vector, where one element at a time packed a 16 MB weight at
-    ~6 GB/s. The rows of K past the last whole step go one element at a time."""
+    lanes rows of the panel: every load and store a vector, where one element at a time packed a 16 MB weight in
+    2.5-4.2 ms (1.3-1.7 now, Zen 4). The rows of K past the last whole step go one element at a time."""
     vt = ir.VectorType.get([lanes], ir.MemRefType(dst.type).element_type)
     if not transposed:  # w's columns are contiguous in src: row by row, vector by vector
         rows = B.loop(0, K)

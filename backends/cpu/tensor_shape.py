@@ -93,7 +93,7 @@ def swap_last_axes(cx: KernelContext, x: ir.Value, out: ir.Value, part: ir.Value
     past the last whole block, a last partial block of columns, and bools go an element at a time. Parts take
     blocks of `lanes` columns of one slice of the leading dims (each writes its own rows of out). Element by
     element, a 4 MB Linear weight took ~3.5 ms (~1 GB/s); by blocks 0.3 ms (Zen 4, two threads)."""
-    rank = x_rank(x)
+    rank = _rank(x)
     et = ir.MemRefType(x.type).element_type
     bits = ir.FloatType(et).width if isinstance(et, ir.FloatType) else \
         ir.IntegerType(et).width if isinstance(et, ir.IntegerType) else 0
@@ -143,7 +143,8 @@ def swap_last_axes(cx: KernelContext, x: ir.Value, out: ir.Value, part: ir.Value
         scf.YieldOp([])
 
 
-def x_rank(m: ir.Value) -> int:
+def _rank(m: ir.Value) -> int:
+    """A memref's rank."""
     return ir.MemRefType(m.type).rank
 
 
