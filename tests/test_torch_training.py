@@ -284,6 +284,11 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     assert backend.stats["moe blocks recognized for training"] == 1
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     assert {"moe.dispatch", "moe.grouped_weight_grad", "tensor.scatter_add"} <= names
+    # the backward makes the SwiGLU products again (its residuals are recomputed) but not the down projection's:
+    # the gates' gradient comes from dY's rows through W2^T, the GEMM dH needs anyway (x needs no gradient here, so
+    # no dX GEMMs: 2 + 1)
+    backward = [op.NAME for op in backend.partitions[-1].func.walk()]
+    assert backward.count("moe.grouped_matmul") == 3 and "moe.grouped_matmul_combine" not in backward, backward
     if target == "cpu" and experts == "grouped_mm":  # gate_up's halves packed through the slices, not copied out
         kernels = [(launch.kernel.name, launch.kernel.op.NAME) for part in backend.partitions
                    for launch in part.native.host.launches]

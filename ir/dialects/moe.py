@@ -383,8 +383,9 @@ class GroupedMatmulCombineOp(Operation):
         """The expert rows as a grouped matmul, then the weighted combine as tensor ops (gather the gate, scale,
         scatter-add to the token), so a backward reads the rows (saved) for the gates' gradient instead of
         computing the last GEMM again. Not where the tokens are known only at run time (rows another rank sent):
-        the sum has no shape to start from."""
-        if None in self.result.type.shape:
+        the sum has no shape to start from; nor where the epilogue keeps the product, whose gates' gradient the rule
+        takes from the rows' own (`vjp`): the fused op then stays, and its product is neither saved nor made again."""
+        if None in self.result.type.shape or _keeps_product(self.epilogue):
             return None
         (rows,), _ = g.inline(self.epilogue, _products(self, g, [self.weight]))
         tok, slot = _token_of(self, g)
@@ -396,21 +397,35 @@ class GroupedMatmulCombineOp(Operation):
         return [g.emit("tensor.scatter_add", g.full(0.0, self.result.type), weighted, [tok])]
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """Each kept assignment's row gets gates[t, j] dY[t]; its gate gets <row, dY[t]> (dropped assignments,
-        not in perm, get nothing); then as a grouped matmul."""
+        """Each kept assignment's row gets gates[t, j] dY[t]; its gate gets <row @ W_e, dY[t]> (dropped
+        assignments, not in perm, get nothing); then as a grouped matmul. Where the epilogue keeps the product
+        (a SwiGLU expert's down projection), <row @ W_e, dY[t]> = <row, dY[t] @ W_e^T>: one grouped matmul of dY's
+        rows through the transposed weights gives the gates' gradient and, scaled by the gate, the rows', and the
+        product is not computed again (a forward GEMM fewer in the backward where residuals are recomputed)."""
         dy = dys[0]
-        (z,) = _products(self, g, [self.weight])
-        inlined = g.inline(self.epilogue, [z])
-        rows_out = inlined[0][0]
         tok, slot = _token_of(self, g)
         real = g.emit("tensor.cmp", self.perm, g.scalar(0, "i64"), pred="ge")
         dy_rows = g.emit("tensor.gather", dy, [tok])
-        gate = g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot]))
-        d_out = g.mul(dy_rows, g.emit("tensor.expand_dims", gate, axes=[1]))
-        dot = g.mask(real, g.sum(g.mul(rows_out, dy_rows), [1]))
+        gate = g.emit("tensor.expand_dims", g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot])), axes=[1])
+        d_out = g.mul(dy_rows, gate)
+        if _keeps_product(self.epilogue):
+            wt = g.emit("tensor.transpose", self.weight, perm=[0, 2, 1])
+            back = g.emit("moe.grouped_matmul", dy_rows, self.perm, self.offsets, [wt], regions=[g.identity(
+                TensorType(dy.type.dtype, (None, self.weight.type.shape[1])))], topk=self.topk, gather=False)
+            rows = g.emit("tensor.gather", self.rows, [tok]) if self.gather else self.rows
+            dot = g.mask(real, g.sum(g.mul(rows, back), [1]))
+            drows = g.mul(back, gate)
+            if self.gather:  # each position's row back to its token (padding rows are zero)
+                drows = g.emit("tensor.scatter_add", g.zeros_like(self.rows), drows, [tok])
+            dw = g.emit("moe.grouped_weight_grad", self.rows, self.perm, self.offsets, d_out, topk=self.topk,
+                        gather=self.gather)
+        else:
+            (z,) = _products(self, g, [self.weight])
+            inlined = g.inline(self.epilogue, [z])
+            dot = g.mask(real, g.sum(g.mul(inlined[0][0], dy_rows), [1]))
+            (dz,) = g.region(self.epilogue, [z], [d_out], inlined)
+            drows, (dw,) = _grouped_backward(self, g, [self.weight], [dz])
         dgates = g.emit("tensor.scatter_add", g.zeros_like(self.gates), dot, [tok, slot])
-        (dz,) = g.region(self.epilogue, [z], [d_out], inlined)
-        drows, (dw,) = _grouped_backward(self, g, [self.weight], [dz])
         return [drows, None, None, dw, dgates]
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
