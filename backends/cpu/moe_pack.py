@@ -109,16 +109,16 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
         n = B.c_index(N) if isinstance(N, int) else B.mdim(src, axis_of[2])
         K = B.mdim(dst, 2)
 
-        def at_w(kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # src's indices of w[e, kk, col]
+        def at_w(e: ir.Value, kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # src's indices of w[e, kk, col]
             at = {0: e, axis_of[1]: B.add(kk, B.c_index(offset[1])), axis_of[2]: B.add(col, B.c_index(offset[2]))}
             return [at[0], at[1], at[2]]
 
-        def elements(p: ir.Value) -> None:  # one at a time, zero past column n
+        def elements(e: ir.Value, p: ir.Value) -> None:  # one at a time, zero past column n
             with B.nest([K, B.c_index(PANEL)]) as (kk, j):
                 col = B.add(B.mul(p, B.c_index(PANEL)), j)
                 inside = B.if_(B.cmpi("lt", col, n), [et], has_else=True)
                 with ir.InsertionPoint(inside.then_block):
-                    scf.YieldOp([B.load(src, *at_w(kk, col))])
+                    scf.YieldOp([B.load(src, *at_w(e, kk, col))])
                 with ir.InsertionPoint(inside.else_block):
                     scf.YieldOp([B.c_float(0.0, et)])
                 B.store(inside.results[0], dst, e, p, kk, j)
@@ -130,15 +130,15 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
             with ir.InsertionPoint(pl.body):
                 p = pl.induction_variable
                 if not vectors:
-                    elements(p)
+                    elements(e, p)
                 else:  # a whole panel's columns in w: vectors of lanes
                     c0 = B.mul(p, B.c_index(PANEL))
                     whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(PANEL)), n), has_else=True)
                     with ir.InsertionPoint(whole.then_block):
-                        pack_panel(src, dst, e, p, c0, K, lanes, axis_of[1] == 2, at_w)
+                        pack_panel(src, dst, e, p, c0, K, lanes, axis_of[1] == 2, lambda kk, col: at_w(e, kk, col))
                         scf.YieldOp([])
                     with ir.InsertionPoint(whole.else_block):  # the last panel, past N
-                        elements(p)
+                        elements(e, p)
                         scf.YieldOp([])
                 scf.YieldOp([])
             scf.YieldOp([])

@@ -104,7 +104,7 @@ def swap_last_axes(cx: KernelContext, x: ir.Value, out: ir.Value, part: ir.Value
         groups = [range(rank - 2), [rank - 2], [rank - 1]] if rank > 3 else None
         x, out = (_three_d(m, et, groups) for m in (x, out))
     R, C = B.mdim(x, 1), B.mdim(x, 2)
-    blocks = B.ceil_div(C, max(lanes, 1))
+    blocks = B.ceil_div(C, lanes)
     items = B.loop(part, B.mul(B.mdim(x, 0), blocks), parts)
     with ir.InsertionPoint(items.body):
         item = items.induction_variable

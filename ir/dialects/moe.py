@@ -409,9 +409,7 @@ class GroupedMatmulCombineOp(Operation):
         gate = g.emit("tensor.expand_dims", g.mask(real, g.emit("tensor.gather", self.gates, [tok, slot])), axes=[1])
         d_out = g.mul(dy_rows, gate)
         if _keeps_product(self.epilogue):
-            wt = g.emit("tensor.transpose", self.weight, perm=[0, 2, 1])
-            back = g.emit("moe.grouped_matmul", dy_rows, self.perm, self.offsets, [wt], regions=[g.identity(
-                TensorType(dy.type.dtype, (None, self.weight.type.shape[1])))], topk=self.topk, gather=False)
+            back = _through_transposed(self, g, self.weight, dy_rows)
             rows = g.emit("tensor.gather", self.rows, [tok]) if self.gather else self.rows
             dot = g.mask(real, g.sum(g.mul(rows, back), [1]))
             drows = g.mul(back, gate)
@@ -493,6 +491,13 @@ def _token_of(op: Operation, g: Any) -> tuple[Any, Any]:
     return g.emit("tensor.floordiv", a, k), g.emit("tensor.mod", a, k)
 
 
+def _through_transposed(op: Operation, g: Any, w: Any, dz: Any) -> Any:
+    """dz's rows (in perm order) @ W_e^T per expert segment, padding rows zero."""
+    wt = g.emit("tensor.transpose", w, perm=[0, 2, 1])
+    return g.emit("moe.grouped_matmul", dz, op.perm, op.offsets, [wt], regions=[g.identity(
+        TensorType(dz.type.dtype, (None, w.type.shape[1])))], topk=op.topk, gather=False)
+
+
 def _grouped_backward(op: Operation, g: Any, weights: list[Any], dzs: list[Any]) -> tuple[Any, list[Any]]:
     """From each product's cotangent (rows in perm order): the rows' cotangent (through the transposed weights,
     scattered back to tokens when the rows were gathered) and each weight's, X_seg^T dZ_seg per expert."""
@@ -502,9 +507,7 @@ def _grouped_backward(op: Operation, g: Any, weights: list[Any], dzs: list[Any])
         if dz is None:
             dws.append(None)
             continue
-        wt = g.emit("tensor.transpose", w, perm=[0, 2, 1])
-        part = g.emit("moe.grouped_matmul", dz, op.perm, op.offsets, [wt], regions=[g.identity(
-            TensorType(dz.type.dtype, (None, w.type.shape[1])))], topk=op.topk, gather=False)
+        part = _through_transposed(op, g, w, dz)
         drows = part if drows is None else g.add(drows, part)
         dws.append(g.emit("moe.grouped_weight_grad", op.rows, op.perm, op.offsets, dz, topk=op.topk,
                           gather=op.gather))
