@@ -631,16 +631,6 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 
 
-def _moe_swiglu_backward(im: Importer, node: Any, dy: Value, x: Value, idx: Value, w: Value, gate_up: Value,
-                         down: Value) -> tuple:
-    """A folded MoE block's backward (frontend/torch_moe.py): the block again and its pullback, which
-    `expand-pullbacks` turns into the dispatch's and grouped matmuls' rules (their training forms)."""
-    y = _moe_swiglu(im, node, x, idx, w, gate_up, down)
-    if dy.type != y.type:
-        raise Unsupported(f"a MoE block's cotangent {dy.type} for its result {y.type}")
-    return im.emit(D.tensor_grad.PullbackOp, y, dy, [x, w, gate_up, down])
-
-
 def _build_table() -> dict[Any, Callable]:
     import torch
 
@@ -651,9 +641,7 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_moe import moe_swiglu
     from sparsa.frontend.torch_ssm import OPS as SSM
 
-    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu,
-                                  torch.ops.sparsa.moe_swiglu.default: _moe_swiglu,
-                                  torch.ops.sparsa.moe_swiglu_backward.default: _moe_swiglu_backward}
+    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         table[flex] = _flex_attention

@@ -28,6 +28,7 @@ Graphs that differ in any checked step are left alone (and run as before).
 
 from __future__ import annotations
 
+import itertools
 import operator
 from typing import Any
 
@@ -49,25 +50,39 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: tor
 
 
 # The folded block as a PyTorch op, for training graphs: folded before AOTAutograd traces the joint graph
-# (`fold_before_autograd`), its backward there is `moe_swiglu_backward`, which the importer turns into Sparsa's
-# derivative of the block (`tensor.pullback` of the `moe.moe`), instead of the graph of sorts, scatters and
-# grouped matmuls PyTorch's autograd makes of the unfolded block.
+# (`fold_before_autograd`), its backward there is `moe_swiglu_backward`, instead of the graph of sorts, scatters
+# and grouped matmuls PyTorch's autograd makes of the unfolded block. The torch.compile backend runs both as the
+# block compiled by Sparsa (runtime/torch_moe.py `FoldedBlocks`): the forward keeps its residuals (the dispatch,
+# the SwiGLU products) under the call's `key`, a fresh one-element tensor AOTAutograd saves for the backward, which
+# reads them there. `no_grad`: the positions among (x, w, gate_up, down) that need no gradient (as the fold saw
+# the graph's inputs), whose backward GEMMs the compiled block leaves out.
+_KEYS = itertools.count(1)
+
+
 @torch.library.custom_op("sparsa::moe_swiglu", mutates_args=())
 def moe_swiglu_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor) -> torch.Tensor:
-    """`moe_swiglu` as an op of its own (what runs where the partition holding it is not compiled)."""
-    return moe_swiglu(x, idx, w, gate_up, down)
+                  down: torch.Tensor, no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_swiglu` as an op of its own, and a fresh key (what runs where the backend does not replace it)."""
+    return moe_swiglu(x, idx, w, gate_up, down), new_key()
+
+
+def new_key() -> torch.Tensor:
+    """A key no other call of the block has had."""
+    return torch.tensor([next(_KEYS)], dtype=torch.int64)
 
 
 @moe_swiglu_op.register_fake
-def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
+def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+      no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(x), torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("sparsa::moe_swiglu_backward", mutates_args=())
-def moe_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                        down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cotangents of x, w, gate_up and down given dy's of `moe_swiglu` (none to the expert ids)."""
+def moe_swiglu_backward(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                        gate_up: torch.Tensor, down: torch.Tensor, no_grad: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cotangents of x, w, gate_up and down given dy's of `moe_swiglu` (none to the expert ids); this
+    definition computes all four from the inputs (the key and `no_grad` serve the compiled block)."""
     F = down.shape[-1]
     dx, dw, dgate_up, ddown = (torch.zeros_like(t) for t in (x, w, gate_up, down))
     for e in range(gate_up.shape[0]):
@@ -89,19 +104,21 @@ def moe_swiglu_backward(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w:
 
 
 @moe_swiglu_backward.register_fake
-def _(dy: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-      down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+      down: torch.Tensor, no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(torch.empty_like(t) for t in (x, w, gate_up, down))
 
 
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    ctx.save_for_backward(*inputs)
+def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    ctx.save_for_backward(output[1], *inputs[:5])
+    ctx.no_grad = inputs[5]
+    ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx: Any, dy: torch.Tensor) -> tuple:
-    x, idx, w, gate_up, down = ctx.saved_tensors
-    dx, dw, dgate_up, ddown = moe_swiglu_backward(dy, x, idx, w, gate_up, down)
-    return dx, None, dw, dgate_up, ddown
+def _backward(ctx: Any, dy: torch.Tensor, _dkey: Any) -> tuple:
+    key, x, idx, w, gate_up, down = ctx.saved_tensors
+    dx, dw, dgate_up, ddown = moe_swiglu_backward(dy, key, x, idx, w, gate_up, down, ctx.no_grad)
+    return dx, None, dw, dgate_up, ddown, None
 
 
 moe_swiglu_op.register_autograd(_backward, setup_context=_setup)
@@ -140,7 +157,8 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
             traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the graph goes on as Dynamo gave it, and says so
         raise FoldFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-    folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default)
+    folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default,
+                                 _needing_grad(traced, example_inputs))
     if not folded:
         return gm, 0
     traced.graph.eliminate_dead_code()
@@ -157,10 +175,28 @@ def _only_user(node: Any) -> Any:
     return users[0] if len(users) == 1 else None
 
 
-def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu) -> int:
+def _needing_grad(gm: Any, example_inputs: list[Any]) -> set[Any]:
+    """The nodes of a traced graph autograd will want a gradient of: float values computed from an input that
+    requires one (not through a detach)."""
+    aten = torch.ops.aten
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    need = {n for n, t in zip(placeholders, example_inputs, strict=False) if getattr(t, "requires_grad", False)}
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target is aten.detach.default:
+            continue
+        val = n.meta.get("val")
+        vals = val if isinstance(val, tuple | list) else (val,)
+        if any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals) and any(
+                a in need for a in n.all_input_nodes):
+            need.add(n)
+    return need
+
+
+def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] | None = None) -> int:
     """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph into a
     call of `into`; returns how many. The sort, histogram and grouped matmuls are left dead: the caller removes
-    them."""
+    them. With `needing_grad` (a training graph's nodes that want a gradient) `into` is `sparsa::moe_swiglu`: it
+    also takes the positions among (x, w, gate_up, down) that need none, and returns the output and a key."""
     grouped = getattr(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None), "default", None)
     aten = torch.ops.aten
     folded = 0
@@ -172,7 +208,13 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu) -> int:
             continue
         end, args = match
         with gm.graph.inserting_before(end):
-            call = gm.graph.call_function(into, args)
+            if needing_grad is None:
+                call = gm.graph.call_function(into, args)
+            else:
+                x, _, *floats = args
+                no_grad = [i for i, a in enumerate((x, *floats)) if a not in needing_grad]
+                both = gm.graph.call_function(into, (*args, no_grad))
+                call = gm.graph.call_function(operator.getitem, (both, 0))
         call.meta["val"] = end.meta.get("val")
         end.replace_all_uses_with(call)
         folded += 1

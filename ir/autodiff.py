@@ -198,10 +198,13 @@ class Grad:
 
 
 def grad_targets(func: Operation) -> list[tuple[str, str, Value]]:
-    """What a function's gradient is taken for, in order: ("input", name, value) for each float input, then
-    ("param", name, value) for each float weight, in the order they are declared."""
+    """What a function's gradient is taken for, in order: ("input", name, value) for each float input (but those at
+    the positions of its `no_grad` attribute), then ("param", name, value) for each float weight, in the order
+    they are declared."""
     block = func.regions[0].block
-    out = [("input", a.name_hint or str(a.index), a) for a in block.args if is_float(a.type.dtype)]
+    skip = set(func.attributes.get("no_grad") or ())
+    out = [("input", a.name_hint or str(a.index), a) for i, a in enumerate(block.args)
+           if is_float(a.type.dtype) and i not in skip]
     out += [("param", op.attributes["name"], op.result) for op in block.ops
             if op.NAME == "func.param" and is_float(op.result.type.dtype)]
     return out

@@ -20,6 +20,7 @@ from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
+from sparsa.ir.traits import View
 from sparsa.passes.base import Option, Pass
 
 
@@ -48,16 +49,23 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     """`@M_fwd` (the inputs in; the outputs and the residuals out) and `@M_bwd` (the residuals and one cotangent
     per output in; the gradients out) from `@M_vjp`. A residual is a forward value the backward reads, except what
     it makes again for nothing: weights (declared again), constants, and what only they feed (run once per weight
-    load, as every weight-only value is)."""
+    load, as every weight-only value is), and views (slices, transposes, reshapes) of inputs and of those: the
+    backward takes the input and views it again, where the consumer reads through the view (a weight given as an
+    input, transposed and packed as it is read) instead of the forward writing the view out as a residual."""
     block = vjp.regions[0].block
     n_in = len(block.args) - len(outputs)
     fwd_ops, bwd_ops = block.ops[:n_forward], block.ops[n_forward:]
     produced = {id(r): op for op in fwd_ops for r in op.results}
     inputs = {id(a) for a in block.args[:n_in]}
-    cheap: set[int] = set()  # ops the backward makes again: params, constants and what only they feed
+    cheap: set[int] = set()  # ops the backward makes again: params, constants, what only they feed, and views
+
+    def made_again(v: Value) -> bool:
+        return id(v) in produced and id(produced[id(v)]) in cheap
+
     for op in fwd_ops:
         if (not op.operands and not op.regions) or (op.operands and not op.regions and all(
-                id(v) in produced and id(produced[id(v)]) in cheap for v in op.operands)):
+                made_again(v) for v in op.operands)) or (isinstance(op, View) and all(
+                made_again(v) or id(v) in inputs for v in op.operands)):
             cheap.add(id(op))
     needed: list = []
     seen: set[int] = set()

@@ -9,7 +9,8 @@ Registered through the `torch_dynamo_backends` entry point. Options:
 
 expert_parallel: a torch.distributed process group (`dist.group.WORLD`): each MoE a partition holds runs expert
 parallel over its ranks (`shard-experts`): this rank's tokens in, its block of the experts (cut from the full
-parameters each rank holds), tokens exchanged with all_to_all. Every rank must run the same model.
+parameters each rank holds), tokens exchanged with all_to_all. Every rank must run the same model. (Training
+graphs' folded MoE blocks do not yet: they run their PyTorch definitions, reported as fallbacks.)
 
 Targets: "auto" (the default: partitions on CUDA tensors run on `triton`, partitions on CPU tensors on
 `cpu`, native code through MLIR, or on `reference` where torch-mlir is not installed), or one of
@@ -47,6 +48,7 @@ from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
 from sparsa.passes.pipelines import expert_parallel_pipeline
 from sparsa.runtime.report import LOG, REPORT, PartitionRecord
+from sparsa.runtime.torch_moe import BlockCall, FoldedBlocks
 
 # Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
 GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
@@ -81,6 +83,8 @@ class SparsaBackend:
         self.stats: Counter[str] = Counter()
         self.fallbacks: Counter[str] = Counter()
         self.partitions: list[CompiledPartition] = []  # for inspection: each one's IR after the pipeline
+        # training graphs' folded MoE blocks, compiled whole (runtime/torch_moe.py); `.models` for inspection
+        self.moe_blocks = FoldedBlocks(self.target, group)
 
     def __call__(self, gm: Any, example_inputs: list[Any]) -> Any:
         from torch._dynamo.backends.common import aot_autograd
@@ -126,6 +130,10 @@ class SparsaBackend:
 
     def partition_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
         """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
+        for name, target, func in self.moe_blocks.install(gm):  # a training graph's folded blocks, compiled whole
+            self.stats["moe blocks compiled for training"] += 1
+            self.record.partitions.append(PartitionRecord(name, target, Counter(
+                op.NAME for op in func.walk() if not op.STRUCTURAL)))
         moe_blocks = fold_grouped_mm_moe(gm)
         self.stats["moe blocks recognized"] += moe_blocks
         if moe_blocks + fold_pad_slices(gm):
@@ -176,7 +184,7 @@ class SparsaBackend:
         fused.graph.eliminate_dead_code()
         laid_out = _layout_bound(fused)  # the fused graph's own nodes, for the reasons below
         for node in fused.graph.nodes:  # what still runs in PyTorch
-            if node.op != "call_function" or node.target is operator.getitem:
+            if node.op != "call_function" or node.target is operator.getitem or isinstance(node.target, BlockCall):
                 continue
             if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
                 self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
@@ -300,6 +308,8 @@ def _type_problem(node: Any, devices: tuple[str, ...], target: str) -> str | Non
 
 def _why_not(node: Any, devices: tuple[str, ...], target: str, laid_out: set[Any]) -> str:
     """Why an ATen node was not given to Sparsa (`laid_out`: the graph's `_layout_bound` nodes)."""
+    if "sparsa_why" in node.meta:
+        return node.meta["sparsa_why"]
     if node.target not in SUPPORTED:
         return "no import into Sparsa's IR for this op"
     if node in laid_out:

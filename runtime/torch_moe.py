@@ -19,10 +19,17 @@ version (`load_state_dict`, `copy_` and optimizer steps make a new version; writ
 call `refresh()` after those). Use it before `torch.compile`; Dynamo leaves the swapped blocks alone (they run
 as Sparsa calls) and compiles the rest. Under autograd (training), a swapped block's backward is Sparsa's
 (`m.vjp`): gradients reach the hidden states and the block's parameters.
+
+`FoldedBlocks` serves the torch.compile backend instead: the blocks of a training graph that it folded into
+`sparsa::moe_swiglu` (frontend/torch_moe.py) run as their experts compiled whole, the forward's residuals kept
+for the backward under a key the op returns.
 """
 
 from __future__ import annotations
 
+import operator
+import weakref
+from collections import Counter
 from typing import Any
 
 import torch
@@ -38,7 +45,15 @@ model MoE(x: {dt}[T, {D}]{inputs}) -> {dt}[T, {D}] {{
 {params}    p = softmax(x @ gate.T)
     w, idx = topk(p, k={K})
     {renorm}
-    return moe(x, idx, w) |e, h| {{ (silu(h @ w_gate_up[e][:{F}].T) * (h @ w_gate_up[e][{F}:].T)) @ w_down[e].T }}
+    return {experts}
+}}
+"""
+EXPERTS = "moe(x, idx, w) |e, h| {{ (silu(h @ w_gate_up[e][:{F}].T) * (h @ w_gate_up[e][{F}:].T)) @ w_down[e].T }}"
+# the experts alone (a training graph's folded block: the router is the graph's), the same weights as inputs
+EXPERTS_SOURCE = """
+model MoEExperts(x: {dt}[T, {D}], idx: i64[T, {K}], w: {dt}[T, {K}], w_gate_up: {dt}[{E}, {F2}, {D}],
+                 w_down: {dt}[{E}, {D}, {F}]) -> {dt}[T, {D}] {{
+    return {experts}
 }}
 """
 WEIGHTS = (("gate", "[{E}, {D}]"), ("w_gate_up", "[{E}, {F2}, {D}]"), ("w_down", "[{E}, {D}, {F}]"))
@@ -57,6 +72,17 @@ def known_moe_block(module: torch.nn.Module) -> bool:
     act = type(getattr(experts, "act_fn", None)).__name__.lower()
     return (gu.dim() == 3 and gu.shape[0] == E and gu.shape[2] == D and gu.shape[1] % 2 == 0
             and tuple(down.shape) == (E, D, gu.shape[1] // 2) and "silu" in act)
+
+
+def block_target(target: str, x: torch.Tensor, what: str) -> str:
+    """The target a compiled MoE block runs x on: `target`, or for "auto" triton on CUDA tensors, else cpu for
+    float32 (the cpu target's kernels are float32) where it can run, else the reference."""
+    if x.dtype not in _DTYPES:
+        raise SparsaError(f"{what}: dtype {x.dtype} is not supported (float32, bfloat16, float16)")
+    if target != backends.AUTO:
+        return target
+    cpu = ("cpu", "reference") if x.dtype == torch.float32 else ("reference",)
+    return backends.choose(("triton",) if x.device.type == "cuda" else cpu).NAME
 
 
 class SparsaMoEBlock(torch.nn.Module):
@@ -92,19 +118,15 @@ class SparsaMoEBlock(torch.nn.Module):
         params = "".join(f"    param {name}: {t}\n" for name, t in decls) if self.freezing else ""
         renorm = getattr(gate, "norm_topk_prob", True)
         return MOE_SOURCE.format(dt=dt, D=D, F=F, K=gate.top_k, inputs=inputs, params=params,
-                                 renorm="w = w / sum(w, axis=-1, keepdim=true)" if renorm else "")
+                                 renorm="w = w / sum(w, axis=-1, keepdim=true)" if renorm else "",
+                                 experts=EXPERTS.format(F=F))
 
     def compiled(self, x: torch.Tensor) -> Any:
         """The compiled model for x's device and dtype (with freezing, its weights read from the block's
         parameters when they changed)."""
         import sparsa
 
-        if x.dtype not in _DTYPES:
-            raise SparsaError(f"swapped MoE block: dtype {x.dtype} is not supported (float32, bfloat16, float16)")
-        target = self.target
-        if target == backends.AUTO:  # the cpu target's kernels are float32; half precision on CPU runs on the reference
-            cpu = ("cpu", "reference") if x.dtype == torch.float32 else ("reference",)
-            target = backends.choose(("triton",) if x.device.type == "cuda" else cpu).NAME
+        target = block_target(self.target, x, "swapped MoE block")
         key = (target, x.device.type, x.dtype)
         if key not in self._models:
             self._models[key] = sparsa.compile(self.source(x.dtype), target=target,
@@ -165,3 +187,123 @@ def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool
         setattr(parent, child, SparsaMoEBlock(module, target, freezing, expert_parallel))
         swapped.append(name)
     return swapped
+
+
+# (x, w, gate_up, down): the block's float inputs, as `sparsa::moe_swiglu`'s `no_grad` counts them, and their
+# positions among the compiled experts' inputs (x, idx, w, w_gate_up, w_down) and names there
+_FLOAT_INPUTS = ((0, "x"), (2, "w"), (3, "w_gate_up"), (4, "w_down"))
+
+
+class BlockCall:
+    """What a training graph calls in place of `sparsa::moe_swiglu` (forward) or its backward: the folded block
+    compiled by Sparsa (`FoldedBlocks`). `wanted`: the backward's results the graph reads."""
+
+    def __init__(self, blocks: FoldedBlocks, backward: bool, wanted: frozenset[int] = frozenset()):
+        self.blocks, self.backward, self.wanted = blocks, backward, wanted
+        self.__name__ = f"sparsa_moe_block_{'backward' if backward else 'forward'}"  # the generated code's name
+
+    def __call__(self, *args: Any) -> Any:
+        return self.blocks.backward(*args, wanted=self.wanted) if self.backward else self.blocks.forward(*args)
+
+    def __repr__(self) -> str:
+        return f"sparsa.moe_block.{'backward' if self.backward else 'forward'}"
+
+
+class FoldedBlocks:
+    """A torch.compile backend's MoE blocks folded for training (`sparsa::moe_swiglu` and its backward,
+    frontend/torch_moe.py), each run as the experts compiled by Sparsa: the forward is the model's `vjp` (its saved
+    residuals: the dispatch and the SwiGLU products), whose pullback waits under the call's key until the backward
+    calls it, so the backward neither sorts the tokens nor makes the products again. A key without a pullback (the
+    forward ran elsewhere) makes the backward run the forward again. The inputs that need no gradient (as the fold
+    saw them) get none: no dX GEMMs where x needs none."""
+
+    def __init__(self, target: str = backends.AUTO, expert_parallel: Any = None):
+        self.target, self.expert_parallel = target, expert_parallel
+        self.models: dict[tuple, Any] = {}  # by target, device, dtype, sizes and the inputs given no gradient
+        self.pullbacks: dict[int, tuple] = {}  # key -> (pullback, no_grad), while the key tensor lives
+        self.stats: Counter[str] = Counter()
+
+    def install(self, gm: Any) -> list[tuple[str, str, Any]]:
+        """Make the graph's calls of the two ops calls of the compiled block; returns each one's name, target and
+        function (the forward keeping residuals, or the backward).
+        A block Sparsa cannot compile keeps the op (its PyTorch definition runs), the reason in its node's
+        meta["sparsa_why"], and raises nothing here: the caller reports it as a fallback."""
+        fwd, bwd = torch.ops.sparsa.moe_swiglu.default, torch.ops.sparsa.moe_swiglu_backward.default
+        done = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in (fwd, bwd):
+                continue
+            backward = node.target is bwd
+            inputs = node.args[2:7] if backward else node.args[:5]
+            no_grad = tuple(node.args[-1])
+            wanted = frozenset(u.args[1] for u in node.users if u.target is operator.getitem) if backward \
+                else frozenset()
+            try:
+                # the backward's own model where the forward's leaves out a gradient the graph reads
+                model = self.model(*(a.meta["val"] for a in inputs), no_grad=no_grad)
+                if wanted & set(no_grad):
+                    self.model(*(a.meta["val"] for a in inputs), no_grad=tuple(sorted({0, 1, 2, 3} - wanted)))
+            except (SparsaError, KeyError) as e:
+                why = e.message.splitlines()[0] if isinstance(e, SparsaError) else "no example value"
+                node.meta["sparsa_why"] = f"the folded MoE block did not compile: {why}"
+                continue
+            node.target = BlockCall(self, backward, wanted)
+            half = model._backward().module.funcs[-1 if backward else -2]
+            done.append((f"moe_block_{'backward' if backward else 'forward'}", model.target, half))
+        return done
+
+    def model(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+              no_grad: tuple[int, ...]) -> Any:
+        """The compiled experts for these inputs (their example values: sizes, dtype, device), made once, both
+        halves of their reverse mode compiled now (not in a step)."""
+        from sparsa.runtime.compiler import CompiledModel, compile_source
+
+        target = block_target(self.target, x, "a folded MoE block")
+        if self.expert_parallel is not None:  # its weight gradients would be this rank's blocks, the parameters whole
+            raise SparsaError("a folded MoE block trained expert parallel (swap_moe_blocks trains it so)")
+        E, F2, D = gate_up.shape
+        K = idx.shape[-1]
+        if not all(isinstance(d, int) for d in (E, F2, D, K)):
+            raise SparsaError("a folded MoE block with symbolic expert sizes")
+        key = (target, x.device.type, x.dtype, E, F2, D, K, no_grad)
+        if key not in self.models:
+            text = EXPERTS_SOURCE.format(dt=_DTYPES[x.dtype], D=D, K=K, E=E, F2=F2, F=F2 // 2,
+                                         experts=EXPERTS.format(F=F2 // 2))
+            module, name = compile_source(text, "<folded MoE block>", None)
+            module.funcs[-1].attributes["no_grad"] = [_FLOAT_INPUTS[i][0] for i in no_grad]
+            backend = backends.get(target)
+            model = CompiledModel(module, name, backend, backend.PIPELINE, None, self.expert_parallel)
+            model.ir(grad=True)  # the forward keeping residuals and the backward, compiled now
+            self.models[key] = model
+        return self.models[key]
+
+    def _inputs(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
+                down: torch.Tensor) -> list[torch.Tensor]:
+        return [x.detach(), idx.to(torch.int64), w.detach().to(x.dtype), gate_up.detach().to(x.dtype),
+                down.detach().to(x.dtype)]
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        from sparsa.frontend.torch_moe import new_key
+
+        no_grad = tuple(no_grad)
+        y, pullback = self.model(x, idx, w, gate_up, down, no_grad).vjp(*self._inputs(x, idx, w, gate_up, down))
+        key = new_key()
+        self.pullbacks[int(key)] = (pullback, no_grad)
+        weakref.finalize(key, self.pullbacks.pop, int(key), None)  # freed with the key AOTAutograd saves
+        return y, key
+
+    def backward(self, dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                 gate_up: torch.Tensor, down: torch.Tensor, no_grad: list[int],
+                 wanted: frozenset[int] = frozenset({0, 1, 2, 3})) -> tuple:
+        pullback, kept_out = self.pullbacks.get(int(key), (None, ()))
+        if pullback is None or wanted & set(kept_out):  # the forward again, giving every gradient the graph reads
+            self.stats["moe backward with the forward run again"] += 1
+            no_grad = tuple(sorted({0, 1, 2, 3} - wanted))
+            _, pullback = self.model(x, idx, w, gate_up, down, no_grad).vjp(*self._inputs(x, idx, w, gate_up, down))
+        else:
+            self.stats["moe backward from saved residuals"] += 1
+        grads = pullback(dy.detach().to(x.dtype).contiguous())
+        inputs = (x, w, gate_up, down)
+        return tuple(grads[name].to(inputs[i].dtype) if i in wanted else None
+                     for i, (_, name) in enumerate(_FLOAT_INPUTS))

@@ -619,3 +619,40 @@ def test_a_pullback_wrt_values_computed_from_each_other_is_refused() -> None:
 """)
     with pytest.raises(SparsaError, match="a wrt value is computed from another one"):
         PassManager("expand-pullbacks").run(module)
+
+
+def test_no_grad_inputs_and_views_of_inputs_made_again_in_the_backward() -> None:
+    """A function's `no_grad` leaves those inputs' gradients (and the GEMMs only they need) out, the others equal;
+    views of inputs (a weight's slice and transposes) are not residuals: the backward takes the input and views it
+    again."""
+    from sparsa.backends import base as backends
+    from sparsa.runtime.compiler import CompiledModel, compile_source
+
+    source = """
+model Experts(x: f32[T, 8], idx: i64[T, 2], w: f32[T, 2], gu: f32[3, 12, 8], down: f32[3, 8, 6]) -> f32[T, 8] {
+    return moe(x, idx, w) |e, h| { (silu(h @ gu[e][:6].T) * (h @ gu[e][6:].T)) @ down[e].T }
+}
+"""
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal((5, 8)).astype(np.float32), rng.integers(0, 3, (5, 2)),
+            rng.random((5, 2)).astype(np.float32), rng.standard_normal((3, 12, 8)).astype(np.float32),
+            rng.standard_normal((3, 8, 6)).astype(np.float32)]
+    dy = rng.standard_normal((5, 8)).astype(np.float32)
+    got = {}
+    for no_grad in ([], [0], [0, 3]):
+        module, name = compile_source(source, "<test>", None)
+        module.funcs[-1].attributes["no_grad"] = no_grad
+        backend = backends.get("reference")
+        m = CompiledModel(module, name, backend, backend.PIPELINE)
+        got[tuple(no_grad)] = m.vjp(*args)[1](dy)
+        grad = m._backward().module
+        fwd, bwd = grad.funcs[-2], grad.funcs[-1]
+        saved = [v.defining_op.NAME for v in fwd.regions[0].block.terminator.operands[1:] if v.defining_op]
+        assert not [n for n in saved if n in ("tensor.slice", "tensor.transpose")], saved
+        assert sorted(a.name_hint for a in bwd.regions[0].block.args if a.name_hint in ("gu", "down")) == ["down", "gu"]
+        assert sum(op.NAME == "moe.grouped_matmul" for op in bwd.walk()) == 1 + 2 * (0 not in no_grad)
+    assert list(got[()]) == ["x", "w", "gu", "down"] and list(got[(0,)]) == ["w", "gu", "down"]
+    assert list(got[(0, 3)]) == ["w", "down"]
+    for key in ((0,), (0, 3)):
+        for n, g in got[key].items():
+            np.testing.assert_allclose(g, got[()][n], rtol=1e-5, atol=1e-6, err_msg=f"{key}: {n}")

@@ -208,9 +208,18 @@ def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> 
     assert not backend.fallbacks, dict(backend.fallbacks)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
     if name != "mamba":
-        assert {"attn.attention_lse", "attn.attention_grad", "moe.dispatch", "moe.grouped_weight_grad"} <= names
+        assert {"attn.attention_lse", "attn.attention_grad"} <= names
+        assert {"moe.dispatch", "moe.grouped_weight_grad"} <= set(_block_ops(backend))
         assert backend.stats["moe blocks recognized for training"] == 2  # one per layer
         assert backend.stats["top-k backward scatters as adds"] == 2
+        # two steps of two layers, every backward from its forward's residuals
+        assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 4}
+
+
+def _block_ops(backend, half: str = "") -> list[str]:
+    """The ops of the folded MoE blocks' compiled reverse mode: `half` "fwd" or "bwd", or both."""
+    return [op.NAME for model in backend.moe_blocks.models.values() for f in model._backward().module.funcs[1:]
+            if f.sym_name.endswith(half) for op in f.walk()]
 
 
 class ConvBlock(torch.nn.Module):
@@ -267,9 +276,9 @@ def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False) -
 def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentinel_guards: bool) -> None:
     """A transformers Mixtral block in each compilable expert form, trained under backend=sparsa: the block is
     folded before AOTAutograd traces it, so the forward graph holds sparsa::moe_swiglu and the backward graph its
-    backward, imported as the pullback of moe.moe (grouped GEMMs over the dispatch's segments); the router's
-    backward (softmax, top-k's scatter) is imported too. Nothing falls back; losses and gradients equal eager's.
-    (triton: its interpreter here, on CPU tensors.)"""
+    backward, both run as the experts compiled by Sparsa (the forward keeping its residuals for the backward:
+    grouped GEMMs over the dispatch's segments); the router's backward (softmax, top-k's scatter) is imported.
+    Nothing falls back; losses and gradients equal eager's. (triton: its interpreter here, on CPU tensors.)"""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
     if target == "triton":
@@ -282,18 +291,22 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     _trains_as_eager(block, ref, backend, x)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["moe blocks recognized for training"] == 1
+    assert backend.stats["moe blocks compiled for training"] == 2  # its forward and its backward
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
-    assert {"moe.dispatch", "moe.grouped_weight_grad", "tensor.scatter_add"} <= names
-    # the backward makes the SwiGLU products again (its residuals are recomputed) but not the down projection's:
-    # the gates' gradient comes from dY's rows through W2^T, the GEMM dH needs anyway (x needs no gradient here, so
-    # no dX GEMMs: 2 + 1)
-    backward = [op.NAME for op in backend.partitions[-1].func.walk()]
-    assert backward.count("moe.grouped_matmul") == 3 and "moe.grouped_matmul_combine" not in backward, backward
+    assert "tensor.scatter_add" in names
+    assert {"moe.dispatch", "moe.grouped_weight_grad"} <= set(_block_ops(backend))
+    # the backward reads the forward's dispatch and SwiGLU products (saved residuals): no dispatch, no forward GEMM
+    # again; the gates' gradient comes from dY's rows through W2^T, the GEMM dH needs anyway, and x needs no
+    # gradient here, so no dX GEMMs: one grouped matmul and the three weight gradients
+    backward = _block_ops(backend, "bwd")
+    assert backward.count("moe.grouped_matmul") == 1 and backward.count("moe.grouped_weight_grad") == 3, backward
+    assert "moe.dispatch" not in backward and "moe.grouped_matmul_combine" not in backward, backward
+    assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 2}
     if target == "cpu" and experts == "grouped_mm":  # gate_up's halves packed through the slices, not copied out
-        kernels = [(launch.kernel.name, launch.kernel.op.NAME) for part in backend.partitions
-                   for launch in part.native.host.launches]
+        forward = next(iter(backend.moe_blocks.models.values()))._backward().forward
+        kernels = [(launch.kernel.name, launch.kernel.op.NAME) for launch in forward.host.launches]
         assert any("pack_panels" in k for k, _ in kernels), kernels
-        assert not [k for k, op in kernels if op == "tensor.slice"], kernels
+        assert not [k for k, op in kernels if op in ("tensor.slice", "tensor.transpose")], kernels
 
 
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
@@ -354,3 +367,65 @@ def test_a_training_graph_the_fold_cannot_trace_is_compiled_unfolded(monkeypatch
         torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
     assert backend.stats["training graphs not folded: RuntimeError: cannot trace this"] == 1
     assert "transformers.grouped_mm_fallback.default" in backend.fallbacks
+
+
+def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkeypatch) -> None:
+    """A folded block whose experts Sparsa cannot compile keeps the custom ops, whose PyTorch definitions (a loop
+    over experts, the backward written out) train it as eager does; both calls are fallbacks, with the reason."""
+    from sparsa.ir.diagnostics import SparsaError
+    from sparsa.runtime.torch_backend import SparsaBackend
+    from sparsa.runtime.torch_moe import FoldedBlocks
+
+    def cannot(*args, **kwargs):
+        raise SparsaError("no experts today")
+
+    monkeypatch.setattr(FoldedBlocks, "model", cannot)
+    block, ref = _mixtral_block()
+    backend = SparsaBackend({"target": "reference"})
+    _trains_as_eager(block, ref, backend, torch.randn(2, 9, 32))
+    assert backend.fallbacks == {"sparsa.moe_swiglu.default": 1, "sparsa.moe_swiglu_backward.default": 1}
+    assert backend.stats["moe blocks compiled for training"] == 0
+    import sparsa
+
+    assert "the folded MoE block did not compile: no experts today" in str(sparsa.report())
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_folded_block_backward_from_residuals_or_the_forward_again(target: str) -> None:
+    """The compiled block's forward keeps its pullback under the key it returns, for as long as the key lives; the
+    backward reads it, or runs the forward again for a key it has nothing under (or for a gradient the forward was
+    told was not needed). Every gradient equals the op's PyTorch definition's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    import gc
+
+    from sparsa.frontend.torch_moe import moe_swiglu, moe_swiglu_backward, new_key
+    from sparsa.runtime.torch_moe import FoldedBlocks
+
+    torch.manual_seed(0)
+    T, D, Fd, E = 7, 16, 24, 4
+    x, w = torch.randn(T, D), torch.rand(T, 2)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    gate_up, down = torch.randn(E, 2 * Fd, D) * 0.3, torch.randn(E, D, Fd) * 0.3
+    dy = torch.randn(T, D)
+    want = moe_swiglu_backward(dy, new_key(), x, idx, w, gate_up, down, [])
+    blocks = FoldedBlocks(target)
+    y, key = blocks.forward(x, idx, w, gate_up, down, [0])  # x given no gradient: its GEMMs left out
+    torch.testing.assert_close(y, moe_swiglu(x, idx, w, gate_up, down), rtol=1e-5, atol=1e-5)
+    assert list(blocks.pullbacks) == [int(key)]
+    for wanted, how in (({1, 2, 3}, "moe backward from saved residuals"),
+                        ({0, 1, 2, 3}, "moe backward with the forward run again")):
+        blocks.stats.clear()
+        got = blocks.backward(dy, key, x, idx, w, gate_up, down, [0], wanted=frozenset(wanted))
+        assert dict(blocks.stats) == {how: 1}
+        for i, (g, ref) in enumerate(zip(got, want, strict=True)):
+            if i in wanted:
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5, msg=str(i))
+            else:
+                assert g is None
+    blocks.stats.clear()
+    blocks.backward(dy, new_key(), x, idx, w, gate_up, down, [0], wanted=frozenset({1, 2, 3}))
+    assert dict(blocks.stats) == {"moe backward with the forward run again": 1}
+    del key
+    gc.collect()
+    assert not blocks.pullbacks  # freed with the key

@@ -17,6 +17,8 @@ class FuncOp(Operation):
     result_types = Attr(A.TYPES)
     # a backward function's (the differentiate pass's): how it has the forward's values, "recompute"
     residuals = Attr(A.STR, default=None)
+    # a model's: the positions of float inputs its reverse mode takes no gradient of (a caller that needs none)
+    no_grad = Attr(A.INTS, default=None)
     body = RegionField()
 
     @property

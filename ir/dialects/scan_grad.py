@@ -132,7 +132,11 @@ class FusedScanGradOp(Operation):
         forward = list(g.block.ops)
         g.flow(y, self.dy)
         g.reverse(forward)
-        grads = [g.grads.get(id(x)) or g.zeros_like(x) for x in xs]
+        # an input given twice (two views made one by cse) gets its cotangent once: the caller sums the positions
+        grads, seen = [], set()
+        for x in xs:
+            grads.append((g.grads.get(id(x)) if id(x) not in seen else None) or g.zeros_like(x))
+            seen.add(id(x))
         ops = list(g.block.ops)
         for op in ops:
             op.parent = None
