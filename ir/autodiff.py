@@ -75,7 +75,8 @@ class Grad:
 
     def inline(self, region: Any, args: Sequence[Value]) -> tuple[list[Value], list[Operation]]:
         """A single-block region's ops run on `args` (whole tensors: an elementwise epilogue on every row at
-        once): the values it yields, and the ops made."""
+        once): the values it yields, and the ops made. An op whose operands come out of another type (an argument
+        broadcast wider) has its result types inferred again."""
         from sparsa.ir.clone import clone_op
 
         block = region.block
@@ -85,6 +86,9 @@ class Grad:
             if op.TERMINATOR:
                 return [mapping.get(id(v), v) for v in op.operands], ops
             copy = clone_op(op, mapping)
+            if not op.regions and [v.type for v in copy.operands] != [v.type for v in op.operands]:
+                for r, t in zip(copy.results, copy.infer(), strict=True):
+                    r.type = t
             self.block.append(copy)
             ops.append(copy)
         return [], ops

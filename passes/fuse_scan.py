@@ -3,12 +3,15 @@ that consumes its result, so the [B, L, D, N] state is never materialized.
 
     a = exp(delta[..., None] * A); b = (delta * u)[..., None] * B[:, :, None, :]
     h = scan(a, b, axis=1); y = sum(h * C[:, :, None, :], axis=-1)
-        ->  y = scan.fused(delta[..., None], A, (delta * u)[..., None], B[:, :, None, :], C[:, :, None, :])
+        ->  y = scan.fused(delta[..., None], A, u[..., None], B[:, :, None, :], C[:, :, None, :])
               ({producer: step t of the inputs -> (a_t, b_t)}, {consumer: (h_t, C_t) -> y_t})
 
-Producers are absorbed while they are elementwise, state-sized and used only by the scan's inputs; what
-they read becomes an input. The consumer must be `sum(h * X, axes)` over axes other than the scan axis.
-Scans with an initial state, or whose result is used otherwise, stay as they are.
+Producers are absorbed while they are elementwise, of the state's rank and size (or 1 along some dims) and used
+only by the scan's inputs; what they read becomes an input. An input made by `expand_dims(f(x, y))`, f elementwise
+of operands of its rank and used only there, is first written `f(expand_dims(x), expand_dims(y))`, so f joins the
+producer too (Mamba's delta * u: once a step in the scan, not a pass over [B, L, D] of its own). The consumer
+must be `sum(h * X, axes)` over axes other than the scan axis. Scans with an initial state, or whose result is
+used otherwise, stay as they are.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
 
-def _state_sized(t: TensorType, state: TensorType) -> bool:
-    return t.rank == state.rank and all(compatible(a, b) for a, b in zip(t.shape, state.shape, strict=True))
+def _broadcasts_to(t: TensorType, state: TensorType) -> bool:
+    """t has the state's rank and each dim the state's or 1."""
+    return t.rank == state.rank and all(a == 1 or compatible(a, b) for a, b in zip(t.shape, state.shape, strict=True))
 
 
 class FuseScan(RewritePattern):
@@ -47,6 +51,7 @@ class FuseScan(RewritePattern):
         axis = op.axis % state.rank
         if not isinstance(red, R.SumOp) or axis in {a % state.rank for a in red.axes}:
             return False
+        self.sink_expand_dims(op, state, rewriter)
         cone = self.producer_cone(op, state)
         leaves = self.leaves(cone, [op.a, op.b])
         producer = self.region(cone, leaves, [op.a, op.b], axis, state.rank)
@@ -61,8 +66,39 @@ class FuseScan(RewritePattern):
         rewriter.replace_op(red, [fused.result])
         return True
 
+    def sink_expand_dims(self, scan: Operation, state: TensorType, rewriter: Rewriter) -> None:
+        """Each `expand_dims(f(x, ...))` the producer cone reaches, f elementwise with operands of its rank and no
+        other use, becomes `f(expand_dims(x), ...)` (an expand_dims of x already before it reused)."""
+        work, seen = [scan.a, scan.b], set()
+        while work:
+            v = work.pop()
+            op = v.defining_op
+            if op is None or id(op) in seen:
+                continue
+            seen.add(id(op))
+            if isinstance(op, Elementwise) and _broadcasts_to(v.type, state):
+                work.extend(op.operands)
+                continue
+            inner = op.x.defining_op if isinstance(op, S.ExpandDimsOp) else None
+            if not isinstance(inner, Elementwise) or len(inner.results) != 1 or len(op.x.uses) != 1 or any(
+                    o.type.rank != op.x.type.rank for o in inner.operands):
+                continue
+            block = op.parent
+            before = block.ops[:block.ops.index(op)]
+            expanded = []
+            for x in inner.operands:
+                same = next((o for o in before if isinstance(o, S.ExpandDimsOp) and o.x is x and
+                             tuple(o.axes) == tuple(op.axes)), None)
+                if same is None:
+                    same = rewriter.insert_before(op, S.ExpandDimsOp.build(x, axes=op.axes, loc=op.loc))
+                expanded.append(same.result)
+            new = rewriter.insert_before(op, type(inner).build(*expanded, loc=inner.loc, **dict(inner.attributes)))
+            rewriter.replace_op(op, [new.results[0]])
+            rewriter.erase_op(inner)
+            work.append(new.results[0])
+
     def producer_cone(self, scan: Operation, state: TensorType) -> list[Operation]:
-        """State-sized elementwise ops that only feed the scan's a and b (in program order)."""
+        """Elementwise ops broadcasting to the state that only feed the scan's a and b (in program order)."""
         cone: dict[int, Operation] = {}
         members = {id(scan)}
         work = [scan.a, scan.b]
@@ -70,7 +106,7 @@ class FuseScan(RewritePattern):
             v = work.pop()
             op = v.defining_op
             if (op is None or id(op) in cone or not isinstance(op, Elementwise)
-                    or not _state_sized(v.type, state) or any(id(u.op) not in members for u in v.uses)):
+                    or not _broadcasts_to(v.type, state) or any(id(u.op) not in members for u in v.uses)):
                 continue
             cone[id(op)] = op
             members.add(id(op))
