@@ -93,6 +93,28 @@ def test_lane_kernel_against_reference(monkeypatch, host, B, L, D, N, threads):
     assert "vector.maskedload" in cpu._grad.native.stages["mlir"]
 
 
+@pytest.mark.parametrize(("machine", "lanes"), [("x86-64", 32), ("x86-64-v3", 64), ("x86-64-v4", 64)])
+def test_lane_scan_items_by_the_targets_vectors(machine, lanes):
+    """An item takes 64 lanes of channels, at most 8 vectors (`scan_item_vectors`): 8 of 4 lanes on SSE, 8 of 8 on
+    AVX2, 4 of 16 on AVX-512. Forward and backward against the reference, with a masked tail item (70 channels),
+    on each ISA this host runs."""
+    pytest.importorskip("torch_mlir")
+    from sparsa.backends.cpu.target import named_target
+
+    target = named_target(machine)
+    assert target.lanes() * target.scan_item_vectors == lanes
+    if not target.runs_here():
+        pytest.skip(f"this host cannot run {machine} code")
+    xs = _inputs(2, 19, 70, 16, seed=5)
+    y_want, want, _ = _grads(sparsa.compile(SCAN, target="reference"), xs)
+    cpu = sparsa.compile(SCAN, target=f"cpu:{machine}")
+    y, got, _ = _grads(cpu, xs)
+    np.testing.assert_allclose(y, y_want, rtol=2e-5, atol=2e-5)
+    _close(got, want)
+    for stages in (cpu.native.stages, cpu._grad.native.stages):
+        assert f"vector<{lanes}xf32>" in stages["mlir"]
+
+
 OTHER = """model M(a: f32[B, L, D], u: f32[B, L, D], c: f32[B, L, N], w: f32[D, N]) -> f32[B, L, D] {
     h = scan(DECAY, (u * a)[:, :, :, None] * c[:, :, None, :], axis=1)
     return sum(h * c[:, :, None, :], axis=-1)

@@ -80,10 +80,10 @@ def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
 # ---- scans ----------------------------------------------------------------------------------------
 # Region ops the lane-vector scan evaluates on vectors of channels with their scalar rules (tensor.py): each is
 # arith on its operands and constants made like them, or B.exp
-# vectors of channels one lane-vector scan item takes (as one vector of 4x the lanes): its rows of the inputs lie a
-# row of channels apart, so each visit reads 4 cache lines instead of 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on
-# one AVX-512 core), and the exps of 4 vectors are independent work for the core meanwhile
-ITEM_VECTORS = 4
+# A lane-vector scan item takes the target's `scan_item_vectors` vectors of channels (as one vector of that many
+# times the lanes): its rows of the inputs lie a row of channels apart, so each visit reads 4 cache lines instead of
+# 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on one AVX-512 core), and the exps of the vectors are independent
+# work for the core meanwhile.
 AHEAD = 16  # time steps the lane-vector scan asks for its channel inputs' rows ahead of reading them
 LANE_OPS = (T.MulOp, T.AddOp, T.SubOp, T.DivOp, T.ExpOp, T.NegOp, T.MaximumOp, T.MinimumOp, T.SigmoidOp, T.SiluOp)
 
@@ -209,17 +209,17 @@ def state_axis(v: Value, i: int, rank: int) -> int | None:
 
 
 class LaneItems:
-    """What a lane-vector scan kernel (forward or backward) knows of its inputs' dims: a work item is ITEM_VECTORS
-    vectors of channels (state dim c; one vector of that many times the target's lanes) at one index of the kept
-    dims (the state's others but time and r, the summed dim). Built in the kernel's entry block; `item` starts an
-    item, then `read` gives an input's lane value at a time step and an index of r."""
+    """What a lane-vector scan kernel (forward or backward) knows of its inputs' dims: a work item is the target's
+    `scan_item_vectors` vectors of channels (state dim c; one vector of that many times the target's lanes) at one
+    index of the kept dims (the state's others but time and r, the summed dim). Built in the kernel's entry block;
+    `item` starts an item, then `read` gives an input's lane value at a time step and an index of r."""
 
     def __init__(self, cx: KernelContext, op: Operation, inputs: list[Value], ms: list[ir.Value], c: int,
                  r: int | None):
         self.inputs, self.ms, self.c, self.r = inputs, ms, c, r
         self.rank, self.axis = len(op.state), op.axis
         self.et = element_type(op.inputs[0].type.dtype)
-        self.lanes = cx.target.lanes() * ITEM_VECTORS
+        self.lanes = cx.target.lanes() * cx.target.scan_item_vectors
         self.vt = ir.VectorType.get([self.lanes], self.et)
         self.kept = [i for i in range(self.rank) if i not in (self.axis, c, r)]
         self.zero = B.c_float(0.0, self.et)

@@ -28,6 +28,7 @@ from sparsa.ir.diagnostics import SparsaError
 
 ROW_BLOCK = 64  # rows of the matmuls' row blocks, the attention blocks and the grouped GEMMs' chunks
 PANEL = 32  # columns of one panel of a packed expert weight ([E, K, N] is stored [E, ceil(N / PANEL), K, PANEL])
+SCAN_ITEM_LANES = 64  # float32 channels a lane-vector scan item takes where the vectors allow (scan_item_vectors)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,14 @@ class CpuTarget:
         group is then read from L2 by every chunk of rows, instead of streaming from memory for each."""
         l2 = self.caches.get(2, 2 << 20)
         return max(1, l2 // 2 // (weights * k * PANEL * 4))
+
+    @property
+    def scan_item_vectors(self) -> int:
+        """Vectors of channels one lane-vector scan item takes (backends/cpu/scan.py): 64 float32 lanes (each visit
+        of a time step reads 4 cache lines of every channel input), at most 8 vectors (past that the exps of the
+        item spill). AVX-512: 4; AVX2: 8 (Zen 4 running AVX2 code, Mamba's scan at D = 1024: 12.4 -> 10.4 ms
+        against 4; 16 no better); 128-bit vectors: 8 (x86-64: 27.6 ms against 30.0 at 4 and 34.4 at 16)."""
+        return max(1, min(8, SCAN_ITEM_LANES // self.lanes()))
 
     def with_tile(self, tile: tuple[int, int]) -> CpuTarget:
         """The same machine with the register tile fixed."""
