@@ -302,6 +302,7 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
     assert backward.count("moe.grouped_matmul") == 1 and backward.count("moe.grouped_weight_grad") == 3, backward
     assert "moe.dispatch" not in backward and "moe.grouped_matmul_combine" not in backward, backward
     assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 2}
+    assert not backend.moe_blocks.pullbacks  # each step's freed with its key after the backward
     if target == "cpu" and experts == "grouped_mm":  # gate_up's halves packed through the slices, not copied out
         forward = next(iter(backend.moe_blocks.models.values()))._backward().forward
         kernels = [(launch.kernel.name, launch.kernel.op.NAME) for launch in forward.host.launches]
