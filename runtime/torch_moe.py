@@ -225,9 +225,9 @@ class FoldedBlocks:
 
     def install(self, gm: Any) -> list[tuple[str, str, Any]]:
         """Make the graph's calls of the two ops calls of the compiled block; returns each one's name, target and
-        function (the forward keeping residuals, or the backward).
-        A block Sparsa cannot compile keeps the op (its PyTorch definition runs), the reason in its node's
-        meta["sparsa_why"], and raises nothing here: the caller reports it as a fallback."""
+        function (the forward keeping residuals, or the backward). A block Sparsa cannot compile keeps the op (its
+        PyTorch definition runs), the reason in its node's meta["sparsa_why"], and raises nothing here: the caller
+        reports it as a fallback."""
         fwd, bwd = torch.ops.sparsa.moe_swiglu.default, torch.ops.sparsa.moe_swiglu_backward.default
         done = []
         for node in gm.graph.nodes:
@@ -296,6 +296,8 @@ class FoldedBlocks:
     def backward(self, dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                  gate_up: torch.Tensor, down: torch.Tensor, no_grad: list[int],
                  wanted: frozenset[int] = frozenset({0, 1, 2, 3})) -> tuple:
+        """The cotangents of (x, w, gate_up, down) at the positions `wanted` (None at the others), from the
+        pullback the forward left under `key`, or from the forward run again."""
         pullback, kept_out = self.pullbacks.get(int(key), (None, ()))
         if pullback is None or wanted & set(kept_out):  # the forward again, giving every gradient the graph reads
             self.stats["moe backward with the forward run again"] += 1
