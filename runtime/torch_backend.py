@@ -369,11 +369,6 @@ class CompiledPartition(torch.nn.Module):
         self.exchange = backend.exchange
         if self.exchange is not None:
             pipeline = expert_parallel_pipeline(pipeline, self.exchange.size)
-        steps = pipeline.split(",")
-        if "expand-pullbacks" in steps and any(op.NAME == "tensor.pullback" for op in module.funcs[-1].walk()):
-            # a folded block's backward: the rules' constants and broadcasts folded, as after `differentiate`
-            steps.insert(steps.index("expand-pullbacks") + 1, "canonicalize")
-            pipeline = ",".join(steps)
         self.module = PassManager(pipeline, options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
