@@ -194,6 +194,11 @@ def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool
 _FLOAT_INPUTS = ((0, "x"), (2, "w"), (3, "w_gate_up"), (4, "w_down"))
 
 
+def _all_but(wanted: frozenset[int]) -> tuple[int, ...]:
+    """The `no_grad` of a model giving the gradients at the positions `wanted`."""
+    return tuple(sorted(set(range(len(_FLOAT_INPUTS))) - wanted))
+
+
 class BlockCall:
     """What a training graph calls in place of `sparsa::moe_swiglu` (forward) or its backward: the folded block
     compiled by Sparsa (`FoldedBlocks`). `wanted`: the backward's results the graph reads."""
@@ -242,7 +247,7 @@ class FoldedBlocks:
                 # the backward's own model where the forward's leaves out a gradient the graph reads
                 model = self.model(*(a.meta["val"] for a in inputs), no_grad=no_grad)
                 if wanted & set(no_grad):
-                    self.model(*(a.meta["val"] for a in inputs), no_grad=tuple(sorted({0, 1, 2, 3} - wanted)))
+                    self.model(*(a.meta["val"] for a in inputs), no_grad=_all_but(wanted))
             except (SparsaError, KeyError) as e:
                 why = e.message.splitlines()[0] if isinstance(e, SparsaError) else "no example value"
                 node.meta["sparsa_why"] = f"the folded MoE block did not compile: {why}"
@@ -273,7 +278,7 @@ class FoldedBlocks:
             module.funcs[-1].attributes["no_grad"] = [_FLOAT_INPUTS[i][0] for i in no_grad]
             backend = backends.get(target)
             model = CompiledModel(module, name, backend, backend.PIPELINE, None, self.expert_parallel)
-            model.ir(grad=True)  # the forward keeping residuals and the backward, compiled now
+            model._backward()  # the forward keeping residuals and the backward, compiled now
             self.models[key] = model
         return self.models[key]
 
@@ -301,8 +306,8 @@ class FoldedBlocks:
         pullback, kept_out = self.pullbacks.get(int(key), (None, ()))
         if pullback is None or wanted & set(kept_out):  # the forward again, giving every gradient the graph reads
             self.stats["moe backward with the forward run again"] += 1
-            no_grad = tuple(sorted({0, 1, 2, 3} - wanted))
-            _, pullback = self.model(x, idx, w, gate_up, down, no_grad).vjp(*self._inputs(x, idx, w, gate_up, down))
+            model = self.model(x, idx, w, gate_up, down, _all_but(wanted))
+            _, pullback = model.vjp(*self._inputs(x, idx, w, gate_up, down))
         else:
             self.stats["moe backward from saved residuals"] += 1
         grads = pullback(dy.detach().to(x.dtype).contiguous())
