@@ -5,6 +5,7 @@ masks saved, not rebuilt); block sizes and masks drawn at random on cpu against 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -182,15 +183,72 @@ def test_data_mask_reuses_the_per_call_map() -> None:
     assert "tensor<1x1x{(S+63)//64}x{(S+63)//64}xi8>" in bwd.splitlines()[0]
 
 
-def test_learned_score_values_are_refused_by_name() -> None:
-    """A score modifier reading a weight (a learned bias) would need that weight's gradient: an error at its line."""
-    src = ("score bias(s, b, h, q, k; slopes: f32[H]) = s + slopes[h] * (k - q)\n"
-           "model M(q: f32[1, 2, 16, 8], k: f32[1, 2, 16, 8], v: f32[1, 2, 16, 8]) -> f32[1, 2, 16, 8] {\n"
-           "    param slopes: f32[2]\n"
-           "    return attention(q, k, v, score=bias(slopes=slopes))\n}\n")
-    m = sparsa.compile(src, target="reference")
-    with pytest.raises(SparsaError, match="score modifier reads a value computed from the model's inputs or weights"):
-        m.ir(grad=True)
+LEARNED = """
+score alibi(s, b, h, q, k; slopes: f32[H]) = s + slopes[h] * (k - q)
+score rel(s, b, h, q, k; table: f32[H, R], g: f32[]) = s * g + table[h, k - q + S - 1]
+model M(q: f32[1, 4, S, 8], k: f32[1, 2, S, 8], v: f32[1, 2, S, 8], gain: f32[]) -> f32[1, 4, S, 8] {
+    param slopes: f32[4]
+    param table: f32[4, R]
+    a = attention(q, k, v, score=alibi(slopes=slopes * 0.5))
+    return attention(a, k, v, score=rel(table=table, g=gain), mask=|q, k| k <= q and q - k < 24)
+}
+"""
+
+
+def _learned(q, k, v, gain, slopes, table):
+    S = q.shape[2]
+    i = torch.arange(S)
+    rel = i[None, :] - i[:, None]
+    a = attention(q, k, v, torch.ones(S, S, dtype=torch.bool), 8 ** -0.5,
+                  lambda s: s + (slopes * 0.5)[:, None, None] * rel)
+    return attention(a, k, v, (rel <= 0) & (rel > -24), 8 ** -0.5, lambda s: s * gain + table[:, rel + S - 1])
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_learned_score_values_get_their_gradients(target: str) -> None:
+    """ALiBi slopes (a weight scaled in the model), a relative bias table indexed by k - q and a gain given as an input,
+    read by score modifiers: their gradients (scatter-added over the visited tiles' allowed elements) and q, k, v's
+    against autograd of a dense transcription, across block edges and grouped heads."""
+    _needs(target)
+    S = 80 if target != "triton" else 70
+    src = LEARNED.replace("S - 1", str(S - 1)).replace("R]", f"{2 * S - 1}]").replace("S, 8]", f"{S}, 8]")
+    m = sparsa.compile(src, target=target)
+    rng = np.random.default_rng(3)
+    weights = {"slopes": rng.uniform(-0.1, 0.1, 4).astype(np.float32),
+               "table": rng.standard_normal((4, 2 * S - 1)).astype(np.float32)}
+    m.load_weights(weights)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 4, S, 8), (1, 2, S, 8), (1, 2, S, 8)))
+    gain = np.array(0.8, np.float32)
+    dy = rng.standard_normal((1, 4, S, 8)).astype(np.float32)
+    y, pullback = m.vjp(q, k, v, gain)
+    grads = pullback(dy)
+    np.testing.assert_allclose(m(q, k, v, gain), y, atol=1e-6)  # the model's own forward reads the weights too
+    ts = {n: torch.tensor(a, dtype=torch.float64, requires_grad=True)
+          for n, a in dict(q=q, k=k, v=v, gain=gain, **weights).items()}
+    out = _learned(ts["q"], ts["k"], ts["v"], ts["gain"], ts["slopes"], ts["table"])
+    (out * torch.tensor(dy, dtype=torch.float64)).sum().backward()
+    np.testing.assert_allclose(y, out.detach().numpy(), atol=2e-5)
+    assert set(grads) == set(ts)
+    for name, t in ts.items():
+        np.testing.assert_allclose(grads[name], t.grad.numpy(), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def test_value_grad_region_prints_parses_and_is_verified() -> None:
+    """The backward's value_grad region and value_reads print and parse back; value_reads naming an outer value the
+    score region does not have is a verifier error."""
+    from sparsa.ir import parse_module
+    from sparsa.ir.diagnostics import VerifyError
+    from sparsa.ir.verifier import verify_module
+
+    m = sparsa.compile(LEARNED.replace("S - 1", "15").replace("R]", "31]").replace("S, 8]", "16, 8]"),
+                       target="reference")
+    text = m.ir(grad=True)
+    # the masked attention reads its gain and its table (two reads), the other its slopes (one)
+    assert sorted(re.findall(r"value_reads = \[[0-9, ]*\]", text)) == ["value_reads = [0, 1]", "value_reads = [0]"]
+    assert str(parse_module(text)) == text
+    bad = parse_module(text.replace("value_reads = [0]", "value_reads = [7]", 1))
+    with pytest.raises(VerifyError, match="value_reads"):
+        verify_module(bad)
 
 
 @settings(max_examples=6, deadline=None)

@@ -6,7 +6,9 @@ the map that is not EMPTY, the tile transposed (S^T = K Q^T): P^T = exp(S^T - ls
 dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q, and dS K added into this thread's partial dQ: five
 products a tile. dK and dV rows are each item's own; the partial dQs (one per part) are summed by the host. FULL
 tiles evaluate no mask, PARTIAL ones inline it; the score modifier and its derivative region are inlined as scalar
-code. The host passes Q^T and dO^T, transposed on the kernel threads, so every product reads rows.
+code. The host passes Q^T and dO^T, transposed on the kernel threads, so every product reads rows. A learned value
+the score modifier reads gets, per tile, each allowed element's ds * d score / d read added at the element it read, in
+this part's partial gradient (one per part, summed by the host like dQ's).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, linalg, scf
+from torch_mlir.dialects import arith, func, linalg, memref, scf
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.attn import cast_index, tile_kind
@@ -38,7 +40,7 @@ def _start(cx: KernelContext, op: AttentionGradOp, extra: list[TensorType]) -> t
     """The kernel function (operands, the mask's and score's data, the host's transposed copies, the results;
     split in parts), its arguments, the data read into the kernel, and the operands' memrefs by name."""
     data: list[Value] = []
-    for region in (op.mask, op.score, op.score_grad):
+    for region in (op.mask, op.score, op.score_grad, op.value_grad):
         if not region.empty:
             data += [v for v in outer_values(region) if all(v is not d for d in data)]
     inputs = list(op.operands) + data
@@ -118,6 +120,34 @@ class _Tile:
 
         return cx.tile_map([(s, self.tile), (lse, self.row)], self.sizes, et, body)
 
+    def add_value_grads(self, s: ir.Value, p: ir.Value, dp: ir.Value, delta: ir.Value, parts: list[ir.Value],
+                        part: ir.Value) -> None:
+        """Each element the mask allows (P != 0: where P is 0, so is ds): ds = P (dP - delta), and each read's
+        ds * d score / d read added at the indices it read in this part's partial gradient of its value."""
+        op, cx, et = self.op, self.cx, self.et
+        scale = B.c_float(float(op.scale), et)
+        groups = op.read_groups()
+        with B.nest(self.sizes) as (r, c):
+            pv = B.extract(p, r, c)
+            live = B.if_(arith.CmpFOp(arith.CmpFPredicate.ONE, pv, B.c_float(0.0, et)).result)
+            with ir.InsertionPoint(live.then_block):
+                ds = arith.MulFOp(pv, arith.SubFOp(B.extract(dp, r, c), B.extract(delta, c)).result).result
+                x = arith.MulFOp(B.extract(s, r, c), scale).result
+                idx = [B.as_i64(self.b), B.as_i64(self.h), B.as_i64(B.add(self.q0, c)), B.as_i64(B.add(self.k0, r))]
+                outs = cx.inline(op.value_grad, [x, ds] + [cast_index(op.value_grad, 2 + n, v)
+                                                          for n, v in enumerate(idx)], True)
+                pos = 0
+                for which, rank in groups:
+                    at = [part]
+                    for axis, i in enumerate(outs[pos + 1:pos + 1 + rank]):  # negative: from the end, as gather
+                        i = B.as_index(i)
+                        n = B.mdim(parts[which], axis + 1)
+                        at.append(B.select(B.cmpi("lt", i, B.c_index(0)), B.add(i, n), i))
+                    old = memref.LoadOp(parts[which], at).result
+                    memref.StoreOp(arith.AddFOp(old, outs[pos]).result, parts[which], at)
+                    pos += 1 + rank
+                scf.YieldOp([])
+
     def dscores(self, s: ir.Value, p: ir.Value, dp: ir.Value, delta: ir.Value) -> ir.Value:
         """scale * score'(scale * s) * P * (dP - delta): the raw scores' cotangent."""
         op, cx, et = self.op, self.cx, self.et
@@ -140,8 +170,12 @@ def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
     that reads it; each tile's dS K added into this part's partial dQ (the host sums the parts)."""
     q_t = op.q.type
     partials = TensorType(q_t.dtype, (None, *q_t.shape))
-    name, entry, inputs, m, (qt, dot, dq_parts, _, dk_out, dv_out, part, parts) = _start(
-        cx, op, [_transposed(op.q.type), _transposed(op.dout.type), partials])
+    learned = op.learned()
+    name, entry, inputs, m, rest = _start(cx, op, [_transposed(op.q.type), _transposed(op.dout.type), partials,
+                                                   *[_parts_type(v) for v in learned]])
+    (qt, dot, dq_parts), value_parts = rest[:3], rest[3:3 + len(learned)]
+    _, dk_out, dv_out = rest[3 + len(learned):6 + len(learned)]
+    part, parts = rest[-2:]
     et = element_type(op.q.type.dtype)
     bq, bk = op.block_q or 64, op.block_k or 64
     with ir.InsertionPoint(entry):
@@ -186,6 +220,8 @@ def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
                         dV = cx.matmul_tile(PT, dO, nk, Dv, et, init=state[1])
                         dPT = cx.matmul_tile(V, B.slice_tensor(dot_, [b, h, 0, q0], [1, 1, Dv, nq], drop=[0, 1]), nk,
                                              nq, et)
+                        if learned:
+                            tile.add_value_grads(ST, PT, dPT, Dl, value_parts, part)
                         dST = tile.dscores(ST, PT, dPT, Dl)
                         Q = B.slice_tensor(q, [b, h, q0, 0], [1, 1, nq, Dh], drop=[0, 1])
                         view = B.subview(dq_parts, [part, b, h, q0, 0], [1, 1, 1, nq, Dh], drop=[0, 1, 2])
@@ -202,23 +238,38 @@ def grad_kernel(cx: KernelContext, op: AttentionGradOp) -> Kernel:
     return Kernel(name, op, inputs, list(op.results), "parts")
 
 
+def _parts_type(v: Value) -> TensorType:
+    """A learned value's partial gradients, one per part."""
+    return TensorType(v.type.dtype, (None, *v.type.shape))
+
+
 @HOSTED.lowers(AttentionGradOp)
 def hosted_grad(cx: KernelContext, op: AttentionGradOp, k: Kernel) -> Hosted:
-    """Q^T and dO^T by kernels of their own, zeroed partial dQs (one per part) in the workspace, summed into dQ."""
+    """Q^T and dO^T by kernels of their own, zeroed partial dQs and learned values' gradients (one per part) in the
+    workspace, summed into dQ and those gradients."""
     to_q, qt = transpose_kernel(cx, op, op.q)
     to_dout, dot = transpose_kernel(cx, op, op.dout)
-    partials = Scratch(TensorType(op.q.type.dtype, (None, *op.q.type.shape)),
-                       lambda known, ctx: (ctx.threads, *known[id(op.q)]), "dq_parts")
-    return Hosted(before=[to_q, to_dout], args=[*k.inputs, qt, dot, partials, *k.outputs], zeroed=[partials],
-                  sum_parts=[(partials, op.results[0])])
+    sums = [(op.q, op.results[0], "dq_parts")] + [(v, d, "dvalue_parts") for v, d in zip(op.learned(), op.dvalues,
+                                                                                          strict=True)]
+    partials = [Scratch(_parts_type(v), lambda known, ctx, v=v: (ctx.threads, *known[id(v)]), hint)
+                for v, _, hint in sums]
+    shapes = None
+    if op.value_reads:
+        def shapes(known: dict, ctx: Any) -> list[tuple[int, ...]]:
+            return [known[id(v)] for v in (op.q, op.k, op.v, *op.learned())]
+    return Hosted(before=[to_q, to_dout], args=[*k.inputs, qt, dot, *partials, *k.outputs], zeroed=partials,
+                  sum_parts=[(s, d) for s, (_, d, _) in zip(partials, sums, strict=True)], shapes=shapes)
 
 
 @LAUNCHES.lowers(AttentionGradOp)
 def launch_grad(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
-    """Q^T and dO^T (one copy each per call) and zeroed partial dQs, one per part, after the kernel's operands;
-    dQ is their sum."""
-    dout = ins[4 if k.op.block_map is not None else 3]
-    partials = np.zeros((num_threads(), *ins[0].shape), ins[0].dtype)
-    outs = fn.run(k, host, ins + transposed(ins[0], dout) + [partials])
-    np.sum(partials, axis=0, out=outs[0])
+    """Q^T and dO^T (one copy each per call) and zeroed partial dQs and learned values' gradients, one per part,
+    after the kernel's operands; dQ and those gradients are their sums."""
+    op = k.op
+    dout = ins[4 if op.block_map is not None else 3]
+    learned = [ins[k.inputs.index(v)] for v in op.learned()]
+    partials = [np.zeros((num_threads(), *x.shape), x.dtype) for x in [ins[0], *learned]]
+    outs = fn.run(k, host, ins + transposed(ins[0], dout) + partials)
+    for n, x in zip([0, *range(3, 3 + len(learned))], partials, strict=True):
+        np.sum(x, axis=0, out=outs[n])
     return outs

@@ -153,7 +153,7 @@ class HostProgram:
         # weight-only results by their op, weights packed by the Python host by their keys
         self.fixed: list[tuple[Any, int, Any]] = []
         for op in self.ops:
-            for v in op.operands:
+            for v in (v for inner in op.walk() for v in inner.operands):  # its regions' outer values too
                 self._fix(produced, v)
         for v in self.returns:
             self._fix(produced, v)

@@ -142,9 +142,11 @@ class AttentionKernel:
             em = RegionEmitter(op.score, ["s", "b_idx", "h_idx", "q_idx", "k_idx"], data, "sc")
             value = em.emit()
             score = "\n".join(em.lines + [f"s = ({value}).to(tl.float32)"])
-        em = RegionEmitter(op.mask, ["b_idx", "h_idx", "q_idx", "k_idx"], data, "mk")
-        value = em.emit()
-        mask = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
+        mask = "keep = keep"  # no mask: every tile FULL
+        if not op.mask.empty:
+            em = RegionEmitter(op.mask, ["b_idx", "h_idx", "q_idx", "k_idx"], data, "mk")
+            value = em.emit()
+            mask = "\n".join(em.lines + [f"keep = keep & ({value} != 0)"])
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
         fields = {"data_params": params, "op_line": f"attn.attention{where}", "blocks": list_loop("kb", "NKB", 4),
                   "score": textwrap.indent(score, " " * 12), "mask": textwrap.indent(mask, " " * 16)}

@@ -5,7 +5,9 @@
   PARTIAL query blocks of its column of the map (the transposed map's lists, built by `map_lists`).
 
 The probabilities are recomputed per tile from the forward's log-sum-exp, in float32; the score modifier and
-its derivative region are inlined. Each program writes only its own rows: no atomics.
+its derivative region are inlined. Each program writes only its own rows: no atomics, except for a learned value the
+score modifier reads (a bias table): the dK/dV program adds each allowed element's ds * d score / d read at the
+element it read (`tl.atomic_add`, float32), as FlexAttention's backward does for captured buffers.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ if phase == 1:
 p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
 ds = p * (dp - delta[:, None])
+{value_grad}
 {score_grad}
 ds = ds * scale
 '''
@@ -121,7 +124,11 @@ def kernel_source(op: AttentionGradOp, grad_q: bool) -> tuple[str, str, list]:
     params = "".join(f"data{i}, " + "".join(f"data{i}_d{d}, " for d in range(v.type.rank))
                      for i, v in enumerate(data_values))
     index = ["b_idx", "h_idx", "q_idx", "k_idx"]
-    parts = {"score": "", "score_grad": "", "mask": "keep = keep"}
+    parts = {"score": "", "score_grad": "", "mask": "keep = keep", "value_grad": ""}
+    learned = op.learned() if not grad_q else []
+    params += "".join(f"DVALUE{i}, " for i in range(len(learned)))
+    if learned:
+        parts["value_grad"] = _value_grad_lines(op, index, data, learned)
     if not op.score.empty:
         em = RegionEmitter(op.score, ["s0", *index], data, "sc")
         value = em.emit()
@@ -147,19 +154,40 @@ def kernel_source(op: AttentionGradOp, grad_q: bool) -> tuple[str, str, list]:
     return name, HEAD.format(name=name, **fields) + body, data_values
 
 
+def _value_grad_lines(op: AttentionGradOp, index: list[str], data: dict, learned: list) -> str:
+    """Each read of a learned value: ds * d score / d read added at the element read, where the tile keeps it."""
+    em = RegionEmitter(op.value_grad, ["s0", "ds", *index], data, "vg")
+    values = em.emit_values()
+    lines = list(em.lines)
+    pos = 0
+    for n, (which, rank) in enumerate(op.read_groups()):
+        name = data[id(learned[which])][0]
+        off = "0"
+        for axis, i in enumerate(values[pos + 1:pos + 1 + rank]):
+            dim = f"{name}_d{axis}"
+            off = f"({off}) * {dim} + tl.where({i} < 0, {i} + {dim}, {i})"
+        lines += [f"vg_off{n} = ({off}) + tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int64)",
+                  f"tl.atomic_add(DVALUE{which} + vg_off{n}, ({values[pos]}).to(tl.float32) + "
+                  "tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), mask=keep)"]
+        pos += 1 + rank
+    return "\n".join(lines)
+
+
 @LOWERINGS.lowers(AttentionGradOp)
 def attention_grad(p: TritonProgram, op: AttentionGradOp) -> None:
     """Two launches: dQ over the map's rows, then dK and dV over its columns."""
     p.note_dot(op, op.q.type.dtype)
     d, dv, bq, bk = tiles(op, "attention's backward")
     outs = [p.new(r) for r in op.results]
-    for r, n, like in zip(op.results, outs, (op.q, op.k, op.v), strict=True):
+    for r, n, like in zip(op.results[:3], outs, (op.q, op.k, op.v), strict=False):
         p.alloc(r, n, f"{p.name(like)}.shape")
     q, k, v, do = (f"last_contiguous({p.name(x)})" for x in (op.q, op.k, op.v, op.dout))
     p.lines += [f"_q, _k, _v, _do = {q}, {k}, {v}, {do}",
                 f"_lse, _delta = contiguous({p.name(op.lse)}), contiguous({p.name(op.delta)})",
                 "_B, _H, _SQ, _SK = _q.shape[0], _q.shape[1], _q.shape[2], _k.shape[2]",
                 f"_nqb, _nkb = cdiv(_SQ, {bq}), cdiv(_SK, {bk})"]
+    for r, n, like in zip(op.dvalues, outs[3:], op.learned(), strict=True):  # float32, added into atomically
+        p.lines.append(f"{n} = torch.zeros(tuple({p.name(like)}.shape), dtype=torch.float32, device=dev)")
     for grad_q, (o1, o2) in ((True, (outs[0], outs[0])), (False, (outs[1], outs[2]))):
         name, source, data_values = kernel_source(op, grad_q)
         p.kernel(name, source)
@@ -170,6 +198,7 @@ def attention_grad(p: TritonProgram, op: AttentionGradOp) -> None:
             p.lines.append(f"_fi, _fc, _pi, _pc = dense_lists({rows}, {not op.mask.empty}, dev)")
             p.lines.append("_mb, _mh = 1, 1")
         data = "".join(f"contiguous({p.name(x)}), *{p.name(x)}.shape, " for x in data_values)
+        data += "".join(f"{n}, " for n in ([] if grad_q else outs[3:]))
         grid = "(_nqb, _B * _H)" if grad_q else "(_nkb, _B * _k.shape[1])"
         p.lines.append(
             f"{name}[{grid}](_q, _k, _v, _do, _lse, _delta, {o1}, {o2}, _fi, _fc, _pi, _pc, {data}"

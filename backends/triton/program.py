@@ -68,6 +68,7 @@ class TritonProgram:
     inputs: list[str] = field(default_factory=list)
     returned: set[int] = field(default_factory=set)
     bf16_dot: Operation | None = None  # the first op with a bfloat16 tl.dot (see function.py)
+    made: int = 0  # launcher variables named so far (`new`): a name is never given twice
 
     def __post_init__(self) -> None:
         self.weight_only = weight_only_ops(self.func)
@@ -107,7 +108,9 @@ class TritonProgram:
         self.lines.append(f"{name} = torch.empty({shape}, dtype={TORCH_DTYPES[v.type.dtype]}, device=dev)")
 
     def new(self, v: Value) -> str:
-        n = f"v{len(self.names)}"
+        self.made = max(self.made, len(self.names))  # the count of names, unless a name was given again
+        n = f"v{self.made}"
+        self.made += 1
         self.names[id(v)] = n
         return n
 

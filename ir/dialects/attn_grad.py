@@ -9,6 +9,11 @@ delta = rowsum(dO * O):
 
 `score'` is the score region differentiated by its ops' own rules: the `score_grad` region of (s0, ds, b, h, q, k)
 yields ds * d score / d s0. EMPTY tiles of the block map are never visited; FULL ones evaluate no mask.
+
+A score modifier that reads a learned value (a weight or a value computed from the inputs: ALiBi slopes, a relative
+position bias table) gives that value a gradient too. The `value_grad` region of (s0, ds, b, h, q, k) yields, for each
+read of one (`value_reads`: which of the score region's outer values it reads), ds * d score / d read and the indices
+read; the backward adds it there (a scatter-add over the visited tiles' allowed elements, never a dense [S, S]).
 """
 
 from __future__ import annotations
@@ -18,14 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from sparsa.ir import attrs as A
 from sparsa.ir.analysis import Cost
-from sparsa.ir.core import Block, Operand, Region, RegionField, Result, Value
+from sparsa.ir.core import Attr, Block, Operand, Region, RegionField, Result, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.attn import AttentionBase, AttentionOp, _check_region
 from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dims import compatible
-from sparsa.ir.types import TensorType, is_float
+from sparsa.ir.types import TensorType, is_float, is_int
 
 
 class AttentionLseOp(AttentionOp):
@@ -71,13 +77,31 @@ class AttentionGradOp(AttentionBase):
     lse = Operand()
     delta = Operand()
     score_grad = RegionField(optional=True)
+    value_grad = RegionField(optional=True)
+    value_reads = Attr(A.INTS, default=None)
     dq = Result()
     dk = Result()
     dv = Result()
+    dvalues = Result(variadic=True)
 
     def infer(self) -> list[TensorType]:
         self.check_qkv()
-        return [self.q.type.without_layout(), self.k.type.without_layout(), self.v.type.without_layout()]
+        return [self.q.type.without_layout(), self.k.type.without_layout(), self.v.type.without_layout(),
+                *[v.type.without_layout() for v in self.learned()]]
+
+    def learned(self) -> list[Value]:
+        """The learned values the score modifier reads, in the order of their gradients (`dvalues`)."""
+        outer = outer_values(self.score) if not self.score.empty else []
+        reads = list(dict.fromkeys(self.value_reads or ()))
+        if any(not 0 <= i < len(outer) for i in reads):
+            raise self.error(f"value_reads {self.value_reads} index the score region's {len(outer)} outer values")
+        return [outer[i] for i in reads]
+
+    def read_groups(self) -> list[tuple[int, int]]:
+        """Per read the value_grad region yields: (its learned value's position in `learned()`, how many indices)."""
+        order = list(dict.fromkeys(self.value_reads or ()))
+        outer = outer_values(self.score) if not self.score.empty else []
+        return [(order.index(i), outer[i].type.rank) for i in self.value_reads or ()]
 
     def verify(self) -> None:
         super().verify()
@@ -90,14 +114,44 @@ class AttentionGradOp(AttentionBase):
         if self.score.empty != self.score_grad.empty:
             raise self.error("needs a score_grad region exactly when it has a score region")
         _check_region(self, self.score_grad, 6, None, "score_grad", ("s", "ds"))
+        self._verify_value_grad()
+
+    def _verify_value_grad(self) -> None:
+        reads, region = self.value_reads or [], self.value_grad
+        if region.empty != (not reads):
+            raise self.error("needs a value_grad region exactly when it has value_reads")
+        if region.empty:
+            return
+        self.learned()
+        outer = outer_values(self.score)
+        for i in reads:
+            if not is_float(outer[i].type.dtype):
+                raise self.error(f"value_reads: the score region's outer value {i} is {outer[i].type}, not float")
+        if len(region.block.args) != 6:
+            raise self.error(f"value_grad region takes 6 arguments (s, ds, b, h, q, k), got {len(region.block.args)}")
+        term = region.block.terminator
+        want = [(outer[i].type.dtype, rank) for i, (_, rank) in zip(reads, self.read_groups(), strict=True)]
+        got = [] if term is None else [v.type for v in term.operands]
+        n = sum(1 + rank for _, rank in want)
+        if term is None or term.NAME != "func.yield" or len(got) != n or any(t.rank for t in got):
+            raise self.error(f"value_grad region must yield {n} scalars (per read: d score / d read, then its "
+                             f"indices), got {len(got)}")
+        pos = 0
+        for dtype, rank in want:
+            if got[pos].dtype != dtype or not all(is_int(t.dtype) for t in got[pos + 1:pos + 1 + rank]):
+                raise self.error(f"value_grad region: a read's derivative must be {dtype} and its {rank} indices "
+                                 "integers")
+            pos += 1 + rank
 
     def reference(self, ctx: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                   *rest: np.ndarray) -> tuple[np.ndarray, ...]:
-        """dq, dk, dv in float64 (dense per head: a sound block map's EMPTY tiles are all masked)."""
+        """dq, dk, dv and the learned values' gradients in float64 (dense per head: a sound block map's EMPTY tiles
+        are all masked)."""
         dout, lse, delta = rest[-3:]
         rep = q.shape[1] // k.shape[1]
         dq = np.zeros(q.shape, np.float64)
         dk, dv = np.zeros(k.shape, np.float64), np.zeros(v.shape, np.float64)
+        dvalues = [np.zeros(np.shape(ctx.values[id(x)]), np.float64) for x in self.learned()]
         for b in range(q.shape[0]):
             for h in range(q.shape[1]):
                 s0, s, allowed, idx = self.head_scores(ctx, q, k, b, h)
@@ -105,16 +159,33 @@ class AttentionGradOp(AttentionBase):
                     p = np.where(allowed, np.exp(s - lse[b, h].astype(np.float64)[:, None]), 0.0)
                 do = dout[b, h].astype(np.float64)
                 ds = p * (do @ v[b, h // rep].astype(np.float64).T - delta[b, h].astype(np.float64)[:, None])
+                if dvalues:
+                    self._add_value_grads(ctx, dvalues, s0, ds, idx, allowed)
                 if not self.score_grad.empty:
                     (ds,) = ctx.run_region(self.score_grad, [s0, ds, *idx])
                     ds = np.where(allowed, np.broadcast_to(np.asarray(ds, np.float64), s0.shape), 0.0)
                 dq[b, h] = self.scale * ds @ k[b, h // rep].astype(np.float64)
                 dk[b, h // rep] += self.scale * ds.T @ q[b, h].astype(np.float64)
                 dv[b, h // rep] += p.T @ do
-        return dq, dk, dv
+        return (dq, dk, dv, *dvalues)
 
-    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
-        return [shapes[0], shapes[1], shapes[2]]
+    def _add_value_grads(self, ctx: Any, dvalues: list[np.ndarray], s0: np.ndarray, ds: np.ndarray,
+                         idx: list[np.ndarray], allowed: np.ndarray) -> None:
+        """Each read's ds * d score / d read added at the indices it read, over one head's allowed elements."""
+        outs = ctx.run_region(self.value_grad, [s0, ds, *idx])
+        pos = 0
+        for which, rank in self.read_groups():
+            c, ix = outs[pos], outs[pos + 1:pos + 1 + rank]
+            pos += 1 + rank
+            c = np.broadcast_to(np.asarray(c, np.float64), s0.shape)[allowed]
+            at = tuple(np.broadcast_to(np.asarray(i), s0.shape)[allowed] for i in ix)
+            if rank:
+                np.add.at(dvalues[which], at, c)
+            else:
+                dvalues[which] += c.sum()
+
+    def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]] | None:
+        return None if self.value_reads else [shapes[0], shapes[1], shapes[2]]
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Cost:
         """Five products a visited tile (FlashAttention-2's backward)."""
@@ -132,8 +203,9 @@ class AttentionGradOp(AttentionBase):
 # ---- the rule ---------------------------------------------------------------------------------------------
 def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list, bias_grads: bool = True) -> list:
     """attn.attention's vector-Jacobian rule: the forward made to return its log-sum-exp, delta from the output,
-    and the backward op over the same block map, mask and score regions. `bias_grads`: a score modifier
-    reading a float value of the model's is an error (its gradient is not built); False: that value gets none."""
+    and the backward op over the same block map, mask and score regions. A learned value the score modifier reads
+    (one computed from the model's inputs or weights) gets its gradient from the backward op too, unless
+    `bias_grads` is False (then it gets none: the caller takes no gradient for it)."""
     from sparsa.ir.clone import clone_region
 
     if len(dys) > 1 and dys[1] is not None:
@@ -147,38 +219,77 @@ def attention_vjp(op: AttentionOp, g: Any, dys: list, xs: list, ys: list, bias_g
         op = g.swap(op, AttentionLseOp.NAME)  # the same op, its regions moved over, now also giving lse
         lse = op.results[1]
     delta = g.sum(g.mul(dout, ys[0]), [-1])
-    score_grad = Region() if op.score.empty else score_grad_region(op, bias_grads)
+    score_grad, value_grad, reads = (Region(), Region(), []) if op.score.empty else \
+        score_grad_regions(op, bias_grads)
     operands = [*xs[:3], *xs[3:4], dout, lse, delta]
-    attrs = {"scale": op.scale, "block_q": op.block_q, "block_k": op.block_k, "kernel": op.kernel}
+    attrs = {"scale": op.scale, "block_q": op.block_q, "block_k": op.block_k, "kernel": op.kernel,
+             "value_reads": reads or None}
     grads = g.op(AttentionGradOp.NAME, *operands, **attrs,
-                 regions=[clone_region(op.mask), clone_region(op.score), score_grad])
-    return [*grads.results] + [None] * (len(xs) - 3)
+                 regions=[clone_region(op.mask), clone_region(op.score), score_grad, value_grad])
+    for v, d in zip(grads.learned(), grads.dvalues, strict=True):
+        g.flow(v, d)
+    return [*grads.results[:3]] + [None] * (len(xs) - 3)
 
 
-def score_grad_region(op: AttentionBase, refuse: bool = True) -> Region:
-    """(s0, ds, b, h, q, k) -> ds * d score(s0, b, h, q, k) / d s0, by the rules of the score region's ops. A score
-    that reads a float value computed from the model's inputs or weights (a learned bias) would need that value's
-    gradient too: an error naming the op, for now."""
+def _region_block(region: Region) -> Block:
+    """A block of (s0, ds, b, h, q, k) for a derivative of the score region (s0, b, h, q, k)."""
+    args = region.block.args
+    return Block([args[0].type, args[0].type, *[a.type for a in args[1:]]],
+                 ["s", "ds", *[a.name_hint for a in args[1:]]])
+
+
+def score_grad_regions(op: AttentionBase, learned: bool = True) -> tuple[Region, Region, list[int]]:
+    """The score region differentiated by its ops' rules: (s0, ds, b, h, q, k) -> ds * d score / d s0; and, for the
+    learned values it reads (float values computed from the model's inputs or weights; none unless `learned`), the
+    value_grad region and its value_reads (see the module's docstring)."""
     from sparsa.ir.autodiff import Grad
 
     region = op.score
-    args = region.block.args
-    block = Block([args[0].type, args[0].type, *[a.type for a in args[1:]]],
-                  ["s", "ds", *[a.name_hint for a in args[1:]]])
+    outer = outer_values(region)
+    block = _region_block(region)
     sub = Grad(block)
     sub.loc = op.loc
     s, ds, *idx = block.args
     (d_s,) = sub.region(region, [s, *idx], [ds])[:1]
-    for v in outer_values(region):
-        if refuse and is_float(v.type.dtype) and id(v) in sub.grads and _reads_model_values(v):
-            raise SparsaError("attention's score modifier reads a value computed from the model's inputs or "
-                              "weights; its gradient is not supported yet (constants and index arithmetic are)",
-                              op.loc)
-    if d_s is None:
-        d_s = sub.scalar(0.0, s.type.dtype)
-    block.append(YieldOp.build([d_s]))
+    block.append(YieldOp.build([d_s if d_s is not None else sub.scalar(0.0, s.type.dtype)]))
     _drop_dead(block)
-    return Region([block])
+    wanted = [i for i, v in enumerate(outer) if learned and is_float(v.type.dtype) and _reads_model_values(v)]
+    if not wanted:
+        return Region([block]), Region(), []
+    vblock = _region_block(region)
+    sub = Grad(vblock)
+    sub.loc = op.loc
+    s, ds, *idx = vblock.args
+    inlined = sub.inline(region, [s, *idx])
+    sub.region(region, [s, *idx], [ds], inlined)
+    yields: list[Value] = []
+    reads: list[int] = []
+    for i in wanted:
+        v = outer[i]
+        if v.type.rank == 0:  # a learned scalar read as it is: its cotangent is what flowed to it
+            users = [u for u in inlined[1] if any(x is v for x in u.operands)]
+            if any(u.NAME == "tensor.gather" for u in users):
+                raise SparsaError("attention's score modifier indexes a learned scalar", op.loc)
+            if id(v) in sub.grads:
+                yields.append(sub.grads[id(v)])
+                reads.append(i)
+            continue
+        for u in inlined[1]:
+            if not any(x is v for x in u.operands):
+                continue
+            if u.NAME != "tensor.gather" or u.operands[0] is not v or len(u.operands) - 1 != v.type.rank \
+                    or any(x is v for x in u.operands[1:]):
+                raise SparsaError(f"attention's score modifier reads the learned value {v.type} other than as one "
+                                  "element at a time (value[i, ...]): its gradient is not supported", op.loc)
+            d = sub.grads.get(id(u.results[0]))
+            if d is not None:
+                yields += [d, *u.operands[1:]]
+                reads.append(i)
+    if not reads:
+        return Region([block]), Region(), []
+    vblock.append(YieldOp.build(yields))
+    _drop_dead(vblock)
+    return Region([block]), Region([vblock]), reads
 
 
 def _drop_dead(block: Block) -> None:
