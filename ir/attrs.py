@@ -114,6 +114,18 @@ class IntListKind(AttrKind):
         return "[" + ", ".join(str(v) for v in value) + "]"
 
 
+class StrListKind(AttrKind):
+    name = "string list"
+
+    def coerce(self, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"expected a list of strings, got {_show(value)}")
+        return tuple(StrKind().coerce(v) for v in value)
+
+    def format(self, value: tuple[str, ...]) -> str:
+        return "[" + ", ".join(StrKind().format(v) for v in value) + "]"
+
+
 class Symbol(str):
     """A bare word in an attribute (an element type, or a dim expression in braces)."""
 
@@ -182,6 +194,7 @@ BOOL = BoolKind()
 STR = StrKind()
 SCALAR = ScalarKind()
 INTS = IntListKind()
+STRS = StrListKind()
 DIMS = DimListKind()
 DIM = DimKind()
 DTYPE = DTypeKind()

@@ -264,7 +264,8 @@ def vjp_function(f: Operation, stats: Counter | None = None) -> tuple[Operation,
         results.append(g.grads.get(id(mine)) or g.full(0.0, TensorType(v.type.dtype, v.type.shape)))
     new.append(ReturnOp.build(results))
     vjp = FuncOp([], [], {"sym_name": f"{f.attributes['sym_name']}_vjp",
-                          "result_types": [r.type for r in results], "residuals": "recompute"},
+                          "result_types": [r.type for r in results], "residuals": "recompute",
+                          "grads": [name for _, name, _ in grad_targets(f)]},
                  [Region([new])], f.loc)
     return vjp, len(forward), [mapping.get(id(v), v) for v in outs]
 

@@ -103,7 +103,7 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     for op in bwd_ops:
         bwd_block.append(clone_op(op, mapping))
     bwd = FuncOp([], [], {"sym_name": f"{name}_bwd", "result_types": list(vjp.attributes["result_types"]),
-                          "residuals": "saved"}, [Region([bwd_block])], vjp.loc)
+                          "residuals": "saved", "grads": vjp.attributes["grads"]}, [Region([bwd_block])], vjp.loc)
     return [fwd, bwd]
 
 

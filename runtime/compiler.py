@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
 @dataclass
 class Backward:
     """A model's reverse mode: its module (the model, then `_fwd` and `_bwd`, or `_vjp`), the names of what it
-    gives gradients of, the model's result types (one cotangent each), the compiled backward, its weight-only
+    gives gradients of (every float input and weight), the model's result types (one cotangent each), the compiled backward, its weight-only
     results (both halves'), and the compiled forward that also returns the residuals (None: recomputed)."""
 
     module: Module
@@ -63,6 +63,7 @@ class Backward:
     cache: dict
     forward: Any = None
     prepared: bool = False
+    produced: list[str] = field(default_factory=list)  # the backward's results, by name (`names` less unread weights)
 
 
 def grad_pipeline(pipeline: str) -> str:
@@ -234,7 +235,9 @@ class CompiledModel:
         def pullback(*dys: Any) -> dict[str, Any]:
             if len(dys) != n:
                 raise SparsaError(f"pullback takes one cotangent per output of '{self.name}' ({n}), got {len(dys)}")
-            return dict(zip(grad.names, self._run(grad.native, [*saved, *dys], grad.cache), strict=True))
+            got = dict(zip(grad.produced, self._run(grad.native, [*saved, *dys], grad.cache), strict=True))
+            # a weight nothing reads (dropped before differentiate) has a gradient of zeros
+            return {name: got[name] if name in got else np.zeros_like(self.weights[name]) for name in grad.names}
 
         return outs, pullback
 
@@ -254,7 +257,8 @@ class CompiledModel:
             options = {"exchange": self.exchange}
             forward = self.backend.compile(grad_module.funcs[-2], options) if saved else None
             native = self.backend.compile(grad_module.funcs[-1], options)
-            self._grad = Backward(grad_module, names, results, native, {}, forward)
+            produced = list(grad_module.funcs[-1].attributes["grads"])
+            self._grad = Backward(grad_module, names, results, native, {}, forward, produced=produced)
         if self._weights is not None and not self._grad.prepared:
             from sparsa.backends.reference.interpreter import Interpreter
 

@@ -253,22 +253,30 @@ def test_value_grad_region_prints_parses_and_is_verified() -> None:
 
 @settings(max_examples=6, deadline=None)
 @given(window=st.integers(1, 70), block=st.sampled_from([16, 32, 64]), causal=st.booleans(),
-       sq=st.integers(1, 90), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]))
-def test_random_masks_and_blocks_on_cpu(window: int, block: int, causal: bool, sq: int, heads: tuple) -> None:
-    """cpu's backward kernels against the reference for drawn windows, block sizes, lengths and head groups."""
+       sq=st.integers(1, 90), heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), learned=st.booleans())
+def test_random_masks_and_blocks_on_cpu(window: int, block: int, causal: bool, sq: int, heads: tuple,
+                                        learned: bool) -> None:
+    """cpu's backward kernels against the reference for drawn windows, block sizes, lengths and head groups, with or
+    without a learned relative bias (its gradient scatter-added by the threads into their partials)."""
     pytest.importorskip("torch_mlir")
     hq, hkv = heads
     rel = "k <= q and q - k" if causal else "abs(q - k)"
+    bias = "score=bias(table=table), " if learned else ""
     src = (f"mask w(q, k) = {rel} < {window}\n"
+           f"score bias(s, b, h, q, k; table: f32[{hq}, {2 * sq - 1}]) = s + table[h, q - k + {sq - 1}]\n"
            f"model M(q: f32[1, {hq}, {sq}, 16], k: f32[1, {hkv}, {sq}, 16], v: f32[1, {hkv}, {sq}, 16]) -> "
-           f"f32[1, {hq}, {sq}, 16] {{\n    return attention(q, k, v, mask=w)\n}}\n")
+           f"f32[1, {hq}, {sq}, 16] {{\n    param table: f32[{hq}, {2 * sq - 1}]\n"
+           f"    return attention(q, k, v, {bias}mask=w)\n}}\n")
     rng = np.random.default_rng(window * 100 + sq)
+    table = rng.standard_normal((hq, 2 * sq - 1)).astype(np.float32)
     xs = [rng.standard_normal((1, h, sq, 16)).astype(np.float32) for h in (hq, hkv, hkv)]
     dy = rng.standard_normal((1, hq, sq, 16)).astype(np.float32)
     got = {}
     for target in ("reference", "cpu"):
         pipeline = backends.get(target).PIPELINE.replace(
             "sparsify-attention", f"sparsify-attention{{block_q={block},block_k={block}}}")
-        got[target] = sparsa.compile(src, target=target, passes=pipeline).vjp(*xs)[1](dy)
-    for n in "qkv":
+        m = sparsa.compile(src, target=target, passes=pipeline)
+        m.load_weights({"table": table})
+        got[target] = m.vjp(*xs)[1](dy)
+    for n in ("q", "k", "v", "table"):
         np.testing.assert_allclose(got["cpu"][n], got["reference"][n], rtol=1e-4, atol=1e-5, err_msg=f"d{n}")

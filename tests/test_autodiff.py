@@ -284,6 +284,26 @@ def test_backward_on_native_targets(target: str) -> None:
         np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-4, atol=2e-4, err_msg=f"{target}: d{k}")
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+def test_a_weight_nothing_reads_gets_zeros(target: str) -> None:
+    """A declared weight the model never reads (dead code, gone before `differentiate`) still has its entry in the
+    pullback's dict, of zeros; the backward records the names of the gradients it returns."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    if target == "triton":
+        pytest.importorskip("triton")
+    m = sparsa.compile("model M(x: f32[4]) -> f32[4] {\n    param unused: f32[3, 2]\n    param u: f32[2]\n"
+                       "    return x * u[1]\n}\n", target=target)
+    m.load_weights({"unused": np.ones((3, 2), np.float32), "u": np.array([5.0, 2.0], np.float32)})
+    x = np.arange(4, dtype=np.float32)
+    grads = m.vjp(x)[1](np.ones(4, np.float32))
+    assert list(grads) == ["x", "unused", "u"]
+    np.testing.assert_array_equal(grads["unused"], np.zeros((3, 2), np.float32))
+    np.testing.assert_allclose(grads["x"], np.full(4, 2.0))
+    np.testing.assert_allclose(grads["u"], [0.0, 6.0])
+    assert 'grads = ["x", "u"]' in m.ir(grad=True)
+
+
 def test_ir_cli_and_errors(tmp_path) -> None:
     """`m.ir(grad=True)` and `sparsa compile --grad` show the backward function; ops without a rule name
     themselves and their line; a pullback with the wrong number of cotangents says so."""

@@ -19,6 +19,9 @@ class FuncOp(Operation):
     residuals = Attr(A.STR, default=None)
     # a model's: the positions of float inputs its reverse mode takes no gradient of (a caller that needs none)
     no_grad = Attr(A.INTS, default=None)
+    # a backward function's: the `.sp` names of the inputs and weights whose gradients it returns, in order (a
+    # weight nothing reads, dropped before `differentiate`, is not among them: the runtime gives it zeros)
+    grads = Attr(A.STRS, default=None)
     body = RegionField()
 
     @property
