@@ -53,8 +53,9 @@ def _read_source(path_or_source: str | os.PathLike) -> tuple[str, str]:
 @dataclass
 class Backward:
     """A model's reverse mode: its module (the model, then `_fwd` and `_bwd`, or `_vjp`), the names of what it
-    gives gradients of (every float input and weight), the model's result types (one cotangent each), the compiled backward, its weight-only
-    results (both halves'), and the compiled forward that also returns the residuals (None: recomputed)."""
+    gives gradients of (every float input and weight), the model's result types (one cotangent each), the compiled
+    backward, its weight-only results (both halves'), and the compiled forward that also returns the residuals
+    (None: recomputed)."""
 
     module: Module
     names: list[str]

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 
 import sparsa
 from sparsa.backends import base as backends
-from sparsa.ir.diagnostics import SparsaError
 
 torch = pytest.importorskip("torch")
 EXAMPLES = Path(__file__).parent.parent / "examples"

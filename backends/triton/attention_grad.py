@@ -15,7 +15,7 @@ from __future__ import annotations
 import textwrap
 
 from sparsa.backends.triton.attention import head_block, list_loop, tiles
-from sparsa.backends.triton.program import LOWERINGS, TritonProgram, digest, dot_precision, loc_comment
+from sparsa.backends.triton.program import LOWERINGS, TORCH_DTYPES, TritonProgram, digest, dot_precision, loc_comment
 from sparsa.backends.triton.regions import RegionEmitter
 from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.dialects.attn_grad import AttentionGradOp
@@ -179,14 +179,14 @@ def attention_grad(p: TritonProgram, op: AttentionGradOp) -> None:
     p.note_dot(op, op.q.type.dtype)
     d, dv, bq, bk = tiles(op, "attention's backward")
     outs = [p.new(r) for r in op.results]
-    for r, n, like in zip(op.results[:3], outs, (op.q, op.k, op.v), strict=False):
+    for r, n, like in zip(op.results[:3], outs[:3], (op.q, op.k, op.v), strict=True):
         p.alloc(r, n, f"{p.name(like)}.shape")
     q, k, v, do = (f"last_contiguous({p.name(x)})" for x in (op.q, op.k, op.v, op.dout))
     p.lines += [f"_q, _k, _v, _do = {q}, {k}, {v}, {do}",
                 f"_lse, _delta = contiguous({p.name(op.lse)}), contiguous({p.name(op.delta)})",
                 "_B, _H, _SQ, _SK = _q.shape[0], _q.shape[1], _q.shape[2], _k.shape[2]",
                 f"_nqb, _nkb = cdiv(_SQ, {bq}), cdiv(_SK, {bk})"]
-    for r, n, like in zip(op.dvalues, outs[3:], op.learned(), strict=True):  # float32, added into atomically
+    for n, like in zip(outs[3:], op.learned(), strict=True):  # float32, added into atomically
         p.lines.append(f"{n} = torch.zeros(tuple({p.name(like)}.shape), dtype=torch.float32, device=dev)")
     for grad_q, (o1, o2) in ((True, (outs[0], outs[0])), (False, (outs[1], outs[2]))):
         name, source, data_values = kernel_source(op, grad_q)
@@ -208,3 +208,6 @@ def attention_grad(p: TritonProgram, op: AttentionGradOp) -> None:
             f"_H, _k.shape[1], _SQ, _SK, _nqb, _nkb, _mb, _mh, {op.scale!r}, {d}, {dv}, BLOCK_M={bq}, "
             f"BLOCK_N={bk}, D={head_block(d)}, DV={head_block(dv)}, "
             f"PRECISION={dot_precision(op.q.type.dtype)!r})")
+    for r, n in zip(op.dvalues, outs[3:], strict=True):  # a learned value of a narrower type: its gradient too
+        if r.type.dtype != "f32":
+            p.lines.append(f"{n} = {n}.to({TORCH_DTYPES[r.type.dtype]})")
