@@ -212,9 +212,9 @@ def test_transposes_of_the_last_two_axes(target, dtype):
 
 
 def test_vector_exp_short_and_full_forms():
-    """A lane scan's decay exp on vectors of channels: vectors all in [EXP_FAST_LOW, EXP_HIGH) take the short form,
-    vectors with a lane outside, a NaN or an infinity the full one; both against float64 (normal results within 2 ulp,
-    subnormals, 0, inf and NaN exactly) around the thresholds and the overflow point."""
+    """A lane scan's decay exp on vectors of channels: vectors all within EXP_FAST_LOW of 0 take the short form,
+    vectors with a lane farther out, a NaN or an infinity the full one; both against float64 (normal results within
+    2 ulp, subnormals, 0, inf and NaN exactly) around the thresholds and the overflow point."""
     from sparsa.backends.cpu.build import EXP_FAST_LOW, EXP_HIGH
 
     src = """model M(x: f32[B, L, D], b: f32[B, L, D], w: f32[D, N], c: f32[B, L, N]) -> f32[B, L, D] {
