@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import sparsa
 from sparsa.backends import base as backends
+from sparsa.ir.diagnostics import SparsaError
 
 torch = pytest.importorskip("torch")
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -230,6 +231,23 @@ def test_learned_score_values_get_their_gradients(target: str) -> None:
     assert set(grads) == set(ts)
     for name, t in ts.items():
         np.testing.assert_allclose(grads[name], t.grad.numpy(), rtol=2e-4, atol=2e-4, err_msg=name)
+
+
+def test_a_learned_value_read_whole_is_refused_at_its_line() -> None:
+    """A score region reading a learned vector other than one element at a time (here summed: IR written by hand, the
+    language has no such score) is an error at the attention's line, not a wrong gradient."""
+    from sparsa.ir import parse_module
+    from sparsa.passes import PassManager
+
+    m = sparsa.compile(LEARNED.replace("S - 1", "15").replace("R]", "31]").replace("S, 8]", "16, 8]"),
+                       target="reference")
+    text = m.ir("input")
+    gather = re.search(r"(%\d+) = tensor.gather\((%\d+), %h\) : \(tensor<4xf32>, tensor<i64>\) -> tensor<f32>", text)
+    summed = text.replace(gather.group(0), f"{gather.group(1)} = tensor.sum({gather.group(2)}) {{axes = [0]}} : "
+                          "(tensor<4xf32>) -> tensor<f32>")
+    with pytest.raises(SparsaError, match="reads the learned value tensor<4xf32> other than as one element") as e:
+        PassManager("differentiate").run(parse_module(summed))
+    assert "<source>:7:" in str(e.value)
 
 
 def test_value_grad_region_prints_parses_and_is_verified() -> None:
