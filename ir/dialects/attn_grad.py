@@ -266,10 +266,7 @@ def score_grad_regions(op: AttentionBase, learned: bool = True) -> tuple[Region,
     reads: list[int] = []
     for i in wanted:
         v = outer[i]
-        if v.type.rank == 0:  # a learned scalar read as it is: its cotangent is what flowed to it
-            users = [u for u in inlined[1] if any(x is v for x in u.operands)]
-            if any(u.NAME == "tensor.gather" for u in users):
-                raise SparsaError("attention's score modifier indexes a learned scalar", op.loc)
+        if v.type.rank == 0:  # a learned scalar read as it is (no gather takes one): what flowed to it
             if id(v) in sub.grads:
                 yields.append(sub.grads[id(v)])
                 reads.append(i)
