@@ -429,14 +429,18 @@ def _moe_source(k: int, renorm: bool, capacity: float | None) -> str:
                       capacity="" if capacity is None else f", capacity={capacity}")
 
 
-def _torch_moe(x, W, k, renorm, capacity):
+def _torch_moe(x, W, k, renorm, capacity, router="gate", ffn=None):
     """The layer written out token by token: top-k of the softmax, capacity counted by hand (token then slot
-    order), each kept assignment's expert output weighted into its token."""
-    probs = torch.softmax(x @ W["gate"], -1)
+    order), each kept assignment's expert output (`ffn(h, e)`, default SwiGLU of w1, w3, w2) weighted into its
+    token."""
+    if ffn is None:
+        def ffn(h, ex):
+            return (F.silu(h @ W["w1"][ex]) * (h @ W["w3"][ex])) @ W["w2"][ex]
+    probs = torch.softmax(x @ W[router], -1)
     w, e = torch.topk(probs, k)
     if renorm:
         w = w / w.sum(-1, keepdim=True)
-    T, E = x.shape[0], W["gate"].shape[1]
+    T, E = x.shape[0], W[router].shape[1]
     cap = T * k if capacity is None else int(np.ceil(capacity * T * k / E))
     seen = [0] * E
     out = []
@@ -447,10 +451,71 @@ def _torch_moe(x, W, k, renorm, capacity):
             seen[ex] += 1
             if seen[ex] > cap:
                 continue
-            h = x[t:t + 1]
-            y = y + w[t, j] * ((F.silu(h @ W["w1"][ex]) * (h @ W["w3"][ex])) @ W["w2"][ex])[0]
+            y = y + w[t, j] * ffn(x[t:t + 1], ex)[0]
         out.append(y)
     return torch.stack(out)
+
+
+def _torch_rmsnorm(x, w):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def _torch_decoder(tokens, W):
+    """tiny_moe_decoder.sp written out: embedding, four layers of sliding-window (128) attention and a Mixtral MoE
+    with RMSNorm and residuals, the tied head."""
+    B, S = tokens.shape
+    x = W["embed"][tokens]
+    i = torch.arange(S)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 128)
+    for n in range(4):
+        p = f"Layer.{n}."
+        h = _torch_rmsnorm(x, W[p + "attn_norm"])
+        q, k, v = (h @ W[p + "Attention.0.wqkv"]).reshape(B, S, 12, 64).transpose(1, 2).split(4, dim=1)
+        s = (q @ k.transpose(-1, -2) * 0.125).masked_fill(~allowed, float("-inf"))
+        o = (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, S, 256)
+        x = x + o @ W[p + "Attention.0.wo"]
+        h = _torch_rmsnorm(x, W[p + "ffn_norm"]).reshape(B * S, 256)
+        moe = {name: W[p + "MoE.0." + name] for name in ("gate", "w1", "w3", "w2")}
+        x = x + _torch_moe(h, moe, 2, True, None).reshape(B, S, 256)
+    return _torch_rmsnorm(x, W["final_norm"]) @ W["embed"].T
+
+
+def _switch(W):
+    return lambda h, ex: torch.relu(h @ W["wi"][ex]) @ W["wo"][ex]
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("example", ["mixtral_moe.sp", "switch_capacity.sp", "tiny_moe_decoder.sp"])
+def test_moe_examples_against_autograd(example: str, target: str) -> None:
+    """The shared MoE examples' pullbacks, every weight's gradient and the input's, against torch autograd of the
+    example written out token by token (the Switch layer's capacity of 1.25 dropping tokens, the decoder's four
+    layers of attention and MoE with its tied embedding)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from pathlib import Path
+
+    m = sparsa.compile(str(Path(__file__).parent.parent / "examples" / example), target=target).init_weights(3)
+    rng = np.random.default_rng(6)
+    W = {n: torch.tensor(np.asarray(v), dtype=torch.float64, requires_grad=True) for n, v in m.weights.items()}
+    if example == "tiny_moe_decoder.sp":
+        x = rng.integers(0, 1024, (1, 11)).astype(np.int32)
+        out = _torch_decoder(torch.tensor(x, dtype=torch.int64), W)
+    else:
+        x = rng.standard_normal((19, 512 if example == "mixtral_moe.sp" else 256)).astype(np.float32)
+        xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+        out = _torch_moe(xt, W, 2, True, None) if example == "mixtral_moe.sp" else \
+            _torch_moe(xt, W, 1, False, 1.25, router="router", ffn=_switch(W))
+    dy = rng.standard_normal(tuple(out.shape)).astype(np.float32)
+    y, pullback = m.vjp(x)
+    grads = pullback(dy)
+    out.backward(torch.tensor(dy, dtype=torch.float64))
+    np.testing.assert_allclose(y, out.detach().numpy(), rtol=1e-4, atol=1e-4 * float(out.detach().abs().max()))
+    want = {n: t.grad.numpy() for n, t in W.items()}
+    if example != "tiny_moe_decoder.sp":
+        want["x"] = xt.grad.numpy()
+    assert set(grads) == set(want)
+    for n, w in want.items():  # float32 sums of many terms: within a share of the gradient's largest entry
+        np.testing.assert_allclose(grads[n], w, rtol=1e-3, atol=1e-4 * (np.abs(w).max() + 1e-6), err_msg=f"d{n}")
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
