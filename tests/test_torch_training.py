@@ -30,6 +30,71 @@ class SlidingAttention(torch.nn.Module):
         return self.o(o.transpose(1, 2).reshape(B, S, D))
 
 
+class RelativeBiasAttention(torch.nn.Module):
+    """A learned relative position bias per head (T5/Swin style), read with a leading slice: rel[:, (k - q) + S - 1],
+    added to causal scores as SDPA's float mask; its backward is an accumulating index_put."""
+
+    def __init__(self, S: int, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.qkv, self.o, self.heads = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim), heads
+        self.rel = torch.nn.Parameter(torch.randn(heads, 2 * S - 1) * 0.1)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        i = torch.arange(S, device=x.device)
+        bias = self.rel[:, i[None, :] - i[:, None] + S - 1].masked_fill(i[None, :] > i[:, None], float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.o(o.transpose(1, 2).reshape(B, S, D))
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_learned_relative_bias_read_after_a_slice_trains(target: str) -> None:
+    """aten.index with a leading None (rel[:, idx]) imports as a gather of the indexed axis moved to the front, and
+    its backward, index_put with accumulate, as the scatter-add back: nothing falls back, losses and gradients (the
+    bias table's among them) equal eager's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = RelativeBiasAttention(40)
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(model, ref, backend, torch.randn(2, 40, 32))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    assert {"tensor.gather", "tensor.scatter_add"} <= names
+
+
+def test_index_with_leading_slices_and_index_put_import_as_pytorch_indexes() -> None:
+    """x[:, i] and x[:, :, i, j] (index dims where the first tensor index was, trailing axes kept) and
+    index_put(accumulate=True) with repeated places against eager; a None between tensor indices stays in PyTorch
+    with its reason."""
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    i = torch.tensor([[0, 2, 2], [1, 0, 3]])
+    j = torch.tensor([1, 0, 1])
+
+    def f(x, v):
+        acc = torch.ops.aten.index_put.default(torch.zeros_like(x), [None, i[0]], v, True)
+        return x[:, i] * 2, x[:, :, i, j], acc
+
+    x, v = torch.randn(3, 4, 5, 6), torch.randn(3, 3, 5, 6)
+    backend = SparsaBackend({"target": "reference"})
+    got = torch.compile(f, backend=backend)(x, v)
+    for a, b in zip(got, f(x, v), strict=True):
+        torch.testing.assert_close(a, b)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    backend = SparsaBackend({"target": "reference"})
+    x = torch.randn(4, 4, 2, 6)
+    torch.testing.assert_close(torch.compile(lambda x: x[i, :, j] + 1, backend=backend)(x), x[i, :, j] + 1)
+    import sparsa
+
+    reasons = [why for graph in sparsa.report().graphs for _, why in graph.fallbacks]
+    assert any("None between or after" in why for why in reasons), reasons
+
+
 def _train(model, backend, x, steps: int = 2):
     """Two SGD steps; the losses and the last step's gradients."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
