@@ -102,28 +102,20 @@ class ScalarKind(AttrKind):
         return str(value) if isinstance(value, int) else format_float(value)
 
 
-class IntListKind(AttrKind):
-    name = "integer list"
+class ListKind(AttrKind):
+    """A list of one kind of item (integers, strings)."""
 
-    def coerce(self, value: Any) -> tuple[int, ...]:
+    def __init__(self, item: AttrKind, plural: str):
+        self.item, self.plural = item, plural
+        self.name = f"{item.name} list"
+
+    def coerce(self, value: Any) -> tuple[Any, ...]:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"expected a list of integers, got {_show(value)}")
-        return tuple(IntKind().coerce(v) for v in value)
+            raise ValueError(f"expected a list of {self.plural}, got {_show(value)}")
+        return tuple(self.item.coerce(v) for v in value)
 
-    def format(self, value: tuple[int, ...]) -> str:
-        return "[" + ", ".join(str(v) for v in value) + "]"
-
-
-class StrListKind(AttrKind):
-    name = "string list"
-
-    def coerce(self, value: Any) -> tuple[str, ...]:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"expected a list of strings, got {_show(value)}")
-        return tuple(StrKind().coerce(v) for v in value)
-
-    def format(self, value: tuple[str, ...]) -> str:
-        return "[" + ", ".join(StrKind().format(v) for v in value) + "]"
+    def format(self, value: tuple[Any, ...]) -> str:
+        return "[" + ", ".join(self.item.format(v) for v in value) + "]"
 
 
 class Symbol(str):
@@ -193,8 +185,8 @@ FLOAT = FloatKind()
 BOOL = BoolKind()
 STR = StrKind()
 SCALAR = ScalarKind()
-INTS = IntListKind()
-STRS = StrListKind()
+INTS = ListKind(IntKind(), "integers")
+STRS = ListKind(StrKind(), "strings")
 DIMS = DimListKind()
 DIM = DimKind()
 DTYPE = DTypeKind()
