@@ -98,6 +98,18 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
     return put_back(Grad(im.block), dy, dim, n, start, step)
 
 
+def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,
+                         w: Any, b: Any, output_mask: Any) -> tuple:
+    """native_layer_norm_backward as layer norm's own rule (`layer_norm_vjp`), from the statistics the forward
+    saved; the gradients output_mask does not ask for are None."""
+    from sparsa.ir.autodiff import Grad
+
+    if len(shape) != 1 or w is None or b is None:
+        raise Unsupported("layer norm's backward over several axes or without weight and bias")
+    grads = R.layer_norm_vjp(Grad(im.block), dy, x, w, b, mean, rstd)
+    return tuple(g if want else None for g, want in zip(grads, output_mask, strict=True))
+
+
 def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:
     """base with src[p] added at p with its coordinate along dim replaced by index[p]."""
     from sparsa.ir.autodiff import Grad
@@ -111,6 +123,7 @@ def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, s
 
 
 OPS: dict[str, Callable] = {
+    "native_layer_norm_backward.default": _layer_norm_backward,
     "scatter_add.default": _scatter_add,
     "_scaled_dot_product_flash_attention_for_cpu_backward.default": _sdpa_backward,
     "select_backward.default": _select_backward, "slice_backward.default": _slice_backward,

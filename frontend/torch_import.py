@@ -564,11 +564,16 @@ def _index_put(im: Importer, node: Any, base: Value, indices: Any, values: Value
 
 
 def _layer_norm(im: Importer, node: Any, x: Value, shape: Any, w: Any, b: Any, eps: float) -> tuple:
+    """native_layer_norm: the fused op; where its mean and 1/std are read (a training graph saves them for the
+    backward) those too, as the layer norm rule computes them."""
     if len(shape) != 1 or w is None or b is None:
         raise Unsupported("layer norm over several axes or without weight and bias")
-    if any(len(u.users) for u in list(node.users) if u.args[1] != 0):
-        raise Unsupported("layer norm statistics used")
-    return (im.emit(R.LayerNormOp, x, w, b, eps=float(eps)), None, None)
+    out = im.emit(R.LayerNormOp, x, w, b, eps=float(eps))
+    if not any(len(u.users) for u in list(node.users) if u.args[1] != 0):
+        return (out, None, None)
+    from sparsa.ir.autodiff import Grad
+
+    return (out, *R.layer_norm_stats(Grad(im.block), x, float(eps)))
 
 
 def _flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score_gm: Any, block_mask: Any,

@@ -240,6 +240,29 @@ def test_tiny_mistral_trains_two_steps_with_nothing_left_to_pytorch() -> None:
     assert {"attn.attention_lse", "attn.attention_grad"} <= names
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_tiny_gpt2_with_layer_norms_trains_with_nothing_left_to_pytorch(target: str) -> None:
+    """transformers' GPT-2 (LayerNorm, GELU, causal SDPA, tied head) trained for two SGD steps: the forward's
+    native_layer_norm gives the mean and 1/std its backward reads (they made the whole forward graph fall back),
+    native_layer_norm_backward imports as layer norm's own rule from them; losses and gradients equal eager's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)
+    config._attn_implementation = "sdpa"
+    model = transformers.GPT2LMHeadModel(config)
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(model, ref, backend, torch.randint(0, 64, (2, 24)), _train_lm, loss_atol=1e-5)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    assert {"tensor.layernorm", "tensor.rsqrt", "attn.attention_grad"} <= names, names
+
+
 TINY_LMS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             intermediate_size=64)),

@@ -249,18 +249,28 @@ class LayerNormOp(Operation):
         return (x64 - mu) / np.sqrt(var + self.eps) * w + b
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """xh = (x - mu) r: dx = r (dxh - mean(dxh) - xh mean(dxh xh)), dxh = dY w; dw = dY xh, db = dY summed."""
         (x, w, b), dy = xs, dys[0]
-        mu = g.emit("tensor.mean", x, axes=[-1], keepdim=True)
-        xc = g.sub(x, mu)
-        var = g.emit("tensor.mean", g.mul(xc, xc), axes=[-1], keepdim=True)
-        r = g.emit("tensor.rsqrt", g.add(var, g.scalar(self.eps, x.type.dtype)))
-        xh = g.mul(xc, r)
-        dxh = g.mul(dy, w)
-        m1 = g.emit("tensor.mean", dxh, axes=[-1], keepdim=True)
-        m2 = g.emit("tensor.mean", g.mul(dxh, xh), axes=[-1], keepdim=True)
-        dx = g.mul(r, g.sub(g.sub(dxh, m1), g.mul(xh, m2)))
-        return [dx, g.unbroadcast(g.mul(dy, xh), w.type), g.unbroadcast(dy, b.type)]
+        return layer_norm_vjp(g, dy, x, w, b, *layer_norm_stats(g, x, self.eps))
+
+
+def layer_norm_stats(g: Any, x: Value, eps: float) -> tuple[Value, Value]:
+    """Layer norm's statistics over the last axis, kept as [..., 1]: the mean and 1 / sqrt(biased variance + eps)
+    (what PyTorch's native_layer_norm returns beside its output)."""
+    mu = g.emit("tensor.mean", x, axes=[-1], keepdim=True)
+    xc = g.sub(x, mu)
+    var = g.emit("tensor.mean", g.mul(xc, xc), axes=[-1], keepdim=True)
+    return mu, g.emit("tensor.rsqrt", g.add(var, g.scalar(eps, x.type.dtype)))
+
+
+def layer_norm_vjp(g: Any, dy: Value, x: Value, w: Value, b: Value, mu: Value, r: Value) -> list:
+    """Layer norm's rule from its statistics: xh = (x - mu) r: dx = r (dxh - mean(dxh) - xh mean(dxh xh)),
+    dxh = dY w; dw = dY xh, db = dY summed."""
+    xh = g.mul(g.sub(x, mu), r)
+    dxh = g.mul(dy, w)
+    m1 = g.emit("tensor.mean", dxh, axes=[-1], keepdim=True)
+    m2 = g.emit("tensor.mean", g.mul(dxh, xh), axes=[-1], keepdim=True)
+    dx = g.mul(r, g.sub(g.sub(dxh, m1), g.mul(xh, m2)))
+    return [dx, g.unbroadcast(g.mul(dy, xh), w.type), g.unbroadcast(dy, b.type)]
 
 
 class RmsNormOp(Operation):
