@@ -347,6 +347,26 @@ def _select(im: Importer, node: Any, x: Value, dim: int, index: int) -> Value:
     return im.emit(S.SqueezeOp, piece, axes=(d,))
 
 
+def _select_scatter(im: Importer, node: Any, x: Value, src: Value, dim: int, index: int) -> Value:
+    """x with its index-th slice along dim replaced by src: the slices before and after it and src, joined."""
+    d = _axis(dim, x.type.rank)
+    n = x.type.shape[d]
+    if not isinstance(n, int):
+        raise Unsupported("select_scatter along a symbolic dim")
+    i = index + n if index < 0 else index
+    parts = [_slice(im, node, x, d, 0, i, 1)] if i > 0 else []
+    parts.append(im.emit(S.ExpandDimsOp, im.cast(src, x.type.dtype), axes=(d,)))
+    if i + 1 < n:
+        parts.append(_slice(im, node, x, d, i + 1, None, 1))
+    return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
+
+
+def _fill(im: Importer, node: Any, x: Value, value: Any) -> Value:
+    """fill: x's shape, every element `value` (a 0-d tensor or a number) in x's type."""
+    v = im.cast(value, x.type.dtype) if isinstance(value, Value) else im.const(value, x.type.dtype)
+    return im.emit(S.BroadcastToOp, v, shape=x.type.shape)
+
+
 def _unbind(im: Importer, node: Any, x: Value, dim: int = 0) -> tuple:
     d = _axis(dim, x.type.rank)
     if not isinstance(x.type.shape[d], int):
@@ -646,6 +666,7 @@ _ops: dict[str, Callable] = {
     "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
     "detach.default": _identity, "lift_fresh_copy.default": _identity,
     "embedding.default": _embedding, "index.Tensor": _index, "index_put.default": _index_put,
+    "select_scatter.default": _select_scatter, "fill.Tensor": _fill, "fill.Scalar": _fill,
     "native_layer_norm.default": _layer_norm,
     "constant_pad_nd.default": _constant_pad_nd,
 }

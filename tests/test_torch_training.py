@@ -263,6 +263,49 @@ def test_tiny_gpt2_with_layer_norms_trains_with_nothing_left_to_pytorch(target: 
     assert {"tensor.layernorm", "tensor.rsqrt", "attn.attention_grad"} <= names, names
 
 
+def test_tiny_t5_trains_with_nothing_left_to_pytorch() -> None:
+    """transformers' T5 (relative position buckets, encoder-decoder, its labels shifted right into the decoder's
+    inputs by a select_scatter and a fill) trains two SGD steps: nothing falls back, losses and gradients as eager."""
+    pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                                   dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": "cpu"})
+    _trains_as_eager(model, ref, backend, torch.randint(1, 64, (2, 12)), _train_lm, loss_atol=1e-5)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_select_scatter_and_fill_import(target: str) -> None:
+    """`s[..., 0] = c` (fill of the selected column with a 0-d tensor, select_scatter back) and fill with a number,
+    compiled even alone ("all" partitions): the cpu target copies a 0-d value out to every element."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    c = torch.tensor(3)
+
+    def f(ids, x):
+        s = ids.new_zeros(ids.shape)
+        s[..., 1:] = ids[..., :-1].clone()
+        s[..., 0] = c
+        s[:, -1] = 7
+        return s, x.fill_(2.5) * 2
+
+    ids = torch.randint(0, 100, (2, 7))
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    got = torch.compile(f, backend=backend)(ids, torch.randn(3, 4))
+    want = f(ids, torch.randn(3, 4))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.partitions
+
+
 TINY_LMS = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2,
                                                             intermediate_size=64)),

@@ -352,6 +352,10 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int, view: Any = N
             func.ReturnOp([])
             return cx.extra(Kernel(name, op, [x, geometry], [out]), start)
         flat = _flat(src) if x.type.rank else src
+
+        def read(place: ir.Value) -> ir.Value:  # a scalar operand (broadcast) has its one element everywhere
+            return B.load(flat, place) if x.type.rank else B.load(flat)
+
         part, parts = entry.arguments[3:]
         sizes = B.sizes_of(dst)
         stride = [B.as_index(B.load(at, a + 1)) for a in range(rank)]
@@ -364,14 +368,13 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int, view: Any = N
                 for i, s in zip(ivs, stride, strict=False):
                     place = B.add(place, B.mul(i, s))
                 if rank == 1:
-                    B.store(B.load(flat, place), dst, *ivs)
+                    B.store(read(place), dst, *ivs)
                 else:
                     unit = B.if_(B.cmpi("eq", stride[-1], B.c_index(1)), has_else=True)
                     for block, step in ((unit.then_block, None), (unit.else_block, stride[-1])):
                         with ir.InsertionPoint(block):
                             with B.nest([sizes[-1]]) as (j,):
-                                B.store(B.load(flat, B.add(place, j if step is None else B.mul(j, step))), dst,
-                                        *ivs, j)
+                                B.store(read(B.add(place, j if step is None else B.mul(j, step))), dst, *ivs, j)
                             scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
