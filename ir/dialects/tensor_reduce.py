@@ -249,6 +249,7 @@ class LayerNormOp(Operation):
         return (x64 - mu) / np.sqrt(var + self.eps) * w + b
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
+        """`layer_norm_vjp` from x's statistics, computed again."""
         (x, w, b), dy = xs, dys[0]
         return layer_norm_vjp(g, dy, x, w, b, *layer_norm_stats(g, x, self.eps))
 
