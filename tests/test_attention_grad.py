@@ -233,6 +233,28 @@ def test_learned_score_values_get_their_gradients(target: str) -> None:
         np.testing.assert_allclose(grads[name], t.grad.numpy(), rtol=2e-4, atol=2e-4, err_msg=name)
 
 
+def test_learned_value_gradients_on_the_python_host_as_on_the_native_one(monkeypatch) -> None:
+    """The cpu target's Python host (its LAUNCHES rule: partials made, passed and summed in NumPy) gives the learned
+    values the native host's gradients."""
+    pytest.importorskip("torch_mlir")
+    src = LEARNED.replace("S - 1", "69").replace("R]", "139]").replace("S, 8]", "70, 8]")
+    rng = np.random.default_rng(8)
+    weights = {"slopes": rng.uniform(-0.1, 0.1, 4).astype(np.float32),
+               "table": rng.standard_normal((4, 139)).astype(np.float32)}
+    ins = [rng.standard_normal(s).astype(np.float32) for s in ((1, 4, 70, 8), (1, 2, 70, 8), (1, 2, 70, 8))]
+    ins.append(np.array(0.9, np.float32))
+    dy = rng.standard_normal((1, 4, 70, 8)).astype(np.float32)
+    got = []
+    for native in ("1", "0"):
+        monkeypatch.setenv("SPARSA_NATIVE_HOST", native)
+        m = sparsa.compile(src, target="cpu")
+        m.load_weights(weights)
+        got.append(m.vjp(*ins)[1](dy))
+        assert m._grad.native.calls["native" if native == "1" else "python"] == 1
+    for name in ("slopes", "table", "gain", "q"):
+        np.testing.assert_allclose(got[1][name], got[0][name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_a_learned_value_read_whole_is_refused_at_its_line() -> None:
     """A score region reading a learned vector other than one element at a time (here summed: IR written by hand, the
     language has no such score) is an error at the attention's line, not a wrong gradient."""
