@@ -195,7 +195,12 @@ model M(q: f32[1, 4, S, 8], k: f32[1, 2, S, 8], v: f32[1, 2, S, 8], gain: f32[])
 """
 
 
-def _learned(q, k, v, gain, slopes, table):
+def _learned(S: int) -> str:
+    """LEARNED at length S (its table 2S - 1 long)."""
+    return LEARNED.replace("S - 1", str(S - 1)).replace("R]", f"{2 * S - 1}]").replace("S, 8]", f"{S}, 8]")
+
+
+def _learned_torch(q, k, v, gain, slopes, table):
     S = q.shape[2]
     i = torch.arange(S)
     rel = i[None, :] - i[:, None]
@@ -211,7 +216,7 @@ def test_learned_score_values_get_their_gradients(target: str) -> None:
     against autograd of a dense transcription, across block edges and grouped heads."""
     _needs(target)
     S = 80 if target != "triton" else 70
-    src = LEARNED.replace("S - 1", str(S - 1)).replace("R]", f"{2 * S - 1}]").replace("S, 8]", f"{S}, 8]")
+    src = _learned(S)
     m = sparsa.compile(src, target=target)
     rng = np.random.default_rng(3)
     weights = {"slopes": rng.uniform(-0.1, 0.1, 4).astype(np.float32),
@@ -225,7 +230,7 @@ def test_learned_score_values_get_their_gradients(target: str) -> None:
     np.testing.assert_allclose(m(q, k, v, gain), y, atol=1e-6)  # the model's own forward reads the weights too
     ts = {n: torch.tensor(a, dtype=torch.float64, requires_grad=True)
           for n, a in dict(q=q, k=k, v=v, gain=gain, **weights).items()}
-    out = _learned(ts["q"], ts["k"], ts["v"], ts["gain"], ts["slopes"], ts["table"])
+    out = _learned_torch(ts["q"], ts["k"], ts["v"], ts["gain"], ts["slopes"], ts["table"])
     (out * torch.tensor(dy, dtype=torch.float64)).sum().backward()
     np.testing.assert_allclose(y, out.detach().numpy(), atol=2e-5)
     assert set(grads) == set(ts)
@@ -237,7 +242,7 @@ def test_learned_value_gradients_on_the_python_host_as_on_the_native_one(monkeyp
     """The cpu target's Python host (its LAUNCHES rule: partials made, passed and summed in NumPy) gives the learned
     values the native host's gradients."""
     pytest.importorskip("torch_mlir")
-    src = LEARNED.replace("S - 1", "69").replace("R]", "139]").replace("S, 8]", "70, 8]")
+    src = _learned(70)
     rng = np.random.default_rng(8)
     weights = {"slopes": rng.uniform(-0.1, 0.1, 4).astype(np.float32),
                "table": rng.standard_normal((4, 139)).astype(np.float32)}
@@ -261,7 +266,7 @@ def test_a_learned_value_read_whole_is_refused_at_its_line() -> None:
     from sparsa.ir import parse_module
     from sparsa.passes import PassManager
 
-    m = sparsa.compile(LEARNED.replace("S - 1", "15").replace("R]", "31]").replace("S, 8]", "16, 8]"),
+    m = sparsa.compile(_learned(16),
                        target="reference")
     text = m.ir("input")
     gather = re.search(r"(%\d+) = tensor.gather\((%\d+), %h\) : \(tensor<4xf32>, tensor<i64>\) -> tensor<f32>", text)
@@ -279,7 +284,7 @@ def test_value_grad_region_prints_parses_and_is_verified() -> None:
     from sparsa.ir.diagnostics import VerifyError
     from sparsa.ir.verifier import verify_module
 
-    m = sparsa.compile(LEARNED.replace("S - 1", "15").replace("R]", "31]").replace("S, 8]", "16, 8]"),
+    m = sparsa.compile(_learned(16),
                        target="reference")
     text = m.ir(grad=True)
     # the masked attention reads its gain and its table (two reads), the other its slopes (one)

@@ -99,9 +99,8 @@ class AttentionGradOp(AttentionBase):
 
     def read_groups(self) -> list[tuple[int, int]]:
         """Per read the value_grad region yields: (its learned value's position in `learned()`, how many indices)."""
-        order = list(dict.fromkeys(self.value_reads or ()))
-        outer = outer_values(self.score) if not self.score.empty else []
-        return [(order.index(i), outer[i].type.rank) for i in self.value_reads or ()]
+        order, learned = list(dict.fromkeys(self.value_reads or ())), self.learned()
+        return [(order.index(i), learned[order.index(i)].type.rank) for i in self.value_reads or ()]
 
     def verify(self) -> None:
         super().verify()
