@@ -8,8 +8,13 @@ from sparsa.ir.core import Block, Module, Operation
 from sparsa.passes.base import Pass
 
 
+def _frozen(v: Any) -> Any:
+    """An attribute's value with its lists as tuples (a builder may give either)."""
+    return tuple(_frozen(x) for x in v) if isinstance(v, list | tuple) else v
+
+
 def _key(op: Operation) -> tuple[Any, ...]:
-    attrs = tuple(sorted((k, repr(v)) for k, v in op.attributes.items()))
+    attrs = tuple(sorted((k, repr(_frozen(v))) for k, v in op.attributes.items()))
     return (op.NAME, tuple(id(v) for v in op.operands), attrs, tuple(r.type for r in op.results))
 
 

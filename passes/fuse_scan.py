@@ -6,6 +6,11 @@ that consumes its result, so the [B, L, D, N] state is never materialized.
         ->  y = scan.fused(delta[..., None], A, u[..., None], B[:, :, None, :], C[:, :, None, :])
               ({producer: step t of the inputs -> (a_t, b_t)}, {consumer: (h_t, C_t) -> y_t})
 
+`fuse-scan-epilogue` then moves the elementwise op that reads a fused scan's result into its consumer, after the
+sum, with the elementwise ops of its other operands that nothing else reads (Mamba's `+ D * u`): no pass over
+[B, L, D] of their own. It runs after `differentiate` in `m.vjp`'s pipeline (a scan's backward is built from
+the consumer without it).
+
 Producers are absorbed while they are elementwise, of the state's rank and size (or 1 along some dims) and used
 only by the scan's inputs; what they read becomes an input. An input made by `expand_dims(f(x, y))`, f elementwise
 of operands of its rank and used only there, is first written `f(expand_dims(x), expand_dims(y))`, so f joins the
@@ -16,12 +21,13 @@ used otherwise, stay as they are.
 
 from __future__ import annotations
 
+from sparsa.ir.clone import clone_op, clone_region
 from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
-from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp, step_type
+from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp, consumer_parts, step_type
 from sparsa.ir.dims import compatible
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
@@ -32,6 +38,25 @@ from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 def _broadcasts_to(t: TensorType, state: TensorType) -> bool:
     """t has the state's rank and each dim the state's or 1."""
     return t.rank == state.rank and all(a == 1 or compatible(a, b) for a, b in zip(t.shape, state.shape, strict=True))
+
+
+def leaves(ops: list[Operation], outputs: list[Value]) -> list[Value]:
+    """What `ops` (and `outputs`) read that none of them makes, each once, in order."""
+    produced = {id(r) for op in ops for r in op.results}
+    seen: dict[int, Value] = {}
+    for op in ops:
+        for v in op.operands:
+            if id(v) not in produced:
+                seen.setdefault(id(v), v)
+    for v in outputs:
+        if id(v) not in produced:
+            seen.setdefault(id(v), v)
+    return list(seen.values())
+
+
+def _padded(t: TensorType, rank: int) -> TensorType:
+    """t with leading 1s up to `rank` (numpy broadcasting's view of it)."""
+    return t.with_shape((1,) * (rank - t.rank) + tuple(t.shape))
 
 
 class FuseScan(RewritePattern):
@@ -53,13 +78,13 @@ class FuseScan(RewritePattern):
             return False
         self.sink_expand_dims(op, state, rewriter)
         cone = self.producer_cone(op, state)
-        leaves = self.leaves(cone, [op.a, op.b])
-        producer = self.region(cone, leaves, [op.a, op.b], axis, state.rank)
+        inputs = leaves(cone, [op.a, op.b])
+        producer = self.region(cone, inputs, [op.a, op.b], axis, state.rank)
         consumer = self.consumer(mul, red, op.result, other, axis, state.rank)
         reduced_before = sum(1 for a in red.axes if a % state.rank < axis)
         out_axis = axis if red.keepdim else axis - reduced_before
-        fused = FusedScanOp.build(leaves + [other], regions=[producer, consumer], axis=axis,
-                                  num_producer_inputs=len(leaves), out_axis=out_axis, state=state.shape, loc=op.loc)
+        fused = FusedScanOp.build(inputs + [other], regions=[producer, consumer], axis=axis,
+                                  num_producer_inputs=len(inputs), out_axis=out_axis, state=state.shape, loc=op.loc)
         if fused.result.type != red.result.type:
             return False
         rewriter.insert_before(red, fused)
@@ -114,22 +139,10 @@ class FuseScan(RewritePattern):
         block = scan.parent
         return [o for o in block.ops if id(o) in cone]
 
-    def leaves(self, cone: list[Operation], outputs: list[Value]) -> list[Value]:
-        produced = {id(r) for op in cone for r in op.results}
-        seen: dict[int, Value] = {}
-        for op in cone:
-            for v in op.operands:
-                if id(v) not in produced:
-                    seen.setdefault(id(v), v)
-        for v in outputs:
-            if id(v) not in produced:
-                seen.setdefault(id(v), v)
-        return list(seen.values())
-
-    def region(self, cone: list[Operation], leaves: list[Value], outputs: list[Value], axis: int,
+    def region(self, cone: list[Operation], inputs: list[Value], outputs: list[Value], axis: int,
                rank: int) -> Region:
-        block = Block([step_type(v.type, axis, rank) for v in leaves])
-        mapping = {id(v): arg for v, arg in zip(leaves, block.args, strict=True)}
+        block = Block([step_type(v.type, axis, rank) for v in inputs])
+        mapping = {id(v): arg for v, arg in zip(inputs, block.args, strict=True)}
         for op in cone:
             new = type(op).build(*[mapping[id(v)] for v in op.operands], loc=op.loc, **dict(op.attributes))
             block.append(new)
@@ -200,3 +213,105 @@ class FuseScanPass(PatternPass):
 
     def patterns(self) -> list[RewritePattern]:
         return [ChunkLinearAttention(self.chunk), FuseScan()]
+
+
+class FuseScanEpilogue(RewritePattern):
+    """y = scan.fused(...) read only by one elementwise op E of y's type: E, and the elementwise ops of its other
+    operands that only it reads, join the consumer after its sum. Each value they read becomes an input with
+    the summed dims as size-1 axes (so a step of it is taken as the state's is), squeezed again in the region."""
+
+    ROOT = FusedScanOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        y = op.result
+        if len(y.uses) != 1:
+            return False
+        use = y.uses[0].op
+        if not isinstance(use, Elementwise) or len(use.results) != 1 or use.results[0].type != y.type:
+            return False
+        kept = _kept_dims(op)
+        if kept is None:
+            return False
+        cone = self.cone(use, y)
+        # scalar constants are made again in the region; what else the ops read becomes an input
+        consts = [v for v in leaves([*cone, use], []) if isinstance(v.defining_op, T.ConstantOp) and not v.type.rank]
+        read = [v for v in leaves([*cone, use], []) if v is not y and all(v is not c for c in consts)]
+        if any(v.type.rank > y.type.rank or not _broadcasts_to(_padded(v.type, y.type.rank), y.type) for v in read):
+            return False
+        rank = len(op.state)
+        expanded, squeezes = [], []
+        for v in read:
+            first = kept[y.type.rank - v.type.rank] if v.type.rank else rank
+            axes = [d - first for d in range(first, rank) if d not in kept]
+            expanded.append(S.ExpandDimsOp.build(v, axes=axes, loc=use.loc) if axes else None)
+            squeezes.append(axes)
+        inputs = [*op.inputs, *(e.result if e is not None else v for e, v in zip(expanded, read, strict=True))]
+        old = op.consumer.block
+        block = Block([a.type for a in old.args] + [step_type(v.type, op.axis, rank) for v in inputs[len(op.inputs):]],
+                      [a.name_hint for a in old.args] + [None] * len(read))
+        mapping = {id(a): b for a, b in zip(old.args, block.args, strict=False)}
+        for o in old.ops[:-1]:
+            block.append(clone_op(o, mapping))
+        mapping[id(y)] = mapping.get(id(old.terminator.operands[0]), old.terminator.operands[0])
+        for v in consts:
+            mapping[id(v)] = block.append(clone_op(v.defining_op, {})).results[0]
+        for v, arg, axes in zip(read, block.args[len(old.args):], squeezes, strict=True):
+            mapping[id(v)] = block.append(S.SqueezeOp.build(arg, axes=axes, loc=use.loc)).result if axes else arg
+        for o in [*cone, use]:
+            new = block.append(type(o).build(*[mapping[id(v)] for v in o.operands], loc=o.loc, **dict(o.attributes)))
+            mapping[id(o.results[0])] = new.results[0]
+        block.append(YieldOp.build([mapping[id(use.results[0])]]))
+        fused = FusedScanOp.build(inputs, regions=[clone_region(op.producer), Region([block])], axis=op.axis,
+                                  num_producer_inputs=op.num_producer_inputs, out_axis=op.out_axis, state=op.state,
+                                  loc=op.loc)
+        if fused.result.type != use.results[0].type:
+            return False
+        for e in expanded:
+            if e is not None:
+                rewriter.insert_before(use, e)
+        rewriter.insert_before(use, fused)
+        rewriter.replace_op(use, [fused.result])
+        return True
+
+    def cone(self, use: Operation, y: Value) -> list[Operation]:
+        """The elementwise ops broadcasting to y that only `use` (or others of them) reads, in program order."""
+        cone: dict[int, Operation] = {}
+        members = {id(use)}
+        work = [v for v in use.operands if v is not y]
+        while work:
+            v = work.pop()
+            o = v.defining_op
+            if (o is None or id(o) in cone or not isinstance(o, Elementwise) or len(o.results) != 1
+                    or v.type.rank > y.type.rank or any(id(u.op) not in members for u in v.uses)):
+                continue
+            cone[id(o)] = o
+            members.add(id(o))
+            work.extend(o.operands)
+        return [o for o in use.parent.ops if id(o) in cone]
+
+
+def _kept_dims(op: Operation) -> list[int] | None:
+    """The state dim of each dim of a fused scan's result (its time dim the state's time dim), or None where
+    the consumer's form does not say: a result of the state's rank, or one sum over the state without keepdim."""
+    rank, y = len(op.state), op.result.type
+    if y.rank == rank:
+        kept = list(range(rank))
+    else:
+        parts = consumer_parts(op.consumer)
+        total = parts[0] if parts is not None else None
+        if total is None or total.keepdim or total.x.type.rank != rank:
+            return None
+        summed = {a % rank for a in total.axes}
+        kept = [d for d in range(rank) if d not in summed]
+    return kept if len(kept) == y.rank and kept.index(op.axis) == op.out_axis else None
+
+
+class FuseScanEpiloguePass(PatternPass):
+    """Move the elementwise op reading a fused scan's result (and its other operands' elementwise ops) into the
+    scan's consumer, after its sum."""
+
+    NAME = "fuse-scan-epilogue"
+    COUNTERS = {"FuseScanEpilogue": "scan epilogues fused"}
+
+    def patterns(self) -> list[RewritePattern]:
+        return [FuseScanEpilogue()]

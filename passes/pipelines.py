@@ -10,10 +10,12 @@ def sparse_pipeline(block: int) -> str:
     """Routers folded into moe.route, experts as dispatch + grouped matmuls + fused combine (expert segments
     aligned to `block` rows, the grouped GEMM's tile), hand-written attention recognized, what a mask reads of
     the data alone computed once outside it, block maps so attention visits only the tiles its mask allows,
-    scans fused with their producers and consumer so the state is never stored, sparse weights packed; then
+    scans fused with their producers and consumer so the state is never stored (and what follows the
+    consumer elementwise joined it), sparse weights packed; then
     the clean-up."""
     return (f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},recognize-attention,"
-            "hoist-region-invariants,sparsify-attention,expand-pullbacks,fuse-scan,lower-sparse-weights,cse,dce")
+            "hoist-region-invariants,sparsify-attention,expand-pullbacks,fuse-scan,fuse-scan-epilogue,lower-sparse-weights,"
+            "cse,dce")
 
 
 def expert_parallel_pipeline(pipeline: str, ranks: int) -> str:

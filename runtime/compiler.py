@@ -71,13 +71,13 @@ def grad_pipeline(pipeline: str) -> str:
     """A target pipeline with `differentiate` after the MoE layers are dispatched (their rules reuse the dispatch)
     and split over the ranks (the exchange's rules send cotangents back), and after attention is recognized and
     given its block map (its backward walks the same map), and after scans are fused (the rule of `scan.fused` is
-    `scan.fused_grad`, which computes the states again instead of storing them); or else after its first step
-    (canonicalize). Then canonicalize again (the rules' constants and broadcasts folded), and the rest
-    (clean-up) optimizes the backward function too. (After expand-pullbacks too: the rules it has put in are
-    differentiated in turn.)"""
+    `scan.fused_grad`, which computes the states again instead of storing them; before their epilogues join
+    them, which its rule does not take); or else after its first step (canonicalize). Then canonicalize again
+    (the rules' constants and broadcasts folded), and the rest (clean-up) optimizes the backward function too.
+    (After expand-pullbacks too: the rules it has put in are differentiated in turn.)"""
     steps = pipeline.split(",")
     after = ("shard-experts", "fuse-moe-dispatch", "sparsify-attention", "expand-pullbacks", "fuse-scan")
-    found = [i for i, s in enumerate(steps) if s.startswith(after)]
+    found = [i for i, s in enumerate(steps) if s.split("{")[0] in after]
     at = max(found) if found else 0 if steps[0] == "canonicalize" else -1
     return ",".join([*steps[:at + 1], "differentiate", "canonicalize", *steps[at + 1:]])
 

@@ -4,6 +4,7 @@ with no tokens, fully masked rows); the same results on one thread and on severa
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -167,23 +168,27 @@ def test_fused_scan_in_channel_blocks_on_any_thread_count(monkeypatch, static):
 
 FUSED_SCAN = """model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N], w: f32[D, N]) -> f32[B, L, D] {
     h = scan(DECAY, (u * a)[:, :, :, None] * bm[:, :, None, :], axis=1)
-    return sum(h * c[:, :, None, :], axis=-1)
+    return sum(h * c[:, :, None, :], axis=-1)EPILOGUE
 }"""
 
 
 @pytest.mark.parametrize(("decay", "lanes"), [("exp(-(a * a)[:, :, :, None] * w)", True),
                                               ("sigmoid(a[:, :, :, None] - w) * 0.5", True),
                                               ("exp(-abs(a[:, :, :, None] - w))", False)])
-@pytest.mark.parametrize(("D", "N"), [(1, 1), (70, 3), (130, 16)])
-def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N):
+@pytest.mark.parametrize(("D", "N", "epilogue"), [(1, 1, ""), (70, 3, " * sigmoid(u) + a"), (130, 16, ""),
+                                                  (130, 16, " + a * u")])
+def test_fused_scans_with_channels_in_lanes_or_in_blocks(decay, lanes, D, N, epilogue):
     """Fused scans of region ops the lane-vector kernel evaluates on vectors (with a time-invariant [D, N] input
     read once per item, a constant, a batch dim kept as work items, tails masked) and of one it does not (abs:
-    the blocked kernel), against the reference at channel counts below, across and past one item."""
-    src = FUSED_SCAN.replace("DECAY", decay)
+    the blocked kernel), against the reference at channel counts below, across and past one item; with an
+    elementwise epilogue after the sum (fuse-scan-epilogue), in the same kernel."""
+    src = FUSED_SCAN.replace("DECAY", decay).replace("EPILOGUE", epilogue)
     ref, cpu = pair(src)
     inputs = make_inputs(ref, sizes={"B": 2, "L": 5, "D": D, "N": N})
     close(cpu(*inputs), ref(*inputs))
     assert ("vector.maskedload" in cpu.stage("mlir")) == lanes
+    kernels = re.findall(r"func\.func @k\d+_(\w+)\(", cpu.stage("mlir"))
+    assert [k for k in kernels if k != "tensor_constant"] == ["scan_fused"]
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])

@@ -117,12 +117,13 @@ def attention_programs(draw):
 def scan_programs(draw):
     B, L, D, N = draw(st.integers(1, 2)), draw(st.integers(1, 40)), draw(st.integers(1, 12)), draw(st.integers(1, 6))
     form = draw(st.sampled_from(["mamba", "per-key decay", "per-value decay", "per-step decay", "unfused"]))
-    if form == "mamba":
+    if form == "mamba":  # with an epilogue (fuse-scan-epilogue): Mamba's skip term, its gate, both or none
+        epilogue = draw(st.sampled_from(["y", "y + Dskip * u", "y * silu(dt)", "(y + Dskip * u) * sigmoid(u)"]))
         src = (f"model M(u: f32[B, L, {D}], dt: f32[B, L, {D}], A: f32[{D}, {N}], Bs: f32[B, L, {N}], "
-               f"C: f32[B, L, {N}]) -> f32[B, L, {D}] {{\n"
+               f"C: f32[B, L, {N}], Dskip: f32[{D}]) -> f32[B, L, {D}] {{\n"
                "    h = scan(exp(dt[:, :, :, None] * A), (dt * u)[:, :, :, None] * Bs[:, :, None, :], axis=1)\n"
-               "    return sum(h * C[:, :, None, :], axis=-1)\n}\n")
-        shapes = [(B, L, D), (B, L, D), (D, N), (B, L, N), (B, L, N)]
+               f"    y = sum(h * C[:, :, None, :], axis=-1)\n    return {epilogue}\n}}\n")
+        shapes = [(B, L, D), (B, L, D), (D, N), (B, L, N), (B, L, N), (D,)]
     elif form == "unfused":
         src = f"model M(a: f32[B, L, {D}], b: f32[B, L, {D}]) -> f32[B, L, {D}] {{\n    return scan(a, b, axis=1)\n}}\n"
         shapes = [(B, L, D), (B, L, D)]

@@ -64,6 +64,46 @@ model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N]) -> 
     np.testing.assert_allclose(fused(*ins), plain(*ins), rtol=1e-5, atol=1e-5)
 
 
+EPILOGUES = ["y + d * u", "y * silu(z)", "relu(y + 0.5) * z", "where(z > 0.0, y, d * u)", "(y + d * u) * sigmoid(z)"]
+
+
+@SETTINGS
+@given(st.sampled_from(EPILOGUES), st.sampled_from(["last", "middle", "keepdim"]), st.integers(1, 2),
+       st.integers(1, 5), st.integers(1, 4), st.integers(1, 3), st.integers(0, 99))
+def test_scan_epilogues_join_the_consumer(epilogue, layout, B, L, D, N, seed):
+    """fuse-scan-epilogue on a fused scan's result (summed over its last state dim, over one before the channels,
+    or kept as a size-1 dim) read by elementwise ops of inputs of any rank: one scan.fused, nothing after it,
+    the same values as the program run as written."""
+    if layout == "middle":  # the state [B, L, N, D], summed over N
+        scan = ("scan(exp(-abs(a))[:, :, None, :] * ones([N, 1]), (u * a)[:, :, None, :] * bm[:, :, :, None], "
+                "axis=1)")
+        y, d_type, out = "sum(h * c[:, :, :, None], axis=2)", "f32[D]", "f32[B, L, D]"
+    else:
+        scan = "scan(exp(-abs(a))[:, :, :, None] * ones([N]), (u * a)[:, :, :, None] * bm[:, :, None, :], axis=1)"
+        keep = layout == "keepdim"
+        y = f"sum(h * c[:, :, None, :], axis=-1{', keepdim=true' if keep else ''})"
+        d_type, out = ("f32[D, 1]", "f32[B, L, D, 1]") if keep else ("f32[D]", "f32[B, L, D]")
+        if keep:
+            epilogue = epilogue.replace("* u", "* u[:, :, :, None]").replace("(z", "(z[:, :, :, None]").replace(
+                "* z", "* z[:, :, :, None]")
+    src = f"""
+model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N], d: {d_type}, z: f32[B, L, D]) -> {out} {{
+    h = {scan}
+    y = {y}
+    return {epilogue}
+}}
+"""
+    plain = sparsa.compile(src, passes="canonicalize", target="reference")
+    fused = sparsa.compile(src, passes="canonicalize,fuse-scan,fuse-scan-epilogue,cse,dce", target="reference")
+    body = fused.module.funcs[-1].regions[0].block.ops
+    assert [o.NAME for o in body if o.NAME not in ("tensor.expand_dims", "tensor.constant")][-2:] == [
+        "scan.fused", "func.return"], fused.ir()
+    rng = np.random.default_rng(seed)
+    ins = [rng.standard_normal(s).astype(np.float32) for s in
+           [(B, L, D), (B, L, D), (B, L, N), (B, L, N), (D, 1) if layout == "keepdim" else (D,), (B, L, D)]]
+    np.testing.assert_allclose(fused(*ins), plain(*ins), rtol=1e-5, atol=1e-5)
+
+
 @SETTINGS
 @given(st.sampled_from([(4, 4), (2, 8), (8, 2)]), st.sampled_from([(1, 2), (2, 4), (1, 4)]),
        st.floats(0.0, 1.0), st.integers(1, 5), st.integers(0, 99))

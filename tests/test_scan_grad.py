@@ -48,6 +48,15 @@ def test_backward_holds_no_states_and_round_trips():
     assert not any(t.rank == 4 and t.shape[1:] == ("L", "DI", "N") for t in fwd.attributes["result_types"])
     assert [op.NAME for op in bwd.regions[0].block.ops].count("scan.fused_grad") == 1
     assert "scan.scan" not in text
+    # the forward's skip term joined its scan after differentiate (fuse-scan-epilogue): no [B, L, DI] pass of its own
+    assert [op.NAME for op in fwd.regions[0].block.ops if op.NAME != "tensor.expand_dims"] == ["scan.fused",
+                                                                                               "func.return"]
+
+
+def test_an_epilogue_is_joined_after_the_derivative():
+    """A pipeline that differentiates a scan whose consumer has an epilogue is told to differentiate first."""
+    with pytest.raises(sparsa.ir.SparsaError, match="differentiate before fuse-scan-epilogue"):
+        sparsa.compile(SCAN, target="reference", passes="canonicalize,fuse-scan,fuse-scan-epilogue,differentiate")
 
 
 @pytest.mark.parametrize(("B", "L", "D", "N"), [(1, 1, 1, 1), (2, 9, 5, 4), (1, 40, 3, 2)])

@@ -35,6 +35,7 @@ def test_selective_scan_kernel(shape, monkeypatch, tmp_path):
     op = next(o for o in func.walk() if isinstance(o, FusedScanOp))
     kernel = FusedScanKernel.generate(op)
     assert "# scan.fused from" in kernel.source and "h = a_t * h + b_t" in kernel.source
+    assert "# tensor.add @" in kernel.source  # the skip term + D * u after the sum (fuse-scan-epilogue)
     inputs = [torch.from_numpy(np.ascontiguousarray(interp.lookup(v))).to(DEVICE) for v in op.inputs]
     out = kernel(inputs, (B, L, DI, N))
     expected = interp.lookup(op.result)

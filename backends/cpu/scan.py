@@ -28,6 +28,8 @@ from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import scan as SC
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.scan import state_axis
 from sparsa.ir.types import TensorType, numpy_dtype
 
 SCAN_BLOCK = 128  # channels of a fused scan done together: a [.., 128, N] state block and its temporaries in L1
@@ -85,6 +87,7 @@ def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
 # 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on one AVX-512 core), and the exps of the vectors are independent
 # work for the core meanwhile.
 AHEAD = 16  # time steps the lane-vector scan asks for its channel inputs' rows ahead of reading them
+VIEWS = (S.SqueezeOp, S.ExpandDimsOp)  # in an epilogue: the same lane value
 LANE_OPS = (T.MulOp, T.AddOp, T.SubOp, T.DivOp, T.ExpOp, T.NegOp, T.MaximumOp, T.MinimumOp, T.SigmoidOp, T.SiluOp)
 
 
@@ -171,11 +174,12 @@ def fused_scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
 def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, int | None] | None:
     """(the channel dim, the dim the consumer sums over or None) where the lane-vector scan applies: float32; a
     channel dim (`_channel_dim`) last in the output and contiguous in every input that runs over time and has it;
-    producer and consumer regions of LANE_OPS and constants, the consumer ending in one sum over one state dim
-    (the rest of the state, other than time and channel, kept as work items). Else None. (`inputs`: the fused
-    scan's, where op is its backward.)"""
+    producer and consumer regions of LANE_OPS and constants, the consumer's sum one over one state dim (the rest of
+    the state, other than time and channel, kept as work items) and its epilogue reading no input along that
+    dim. Else None. (`inputs`: the fused scan's, where op is its backward.)"""
     inputs = list(op.inputs) if inputs is None else inputs
     y = op.consumer.block.terminator.operands[0]
+    parts = SC.consumer_parts(op.consumer)
     channel = _channel_dim(op, y.type, inputs)
     rank, axis = len(op.state), op.axis
     if channel is None or y.type.dtype != "f32" or any(v.type.dtype != "f32" for v in inputs):
@@ -188,24 +192,26 @@ def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, in
         timed = 0 <= axis - (rank - v.type.rank) and v.type.shape[axis - (rank - v.type.rank)] != 1
         if p >= 0 and v.type.shape[p] != 1 and timed and any(d != 1 for d in v.type.shape[p + 1:]):
             return None
+    if parts is None:
+        return None
+    summed, _, after = parts
+    epilogue = {id(o) for o in after}
     for region in (op.producer, op.consumer):
         for o in region.block.ops[:-1]:
-            if not isinstance(o, LANE_OPS + (T.ConstantOp, R.SumOp)) or o.results[0].type.dtype != "f32" or (
-                    isinstance(o, R.SumOp) and (region is op.producer or o.results[0] is not y)):
+            if o is summed or isinstance(o, VIEWS) and id(o) in epilogue:
+                continue
+            if not isinstance(o, LANE_OPS + (T.ConstantOp,)) or o.results[0].type.dtype != "f32":
                 return None
-    summed = y.defining_op
-    if not isinstance(summed, R.SumOp):
+    if summed is None:
         return (c, None) if y.type.rank == rank else None
     if summed.x.type.rank != rank or summed.keepdim or len(summed.axes) != 1:
         return None
     r = summed.axes[0] % rank
+    reads = {id(v) for o in after for v in o.operands}
+    for i, a in enumerate(op.consumer.block.args[1:]):
+        if id(a) in reads and state_axis(inputs[op.num_producer_inputs + i], r, rank) is not None:
+            return None  # the epilogue runs once a step, after the sum: what it reads must not vary along r
     return (c, r) if r not in (axis, c) else None
-
-
-def state_axis(v: Value, i: int, rank: int) -> int | None:
-    """Input v's axis for dim i of a rank-`rank` state (v right-aligned to it); None where v lacks it or has 1."""
-    p = i - (rank - v.type.rank)
-    return p if p >= 0 and v.type.shape[p] != 1 else None
 
 
 class LaneItems:
@@ -314,6 +320,7 @@ def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) ->
     a [.., 128, N] temporary."""
     inputs = list(op.inputs)
     n = op.num_producer_inputs
+    summed, before, after = SC.consumer_parts(op.consumer)
     name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
     args = entry.arguments
     out, part, parts = args[len(inputs):]
@@ -336,27 +343,34 @@ def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) ->
                     a, b = _lanes(op.producer, now[:n], vt)
                     h = vector.FMAOp(a, vector.LoadOp(vt, state, [k, B.c_index(0)]).result, b).result
                     vector.StoreOp(h, state, [k, B.c_index(0)])
-                    (y,) = _lanes(op.consumer, [h] + now[n:], vt)
+                    (y,) = _lanes(op.consumer, [h] + now[n:], vt, before, [summed.results[0]] if summed else None)
                     scf.YieldOp([arith.AddFOp(over.inner_iter_args[0], y).result])
+                y = over.results[0]
+                if after:  # the epilogue, once a step on the sum: it reads inputs constant along r (`step` has them)
+                    given = [li.zeros] + [step.get(j, li.zeros) for j in range(n, len(inputs))]
+                    (y,) = _lanes(op.consumer, given, vt, after, None, {id(summed.results[0]): y})
                 yt = op.result.type
                 # the output's dims: the state's without r
                 idx = [t if i == op.out_axis else li.at[i if r is None or i < r else i + 1] for i in range(yt.rank)]
-                vector.MaskedStoreOp(out, idx, li.mask, over.results[0])
+                vector.MaskedStoreOp(out, idx, li.mask, y)
                 scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
     return Kernel(name, op, inputs, [op.result], "parts")
 
 
-def _lanes(region: Region, args: list[ir.Value], vt: ir.Type) -> list[ir.Value]:
+def _lanes(region: Region, args: list[ir.Value], vt: ir.Type, ops: list[Operation] | None = None,
+           outputs: list[Value] | None = None, given: dict[int, ir.Value] | None = None) -> list[ir.Value]:
     """A LANE_OPS region's results on lane values (vectors of channels, or scalars where a value has none), by
-    the ops' scalar rules; a sum over the summed dim is its operand at the current index (the caller adds)."""
+    the ops' scalar rules; a sum over the summed dim is its operand at the current index (the caller adds). Only
+    `ops` of it (else all) to `outputs` (else what it yields), with the values `given` (by value id)."""
     vals = {id(a): x for a, x in zip(region.block.args, args, strict=True)}
+    vals.update(given or {})
 
     def vec(x: ir.Value) -> ir.Value:
         return x if isinstance(x.type, ir.VectorType) else vector.BroadcastOp(vt, x).result
 
-    for o in region.block.ops[:-1]:
+    for o in region.block.ops[:-1] if ops is None else ops:
         if isinstance(o, T.ConstantOp):
             vals[id(o.results[0])] = B.c_float(float(o.value), ir.VectorType(vt).element_type)
             continue
@@ -367,7 +381,7 @@ def _lanes(region: Region, args: list[ir.Value], vt: ir.Type) -> list[ir.Value]:
         if any(isinstance(x.type, ir.VectorType) for x in xs):
             xs = [vec(x) for x in xs]
         vals[id(o.results[0])] = SCALARS.find(o)(o, *xs)
-    return [vec(vals[id(v)]) for v in region.block.terminator.operands]
+    return [vec(vals[id(v)]) for v in (region.block.terminator.operands if outputs is None else outputs)]
 
 
 def aligned_slice(cx: KernelContext, x: ir.Value, t: TensorType, axis: int, rank: int, offset: ir.Value,

@@ -23,13 +23,12 @@ from sparsa.backends.triton.program import (
     dot_precision,
     npow2,
 )
-from sparsa.backends.triton.regions import RegionEmitter
+from sparsa.backends.triton.regions import ExprEmitter, RegionEmitter
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import scan as SC
 from sparsa.ir.dialects import tensor as T
-from sparsa.ir.dialects import tensor_reduce as R
-from sparsa.ir.dialects.func import YieldOp
-from sparsa.ir.dialects.scan import FusedScanOp
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.scan import FusedScanOp, consumer_parts, state_axis
 
 KERNEL = '''
 @triton.jit
@@ -73,14 +72,22 @@ def tile_walk(n_in: int, rank: int, axis: int, r: int, out: str, strides: str) -
 
 
 def reduced_axis(op: FusedScanOp) -> int:
-    """The state axis a fused scan's consumer sums over (or its backward's): the form the kernels take."""
-    rank, cons = len(op.state), op.consumer.block.ops
-    ok = (len(cons) == 3 and isinstance(cons[0], T.MulOp) and isinstance(cons[1], R.SumOp)
-          and len(cons[1].axes) == 1 and isinstance(cons[2], YieldOp))
-    if not ok or cons[1].axes[0] % rank == op.axis:
+    """The state axis a fused scan's consumer sums over (or its backward's): the form the kernels take, sum(h * x)
+    over one state axis, then an elementwise epilogue of inputs that do not vary along it."""
+    rank = len(op.state)
+    parts = consumer_parts(op.consumer)
+    total, before, after = parts if parts is not None else (None, [], [])
+    ok = (total is not None and len(before) == 2 and isinstance(before[0], T.MulOp) and len(total.axes) == 1
+          and total.axes[0] % rank != op.axis)
+    if ok:
+        r = total.axes[0] % rank
+        reads = {id(v) for o in after for v in o.operands}
+        ok = not any(id(a) in reads and state_axis(x, r, rank) is not None
+                     for a, x in zip(op.consumer.block.args[1:], op.inputs[op.num_producer_inputs:], strict=False))
+    if not ok:
         raise SparsaError(f"the triton backend supports {op.NAME} consumers of the form sum(h * x, axis=d) over one "
-                          "state axis d", op.loc)
-    return cons[1].axes[0] % rank
+                          "state axis d, then elementwise ops of inputs without d", op.loc)
+    return total.axes[0] % rank
 
 
 @dataclass
@@ -104,15 +111,35 @@ class FusedScanKernel:
         n_in = len(op.inputs)
         input_params, outer_sizes, decompose, bases = tile_walk(n_in, rank, axis, r, "out", "so")
         out_strides = "".join(f"so_{d}, " for d in outer) + "so_t, "
-        loads = [f"x{i} = tl.load(X{i} + base{i} + t * sx{i}_{axis}, mask=live, other=0.0).to(tl.float32)"
-                 for i in range(n_in)]
         n_prod = op.num_producer_inputs
+        total, before, after = consumer_parts(op.consumer)
+        tiled = {id(v) for o in before for v in o.operands}  # (an input only the epilogue reads has no tile)
+        tiles = [i for i in range(n_in) if i < n_prod or id(op.consumer.block.args[1 + i - n_prod]) in tiled]
+        bases = bases[:1] + [bases[1 + i] for i in tiles]
+        loads = [f"x{i} = tl.load(X{i} + base{i} + t * sx{i}_{axis}, mask=live, other=0.0).to(tl.float32)"
+                 for i in tiles]
         prod = RegionEmitter(op.producer, [f"x{i}" for i in range(n_prod)], {}, "p")
         a_val, b_val = prod.emit_values()  # the producer yields (a, b)
         producer = prod.lines + [f"a_t = {a_val}", f"b_t = {b_val}"]
         cons_em = RegionEmitter(op.consumer, ["h"] + [f"x{i}" for i in range(n_prod, n_in)], {}, "c")
         product = cons_em.expr(cons[0])
         consumer = [f"y_t = tl.sum(tl.where(live, {product}, 0.0), 1)  # sum(h * x, axis={r})"]
+        if after:  # the epilogue on [BLOCK_O] rows: its inputs read once a step, without the reduced axis
+            names = {id(a): f"e{i}" for i, a in enumerate(op.consumer.block.args[1:], n_prod)}
+            names[id(total.results[0])] = "y_t"
+            epi = ExprEmitter(names, {}, "e_")
+            read = {id(v) for o in after for v in o.operands}
+            for i, a in enumerate(op.consumer.block.args[1:], n_prod):
+                if id(a) in read:
+                    loads.append(f"e{i} = tl.load(X{i} + ebase{i} + t * sx{i}_{axis}, mask=offs_o < M, "
+                                 "other=0.0).to(tl.float32)")
+                    bases.append(f"ebase{i} = {' + '.join(f'i{d} * sx{i}_{d}' for d in outer) or '0'}")
+            for o in after:
+                if isinstance(o, S.SqueezeOp | S.ExpandDimsOp):  # (the same rows)
+                    names[id(o.results[0])] = names[id(o.operands[0])]
+                else:
+                    epi.emit_ops([o])
+            consumer += epi.lines + [f"y_t = {epi.value(op.consumer.block.terminator.operands[0])}"]
         where = f' from "{op.loc.file}":{op.loc.line}' if op.loc else ""
         fields = {"input_params": input_params, "out_strides": out_strides, "outer_sizes": outer_sizes,
                   "op_line": f"scan.fused{where}", "decompose": textwrap.indent("\n".join(decompose), " " * 4),

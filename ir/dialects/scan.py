@@ -9,8 +9,9 @@ import numpy as np
 
 from sparsa.ir import attrs as A
 from sparsa.ir.analysis import Cost
-from sparsa.ir.core import Attr, Operand, Operation, RegionField, Result
+from sparsa.ir.core import Attr, Operand, Operation, Region, RegionField, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
+from sparsa.ir.dialects.tensor_reduce import SumOp
 from sparsa.ir.dialects.tensor_shape import normalize_axis
 from sparsa.ir.dims import broadcast_shapes
 from sparsa.ir.types import TensorType, is_float
@@ -101,6 +102,12 @@ def step_type(t: TensorType, axis: int, rank: int) -> TensorType:
     return t.with_shape(t.shape[:pos] + (1,) + t.shape[pos + 1 :])
 
 
+def state_axis(v: Value, i: int, rank: int) -> int | None:
+    """Input v's axis for dim i of a rank-`rank` state (v right-aligned to it); None where v lacks it or has 1."""
+    p = i - (rank - v.type.rank)
+    return p if p >= 0 and v.type.shape[p] != 1 else None
+
+
 def time_slice(x: np.ndarray, axis: int, rank: int, t: int) -> np.ndarray:
     """Step t of an input right-aligned to a rank-`rank` state (kept as a size-1 axis); inputs without
     the time axis (size 1 there, or too few dims) are the same at every step."""
@@ -115,7 +122,8 @@ def time_slice(x: np.ndarray, axis: int, rank: int, t: int) -> np.ndarray:
 class FusedScanOp(Operation):
     """A scan fused with its producers and its reducing consumer: per step t, the producer region makes
     (a_t, b_t) from step t of the inputs, h = a_t * h + b_t, and the consumer region reduces h with the
-    remaining inputs to y_t. The [..., L, ..., N] state is never stored: only one step of it is live."""
+    remaining inputs to y_t. The [..., L, ..., N] state is never stored: only one step of it is live. After its
+    sum the consumer may go on elementwise (an epilogue, `fuse-scan-epilogue`): `consumer_parts` cuts it there."""
 
     NAME = "scan.fused"
     ISOLATED = True
@@ -176,6 +184,36 @@ class FusedScanOp(Operation):
         state = float(np.prod(np.broadcast_shapes(*(a.shape for a in args))))
         f = 5.0 * state  # producer (a, b), the recurrence's multiply-add, the consumer's multiply-add
         return Cost(f, f, f"fused scan: {int(state)} state elements computed, none stored")
+
+
+def consumer_parts(region: Region) -> tuple[Operation | None, list[Operation], list[Operation]] | None:
+    """A fused scan's consumer cut at its sum over the state: (that sum, the ops it reads — run at every index of
+    the summed dim —, the epilogue after it). The epilogue reads the sum's result, its own values and the
+    region's other arguments, never h or what is made from h before the sum. A consumer without a sum of h is
+    all before (None, ops, []); one with two sums of h, or whose epilogue reads h, gives None."""
+    ops = region.block.ops[:-1]
+    from_h = {id(region.block.args[0])}
+    for o in ops:
+        if any(id(v) in from_h for v in o.operands):
+            from_h.update(id(r) for r in o.results)
+    sums = [o for o in ops if isinstance(o, SumOp) and id(o.x) in from_h]
+    if not sums:
+        return None, list(ops), []
+    if len(sums) > 1:
+        return None
+    total = sums[0]
+    needed, before = {id(total.results[0])}, []
+    for o in reversed(ops[:ops.index(total) + 1]):
+        if any(id(r) in needed for r in o.results):
+            before.append(o)
+            needed.update(id(v) for v in o.operands)
+    before.reverse()
+    inside = {id(o) for o in before}
+    after = [o for o in ops if id(o) not in inside]
+    made = {id(region.block.args[0])} | {id(r) for o in before for r in o.results}
+    if any(id(v) in made and v is not total.results[0] for o in after for v in o.operands):
+        return None
+    return total, before, after
 
 
 class LinearAttentionOp(Operation):

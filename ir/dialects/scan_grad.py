@@ -180,7 +180,12 @@ def _accumulate(grad: np.ndarray, d: np.ndarray, axis: int, rank: int, t: int) -
 def fused_scan_grad(g: Any, op: Operation, xs: list[Value], dy: Value) -> list[Value]:
     """`scan.fused`'s rule: a `scan.fused_grad` of its inputs and dy, with the derivative regions built here."""
     from sparsa.ir.clone import clone_region
+    from sparsa.ir.dialects.scan import consumer_parts
 
+    parts = consumer_parts(op.consumer)
+    if parts is not None and parts[2]:
+        raise op.error("a fused scan whose consumer goes on after its sum (an epilogue) has no rule here: "
+                       "differentiate before fuse-scan-epilogue, as m.vjp's pipeline does")
     step = TensorType(dy.type.dtype, tuple(1 if i == op.axis else d for i, d in enumerate(op.state)))
     producer_grad = derivative(op.producer, step, [step, step], yielded=True)
     consumer_grad = derivative(op.consumer, step, [op.consumer.block.terminator.operands[0].type])
