@@ -11,6 +11,7 @@ from typing import Any
 
 from sparsa.frontend.torch_import import Importer, Unsupported, _axis
 from sparsa.ir.core import Value
+from sparsa.ir.dialects import scan as SC
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.types import TensorType
@@ -110,6 +111,13 @@ def _stack(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
     d = _axis(dim, xs[0].type.rank + 1)
     parts = [im.emit(S.ExpandDimsOp, x, axes=(d,)) for x in xs]
     return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
+
+
+def _linear_scan(im: Importer, node: Any, a: Any, b: Any, dim: int, reverse: bool = False) -> Value:
+    """`sparsa::linear_scan` (frontend/torch_scan.py: a parallel prefix scan folded): `scan.scan`, transposed
+    where reversed (its backward)."""
+    a, b = im.tensor(a), im.tensor(b)
+    return im.emit(SC.ScanOp, a, b, axis=_axis(dim, max(a.type.rank, b.type.rank)), transpose=bool(reverse))
 
 
 OPS: dict[str, Callable] = {

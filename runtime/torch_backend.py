@@ -43,6 +43,7 @@ from sparsa import knobs
 from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
 from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
+from sparsa.frontend.torch_scan import fold_linear_scans
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
@@ -108,6 +109,8 @@ class SparsaBackend:
             self.stats["top-k backward scatters as adds"] += scatters_as_adds(bw, distinct)
             return self.compile_aten(bw, inputs)
 
+        # parallel prefix scans of a linear recurrence (transformers' Mamba) become one scan, forward and backward
+        self.stats["parallel scans recognized"] += fold_linear_scans(gm)
         # MoE blocks are folded before AOTAutograd traces the joint graph: their backward is then Sparsa's
         try:
             gm, folded = fold_before_autograd(gm, example_inputs)

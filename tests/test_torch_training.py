@@ -338,6 +338,10 @@ def test_tiny_moe_and_state_space_models_train_two_steps_as_eager(name: str) -> 
     assert grads.keys() == want_grads.keys()
     assert not backend.fallbacks, dict(backend.fallbacks)
     names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    if name == "mamba":  # its associative scan folded: a scan forward, the transposed scan backward, per layer
+        assert backend.stats["parallel scans recognized"] == 2
+        scans = [op.transpose for part in backend.partitions for op in part.func.walk() if op.NAME == "scan.scan"]
+        assert sorted(scans) == [False, False, True, True]
     if name != "mamba":
         assert {"attn.attention_lse", "attn.attention_grad"} <= names
         assert {"moe.dispatch", "moe.grouped_weight_grad"} <= set(_block_ops(backend))
