@@ -708,12 +708,13 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import moe_swiglu
-    from sparsa.frontend.torch_scan import linear_scan
+    from sparsa.frontend.torch_scan import linear_scan, linear_scan_backward
     from sparsa.frontend.torch_ssm import OPS as SSM
-    from sparsa.frontend.torch_ssm import _linear_scan
+    from sparsa.frontend.torch_ssm import _linear_scan, _linear_scan_backward
 
     table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu,
-                                  linear_scan._opoverload: _linear_scan}
+                                  linear_scan._opoverload: _linear_scan,
+                                  linear_scan_backward._opoverload: _linear_scan_backward}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
         table[flex] = _flex_attention

@@ -19,6 +19,7 @@ algorithm (Hillis-Steele, Blelloch) built of these ops.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,25 +48,40 @@ def _(a: torch.Tensor, b: torch.Tensor, dim: int, reverse: bool = False) -> torc
     return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=b.dtype, device=b.device)
 
 
-def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    a, b, dim, reverse = inputs
-    ctx.save_for_backward(a, output)
-    ctx.dim, ctx.reverse, ctx.shapes = dim, reverse, (a.shape, b.shape)
-
-
-def _backward(ctx: Any, dh: torch.Tensor) -> tuple:
-    """The forward scan's cotangents: lam = the transposed scan of dh, db = lam, da[t] = lam[t] * h[t-1]; the
-    transposed scan's: mu = the forward scan of dh, db = mu, da[t] = mu[t-1] * h[t] (t >= 1)."""
-    a, h = ctx.saved_tensors
-    dim, n = ctx.dim, h.shape[ctx.dim]
-    lam = linear_scan(a, dh, dim, not ctx.reverse)
+@torch.library.custom_op("sparsa::linear_scan_backward", mutates_args=())
+def linear_scan_backward(a: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, dim: int,
+                         reverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cotangents of a and b (at their broadcast shape) given dh's of h = `linear_scan(a, b, dim, reverse)`
+    (the states saved, as eager autograd's loop saves them: the read-out's own derivative reads them anyway).
+    Forward: lam = the transposed scan of dh, db = lam, da[t] = lam[t] * h[t-1]; transposed: mu = the forward
+    scan of dh, db = mu, da[t] = mu[t-1] * h[t] (t >= 1)."""
+    n = h.shape[dim]
+    lam = linear_scan(a, dh, dim, not reverse)
     if n == 0:
         da = torch.zeros_like(lam)
-    elif ctx.reverse:
+    elif reverse:
         da = torch.cat([torch.zeros_like(lam.narrow(dim, 0, 1)), lam.narrow(dim, 0, n - 1)], dim) * h
     else:
         da = lam * torch.cat([torch.zeros_like(h.narrow(dim, 0, 1)), h.narrow(dim, 0, n - 1)], dim)
-    return da.sum_to_size(ctx.shapes[0]), lam.sum_to_size(ctx.shapes[1]), None, None
+    return da, lam
+
+
+@linear_scan_backward.register_fake
+def _(a: torch.Tensor, h: torch.Tensor, dh: torch.Tensor, dim: int, reverse: bool) -> tuple:
+    # (two tensors: one given twice would read as an alias)
+    return tuple(torch.empty(h.shape, dtype=dh.dtype, device=dh.device) for _ in range(2))
+
+
+def _setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    a, b, dim, reverse = inputs
+    ctx.save_for_backward(a, output)
+    ctx.dim, ctx.reverse, ctx.b_shape = dim, reverse, b.shape
+
+
+def _backward(ctx: Any, dh: torch.Tensor) -> tuple:
+    a, h = ctx.saved_tensors
+    da, db = linear_scan_backward(a, h, dh, ctx.dim, ctx.reverse)
+    return da.sum_to_size(a.shape), db.sum_to_size(ctx.b_shape), None, None
 
 
 linear_scan.register_autograd(_backward, setup_context=_setup)
@@ -244,6 +260,37 @@ def _scan_dim(x: Any) -> int:
     raise NotAScan("no strided slice")
 
 
+_VIEWS = ("transpose", "permute", "movedim", "to", "float", "contiguous")
+
+
+def _products_as_sums(gm: Any, h: Any) -> None:
+    """Each matmul of the scan's states (through transposes) by a column, `X @ c` with c [..., K, 1] (Mamba's
+    read-out `h @ C[..., None]`), written `sum(X * c^T, -1, keepdim)`: the form fuse-scan fuses into the scan."""
+    work = [h]
+    while work:
+        x = work.pop()
+        for u in list(x.users):
+            if _is(u, *_VIEWS) and u.args[0] is x and (not _is(u, "to", "float") or _same_dtype(u, x)):
+                work.append(u)
+                continue
+            c = u.args[1] if _is(u, "matmul") and len(u.args) == 2 and u.args[0] is x else None
+            value = c.meta.get("example_value") if isinstance(c, torch.fx.Node) else None
+            if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-1] != 1:
+                continue
+            with gm.graph.inserting_before(u):
+                row = gm.graph.call_method("transpose", (c, -1, -2))
+                product = gm.graph.call_function(operator.mul, (x, row))
+                total = gm.graph.call_method("sum", (product, -1), {"keepdim": True})
+            total.meta.update(u.meta)
+            u.replace_all_uses_with(total)
+
+
+def _same_dtype(u: Any, x: Any) -> bool:
+    """A `.to(...)` or `.float()` that changes nothing of x (its dtype as it is)."""
+    a, b = u.meta.get("example_value"), x.meta.get("example_value")
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+
+
 def fold_linear_scans(gm: Any) -> int:
     """Dynamo's graph with each parallel prefix scan of the linear recurrence (module docstring) replaced by
     `sparsa::linear_scan` of its inputs; how many. The scans' other nodes become dead code (removed here)."""
@@ -275,6 +322,7 @@ def fold_linear_scans(gm: Any) -> int:
                 new = gm.graph.call_function(torch.ops.sparsa.linear_scan.default, (ins[0], ins[1], d))
             new.meta.update(out.meta)
             out.replace_all_uses_with(new)
+            _products_as_sums(gm, new)
         folded += 1
         seeds = [s for s in seeds[2:] if s not in spans]
     if folded:

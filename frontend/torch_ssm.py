@@ -120,6 +120,22 @@ def _linear_scan(im: Importer, node: Any, a: Any, b: Any, dim: int, reverse: boo
     return im.emit(SC.ScanOp, a, b, axis=_axis(dim, max(a.type.rank, b.type.rank)), transpose=bool(reverse))
 
 
+def _linear_scan_backward(im: Importer, node: Any, a: Any, h: Any, dh: Any, dim: int,
+                          reverse: bool) -> tuple:
+    """`sparsa::linear_scan_backward` from the saved states h: `scan.scan`'s own rule (the transposed scan of dh,
+    and it times the states a step before); the transposed form's (a second derivative) is not taken."""
+    if reverse:
+        raise Unsupported("the backward of a transposed linear scan (a second derivative)")
+    from sparsa.ir.autodiff import Grad
+
+    a, h, dh = im.tensor(a), im.tensor(h), im.tensor(dh)
+    axis = _axis(dim, h.type.rank)
+    rule = SC.ScanOp.build(a, h, axis=axis, loc=None)  # (only read for its attributes: not in the block)
+    g = Grad(im.block)
+    da, db = rule.vjp(g, [dh], [a, h], [h])  # (db at h's shape: b's broadcast)
+    return g.broadcast_to(da, h.type), db
+
+
 OPS: dict[str, Callable] = {
     "convolution.default": _convolution, "convolution_backward.default": _convolution_backward,
     "softplus.default": _softplus, "softplus_backward.default": _softplus_backward, "stack.default": _stack,

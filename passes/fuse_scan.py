@@ -27,7 +27,7 @@ from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
-from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp, consumer_parts, step_type
+from sparsa.ir.dialects.scan import FusedScanOp, LinearAttentionOp, ScanOp, result_dims, step_type
 from sparsa.ir.dims import compatible
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
@@ -204,15 +204,59 @@ class ChunkLinearAttention(RewritePattern):
         return True
 
 
+class TransposeIntoScan(RewritePattern):
+    """transpose(scan(a, b), perm) read by nothing else: the scan in the transposed frame, its elementwise producers
+    built again there (what they read transposed: the small broadcast inputs, not the state), so fuse-scan finds its
+    consumer next to it. (A scan is elementwise across its other axes: it commutes with permuting them.)"""
+
+    ROOT = ScanOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        if op.h0 is not None or op.transpose or len(op.result.uses) != 1:
+            return False
+        use = op.result.uses[0].op
+        if not isinstance(use, S.TransposeOp):
+            return False
+        state, perm = op.result.type, list(use.perm)
+        members = {id(op)}
+        made: dict[int, Value] = {}
+
+        def permuted(v: Value) -> Value:
+            """v (broadcasting to the state) in the transposed frame."""
+            if id(v) in made:
+                return made[id(v)]
+            src = v.defining_op
+            if (isinstance(src, Elementwise) and len(src.results) == 1 and _broadcasts_to(v.type, state)
+                    and all(id(u.op) in members for u in v.uses)):
+                members.add(id(src))
+                new = rewriter.insert_before(op, type(src).build(*[permuted(x) for x in src.operands], loc=src.loc,
+                                                                 **dict(src.attributes)))
+                out = new.results[0]
+            elif v.type.rank == 0:
+                out = v
+            else:
+                full = v if v.type.rank == state.rank else rewriter.insert_before(op, S.ExpandDimsOp.build(
+                    v, axes=list(range(state.rank - v.type.rank)), loc=op.loc)).result
+                out = rewriter.insert_before(op, S.TransposeOp.build(full, perm=perm, loc=use.loc)).result
+            made[id(v)] = out
+            return out
+
+        a, b = permuted(op.a), permuted(op.b)
+        new = rewriter.insert_before(use, ScanOp.build(a, b, axis=perm.index(op.axis % state.rank), loc=op.loc))
+        rewriter.replace_op(use, [new.result])
+        return True
+
+
 class FuseScanPass(PatternPass):
     """Fuse each scan with its elementwise producers and its sum(h * X) consumer into scan.fused."""
 
     NAME = "fuse-scan"
     chunk = Option(int, 64, "steps per chunk of a matrix-state (linear attention) scan")
-    COUNTERS = {"FuseScan": "scans fused", "ChunkLinearAttention": "matrix-state scans chunked"}
+    COUNTERS = {"FuseScan": "scans fused", "ChunkLinearAttention": "matrix-state scans chunked",
+                "TransposeIntoScan": "scans made in their readers' frame"}
 
     def patterns(self) -> list[RewritePattern]:
-        return [ChunkLinearAttention(self.chunk), FuseScan()]
+        return [ChunkLinearAttention(self.chunk), FuseScan(), TransposeIntoScan()]
 
 
 class FuseScanEpilogue(RewritePattern):
@@ -229,7 +273,7 @@ class FuseScanEpilogue(RewritePattern):
         use = y.uses[0].op
         if not isinstance(use, Elementwise) or len(use.results) != 1 or use.results[0].type != y.type:
             return False
-        kept = _kept_dims(op)
+        kept = result_dims(op, y.type)
         if kept is None:
             return False
         cone = self.cone(use, y)
@@ -288,22 +332,6 @@ class FuseScanEpilogue(RewritePattern):
             members.add(id(o))
             work.extend(o.operands)
         return [o for o in use.parent.ops if id(o) in cone]
-
-
-def _kept_dims(op: Operation) -> list[int] | None:
-    """The state dim of each dim of a fused scan's result (its time dim the state's time dim), or None where
-    the consumer's form does not say: a result of the state's rank, or one sum over the state without keepdim."""
-    rank, y = len(op.state), op.result.type
-    if y.rank == rank:
-        kept = list(range(rank))
-    else:
-        parts = consumer_parts(op.consumer)
-        total = parts[0] if parts is not None else None
-        if total is None or total.keepdim or total.x.type.rank != rank:
-            return None
-        summed = {a % rank for a in total.axes}
-        kept = [d for d in range(rank) if d not in summed]
-    return kept if len(kept) == y.rank and kept.index(op.axis) == op.out_axis else None
 
 
 class FuseScanEpiloguePass(PatternPass):

@@ -216,6 +216,20 @@ def test_transposes_of_the_last_two_axes(target, dtype):
     assert "transpose" in m.native.stages["llvm"]
 
 
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_scan_in_its_readers_frame_in_lanes(keepdim):
+    """A scan read through a transpose (made in that frame by fuse-scan), its sum with or without keepdim, the
+    time and channel dims of one size (L = D = 70: the lanes' channel dim known by the read-out's form, not by its
+    size): the lane kernel, as the reference."""
+    from test_pass_properties import TRANSPOSED_READOUT
+
+    src = TRANSPOSED_READOUT.format(keep=", 1" if keepdim else "", keepdim=", keepdim=true" if keepdim else "")
+    ref, cpu = pair(src)
+    inputs = make_inputs(ref, sizes={"B": 2, "L": 70, "D": 70, "N": 5})
+    close(cpu(*inputs), ref(*inputs))
+    assert "vector.maskedload" in cpu.stage("mlir") and cpu.stats()["ops"].get("scan.fused") == 1
+
+
 def test_vector_exp_short_and_full_forms():
     """A lane scan's decay exp on vectors of channels: vectors all within EXP_FAST_LOW of 0 take the short form,
     vectors with a lane farther out, a NaN or an infinity the full one; both against float64 (normal results within

@@ -64,6 +64,29 @@ model M(a: f32[B, L, D], u: f32[B, L, D], bm: f32[B, L, N], c: f32[B, L, N]) -> 
     np.testing.assert_allclose(fused(*ins), plain(*ins), rtol=1e-5, atol=1e-5)
 
 
+TRANSPOSED_READOUT = """
+model M(a: f32[B, D, L], u: f32[B, D, L], bm: f32[B, L, N], c: f32[B, L, N]) -> f32[B, L, D{keep}] {{
+    h = scan(exp(-abs(a))[:, :, :, None] * ones([N]), (u * a)[:, :, :, None] * bm[:, None, :, :], axis=2)
+    return sum(transpose(h, [0, 2, 1, 3]) * c[:, :, None, :], axis=-1{keepdim})
+}}
+"""
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 5), st.integers(1, 4), st.integers(1, 3), st.booleans(), st.integers(0, 99))
+def test_scans_read_through_a_transpose_fuse_in_its_frame(B, L, D, N, keepdim, seed):
+    """A scan whose reader transposes it (Mamba's in transformers: its state [B, D, L, N], read as [B, L, D, N])
+    is made in the transposed frame (its producers built again there) and fused with the read-out (summed with or
+    without keepdim): the same values as the program as written."""
+    src = TRANSPOSED_READOUT.format(keep=", 1" if keepdim else "", keepdim=", keepdim=true" if keepdim else "")
+    plain = sparsa.compile(src, passes="canonicalize", target="reference")
+    fused = sparsa.compile(src, passes="canonicalize,fuse-scan,cse,dce", target="reference")
+    assert "scan.fused" in fused.ir() and "scan.scan" not in fused.ir()
+    rng = np.random.default_rng(seed)
+    ins = [rng.standard_normal(s).astype(np.float32) for s in [(B, D, L), (B, D, L), (B, L, N), (B, L, N)]]
+    np.testing.assert_allclose(fused(*ins), plain(*ins), rtol=1e-5, atol=1e-5)
+
+
 EPILOGUES = ["y + d * u", "y * silu(z)", "relu(y + 0.5) * z", "where(z > 0.0, y, d * u)", "(y + d * u) * sigmoid(z)"]
 
 

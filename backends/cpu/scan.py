@@ -204,7 +204,7 @@ def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, in
                 return None
     if summed is None:
         return (c, None) if y.type.rank == rank else None
-    if summed.x.type.rank != rank or summed.keepdim or len(summed.axes) != 1:
+    if summed.x.type.rank != rank or len(summed.axes) != 1 or SC.result_dims(op, y.type) is None:
         return None
     r = summed.axes[0] % rank
     reads = {id(v) for o in after for v in o.operands}
@@ -306,6 +306,13 @@ class LaneItems:
         """Every input at time t, index k of r."""
         return [step[j] if j in step else self.read(j, t, k) for j in range(len(self.inputs))]
 
+    def out_index(self, op: Operation, t: ir.Value) -> list[ir.Value]:
+        """Where the item's step t of the consumer's result goes: its dims are the state's (`result_dims`), r as 0
+        where the sum keeps it."""
+        y = op.consumer.block.terminator.operands[0].type
+        kept = SC.result_dims(op, y)
+        return [t if i == op.out_axis else B.c_index(0) if d == self.r else self.at[d] for i, d in enumerate(kept)]
+
     def fill(self, buf: ir.Value, rows: ir.Value, value: ir.Value | None = None) -> None:
         """rows of buf set to `value` (zeros by default)."""
         B.each(rows, lambda k: vector.StoreOp(value if value is not None else self.zeros, buf, [k, B.c_index(0)]))
@@ -349,10 +356,7 @@ def lane_scan_kernel(cx: KernelContext, op: Operation, c: int, r: int | None) ->
                 if after:  # the epilogue, once a step on the sum: it reads inputs constant along r (`step` has them)
                     given = [li.zeros] + [step.get(j, li.zeros) for j in range(n, len(inputs))]
                     (y,) = _lanes(op.consumer, given, vt, after, None, {id(summed.results[0]): y})
-                yt = op.result.type
-                # the output's dims: the state's without r
-                idx = [t if i == op.out_axis else li.at[i if r is None or i < r else i + 1] for i in range(yt.rank)]
-                vector.MaskedStoreOp(out, idx, li.mask, y)
+                vector.MaskedStoreOp(out, li.out_index(op, t), li.mask, y)
                 scf.YieldOp([])
             scf.YieldOp([])
         func.ReturnOp([])
@@ -442,16 +446,25 @@ def linear_attention_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
 def _channel_dim(op: Operation, y: TensorType, inputs: list[Value] | None = None) -> tuple[int, int] | None:
     """A state dim of a fused scan that the consumer keeps, to cut the work into blocks along: (its axis in
-    the state, its axis in the consumer's result). Matched by size (symbol or number), so it must occur once
-    in each, other than the time axis, and every input must have it whole or not at all (size 1). The
-    last such dim is taken (contiguous blocks of the innermost kept axis)."""
+    the state, its axis in the consumer's result). Where the consumer's form says which dim of its result is
+    which of the state's (`result_dims`), by that; else matched by size (symbol or number), so it must occur once
+    in each, other than the time axis. Every input must have it whole or not at all (size 1). The last such dim
+    is taken (contiguous blocks of the innermost kept axis)."""
     state = list(op.state)
     rank = len(state)
+    kept = SC.result_dims(op, y)
     for c in reversed(range(rank)):
         d = state[c]
-        if c == op.axis or d is None or d == 1 or state.count(d) != 1 or list(y.shape).count(d) != 1:
+        if c == op.axis or d is None or d == 1:
             continue
-        yc = list(y.shape).index(d)
+        if kept is not None:  # the consumer's form says which
+            if c not in kept or y.shape[kept.index(c)] != d:  # (a dim summed with keepdim is 1 in y)
+                continue
+            yc = kept.index(c)
+        elif state.count(d) != 1 or list(y.shape).count(d) != 1:
+            continue
+        else:
+            yc = list(y.shape).index(d)
         if yc == op.out_axis:
             continue
         if all(v.type.shape[c - (rank - v.type.rank)] in (1, d) for v in (op.inputs if inputs is None else inputs)

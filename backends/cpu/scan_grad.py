@@ -175,9 +175,7 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                     s = B.sub(B.sub(B.sub(t1, t0), B.c_index(1)), rev.induction_variable)
                     t = B.add(t0, s)
                     step = li.step(t)
-                    yidx = [t if i == op.out_axis else li.at[i if r is None or i < r else i + 1]
-                            for i in range(op.dy.type.rank)]
-                    dy = vector.MaskedLoadOp(vt, dym, yidx, li.mask, li.zeros).result
+                    dy = vector.MaskedLoadOp(vt, dym, li.out_index(op, t), li.mask, li.zeros).result
                     over_k = [j for j, (timed, has_r, _) in enumerate(pos) if timed and not has_r]
                     each = B.loop(0, NR, 1, [li.zeros] * len(over_k))
                     with ir.InsertionPoint(each.body):

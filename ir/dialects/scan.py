@@ -216,6 +216,23 @@ def consumer_parts(region: Region) -> tuple[Operation | None, list[Operation], l
     return total, before, after
 
 
+def result_dims(op: Operation, y: TensorType) -> list[int] | None:
+    """The state dim of each dim of a fused scan's result (or of one step of it, `y`; the time dim the state's
+    time dim), or None where the consumer's form does not say: a result of the state's rank (dim for dim), or one
+    sum over the state without keepdim (the dims it leaves, in order)."""
+    rank = len(op.state)
+    if y.rank == rank:
+        kept = list(range(rank))
+    else:
+        parts = consumer_parts(op.consumer)
+        total = parts[0] if parts is not None else None
+        if total is None or total.keepdim or total.x.type.rank != rank:
+            return None
+        summed = {a % rank for a in total.axes}
+        kept = [d for d in range(rank) if d not in summed]
+    return kept if len(kept) == y.rank and kept.index(op.axis) == op.out_axis else None
+
+
 class LinearAttentionOp(Operation):
     """A matrix-state scan in chunked form: S_t = a_t * S_{t-1} + k_t v_t^T, o_t = S_t^T q_t, per batch/head.
 
