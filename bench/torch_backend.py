@@ -47,6 +47,21 @@ class MLP(torch.nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+class Mamba(torch.nn.Module):
+    """transformers' Mamba (2 layers, hidden 256, inner 512, state 16): compiled, its recurrence is torch's generic
+    associative scan, which the backend folds into one scan (frontend/torch_scan.py)."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+
+        self.model = transformers.MambaModel(transformers.MambaConfig(
+            vocab_size=256, hidden_size=256, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids, use_cache=False).last_hidden_state
+
+
 def hf_moe_block(d: int, f: int, e: int, k: int, experts: str = "grouped_mm") -> torch.nn.Module:
     """transformers' Mixtral MoE block (router + experts) at the given sizes, randomly initialised, with the
     experts implementation transformers uses in its models by default ("grouped_mm")."""
@@ -164,7 +179,9 @@ def main() -> None:
     cases: list[tuple[str, Callable[[], torch.nn.Module], Callable[[], list[torch.Tensor]], bool]] = [
         (f"sliding-window SDPA S={args.seq} w=256", SlidingWindowSDPA,
          lambda: [torch.randn(1, 8, args.seq, 64, device=dev) for _ in range(3)], False),
-        ("MLP 512-2048-512, 1024 tokens", MLP, lambda: [torch.randn(1024, 512, device=dev)], False)]
+        ("MLP 512-2048-512, 1024 tokens", MLP, lambda: [torch.randn(1024, 512, device=dev)], False),
+        ("Mamba 2 layers D=512 N=16, 512 tokens", Mamba, lambda: [torch.randint(0, 256, (1, 512), device=dev)],
+         False)]
     for T, D, hidden, E, k, forms in MOE_SIZES:
         for form in forms:
             cases.append((f"Mixtral MoE block ({FORMS[form]}) T={T} D={D} F={hidden} E={E} k={k}",
