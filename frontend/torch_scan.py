@@ -13,8 +13,9 @@ b's for the span's partial result; slices, concatenations, interleavings and mov
 combine's products and sums join them (a product of two adjacent decay spans, a decay span times the partial
 result just before it plus its own partial result). A node whose element t is the partial result over [0, t] for
 every t is the scan of a and b. Any other op reading an interpreted value, a join of spans that are not adjacent,
-or an operand from outside, and nothing is folded: the graph runs as written. The same holds of any other
-algorithm (Hillis-Steele, Blelloch) built of these ops.
+or an operand from outside, and nothing is folded: the graph runs as written. Any other parallel algorithm built
+of these moves and this combine is proved the same way (one that starts from identity elements, a = 1 and b = 0,
+as Blelloch's down-sweep does, is not: a constant is an operand from outside).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor, dim: int, reverse: bool = Fals
     over the steps (what runs where the backend does not compile it)."""
     a, b = torch.broadcast_tensors(a, b)
     am, bm = a.movedim(dim, 0), b.movedim(dim, 0)
-    out = torch.empty_like(bm)
-    h = torch.zeros_like(bm[0]) if bm.shape[0] else None
-    steps = range(bm.shape[0] - 1, -1, -1) if reverse else range(bm.shape[0])
-    for t in steps:
-        decay = am[t + 1] if reverse and t + 1 < bm.shape[0] else am[t] if not reverse else torch.zeros_like(am[0])
+    out, n = torch.empty_like(bm), bm.shape[0]
+    h = torch.zeros_like(bm[0]) if n else None
+    for t in range(n - 1, -1, -1) if reverse else range(n):
+        if not reverse:
+            decay = am[t]
+        else:  # the step after's decay; none after the last
+            decay = am[t + 1] if t + 1 < n else torch.zeros_like(am[0])
         h = decay * h + bm[t]
         out[t] = h
     return out.movedim(0, dim)
