@@ -8,6 +8,7 @@ symbolic dims, bound again from the input shapes at every call.
 from __future__ import annotations
 
 import contextvars
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -281,6 +282,19 @@ def _bool_binary(cls: type) -> Callable:
             raise Unsupported("bitwise ops on integers")
         return im.emit(cls, x, y)
     return h
+
+
+def _clamp(im: Importer, node: Any, x: Value, lo: Any = None, hi: Any = None) -> Value:
+    """maximum with the lower bound, then minimum with the upper (scalars or tensors); an infinite or absent
+    bound is none. A float bound of an integer tensor (PyTorch promotes the result) is not taken."""
+    y = im.tensor(x)
+    for bound, cls, none in ((lo, T.MaximumOp, -math.inf), (hi, T.MinimumOp, math.inf)):
+        if bound is None or (isinstance(bound, float) and bound == none):
+            continue
+        if isinstance(bound, float) and not is_float(y.type.dtype):
+            raise Unsupported("a float bound of an integer clamp")
+        y = im.emit(cls, *im.operands(y, bound))
+    return y
 
 
 def _gelu(im: Importer, node: Any, x: Value, approximate: str = "none") -> Value:
@@ -650,7 +664,8 @@ _ops: dict[str, Callable] = {
     "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),
     "gt.Tensor": _cmp("gt"), "gt.Scalar": _cmp("gt"), "ge.Tensor": _cmp("ge"), "ge.Scalar": _cmp("ge"),
     "bitwise_and.Tensor": _bool_binary(T.AndOp), "bitwise_or.Tensor": _bool_binary(T.OrOp),
-    "gelu.default": _gelu, "where.self": _where,
+    "gelu.default": _gelu, "where.self": _where, "clamp.default": _clamp, "clamp.Tensor": _clamp,
+    "clamp_min.default": _clamp, "clamp_max.default": lambda im, n, x, hi: _clamp(im, n, x, None, hi),
     "view.default": _view, "_unsafe_view.default": _view, "reshape.default": _view,
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,

@@ -149,6 +149,20 @@ def test_bools_promote_in_arithmetic():
     assert len(backend.partitions) == 1 and not backend.fallbacks
 
 
+class Clamps(torch.nn.Module):
+    """Mamba2's `clamp(dt, 0.0, inf)` and the other clamp forms: scalar, one-sided, tensor bounds, integers."""
+
+    def forward(self, x, lo, ids):
+        return (torch.clamp(x, 0.0, float("inf")), x.clamp(-0.5, 0.5), x.clamp_min(0.1), x.clamp_max(-0.1),
+                torch.clamp(x, lo, lo + 1.0), ids.clamp(2, 5), torch.clamp(x, max=0.25))
+
+
+def test_clamps_import():
+    backend = check(Clamps(), torch.randn(6, 5), torch.randn(5), torch.randint(0, 9, (6, 5)),
+                    backend=SparsaBackend({"partitions": "all"}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
 class GroupRouting(torch.nn.Module):
     """DeepSeek-V3's group-limited routing as its model code writes it (scatter of the chosen groups,
     masked_fill, topk, gather), a Switch-style max.dim, and an in-place assembly of q from two halves."""
