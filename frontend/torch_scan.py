@@ -251,7 +251,7 @@ def _interpret(gm: Any, a: Any, b: Any) -> tuple[dict[Any, Spans], list[Any]] | 
             except NotAScan:  # a reader of the results (checked to be whole scans by the caller)
                 exits.extend(x for x in node.all_input_nodes if x in spans and x not in exits)
         return spans, exits
-    except (NotAScan, KeyError, TypeError, AttributeError):
+    except (NotAScan, LookupError, TypeError, AttributeError, ValueError):  # (whatever else: not folded)
         return None
 
 

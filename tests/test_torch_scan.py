@@ -92,3 +92,23 @@ def test_other_combines_are_left_as_written():
         got, backend = _compiled(fn, a, b)
     torch.testing.assert_close(got, fn(a, b))
     assert backend.stats["parallel scans recognized"] == 0
+
+
+def _rotary(x, y):  # GPT-J's rotary embedding slices even and odd elements too
+    even, odd = x[..., ::2], x[..., 1::2]
+    c, s = y[..., ::2], y[..., 1::2]
+    return torch.stack([even * c - odd * s, odd * c + even * s], -1).flatten(-2)
+
+
+def _one_level(x, y):  # a scan's first combine of pairs (partial results over [0, 1], [2, 3], ..), no more
+    return x[..., 1::2] * y[..., ::2] + y[..., 1::2]
+
+
+@pytest.mark.parametrize("fn", [_rotary, _one_level])
+def test_strided_slices_of_other_computations_are_left_as_written(fn):
+    gen = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 5, 8, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        got, backend = _compiled(fn, x, y)
+    torch.testing.assert_close(got, fn(x, y))
+    assert backend.stats["parallel scans recognized"] == 0
