@@ -129,10 +129,8 @@ def _linear_scan_backward(im: Importer, node: Any, a: Any, h: Any, dh: Any, dim:
     from sparsa.ir.autodiff import Grad
 
     a, h, dh = im.tensor(a), im.tensor(h), im.tensor(dh)
-    axis = _axis(dim, h.type.rank)
-    rule = SC.ScanOp.build(a, h, axis=axis, loc=None)  # (only read for its attributes: not in the block)
     g = Grad(im.block)
-    da, db = rule.vjp(g, [dh], [a, h], [h])  # (db at h's shape: b's broadcast)
+    da, db = SC.scan_rule(g, dh, a, h.type, h, _axis(dim, h.type.rank))  # (db at h's shape: b's broadcast)
     return g.broadcast_to(da, h.type), db
 
 

@@ -21,6 +21,8 @@ used otherwise, stay as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sparsa.ir.clone import clone_op, clone_region
 from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
@@ -52,6 +54,24 @@ def leaves(ops: list[Operation], outputs: list[Value]) -> list[Value]:
         if id(v) not in produced:
             seen.setdefault(id(v), v)
     return list(seen.values())
+
+
+def elementwise_cone(reader: Operation, start: list[Value], fits: Callable[[Value], bool]) -> list[Operation]:
+    """The elementwise ops whose value `fits` and that only `reader` (or others of them) reads, found back from
+    `start`, in program order."""
+    cone: dict[int, Operation] = {}
+    members = {id(reader)}
+    work = list(start)
+    while work:
+        v = work.pop()
+        op = v.defining_op
+        if (op is None or id(op) in cone or not isinstance(op, Elementwise) or len(op.results) != 1 or not fits(v)
+                or any(id(u.op) not in members for u in v.uses)):
+            continue
+        cone[id(op)] = op
+        members.add(id(op))
+        work.extend(op.operands)
+    return [o for o in reader.parent.ops if id(o) in cone]
 
 
 def _padded(t: TensorType, rank: int) -> TensorType:
@@ -124,20 +144,7 @@ class FuseScan(RewritePattern):
 
     def producer_cone(self, scan: Operation, state: TensorType) -> list[Operation]:
         """Elementwise ops broadcasting to the state that only feed the scan's a and b (in program order)."""
-        cone: dict[int, Operation] = {}
-        members = {id(scan)}
-        work = [scan.a, scan.b]
-        while work:
-            v = work.pop()
-            op = v.defining_op
-            if (op is None or id(op) in cone or not isinstance(op, Elementwise)
-                    or not _broadcasts_to(v.type, state) or any(id(u.op) not in members for u in v.uses)):
-                continue
-            cone[id(op)] = op
-            members.add(id(op))
-            work.extend(op.operands)
-        block = scan.parent
-        return [o for o in block.ops if id(o) in cone]
+        return elementwise_cone(scan, [scan.a, scan.b], lambda v: _broadcasts_to(v.type, state))
 
     def region(self, cone: list[Operation], inputs: list[Value], outputs: list[Value], axis: int,
                rank: int) -> Region:
@@ -276,10 +283,11 @@ class FuseScanEpilogue(RewritePattern):
         kept = result_dims(op, y.type)
         if kept is None:
             return False
-        cone = self.cone(use, y)
+        cone = elementwise_cone(use, [v for v in use.operands if v is not y], lambda v: v.type.rank <= y.type.rank)
         # scalar constants are made again in the region; what else the ops read becomes an input
-        consts = [v for v in leaves([*cone, use], []) if isinstance(v.defining_op, T.ConstantOp) and not v.type.rank]
-        read = [v for v in leaves([*cone, use], []) if v is not y and all(v is not c for c in consts)]
+        outside = [v for v in leaves([*cone, use], []) if v is not y]
+        consts = [v for v in outside if isinstance(v.defining_op, T.ConstantOp) and not v.type.rank]
+        read = [v for v in outside if all(v is not c for c in consts)]
         if any(v.type.rank > y.type.rank or not _broadcasts_to(_padded(v.type, y.type.rank), y.type) for v in read):
             return False
         rank = len(op.state)
@@ -316,22 +324,6 @@ class FuseScanEpilogue(RewritePattern):
         rewriter.insert_before(use, fused)
         rewriter.replace_op(use, [fused.result])
         return True
-
-    def cone(self, use: Operation, y: Value) -> list[Operation]:
-        """The elementwise ops broadcasting to y that only `use` (or others of them) reads, in program order."""
-        cone: dict[int, Operation] = {}
-        members = {id(use)}
-        work = [v for v in use.operands if v is not y]
-        while work:
-            v = work.pop()
-            o = v.defining_op
-            if (o is None or id(o) in cone or not isinstance(o, Elementwise) or len(o.results) != 1
-                    or v.type.rank > y.type.rank or any(id(u.op) not in members for u in v.uses)):
-                continue
-            cone[id(o)] = o
-            members.add(id(o))
-            work.extend(o.operands)
-        return [o for o in use.parent.ops if id(o) in cone]
 
 
 class FuseScanEpiloguePass(PatternPass):

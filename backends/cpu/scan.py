@@ -207,10 +207,8 @@ def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, in
     if summed.x.type.rank != rank or len(summed.axes) != 1 or SC.result_dims(op, y.type) is None:
         return None
     r = summed.axes[0] % rank
-    reads = {id(v) for o in after for v in o.operands}
-    for i, a in enumerate(op.consumer.block.args[1:]):
-        if id(a) in reads and state_axis(inputs[op.num_producer_inputs + i], r, rank) is not None:
-            return None  # the epilogue runs once a step, after the sum: what it reads must not vary along r
+    if SC.epilogue_reads_along(op, r, inputs):
+        return None
     return (c, r) if r not in (axis, c) else None
 
 

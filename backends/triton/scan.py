@@ -28,7 +28,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import scan as SC
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.dialects.scan import FusedScanOp, consumer_parts, state_axis
+from sparsa.ir.dialects.scan import FusedScanOp, consumer_parts
 
 KERNEL = '''
 @triton.jit
@@ -76,15 +76,10 @@ def reduced_axis(op: FusedScanOp) -> int:
     over one state axis, then an elementwise epilogue of inputs that do not vary along it."""
     rank = len(op.state)
     parts = consumer_parts(op.consumer)
-    total, before, after = parts if parts is not None else (None, [], [])
+    total, before, _ = parts if parts is not None else (None, [], [])
     ok = (total is not None and len(before) == 2 and isinstance(before[0], T.MulOp) and len(total.axes) == 1
           and total.axes[0] % rank != op.axis)
-    if ok:
-        r = total.axes[0] % rank
-        reads = {id(v) for o in after for v in o.operands}
-        ok = not any(id(a) in reads and state_axis(x, r, rank) is not None
-                     for a, x in zip(op.consumer.block.args[1:], op.inputs[op.num_producer_inputs:], strict=False))
-    if not ok:
+    if not ok or SC.epilogue_reads_along(op, total.axes[0] % rank):
         raise SparsaError(f"the triton backend supports {op.NAME} consumers of the form sum(h * x, axis=d) over one "
                           "state axis d, then elementwise ops of inputs without d", op.loc)
     return total.axes[0] % rank

@@ -63,34 +63,37 @@ class ScanOp(Operation):
         return np.moveaxis(out, 0, axis)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """The transposed scan carries dy back (lam[t] = dy[t] + a[t+1] lam[t+1]): db = lam, da = lam h[t-1]
-        (the states shifted a step, h0 or 0 first), dh0 = a[0] lam[0]."""
+        """`scan_rule` (not of the transposed form: a second derivative)."""
         if self.transpose:
             raise self.error("has no derivative yet in its transposed form (a second derivative)")
-        a, b = xs[0], xs[1]
-        h0 = xs[2] if len(xs) > 2 else None
-        h, dy = ys[0], dys[0]
-        rank = h.type.rank
-        axis = self.axis % rank
-        lam = g.emit("scan.scan", a, dy, axis=axis, transpose=True)
+        h = ys[0]
+        return scan_rule(g, dys[0], xs[0], xs[1].type, h, self.axis % h.type.rank, xs[2] if len(xs) > 2 else None)
 
-        def steps(v: Any, start: int, stop: int | None) -> Any:
-            return g.emit("tensor.slice", v, starts=[start if i == axis else 0 for i in range(rank)],
-                          stops=[stop if i == axis else None for i in range(rank)], steps=[1] * rank)
 
-        dt = h.type.dtype
-        state = TensorType(dt, tuple(d for i, d in enumerate(h.type.shape) if i != axis))
-        if h0 is None:
-            start = g.full(0.0, TensorType(dt, tuple(1 if i == axis else d for i, d in enumerate(h.type.shape))))
-        else:
-            start = g.emit("tensor.expand_dims", g.broadcast_to(h0, state), axes=[axis])
-        prev = g.emit("tensor.concat", [start, steps(h, 0, -1)], axis=axis)
-        out = [g.unbroadcast(g.mul(lam, prev), a.type), g.unbroadcast(lam, b.type)]
-        if h0 is not None:
-            a0 = steps(g.broadcast_to(a, TensorType(dt, h.type.shape)), 0, 1)
-            dh0 = g.emit("tensor.squeeze", g.mul(steps(lam, 0, 1), a0), axes=[axis])
-            out.append(g.unbroadcast(dh0, h0.type))
-        return out
+def scan_rule(g: Any, dy: Any, a: Any, b_type: TensorType, h: Any, axis: int, h0: Any = None) -> list:
+    """The cotangents of a, b (of type b_type) and h0 from dy of h = scan(a, b, axis, h0): the transposed scan
+    carries dy back (lam[t] = dy[t] + a[t+1] lam[t+1]): db = lam, da = lam h[t-1] (the states shifted a step, h0 or
+    0 first), dh0 = a[0] lam[0]."""
+    rank = h.type.rank
+    lam = g.emit("scan.scan", a, dy, axis=axis, transpose=True)
+
+    def steps(v: Any, start: int, stop: int | None) -> Any:
+        return g.emit("tensor.slice", v, starts=[start if i == axis else 0 for i in range(rank)],
+                      stops=[stop if i == axis else None for i in range(rank)], steps=[1] * rank)
+
+    dt = h.type.dtype
+    state = TensorType(dt, tuple(d for i, d in enumerate(h.type.shape) if i != axis))
+    if h0 is None:
+        start = g.full(0.0, TensorType(dt, tuple(1 if i == axis else d for i, d in enumerate(h.type.shape))))
+    else:
+        start = g.emit("tensor.expand_dims", g.broadcast_to(h0, state), axes=[axis])
+    prev = g.emit("tensor.concat", [start, steps(h, 0, -1)], axis=axis)
+    out = [g.unbroadcast(g.mul(lam, prev), a.type), g.unbroadcast(lam, b_type)]
+    if h0 is not None:
+        a0 = steps(g.broadcast_to(a, TensorType(dt, h.type.shape)), 0, 1)
+        dh0 = g.emit("tensor.squeeze", g.mul(steps(lam, 0, 1), a0), axes=[axis])
+        out.append(g.unbroadcast(dh0, h0.type))
+    return out
 
 
 def step_type(t: TensorType, axis: int, rank: int) -> TensorType:
@@ -214,6 +217,16 @@ def consumer_parts(region: Region) -> tuple[Operation | None, list[Operation], l
     if any(id(v) in made and v is not total.results[0] for o in after for v in o.operands):
         return None
     return total, before, after
+
+
+def epilogue_reads_along(op: Operation, r: int, inputs: list[Value] | None = None) -> bool:
+    """Whether the consumer's epilogue (`consumer_parts`) reads an input that varies along state dim r: the kernels
+    run it once a step, on the sum over r. (`inputs`: the fused scan's, where op is its backward.)"""
+    parts = consumer_parts(op.consumer)
+    reads = {id(v) for o in (parts[2] if parts is not None else []) for v in o.operands}
+    inputs = list(op.inputs) if inputs is None else inputs
+    return any(id(a) in reads and state_axis(x, r, len(op.state)) is not None
+               for a, x in zip(op.consumer.block.args[1:], inputs[op.num_producer_inputs:], strict=False))
 
 
 def result_dims(op: Operation, y: TensorType) -> list[int] | None:

@@ -1,0 +1,86 @@
+"""ATen's indexing ops that read or write at tensor indices or one slice: `index` and `index_put` (an index's
+backward, accumulating) with leading whole axes, `select_scatter` and `fill`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice
+from sparsa.ir.core import Value
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import broadcast_shapes
+
+
+def _select_scatter(im: Importer, node: Any, x: Value, src: Value, dim: int, index: int) -> Value:
+    """x with its index-th slice along dim replaced by src: the slices before and after it and src, joined."""
+    d = _axis(dim, x.type.rank)
+    n = x.type.shape[d]
+    if not isinstance(n, int):
+        raise Unsupported("select_scatter along a symbolic dim")
+    i = index + n if index < 0 else index
+    parts = [_slice(im, node, x, d, 0, i, 1)] if i > 0 else []
+    parts.append(im.emit(S.ExpandDimsOp, im.cast(src, x.type.dtype), axes=(d,)))
+    if i + 1 < n:
+        parts.append(_slice(im, node, x, d, i + 1, None, 1))
+    return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
+
+
+def _fill(im: Importer, node: Any, x: Value, value: Any) -> Value:
+    """fill: x's shape, every element `value` (a 0-d tensor or a number) in x's type."""
+    v = im.cast(value, x.type.dtype) if isinstance(value, Value) else im.const(value, x.type.dtype)
+    return im.emit(S.BroadcastToOp, v, shape=x.type.shape)
+
+
+def _indexed_axes(indices: Any) -> int:
+    """The first axis an aten.index / index_put indexes: its leading Nones (whole axes) are skipped; the tensor
+    indices after them are consecutive (a None between or after them: unsupported)."""
+    k = 0
+    while k < len(indices) and indices[k] is None:
+        k += 1
+    if k == len(indices) or any(i is None for i in indices[k:]):
+        raise Unsupported("index with a None between or after its tensor indices")
+    return k
+
+
+def _axes_first(im: Importer, x: Value, k: int, m: int, first: bool = True) -> Value:
+    """x with its axes k..k+m-1 moved to the front (`first`), or its first m axes moved back to k."""
+    if k == 0:
+        return x
+    r = x.type.rank
+    perm = list(range(k, k + m)) + list(range(k)) + list(range(k + m, r)) if first else \
+        list(range(m, m + k)) + list(range(m)) + list(range(m + k, r))
+    return im.emit(S.TransposeOp, x, perm=tuple(perm))
+
+
+def _index(im: Importer, node: Any, x: Value, indices: Any) -> Value:
+    """x[:, ..., i0, i1, ...]: a gather of the indexed axes moved to the front, the index dims then put where the
+    first tensor index was (as PyTorch places consecutive tensor indices)."""
+    k = _indexed_axes(indices)
+    idx = [im.tensor(i) for i in indices[k:]]
+    y = im.emit(S.GatherOp, _axes_first(im, x, k, len(idx)), idx)
+    return _axes_first(im, y, k, y.type.rank - (x.type.rank - len(idx)), first=False)
+
+
+def _index_put(im: Importer, node: Any, base: Value, indices: Any, values: Value, accumulate: bool = False) -> Value:
+    """base with values added at base[:, ..., i0, i1, ...] (accumulate: an index's backward; repeated places add
+    up): a scatter-add on the indexed axes moved to the front."""
+    if not accumulate:
+        raise Unsupported("index_put that writes (accumulate=False): repeated places would race")
+    k = _indexed_axes(indices)
+    idx = [im.tensor(i) for i in indices[k:]]
+    lead = broadcast_shapes(*(i.type.shape for i in idx))
+    idx = [i if i.type.shape == lead else im.emit(S.BroadcastToOp, i, shape=lead) for i in idx]
+    want = base.type.shape[:k] + lead + base.type.shape[k + len(idx):]
+    if values.type.dtype != base.type.dtype:
+        values = im.cast(values, base.type.dtype)
+    if values.type.shape != want:
+        values = im.emit(S.BroadcastToOp, values, shape=want)
+    out = im.emit(S.ScatterAddOp, _axes_first(im, base, k, len(idx)), _axes_first(im, values, k, len(lead)), idx)
+    return _axes_first(im, out, k, len(idx), first=False)
+
+
+OPS: dict[str, Callable] = {
+    "index.Tensor": _index, "index_put.default": _index_put, "select_scatter.default": _select_scatter,
+    "fill.Tensor": _fill, "fill.Scalar": _fill,
+}
