@@ -25,7 +25,12 @@ T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
 
 
 class Unsupported(SparsaError):
-    """A node the importer cannot lower (the partitioner keeps such nodes in PyTorch)."""
+    """A node the importer cannot lower (the partitioner keeps such nodes in PyTorch). `node` names the FX node
+    it failed at, where one is known."""
+
+    def __init__(self, message: str, node: str | None = None):
+        super().__init__(message)
+        self.node = node
 
 
 def torch_dtype(dtype: Any) -> str:
@@ -136,7 +141,11 @@ class Importer:
             try:
                 self.env[node] = handler(self, node, *[self.arg(a) for a in node.args], **kwargs)
             except TypeError as e:  # a keyword the handler does not know changes the op: keep it in PyTorch
-                raise Unsupported(f"op {node.target} with {sorted(kwargs)}: {e}") from None
+                raise Unsupported(f"op {node.target} with {sorted(kwargs)}: {e}", node=node.name) from None
+            except SparsaError as e:  # the node it failed at, so that only that node is left to PyTorch
+                if getattr(e, "node", None) is None:
+                    e.node = node.name
+                raise
         self.block.append(ReturnOp.build(outputs))
         func = FuncOp([], [], {"sym_name": name, "result_types": tuple(v.type for v in outputs)},
                       [Region([self.block])])
@@ -458,6 +467,8 @@ def _topk(im: Importer, node: Any, x: Value, k: int, dim: int = -1, largest: boo
 def _cumsum(im: Importer, node: Any, x: Value, dim: int, dtype: Any = None) -> Value:
     if dtype is not None:
         x = im.cast(x, torch_dtype(dtype))
+    elif not is_float(x.type.dtype):  # torch sums bools and integers in int64
+        x = im.cast(x, "i64")
     return im.emit(R.CumsumOp, x, axis=_axis(dim, x.type.rank))
 
 
@@ -490,10 +501,23 @@ def _arange(im: Importer, node: Any, end: Any, dtype: Any = None) -> Value:
 
 
 def _arange_start(im: Importer, node: Any, start: Any, end: Any, step: Any = 1, dtype: Any = None) -> Value:
-    if not isinstance(start, int) or not isinstance(end, int) or step != 1:
-        raise Unsupported("arange with a symbolic start or a step")
-    base = _arange(im, node, end - start, dtype)
-    return base if start == 0 else im.emit(T.AddOp, base, im.const(start, base.type.dtype))
+    """start, start + step, ... below end (above, for a negative step): iota * step + start, as torch's length
+    ceil((end - start) / step); in the dtype torch infers (int64 for int bounds, else float32) or the one asked."""
+    if not all(isinstance(a, int | float) for a in (start, end, step)) or step == 0:
+        raise Unsupported("arange with a symbolic bound or step")
+    want = torch_dtype(dtype) if dtype is not None else \
+        "i64" if all(isinstance(a, int) for a in (start, end, step)) else "f32"
+    n = max(0, math.ceil((end - start) / step))
+    i = _arange(im, node, n)
+    if want in ("i32", "i64") and all(isinstance(a, int) for a in (start, step)):
+        i = i if want == "i64" else im.cast(i, want)
+        i = i if step == 1 else im.emit(T.MulOp, i, im.const(step, want))
+        return i if start == 0 else im.emit(T.AddOp, i, im.const(start, want))
+    if want not in ("f32", "f64"):
+        raise Unsupported(f"arange of {want} with a fractional bound or step")
+    x = im.emit(T.AddOp, im.emit(T.MulOp, im.cast(i, "f64"), im.const(float(step), "f64")),
+                im.const(float(start), "f64"))
+    return im.cast(x, want)
 
 
 def _same_sizes(im: Importer, x: Value, like: Value, axes: tuple[int, ...]) -> Value:
@@ -591,7 +615,10 @@ _ops: dict[str, Callable] = {
     **{name: (_binary(c) if issubclass(c, T.BinaryOp) else _unary(c)) for c in OP_REGISTRY.values()
        if issubclass(c, Elementwise) for name in c.ATEN},
     "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
-    "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow,
+    "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow, "pow.Scalar": _pow,
+    "reciprocal.default": lambda im, n, x: im.emit(T.DivOp, *im.operands(1.0, x)),
+    # exp(x) - 1, as MLIR's math-to-llvm lowers math.expm1 (an absolute error of an ulp of 1 near 0)
+    "expm1.default": lambda im, n, x: im.emit(T.SubOp, im.emit(T.ExpOp, x), im.const(1.0, x.type.dtype)),
     "eq.Tensor": _cmp("eq"), "eq.Scalar": _cmp("eq"), "ne.Tensor": _cmp("ne"), "ne.Scalar": _cmp("ne"),
     "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),
     "gt.Tensor": _cmp("gt"), "gt.Scalar": _cmp("gt"), "ge.Tensor": _cmp("ge"), "ge.Scalar": _cmp("ge"),
@@ -608,7 +635,8 @@ _ops: dict[str, Callable] = {
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
     "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
-    "arange.default": _arange, "arange.start": _arange_start, "scalar_tensor.default": _scalar_tensor,
+    "arange.default": _arange, "arange.start": _arange_start,
+    "arange.start_step": _arange_start, "scalar_tensor.default": _scalar_tensor,
     "full.default": _full,
     "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
     "detach.default": _identity, "lift_fresh_copy.default": _identity,

@@ -142,38 +142,35 @@ class SparsaBackend:
         if moe_blocks + fold_pad_slices(gm):
             gm.graph.eliminate_dead_code()  # what the folded parts computed, so it is not partitioned
             gm.recompile()
-        from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
         from torch.fx.passes.operator_support import OperatorSupportBase
 
         devices, target = self.devices, self.target
-        laid_out = _layout_bound(gm)
+        laid_out = {n.name for n in _layout_bound(gm)}
+        # A node whose import fails (`Unsupported.node`) is left to PyTorch alone: the graph is partitioned
+        # again without it, rather than its whole partition falling back. What each partition's code gave
+        # (compiled, or why not) is kept across the attempts.
+        excluded: dict[str, str] = {}
+        built: dict[str, Any] = {}
 
         class Support(OperatorSupportBase):
             def is_node_supported(self, submodules: Any, node: Any) -> bool:
                 return node.op == "call_function" and node.target in SUPPORTED and \
-                    _type_problem(node, devices, target) is None and node not in laid_out
+                    _type_problem(node, devices, target) is None and node.name not in laid_out | excluded.keys()
 
-        partitioner = CapabilityBasedPartitioner(gm, Support(), allows_single_node_partition=True)
-        fused = partitioner.fuse_partitions(partitioner.propose_partitions())
-        calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+        while (outcome := self.fuse_and_compile(_graph_copy(gm), Support(), excluded, built)) is None:
+            self.stats["nodes left out of their partition"] += 1
+        fused, parts = outcome
         left: set[str] = set()  # partitions kept in PyTorch by choice (not fallbacks)
         failed: dict[str, str] = {}  # partitions Sparsa could not compile, and why
-        for name, sub in list(fused.named_children()):
-            if not name.startswith("fused_"):
-                continue
-            # Partition inputs that are subgraphs (flex_attention's mask_mod / score_mod) by position.
-            modules = {i: getattr(fused, a.target) for i, a in enumerate(calls[name].args)
-                       if getattr(a, "op", None) == "get_attr"}
-            try:
-                part = CompiledPartition(sub, self, modules)
-            except NothingToGain as e:
+        for name, part in parts.items():
+            if isinstance(part, NothingToGain):
                 self.stats["partitions left to PyTorch (nothing to gain)"] += 1
-                self.record.kept.append((name, e.message))
+                self.record.kept.append((name, part.message))
                 left.add(name)
                 continue
-            except SparsaError as e:  # not importable, or the target cannot lower it: it stays in PyTorch
-                self.stats[f"partition not compiled: {e.message}"] += 1
-                failed[name] = e.message.splitlines()[0]
+            if isinstance(part, SparsaError):  # not importable, or the target cannot lower it: it stays in PyTorch
+                self.stats[f"partition not compiled: {part.message}"] += 1
+                failed[name] = part.message.splitlines()[0]
                 continue
             setattr(fused, name, part)
             self.partitions.append(part)
@@ -182,7 +179,7 @@ class SparsaBackend:
             self.stats["partitions compiled"] += 1
             # Inputs the IR never reads (e.g. the block-mask tensors traced from create_block_mask, which
             # sparsify-attention replaces) are not passed, so PyTorch no longer computes them.
-            call = calls[name]
+            call = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == name)
             call.args = tuple(None if i in part.unused_inputs else a for i, a in enumerate(call.args))
         fused.graph.eliminate_dead_code()
         laid_out = _layout_bound(fused)  # the fused graph's own nodes, for the reasons below
@@ -192,7 +189,8 @@ class SparsaBackend:
             if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
                 self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
                 continue
-            self.note_fallback(str(node.target), _why_not(node, devices, self.target, laid_out))
+            self.note_fallback(str(node.target), excluded.get(node.name) or
+                               _why_not(node, devices, self.target, laid_out))
         for node in fused.graph.nodes:
             if node.op == "call_module" and not isinstance(getattr(fused, node.target), CompiledPartition) and \
                     node.target not in left:
@@ -203,11 +201,47 @@ class SparsaBackend:
         fused.recompile()
         return fused
 
+    def fuse_and_compile(self, gm: Any, support: Any, excluded: dict[str, str], built: dict[str, Any]) -> Any:
+        """Partition `gm` by `support` and build each partition: (the fused graph, each partition's
+        `CompiledPartition` or the SparsaError it gave, by name); None where a node failed to import, which
+        `excluded` then names with why, so that the caller partitions again. `built`: outcomes by code."""
+        from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+
+        partitioner = CapabilityBasedPartitioner(gm, support, allows_single_node_partition=True)
+        fused = partitioner.fuse_partitions(partitioner.propose_partitions())
+        calls = {n.target: n for n in fused.graph.nodes if n.op == "call_module"}
+        parts: dict[str, Any] = {}
+        for name, sub in list(fused.named_children()):
+            if not name.startswith("fused_"):
+                continue
+            if sub.code not in built or any(built[sub.code] is p for p in parts.values()):  # one per partition
+                # Partition inputs that are subgraphs (flex_attention's mask_mod / score_mod) by position.
+                modules = {i: getattr(fused, a.target) for i, a in enumerate(calls[name].args)
+                           if getattr(a, "op", None) == "get_attr"}
+                try:
+                    built[sub.code] = CompiledPartition(sub, self, modules)
+                except SparsaError as e:
+                    built[sub.code] = e
+                    node = getattr(e, "node", None)
+                    if node is not None and not isinstance(e, NothingToGain) and node not in excluded:
+                        excluded[node] = f"not imported: {e.message.splitlines()[0]}"
+                        return None
+            parts[name] = built[sub.code]
+        return fused, parts
+
     def note_fallback(self, op: str, why: str) -> None:
         """One node left to PyTorch, and why (`sparsa.report()`; SPARSA_LOG=fallbacks says it as it happens)."""
         REPORT.fallback(self.record, op, why)
         self.fallbacks[op] += 1
         self.stats["fallback nodes"] += 1
+
+
+def _graph_copy(gm: Any) -> Any:
+    """A GraphModule with a copy of `gm`'s graph (nodes keep their names and meta), sharing its submodules:
+    partitioning rewrites the graph it is given."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
 
 
 def input_free_outputs(gm: Any) -> dict[str, list[Any]]:

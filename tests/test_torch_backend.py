@@ -157,6 +157,66 @@ class Clamps(torch.nn.Module):
                 torch.clamp(x, lo, lo + 1.0), ids.clamp(2, 5), torch.clamp(x, max=0.25))
 
 
+class PaddingPositions(torch.nn.Module):
+    """Positions from a padding mask as model code computes them: `cumsum` of a bool (torch sums it in int64),
+    then an embedding lookup by them and a matmul."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos, self.proj = torch.nn.Embedding(16, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x, ids):
+        keep = ids.ne(0)
+        return self.proj(x + self.pos(torch.cumsum(keep, dim=1) * keep)), keep.cumsum(-1)
+
+
+def test_cumsum_of_bools_counts_in_int64():
+    backend = check(PaddingPositions(), torch.randn(2, 7, 8), torch.tensor([[0, 0, 3, 4, 5, 6, 7], [1, 2, 3, 4, 0, 0, 0]]))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
+class TopkAcrossRows(torch.nn.Module):
+    """A supported op the importer refuses in one form (topk along the first axis) between matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        y = torch.relu(self.w(x))
+        top, _ = y.topk(2, dim=0)
+        return self.w(y) @ top.t()
+
+
+def test_a_node_that_fails_to_import_is_left_out_alone():
+    """Only the refused node runs in PyTorch, with the importer's reason; what is around it compiles."""
+    import sparsa
+
+    sparsa.report().clear()
+    backend = check(TopkAcrossRows(), torch.randn(8, 16))
+    assert backend.fallbacks == {"aten.topk.default": 1} and len(backend.partitions) == 2
+    assert backend.stats["nodes left out of their partition"] == 1
+    assert [why for _, why in sparsa.report().fallbacks] == [
+        "not imported: topk other than the largest along the last axis"]
+
+
+class RopeTables(torch.nn.Module):
+    """What rope set-ups compute in the graph: aranges with steps (int and float), a scalar to a tensor power,
+    a reciprocal; and xIELU's expm1."""
+
+    def forward(self, x, t):
+        inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
+        pos = torch.arange(3, 20, 3) + torch.arange(0.5, 3.0, 0.5).sum()
+        down = torch.arange(10, 0, -4, dtype=torch.float32)
+        return (x * inv + torch.reciprocal(t) + torch.pow(2.0, x), pos, down, torch.expm1(x.clamp(max=0.1)),
+                torch.arange(1, 9, 2).reciprocal())
+
+
+def test_aranges_with_steps_powers_of_scalars_reciprocals_and_expm1_import():
+    backend = check(RopeTables(), torch.randn(5, 4), torch.rand(5, 4) + 0.5, backend=SparsaBackend({"partitions": "all"}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
 def test_clamps_import():
     backend = check(Clamps(), torch.randn(6, 5), torch.randn(5), torch.randint(0, 9, (6, 5)),
                     backend=SparsaBackend({"partitions": "all"}))
