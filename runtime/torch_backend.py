@@ -220,8 +220,8 @@ class SparsaBackend:
                            if getattr(a, "op", None) == "get_attr"}
                 try:
                     built[sub.code] = CompiledPartition(sub, self, modules)
-                except SparsaError as e:
-                    built[sub.code] = e
+                except SparsaError as e:  # kept without its traceback: its frames would hold this call's tensors
+                    built[sub.code] = e.with_traceback(None)
                     node = getattr(e, "node", None)
                     if node is not None and not isinstance(e, NothingToGain) and node not in excluded:
                         excluded[node] = f"not imported: {e.message.splitlines()[0]}"
