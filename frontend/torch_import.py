@@ -156,12 +156,20 @@ class Importer:
         """A region computing a mask_mod / score_mod subgraph: its first inputs are the region's scalar
         arguments, the rest are `captured` tensors of the enclosing function."""
         block = Block(arg_types, arg_names)
+        out = self.inline_graph(sub, block, list(block.args) + list(captured), result)
+        if out.type.rank != 0:
+            raise Unsupported(f"{result} that is not a scalar function")
+        block.append(YieldOp.build([out]))
+        return Region([block])
+
+    def inline_graph(self, sub: Any, block: Block, inputs: list[Value], result: str) -> Value:
+        """The ops of a one-output subgraph appended to `block`, its inputs bound to `inputs`; its output."""
         inner = Importer(sub)
         inner.block = block
         holders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-        if len(holders) != len(arg_types) + len(captured):
+        if len(holders) != len(inputs):
             raise Unsupported(f"{result} with {len(holders)} inputs")
-        for n, v in zip(holders, list(block.args) + list(captured), strict=True):
+        for n, v in zip(holders, inputs, strict=True):
             inner.env[n] = v
         out = None
         for node in sub.graph.nodes:
@@ -182,10 +190,7 @@ class Importer:
                 raise Unsupported(f"{result}: op {node.target}")
             kwargs = {k: inner.arg(v) for k, v in node.kwargs.items() if k not in _PLACEMENT}
             inner.env[node] = handler(inner, node, *[inner.arg(a) for a in node.args], **kwargs)
-        if out.type.rank != 0:
-            raise Unsupported(f"{result} that is not a scalar function")
-        block.append(YieldOp.build([out]))
-        return Region([block])
+        return out
 
     def arg(self, a: Any) -> Any:
         import torch.fx
@@ -610,6 +615,15 @@ def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
     return xs[i]
 
 
+# The ATen ops of `_ops` whose value at an element reads that element of each operand only: what a MoE block's
+# expert activation may use to fold (frontend/torch_moe.py).
+POINTWISE = frozenset({
+    *(name for c in OP_REGISTRY.values() if issubclass(c, Elementwise) for name in c.ATEN),
+    "rsub.Scalar", "pow.Tensor_Scalar", "pow.Tensor_Tensor", "pow.Scalar", "reciprocal.default", "expm1.default",
+    *(f"{cmp}.{kind}" for cmp in ("eq", "ne", "lt", "le", "gt", "ge") for kind in ("Tensor", "Scalar")),
+    "bitwise_and.Tensor", "bitwise_or.Tensor", "gelu.default", "where.self", "clamp.default", "clamp.Tensor",
+    "clamp_min.default", "clamp_max.default", "clone.default", "alias.default"})
+
 _ops: dict[str, Callable] = {
     # every elementwise op that names its ATen overloads (Elementwise.ATEN): one operand or two
     **{name: (_binary(c) if issubclass(c, T.BinaryOp) else _unary(c)) for c in OP_REGISTRY.values()
@@ -673,6 +687,35 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 
 
+def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Value, w2: Value, act: Any,
+                 slices: list) -> Value:
+    """A folded grouped-matmul MoE block of any row-wise activation (frontend/torch_moe.py `moe_experts`) as
+    `moe.moe`: each column slice of h = rows @ W1[e] the activation reads is its own matmul by that slice of the
+    weight (the gate and up halves of a fused or interleaved weight), so fuse-moe-dispatch finds its stages."""
+    E, K, N = w1.type.shape
+    if not all(isinstance(d, int) for d in (E, K, N, *w2.type.shape)):
+        raise Unsupported("a MoE block with symbolic expert sizes")
+    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, K))], ["e", "h"])
+    e, h = block.args
+
+    def expert(weight: Value) -> Value:
+        return block.append(S.GatherOp.build(weight, [e])).result
+
+    def column(start: int, stop: int, step: int) -> Value:
+        weight = expert(w1)
+        if (start, stop, step) != (0, N, 1):
+            weight = block.append(S.SliceOp.build(weight, starts=(0, start), stops=(None, stop),
+                                                  steps=(1, step))).result
+        return block.append(S.MatmulOp.build(h, weight)).result
+
+    out = im.inline_graph(act, block, [column(*sl) for sl in slices], "a MoE block's activation")
+    if out.type.rank != 2 or out.type.dtype != x.type.dtype:
+        raise Unsupported(f"a MoE block's activation giving {out.type}")
+    block.append(YieldOp.build([block.append(S.MatmulOp.build(out, expert(w2))).result]))
+    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
+    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
+
+
 def _build_table() -> dict[Any, Callable]:
     import torch
 
@@ -681,12 +724,12 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_indexing import OPS as INDEXING
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
-    from sparsa.frontend.torch_moe import moe_swiglu
+    from sparsa.frontend.torch_moe import moe_experts, moe_swiglu
     from sparsa.frontend.torch_scan import linear_scan, linear_scan_backward
     from sparsa.frontend.torch_ssm import OPS as SSM
     from sparsa.frontend.torch_ssm import _linear_scan, _linear_scan_backward
 
-    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu,
+    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu, moe_experts: _moe_experts,
                                   linear_scan._opoverload: _linear_scan,
                                   linear_scan_backward._opoverload: _linear_scan_backward}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)

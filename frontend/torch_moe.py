@@ -49,6 +49,21 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: tor
     return y.to(x.dtype)
 
 
+def moe_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                act: Any, slices: list) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * act(*(h[:, s] for s in slices)) @ w2[e], h = x[t] @ w1[e], e = idx[t, j], with
+    weights laid out [E, in, out]: an inference graph's grouped-matmul MoE block of any row-wise activation
+    (`act`, a graph module of the column slices of h it reads, each (start, stop, step)); what runs if it is
+    not compiled."""
+    y = torch.zeros(x.shape[0], w2.shape[-1], dtype=torch.float32, device=x.device)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.where(idx == e)
+        h = x[tok] @ w1[e]
+        a = act(*(h[:, start:stop:step] for start, stop, step in slices))
+        y.index_add_(0, tok, ((a @ w2[e]) * w[tok, slot, None]).float())
+    return y.to(x.dtype)
+
+
 # The folded block as a PyTorch op, for training graphs: folded before AOTAutograd traces the joint graph
 # (`fold_before_autograd`), its backward there is `moe_swiglu_backward`, instead of the graph of sorts, scatters
 # and grouped matmuls PyTorch's autograd makes of the unfolded block. The torch.compile backend runs both as the
@@ -196,7 +211,8 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
     """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph into a
     call of `into`; returns how many. The sort, histogram and grouped matmuls are left dead: the caller removes
     them. With `needing_grad` (a training graph's nodes that want a gradient) `into` is `sparsa::moe_swiglu`: it
-    also takes the positions among (x, w, gate_up, down) that need none, and returns the output and a key."""
+    also takes the positions among (x, w, gate_up, down) that need none, and returns the output and a key, and
+    only SwiGLU experts fold. Without, grouped-matmul experts of any row-wise activation fold into `moe_experts`."""
     grouped = getattr(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None), "default", None)
     aten = torch.ops.aten
     folded = 0
@@ -207,6 +223,17 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
         if match is None:
             continue
         end, args = match
+        if len(args) == 9:  # grouped experts: SwiGLU on [E, N, K] weights as `into`, others as `moe_experts`
+            x, idx, w, w1, w2, h, a, users, experts = args
+            if _is(w1, aten.transpose.int) and _is(w2, aten.transpose.int) and _swiglu(h, aten) is a and \
+                    set(a.users) <= users:
+                args = (x, idx, w, w1.args[0], w2.args[0])
+            elif needing_grad is None and (act := _activation(h, a, users, aten)) is not None:
+                _fold_experts(gm, end, (x, idx, w, w1, w2), *act)
+                folded += 1
+                continue
+            else:
+                continue
         with gm.graph.inserting_before(end):
             if needing_grad is None:
                 call = gm.graph.call_function(into, args)
@@ -221,12 +248,25 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
     return folded
 
 
+def _fold_experts(gm: Any, end: Any, args: tuple, act: Any, slices: list) -> None:
+    """`end` replaced by moe_experts(*args, act, slices), the activation a submodule of gm."""
+    n = 0
+    while hasattr(gm, f"sparsa_moe_act_{n}"):
+        n += 1
+    gm.add_submodule(f"sparsa_moe_act_{n}", act)
+    with gm.graph.inserting_before(end):
+        module = gm.graph.get_attr(f"sparsa_moe_act_{n}")
+        call = gm.graph.call_function(moe_experts, (*args, module, slices))
+    call.meta["val"] = end.meta.get("val")
+    end.replace_all_uses_with(call)
+
+
 def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
-    """(the block's output node, (x, idx, w, gate_up_proj, down_proj)) when `first` starts a block."""
-    rows, gate_up_t, offs = first.args[:3]
-    if not _is(gate_up_t, aten.transpose.int):
-        return None
-    experts = gate_up_t.args[0].meta["val"].shape[0] if "val" in gate_up_t.args[0].meta else None
+    """(the block's output node, (x, idx, w, W1, W2, h, a, consumers, E)) when `first` starts a block: W1 and W2
+    the grouped matmuls' weights as multiplied ([E, in, out]: a transpose of a weight stored [E, out, in], or the
+    weight), h the first's rows, a the second's input, consumers the nodes that may read a."""
+    rows, w1, offs = first.args[:3]
+    experts = w1.meta["val"].shape[0] if "val" in w1.meta else None
     rows = _unfilled(rows, experts, aten)
     if not _is(rows, aten.index.Tensor):
         return None
@@ -238,10 +278,12 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if not (_is(sort, aten.sort.default) and _is(sort.args[0], aten.view.default)):
         return None
     idx = sort.args[0].args[0]
-    mul = _swiglu(_filled(first, experts, aten), aten)
-    second = _only_user(mul) if mul is not None else None
-    if not (_is(second, grouped) and second.args[2] is offs and _is(second.args[1], aten.transpose.int)):
+    h = _filled(first, experts, aten)
+    second = [u for u in offs.users if u is not first and _is(u, grouped) and u.args[2] is offs]
+    if len(second) != 1:
         return None
+    second = second[0]
+    a = _unfilled(second.args[0], experts, aten)
     down_out = _filled(second, experts, aten)
     scaled = _only_user(down_out)
     if not _is(scaled, aten.mul.Tensor):
@@ -261,7 +303,83 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     val = idx.meta.get("val")
     if val is None or val.dim() != 2 or val.shape[1] != k:
         return None
-    return end, (x, idx, w, gate_up_t.args[0], second.args[1].args[0])
+    return end, (x, idx, w, w1, second.args[1], h, a, {second, second.args[0]}, experts)
+
+
+def _pointwise(node: Any) -> bool:
+    """An op an expert activation may use besides column slices: one the importer takes as pointwise."""
+    from sparsa.frontend.torch_import import POINTWISE
+
+    return str(node.target).removeprefix("aten.") in POINTWISE
+
+
+def _columns(node: Any, aten: Any) -> bool:
+    """A slice or split along the last of two dims, or a getitem of one."""
+    if _is(node, operator.getitem):
+        return True
+    if _is(node, aten.slice.Tensor):
+        return (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) in (1, -1)
+    if _is(node, aten.split.Tensor) or _is(node, aten.split_with_sizes.default):
+        return (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) in (1, -1)
+    return False
+
+
+def _column_slices(node: Any, width: int, aten: Any) -> list[tuple[Any, tuple[int, int, int]]] | None:
+    """For a user of h: the (node, (start, stop, step)) column slices it makes of h, or None if it is no slice."""
+    if _is(node, aten.slice.Tensor) and _columns(node, aten):
+        start, stop, step = (list(node.args[2:]) + [None, None, 1][len(node.args) - 2:])[:3]
+        return [(node, slice(start, stop, step).indices(width))]
+    if (_is(node, aten.split.Tensor) or _is(node, aten.split_with_sizes.default)) and _columns(node, aten):
+        sizes = node.args[1]
+        if isinstance(sizes, int):
+            sizes = [min(sizes, width - s) for s in range(0, width, sizes)]
+        bounds = list(itertools.accumulate(sizes, initial=0))
+        if any(not _is(u, operator.getitem) for u in node.users):
+            return None
+        return [(u, (bounds[u.args[1]], bounds[u.args[1] + 1], 1)) for u in node.users]
+    return None
+
+
+def _activation(h: Any, a: Any, consumers: set[Any], aten: Any) -> tuple[Any, list] | None:
+    """The row-wise ops from h (the first grouped matmul's rows) to a (the second's input) as a graph module of
+    the column slices of h they read, and those slices; None if anything else reads or feeds them."""
+    import torch.fx
+
+    cone, stack = set(), [a]
+    while stack:  # what a is computed from, back to h
+        n = stack.pop()
+        if n is h or n in cone:
+            continue
+        if n.op != "call_function" or not (_pointwise(n) or _columns(n, aten) or
+                                           _is(n, aten._to_copy.default) and set(n.kwargs) <= {"dtype"}):
+            return None
+        cone.add(n)
+        stack.extend(n.all_input_nodes)
+    if any(u not in cone and u not in consumers for n in cone | {h} for u in n.users):
+        return None
+    width = h.meta["val"].shape[-1] if "val" in h.meta else None
+    if not isinstance(width, int):
+        return None
+    graph = torch.fx.Graph()
+    env: dict[Any, Any] = {}
+    slices: list[tuple[int, int, int]] = []
+
+    def column(sl: tuple[int, int, int]) -> Any:
+        slices.append(sl)
+        return graph.placeholder(f"h{len(slices) - 1}")
+
+    for u in h.users:
+        parts = _column_slices(u, width, aten) if u in cone else None
+        for node, sl in parts or []:
+            env[node] = column(sl)
+        if parts is None and h not in env:
+            env[h] = column((0, width, 1))
+    for n in h.graph.nodes:
+        if n in cone and n not in env and not (_columns(n, aten) and not _is(n, operator.getitem) and
+                                               all(u in env for u in n.users)):
+            env[n] = graph.node_copy(n, lambda m: env[m])
+    graph.output(env[a])
+    return torch.fx.GraphModule(torch.nn.Module(), graph), slices
 
 
 def _is_sentinel_fill(node: Any, experts: int | None, aten: Any) -> bool:
