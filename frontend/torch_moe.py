@@ -176,9 +176,34 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
                                  _needing_grad(traced, example_inputs))
     if not folded:
         return gm, 0
+    _differentiable_copies(traced)
     traced.graph.eliminate_dead_code()
     traced.recompile()
     return traced, folded
+
+
+def _differentiable_copies(gm: Any) -> None:
+    """Functionalization writes an assignment into a slice (`out[:, i] = y`) as aten.copy(out[:, i], y), which
+    autograd has no formula for (AOTAutograd differentiates before it functionalizes, so it never meets one):
+    copy's value is y in the destination's dtype and shape, written so."""
+    aten = torch.ops.aten
+    for node in [n for n in gm.graph.nodes if _is(n, aten.copy.default)]:
+        dst, src = node.args[:2]
+        want, have = dst.meta.get("val"), src.meta.get("val") if hasattr(src, "meta") else None
+        if want is None or have is None:
+            raise FoldFailed("a copy into a slice of unknown shape")
+        value = src
+        with gm.graph.inserting_before(node):
+            if have.dtype != want.dtype:
+                value = gm.graph.call_function(aten._to_copy.default, (value,), {"dtype": want.dtype})
+                value.meta["val"] = have.to(want.dtype)
+            if tuple(have.shape) != tuple(want.shape):
+                if not all(isinstance(d, int) for d in want.shape):
+                    raise FoldFailed("a broadcasting copy into a slice of symbolic shape")
+                value = gm.graph.call_function(aten.expand.default, (value, list(want.shape)))
+                value.meta["val"] = want
+        node.replace_all_uses_with(value)
+        gm.graph.erase_node(node)
 
 
 def _is(node: Any, target: Any) -> bool:

@@ -445,6 +445,35 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
         assert not [k for k, op in kernels if op in ("tensor.slice", "tensor.transpose")], kernels
 
 
+class ChunkWrites(torch.nn.Module):
+    """Qwen3-Next's gated delta rule fills its output a chunk at a time (`out[:, :, i] = ...` into a zeros_like;
+    here also broadcast, into float64), before a MoE block."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block, self.proj = block, torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        x = self.proj(x)
+        out = torch.zeros_like(x)
+        for i in range(x.shape[1]):
+            out[:, i] = torch.tanh(x[:, i]) * 2
+        wide = torch.zeros_like(x, dtype=torch.float64)
+        wide[:, :, :8] = x[:, :, :1]  # broadcast, into another dtype
+        return self.block(out + wide.float())
+
+
+def test_slice_assignments_beside_a_folded_moe_block_train() -> None:
+    """Folding a training graph's MoE block traces it functionalized, where a slice assignment is aten.copy, which
+    autograd has no formula for (training failed in AOTAutograd): it is written as its value, and trains as eager."""
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    model = ChunkWrites(_mixtral_block()[0])
+    backend = SparsaBackend({"target": "reference"})
+    _trains_as_eager(model, copy.deepcopy(model), backend, torch.randn(2, 5, 32))
+    assert backend.stats["moe blocks recognized for training"] == 1
+
+
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
     """scatter writes over its base (the last write winning where indices repeat): only a top-k's backward (onto
     zeros, at the top-k's indices) is imported, as a scatter_add; any other runs in PyTorch, said why, and right."""
