@@ -396,6 +396,9 @@ class KernelContext:
         if any(isinstance(v.type, ir.ShapedType) and v.type.element_type == ir.IntegerType.get_signless(1)
                for v in list(owner.operands) + list(owner.results)):
             return  # bool tiles stay scalar loops: a vector of i1 is stored bit-packed, a bool array a byte each
+        if any(isinstance(v.type, ir.ShapedType) and 0 in ir.ShapedType(v.type).shape
+               for v in list(owner.operands) + list(owner.results)):
+            return  # nothing to tile in an empty operand or result (the transform interpreter crashed tiling one)
         tag = f"sparsa.tile{len(self.tiled)}"
         result.owner.attributes[tag] = ir.UnitAttr.get()
         shape = tuple(d if isinstance(d, int) else None for d in self.shape(space))
