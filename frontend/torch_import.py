@@ -369,6 +369,17 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     return im.emit(S.SliceOp, x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
 
 
+def _flip(im: Importer, node: Any, x: Value, dims: Any) -> Value:
+    """x reversed along `dims`: a slice of step -1 on each (cumsum's derivative flips, in Mamba2's backward)."""
+    axes = {_axis(d, x.type.rank) for d in dims}
+    if any(not isinstance(x.type.shape[d], int) for d in axes):
+        raise Unsupported("flip along a symbolic dim")
+    rank = x.type.rank
+    starts = tuple(-1 if d in axes else 0 for d in range(rank))
+    steps = tuple(-1 if d in axes else 1 for d in range(rank))
+    return im.emit(S.SliceOp, x, starts=starts, stops=(None,) * rank, steps=steps) if axes else x
+
+
 def _select(im: Importer, node: Any, x: Value, dim: int, index: int) -> Value:
     d = _axis(dim, x.type.rank)
     piece = _slice(im, node, x, d, index, index + 1 if index != -1 else None, 1)
@@ -642,7 +653,7 @@ _ops: dict[str, Callable] = {
     "view.default": _view, "_unsafe_view.default": _view, "reshape.default": _view,
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
-    "slice.Tensor": _slice, "select.int": _select, "unbind.int": _unbind, "expand.default": _expand,
+    "slice.Tensor": _slice, "select.int": _select, "flip.default": _flip, "unbind.int": _unbind, "expand.default": _expand,
     "cat.default": _cat, "split_with_sizes.default": _split, "split.Tensor": _split,
     "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "sum.default": _reduce(R.SumOp),
     "mean.default": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),

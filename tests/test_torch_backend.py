@@ -217,6 +217,37 @@ def test_aranges_with_steps_powers_of_scalars_reciprocals_and_expm1_import():
     assert len(backend.partitions) == 1 and not backend.fallbacks
 
 
+class Flips(torch.nn.Module):
+    """flip along one and two dims (autograd's reversed cumulative sum: flip(cumsum(flip(g))))."""
+
+    def forward(self, x):
+        return torch.flip(torch.cumsum(torch.flip(x, [-1]), -1), [-1]) @ x.t(), x.flip(0, 1), x.flip([])
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+def test_flips_import(target):
+    if target == "triton":
+        pytest.importorskip("triton")
+    backend = check(Flips(), torch.randn(6, 5), backend=SparsaBackend({"target": target}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
+class EmptyPieces(torch.nn.Module):
+    """JetMoE splits its tokens by expert with split_with_sizes: a piece may have no rows (a static 0 dim)."""
+
+    def forward(self, x, w):
+        a, b, c = torch.split(x, [5, 0, 2])
+        return torch.cat([torch.relu(a @ w), b @ w, c @ w]), b.t() @ b
+
+
+def test_ops_on_empty_pieces_compile_on_cpu():
+    """A matmul with no rows, or summing over none: nothing to tile (MLIR's transform interpreter crashed the
+    process tiling such an op)."""
+    pytest.importorskip("torch_mlir")
+    backend = check(EmptyPieces(), torch.randn(7, 16), torch.randn(16, 8), backend=SparsaBackend({"target": "cpu"}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
 def test_clamps_import():
     backend = check(Clamps(), torch.randn(6, 5), torch.randn(5), torch.randint(0, 9, (6, 5)),
                     backend=SparsaBackend({"partitions": "all"}))
