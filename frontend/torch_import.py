@@ -17,7 +17,7 @@ from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
-from sparsa.ir.dims import Dim, check_expr
+from sparsa.ir.dims import Dim, check_expr, symbols
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote, scalar
 
@@ -70,6 +70,15 @@ def _same_size(d: Any) -> Any:
     return expr
 
 
+def _writable(d: Any) -> bool:
+    """Whether the dim language writes a size (an int, or a SymInt of + - * // % over names)."""
+    try:
+        as_dim(d)
+    except Unsupported:
+        return False
+    return True
+
+
 def as_dim(d: Any) -> Dim:
     """An int, or a SymInt / sympy expression as a symbolic dim expression."""
     if isinstance(d, int):
@@ -98,6 +107,7 @@ class Importer:
         self.env: dict[Any, Any] = {}
         self.block: Block | None = None
         self.modules = modules or {}
+        self.scalar_pos: set[int] = set()
 
     def run(self, name: str = "graph") -> tuple[Module, list[int]]:
         """(module, positions of the graph inputs that are tensors: the function's arguments).
@@ -105,14 +115,22 @@ class Importer:
         After the run, `tuple_output` says whether the graph returns a tuple, `output_dtypes` its dtypes.
         """
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        tensor_pos = [i for i, n in enumerate(placeholders) if _is_tensor(n.meta.get("val"))]
+        # A size no input's shape binds, or one the dim language cannot write (a sliding-window cache's
+        # `Max(0, s - 7)` offset), comes in as a value: a 0-d int64 argument, which the caller makes of the int it
+        # is passed (`scalar_pos`). An op that needs it as a size then stays in PyTorch.
+        vals = [n.meta.get("val") for n in placeholders]
+        bound = {s for v in vals if _is_tensor(v) for d in v.shape for s in symbols(as_dim(d))}
+        self.scalar_pos = {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in self.modules
+                           and not (_writable(v) and symbols(as_dim(v)) <= bound)}
+        tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
             if i in self.modules:
                 self.env[n] = self.modules[i]
             elif not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
                 raise Unsupported(f"graph input {n.name} of type {type(val).__name__}")
-        types = [tensor_type(placeholders[i].meta["val"]) for i in tensor_pos]
+        types = [tensor_type(placeholders[i].meta["val"]) if i not in self.scalar_pos else TensorType("i64", ())
+                 for i in tensor_pos]
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
         for i, arg in zip(tensor_pos, self.block.args, strict=True):
             self.env[placeholders[i]] = arg

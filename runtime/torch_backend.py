@@ -389,7 +389,7 @@ class CompiledPartition(torch.nn.Module):
     def __init__(self, sub: Any, backend: SparsaBackend, modules: dict[int, Any] | None = None):
         super().__init__()
         imported = import_graph(sub, name="partition", modules=modules)
-        module, self.tensor_pos = imported.module, imported.tensor_pos
+        module, self.tensor_pos, self.scalar_pos = imported.module, imported.tensor_pos, imported.scalar_pos
         self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
         DCE().run(module)  # so that inputs only dead code read count as unused
         self.unused_inputs = _drop_unused_args(module, self.tensor_pos)
@@ -426,7 +426,7 @@ class CompiledPartition(torch.nn.Module):
                 self.graphs = self.backend.graphs(self.native)
 
     def forward(self, *args: Any) -> Any:
-        tensors = [args[i] for i in self.tensor_pos]
+        tensors = [args[i] if i not in self.scalar_pos else torch.tensor(args[i]) for i in self.tensor_pos]
         # With freezing, the module's parameters (AOTAutograd passes them as inputs): what only they feed
         # (weight transposes, packed panels) is computed once and kept while the same tensors at the same
         # version come in. Writes through `.data` do not change the version, which is why it is opt-in.

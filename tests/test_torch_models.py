@@ -87,6 +87,23 @@ def test_mistral_window_mask_is_analysed_and_repeated_heads_read_once():
     assert "tensor.gather" not in mask and "{value = 8}" in mask  # the window, symbolic: q - 8 < k <= q
 
 
+def test_generate_with_a_sliding_window_cache_decodes_in_sparsa():
+    """generate() with the model's forward compiled: the prefill and the decode steps (a token against the cache,
+    dynamic lengths) compile whole, tokens as eager's. The window's offset into the cache (`Max(0, s - 7)`, which
+    the dim language cannot write) and the cache's length (which no input's shape binds) come in as 0-d values."""
+    torch.manual_seed(0)
+    model = mistral().eval()
+    ids = torch.randint(0, 64, (1, 12))
+    backend = SparsaBackend()
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        model.forward = torch.compile(model.forward, backend=backend)
+        got = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert not backend.fallbacks and backend.stats["partitions compiled"] >= 2
+    assert any(part.scalar_pos for part in backend.partitions)
+
+
 @pytest.mark.parametrize("make", [mixtral, qwen3_moe, qwen2_moe])
 def test_grouped_mm_moe_blocks_are_recognized(make):
     """transformers' default experts (sort, histc, its grouped_mm_fallback op, an inverse permutation) are
