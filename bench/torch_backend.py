@@ -76,6 +76,21 @@ def hf_moe_block(d: int, f: int, e: int, k: int, experts: str = "grouped_mm") ->
     return block
 
 
+def nemotron_h_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
+    """transformers' NemotronH MoE block: ungated relu^2 experts (grouped_mm), sigmoid group routing, a shared
+    expert; randomly initialised."""
+    from transformers import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE
+
+    config = NemotronHConfig(hidden_size=d, moe_intermediate_size=f, moe_shared_expert_intermediate_size=f,
+                             n_routed_experts=e, num_experts_per_tok=k, n_group=1, topk_group=1)
+    config._experts_implementation = "grouped_mm"
+    block = NemotronHMoE(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=d**-0.5)
+    return block
+
+
 # transformers' experts implementations: "grouped_mm" (its default; sort, histc, grouped matmul) and
 # "eager" (the classic loop over experts with nonzero, which graph-breaks)
 FORMS = {"grouped_mm": "grouped_mm experts", "eager": "expert loop"}
@@ -187,6 +202,8 @@ def main() -> None:
             cases.append((f"Mixtral MoE block ({FORMS[form]}) T={T} D={D} F={hidden} E={E} k={k}",
                           lambda D=D, f=hidden, E=E, k=k, form=form: hf_moe_block(D, f, E, k, experts=form),
                           lambda T=T, D=D: [torch.randn(1, T, D, device=dev)], True))
+    cases.append(("NemotronH MoE block (relu^2 experts) T=1024 D=512 F=1024 E=8 k=2",
+                  lambda: nemotron_h_moe(512, 1024, 8, 2), lambda: [torch.randn(1, 1024, 512, device=dev)], False))
     rows = [case(name, make, inputs(), args, swap=swap) for name, make, inputs, swap in cases
             if args.only.lower() in name.lower()]
     if args.json:
