@@ -13,6 +13,8 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+from sparsa.frontend.torch_complex import PARTS, Complex, from_real, to_real
+from sparsa.frontend.torch_complex import handlers as complex_handlers
 from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
@@ -108,6 +110,8 @@ class Importer:
         self.block: Block | None = None
         self.modules = modules or {}
         self.scalar_pos: set[int] = set()
+        self.complex_pos: set[int] = set()
+        self.complex_out: set[int] = set()
 
     def run(self, name: str = "graph") -> tuple[Module, list[int]]:
         """(module, positions of the graph inputs that are tensors: the function's arguments).
@@ -129,11 +133,20 @@ class Importer:
                 self.env[n] = self.modules[i]
             elif not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
                 raise Unsupported(f"graph input {n.name} of type {type(val).__name__}")
-        types = [tensor_type(placeholders[i].meta["val"]) if i not in self.scalar_pos else TensorType("i64", ())
-                 for i in tensor_pos]
+        # a complex input comes in as its real view, [..., 2] (`complex_pos`)
+        self.complex_pos = {i for i in tensor_pos if i not in self.scalar_pos and _complex_part(vals[i])}
+
+        def arg_type(i: int) -> TensorType:
+            if i in self.scalar_pos:
+                return TensorType("i64", ())
+            if i in self.complex_pos:
+                return TensorType(_complex_part(vals[i]), tuple(as_dim(d) for d in vals[i].shape) + (2,))
+            return tensor_type(vals[i])
+
+        types = [arg_type(i) for i in tensor_pos]
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
         for i, arg in zip(tensor_pos, self.block.args, strict=True):
-            self.env[placeholders[i]] = arg
+            self.env[placeholders[i]] = from_real(self, arg) if i in self.complex_pos else arg
         for n in placeholders:
             if n not in self.env:
                 self.env[n] = as_dim(n.meta["val"])
@@ -147,8 +160,14 @@ class Importer:
             if node.op == "output":
                 self.tuple_output = isinstance(node.args[0], tuple | list)
                 outs = node.args[0] if self.tuple_output else (node.args[0],)
-                outputs = [self.tensor(self.env[o]) for o in outs]
-                self.output_dtypes = [o.meta["val"].dtype for o in outs]
+                # a complex result leaves as its real view, made complex again by the caller (`complex_out`)
+                self.complex_out = {i for i, o in enumerate(outs) if isinstance(self.env[o], Complex)}
+                outputs = [to_real(self, self.env[o]) if i in self.complex_out else self.tensor(self.env[o])
+                           for i, o in enumerate(outs)]
+                import torch
+
+                real = {torch.complex64: torch.float32, torch.complex128: torch.float64}  # a complex one's view
+                self.output_dtypes = [real.get(o.meta["val"].dtype, o.meta["val"].dtype) for o in outs]
                 continue
             if node.op != "call_function":
                 raise Unsupported(f"{node.op} nodes")
@@ -156,8 +175,14 @@ class Importer:
             if handler is None:
                 raise Unsupported(f"op {node.target}")
             kwargs = {k: self.arg(v) for k, v in node.kwargs.items() if k not in _PLACEMENT}
+            args = [self.arg(a) for a in node.args]
+            if any(isinstance(a, Complex) or isinstance(a, list) and any(isinstance(x, Complex) for x in a)
+                   for a in args):
+                handler = COMPLEX_RULES.get(node.target)
+                if handler is None:
+                    raise Unsupported(f"complex values: op {node.target}", node=node.name)
             try:
-                self.env[node] = handler(self, node, *[self.arg(a) for a in node.args], **kwargs)
+                self.env[node] = handler(self, node, *args, **kwargs)
             except TypeError as e:  # a keyword the handler does not know changes the op: keep it in PyTorch
                 raise Unsupported(f"op {node.target} with {sorted(kwargs)}: {e}", node=node.name) from None
             except SparsaError as e:  # the node it failed at, so that only that node is left to PyTorch
@@ -272,6 +297,11 @@ class Importer:
 
 # Keywords that only say where a result lives, not what it is.
 _PLACEMENT = frozenset({"device", "pin_memory", "layout", "memory_format", "non_blocking"})
+
+
+def _complex_part(val: Any) -> str | None:
+    """The real element type of a complex tensor's parts; None for any other value."""
+    return PARTS.get(str(getattr(val, "dtype", "")).removeprefix("torch."))
 
 
 def _is_tensor(val: Any) -> bool:
@@ -766,12 +796,24 @@ def _build_table() -> dict[Any, Callable]:
         table[flex] = _flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
-    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LOSSES, **SSM}.items():
-        packet, overload = name.split(".")
-        op = getattr(getattr(torch.ops.aten, packet, None), overload, None)
+    makers, rules = complex_handlers(_ops)
+    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LOSSES, **SSM, **makers}.items():
+        op = _aten(name)
         if op is not None:
             table[op] = handler
+    COMPLEX_RULES.update({_aten(name): rule for name, rule in rules.items() if _aten(name) is not None})
     return table
+
+
+def _aten(name: str) -> Any:
+    import torch
+
+    packet, overload = name.split(".")
+    return getattr(getattr(torch.ops.aten, packet, None), overload, None)
+
+
+# The rules of ops with a complex operand (frontend/torch_complex.py), by ATen op; filled with the table.
+COMPLEX_RULES: dict[Any, Callable] = {}
 
 
 class _Table(dict):

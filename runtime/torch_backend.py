@@ -335,7 +335,8 @@ def _type_problem(node: Any, devices: tuple[str, ...], target: str) -> str | Non
     for v in vals if isinstance(vals, tuple | list) else [vals]:
         if hasattr(v, "dtype"):
             try:
-                torch_dtype(v.dtype)
+                if v.dtype not in (torch.complex64, torch.complex128):  # complex: as pairs of real values
+                    torch_dtype(v.dtype)
             except Unsupported:
                 return f"element type {v.dtype} is not imported"
             if v.device.type not in devices:
@@ -390,6 +391,7 @@ class CompiledPartition(torch.nn.Module):
         super().__init__()
         imported = import_graph(sub, name="partition", modules=modules)
         module, self.tensor_pos, self.scalar_pos = imported.module, imported.tensor_pos, imported.scalar_pos
+        self.complex_pos, self.complex_out = imported.complex_pos, imported.complex_out
         self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
         DCE().run(module)  # so that inputs only dead code read count as unused
         self.unused_inputs = _drop_unused_args(module, self.tensor_pos)
@@ -426,7 +428,17 @@ class CompiledPartition(torch.nn.Module):
                 self.graphs = self.backend.graphs(self.native)
 
     def forward(self, *args: Any) -> Any:
-        tensors = [args[i] if i not in self.scalar_pos else torch.tensor(args[i]) for i in self.tensor_pos]
+        # sizes come in as 0-d values and complex tensors as their real views; complex results leave the same way
+        tensors = [torch.tensor(args[i]) if i in self.scalar_pos else torch.view_as_real(args[i])
+                   if i in self.complex_pos else args[i] for i in self.tensor_pos]
+        outs = self.run(tensors)
+        if self.complex_out:
+            outs = tuple(torch.view_as_complex(o.contiguous()) if i in self.complex_out else o
+                         for i, o in enumerate(outs))
+        return outs if self.tuple_output else outs[0]
+
+    def run(self, tensors: list[Any]) -> tuple:
+        """The partition's results, as a tuple, for its tensor arguments."""
         # With freezing, the module's parameters (AOTAutograd passes them as inputs): what only they feed
         # (weight transposes, packed panels) is computed once and kept while the same tensors at the same
         # version come in. Writes through `.data` do not change the version, which is why it is opt-in.
@@ -437,7 +449,7 @@ class CompiledPartition(torch.nn.Module):
                 outs = tuple(self.graphs(tensors, self.cache, params))
             else:
                 outs = tuple(self.native(tensors, None, self.cache))
-            return outs if self.tuple_output else outs[0]
+            return outs
         device = tensors[0].device if tensors else torch.device("cpu")
         arrays = [t.detach().cpu().numpy() if t.dtype != torch.bfloat16 else t.detach().float().cpu().numpy()
                   for t in tensors]
@@ -462,9 +474,8 @@ class CompiledPartition(torch.nn.Module):
             self.native = self.builds[constant]
             constant = constant if self.native.constant_args == constant else frozenset()
         outs = self.native(arrays, None, self.cache, constant)
-        results = tuple(torch.from_numpy(np.asarray(o, order="C")).to(device=device, dtype=dt)
-                        for o, dt in zip(outs, self.output_dtypes, strict=True))
-        return results if self.tuple_output else results[0]
+        return tuple(torch.from_numpy(np.asarray(o, order="C")).to(device=device, dtype=dt)
+                     for o, dt in zip(outs, self.output_dtypes, strict=True))
 
 
 def _device(sub: Any) -> str:

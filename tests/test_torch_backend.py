@@ -248,6 +248,37 @@ def test_ops_on_empty_pieces_compile_on_cpu():
     assert len(backend.partitions) == 1 and not backend.fallbacks
 
 
+class ComplexRope(torch.nn.Module):
+    """Rotary embedding in complex numbers, as Llama 4 and DeepSeek-V2 write it (polar, view_as_complex, a complex
+    product, view_as_real), with a complex input (a precomputed table) and a complex result (with a conjugate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x, pos, table):
+        angles = pos[:, None].float() * torch.arange(8).float()
+        q = self.proj(x)
+        z = torch.view_as_complex(q.reshape(q.shape[0], 8, 2))
+        rotated = torch.view_as_real(z * torch.polar(torch.ones_like(angles), angles) * table).flatten(1)
+        return rotated @ q.t(), z * 2.0 + z.conj()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_complex_rotary_embeddings_import_as_pairs_of_reals(target):
+    torch.manual_seed(0)
+    model, x, pos = ComplexRope(), torch.randn(6, 16), torch.arange(6)
+    table = torch.polar(torch.rand(6, 8) + 0.5, torch.randn(6, 8))
+    backend = SparsaBackend({"target": target})
+    with torch.no_grad():
+        got, want = torch.compile(model, backend=backend)(x, pos, table), model(x, pos, table)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+    part = backend.partitions[0]
+    assert part.complex_pos and part.complex_out == {1}
+
+
 def test_clamps_import():
     backend = check(Clamps(), torch.randn(6, 5), torch.randn(5), torch.randint(0, 9, (6, 5)),
                     backend=SparsaBackend({"partitions": "all"}))

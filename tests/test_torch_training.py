@@ -474,6 +474,38 @@ def test_slice_assignments_beside_a_folded_moe_block_train() -> None:
     assert backend.stats["moe blocks recognized for training"] == 1
 
 
+class ComplexRotary(torch.nn.Module):
+    """q and k rotated in complex numbers (DeepSeek-V2's, Llama 4's rotary embedding): the backward conjugates the
+    rotations and takes the complex products' real views back."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        angles = torch.arange(x.shape[0])[:, None].float() * torch.arange(8).float() * 0.1
+        cis = torch.polar(torch.ones_like(angles), angles)
+
+        def rotate(t):
+            return torch.view_as_real(torch.view_as_complex(t.reshape(t.shape[0], 8, 2)) * cis).flatten(1)
+
+        return rotate(self.q(x)) @ rotate(self.k(x)).t()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_complex_rotary_embeddings_train(target: str) -> None:
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    torch.manual_seed(0)
+    model = ComplexRotary()
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(model, copy.deepcopy(model), backend, torch.randn(6, 16))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["partitions compiled"] >= 2  # the forward's and the backward's
+
+
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
     """scatter writes over its base (the last write winning where indices repeat): only a top-k's backward (onto
     zeros, at the top-k's indices) is imported, as a scatter_add; any other runs in PyTorch, said why, and right."""
