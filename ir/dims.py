@@ -8,6 +8,8 @@ shapes of a call's inputs and expressions are evaluated against those bindings.
 from __future__ import annotations
 
 import ast
+import functools
+import itertools
 import re
 
 Dim = int | str | None
@@ -96,7 +98,64 @@ def _paren(d: int | str) -> str:
 
 def compatible(a: Dim, b: Dim) -> bool:
     """Whether two dims may describe the same size (`?` matches anything)."""
-    return a is None or b is None or a == b
+    return a is None or b is None or same(a, b)
+
+
+def same(a: Dim, b: Dim) -> bool:
+    """Whether two known dims are the same size for every binding: equal after `canonical` (`s2*s1` is `s1*s2`,
+    `s*(t+1-1)` is `s*t`; floor divisions and remainders compare by their canonical operands)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    return canonical(a) == canonical(b)
+
+
+@functools.lru_cache(maxsize=4096)
+def canonical(d: int | str) -> int | str:
+    """A dim in one written form, for comparing (not for printing): its polynomial in the names and in the floor
+    divisions and remainders (each of canonical operands), terms by their factors, the constant last; an int if
+    that is all it is."""
+    if isinstance(d, int):
+        return d
+    poly = _poly(ast.parse(d, mode="eval").body)
+    terms = [(m, c) for m, c in sorted(poly.items(), key=lambda mc: (not mc[0], mc[0])) if c]
+    if not terms:
+        return 0
+    if len(terms) == 1 and not terms[0][0]:
+        return terms[0][1]
+    text = ""
+    for monomial, c in terms:
+        factors = ([] if abs(c) == 1 and monomial else [str(abs(c))]) + list(monomial)
+        text += ("-" if c < 0 else "+" if text else "") + "*".join(factors)
+    return text
+
+
+def _poly(node: ast.AST) -> dict[tuple[str, ...], int]:
+    """An expression as {sorted factors: coefficient}; a floor division or remainder is one factor."""
+    if isinstance(node, ast.Constant):
+        return {(): int(node.value)}
+    if isinstance(node, ast.Name):
+        return {(node.id,): 1}
+    if isinstance(node, ast.UnaryOp):
+        return {m: -c for m, c in _poly(node.operand).items()}
+    assert isinstance(node, ast.BinOp)
+    if isinstance(node.op, ast.FloorDiv | ast.Mod):
+        left, right = (canonical(ast.unparse(x)) for x in (node.left, node.right))
+        return {(f"(({left}){'//' if isinstance(node.op, ast.FloorDiv) else '%'}({right}))",): 1}
+    a, b = _poly(node.left), _poly(node.right)
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node.op, ast.Mult):
+        for (ma, ca), (mb, cb) in itertools.product(a.items(), b.items()):
+            m = tuple(sorted(ma + mb))
+            out[m] = out.get(m, 0) + ca * cb
+        return out
+    sign = 1 if isinstance(node.op, ast.Add) else -1
+    for m, c in a.items():
+        out[m] = out.get(m, 0) + c
+    for m, c in b.items():
+        out[m] = out.get(m, 0) + sign * c
+    return out
 
 
 def broadcast(a: Dim, b: Dim) -> Dim:
@@ -109,7 +168,7 @@ def broadcast(a: Dim, b: Dim) -> Dim:
         return b
     if b is None:
         return a
-    if a == b:
+    if same(a, b):
         return a
     raise ValueError(f"dims {format_dim(a)} and {format_dim(b)} do not broadcast")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from sparsa.ir import Layout, TensorType, parse_module, print_module, verify_module
-from sparsa.ir.dims import broadcast_shapes, evaluate, mul
+from sparsa.ir.dims import broadcast, broadcast_shapes, canonical, compatible, evaluate, mul, same
 from sparsa.ir.parser import Parser
 
 ROOT = Path(__file__).parent
@@ -38,6 +38,49 @@ def test_dims():
     assert broadcast_shapes(("T", 1), (1, 8)) == ("T", 8)
     with pytest.raises(ValueError, match="dims {T} and {S} do not broadcast"):
         broadcast_shapes(("T",), ("S",))
+
+
+def _dim_exprs(depth: int = 3):
+    from hypothesis import strategies as st
+
+    leaves = st.sampled_from(["a", "b", "c", "0", "1", "2", "7"])
+    if depth == 0:
+        return leaves
+
+    def node(draw_parts):
+        left, op, right = draw_parts
+        return f"({left}{op}{right})"
+
+    divisors = st.sampled_from(["1", "3", "4", "(a+1)"])
+    sub = _dim_exprs(depth - 1)
+    ring = st.tuples(sub, st.sampled_from(["+", "-", "*"]), sub).map(node)
+    division = st.tuples(sub, st.sampled_from(["//", "%"]), divisors).map(node)
+    return st.one_of(leaves, ring, division)
+
+
+def test_canonical_dims_are_the_same_size_for_every_binding():
+    """`canonical` (what `same`, `compatible` and `broadcast` compare by) never changes a dim's value: random
+    expressions of + - * // % evaluate equal to their canonical form under random bindings."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(_dim_exprs(), st.dictionaries(st.sampled_from("abc"), st.integers(0, 40), min_size=3))
+    def check(expr, env):
+        form = canonical(expr)
+        assert evaluate(expr, env) == (form if isinstance(form, int) else evaluate(form, env))
+
+    check()
+
+
+def test_dims_written_differently_are_the_same():
+    """Dynamo's `s52*s27` and an op's `s27*s52`, a slice's `s*(t+1-1)`: one size, so verification and
+    broadcasting accept them (a dynamic training graph's loss fell back on both)."""
+    assert same("s52*s27", "s27*s52") and same("s52*s27", "s52*(s27+1-1)") and same("(S+63)//64", "(63+S)//64")
+    assert same("s-s+3", 3) and not same("S", "S+1") and not same("(S+1)//2", "S//2")
+    assert compatible("s27*s52", "s52*s27") and broadcast("B*S", "S*B") == "B*S"
+    with pytest.raises(ValueError, match="do not broadcast"):
+        broadcast("S", "S+1")
 
 
 def test_locations_survive_round_trip():

@@ -506,6 +506,39 @@ def test_complex_rotary_embeddings_train(target: str) -> None:
     assert backend.stats["partitions compiled"] >= 2  # the forward's and the backward's
 
 
+class Shifted(torch.nn.Module):
+    """A language model's shift by one (`h[:, :-1]` against `x[:, 1:]`) and a slice from an offset: at a new
+    length their backward puts dY back along a symbolic dim, and sizes come out written in other orders."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.proj(x)
+        loss = torch.nn.functional.cross_entropy(h[:, :-1].reshape(-1, 8), x[:, 1:].argmax(-1).reshape(-1))
+        return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss
+
+
+def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = Shifted()
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": "reference"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length in (7, 11):
+        x = torch.randn(2, length, 8)
+        for m, f in ((model, compiled), (ref, ref)):
+            m.zero_grad()
+            f(x).backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["graphs"] == 1  # one graph for both lengths
+
+
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
     """scatter writes over its base (the last write winning where indices repeat): only a top-k's backward (onto
     zeros, at the top-k's indices) is imported, as a scatter_add; any other runs in PyTorch, said why, and right."""
