@@ -10,6 +10,7 @@ from sparsa.frontend.torch_import import Importer, Unsupported, _axis
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
+from sparsa.ir.dims import same_shape
 
 
 def _derivative(cls: type, reads: str, **fixed: Any) -> Callable:
@@ -128,7 +129,8 @@ def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, s
     from sparsa.ir.autodiff import Grad
 
     axis = _axis(dim, base.type.rank)
-    if index.type.shape != src.type.shape or index.type.rank != base.type.rank or index.type.dtype != "i64":
+    if not same_shape(index.type.shape, src.type.shape) or index.type.rank != base.type.rank or \
+            index.type.dtype != "i64":
         raise Unsupported(f"scatter_add of {src.type} at {index.type} (an index of the source's shape, int64)")
     if src.type.dtype != base.type.dtype:
         src = im.cast(src, base.type.dtype)

@@ -22,6 +22,7 @@ from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import same_shape
 from sparsa.ir.types import TensorType
 
 # The most (index length) x (dim length) comparisons per row a gather or scatter is imported with.
@@ -89,8 +90,8 @@ def _hits(im: Importer, index: Value, d: int, length: Any) -> Value:
 
 
 def _same_but(a: Value, b: Value, d: int, what: str) -> None:
-    if a.type.rank != b.type.rank or any(x != y for i, (x, y) in enumerate(zip(a.type.shape, b.type.shape,
-                                                                              strict=True)) if i != d):
+    if a.type.rank != b.type.rank or not same_shape(a.type.shape[:d] + a.type.shape[d + 1:],
+                                                    b.type.shape[:d] + b.type.shape[d + 1:]):
         raise Unsupported(f"{what} whose index is smaller than the tensor outside its dim")
 
 

@@ -111,6 +111,11 @@ def same(a: Dim, b: Dim) -> bool:
     return canonical(a) == canonical(b)
 
 
+def same_shape(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> bool:
+    """Whether two shapes have the same rank and `same` dims."""
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+
+
 @functools.lru_cache(maxsize=4096)
 def canonical(d: int | str) -> int | str:
     """A dim in one written form, for comparing (not for printing): its polynomial in the names and in the floor

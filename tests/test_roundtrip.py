@@ -79,6 +79,8 @@ def test_dims_written_differently_are_the_same():
     assert same("s52*s27", "s27*s52") and same("s52*s27", "s52*(s27+1-1)") and same("(S+63)//64", "(63+S)//64")
     assert same("s-s+3", 3) and not same("S", "S+1") and not same("(S+1)//2", "S//2")
     assert compatible("s27*s52", "s52*s27") and broadcast("B*S", "S*B") == "B*S"
+    a, b = TensorType("f32", ("s52*s27", 4)), TensorType("f32", ("s27*s52", 4))
+    assert a == b and hash(a) == hash(b) and a != TensorType("f32", ("s27", 4)) and a != b.with_dtype("f64")
     with pytest.raises(ValueError, match="do not broadcast"):
         broadcast("S", "S+1")
 
