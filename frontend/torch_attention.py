@@ -8,7 +8,7 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-from sparsa.frontend.torch_import import Importer, Unsupported, _same_sizes
+from sparsa.frontend.torch_import import Importer, Unsupported
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Region, Value
 from sparsa.ir.dialects import tensor as T
@@ -124,6 +124,56 @@ def _bias_score(bias: Value) -> Region:
     added = block.append(T.AddOp.build(block.args[0], _read_at(block, bias, block.args[1:]))).result
     block.append(YieldOp.build([added]))
     return Region([block])
+
+
+def _same_sizes(im: Importer, x: Value, like: Value, axes: tuple[int, ...]) -> Value:
+    """x with like's sizes on `axes` where they differ only by name: attention needs k's batch to be q's and v's
+    batch, heads and length to be k's, which torch checks at run time but Dynamo may give separate symbols
+    (flex_attention at a new shape). A reshape, which checks the sizes at run time too."""
+    shape = list(x.type.shape)
+    for a in axes:
+        want = like.type.shape[a]
+        if shape[a] != want and not (isinstance(shape[a], int) and isinstance(want, int)):
+            shape[a] = want
+    return x if tuple(shape) == x.type.shape else im.emit(S.ReshapeOp, x, shape=tuple(shape))
+
+
+def flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score_gm: Any, block_mask: Any,
+                    scale: float, kernel_options: Any, score_bufs: Any = (), mask_bufs: Any = ()) -> tuple:
+    """flex_attention: mask_mod and score_mod become the attention op's mask and score regions (the block
+    mask tensors traced from create_block_mask are not needed: sparsify-attention computes its own map)."""
+    idx = scalar("i64")
+    names = ["b", "h", "q", "k"]
+    mask_gm = block_mask[-1] if isinstance(block_mask, tuple | list) and block_mask else None
+    if q.type.shape[2] != k.type.shape[2] and mask_gm is None:
+        raise Unsupported("flex_attention without a mask_mod")
+    def captured(bufs: Any) -> list[Value]:
+        # tensors the mods read, and sizes (a sequence length, symbolic at a new shape): 0-d tensors
+        return [b if isinstance(b, Value) else im.splat(b, "i64", ()) if isinstance(b, int | str) else im.tensor(b)
+                for b in bufs]
+
+    score = Region()
+    if score_gm is not None and _has_ops(score_gm):
+        score = im.region_from_graph(score_gm, [scalar(q.type.dtype)] + [idx] * 4, ["s"] + names,
+                                     captured(score_bufs), "score_mod")
+    mask = Region()
+    if mask_gm is not None and _has_ops(mask_gm):
+        mask = im.region_from_graph(mask_gm, [idx] * 4, names, captured(mask_bufs), "mask_mod")
+    if kernel_options and any(kernel_options.get(o) for o in ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")):
+        raise Unsupported("flex_attention returning its log-sum-exp")
+    k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
+    out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, score], scale=float(scale))
+    return (out, None, None)
+
+
+def _has_ops(gm: Any) -> bool:
+    """Whether a mod subgraph does anything (an identity score_mod or an all-true mask_mod does not)."""
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    if nodes:
+        return True
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return not (holders and out is holders[0])
 
 
 OPS: dict[str, Callable] = {

@@ -21,7 +21,7 @@ from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
 from sparsa.ir.dims import Dim, check_expr, symbols
 from sparsa.ir.traits import Elementwise
-from sparsa.ir.types import TensorType, is_float, promote, scalar
+from sparsa.ir.types import TensorType, is_float, promote
 
 T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
 
@@ -584,18 +584,6 @@ def _arange_start(im: Importer, node: Any, start: Any, end: Any, step: Any = 1, 
     return im.cast(x, want)
 
 
-def _same_sizes(im: Importer, x: Value, like: Value, axes: tuple[int, ...]) -> Value:
-    """x with like's sizes on `axes` where they differ only by name: attention needs k's batch to be q's and v's
-    batch, heads and length to be k's, which torch checks at run time but Dynamo may give separate symbols
-    (flex_attention at a new shape). A reshape, which checks the sizes at run time too."""
-    shape = list(x.type.shape)
-    for a in axes:
-        want = like.type.shape[a]
-        if shape[a] != want and not (isinstance(shape[a], int) and isinstance(want, int)):
-            shape[a] = want
-    return x if tuple(shape) == x.type.shape else im.emit(S.ReshapeOp, x, shape=tuple(shape))
-
-
 def _scalar_tensor(im: Importer, node: Any, value: Any, dtype: Any = None) -> Value:
     return im.const(value, torch_dtype(dtype) if dtype is not None else "f32")
 
@@ -628,44 +616,6 @@ def _layer_norm(im: Importer, node: Any, x: Value, shape: Any, w: Any, b: Any, e
     from sparsa.ir.autodiff import Grad
 
     return (out, *R.layer_norm_stats(Grad(im.block), x, float(eps)))
-
-
-def _flex_attention(im: Importer, node: Any, q: Value, k: Value, v: Value, score_gm: Any, block_mask: Any,
-                    scale: float, kernel_options: Any, score_bufs: Any = (), mask_bufs: Any = ()) -> tuple:
-    """flex_attention: mask_mod and score_mod become the attention op's mask and score regions (the block
-    mask tensors traced from create_block_mask are not needed: sparsify-attention computes its own map)."""
-    idx = scalar("i64")
-    names = ["b", "h", "q", "k"]
-    mask_gm = block_mask[-1] if isinstance(block_mask, tuple | list) and block_mask else None
-    if q.type.shape[2] != k.type.shape[2] and mask_gm is None:
-        raise Unsupported("flex_attention without a mask_mod")
-    def captured(bufs: Any) -> list[Value]:
-        # tensors the mods read, and sizes (a sequence length, symbolic at a new shape): 0-d tensors
-        return [b if isinstance(b, Value) else im.splat(b, "i64", ()) if isinstance(b, int | str) else im.tensor(b)
-                for b in bufs]
-
-    score = Region()
-    if score_gm is not None and _has_ops(score_gm):
-        score = im.region_from_graph(score_gm, [scalar(q.type.dtype)] + [idx] * 4, ["s"] + names,
-                                     captured(score_bufs), "score_mod")
-    mask = Region()
-    if mask_gm is not None and _has_ops(mask_gm):
-        mask = im.region_from_graph(mask_gm, [idx] * 4, names, captured(mask_bufs), "mask_mod")
-    if kernel_options and any(kernel_options.get(o) for o in ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")):
-        raise Unsupported("flex_attention returning its log-sum-exp")
-    k, v = _same_sizes(im, k, q, (0,)), _same_sizes(im, v, k, (0, 1, 2))
-    out = im.emit(D.attn.AttentionOp, q, k, v, regions=[mask, score], scale=float(scale))
-    return (out, None, None)
-
-
-def _has_ops(gm: Any) -> bool:
-    """Whether a mod subgraph does anything (an identity score_mod or an all-true mask_mod does not)."""
-    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
-    if nodes:
-        return True
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return not (holders and out is holders[0])
 
 
 def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:
@@ -718,82 +668,25 @@ _ops: dict[str, Callable] = {
 }
 
 
-def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up: Value, down: Value) -> Value:
-    """A folded transformers MoE block (frontend/torch_moe.py) as `moe.moe` with a SwiGLU expert body; the
-    fused [E, 2F, D] gate/up weight is viewed as two [E, D, F] weights so the passes see their usual form."""
-    E, two_f, hidden_size = gate_up.type.shape
-    F = down.type.shape[2]
-    if not all(isinstance(d, int) for d in (E, two_f, hidden_size, F)) or two_f != 2 * F:
-        raise Unsupported("a MoE block with symbolic expert sizes")
-
-    def half(start: int) -> Value:
-        part = im.emit(S.SliceOp, gate_up, starts=(0, start, 0), stops=(None, start + F, None), steps=(1, 1, 1))
-        return im.emit(S.TransposeOp, part, perm=(0, 2, 1))
-
-    w_gate, w_up = half(0), half(F)
-    w_down = im.emit(S.TransposeOp, down, perm=(0, 2, 1))
-    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, hidden_size))], ["e", "h"])
-    e, h = block.args
-
-    def expert_matmul(rows: Value, weight: Value) -> Value:
-        picked = block.append(S.GatherOp.build(weight, [e])).result
-        return block.append(S.MatmulOp.build(rows, picked)).result
-
-    gated = block.append(T.SiluOp.build(expert_matmul(h, w_gate))).result
-    hidden = block.append(T.MulOp.build(gated, expert_matmul(h, w_up))).result
-    block.append(YieldOp.build([expert_matmul(hidden, w_down)]))
-    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
-    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
-
-
-def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Value, w2: Value, act: Any,
-                 slices: list) -> Value:
-    """A folded grouped-matmul MoE block of any row-wise activation (frontend/torch_moe.py `moe_experts`) as
-    `moe.moe`: each column slice of h = rows @ W1[e] the activation reads is its own matmul by that slice of the
-    weight (the gate and up halves of a fused or interleaved weight), so fuse-moe-dispatch finds its stages."""
-    E, K, N = w1.type.shape
-    if not all(isinstance(d, int) for d in (E, K, N, *w2.type.shape)):
-        raise Unsupported("a MoE block with symbolic expert sizes")
-    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, K))], ["e", "h"])
-    e, h = block.args
-
-    def expert(weight: Value) -> Value:
-        return block.append(S.GatherOp.build(weight, [e])).result
-
-    def column(start: int, stop: int, step: int) -> Value:
-        weight = expert(w1)
-        if (start, stop, step) != (0, N, 1):
-            weight = block.append(S.SliceOp.build(weight, starts=(0, start), stops=(None, stop),
-                                                  steps=(1, step))).result
-        return block.append(S.MatmulOp.build(h, weight)).result
-
-    out = im.inline_graph(act, block, [column(*sl) for sl in slices], "a MoE block's activation")
-    if out.type.rank != 2 or out.type.dtype != x.type.dtype:
-        raise Unsupported(f"a MoE block's activation giving {out.type}")
-    block.append(YieldOp.build([block.append(S.MatmulOp.build(out, expert(w2))).result]))
-    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
-    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
-
-
 def _build_table() -> dict[Any, Callable]:
     import torch
 
     from sparsa.frontend.torch_attention import OPS as ATTENTION
+    from sparsa.frontend.torch_attention import flex_attention
     from sparsa.frontend.torch_derivatives import OPS as DERIVATIVES
     from sparsa.frontend.torch_indexing import OPS as INDEXING
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
-    from sparsa.frontend.torch_moe import moe_experts, moe_swiglu
+    from sparsa.frontend.torch_moe import IMPORTS as MOE
     from sparsa.frontend.torch_scan import linear_scan, linear_scan_backward
     from sparsa.frontend.torch_ssm import OPS as SSM
     from sparsa.frontend.torch_ssm import _linear_scan, _linear_scan_backward
 
-    table: dict[Any, Callable] = {operator.getitem: _getitem, moe_swiglu: _moe_swiglu, moe_experts: _moe_experts,
-                                  linear_scan._opoverload: _linear_scan,
+    table: dict[Any, Callable] = {operator.getitem: _getitem, **MOE, linear_scan._opoverload: _linear_scan,
                                   linear_scan_backward._opoverload: _linear_scan_backward}
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     if flex is not None:
-        table[flex] = _flex_attention
+        table[flex] = flex_attention
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
     makers, rules = complex_handlers(_ops)

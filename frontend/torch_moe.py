@@ -34,6 +34,14 @@ from typing import Any
 
 import torch
 
+from sparsa.frontend.torch_import import Importer, Unsupported
+from sparsa.ir import dialects as D
+from sparsa.ir.core import Block, Region, Value
+from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.types import TensorType, scalar
+
 
 def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor) -> torch.Tensor:
@@ -498,3 +506,65 @@ def _top_k_of(idx: Any, experts: int, aten: Any) -> bool:
     scores = topk.args[0].meta.get("val") if _is(topk, aten.topk.default) else None
     dim = topk.args[2] if scores is not None and len(topk.args) > 2 else -1
     return scores is not None and scores.shape[dim] == experts
+
+
+# ---- the folded calls imported (frontend/torch_import.py's table) ----------------------------------------
+def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up: Value, down: Value) -> Value:
+    """A folded transformers MoE block (frontend/torch_moe.py) as `moe.moe` with a SwiGLU expert body; the
+    fused [E, 2F, D] gate/up weight is viewed as two [E, D, F] weights so the passes see their usual form."""
+    E, two_f, hidden_size = gate_up.type.shape
+    F = down.type.shape[2]
+    if not all(isinstance(d, int) for d in (E, two_f, hidden_size, F)) or two_f != 2 * F:
+        raise Unsupported("a MoE block with symbolic expert sizes")
+
+    def half(start: int) -> Value:
+        part = im.emit(S.SliceOp, gate_up, starts=(0, start, 0), stops=(None, start + F, None), steps=(1, 1, 1))
+        return im.emit(S.TransposeOp, part, perm=(0, 2, 1))
+
+    w_gate, w_up = half(0), half(F)
+    w_down = im.emit(S.TransposeOp, down, perm=(0, 2, 1))
+    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, hidden_size))], ["e", "h"])
+    e, h = block.args
+
+    def expert_matmul(rows: Value, weight: Value) -> Value:
+        picked = block.append(S.GatherOp.build(weight, [e])).result
+        return block.append(S.MatmulOp.build(rows, picked)).result
+
+    gated = block.append(T.SiluOp.build(expert_matmul(h, w_gate))).result
+    hidden = block.append(T.MulOp.build(gated, expert_matmul(h, w_up))).result
+    block.append(YieldOp.build([expert_matmul(hidden, w_down)]))
+    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
+    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
+
+
+def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Value, w2: Value, act: Any,
+                 slices: list) -> Value:
+    """A folded grouped-matmul MoE block of any row-wise activation (frontend/torch_moe.py `moe_experts`) as
+    `moe.moe`: each column slice of h = rows @ W1[e] the activation reads is its own matmul by that slice of the
+    weight (the gate and up halves of a fused or interleaved weight), so fuse-moe-dispatch finds its stages."""
+    E, K, N = w1.type.shape
+    if not all(isinstance(d, int) for d in (E, K, N, *w2.type.shape)):
+        raise Unsupported("a MoE block with symbolic expert sizes")
+    block = Block([scalar("i64"), TensorType(x.type.dtype, (None, K))], ["e", "h"])
+    e, h = block.args
+
+    def expert(weight: Value) -> Value:
+        return block.append(S.GatherOp.build(weight, [e])).result
+
+    def column(start: int, stop: int, step: int) -> Value:
+        weight = expert(w1)
+        if (start, stop, step) != (0, N, 1):
+            weight = block.append(S.SliceOp.build(weight, starts=(0, start), stops=(None, stop),
+                                                  steps=(1, step))).result
+        return block.append(S.MatmulOp.build(h, weight)).result
+
+    out = im.inline_graph(act, block, [column(*sl) for sl in slices], "a MoE block's activation")
+    if out.type.rank != 2 or out.type.dtype != x.type.dtype:
+        raise Unsupported(f"a MoE block's activation giving {out.type}")
+    block.append(YieldOp.build([block.append(S.MatmulOp.build(out, expert(w2))).result]))
+    idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
+    return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
+
+
+# The folded calls' importers, by the calls' functions.
+IMPORTS = {moe_swiglu: _moe_swiglu, moe_experts: _moe_experts}
