@@ -60,13 +60,13 @@ def _mul(im: Any, node: Any, a: Any, b: Any) -> Complex:
 def _additive(cls: type) -> Any:
     def handler(im: Any, node: Any, a: Any, b: Any, alpha: Any = 1) -> Complex:
         if alpha != 1 or not (isinstance(a, Complex) and isinstance(b, Complex)):
-            raise _unsupported(im, "add or sub of a complex and a real value, or with alpha")
+            raise _unsupported("add or sub of a complex and a real value, or with alpha")
         return Complex(im.emit(cls, a.re, b.re), im.emit(cls, a.im, b.im))
 
     return handler
 
 
-def _unsupported(im: Any, what: str) -> Exception:
+def _unsupported(what: str) -> Exception:
     from sparsa.frontend.torch_import import Unsupported
 
     return Unsupported(f"complex values: {what}")
@@ -77,7 +77,7 @@ def _partwise(handler: Any) -> Any:
 
     def each(im: Any, node: Any, z: Any, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(z, Complex):
-            raise _unsupported(im, f"{node.target} of a real value with complex arguments")
+            raise _unsupported(f"{node.target} of a real value with complex arguments")
         parts = [handler(im, node, p, *args, **kwargs) for p in z]
         if isinstance(parts[0], tuple):  # split, unbind: a tuple of complex values
             return tuple(Complex(r, i) for r, i in zip(*parts, strict=True))
@@ -90,7 +90,7 @@ def _cat(im: Any, node: Any, zs: Any, dim: int = 0) -> Complex:
     from sparsa.frontend.torch_import import _cat as cat
 
     if not all(isinstance(z, Complex) for z in zs):
-        raise _unsupported(im, "cat of complex and real values")
+        raise _unsupported("cat of complex and real values")
     return Complex(cat(im, node, [z.re for z in zs], dim), cat(im, node, [z.im for z in zs], dim))
 
 
@@ -98,7 +98,7 @@ def _to_copy(im: Any, node: Any, z: Complex, dtype: Any = None) -> Complex:
     import torch
 
     if dtype is not None and dtype not in (torch.complex64, torch.complex128):
-        raise _unsupported(im, f"a cast to {dtype}")
+        raise _unsupported(f"a cast to {dtype}")
     want = PARTS[str(dtype).removeprefix("torch.")] if dtype is not None else z.re.type.dtype
     return Complex(*(im.cast(p, want) for p in z))
 

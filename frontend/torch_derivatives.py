@@ -89,27 +89,19 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
                     step: int) -> Value:
     """tensor.slice's own rule: dY in the rows the slice took (every step-th), zeros elsewhere."""
     from sparsa.ir.autodiff import Grad
-    from sparsa.ir.dialects import tensor_shape as S
     from sparsa.ir.dialects.tensor_shape import put_back
-    from sparsa.ir.dims import canonical
 
     dim = _axis(dim, len(sizes))
     n = sizes[dim]
-    if isinstance(n, str) and step == 1 and isinstance(start, int) and start >= 0:
-        # along a symbolic dim (a shift by one of a sequence, at a new length): zeros around dY's rows
-        shape, trailing = dy.type.shape, canonical(f"({n})-({dy.type.shape[dim]})-{start}")
-        if isinstance(trailing, int) and trailing < 0:
-            raise Unsupported("a slice backward past the end of its dim")
-
-        def zeros(size: Any) -> Value:
-            return im.splat(0.0, dy.type.dtype, shape[:dim] + (size,) + shape[dim + 1:])
-
-        parts = [zeros(start)] * (start != 0) + [dy] + [zeros(trailing)] * (trailing != 0)
-        return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=dim)
-    if not all(isinstance(s, int) for s in (n, start, end, step)):
-        raise Unsupported("a slice backward along a dim, or with bounds, known only at run time")
-    start = max(0, min(n, start + n if start < 0 else start))
-    return put_back(Grad(im.block), dy, dim, n, start, step)
+    # along a symbolic dim, contiguous rows from a known start (a shift by one of a sequence, at a new length)
+    if not (isinstance(n, str) and step == 1 and isinstance(start, int) and start >= 0):
+        if not all(isinstance(s, int) for s in (n, start, end, step)):
+            raise Unsupported("a slice backward along a dim, or with bounds, known only at run time")
+        start = max(0, min(n, start + n if start < 0 else start))
+    try:
+        return put_back(Grad(im.block), dy, dim, n, start, step)
+    except ValueError as e:
+        raise Unsupported(f"a slice backward: {e}") from None
 
 
 def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,

@@ -72,13 +72,12 @@ def _same_size(d: Any) -> Any:
     return expr
 
 
-def _writable(d: Any) -> bool:
-    """Whether the dim language writes a size (an int, or a SymInt of + - * // % over names)."""
+def _written(d: Any) -> Dim | None:
+    """A size as the dim language writes it (an int, or + - * // % over names); None where it cannot."""
     try:
-        as_dim(d)
+        return as_dim(d)
     except Unsupported:
-        return False
-    return True
+        return None
 
 
 def as_dim(d: Any) -> Dim:
@@ -125,7 +124,7 @@ class Importer:
         vals = [n.meta.get("val") for n in placeholders]
         bound = {s for v in vals if _is_tensor(v) for d in v.shape for s in symbols(as_dim(d))}
         self.scalar_pos = {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in self.modules
-                           and not (_writable(v) and symbols(as_dim(v)) <= bound)}
+                           and ((d := _written(v)) is None or not symbols(d) <= bound)}
         tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")

@@ -256,24 +256,23 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
         if match is None:
             continue
         end, args = match
-        if len(args) == 9:  # grouped experts: SwiGLU on [E, N, K] weights as `into`, others as `moe_experts`
-            x, idx, w, w1, w2, h, a, users, experts = args
+        target = into
+        if _is(first, grouped):  # SwiGLU on [E, N, K] weights as `into`; for inference, others as `moe_experts`
+            x, idx, w, w1, w2, h, a, users = args
             if _is(w1, aten.transpose.int) and _is(w2, aten.transpose.int) and _swiglu(h, aten) is a and \
                     set(a.users) <= users:
                 args = (x, idx, w, w1.args[0], w2.args[0])
             elif needing_grad is None and (act := _activation(h, a, users, aten)) is not None:
-                _fold_experts(gm, end, (x, idx, w, w1, w2), *act)
-                folded += 1
-                continue
+                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1])
             else:
                 continue
         with gm.graph.inserting_before(end):
             if needing_grad is None:
-                call = gm.graph.call_function(into, args)
+                call = gm.graph.call_function(target, args)
             else:
                 x, _, *floats = args
                 no_grad = [i for i, a in enumerate((x, *floats)) if a not in needing_grad]
-                both = gm.graph.call_function(into, (*args, no_grad))
+                both = gm.graph.call_function(target, (*args, no_grad))
                 call = gm.graph.call_function(operator.getitem, (both, 0))
         call.meta["val"] = end.meta.get("val")
         end.replace_all_uses_with(call)
@@ -281,21 +280,18 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
     return folded
 
 
-def _fold_experts(gm: Any, end: Any, args: tuple, act: Any, slices: list) -> None:
-    """`end` replaced by moe_experts(*args, act, slices), the activation a submodule of gm."""
+def _submodule(gm: Any, before: Any, module: Any) -> Any:
+    """`module` made a submodule of gm under a fresh name, and the get_attr node reading it, before `before`."""
     n = 0
     while hasattr(gm, f"sparsa_moe_act_{n}"):
         n += 1
-    gm.add_submodule(f"sparsa_moe_act_{n}", act)
-    with gm.graph.inserting_before(end):
-        module = gm.graph.get_attr(f"sparsa_moe_act_{n}")
-        call = gm.graph.call_function(moe_experts, (*args, module, slices))
-    call.meta["val"] = end.meta.get("val")
-    end.replace_all_uses_with(call)
+    gm.add_submodule(f"sparsa_moe_act_{n}", module)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(f"sparsa_moe_act_{n}")
 
 
 def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
-    """(the block's output node, (x, idx, w, W1, W2, h, a, consumers, E)) when `first` starts a block: W1 and W2
+    """(the block's output node, (x, idx, w, W1, W2, h, a, consumers)) when `first` starts a block: W1 and W2
     the grouped matmuls' weights as multiplied ([E, in, out]: a transpose of a weight stored [E, out, in], or the
     weight), h the first's rows, a the second's input, consumers the nodes that may read a."""
     rows, w1, offs = first.args[:3]
@@ -336,7 +332,7 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     val = idx.meta.get("val")
     if val is None or val.dim() != 2 or val.shape[1] != k:
         return None
-    return end, (x, idx, w, w1, second.args[1], h, a, {second, second.args[0]}, experts)
+    return end, (x, idx, w, w1, second.args[1], h, a, {second, second.args[0]})
 
 
 def _pointwise(node: Any) -> bool:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparsa.ir.dims import Dim, canonical, format_dim, same
+from sparsa.ir.dims import Dim, canonical, format_dim, same_shape
 
 # IR spelling -> NumPy storage dtype. bf16 has no NumPy dtype: it is stored as float32
 # and rounded to bf16 precision by the ops that produce it (see `round_to_dtype`).
@@ -103,11 +103,10 @@ class TensorType:
             raise ValueError(f"unknown element type {self.dtype!r}")
 
     def __eq__(self, other: object) -> bool:
-        """Equal element type, layout and dims, symbolic dims by value (`same`: `s2*s1` is `s1*s2`)."""
+        """Equal element type, layout and dims, symbolic dims by value (`same_shape`: `s2*s1` is `s1*s2`)."""
         if not isinstance(other, TensorType):
             return NotImplemented
-        return self.dtype == other.dtype and self.layout == other.layout and len(self.shape) == len(other.shape) \
-            and all(same(a, b) for a, b in zip(self.shape, other.shape, strict=True))
+        return self.dtype == other.dtype and self.layout == other.layout and same_shape(self.shape, other.shape)
 
     def __hash__(self) -> int:
         return hash((self.dtype, tuple(canonical(d) if isinstance(d, str) else d for d in self.shape), self.layout))

@@ -429,8 +429,11 @@ class CompiledPartition(torch.nn.Module):
 
     def forward(self, *args: Any) -> Any:
         # sizes come in as 0-d values and complex tensors as their real views; complex results leave the same way
-        tensors = [torch.tensor(args[i]) if i in self.scalar_pos else torch.view_as_real(args[i])
-                   if i in self.complex_pos else args[i] for i in self.tensor_pos]
+        if self.scalar_pos or self.complex_pos:
+            tensors = [torch.tensor(args[i]) if i in self.scalar_pos else torch.view_as_real(args[i])
+                       if i in self.complex_pos else args[i] for i in self.tensor_pos]
+        else:
+            tensors = [args[i] for i in self.tensor_pos]
         outs = self.run(tensors)
         if self.complex_out:
             outs = tuple(torch.view_as_complex(o.contiguous()) if i in self.complex_out else o

@@ -12,7 +12,7 @@ from sparsa.ir import intervals as I
 from sparsa.ir.analysis import Cost
 from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
-from sparsa.ir.dims import Dim, broadcast_shapes, compatible, format_dim, mul
+from sparsa.ir.dims import Dim, broadcast_shapes, canonical, compatible, format_dim, mul
 from sparsa.ir.traits import View
 from sparsa.ir.types import TensorType, is_int
 
@@ -250,13 +250,22 @@ class SliceOp(View, Operation):
         return [out]
 
 
-def put_back(g: Any, taken: Value, axis: int, n: int, start: int, step: int) -> Value:
+def put_back(g: Any, taken: Value, axis: int, n: Dim, start: int, step: int) -> Value:
     """The transpose of taking rows start, start + step, ... along `axis` of an axis of n: `taken` in those rows,
     zeros in the others (each taken row followed by step - 1 zero rows, cut to the axis, zeros around it). `g`
-    builds the ops (ir/autodiff.py's Grad)."""
+    builds the ops (ir/autodiff.py's Grad). A symbolic n takes contiguous rows (step 1) only; ValueError where
+    the rows would run past it."""
     dtype, m = taken.type.dtype, taken.type.shape[axis]
     out = taken
-    span = 0 if m == 0 else min(m * step, n - start)
+    if not isinstance(n, int):
+        if step != 1:
+            raise ValueError("rows put back with a step along a symbolic axis")
+        span, rest = m, canonical(f"({n})-({m})-{start}")
+        if isinstance(rest, int) and rest < 0:
+            raise ValueError("rows put back past the end of their axis")
+    else:
+        span = 0 if m == 0 else min(m * step, n - start)
+        rest = n - start - span
     if step != 1 and m:
         spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
         gaps = list(spread.type.shape)
@@ -271,7 +280,7 @@ def put_back(g: Any, taken: Value, axis: int, n: int, start: int, step: int) -> 
             stops[axis] = span
             out = g.emit("tensor.slice", out, starts=[0] * rank, stops=stops, steps=[1] * rank)
     pieces = []
-    for size in (start, None, n - start - span):
+    for size in (start, None, rest):
         if size is None:
             pieces.append(out)
         elif size:
