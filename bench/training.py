@@ -5,7 +5,8 @@ their large buffers' pages in (malloc's mmap threshold grows as they are freed),
 
     python bench/training.py                  # every case
     python bench/training.py --only attention # sliding-window attention: .sp, torch.compile, eager SDPA, Flex
-    python bench/training.py --only moe       # a Mixtral block
+    python bench/training.py --only moe       # a Mixtral block and a NemotronH block
+    python bench/training.py --only nemotron  # the NemotronH block (relu^2 experts, a shared expert)
     python bench/training.py --only scan      # the selective scan (its eager loop takes minutes: one run)
 """
 
@@ -101,6 +102,30 @@ def bench_moe(sgemm: float) -> None:
            sgemm)
 
 
+def bench_nemotron(sgemm: float) -> None:
+    """transformers' NemotronH MoE block (ungated relu^2 experts, sigmoid routing, a shared expert): eager, Inductor,
+    and backend=sparsa, which folds its experts before AOTAutograd (their backward is Sparsa's)."""
+    from torch_backend import nemotron_h_moe
+
+    T, D, Fd, E, K = 1024, 512, 1024, 8, 2
+    case = f"NemotronH MoE block (relu^2) T={T} D={D} F={Fd} E={E} k={K} fwd+bwd"
+    flops = 2 * T * D * Fd * 2 * 3 * (K + 1)  # the routed and the shared experts' two GEMMs, forward and backward
+    torch.manual_seed(0)
+    block = nemotron_h_moe(D, Fd, E, K).train()
+    x, dy = torch.randn(1, T, D, requires_grad=True), torch.randn(1, T, D)
+
+    def step(f):
+        for t in (x, *block.parameters()):
+            t.grad = None
+        f(x).backward(dy)
+
+    record(case, "eager transformers grouped_mm", median_ms(lambda: step(block)), flops, sgemm)
+    for label, backend in (("torch.compile (Inductor)", "inductor"), ("torch.compile(backend=sparsa)", "sparsa")):
+        torch._dynamo.reset()
+        compiled = torch.compile(block, backend=backend)
+        record(case, label, median_ms(lambda f=compiled: step(f), runs=7, warmup=2), flops, sgemm)
+
+
 def transformers_block(ws: dict, k: int) -> torch.nn.Module:
     """transformers' MixtralSparseMoeBlock with the .sp model's weights (gate [D, E], w1/w3 [E, D, F], w2 [E, F, D])."""
     import transformers
@@ -152,7 +177,8 @@ def main() -> None:
     os.environ.setdefault("SPARSA_NUM_THREADS", "2")
     machine_header()
     sgemm = sgemm_gflops()
-    for name, run in {"attention": bench_attention, "moe": bench_moe, "scan": bench_scan}.items():
+    for name, run in {"attention": bench_attention, "moe": bench_moe, "nemotron moe": bench_nemotron,
+                      "scan": bench_scan}.items():
         if args.only in name:
             run(sgemm)
 

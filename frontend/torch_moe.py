@@ -28,6 +28,7 @@ Graphs that differ in any checked step are left alone (and run as before).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import operator
 from typing import Any
@@ -36,10 +37,10 @@ import torch
 
 from sparsa.frontend.torch_import import Importer, Unsupported
 from sparsa.ir import dialects as D
-from sparsa.ir.core import Block, Region, Value
+from sparsa.ir.core import Block, Module, Region, Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.dialects.func import YieldOp
+from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
 from sparsa.ir.types import TensorType, scalar
 
 
@@ -132,19 +133,81 @@ def _(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w
     return tuple(torch.empty_like(t) for t in (x, w, gate_up, down))
 
 
-def _setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(output[1], *inputs[:5])
-    ctx.no_grad = inputs[5]
-    ctx.mark_non_differentiable(output[1])
+# Experts of another row-wise activation, for training: `sparsa::moe_experts` takes the weights as stored (each
+# transposed, [E, out, in], or not, [E, in, out]: `transposed`), the activation by name (a custom op's arguments are
+# tensors, numbers and strings: `ACTIVATIONS` holds the graph modules by a hash of their code) and its column slices
+# as a flat list of (start, stop, step).
+ACTIVATIONS: dict[str, Any] = {}
 
 
-def _backward(ctx: Any, dy: torch.Tensor, _dkey: Any) -> tuple:
-    key, x, idx, w, gate_up, down = ctx.saved_tensors
-    dx, dw, dgate_up, ddown = moe_swiglu_backward(dy, key, x, idx, w, gate_up, down, ctx.no_grad)
-    return dx, None, dw, dgate_up, ddown, None
+def activation_name(act: Any) -> str:
+    """The name `sparsa::moe_experts` knows the activation `act` (a graph module) by."""
+    name = "act_" + hashlib.sha1(act.code.encode()).hexdigest()[:16]
+    ACTIVATIONS.setdefault(name, act)
+    return name
 
 
-moe_swiglu_op.register_autograd(_backward, setup_context=_setup)
+def experts_function(idx: torch.Tensor, act: str, slices: list[int], transposed: list[int]) -> Any:
+    """`moe_experts` as a function of (x, w, w1, w2), the weights as `sparsa::moe_experts` takes them."""
+    triples = _triples(slices)
+
+    def f(x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        w1, w2 = (t.transpose(1, 2) if flip else t for t, flip in zip((w1, w2), transposed, strict=True))
+        return moe_experts(x, idx, w, w1, w2, ACTIVATIONS[act], triples)
+    return f
+
+
+def _triples(flat: list[int]) -> list[tuple[int, ...]]:
+    return [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+@torch.library.custom_op("sparsa::moe_experts", mutates_args=())
+def moe_experts_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str,
+                   slices: list[int], transposed: list[int], no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_experts` as an op of its own, and a fresh key (what runs where the backend does not replace it)."""
+    return experts_function(idx, act, slices, transposed)(x, w, w1, w2), new_key()
+
+
+@moe_experts_op.register_fake
+def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str,
+      slices: list[int], transposed: list[int], no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape[0], w2.shape[1 if transposed[1] else 2]), torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("sparsa::moe_experts_backward", mutates_args=())
+def moe_experts_backward(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                         w1: torch.Tensor, w2: torch.Tensor, act: str, slices: list[int], transposed: list[int],
+                         no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cotangents of x, w, w1 and w2 given dy's of `sparsa::moe_experts`, by torch.func's reverse mode of its
+    definition (the key and `no_grad` serve the compiled block)."""
+    _, pullback = torch.func.vjp(experts_function(idx, act, slices, transposed), x, w, w1, w2)
+    return pullback(dy)
+
+
+@moe_experts_backward.register_fake
+def _(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor,
+      w2: torch.Tensor, act: str, slices: list[int], transposed: list[int], no_grad: list[int]
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(torch.empty_like(t) for t in (x, w, w1, w2))
+
+
+def _differentiable(op: Any, backward: Any) -> None:
+    """op's backward is `backward` (given dy, op's key and its inputs); its key is not differentiable."""
+    def setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.save_for_backward(output[1], *inputs[:5])
+        ctx.rest = inputs[5:]
+        ctx.mark_non_differentiable(output[1])
+
+    def pullback(ctx: Any, dy: torch.Tensor, _dkey: Any) -> tuple:
+        key, x, idx, w, w1, w2 = ctx.saved_tensors
+        dx, dw, dw1, dw2 = backward(dy, key, x, idx, w, w1, w2, *ctx.rest)
+        return (dx, None, dw, dw1, dw2) + (None,) * len(ctx.rest)
+
+    op.register_autograd(pullback, setup_context=setup)
+
+
+_differentiable(moe_swiglu_op, moe_swiglu_backward)
+_differentiable(moe_experts_op, moe_experts_backward)
 
 
 class FoldFailed(Exception):
@@ -243,9 +306,10 @@ def _needing_grad(gm: Any, example_inputs: list[Any]) -> set[Any]:
 def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] | None = None) -> int:
     """Fold every recognized transformers MoE block (grouped_mm or batched_mm experts) of an ATen graph into a
     call of `into`; returns how many. The sort, histogram and grouped matmuls are left dead: the caller removes
-    them. With `needing_grad` (a training graph's nodes that want a gradient) `into` is `sparsa::moe_swiglu`: it
-    also takes the positions among (x, w, gate_up, down) that need none, and returns the output and a key, and
-    only SwiGLU experts fold. Without, grouped-matmul experts of any row-wise activation fold into `moe_experts`."""
+    them. Grouped-matmul experts of another row-wise activation than SwiGLU fold into `moe_experts`. With
+    `needing_grad` (a training graph's nodes that want a gradient) `into` is `sparsa::moe_swiglu`, and the others
+    fold into `sparsa::moe_experts`: both also take the positions among their float inputs (x, w and the two
+    weights) that need no gradient, and return the output and a key."""
     grouped = getattr(getattr(getattr(torch.ops, "transformers", None), "grouped_mm_fallback", None), "default", None)
     aten = torch.ops.aten
     folded = 0
@@ -262,22 +326,32 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
             if _is(w1, aten.transpose.int) and _is(w2, aten.transpose.int) and _swiglu(h, aten) is a and \
                     set(a.users) <= users:
                 args = (x, idx, w, w1.args[0], w2.args[0])
-            elif needing_grad is None and (act := _activation(h, a, users, aten)) is not None:
-                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1])
-            else:
+            elif (act := _activation(h, a, users, aten)) is None:
                 continue
+            elif needing_grad is None:
+                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1])
+            else:  # training: the weights as stored, the activation by name
+                (w1, t1), (w2, t2) = _stored(w1, aten), _stored(w2, aten)
+                target = torch.ops.sparsa.moe_experts.default
+                args = (x, idx, w, w1, w2, activation_name(act[0]), [i for sl in act[1] for i in sl], [t1, t2])
         with gm.graph.inserting_before(end):
             if needing_grad is None:
                 call = gm.graph.call_function(target, args)
             else:
-                x, _, *floats = args
-                no_grad = [i for i, a in enumerate((x, *floats)) if a not in needing_grad]
+                no_grad = [i for i, a in enumerate((args[0], *args[2:5])) if a not in needing_grad]
                 both = gm.graph.call_function(target, (*args, no_grad))
                 call = gm.graph.call_function(operator.getitem, (both, 0))
         call.meta["val"] = end.meta.get("val")
         end.replace_all_uses_with(call)
         folded += 1
     return folded
+
+
+def _stored(weight: Any, aten: Any) -> tuple[Any, int]:
+    """A weight as multiplied ([E, in, out]) as the tensor stored, and 1 if that is its transpose ([E, out, in])."""
+    if _is(weight, aten.transpose.int) and sorted(d % 3 for d in weight.args[1:3]) == [1, 2]:
+        return weight.args[0], 1
+    return weight, 0
 
 
 def _submodule(gm: Any, before: Any, module: Any) -> Any:
@@ -560,6 +634,24 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
     block.append(YieldOp.build([block.append(S.MatmulOp.build(out, expert(w2))).result]))
     idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
+
+
+def experts_module(dtype: str, width: int, k: int, w1_shape: tuple[int, ...], w2_shape: tuple[int, ...], act: str,
+                   slices: list[int], transposed: list[int]) -> tuple[Module, str]:
+    """The experts of a training graph's folded block (`sparsa::moe_experts`, the weights as stored) as a function
+    of (x, idx, w, w1, w2), T tokens of `width` with `k` experts each: what the torch.compile backend compiles and
+    differentiates for the block (runtime/torch_moe.py `FoldedBlocks`)."""
+    types = [TensorType(dtype, ("T", width)), TensorType("i64", ("T", k)), TensorType(dtype, ("T", k)),
+             TensorType(dtype, tuple(w1_shape)), TensorType(dtype, tuple(w2_shape))]
+    im = Importer(None)
+    im.block = Block(types, ["x", "idx", "w", "w1", "w2"])
+    x, idx, w, *weights = im.block.args
+    w1, w2 = (im.emit(S.TransposeOp, t, perm=(0, 2, 1)) if flip else t
+              for t, flip in zip(weights, transposed, strict=True))
+    y = _moe_experts(im, None, x, idx, w, w1, w2, ACTIVATIONS[act], _triples(slices))
+    im.block.append(ReturnOp.build([y]))
+    func = FuncOp([], [], {"sym_name": "MoEExperts", "result_types": (y.type,)}, [Region([im.block])])
+    return Module([func]), "MoEExperts"
 
 
 # The folded calls' importers, by the calls' functions.

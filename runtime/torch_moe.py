@@ -189,14 +189,22 @@ def swap_moe_blocks(model: torch.nn.Module, target: str = "auto", freezing: bool
     return swapped
 
 
-# (x, w, gate_up, down): the block's float inputs, as `sparsa::moe_swiglu`'s `no_grad` counts them, and their
-# positions among the compiled experts' inputs (x, idx, w, w_gate_up, w_down) and names there
-_FLOAT_INPUTS = ((0, "x"), (2, "w"), (3, "w_gate_up"), (4, "w_down"))
+# (x, w, W1, W2): the block's float inputs, as the folded ops' `no_grad` counts them, their positions among the
+# compiled experts' inputs, and their names there: (x, idx, w, w_gate_up, w_down) for `sparsa::moe_swiglu`,
+# (x, idx, w, w1, w2) for `sparsa::moe_experts`
+_FLOAT_POSITIONS = (0, 2, 3, 4)
+_FLOAT_INPUTS = {False: ("x", "w", "w_gate_up", "w_down"), True: ("x", "w", "w1", "w2")}
 
 
 def _all_but(wanted: frozenset[int]) -> tuple[int, ...]:
     """The `no_grad` of a model giving the gradients at the positions `wanted`."""
-    return tuple(sorted(set(range(len(_FLOAT_INPUTS))) - wanted))
+    return tuple(sorted(set(range(4)) - wanted))
+
+
+def _split(rest: tuple) -> tuple[tuple, tuple[int, ...]]:
+    """A folded op's arguments after its five tensors: its activation's description (none for SwiGLU: the
+    activation name, its column slices and which weights are stored transposed) and its `no_grad`."""
+    return tuple(tuple(a) if isinstance(a, list) else a for a in rest[:-1]), tuple(rest[-1])
 
 
 class BlockCall:
@@ -233,21 +241,23 @@ class FoldedBlocks:
         function (the forward keeping residuals, or the backward). A block Sparsa cannot compile keeps the op (its
         PyTorch definition runs), the reason in its node's meta["sparsa_why"], and raises nothing here: the caller
         reports it as a fallback."""
-        fwd, bwd = torch.ops.sparsa.moe_swiglu.default, torch.ops.sparsa.moe_swiglu_backward.default
+        ops = torch.ops.sparsa
+        fwd = (ops.moe_swiglu.default, ops.moe_experts.default)
+        bwd = (ops.moe_swiglu_backward.default, ops.moe_experts_backward.default)
         done = []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in (fwd, bwd):
+            if node.op != "call_function" or node.target not in fwd + bwd:
                 continue
-            backward = node.target is bwd
+            backward = node.target in bwd
             inputs = node.args[2:7] if backward else node.args[:5]
-            no_grad = tuple(node.args[-1])
+            act, no_grad = _split(node.args[7 if backward else 5:])
             wanted = frozenset(u.args[1] for u in node.users if u.target is operator.getitem) if backward \
                 else frozenset()
             try:
                 # the backward's own model where the forward's leaves out a gradient the graph reads
-                model = self.model(*(a.meta["val"] for a in inputs), no_grad=no_grad)
+                model = self.model(*(a.meta["val"] for a in inputs), act=act, no_grad=no_grad)
                 if wanted & set(no_grad):
-                    self.model(*(a.meta["val"] for a in inputs), no_grad=_all_but(wanted))
+                    self.model(*(a.meta["val"] for a in inputs), act=act, no_grad=_all_but(wanted))
             except (SparsaError, KeyError) as e:
                 why = e.message.splitlines()[0] if isinstance(e, SparsaError) else "no example value"
                 node.meta["sparsa_why"] = f"the folded MoE block did not compile: {why}"
@@ -257,60 +267,67 @@ class FoldedBlocks:
             done.append((f"moe_block_{'backward' if backward else 'forward'}", model.target, half))
         return done
 
-    def model(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-              no_grad: tuple[int, ...]) -> Any:
-        """The compiled experts for these inputs (their example values: sizes, dtype, device), made once, both
-        halves of their reverse mode compiled now (not in a step)."""
+    def model(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+              act: tuple, no_grad: tuple[int, ...]) -> Any:
+        """The compiled experts for these inputs (their example values: sizes, dtype, device) and activation (`act`:
+        () for SwiGLU), made once, both halves of their reverse mode compiled now (not in a step)."""
+        from sparsa.frontend.torch_moe import experts_module
         from sparsa.runtime.compiler import CompiledModel, compile_source
 
         target = block_target(self.target, x, "a folded MoE block")
         if self.expert_parallel is not None:  # its weight gradients would be this rank's blocks, the parameters whole
             raise SparsaError("a folded MoE block trained expert parallel (swap_moe_blocks trains it so)")
-        E, F2, D = gate_up.shape
-        K = idx.shape[-1]
-        if not all(isinstance(d, int) for d in (E, F2, D, K)):
+        sizes = (x.shape[-1], idx.shape[-1], *w1.shape, *w2.shape)
+        if not all(isinstance(d, int) for d in sizes):
             raise SparsaError("a folded MoE block with symbolic expert sizes")
-        key = (target, x.device.type, x.dtype, E, F2, D, K, no_grad)
+        key = (target, x.device.type, x.dtype, sizes, act, no_grad)
         if key not in self.models:
-            text = EXPERTS_SOURCE.format(dt=_DTYPES[x.dtype], D=D, K=K, E=E, F2=F2, F=F2 // 2,
-                                         experts=EXPERTS.format(F=F2 // 2))
-            module, name = compile_source(text, "<folded MoE block>", None)
-            module.funcs[-1].attributes["no_grad"] = [_FLOAT_INPUTS[i][0] for i in no_grad]
+            if act:
+                module, name = experts_module(_DTYPES[x.dtype], *sizes[:2], w1.shape, w2.shape, *act)
+            else:
+                D, K, E, F2 = sizes[:4]
+                text = EXPERTS_SOURCE.format(dt=_DTYPES[x.dtype], D=D, K=K, E=E, F2=F2, F=F2 // 2,
+                                             experts=EXPERTS.format(F=F2 // 2))
+                module, name = compile_source(text, "<folded MoE block>", None)
+            module.funcs[-1].attributes["no_grad"] = [_FLOAT_POSITIONS[i] for i in no_grad]
             backend = backends.get(target)
             model = CompiledModel(module, name, backend, backend.PIPELINE, None, self.expert_parallel)
             model._backward()  # the forward keeping residuals and the backward, compiled now
             self.models[key] = model
         return self.models[key]
 
-    def _inputs(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor,
-                down: torch.Tensor) -> list[torch.Tensor]:
-        return [x.detach(), idx.to(torch.int64), w.detach().to(x.dtype), gate_up.detach().to(x.dtype),
-                down.detach().to(x.dtype)]
+    def _inputs(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor,
+                w2: torch.Tensor) -> list[torch.Tensor]:
+        return [x.detach(), idx.to(torch.int64), w.detach().to(x.dtype), w1.detach().to(x.dtype),
+                w2.detach().to(x.dtype)]
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The folded op's forward: its output and the key its pullback waits under (`rest`: the op's other
+        arguments, the activation's description and `no_grad`)."""
         from sparsa.frontend.torch_moe import new_key
 
-        no_grad = tuple(no_grad)
-        y, pullback = self.model(x, idx, w, gate_up, down, no_grad).vjp(*self._inputs(x, idx, w, gate_up, down))
+        act, no_grad = _split(rest)
+        y, pullback = self.model(x, idx, w, w1, w2, act, no_grad).vjp(*self._inputs(x, idx, w, w1, w2))
         key = new_key()
         self.pullbacks[int(key)] = (pullback, no_grad)
         weakref.finalize(key, self.pullbacks.pop, int(key), None)  # freed with the key AOTAutograd saves
         return y, key
 
     def backward(self, dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                 gate_up: torch.Tensor, down: torch.Tensor, no_grad: list[int],
-                 wanted: frozenset[int] = frozenset({0, 1, 2, 3})) -> tuple:
-        """The cotangents of (x, w, gate_up, down) at the positions `wanted` (None at the others), from the
-        pullback the forward left under `key`, or from the forward run again."""
+                 w1: torch.Tensor, w2: torch.Tensor, *rest: Any, wanted: frozenset[int] = frozenset({0, 1, 2, 3})
+                 ) -> tuple:
+        """The cotangents of (x, w, w1, w2) at the positions `wanted` (None at the others), from the pullback the
+        forward left under `key`, or from the forward run again."""
+        act, _ = _split(rest)
         pullback, kept_out = self.pullbacks.get(int(key), (None, ()))
         if pullback is None or wanted & set(kept_out):  # the forward again, giving every gradient the graph reads
             self.stats["moe backward with the forward run again"] += 1
-            model = self.model(x, idx, w, gate_up, down, _all_but(wanted))
-            _, pullback = model.vjp(*self._inputs(x, idx, w, gate_up, down))
+            model = self.model(x, idx, w, w1, w2, act, _all_but(wanted))
+            _, pullback = model.vjp(*self._inputs(x, idx, w, w1, w2))
         else:
             self.stats["moe backward from saved residuals"] += 1
         grads = pullback(dy.detach().to(x.dtype).contiguous())
-        inputs = (x, w, gate_up, down)
+        inputs = (x, w, w1, w2)
         return tuple(grads[name].to(inputs[i].dtype) if i in wanted else None
-                     for i, (_, name) in enumerate(_FLOAT_INPUTS))
+                     for i, name in enumerate(_FLOAT_INPUTS[bool(act)]))

@@ -12,6 +12,7 @@ from sparsa.backends.cpu import available as cpu_available  # noqa: E402
 from sparsa.ir import print_module  # noqa: E402
 from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
 from sparsa.runtime.torch_moe import SparsaMoEBlock, swap_moe_blocks  # noqa: E402
+from transformers_experts import experts_block  # noqa: E402
 
 SMALL = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
@@ -329,54 +330,13 @@ def test_both_transformers_expert_forms_fold_into_one_moe(experts, sentinel_guar
     assert "moe.grouped_matmul_combine" in print_module(backend.partitions[0].module)
 
 
-def _experts(form: str, E: int = 4, D: int = 32, F: int = 24) -> torch.nn.Module:
-    """A routed block around transformers' grouped_mm experts in the layouts its models declare with
-    `use_experts_implementation`: NemotronH's ungated relu^2, Aria's weights stored [E, in, out] (GELU gate),
-    GPT-OSS's interleaved gate/up with clamps (without and with its biases)."""
-    from transformers.integrations.moe import use_experts_implementation
-
-    gated, transposed, bias = form != "relu2", form != "relu2", form == "interleaved+bias"
-
-    @use_experts_implementation(is_transposed=transposed, has_bias=bias, has_gate=gated,
-                                is_concatenated=not form.startswith("interleaved"))
-    class Experts(torch.nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.num_experts = E
-            up = (E, D, 2 * F) if transposed else (E, F, D)
-            self.register_parameter("gate_up_proj" if gated else "up_proj", torch.nn.Parameter(torch.randn(up) / 4))
-            self.down_proj = torch.nn.Parameter(torch.randn((E, F, D) if transposed else (E, D, F)) / 4)
-            if bias:
-                self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(E, 2 * F) / 4)
-                self.down_proj_bias = torch.nn.Parameter(torch.randn(E, D) / 4)
-            self.act_fn = (lambda t: torch.relu(t) ** 2) if form == "relu2" else torch.nn.functional.gelu
-
-        if form.startswith("interleaved"):
-            def _apply_gate(self, gate_up):
-                gate, up = gate_up[..., ::2].clamp(max=1.5), gate_up[..., 1::2].clamp(min=-1.5, max=1.5)
-                return (up + 1) * (gate * torch.sigmoid(gate * 1.702))
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            config = transformers.PretrainedConfig()
-            config._experts_implementation = "grouped_mm"
-            self.router, self.experts = torch.nn.Linear(D, E, bias=False), Experts(config)
-
-        def forward(self, x):
-            w, idx = torch.topk(torch.softmax(self.router(x), -1), 2, dim=-1)
-            return self.experts(x, idx, w / w.sum(-1, keepdim=True))
-
-    return Block().eval()
-
-
 @pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved", "interleaved+bias"])
 def test_grouped_mm_experts_of_other_activations_and_layouts_fold(form):
     """Any row-wise activation between the two grouped matmuls folds (inference): each column slice of the first
     product it reads (chunk halves, ::2 interleaves) becomes a matmul by that slice of the weight, so the dispatch
     is fused as SwiGLU's is. Expert biases are not taken: that block runs in PyTorch, as it was, and says so."""
     torch.manual_seed(0)
-    block, x = _experts(form), torch.randn(19, 32)
+    block, x = experts_block(form), torch.randn(19, 32)
     backend = SparsaBackend()
     with torch.no_grad():
         want = block(x)

@@ -445,6 +445,35 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
         assert not [k for k, op in kernels if op in ("tensor.slice", "tensor.transpose")], kernels
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved"])
+def test_moe_experts_of_other_activations_train_on_sparsas_backward(target: str, form: str) -> None:
+    """transformers' grouped_mm experts of another activation than SwiGLU (NemotronH's relu^2 on [E, out, in]
+    weights, Aria's GELU gate on [E, in, out], GPT-OSS-style interleaved gate/up with clamps), after a projection
+    (so x wants a gradient too): folded into sparsa::moe_experts before AOTAutograd, both halves run as the experts
+    compiled by Sparsa (the weights as stored, the activation differentiated by its ops' rules, the dispatch and
+    products saved for the backward). Nothing falls back; losses and gradients equal eager's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    pytest.importorskip("transformers")
+    from transformers_experts import experts_block
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), experts_block(form)).train()
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(model, ref, backend, torch.randn(19, 32))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["moe blocks recognized for training"] == 1
+    assert backend.stats["moe blocks compiled for training"] == 2
+    assert {"moe.dispatch", "moe.grouped_matmul_combine", "moe.grouped_weight_grad"} <= set(_block_ops(backend))
+    backward = _block_ops(backend, "bwd")
+    assert "moe.dispatch" not in backward and backward.count("moe.grouped_weight_grad") >= 2, backward
+    assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 2}
+
+
 class ChunkWrites(torch.nn.Module):
     """Qwen3-Next's gated delta rule fills its output a chunk at a time (`out[:, :, i] = ...` into a zeros_like;
     here also broadcast, into float64), before a MoE block."""
@@ -599,9 +628,11 @@ def test_a_training_graph_the_fold_cannot_trace_is_compiled_unfolded(monkeypatch
     assert "transformers.grouped_mm_fallback.default" in backend.fallbacks
 
 
-def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkeypatch) -> None:
+@pytest.mark.parametrize("op", ["moe_swiglu", "moe_experts"])
+def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkeypatch, op: str) -> None:
     """A folded block whose experts Sparsa cannot compile keeps the custom ops, whose PyTorch definitions (a loop
-    over experts, the backward written out) train it as eager does; both calls are fallbacks, with the reason."""
+    over experts; the backward written out for SwiGLU, torch.func's reverse mode of the loop for other
+    activations) train it as eager does; both calls are fallbacks, with the reason."""
     from sparsa.ir.diagnostics import SparsaError
     from sparsa.runtime.torch_backend import SparsaBackend
     from sparsa.runtime.torch_moe import FoldedBlocks
@@ -610,10 +641,18 @@ def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkey
         raise SparsaError("no experts today")
 
     monkeypatch.setattr(FoldedBlocks, "model", cannot)
-    block, ref = _mixtral_block()
+    if op == "moe_swiglu":
+        block, ref = _mixtral_block()
+        x = torch.randn(2, 9, 32)
+    else:
+        pytest.importorskip("transformers")
+        from transformers_experts import experts_block
+
+        block = torch.nn.Sequential(torch.nn.Linear(32, 32), experts_block("interleaved")).train()
+        ref, x = copy.deepcopy(block), torch.randn(19, 32)
     backend = SparsaBackend({"target": "reference"})
-    _trains_as_eager(block, ref, backend, torch.randn(2, 9, 32))
-    assert backend.fallbacks == {"sparsa.moe_swiglu.default": 1, "sparsa.moe_swiglu_backward.default": 1}
+    _trains_as_eager(block, ref, backend, x)
+    assert backend.fallbacks == {f"sparsa.{op}.default": 1, f"sparsa.{op}_backward.default": 1}
     assert backend.stats["moe blocks compiled for training"] == 0
     import sparsa
 
@@ -621,32 +660,42 @@ def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkey
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
-def test_folded_block_backward_from_residuals_or_the_forward_again(target: str) -> None:
+@pytest.mark.parametrize("op", ["moe_swiglu", "moe_experts"])
+def test_folded_block_backward_from_residuals_or_the_forward_again(target: str, op: str) -> None:
     """The compiled block's forward keeps its pullback under the key it returns, for as long as the key lives; the
     backward reads it, or runs the forward again for a key it has nothing under (or for a gradient the forward was
-    told was not needed). Every gradient equals the op's PyTorch definition's."""
+    told was not needed). Every gradient equals the op's PyTorch definition's (moe_experts: relu^2 experts, the
+    first weight stored transposed, the second not)."""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
     import gc
 
-    from sparsa.frontend.torch_moe import moe_swiglu, moe_swiglu_backward, new_key
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from sparsa.frontend.torch_moe import activation_name, new_key
     from sparsa.runtime.torch_moe import FoldedBlocks
 
     torch.manual_seed(0)
     T, D, Fd, E = 7, 16, 24, 4
     x, w = torch.randn(T, D), torch.rand(T, 2)
     idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
-    gate_up, down = torch.randn(E, 2 * Fd, D) * 0.3, torch.randn(E, D, Fd) * 0.3
+    if op == "moe_swiglu":
+        w1, w2, rest = torch.randn(E, 2 * Fd, D) * 0.3, torch.randn(E, D, Fd) * 0.3, ()
+    else:
+        relu2 = make_fx(lambda h0: torch.relu(h0) ** 2)(torch.randn(2, Fd))
+        w1, w2, rest = torch.randn(E, Fd, D) * 0.3, torch.randn(E, Fd, D) * 0.3, (activation_name(relu2),
+                                                                                 [0, Fd, 1], [1, 0])
+    ops = torch.ops.sparsa
     dy = torch.randn(T, D)
-    want = moe_swiglu_backward(dy, new_key(), x, idx, w, gate_up, down, [])
+    want = getattr(ops, f"{op}_backward")(dy, new_key(), x, idx, w, w1, w2, *rest, [])
     blocks = FoldedBlocks(target)
-    y, key = blocks.forward(x, idx, w, gate_up, down, [0])  # x given no gradient: its GEMMs left out
-    torch.testing.assert_close(y, moe_swiglu(x, idx, w, gate_up, down), rtol=1e-5, atol=1e-5)
+    y, key = blocks.forward(x, idx, w, w1, w2, *rest, [0])  # x given no gradient: its GEMMs left out
+    torch.testing.assert_close(y, getattr(ops, op)(x, idx, w, w1, w2, *rest, [])[0], rtol=1e-5, atol=1e-5)
     assert list(blocks.pullbacks) == [int(key)]
     for wanted, how in (({1, 2, 3}, "moe backward from saved residuals"),
                         ({0, 1, 2, 3}, "moe backward with the forward run again")):
         blocks.stats.clear()
-        got = blocks.backward(dy, key, x, idx, w, gate_up, down, [0], wanted=frozenset(wanted))
+        got = blocks.backward(dy, key, x, idx, w, w1, w2, *rest, [0], wanted=frozenset(wanted))
         assert dict(blocks.stats) == {how: 1}
         for i, (g, ref) in enumerate(zip(got, want, strict=True)):
             if i in wanted:
@@ -654,7 +703,7 @@ def test_folded_block_backward_from_residuals_or_the_forward_again(target: str) 
             else:
                 assert g is None
     blocks.stats.clear()
-    blocks.backward(dy, new_key(), x, idx, w, gate_up, down, [0], wanted=frozenset({1, 2, 3}))
+    blocks.backward(dy, new_key(), x, idx, w, w1, w2, *rest, [0], wanted=frozenset({1, 2, 3}))
     assert dict(blocks.stats) == {"moe backward with the forward run again": 1}
     del key
     gc.collect()
