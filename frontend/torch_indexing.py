@@ -1,5 +1,6 @@
 """ATen's indexing ops that read or write at tensor indices or one slice: `index` and `index_put` (an index's
-backward, accumulating) with leading whole axes, `select_scatter` and `fill`."""
+backward, accumulating) with leading whole axes, `select_scatter`, `scatter` at a top-k's indices, `fill` and
+`repeat`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice
 from sparsa.ir.core import Value
+from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.dims import broadcast_shapes
+from sparsa.ir.dims import broadcast_shapes, mul
 
 
 def _select_scatter(im: Importer, node: Any, x: Value, src: Value, dim: int, index: int) -> Value:
@@ -80,7 +82,51 @@ def _index_put(im: Importer, node: Any, base: Value, indices: Any, values: Value
     return _axes_first(im, out, k, len(idx), first=False)
 
 
+def topk_indices_axis(node: Any) -> int | None:
+    """The axis along which an FX node's values are a top-k's indices (distinct along it), or None."""
+    import operator
+
+    import torch
+
+    if getattr(node, "op", None) != "call_function" or node.target is not operator.getitem or node.args[1] != 1 \
+            or getattr(node.args[0], "target", None) is not torch.ops.aten.topk.default:
+        return None
+    topk = node.args[0]
+    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
+    return dim % len(node.meta["val"].shape)
+
+
+def _scatter(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:
+    """scatter(base, dim, index, src) where index is a top-k's indices along dim (Llama 4's router scores: the
+    top values written into a tensor of -inf): no place is written twice, so src where an index points, base
+    elsewhere; where indices may repeat, PyTorch keeps any one of the writes, which Sparsa does not guess."""
+    from sparsa.frontend.torch_derivatives import _scatter_add
+
+    axis = _axis(dim, base.type.rank)
+    if topk_indices_axis(node.args[2]) != axis:
+        raise Unsupported("scatter at indices that may repeat along the dim (a top-k's indices are taken)")
+    dt = base.type.dtype
+    placed = _scatter_add(im, node, im.splat(0, dt, base.type.shape), dim, index, src)
+    hits = _scatter_add(im, node, im.splat(0, dt, base.type.shape), dim, index, im.splat(1, dt, src.type.shape))
+    hit = im.emit(T.CmpOp, hits, im.const(0, dt), pred="gt")
+    return im.emit(T.WhereOp, hit, placed, base)
+
+
+def _repeat(im: Importer, node: Any, x: Value, repeats: Any) -> Value:
+    """x tiled `repeats` times along each dim (leading new dims where there are more repeats than dims): x
+    viewed [1, s0, 1, s1, ...], broadcast to [r0, s0, r1, s1, ...] and viewed [r0 * s0, r1 * s1, ...]."""
+    lead = len(repeats) - x.type.rank
+    if lead < 0 or not all(isinstance(r, int) for r in repeats):
+        raise Unsupported(f"repeat of {x.type} by {list(repeats)}")
+    shape = (1,) * lead + tuple(x.type.shape)
+    pairs = tuple(d for s in shape for d in (1, s))
+    spread = im.emit(S.ReshapeOp, x, shape=pairs)
+    tiled = im.emit(S.BroadcastToOp, spread, shape=tuple(d for r, s in zip(repeats, shape, strict=True)
+                                                         for d in (r, s)))
+    return im.emit(S.ReshapeOp, tiled, shape=tuple(mul(r, s) for r, s in zip(repeats, shape, strict=True)))
+
+
 OPS: dict[str, Callable] = {
     "index.Tensor": _index, "index_put.default": _index_put, "select_scatter.default": _select_scatter,
-    "fill.Tensor": _fill, "fill.Scalar": _fill,
+    "fill.Tensor": _fill, "fill.Scalar": _fill, "scatter.src": _scatter, "repeat.default": _repeat,
 }

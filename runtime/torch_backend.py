@@ -42,6 +42,7 @@ import torch
 from sparsa import knobs
 from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
+from sparsa.frontend.torch_indexing import topk_indices_axis
 from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
 from sparsa.frontend.torch_scan import fold_linear_scans
 from sparsa.ir.diagnostics import SparsaError
@@ -270,22 +271,11 @@ def input_free_outputs(gm: Any) -> dict[str, list[Any]]:
     return made
 
 
-def _topk_indices(node: Any) -> int | None:
-    """The axis along which a node's values are a top-k's indices (distinct along it), or None."""
-    aten = torch.ops.aten
-    if getattr(node, "op", None) != "call_function" or node.target is not operator.getitem or node.args[1] != 1 \
-            or getattr(node.args[0], "target", None) is not aten.topk.default:
-        return None
-    topk = node.args[0]
-    dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
-    return dim % len(node.meta["val"].shape)
-
-
 def topk_index_outputs(gm: Any) -> dict[str, int]:
     """The outputs of a forward graph that are a top-k's indices, by name (the backward's placeholder for a saved
     one has that name), with the axis they are distinct along."""
     outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    return {o.name: axis for o in outputs if (axis := _topk_indices(o)) is not None}
+    return {o.name: axis for o in outputs if (axis := topk_indices_axis(o)) is not None}
 
 
 def scatters_as_adds(gm: Any, distinct: dict[str, int]) -> int:
@@ -298,7 +288,7 @@ def scatters_as_adds(gm: Any, distinct: dict[str, int]) -> int:
         if n.op != "call_function" or n.target is not aten.scatter.src or n.kwargs:
             continue
         base, dim, index, _ = n.args
-        along = distinct.get(index.name) if index.op == "placeholder" else _topk_indices(index)
+        along = distinct.get(index.name) if index.op == "placeholder" else topk_indices_axis(index)
         if getattr(base, "target", None) in zeros and along is not None and dim % len(n.meta["val"].shape) == along:
             n.target = aten.scatter_add.default
             count += 1

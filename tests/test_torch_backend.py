@@ -318,6 +318,45 @@ def test_group_routing_scatter_gather_and_in_place_assembly_import(sizes, tokens
     assert not backend.fallbacks and len(backend.partitions) == 1
 
 
+class DenseRouting(torch.nn.Module):
+    """Llama 4's router and routed input as its model code writes them: the top-k logits scattered into a tensor of
+    -inf, sigmoid, the tokens repeated once per expert and scaled by their scores; and a repeat with more repeats
+    than dims."""
+
+    def __init__(self, experts=4, k=2):
+        super().__init__()
+        self.gate, self.k = torch.nn.Linear(16, experts, bias=False), k
+
+    def forward(self, x):
+        logits = self.gate(x)
+        top, idx = torch.topk(logits, self.k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, idx, top).sigmoid()
+        routed = x.repeat(scores.shape[1], 1) * scores.transpose(0, 1).reshape(-1, 1)
+        return routed @ self.gate.weight.t(), x.repeat(2, 1, 3)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_scatter_at_top_k_indices_and_repeat_import(dynamic):
+    backend = check(DenseRouting(), torch.randn(11, 16), dynamic=dynamic)
+    assert not backend.fallbacks and len(backend.partitions) == 1
+
+
+class ScatterAnywhere(torch.nn.Module):
+    def forward(self, x, idx):
+        return (torch.zeros_like(x).scatter(1, idx, x[:, :2]) + x) @ x.t()
+
+
+def test_scatter_at_indices_that_may_repeat_stays_in_pytorch():
+    """PyTorch keeps any one of the writes to a place indexed twice; Sparsa takes scatter only at a top-k's
+    indices (distinct), and says why it leaves the others."""
+    import sparsa
+
+    idx = torch.stack([torch.randperm(6)[:2] for _ in range(5)])  # no repeats: eager's result is defined
+    backend = check(ScatterAnywhere(), torch.randn(5, 6), idx)
+    assert backend.fallbacks == {"aten.scatter.src": 1}
+    assert "scatter at indices that may repeat" in str(sparsa.report())
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

@@ -77,6 +77,16 @@ def test_llama_compiles_whole_with_attention_recognized():
     assert backend.stats["graphs"] == 1  # the second call with the same shapes did not recompile
 
 
+def test_llama4_rotary_in_complex_numbers_and_dense_routing_compile_whole():
+    """Llama 4: rotary embeddings in complex numbers, a router scattering its top-k logits into -inf, the tokens
+    repeated once per expert; nothing is left to PyTorch."""
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(intermediate_size=64, intermediate_size_mlp=64, num_local_experts=4,
+                                           num_experts_per_tok=1, head_dim=8, **SMALL)
+    backend = run(transformers.Llama4ForCausalLM(config), torch.randint(0, 64, (2, 13)))
+    assert not backend.fallbacks and backend.stats["partitions compiled"] == 1
+
+
 def test_mistral_window_mask_is_analysed_and_repeated_heads_read_once():
     torch.manual_seed(0)
     backend = run(mistral(), torch.randint(0, 64, (1, 40)))
