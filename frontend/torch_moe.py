@@ -59,17 +59,19 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: tor
 
 
 def moe_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                act: Any, slices: list) -> torch.Tensor:
-    """y[t] = sum_j w[t, j] * act(*(h[:, s] for s in slices)) @ w2[e], h = x[t] @ w1[e], e = idx[t, j], with
-    weights laid out [E, in, out]: an inference graph's grouped-matmul MoE block of any row-wise activation
-    (`act`, a graph module of the column slices of h it reads, each (start, stop, step)); what runs if it is
-    not compiled."""
+                act: Any, slices: list, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * (act(*(h[:, s] for s in slices)) @ w2[e] + b2[e]), h = x[t] @ w1[e] + b1[e],
+    e = idx[t, j], with weights laid out [E, in, out] and optional biases [E, out]: an inference graph's
+    grouped-matmul MoE block of any row-wise activation (`act`, a graph module of the column slices of h it
+    reads, each (start, stop, step)); what runs if it is not compiled."""
     y = torch.zeros(x.shape[0], w2.shape[-1], dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
         tok, slot = torch.where(idx == e)
-        h = x[tok] @ w1[e]
+        h = x[tok] @ w1[e] + (b1[e] if b1 is not None else 0)
         a = act(*(h[:, start:stop:step] for start, stop, step in slices))
-        y.index_add_(0, tok, ((a @ w2[e]) * w[tok, slot, None]).float())
+        out = a @ w2[e] + (b2[e] if b2 is not None else 0)
+        y.index_add_(0, tok, (out * w[tok, slot, None]).float())
     return y.to(x.dtype)
 
 
@@ -322,14 +324,16 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
         end, args = match
         target = into
         if _is(first, grouped):  # SwiGLU on [E, N, K] weights as `into`; for inference, others as `moe_experts`
-            x, idx, w, w1, w2, h, a, users = args
+            x, idx, w, w1, w2, h, a, users, b1, b2 = args
             if _is(w1, aten.transpose.int) and _is(w2, aten.transpose.int) and _swiglu(h, aten) is a and \
-                    set(a.users) <= users:
+                    set(a.users) <= users and b1 is b2 is None:
                 args = (x, idx, w, w1.args[0], w2.args[0])
             elif (act := _activation(h, a, users, aten)) is None:
                 continue
             elif needing_grad is None:
-                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1])
+                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1], b1, b2)
+            elif b1 is not None or b2 is not None:
+                continue  # training folds experts without biases
             else:  # training: the weights as stored, the activation by name
                 (w1, t1), (w2, t2) = _stored(w1, aten), _stored(w2, aten)
                 target = torch.ops.sparsa.moe_experts.default
@@ -381,13 +385,13 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     if not (_is(sort, aten.sort.default) and _is(sort.args[0], aten.view.default)):
         return None
     idx = sort.args[0].args[0]
-    h = _filled(first, experts, aten)
+    h, b1 = _biased(_filled(first, experts, aten), sort, aten)
     second = [u for u in offs.users if u is not first and _is(u, grouped) and u.args[2] is offs]
     if len(second) != 1:
         return None
     second = second[0]
     a = _unfilled(second.args[0], experts, aten)
-    down_out = _filled(second, experts, aten)
+    down_out, b2 = _biased(_filled(second, experts, aten), sort, aten)
     scaled = _only_user(down_out)
     if not _is(scaled, aten.mul.Tensor):
         return None
@@ -406,7 +410,20 @@ def _match(first: Any, grouped: Any, aten: Any) -> tuple[Any, tuple] | None:
     val = idx.meta.get("val")
     if val is None or val.dim() != 2 or val.shape[1] != k:
         return None
-    return end, (x, idx, w, w1, second.args[1], h, a, {second, second.args[0]})
+    return end, (x, idx, w, w1, second.args[1], h, a, {second, second.args[0]}, b1, b2)
+
+
+def _biased(product: Any, sort: Any, aten: Any) -> tuple[Any, Any]:
+    """(product + b[sorted ids], b) where that sum (GPT-OSS's expert biases, read by the sorted expert ids) is
+    the product's only user; else (product, None)."""
+    add = _only_user(product)
+    if not _is(add, aten.add.Tensor) or len(add.args) != 2:
+        return product, None
+    rows = next((a for a in add.args if a is not product), None)
+    ids = rows.args[1] if _is(rows, aten.index.Tensor) and len(rows.args[1]) == 1 else [None]
+    if not (_is(ids[0], operator.getitem) and ids[0].args == (sort, 0)):
+        return product, None
+    return add, rows.args[0]
 
 
 def _pointwise(node: Any) -> bool:
@@ -608,10 +625,11 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
 
 
 def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Value, w2: Value, act: Any,
-                 slices: list) -> Value:
+                 slices: list, b1: Value | None = None, b2: Value | None = None) -> Value:
     """A folded grouped-matmul MoE block of any row-wise activation (frontend/torch_moe.py `moe_experts`) as
-    `moe.moe`: each column slice of h = rows @ W1[e] the activation reads is its own matmul by that slice of the
-    weight (the gate and up halves of a fused or interleaved weight), so fuse-moe-dispatch finds its stages."""
+    `moe.moe`: each column slice of h = rows @ W1[e] (+ b1[e]) the activation reads is its own matmul by that
+    slice of the weight (the gate and up halves of a fused or interleaved weight), plus that slice of the bias
+    (sliced outside the body), so fuse-moe-dispatch finds its stages and expert vectors."""
     E, K, N = w1.type.shape
     if not all(isinstance(d, int) for d in (E, K, N, *w2.type.shape)):
         raise Unsupported("a MoE block with symbolic expert sizes")
@@ -621,17 +639,24 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
     def expert(weight: Value) -> Value:
         return block.append(S.GatherOp.build(weight, [e])).result
 
+    def biased(product: Value, bias: Value | None) -> Value:
+        if bias is None:
+            return product
+        return block.append(T.AddOp.build(product, expert(im.cast(bias, x.type.dtype)))).result
+
     def column(start: int, stop: int, step: int) -> Value:
-        weight = expert(w1)
+        weight, bias = expert(w1), b1
         if (start, stop, step) != (0, N, 1):
             weight = block.append(S.SliceOp.build(weight, starts=(0, start), stops=(None, stop),
                                                   steps=(1, step))).result
-        return block.append(S.MatmulOp.build(h, weight)).result
+            bias = None if b1 is None else im.emit(S.SliceOp, b1, starts=(0, start), stops=(None, stop),
+                                                   steps=(1, step))
+        return biased(block.append(S.MatmulOp.build(h, weight)).result, bias)
 
     out = im.inline_graph(act, block, [column(*sl) for sl in slices], "a MoE block's activation")
     if out.type.rank != 2 or out.type.dtype != x.type.dtype:
         raise Unsupported(f"a MoE block's activation giving {out.type}")
-    block.append(YieldOp.build([block.append(S.MatmulOp.build(out, expert(w2))).result]))
+    block.append(YieldOp.build([biased(block.append(S.MatmulOp.build(out, expert(w2))).result, b2)]))
     idx = idx if idx.type.dtype == "i64" else im.cast(idx, "i64")
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 

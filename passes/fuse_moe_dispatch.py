@@ -11,6 +11,15 @@ and transposes of it, `W[e][:F].T` for weights stored [E, N, K]: the same views 
 in front of the dispatch, where the backends see them), then
 elementwise ops (the epilogue) that give the next stage's input; the last stage ends in one matmul whose
 epilogue gives the body's value. A body of another shape stays a `moe.moe` and runs as written.
+
+An epilogue may read expert vectors `b[e]` of outside [E, N] tensors (biases). Such a stage's products are
+grouped matmuls of their own and its epilogue runs as tensor ops on the permuted rows, each vector read as
+`b[expert of row]`; the last stage's only such epilogue is `p + b[e]`, whose sum over a token's slots,
+`sum_j gates[t, j] * b[idx[t, j]]` over the slots the dispatch placed, is added after the combine:
+
+    h  = moe.grouped_matmul(x, perm, offsets, W1)   # one per product
+    a  = act(h + b1[ids[max(perm, 0)]])             # tensor ops; padding rows are never read past here
+    y  = moe.grouped_matmul_combine(a, perm, offsets, W2, gates) + sum(gates[..., None] * b2[idx], 1)
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ from dataclasses import dataclass, field
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Operation, Region, Value
 from sparsa.ir.dialects import tensor as T
+from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp, MoeOp
 from sparsa.ir.traits import Elementwise
+from sparsa.ir.dims import mul
+from sparsa.ir.types import TensorType
 from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter
 
@@ -38,6 +50,7 @@ class Stage:
     weights: list[ExpertWeight]               # the [E, K, N] weights they index by e
     epilogue: list[Operation] = field(default_factory=list)
     output: Value | None = None
+    vectors: dict[int, Value] = field(default_factory=dict)  # the expert vectors b[e] it reads: their b, by id
 
 
 @dataclass
@@ -75,11 +88,23 @@ def _expert_weight(v: Value, e: Value) -> ExpertWeight | None:
     return None
 
 
+def _expert_vector(v: Value, e: Value, block: Block) -> Value | None:
+    """v as b[e] of a 2-D b from outside the body (an expert's bias): b; None for any other value."""
+    op = v.defining_op
+    if isinstance(op, S.GatherOp) and len(op.indices) == 1 and op.indices[0] is e and op.x.type.rank == 2 and \
+            _outside(op.x, block):
+        return op.x
+    return None
+
+
 def split_stages(moe: MoeOp) -> list[Stage]:
     block = moe.body.block
     e, h = block.args
     result = block.terminator.operands[0]
-    body = [op for op in block.ops if not op.TERMINATOR and _expert_weight(op.results[0], e) is None]
+    vectors = {id(op.results[0]): b for op in block.ops if not op.TERMINATOR
+               and (b := _expert_vector(op.results[0], e, block)) is not None}
+    body = [op for op in block.ops if not op.TERMINATOR and _expert_weight(op.results[0], e) is None
+            and id(op.results[0]) not in vectors]
     consts = {id(op.results[0]) for op in body if isinstance(op, T.ConstantOp) and op.results[0].type.rank == 0}
     pending = [op for op in body if id(op.results[0]) not in consts]
     stages: list[Stage] = []
@@ -91,11 +116,12 @@ def split_stages(moe: MoeOp) -> list[Stage]:
             raise NotFusable()
         stage = Stage(mms, [_expert_weight(op.rhs, e) for op in mms])
         pending = [op for op in pending if op not in mms]
-        available = {id(op.results[0]) for op in mms} | consts
+        available = {id(op.results[0]) for op in mms} | consts | set(vectors)
         for op in list(pending):
             if isinstance(op, Elementwise) and all(id(v) in available or _outside(v, block) for v in op.operands):
                 stage.epilogue.append(op)
                 available.add(id(op.results[0]))
+                stage.vectors.update((id(v), vectors[id(v)]) for v in op.operands if id(v) in vectors)
         pending = [op for op in pending if op not in stage.epilogue]
         stages.append(stage)
         produced = [op.results[0] for op in mms + stage.epilogue]
@@ -144,6 +170,87 @@ def _epilogue(stage: Stage) -> Region:
     return Region([block])
 
 
+def _identity(t: TensorType) -> Region:
+    """An epilogue yielding its one product."""
+    block = Block([t])
+    block.append(YieldOp.build([block.args[0]]))
+    return Region([block])
+
+
+def _final_bias(stage: Stage) -> Value | None:
+    """The b of a last stage whose epilogue is p + b[e] (p its matmul); None where it reads no vector. Raises
+    NotFusable for any other epilogue reading one."""
+    if not stage.vectors:
+        return None
+    (add,) = stage.epilogue if len(stage.epilogue) == 1 else (None,)
+    product = stage.matmuls[0].results[0]
+    if not isinstance(add, T.AddOp) or stage.output is not add.result or len(stage.vectors) != 1 or \
+            {id(v) for v in add.operands} != {id(product), *stage.vectors}:
+        raise NotFusable()
+    return next(iter(stage.vectors.values()))
+
+
+class _Rows:
+    """Tensor ops the rewrite inserts before the moe: the expert of each permuted row (made once), and the
+    sum over slots of the last stage's bias."""
+
+    def __init__(self, moe: MoeOp, perm: Value, rewriter: Rewriter):
+        self.moe, self.perm, self.rewriter, self._experts, self._slots = moe, perm, rewriter, None, None
+
+    def add(self, op: Operation) -> Value:
+        self.rewriter.insert_before(self.moe, op)
+        return op.results[0]
+
+    def slots(self) -> Value:
+        """max(perm, 0): each permuted row's slot (t * k + j; padding rows read slot 0, and are never read after)."""
+        if self._slots is None:
+            zero = self.add(T.ConstantOp.build(value=0, result_types=[TensorType("i64", ())]))
+            self._slots = self.add(T.MaximumOp.build(self.perm, zero))
+        return self._slots
+
+    def experts(self) -> Value:
+        """ids[slot]: each permuted row's expert."""
+        if self._experts is None:
+            ids = self.add(S.ReshapeOp.build(self.moe.idx, shape=(-1,)))
+            self._experts = self.add(S.GatherOp.build(ids, [self.slots()]))
+        return self._experts
+
+    def unfused(self, stage: Stage, rows: Value, perm: Value, offsets: Value, weights: list[Value], k: int,
+                gather: bool) -> Value:
+        """A stage whose epilogue reads expert vectors: a grouped matmul per product, the epilogue as tensor ops
+        on the permuted rows."""
+        mapping: dict[int, Value] = {}
+        for mm, w in zip(stage.matmuls, weights, strict=True):
+            product = mm.results[0]
+            mapping[id(product)] = self.add(GroupedMatmulOp.build(rows, perm, offsets, [w], regions=[
+                _identity(product.type)], topk=k, gather=gather, loc=mm.loc))
+        for v, b in stage.vectors.items():
+            mapping[v] = self.add(S.GatherOp.build(b, [self.experts()]))
+        for op in stage.epilogue:
+            for v in op.operands:
+                if isinstance(v.defining_op, T.ConstantOp) and id(v) not in mapping:
+                    self.add(clone_op(v.defining_op, mapping))
+            self.add(clone_op(op, mapping))
+        return mapping[id(stage.output)]
+
+    def bias_sum(self, b: Value, gates: Value, experts: int) -> Value:
+        """sum_j gates[t, j] * b[idx[t, j]] ([T, N]) over the slots the dispatch placed: as the combine, none a
+        capacity dropped or of an id past the experts (expert parallel's sentinels)."""
+        idx = self.moe.idx
+        (tokens, k), dt = idx.type.shape, gates.type.dtype
+        zero = self.add(T.ConstantOp.build(value=0.0, result_types=[TensorType(dt, ())]))
+        one = self.add(T.ConstantOp.build(value=1.0, result_types=[TensorType(dt, ())]))
+        placed = self.add(T.CmpOp.build(self.perm, self.add(T.ConstantOp.build(
+            value=0, result_types=[TensorType("i64", ())])), pred="ge"))
+        none = self.add(T.ConstantOp.build(value=0.0, result_types=[TensorType(dt, (mul(tokens, k),))]))
+        kept = self.add(S.ScatterAddOp.build(none, self.add(T.WhereOp.build(placed, one, zero)), [self.slots()]))
+        weights = self.add(T.MulOp.build(gates, self.add(S.ReshapeOp.build(kept, shape=(tokens, k)))))
+        last = self.add(T.ConstantOp.build(value=experts - 1, result_types=[TensorType("i64", ())]))
+        rows = self.add(S.GatherOp.build(b, [self.add(T.MinimumOp.build(idx, last))]))
+        scaled = self.add(T.MulOp.build(rows, self.add(S.ExpandDimsOp.build(weights, axes=(2,)))))
+        return self.add(R.SumOp.build(scaled, axes=(1,)))
+
+
 class FuseDispatch(RewritePattern):
     """moe.moe with a staged expert body becomes dispatch + grouped matmuls + fused combine."""
 
@@ -160,16 +267,25 @@ class FuseDispatch(RewritePattern):
         if len(stages[-1].matmuls) != 1:
             return False  # the combine is fused into exactly one final matmul
         k = op.idx.type.shape[1]
+        try:
+            bias = _final_bias(stages[-1])
+        except NotFusable:
+            return False
         if not isinstance(k, int):
             return False
         dispatch = DispatchOp.build(op.idx, num_experts=op.num_experts, block=self.block, capacity=op.capacity,
                                     loc=op.loc)
         rewriter.insert_before(op, dispatch)
         perm, offsets = dispatch.results
+        made = _Rows(op, perm, rewriter)
         rows = op.x
         for i, stage in enumerate(stages):
-            region = _epilogue(stage)
             weights = [w.hoist(dispatch, rewriter) for w in stage.weights]
+            if stage.vectors and i < len(stages) - 1:
+                rows = made.unfused(stage, rows, perm, offsets, weights, k, i == 0)
+                continue
+            region = _epilogue(stage) if bias is None or i < len(stages) - 1 else \
+                _identity(stage.matmuls[0].results[0].type)
             if i == len(stages) - 1:
                 new = GroupedMatmulCombineOp.build(rows, perm, offsets, weights[0], op.gates, regions=[region],
                                                    topk=k, gather=i == 0, loc=stage.matmuls[0].loc)
@@ -178,6 +294,8 @@ class FuseDispatch(RewritePattern):
                                             gather=i == 0, loc=stage.matmuls[0].loc)
             rewriter.insert_before(op, new)
             rows = new.result
+        if bias is not None:
+            rows = made.add(T.AddOp.build(rows, made.bias_sum(bias, op.gates, op.num_experts)))
         if rows.type != op.result.type:
             raise AssertionError(f"fused moe gives {rows.type}, the moe gave {op.result.type}")
         rewriter.replace_op(op, [rows])

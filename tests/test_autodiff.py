@@ -548,6 +548,38 @@ def test_moe_layer_against_autograd(k: int, renorm: bool, capacity: float | None
     assert "moe.grouped_weight_grad" in ir and "moe.moe" not in ir  # never densified
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("capacity", [None, 0.6])
+def test_moe_layer_with_expert_biases_against_autograd(capacity: float | None, target: str) -> None:
+    """Expert biases (GPT-OSS's) before the activation and after the last matmul: the first stage's products as
+    grouped matmuls and the bias added to the permuted rows, the last's bias summed over the slots the dispatch
+    placed (a capacity drops some); the pullback against torch autograd, with the biases' gradients."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    if target == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    source = _moe_source(2, True, capacity).replace(
+        "param w2: f32[E, F, D]", "param w2: f32[E, F, D]\n    param b1: f32[E, F]\n    param b2: f32[E, D]").replace(
+        "(silu(h @ w1[e]) * (h @ w3[e])) @ w2[e]", "(silu(h @ w1[e] + b1[e]) * (h @ w3[e])) @ w2[e] + b2[e]")
+    m = sparsa.compile(source, target=target).init_weights(5)
+    x = np.random.default_rng(5).standard_normal((21, 16)).astype(np.float32)
+    dy = np.random.default_rng(8).standard_normal((21, 16)).astype(np.float32)
+    y, pullback = m.vjp(x)
+    grads = pullback(dy)
+    W = {n: torch.tensor(v, requires_grad=True) for n, v in m.weights.items()}
+    xt = torch.tensor(x, requires_grad=True)
+
+    def ffn(h, e):
+        return (F.silu(h @ W["w1"][e] + W["b1"][e]) * (h @ W["w3"][e])) @ W["w2"][e] + W["b2"][e]
+
+    out = _torch_moe(xt, W, 2, True, capacity, ffn=ffn)
+    out.backward(torch.tensor(dy))
+    np.testing.assert_allclose(np.asarray(y), out.detach().numpy(), rtol=1e-4, atol=1e-5)
+    for n, t in {"x": xt.grad, **{n: t.grad for n, t in W.items()}}.items():
+        np.testing.assert_allclose(np.asarray(grads[n]), t.numpy(), rtol=1e-3, atol=2e-5, err_msg=f"{target}: d{n}")
+    assert "moe.moe" not in m.ir(grad=True)
+
+
 def test_moe_layer_against_finite_differences() -> None:
     """float64 on the reference: the MoE layer's backward function against central differences, for x and each
     weight (a sample of entries), with capacity dropping assignments."""

@@ -28,6 +28,11 @@ BODIES = {
     "chain": "tanh((h @ w1[e]) @ w2[e] * 0.5)",
     "transposed": "silu(h @ w2[e].T) @ w1[e].T",  # weights stored [E, N, K], as PyTorch's are
     "sliced": "(relu(h @ w1[e][:, 1:4]) * (h @ w3[e][:, :3].T.T)) @ w2[e][1:4]",
+    # expert vectors (GPT-OSS's biases): before the activation, after the last matmul, or both
+    "biased": "(silu(h @ w1[e] + b1[e]) * (h @ w3[e] - b1[e])) @ w2[e] + b2[e]",
+    "first bias": "tanh(h @ w1[e] + b1[e]) @ w2[e]",
+    "last bias": "relu(h @ w1[e]) @ w2[e] + b2[e]",
+    "last bias inside": "relu(relu(h @ w1[e]) @ w2[e] + b2[e])",  # not p + b[e] after the combine: stays moe.moe
 }
 
 
@@ -43,6 +48,8 @@ model M(x: f32[T, D]) -> f32[T, D] {{
     param w1: f32[{E}, D, F]
     param w3: f32[{E}, D, F]
     param w2: f32[{E}, F, D]
+    param b1: f32[{E}, F]
+    param b2: f32[{E}, D]
     {r}
     y = moe(x, idx, w{cap}) |e, h| {{ {body} }}
     return y + 0.0 * bias[0]
@@ -62,7 +69,10 @@ def test_fused_moe_matches_unfused(router, body, E, K, T, capacity, block, seed)
     fused = sparsa.compile(src, passes=f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},cse,dce", target="reference")
     fused.load_weights(plain.weights)
     ir = fused.ir()
-    assert "moe.route" in ir and "moe.dispatch" in ir and "moe.moe" not in ir, ir
+    if body == "last bias inside":
+        assert "moe.moe" in ir, ir
+    else:
+        assert "moe.route" in ir and "moe.dispatch" in ir and "moe.moe" not in ir, ir
     x = np.random.default_rng(seed).standard_normal((T, 6)).astype(np.float32)
     np.testing.assert_allclose(fused(x), plain(x), rtol=1e-4, atol=1e-5)
 
