@@ -33,8 +33,8 @@ from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import YieldOp
 from sparsa.ir.dialects.moe import DispatchOp, GroupedMatmulCombineOp, GroupedMatmulOp, MoeOp
-from sparsa.ir.traits import Elementwise
 from sparsa.ir.dims import mul
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
 from sparsa.passes.base import Option
 from sparsa.passes.rewrite import PatternPass, RewritePattern, Rewriter

@@ -8,11 +8,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from transformers_experts import experts_block  # noqa: E402
+
 from sparsa.backends.cpu import available as cpu_available  # noqa: E402
 from sparsa.ir import print_module  # noqa: E402
 from sparsa.runtime.torch_backend import SparsaBackend  # noqa: E402
 from sparsa.runtime.torch_moe import SparsaMoEBlock, swap_moe_blocks  # noqa: E402
-from transformers_experts import experts_block  # noqa: E402
 
 SMALL = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2}
