@@ -96,14 +96,21 @@ def topk_indices_axis(node: Any) -> int | None:
     return dim % len(node.meta["val"].shape)
 
 
+def one_per_row(index: Any, axis: int) -> bool:
+    """An FX node's index of one entry along `axis` (a max's or argmax's with keepdim): none can repeat there."""
+    val = getattr(index, "meta", {}).get("val")
+    return val is not None and val.dim() > axis and val.shape[axis] == 1
+
+
 def _scatter(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:
     """scatter(base, dim, index, src) where index is a top-k's indices along dim (Llama 4's router scores: the
-    top values written into a tensor of -inf): no place is written twice, so src where an index points, base
-    elsewhere; where indices may repeat, PyTorch keeps any one of the writes, which Sparsa does not guess."""
+    top values written into a tensor of -inf) or has one entry along it: no place is written twice, so src where
+    an index points, base elsewhere; where indices may repeat, PyTorch keeps any one of the writes, which Sparsa
+    does not guess."""
     from sparsa.frontend.torch_derivatives import _scatter_add
 
     axis = _axis(dim, base.type.rank)
-    if topk_indices_axis(node.args[2]) != axis:
+    if topk_indices_axis(node.args[2]) != axis and not one_per_row(node.args[2], axis):
         raise Unsupported("scatter at indices that may repeat along the dim (a top-k's indices are taken)")
     dt = base.type.dtype
     placed = _scatter_add(im, node, im.splat(0, dt, base.type.shape), dim, index, src)

@@ -149,13 +149,17 @@ def activation_name(act: Any) -> str:
     return name
 
 
-def experts_function(idx: torch.Tensor, act: str, slices: list[int], transposed: list[int]) -> Any:
-    """`moe_experts` as a function of (x, w, w1, w2), the weights as `sparsa::moe_experts` takes them."""
+def experts_function(idx: torch.Tensor, act: str, slices: list[int], transposed: list[int], biased: list[int]
+                     ) -> Any:
+    """`moe_experts` as a function of (x, w, w1, w2, *biases), the weights as `sparsa::moe_experts` takes them."""
     triples = _triples(slices)
 
-    def f(x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def f(x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *biases: torch.Tensor
+          ) -> torch.Tensor:
         w1, w2 = (t.transpose(1, 2) if flip else t for t, flip in zip((w1, w2), transposed, strict=True))
-        return moe_experts(x, idx, w, w1, w2, ACTIVATIONS[act], triples)
+        given = iter(biases)
+        b1, b2 = (next(given) if has else None for has in biased)
+        return moe_experts(x, idx, w, w1, w2, ACTIVATIONS[act], triples, b1, b2)
     return f
 
 
@@ -164,52 +168,63 @@ def _triples(flat: list[int]) -> list[tuple[int, ...]]:
 
 
 @torch.library.custom_op("sparsa::moe_experts", mutates_args=())
-def moe_experts_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str,
-                   slices: list[int], transposed: list[int], no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`moe_experts` as an op of its own, and a fresh key (what runs where the backend does not replace it)."""
-    return experts_function(idx, act, slices, transposed)(x, w, w1, w2), new_key()
+def moe_experts_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                   biases: list[torch.Tensor], act: str, slices: list[int], transposed: list[int], biased: list[int],
+                   no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_experts` as an op of its own, and a fresh key (what runs where the backend does not replace it).
+    `biases`: the first and the second matmul's, those `biased` has (GPT-OSS's experts have both)."""
+    return experts_function(idx, act, slices, transposed, biased)(x, w, w1, w2, *biases), new_key()
 
 
 @moe_experts_op.register_fake
-def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, act: str,
-      slices: list[int], transposed: list[int], no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+      biases: list[torch.Tensor], act: str, slices: list[int], transposed: list[int], biased: list[int],
+      no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape[0], w2.shape[1 if transposed[1] else 2]), torch.empty(1, dtype=torch.int64)
 
 
 @torch.library.custom_op("sparsa::moe_experts_backward", mutates_args=())
 def moe_experts_backward(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                         w1: torch.Tensor, w2: torch.Tensor, act: str, slices: list[int], transposed: list[int],
-                         no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cotangents of x, w, w1 and w2 given dy's of `sparsa::moe_experts`, by torch.func's reverse mode of its
-    definition (the key and `no_grad` serve the compiled block)."""
-    _, pullback = torch.func.vjp(experts_function(idx, act, slices, transposed), x, w, w1, w2)
-    return pullback(dy)
+                         w1: torch.Tensor, w2: torch.Tensor, biases: list[torch.Tensor], act: str, slices: list[int],
+                         transposed: list[int], biased: list[int], no_grad: list[int]
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The cotangents of x, w, w1, w2 and the biases given dy's of `sparsa::moe_experts`, by torch.func's reverse
+    mode of its definition (the key and `no_grad` serve the compiled block)."""
+    _, pullback = torch.func.vjp(experts_function(idx, act, slices, transposed, biased), x, w, w1, w2, *biases)
+    grads = pullback(dy)
+    return (*grads[:4], list(grads[4:]))
 
 
 @moe_experts_backward.register_fake
 def _(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor,
-      w2: torch.Tensor, act: str, slices: list[int], transposed: list[int], no_grad: list[int]
-      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tuple(torch.empty_like(t) for t in (x, w, w1, w2))
+      w2: torch.Tensor, biases: list[torch.Tensor], act: str, slices: list[int], transposed: list[int],
+      biased: list[int], no_grad: list[int]
+      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return (*(torch.empty_like(t) for t in (x, w, w1, w2)), [torch.empty_like(b) for b in biases])
 
 
-def _differentiable(op: Any, backward: Any) -> None:
-    """op's backward is `backward` (given dy, op's key and its inputs); its key is not differentiable."""
+def _differentiable(op: Any, backward: Any, listed: bool = False) -> None:
+    """op's backward is `backward` (given dy, op's key and its inputs); its key is not differentiable.
+    `listed`: op's sixth input is a list of tensors (the biases), whose cotangents the backward gives as a list."""
     def setup(ctx: Any, inputs: tuple, output: tuple) -> None:
-        ctx.save_for_backward(output[1], *inputs[:5])
-        ctx.rest = inputs[5:]
+        extra = list(inputs[5]) if listed else []
+        ctx.save_for_backward(output[1], *inputs[:5], *extra)
+        ctx.rest = inputs[6:] if listed else inputs[5:]
         ctx.mark_non_differentiable(output[1])
 
     def pullback(ctx: Any, dy: torch.Tensor, _dkey: Any) -> tuple:
-        key, x, idx, w, w1, w2 = ctx.saved_tensors
-        dx, dw, dw1, dw2 = backward(dy, key, x, idx, w, w1, w2, *ctx.rest)
-        return (dx, None, dw, dw1, dw2) + (None,) * len(ctx.rest)
+        key, x, idx, w, w1, w2, *extra = ctx.saved_tensors
+        lists = (extra,) if listed else ()
+        dx, dw, dw1, dw2, *dlists = backward(dy, key, x, idx, w, w1, w2, *lists, *ctx.rest)
+        # nothing to the other inputs; with a list input, PyTorch checks the structure: an empty list stays one
+        return (dx, None, dw, dw1, dw2, *(list(d) for d in dlists)) + tuple(
+            [] if listed and isinstance(a, list) and not a else None for a in ctx.rest)
 
     op.register_autograd(pullback, setup_context=setup)
 
 
 _differentiable(moe_swiglu_op, moe_swiglu_backward)
-_differentiable(moe_experts_op, moe_experts_backward)
+_differentiable(moe_experts_op, moe_experts_backward, listed=True)
 
 
 class FoldFailed(Exception):
@@ -245,6 +260,7 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
             traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the graph goes on as Dynamo gave it, and says so
         raise FoldFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    traced.graph.eliminate_dead_code()  # functional: tracing leaves dead views (of h: the fold reads its users)
     folded = fold_grouped_mm_moe(traced, torch.ops.sparsa.moe_swiglu.default,
                                  _needing_grad(traced, example_inputs))
     if not folded:
@@ -332,12 +348,11 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
                 continue
             elif needing_grad is None:
                 target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1], b1, b2)
-            elif b1 is not None or b2 is not None:
-                continue  # training folds experts without biases
             else:  # training: the weights as stored, the activation by name
                 (w1, t1), (w2, t2) = _stored(w1, aten), _stored(w2, aten)
                 target = torch.ops.sparsa.moe_experts.default
-                args = (x, idx, w, w1, w2, activation_name(act[0]), [i for sl in act[1] for i in sl], [t1, t2])
+                args = (x, idx, w, w1, w2, [b for b in (b1, b2) if b is not None], activation_name(act[0]),
+                        [i for sl in act[1] for i in sl], [t1, t2], [int(b1 is not None), int(b2 is not None)])
         with gm.graph.inserting_before(end):
             if needing_grad is None:
                 call = gm.graph.call_function(target, args)
@@ -661,19 +676,23 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 
 
-def experts_module(dtype: str, width: int, k: int, w1_shape: tuple[int, ...], w2_shape: tuple[int, ...], act: str,
-                   slices: list[int], transposed: list[int]) -> tuple[Module, str]:
+def experts_module(dtype: str, width: int, k: int, shapes: list[tuple[int, ...]], act: str, slices: list[int],
+                   transposed: list[int], biased: list[int]) -> tuple[Module, str]:
     """The experts of a training graph's folded block (`sparsa::moe_experts`, the weights as stored) as a function
-    of (x, idx, w, w1, w2), T tokens of `width` with `k` experts each: what the torch.compile backend compiles and
-    differentiates for the block (runtime/torch_moe.py `FoldedBlocks`)."""
-    types = [TensorType(dtype, ("T", width)), TensorType("i64", ("T", k)), TensorType(dtype, ("T", k)),
-             TensorType(dtype, tuple(w1_shape)), TensorType(dtype, tuple(w2_shape))]
+    of (x, idx, w, w1, w2, [b1], [b2]) (`shapes`: the weights' and the biases'), T tokens of `width` with `k`
+    experts each: what the torch.compile backend compiles and differentiates for the block (runtime/torch_moe.py
+    `FoldedBlocks`)."""
+    names = ["w1", "w2"] + [name for name, has in zip(("b1", "b2"), biased, strict=True) if has]
+    types = [TensorType(dtype, ("T", width)), TensorType("i64", ("T", k)), TensorType(dtype, ("T", k))] + [
+        TensorType(dtype, tuple(shape)) for shape in shapes]
     im = Importer(None)
-    im.block = Block(types, ["x", "idx", "w", "w1", "w2"])
+    im.block = Block(types, ["x", "idx", "w", *names])
     x, idx, w, *weights = im.block.args
     w1, w2 = (im.emit(S.TransposeOp, t, perm=(0, 2, 1)) if flip else t
-              for t, flip in zip(weights, transposed, strict=True))
-    y = _moe_experts(im, None, x, idx, w, w1, w2, ACTIVATIONS[act], _triples(slices))
+              for t, flip in zip(weights[:2], transposed, strict=True))
+    given = dict(zip(names, weights, strict=True))
+    y = _moe_experts(im, None, x, idx, w, w1, w2, ACTIVATIONS[act], _triples(slices), given.get("b1"),
+                     given.get("b2"))
     im.block.append(ReturnOp.build([y]))
     func = FuncOp([], [], {"sym_name": "MoEExperts", "result_types": (y.type,)}, [Region([im.block])])
     return Module([func]), "MoEExperts"

@@ -42,7 +42,7 @@ import torch
 from sparsa import knobs
 from sparsa.backends import base as backends
 from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
-from sparsa.frontend.torch_indexing import topk_indices_axis
+from sparsa.frontend.torch_indexing import one_per_row, topk_indices_axis
 from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
 from sparsa.frontend.torch_scan import fold_linear_scans
 from sparsa.ir.diagnostics import SparsaError
@@ -280,7 +280,8 @@ def topk_index_outputs(gm: Any) -> dict[str, int]:
 
 def scatters_as_adds(gm: Any, distinct: dict[str, int]) -> int:
     """A top-k's backward, scatter(zeros, dim, the top-k's indices, src), as scatter_add: the same where no index
-    repeats along dim, as a top-k's do not (`distinct`: the saved ones, by placeholder name); how many."""
+    repeats along dim, as a top-k's do not (`distinct`: the saved ones, by placeholder name), nor one of a single
+    entry along dim (a max's with keepdim); how many."""
     aten = torch.ops.aten
     zeros = (aten.new_zeros.default, aten.zeros.default, aten.zeros_like.default)
     count = 0
@@ -288,8 +289,9 @@ def scatters_as_adds(gm: Any, distinct: dict[str, int]) -> int:
         if n.op != "call_function" or n.target is not aten.scatter.src or n.kwargs:
             continue
         base, dim, index, _ = n.args
+        axis = dim % len(n.meta["val"].shape)
         along = distinct.get(index.name) if index.op == "placeholder" else topk_indices_axis(index)
-        if getattr(base, "target", None) in zeros and along is not None and dim % len(n.meta["val"].shape) == along:
+        if getattr(base, "target", None) in zeros and (along == axis or one_per_row(index, axis)):
             n.target = aten.scatter_add.default
             count += 1
     if count:

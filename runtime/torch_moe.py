@@ -201,10 +201,13 @@ def _all_but(wanted: frozenset[int]) -> tuple[int, ...]:
     return tuple(sorted(set(range(4)) - wanted))
 
 
-def _split(rest: tuple) -> tuple[tuple, tuple[int, ...]]:
-    """A folded op's arguments after its five tensors: its activation's description (none for SwiGLU: the
-    activation name, its column slices and which weights are stored transposed) and its `no_grad`."""
-    return tuple(tuple(a) if isinstance(a, list) else a for a in rest[:-1]), tuple(rest[-1])
+def _split(rest: tuple) -> tuple[list, tuple, tuple[int, ...]]:
+    """A folded op's arguments after its five tensors: its biases, its activation's description (the name, the
+    column slices, which weights are stored transposed, which biases it has; none of these for SwiGLU) and its
+    `no_grad`."""
+    if len(rest) == 1:
+        return [], (), tuple(rest[0])
+    return list(rest[0]), tuple(tuple(a) if isinstance(a, list) else a for a in rest[1:-1]), tuple(rest[-1])
 
 
 class BlockCall:
@@ -250,14 +253,15 @@ class FoldedBlocks:
                 continue
             backward = node.target in bwd
             inputs = node.args[2:7] if backward else node.args[:5]
-            act, no_grad = _split(node.args[7 if backward else 5:])
+            biases, act, no_grad = _split(node.args[7 if backward else 5:])
             wanted = frozenset(u.args[1] for u in node.users if u.target is operator.getitem) if backward \
                 else frozenset()
             try:
                 # the backward's own model where the forward's leaves out a gradient the graph reads
-                model = self.model(*(a.meta["val"] for a in inputs), act=act, no_grad=no_grad)
+                vals = [a.meta["val"] for a in inputs] + [[b.meta["val"] for b in biases]]
+                model = self.model(*vals, act=act, no_grad=no_grad)
                 if wanted & set(no_grad):
-                    self.model(*(a.meta["val"] for a in inputs), act=act, no_grad=_all_but(wanted))
+                    self.model(*vals, act=act, no_grad=_all_but(wanted))
             except (SparsaError, KeyError) as e:
                 why = e.message.splitlines()[0] if isinstance(e, SparsaError) else "no example value"
                 node.meta["sparsa_why"] = f"the folded MoE block did not compile: {why}"
@@ -268,7 +272,7 @@ class FoldedBlocks:
         return done
 
     def model(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-              act: tuple, no_grad: tuple[int, ...]) -> Any:
+              biases: list[torch.Tensor], act: tuple, no_grad: tuple[int, ...]) -> Any:
         """The compiled experts for these inputs (their example values: sizes, dtype, device) and activation (`act`:
         () for SwiGLU), made once, both halves of their reverse mode compiled now (not in a step)."""
         from sparsa.frontend.torch_moe import experts_module
@@ -277,13 +281,14 @@ class FoldedBlocks:
         target = block_target(self.target, x, "a folded MoE block")
         if self.expert_parallel is not None:  # its weight gradients would be this rank's blocks, the parameters whole
             raise SparsaError("a folded MoE block trained expert parallel (swap_moe_blocks trains it so)")
-        sizes = (x.shape[-1], idx.shape[-1], *w1.shape, *w2.shape)
+        sizes = (x.shape[-1], idx.shape[-1], *w1.shape, *w2.shape, *(d for b in biases for d in b.shape))
         if not all(isinstance(d, int) for d in sizes):
             raise SparsaError("a folded MoE block with symbolic expert sizes")
         key = (target, x.device.type, x.dtype, sizes, act, no_grad)
         if key not in self.models:
             if act:
-                module, name = experts_module(_DTYPES[x.dtype], *sizes[:2], w1.shape, w2.shape, *act)
+                module, name = experts_module(_DTYPES[x.dtype], *sizes[:2], [t.shape for t in (w1, w2, *biases)],
+                                              *act)
             else:
                 D, K, E, F2 = sizes[:4]
                 text = EXPERTS_SOURCE.format(dt=_DTYPES[x.dtype], D=D, K=K, E=E, F2=F2, F=F2 // 2,
@@ -296,10 +301,9 @@ class FoldedBlocks:
             self.models[key] = model
         return self.models[key]
 
-    def _inputs(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor,
-                w2: torch.Tensor) -> list[torch.Tensor]:
-        return [x.detach(), idx.to(torch.int64), w.detach().to(x.dtype), w1.detach().to(x.dtype),
-                w2.detach().to(x.dtype)]
+    def _inputs(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                biases: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [x.detach(), idx.to(torch.int64), *(t.detach().to(x.dtype) for t in (w, w1, w2, *biases))]
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 *rest: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,8 +311,9 @@ class FoldedBlocks:
         arguments, the activation's description and `no_grad`)."""
         from sparsa.frontend.torch_moe import new_key
 
-        act, no_grad = _split(rest)
-        y, pullback = self.model(x, idx, w, w1, w2, act, no_grad).vjp(*self._inputs(x, idx, w, w1, w2))
+        biases, act, no_grad = _split(rest)
+        y, pullback = self.model(x, idx, w, w1, w2, biases, act, no_grad).vjp(*self._inputs(x, idx, w, w1, w2,
+                                                                                           biases))
         key = new_key()
         self.pullbacks[int(key)] = (pullback, no_grad)
         weakref.finalize(key, self.pullbacks.pop, int(key), None)  # freed with the key AOTAutograd saves
@@ -317,17 +322,22 @@ class FoldedBlocks:
     def backward(self, dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                  w1: torch.Tensor, w2: torch.Tensor, *rest: Any, wanted: frozenset[int] = frozenset({0, 1, 2, 3})
                  ) -> tuple:
-        """The cotangents of (x, w, w1, w2) at the positions `wanted` (None at the others), from the pullback the
-        forward left under `key`, or from the forward run again."""
-        act, _ = _split(rest)
+        """The cotangents of (x, w, w1, w2) at the positions `wanted` (None at the others), and a list of the
+        biases' (where the op takes biases), from the pullback the forward left under `key`, or from the forward
+        run again."""
+        biases, act, _ = _split(rest)
         pullback, kept_out = self.pullbacks.get(int(key), (None, ()))
         if pullback is None or wanted & set(kept_out):  # the forward again, giving every gradient the graph reads
             self.stats["moe backward with the forward run again"] += 1
-            model = self.model(x, idx, w, w1, w2, act, _all_but(wanted))
-            _, pullback = model.vjp(*self._inputs(x, idx, w, w1, w2))
+            model = self.model(x, idx, w, w1, w2, biases, act, _all_but(wanted))
+            _, pullback = model.vjp(*self._inputs(x, idx, w, w1, w2, biases))
         else:
             self.stats["moe backward from saved residuals"] += 1
         grads = pullback(dy.detach().to(x.dtype).contiguous())
         inputs = (x, w, w1, w2)
-        return tuple(grads[name].to(inputs[i].dtype) if i in wanted else None
+        four = tuple(grads[name].to(inputs[i].dtype) if i in wanted else None
                      for i, name in enumerate(_FLOAT_INPUTS[bool(act)]))
+        if not act:
+            return four
+        names = [name for name, has in zip(("b1", "b2"), act[-1], strict=True) if has]
+        return (*four, [grads[name].to(b.dtype) for name, b in zip(names, biases, strict=True)])

@@ -446,10 +446,11 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
-@pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved"])
+@pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved", "interleaved+bias"])
 def test_moe_experts_of_other_activations_train_on_sparsas_backward(target: str, form: str) -> None:
     """transformers' grouped_mm experts of another activation than SwiGLU (NemotronH's relu^2 on [E, out, in]
-    weights, Aria's GELU gate on [E, in, out], GPT-OSS-style interleaved gate/up with clamps), after a projection
+    weights, Aria's GELU gate on [E, in, out], GPT-OSS's interleaved gate/up with clamps, and its biases), after
+    a projection
     (so x wants a gradient too): folded into sparsa::moe_experts before AOTAutograd, both halves run as the experts
     compiled by Sparsa (the weights as stored, the activation differentiated by its ops' rules, the dispatch and
     products saved for the backward). Nothing falls back; losses and gradients equal eager's."""
@@ -472,6 +473,39 @@ def test_moe_experts_of_other_activations_train_on_sparsas_backward(target: str,
     backward = _block_ops(backend, "bwd")
     assert "moe.dispatch" not in backward and backward.count("moe.grouped_weight_grad") >= 2, backward
     assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 2}
+
+
+class SinkAttention(torch.nn.Module):
+    """GPT-OSS's attention sinks: a learned logit per head joins each row's scores, the row's max (keepdim) is
+    subtracted before the softmax, and the sink's column is dropped after it."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.qkv, self.heads = torch.nn.Linear(dim, 3 * dim), heads
+        self.sinks = torch.nn.Parameter(torch.randn(heads))
+
+    def forward(self, x):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        logits = q @ k.transpose(-1, -2)
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(B, -1, S, 1)
+        combined = torch.cat([logits, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1)[..., :-1]
+        return (probs @ v).transpose(1, 2).reshape(B, S, D)
+
+
+def test_a_max_with_keepdim_trains_on_an_imported_scatter() -> None:
+    """max(dim, keepdim=True)'s backward scatters into zeros at its indices, one per row, which cannot repeat: a
+    scatter_add, imported (it fell back to PyTorch in GPT-OSS's attention sinks)."""
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = SinkAttention()
+    backend = SparsaBackend({"target": "reference"})
+    _trains_as_eager(model, copy.deepcopy(model), backend, torch.randn(2, 7, 16))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["top-k backward scatters as adds"] == 1
 
 
 class ChunkWrites(torch.nn.Module):
@@ -648,7 +682,7 @@ def test_a_folded_block_sparsa_cannot_compile_runs_its_pytorch_definition(monkey
         pytest.importorskip("transformers")
         from transformers_experts import experts_block
 
-        block = torch.nn.Sequential(torch.nn.Linear(32, 32), experts_block("interleaved")).train()
+        block = torch.nn.Sequential(torch.nn.Linear(32, 32), experts_block("interleaved+bias")).train()
         ref, x = copy.deepcopy(block), torch.randn(19, 32)
     backend = SparsaBackend({"target": "reference"})
     _trains_as_eager(block, ref, backend, x)
@@ -665,7 +699,7 @@ def test_folded_block_backward_from_residuals_or_the_forward_again(target: str, 
     """The compiled block's forward keeps its pullback under the key it returns, for as long as the key lives; the
     backward reads it, or runs the forward again for a key it has nothing under (or for a gradient the forward was
     told was not needed). Every gradient equals the op's PyTorch definition's (moe_experts: relu^2 experts, the
-    first weight stored transposed, the second not)."""
+    first weight stored transposed, the second not, a bias on the first)."""
     if target == "cpu":
         pytest.importorskip("torch_mlir")
     import gc
@@ -683,8 +717,8 @@ def test_folded_block_backward_from_residuals_or_the_forward_again(target: str, 
         w1, w2, rest = torch.randn(E, 2 * Fd, D) * 0.3, torch.randn(E, D, Fd) * 0.3, ()
     else:
         relu2 = make_fx(lambda h0: torch.relu(h0) ** 2)(torch.randn(2, Fd))
-        w1, w2, rest = torch.randn(E, Fd, D) * 0.3, torch.randn(E, Fd, D) * 0.3, (activation_name(relu2),
-                                                                                 [0, Fd, 1], [1, 0])
+        w1, w2 = torch.randn(E, Fd, D) * 0.3, torch.randn(E, Fd, D) * 0.3
+        rest = ([torch.randn(E, Fd)], activation_name(relu2), [0, Fd, 1], [1, 0], [1, 0])
     ops = torch.ops.sparsa
     dy = torch.randn(T, D)
     want = getattr(ops, f"{op}_backward")(dy, new_key(), x, idx, w, w1, w2, *rest, [])
@@ -698,7 +732,9 @@ def test_folded_block_backward_from_residuals_or_the_forward_again(target: str, 
         got = blocks.backward(dy, key, x, idx, w, w1, w2, *rest, [0], wanted=frozenset(wanted))
         assert dict(blocks.stats) == {how: 1}
         for i, (g, ref) in enumerate(zip(got, want, strict=True)):
-            if i in wanted:
+            if i == 4:  # the biases', always
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5, msg="biases")
+            elif i in wanted:
                 torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5, msg=str(i))
             else:
                 assert g is None
