@@ -342,18 +342,23 @@ def test_torch_moe_block_runs_natively_packing_its_weights_each_call():
     ("transpose(wt[:, 5:75, :], [0, 2, 1])", 3, 70, 37),  # a slice of PyTorch's layout: a partial panel, K % lanes
     ("transpose(wt, [0, 2, 1])", 2, 64, 48),  # whole panels, K a multiple of every vector width
     ("wt[:, :, 3:99]", 2, 96, 20),  # columns contiguous in the source
+    ("wt[:, :, ::2]", 2, 64, 20),  # every other column (GPT-OSS's interleaved gate): two vectors shuffled into one
+    ("wt[:, :, 1::2]", 3, 70, 37),  # the odd ones, the last at the end of the source's row; a partial panel
+    ("transpose(wt[:, 1::2, :], [0, 2, 1])", 2, 40, 24),  # strided along PyTorch's N: an element at a time
 ])
 def test_expert_weights_packed_from_their_views_at_each_call(monkeypatch, target, view, E, N, K):
-    """Expert weights that are inputs, read through a transpose or a slice: packed into panels by the native host's
-    pack kernel at every call (vectors along the source's contiguous axis, transposed in registers where it is
-    PyTorch's [E, N, K]), on AVX-512, AVX2 and SSE code; bitwise the Python host's NumPy packing, and the
+    """Expert weights that are inputs, read through a transpose or a slice (with steps too): packed into panels by
+    the native host's pack kernel at every call (vectors along the source's contiguous axis, transposed in
+    registers where it is PyTorch's [E, N, K], every other column shuffled out of two), on AVX-512, AVX2 and SSE
+    code; bitwise the Python host's NumPy packing, and the
     reference's result. A second call with other weights is packed afresh."""
     from sparsa.backends.cpu.target import named_target
 
     if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
         pytest.skip(f"{target} does not run here")
     shape = {"transpose(wt[:, 5:75, :], [0, 2, 1])": (E, 80, K), "transpose(wt, [0, 2, 1])": (E, N, K),
-             "wt[:, :, 3:99]": (E, K, 100)}[view]
+             "wt[:, :, 3:99]": (E, K, 100), "wt[:, :, ::2]": (E, K, 2 * N), "wt[:, :, 1::2]": (E, K, 2 * N),
+             "transpose(wt[:, 1::2, :], [0, 2, 1])": (E, 2 * N, K)}[view]
     head = f"x: f32[T, {K}], idx: i64[T, 2], w: f32[T, 2], wt: f32{list(shape)}, w2: f32[{E}, {N}, {K}]"
     src = f"""model P({head}) -> f32[T, {K}] {{
     wu = {view}

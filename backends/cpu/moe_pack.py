@@ -39,18 +39,19 @@ def packable(op: Operation, weights: list[Value], fixed: set[int]) -> bool:
 
 def _view_op(op: Operation | None) -> bool:
     """A view a pack kernel reads through: the last two axes of a 3-D tensor swapped (a weight stored [E, N, K],
-    as PyTorch's Linear and transformers' expert weights are), or a slice of them with unit steps (one half of
-    transformers' fused gate_up_proj)."""
+    as PyTorch's Linear and transformers' expert weights are), or a slice of them (one half of transformers' fused
+    gate_up_proj, or every other column of GPT-OSS's interleaved one)."""
     if isinstance(op, S.TransposeOp):
         return tuple(op.perm) == (0, 2, 1)
-    return isinstance(op, S.SliceOp) and op.x.type.rank == 3 and all(s == 1 for s in op.steps) and \
-        op.starts[0] == 0 and op.stops[0] is None
+    return isinstance(op, S.SliceOp) and op.x.type.rank == 3 and op.steps[0] == 1 and all(s > 0 for s in op.steps) \
+        and op.starts[0] == 0 and op.stops[0] is None
 
 
-def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int]] | None:
+def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int], dict[int, int]] | None:
     """w ([E, K, N]) as views of a source (`_view_op`s, at least one): the source, the source's axis of each of
-    w's last two, and the offset along each (a slice's start); None where w is not such a view."""
-    axis_of, offset = {1: 1, 2: 2}, {1: 0, 2: 0}
+    w's last two, and the offset and stride along each (index i of w along a is offset + i * stride of the source
+    along its axis); None where w is not such a view."""
+    axis_of, offset, stride = {1: 1, 2: 2}, {1: 0, 2: 0}, {1: 1, 2: 1}
     v = w
     while _view_op(v.defining_op):
         op = v.defining_op
@@ -59,9 +60,10 @@ def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int]] | None
         else:
             if not all(isinstance(d, int) for d in w.type.shape[1:]):
                 return None  # a slice's columns are read by w's static sizes
-            offset = {a: o + op.starts[axis_of[a]] for a, o in offset.items()}
+            offset = {a: op.starts[axis_of[a]] + o * op.steps[axis_of[a]] for a, o in offset.items()}
+            stride = {a: s * op.steps[axis_of[a]] for a, s in stride.items()}
         v = op.operands[0]
-    return None if v is w else (v, axis_of, offset)
+    return None if v is w else (v, axis_of, offset, stride)
 
 
 def packed_views(ops: list[Operation], fixed: set[int]) -> set[int]:
@@ -94,7 +96,7 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
     is one, or of the tensor a slice of it views (half of a fused gate_up), at the slice's offsets. Panels
     with all their columns in w go by vectors (`pack_panel`), the last one past N an element at a time."""
     chain = _view_chain(w) if id(w.defining_op) in cx.packed else None
-    source, axis_of, offset = chain if chain is not None else (w, {1: 1, 2: 2}, {1: 0, 2: 0})
+    source, axis_of, offset, stride = chain if chain is not None else (w, {1: 1, 2: 2}, {1: 0, 2: 0}, {1: 1, 2: 1})
     E, K = w.type.shape[0], w.type.shape[1]
     panels = Scratch(TensorType(w.type.dtype, (E, None, K, PANEL)), lambda known, ctx: (
         known[id(w)][0], -(-known[id(w)][2] // PANEL), known[id(w)][1], PANEL), f"{w.name_hint}_panels")
@@ -103,14 +105,19 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
     src, dst, part, parts = entry.arguments
     et = element_type(w.type.dtype)
     lanes = cx.target.lanes(ir.FloatType(et).width) if isinstance(et, ir.FloatType) else 1
-    vectors = lanes > 1 and PANEL % lanes == 0 and lanes & (lanes - 1) == 0
+    transposed = axis_of[1] == 2  # K contiguous in the source: read along K, transposed in registers
+    vectors = lanes > 1 and PANEL % lanes == 0 and lanes & (lanes - 1) == 0 and stride[1] == 1 and (
+        stride[2] == 1 or not transposed and stride[2] == 2)
     with ir.InsertionPoint(entry):
         N = w.type.shape[2]  # static where a slice is read through (`_view_chain`)
         n = B.c_index(N) if isinstance(N, int) else B.mdim(src, axis_of[2])
         K = B.mdim(dst, 2)
 
+        def along(i: ir.Value, a: int) -> ir.Value:  # src's index of w's index i along axis a
+            return B.add(B.mul(i, B.c_index(stride[a])) if stride[a] != 1 else i, B.c_index(offset[a]))
+
         def at_w(e: ir.Value, kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # src's indices of w[e, kk, col]
-            at = {0: e, axis_of[1]: B.add(kk, B.c_index(offset[1])), axis_of[2]: B.add(col, B.c_index(offset[2]))}
+            at = {0: e, axis_of[1]: along(kk, 1), axis_of[2]: along(col, 2)}
             return [at[0], at[1], at[2]]
 
         def elements(e: ir.Value, p: ir.Value) -> None:  # one at a time, zero past column n
@@ -135,7 +142,8 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
                     c0 = B.mul(p, B.c_index(PANEL))
                     whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(PANEL)), n), has_else=True)
                     with ir.InsertionPoint(whole.then_block):
-                        pack_panel(src, dst, e, p, c0, K, lanes, axis_of[1] == 2, lambda kk, col: at_w(e, kk, col))
+                        pack_panel(src, dst, e, p, c0, K, lanes, transposed, lambda kk, col: at_w(e, kk, col),
+                                   stride[2], axis_of[2])
                         scf.YieldOp([])
                     with ir.InsertionPoint(whole.else_block):  # the last panel, past N
                         elements(e, p)
@@ -147,19 +155,31 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
 
 
 def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Value, K: ir.Value, lanes: int,
-               transposed: bool, at_w: Any) -> None:
+               transposed: bool, at_w: Any, step: int = 1, col_axis: int = 2) -> None:
     """dst[e, p] = w[e, :, c0:c0 + PANEL] in vectors of `lanes` (at_w(kk, col): src's indices of w[e, kk, col]).
     From a source stored [E, N, K] (`transposed`: PyTorch's layout), per step of `lanes` rows of K, each group of
     lanes columns is read as lanes vectors along K, transposed in registers (`B.transpose_square`) and stored as
     lanes rows of the panel: every load and store a vector, where one element at a time packed a 16 MB weight in
-    2.5-4.2 ms (1.3-1.7 now, Zen 4). The rows of K past the last whole step go one element at a time."""
+    2.5-4.2 ms (1.3-1.7 now, Zen 4). The rows of K past the last whole step go one element at a time. With `step`
+    2 (every other column of src, along its axis `col_axis`: GPT-OSS's interleaved gate and up), two vectors of src
+    give one of w: the first's even lanes, then the odd lanes of the second, which starts one column before w's
+    column lanes / 2 (so that the last column of src it reads is w's last)."""
     vt = ir.VectorType.get([lanes], ir.MemRefType(dst.type).element_type)
-    if not transposed:  # w's columns are contiguous in src: row by row, vector by vector
+    if not transposed:  # w's columns are contiguous (or every other one) in src: row by row, vector by vector
         rows = B.loop(0, K)
         with ir.InsertionPoint(rows.body):
             kk = rows.induction_variable
             for j in range(0, PANEL, lanes):
-                v = vector.LoadOp(vt, src, at_w(kk, B.add(c0, B.c_index(j)))).result
+                col = B.add(c0, B.c_index(j))
+                if step == 1:
+                    v = vector.LoadOp(vt, src, at_w(kk, col)).result
+                else:
+                    low = vector.LoadOp(vt, src, at_w(kk, col)).result
+                    at = at_w(kk, B.add(col, B.c_index(lanes // 2)))
+                    at[col_axis] = B.sub(at[col_axis], B.c_index(1))
+                    high = vector.LoadOp(vt, src, at).result
+                    v = vector.ShuffleOp(low, high, [2 * i for i in range(lanes // 2)] +
+                                         [lanes + 1 + 2 * i for i in range(lanes // 2)]).result
                 vector.StoreOp(v, dst, [e, p, kk, B.c_index(j)])
             scf.YieldOp([])
         return
