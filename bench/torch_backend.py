@@ -91,6 +91,31 @@ def nemotron_h_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
     return block
 
 
+class _FirstOutput(torch.nn.Module):
+    """A block returning (hidden states, router scores) as its hidden states alone."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)[0]
+
+
+def gpt_oss_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
+    """transformers' GPT-OSS MoE block: interleaved gate/up experts with clamps and expert biases (grouped_mm), a
+    softmax over the router's top-k logits; randomly initialised; its hidden states only."""
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+
+    config = GptOssConfig(hidden_size=d, intermediate_size=f, num_local_experts=e, num_experts_per_tok=k)
+    config._experts_implementation = "grouped_mm"
+    block = GptOssMLP(config)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=d**-0.5)
+    return _FirstOutput(block)
+
+
 # transformers' experts implementations: "grouped_mm" (its default; sort, histc, grouped matmul) and
 # "eager" (the classic loop over experts with nonzero, which graph-breaks)
 FORMS = {"grouped_mm": "grouped_mm experts", "eager": "expert loop"}
@@ -204,6 +229,8 @@ def main() -> None:
                           lambda T=T, D=D: [torch.randn(1, T, D, device=dev)], True))
     cases.append(("NemotronH MoE block (relu^2 experts) T=1024 D=512 F=1024 E=8 k=2",
                   lambda: nemotron_h_moe(512, 1024, 8, 2), lambda: [torch.randn(1, 1024, 512, device=dev)], False))
+    cases.append(("GPT-OSS MoE block (interleaved gate/up, biases) T=1024 D=512 F=1024 E=8 k=2",
+                  lambda: gpt_oss_moe(512, 1024, 8, 2), lambda: [torch.randn(1, 1024, 512, device=dev)], False))
     rows = [case(name, make, inputs(), args, swap=swap) for name, make, inputs, swap in cases
             if args.only.lower() in name.lower()]
     if args.json:

@@ -5,8 +5,9 @@ their large buffers' pages in (malloc's mmap threshold grows as they are freed),
 
     python bench/training.py                  # every case
     python bench/training.py --only attention # sliding-window attention: .sp, torch.compile, eager SDPA, Flex
-    python bench/training.py --only moe       # a Mixtral block and a NemotronH block
+    python bench/training.py --only moe       # a Mixtral, a NemotronH and a GPT-OSS block
     python bench/training.py --only nemotron  # the NemotronH block (relu^2 experts, a shared expert)
+    python bench/training.py --only gpt-oss   # the GPT-OSS block (interleaved gate/up, expert biases)
     python bench/training.py --only scan      # the selective scan (its eager loop takes minutes: one run)
 """
 
@@ -103,15 +104,30 @@ def bench_moe(sgemm: float) -> None:
 
 
 def bench_nemotron(sgemm: float) -> None:
-    """transformers' NemotronH MoE block (ungated relu^2 experts, sigmoid routing, a shared expert): eager, Inductor,
-    and backend=sparsa, which folds its experts before AOTAutograd (their backward is Sparsa's)."""
+    """transformers' NemotronH MoE block (ungated relu^2 experts, sigmoid routing, a shared expert)."""
     from torch_backend import nemotron_h_moe
 
     T, D, Fd, E, K = 1024, 512, 1024, 8, 2
-    case = f"NemotronH MoE block (relu^2) T={T} D={D} F={Fd} E={E} k={K} fwd+bwd"
     flops = 2 * T * D * Fd * 2 * 3 * (K + 1)  # the routed and the shared experts' two GEMMs, forward and backward
+    bench_block(f"NemotronH MoE block (relu^2) T={T} D={D} F={Fd} E={E} k={K} fwd+bwd", nemotron_h_moe(D, Fd, E, K),
+                T, D, flops, sgemm)
+
+
+def bench_gpt_oss(sgemm: float) -> None:
+    """transformers' GPT-OSS MoE block (interleaved gate/up with clamps, expert biases)."""
+    from torch_backend import gpt_oss_moe
+
+    T, D, Fd, E, K = 1024, 512, 1024, 8, 2
+    flops = 2 * T * D * Fd * 3 * 3 * K  # gate, up and down GEMMs, forward and backward
+    bench_block(f"GPT-OSS MoE block (biases) T={T} D={D} F={Fd} E={E} k={K} fwd+bwd", gpt_oss_moe(D, Fd, E, K),
+                T, D, flops, sgemm)
+
+
+def bench_block(case: str, block: torch.nn.Module, T: int, D: int, flops: float, sgemm: float) -> None:
+    """A transformers MoE block trained a step at a time: eager, Inductor, and backend=sparsa, which folds its
+    experts before AOTAutograd (their backward is Sparsa's)."""
     torch.manual_seed(0)
-    block = nemotron_h_moe(D, Fd, E, K).train()
+    block = block.train()
     x, dy = torch.randn(1, T, D, requires_grad=True), torch.randn(1, T, D)
 
     def step(f):
@@ -119,7 +135,7 @@ def bench_nemotron(sgemm: float) -> None:
             t.grad = None
         f(x).backward(dy)
 
-    record(case, "eager transformers grouped_mm", median_ms(lambda: step(block)), flops, sgemm)
+    record(case, "eager transformers grouped_mm", median_ms(lambda: step(block), runs=7, warmup=2), flops, sgemm)
     for label, backend in (("torch.compile (Inductor)", "inductor"), ("torch.compile(backend=sparsa)", "sparsa")):
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=backend)
@@ -178,7 +194,7 @@ def main() -> None:
     machine_header()
     sgemm = sgemm_gflops()
     for name, run in {"attention": bench_attention, "moe": bench_moe, "nemotron moe": bench_nemotron,
-                      "scan": bench_scan}.items():
+                      "gpt-oss moe": bench_gpt_oss, "scan": bench_scan}.items():
         if args.only in name:
             run(sgemm)
 

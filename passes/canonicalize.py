@@ -181,6 +181,25 @@ class AddDisjointConcats(RewritePattern):
         return True
 
 
+class AddReshapes(RewritePattern):
+    """reshape(a) + reshape(b) of a and b of one type is reshape(a + b) (the put-backs of interleaved slices, each
+    a reshape of a concat: AddDisjointConcats then makes the sum one concat)."""
+
+    ROOT = T.AddOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        a, b = (v.defining_op for v in (op.lhs, op.rhs))
+        if not (isinstance(a, S.ReshapeOp) and isinstance(b, S.ReshapeOp)) or a.x.type != b.x.type or \
+                not op.lhs.type == op.rhs.type == op.result.type:
+            return False
+        total = T.AddOp.build(a.x, b.x, loc=op.loc)
+        rewriter.insert_before(op, total)
+        new = S.ReshapeOp.build(total.result, shape=a.shape, loc=op.loc)
+        rewriter.insert_before(op, new)
+        rewriter.replace_op(op, [new.result])
+        return True
+
+
 class ComposeReshapes(RewritePattern):
     """reshape(reshape(x)) becomes one reshape; a reshape to the operand's own type disappears."""
 
@@ -245,7 +264,8 @@ class Canonicalize(Pass):
     max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
     PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), NegateAfterSum(),
-                ElideNoOpCast(), ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), ComposeReshapes(),
+                ElideNoOpCast(), ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), AddReshapes(),
+                ComposeReshapes(),
                 FoldConstantWhere(), ReadBroadcastsInPlace())
 
     def run(self, module: Module) -> None:

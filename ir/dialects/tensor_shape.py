@@ -266,6 +266,14 @@ def put_back(g: Any, taken: Value, axis: int, n: Dim, start: int, step: int) -> 
     else:
         span = 0 if m == 0 else min(m * step, n - start)
         rest = n - start - span
+    if step != 1 and isinstance(n, int) and n == m * step and start < step:
+        # every step-th row from row start < step, to the end: the rows as piece `start` of step interleaved ones,
+        # the others zeros (so that the sum of the slices' put-backs that tile the axis is one concat: GPT-OSS's
+        # interleaved gate and up)
+        spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
+        pieces = [spread if i == start else g.zeros_like(spread) for i in range(step)]
+        return g.emit("tensor.reshape", g.emit("tensor.concat", pieces, axis=axis + 1), shape=list(
+            taken.type.shape[:axis]) + [n] + list(taken.type.shape[axis + 1:]))
     if step != 1 and m:
         spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
         gaps = list(spread.type.shape)
