@@ -226,11 +226,12 @@ class _Rows:
                 _identity(product.type)], topk=k, gather=gather, loc=mm.loc))
         for v, b in stage.vectors.items():
             mapping[v] = self.add(S.GatherOp.build(b, [self.experts()]))
-        for op in stage.epilogue:
+        for op in stage.epilogue:  # built again: their types are inferred (b[e] * 2 is a row of rows now)
             for v in op.operands:
                 if isinstance(v.defining_op, T.ConstantOp) and id(v) not in mapping:
                     self.add(clone_op(v.defining_op, mapping))
-            self.add(clone_op(op, mapping))
+            new = type(op).build(*(mapping.get(id(v), v) for v in op.operands), loc=op.loc, **op.attributes)
+            mapping[id(op.results[0])] = self.add(new)
         return mapping[id(stage.output)]
 
     def bias_sum(self, b: Value, gates: Value, experts: int) -> Value:

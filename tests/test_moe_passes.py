@@ -30,7 +30,7 @@ BODIES = {
     "sliced": "(relu(h @ w1[e][:, 1:4]) * (h @ w3[e][:, :3].T.T)) @ w2[e][1:4]",
     # expert vectors (GPT-OSS's biases): before the activation, after the last matmul, or both
     "biased": "(silu(h @ w1[e] + b1[e]) * (h @ w3[e] - b1[e])) @ w2[e] + b2[e]",
-    "first bias": "tanh(h @ w1[e] + b1[e]) @ w2[e]",
+    "first bias": "tanh(h @ w1[e] + b1[e] * 0.5) @ w2[e]",  # b1[e] * 0.5: a vector op, on the rows' vectors
     "last bias": "relu(h @ w1[e]) @ w2[e] + b2[e]",
     "last bias inside": "relu(relu(h @ w1[e]) @ w2[e] + b2[e])",  # not p + b[e] after the combine: stays moe.moe
 }
