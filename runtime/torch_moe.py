@@ -21,8 +21,8 @@ as Sparsa calls) and compiles the rest. Under autograd (training), a swapped blo
 (`m.vjp`): gradients reach the hidden states and the block's parameters.
 
 `FoldedBlocks` serves the torch.compile backend instead: the blocks of a training graph that it folded into
-`sparsa::moe_swiglu` (frontend/torch_moe.py) run as their experts compiled whole, the forward's residuals kept
-for the backward under a key the op returns.
+`sparsa::moe_swiglu` or `sparsa::moe_experts` (another activation, biases; frontend/torch_moe.py) run as their
+experts compiled whole, the forward's residuals kept for the backward under a key the op returns.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _split(rest: tuple) -> tuple[list, tuple, tuple[int, ...]]:
 
 
 class BlockCall:
-    """What a training graph calls in place of `sparsa::moe_swiglu` (forward) or its backward: the folded block
+    """What a training graph calls in place of a folded op (forward) or its backward: the folded block
     compiled by Sparsa (`FoldedBlocks`). `wanted`: the backward's results the graph reads."""
 
     def __init__(self, blocks: FoldedBlocks, backward: bool, wanted: frozenset[int] = frozenset()):
@@ -226,9 +226,10 @@ class BlockCall:
 
 
 class FoldedBlocks:
-    """A torch.compile backend's MoE blocks folded for training (`sparsa::moe_swiglu` and its backward,
-    frontend/torch_moe.py), each run as the experts compiled by Sparsa: the forward is the model's `vjp` (its saved
-    residuals: the dispatch and the SwiGLU products), whose pullback waits under the call's key until the backward
+    """A torch.compile backend's MoE blocks folded for training (`sparsa::moe_swiglu`, `sparsa::moe_experts` and
+    their backwards, frontend/torch_moe.py), each run as the experts compiled by Sparsa (SwiGLU's from a `.sp`
+    model, the others' from the `moe.moe` the importer makes: `experts_module`): the forward is the model's `vjp`
+    (its saved residuals: the dispatch and the expert products), whose pullback waits under the call's key until the backward
     calls it, so the backward neither sorts the tokens nor makes the products again. A key without a pullback (the
     forward ran elsewhere) makes the backward run the forward again. The inputs that need no gradient (as the fold
     saw them) get none: no dX GEMMs where x needs none."""
