@@ -229,10 +229,10 @@ class FoldedBlocks:
     """A torch.compile backend's MoE blocks folded for training (`sparsa::moe_swiglu`, `sparsa::moe_experts` and
     their backwards, frontend/torch_moe.py), each run as the experts compiled by Sparsa (SwiGLU's from a `.sp`
     model, the others' from the `moe.moe` the importer makes: `experts_module`): the forward is the model's `vjp`
-    (its saved residuals: the dispatch and the expert products), whose pullback waits under the call's key until the backward
-    calls it, so the backward neither sorts the tokens nor makes the products again. A key without a pullback (the
-    forward ran elsewhere) makes the backward run the forward again. The inputs that need no gradient (as the fold
-    saw them) get none: no dX GEMMs where x needs none."""
+    (its saved residuals: the dispatch and the expert products), whose pullback waits under the call's key until
+    the backward calls it, so the backward neither sorts the tokens nor makes the products again. A key without a
+    pullback (the forward ran elsewhere) makes the backward run the forward again. The inputs that need no gradient
+    (as the fold saw them) get none: no dX GEMMs where x needs none."""
 
     def __init__(self, target: str = backends.AUTO, expert_parallel: Any = None):
         self.target, self.expert_parallel = target, expert_parallel
