@@ -91,17 +91,6 @@ def nemotron_h_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
     return block
 
 
-class _FirstOutput(torch.nn.Module):
-    """A block returning (hidden states, router scores) as its hidden states alone."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)[0]
-
-
 def gpt_oss_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
     """transformers' GPT-OSS MoE block: interleaved gate/up experts with clamps and expert biases (grouped_mm), a
     softmax over the router's top-k logits; randomly initialised; its hidden states only."""
@@ -113,7 +102,7 @@ def gpt_oss_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
     block = GptOssMLP(config)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=d**-0.5)
-    return _FirstOutput(block)
+    return _Holder(block, first=True)
 
 
 # transformers' experts implementations: "grouped_mm" (its default; sort, histc, grouped matmul) and
@@ -185,14 +174,16 @@ def case(name: str, make: Callable[[], torch.nn.Module], inputs: list[torch.Tens
 
 
 class _Holder(torch.nn.Module):
-    """A parent for a bare MoE block, so that swap_moe_blocks can replace it."""
+    """A parent for a bare MoE block, so that swap_moe_blocks can replace it; with `first`, of a block returning
+    (hidden states, router scores), its hidden states alone."""
 
-    def __init__(self, block: torch.nn.Module):
+    def __init__(self, block: torch.nn.Module, first: bool = False):
         super().__init__()
-        self.block = block
+        self.block, self.first = block, first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        y = self.block(x)
+        return y[0] if self.first else y
 
 
 def _swapped_root(module: torch.nn.Module, freezing: bool) -> torch.nn.Module:

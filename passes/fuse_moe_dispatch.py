@@ -194,18 +194,21 @@ class _Rows:
     """Tensor ops the rewrite inserts before the moe: the expert of each permuted row (made once), and the
     sum over slots of the last stage's bias."""
 
-    def __init__(self, moe: MoeOp, perm: Value, rewriter: Rewriter):
-        self.moe, self.perm, self.rewriter, self._experts, self._slots = moe, perm, rewriter, None, None
+    def __init__(self, moe: MoeOp, dispatch: DispatchOp, k: int, rewriter: Rewriter):
+        self.moe, self.k, self.rewriter, self._experts, self._slots = moe, k, rewriter, None, None
+        self.perm, self.offsets = dispatch.results
 
     def add(self, op: Operation) -> Value:
         self.rewriter.insert_before(self.moe, op)
         return op.results[0]
 
+    def const(self, value: float, dtype: str, shape: tuple = ()) -> Value:
+        return self.add(T.ConstantOp.build(value=value, result_types=[TensorType(dtype, shape)]))
+
     def slots(self) -> Value:
         """max(perm, 0): each permuted row's slot (t * k + j; padding rows read slot 0, and are never read after)."""
         if self._slots is None:
-            zero = self.add(T.ConstantOp.build(value=0, result_types=[TensorType("i64", ())]))
-            self._slots = self.add(T.MaximumOp.build(self.perm, zero))
+            self._slots = self.add(T.MaximumOp.build(self.perm, self.const(0, "i64")))
         return self._slots
 
     def experts(self) -> Value:
@@ -215,15 +218,14 @@ class _Rows:
             self._experts = self.add(S.GatherOp.build(ids, [self.slots()]))
         return self._experts
 
-    def unfused(self, stage: Stage, rows: Value, perm: Value, offsets: Value, weights: list[Value], k: int,
-                gather: bool) -> Value:
+    def unfused(self, stage: Stage, rows: Value, weights: list[Value], gather: bool) -> Value:
         """A stage whose epilogue reads expert vectors: a grouped matmul per product, the epilogue as tensor ops
         on the permuted rows."""
         mapping: dict[int, Value] = {}
         for mm, w in zip(stage.matmuls, weights, strict=True):
             product = mm.results[0]
-            mapping[id(product)] = self.add(GroupedMatmulOp.build(rows, perm, offsets, [w], regions=[
-                _identity(product.type)], topk=k, gather=gather, loc=mm.loc))
+            mapping[id(product)] = self.add(GroupedMatmulOp.build(rows, self.perm, self.offsets, [w], regions=[
+                _identity(product.type)], topk=self.k, gather=gather, loc=mm.loc))
         for v, b in stage.vectors.items():
             mapping[v] = self.add(S.GatherOp.build(b, [self.experts()]))
         for op in stage.epilogue:  # built again: their types are inferred (b[e] * 2 is a row of rows now)
@@ -238,16 +240,11 @@ class _Rows:
         """sum_j gates[t, j] * b[idx[t, j]] ([T, N]) over the slots the dispatch placed: as the combine, none a
         capacity dropped or of an id past the experts (expert parallel's sentinels)."""
         idx = self.moe.idx
-        (tokens, k), dt = idx.type.shape, gates.type.dtype
-        zero = self.add(T.ConstantOp.build(value=0.0, result_types=[TensorType(dt, ())]))
-        one = self.add(T.ConstantOp.build(value=1.0, result_types=[TensorType(dt, ())]))
-        placed = self.add(T.CmpOp.build(self.perm, self.add(T.ConstantOp.build(
-            value=0, result_types=[TensorType("i64", ())])), pred="ge"))
-        none = self.add(T.ConstantOp.build(value=0.0, result_types=[TensorType(dt, (mul(tokens, k),))]))
-        kept = self.add(S.ScatterAddOp.build(none, self.add(T.WhereOp.build(placed, one, zero)), [self.slots()]))
-        weights = self.add(T.MulOp.build(gates, self.add(S.ReshapeOp.build(kept, shape=(tokens, k)))))
-        last = self.add(T.ConstantOp.build(value=experts - 1, result_types=[TensorType("i64", ())]))
-        rows = self.add(S.GatherOp.build(b, [self.add(T.MinimumOp.build(idx, last))]))
+        tokens, dt = idx.type.shape[0], gates.type.dtype
+        placed = self.add(T.CastOp.build(self.add(T.CmpOp.build(self.perm, self.const(0, "i64"), pred="ge")), to=dt))
+        kept = self.add(S.ScatterAddOp.build(self.const(0.0, dt, (mul(tokens, self.k),)), placed, [self.slots()]))
+        weights = self.add(T.MulOp.build(gates, self.add(S.ReshapeOp.build(kept, shape=(tokens, self.k)))))
+        rows = self.add(S.GatherOp.build(b, [self.add(T.MinimumOp.build(idx, self.const(experts - 1, "i64")))]))
         scaled = self.add(T.MulOp.build(rows, self.add(S.ExpandDimsOp.build(weights, axes=(2,)))))
         return self.add(R.SumOp.build(scaled, axes=(1,)))
 
@@ -278,12 +275,12 @@ class FuseDispatch(RewritePattern):
                                     loc=op.loc)
         rewriter.insert_before(op, dispatch)
         perm, offsets = dispatch.results
-        made = _Rows(op, perm, rewriter)
+        made = _Rows(op, dispatch, k, rewriter)
         rows = op.x
         for i, stage in enumerate(stages):
             weights = [w.hoist(dispatch, rewriter) for w in stage.weights]
             if stage.vectors and i < len(stages) - 1:
-                rows = made.unfused(stage, rows, perm, offsets, weights, k, i == 0)
+                rows = made.unfused(stage, rows, weights, i == 0)
                 continue
             region = _epilogue(stage) if bias is None or i < len(stages) - 1 else \
                 _identity(stage.matmuls[0].results[0].type)
