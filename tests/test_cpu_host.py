@@ -344,12 +344,15 @@ def test_torch_moe_block_runs_natively_packing_its_weights_each_call():
     ("wt[:, :, 3:99]", 2, 96, 20),  # columns contiguous in the source
     ("wt[:, :, ::2]", 2, 64, 20),  # every other column (GPT-OSS's interleaved gate): two vectors shuffled into one
     ("wt[:, :, 1::2]", 3, 70, 37),  # the odd ones, the last at the end of the source's row; a partial panel
-    ("transpose(wt[:, 1::2, :], [0, 2, 1])", 2, 40, 24),  # strided along PyTorch's N: an element at a time
+    ("transpose(wt[:, 1::2, :], [0, 2, 1])", 2, 40, 24),  # strided along PyTorch's N: every other row read
+    ("transpose(wt[:, :, ::2], [0, 2, 1])", 2, 64, 48),  # strided along PyTorch's K (GPT-OSS's gate, for dX)
+    ("transpose(wt[:, 3:73, 1::2], [0, 2, 1])", 3, 70, 37),  # and the odd ones, K % lanes, a partial panel
+    ("wt[:, :, ::3]", 2, 32, 20),  # a step of 3: an element at a time
 ])
 def test_expert_weights_packed_from_their_views_at_each_call(monkeypatch, target, view, E, N, K):
     """Expert weights that are inputs, read through a transpose or a slice (with steps too): packed into panels by
     the native host's pack kernel at every call (vectors along the source's contiguous axis, transposed in
-    registers where it is PyTorch's [E, N, K], every other column shuffled out of two), on AVX-512, AVX2 and SSE
+    registers where it is PyTorch's [E, N, K], every other element shuffled out of two), on AVX-512, AVX2 and SSE
     code; bitwise the Python host's NumPy packing, and the
     reference's result. A second call with other weights is packed afresh."""
     from sparsa.backends.cpu.target import named_target
@@ -358,7 +361,8 @@ def test_expert_weights_packed_from_their_views_at_each_call(monkeypatch, target
         pytest.skip(f"{target} does not run here")
     shape = {"transpose(wt[:, 5:75, :], [0, 2, 1])": (E, 80, K), "transpose(wt, [0, 2, 1])": (E, N, K),
              "wt[:, :, 3:99]": (E, K, 100), "wt[:, :, ::2]": (E, K, 2 * N), "wt[:, :, 1::2]": (E, K, 2 * N),
-             "transpose(wt[:, 1::2, :], [0, 2, 1])": (E, 2 * N, K)}[view]
+             "transpose(wt[:, 1::2, :], [0, 2, 1])": (E, 2 * N, K), "transpose(wt[:, :, ::2], [0, 2, 1])": (E, N, 2 * K),
+             "transpose(wt[:, 3:73, 1::2], [0, 2, 1])": (E, 80, 2 * K), "wt[:, :, ::3]": (E, K, 3 * N)}[view]
     head = f"x: f32[T, {K}], idx: i64[T, 2], w: f32[T, 2], wt: f32{list(shape)}, w2: f32[{E}, {N}, {K}]"
     src = f"""model P({head}) -> f32[T, {K}] {{
     wu = {view}

@@ -71,6 +71,31 @@ def test_layout_ops_matmuls_of_every_rank_gather_concat_topk():
         sparsa.compile(SHAPES, target="cpu")(*inputs)
 
 
+INTERLEAVE = """
+model M(a: f32[R, 3, 1], b: f32[R, 3, 2], i: i64[R, 2], j: i64[R, 2], m: bool[R, 1]) -> (f32[R, 3, 3], i64[R, 2, 2], bool[R, 2], f32[R, 1, 4], f32[R, 3, 5]) {
+    u = concat([a[:, 0:1, :], a[:, 2:3, :], b[:, 1:2, :]], axis=2)
+    return concat([a, b], axis=2), concat([i[:, :, None], j[:, :, None]], axis=2), concat([m, m], axis=1), u, concat([b, b, a], axis=2)
+}
+"""
+
+
+@pytest.mark.parametrize("rows", [1, 6, 37])
+def test_concat_of_short_runs_interleaves_vectors(rows, monkeypatch):
+    """Concats whose inputs give a few static elements per index of the dims before the axis (runs of 1-4:
+    stacking on a new last axis, an interleaved gate_up's gradient) join vectors in registers, the outer dims
+    shared between 3 threads in contiguous parts, the rest an element at a time; floats and integers (bools
+    stay scalar), and a run of 5 copied as before."""
+    from sparsa.backends.cpu import host
+
+    monkeypatch.setenv("SPARSA_NUM_THREADS", "3")
+    monkeypatch.setattr(host, "NATIVE_SPLIT_WORK", 0)  # split however small
+    src = INTERLEAVE
+    inputs = make_inputs(sparsa.compile(src, target="reference"), sizes={**SIZES, "R": rows})
+    loops = sparsa.compile(src, target="cpu").native.stages["loops"]
+    assert loops.count("vector.shuffle") >= 4
+    check(src, inputs)
+
+
 BOOLS_AND_NARROW = """
 model M(x: f32[R, 64], y: f32[R, 3], g: f32[64, {n}], m: bool[R, 64]) -> (bool[R, 64], f32[R, 64], f32[R, {n}], f32[R, 3], bool[R, 3]) {{
     p = softmax(x @ g, axis=-1)

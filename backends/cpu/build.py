@@ -180,6 +180,14 @@ def ceil_div(a: ir.Value, b: int) -> ir.Value:
     return arith.DivUIOp(add(a, c_index(b - 1)), c_index(b)).result
 
 
+def share(part: ir.Value, parts: ir.Value, n: Size) -> tuple[ir.Value, ir.Value]:
+    """The bounds of part's contiguous share of 0..n (n * part // parts up to n * (part + 1) // parts): where the
+    items are small, threads that take every parts-th one write into each other's cache lines."""
+    def cut(p: ir.Value) -> ir.Value:
+        return arith.DivUIOp(mul(as_index(n), p), parts).result
+    return cut(part), cut(add(part, c_index(1)))
+
+
 @contextmanager
 def nest(sizes: Sequence[Size]) -> Iterator[list[ir.Value]]:
     """Nested scf.for loops from 0 to each size; the body is built inside the `with` (no iter_args)."""

@@ -106,8 +106,7 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
     et = element_type(w.type.dtype)
     lanes = cx.target.lanes(ir.FloatType(et).width) if isinstance(et, ir.FloatType) else 1
     transposed = axis_of[1] == 2  # K contiguous in the source: read along K, transposed in registers
-    vectors = lanes > 1 and PANEL % lanes == 0 and lanes & (lanes - 1) == 0 and stride[1] == 1 and (
-        stride[2] == 1 or not transposed and stride[2] == 2)
+    vectors = lanes > 1 and PANEL % lanes == 0 and lanes & (lanes - 1) == 0 and stride[1 if transposed else 2] in (1, 2)
     with ir.InsertionPoint(entry):
         N = w.type.shape[2]  # static where a slice is read through (`_view_chain`)
         n = B.c_index(N) if isinstance(N, int) else B.mdim(src, axis_of[2])
@@ -143,7 +142,7 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
                     whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(PANEL)), n), has_else=True)
                     with ir.InsertionPoint(whole.then_block):
                         pack_panel(src, dst, e, p, c0, K, lanes, transposed, lambda kk, col: at_w(e, kk, col),
-                                   stride[2], axis_of[2])
+                                   stride[1 if transposed else 2])
                         scf.YieldOp([])
                     with ir.InsertionPoint(whole.else_block):  # the last panel, past N
                         elements(e, p)
@@ -155,32 +154,27 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
 
 
 def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Value, K: ir.Value, lanes: int,
-               transposed: bool, at_w: Any, step: int = 1, col_axis: int = 2) -> None:
+               transposed: bool, at_w: Any, step: int = 1) -> None:
     """dst[e, p] = w[e, :, c0:c0 + PANEL] in vectors of `lanes` (at_w(kk, col): src's indices of w[e, kk, col]).
     From a source stored [E, N, K] (`transposed`: PyTorch's layout), per step of `lanes` rows of K, each group of
     lanes columns is read as lanes vectors along K, transposed in registers (`B.transpose_square`) and stored as
     lanes rows of the panel: every load and store a vector, where one element at a time packed a 16 MB weight in
-    2.5-4.2 ms (1.3-1.7 now, Zen 4). The rows of K past the last whole step go one element at a time. With `step`
-    2 (every other column of src, along its axis `col_axis`: GPT-OSS's interleaved gate and up), two vectors of src
-    give one of w: the first's even lanes, then the odd lanes of the second, which starts one column before w's
-    column lanes / 2 (so that the last column of src it reads is w's last)."""
+    2.5-4.2 ms (1.3-1.7 now, Zen 4). The rows of K past the last whole step go one element at a time. `step` is
+    the source's stride along the axis read by vectors (w's columns, or its rows where transposed): 1 or 2 (every
+    other element: GPT-OSS's interleaved gate and up, `every_other`)."""
     vt = ir.VectorType.get([lanes], ir.MemRefType(dst.type).element_type)
+
+    def load(kk: ir.Value, col: ir.Value) -> ir.Value:  # lanes of w from [kk, col], along src's last axis
+        if step == 1:
+            return vector.LoadOp(vt, src, at_w(kk, col)).result
+        return every_other(src, at_w(kk, col), vt)
+
     if not transposed:  # w's columns are contiguous (or every other one) in src: row by row, vector by vector
         rows = B.loop(0, K)
         with ir.InsertionPoint(rows.body):
             kk = rows.induction_variable
             for j in range(0, PANEL, lanes):
-                col = B.add(c0, B.c_index(j))
-                if step == 1:
-                    v = vector.LoadOp(vt, src, at_w(kk, col)).result
-                else:
-                    low = vector.LoadOp(vt, src, at_w(kk, col)).result
-                    at = at_w(kk, B.add(col, B.c_index(lanes // 2)))
-                    at[col_axis] = B.sub(at[col_axis], B.c_index(1))
-                    high = vector.LoadOp(vt, src, at).result
-                    v = vector.ShuffleOp(low, high, [2 * i for i in range(lanes // 2)] +
-                                         [lanes + 1 + 2 * i for i in range(lanes // 2)]).result
-                vector.StoreOp(v, dst, [e, p, kk, B.c_index(j)])
+                vector.StoreOp(load(kk, B.add(c0, B.c_index(j))), dst, [e, p, kk, B.c_index(j)])
             scf.YieldOp([])
         return
     steps = B.mul(arith.DivUIOp(K, B.c_index(lanes)).result, B.c_index(lanes))
@@ -188,7 +182,7 @@ def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Va
         blocks = B.loop(0, steps, lanes)
         with ir.InsertionPoint(blocks.body):
             k0 = blocks.induction_variable
-            cols = [vector.LoadOp(vt, src, at_w(k0, B.add(c0, B.c_index(j + i)))).result for i in range(lanes)]
+            cols = [load(k0, B.add(c0, B.c_index(j + i))) for i in range(lanes)]
             for i, row in enumerate(B.transpose_square(cols)):
                 vector.StoreOp(row, dst, [e, p, B.add(k0, B.c_index(i)), B.c_index(j)])
             scf.YieldOp([])
@@ -198,6 +192,17 @@ def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Va
         for j in range(PANEL):
             B.store(B.load(src, *at_w(kk, B.add(c0, B.c_index(j)))), dst, e, p, kk, B.c_index(j))
         scf.YieldOp([])
+
+
+def every_other(src: ir.Value, at: list[ir.Value], vt: ir.Type) -> ir.Value:
+    """A vector of every other element of src along its last axis from `at` (its indices): the even lanes of a
+    vector at `at`, then the odd lanes of one that starts lanes - 1 elements on (so that the last element it
+    reads is the last one taken)."""
+    lanes = ir.VectorType(vt).shape[0]
+    low = vector.LoadOp(vt, src, at).result
+    high = vector.LoadOp(vt, src, at[:-1] + [B.add(at[-1], B.c_index(lanes - 1))]).result
+    return vector.ShuffleOp(low, high, [2 * i for i in range(lanes // 2)] + [lanes + 1 + 2 * i
+                                                                             for i in range(lanes // 2)]).result
 
 
 def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -21,6 +21,7 @@ from sparsa.backends.cpu.context import (
     REDUCTION,
     CpuLoweringError,
     KernelContext,
+    element_type,
     host,
 )
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
@@ -277,11 +278,26 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
             n = B.mul(n, B.as_index(B.sizes_of(m)[a]))
         return n
 
+    runs = [math.prod(v.type.shape[axis:]) if all(isinstance(d, int) for d in v.type.shape[axis:]) else None
+            for v in op.inputs]
+    et = element_type(op.result.type.dtype)
+    bits = ir.FloatType(et).width if isinstance(et, ir.FloatType) else ir.IntegerType(et).width
+    lanes = cx.target.lanes(bits) if bits >= 8 else 1
+    interleave = lanes > 1 and None not in runs and sum(runs) <= INTERLEAVED  # type: ignore[arg-type]
+
     def build(*args: ir.Value) -> None:
         *ins, out, part, parts = args
         flat_out, total = _flat(out), product(out, range(axis, rank))
         pieces = [(_flat(m), product(m, range(axis, rank))) for m in ins]  # each input flat, and its run
-        outer = B.loop(part, product(out, range(axis)), parts)
+        lo, hi = B.share(part, parts, product(out, range(axis)))
+        if interleave:  # lanes indices of the outer dims at a time, the runs interleaved in registers
+            whole = B.add(lo, B.mul(arith.DivUIOp(B.sub(hi, lo), B.c_index(lanes)).result, B.c_index(lanes)))
+            groups = B.loop(lo, whole, lanes)
+            with ir.InsertionPoint(groups.body):
+                interleaved(flat_out, [flat for flat, _ in pieces], runs, groups.induction_variable, lanes)
+                scf.YieldOp([])
+            lo = whole  # the scalar loop takes what is left
+        outer = B.loop(lo, hi)
         with ir.InsertionPoint(outer.body):
             o, at = outer.induction_variable, B.c_index(0)
             for flat, run in pieces:
@@ -292,6 +308,28 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
             scf.YieldOp([])
 
     return cx.plain(op, list(op.inputs), build, parts=True)
+
+
+INTERLEAVED = 4  # concat's largest whole run (elements per outer index) joined in registers
+
+
+def interleaved(out: ir.Value, ins: list[ir.Value], runs: list[int], o: ir.Value, lanes: int) -> None:
+    """out[(o + q) * R + at_i + j] = ins[i][(o + q) * run_i + j] for q < lanes (R the runs' sum, at_i the sum
+    before i): a vector of lanes * run_i from each input, joined into one and permuted into the output's order
+    by shuffles, one store (GPT-OSS's interleaved gate_up gradient: two runs of 1, 32 MB from 10 ms to a copy's
+    time). LLVM does not vectorize the scalar loop: its stores may alias the inputs."""
+    et = ir.MemRefType(out.type).element_type
+    joined, starts = None, []
+    for m, run in zip(ins, runs, strict=True):
+        v = vector.LoadOp(ir.VectorType.get([lanes * run], et), m, [B.mul(o, B.c_index(run))]).result
+        starts.append(0 if joined is None else ir.VectorType(joined.type).shape[0])
+        joined = v if joined is None else vector.ShuffleOp(joined, v, list(range(starts[-1] + lanes * run))).result
+    total, order = sum(runs), []
+    for q in range(lanes):
+        for start, run in zip(starts, runs, strict=True):
+            order += [start + q * run + j for j in range(run)]
+    assert joined is not None and len(order) == lanes * total
+    vector.StoreOp(vector.ShuffleOp(joined, joined, order).result, out, [B.mul(o, B.c_index(total))])
 
 
 @HOSTED.lowers(S.GatherOp)
