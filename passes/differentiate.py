@@ -15,12 +15,15 @@ function's `residuals` attribute. An op without a rule is an error naming it and
 
 from __future__ import annotations
 
+from typing import Any
+
 from sparsa.ir.autodiff import pullback_ops, vjp_function
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
-from sparsa.ir.traits import View
+from sparsa.ir.traits import Elementwise, View
+from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.passes.base import Option, Pass
 
 
@@ -80,10 +83,17 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
             return
         needed.append(v)
 
-    for op in bwd_ops:
-        for inner in op.walk():
-            for v in inner.operands:
-                need(v)
+    def residuals() -> None:
+        needed.clear()
+        seen.clear()
+        for op in bwd_ops:
+            for inner in op.walk():
+                for v in inner.operands:
+                    need(v)
+
+    residuals()
+    cheap |= recomputed(needed, fwd_ops, produced, cheap, outputs)
+    residuals()
     name = vjp.attributes["sym_name"].removesuffix("_vjp")
     fwd_block = Block([a.type for a in block.args[:n_in]], [a.name_hint for a in block.args[:n_in]])
     mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args[:n_in], fwd_block.args, strict=True)}
@@ -105,6 +115,72 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     bwd = FuncOp([], [], {"sym_name": f"{name}_bwd", "result_types": list(vjp.attributes["result_types"]),
                           "residuals": "saved", "grads": vjp.attributes["grads"]}, [Region([bwd_block])], vjp.loc)
     return [fwd, bwd]
+
+
+def recomputed(needed: list[Value], fwd_ops: list[Operation], produced: dict[int, Operation], cheap: set[int],
+               outputs: list[Value]) -> set[int]:
+    """The elementwise forward ops the backward runs again instead of reading their results as residuals, as
+    AOTAutograd's partitioner recomputes pointwise ops: a residual made by an elementwise op whose forward uses
+    are all elementwise (fused away in the forward, so saving it is a write of its own), when the residuals it
+    is made from (through more such ops) are saved anyway or no larger. GPT-OSS's clamped, gated activation
+    saves its two pre-activations, not each of the eight steps between them and its output."""
+    forward, results = {id(op) for op in fwd_ops}, {id(v) for v in outputs}
+
+    def fused(v: Value) -> bool:  # made by an elementwise op and read in the forward only by such ops
+        op = produced.get(id(v))
+        return op is not None and id(op) not in cheap and isinstance(op, Elementwise) and id(v) not in results and all(
+            isinstance(u.op, Elementwise) for u in v.uses if id(u.op) in forward)
+
+    saved = {id(v): v for v in needed}
+    chosen: set[int] = set()
+
+    def again(op: Operation) -> bool:  # made again in the backward already
+        return id(op) in cheap or id(op) in chosen
+
+    for v in needed:
+        if not fused(v):
+            continue
+        ops, sources = _made_from(v, saved, produced, again, fused)
+        new = [u for k, u in sources.items() if k not in saved]
+        if sum(_bytes(u) for u in new) <= _bytes(v):
+            chosen |= set(ops)
+            del saved[id(v)]
+            saved.update({id(u): u for u in new})
+    return chosen
+
+
+def _made_from(v: Value, saved: dict[int, Value], produced: dict[int, Operation], again: Any,
+               fused: Any) -> tuple[dict[int, Operation], dict[int, Value]]:
+    """The ops that make v again (through ops fused(value) allows, and those again(op) makes anyway) and the
+    values they read: saved ones, inputs, or values that would have to be saved."""
+    ops: dict[int, Operation] = {}
+    sources: dict[int, Value] = {}
+
+    def source(u: Value) -> None:
+        op = produced.get(id(u))
+        if id(u) in sources or op is not None and id(op) in ops:
+            return
+        if u is not v and id(u) in saved or op is None:
+            sources[id(u)] = u
+        elif again(op) or u is v or fused(u):
+            if not again(op):
+                ops[id(op)] = op
+            for w in op.operands:
+                source(w)
+        else:
+            sources[id(u)] = u
+
+    source(v)
+    return ops, sources
+
+
+def _bytes(v: Value) -> int:
+    """A tensor's size for comparing residuals: each dim not known at compile time counted as 4096."""
+    t = v.type
+    n = numpy_dtype(t.dtype).itemsize if isinstance(t, TensorType) else 8
+    for d in t.shape if isinstance(t, TensorType) else ():
+        n *= d if isinstance(d, int) else 4096
+    return n
 
 
 class ExpandPullbacks(Pass):

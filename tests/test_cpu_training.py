@@ -69,8 +69,8 @@ def test_moe_training_runs_on_the_native_host(monkeypatch, example, tokens):
 def test_moe_backward_reads_the_saved_products():
     """The training form: the saved forward computes each SwiGLU product once and keeps it, and keeps the down
     projection fused with the combine (the gates' gradient comes from dY's rows through W2^T, the GEMM dH needs
-    anyway); the backward runs the three GEMMs of dX and dH and the three weight gradients, and computes no product
-    of the forward again."""
+    anyway), not silu(h1) (made again in the backward's elementwise kernel, from h1); the backward runs the three
+    GEMMs of dX and dH and the three weight gradients, and computes no product of the forward again."""
     m = sparsa.compile(EXAMPLES / "mixtral_moe.sp", target="cpu").init_weights(0)
     module = parse_module(m.ir(grad=True))
     model, fwd, bwd = module.funcs
@@ -78,7 +78,45 @@ def test_moe_backward_reads_the_saved_products():
     assert ops[model].count("moe.grouped_matmul") == 1 and "moe.grouped_matmul_combine" in ops[model]
     assert ops[fwd].count("moe.grouped_matmul") == 2 and ops[fwd].count("moe.grouped_matmul_combine") == 1
     assert ops[bwd].count("moe.grouped_matmul") == 3 and ops[bwd].count("moe.grouped_weight_grad") == 3
-    assert "tensor.silu" not in ops[bwd]  # silu' from the saved product, through sigmoid
+    saved = [v.defining_op.NAME for v in fwd.regions[0].block.ops[-1].operands if v.defining_op]
+    assert "tensor.silu" not in saved and saved.count("moe.grouped_matmul") == 2, saved
+    m.vjp(x := np.ones((5, 512), np.float32))[1](x)
+    kernels = [launch.kernel.name for launch in m._grad.native.host.launches]
+    assert not [k for k in kernels if "silu" in k and "fused" not in k], kernels
+
+
+CLAMPED_GLU = """
+model G(x: f32[T, 16], wg: f32[16, 32], wu: f32[16, 32], wd: f32[32, 16]) -> f32[T, 16] {
+    g = min(x @ wg, 7.0)
+    u = min(max(x @ wu, -7.0), 7.0)
+    return ((u + 1.0) * (g * sigmoid(g * 1.702))) @ wd
+}
+"""
+
+
+@pytest.mark.parametrize("tokens", [3, 70])
+def test_elementwise_residuals_are_made_again_in_fused_backward_kernels(tokens):
+    """GPT-OSS's clamped, gated activation: the saved forward keeps the two GEMMs' outputs and the activation the
+    down projection reads (stored anyway), not the clamps and the sigmoid between them (`differentiate` makes
+    those again in the backward); the backward's kernels make each value read by several of the gradient's
+    elementwise steps again in each reader's kernel (none stored by a kernel of its own); the gradients as the
+    reference's and as one function that recomputes the whole forward."""
+    m = sparsa.compile(CLAMPED_GLU, target="cpu").init_weights(0)
+    ref = sparsa.compile(CLAMPED_GLU, target="reference").init_weights(0)
+    recompute = sparsa.compile(CLAMPED_GLU, target="reference", passes="differentiate{residuals=recompute}")
+    module = parse_module(m.ir(grad=True))
+    fwd = module.funcs[-2]
+    saved = [v.defining_op.NAME for v in fwd.regions[0].block.ops[-1].operands[1:] if v.defining_op]
+    assert sorted(saved) == ["tensor.matmul"] * 2 + ["tensor.mul"], saved  # and inputs
+    ins = make_inputs(m, seed=tokens, sizes={**SIZES, "T": tokens})
+    dy = np.random.default_rng(tokens).standard_normal((tokens, 16)).astype(np.float32)
+    got = m.vjp(*ins)[1](dy)
+    kernels = [launch.kernel.name for launch in m._grad.native.host.launches]
+    assert not [k for k in kernels if k.split("_", 1)[1] in ("tensor_minimum", "tensor_maximum", "tensor_sigmoid",
+                                                             "fused_mul_sigmoid")], kernels
+    for want in (ref.vjp(*ins)[1](dy), recompute.init_weights(0).vjp(*ins)[1](dy)):
+        for name, g in want.items():
+            np.testing.assert_allclose(got[name], g, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 def test_temporaries_share_workspace_bytes_only_when_their_lifetimes_do_not_meet():
@@ -210,9 +248,10 @@ FUSABLE = """model M(a: f32[T, 48], b: f32[T, 48], c: f32[48], m: bool[T, 48]) -
 @pytest.mark.parametrize("rows", [1, 37, 700])
 def test_elementwise_chains_run_as_one_kernel(monkeypatch, rows):
     """silu, mul and the add that only feed one another are one kernel (`c * 2.0`, of another shape, is not
-    computed again per row: a kernel of its own); `y` and `s`, read twice, end their groups; the comparison inside
-    `z`'s group stays a register, never a bool tensor; `w` reads a bool input and stays apart. Native and Python
-    hosts agree bitwise, and with the reference."""
+    computed again per row: a kernel of its own); `y`, returned, ends its group; `s`, read twice inside `z`'s
+    group only, is made there (`fused_groups`: never stored); the comparison inside `z`'s group stays a register,
+    never a bool tensor; `w` reads a bool input and stays apart. Native and Python hosts agree bitwise, and with
+    the reference."""
     src = FUSABLE
     native = sparsa.compile(src, target="cpu")
     monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
@@ -221,7 +260,7 @@ def test_elementwise_chains_run_as_one_kernel(monkeypatch, rows):
     ref = sparsa.compile(src, target="reference")
     names = sorted(k.name for k in native.native.kernels.values())
     assert any("fused_silu_mul_add" in n for n in names) and any(n.endswith("tensor_mul") for n in names), names
-    assert any("fused_cmp_mul_sub_where" in n for n in names), names
+    assert any("fused_sigmoid_cmp_mul_sub_and_1_more" in n for n in names), names
     assert sum("fused" in n for n in names) == 2 and any(n.endswith("_tensor_where") for n in names), names
     rng = np.random.default_rng(rows)
     ins = [rng.standard_normal((rows, 48)).astype(np.float32), rng.standard_normal((rows, 48)).astype(np.float32),

@@ -111,7 +111,7 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     views = moe_pack.packed_views(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
     builder.packed = views
     groups = fused_groups(block.ops, weight_only | views)
-    inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}
+    inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}  # made in their readers' kernels
     for op in block.ops[:-1]:
         if id(op) in inside:
             continue
@@ -126,53 +126,72 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
 
 def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[Operation], list[Value]]]:
     """Chains of elementwise ops that become one kernel (`KernelContext.fused`): the last op's id -> (the group's
-    ops in order, the values it reads from outside). An op joins the op that reads its result when that result
-    has no other use (nor is returned) and has the reader's shape (nothing is computed twice); a sum may end a
-    chain (the chain's value summed as it is made: `sum(h * c, axis=-1)` never stores `h * c`); a group that
-    would read or write a bool tensor is left apart (bool tiles are not vectorized), and so is a negation a sum
-    would end with (MLIR folds the sum's `out + -x` into `out - x`, which its vectorizer does not take for a
-    reduction: `canonicalize` puts the negation after the sum)."""
-    uses: dict[int, int] = {}
+    ops in order, the values it reads from outside). An elementwise result is stored only where something other
+    than an elementwise op of its shape reads it (or it is returned); otherwise each group that reads it makes it
+    again in registers, as Inductor inlines pointwise ops into their readers (a backward's sigmoid read by four
+    of the gradient's steps, the clamps a recomputed forward feeds to two gradients), with at most INLINED_USES
+    readers. A sum may end a chain (the chain's value summed as it is made: `sum(h * c, axis=-1)` never stores
+    `h * c`); a group that would read or write a bool tensor is left apart (bool tiles are not vectorized), its
+    inlined operands then stored, and so is a negation a sum would end with (MLIR folds the sum's `out + -x` into
+    `out - x`, which its vectorizer does not take for a reduction: `canonicalize` puts the negation after the
+    sum)."""
+    uses: dict[int, list[Operation]] = {}
     for op in ops:
         for inner in op.walk():
             for v in inner.operands:
-                uses[id(v)] = uses.get(id(v), 0) + 1
+                uses.setdefault(id(v), []).append(inner)
     at = {id(op): i for i, op in enumerate(ops)}
 
     def fusable(op: Any) -> bool:
         return isinstance(op, Elementwise) and len(op.results) == 1 and not op.regions and id(op) not in skip
 
-    absorbed: set[int] = set()
-    groups = {}
-    for root in reversed(ops[:-1]):
-        summed = type(root) is R.SumOp and id(root) not in skip and is_float(root.x.type.dtype) \
-            and not isinstance(root.x.defining_op, T.NegOp)
-        if id(root) in absorbed or not (fusable(root) or summed) or root.results[0].type.dtype == "i1" \
-                or (root.results[0].type.rank == 0 and not summed):
-            continue
-        shape = root.x.type.shape if summed else root.results[0].type.shape
-        members, stack = {id(root): root}, [root]
-        while stack:
-            for v in stack.pop().operands:
-                p = v.defining_op
-                if p is not None and id(p) in at and fusable(p) and id(p) not in absorbed and id(p) not in members \
-                        and uses.get(id(v)) == 1 and v.type.shape == shape:
-                    members[id(p)] = p
-                    stack.append(p)
-        if len(members) < 2:
-            continue
-        group = sorted(members.values(), key=lambda op: at[id(op)])
-        inputs: list[Value] = []
-        for op in group:
-            for v in op.operands:
-                if v.defining_op is None or id(v.defining_op) not in members:
-                    if all(v is not w for w in inputs):
-                        inputs.append(v)
-        if any(v.type.dtype == "i1" for v in inputs):
-            continue
-        absorbed.update(members)
-        groups[id(root)] = (group, inputs)
-    return groups
+    def summed(op: Operation) -> bool:
+        return type(op) is R.SumOp and id(op) not in skip and is_float(op.x.type.dtype) \
+            and not isinstance(op.x.defining_op, T.NegOp)
+
+    def space(op: Operation) -> tuple:
+        return op.x.type.shape if summed(op) else op.results[0].type.shape
+
+    def inlined(p: Operation) -> bool:  # made again by each reader's group, never stored
+        if not fusable(p) or id(p) in stored:
+            return False
+        readers = uses.get(id(p.results[0]), [])
+        return 0 < len(readers) <= INLINED_USES and all(
+            id(u) in at and (fusable(u) or summed(u)) and space(u) == p.results[0].type.shape for u in readers)
+
+    stored = {id(ops[-1].operands[i].defining_op) for i in range(len(ops[-1].operands))
+              if ops[-1].operands[i].defining_op is not None}  # returned
+    while True:
+        groups = {}
+        for root in reversed(ops[:-1]):
+            if not (fusable(root) or summed(root)) or inlined(root) or root.results[0].type.dtype == "i1" \
+                    or (root.results[0].type.rank == 0 and not summed(root)):
+                continue
+            members, stack = {id(root): root}, [root]
+            while stack:
+                for v in stack.pop().operands:
+                    p = v.defining_op
+                    if p is not None and id(p) in at and id(p) not in members and inlined(p):
+                        members[id(p)] = p
+                        stack.append(p)
+            group = sorted(members.values(), key=lambda op: at[id(op)])
+            inputs: list[Value] = []
+            for op in group:
+                for v in op.operands:
+                    if v.defining_op is None or id(v.defining_op) not in members:
+                        if all(v is not w for w in inputs):
+                            inputs.append(v)
+            groups[id(root)] = (group, inputs)
+        kept = {k: g for k, g in groups.items() if len(g[0]) >= 2 and not any(v.type.dtype == "i1" for v in g[1])}
+        covered = {id(op) for group, _ in kept.values() for op in group}
+        more = {id(p) for p in ops if inlined(p) and not all(id(u) in covered for u in uses[id(p.results[0])])}
+        if not more:
+            return kept
+        stored |= more  # read by an op no group makes (left apart, or a bool result): stored after all
+
+
+# An elementwise result read by more elementwise ops than this is stored rather than made again in each.
+INLINED_USES = 4
 
 
 def _contract(module: ir.Module) -> None:
