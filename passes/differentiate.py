@@ -124,12 +124,13 @@ def recomputed(needed: list[Value], fwd_ops: list[Operation], produced: dict[int
     are all elementwise (fused away in the forward, so saving it is a write of its own), when the residuals it
     is made from (through more such ops) are saved anyway or no larger. GPT-OSS's clamped, gated activation
     saves its two pre-activations, not each of the eight steps between them and its output."""
-    forward, results = {id(op) for op in fwd_ops}, {id(v) for v in outputs}
+    top, results = {id(op) for op in fwd_ops}, {id(v) for v in outputs}
+    forward = {id(inner) for op in fwd_ops for inner in op.walk()}  # and the ops in their regions
 
     def fused(v: Value) -> bool:  # made by an elementwise op and read in the forward only by such ops
         op = produced.get(id(v))
         return op is not None and id(op) not in cheap and isinstance(op, Elementwise) and id(v) not in results and all(
-            isinstance(u.op, Elementwise) for u in v.uses if id(u.op) in forward)
+            isinstance(u.op, Elementwise) and id(u.op) in top for u in v.uses if id(u.op) in forward)
 
     saved = {id(v): v for v in needed}
     chosen: set[int] = set()
