@@ -68,7 +68,7 @@ def route_kernel(cx: KernelContext, op: Operation) -> Kernel:
         gscore = B.alloca(B.c_index(G), f64) if G > 1 else None
         gkept = B.alloca(B.c_index(G), ir.IntegerType.get_signless(1)) if G > 1 else None
         ninf, zero, one = B.c_float(float("-inf"), f64), B.c_float(0.0, f64), B.c_float(1.0, f64)
-        tok = B.loop(part, T_, parts)
+        tok = B.loop(*B.share(part, parts, T_))  # contiguous tokens: a token's k outputs share cache lines
         with ir.InsertionPoint(tok.body):
             t = tok.induction_variable
             # scores in float64, as the reference computes them

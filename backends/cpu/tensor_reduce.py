@@ -272,7 +272,7 @@ def topk_kernel(cx: KernelContext, op: Operation) -> Kernel:
     def build(x: ir.Value, values: ir.Value, indices: ir.Value, part: ir.Value, parts: ir.Value) -> None:
         sizes = B.sizes_of(x)
         n = sizes[-1]
-        lead = B.loop(part, sizes[0] if t.rank > 1 else 1, parts)
+        lead = B.loop(*B.share(part, parts, sizes[0] if t.rank > 1 else 1))
         with ir.InsertionPoint(lead.body):
             with B.nest(sizes[1:-1]) as inner:
                 ivs = [lead.induction_variable] + inner if t.rank > 1 else []

@@ -397,7 +397,7 @@ def view_copy_kernel(cx: KernelContext, op: Operation, index: int, view: Any = N
         part, parts = entry.arguments[3:]
         sizes = B.sizes_of(dst)
         stride = [B.as_index(B.load(at, a + 1)) for a in range(rank)]
-        lead = B.loop(part, sizes[0], parts)
+        lead = B.loop(*B.share(part, parts, sizes[0]))
         with ir.InsertionPoint(lead.body):
             ivs = [lead.induction_variable]
             with B.nest(sizes[1:-1]) as inner:
