@@ -72,9 +72,9 @@ def test_layout_ops_matmuls_of_every_rank_gather_concat_topk():
 
 
 INTERLEAVE = """
-model M(a: f32[R, 3, 1], b: f32[R, 3, 2], i: i64[R, 2], j: i64[R, 2], m: bool[R, 1]) -> (f32[R, 3, 3], i64[R, 2, 2], bool[R, 2], f32[R, 1, 4], f32[R, 3, 5]) {
+model M(a: f32[R, 3, 1], b: f32[R, 3, 2], i: i64[R, 2], j: i64[R, 2], m: bool[R, 1]) -> (f32[R, 3, 3], i64[R, 2, 2], bool[R, 2], f32[R, 1, 4], f32[R, 3, 5], f32[R, 3, 1]) {
     u = concat([a[:, 0:1, :], a[:, 2:3, :], b[:, 1:2, :]], axis=2)
-    return concat([a, b], axis=2), concat([i[:, :, None], j[:, :, None]], axis=2), concat([m, m], axis=1), u, concat([b, b, a], axis=2)
+    return concat([a, b], axis=2), concat([i[:, :, None], j[:, :, None]], axis=2), concat([m, m], axis=1), u, concat([b, b, a], axis=2), concat([a, b[:, :, 0:0]], axis=2)
 }
 """
 
@@ -85,7 +85,8 @@ def test_concat_of_short_runs_interleaves_vectors(rows, target, monkeypatch):
     """Concats whose inputs give a few static elements per index of the dims before the axis (runs of 1-4:
     stacking on a new last axis, an interleaved gate_up's gradient) join vectors in registers, the outer dims
     shared between 3 threads in contiguous parts, the rest an element at a time; floats and integers (bools
-    stay scalar), and a run of 5 copied as before; in AVX-512, AVX2 and SSE code, exactly the reference."""
+    stay scalar), a run of 5 and an empty input copied as before; in AVX-512, AVX2 and SSE code, exactly the
+    reference."""
     from sparsa.backends.cpu import host
     from sparsa.backends.cpu.target import named_target
 

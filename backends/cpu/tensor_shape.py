@@ -283,7 +283,7 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
     et = element_type(op.result.type.dtype)
     bits = ir.FloatType(et).width if isinstance(et, ir.FloatType) else ir.IntegerType(et).width
     lanes = cx.target.lanes(bits) if bits >= 8 else 1
-    interleave = lanes > 1 and None not in runs and sum(runs) <= INTERLEAVED  # type: ignore[arg-type]
+    interleave = lanes > 1 and None not in runs and 0 not in runs and sum(runs) <= INTERLEAVED  # type: ignore[arg-type]
 
     def build(*args: ir.Value) -> None:
         *ins, out, part, parts = args
