@@ -676,13 +676,18 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 
 
+def bias_names(biased: list[int] | tuple[int, ...]) -> list[str]:
+    """The `.sp` names of the biases a folded block has (`biased`: flags for the first and the second matmul)."""
+    return [name for name, has in zip(("b1", "b2"), biased, strict=True) if has]
+
+
 def experts_module(dtype: str, width: int, k: int, shapes: list[tuple[int, ...]], act: str, slices: list[int],
                    transposed: list[int], biased: list[int]) -> tuple[Module, str]:
     """The experts of a training graph's folded block (`sparsa::moe_experts`, the weights as stored) as a function
     of (x, idx, w, w1, w2, [b1], [b2]) (`shapes`: the weights' and the biases'), T tokens of `width` with `k`
     experts each: what the torch.compile backend compiles and differentiates for the block (runtime/torch_moe.py
     `FoldedBlocks`)."""
-    names = ["w1", "w2"] + [name for name, has in zip(("b1", "b2"), biased, strict=True) if has]
+    names = ["w1", "w2"] + bias_names(biased)
     types = [TensorType(dtype, ("T", width)), TensorType("i64", ("T", k)), TensorType(dtype, ("T", k))] + [
         TensorType(dtype, tuple(shape)) for shape in shapes]
     im = Importer(None)

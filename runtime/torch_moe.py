@@ -340,5 +340,6 @@ class FoldedBlocks:
                      for i, name in enumerate(_FLOAT_INPUTS[bool(act)]))
         if not act:
             return four
-        names = [name for name, has in zip(("b1", "b2"), act[-1], strict=True) if has]
-        return (*four, [grads[name].to(b.dtype) for name, b in zip(names, biases, strict=True)])
+        from sparsa.frontend.torch_moe import bias_names
+
+        return (*four, [grads[name].to(b.dtype) for name, b in zip(bias_names(act[-1]), biases, strict=True)])

@@ -152,26 +152,24 @@ def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[O
     def space(op: Operation) -> tuple:
         return op.x.type.shape if summed(op) else op.results[0].type.shape
 
-    def inlined(p: Operation) -> bool:  # made again by each reader's group, never stored
-        if not fusable(p) or id(p) in stored:
-            return False
-        readers = uses.get(id(p.results[0]), [])
+    def inlinable(p: Operation) -> bool:  # read only by a few elementwise ops of its shape (or sums of it)
+        readers = uses.get(id(p.results[0]), []) if fusable(p) else []
         return 0 < len(readers) <= INLINED_USES and all(
             id(u) in at and (fusable(u) or summed(u)) and space(u) == p.results[0].type.shape for u in readers)
 
-    stored = {id(ops[-1].operands[i].defining_op) for i in range(len(ops[-1].operands))
-              if ops[-1].operands[i].defining_op is not None}  # returned
+    returned = {id(v.defining_op) for v in ops[-1].operands if v.defining_op is not None}
+    inlined = {id(p) for p in ops if id(p) not in returned and inlinable(p)}  # made again by each reader's group
     while True:
         groups = {}
         for root in reversed(ops[:-1]):
-            if not (fusable(root) or summed(root)) or inlined(root) or root.results[0].type.dtype == "i1" \
+            if not (fusable(root) or summed(root)) or id(root) in inlined or root.results[0].type.dtype == "i1" \
                     or (root.results[0].type.rank == 0 and not summed(root)):
                 continue
             members, stack = {id(root): root}, [root]
             while stack:
                 for v in stack.pop().operands:
                     p = v.defining_op
-                    if p is not None and id(p) in at and id(p) not in members and inlined(p):
+                    if p is not None and id(p) not in members and id(p) in inlined:
                         members[id(p)] = p
                         stack.append(p)
             group = sorted(members.values(), key=lambda op: at[id(op)])
@@ -184,10 +182,10 @@ def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[O
             groups[id(root)] = (group, inputs)
         kept = {k: g for k, g in groups.items() if len(g[0]) >= 2 and not any(v.type.dtype == "i1" for v in g[1])}
         covered = {id(op) for group, _ in kept.values() for op in group}
-        more = {id(p) for p in ops if inlined(p) and not all(id(u) in covered for u in uses[id(p.results[0])])}
-        if not more:
+        stored = {id(p) for p in ops if id(p) in inlined and not all(id(u) in covered for u in uses[id(p.results[0])])}
+        if not stored:
             return kept
-        stored |= more  # read by an op no group makes (left apart, or a bool result): stored after all
+        inlined -= stored  # read by an op no group makes (left apart, or a bool result): stored after all
 
 
 # An elementwise result read by more elementwise ops than this is stored rather than made again in each.
