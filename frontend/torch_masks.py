@@ -137,6 +137,13 @@ def _max_dim(im: Importer, node: Any, x: Value, dim: int, keepdim: bool = False)
     return (im.emit(R.MaxOp, x, axes=(axis,), keepdim=keepdim), im.emit(R.ArgmaxOp, x, axis=axis, keepdim=keepdim))
 
 
+def _new_empty_strided(im: Importer, node: Any, x: Value, sizes: Any, stride: Any, dtype: Any = None,
+                       **_: Any) -> Value:
+    """A fresh tensor in a layout (AOTAutograd's restriding before a copy into it): the IR has values, not
+    strides, and a new empty tensor's are unspecified, so zeros as new_empty."""
+    return _new_of(0)(im, node, x, sizes, dtype)
+
+
 def _all(im: Importer, node: Any, x: Value) -> Value:
     axes = tuple(range(x.type.rank))
     low = im.emit(R.MinOp, im.cast(im.emit(T.CmpOp, x, im.const(0, x.type.dtype), pred="ne") if x.type.dtype != "i1"
@@ -146,6 +153,7 @@ def _all(im: Importer, node: Any, x: Value) -> Value:
 
 OPS = {
     "zeros.default": _full_of(0), "ones.default": _full_of(1), "new_empty.default": _new_of(0),
+    "new_empty_strided.default": _new_empty_strided,
     "new_zeros.default": _new_of(0), "new_ones.default": _new_of(1), "zeros_like.default": _like_of(0),
     "ones_like.default": _like_of(1), "full_like.default": _full_like,
     "masked_fill.Scalar": _masked_fill, "masked_fill.Tensor": _masked_fill,

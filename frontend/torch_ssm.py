@@ -58,9 +58,11 @@ def _convolution_backward(im: Importer, node: Any, dy: Value, x: Value, w: Value
                           padding: Any, dilation: Any, transposed: bool, output_padding: Any, groups: int,
                           output_mask: Any) -> tuple:
     """The convolution built again on its inputs (with a bias of zeros where it had one), then its ops' rules in
-    reverse: (dx, dw, dbias), None where output_mask says not wanted."""
+    reverse: (dx, dw, dbias), None where output_mask says not wanted. A convolution without a bias has bias_sizes
+    None or [0] (Qwen3.5's and Olmo hybrid's)."""
     start = len(im.block.ops)
-    bias = im.splat(0.0, w.type.dtype, tuple(bias_sizes)) if bias_sizes is not None else None
+    biased = bias_sizes is not None and list(bias_sizes) != [0]
+    bias = im.splat(0.0, w.type.dtype, tuple(bias_sizes)) if biased else None
     y = _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
     g = _reverse(im, start, y, dy)
     wanted = list(output_mask)

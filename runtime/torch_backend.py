@@ -52,8 +52,10 @@ from sparsa.passes.pipelines import expert_parallel_pipeline
 from sparsa.runtime.report import LOG, REPORT, PartitionRecord
 from sparsa.runtime.torch_moe import BlockCall, FoldedBlocks
 
-# Dialects whose ops are what Sparsa is for; a partition with none of them (and no matmul) stays in PyTorch.
+# Dialects whose ops are what Sparsa is for; a partition with none of them (and none of GAINFUL_OPS) stays in
+# PyTorch.
 GAINFUL_DIALECTS = ("attn", "moe", "scan", "sparse")
+GAINFUL_OPS = ("tensor.matmul", "tensor.solve_triangular")  # dense ops whose kernels are worth a partition
 
 
 class NothingToGain(SparsaError):
@@ -403,7 +405,7 @@ class CompiledPartition(torch.nn.Module):
         self.module = PassManager(pipeline, options).run(module)
         self.func = self.module.funcs[-1]
         if backend.options.get("partitions", "worthwhile") == "worthwhile" and not any(
-                op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME == "tensor.matmul" for op in self.func.walk()):
+                op.NAME.split(".")[0] in GAINFUL_DIALECTS or op.NAME in GAINFUL_OPS for op in self.func.walk()):
             raise NothingToGain("only pointwise, view and reduction ops")
         # Freezing (opt-in, as Inductor's): parameters are taken as constants, and what only they feed is kept
         # between calls. Without it a parameter is an input like any other, read afresh at each call.

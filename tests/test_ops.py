@@ -214,6 +214,23 @@ def case_cumsum():
     np.testing.assert_allclose(out, np.cumsum(a, axis=1), rtol=1e-5, atol=1e-6)
 
 
+def case_solve_triangular():
+    """Every triangle and diagonal against NumPy's dense solve of the matrix the flags read, batched, with column
+    counts around the cpu target's vector widths (whole vectors and a tail)."""
+    for upper in (False, True):
+        for unit in (False, True):
+            for shape_a, k in (((2, 3, 7, 7), 37), ((9, 9), 1), ((1, 1), 16)):
+                n = shape_a[-1]
+                a = randn(*shape_a) + 4 * np.eye(n, dtype=np.float32)
+                b = randn(*shape_a[:-1], k)
+                read = np.triu(a) if upper else np.tril(a)
+                if unit:  # its diagonal taken as ones
+                    read = read * (1 - np.eye(n, dtype=np.float32)) + np.eye(n, dtype=np.float32)
+                (out,) = run_op("tensor.solve_triangular", [a, b], {"upper": upper, "unit": unit})
+                want = np.linalg.solve(read.astype(np.float64), b.astype(np.float64))
+                np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-5, err_msg=f"upper={upper} unit={unit}")
+
+
 def case_layernorm():
     a, w, b = randn(3, 8), randn(8), randn(8)
     (out,) = run_op("tensor.layernorm", [a, w, b], {"eps": 1e-5})
@@ -711,6 +728,7 @@ CASES = {
     "tensor.max": _reduction("tensor.max", np.max), "tensor.min": _reduction("tensor.min", np.min),
     "tensor.logsumexp": _reduction("tensor.logsumexp", _logsumexp), "tensor.argmax": case_argmax,
     "tensor.softmax": case_softmax, "tensor.cumsum": case_cumsum, "tensor.layernorm": case_layernorm,
+    "tensor.solve_triangular": case_solve_triangular,
     "tensor.rmsnorm": case_rmsnorm, "tensor.topk": case_topk, "tensor.pullback": case_pullback, "moe.moe": case_moe,
     "attn.attention": case_attention, "attn.block_map": case_block_map, "scan.scan": case_scan,
     "scan.fused": case_fused_scan, "scan.fused_grad": case_fused_scan_grad, "scan.linear_attention": case_linear_attention,

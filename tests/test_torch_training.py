@@ -361,9 +361,9 @@ class ConvBlock(torch.nn.Module):
     """Mamba's pieces outside the scan: a causal depthwise conv1d (padding both sides, the tail cut), softplus,
     a strided slice, padding before and a negative pad (a crop), stack."""
 
-    def __init__(self, channels: int = 6, taps: int = 4):
+    def __init__(self, channels: int = 6, taps: int = 4, bias: bool = True):
         super().__init__()
-        self.conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1)
+        self.conv = torch.nn.Conv1d(channels, channels, taps, groups=channels, padding=taps - 1, bias=bias)
         self.proj = torch.nn.Linear(channels, channels)
 
     def forward(self, x):  # x: [B, C, L]
@@ -376,13 +376,14 @@ class ConvBlock(torch.nn.Module):
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
-def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target: str) -> None:
+@pytest.mark.parametrize("bias", [True, False])  # without: convolution_backward's bias_sizes is [0]
+def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target: str, bias: bool) -> None:
     if target == "cpu":
         pytest.importorskip("torch_mlir")
     from sparsa.runtime.torch_backend import SparsaBackend
 
     torch.manual_seed(0)
-    model, x = ConvBlock(), torch.randn(2, 6, 11)
+    model, x = ConvBlock(bias=bias), torch.randn(2, 6, 11)
     ref = copy.deepcopy(model)
     backend = SparsaBackend({"target": target, "partitions": "all"})
     _trains_as_eager(model, ref, backend, x, grad_atol=1e-6)

@@ -24,6 +24,7 @@ from sparsa.backends.cpu import (  # noqa: F401 (their rules)
     scan_grad,
     sparse,
     tensor,
+    tensor_linalg,
     tensor_reduce,
     tensor_shape,
 )

@@ -11,6 +11,7 @@ from sparsa.backends.triton import (  # noqa: F401
     scan_grad,
     sparse,
     tensor,
+    tensor_linalg,
     tensor_reduce,
     tensor_shape,
 )

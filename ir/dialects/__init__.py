@@ -12,11 +12,12 @@ from sparsa.ir.dialects import (
     sparse,
     tensor,
     tensor_grad,
+    tensor_linalg,
     tensor_reduce,
     tensor_shape,
 )
 
 __all__ = [
     "attn", "attn_blocks", "attn_grad", "func", "moe", "moe_exchange", "scan", "scan_grad", "sparse", "tensor",
-    "tensor_grad", "tensor_reduce", "tensor_shape",
+    "tensor_grad", "tensor_linalg", "tensor_reduce", "tensor_shape",
 ]
