@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sparsa.ir.core import Module, Operation
+from sparsa.ir.core import Module, Operation, Value
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
@@ -153,37 +153,171 @@ class TransposedWeightGrad(RewritePattern):
         return True
 
 
-class AddDisjointConcats(RewritePattern):
-    """concat(a, 0) + concat(0, b) is concat(a, b): pieces along one axis, of the same sizes, each zero on one side
-    (the gradients of a weight's slices put back, gate_proj's and up_proj's of a fused gate_up: one concat, no
-    sum of two padded copies)."""
+class SplatView(RewritePattern):
+    """A view of a splat constant (reshape, expand_dims, squeeze, slice, transpose, broadcast_to) is a splat of the
+    view's type: zeros padded around a slice's gradient are then zeros, whatever view made them."""
+
+    ROOT = (S.ReshapeOp, S.ExpandDimsOp, S.SqueezeOp, S.SliceOp, S.TransposeOp, S.BroadcastToOp)
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        value = splat_value(op.x.defining_op)
+        if value is None or None in op.result.type.shape:
+            return False
+        const = T.ConstantOp.build(value=value, result_types=[op.result.type.without_layout()], loc=op.loc)
+        rewriter.insert_before(op, const)
+        rewriter.replace_op(op, [const.result])
+        return True
+
+
+def _pieces(concat: Operation) -> list[tuple[int, int, Value]] | None:
+    """(start, stop, input) of each input of a concat along its axis, or None where a size is not static."""
+    axis, out, at = concat.axis % concat.result.type.rank, [], 0
+    for v in concat.inputs:
+        n = v.type.shape[axis]
+        if not isinstance(n, int):
+            return None
+        out.append((at, at + n, v))
+        at += n
+    return out
+
+
+def _take(rewriter: Rewriter, at: Operation, v: Value, axis: int, lo: int, hi: int,
+          others: tuple[list, list, list] | None = None) -> Value:
+    """v[lo:hi] along `axis` (v itself where that is all of it and `others`, the other axes' starts, stops and
+    steps, take everything), a splat where v is one."""
+    rank = v.type.rank
+    starts, stops, steps = (list(x) for x in others) if others else ([0] * rank, [None] * rank, [1] * rank)
+    starts[axis], stops[axis], steps[axis] = lo, hi, 1
+    if all(a == 0 and s == 1 and (b is None or b == n) for a, b, s, n in zip(starts, stops, steps, v.type.shape,
+                                                                               strict=True)):
+        return v
+    op = S.SliceOp.build(v, starts=starts, stops=stops, steps=steps, loc=at.loc)
+    value = splat_value(v.defining_op)
+    if value is not None and None not in op.result.type.shape:
+        op.drop_uses()  # built for its type only
+        op = T.ConstantOp.build(value=value, result_types=[op.result.type], loc=at.loc)
+    rewriter.insert_before(at, op)
+    return op.result
+
+
+def _splat(rewriter: Rewriter, at: Operation, like: Value, axis: int, n: int) -> Value:
+    """The splat `like` is, n long along `axis`."""
+    t = like.type
+    op = T.ConstantOp.build(value=splat_value(like.defining_op), loc=at.loc,
+                            result_types=[t.with_shape(t.shape[:axis] + (n,) + t.shape[axis + 1:])])
+    rewriter.insert_before(at, op)
+    return op.result
+
+
+def _joined(rewriter: Rewriter, at: Operation, parts: list[Value], axis: int) -> Value:
+    if len(parts) == 1:
+        return parts[0]
+    op = S.ConcatOp.build(parts, axis=axis, loc=at.loc)
+    rewriter.insert_before(at, op)
+    return op.result
+
+
+class AddConcats(RewritePattern):
+    """concat(...) + concat(...) along one axis is one concat of the sums of their overlapping pieces, where a
+    zero piece contributes nothing: the gradients of slices, each put back among zeros and summed, become one
+    concat of the slices' gradients (a fused gate_up's two halves; a loop over chunks, whose running sum of
+    padded chunk gradients would otherwise cost the whole tensor per chunk). Fires only where some overlap has a
+    zero side."""
 
     ROOT = T.AddOp
 
     def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
         a, b = (v.defining_op for v in (op.lhs, op.rhs))
-        if not (isinstance(a, S.ConcatOp) and isinstance(b, S.ConcatOp)) or a.axis != b.axis or \
-                not op.lhs.type == op.rhs.type == op.result.type or len(a.inputs) != len(b.inputs):
+        if not (isinstance(a, S.ConcatOp) and isinstance(b, S.ConcatOp)) or \
+                a.axis % op.result.type.rank != b.axis % op.result.type.rank or \
+                not op.lhs.type == op.rhs.type == op.result.type:
             return False
-        pieces = []
-        for x, y in zip(a.inputs, b.inputs, strict=True):
-            if x.type != y.type:
-                return False
-            if splat_value(x.defining_op) == 0:
-                pieces.append(y)
-            elif splat_value(y.defining_op) == 0:
-                pieces.append(x)
-            else:
-                return False
-        new = S.ConcatOp.build(pieces, axis=a.axis, loc=op.loc)
+        axis = a.axis % op.result.type.rank
+        sides = _pieces(a), _pieces(b)
+        if sides[0] is None or sides[1] is None:
+            return False
+        cuts = sorted({s for side in sides for piece in side for s in piece[:2]})
+        spans = []  # (lo, hi, the piece of each side over it)
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            spans.append((lo, hi, [next(p for p in side if p[0] <= lo and hi <= p[1]) for side in sides]))
+        zero = [[splat_value(p[2].defining_op) == 0 for p in over] for _, _, over in spans]
+        if not any(any(z) for z in zero):
+            return False
+        parts: list[Value] = []
+        zeros_from = None  # where the run of spans zero on both sides began
+        for i, ((lo, hi, over), zs) in enumerate(zip(spans, zero, strict=True)):
+            if all(zs):
+                zeros_from = lo if zeros_from is None else zeros_from
+                if i + 1 < len(spans) and all(zero[i + 1]):
+                    continue
+                start, _, v = over[0]
+                parts.append(_take(rewriter, op, v, axis, zeros_from - start, hi - start) if zeros_from >= start
+                             else _splat(rewriter, op, v, axis, hi - zeros_from))
+                zeros_from = None
+                continue
+            taken = [_take(rewriter, op, v, axis, lo - start, hi - start)
+                     for (start, _, v), z in zip(over, zs, strict=True) if not z]
+            if len(taken) == 2:
+                total = T.AddOp.build(*taken, loc=op.loc)
+                rewriter.insert_before(op, total)
+                taken = [total.result]
+            parts.append(taken[0])
+        rewriter.replace_op(op, [_joined(rewriter, op, parts, axis)])
+        return True
+
+
+class FlattenConcats(RewritePattern):
+    """A concat reading another concat along the same axis reads that one's inputs instead: one copy of each
+    piece, not two."""
+
+    ROOT = S.ConcatOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        axis = op.axis % op.result.type.rank
+        inner = [isinstance(v.defining_op, S.ConcatOp) and v.defining_op.axis % v.type.rank == axis
+                 for v in op.inputs]
+        if not any(inner):
+            return False
+        parts = [w for v, flat in zip(op.inputs, inner, strict=True) for w in (v.defining_op.inputs if flat else [v])]
+        new = S.ConcatOp.build(parts, axis=op.axis, loc=op.loc)
         rewriter.insert_before(op, new)
         rewriter.replace_op(op, [new.result])
         return True
 
 
+class SliceOfConcat(RewritePattern):
+    """A slice of a concat along its axis (step 1, static bounds) reads the concat's inputs it covers: a slice
+    of one of them, or, where only slices read the concat (so that it goes), a concat of their slices. A loop
+    writing one chunk at a time (slice_scatter, a concat of the old tensor's slices around the new chunk) then
+    builds its result from the chunks once, not a copy of the whole per chunk."""
+
+    ROOT = S.SliceOp
+
+    def match_and_rewrite(self, op: Operation, rewriter: Rewriter) -> bool:
+        concat = op.x.defining_op
+        if not isinstance(concat, S.ConcatOp):
+            return False
+        axis = concat.axis % op.x.type.rank
+        pieces = _pieces(concat)
+        start, stop, step = op.starts[axis], op.stops[axis], op.steps[axis]
+        if pieces is None or step != 1 or start < 0 or not (stop is None or isinstance(stop, int) and stop >= 0):
+            return False
+        n = pieces[-1][1]
+        end = n if stop is None else min(n, stop)
+        if end <= start or (start, end) == (0, n):  # empty, or every piece: nothing to gain
+            return False
+        covered = [(lo, hi, v) for lo, hi, v in pieces if lo < end and start < hi]
+        if len(covered) > 1 and not all(isinstance(u.op, S.SliceOp) for u in op.x.uses):
+            return False  # the concat stays: its slice is a view of it, a concat of slices another copy
+        others = (op.starts, op.stops, op.steps)
+        parts = [_take(rewriter, op, v, axis, max(start, lo) - lo, min(end, hi) - lo, others) for lo, hi, v in covered]
+        rewriter.replace_op(op, [_joined(rewriter, op, parts, axis)])
+        return True
+
+
 class AddReshapes(RewritePattern):
     """reshape(a) + reshape(b) of a and b of one type is reshape(a + b) (the put-backs of interleaved slices, each
-    a reshape of a concat: AddDisjointConcats then makes the sum one concat)."""
+    a reshape of a concat: AddConcats then makes the sum one concat)."""
 
     ROOT = T.AddOp
 
@@ -264,9 +398,9 @@ class Canonicalize(Pass):
     max_iterations = Option(int, 10, "most iterations of the worklist before giving up on a fixpoint (with a warning)")
 
     PATTERNS = (FoldConstants(), ElideIdentity(), SquareByMultiply(), FoldInvolution(), NegateAfterSum(),
-                ElideNoOpCast(), ComposeTransposes(), TransposedWeightGrad(), AddDisjointConcats(), AddReshapes(),
-                ComposeReshapes(),
-                FoldConstantWhere(), ReadBroadcastsInPlace())
+                ElideNoOpCast(), ComposeTransposes(), TransposedWeightGrad(), SplatView(), AddConcats(),
+                FlattenConcats(), SliceOfConcat(), AddReshapes(), ComposeReshapes(), FoldConstantWhere(),
+                ReadBroadcastsInPlace())
 
     def run(self, module: Module) -> None:
         apply_patterns_greedily(module, self.PATTERNS, self.stats, self.max_iterations, self.NAME)

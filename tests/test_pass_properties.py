@@ -166,3 +166,40 @@ model LA(q: f32[B, L, {Dk}], k: f32[B, L, {Dk}], v: f32[B, L, {Dv}], g: f32[B, L
     rng = np.random.default_rng(seed)
     ins = [rng.standard_normal(s).astype(np.float32) for s in [(B, L, Dk), (B, L, Dk), (B, L, Dv), (B, L)]]
     np.testing.assert_allclose(chunked(*ins), plain(*ins), rtol=1e-4, atol=1e-5)
+
+
+def _parts(*parts: tuple[str, int]) -> str:
+    """concat of the non-empty parts, each (expression, rows)."""
+    kept = [e for e, n in parts if n > 0]
+    return kept[0] if len(kept) == 1 else f"concat([{', '.join(kept)}], axis=0)"
+
+
+@SETTINGS
+@given(st.integers(1, 6), st.lists(st.tuples(st.sampled_from(["write", "add", "slice"]), st.integers(0, 5),
+                                             st.integers(0, 5)), min_size=1, max_size=6), st.integers(0, 99))
+def test_canonicalized_slices_and_concats_match(n, steps, seed):
+    """A random loop of chunk writes (slice_scatter's concat of slices around a chunk), padded chunks added to a
+    running sum and slices padded back (AddConcats, SliceOfConcat, FlattenConcats, SplatView) gives what the
+    program as written gives."""
+    lines = [f"cur = zeros([{n}, 3])"]
+    for kind, i, j in steps:
+        lo, hi = sorted((i % n, j % n + 1))
+        if kind == "write":
+            chunk = _parts((f"cur[:{lo}]", lo), (f"x[{lo}:{lo + 1}] * 2.0", 1), (f"cur[{lo + 1}:]", n - lo - 1))
+            lines.append(f"cur = {chunk}")
+        elif kind == "add":
+            padded = _parts((f"zeros([{lo}, 3])", lo), (f"x[{lo}:{hi}] + cur[{lo}:{hi}]", hi - lo),
+                            (f"zeros([{n - hi}, 3])", n - hi))
+            lines.append(f"cur = cur + {padded}")
+        else:
+            kept = _parts((f"zeros([{lo}, 3])", lo), (f"cur[{lo}:{hi}]", hi - lo), (f"zeros([{n - hi}, 3])", n - hi))
+            lines.append(f"cur = {kept}")
+    body = "\n    ".join(lines)
+    src = f"model M(x: f32[{n}, 3]) -> f32[{n}, 3] {{\n    {body}\n    return cur\n}}\n"
+    x = np.random.default_rng(seed).standard_normal((n, 3)).astype(np.float32)
+    plain = sparsa.compile(src, passes="dce", target="reference")
+    canonical = sparsa.compile(src, passes="canonicalize", target="reference")
+    np.testing.assert_allclose(canonical(x), plain(x), rtol=1e-6, atol=1e-6, err_msg=src)
+    ops = list(canonical.module.funcs[-1].walk())
+    assert not [op for op in ops if op.NAME == "tensor.add" and all(v.defining_op is not None and v.defining_op.NAME
+                                                                     == "tensor.concat" for v in op.operands)], src
