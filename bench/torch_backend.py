@@ -105,6 +105,29 @@ def gpt_oss_moe(d: int, f: int, e: int, k: int) -> torch.nn.Module:
     return _Holder(block, first=True)
 
 
+class GatedDeltaNet(torch.nn.Module):
+    """Projections into transformers' chunked gated delta rule (Qwen3-Next's and Qwen3.5's linear attention, as they
+    run without flash-linear-attention): l2-normed q and k, sigmoid beta, a softplus log-decay, chunks of 64, each
+    chunk's UT transform two unit lower triangular solves, then a Python loop over the chunks."""
+
+    def __init__(self, d: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.qkv = torch.nn.Linear(d, 3 * heads * head_dim)
+        self.ab = torch.nn.Linear(d, 2 * heads)
+        self.o = torch.nn.Linear(heads * head_dim, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
+
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.heads, self.head_dim).unbind(2)
+        a, b = self.ab(x).view(B, S, 2, self.heads).unbind(2)
+        out, _ = torch_chunk_gated_delta_rule(q, k, v, g=-F.softplus(a), beta=b.sigmoid(), chunk_size=64,
+                                              use_qk_l2norm_in_kernel=True)
+        return self.o(out.reshape(B, S, -1))
+
+
 # transformers' experts implementations: "grouped_mm" (its default; sort, histc, grouped matmul) and
 # "eager" (the classic loop over experts with nonzero, which graph-breaks)
 FORMS = {"grouped_mm": "grouped_mm experts", "eager": "expert loop"}
@@ -222,6 +245,8 @@ def main() -> None:
                   lambda: nemotron_h_moe(512, 1024, 8, 2), lambda: [torch.randn(1, 1024, 512, device=dev)], False))
     cases.append(("GPT-OSS MoE block (interleaved gate/up, biases) T=1024 D=512 F=1024 E=8 k=2",
                   lambda: gpt_oss_moe(512, 1024, 8, 2), lambda: [torch.randn(1, 1024, 512, device=dev)], False))
+    cases.append(("gated delta net (Qwen3-Next chunked rule) S=1024 D=1024 H=8 Dh=128",
+                  lambda: GatedDeltaNet(1024, 8, 128), lambda: [torch.randn(1, 1024, 1024, device=dev)], False))
     rows = [case(name, make, inputs(), args, swap=swap) for name, make, inputs, swap in cases
             if args.only.lower() in name.lower()]
     if args.json:

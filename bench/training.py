@@ -9,6 +9,7 @@ their large buffers' pages in (malloc's mmap threshold grows as they are freed),
     python bench/training.py --only nemotron  # the NemotronH block (relu^2 experts, a shared expert)
     python bench/training.py --only gpt-oss   # the GPT-OSS block (interleaved gate/up, expert biases)
     python bench/training.py --only scan      # the selective scan (its eager loop takes minutes: one run)
+    python bench/training.py --only delta     # a gated delta net layer (Qwen3-Next's chunked rule)
 """
 
 from __future__ import annotations
@@ -123,9 +124,22 @@ def bench_gpt_oss(sgemm: float) -> None:
                 T, D, flops, sgemm)
 
 
-def bench_block(case: str, block: torch.nn.Module, T: int, D: int, flops: float, sgemm: float) -> None:
-    """A transformers MoE block trained a step at a time: eager, Inductor, and backend=sparsa, which folds its
-    experts before AOTAutograd (their backward is Sparsa's)."""
+def bench_gated_delta(sgemm: float) -> None:
+    """A gated delta net layer (projections and transformers' chunked rule, Qwen3-Next's linear attention)."""
+    from torch_backend import GatedDeltaNet
+
+    T, D, H, Dh, C = 1024, 1024, 8, 128, 64
+    # a chunk of a head: QKᵀ and (βK)Kᵀ, two triangular solves, P·V', and the state read twice and updated
+    chunk = 2 * 2 * C * C * Dh + 2 * C * C * Dh + 2 * C * C * Dh + 3 * 2 * C * Dh * Dh
+    flops = 3 * (2 * T * D * 4 * H * Dh + chunk * H * (T // C))  # with the projections; forward and backward
+    bench_block(f"gated delta net (Qwen3-Next chunked rule) T={T} D={D} H={H} Dh={Dh} fwd+bwd",
+                GatedDeltaNet(D, H, Dh), T, D, flops, sgemm, "eager transformers (chunked torch rule)")
+
+
+def bench_block(case: str, block: torch.nn.Module, T: int, D: int, flops: float, sgemm: float,
+                eager: str = "eager transformers grouped_mm") -> None:
+    """A transformers block trained a step at a time: eager, Inductor, and backend=sparsa (which folds a MoE
+    block's experts before AOTAutograd: their backward is Sparsa's)."""
     torch.manual_seed(0)
     block = block.train()
     x, dy = torch.randn(1, T, D, requires_grad=True), torch.randn(1, T, D)
@@ -135,7 +149,7 @@ def bench_block(case: str, block: torch.nn.Module, T: int, D: int, flops: float,
             t.grad = None
         f(x).backward(dy)
 
-    record(case, "eager transformers grouped_mm", median_ms(lambda: step(block), runs=7, warmup=2), flops, sgemm)
+    record(case, eager, median_ms(lambda: step(block), runs=7, warmup=2), flops, sgemm)
     for label, backend in (("torch.compile (Inductor)", "inductor"), ("torch.compile(backend=sparsa)", "sparsa")):
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=backend)
@@ -194,7 +208,7 @@ def main() -> None:
     machine_header()
     sgemm = sgemm_gflops()
     for name, run in {"attention": bench_attention, "moe": bench_moe, "nemotron moe": bench_nemotron,
-                      "gpt-oss moe": bench_gpt_oss, "scan": bench_scan}.items():
+                      "gpt-oss moe": bench_gpt_oss, "scan": bench_scan, "delta": bench_gated_delta}.items():
         if args.only in name:
             run(sgemm)
 
