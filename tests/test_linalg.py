@@ -73,16 +73,24 @@ def test_rule_against_finite_differences_and_torch(upper: bool, unit: bool) -> N
     assert not np.any(da * unread)
 
 
-@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64", "triton"])
 @pytest.mark.parametrize(("upper", "unit"), FLAGS)
-def test_vjp_on_native_targets(target: str, upper: bool, unit: bool) -> None:
+def test_vjp_on_native_targets(target: str, upper: bool, unit: bool, monkeypatch) -> None:
     """m.vjp of the solve on the target equals the reference's, at column counts around the vector widths
-    (whole vectors of 4 at a time, single vectors, a masked tail) and batch items split over threads."""
+    (whole vectors of 4 at a time, single vectors, a masked tail), in AVX-512 (or the host's), AVX2 and SSE code,
+    the batch items split over 3 threads."""
     from sparsa.backends import base as backends
     from sparsa.runtime.compiler import CompiledModel
 
-    if target == "cpu":
+    if target.startswith("cpu"):
         pytest.importorskip("torch_mlir")
+        from sparsa.backends.cpu import host
+        from sparsa.backends.cpu.target import named_target
+
+        if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+            pytest.skip(f"{target} does not run here")
+        monkeypatch.setenv("SPARSA_NUM_THREADS", "3")
+        monkeypatch.setattr(host, "NATIVE_SPLIT_WORK", 0)  # split however small
     if target == "triton" and importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     for shape_a, k in (((3, 2, 9, 9), 83), ((1, 6, 6), 5)):
