@@ -9,6 +9,7 @@ import importlib.util
 
 import numpy as np
 import pytest
+from test_torch_training import _trains_as_eager
 
 from sparsa.ir import TensorType
 from sparsa.ir.dialects.tensor import SinOp
@@ -160,23 +161,7 @@ def test_chunked_gated_delta_rule_trains_with_nothing_left_to_pytorch() -> None:
     ref = copy.deepcopy(model)
     x = torch.randn(2, 20, 16)  # 20 rows: the rule pads them to 3 chunks of 8
     backend = SparsaBackend({"target": "cpu"})
-    results = []
-    for m, be in ((model, backend), (ref, None)):
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        f = torch.compile(m, backend=be) if be is not None else m
-        losses = []
-        for _ in range(2):
-            opt.zero_grad()
-            loss = f(x).square().mean()
-            loss.backward()
-            losses.append(loss.item())
-            grads = {n: p.grad.clone() for n, p in m.named_parameters()}
-            opt.step()
-        results.append((losses, grads))
-    (losses, grads), (want_losses, want_grads) = results
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=1e-6)
-    for n, g in want_grads.items():
-        torch.testing.assert_close(grads[n], g, rtol=1e-4, atol=1e-5, msg=n)
+    _trains_as_eager(model, ref, backend, x)
     assert not backend.fallbacks, dict(backend.fallbacks)
     solves = [op.upper for part in backend.partitions for op in part.func.walk()
               if op.NAME == "tensor.solve_triangular"]
