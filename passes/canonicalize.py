@@ -250,9 +250,7 @@ class AddConcats(RewritePattern):
                 zeros_from = lo if zeros_from is None else zeros_from
                 if i + 1 < len(spans) and all(zero[i + 1]):
                     continue
-                start, _, v = over[0]
-                parts.append(_take(rewriter, op, v, axis, zeros_from - start, hi - start) if zeros_from >= start
-                             else _splat(rewriter, op, v, axis, hi - zeros_from))
+                parts.append(_splat(rewriter, op, over[0][2], axis, hi - zeros_from))
                 zeros_from = None
                 continue
             taken = [_take(rewriter, op, v, axis, lo - start, hi - start)
