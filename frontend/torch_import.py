@@ -19,11 +19,11 @@ from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
-from sparsa.ir.dims import Dim, broadcast_shapes, check_expr, symbols
+from sparsa.ir.dims import Dim, check_expr, symbols
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote
 
-T, S, R, L = D.tensor, D.tensor_shape, D.tensor_reduce, D.tensor_linalg
+T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
 
 
 class Unsupported(SparsaError):
@@ -539,23 +539,6 @@ def _mm(im: Importer, node: Any, a: Value, b: Value) -> Value:
     return im.emit(S.MatmulOp, *im.operands(a, b))
 
 
-def _solve_triangular(im: Importer, node: Any, a: Value, b: Value, *, upper: bool, left: bool = True,
-                      unitriangular: bool = False) -> Value:
-    """torch.linalg.solve_triangular: batch dims broadcast first; X A = B (left=False) as Aᵀ Xᵀ = Bᵀ."""
-    a, b = im.operands(a, b)
-    if a.type.rank < 2 or b.type.rank < 2:
-        raise Unsupported("solve_triangular of fewer than 2 dims")
-    if not left:
-        a, b = _transpose(im, node, a, -2, -1), _transpose(im, node, b, -2, -1)
-    try:
-        batch = broadcast_shapes(a.type.shape[:-2], b.type.shape[:-2])
-    except ValueError as e:
-        raise Unsupported(f"solve_triangular of batch dims that do not broadcast: {e}") from None
-    a, b = (_expand(im, node, v, batch + v.type.shape[-2:]) for v in (a, b))
-    x = im.emit(L.SolveTriangularOp, a, b, upper=bool(upper) != (not left), unit=bool(unitriangular))
-    return x if left else _transpose(im, node, x, -2, -1)
-
-
 def _addmm(im: Importer, node: Any, bias: Value, a: Value, b: Value, beta: Any = 1, alpha: Any = 1) -> Value:
     if beta != 1 or alpha != 1:
         raise Unsupported("addmm with alpha/beta")
@@ -674,7 +657,6 @@ _ops: dict[str, Callable] = {
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
     "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
-    "linalg_solve_triangular.default": _solve_triangular,
     "arange.default": _arange, "arange.start": _arange_start,
     "arange.start_step": _arange_start, "scalar_tensor.default": _scalar_tensor,
     "full.default": _full,
@@ -692,6 +674,7 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_attention import flex_attention
     from sparsa.frontend.torch_derivatives import OPS as DERIVATIVES
     from sparsa.frontend.torch_indexing import OPS as INDEXING
+    from sparsa.frontend.torch_linalg import OPS as LINALG
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import IMPORTS as MOE
@@ -707,7 +690,8 @@ def _build_table() -> dict[Any, Callable]:
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
     makers, rules = complex_handlers(_ops)
-    for name, handler in {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LOSSES, **SSM, **makers}.items():
+    handlers = {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LINALG, **LOSSES, **SSM, **makers}
+    for name, handler in handlers.items():
         op = _aten(name)
         if op is not None:
             table[op] = handler
