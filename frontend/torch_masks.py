@@ -1,8 +1,9 @@
 """ATen ops model code builds masks, index tables and in-place assemblies with, imported as IR the passes
 already know (registered in `torch_import`'s table):
 
-- tensors of one value: `zeros`/`ones`/`new_empty`/`new_zeros`/`new_ones`/`zeros_like`/`ones_like`/
-  `full_like` (a `new_empty` is fully overwritten before it is read in the graphs that use it; as zeros);
+- tensors of one value: `zeros`/`ones`/`new_empty`/`new_empty_strided`/`new_zeros`/`new_ones`/`zeros_like`/
+  `ones_like`/`full_like` (a `new_empty` is fully overwritten before it is read in the graphs that use it; as
+  zeros);
 - `masked_fill`, `tril`/`triu` (iota comparisons and a where), `_safe_softmax` (a row that is -inf
   everywhere gives zeros, not NaN);
 - `scatter` of a value and `gather` along a dim, as comparisons of the index with an iota (DeepSeek's
