@@ -66,6 +66,21 @@ VERIFY_ERRORS = [
     ("    %y = tensor.and(%x, %x) : (tensor<4x8xf32>, tensor<4x8xf32>) -> tensor<4x8xf32>",
      "needs bool operands, got f32"),
     ("    %y = tensor.sum(%x) {axes = [2]} : (tensor<4x8xf32>) -> tensor<4xf32>", "axis 2 is out of range for rank 2"),
+    ("    %y = tensor.solve_triangular(%x, %x) : (tensor<4x8xf32>, tensor<4x8xf32>) -> tensor<4x8xf32>",
+     "needs a square A, got tensor<4x8xf32>"),
+    ("    %a = tensor.constant() {value = 1.0} : () -> tensor<8x8xf32>\n"
+     "    %y = tensor.solve_triangular(%a, %x) : (tensor<8x8xf32>, tensor<4x8xf32>) -> tensor<4x8xf32>",
+     "solves A of 8 rows for B of 4 rows"),
+    ("    %a = tensor.constant() {value = 1.0} : () -> tensor<2x4x4xf32>\n"
+     "    %y = tensor.solve_triangular(%a, %x) : (tensor<2x4x4xf32>, tensor<4x8xf32>) -> tensor<4x8xf32>",
+     "needs A [..., n, n] and B [..., n, k] of one rank"),
+    ("    %a = tensor.constant() {value = 1.0} : () -> tensor<2x4x4xf32>\n"
+     "    %b = tensor.constant() {value = 1.0} : () -> tensor<3x4x8xf32>\n"
+     "    %y = tensor.solve_triangular(%a, %b) : (tensor<2x4x4xf32>, tensor<3x4x8xf32>) -> tensor<3x4x8xf32>",
+     "needs the same batch dims in A and B (broadcast them first)"),
+    ("    %a = tensor.constant() {value = 1} : () -> tensor<4x4xi64>\n"
+     "    %y = tensor.solve_triangular(%a, %a) : (tensor<4x4xi64>, tensor<4x4xi64>) -> tensor<4x4xi64>",
+     "needs float operands"),
 ]
 
 
