@@ -184,7 +184,7 @@ def _pieces(concat: Operation) -> list[tuple[int, int, Value]] | None:
 def _take(rewriter: Rewriter, at: Operation, v: Value, axis: int, lo: int, hi: int,
           others: tuple[list, list, list] | None = None) -> Value:
     """v[lo:hi] along `axis` (v itself where that is all of it and `others`, the other axes' starts, stops and
-    steps, take everything), a splat where v is one."""
+    steps, take everything; SplatView folds a slice of a splat)."""
     rank = v.type.rank
     starts, stops, steps = (list(x) for x in others) if others else ([0] * rank, [None] * rank, [1] * rank)
     starts[axis], stops[axis], steps[axis] = lo, hi, 1
@@ -192,10 +192,6 @@ def _take(rewriter: Rewriter, at: Operation, v: Value, axis: int, lo: int, hi: i
                                                                                strict=True)):
         return v
     op = S.SliceOp.build(v, starts=starts, stops=stops, steps=steps, loc=at.loc)
-    value = splat_value(v.defining_op)
-    if value is not None and None not in op.result.type.shape:
-        op.drop_uses()  # built for its type only
-        op = T.ConstantOp.build(value=value, result_types=[op.result.type], loc=at.loc)
     rewriter.insert_before(at, op)
     return op.result
 

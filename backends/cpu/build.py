@@ -239,9 +239,9 @@ def alloca(n: ir.Value, et: ir.Type) -> ir.Value:
     return memref.AllocaOp(ir.MemRefType.get([DYN()], et), [as_index(n)], []).result
 
 
-def each(n: ir.Value, body: Callable[[ir.Value], None]) -> None:
-    """body(i) for i in 0..n."""
-    f = loop(0, n)
+def each(n: Size, body: Callable[[ir.Value], None], start: Size = 0, step: int = 1) -> None:
+    """body(i) for i = start, start + step, ... below n."""
+    f = loop(start, n, step)
     with ir.InsertionPoint(f.body):
         body(f.induction_variable)
         scf.YieldOp([])

@@ -4,7 +4,6 @@ row of X built in vector registers."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, scf, vector
@@ -76,9 +75,9 @@ def solve_triangular_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
             wide = SOLVE_VECTORS * lanes
             whole = B.mul(arith.DivUIOp(k, B.c_index(wide)).result, B.c_index(wide))
-            steps(B.c_index(0), whole, wide, lambda c0: block(c0, SOLVE_VECTORS, None))
+            B.each(whole, lambda c0: block(c0, SOLVE_VECTORS, None), step=wide)
             vectors = B.mul(arith.DivUIOp(k, B.c_index(lanes)).result, B.c_index(lanes))
-            steps(whole, vectors, lanes, lambda c0: block(c0, 1, None))
+            B.each(vectors, lambda c0: block(c0, 1, None), start=whole, step=lanes)
             tail = B.if_(B.cmpi("lt", vectors, k))
             with ir.InsertionPoint(tail.then_block):
                 block(vectors, 1, vector.CreateMaskOp(mask_t, [B.sub(k, vectors)]).result)
@@ -87,10 +86,3 @@ def solve_triangular_kernel(cx: KernelContext, op: Operation) -> Kernel:
 
     return cx.plain(op, [op.a, op.b], build, parts=True)
 
-
-def steps(lo: ir.Value, hi: ir.Value, step: int, body: Callable[[ir.Value], None]) -> None:
-    """body(c) for c = lo, lo + step, ... below hi."""
-    f = B.loop(lo, hi, step)
-    with ir.InsertionPoint(f.body):
-        body(f.induction_variable)
-        scf.YieldOp([])

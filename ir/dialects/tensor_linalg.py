@@ -49,7 +49,7 @@ class SolveTriangularOp(Operation):
     def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Substitution row by row (forward for lower, backward for upper), in the operands' precision."""
         n = a.shape[-1]
-        x = np.zeros(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + b.shape[-2:], dtype=b.dtype)
+        x = np.zeros_like(b)
         for i in (range(n - 1, -1, -1) if self.upper else range(n)):
             done = slice(i + 1, n) if self.upper else slice(0, i)
             row = b[..., i, :] - np.einsum("...j,...jk->...k", a[..., i, done], x[..., done, :])
