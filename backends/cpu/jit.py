@@ -18,6 +18,7 @@ from sparsa.backends.cpu import (  # noqa: F401 (their rules)
     attn,
     attn_grad,
     cache,
+    matmul,
     moe,
     moe_pack,
     scan,

@@ -1,0 +1,171 @@
+"""The cpu target's dense matmul kernel, `x @ w` with a matrix w: both operands packed before the GEMM, as the
+grouped GEMMs' are (moe_pack.py), where there are rows enough to pay for it.
+
+Read in place, a register tile's k step loads a row of w's column panel a row of w apart and TILE_M elements of x
+a row of x apart. At 3072 columns the rows of w are 12 KiB apart: every row of a k block of the panel falls in the
+same L1 set, and a register tile's rows of x at K = 1024 do too (4 KiB apart). The GEMM then ran at 121-148
+GFLOP/s where OpenBLAS ran at 186-197 (Zen 4, two threads). Packed, each of the part's rows goes by register tile
+([tiles, K, TILE_M]: one stream), and w by groups of PANEL-column panels ([K, PANEL] blocks, as many as fill half
+of L2) just before the rows pass over them, so that a panel's k block sits in L1 and the group in L2 while every
+chunk of rows is multiplied by it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch_mlir import ir
+from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor
+
+from sparsa.backends.cpu import build as B
+from sparsa.backends.cpu.context import KERNELS, PARALLEL, KernelContext, element_type
+from sparsa.backends.cpu.moe_pack import pack_panel
+from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
+from sparsa.ir.core import Operation
+from sparsa.ir.dialects import tensor_shape as S
+
+# Rows (all of x's but the last dim, when known at compile time) below which a matmul reads its operands in place:
+# packing w costs a pass over it per part, which a few rows do not win back.
+PACK_ROWS = 128
+
+
+def packs(op: Operation) -> bool:
+    """Whether this matmul runs packed: float32, a matrix w, x of the result's rank (its leading dims are rows),
+    and rows enough (or not known at compile time)."""
+    x, w, out = op.lhs.type, op.rhs.type, op.result.type
+    if out.dtype != "f32" or w.rank != 2 or x.rank < 2 or x.rank != out.rank:
+        return False
+    lead = x.shape[:-1]
+    return not all(isinstance(d, int) for d in lead) or math.prod(lead) >= PACK_ROWS
+
+
+@KERNELS.lowers(S.MatmulOp)
+def matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """x @ w packed (`packs`), else the tagged generic read in place (`KernelContext.dense`). Split by rows as
+    that one is: each part packs its own rows and all of w. Where the rows are known only at run time, a part
+    with fewer than ROW_BLOCK of them (a decode step) reads in place."""
+    if not packs(op):
+        return cx.dense(op)
+    split, cut = cx.row_split(op)
+    if split == "rows" and isinstance(op.result.type.shape[0], int):
+        cx.dim_map = {op.result.type.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
+    types = [t.with_shape(cx.shape(t)) for t in (op.lhs.type, op.rhs.type, op.result.type)]
+    cx.dim_map = {}
+    name, entry = cx.function(op, types, False)
+    x, w, out = entry.arguments
+    et = element_type(op.result.type.dtype)
+    with ir.InsertionPoint(entry):
+        if all(isinstance(d, int) for d in op.lhs.type.shape[:-1]):
+            packed_matmul(cx, _rows(x), w, _rows(out), et)
+        else:  # rows known only at run time: a part with fewer than a chunk reads in place
+            few = B.if_(B.cmpi("lt", B.mdim(_rows(x), 0), B.c_index(ROW_BLOCK)), has_else=True)
+            with ir.InsertionPoint(few.then_block):
+                cx.values[id(op.lhs)], cx.values[id(op.rhs)] = B.read(x), B.read(w)
+                cx.lower(op)
+                B.write(cx.get(op.result), out)
+                scf.YieldOp([])
+            with ir.InsertionPoint(few.else_block):
+                packed_matmul(cx, _rows(x), w, _rows(out), et)
+                scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, [op.lhs, op.rhs], [op.result], split, cut)
+
+
+def _rows(m: ir.Value) -> ir.Value:
+    """A contiguous memref as a matrix: its leading dims as rows."""
+    mt = ir.MemRefType(m.type)
+    if mt.rank == 2:
+        return m
+    shape = mt.shape
+    rows = math.prod(shape[:-1]) if B.DYN() not in shape[:-1] else B.DYN()
+    flat = ir.MemRefType.get([rows, shape[-1]], mt.element_type)
+    return memref.CollapseShapeOp(flat, m, B.reassociation(list(range(mt.rank - 1)), [mt.rank - 1])).result
+
+
+def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et: ir.Type) -> None:
+    """out [R, N] = x [R, K] @ w [K, N]: x packed by register tile once (rows past R zero), then for each group
+    of w's panels (`CpuTarget.weight_group`), the group packed (columns past N zero) and every chunk of
+    ROW_BLOCK rows multiplied by each of its panels (`packed_matmul_tile`), the chunk's real rows and columns
+    stored."""
+    m = cx.target.tile[0]
+    R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 1)
+    tiles = B.ceil_div(R, m)
+    xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [tiles, K], []).result
+    _pack_rows(x, xp, R, m, et)
+    k_static = ir.MemRefType(x.type).shape[1]
+    group = cx.target.weight_group(k_static if k_static != B.DYN() else 1024, 1)
+    wp = memref.AllocOp(ir.MemRefType.get([1, group, B.DYN(), PANEL], et), [K], []).result
+    n_panels = B.ceil_div(N, PANEL)
+    xpt = B.read(xp)
+    groups = B.loop(0, n_panels, group)
+    with ir.InsertionPoint(groups.body):
+        p0 = groups.induction_variable
+        p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
+        _pack_group(cx, w, wp, p0, p1, K, N, et)
+        wpt = B.read(wp)
+        chunks = B.loop(0, R, ROW_BLOCK)
+        with ir.InsertionPoint(chunks.body):
+            r0 = chunks.induction_variable
+            rows = B.minsi(B.c_index(ROW_BLOCK), B.sub(R, r0))
+            n_tiles = B.ceil_div(rows, m)
+            ap = B.slice_tensor(xpt, [arith.DivUIOp(r0, B.c_index(m)).result, 0, 0], [n_tiles, K, m])
+            panels = B.loop(p0, p1)
+            with ir.InsertionPoint(panels.body):
+                j = panels.induction_variable
+                panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, K, PANEL], drop=[0, 1])
+                y = cx.packed_matmul_tile(ap, panel, et)
+                flat = tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), PANEL], et), y,
+                                              B.reassociation([0, 1], [2])).result
+                c0 = B.mul(j, B.c_index(PANEL))
+                width = B.minsi(B.c_index(PANEL), B.sub(N, c0))
+                B.write(B.slice_tensor(flat, [0, 0], [rows, width]), B.subview(out, [r0, c0], [rows, width]))
+                scf.YieldOp([])
+            scf.YieldOp([])
+        scf.YieldOp([])
+
+
+def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, et: ir.Type) -> None:
+    """xp[t, k, r] = x[t * m + r, k], zero past R."""
+    d = [ir.AffineDimExpr.get(i) for i in range(3)]
+    zero = B.c_float(0.0, et)
+
+    def row(*_: ir.Value) -> ir.Value:
+        at = B.add(B.mul(linalg.IndexOp(0).result, B.c_index(m)), linalg.IndexOp(2).result)
+        inside = B.cmpi("lt", at, R)
+        return B.select(inside, B.load(x, B.select(inside, at, B.c_index(0)), linalg.IndexOp(1).result), zero)
+
+    B.memref_generic([], xp, d, [PARALLEL] * 3, row)
+
+
+def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: ir.Value, K: ir.Value,
+                N: ir.Value, et: ir.Type) -> None:
+    """wp[0, j - p0] = w's panel j for p0 <= j < p1: by vectors where the panel's columns are all in w, else an
+    element at a time, zero past N."""
+    lanes = cx.target.lanes(32)
+    zero = B.c_float(0.0, et)
+    panels = B.loop(p0, p1)
+    with ir.InsertionPoint(panels.body):
+        j = panels.induction_variable
+        at = B.sub(j, p0)
+        c0 = B.mul(j, B.c_index(PANEL))
+        whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(PANEL)), N), has_else=True)
+        with ir.InsertionPoint(whole.then_block):
+            if PANEL % lanes == 0 and lanes & (lanes - 1) == 0:
+                pack_panel(w, wp, B.c_index(0), at, c0, K, lanes, False, lambda kk, col: [kk, col])
+            else:
+                _pack_elements(w, wp, at, c0, K, N, zero)
+            scf.YieldOp([])
+        with ir.InsertionPoint(whole.else_block):
+            _pack_elements(w, wp, at, c0, K, N, zero)
+            scf.YieldOp([])
+        scf.YieldOp([])
+
+
+def _pack_elements(w: ir.Value, wp: ir.Value, at: ir.Value, c0: ir.Value, K: ir.Value, N: ir.Value,
+                   zero: ir.Value) -> None:
+    with B.nest([K, B.c_index(PANEL)]) as (kk, c):
+        col = B.add(c0, c)
+        inside = B.cmpi("lt", col, N)
+        value = B.select(inside, B.load(w, kk, B.select(inside, col, B.c_index(0))), zero)
+        B.store(value, wp, 0, at, kk, c)

@@ -1,0 +1,51 @@
+"""The cpu target's dense matmul (backends/cpu/matmul.py): x packed by register tile and w by groups of panels
+where there are rows enough, read in place where there are few. Checked against NumPy in float64 at sizes around
+the register tile, the panel and the weight group, on AVX-512 (or the host's), AVX2 and SSE code, on one thread
+and split over three, on both hosts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch_mlir")
+
+import sparsa  # noqa: E402
+from sparsa.backends.cpu import host, jit  # noqa: E402
+from sparsa.backends.cpu.matmul import packs  # noqa: E402
+from sparsa.backends.cpu.target import named_target  # noqa: E402
+
+# rows x K x N: a partial register tile and a panel narrower than its 32 columns; one of each; a last partial panel;
+# several weight groups (32 panels of K = 1024), the last one partial; x of rank 3 with rows known at run time only
+SRC = """model M(a: f32[130, 7], b: f32[7, 5], c: f32[257, 129], d: f32[129, 100], e: f32[200, 1024],
+        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40]) -> (f32[130, 5], f32[257, 100], f32[200, 1000],
+        f32[T, 3, 40]) {
+    return a @ b, c @ d, e @ f, g @ h
+}
+"""
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
+@pytest.mark.parametrize("native", [True, False])
+def test_packed_matmul_against_numpy(monkeypatch, target: str, native: bool) -> None:
+    if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+        pytest.skip(f"{target} does not run here")
+    if not native:
+        monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    monkeypatch.setattr(host, "NATIVE_SPLIT_WORK", 0)  # split however small
+    monkeypatch.setattr(jit, "SPLIT_WORK", 0)
+    m = sparsa.compile(SRC, target=target)
+    ops = [op for op in m.module.funcs[-1].regions[0].block.ops if op.NAME == "tensor.matmul"]
+    assert len(ops) == 4 and all(packs(op) for op in ops)
+    assert "memref.alloc" in m.native.stages["mlir"]
+    rng = np.random.default_rng(0)
+    for rows in (2, 100):  # a decode step (read in place), then 300 rows (packed, 99 or more a part)
+        xs = [rng.standard_normal(s).astype(np.float32) for s in
+              [(130, 7), (7, 5), (257, 129), (129, 100), (200, 1024), (1024, 1000), (rows, 3, 33), (33, 40)]]
+        want = [xs[i].astype(np.float64) @ xs[i + 1] for i in range(0, 8, 2)]
+        for threads in ("1", "3"):
+            monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+            got = m(*xs)
+            for g, w in zip(got, want, strict=True):
+                assert g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.sqrt(xs[4].shape[1]))
