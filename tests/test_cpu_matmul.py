@@ -15,10 +15,11 @@ from sparsa.backends.cpu import host, jit  # noqa: E402
 from sparsa.backends.cpu.matmul import packs  # noqa: E402
 from sparsa.backends.cpu.target import named_target  # noqa: E402
 
-# rows x K x N: a partial register tile and a panel narrower than its 32 columns; one of each; a last partial panel;
-# several weight groups (32 panels of K = 1024), the last one partial; x of rank 3 with rows known at run time only
-SRC = """model M(a: f32[130, 7], b: f32[7, 5], c: f32[257, 129], d: f32[129, 100], e: f32[200, 1024],
-        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40]) -> (f32[130, 5], f32[257, 100], f32[200, 1000],
+# rows x K x N: a partial register tile and a panel of one column past 32; whole tiles and panels; a last partial
+# panel; several weight groups (32 panels of K = 1024), the last one partial; x of rank 3 with rows known at run
+# time only
+SRC = """model M(a: f32[130, 7], b: f32[7, 33], c: f32[256, 129], d: f32[129, 64], e: f32[200, 1024],
+        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40]) -> (f32[130, 33], f32[256, 64], f32[200, 1000],
         f32[T, 3, 40]) {
     return a @ b, c @ d, e @ f, g @ h
 }
@@ -41,7 +42,7 @@ def test_packed_matmul_against_numpy(monkeypatch, target: str, native: bool) -> 
     rng = np.random.default_rng(0)
     for rows in (2, 100):  # a decode step (read in place), then 300 rows (packed, 99 or more a part)
         xs = [rng.standard_normal(s).astype(np.float32) for s in
-              [(130, 7), (7, 5), (257, 129), (129, 100), (200, 1024), (1024, 1000), (rows, 3, 33), (33, 40)]]
+              [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1024), (1024, 1000), (rows, 3, 33), (33, 40)]]
         want = [xs[i].astype(np.float64) @ xs[i + 1] for i in range(0, 8, 2)]
         for threads in ("1", "3"):
             monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
@@ -49,3 +50,16 @@ def test_packed_matmul_against_numpy(monkeypatch, target: str, native: bool) -> 
             for g, w in zip(got, want, strict=True):
                 assert g.shape == w.shape
                 np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.sqrt(xs[4].shape[1]))
+
+
+def test_few_rows_or_columns_read_in_place() -> None:
+    """Packing pays for itself with rows enough and a panel's width of columns: a decode-sized x or a router's few
+    experts are read in place; rows known only at run time are packed where a part has a chunk of them."""
+    src = """model M(x: f32[64, 16], y: f32[128, 16], z: f32[T, 16], w: f32[16, 32], r: f32[16, 8],
+            b: f32[4, 128, 16]) -> (f32[64, 32], f32[128, 32], f32[T, 32], f32[128, 8], f32[4, 128, 32]) {
+        return x @ w, y @ w, z @ w, y @ r, b @ w
+    }
+    """
+    m = sparsa.compile(src, target="reference", passes="canonicalize")
+    ops = [op for op in m.module.funcs[-1].regions[0].block.ops if op.NAME == "tensor.matmul"]
+    assert [packs(op) for op in ops] == [False, True, True, False, True]

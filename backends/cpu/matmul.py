@@ -31,10 +31,13 @@ PACK_ROWS = 128
 
 
 def packs(op: Operation) -> bool:
-    """Whether this matmul runs packed: float32, a matrix w, x of the result's rank (its leading dims are rows),
-    and rows enough (or not known at compile time)."""
+    """Whether this matmul runs packed: float32, a matrix w at least a panel wide (a router's few columns are one
+    narrow register tile, in cache either way), x of the result's rank (its leading dims are rows), and rows
+    enough (or not known at compile time)."""
     x, w, out = op.lhs.type, op.rhs.type, op.result.type
     if out.dtype != "f32" or w.rank != 2 or x.rank < 2 or x.rank != out.rank:
+        return False
+    if isinstance(w.shape[1], int) and w.shape[1] < PANEL:
         return False
     lead = x.shape[:-1]
     return not all(isinstance(d, int) for d in lead) or math.prod(lead) >= PACK_ROWS
