@@ -17,13 +17,15 @@ from sparsa.backends.cpu.target import named_target  # noqa: E402
 
 # rows x K x N: a partial register tile and a panel of one column past 32; whole tiles and panels; a last partial
 # panel; several weight groups (32 panels of K = 1024), the last one partial; x of rank 3 with rows known at run
-# time only
+# time only; w stored [N, K] (PyTorch's Linear weight) and read through its transpose, K = 37 a few whole vectors and
+# a rest
 SRC = """model M(a: f32[130, 7], b: f32[7, 33], c: f32[256, 129], d: f32[129, 64], e: f32[200, 1024],
-        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40]) -> (f32[130, 33], f32[256, 64], f32[200, 1000],
-        f32[T, 3, 40]) {
-    return a @ b, c @ d, e @ f, g @ h
+        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40], i: f32[150, 37], j: f32[70, 37]) -> (f32[130, 33],
+        f32[256, 64], f32[200, 1000], f32[T, 3, 40], f32[150, 70]) {
+    return a @ b, c @ d, e @ f, g @ h, i @ transpose(j, [1, 0])
 }
 """
+SHAPES = [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1024), (1024, 1000), None, (33, 40), (150, 37), (70, 37)]
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
@@ -37,13 +39,13 @@ def test_packed_matmul_against_numpy(monkeypatch, target: str, native: bool) -> 
     monkeypatch.setattr(jit, "SPLIT_WORK", 0)
     m = sparsa.compile(SRC, target=target)
     ops = [op for op in m.module.funcs[-1].regions[0].block.ops if op.NAME == "tensor.matmul"]
-    assert len(ops) == 4 and all(packs(op) for op in ops)
+    assert len(ops) == 5 and all(packs(op) for op in ops)
     assert "memref.alloc" in m.native.stages["mlir"]
+    assert "tensor_transpose" not in m.native.stages["mlir"]  # the kernel packs j's panels from j itself
     rng = np.random.default_rng(0)
     for rows in (2, 100):  # a decode step (read in place), then 300 rows (packed, 99 or more a part)
-        xs = [rng.standard_normal(s).astype(np.float32) for s in
-              [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1024), (1024, 1000), (rows, 3, 33), (33, 40)]]
-        want = [xs[i].astype(np.float64) @ xs[i + 1] for i in range(0, 8, 2)]
+        xs = [rng.standard_normal(s or (rows, 3, 33)).astype(np.float32) for s in SHAPES]
+        want = [xs[i].astype(np.float64) @ xs[i + 1] for i in range(0, 8, 2)] + [xs[8].astype(np.float64) @ xs[9].T]
         for threads in ("1", "3"):
             monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
             got = m(*xs)
@@ -63,3 +65,23 @@ def test_few_rows_or_columns_read_in_place() -> None:
     m = sparsa.compile(src, target="reference", passes="canonicalize")
     ops = [op for op in m.module.funcs[-1].regions[0].block.ops if op.NAME == "tensor.matmul"]
     assert [packs(op) for op in ops] == [False, True, True, False, True]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_transpose_read_elsewhere_is_made(monkeypatch, native: bool) -> None:
+    """A transpose that something other than a packed matmul reads (here, the function returns it) stays a kernel
+    of its own, and the matmul packs from it as from any w."""
+    if not native:
+        monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    src = """model M(x: f32[200, 40], w: f32[100, 40]) -> (f32[200, 100], f32[40, 100]) {
+        t = transpose(w, [1, 0])
+        return x @ t, t
+    }
+    """
+    m = sparsa.compile(src, target="cpu")
+    assert "tensor_transpose" in m.native.stages["mlir"]
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((200, 40), np.float32), rng.standard_normal((100, 40), np.float32)
+    y, t = m(x, w)
+    np.testing.assert_array_equal(t, w.T)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)

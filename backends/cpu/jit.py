@@ -110,7 +110,8 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     module = ir.Module.create()
     builder = KernelContext(module, fixed, target)
     kernels = {}
-    views = moe_pack.packed_views(block.ops, fixed)  # the host packs the grouped GEMMs' weights from their sources
+    # the grouped GEMMs' and the dense matmuls' weights packed from their sources: the transposes are never made
+    views = moe_pack.packed_views(block.ops, fixed) | matmul.read_transposed(block.ops, fixed)
     builder.packed = views
     groups = fused_groups(block.ops, weight_only | views)
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}  # made in their readers' kernels
@@ -422,6 +423,8 @@ class CpuFunction(Executable):
         if id(op) in self.fused_roots:  # a fused chain's last op: what it reads inside the chain is never made
             space = np.broadcast_to(np.empty((), np.float32), np.broadcast_shapes(*[a.shape for a in ins]))
             operands = [ins[k.inputs.index(v)] if v in k.inputs else space for v in op.operands]
+        elif k.inputs != list(op.operands):  # a kernel reading through a view (a matmul's transposed w): its shapes
+            operands = [host.values[id(v)] for v in op.operands]
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs,
                                                                                op.result_shapes(host, operands),
                                                                                strict=True)]

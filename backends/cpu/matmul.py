@@ -39,8 +39,25 @@ def packs(op: Operation) -> bool:
         return False
     if isinstance(w.shape[1], int) and w.shape[1] < PANEL:
         return False
-    lead = x.shape[:-1]
-    return not all(isinstance(d, int) for d in lead) or math.prod(lead) >= PACK_ROWS
+    return not _static_rows(op) or math.prod(x.shape[:-1]) >= PACK_ROWS
+
+
+def _static_rows(op: Operation) -> bool:
+    return all(isinstance(d, int) for d in op.lhs.type.shape[:-1])
+
+
+def read_transposed(ops: list[Operation], fixed: set[int]) -> set[int]:
+    """The transposes of a matrix that no kernel makes: every use is the w of a packed matmul, whose kernel packs w
+    from the transpose's source instead (PyTorch's Linear weight, stored [N, K] and read as its transpose: a copy of
+    the weight at each call saved), where the matmul's rows are known at compile time (else a part may have too
+    few to pack, and read w in place). A transpose of weights is made once by the host, and stays."""
+    views = set()
+    for op in ops:
+        if isinstance(op, S.TransposeOp) and tuple(op.perm) == (1, 0) and id(op.result) not in fixed \
+                and op.result.uses and all(isinstance(u.op, S.MatmulOp) and u.index == 1 and packs(u.op)
+                                           and _static_rows(u.op) for u in op.result.uses):
+            views.add(id(op))
+    return views
 
 
 @KERNELS.lowers(S.MatmulOp)
@@ -51,15 +68,19 @@ def matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
     if not packs(op):
         return cx.dense(op)
     split, cut = cx.row_split(op)
+    view = op.rhs.defining_op if id(op.rhs.defining_op) in cx.packed else None  # read_transposed
+    source = view.x if view is not None else op.rhs
     if split == "rows" and isinstance(op.result.type.shape[0], int):
         cx.dim_map = {op.result.type.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
-    types = [t.with_shape(cx.shape(t)) for t in (op.lhs.type, op.rhs.type, op.result.type)]
+    types = [t.with_shape(cx.shape(t)) for t in (op.lhs.type, source.type, op.result.type)]
     cx.dim_map = {}
     name, entry = cx.function(op, types, False)
     x, w, out = entry.arguments
     et = element_type(op.result.type.dtype)
     with ir.InsertionPoint(entry):
-        if all(isinstance(d, int) for d in op.lhs.type.shape[:-1]):
+        if view is not None:
+            packed_matmul(cx, _rows(x), w, _rows(out), et, transposed=True)
+        elif _static_rows(op):
             packed_matmul(cx, _rows(x), w, _rows(out), et)
         else:  # rows known only at run time: a part with fewer than a chunk reads in place
             few = B.if_(B.cmpi("lt", B.mdim(_rows(x), 0), B.c_index(ROW_BLOCK)), has_else=True)
@@ -72,7 +93,7 @@ def matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
                 packed_matmul(cx, _rows(x), w, _rows(out), et)
                 scf.YieldOp([])
         func.ReturnOp([])
-    return Kernel(name, op, [op.lhs, op.rhs], [op.result], split, cut)
+    return Kernel(name, op, [op.lhs, source], [op.result], split, cut)
 
 
 def _rows(m: ir.Value) -> ir.Value:
@@ -86,13 +107,15 @@ def _rows(m: ir.Value) -> ir.Value:
     return memref.CollapseShapeOp(flat, m, B.reassociation(list(range(mt.rank - 1)), [mt.rank - 1])).result
 
 
-def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et: ir.Type) -> None:
-    """out [R, N] = x [R, K] @ w [K, N]: x packed by register tile once (rows past R zero), then for each group
-    of w's panels (`CpuTarget.weight_group`), the group packed (columns past N zero) and every chunk of
-    ROW_BLOCK rows multiplied by each of its panels (`packed_matmul_tile`), the chunk's real rows and columns
-    stored."""
+def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et: ir.Type,
+                  transposed: bool = False) -> None:
+    """out [R, N] = x [R, K] @ w [K, N] (w given as [N, K] where `transposed`): x packed by register tile once
+    (rows past R zero), then for each group of w's panels (`CpuTarget.weight_group`), the group packed (columns
+    past N zero) and every chunk of ROW_BLOCK rows multiplied by each of its panels (`packed_matmul_tile`), the
+    chunk's real rows and columns stored. The panels of a transposed w are read along K and transposed in
+    registers (`pack_panel`)."""
     m = cx.target.tile[0]
-    R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 1)
+    R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 0 if transposed else 1)
     tiles = B.ceil_div(R, m)
     xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [tiles, K], []).result
     _pack_rows(x, xp, R, m, et)
@@ -105,7 +128,7 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
     with ir.InsertionPoint(groups.body):
         p0 = groups.induction_variable
         p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
-        _pack_group(cx, w, wp, p0, p1, K, N, et)
+        _pack_group(cx, w, wp, p0, p1, K, N, et, transposed)
         wpt = B.read(wp)
         chunks = B.loop(0, R, ROW_BLOCK)
         with ir.InsertionPoint(chunks.body):
@@ -142,33 +165,37 @@ def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, et: ir.Type) -> N
 
 
 def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: ir.Value, K: ir.Value,
-                N: ir.Value, et: ir.Type) -> None:
+                N: ir.Value, et: ir.Type, transposed: bool) -> None:
     """wp[0, j - p0] = w's panel j for p0 <= j < p1: by vectors where the panel's columns are all in w, else an
     element at a time, zero past N."""
     lanes = cx.target.lanes(32)
     zero = B.c_float(0.0, et)
+
+    def at(kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # w's indices of element [kk, col]
+        return [col, kk] if transposed else [kk, col]
+
     panels = B.loop(p0, p1)
     with ir.InsertionPoint(panels.body):
         j = panels.induction_variable
-        at = B.sub(j, p0)
+        panel = B.sub(j, p0)
         c0 = B.mul(j, B.c_index(PANEL))
         whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(PANEL)), N), has_else=True)
         with ir.InsertionPoint(whole.then_block):
             if PANEL % lanes == 0 and lanes & (lanes - 1) == 0:
-                pack_panel(w, wp, B.c_index(0), at, c0, K, lanes, False, lambda kk, col: [kk, col])
+                pack_panel(w, wp, B.c_index(0), panel, c0, K, lanes, transposed, at)
             else:
-                _pack_elements(w, wp, at, c0, K, N, zero)
+                _pack_elements(w, wp, panel, c0, K, N, zero, at)
             scf.YieldOp([])
         with ir.InsertionPoint(whole.else_block):
-            _pack_elements(w, wp, at, c0, K, N, zero)
+            _pack_elements(w, wp, panel, c0, K, N, zero, at)
             scf.YieldOp([])
         scf.YieldOp([])
 
 
-def _pack_elements(w: ir.Value, wp: ir.Value, at: ir.Value, c0: ir.Value, K: ir.Value, N: ir.Value,
-                   zero: ir.Value) -> None:
+def _pack_elements(w: ir.Value, wp: ir.Value, panel: ir.Value, c0: ir.Value, K: ir.Value, N: ir.Value,
+                   zero: ir.Value, at) -> None:
     with B.nest([K, B.c_index(PANEL)]) as (kk, c):
         col = B.add(c0, c)
         inside = B.cmpi("lt", col, N)
-        value = B.select(inside, B.load(w, kk, B.select(inside, col, B.c_index(0))), zero)
-        B.store(value, wp, 0, at, kk, c)
+        value = B.select(inside, B.load(w, *at(kk, B.select(inside, col, B.c_index(0)))), zero)
+        B.store(value, wp, 0, panel, kk, c)
