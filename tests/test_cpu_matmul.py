@@ -15,17 +15,17 @@ from sparsa.backends.cpu import host, jit  # noqa: E402
 from sparsa.backends.cpu.matmul import packs  # noqa: E402
 from sparsa.backends.cpu.target import named_target  # noqa: E402
 
-# rows x K x N: a partial register tile and a panel of one column past 32; whole tiles and panels; a last partial
-# panel; several weight groups (32 panels of K = 1024), the last one partial; x of rank 3 with rows known at run
-# time only; w stored [N, K] (PyTorch's Linear weight) and read through its transpose, K = 37 a few whole vectors and
-# a rest
-SRC = """model M(a: f32[130, 7], b: f32[7, 33], c: f32[256, 129], d: f32[129, 64], e: f32[200, 1024],
-        f: f32[1024, 1000], g: f32[T, 3, 33], h: f32[33, 40], i: f32[150, 37], j: f32[70, 37]) -> (f32[130, 33],
+# rows x K x N: a partial register tile and a panel of one column past 32; whole tiles and panels; several weight
+# groups (32 panels of K = 1001), so x is packed too (its last 8 rows and last 9 columns past whole squares of
+# vectors), and a last partial panel; x of rank 3 with rows known at run time only; w stored [N, K] (PyTorch's Linear
+# weight) and read through its transpose, K = 37 a few whole vectors and a rest
+SRC = """model M(a: f32[130, 7], b: f32[7, 33], c: f32[256, 129], d: f32[129, 64], e: f32[200, 1001],
+        f: f32[1001, 1000], g: f32[T, 3, 33], h: f32[33, 40], i: f32[150, 37], j: f32[70, 37]) -> (f32[130, 33],
         f32[256, 64], f32[200, 1000], f32[T, 3, 40], f32[150, 70]) {
     return a @ b, c @ d, e @ f, g @ h, i @ transpose(j, [1, 0])
 }
 """
-SHAPES = [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1024), (1024, 1000), None, (33, 40), (150, 37), (70, 37)]
+SHAPES = [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1001), (1001, 1000), None, (33, 40), (150, 37), (70, 37)]
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
