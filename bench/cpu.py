@@ -9,7 +9,7 @@ The header names the target (CPU, ISA, vector registers, register tile, caches, 
 of one core (multiply-adds through the same MLIR -> LLVM JIT) and the measured copy bandwidth.
 
     python bench/cpu.py                 # every case
-    python bench/cpu.py --only moe      # cases whose name contains "moe"
+    python bench/cpu.py --only moe      # cases whose name contains "moe" (or attention, scan, bsr, dense)
     python bench/cpu.py --target cpu:x86-64-v3   # AVX2 code (and its tiles) on an AVX-512 machine
     python bench/cpu.py --inductor      # also torch.compile (Inductor) variants: minutes of compiling
     python bench/cpu.py --json out.json
@@ -323,6 +323,30 @@ def bench_bsr(sgemm: float) -> None:
     record(case, "dense torch.matmul", median_ms(lambda: tx @ tw), useful, sgemm)
 
 
+def bench_dense(sgemm: float) -> None:
+    """Dense GEMMs: the sgemm rows' 2048^3 product, and a Linear layer (w stored [N, K] as PyTorch keeps it, read
+    through its transpose)."""
+    dense_case(sgemm, "dense x @ w 2048^3", 2048, 2048, 2048, False)
+    dense_case(sgemm, "dense Linear T=2048 1024->4096", 2048, 1024, 4096, True)
+
+
+def dense_case(sgemm: float, case: str, T: int, K: int, N: int, linear: bool) -> None:
+    numpy_blas, torch_blas = blas_names()
+    w_type, read = (f"f32[{N}, {K}]", "transpose(w, [1, 0])") if linear else (f"f32[{K}, {N}]", "w")
+    m = sparsa.compile(f"model L(x: f32[T, {K}], w: {w_type}) -> f32[T, {N}] {{\n    return x @ {read}\n}}\n",
+                       target=TARGET)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T, K)).astype(np.float32)
+    w = rng.standard_normal((N, K) if linear else (K, N)).astype(np.float32)
+    tx, tw = torch.from_numpy(x), torch.from_numpy(w)
+    wn = w.T if linear else w
+    flops = 2 * T * K * N
+    record(case, "sparsa cpu", median_ms(lambda: m(x, w)), flops, sgemm)
+    record(case, f"numpy.matmul ({numpy_blas})", median_ms(lambda: x @ wn), flops, sgemm)
+    record(case, f"torch ({torch_blas})", median_ms(
+        (lambda: torch.nn.functional.linear(tx, tw)) if linear else (lambda: tx @ tw)), flops, sgemm)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the cases whose group name contains this")
@@ -339,7 +363,7 @@ def main() -> None:
     header = machine_header()
     sgemm = sgemm_gflops()
     groups = {"moe": lambda: bench_moe(sgemm, args.inductor), "attention": lambda: bench_attention(sgemm),
-              "scan": lambda: bench_scan(sgemm), "bsr": lambda: bench_bsr(sgemm)}
+              "scan": lambda: bench_scan(sgemm), "bsr": lambda: bench_bsr(sgemm), "dense": lambda: bench_dense(sgemm)}
     for name, run in groups.items():
         if args.only in name:
             run()
