@@ -85,3 +85,15 @@ def test_a_transpose_read_elsewhere_is_made(monkeypatch, native: bool) -> None:
     y, t = m(x, w)
     np.testing.assert_array_equal(t, w.T)
     np.testing.assert_allclose(y, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_products_over_no_k_are_zeros() -> None:
+    """K = 0, known at compile time (read in place) or only at run time (packed: no panels' rows to multiply)."""
+    src = """model M(x: f32[200, 0], w: f32[0, 64], y: f32[T, D], v: f32[D, 64]) -> (f32[200, 64], f32[T, 64]) {
+        return x @ w, y @ v
+    }
+    """
+    m = sparsa.compile(src, target="cpu")
+    a, b = m(np.zeros((200, 0), np.float32), np.zeros((0, 64), np.float32), np.zeros((300, 0), np.float32),
+             np.zeros((0, 64), np.float32))
+    assert a.shape == (200, 64) and b.shape == (300, 64) and not a.any() and not b.any()

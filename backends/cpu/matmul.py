@@ -33,9 +33,10 @@ PACK_ROWS = 128
 def packs(op: Operation) -> bool:
     """Whether this matmul runs packed: float32, a matrix w at least a panel wide (a router's few columns are one
     narrow register tile, in cache either way), x of the result's rank (its leading dims are rows), and rows
-    enough (or not known at compile time)."""
+    enough (or not known at compile time). A product over no k (JetMoE's experts split a weight into pieces, some
+    empty) is zeros either way."""
     x, w, out = op.lhs.type, op.rhs.type, op.result.type
-    if out.dtype != "f32" or w.rank != 2 or x.rank < 2 or x.rank != out.rank:
+    if out.dtype != "f32" or w.rank != 2 or x.rank < 2 or x.rank != out.rank or w.shape[0] == 0:
         return False
     if isinstance(w.shape[1], int) and w.shape[1] < PANEL:
         return False
