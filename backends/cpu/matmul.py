@@ -13,6 +13,7 @@ chunk of rows is multiplied by it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, memref, scf, tensor, vector
@@ -79,19 +80,20 @@ def matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
     x, w, out = entry.arguments
     et = element_type(op.result.type.dtype)
     with ir.InsertionPoint(entry):
+        x2, out2 = _rows(x), _rows(out)
         if view is not None:
-            packed_matmul(cx, _rows(x), w, _rows(out), et, transposed=True)
+            packed_matmul(cx, x2, w, out2, et, transposed=True)
         elif _static_rows(op):
-            packed_matmul(cx, _rows(x), w, _rows(out), et)
+            packed_matmul(cx, x2, w, out2, et)
         else:  # rows known only at run time: a part with fewer than a chunk reads in place
-            few = B.if_(B.cmpi("lt", B.mdim(_rows(x), 0), B.c_index(ROW_BLOCK)), has_else=True)
+            few = B.if_(B.cmpi("lt", B.mdim(x2, 0), B.c_index(ROW_BLOCK)), has_else=True)
             with ir.InsertionPoint(few.then_block):
                 cx.values[id(op.lhs)], cx.values[id(op.rhs)] = B.read(x), B.read(w)
                 cx.lower(op)
                 B.write(cx.get(op.result), out)
                 scf.YieldOp([])
             with ir.InsertionPoint(few.else_block):
-                packed_matmul(cx, _rows(x), w, _rows(out), et)
+                packed_matmul(cx, x2, w, out2, et)
                 scf.YieldOp([])
         func.ReturnOp([])
     return Kernel(name, op, [op.lhs, source], [op.result], split, cut)
@@ -165,8 +167,8 @@ def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: i
     """xp[t, k, r] = x[t * m + r, k], zero past R. Squares of lanes rows by lanes columns are loaded as vectors,
     transposed in registers (`B.transpose_square`) and each column stored as the pieces of m (or lanes) lanes the
     tiles take; the columns past the last whole square, the rows past the last whole one, and the zero rows go an
-    element at a time. Element by element, packing x cost as much as the GEMM where w has few columns (x @ w at
-    2048x1024x32: 215 GFLOP/s read in place, 112-159 packed)."""
+    element at a time (every element so, the pack read x a row of x apart per element, with a compare and a
+    select each)."""
     K = B.mdim(x, 1)
     zero = B.c_float(0.0, et)
     square = lanes > 1 and lanes & (lanes - 1) == 0 and (m % lanes == 0 or lanes % m == 0)
@@ -237,7 +239,9 @@ def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: 
 
 
 def _pack_elements(w: ir.Value, wp: ir.Value, panel: ir.Value, c0: ir.Value, K: ir.Value, N: ir.Value,
-                   zero: ir.Value, at) -> None:
+                   zero: ir.Value, at: Callable[[ir.Value, ir.Value], list[ir.Value]]) -> None:
+    """wp[0, panel] = w's columns c0.. c0 + PANEL an element at a time, zero past N (`at`: w's indices of
+    [k, column])."""
     with B.nest([K, B.c_index(PANEL)]) as (kk, c):
         col = B.add(c0, c)
         inside = B.cmpi("lt", col, N)
