@@ -18,14 +18,17 @@ from sparsa.backends.cpu.target import named_target  # noqa: E402
 # rows x K x N: a partial register tile and a panel of one column past 32; whole tiles and panels; several weight
 # groups (32 panels of K = 1001), so x is packed too (its last 8 rows and last 9 columns past whole squares of
 # vectors), and a last partial panel; x of rank 3 with rows known at run time only; w stored [N, K] (PyTorch's Linear
-# weight) and read through its transpose, K = 37 a few whole vectors and a rest
+# weight) and read through its transpose, K = 37 a few whole vectors and a rest; K longer than a span (`k_span`: 1024
+# with a 1 MiB L2, 2048 with 2 MiB), known at compile time (x read in place) and only at run time (x packed)
 SRC = """model M(a: f32[130, 7], b: f32[7, 33], c: f32[256, 129], d: f32[129, 64], e: f32[200, 1001],
-        f: f32[1001, 1000], g: f32[T, 3, 33], h: f32[33, 40], i: f32[150, 37], j: f32[70, 37]) -> (f32[130, 33],
-        f32[256, 64], f32[200, 1000], f32[T, 3, 40], f32[150, 70]) {
-    return a @ b, c @ d, e @ f, g @ h, i @ transpose(j, [1, 0])
+        f: f32[1001, 1000], g: f32[T, 3, 33], h: f32[33, 40], i: f32[150, 37], j: f32[70, 37], k: f32[130, 2100],
+        l: f32[2100, 40], n: f32[150, D], o: f32[D, 70]) -> (f32[130, 33], f32[256, 64], f32[200, 1000],
+        f32[T, 3, 40], f32[150, 70], f32[130, 40], f32[150, 70]) {
+    return a @ b, c @ d, e @ f, g @ h, i @ transpose(j, [1, 0]), k @ l, n @ o
 }
 """
-SHAPES = [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1001), (1001, 1000), None, (33, 40), (150, 37), (70, 37)]
+SHAPES = [(130, 7), (7, 33), (256, 129), (129, 64), (200, 1001), (1001, 1000), None, (33, 40), (150, 37), (70, 37),
+          (130, 2100), (2100, 40), (150, 2500), (2500, 70)]
 
 
 @pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
@@ -39,19 +42,20 @@ def test_packed_matmul_against_numpy(monkeypatch, target: str, native: bool) -> 
     monkeypatch.setattr(jit, "SPLIT_WORK", 0)
     m = sparsa.compile(SRC, target=target)
     ops = [op for op in m.module.funcs[-1].regions[0].block.ops if op.NAME == "tensor.matmul"]
-    assert len(ops) == 5 and all(packs(op) for op in ops)
+    assert len(ops) == 7 and all(packs(op) for op in ops)
     assert "memref.alloc" in m.native.stages["mlir"]
     assert "tensor_transpose" not in m.native.stages["mlir"]  # the kernel packs j's panels from j itself
     rng = np.random.default_rng(0)
     for rows in (2, 100):  # a decode step (read in place), then 300 rows (packed, 99 or more a part)
         xs = [rng.standard_normal(s or (rows, 3, 33)).astype(np.float32) for s in SHAPES]
         want = [xs[i].astype(np.float64) @ xs[i + 1] for i in range(0, 8, 2)] + [xs[8].astype(np.float64) @ xs[9].T]
+        want += [xs[i].astype(np.float64) @ xs[i + 1] for i in (10, 12)]
         for threads in ("1", "3"):
             monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
             got = m(*xs)
             for g, w in zip(got, want, strict=True):
                 assert g.shape == w.shape
-                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.sqrt(xs[4].shape[1]))
+                np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.sqrt(xs[12].shape[1]))
 
 
 def test_few_rows_or_columns_read_in_place() -> None:

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 
 from torch_mlir import ir
-from torch_mlir.dialects import arith, func, memref, scf, tensor, vector
+from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor, vector
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import KERNELS, KernelContext, element_type
@@ -119,36 +119,50 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
     registers (`pack_panel`).
 
     Where w is one group wide (known at compile time), x is read in place: the GEMM then reads it once, and packing
-    it first was a copy more (x @ w at 2048x1024x32: 150 GFLOP/s with x packed, 215 read in place)."""
+    it first was a copy more (x @ w at 2048x1024x32: 150 GFLOP/s with x packed, 215 read in place).
+
+    Where K is longer than `k_span` (or known only at run time), the GEMM goes a span of k at a time, outermost,
+    each span's products added onto the output (zeroed first): a chunk's rows over a span then stay in L2 while
+    the group's panels pass over them, where over the whole of a long K they came from L3 for every panel."""
     m = cx.target.tile[0]
     R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 0 if transposed else 1)
     k_static, n_static = ir.MemRefType(x.type).shape[1], ir.MemRefType(w.type).shape[0 if transposed else 1]
-    group = cx.target.weight_group(k_static if k_static != B.DYN() else 1024, 1)
-    wp = memref.AllocOp(ir.MemRefType.get([1, group, B.DYN(), PANEL], et), [K], []).result
+    span = k_span(cx)
+    spans = k_static == B.DYN() or k_static > span
+    group = cx.target.weight_group(span if spans else k_static, 1)
+    wp = memref.AllocOp(ir.MemRefType.get([1, group, span if spans else k_static, PANEL], et), [], []).result
     n_panels = B.ceil_div(N, PANEL)
     pack_x = B.DYN() in (k_static, n_static) or -(-n_static // PANEL) > group
     if pack_x:
         xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [B.ceil_div(R, m), K], []).result
         _pack_rows(x, xp, R, m, cx.target.lanes(32), et)
     xt = B.read(xp if pack_x else x)
+    if spans:
+        linalg.fill(B.c_float(0.0, et), outs=[out])
+    k_loop = B.loop(0, K, span) if spans else None
+    point = ir.InsertionPoint(k_loop.body) if spans else None
+    if point is not None:
+        point.__enter__()
+    k0 = k_loop.induction_variable if spans else B.c_index(0)
+    kn = B.minsi(B.c_index(span), B.sub(K, k0)) if spans else K
     groups = B.loop(0, n_panels, group)
     with ir.InsertionPoint(groups.body):
         p0 = groups.induction_variable
         p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
-        _pack_group(cx, w, wp, p0, p1, K, N, et, transposed)
+        _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
         wpt = B.read(wp)
         chunks = B.loop(0, R, ROW_BLOCK)
         with ir.InsertionPoint(chunks.body):
             r0 = chunks.induction_variable
             rows = B.minsi(B.c_index(ROW_BLOCK), B.sub(R, r0))
             if pack_x:
-                ap = B.slice_tensor(xt, [arith.DivUIOp(r0, B.c_index(m)).result, 0, 0], [B.ceil_div(rows, m), K, m])
+                ap = B.slice_tensor(xt, [arith.DivUIOp(r0, B.c_index(m)).result, k0, 0], [B.ceil_div(rows, m), kn, m])
             else:
-                ap = B.slice_tensor(xt, [r0, 0], [rows, K])
+                ap = B.slice_tensor(xt, [r0, k0], [rows, kn])
             panels = B.loop(p0, p1)
             with ir.InsertionPoint(panels.body):
                 j = panels.induction_variable
-                panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, K, PANEL], drop=[0, 1])
+                panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, kn, PANEL], drop=[0, 1])
                 if pack_x:
                     flat = tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), PANEL], et),
                                                   cx.packed_matmul_tile(ap, panel, et),
@@ -157,10 +171,25 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
                     flat = cx.matmul_tile(ap, panel, rows, PANEL, et)
                 c0 = B.mul(j, B.c_index(PANEL))
                 width = B.minsi(B.c_index(PANEL), B.sub(N, c0))
-                B.write(B.slice_tensor(flat, [0, 0], [rows, width]), B.subview(out, [r0, c0], [rows, width]))
+                dst = B.subview(out, [r0, c0], [rows, width])
+                y = B.slice_tensor(flat, [0, 0], [rows, width])
+                if spans:  # onto the spans before
+                    d = [ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)]
+                    y = cx.tile_map([(B.read(dst, writable=True), d), (y, d)], [rows, width], et,
+                                    lambda a, b: arith.AddFOp(a, b).result, tag=True)
+                B.write(y, dst)
                 scf.YieldOp([])
             scf.YieldOp([])
         scf.YieldOp([])
+    if point is not None:
+        scf.YieldOp([])
+        point.__exit__(None, None, None)
+
+
+def k_span(cx: KernelContext) -> int:
+    """The k a packed matmul takes at a time: a chunk's packed rows over it fill a quarter of L2 (1 MiB where
+    unknown), at least 256."""
+    return max(256, cx.target.caches.get(2, 1 << 20) // 4 // (ROW_BLOCK * 4) // 64 * 64)
 
 
 def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: ir.Type) -> None:
@@ -210,15 +239,16 @@ def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: i
         scf.YieldOp([])
 
 
-def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: ir.Value, K: ir.Value,
-                N: ir.Value, et: ir.Type, transposed: bool) -> None:
-    """wp[0, j - p0] = w's panel j for p0 <= j < p1: by vectors where the panel's columns are all in w, else an
-    element at a time, zero past N."""
+def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: ir.Value, k0: ir.Value,
+                K: ir.Value, N: ir.Value, et: ir.Type, transposed: bool) -> None:
+    """wp[0, j - p0, :K] = rows k0.. k0 + K of w's panel j for p0 <= j < p1: by vectors where the panel's columns
+    are all in w, else an element at a time, zero past N."""
     lanes = cx.target.lanes(32)
     zero = B.c_float(0.0, et)
 
-    def at(kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # w's indices of element [kk, col]
-        return [col, kk] if transposed else [kk, col]
+    def at(kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # w's indices of element [k0 + kk, col]
+        k = B.add(k0, kk)
+        return [col, k] if transposed else [k, col]
 
     panels = B.loop(p0, p1)
     with ir.InsertionPoint(panels.body):
