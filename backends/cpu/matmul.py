@@ -137,14 +137,23 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [B.ceil_div(R, m), K], []).result
         _pack_rows(x, xp, R, m, cx.target.lanes(32), et)
     xt = B.read(xp if pack_x else x)
-    if spans:
-        linalg.fill(B.c_float(0.0, et), outs=[out])
-    k_loop = B.loop(0, K, span) if spans else None
-    point = ir.InsertionPoint(k_loop.body) if spans else None
-    if point is not None:
-        point.__enter__()
-    k0 = k_loop.induction_variable if spans else B.c_index(0)
-    kn = B.minsi(B.c_index(span), B.sub(K, k0)) if spans else K
+    if not spans:
+        _over_k(cx, xt, w, wp, out, B.c_index(0), K, R, N, n_panels, group, m, et, pack_x, False, transposed)
+        return
+    linalg.fill(B.c_float(0.0, et), outs=[out])
+    k_loop = B.loop(0, K, span)
+    with ir.InsertionPoint(k_loop.body):
+        k0 = k_loop.induction_variable
+        _over_k(cx, xt, w, wp, out, k0, B.minsi(B.c_index(span), B.sub(K, k0)), R, N, n_panels, group, m, et,
+                pack_x, True, transposed)
+        scf.YieldOp([])
+
+
+def _over_k(cx: KernelContext, xt: ir.Value, w: ir.Value, wp: ir.Value, out: ir.Value, k0: ir.Value, kn: ir.Value,
+            R: ir.Value, N: ir.Value, n_panels: ir.Value, group: int, m: int, et: ir.Type, pack_x: bool, add: bool,
+            transposed: bool) -> None:
+    """out (+)= x[:, k0:k0 + kn] @ w[k0:k0 + kn]: w a group of panels at a time, packed into wp, every chunk of
+    x's rows (xt: packed by register tile, where `pack_x`) by each panel of the group; `add`: onto out."""
     groups = B.loop(0, n_panels, group)
     with ir.InsertionPoint(groups.body):
         p0 = groups.induction_variable
@@ -173,7 +182,7 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
                 width = B.minsi(B.c_index(PANEL), B.sub(N, c0))
                 dst = B.subview(out, [r0, c0], [rows, width])
                 y = B.slice_tensor(flat, [0, 0], [rows, width])
-                if spans:  # onto the spans before
+                if add:  # onto the spans before
                     d = [ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)]
                     y = cx.tile_map([(B.read(dst, writable=True), d), (y, d)], [rows, width], et,
                                     lambda a, b: arith.AddFOp(a, b).result, tag=True)
@@ -181,9 +190,6 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
                 scf.YieldOp([])
             scf.YieldOp([])
         scf.YieldOp([])
-    if point is not None:
-        scf.YieldOp([])
-        point.__exit__(None, None, None)
 
 
 def k_span(cx: KernelContext) -> int:
