@@ -176,6 +176,11 @@ def reassociation(*groups: Sequence[int]) -> ir.ArrayAttr:
                              for g in groups])
 
 
+def round_down(a: ir.Value, b: int) -> ir.Value:
+    """a rounded down to a multiple of b (the part of a range that whole steps of b cover)."""
+    return mul(arith.DivUIOp(a, c_index(b)).result, c_index(b))
+
+
 def ceil_div(a: ir.Value, b: int) -> ir.Value:
     return arith.DivUIOp(add(a, c_index(b - 1)), c_index(b)).result
 

@@ -2,25 +2,24 @@
 grouped GEMMs' are (moe_pack.py), where there are rows enough to pay for it.
 
 Read in place, a register tile's k step loads a row of w's column panel a row of w apart and TILE_M elements of x
-a row of x apart. At 3072 columns the rows of w are 12 KiB apart: every row of a k block of the panel falls in the
-same L1 set, and a register tile's rows of x at K = 1024 do too (4 KiB apart). The GEMM then ran at 121-148
-GFLOP/s where OpenBLAS ran at 186-197 (Zen 4, two threads). Packed, each of the part's rows goes by register tile
-([tiles, K, TILE_M]: one stream), and w by groups of PANEL-column panels ([K, PANEL] blocks, as many as fill half
-of L2) just before the rows pass over them, so that a panel's k block sits in L1 and the group in L2 while every
-chunk of rows is multiplied by it.
+a row of x apart. At 3072 columns the rows of w are 12 KiB apart, each on a page of its own (a k block of 128 rows
+is more pages than the L1 TLB holds). The GEMM then ran at 121-148 GFLOP/s where OpenBLAS ran at 186-197 (Zen 4,
+two threads); at up to 512 columns, where the rows share pages, reading in place was as fast. Packed, each of the
+part's rows goes by register tile ([tiles, K, TILE_M]: one stream), and w by groups of PANEL-column panels
+([K, PANEL] blocks, as many as fill half of L2) just before the rows pass over them, so that a panel's k block sits
+in L1 and the group in L2 while every chunk of rows is multiplied by it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor, vector
 
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import KERNELS, KernelContext, element_type
-from sparsa.backends.cpu.moe_pack import pack_panel
+from sparsa.backends.cpu.moe_pack import pack_elements, pack_panel
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
 from sparsa.ir.core import Operation
@@ -137,58 +136,56 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [B.ceil_div(R, m), K], []).result
         _pack_rows(x, xp, R, m, cx.target.lanes(32), et)
     xt = B.read(xp if pack_x else x)
+
+    def over_k(k0: ir.Value, kn: ir.Value, add: bool) -> None:
+        """out (+)= x[:, k0:k0 + kn] @ w[k0:k0 + kn]: w a group of panels at a time, packed into wp, every chunk of
+        x's rows by each panel of the group; `add`: onto out."""
+        groups = B.loop(0, n_panels, group)
+        with ir.InsertionPoint(groups.body):
+            p0 = groups.induction_variable
+            p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
+            _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
+            wpt = B.read(wp)
+            chunks = B.loop(0, R, ROW_BLOCK)
+            with ir.InsertionPoint(chunks.body):
+                r0 = chunks.induction_variable
+                rows = B.minsi(B.c_index(ROW_BLOCK), B.sub(R, r0))
+                if pack_x:
+                    tile0 = arith.DivUIOp(r0, B.c_index(m)).result
+                    ap = B.slice_tensor(xt, [tile0, k0, 0], [B.ceil_div(rows, m), kn, m])
+                else:
+                    ap = B.slice_tensor(xt, [r0, k0], [rows, kn])
+                panels = B.loop(p0, p1)
+                with ir.InsertionPoint(panels.body):
+                    j = panels.induction_variable
+                    panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, kn, PANEL], drop=[0, 1])
+                    if pack_x:
+                        flat = tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), PANEL], et),
+                                                      cx.packed_matmul_tile(ap, panel, et),
+                                                      B.reassociation([0, 1], [2])).result
+                    else:
+                        flat = cx.matmul_tile(ap, panel, rows, PANEL, et)
+                    c0 = B.mul(j, B.c_index(PANEL))
+                    width = B.minsi(B.c_index(PANEL), B.sub(N, c0))
+                    dst = B.subview(out, [r0, c0], [rows, width])
+                    y = B.slice_tensor(flat, [0, 0], [rows, width])
+                    if add:  # onto the spans before
+                        d = [ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)]
+                        y = cx.tile_map([(B.read(dst, writable=True), d), (y, d)], [rows, width], et,
+                                        lambda a, b: arith.AddFOp(a, b).result, tag=True)
+                    B.write(y, dst)
+                    scf.YieldOp([])
+                scf.YieldOp([])
+            scf.YieldOp([])
+
     if not spans:
-        _over_k(cx, xt, w, wp, out, B.c_index(0), K, R, N, n_panels, group, m, et, pack_x, False, transposed)
+        over_k(B.c_index(0), K, False)
         return
     linalg.fill(B.c_float(0.0, et), outs=[out])
     k_loop = B.loop(0, K, span)
     with ir.InsertionPoint(k_loop.body):
         k0 = k_loop.induction_variable
-        _over_k(cx, xt, w, wp, out, k0, B.minsi(B.c_index(span), B.sub(K, k0)), R, N, n_panels, group, m, et,
-                pack_x, True, transposed)
-        scf.YieldOp([])
-
-
-def _over_k(cx: KernelContext, xt: ir.Value, w: ir.Value, wp: ir.Value, out: ir.Value, k0: ir.Value, kn: ir.Value,
-            R: ir.Value, N: ir.Value, n_panels: ir.Value, group: int, m: int, et: ir.Type, pack_x: bool, add: bool,
-            transposed: bool) -> None:
-    """out (+)= x[:, k0:k0 + kn] @ w[k0:k0 + kn]: w a group of panels at a time, packed into wp, every chunk of
-    x's rows (xt: packed by register tile, where `pack_x`) by each panel of the group; `add`: onto out."""
-    groups = B.loop(0, n_panels, group)
-    with ir.InsertionPoint(groups.body):
-        p0 = groups.induction_variable
-        p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
-        _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
-        wpt = B.read(wp)
-        chunks = B.loop(0, R, ROW_BLOCK)
-        with ir.InsertionPoint(chunks.body):
-            r0 = chunks.induction_variable
-            rows = B.minsi(B.c_index(ROW_BLOCK), B.sub(R, r0))
-            if pack_x:
-                ap = B.slice_tensor(xt, [arith.DivUIOp(r0, B.c_index(m)).result, k0, 0], [B.ceil_div(rows, m), kn, m])
-            else:
-                ap = B.slice_tensor(xt, [r0, k0], [rows, kn])
-            panels = B.loop(p0, p1)
-            with ir.InsertionPoint(panels.body):
-                j = panels.induction_variable
-                panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, kn, PANEL], drop=[0, 1])
-                if pack_x:
-                    flat = tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), PANEL], et),
-                                                  cx.packed_matmul_tile(ap, panel, et),
-                                                  B.reassociation([0, 1], [2])).result
-                else:
-                    flat = cx.matmul_tile(ap, panel, rows, PANEL, et)
-                c0 = B.mul(j, B.c_index(PANEL))
-                width = B.minsi(B.c_index(PANEL), B.sub(N, c0))
-                dst = B.subview(out, [r0, c0], [rows, width])
-                y = B.slice_tensor(flat, [0, 0], [rows, width])
-                if add:  # onto the spans before
-                    d = [ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)]
-                    y = cx.tile_map([(B.read(dst, writable=True), d), (y, d)], [rows, width], et,
-                                    lambda a, b: arith.AddFOp(a, b).result, tag=True)
-                B.write(y, dst)
-                scf.YieldOp([])
-            scf.YieldOp([])
+        over_k(k0, B.minsi(B.c_index(span), B.sub(K, k0)), True)
         scf.YieldOp([])
 
 
@@ -207,14 +204,15 @@ def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: i
     K = B.mdim(x, 1)
     zero = B.c_float(0.0, et)
     square = lanes > 1 and lanes & (lanes - 1) == 0 and (m % lanes == 0 or lanes % m == 0)
-    whole = B.mul(arith.DivUIOp(R, B.c_index(lanes)).result, B.c_index(lanes)) if square else B.c_index(0)
+    whole = B.round_down(R, lanes) if square else B.c_index(0)
     if square:
         piece = min(m, lanes)
         vt = ir.VectorType.get([lanes], et)
+        k_whole = B.round_down(K, lanes)
         groups = B.loop(0, whole, lanes)
         with ir.InsertionPoint(groups.body):
             r0 = groups.induction_variable
-            steps = B.loop(0, B.mul(arith.DivUIOp(K, B.c_index(lanes)).result, B.c_index(lanes)), lanes)
+            steps = B.loop(0, k_whole, lanes)
             with ir.InsertionPoint(steps.body):
                 k0 = steps.induction_variable
                 rows = [vector.LoadOp(vt, x, [B.add(r0, B.c_index(i)), k0]).result for i in range(lanes)]
@@ -226,7 +224,7 @@ def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: i
                         vector.StoreOp(part, xp, [arith.DivUIOp(r, B.c_index(m)).result, B.add(k0, B.c_index(j)),
                                                   arith.RemUIOp(r, B.c_index(m)).result])
                 scf.YieldOp([])
-            rest = B.loop(B.mul(arith.DivUIOp(K, B.c_index(lanes)).result, B.c_index(lanes)), K)
+            rest = B.loop(k_whole, K)
             with ir.InsertionPoint(rest.body):
                 k = rest.induction_variable
                 for i in range(lanes):
@@ -250,7 +248,6 @@ def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: 
     """wp[0, j - p0, :K] = rows k0.. k0 + K of w's panel j for p0 <= j < p1: by vectors where the panel's columns
     are all in w, else an element at a time, zero past N."""
     lanes = cx.target.lanes(32)
-    zero = B.c_float(0.0, et)
 
     def at(kk: ir.Value, col: ir.Value) -> list[ir.Value]:  # w's indices of element [k0 + kk, col]
         k = B.add(k0, kk)
@@ -266,20 +263,10 @@ def _pack_group(cx: KernelContext, w: ir.Value, wp: ir.Value, p0: ir.Value, p1: 
             if PANEL % lanes == 0 and lanes & (lanes - 1) == 0:
                 pack_panel(w, wp, B.c_index(0), panel, c0, K, lanes, transposed, at)
             else:
-                _pack_elements(w, wp, panel, c0, K, N, zero, at)
+                pack_elements(w, wp, B.c_index(0), panel, c0, K, N, at, et)
             scf.YieldOp([])
         with ir.InsertionPoint(whole.else_block):
-            _pack_elements(w, wp, panel, c0, K, N, zero, at)
+            pack_elements(w, wp, B.c_index(0), panel, c0, K, N, at, et)
             scf.YieldOp([])
         scf.YieldOp([])
 
-
-def _pack_elements(w: ir.Value, wp: ir.Value, panel: ir.Value, c0: ir.Value, K: ir.Value, N: ir.Value,
-                   zero: ir.Value, at: Callable[[ir.Value, ir.Value], list[ir.Value]]) -> None:
-    """wp[0, panel] = w's columns c0.. c0 + PANEL an element at a time, zero past N (`at`: w's indices of
-    [k, column])."""
-    with B.nest([K, B.c_index(PANEL)]) as (kk, c):
-        col = B.add(c0, c)
-        inside = B.cmpi("lt", col, N)
-        value = B.select(inside, B.load(w, *at(kk, B.select(inside, col, B.c_index(0)))), zero)
-        B.store(value, wp, 0, panel, kk, c)

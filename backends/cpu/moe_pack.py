@@ -120,14 +120,7 @@ def pack_kernel(cx: KernelContext, op: Operation, w: Value) -> tuple[Kernel, Scr
             return [at[0], at[1], at[2]]
 
         def elements(e: ir.Value, p: ir.Value) -> None:  # one at a time, zero past column n
-            with B.nest([K, B.c_index(PANEL)]) as (kk, j):
-                col = B.add(B.mul(p, B.c_index(PANEL)), j)
-                inside = B.if_(B.cmpi("lt", col, n), [et], has_else=True)
-                with ir.InsertionPoint(inside.then_block):
-                    scf.YieldOp([B.load(src, *at_w(e, kk, col))])
-                with ir.InsertionPoint(inside.else_block):
-                    scf.YieldOp([B.c_float(0.0, et)])
-                B.store(inside.results[0], dst, e, p, kk, j)
+            pack_elements(src, dst, e, p, B.mul(p, B.c_index(PANEL)), K, n, lambda kk, col: at_w(e, kk, col), et)
 
         experts = B.loop(part, B.mdim(src, 0), parts)
         with ir.InsertionPoint(experts.body):
@@ -177,7 +170,7 @@ def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Va
                 vector.StoreOp(load(kk, B.add(c0, B.c_index(j))), dst, [e, p, kk, B.c_index(j)])
             scf.YieldOp([])
         return
-    steps = B.mul(arith.DivUIOp(K, B.c_index(lanes)).result, B.c_index(lanes))
+    steps = B.round_down(K, lanes)
     for j in range(0, PANEL, lanes):
         blocks = B.loop(0, steps, lanes)
         with ir.InsertionPoint(blocks.body):
@@ -192,6 +185,20 @@ def pack_panel(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Va
         for j in range(PANEL):
             B.store(B.load(src, *at_w(kk, B.add(c0, B.c_index(j)))), dst, e, p, kk, B.c_index(j))
         scf.YieldOp([])
+
+
+def pack_elements(src: ir.Value, dst: ir.Value, e: ir.Value, p: ir.Value, c0: ir.Value, K: ir.Value, n: ir.Value,
+                  at_w: Any, et: ir.Type) -> None:
+    """dst[e, p] = w[:, c0:c0 + PANEL] an element at a time, zero past column n (at_w(kk, col): src's indices of
+    w[kk, col]): a panel past w's last column, or one whose columns a vector load cannot take."""
+    with B.nest([K, B.c_index(PANEL)]) as (kk, j):
+        col = B.add(c0, j)
+        inside = B.if_(B.cmpi("lt", col, n), [et], has_else=True)
+        with ir.InsertionPoint(inside.then_block):
+            scf.YieldOp([B.load(src, *at_w(kk, col))])
+        with ir.InsertionPoint(inside.else_block):
+            scf.YieldOp([B.c_float(0.0, et)])
+        B.store(inside.results[0], dst, e, p, kk, j)
 
 
 def every_other(src: ir.Value, at: list[ir.Value], vt: ir.Type) -> ir.Value:

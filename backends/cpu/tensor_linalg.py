@@ -74,9 +74,9 @@ def solve_triangular_kernel(cx: KernelContext, op: Operation) -> Kernel:
                     scf.YieldOp([])
 
             wide = SOLVE_VECTORS * lanes
-            whole = B.mul(arith.DivUIOp(k, B.c_index(wide)).result, B.c_index(wide))
+            whole = B.round_down(k, wide)
             B.each(whole, lambda c0: block(c0, SOLVE_VECTORS, None), step=wide)
-            vectors = B.mul(arith.DivUIOp(k, B.c_index(lanes)).result, B.c_index(lanes))
+            vectors = B.round_down(k, lanes)
             B.each(vectors, lambda c0: block(c0, 1, None), start=whole, step=lanes)
             tail = B.if_(B.cmpi("lt", vectors, k))
             with ir.InsertionPoint(tail.then_block):

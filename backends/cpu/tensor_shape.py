@@ -121,7 +121,7 @@ def swap_last_axes(cx: KernelContext, x: ir.Value, out: ir.Value, part: ir.Value
             scf.YieldOp([])
             return
         vt = ir.VectorType.get([lanes], et)
-        whole_rows = B.mul(arith.DivUIOp(R, B.c_index(lanes)).result, B.c_index(lanes))
+        whole_rows = B.round_down(R, lanes)
         whole = B.if_(B.cmpi("le", B.add(c0, B.c_index(lanes)), C), has_else=True)
         with ir.InsertionPoint(whole.then_block):
             steps = B.loop(0, whole_rows, lanes)
@@ -291,7 +291,7 @@ def concat_kernel(cx: KernelContext, op: Operation) -> Kernel:
         pieces = [(_flat(m), product(m, range(axis, rank))) for m in ins]  # each input flat, and its run
         lo, hi = B.share(part, parts, product(out, range(axis)))
         if interleave:  # lanes indices of the outer dims at a time, the runs interleaved in registers
-            whole = B.add(lo, B.mul(arith.DivUIOp(B.sub(hi, lo), B.c_index(lanes)).result, B.c_index(lanes)))
+            whole = B.add(lo, B.round_down(B.sub(hi, lo), lanes))
             groups = B.loop(lo, whole, lanes)
             with ir.InsertionPoint(groups.body):
                 interleaved(flat_out, [flat for flat, _ in pieces], runs, groups.induction_variable, lanes)
