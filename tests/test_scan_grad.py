@@ -102,16 +102,20 @@ def test_lane_kernel_against_reference(monkeypatch, host, B, L, D, N, threads):
     assert "vector.maskedload" in cpu._grad.native.stages["mlir"]
 
 
-@pytest.mark.parametrize(("machine", "lanes"), [("x86-64", 32), ("x86-64-v3", 64), ("x86-64-v4", 64)])
-def test_lane_scan_items_by_the_targets_vectors(machine, lanes):
-    """An item takes 64 lanes of channels, at most 8 vectors (`scan_item_vectors`): 8 of 4 lanes on SSE, 8 of 8 on
-    AVX2, 4 of 16 on AVX-512. Forward and backward against the reference, with a masked tail item (70 channels),
-    on each ISA this host runs."""
+@pytest.mark.parametrize(("machine", "few", "lanes"), [("x86-64", 32, 32), ("x86-64-v3", 64, 64),
+                                                      ("x86-64-v4", 64, 128)])
+def test_lane_scan_items_by_the_targets_vectors(machine, few, lanes):
+    """An item takes 8 vectors of channels (`scan_vectors`: 8 of 4 lanes on SSE, 8 of 8 on AVX2, 8 of 16 on
+    AVX-512) where the channels make 4 items of them or are known only at run time, else 64 lanes at most 8
+    vectors (`scan_item_vectors`: 4 of 16 on AVX-512). Forward and backward against the reference (channels
+    known at run time), with a masked tail item (70 channels), on each ISA this host runs."""
     pytest.importorskip("torch_mlir")
     from sparsa.backends.cpu.target import named_target
 
     target = named_target(machine)
-    assert target.lanes() * target.scan_item_vectors == lanes
+    assert target.lanes() * target.scan_item_vectors == few
+    assert [target.lanes() * target.scan_vectors(c) for c in (70, 3 * lanes, 3 * lanes + 1, None)] == \
+        [few, few, lanes, lanes]
     if not target.runs_here():
         pytest.skip(f"this host cannot run {machine} code")
     xs = _inputs(2, 19, 70, 16, seed=5)

@@ -82,10 +82,10 @@ def scan_kernel(cx: KernelContext, op: Operation) -> Kernel:
 # ---- scans ----------------------------------------------------------------------------------------
 # Region ops the lane-vector scan evaluates on vectors of channels with their scalar rules (tensor.py): each is
 # arith on its operands and constants made like them, or B.exp
-# A lane-vector scan item takes the target's `scan_item_vectors` vectors of channels (as one vector of that many
-# times the lanes): its rows of the inputs lie a row of channels apart, so each visit reads 4 cache lines instead of
-# 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on one AVX-512 core), and the exps of the vectors are independent
-# work for the core meanwhile.
+# A lane-vector scan item takes the target's `scan_vectors` vectors of channels (as one vector of that many
+# times the lanes): its rows of the inputs lie a row of channels apart, so each visit reads 4 cache lines (or 8)
+# instead of 1 (Mamba's D = 1024 at L = 2048: 36 -> 15 ms on one AVX-512 core), and the exps of the vectors are
+# independent work for the core meanwhile.
 AHEAD = 16  # time steps the lane-vector scan asks for its channel inputs' rows ahead of reading them
 VIEWS = (S.SqueezeOp, S.ExpandDimsOp)  # in an epilogue: the same lane value
 LANE_OPS = (T.MulOp, T.AddOp, T.SubOp, T.DivOp, T.ExpOp, T.NegOp, T.MaximumOp, T.MinimumOp, T.SigmoidOp, T.SiluOp)
@@ -214,7 +214,7 @@ def lane_plan(op: Operation, inputs: list[Value] | None = None) -> tuple[int, in
 
 class LaneItems:
     """What a lane-vector scan kernel (forward or backward) knows of its inputs' dims: a work item is the target's
-    `scan_item_vectors` vectors of channels (state dim c; one vector of that many times the target's lanes) at one
+    `scan_vectors` vectors of channels (state dim c; one vector of that many times the target's lanes) at one
     index of the kept dims (the state's others but time and r, the summed dim). Built in the kernel's entry block;
     `item` starts an item, then `read` gives an input's lane value at a time step and an index of r."""
 
@@ -223,7 +223,9 @@ class LaneItems:
         self.inputs, self.ms, self.c, self.r = inputs, ms, c, r
         self.rank, self.axis = len(op.state), op.axis
         self.et = element_type(op.inputs[0].type.dtype)
-        self.lanes = cx.target.lanes() * cx.target.scan_item_vectors
+        channels = {v.type.shape[self.pos(v, c)] for v in inputs if self.pos(v, c) is not None}
+        static = next(iter(channels)) if len(channels) == 1 and isinstance(next(iter(channels)), int) else None
+        self.lanes = cx.target.lanes() * cx.target.scan_vectors(static)
         self.vt = ir.VectorType.get([self.lanes], self.et)
         self.kept = [i for i in range(self.rank) if i not in (self.axis, c, r)]
         self.zero = B.c_float(0.0, self.et)

@@ -1,7 +1,7 @@
 """cpu lowering of `scan.fused_grad` (ir/dialects/scan_grad.py): the fused scan's reverse with channels in vector
 lanes, as the forward's lane kernel (`LaneItems`), its states computed again instead of stored.
 
-A work item (the target's `scan_item_vectors` vectors of channels at one index of the kept dims) runs:
+A work item (the target's `scan_vectors` vectors of channels at one index of the kept dims) runs:
 1. the forward over every step, keeping the state before each chunk of `chunk` steps (checkpoints: [L/chunk, N,
    lanes] per item, where the unfused backward stored [L, N] states per channel);
 2. the chunks from the last back: the chunk's states and decays again from its checkpoint into [chunk + 1, N,

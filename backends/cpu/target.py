@@ -28,7 +28,9 @@ from sparsa.ir.diagnostics import SparsaError
 
 ROW_BLOCK = 64  # rows of the matmuls' row blocks, the attention blocks and the grouped GEMMs' chunks
 PANEL = 32  # columns of one panel of a packed expert weight ([E, K, N] is stored [E, ceil(N / PANEL), K, PANEL])
-SCAN_ITEM_LANES = 64  # float32 channels a lane-vector scan item takes where the vectors allow (scan_item_vectors)
+SCAN_ITEM_LANES = 64  # float32 channels a lane-vector scan item takes at least, where the vectors allow
+SCAN_ITEM_VECTORS = 8  # vectors of channels it takes at most: where the channels make SCAN_ITEMS items of them
+SCAN_ITEMS = 4
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,19 @@ class CpuTarget:
         of a time step reads 4 cache lines of every channel input), at most 8 vectors (past that the exps of the
         item spill). AVX-512: 4; AVX2: 8 (Zen 4 running AVX2 code, Mamba's scan at D = 1024: 12.4 -> 10.4 ms
         against 4; 16 no better); 128-bit vectors: 8 (x86-64: 27.6 ms against 30.0 at 4 and 34.4 at 16)."""
-        return max(1, min(8, SCAN_ITEM_LANES // self.lanes()))
+        return max(1, min(SCAN_ITEM_VECTORS, SCAN_ITEM_LANES // self.lanes()))
+
+    def scan_vectors(self, channels: int | None) -> int:
+        """Vectors of channels a lane-vector scan item of `channels` (None: known only at run time) takes:
+        SCAN_ITEM_VECTORS where the channels make at least SCAN_ITEMS items of that many (or are not known), else
+        `scan_item_vectors`. Only AVX-512 differs: 8 vectors of 16 lanes, where 4 were. On Zen 5, Mamba's scan at
+        D = 1024 (L = 2048, N = 16, two threads) went from 6.0-7.2 to 4.4-4.5 ms, and one thread's exps per cycle
+        were half of what its FMA pipes allow at 4: the more independent vectors an item has, the more of each
+        exp's latency is hidden. Fewer channels keep 64 lanes, so that the items still reach every thread."""
+        most = max(self.scan_item_vectors, SCAN_ITEM_VECTORS if self.lanes() > 1 else 1)
+        if channels is not None and -(-channels // (most * self.lanes())) < SCAN_ITEMS:
+            return self.scan_item_vectors
+        return most
 
     def with_tile(self, tile: tuple[int, int]) -> CpuTarget:
         """The same machine with the register tile fixed."""
