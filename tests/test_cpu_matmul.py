@@ -101,3 +101,55 @@ def test_products_over_no_k_are_zeros() -> None:
     a, b = m(np.zeros((200, 0), np.float32), np.zeros((0, 64), np.float32), np.zeros((300, 0), np.float32),
              np.zeros((0, 64), np.float32))
     assert a.shape == (200, 64) and b.shape == (300, 64) and not a.any() and not b.any()
+
+
+# epilogues: a bias and relu (a row input); a per-row scale, a whole tensor and a constant; x of rank 3 with rows at
+# run time (few: read in place, then the epilogue on the product; many: packed) and a bias of shape [1, 40]; K past a
+# span (the epilogue at the last one only); SwiGLU's two products read by one chain (one of them made in it, through
+# a transposed w); a product also returned (stored: no epilogue)
+EPI = """model M(a: f32[130, 37], w: f32[37, 70], b: f32[70], r: f32[130, 70], s: f32[130, 1], g: f32[T, 3, 33],
+        h: f32[33, 40], hb: f32[1, 40], k: f32[130, 2100], l: f32[2100, 40], j: f32[70, 37], v: f32[37, 70],
+        u: f32[37, 70], q: f32[37, 70]) -> (f32[130, 70], f32[130, 70], f32[T, 3, 40], f32[130, 40], f32[130, 70], f32[130, 70],
+        f32[130, 70]) {
+    z = a @ u
+    swiglu = silu(a @ transpose(j, [1, 0])) * (a @ q)
+    return relu(a @ w + b), (a @ v) * s + r * 0.5, silu(g @ h + hb), k @ l - hb, swiglu, z, z + b
+}
+"""
+
+
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3"])
+@pytest.mark.parametrize("native", [True, False])
+def test_matmul_epilogues_against_numpy(monkeypatch, target: str, native: bool) -> None:
+    """The elementwise chain that alone reads a packed product runs on each of its tiles in the matmul's kernel
+    (`matmul.epilogues`): the product is never stored, and the chain's kernel is gone."""
+    if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+        pytest.skip(f"{target} does not run here")
+    if not native:
+        monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    monkeypatch.setattr(host, "NATIVE_SPLIT_WORK", 0)
+    monkeypatch.setattr(jit, "SPLIT_WORK", 0)
+    m = sparsa.compile(EPI, target=target)
+    mlir = m.native.stages["mlir"]
+    names = sorted(line.split("@")[1].split("(")[0].split("_", 1)[1] for line in mlir.splitlines()
+                   if "func.func @k" in line)
+    assert names == ["matmul_add_relu", "matmul_add_silu", "matmul_mul_mul_add", "matmul_silu_mul", "matmul_sub",
+                     "tensor_add", "tensor_constant", "tensor_matmul"], " ".join(names)
+    f64 = np.float64
+    rng = np.random.default_rng(2)
+    for rows in (2, 100):
+        a, w, b, r, s = (rng.standard_normal(n).astype(np.float32) for n in ((130, 37), (37, 70), 70, (130, 70),
+                                                                              (130, 1)))
+        g, h, hb, k, l = (rng.standard_normal(n).astype(np.float32) for n in ((rows, 3, 33), (33, 40), (1, 40),
+                                                                                (130, 2100), (2100, 40)))
+        j, v, u, q = (rng.standard_normal(n).astype(np.float32) for n in ((70, 37), (37, 70), (37, 70), (37, 70)))
+        silu = lambda t: t / (1 + np.exp(-t))  # noqa: E731
+        z = a.astype(f64) @ u
+        want = [np.maximum(a.astype(f64) @ w + b, 0), (a.astype(f64) @ v) * s + r * 0.5, silu(g.astype(f64) @ h + hb),
+                k.astype(f64) @ l - hb, silu(a.astype(f64) @ j.T) * (a.astype(f64) @ q), z, z + b]
+        for threads in ("1", "3"):
+            monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+            got = m(a, w, b, r, s, g, h, hb, k, l, j, v, u, q)
+            for i, (x, y) in enumerate(zip(got, want, strict=True)):
+                assert x.shape == y.shape, i
+                np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * np.sqrt(2100), err_msg=str(i))

@@ -423,7 +423,7 @@ class HostProgram:
             return items, min(items, threads), [], 0
         in_shapes = [known[id(v)] for v in launch.args[:len(k.inputs)]]
         out = known[id(launch.args[len(k.inputs)])]
-        amount = work(op, in_shapes, out)
+        amount = work(k.work_op or op, in_shapes, out)
         if k.split == "parts":
             small = (one_part_below(op) or k.one_part_below) and amount < NATIVE_SPLIT_WORK
             return (1, 1, [], 0) if small else (threads, threads, [], 0)

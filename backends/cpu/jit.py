@@ -114,9 +114,14 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     views = moe_pack.packed_views(block.ops, fixed) | matmul.read_transposed(block.ops, fixed)
     builder.packed = views
     groups = fused_groups(block.ops, weight_only | views)
+    tails = matmul.epilogues(block.ops, groups, weight_only | views)  # matmuls made in their epilogue's kernel
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}  # made in their readers' kernels
+    inside |= {id(o) for mm, chain, _ in tails.values() for o in [mm, *chain[:-1]]}
     for op in block.ops[:-1]:
         if id(op) in inside:
+            continue
+        if id(op) in tails:
+            kernels[id(op)] = matmul.epilogue_kernel(builder, *tails[id(op)])
             continue
         if id(op) in groups:
             kernels[id(op)] = builder.fused(*groups[id(op)])
@@ -124,7 +129,7 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
         k = builder.kernel(op) if id(op) not in weight_only and id(op) not in views else None
         if k is not None:
             kernels[id(op)] = k
-    return module, builder, kernels, (inside, set(groups))
+    return module, builder, kernels, (inside, set(groups) - set(tails))
 
 
 def fused_groups(ops: list[Operation], skip: set[int]) -> dict[int, tuple[list[Operation], list[Value]]]:
@@ -420,7 +425,11 @@ class CpuFunction(Executable):
         """Outputs of the shapes `op.result_shapes` gives, and the kernel run on them as it splits."""
         op = k.op
         operands = ins
-        if id(op) in self.fused_roots:  # a fused chain's last op: what it reads inside the chain is never made
+        if k.work_op is not None:  # a matmul's epilogue: its result has the shape of the product of x and w (or of
+            # the [N, K] w a transpose of it reads)
+            n = ins[1].shape[-1 if k.inputs[1] is k.work_op.operands[1] else -2]
+            operands = [np.broadcast_to(np.empty((), np.float32), (*ins[0].shape[:-1], n))] * len(op.operands)
+        elif id(op) in self.fused_roots:  # a fused chain's last op: what it reads inside the chain is never made
             space = np.broadcast_to(np.empty((), np.float32), np.broadcast_shapes(*[a.shape for a in ins]))
             operands = [ins[k.inputs.index(v)] if v in k.inputs else space for v in op.operands]
         elif k.inputs != list(op.operands):  # a kernel reading through a view (a matmul's transposed w): its shapes
@@ -430,7 +439,7 @@ class CpuFunction(Executable):
                                                                                strict=True)]
         n = num_threads()
         if k.split == "parts":
-            amount = work(op, [a.shape for a in ins], outs[0].shape)
+            amount = work(k.work_op or op, [a.shape for a in ins], outs[0].shape)
             small = one_part_below(op) and amount < SPLIT_WORK
             self.parts(k, ins + outs, 1 if small else n)
         elif k.split == "rows":
@@ -453,7 +462,7 @@ class CpuFunction(Executable):
         dim 0 is 1 and the kernel allows it (`Kernel.rows_1`: an elementwise kernel at batch 1)."""
         axis = 1 if out.shape[0] == 1 and k.rows_1 is not None else 0
         m = out.shape[axis]
-        if n == 1 or m < 2 * n or work(k.op, [a.shape for a in ins], out.shape) < SPLIT_WORK:
+        if n == 1 or m < 2 * n or work(k.work_op or k.op, [a.shape for a in ins], out.shape) < SPLIT_WORK:
             self.call(k, ins + [out])
             return
         bounds = row_bounds(m, n, deterministic())

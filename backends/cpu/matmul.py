@@ -13,17 +13,21 @@ in L1 and the group in L2 while every chunk of rows is multiplied by it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor, vector
 
+from sparsa.backends.cpu import CpuLoweringError, refused_dtype
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import KERNELS, KernelContext, element_type
 from sparsa.backends.cpu.moe_pack import pack_elements, pack_panel
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
-from sparsa.ir.core import Operation
+from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.traits import Elementwise
+from sparsa.ir.types import TensorType
 
 # Rows (all of x's but the last dim, when known at compile time) below which a matmul reads its operands in place:
 # packing w costs a pass over it per part, which a few rows do not win back.
@@ -68,34 +72,158 @@ def matmul_kernel(cx: KernelContext, op: Operation) -> Kernel:
     with fewer than ROW_BLOCK of them (a decode step) reads in place."""
     if not packs(op):
         return cx.dense(op)
+    return _kernel(cx, op, [], [])
+
+
+def epilogues(ops: list[Operation], groups: dict[int, tuple[list[Operation], list[Value]]],
+              skip: set[int]) -> dict[int, tuple[Operation, list[Operation], list[Value]]]:
+    """Packed matmuls whose result only an elementwise chain of its shape reads (a Linear layer's bias, its
+    activation: `relu(x @ w + b)`), each made in the chain's kernel (`epilogue_kernel`), the chain applied to each
+    tile of the product before it is stored: the product is never stored and read again (a 1024 x 3072 Linear's
+    bias add was a kernel of its own, 2.3 ms beside the GEMM's 17.7 on Zen 5). The chain is the fused group
+    (`jit.fused_groups`) that its one reader belongs to, or that reader alone; its other inputs are whole tensors
+    of the result's shape, or broadcast along its rows (a bias), or scalars (`_read_as`). root id -> (the matmul,
+    the chain's ops in order, its other inputs). One matmul per chain (SwiGLU's gate and up: the first)."""
+    member_of: dict[int, list[int]] = {}
+    for root, (group, _) in groups.items():
+        for o in group:
+            member_of.setdefault(id(o), []).append(root)
+    at = {id(op) for op in ops}
+    found: dict[int, tuple[Operation, list[Operation], list[Value]]] = {}
+    for mm in ops:
+        if not isinstance(mm, S.MatmulOp) or id(mm) in skip or not packs(mm) or not mm.result.uses:
+            continue
+        readers = {id(u.op): u.op for u in mm.result.uses}
+        u = next(iter(readers.values()))
+        if len(readers) != 1 or id(u) not in at or id(u) in skip or not isinstance(u, Elementwise) or u.regions \
+                or len(u.results) != 1 or len(member_of.get(id(u), [])) > 1:
+            continue
+        if id(u) in member_of:
+            group, inputs = groups[member_of[id(u)][0]]
+        else:
+            group, inputs = [u], list({id(v): v for v in u.operands}.values())
+        out = mm.result.type
+        if id(group[-1]) in found or any(o.results[0].type.dtype != "f32" or o.results[0].type.shape != out.shape
+                                         for o in group):
+            continue  # (a sum ending the group: its space is the product's, its result not)
+        rest = [v for v in inputs if v is not mm.result]
+        if all(_read_as(v.type, out) for v in rest):
+            found[id(group[-1])] = (mm, group, rest)
+    return found
+
+
+def _read_as(t: TensorType, out: TensorType) -> str | None:
+    """How an epilogue reads an input of type t beside a product of type out: "scalar" (rank 0), "row" (the
+    same for every row: leading dims 1 or none), "full" (the product's rows); its last dim is out's or 1. None:
+    neither (float32 only)."""
+    if t.dtype != "f32" or t.rank > out.rank:
+        return None
+    if t.rank == 0:
+        return "scalar"
+    if t.shape[-1] not in (1, out.shape[-1]):
+        return None
+    if all(d == 1 for d in t.shape[:-1]):
+        return "row"
+    return "full" if t.rank == out.rank and tuple(t.shape[:-1]) == tuple(out.shape[:-1]) else None
+
+
+def epilogue_kernel(cx: KernelContext, mm: Operation, chain: list[Operation], rest: list[Value]) -> Kernel:
+    """The packed matmul mm with the elementwise chain that reads its result (`epilogues`) applied to each of
+    its tiles before the store: the kernel of the chain's last op."""
+    for o in chain:
+        why = refused_dtype(o)
+        if why:
+            raise CpuLoweringError(f"'{o.NAME}' is not supported by the cpu backend ({why})", o.loc)
+    return _kernel(cx, mm, chain, rest)
+
+
+def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list[Value]) -> Kernel:
+    """The packed matmul's kernel (with the epilogue `chain` reading the `rest` inputs beside the product)."""
     split, cut = cx.row_split(op)
     view = op.rhs.defining_op if id(op.rhs.defining_op) in cx.packed else None  # read_transposed
     source = view.x if view is not None else op.rhs
-    if split == "rows" and isinstance(op.result.type.shape[0], int):
-        cx.dim_map = {op.result.type.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
-    types = [t.with_shape(cx.shape(t)) for t in (op.lhs.type, source.type, op.result.type)]
-    cx.dim_map = {}
-    name, entry = cx.function(op, types, False)
-    x, w, out = entry.arguments
+    result = chain[-1].results[0] if chain else op.result
+    if split == "rows":
+        cut = cut + [v.type.rank == result.type.rank and v.type.shape[0] == result.type.shape[0] for v in rest]
+    # the dim 0 the host cuts is dynamic in the kernel (only there: a static K of the same size stays static, or
+    # the GEMM would take its long-K path)
+    types = [t.with_shape((None, *t.shape[1:])) if split == "rows" and c else t
+             for t, c in zip((op.lhs.type, source.type, *[v.type for v in rest], result.type), [*cut, True],
+                             strict=True)]
+    label = "matmul_" + "_".join(o.NAME.split(".")[-1] for o in chain[:3]) if chain else ""
+    name, entry = cx.function(chain[-1] if chain else op, types, False, label)
+    x, w, *ms, out = entry.arguments
     et = element_type(op.result.type.dtype)
     with ir.InsertionPoint(entry):
         x2, out2 = _rows(x), _rows(out)
+        tail = None
+        if chain:
+            reads = [(v, _read_as(v.type, result.type), m) for v, m in zip(rest, ms, strict=True)]
+            reads = [(v, how, _rows(m) if how == "full" else _flat(m) if how == "row" else m) for v, how, m in reads]
+
+            def tail(y: ir.Value, r0: ir.Value, c0: ir.Value, rows: ir.Value, width: ir.Value) -> ir.Value:
+                return _epilogue(cx, op, chain, reads, y, [r0, c0, rows, width], et)
         if view is not None:
-            packed_matmul(cx, x2, w, out2, et, transposed=True)
+            packed_matmul(cx, x2, w, out2, et, transposed=True, epilogue=tail)
         elif _static_rows(op):
-            packed_matmul(cx, x2, w, out2, et)
+            packed_matmul(cx, x2, w, out2, et, epilogue=tail)
         else:  # rows known only at run time: a part with fewer than a chunk reads in place
             few = B.if_(B.cmpi("lt", B.mdim(x2, 0), B.c_index(ROW_BLOCK)), has_else=True)
             with ir.InsertionPoint(few.then_block):
                 cx.values[id(op.lhs)], cx.values[id(op.rhs)] = B.read(x), B.read(w)
                 cx.lower(op)
                 B.write(cx.get(op.result), out)
+                if tail is not None:  # on the product where it lies
+                    rows, width = B.mdim(out2, 0), B.mdim(out2, 1)
+                    B.write(tail(B.read(out2, writable=True), B.c_index(0), B.c_index(0), rows, width), out2)
                 scf.YieldOp([])
             with ir.InsertionPoint(few.else_block):
-                packed_matmul(cx, x2, w, out2, et)
+                packed_matmul(cx, x2, w, out2, et, epilogue=tail)
                 scf.YieldOp([])
         func.ReturnOp([])
-    return Kernel(name, op, [op.lhs, source], [op.result], split, cut)
+    return Kernel(name, chain[-1] if chain else op, [op.lhs, source, *rest], [result], split, cut,
+                  work_op=op if chain else None)
+
+
+def _epilogue(cx: KernelContext, mm: Operation, chain: list[Operation], reads: list[tuple[Value, str, ir.Value]],
+              y: ir.Value, tile: list[ir.Value], et: ir.Type) -> ir.Value:
+    """The chain on y, the product's tile [rows, width] at (r0, c0): one tagged elementwise generic whose body is
+    each op's scalar rule in turn (as `KernelContext.fused`), reading each input's part of the tile."""
+    r0, c0, rows, width = tile
+    d0, d1, zero = ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1), ir.AffineConstantExpr.get(0)
+    operands = [(y, [d0, d1])]
+    for v, how, m in reads:
+        whole = v.type.shape[-1] == 1 and mm.result.type.shape[-1] != 1 if v.type.rank else False  # read at 0
+        if how == "scalar":
+            operands.append((B.read(m), []))
+        elif how == "row":
+            operands.append((B.read(m), [zero]) if whole else (B.slice_tensor(B.read(m), [c0], [width]), [d1]))
+        else:
+            operands.append((B.slice_tensor(B.read(m), [r0, 0], [rows, 1]), [d0, zero]) if whole
+                            else (B.slice_tensor(B.read(m), [r0, c0], [rows, width]), [d0, d1]))
+
+    def body(*scalars: ir.Value) -> ir.Value:
+        saved, cx.scalar_mode = cx.scalar_mode, True
+        try:
+            cx.values[id(mm.result)] = scalars[0]
+            for (v, _, _), s in zip(reads, scalars[1:], strict=True):
+                cx.values[id(v)] = s
+            for o in chain:
+                cx.lower(o)
+            return cx.get(chain[-1].results[0])
+        finally:
+            cx.scalar_mode = saved
+
+    return cx.tile_map(operands, [rows, width], et, body, tag=True)
+
+
+def _flat(m: ir.Value) -> ir.Value:
+    """A contiguous memref as a vector (an epilogue's input the same for every row: its leading dims are 1)."""
+    mt = ir.MemRefType(m.type)
+    if mt.rank == 1:
+        return m
+    flat = ir.MemRefType.get([B.DYN() if B.DYN() in mt.shape else math.prod(mt.shape)], mt.element_type)
+    return memref.CollapseShapeOp(flat, m, B.reassociation(list(range(mt.rank)))).result
 
 
 def _rows(m: ir.Value) -> ir.Value:
@@ -110,7 +238,7 @@ def _rows(m: ir.Value) -> ir.Value:
 
 
 def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et: ir.Type,
-                  transposed: bool = False) -> None:
+                  transposed: bool = False, epilogue: Callable[..., ir.Value] | None = None) -> None:
     """out [R, N] = x [R, K] @ w [K, N] (w given as [N, K] where `transposed`): x packed by register tile once
     (rows past R zero), then for each group of w's panels (`CpuTarget.weight_group`), the group packed (columns
     past N zero) and every chunk of ROW_BLOCK rows multiplied by each of its panels (`packed_matmul_tile`), the
@@ -122,7 +250,9 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
 
     Where K is longer than `k_span` (or known only at run time), the GEMM goes a span of k at a time, outermost,
     each span's products added onto the output (zeroed first): a chunk's rows over a span then stay in L2 while
-    the group's panels pass over them, where over the whole of a long K they came from L3 for every panel."""
+    the group's panels pass over them, where over the whole of a long K they came from L3 for every panel.
+
+    `epilogue(y, r0, c0, rows, width)`: what is stored of each tile y of the product (at the last span)."""
     m = cx.target.tile[0]
     R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 0 if transposed else 1)
     k_static, n_static = ir.MemRefType(x.type).shape[1], ir.MemRefType(w.type).shape[0 if transposed else 1]
@@ -137,9 +267,9 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         _pack_rows(x, xp, R, m, cx.target.lanes(32), et)
     xt = B.read(xp if pack_x else x)
 
-    def over_k(k0: ir.Value, kn: ir.Value, add: bool) -> None:
+    def over_k(k0: ir.Value, kn: ir.Value, add: bool, tail: Callable[..., ir.Value] | None) -> None:
         """out (+)= x[:, k0:k0 + kn] @ w[k0:k0 + kn]: w a group of panels at a time, packed into wp, every chunk of
-        x's rows by each panel of the group; `add`: onto out."""
+        x's rows by each panel of the group; `add`: onto out; `tail`: the epilogue, on what is stored."""
         groups = B.loop(0, n_panels, group)
         with ir.InsertionPoint(groups.body):
             p0 = groups.induction_variable
@@ -173,20 +303,26 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
                         d = [ir.AffineDimExpr.get(0), ir.AffineDimExpr.get(1)]
                         y = cx.tile_map([(B.read(dst, writable=True), d), (y, d)], [rows, width], et,
                                         lambda a, b: arith.AddFOp(a, b).result, tag=True)
+                    if tail is not None:
+                        y = tail(y, r0, c0, rows, width)
                     B.write(y, dst)
                     scf.YieldOp([])
                 scf.YieldOp([])
             scf.YieldOp([])
 
     if not spans:
-        over_k(B.c_index(0), K, False)
+        over_k(B.c_index(0), K, False, epilogue)
         return
     linalg.fill(B.c_float(0.0, et), outs=[out])
-    k_loop = B.loop(0, K, span)
+    # every span but the last (with an epilogue; else every span), then the last with it
+    last = K if epilogue is None else B.round_down(B.sub(arith.MaxSIOp(K, B.c_index(1)).result, B.c_index(1)), span)
+    k_loop = B.loop(0, last, span)
     with ir.InsertionPoint(k_loop.body):
         k0 = k_loop.induction_variable
-        over_k(k0, B.minsi(B.c_index(span), B.sub(K, k0)), True)
+        over_k(k0, B.minsi(B.c_index(span), B.sub(K, k0)), True, None)
         scf.YieldOp([])
+    if epilogue is not None:
+        over_k(last, B.sub(K, last), True, epilogue)
 
 
 def k_span(cx: KernelContext) -> int:

@@ -29,6 +29,9 @@ class Kernel:
     one_part_below: bool = False  # split in parts, but one part below the split work (a copy: pack_rows)
     repacked: list[int] = field(default_factory=list)  # of those, the ones packed at each call (not weights)
     hosted: bool = False  # the native host asks its HOSTED rule what to run, though the Python host runs it as is
+    # the op whose work the hosts' split counts, where not `op` (a matmul whose epilogue's last op is `op`); its
+    # result is never made, and `op`'s result has its shape
+    work_op: Operation | None = None
 
 
 @dataclass(eq=False)
