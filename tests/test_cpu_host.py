@@ -46,8 +46,8 @@ def test_host_stage_is_one_native_function(monkeypatch):
     native, python, _ = _pair(DENSE, monkeypatch)
     host = native.native.stages["host"]
     at = 0
-    for line in ("llvm.func @k0_tensor_matmul(", "llvm.func @sparsa_parallel(", "llvm.call %pool(",
-                 "llvm.func @host_k0_tensor_matmul_0(%frame: !llvm.ptr)", "llvm.atomicrmw add",
+    for line in ("llvm.func @k0_matmul_add_relu(", "llvm.func @sparsa_parallel(", "llvm.call %pool(",
+                 "llvm.func @host_k0_matmul_add_relu_0(%frame: !llvm.ptr)", "llvm.atomicrmw add",
                  "llvm.func @sparsa_main(%argv: !llvm.ptr)", "llvm.call @sparsa_parallel(", "llvm.intr.memcpy"):
         at = host.index(line, at)  # in this order
     assert "llvm.func @sparsa_main" in native.native.stages["llvm"]

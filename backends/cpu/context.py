@@ -474,8 +474,9 @@ class KernelContext:
         block = g.regions[0].blocks.append(*[ir.RankedTensorType(v.type).element_type for v, _ in inputs], et)
         with ir.InsertionPoint(block):
             linalg.YieldOp([body(*block.arguments[:-1])])
-        if tag:
-            self.tag(g.result, "elementwise", TensorType(dtype_of(et), (None,) * rank))
+        if tag:  # (its static sizes as built: a dim known to be a multiple of the tile is not peeled)
+            shape = tuple(None if d == B.DYN() else d for d in ir.RankedTensorType(g.result.type).shape)
+            self.tag(g.result, "elementwise", TensorType(dtype_of(et), shape))
         return g.result
 
     def row_reduce(self, x: ir.Value, start: float, combine, tag: bool = False) -> ir.Value:

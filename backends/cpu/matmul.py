@@ -134,7 +134,8 @@ def epilogue_kernel(cx: KernelContext, mm: Operation, chain: list[Operation], re
         why = refused_dtype(o)
         if why:
             raise CpuLoweringError(f"'{o.NAME}' is not supported by the cpu backend ({why})", o.loc)
-    return _kernel(cx, mm, chain, rest)
+    start = len(cx.tiled)
+    return cx.extra(_kernel(cx, mm, chain, rest), start)  # (an earlier layer's kernel of the same code, if any)
 
 
 def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list[Value]) -> Kernel:
@@ -174,7 +175,7 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
                 cx.lower(op)
                 B.write(cx.get(op.result), out)
                 if tail is not None:  # on the product where it lies
-                    rows, width = B.mdim(out2, 0), B.mdim(out2, 1)
+                    rows, width = B.sizes_of(out2)
                     B.write(tail(B.read(out2, writable=True), B.c_index(0), B.c_index(0), rows, width), out2)
                 scf.YieldOp([])
             with ir.InsertionPoint(few.else_block):
