@@ -153,3 +153,39 @@ def test_matmul_epilogues_against_numpy(monkeypatch, target: str, native: bool) 
             for i, (x, y) in enumerate(zip(got, want, strict=True)):
                 assert x.shape == y.shape, i
                 np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * np.sqrt(2100), err_msg=str(i))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fixed_weights_packed_once(monkeypatch, native: bool) -> None:
+    """A w that is a param (or a frozen torch parameter) is packed in panels once per set of weights, by the host,
+    and kept (`Kernel.panels`); the kernel reads them as they are. Static rows, rows at run time (few: w read in
+    place; many: the panels), K past a span, an epilogue, a transposed param; new weights, new panels."""
+    if not native:
+        monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    monkeypatch.setattr(host, "NATIVE_SPLIT_WORK", 0)
+    monkeypatch.setattr(jit, "SPLIT_WORK", 0)
+    src = """model M(x: f32[130, 2100], y: f32[T, 37]) -> (f32[130, 70], f32[T, 3, 40], f32[T, 70]) {
+        param w: f32[2100, 70]
+        param h: f32[37, 120]
+        param b: f32[120]
+        param j: f32[70, 37]
+        return x @ w, reshape(relu(y @ h + b), [T, 3, 40]), y @ transpose(j, [1, 0])
+    }
+    """
+    m, ref = sparsa.compile(src, target="cpu"), sparsa.compile(src, target="reference")
+    rng = np.random.default_rng(3)
+    for seed in (1, 2):
+        m.init_weights(seed)
+        ref.init_weights(seed)
+        for rows in (2, 100):
+            x, y = rng.standard_normal((130, 2100)).astype(np.float32), rng.standard_normal((rows, 37)).astype(np.float32)
+            want = ref(x, y)
+            for threads in ("1", "3"):
+                monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+                for got, w in zip(m(x, y), want, strict=True):
+                    np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * np.sqrt(2100))
+    kernels = [k for k in m.native.kernels.values() if "matmul" in k.name]
+    assert [k.panels for k in kernels] == [[2]] * 3, [k.name for k in kernels]
+    assert ("panels", id(kernels[0].inputs[2])) in m._cache
+    if native:
+        assert m.native.calls["native"] > m.native.calls["python"] == 2  # the Python host once per set of weights

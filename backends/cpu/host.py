@@ -33,12 +33,13 @@ import numpy as np
 
 from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
+from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, one_part_below, row_bounds, work
 from sparsa.ir.analysis import bind_shape
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import evaluate
-from sparsa.ir.types import numpy_dtype
+from sparsa.ir.types import TensorType, numpy_dtype
 
 HEADER = 4  # threads, pool, workspace, status
 WORKSPACE, STATUS = 2, 3  # their argv slots
@@ -117,6 +118,17 @@ def address(a: np.ndarray) -> int:
         return ctypes.addressof(ctypes.c_char.from_buffer(a))
     except (TypeError, ValueError):  # read-only, or empty
         return a.ctypes.data
+
+
+def _panels_only(k: Kernel) -> Hosted:
+    """A kernel whose host side differs only in its fixed inputs taken in panels (a dense matmul's `.sp` param or
+    frozen weight): those as the Python host packed them (kept in the call's cache), the rest as they are."""
+    args: list[Any] = [*k.inputs, *k.outputs]
+    for i in k.panels:
+        w = k.inputs[i]
+        args[i] = Scratch(TensorType(w.type.dtype, (1, None, w.type.shape[0], PANEL)), lambda known, ctx: (),
+                          f"{w.name_hint}_panels", cached=("panels", id(w)))
+    return Hosted(args=args)
 
 
 def _stand_in(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -278,7 +290,8 @@ class HostProgram:
             if rule is None and k is None:  # fine while no kernel reads its results (a decode reads no block map)
                 self.unmade.update({id(r): f"'{op.NAME}' runs on the Python host" for r in op.results})
                 return None
-            hosted = rule(self.cx, op, k) if rule is not None else \
+            hosted = rule(self.cx, op, k) if rule is not None else _panels_only(k) \
+                if k.panels and not k.hosted and LAUNCHES.find(op) is None else \
                 f"the host side of '{op.NAME}' is still Python (its LAUNCHES rule)"
             if isinstance(hosted, str):
                 return hosted

@@ -419,7 +419,14 @@ class CpuFunction(Executable):
         op's LAUNCHES rule where it has one (its module says how its host side differs), else `run`."""
         ins = [None if i in k.panels else np.asarray(host.values[id(v)], order="C") for i, v in enumerate(k.inputs)]
         rule = LAUNCHES.find(k.op)
-        return rule(self, k, host, ins) if rule is not None else self.run(k, host, ins)
+        if rule is not None:
+            return rule(self, k, host, ins)
+        for i in k.panels:  # a dense matmul's fixed w: its panels packed once, kept with the weight-only results
+            key = ("panels", id(k.inputs[i]))
+            if key not in host.cache:
+                host.cache[key] = (moe_pack.pack_panels(host.values[id(k.inputs[i])][None]),)
+            ins[i] = host.cache[key][0]
+        return self.run(k, host, ins)
 
     def run(self, k: Kernel, host: _Host, ins: list[np.ndarray]) -> list[np.ndarray]:
         """Outputs of the shapes `op.result_shapes` gives, and the kernel run on them as it splits."""

@@ -144,16 +144,26 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
     view = op.rhs.defining_op if id(op.rhs.defining_op) in cx.packed else None  # read_transposed
     source = view.x if view is not None else op.rhs
     result = chain[-1].results[0] if chain else op.result
+    # a w that is the same at every call (a `.sp` param, a frozen torch parameter): the host packs its panels once
+    # and keeps them (`Kernel.panels`, as the grouped GEMMs' expert weights); the kernel also takes w as it is, for
+    # a part with few rows (read in place)
+    prepacked = view is None and id(op.rhs) in cx.fixed
+    extra = [op.rhs] if prepacked else []
     if split == "rows":
-        cut = cut + [v.type.rank == result.type.rank and v.type.shape[0] == result.type.shape[0] for v in rest]
+        cut = cut + [False] * len(extra) + [v.type.rank == result.type.rank and v.type.shape[0] == result.type.shape[0]
+                                            for v in rest]
     # the dim 0 the host cuts is dynamic in the kernel (only there: a static K of the same size stays static, or
     # the GEMM would take its long-K path)
+    w_t = op.rhs.type
+    panel_types = [TensorType(w_t.dtype, (1, -(-w_t.shape[1] // PANEL) if isinstance(w_t.shape[1], int) else None,
+                                          w_t.shape[0], PANEL))] if prepacked else []
     types = [t.with_shape((None, *t.shape[1:])) if split == "rows" and c else t
-             for t, c in zip((op.lhs.type, source.type, *[v.type for v in rest], result.type), [*cut, True],
-                             strict=True)]
+             for t, c in zip((op.lhs.type, source.type, *panel_types, *[v.type for v in rest], result.type),
+                             [*cut, True], strict=True)]
     label = "matmul_" + "_".join(o.NAME.split(".")[-1] for o in chain[:3]) if chain else ""
     name, entry = cx.function(chain[-1] if chain else op, types, False, label)
     x, w, *ms, out = entry.arguments
+    panels = ms.pop(0) if prepacked else None
     et = element_type(op.result.type.dtype)
     with ir.InsertionPoint(entry):
         x2, out2 = _rows(x), _rows(out)
@@ -167,7 +177,7 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
         if view is not None:
             packed_matmul(cx, x2, w, out2, et, transposed=True, epilogue=tail)
         elif _static_rows(op):
-            packed_matmul(cx, x2, w, out2, et, epilogue=tail)
+            packed_matmul(cx, x2, w, out2, et, epilogue=tail, panels=panels)
         else:  # rows known only at run time: a part with fewer than a chunk reads in place
             few = B.if_(B.cmpi("lt", B.mdim(x2, 0), B.c_index(ROW_BLOCK)), has_else=True)
             with ir.InsertionPoint(few.then_block):
@@ -179,11 +189,11 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
                     B.write(tail(B.read(out2, writable=True), B.c_index(0), B.c_index(0), rows, width), out2)
                 scf.YieldOp([])
             with ir.InsertionPoint(few.else_block):
-                packed_matmul(cx, x2, w, out2, et, epilogue=tail)
+                packed_matmul(cx, x2, w, out2, et, epilogue=tail, panels=panels)
                 scf.YieldOp([])
         func.ReturnOp([])
-    return Kernel(name, chain[-1] if chain else op, [op.lhs, source, *rest], [result], split, cut,
-                  work_op=op if chain else None)
+    return Kernel(name, chain[-1] if chain else op, [op.lhs, source, *extra, *rest], [result], split, cut,
+                  work_op=op if chain else None, panels=[2] if prepacked else [])
 
 
 def _epilogue(cx: KernelContext, mm: Operation, chain: list[Operation], reads: list[tuple[Value, str, ir.Value]],
@@ -239,7 +249,8 @@ def _rows(m: ir.Value) -> ir.Value:
 
 
 def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et: ir.Type,
-                  transposed: bool = False, epilogue: Callable[..., ir.Value] | None = None) -> None:
+                  transposed: bool = False, epilogue: Callable[..., ir.Value] | None = None,
+                  panels: ir.Value | None = None) -> None:
     """out [R, N] = x [R, K] @ w [K, N] (w given as [N, K] where `transposed`): x packed by register tile once
     (rows past R zero), then for each group of w's panels (`CpuTarget.weight_group`), the group packed (columns
     past N zero) and every chunk of ROW_BLOCK rows multiplied by each of its panels (`packed_matmul_tile`), the
@@ -253,14 +264,16 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
     each span's products added onto the output (zeroed first): a chunk's rows over a span then stay in L2 while
     the group's panels pass over them, where over the whole of a long K they came from L3 for every panel.
 
-    `epilogue(y, r0, c0, rows, width)`: what is stored of each tile y of the product (at the last span)."""
+    `epilogue(y, r0, c0, rows, width)`: what is stored of each tile y of the product (at the last span).
+    `panels`: w's panels as the host packed them once ([1, ceil(N / PANEL), K, PANEL]): read as they are."""
     m = cx.target.tile[0]
     R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 0 if transposed else 1)
     k_static, n_static = ir.MemRefType(x.type).shape[1], ir.MemRefType(w.type).shape[0 if transposed else 1]
     span = k_span(cx)
     spans = k_static == B.DYN() or k_static > span
     group = cx.target.weight_group(span if spans else k_static, 1)
-    wp = memref.AllocOp(ir.MemRefType.get([1, group, span if spans else k_static, PANEL], et), [], []).result
+    wp = memref.AllocOp(ir.MemRefType.get([1, group, span if spans else k_static, PANEL], et), [], []).result \
+        if panels is None else None
     n_panels = B.ceil_div(N, PANEL)
     pack_x = B.DYN() in (k_static, n_static) or -(-n_static // PANEL) > group
     if pack_x:
@@ -275,8 +288,9 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         with ir.InsertionPoint(groups.body):
             p0 = groups.induction_variable
             p1 = B.minsi(B.add(p0, B.c_index(group)), n_panels)
-            _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
-            wpt = B.read(wp)
+            if panels is None:
+                _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
+            wpt = B.read(wp if panels is None else panels)
             chunks = B.loop(0, R, ROW_BLOCK)
             with ir.InsertionPoint(chunks.body):
                 r0 = chunks.induction_variable
@@ -286,10 +300,11 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
                     ap = B.slice_tensor(xt, [tile0, k0, 0], [B.ceil_div(rows, m), kn, m])
                 else:
                     ap = B.slice_tensor(xt, [r0, k0], [rows, kn])
-                panels = B.loop(p0, p1)
-                with ir.InsertionPoint(panels.body):
-                    j = panels.induction_variable
-                    panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, kn, PANEL], drop=[0, 1])
+                in_group = B.loop(p0, p1)
+                with ir.InsertionPoint(in_group.body):
+                    j = in_group.induction_variable
+                    panel = B.slice_tensor(wpt, [0, B.sub(j, p0), 0, 0], [1, 1, kn, PANEL], drop=[0, 1]) \
+                        if panels is None else B.slice_tensor(wpt, [0, j, k0, 0], [1, 1, kn, PANEL], drop=[0, 1])
                     if pack_x:
                         flat = tensor.CollapseShapeOp(ir.RankedTensorType.get([B.DYN(), PANEL], et),
                                                       cx.packed_matmul_tile(ap, panel, et),
