@@ -7,7 +7,9 @@ is more pages than the L1 TLB holds). The GEMM then ran at 121-148 GFLOP/s where
 two threads); at up to 512 columns, where the rows share pages, reading in place was as fast. Packed, each of the
 part's rows goes by register tile ([tiles, K, TILE_M]: one stream), and w by groups of PANEL-column panels
 ([K, PANEL] blocks, as many as fill half of L2) just before the rows pass over them, so that a panel's k block sits
-in L1 and the group in L2 while every chunk of rows is multiplied by it.
+in L1 and the group in L2 while every chunk of rows is multiplied by it. A w that is the same at every call comes
+in panels the host packed once (`Kernel.panels`). An elementwise chain that alone reads the product runs on each
+tile before its store (`epilogues`).
 """
 
 from __future__ import annotations
