@@ -66,6 +66,8 @@ def read_weights(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.
 
 def to_numpy(x: Any) -> np.ndarray:
     """A NumPy array from a NumPy array, a torch tensor (any device, bf16 widened) or a Python value."""
+    if type(x) is np.ndarray:
+        return x
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         t = x.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":

@@ -380,7 +380,19 @@ class CpuFunction(Executable):
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]
         at = 2 + WORKSPACE  # argv[2:] is the program's argv (the two slots before it: the packed convention)
-        argv[at:2 + HEADER + host.pointers] = [space[1], 0, *map(address, ins), *fixed[1], *map(address, outs)]
+        argv[at] = space[1]  # (slot by slot: half the time of a slice assigned from a list, 0.8 us a call)
+        argv[at + 1] = 0
+        at += 2
+        for a in ins:
+            argv[at] = address(a)
+            at += 1
+        for p in fixed[1]:
+            argv[at] = p
+            at += 1
+        for a in outs:
+            argv[at] = address(a)
+            at += 1
+        assert at == 2 + HEADER + host.pointers
         self.main(made[1])
         if host.profile_slot is not None:
             at = 2 + host.profile_slot
