@@ -106,14 +106,14 @@ def test_products_over_no_k_are_zeros() -> None:
 # epilogues: a bias and relu (a row input); a per-row scale, a whole tensor and a constant; x of rank 3 with rows at
 # run time (few: read in place, then the epilogue on the product; many: packed) and a bias of shape [1, 40]; K past a
 # span (the epilogue at the last one only); SwiGLU's two products read by one chain (one of them made in it, through
-# a transposed w); a product also returned (stored: no epilogue)
+# a transposed w); a product also returned (stored: no epilogue); x of batch 1 (the host splits no rows)
 EPI = """model M(a: f32[130, 37], w: f32[37, 70], b: f32[70], r: f32[130, 70], s: f32[130, 1], g: f32[T, 3, 33],
         h: f32[33, 40], hb: f32[1, 40], k: f32[130, 2100], l: f32[2100, 40], j: f32[70, 37], v: f32[37, 70],
-        u: f32[37, 70], q: f32[37, 70]) -> (f32[130, 70], f32[130, 70], f32[T, 3, 40], f32[130, 40], f32[130, 70], f32[130, 70],
-        f32[130, 70]) {
+        u: f32[37, 70], q: f32[37, 70], o: f32[1, 150, 33]) -> (f32[130, 70], f32[130, 70], f32[T, 3, 40],
+        f32[130, 40], f32[130, 70], f32[130, 70], f32[130, 70], f32[1, 150, 40]) {
     z = a @ u
     swiglu = silu(a @ transpose(j, [1, 0])) * (a @ q)
-    return relu(a @ w + b), (a @ v) * s + r * 0.5, silu(g @ h + hb), k @ l - hb, swiglu, z, z + b
+    return relu(a @ w + b), (a @ v) * s + r * 0.5, silu(g @ h + hb), k @ l - hb, swiglu, z, z + b, relu(o @ h + hb)
 }
 """
 
@@ -133,8 +133,8 @@ def test_matmul_epilogues_against_numpy(monkeypatch, target: str, native: bool) 
     mlir = m.native.stages["mlir"]
     names = sorted(line.split("@")[1].split("(")[0].split("_", 1)[1] for line in mlir.splitlines()
                    if "func.func @k" in line)
-    assert names == ["matmul_add_relu", "matmul_add_silu", "matmul_mul_mul_add", "matmul_silu_mul", "matmul_sub",
-                     "tensor_add", "tensor_constant", "tensor_matmul"], " ".join(names)
+    assert names == ["matmul_add_relu", "matmul_add_relu", "matmul_add_silu", "matmul_mul_mul_add", "matmul_silu_mul",
+                     "matmul_sub", "tensor_add", "tensor_constant", "tensor_matmul"], " ".join(names)
     f64 = np.float64
     rng = np.random.default_rng(2)
     for rows in (2, 100):
@@ -143,13 +143,15 @@ def test_matmul_epilogues_against_numpy(monkeypatch, target: str, native: bool) 
         g, h, hb, k, l = (rng.standard_normal(n).astype(np.float32) for n in ((rows, 3, 33), (33, 40), (1, 40),
                                                                                 (130, 2100), (2100, 40)))
         j, v, u, q = (rng.standard_normal(n).astype(np.float32) for n in ((70, 37), (37, 70), (37, 70), (37, 70)))
+        o = rng.standard_normal((1, 150, 33)).astype(np.float32)  # batch 1: the host splits no rows
         silu = lambda t: t / (1 + np.exp(-t))  # noqa: E731
         z = a.astype(f64) @ u
         want = [np.maximum(a.astype(f64) @ w + b, 0), (a.astype(f64) @ v) * s + r * 0.5, silu(g.astype(f64) @ h + hb),
-                k.astype(f64) @ l - hb, silu(a.astype(f64) @ j.T) * (a.astype(f64) @ q), z, z + b]
+                k.astype(f64) @ l - hb, silu(a.astype(f64) @ j.T) * (a.astype(f64) @ q), z, z + b,
+                np.maximum(o.astype(f64) @ h + hb, 0)]
         for threads in ("1", "3"):
             monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
-            got = m(a, w, b, r, s, g, h, hb, k, l, j, v, u, q)
+            got = m(a, w, b, r, s, g, h, hb, k, l, j, v, u, q, o)
             for i, (x, y) in enumerate(zip(got, want, strict=True)):
                 assert x.shape == y.shape, i
                 np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4 * np.sqrt(2100), err_msg=str(i))

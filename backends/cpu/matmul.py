@@ -159,9 +159,9 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
     w_t = op.rhs.type
     panel_types = [TensorType(w_t.dtype, (1, -(-w_t.shape[1] // PANEL) if isinstance(w_t.shape[1], int) else None,
                                           w_t.shape[0], PANEL))] if prepacked else []
-    types = [t.with_shape((None, *t.shape[1:])) if split == "rows" and c else t
-             for t, c in zip((op.lhs.type, source.type, *panel_types, *[v.type for v in rest], result.type),
-                             [*cut, True], strict=True)]
+    types = [op.lhs.type, source.type, *panel_types, *[v.type for v in rest], result.type]
+    if split == "rows":
+        types = [t.with_shape((None, *t.shape[1:])) if c else t for t, c in zip(types, [*cut, True], strict=True)]
     label = "matmul_" + "_".join(o.NAME.split(".")[-1] for o in chain[:3]) if chain else ""
     name, entry = cx.function(chain[-1] if chain else op, types, False, label)
     x, w, *ms, out = entry.arguments
