@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch_mlir import ir
@@ -126,9 +126,7 @@ class KernelContext:
     def kernel(self, op: Operation) -> Kernel | None:
         """The kernel computing `op`, or None for an op the host runs (CpuLoweringError, naming the op and its
         line, if there is neither)."""
-        why = refused_dtype(op)
-        if why:
-            raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend ({why})", op.loc)
+        self.check_dtypes([op])
         rule = KERNELS.find(op)
         if rule is host:
             return None
@@ -196,14 +194,33 @@ class KernelContext:
         self.dim_map = {}
         return Kernel(name, op, inputs, list(op.results), split, cut, rows_1=rows_1)
 
-    def fused(self, ops: list[Operation], inputs: list[Value]) -> Kernel:
-        """Elementwise ops that only feed one another, ending in `ops[-1]` (`fused_groups`), as one kernel: one
-        loop nest over the last op's result whose body is each op's scalar rule in turn, so the intermediate
-        values stay in registers instead of a pass over memory each; split by rows like one elementwise op."""
+    @staticmethod
+    def check_dtypes(ops: list[Operation]) -> None:
+        """CpuLoweringError (naming the op and its line) for the first op of a dtype the backend refuses."""
         for op in ops:
             why = refused_dtype(op)
             if why:
                 raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend ({why})", op.loc)
+
+    def scalar_chain(self, inputs: list[Value], scalars: Sequence[ir.Value], ops: list[Operation],
+                     result: Value) -> ir.Value:
+        """`result`'s scalar, `ops` lowered in turn by their scalar rules on the `inputs`' `scalars` (the body of
+        a fused chain's loop nest, or of a matmul epilogue's tile)."""
+        saved, self.scalar_mode = self.scalar_mode, True
+        try:
+            for v, s in zip(inputs, scalars, strict=True):
+                self.values[id(v)] = s
+            for op in ops:
+                self.lower(op)
+            return self.get(result)
+        finally:
+            self.scalar_mode = saved
+
+    def fused(self, ops: list[Operation], inputs: list[Value]) -> Kernel:
+        """Elementwise ops that only feed one another, ending in `ops[-1]` (`fused_groups`), as one kernel: one
+        loop nest over the last op's result whose body is each op's scalar rule in turn, so the intermediate
+        values stay in registers instead of a pass over memory each; split by rows like one elementwise op."""
+        self.check_dtypes(ops)
         root = ops[-1]
         result = root.results[0]
         out = result.type
@@ -237,15 +254,7 @@ class KernelContext:
             sources = self.out_sources(space, operands)
 
             def body(*scalars: ir.Value) -> ir.Value:
-                saved, self.scalar_mode = self.scalar_mode, True
-                try:
-                    for v, s in zip(inputs, scalars, strict=True):
-                        self.values[id(v)] = s
-                    for op in ops[:-1] if summed else ops:
-                        self.lower(op)
-                    return self.get(root.x if summed else result)
-                finally:
-                    self.scalar_mode = saved
+                return self.scalar_chain(inputs, scalars, ops[:-1] if summed else ops, root.x if summed else result)
 
             if not summed:
                 init = self.empty_like_dims(out, sources)

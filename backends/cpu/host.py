@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 
 from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
+from sparsa.backends.cpu.moe_pack import panels_scratch
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
-from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, one_part_below, row_bounds, work
 from sparsa.ir.analysis import bind_shape
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import evaluate
-from sparsa.ir.types import TensorType, numpy_dtype
+from sparsa.ir.types import numpy_dtype
 
 HEADER = 4  # threads, pool, workspace, status
 WORKSPACE, STATUS = 2, 3  # their argv slots
@@ -125,9 +125,7 @@ def _panels_only(k: Kernel) -> Hosted:
     frozen weight): those as the Python host packed them (kept in the call's cache), the rest as they are."""
     args: list[Any] = [*k.inputs, *k.outputs]
     for i in k.panels:
-        w = k.inputs[i]
-        args[i] = Scratch(TensorType(w.type.dtype, (1, None, w.type.shape[0], PANEL)), lambda known, ctx: (),
-                          f"{w.name_hint}_panels", cached=("panels", id(w)))
+        args[i] = panels_scratch(k.inputs[i])
     return Hosted(args=args)
 
 

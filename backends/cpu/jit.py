@@ -434,10 +434,7 @@ class CpuFunction(Executable):
         if rule is not None:
             return rule(self, k, host, ins)
         for i in k.panels:  # a dense matmul's fixed w: its panels packed once, kept with the weight-only results
-            key = ("panels", id(k.inputs[i]))
-            if key not in host.cache:
-                host.cache[key] = (moe_pack.pack_panels(host.values[id(k.inputs[i])][None]),)
-            ins[i] = host.cache[key][0]
+            ins[i] = moe_pack.cached_panels(host, k.inputs[i])
         return self.run(k, host, ins)
 
     def run(self, k: Kernel, host: _Host, ins: list[np.ndarray]) -> list[np.ndarray]:

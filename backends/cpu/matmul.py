@@ -20,7 +20,6 @@ from collections.abc import Callable
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor, vector
 
-from sparsa.backends.cpu import CpuLoweringError, refused_dtype
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import KERNELS, KernelContext, element_type
 from sparsa.backends.cpu.moe_pack import pack_elements, pack_panel
@@ -132,10 +131,7 @@ def _read_as(t: TensorType, out: TensorType) -> str | None:
 def epilogue_kernel(cx: KernelContext, mm: Operation, chain: list[Operation], rest: list[Value]) -> Kernel:
     """The packed matmul mm with the elementwise chain that reads its result (`epilogues`) applied to each of
     its tiles before the store: the kernel of the chain's last op."""
-    for o in chain:
-        why = refused_dtype(o)
-        if why:
-            raise CpuLoweringError(f"'{o.NAME}' is not supported by the cpu backend ({why})", o.loc)
+    cx.check_dtypes(chain)
     start = len(cx.tiled)
     return cx.extra(_kernel(cx, mm, chain, rest), start)  # (an earlier layer's kernel of the same code, if any)
 
@@ -215,19 +211,9 @@ def _epilogue(cx: KernelContext, mm: Operation, chain: list[Operation], reads: l
             operands.append((B.slice_tensor(B.read(m), [r0, 0], [rows, 1]), [d0, zero]) if whole
                             else (B.slice_tensor(B.read(m), [r0, c0], [rows, width]), [d0, d1]))
 
-    def body(*scalars: ir.Value) -> ir.Value:
-        saved, cx.scalar_mode = cx.scalar_mode, True
-        try:
-            cx.values[id(mm.result)] = scalars[0]
-            for (v, _, _), s in zip(reads, scalars[1:], strict=True):
-                cx.values[id(v)] = s
-            for o in chain:
-                cx.lower(o)
-            return cx.get(chain[-1].results[0])
-        finally:
-            cx.scalar_mode = saved
-
-    return cx.tile_map(operands, [rows, width], et, body, tag=True)
+    inputs = [mm.result, *[v for v, _, _ in reads]]
+    return cx.tile_map(operands, [rows, width], et,
+                       lambda *scalars: cx.scalar_chain(inputs, scalars, chain, chain[-1].results[0]), tag=True)
 
 
 def _flat(m: ir.Value) -> ir.Value:

@@ -23,7 +23,16 @@ from sparsa.backends.cpu.context import (
     element_type,
     host,
 )
-from sparsa.backends.cpu.moe_pack import pack_kernel, pack_panels, pack_rows, pack_rows_kernel, packable, panels_shape
+from sparsa.backends.cpu.moe_pack import (
+    cached_panels,
+    pack_kernel,
+    pack_panels,
+    pack_rows,
+    pack_rows_kernel,
+    packable,
+    panels_scratch,
+    panels_shape,
+)
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.target import PANEL
 from sparsa.backends.cpu.threads import num_threads
@@ -686,10 +695,7 @@ def launch_grouped(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list
             w = host.values[id(k.inputs[i])]
             ins[i] = pack_panels(w, fn.scratch((k.name, i), panels_shape(w.shape), w.dtype))
             continue
-        key = ("panels", id(k.inputs[i]))
-        if key not in host.cache:
-            host.cache[key] = (pack_panels(host.values[id(k.inputs[i])]),)
-        ins[i] = host.cache[key][0]
+        ins[i] = cached_panels(host, k.inputs[i])
     threads = num_threads()
     n = DETERMINISTIC_PARTS if deterministic() else threads  # slices: fixed, or one per thread
     rt_ = op.result.type
@@ -739,8 +745,7 @@ def hosted_grouped(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
             step, args[i] = pack_kernel(cx, op, w)
             before.append(step)
             continue
-        args[i] = Scratch(TensorType(w.type.dtype, (w.type.shape[0], None, w.type.shape[1], PANEL)),
-                          lambda known, ctx: (), f"{w.name_hint}_panels", cached=("panels", id(w)))
+        args[i] = panels_scratch(w)
     counter = Scratch(TensorType("i64", (1,)), lambda known, ctx: (1,), "chunks_claimed")
     weight = k.inputs[3]
     rt = op.result.type

@@ -212,6 +212,23 @@ def every_other(src: ir.Value, at: list[ir.Value], vt: ir.Type) -> ir.Value:
                                                                              for i in range(lanes // 2)]).result
 
 
+def cached_panels(host: Any, w: Value) -> np.ndarray:
+    """The panels of a fixed weight ([E, K, N], or a dense matmul's [K, N] as one expert), packed the first time a
+    call asks and kept in the call's cache with the weight-only results (cleared with them)."""
+    key = ("panels", id(w))
+    if key not in host.cache:
+        a = host.values[id(w)]
+        host.cache[key] = (pack_panels(a if a.ndim == 3 else a[None]),)
+    return host.cache[key][0]
+
+
+def panels_scratch(w: Value) -> Scratch:
+    """The native host's buffer of `cached_panels(w)`: the array the Python host keeps, passed as it is."""
+    experts, k = (w.type.shape[0], w.type.shape[1]) if w.type.rank == 3 else (1, w.type.shape[0])
+    return Scratch(TensorType(w.type.dtype, (experts, None, k, PANEL)), lambda known, ctx: (), f"{w.name_hint}_panels",
+                   cached=("panels", id(w)))
+
+
 def panels_shape(shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     """The packed shape of an [E, K, N] weight."""
     E, K, N = shape
