@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from sparsa.frontend.torch_import import Importer, Unsupported, _axis
+from sparsa.frontend.torch_import import Importer, Unsupported, _affine, _axis
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
@@ -107,13 +107,14 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
 def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,
                          w: Any, b: Any, output_mask: Any) -> tuple:
     """native_layer_norm_backward as layer norm's own rule (`layer_norm_vjp`), from the statistics the forward
-    saved; the gradients output_mask does not ask for are None."""
+    saved; the gradients output_mask does not ask for, and those of a weight or bias the module lacks, are None."""
     from sparsa.ir.autodiff import Grad
 
-    if len(shape) != 1 or w is None or b is None:
-        raise Unsupported("layer norm's backward over several axes or without weight and bias")
-    grads = R.layer_norm_vjp(Grad(im.block), dy, x, w, b, mean, rstd)
-    return tuple(g if want else None for g, want in zip(grads, output_mask, strict=True))
+    if len(shape) != 1:
+        raise Unsupported("layer norm's backward over several axes")
+    grads = R.layer_norm_vjp(Grad(im.block), dy, x, *_affine(im, x, w, b), mean, rstd)
+    return tuple(g if want and p is not False else None
+                 for g, want, p in zip(grads, output_mask, (True, w is not None, b is not None), strict=True))
 
 
 def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:

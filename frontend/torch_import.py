@@ -606,15 +606,24 @@ def _embedding(im: Importer, node: Any, weight: Value, idx: Value, padding_idx: 
 
 def _layer_norm(im: Importer, node: Any, x: Value, shape: Any, w: Any, b: Any, eps: float) -> tuple:
     """native_layer_norm: the fused op; where its mean and 1/std are read (a training graph saves them for the
-    backward) those too, as the layer norm rule computes them."""
-    if len(shape) != 1 or w is None or b is None:
-        raise Unsupported("layer norm over several axes or without weight and bias")
+    backward) those too, as the layer norm rule computes them. Without a weight or a bias (OLMo's, or
+    `elementwise_affine=False`, `bias=False`) it scales by ones and adds zeros."""
+    if len(shape) != 1:
+        raise Unsupported("layer norm over several axes")
+    w, b = _affine(im, x, w, b)
     out = im.emit(R.LayerNormOp, x, w, b, eps=float(eps))
     if not any(len(u.users) for u in list(node.users) if u.args[1] != 0):
         return (out, None, None)
     from sparsa.ir.autodiff import Grad
 
     return (out, *R.layer_norm_stats(Grad(im.block), x, float(eps)))
+
+
+def _affine(im: Importer, x: Value, w: Any, b: Any) -> tuple[Value, Value]:
+    """A layer norm's weight and bias, ones and zeros over x's last axis where the module has none."""
+    width = (x.type.shape[-1],)
+    return (im.splat(1.0, x.type.dtype, width) if w is None else w,
+            im.splat(0.0, x.type.dtype, width) if b is None else b)
 
 
 def _getitem(im: Importer, node: Any, xs: Any, i: int) -> Any:

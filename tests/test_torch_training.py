@@ -263,6 +263,33 @@ def test_tiny_gpt2_with_layer_norms_trains_with_nothing_left_to_pytorch(target: 
     assert {"tensor.layernorm", "tensor.rsqrt", "attn.attention_grad"} <= names, names
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_layer_norms_without_weight_or_bias_train_in_sparsa(target: str) -> None:
+    """A layer norm with no weight or bias (OLMo's parameter-free one, `LayerNorm(bias=False)`) imports as layer norm
+    with ones and zeros, forward and backward: transformers' OLMo trains two SGD steps with nothing left to PyTorch
+    (its layer norms had split each graph into 11 partitions), and the gradients equal eager's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    transformers = pytest.importorskip("transformers")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = transformers.OlmoForCausalLM(transformers.OlmoConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0))
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(model, copy.deepcopy(model), backend, torch.randint(0, 64, (2, 16)), _train_lm, loss_atol=1e-5)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    names = [op.NAME for part in backend.partitions for op in part.func.walk()]
+    assert names.count("tensor.layernorm") >= 5, names
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.LayerNorm(24, bias=False), torch.nn.Linear(24, 8))
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager(block, copy.deepcopy(block), backend, torch.randn(5, 16))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+
+
 def test_tiny_t5_trains_with_nothing_left_to_pytorch() -> None:
     """transformers' T5 (relative position buckets, encoder-decoder, its labels shifted right into the decoder's
     inputs by a select_scatter and a fill) trains two SGD steps: nothing falls back, losses and gradients as eager."""
