@@ -540,9 +540,16 @@ def _mm(im: Importer, node: Any, a: Value, b: Value) -> Value:
 
 
 def _addmm(im: Importer, node: Any, bias: Value, a: Value, b: Value, beta: Any = 1, alpha: Any = 1) -> Value:
-    if beta != 1 or alpha != 1:
-        raise Unsupported("addmm with alpha/beta")
-    return im.emit(T.AddOp, *im.operands(_mm(im, node, a, b), bias))
+    """addmm and baddbmm: beta * bias + alpha * (a @ b); with beta 0 the bias is not read (PyTorch's rule: its
+    NaNs do not propagate). BLOOM adds its ALiBi bias to the scores this way."""
+    if not all(isinstance(s, (int, float)) for s in (alpha, beta)):
+        raise Unsupported("addmm with a symbolic alpha or beta")
+    prod = _mm(im, node, a, b)
+    if alpha != 1:
+        prod = im.emit(T.MulOp, *im.operands(prod, alpha))
+    if beta == 0:
+        return prod
+    return im.emit(T.AddOp, *im.operands(prod, bias if beta == 1 else im.emit(T.MulOp, *im.operands(bias, beta))))
 
 
 def _where(im: Importer, node: Any, c: Value, a: Any, b: Any) -> Value:
@@ -665,7 +672,7 @@ _ops: dict[str, Callable] = {
     "mean.default": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
     "_softmax.default": _softmax, "topk.default": _topk, "cumsum.default": _cumsum,
-    "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm,
+    "mm.default": _mm, "bmm.default": _mm, "matmul.default": _mm, "addmm.default": _addmm, "baddbmm.default": _addmm,
     "arange.default": _arange, "arange.start": _arange_start,
     "arange.start_step": _arange_start, "scalar_tensor.default": _scalar_tensor,
     "full.default": _full,

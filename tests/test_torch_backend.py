@@ -285,6 +285,26 @@ def test_clamps_import():
     assert len(backend.partitions) == 1 and not backend.fallbacks
 
 
+class ScaledProducts(torch.nn.Module):
+    """addmm and baddbmm with and without alpha and beta (BLOOM's ALiBi scores: baddbmm(alibi, q, k, beta=1,
+    alpha=1/sqrt(d))), beta 0 included: that bias is not read, its NaNs included."""
+
+    def forward(self, x, w, bias, q, k, alibi):
+        return (torch.addmm(bias, x, w), torch.addmm(bias, x, w, beta=0.5, alpha=2.0),
+                torch.baddbmm(alibi, q, k, alpha=0.25), torch.baddbmm(torch.full_like(alibi, float("nan")), q, k,
+                                                                       beta=0.0, alpha=3.0))
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_addmm_and_baddbmm_with_alpha_and_beta_import(target):
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = check(ScaledProducts(), torch.randn(6, 5), torch.randn(5, 7), torch.randn(7), torch.randn(4, 3, 8),
+                    torch.randn(4, 8, 3), torch.randn(4, 1, 3), backend=SparsaBackend({"partitions": "all",
+                                                                                       "target": target}))
+    assert len(backend.partitions) == 1 and not backend.fallbacks
+
+
 class GroupRouting(torch.nn.Module):
     """DeepSeek-V3's group-limited routing as its model code writes it (scatter of the chosen groups,
     masked_fill, topk, gather), a Switch-style max.dim, and an in-place assembly of q from two halves."""
