@@ -330,6 +330,18 @@ def _cmp(pred: str) -> Callable:
     return h
 
 
+def _isnan(im: Importer, node: Any, x: Value) -> Value:
+    return im.emit(T.CmpOp, x, x, pred="ne")
+
+
+def _sign(im: Importer, node: Any, x: Value) -> Value:
+    """sign / sgn of reals: (x > 0) - (x < 0) in x's type, NaN where x is NaN (a norm's backward reads it)."""
+    zero = im.const(0, x.type.dtype)
+    s = im.emit(T.SubOp, im.cast(im.emit(T.CmpOp, x, zero, pred="gt"), x.type.dtype),
+                im.cast(im.emit(T.CmpOp, x, zero, pred="lt"), x.type.dtype))
+    return s if not is_float(x.type.dtype) else im.emit(T.WhereOp, _isnan(im, node, x), x, s)
+
+
 def _unary(cls: type) -> Callable:
     def h(im: Importer, node: Any, x: Value) -> Value:
         return im.emit(cls, x)
@@ -414,6 +426,27 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     starts, stops, steps = [0] * rank, [None] * rank, [1] * rank
     starts[d], stops[d], steps[d] = start, end, step
     return im.emit(S.SliceOp, x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
+
+
+def _roll(im: Importer, node: Any, x: Value, shifts: Any, dims: Any = ()) -> Value:
+    """x rolled by `shifts` along `dims` (all elements, flattened, without dims): per dim, its last `shift`
+    elements then the rest, as a concat of two slices (Swin's shifted windows)."""
+    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not dims:
+        flat = _view(im, node, x, [-1])
+        return _view(im, node, _roll(im, node, flat, shifts, [0]), list(x.type.shape))
+    if len(shifts) != len(dims) or not all(isinstance(s, int) for s in shifts):
+        raise Unsupported(f"roll by {shifts} along {dims}")
+    for shift, dim in zip(shifts, dims, strict=True):
+        d = _axis(dim, x.type.rank)
+        n = x.type.shape[d]
+        if not isinstance(n, int):
+            raise Unsupported("roll along a symbolic dim")
+        s = shift % n if n else 0
+        if s:
+            x = im.emit(S.ConcatOp, [_slice(im, node, x, d, n - s, None), _slice(im, node, x, d, 0, n - s)], axis=d)
+    return x
 
 
 def _flip(im: Importer, node: Any, x: Value, dims: Any) -> Value:
@@ -660,6 +693,7 @@ _ops: dict[str, Callable] = {
     "eq.Tensor": _cmp("eq"), "eq.Scalar": _cmp("eq"), "ne.Tensor": _cmp("ne"), "ne.Scalar": _cmp("ne"),
     "lt.Tensor": _cmp("lt"), "lt.Scalar": _cmp("lt"), "le.Tensor": _cmp("le"), "le.Scalar": _cmp("le"),
     "gt.Tensor": _cmp("gt"), "gt.Scalar": _cmp("gt"), "ge.Tensor": _cmp("ge"), "ge.Scalar": _cmp("ge"),
+    "isnan.default": _isnan, "sign.default": _sign, "sgn.default": _sign,
     "bitwise_and.Tensor": _bool_binary(T.AndOp), "bitwise_or.Tensor": _bool_binary(T.OrOp),
     "gelu.default": _gelu, "where.self": _where, "clamp.default": _clamp, "clamp.Tensor": _clamp,
     "clamp_min.default": _clamp, "clamp_max.default": lambda im, n, x, hi: _clamp(im, n, x, None, hi),
@@ -667,7 +701,8 @@ _ops: dict[str, Callable] = {
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
     "slice.Tensor": _slice, "select.int": _select, "unbind.int": _unbind, "expand.default": _expand,
-    "flip.default": _flip, "cat.default": _cat, "split_with_sizes.default": _split, "split.Tensor": _split,
+    "flip.default": _flip, "roll.default": _roll, "cat.default": _cat, "split_with_sizes.default": _split,
+    "split.Tensor": _split,
     "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "sum.default": _reduce(R.SumOp),
     "mean.default": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,

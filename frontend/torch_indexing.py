@@ -134,6 +134,8 @@ def _repeat(im: Importer, node: Any, x: Value, repeats: Any) -> Value:
 
 
 OPS: dict[str, Callable] = {
-    "index.Tensor": _index, "index_put.default": _index_put, "select_scatter.default": _select_scatter,
+    "index.Tensor": _index, "index_put.default": _index_put,
+    # the same without bounds checks (decompositions emit them: BEiT's relative position bias table)
+    "_unsafe_index.Tensor": _index, "_unsafe_index_put.default": _index_put, "select_scatter.default": _select_scatter,
     "fill.Tensor": _fill, "fill.Scalar": _fill, "scatter.src": _scatter, "repeat.default": _repeat,
 }

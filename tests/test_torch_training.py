@@ -290,6 +290,37 @@ def test_layer_norms_without_weight_or_bias_train_in_sparsa(target: str) -> None
     assert not backend.fallbacks, dict(backend.fallbacks)
 
 
+class VisionOps(torch.nn.Module):
+    """Ops of vision transformers: Swin's shifted windows (roll), Swin v2's cosine attention (F.normalize: a vector
+    norm), other norms (their backward reads sign and isnan), a bilinear resize (BEiT's position bias: decomposed to
+    _unsafe_index, its backward _unsafe_index_put)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4) * 0.5)
+
+    def forward(self, x):
+        y = torch.einsum("bchw,cd->bdhw", x, self.w)
+        parts = [torch.roll(y, shifts=(1, -2), dims=(2, 3)), torch.roll(y, 5), F.normalize(y, dim=1),
+                 F.interpolate(y, scale_factor=2, mode="bilinear"),
+                 torch.linalg.vector_norm(y, ord=float("inf"), dim=-1), torch.linalg.vector_norm(y, ord=3, dim=(1, 2)),
+                 torch.linalg.vector_norm(y, ord=1, dim=1, keepdim=True), torch.sign(y) * y]
+        return torch.cat([p.flatten() for p in parts])
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_vision_ops_roll_norms_and_resizes_train_in_sparsa(target: str) -> None:
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = VisionOps()
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    _trains_as_eager(model, copy.deepcopy(model), backend, torch.randn(2, 4, 6, 5))
+    assert not backend.fallbacks, dict(backend.fallbacks)
+
+
 def test_tiny_t5_trains_with_nothing_left_to_pytorch() -> None:
     """transformers' T5 (relative position buckets, encoder-decoder, its labels shifted right into the decoder's
     inputs by a select_scatter and a fill) trains two SGD steps: nothing falls back, losses and gradients as eager."""
