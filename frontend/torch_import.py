@@ -48,6 +48,9 @@ def torch_dtype(dtype: Any) -> str:
 # While a graph is imported: the symbolic sizes met so far, each class of sizes Dynamo's shape environment
 # proves equal written as its first member (a graph's inputs come first, so their sizes are the names).
 _SIZES: contextvars.ContextVar[list | None] = contextvars.ContextVar("sparsa_import_sizes", default=None)
+# While a graph is imported: an input's size that no input binds and the run time cannot solve for (a strided
+# convolution's `(s//4)` rows, made by an op left to PyTorch), by its text, and the plain name it has instead.
+_NAMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sparsa_import_named", default=None)
 
 
 def _same_size(d: Any) -> Any:
@@ -85,6 +88,7 @@ def as_dim(d: Any) -> Dim:
     if isinstance(d, int):
         return d
     text = str(_same_size(d) if hasattr(d, "node") else d).replace(" ", "")
+    text = (_NAMED.get() or {}).get(text, text)
     try:
         check_expr(text)
     except ValueError:
@@ -825,8 +829,29 @@ def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = 
     sizes = [d for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())]
     names = [d.node.expr for d in sizes if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
     token = _SIZES.set(list(dict.fromkeys(names)))
+    named = _NAMED.set(_unsolvable(sizes, set(names)))
     try:
         im.module, im.tensor_pos = im.run(name)
     finally:
+        _NAMED.reset(named)
         _SIZES.reset(token)
     return im
+
+
+def _unsolvable(sizes: list, names: set) -> dict[str, str]:
+    """The inputs' sizes that are neither a plain name nor linear in the one name they leave unbound (the forms
+    the run time binds from a shape: `s`, `2*s + 1`), as a fresh name each (`_n0`), by their text. A floor
+    division's value does not give its operand back; as a name of its own, it binds from the shape it is."""
+    import sympy
+
+    out: dict[str, str] = {}
+    for d in sizes:
+        expr = getattr(getattr(d, "node", None), "expr", None)
+        if expr is None or isinstance(expr, sympy.Symbol | sympy.Integer) or expr.free_symbols <= names:
+            continue
+        free = sorted(expr.free_symbols - names, key=str)
+        linear = len(free) == 1 and expr.is_polynomial(*free) and sympy.Poly(expr, *free).total_degree() <= 1
+        text = str(_same_size(d)).replace(" ", "")
+        if not linear and text not in out:
+            out[text] = f"_n{len(out)}"
+    return out

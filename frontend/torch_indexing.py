@@ -1,6 +1,6 @@
 """ATen's indexing ops that read or write at tensor indices or one slice: `index` and `index_put` (an index's
 backward, accumulating) with leading whole axes, `select_scatter`, `scatter` at a top-k's indices, `fill` and
-`repeat`."""
+`repeat`, and `as_strided` (with its scatter) where it only gives a dense tensor another shape."""
 
 from __future__ import annotations
 
@@ -12,6 +12,42 @@ from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import broadcast_shapes, mul
+
+
+def _reshaping(node: Any, source: Any, size: Any, stride: Any, offset: Any) -> bool:
+    """Whether as_strided(source, size, stride, offset) reads all of `source` in order: source (its fake value in
+    the graph) is dense, row-major and at its storage's start, and size and stride are the row-major layout of as
+    many elements (strides of size-1 dims are free). Then it is a reshape, and its scatter a whole overwrite."""
+    val = source.meta.get("val") if hasattr(source, "meta") else None
+    sizes = [*size, *getattr(val, "shape", ())]
+    if val is None or offset not in (None, 0) or not all(isinstance(s, int) for s in (*sizes, *stride)):
+        return False
+    numel, want = 1, []
+    for s in reversed(list(size)):
+        want.append(numel)
+        numel *= s
+    laid_out = all(s == 1 or st == w for s, st, w in zip(size, stride, reversed(want), strict=True))
+    try:
+        dense = val.is_contiguous() and val.storage_offset() == 0 and \
+            val.untyped_storage().nbytes() == val.numel() * val.element_size()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return laid_out and dense and numel == val.numel()
+
+
+def _as_strided(im: Importer, node: Any, x: Value, size: Any, stride: Any, offset: Any = None) -> Value:
+    """as_strided that only reshapes (an adaptive pooling's decomposition: Swin's pooler)."""
+    if not _reshaping(node, node.args[0], size, stride, offset):
+        raise Unsupported("as_strided other than a reshape of a whole dense tensor")
+    return im.emit(S.ReshapeOp, x, shape=tuple(size))
+
+
+def _as_strided_scatter(im: Importer, node: Any, base: Value, src: Value, size: Any, stride: Any,
+                        offset: Any = None) -> Value:
+    """as_strided_scatter over all of a dense base, in order: src, in base's shape (the pooling's backward)."""
+    if not _reshaping(node, node.args[0], size, stride, offset):
+        raise Unsupported("as_strided_scatter other than over a whole dense tensor")
+    return im.emit(S.ReshapeOp, im.cast(src, base.type.dtype), shape=base.type.shape)
 
 
 def _select_scatter(im: Importer, node: Any, x: Value, src: Value, dim: int, index: int) -> Value:
@@ -135,7 +171,9 @@ def _repeat(im: Importer, node: Any, x: Value, repeats: Any) -> Value:
 
 OPS: dict[str, Callable] = {
     "index.Tensor": _index, "index_put.default": _index_put,
-    # the same without bounds checks (decompositions emit them: BEiT's relative position bias table)
-    "_unsafe_index.Tensor": _index, "_unsafe_index_put.default": _index_put, "select_scatter.default": _select_scatter,
+    # the same without bounds checks (a bilinear resize's decomposition: BEiT's position bias)
+    "_unsafe_index.Tensor": _index, "_unsafe_index_put.default": _index_put,
+    "as_strided.default": _as_strided, "as_strided_scatter.default": _as_strided_scatter,
+    "select_scatter.default": _select_scatter,
     "fill.Tensor": _fill, "fill.Scalar": _fill, "scatter.src": _scatter, "repeat.default": _repeat,
 }

@@ -1,5 +1,6 @@
 """The ATen ops of a state-space block that are not attention, a MoE block or plain tensor ops: Mamba's causal
-depthwise convolution and its backward, softplus and its backward, and stack. The convolution is imported as
+depthwise convolution and its backward (and a vision transformer's patch embedding, the other convolution
+Sparsa computes), softplus and its backward, and stack. The convolution is imported as
 what it computes (shifted slices of the padded input times one weight column each, summed), and its backward
 as the `vjp` rules of those same ops: the derivative `differentiate` would build, not a transcription of
 PyTorch's convolution_backward."""
@@ -49,9 +50,40 @@ def _depthwise_conv1d(im: Importer, x: Value, w: Value, bias: Value | None, stri
     return y
 
 
+def _patch_conv2d(im: Importer, x: Value, w: Value, bias: Value | None, stride: Any, padding: Any,
+                  dilation: Any, transposed: bool, output_padding: Any, groups: int) -> Value:
+    """A vision transformer's patch embedding: a 2-D convolution whose stride is its kernel (p x q), unpadded, one
+    group. Its patches do not overlap, so it is one matmul: x's [C, p, q] patches as rows (a reshape and a
+    transpose) times the weight as [C p q, O], then the patches' grid put back as [B, O, H/p, W/q]. Rows and
+    columns past the last whole patch are not read, as PyTorch's."""
+    if transposed or x.type.rank != 4 or w.type.rank != 4 or any(output_padding) or groups != 1:
+        raise Unsupported("convolutions other than 1-D depthwise and 2-D patch embeddings")
+    B, C, H, W = x.type.shape
+    O, Cw, p, q = w.type.shape
+    if not all(isinstance(d, int) for d in (C, H, W, O, p, q)) or Cw != C:
+        raise Unsupported("a 2-D convolution of symbolic sizes")
+    if list(stride) != [p, q] or any(padding) or list(dilation) != [1, 1] or H < p or W < q:
+        raise Unsupported("2-D convolutions other than patch embeddings (stride = kernel, no padding)")
+    hp, wq = H // p, W // q
+    if (hp * p, wq * q) != (H, W):
+        x = im.emit(S.SliceOp, x, starts=(0, 0, 0, 0), stops=(None, None, hp * p, wq * q), steps=(1, 1, 1, 1))
+    grid = im.emit(S.ReshapeOp, x, shape=(B, C, hp, p, wq, q))
+    patches = im.emit(S.ReshapeOp, im.emit(S.TransposeOp, grid, perm=(0, 2, 4, 1, 3, 5)), shape=(-1, C * p * q))
+    kernel = im.emit(S.TransposeOp, im.emit(S.ReshapeOp, w, shape=(O, C * p * q)), perm=(1, 0))
+    y = im.emit(S.MatmulOp, patches, kernel)
+    if bias is not None:
+        y = im.emit(T.AddOp, y, bias)
+    return im.emit(S.TransposeOp, im.emit(S.ReshapeOp, y, shape=(B, hp, wq, O)), perm=(0, 3, 1, 2))
+
+
+def _conv(im: Importer, *args: Any) -> Value:
+    """The convolutions Sparsa computes: Mamba's 1-D depthwise ones and 2-D patch embeddings."""
+    return (_patch_conv2d if args[0].type.rank == 4 else _depthwise_conv1d)(im, *args)
+
+
 def _convolution(im: Importer, node: Any, x: Value, w: Value, bias: Any, stride: Any, padding: Any, dilation: Any,
                  transposed: bool, output_padding: Any, groups: int) -> Value:
-    return _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return _conv(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
 
 
 def _convolution_backward(im: Importer, node: Any, dy: Value, x: Value, w: Value, bias_sizes: Any, stride: Any,
@@ -63,7 +95,7 @@ def _convolution_backward(im: Importer, node: Any, dy: Value, x: Value, w: Value
     start = len(im.block.ops)
     biased = bias_sizes is not None and list(bias_sizes) != [0]
     bias = im.splat(0.0, w.type.dtype, tuple(bias_sizes)) if biased else None
-    y = _depthwise_conv1d(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
+    y = _conv(im, x, w, bias, stride, padding, dilation, transposed, output_padding, groups)
     g = _reverse(im, start, y, dy)
     wanted = list(output_mask)
     grads = []

@@ -377,6 +377,34 @@ def test_scatter_at_indices_that_may_repeat_stays_in_pytorch():
     assert "scatter at indices that may repeat" in str(sparsa.report())
 
 
+class StridedStem(torch.nn.Module):
+    """A padded strided convolution (left to PyTorch) and a patch embedding, then what Sparsa runs: under dynamic
+    shapes the first's output is [B, 8, (H+1)//2, (W+1)//2], sizes no shape gives back the H they came from."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.patch = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.Conv2d(3, 8, 4, stride=4)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return torch.nn.functional.gelu(y) * y.mean(dim=(2, 3), keepdim=True), self.patch(x).relu()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_sizes_a_fallback_op_divides_bind_as_names_of_their_own(target):
+    """The partition after the strided convolution takes its floor-divided sizes as names of their own (they bound
+    nothing and raised "which ((H+1)//2) is for no H" at the first call); the patch embedding is a matmul where
+    its sizes are static (a symbolic one stays in PyTorch)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = check(StridedStem(), torch.randn(2, 3, 16, 12), backend=SparsaBackend({"target": target}))
+    assert backend.fallbacks == {"aten.convolution.default": 1}, dict(backend.fallbacks)
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for shape in ((2, 3, 16, 12), (3, 3, 13, 20), (1, 3, 9, 9)):
+        check(StridedStem(), torch.randn(*shape), backend=backend, dynamic=True)
+    assert backend.fallbacks["aten.convolution.default"] >= 2 and len(backend.partitions) >= 1
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

@@ -291,20 +291,25 @@ def test_layer_norms_without_weight_or_bias_train_in_sparsa(target: str) -> None
 
 
 class VisionOps(torch.nn.Module):
-    """Ops of vision transformers: Swin's shifted windows (roll), Swin v2's cosine attention (F.normalize: a vector
-    norm), other norms (their backward reads sign and isnan), a bilinear resize (BEiT's position bias: decomposed to
-    _unsafe_index, its backward _unsafe_index_put)."""
+    """Ops of vision transformers: patch embeddings (2-D convolutions of stride = kernel; 5 columns make 2 patches
+    of 2), Swin's shifted windows (roll), Swin v2's cosine attention (F.normalize: a vector norm), other norms (their
+    backward reads sign and isnan), a bilinear resize (BEiT's position bias: decomposed to _unsafe_index, its
+    backward _unsafe_index_put), Swin's pooler (adaptive pooling: as_strided, as_strided_scatter)."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.randn(4, 4) * 0.5)
+        self.patch = torch.nn.Conv2d(4, 3, kernel_size=2, stride=2)
+        self.patch_wide = torch.nn.Conv2d(4, 2, kernel_size=(3, 1), stride=(3, 1), bias=False)
+        self.pool = torch.nn.AdaptiveAvgPool1d(1)
 
     def forward(self, x):
         y = torch.einsum("bchw,cd->bdhw", x, self.w)
+        patches = [self.patch(y), self.patch_wide(y), self.pool(y.flatten(2))]
         parts = [torch.roll(y, shifts=(1, -2), dims=(2, 3)), torch.roll(y, 5), F.normalize(y, dim=1),
                  F.interpolate(y, scale_factor=2, mode="bilinear"),
                  torch.linalg.vector_norm(y, ord=float("inf"), dim=-1), torch.linalg.vector_norm(y, ord=3, dim=(1, 2)),
-                 torch.linalg.vector_norm(y, ord=1, dim=1, keepdim=True), torch.sign(y) * y]
+                 torch.linalg.vector_norm(y, ord=1, dim=1, keepdim=True), torch.sign(y) * y, *patches]
         return torch.cat([p.flatten() for p in parts])
 
 
