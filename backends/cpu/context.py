@@ -142,7 +142,7 @@ class KernelContext:
         fn = self.last  # k's function, the one `function` made last
         tags = {t[0]: f"sparsa.tile#{i}" for i, t in enumerate(self.tiled[start:])}
         text = re.sub(r"sparsa\.tile\d+\b", lambda m: tags.get(m.group(0), m.group(0)),
-                      str(fn).replace(f"@{k.name}(", "@kernel(", 1))
+                      fn.operation.get_asm(assume_verified=True).replace(f"@{k.name}(", "@kernel(", 1))
         key = (text, tuple(t[1:] for t in self.tiled[start:]))
         same = self.compiled.setdefault(key, k.name)
         if same == k.name:
