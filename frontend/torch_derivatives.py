@@ -117,6 +117,13 @@ def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: An
                  for g, want, p in zip(grads, output_mask, (True, w is not None, b is not None), strict=True))
 
 
+def _dropout_backward(im: Importer, node: Any, dy: Value, mask: Value, scale: float) -> Value:
+    """native_dropout_backward: dy where the forward kept the element, times 1 / (1 - p) (the forward, which draws
+    from PyTorch's generator, stays in PyTorch and hands its mask over)."""
+    kept = im.emit(T.MulOp, dy, im.cast(mask, dy.type.dtype))
+    return kept if scale == 1 else im.emit(T.MulOp, *im.operands(kept, float(scale)))
+
+
 def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, src: Value) -> Value:
     """base with src[p] added at p with its coordinate along dim replaced by index[p]."""
     from sparsa.ir.autodiff import Grad
@@ -132,6 +139,7 @@ def _scatter_add(im: Importer, node: Any, base: Value, dim: int, index: Value, s
 
 OPS: dict[str, Callable] = {
     "native_layer_norm_backward.default": _layer_norm_backward,
+    "native_dropout_backward.default": _dropout_backward,
     "scatter_add.default": _scatter_add,
     "_scaled_dot_product_flash_attention_for_cpu_backward.default": _sdpa_backward,
     "select_backward.default": _select_backward, "slice_backward.default": _slice_backward,

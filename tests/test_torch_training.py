@@ -326,6 +326,28 @@ def test_vision_ops_roll_norms_and_resizes_train_in_sparsa(target: str) -> None:
     assert not backend.fallbacks, dict(backend.fallbacks)
 
 
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_dropout_backward_imports_from_the_forward_mask(target: str) -> None:
+    """native_dropout draws from PyTorch's generator and stays in PyTorch; its backward (dy times the kept mask,
+    over 1 - p) imports: only the forward's dropout is left, and the gradients equal eager's from the same seed."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(32, 8)).train()
+    ref, x = copy.deepcopy(model), torch.randn(6, 16)
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    compiled = torch.compile(model, backend=backend)
+    for f in (compiled, ref):
+        torch.manual_seed(1)
+        f(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert dict(backend.fallbacks) == {"aten.native_dropout.default": 1}, dict(backend.fallbacks)
+
+
 def test_tiny_t5_trains_with_nothing_left_to_pytorch() -> None:
     """transformers' T5 (relative position buckets, encoder-decoder, its labels shifted right into the decoder's
     inputs by a select_scatter and a fill) trains two SGD steps: nothing falls back, losses and gradients as eager."""
