@@ -846,12 +846,13 @@ def _unsolvable(sizes: list, names: set) -> dict[str, str]:
 
     out: dict[str, str] = {}
     for d in sizes:
-        expr = getattr(getattr(d, "node", None), "expr", None)
-        if expr is None or isinstance(expr, sympy.Symbol | sympy.Integer) or expr.free_symbols <= names:
+        expr = _same_size(d) if hasattr(d, "node") else None
+        if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.Symbol | sympy.Integer) or \
+                expr.free_symbols <= names:
             continue
         free = sorted(expr.free_symbols - names, key=str)
         linear = len(free) == 1 and expr.is_polynomial(*free) and sympy.Poly(expr, *free).total_degree() <= 1
-        text = str(_same_size(d)).replace(" ", "")
+        text = str(expr).replace(" ", "")
         if not linear and text not in out:
             out[text] = f"_n{len(out)}"
     return out

@@ -26,23 +26,24 @@ def _depthwise_conv1d(im: Importer, x: Value, w: Value, bias: Value | None, stri
         raise Unsupported("convolutions other than 1-D, stride 1 and not transposed")
     B, C, L = x.type.shape
     channels, per_group, K = w.type.shape
-    if groups != C or channels != C or per_group != 1 or not all(isinstance(d, int) for d in (C, L, K)):
-        raise Unsupported("convolutions other than depthwise (groups = channels) of static sizes")
+    if groups != C or channels != C or per_group != 1 or not all(isinstance(d, int) for d in (C, K)) or L is None:
+        raise Unsupported("convolutions other than depthwise (groups = channels) of static channels and taps")
     pad, step = int(padding[0]), int(dilation[0])
     parts = [x]
     if pad:
         zeros = im.splat(0.0, x.type.dtype, (B, C, pad))
         parts = [zeros, x, zeros]
     xp = parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=2)
-    out = L + 2 * pad - step * (K - 1)
-    if out <= 0:
+    extra = 2 * pad - step * (K - 1)  # output length - L (a symbolic L: Mamba under dynamic shapes)
+    out = L + extra if isinstance(L, int) else L if extra == 0 else f"{L}{extra:+d}"
+    if isinstance(out, int) and out <= 0:
         raise Unsupported("a convolution with no output")
     y = None
     for k in range(K):
         tap = im.emit(S.SliceOp, w, starts=(0, 0, k), stops=(C, 1, k + 1), steps=(1, 1, 1))
         column = im.emit(S.ReshapeOp, tap, shape=(C, 1))
-        window = im.emit(S.SliceOp, xp, starts=(0, 0, k * step), stops=(None, None, k * step + out),
-                         steps=(1, 1, 1))
+        end = k * step + out if isinstance(out, int) else f"{L}{k * step + extra:+d}" if k * step + extra else L
+        window = im.emit(S.SliceOp, xp, starts=(0, 0, k * step), stops=(None, None, end), steps=(1, 1, 1))
         term = im.emit(T.MulOp, window, column)
         y = term if y is None else im.emit(T.AddOp, y, term)
     if bias is not None:

@@ -405,6 +405,28 @@ def test_sizes_a_fallback_op_divides_bind_as_names_of_their_own(target):
     assert backend.fallbacks["aten.convolution.default"] >= 2 and len(backend.partitions) >= 1
 
 
+class CausalConv(torch.nn.Module):
+    """Mamba's causal depthwise convolution: padded by taps - 1 on both sides, the first L outputs kept."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+
+    def forward(self, x):
+        return torch.nn.functional.silu(self.conv(x.transpose(1, 2))[..., :x.shape[1]]).transpose(1, 2)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_depthwise_convolution_over_a_symbolic_length(target):
+    """Under dynamic shapes the length is a symbol: its slices end at L + k - 3 (Mamba's convolutions fell back)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in (7, 12, 20):
+        check(CausalConv(), torch.randn(2, L, 6), backend=backend, dynamic=True)
+    assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()
