@@ -427,36 +427,6 @@ def test_depthwise_convolution_over_a_symbolic_length(target):
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
-class ChunkPad(torch.nn.Module):
-    """Mamba2's chunked form: padded to whole chunks by (8 - L % 8) % 8 rows, viewed as chunks, each chunk's
-    cumulative sums less its last one (a slice from -1: a dim of unknown size, broadcast)."""
-
-    def forward(self, x):
-        B, L, D = x.shape
-        c = torch.nn.functional.pad(x, (0, 0, 0, (8 - L % 8) % 8)).view(B, -1, 8, D).cumsum(2)
-        return (c - c[:, :, -1:, :]).exp().sum(2), c.sum(2) * 2
-
-
-@pytest.mark.parametrize("target", ["reference", "cpu"])
-def test_padding_to_whole_chunks_under_dynamic_shapes(target):
-    """Sizes with remainders import (`Mod` written as %: the partition failed as a "symbolic size"), input shapes
-    bind in any order, and the cpu target refuses a dim of unknown size beside a known one (it may be 1, which its
-    kernels would not broadcast: wrong sums), so that op's partition stays in PyTorch; results equal eager's."""
-    import sparsa
-
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    sparsa.report().clear()
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    for L in (12, 19, 32):
-        check(ChunkPad(), torch.randn(2, L, 4), backend=backend, dynamic=True)
-    refused = "may broadcast at run time" in str(sparsa.report())
-    if target == "cpu":
-        assert refused, str(sparsa.report())
-    else:  # only the padding by a size known at run time is left
-        assert not refused and backend.partitions and dict(backend.fallbacks) == {"aten.constant_pad_nd.default": 1}
-
-
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

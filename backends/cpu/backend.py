@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sparsa.backends.base import Backend, Executable
-from sparsa.backends.cpu import CpuLoweringError, available, refused_dtype, unknown_broadcast
+from sparsa.backends.cpu import CpuLoweringError, available, refused_dtype
 from sparsa.ir.core import Operation
 from sparsa.passes.pipelines import sparse_pipeline
 
@@ -56,7 +56,7 @@ class CpuBackend(Backend):
         return KERNELS.find(op) or LOWERINGS.find(op)
 
     def supports(self, op: Operation) -> str | None:
-        return refused_dtype(op) or unknown_broadcast(op) or super().supports(op)
+        return refused_dtype(op) or super().supports(op)
 
     def legalize(self, func: Operation) -> None:
         """LEGALIZE, then each scan backward whose channels cannot go in vector lanes (`grad_lane_plan`) replaced

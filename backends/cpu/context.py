@@ -25,7 +25,7 @@ from typing import Any
 from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, scf, tensor
 
-from sparsa.backends.cpu import CpuLoweringError, refused_dtype, unknown_broadcast
+from sparsa.backends.cpu import CpuLoweringError, refused_dtype
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import CpuTarget, host_target
@@ -196,10 +196,9 @@ class KernelContext:
 
     @staticmethod
     def check_dtypes(ops: list[Operation]) -> None:
-        """CpuLoweringError (naming the op and its line) for the first op of a dtype, or of a broadcast, the backend
-        refuses."""
+        """CpuLoweringError (naming the op and its line) for the first op of a dtype the backend refuses."""
         for op in ops:
-            why = refused_dtype(op) or unknown_broadcast(op)
+            why = refused_dtype(op)
             if why:
                 raise CpuLoweringError(f"'{op.NAME}' is not supported by the cpu backend ({why})", op.loc)
 
