@@ -113,8 +113,8 @@ def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: An
     if len(shape) != 1:
         raise Unsupported("layer norm's backward over several axes")
     grads = R.layer_norm_vjp(Grad(im.block), dy, x, *_affine(im, x, w, b), mean, rstd)
-    return tuple(g if want and p is not False else None
-                 for g, want, p in zip(grads, output_mask, (True, w is not None, b is not None), strict=True))
+    return tuple(g if want and has else None
+                 for g, want, has in zip(grads, output_mask, (True, w is not None, b is not None), strict=True))
 
 
 def _dropout_backward(im: Importer, node: Any, dy: Value, mask: Value, scale: float) -> Value:

@@ -432,27 +432,6 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     return im.emit(S.SliceOp, x, starts=tuple(starts), stops=tuple(stops), steps=tuple(steps))
 
 
-def _roll(im: Importer, node: Any, x: Value, shifts: Any, dims: Any = ()) -> Value:
-    """x rolled by `shifts` along `dims` (all elements, flattened, without dims): per dim, its last `shift`
-    elements then the rest, as a concat of two slices (Swin's shifted windows)."""
-    shifts = [shifts] if isinstance(shifts, int) else list(shifts)
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims:
-        flat = _view(im, node, x, [-1])
-        return _view(im, node, _roll(im, node, flat, shifts, [0]), list(x.type.shape))
-    if len(shifts) != len(dims) or not all(isinstance(s, int) for s in shifts):
-        raise Unsupported(f"roll by {shifts} along {dims}")
-    for shift, dim in zip(shifts, dims, strict=True):
-        d = _axis(dim, x.type.rank)
-        n = x.type.shape[d]
-        if not isinstance(n, int):
-            raise Unsupported("roll along a symbolic dim")
-        s = shift % n if n else 0
-        if s:
-            x = im.emit(S.ConcatOp, [_slice(im, node, x, d, n - s, None), _slice(im, node, x, d, 0, n - s)], axis=d)
-    return x
-
-
 def _flip(im: Importer, node: Any, x: Value, dims: Any) -> Value:
     """x reversed along `dims`: a slice of step -1 on each (cumsum's derivative flips, in Mamba2's backward)."""
     axes = {_axis(d, x.type.rank) for d in dims}
@@ -483,34 +462,6 @@ def _expand(im: Importer, node: Any, x: Value, sizes: Any) -> Value:
     shape = tuple(x.type.shape[i - lead] if s == -1 else (s if isinstance(s, str) else as_dim(s))
                   for i, s in enumerate(shape))
     return x if shape == x.type.shape else im.emit(S.BroadcastToOp, x, shape=shape)
-
-
-def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0) -> Value:
-    """Padding before and after dims (pairs from the last dim backwards) as a concat with splat constants; a
-    negative amount crops (a slice)."""
-    pad = list(pad)
-    out = x
-    for i in range(0, len(pad), 2):
-        d = x.type.rank - 1 - i // 2
-        before, after = pad[i], pad[i + 1]
-        if not isinstance(before, int) or not isinstance(after, int):
-            raise Unsupported("constant_pad_nd by amounts known only at run time")
-        if before < 0 or after < 0:
-            n = out.type.shape[d]
-            if not isinstance(n, int):
-                raise Unsupported("constant_pad_nd cropping a dim known only at run time")
-            starts, stops = [0] * out.type.rank, [None] * out.type.rank
-            starts[d], stops[d] = max(0, -before), n - max(0, -after)
-            out = im.emit(S.SliceOp, out, starts=tuple(starts), stops=tuple(stops), steps=(1,) * out.type.rank)
-        parts = []
-        for amount in (before, None, after):
-            if amount is None:
-                parts.append(out)
-            elif amount > 0:
-                shape = tuple(amount if j == d else n for j, n in enumerate(out.type.shape))
-                parts.append(im.splat(value, out.type.dtype, shape))
-        out = parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
-    return out
 
 
 def _cat(im: Importer, node: Any, xs: Any, dim: int = 0) -> Value:
@@ -705,8 +656,7 @@ _ops: dict[str, Callable] = {
     "permute.default": _permute, "transpose.int": _transpose, "t.default": _t,
     "unsqueeze.default": _unsqueeze, "squeeze.dim": _squeeze, "squeeze.dims": _squeeze, "squeeze.default": _squeeze,
     "slice.Tensor": _slice, "select.int": _select, "unbind.int": _unbind, "expand.default": _expand,
-    "flip.default": _flip, "roll.default": _roll, "cat.default": _cat, "split_with_sizes.default": _split,
-    "split.Tensor": _split,
+    "flip.default": _flip, "cat.default": _cat, "split_with_sizes.default": _split, "split.Tensor": _split,
     "sum.dim_IntList": _reduce(R.SumOp), "mean.dim": _reduce(R.MeanOp), "sum.default": _reduce(R.SumOp),
     "mean.default": _reduce(R.MeanOp), "amax.default": _reduce(R.MaxOp),
     "amin.default": _reduce(R.MinOp), "logsumexp.default": _reduce(R.LogSumExpOp), "argmax.default": _argmax,
@@ -718,7 +668,6 @@ _ops: dict[str, Callable] = {
     "_to_copy.default": _to_copy, "clone.default": _identity, "alias.default": _identity,
     "detach.default": _identity, "lift_fresh_copy.default": _identity,
     "embedding.default": _embedding, "native_layer_norm.default": _layer_norm,
-    "constant_pad_nd.default": _constant_pad_nd,
 }
 
 
@@ -733,6 +682,7 @@ def _build_table() -> dict[Any, Callable]:
     from sparsa.frontend.torch_losses import OPS as LOSSES
     from sparsa.frontend.torch_masks import OPS
     from sparsa.frontend.torch_moe import IMPORTS as MOE
+    from sparsa.frontend.torch_padding import OPS as PADDING
     from sparsa.frontend.torch_scan import linear_scan, linear_scan_backward
     from sparsa.frontend.torch_ssm import OPS as SSM
     from sparsa.frontend.torch_ssm import _linear_scan, _linear_scan_backward
@@ -745,7 +695,7 @@ def _build_table() -> dict[Any, Callable]:
     # a float attribute Dynamo made an input (dynamic=True: a 0-d float64 tensor) reaches ATen cast this way
     table[torch.ops.prims.convert_element_type.default] = _to_copy
     makers, rules = complex_handlers(_ops)
-    handlers = {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LINALG, **LOSSES, **SSM, **makers}
+    handlers = {**_ops, **OPS, **ATTENTION, **DERIVATIVES, **INDEXING, **LINALG, **LOSSES, **PADDING, **SSM, **makers}
     for name, handler in handlers.items():
         op = _aten(name)
         if op is not None:
@@ -782,40 +732,6 @@ class _Table(dict):
 
 
 SUPPORTED = _Table()
-
-
-def fold_pad_slices(gm: Any) -> int:
-    """Replace `constant_pad_nd(x, [0, p])[..., :n]`, padding at the end of one dim sliced straight back to
-    x's size n, by x; returns how many (the caller removes what became dead). This is how SDPA aligns a
-    mask on CUDA: the padding is never read, and with a dynamic sequence length its width is a size
-    expression (Mod(8 - Mod(s0, 8), 8)) that the IR has no form for."""
-    import torch
-
-    aten = torch.ops.aten
-    folded = 0
-    for pad in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.constant_pad_nd.default]:
-        x, widths = pad.args[0], list(pad.args[1])
-        val = x.meta.get("val") if hasattr(x, "meta") else None
-        if val is None or any(not (isinstance(w, int) and w == 0) for w in widths[0::2]):
-            continue  # padding before a dim's start
-        dims = [val.dim() - 1 - i for i, w in enumerate(widths[1::2]) if not (isinstance(w, int) and w == 0)]
-        if len(dims) != 1 or not pad.users or not all(_slices_back(u, pad, val, dims[0]) for u in pad.users):
-            continue
-        for user in list(pad.users):
-            user.replace_all_uses_with(x)
-        folded += 1
-    return folded
-
-
-def _slices_back(node: Any, padded: Any, val: Any, dim: int) -> bool:
-    """node = padded[..., 0:n] along `dim`, n being the unpadded size `val.shape[dim]`."""
-    import torch
-
-    if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor or node.args[0] is not padded:
-        return False
-    d, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
-    end = end.meta.get("val") if hasattr(end, "meta") else end
-    return d % val.dim() == dim and start in (0, None) and step == 1 and str(end) == str(val.shape[dim])
 
 
 def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = None) -> Importer:

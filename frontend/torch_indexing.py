@@ -14,7 +14,7 @@ from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import broadcast_shapes, mul
 
 
-def _reshaping(node: Any, source: Any, size: Any, stride: Any, offset: Any) -> bool:
+def _reshaping(source: Any, size: Any, stride: Any, offset: Any) -> bool:
     """Whether as_strided(source, size, stride, offset) reads all of `source` in order: source (its fake value in
     the graph) is dense, row-major and at its storage's start, and size and stride are the row-major layout of as
     many elements (strides of size-1 dims are free). Then it is a reshape, and its scatter a whole overwrite."""
@@ -30,14 +30,14 @@ def _reshaping(node: Any, source: Any, size: Any, stride: Any, offset: Any) -> b
     try:
         dense = val.is_contiguous() and val.storage_offset() == 0 and \
             val.untyped_storage().nbytes() == val.numel() * val.element_size()
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError):  # a fake value without a storage to ask: not known to be dense
         return False
     return laid_out and dense and numel == val.numel()
 
 
 def _as_strided(im: Importer, node: Any, x: Value, size: Any, stride: Any, offset: Any = None) -> Value:
     """as_strided that only reshapes (an adaptive pooling's decomposition: Swin's pooler)."""
-    if not _reshaping(node, node.args[0], size, stride, offset):
+    if not _reshaping(node.args[0], size, stride, offset):
         raise Unsupported("as_strided other than a reshape of a whole dense tensor")
     return im.emit(S.ReshapeOp, x, shape=tuple(size))
 
@@ -45,7 +45,7 @@ def _as_strided(im: Importer, node: Any, x: Value, size: Any, stride: Any, offse
 def _as_strided_scatter(im: Importer, node: Any, base: Value, src: Value, size: Any, stride: Any,
                         offset: Any = None) -> Value:
     """as_strided_scatter over all of a dense base, in order: src, in base's shape (the pooling's backward)."""
-    if not _reshaping(node, node.args[0], size, stride, offset):
+    if not _reshaping(node.args[0], size, stride, offset):
         raise Unsupported("as_strided_scatter other than over a whole dense tensor")
     return im.emit(S.ReshapeOp, im.cast(src, base.type.dtype), shape=base.type.shape)
 

@@ -41,9 +41,10 @@ import torch
 
 from sparsa import knobs
 from sparsa.backends import base as backends
-from sparsa.frontend.torch_import import SUPPORTED, Unsupported, fold_pad_slices, import_graph, torch_dtype
+from sparsa.frontend.torch_import import SUPPORTED, Unsupported, import_graph, torch_dtype
 from sparsa.frontend.torch_indexing import one_per_row, topk_indices_axis
 from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
+from sparsa.frontend.torch_padding import fold_pad_slices
 from sparsa.frontend.torch_scan import fold_linear_scans
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
