@@ -7,6 +7,9 @@ instead of keeping lists of op classes of their own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 
 class Trait:
     """Base of the op traits (mixins without state; a trait may give its ops a default method)."""
@@ -28,6 +31,29 @@ class Elementwise(Trait):
         import numpy as np
 
         return [np.broadcast_shapes(*shapes)]
+
+    def result_shapes(self, ctx: Any, operands: Sequence[Any]) -> list[tuple[int, ...]]:
+        """Operation's, with `check_unknown_dims` on them."""
+        shapes = super().result_shapes(ctx, operands)
+        self.check_unknown_dims([tuple(a.shape) for a in operands], tuple(shapes[0]))
+        return shapes
+
+    def check_unknown_dims(self, operands: list[tuple[int, ...]], result: tuple[int, ...]) -> None:
+        """Raise RuntimeShapeError where an operand dim of unknown size (`?`) is not the result's at run time: only
+        a dim typed 1 broadcasts (as in MLIR's linalg, a kernel reads any other dim as the result's), so a `?`
+        that is 1 at run time against a larger dim would be read past its end."""
+        from sparsa.ir.analysis import RuntimeShapeError
+
+        for i, (v, shape) in enumerate(zip(self.operands, operands, strict=True)):
+            lead = len(result) - len(shape)
+            if len(shape) != v.type.rank or lead < 0:  # (a host's stand-in of another layout: not this check's)
+                continue
+            for axis, (d, n) in enumerate(zip(v.type.shape, shape, strict=True)):
+                if d is None and n != result[lead + axis]:
+                    raise RuntimeShapeError(
+                        f"'{self.NAME}': operand {i} ({v.type}) has {n} at dim {axis}, whose size was unknown at "
+                        f"compile time (?), against {result[lead + axis]} in the result; a dim of unknown size "
+                        "does not broadcast (only one typed 1 does)", self.loc)
 
 
 class Generator(Trait):

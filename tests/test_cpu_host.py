@@ -527,3 +527,39 @@ def test_plans_dropped_by_one_thread_are_not_read_through_another_threads_argv(m
     thread.join()
     assert fresh
     np.testing.assert_allclose(got, ref(*inputs(70)), rtol=1e-4, atol=1e-4)
+
+
+SLICES = """model M(x: f32[B, L]) -> (f32[B, L], f32[B, L], f32[B, 2]) {
+    c = cumsum(x, axis=1)
+    return c - c[:, -1:], x - x[:, -2:-1] + x[:, :1], x[:, -2:] * 2.0
+}"""
+
+
+@pytest.mark.parametrize("L", [2, 3, 17])
+def test_slices_from_the_end_of_a_symbolic_axis_broadcast(monkeypatch, L):
+    """c[:, -1:] of L columns is one column in its type, a dim the kernels broadcast. It had been `?`, which they
+    read as L, past the end of the one column (torch.compile(dynamic=True) of a cumsum less its last: wrong sums)."""
+    native, python, ref = _pair(SLICES, monkeypatch)
+    assert "tensor<{B}x1xf32>" in ref.ir() and "tensor<{B}x2xf32>" in ref.ir() and "x?x" not in ref.ir()
+    x = rng.standard_normal((3, L), np.float32)
+    c = x.cumsum(1)
+    want = [c - c[:, -1:], x - x[:, -2:-1] + x[:, :1], x[:, -2:] * 2]
+    for m in (native, python, ref):
+        for g, w in zip(m(x), want, strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bounds_past_a_symbolic_axis_and_unknown_dims_that_broadcast_are_errors(monkeypatch):
+    """What the types took for granted is checked at each call, on every host: a slice's bounds lie inside the
+    axis (x[:, -2:] of one column), and a dim of unknown size (x[:, -5:1]: 1 column where L is 5, none
+    otherwise) is the result's, never a broadcast 1 (a kernel would read past it)."""
+    native, python, ref = _pair(SLICES, monkeypatch)
+    for m in (native, python, ref):
+        with pytest.raises(RuntimeShapeError, match=r":3:\d+: error: .*'tensor.slice'.* has 0 at dim 1"):
+            m(np.ones((2, 1), np.float32))
+    native, python, ref = _pair("model M(x: f32[B, L]) -> f32[B, L] {\n    return x - x[:, -5:1]\n}", monkeypatch)
+    for m in (native, python, ref):
+        for L, n in ((5, 1), (6, 0)):
+            with pytest.raises(RuntimeShapeError, match=rf":2:14: error: 'tensor.sub': operand 1 \(tensor<{{B}}x\?"
+                               rf"xf32>\) has {n} at dim 1, .* against {L} in the result; .* does not broadcast"):
+                m(np.ones((2, L), np.float32))

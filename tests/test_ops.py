@@ -136,6 +136,29 @@ def case_slice():
     np.testing.assert_array_equal(out, a[-3:, 1:4])
 
 
+def test_slice_lengths_over_a_symbolic_axis_brute_force():
+    """A slice's length over a symbolic axis s, where its type names one, is Python's for every s its bounds lie
+    inside, in order (a bound counted from the end at most s back, one from the start at most s on, start before
+    stop), and `?` only where the length depends on where they fall; elsewhere the run says so (SliceOp.checked)."""
+    from sparsa.ir.dialects.tensor_shape import _slice_len
+    from sparsa.ir.dims import evaluate
+
+    def inside(a: int, b: int | None, n: int) -> bool:  # each bound within the axis, and in order
+        lo, hi = a if a >= 0 else n + a, n if b is None else b if b >= 0 else n + b
+        return 0 <= lo <= hi <= n
+
+    for start in range(-4, 5):
+        for stop in [None, *range(-4, 5)]:
+            for step in (1, 2, 3):
+                d = _slice_len("s", start, stop, step)
+                if d is None:
+                    assert start < 0 <= stop, (start, stop, step)  # x[-3:5]: 3 or fewer, as s falls
+                    continue
+                for n in range(12):
+                    if inside(start, stop, n):
+                        assert evaluate(d, {"s": n}) == len(range(n)[start:stop:step]), (start, stop, step, n, d)
+
+
 def case_gather():
     emb = randn(10, 4)
     tok = rng.integers(0, 10, size=(2, 3)).astype(np.int32)

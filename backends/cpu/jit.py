@@ -531,6 +531,7 @@ class _Host(Interpreter):
             if op.TERMINATOR:
                 return [self.values[id(v)] for v in op.operands]
             self._run_op(op)
+            self.check(op)
             for v in dead.get(i, ()):
                 self.values.pop(v, None)
         return []

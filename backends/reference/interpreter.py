@@ -11,6 +11,7 @@ from sparsa.ir.analysis import RuntimeShapeError, bind_shape, check_int_range, w
 from sparsa.ir.core import Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, evaluate, format_dim
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, dtype_of_array, numpy_dtype, round_to_dtype
 
 
@@ -84,11 +85,28 @@ class Interpreter:
             return self._run_block(block.ops)
 
     def _run_block(self, ops: list[Operation]) -> list[np.ndarray]:
+        top = ops is self.func.regions[0].block.ops  # a region's ops may run on batched arrays
         for op in ops:
             if op.TERMINATOR:
                 return [self.values[id(v)] for v in op.operands]
             self._run_op(op)
+            if top:
+                self.check(op)
         return []
+
+    def check(self, op: Operation) -> None:
+        """What a function's op promised in its types, checked in this call: each result's shape fits its type
+        (binding a symbol it first names), and no operand dim of unknown size (?) broadcast."""
+        for i, r in enumerate(op.results):
+            a = self.values.get(id(r))
+            if a is not None:
+                try:
+                    bind_shape(r.type, np.shape(a), self.dims, f"result {i} of '{op.NAME}'")
+                except RuntimeShapeError as e:
+                    raise RuntimeShapeError(e.message, op.loc) from None
+        arrays = [self.values.get(id(v)) for v in [*op.operands, op.results[0]]] if isinstance(op, Elementwise) else []
+        if arrays and all(a is not None for a in arrays):  # (not where a kernel computed it inside a fused chain)
+            op.check_unknown_dims([np.shape(a) for a in arrays[:-1]], np.shape(arrays[-1]))
 
     def precompute(self) -> None:
         """Run the weight-only ops now (at weight-load time), filling the cache."""
@@ -122,6 +140,9 @@ class Interpreter:
         except SparsaError:
             raise
         except (ValueError, IndexError) as e:
+            if isinstance(op, Elementwise) and None not in op.results[0].type.shape and \
+                    all(np.ndim(a) == v.type.rank for a, v in zip(args, op.operands, strict=True)):
+                op.check_unknown_dims([np.shape(a) for a in args], self.shape_of(op.results[0].type))  # which dim
             raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None
         outs = out if isinstance(out, tuple) else (out,)
         for v, o in zip(op.results, outs, strict=True):

@@ -9,7 +9,7 @@ import numpy as np
 
 from sparsa.ir import attrs as A
 from sparsa.ir import intervals as I
-from sparsa.ir.analysis import Cost
+from sparsa.ir.analysis import Cost, RuntimeShapeError
 from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dims import Dim, broadcast_shapes, canonical, compatible, format_dim, mul
@@ -231,9 +231,25 @@ class SliceOp(View, Operation):
         ))]
 
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
-        idx = tuple(slice(a, None if b is None else ctx.dim(b), s)
-                    for a, b, s in zip(self.starts, self.stops, self.steps, strict=True))
-        return x[idx]
+        index = self.checked(ctx, x.shape)
+        return x[index]
+
+    def result_shapes(self, ctx: Any, operands: Sequence[Any]) -> list[tuple[int, ...]]:
+        index = self.checked(ctx, operands[0].shape)
+        return [tuple(len(range(n)[i]) for n, i in zip(operands[0].shape, index, strict=True))]
+
+    def checked(self, ctx: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
+        """The slice's index in this call, its length checked against the type: over a symbolic dim, the type took
+        the bounds to lie inside the axis, in order (x[-2:] of s rows is 2 rows: not where s is 1)."""
+        index = tuple(slice(a, None if b is None else ctx.dim(b), s)
+                      for a, b, s in zip(self.starts, self.stops, self.steps, strict=True))
+        for axis, (d, n, i) in enumerate(zip(self.result.type.shape, shape, index, strict=True)):
+            if d is not None and ctx.dim(d) != len(range(n)[i]):
+                raise RuntimeShapeError(
+                    f"'{self.NAME}' of an operand of shape {list(shape)} has {len(range(n)[i])} at dim {axis}, but "
+                    f"its type {self.result.type} says {ctx.dim(d)}: its bounds do not lie inside the axis, in "
+                    "order", self.loc)
+        return index
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dY put back where the slice took it from, zeros around it (static bounds, positive steps)."""
@@ -299,15 +315,24 @@ def put_back(g: Any, taken: Value, axis: int, n: Dim, start: int, step: int) -> 
 
 
 def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
+    """The length of d[start:stop:step]. Over a symbolic d, bounds counted from one end are taken to lie inside d
+    (x[-1:] of s rows is 1 row, x[2:] is s-2, x[:-1] is s-1: the run checks each result against its type); a
+    length that depends on where they fall (x[-3:5]) or a negative step is `?`."""
     if isinstance(d, int) and (stop is None or isinstance(stop, int)):
         return len(range(d)[slice(start, stop, step)])
-    if stop is None and step == 1 and start == 0:
-        return d
-    if stop is None and step == 1 and start > 0 and isinstance(d, str):
-        return f"{d}-{start}"
-    if isinstance(stop, int) and stop >= 0 and step == 1 and start >= 0:
-        return max(stop - start, 0)
-    return None
+    if d is None or step < 1 or not (stop is None or isinstance(stop, int)):
+        return canonical(f"{stop}-{start}") if isinstance(stop, str) and start >= 0 and step == 1 else None
+    if start >= 0:
+        n = d if stop is None else f"{d}-{start - stop}" if stop < 0 else max(stop - start, 0)
+        n = canonical(f"{n}-{start}") if stop is None and start and isinstance(n, str) else n
+    else:
+        n = -start if stop is None else max(stop - start, 0) if stop < 0 else None
+    if n is None or step == 1:
+        return canonical(n) if isinstance(n, str) else n
+    if isinstance(n, int):
+        return -(-n // step)
+    top = canonical(f"{n}+{step - 1}")
+    return f"{top}//{step}" if "+" not in top and "-" not in top else f"({top})//{step}"
 
 
 class GatherOp(Operation):
