@@ -87,13 +87,35 @@ def as_dim(d: Any) -> Dim:
     """An int, or a SymInt / sympy expression as a symbolic dim expression."""
     if isinstance(d, int):
         return d
-    text = str(_same_size(d) if hasattr(d, "node") else d).replace(" ", "")
+    text = _dim_text(_same_size(d) if hasattr(d, "node") else d).replace(" ", "")
     text = (_NAMED.get() or {}).get(text, text)
     try:
         check_expr(text)
     except ValueError:
         raise Unsupported(f"symbolic size {text}") from None
     return text
+
+
+_PRINTER: list = []
+
+
+def _dim_text(e: Any) -> str:
+    """A size's text in the dim language: sympy's and PyTorch's remainders (`Mod(a, b)`, `PythonMod(a, b)`, of a
+    positive divisor: Python's %) written with `%` (Mamba2 pads to whole chunks by `(c - s % c) % c`)."""
+    if not type(e).__module__.startswith(("sympy", "torch")):
+        return str(e)
+    if not _PRINTER:
+        from sympy.printing.str import StrPrinter
+
+        class DimPrinter(StrPrinter):
+            def _print_Mod(self, expr: Any) -> str:
+                a, b = expr.args
+                return f"(({self._print(a)})%({self._print(b)}))"
+
+            _print_PythonMod = _print_Mod
+
+        _PRINTER.append(DimPrinter())
+    return _PRINTER[0].doprint(e)
 
 
 def tensor_type(val: Any) -> TensorType:
@@ -768,7 +790,7 @@ def _unsolvable(sizes: list, names: set) -> dict[str, str]:
             continue
         free = sorted(expr.free_symbols - names, key=str)
         linear = len(free) == 1 and expr.is_polynomial(*free) and sympy.Poly(expr, *free).total_degree() <= 1
-        text = str(expr).replace(" ", "")
+        text = _dim_text(expr).replace(" ", "")
         if not linear and text not in out:
             out[text] = f"_n{len(out)}"
     return out

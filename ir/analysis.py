@@ -3,6 +3,7 @@ which ops read only weights, and binding a call's shapes to a signature's symbol
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,17 @@ def weight_only_ops(func: Operation, constant_args: frozenset[int] = frozenset()
             ops.add(id(op))
             values.update(id(r) for r in op.results)
     return ops
+
+
+def bind_names(pairs: Iterable[tuple[TensorType, tuple[int, ...]]], dims: dict[str, int]) -> None:
+    """Bind the plain symbolic dims of all inputs first (bind_shape checks each input after): an expression in an
+    earlier input's shape is then evaluated, not solved for a symbol a later input binds (a solve finds no value
+    where the expression is not linear in it, and may divide by zero: `((s+p)//8)*((s+p)//((s+p)//8))`)."""
+    for t, shape in pairs:
+        if len(shape) == t.rank:
+            for d, n in zip(t.shape, shape, strict=True):
+                if is_symbol(d):
+                    dims.setdefault(d, n)
 
 
 def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what: str) -> None:

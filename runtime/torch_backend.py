@@ -486,12 +486,25 @@ def _device(sub: Any) -> str:
 
 
 def _drop_unused_args(module: Any, tensor_pos: list[int]) -> set[int]:
-    """Remove the function arguments nothing reads; returns their input positions."""
+    """Remove the function arguments nothing reads, but for one whose shape alone binds a symbol the others' types
+    or the body's use (input_ids' length, where another input is padded to `s + (8 - s % 8) % 8`); returns their
+    input positions."""
     from sparsa.ir.core import Block
+    from sparsa.ir.dims import is_symbol, symbols
 
     func = module.funcs[-1]
     old = func.regions[0].block
     keep = [i for i, a in enumerate(old.args) if a.uses]
+    needed = {s for i in keep for d in old.args[i].type.shape for s in symbols(d)}
+    needed |= {s for op in func.walk() for r in op.results if hasattr(r.type, "shape")
+               for d in r.type.shape for s in symbols(d)}
+    bound = {d for i in keep for d in old.args[i].type.shape if is_symbol(d)}
+    for i, a in enumerate(old.args):
+        names = {d for d in getattr(a.type, "shape", ()) if is_symbol(d)}
+        if i not in keep and names & (needed - bound):
+            keep.append(i)
+            bound |= names
+    keep.sort()
     if len(keep) == len(old.args):
         return set()
     new = Block([old.args[i].type for i in keep], [old.args[i].name_hint for i in keep])

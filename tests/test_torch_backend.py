@@ -427,6 +427,36 @@ def test_depthwise_convolution_over_a_symbolic_length(target):
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
+class ChunkPad(torch.nn.Module):
+    """Mamba2's chunked form: padded to whole chunks by (8 - L % 8) % 8 rows, viewed as chunks, each chunk's
+    cumulative sums less its last (a slice from -1, broadcast), through a matmul (so the cpu target takes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        c = torch.nn.functional.pad(self.proj(x), (0, 0, 0, (8 - L % 8) % 8)).view(B, -1, 8, D).cumsum(2)
+        return (c - c[:, :, -1:, :]).exp().sum(2), c.sum(2) * 2
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_padding_to_whole_chunks_under_dynamic_shapes(target):
+    """Sizes with remainders import (`Mod` written as %: the partition failed as a "symbolic size"), input shapes
+    bind in any order (a solve for a symbol a later input binds divided by zero), and the last row of each chunk
+    is one row in its type (it was `?`, which the cpu kernels read as 8 rows: wrong sums); results equal eager's,
+    with only the padding by a size known at run time left to PyTorch."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in (12, 19, 32):
+        check(ChunkPad(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    assert backend.partitions and dict(backend.fallbacks) == {"aten.constant_pad_nd.default": 1}
+    ir = "".join(print_module(p.module) for p in backend.partitions)
+    assert "x?x1x4xf32>" in ir, ir  # (the chunks' count is ?: a reshape to -1 of the padded length)
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

@@ -35,7 +35,7 @@ from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
 from sparsa.backends.cpu.moe_pack import panels_scratch
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, one_part_below, row_bounds, work
-from sparsa.ir.analysis import bind_shape
+from sparsa.ir.analysis import bind_names, bind_shape
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dims import evaluate
@@ -341,6 +341,7 @@ class HostProgram:
         """argv past the pointers for inputs of these shapes (checked against the signature as the reference
         interpreter checks them) and weight-only results of `fixed_shapes`, split over `threads`."""
         dims: dict[str, int] = {}
+        bind_names([(a.type, tuple(s)) for a, s in zip(self.inputs, shapes, strict=True)], dims)
         for a, shape in zip(self.inputs, shapes, strict=True):
             bind_shape(a.type, shape, dims, f"input '{a.name_hint or a.index}'")
         known = {id(a): tuple(s) for a, s in zip(self.inputs, shapes, strict=True)}

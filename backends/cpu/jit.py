@@ -47,7 +47,7 @@ from sparsa.backends.cpu.threads import (
     work,
 )
 from sparsa.backends.reference.interpreter import Interpreter
-from sparsa.ir.analysis import weight_only_ops
+from sparsa.ir.analysis import bind_names, weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor as T
@@ -354,10 +354,15 @@ class CpuFunction(Executable):
         if len(inputs) != len(host.inputs):
             return None
         ins = []
+        checker = None  # an input to convert: checked and converted as the interpreter does (its errors)
         for i, (a, want) in enumerate(zip(inputs, host.dtypes, strict=True)):
             if type(a) is not np.ndarray or a.dtype != want or not a.flags.c_contiguous:
-                v = host.inputs[i]  # checked and converted as the interpreter does (its errors)
-                a = np.ascontiguousarray(Interpreter(self.func_op).bind(v, a, f"input '{v.name_hint or v.index}'"))
+                v = host.inputs[i]
+                if checker is None:
+                    checker = Interpreter(self.func_op)
+                    bind_names([(u.type, np.shape(x)) for u, x in zip(host.inputs, inputs, strict=True)],
+                               checker.dims)
+                a = np.ascontiguousarray(checker.bind(v, a, f"input '{v.name_hint or v.index}'"))
             ins.append(a)
         threads, exact = num_threads(), deterministic()
         key = (tuple(a.shape for a in ins), fixed[2], threads, exact)

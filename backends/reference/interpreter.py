@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsa.ir.analysis import RuntimeShapeError, bind_shape, check_int_range, weight_only_ops
+from sparsa.ir.analysis import RuntimeShapeError, bind_names, bind_shape, check_int_range, weight_only_ops
 from sparsa.ir.core import Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, evaluate, format_dim
@@ -79,6 +79,7 @@ class Interpreter:
         if len(inputs) != len(block.args):
             raise RuntimeShapeError(f"@{self.func.attributes['sym_name']} takes {len(block.args)} inputs, "
                                     f"got {len(inputs)}")
+        bind_names([(a.type, np.shape(x)) for a, x in zip(block.args, inputs, strict=True)], self.dims)
         for a, x in zip(block.args, inputs, strict=True):
             self.values[id(a)] = self.bind(a, x, f"input '{a.name_hint or a.index}'")
         with np.errstate(all="ignore"):

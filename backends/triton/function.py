@@ -14,7 +14,7 @@ import numpy as np
 from sparsa.backends.base import Executable
 from sparsa.backends.triton.codegen import generate
 from sparsa.backends.triton.program import Const
-from sparsa.ir.analysis import RuntimeShapeError, bind_shape, check_int_range
+from sparsa.ir.analysis import RuntimeShapeError, bind_names, bind_shape, check_int_range
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.types import is_float
@@ -91,6 +91,7 @@ class TritonFunction(Executable):
                               "triton-lang/triton#11584); run this model on an NVIDIA GPU, or in float16/float32 "
                               "without one", self.program.bf16_dot.loc)
         dims: dict[str, int] = {}
+        bind_names([(t, tuple(x.shape)) for t, x in zip(self.arg_types, args, strict=True)], dims)
         tensors = []
         for i, (t, x) in enumerate(zip(self.arg_types, args, strict=True)):
             name = self.func.regions[0].block.args[i].name_hint or str(i)
