@@ -19,7 +19,7 @@ from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
-from sparsa.ir.dims import Dim, check_expr, symbols
+from sparsa.ir.dims import Dim, canonical, check_expr, same, symbols
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote
 
@@ -444,6 +444,20 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
         end = None
     if isinstance(end, int) and end >= 2**62:
         end = None
+    val = node.meta.get("val") if str(getattr(node, "target", "")) == "aten.slice.Tensor" else None  # (not a caller's)
+    if step == 1 and isinstance(start, int) and val is not None and len(val.shape) == x.type.rank:
+        # where PyTorch knows the length (its guards put a sliding window's x[-4096:] over the whole of a shorter
+        # axis), from the end: the start it makes (0 for the whole axis), not the bound the IR takes as inside
+        try:
+            n = as_dim(val.shape[d])
+        except Unsupported:  # (a length outside the dim language: Min(4096, s) unguarded)
+            n = None
+        if n is None:
+            pass
+        elif same(n, size):
+            start, end = 0, None
+        elif end is None and size is not None and isinstance(canonical(f"{size}-({n})"), int):
+            start = canonical(f"{size}-({n})")
     if start == 0 and end is None and step == 1:
         return x
     if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):

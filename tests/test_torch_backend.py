@@ -457,6 +457,31 @@ def test_padding_to_whole_chunks_under_dynamic_shapes(target):
     assert "x?x1x4xf32>" in ir, ir  # (the chunks' count is ?: a reshape to -1 of the padded length)
 
 
+class WindowTail(torch.nn.Module):
+    """A sliding window's cache (Mistral's): the last 64 rows of fewer rows or of more; and the last row, broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y[:, -64:] * 2, y - y[:, -1:], y[:, :-1] + y[:, 1:]
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_slices_from_the_end_under_dynamic_shapes(target):
+    """Where PyTorch's guards know a slice's length, the import takes its start from it: x[:, -64:] of fewer rows
+    is the whole axis (the IR takes a bound as inside the axis: 64 rows, an error at run time), the last row is
+    one row (not `?`, which the cpu kernels read as L: wrong sums)."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in (12, 19, 70, 90):
+        check(WindowTail(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

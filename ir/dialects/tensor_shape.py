@@ -329,9 +329,9 @@ def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
         n = -start if stop is None else max(stop - start, 0) if stop < 0 else None
     if n is None or step == 1:
         return canonical(n) if isinstance(n, str) else n
-    if isinstance(n, int):
-        return -(-n // step)
-    top = canonical(f"{n}+{step - 1}")
+    top = canonical(f"{n}+{step - 1}")  # the ceiling of n / step
+    if isinstance(top, int):
+        return top // step
     return f"{top}//{step}" if "+" not in top and "-" not in top else f"({top})//{step}"
 
 
