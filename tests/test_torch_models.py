@@ -179,6 +179,11 @@ def jamba():
         use_mamba_kernels=False))
 
 
+def gpt2():
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+
+
 @pytest.mark.parametrize("make", [longformer, mamba, jamba])
 def test_models_at_new_shapes_match_eager(make):
     """A second batch and length (Dynamo recompiles with symbolic sizes): the results match eager to float32
@@ -198,6 +203,20 @@ def test_models_at_new_shapes_match_eager(make):
             assert float((got - want).abs().max()) <= 2e-6 * max(1.0, float(want.abs().max())), shape
     assert backend.stats["partitions compiled"] >= 2
     assert not [k for k in backend.stats if "broadcast" in k or "not bound" in k], dict(backend.stats)
+
+
+def test_gpt2_compiled_dynamic_runs_whole_in_sparsa():
+    """torch.compile(dynamic=True): its attention's scale, a float64 true_divide of 0-d tensors, had stayed in
+    PyTorch; every length matches eager with nothing left to PyTorch."""
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    backend = SparsaBackend({"target": "cpu" if cpu_available() else "reference"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for shape in ((2, 12), (1, 19)):
+            ids = torch.randint(0, 64, shape)
+            assert float((compiled(ids).logits - model(ids).logits).abs().max()) <= 1e-5, shape
+    assert not backend.fallbacks and backend.stats["partitions compiled"] >= 1, dict(backend.fallbacks)
 
 
 def test_mamba_associative_scan_runs_as_one_scan():

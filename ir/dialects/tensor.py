@@ -495,7 +495,7 @@ class DivOp(BinaryOp):
     """a / b on floats with broadcasting."""
 
     NAME = "tensor.div"
-    ATEN = ("div.Tensor", "div.Scalar")
+    ATEN = ("div.Tensor", "div.Scalar", "true_divide.Tensor", "true_divide.Scalar")
     ALLOWED = "float"
     fn = staticmethod(np.true_divide)
 
