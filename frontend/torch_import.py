@@ -135,6 +135,7 @@ class Importer:
         self.block: Block | None = None
         self.modules = modules or {}
         self.scalar_pos: set[int] = set()
+        self.python_floats: set[int] = set()  # ids of the 0-d arguments that stand for a SymFloat
         self.complex_pos: set[int] = set()
         self.complex_out: set[int] = set()
 
@@ -146,11 +147,13 @@ class Importer:
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         # A size no input's shape binds, or one the dim language cannot write (a sliding-window cache's
         # `Max(0, s - 7)` offset), comes in as a value: a 0-d int64 argument, which the caller makes of the int it
-        # is passed (`scalar_pos`). An op that needs it as a size then stays in PyTorch.
+        # is passed (`scalar_pos`). An op that needs it as a size then stays in PyTorch. A float of sizes (a SymFloat:
+        # x / (L / 3)) comes in as a 0-d float32 argument, which ops read as the Python float it is.
         vals = [n.meta.get("val") for n in placeholders]
         bound = {s for v in vals if _is_tensor(v) for d in v.shape for s in symbols(as_dim(d))}
-        self.scalar_pos = {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in self.modules
-                           and ((d := _written(v)) is None or not symbols(d) <= bound)}
+        floats = {i for i, v in enumerate(vals) if type(v).__name__ == "SymFloat" and i not in self.modules}
+        self.scalar_pos = floats | {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in
+                                    self.modules and ((d := _written(v)) is None or not symbols(d) <= bound)}
         tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
@@ -163,7 +166,7 @@ class Importer:
 
         def arg_type(i: int) -> TensorType:
             if i in self.scalar_pos:
-                return TensorType("i64", ())
+                return TensorType("f32" if i in floats else "i64", ())
             if i in self.complex_pos:
                 return TensorType(_complex_part(vals[i]), tuple(as_dim(d) for d in vals[i].shape) + (2,))
             return tensor_type(vals[i])
@@ -172,6 +175,8 @@ class Importer:
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
         for i, arg in zip(tensor_pos, self.block.args, strict=True):
             self.env[placeholders[i]] = from_real(self, arg) if i in self.complex_pos else arg
+            if i in floats:
+                self.python_floats.add(id(arg))
         for n in placeholders:
             if n not in self.env:
                 self.env[n] = as_dim(n.meta["val"])
@@ -300,13 +305,16 @@ class Importer:
 
     def operands(self, a: Any, b: Any) -> tuple[Value, Value]:
         """Two operands of a binary op with torch's type promotion (Python scalars take the tensor's kind)."""
-        if isinstance(a, Value) and isinstance(b, Value):
+        if isinstance(a, Value) and isinstance(b, Value) and not {id(a), id(b)} & self.python_floats:
             da, db = a.type.dtype, b.type.dtype
             # torch promotes a bool to the other operand's type (mask * ids); the IR mixes no bools
             dt = da if da == db or db == "i1" else db if da == "i1" else promote(da, db)
             return self.cast(a, dt), self.cast(b, dt)
-        t, s = (a, b) if isinstance(a, Value) else (b, a)
+        t, s = (a, b) if isinstance(a, Value) and id(a) not in self.python_floats else (b, a)
         dt = t.type.dtype
+        if isinstance(s, Value):  # a float of sizes: the tensor's float type, or float32 beside an integer tensor
+            dt = dt if is_float(dt) else "f32"
+            return self.cast(a, dt), self.cast(b, dt)
         if isinstance(s, float) and not is_float(dt):
             dt = "f32"
             t = self.cast(t, dt)

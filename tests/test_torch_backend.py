@@ -482,6 +482,30 @@ def test_slices_from_the_end_under_dynamic_shapes(target):
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
+class LengthScaled(torch.nn.Module):
+    """Scaled by floats of the length (SymFloats under dynamic shapes: graph inputs of their own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return y / (x.shape[1] / 3), (y > 0).long() * (x.shape[1] / 2), y.sum(1) / x.shape[1]
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_floats_of_sizes_under_dynamic_shapes(target):
+    """A SymFloat comes in as a 0-d float32 argument read as a Python float (the tensor's float type; float32
+    beside integers): its partition had failed whole ("symbolic size IntTrueDiv(s27, 3)")."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in (5, 9, 14):
+        check(LengthScaled(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()
