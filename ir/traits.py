@@ -42,18 +42,22 @@ class Elementwise(Trait):
         """Raise RuntimeShapeError where an operand dim of unknown size (`?`) is not the result's at run time: only
         a dim typed 1 broadcasts (as in MLIR's linalg, a kernel reads any other dim as the result's), so a `?`
         that is 1 at run time against a larger dim would be read past its end."""
-        from sparsa.ir.analysis import RuntimeShapeError
-
         for i, (v, shape) in enumerate(zip(self.operands, operands, strict=True)):
             lead = len(result) - len(shape)
             if len(shape) != v.type.rank or lead < 0:  # (a host's stand-in of another layout: not this check's)
                 continue
             for axis, (d, n) in enumerate(zip(v.type.shape, shape, strict=True)):
                 if d is None and n != result[lead + axis]:
-                    raise RuntimeShapeError(
-                        f"'{self.NAME}': operand {i} ({v.type}) has {n} at dim {axis}, whose size was unknown at "
-                        f"compile time (?), against {result[lead + axis]} in the result; a dim of unknown size "
-                        "does not broadcast (only one typed 1 does)", self.loc)
+                    unknown_dim(self, i, axis, n, f"{result[lead + axis]} in the result")
+
+
+def unknown_dim(op: Any, i: int, axis: int, n: int, against: str,
+                why: str = "a dim of unknown size does not broadcast (only one typed 1 does)") -> None:
+    """Raise the RuntimeShapeError of operand i's dim `axis`, typed `?`, that is n at run time `against` another."""
+    from sparsa.ir.analysis import RuntimeShapeError
+
+    raise RuntimeShapeError(f"'{op.NAME}': operand {i} ({op.operands[i].type}) has {n} at dim {axis}, whose size was "
+                            f"unknown at compile time (?), against {against}; {why}", op.loc)
 
 
 class Generator(Trait):

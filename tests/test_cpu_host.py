@@ -563,3 +563,16 @@ def test_bounds_past_a_symbolic_axis_and_unknown_dims_that_broadcast_are_errors(
             with pytest.raises(RuntimeShapeError, match=rf":2:14: error: 'tensor.sub': operand 1 \(tensor<{{B}}x\?"
                                rf"xf32>\) has {n} at dim 1, .* against {L} in the result; .* does not broadcast"):
                 m(np.ones((2, L), np.float32))
+    batch = _pair("model M(x: f32[B, 4, 8], w: f32[B, 8, 3]) -> f32[B, 4, 3] {\n    return x[-5:1] @ w\n}",
+                  monkeypatch)
+    inner = _pair("model M(x: f32[4, K], v: f32[1, 3]) -> f32[4, 3] {\n    return x[:, -5:1] @ v\n}", monkeypatch)
+    x, w = np.ones((5, 4, 8), np.float32), np.ones((5, 8, 3), np.float32)
+    for m in batch:  # a batch dim of unknown size, 1 where B is 5
+        with pytest.raises(RuntimeShapeError, match=r":2:20: error: 'tensor.matmul': operand 0 \(tensor<\?x4x8xf32>\) "
+                           r"has 1 at dim 0, .* against 5 in the result; a dim of unknown size does not broadcast"):
+            m(x, w)
+    for m in inner:  # a contracted dim of unknown size, none where K is 6
+        np.testing.assert_allclose(m(np.ones((4, 5), np.float32), np.ones((1, 3), np.float32)), np.ones((4, 3)))
+        with pytest.raises(RuntimeShapeError, match=r":2:23: error: 'tensor.matmul': operand 0 \(tensor<4x\?xf32>\) "
+                           r"has 0 at dim 1, .* against 1 in operand 1; the contracted dims differ"):
+            m(np.ones((4, 6), np.float32), np.ones((1, 3), np.float32))

@@ -11,7 +11,6 @@ from sparsa.ir.analysis import RuntimeShapeError, bind_names, bind_shape, check_
 from sparsa.ir.core import Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, evaluate, format_dim
-from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, dtype_of_array, numpy_dtype, round_to_dtype
 
 
@@ -105,9 +104,10 @@ class Interpreter:
                     bind_shape(r.type, np.shape(a), self.dims, f"result {i} of '{op.NAME}'")
                 except RuntimeShapeError as e:
                     raise RuntimeShapeError(e.message, op.loc) from None
-        arrays = [self.values.get(id(v)) for v in [*op.operands, op.results[0]]] if isinstance(op, Elementwise) else []
+        unknown = getattr(op, "check_unknown_dims", None)
+        arrays = [self.values.get(id(v)) for v in [*op.operands, op.results[0]]] if unknown else []
         if arrays and all(a is not None for a in arrays):  # (not where a kernel computed it inside a fused chain)
-            op.check_unknown_dims([np.shape(a) for a in arrays[:-1]], np.shape(arrays[-1]))
+            unknown([np.shape(a) for a in arrays[:-1]], np.shape(arrays[-1]))
 
     def precompute(self) -> None:
         """Run the weight-only ops now (at weight-load time), filling the cache."""
@@ -141,7 +141,7 @@ class Interpreter:
         except SparsaError:
             raise
         except (ValueError, IndexError) as e:
-            if isinstance(op, Elementwise) and None not in op.results[0].type.shape and \
+            if hasattr(op, "check_unknown_dims") and None not in op.results[0].type.shape and \
                     all(np.ndim(a) == v.type.rank for a, v in zip(args, op.operands, strict=True)):
                 op.check_unknown_dims([np.shape(a) for a in args], self.shape_of(op.results[0].type))  # which dim
             raise SparsaError(f"'{op.NAME}' failed at run time: {e}", op.loc) from None

@@ -13,7 +13,7 @@ from sparsa.ir.analysis import Cost, RuntimeShapeError
 from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
 from sparsa.ir.dims import Dim, broadcast_shapes, canonical, compatible, format_dim, mul
-from sparsa.ir.traits import View
+from sparsa.ir.traits import View, unknown_dim
 from sparsa.ir.types import TensorType, is_int
 
 
@@ -39,6 +39,29 @@ class MatmulOp(Operation):
 
     def infer(self) -> list[TensorType]:
         return [matmul_type(self, self.lhs.type, self.rhs.type)]
+
+    def result_shapes(self, ctx: Any, operands: Sequence[Any]) -> list[tuple[int, ...]]:
+        shapes = super().result_shapes(ctx, operands)
+        self.check_unknown_dims([tuple(a.shape) for a in operands], tuple(shapes[0]))
+        return shapes
+
+    def check_unknown_dims(self, operands: list[tuple[int, ...]], result: tuple[int, ...]) -> None:
+        """As Elementwise's: a batch dim typed `?` is the result's at run time (a kernel broadcasts only a dim
+        typed 1), and a contracted dim typed `?` the other operand's."""
+        a, b = self.lhs.type, self.rhs.type
+        if a.rank < 2 or b.rank < 2 or [len(s) for s in operands] != [a.rank, b.rank]:
+            return
+        batch = result[:-2]
+        for i, (t, shape) in enumerate(zip((a, b), operands, strict=True)):
+            lead = len(batch) - (t.rank - 2)
+            for axis, (d, n) in enumerate(zip(t.shape[:-2], shape[:-2], strict=True)):
+                if d is None and n != batch[lead + axis]:
+                    unknown_dim(self, i, axis, n, f"{batch[lead + axis]} in the result")
+        k = (a.shape[-1], b.shape[-2])
+        if None in k and operands[0][-1] != operands[1][-2]:
+            i = k.index(None)
+            unknown_dim(self, i, (a.rank - 1, b.rank - 2)[i], operands[i][(-1, -2)[i]],
+                        f"{operands[1 - i][(-2, -1)[i]]} in operand {1 - i}", "the contracted dims differ")
 
     def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.matmul(a, b)
