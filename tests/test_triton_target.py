@@ -312,3 +312,23 @@ def test_functions_that_differ_only_in_their_parameter_order_get_their_own_launc
     one, two = np.arange(4, dtype=np.float32), np.ones(4, np.float32)
     np.testing.assert_array_equal(a(one, two), one - two)
     np.testing.assert_array_equal(b(one, two), two - one)
+
+
+def test_slices_from_the_end_and_unknown_dims_as_on_the_other_targets():
+    """x[:, -1:] of a symbolic axis is one column, broadcast; a dim of unknown size (?) that would broadcast is the
+    reference's and the cpu target's error here too (the kernels here would broadcast it: another answer)."""
+    from sparsa.ir.analysis import RuntimeShapeError
+
+    x = np.random.default_rng(0).standard_normal((3, 7)).astype(np.float32)
+    check("model M(x: f32[B, L]) -> f32[B, L] {\n    c = cumsum(x, axis=1)\n    return c - c[:, -1:]\n}", [x])
+    src = ("model M(x: f32[B, L], y: f32[L, 4, 3], w: f32[L, 3, 2]) -> (f32[B, L], f32[L, 4, 2]) {\n"
+           "    return x - x[:, -5:1], y[-5:1] @ w\n}")
+    m = sparsa.compile(src, target="triton")
+    args = [np.ones(s, np.float32) for s in ((2, 5), (5, 4, 3), (5, 3, 2))]
+    with pytest.raises(RuntimeShapeError, match=r":2:14: error: 'tensor.sub': operand 1 \(tensor<\{B\}x\?xf32>\) has "
+                       r"1 at dim 1, .* against 5 in the result; a dim of unknown size does not broadcast"):
+        m(*args)
+    m = sparsa.compile(src.replace("x - x[:, -5:1]", "x"), target="triton")
+    with pytest.raises(RuntimeShapeError, match=r":2:\d+: error: 'tensor.matmul': operand 0 \(tensor<\?x4x3xf32>\) "
+                       r"has 1 at dim 0, .* against 5 in the result"):
+        m(*args)

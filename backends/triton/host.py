@@ -183,6 +183,12 @@ class HostStep:
         self.exchange = exchange
 
 
+def unknown_dims(step: HostStep, operands: tuple, result: Any) -> None:
+    """The op's check that no dim of unknown size (`?`) broadcast (or, in a matmul, met another contracted dim):
+    a RuntimeShapeError as on the reference and cpu targets, where the kernels here would broadcast it."""
+    step.op.check_unknown_dims([tuple(s) for s in operands], tuple(result))
+
+
 def host_op(step: HostStep, dev: Any, *args: Any) -> tuple[Any, ...]:
     """An op whose results' sizes depend on the data (packing a sparse layout that is not a weight's, the plan
     and the exchanges of expert parallel), run on the host by its reference semantics: a copy to the host and

@@ -154,6 +154,12 @@ class TritonProgram:
         if rule is None:
             raise SparsaError(f"'{op.NAME}' is not supported by the triton backend", op.loc)
         rule(self, op)
+        values = [*op.operands, *op.results[:1]]
+        if hasattr(op, "check_unknown_dims") and any(None in v.type.shape for v in op.operands) and \
+                all(id(v) in self.names for v in values):  # (not one read inside a fused kernel)
+            shapes = ", ".join(f"{self.name(v)}.shape" for v in values[:-1])
+            self.lines.append(f"unknown_dims(C[{len(self.consts)}], ({shapes},), {self.name(values[-1])}.shape)")
+            self.consts.append(Const("op", op))
 
     # ---- the module ---------------------------------------------------------------------------------------
     @property
@@ -180,7 +186,7 @@ class TritonProgram:
                 "from sparsa.backends.triton import library as lib\n"
                 "from sparsa.backends.triton.host import (align_segments, bsc_index, bstrides, cdiv, contiguous,\n"
                 "    copy, dense_lists, dense_map, host_op, last_contiguous, map_lists, npow2, reshape, rows,\n"
-                "    scan_args, unpermute)\n"
+                "    scan_args, unknown_dims, unpermute)\n"
                 "from sparsa.ir.dialects.moe import expert_capacity\n\n")
         return head + self.kernels_text + "\n\n" + self.launcher_text
 
