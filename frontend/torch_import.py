@@ -62,8 +62,11 @@ def _same_size(d: Any) -> Any:
     met = _SIZES.get()
     if met is None or isinstance(expr, sympy.Integer):
         return expr
+    equal = _guarded_equal(env)
+    if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
+        return equal[expr]
     for other in met:
-        if other == expr:
+        if other == expr or equal.get(other, other) == equal.get(expr, expr):
             return other
         try:
             same = env._maybe_evaluate_static(sympy.Eq(expr, other))
@@ -73,6 +76,40 @@ def _same_size(d: Any) -> Any:
             return other
     met.append(expr)
     return expr
+
+
+_EQUAL: dict[int, tuple[int, dict]] = {}
+
+
+def _guarded_equal(env: Any) -> dict:
+    """Each size an equality guard of Dynamo's names -> one representative of its class (the guards' Eq(a, b),
+    chained; a number where the class has one): sizes the guards make equal that the environment does not
+    simplify (Mamba's scan under dynamic shapes guards `Eq((s-1)//2, 2*((s//2-1)//2)+1)` and `Eq(s//8, 1)`).
+    Kept per environment while its guards do not change."""
+    import sympy
+
+    key = len(env.guards)
+    if _EQUAL.get(id(env), (None,))[0] == key:
+        return _EQUAL[id(env)][1]
+    parent: dict = {}
+
+    def root(x: Any) -> Any:
+        while parent.get(x, x) is not x and parent.get(x, x) != x:
+            x = parent[x]
+        return x
+
+    for g in env.guards:
+        e = g.expr
+        if isinstance(e, sympy.Eq) and all(isinstance(a, sympy.Expr) for a in e.args):
+            a, b = root(e.args[0]), root(e.args[1])
+            if a != b:  # a number, where the class has one, is its representative
+                a, b = (b, a) if isinstance(b, sympy.Number) else (a, b)
+                parent[b] = a
+    classes = {x: root(x) for x in parent}
+    classes.update({r: r for r in set(classes.values())})
+    _EQUAL.clear()  # one environment at a time: an import does not outlive its graph's
+    _EQUAL[id(env)] = (key, classes)
+    return classes
 
 
 def _written(d: Any) -> Dim | None:
@@ -87,7 +124,10 @@ def as_dim(d: Any) -> Dim:
     """An int, or a SymInt / sympy expression as a symbolic dim expression."""
     if isinstance(d, int):
         return d
-    text = _dim_text(_same_size(d) if hasattr(d, "node") else d).replace(" ", "")
+    e = _same_size(d) if hasattr(d, "node") else d
+    if getattr(e, "is_Integer", False):  # (a size the guards fix)
+        return int(e)
+    text = _dim_text(e).replace(" ", "")
     text = (_NAMED.get() or {}).get(text, text)
     try:
         check_expr(text)
@@ -136,6 +176,7 @@ class Importer:
         self.modules = modules or {}
         self.scalar_pos: set[int] = set()
         self.python_floats: set[int] = set()  # ids of the 0-d arguments that stand for a SymFloat
+        self.bound: set[str] = set()  # the symbols the inputs' shapes bind
         self.complex_pos: set[int] = set()
         self.complex_out: set[int] = set()
 
@@ -151,6 +192,7 @@ class Importer:
         # x / (L / 3)) comes in as a 0-d float32 argument, which ops read as the Python float it is.
         vals = [n.meta.get("val") for n in placeholders]
         bound = {s for v in vals if _is_tensor(v) for d in v.shape for s in symbols(as_dim(d))}
+        self.bound = bound
         floats = {i for i, v in enumerate(vals) if type(v).__name__ == "SymFloat" and i not in self.modules}
         self.scalar_pos = floats | {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in
                                     self.modules and ((d := _written(v)) is None or not symbols(d) <= bound)}
@@ -212,7 +254,7 @@ class Importer:
                 if handler is None:
                     raise Unsupported(f"complex values: op {node.target}", node=node.name)
             try:
-                self.env[node] = handler(self, node, *args, **kwargs)
+                self.env[node] = self.as_traced(node, handler(self, node, *args, **kwargs))
             except TypeError as e:  # a keyword the handler does not know changes the op: keep it in PyTorch
                 raise Unsupported(f"op {node.target} with {sorted(kwargs)}: {e}", node=node.name) from None
             except SparsaError as e:  # the node it failed at, so that only that node is left to PyTorch
@@ -273,6 +315,20 @@ class Importer:
         if isinstance(a, list | tuple):
             return type(a)(self.arg(x) for x in a)
         return a
+
+    def as_traced(self, node: Any, v: Any) -> Any:
+        """v, reshaped to the sizes PyTorch traced for the node where the IR wrote them otherwise: sizes that
+        Dynamo's guards make equal (a concat's `2*((s//2-1)//2)+2` parts against the `(s-1)//2+1` it traced)
+        become one size, and a dim of unknown size (?) a known one. The reshape is a view, checked at each call."""
+        val = node.meta.get("val")
+        if not isinstance(v, Value) or not _is_tensor(val) or len(val.shape) != v.type.rank or \
+                all(isinstance(d, int) for d in v.type.shape):
+            return v
+        dims = tuple(_written(d) for d in val.shape)
+        if None in dims or not {s for d in dims for s in symbols(d)} <= self.bound or \
+                all(same(a, b) for a, b in zip(v.type.shape, dims, strict=True)):
+            return v  # (not in sizes no input binds: a padded input's own name stands for them)
+        return self.emit(S.ReshapeOp, v, shape=dims)
 
     def tensor(self, v: Any) -> Value:
         if not isinstance(v, Value):

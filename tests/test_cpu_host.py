@@ -563,6 +563,13 @@ def test_bounds_past_a_symbolic_axis_and_unknown_dims_that_broadcast_are_errors(
             with pytest.raises(RuntimeShapeError, match=rf":2:14: error: 'tensor.sub': operand 1 \(tensor<{{B}}x\?"
                                rf"xf32>\) has {n} at dim 1, .* against {L} in the result; .* does not broadcast"):
                 m(np.ones((2, L), np.float32))
+    views = _pair("model M(x: f32[B, K], y: f32[B, L]) -> f32[B, L] {\n    return reshape(x * 2.0, [B, L]) + y\n}",
+                  monkeypatch)
+    for m in views:  # a reshape over symbols the types cannot prove equal in count: 6 elements to 10
+        np.testing.assert_allclose(m(np.ones((2, 4), np.float32), np.ones((2, 4), np.float32)), np.full((2, 4), 3))
+        with pytest.raises(SparsaError, match=r":2:12: error: 'tensor.reshape'.* size 6 .*|:2:12: error: "
+                           r"'tensor.reshape' of an operand of shape \[2, 3\] \(6 elements\) to .* \(10 elements\)"):
+            m(np.ones((2, 3), np.float32), np.ones((2, 5), np.float32))
     batch = _pair("model M(x: f32[B, 4, 8], w: f32[B, 8, 3]) -> f32[B, 4, 3] {\n    return x[-5:1] @ w\n}",
                   monkeypatch)
     inner = _pair("model M(x: f32[4, K], v: f32[1, 3]) -> f32[4, 3] {\n    return x[:, -5:1] @ v\n}", monkeypatch)

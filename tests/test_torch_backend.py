@@ -506,6 +506,32 @@ def test_floats_of_sizes_under_dynamic_shapes(target):
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
+class EvenOdd(torch.nn.Module):
+    """A scan level's pairs (Mamba's associative scan): even and odd rows of an even length, combined."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.proj(x)
+        e, o = y[:, ::2], y[:, 1::2]
+        return torch.stack([e + o, e * o], 1).cumsum(2)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_sizes_equal_under_dynamos_guards_are_one_size(target):
+    """x[:, ::2] has (L+1)//2 rows and x[:, 1::2] L//2: equal where L is even, as Dynamo guards (Eq). The import
+    takes a guard's equal sizes as one, and reshapes a value whose IR sizes differ from those PyTorch traced
+    (a view, its element count checked at each call): their sum imports (it fell back: "do not broadcast")."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in (12, 20, 34):
+        check(EvenOdd(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()

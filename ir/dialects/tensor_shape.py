@@ -128,6 +128,17 @@ class ReshapeOp(View, Operation):
                              f"[{', '.join(map(format_dim, dst))}] ({int(np.prod(dst))} elements)")
         return [TensorType(self.x.type.dtype, dst)]
 
+    def result_shapes(self, ctx: Any, operands: Sequence[Any]) -> list[tuple[int, ...]]:
+        """Operation's, checked: over symbolic dims the types do not prove the element counts equal (an import
+        retypes a value to the sizes PyTorch's guards know), so a call where they differ is an error, not a view
+        past the end of a buffer."""
+        shapes = super().result_shapes(ctx, operands)
+        n, m = int(np.prod(operands[0].shape)), int(np.prod(shapes[0]))
+        if n != m:
+            raise RuntimeShapeError(f"'{self.NAME}' of an operand of shape {list(operands[0].shape)} ({n} elements) to "
+                                    f"{self.result.type}, {list(shapes[0])} ({m} elements) in this call", self.loc)
+        return shapes
+
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return x.reshape([ctx.dim(d) if d != -1 else -1 for d in self.shape])
 
