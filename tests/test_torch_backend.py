@@ -427,13 +427,28 @@ def test_depthwise_convolution_over_a_symbolic_length(target):
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
-class ChunkPad(torch.nn.Module):
-    """Mamba2's chunked form: padded to whole chunks by (8 - L % 8) % 8 rows, viewed as chunks, each chunk's
-    cumulative sums less its last (a slice from -1, broadcast), through a matmul (so the cpu target takes it)."""
+class Projected(torch.nn.Module):
+    """A linear layer first (a matmul: the cpu target takes the partition), then the case's ops."""
 
     def __init__(self):
         super().__init__()
         self.proj = torch.nn.Linear(4, 4)
+
+
+def check_lengths(make, target, lengths):
+    """make() compiled with dynamic=True for `target`, every partition taken, checked against eager on [2, L, 4]
+    inputs at each length; returns the backend."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    for L in lengths:
+        check(make(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    return backend
+
+
+class ChunkPad(Projected):
+    """Mamba2's chunked form: padded to whole chunks by (8 - L % 8) % 8 rows, viewed as chunks, each chunk's
+    cumulative sums less its last (a slice from -1, broadcast), through a matmul (so the cpu target takes it)."""
 
     def forward(self, x):
         B, L, D = x.shape
@@ -447,22 +462,14 @@ def test_padding_to_whole_chunks_under_dynamic_shapes(target):
     bind in any order (a solve for a symbol a later input binds divided by zero), and the last row of each chunk
     is one row in its type (it was `?`, which the cpu kernels read as 8 rows: wrong sums); results equal eager's,
     with only the padding by a size known at run time left to PyTorch."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    for L in (12, 19, 32):
-        check(ChunkPad(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    backend = check_lengths(ChunkPad, target, (12, 19, 32))
     assert backend.partitions and dict(backend.fallbacks) == {"aten.constant_pad_nd.default": 1}
     ir = "".join(print_module(p.module) for p in backend.partitions)
     assert "x?x1x4xf32>" in ir, ir  # (the chunks' count is ?: a reshape to -1 of the padded length)
 
 
-class WindowTail(torch.nn.Module):
+class WindowTail(Projected):
     """A sliding window's cache (Mistral's): the last 64 rows of fewer rows or of more; and the last row, broadcast."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 4)
 
     def forward(self, x):
         y = self.proj(x)
@@ -474,20 +481,12 @@ def test_slices_from_the_end_under_dynamic_shapes(target):
     """Where PyTorch's guards know a slice's length, the import takes its start from it: x[:, -64:] of fewer rows
     is the whole axis (the IR takes a bound as inside the axis: 64 rows, an error at run time), the last row is
     one row (not `?`, which the cpu kernels read as L: wrong sums)."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    for L in (12, 19, 70, 90):
-        check(WindowTail(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    backend = check_lengths(WindowTail, target, (12, 19, 70, 90))
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
-class LengthScaled(torch.nn.Module):
+class LengthScaled(Projected):
     """Scaled by floats of the length (SymFloats under dynamic shapes: graph inputs of their own)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 4)
 
     def forward(self, x):
         y = self.proj(x)
@@ -498,20 +497,12 @@ class LengthScaled(torch.nn.Module):
 def test_floats_of_sizes_under_dynamic_shapes(target):
     """A SymFloat comes in as a 0-d float32 argument read as a Python float (the tensor's float type; float32
     beside integers): its partition had failed whole ("symbolic size IntTrueDiv(s27, 3)")."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    for L in (5, 9, 14):
-        check(LengthScaled(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    backend = check_lengths(LengthScaled, target, (5, 9, 14))
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
-class EvenOdd(torch.nn.Module):
+class EvenOdd(Projected):
     """A scan level's pairs (Mamba's associative scan): even and odd rows of an even length, combined."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(4, 4)
 
     def forward(self, x):
         y = self.proj(x)
@@ -524,11 +515,7 @@ def test_sizes_equal_under_dynamos_guards_are_one_size(target):
     """x[:, ::2] has (L+1)//2 rows and x[:, 1::2] L//2: equal where L is even, as Dynamo guards (Eq). The import
     takes a guard's equal sizes as one, and reshapes a value whose IR sizes differ from those PyTorch traced
     (a view, its element count checked at each call): their sum imports (it fell back: "do not broadcast")."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    for L in (12, 20, 34):
-        check(EvenOdd(), torch.randn(2, L, 4), backend=backend, dynamic=True)
+    backend = check_lengths(EvenOdd, target, (12, 20, 34))
     assert not backend.fallbacks and backend.partitions, dict(backend.fallbacks)
 
 
