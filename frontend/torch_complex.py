@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from sparsa.frontend.torch_types import Unsupported
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_shape as S
@@ -67,8 +68,6 @@ def _additive(cls: type) -> Any:
 
 
 def _unsupported(what: str) -> Exception:
-    from sparsa.frontend.torch_import import Unsupported
-
     return Unsupported(f"complex values: {what}")
 
 

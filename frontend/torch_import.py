@@ -7,7 +7,6 @@ symbolic dims, bound again from the input shapes at every call.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import operator
 from collections.abc import Callable
@@ -15,151 +14,16 @@ from typing import Any
 
 from sparsa.frontend.torch_complex import PARTS, Complex, from_real, to_real
 from sparsa.frontend.torch_complex import handlers as complex_handlers
+from sparsa.frontend.torch_types import Unsupported, as_dim, tensor_type, torch_dtype, traced_sizes, written
 from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
-from sparsa.ir.dims import Dim, canonical, check_expr, same, symbols
+from sparsa.ir.dims import canonical, same, symbols
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote
 
 T, S, R = D.tensor, D.tensor_shape, D.tensor_reduce
-
-
-class Unsupported(SparsaError):
-    """A node the importer cannot lower (the partitioner keeps such nodes in PyTorch). `node` names the FX node
-    it failed at, where one is known."""
-
-    def __init__(self, message: str, node: str | None = None):
-        super().__init__(message)
-        self.node = node
-
-
-def torch_dtype(dtype: Any) -> str:
-    import torch
-
-    table = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-             torch.int64: "i64", torch.int32: "i32", torch.bool: "i1", torch.int8: "i8"}
-    if dtype not in table:
-        raise Unsupported(f"element type {dtype}")
-    return table[dtype]
-
-
-# While a graph is imported: the symbolic sizes met so far, each class of sizes Dynamo's shape environment
-# proves equal written as its first member (a graph's inputs come first, so their sizes are the names).
-_SIZES: contextvars.ContextVar[list | None] = contextvars.ContextVar("sparsa_import_sizes", default=None)
-# While a graph is imported: an input's size that no input binds and the run time cannot solve for (a strided
-# convolution's `(s//4)` rows, made by an op left to PyTorch), by its text, and the plain name it has instead.
-_NAMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sparsa_import_named", default=None)
-
-
-def _same_size(d: Any) -> Any:
-    """d's expression, or the first one met in this import that the shape environment proves equal to it
-    (under the graph's guards: a chunked scan's `2*((s-1)//2)+2` is `s` when s is even, as Dynamo guards)."""
-    import sympy
-
-    expr, env = d.node.expr, d.node.shape_env
-    met = _SIZES.get()
-    if met is None or isinstance(expr, sympy.Integer):
-        return expr
-    equal = _guarded_equal(env)
-    if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
-        return equal[expr]
-    for other in met:
-        if other == expr or equal.get(other, other) == equal.get(expr, expr):
-            return other
-        try:
-            same = env._maybe_evaluate_static(sympy.Eq(expr, other))
-        except Exception:  # noqa: BLE001 - an expression the environment cannot decide: not known equal
-            same = None
-        if same is not None and bool(same):
-            return other
-    met.append(expr)
-    return expr
-
-
-_EQUAL: dict[int, tuple[int, dict]] = {}
-
-
-def _guarded_equal(env: Any) -> dict:
-    """Each size an equality guard of Dynamo's names -> one representative of its class (the guards' Eq(a, b),
-    chained; a number where the class has one): sizes the guards make equal that the environment does not
-    simplify (Mamba's scan under dynamic shapes guards `Eq((s-1)//2, 2*((s//2-1)//2)+1)` and `Eq(s//8, 1)`).
-    Kept per environment while its guards do not change."""
-    import sympy
-
-    key = len(env.guards)
-    if _EQUAL.get(id(env), (None,))[0] == key:
-        return _EQUAL[id(env)][1]
-    parent: dict = {}
-
-    def root(x: Any) -> Any:
-        while parent.get(x, x) is not x and parent.get(x, x) != x:
-            x = parent[x]
-        return x
-
-    for g in env.guards:
-        e = g.expr
-        if isinstance(e, sympy.Eq) and all(isinstance(a, sympy.Expr) for a in e.args):
-            a, b = root(e.args[0]), root(e.args[1])
-            if a != b:  # a number, where the class has one, is its representative
-                a, b = (b, a) if isinstance(b, sympy.Number) else (a, b)
-                parent[b] = a
-    classes = {x: root(x) for x in parent}
-    classes.update({r: r for r in set(classes.values())})
-    _EQUAL.clear()  # one environment at a time: an import does not outlive its graph's
-    _EQUAL[id(env)] = (key, classes)
-    return classes
-
-
-def _written(d: Any) -> Dim | None:
-    """A size as the dim language writes it (an int, or + - * // % over names); None where it cannot."""
-    try:
-        return as_dim(d)
-    except Unsupported:
-        return None
-
-
-def as_dim(d: Any) -> Dim:
-    """An int, or a SymInt / sympy expression as a symbolic dim expression."""
-    if isinstance(d, int):
-        return d
-    e = _same_size(d) if hasattr(d, "node") else d
-    if getattr(e, "is_Integer", False):  # (a size the guards fix)
-        return int(e)
-    text = _dim_text(e).replace(" ", "")
-    text = (_NAMED.get() or {}).get(text, text)
-    try:
-        check_expr(text)
-    except ValueError:
-        raise Unsupported(f"symbolic size {text}") from None
-    return text
-
-
-_PRINTER: list = []
-
-
-def _dim_text(e: Any) -> str:
-    """A size's text in the dim language: sympy's and PyTorch's remainders (`Mod(a, b)`, `PythonMod(a, b)`, of a
-    positive divisor: Python's %) written with `%` (Mamba2 pads to whole chunks by `(c - s % c) % c`)."""
-    if not type(e).__module__.startswith(("sympy", "torch")):
-        return str(e)
-    if not _PRINTER:
-        from sympy.printing.str import StrPrinter
-
-        class DimPrinter(StrPrinter):
-            def _print_Mod(self, expr: Any) -> str:
-                a, b = expr.args
-                return f"(({self._print(a)})%({self._print(b)}))"
-
-            _print_PythonMod = _print_Mod
-
-        _PRINTER.append(DimPrinter())
-    return _PRINTER[0].doprint(e)
-
-
-def tensor_type(val: Any) -> TensorType:
-    return TensorType(torch_dtype(val.dtype), tuple(as_dim(d) for d in val.shape))
 
 
 class Importer:
@@ -195,7 +59,7 @@ class Importer:
         self.bound = bound
         floats = {i for i, v in enumerate(vals) if type(v).__name__ == "SymFloat" and i not in self.modules}
         self.scalar_pos = floats | {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in
-                                    self.modules and ((d := _written(v)) is None or not symbols(d) <= bound)}
+                                    self.modules and ((d := written(v)) is None or not symbols(d) <= bound)}
         tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
@@ -324,7 +188,7 @@ class Importer:
         if not isinstance(v, Value) or not _is_tensor(val) or len(val.shape) != v.type.rank or \
                 all(isinstance(d, int) for d in v.type.shape):
             return v
-        dims = tuple(_written(d) for d in val.shape)
+        dims = tuple(written(d) for d in val.shape)
         if None in dims or not {s for d in dims for s in symbols(d)} <= self.bound or \
                 all(same(a, b) for a, b in zip(v.type.shape, dims, strict=True)):
             return v  # (not in sizes no input binds: a padded input's own name stands for them)
@@ -837,38 +701,7 @@ SUPPORTED = _Table()
 def import_graph(gm: Any, name: str = "graph", modules: dict[int, Any] | None = None) -> Importer:
     """Import an ATen FX graph made of SUPPORTED ops (raises Unsupported otherwise); the importer holds
     `module`, `tensor_pos` (which graph inputs are the function's arguments) and the output structure."""
-    import sympy
-
     im = Importer(gm, modules)
-    # the inputs' sizes that are plain symbols first: an equal expression met earlier is written as the name,
-    # which binds from the inputs
-    sizes = [d for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())]
-    names = [d.node.expr for d in sizes if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
-    token = _SIZES.set(list(dict.fromkeys(names)))
-    named = _NAMED.set(_unsolvable(sizes, set(names)))
-    try:
+    with traced_sizes(gm):
         im.module, im.tensor_pos = im.run(name)
-    finally:
-        _NAMED.reset(named)
-        _SIZES.reset(token)
     return im
-
-
-def _unsolvable(sizes: list, names: set) -> dict[str, str]:
-    """The inputs' sizes that are neither a plain name nor linear in the one name they leave unbound (the forms
-    the run time binds from a shape: `s`, `2*s + 1`), as a fresh name each (`_n0`), by their text. A floor
-    division's value does not give its operand back; as a name of its own, it binds from the shape it is."""
-    import sympy
-
-    out: dict[str, str] = {}
-    for d in sizes:
-        expr = _same_size(d) if hasattr(d, "node") else None
-        if not isinstance(expr, sympy.Expr) or isinstance(expr, sympy.Symbol | sympy.Integer) or \
-                expr.free_symbols <= names:
-            continue
-        free = sorted(expr.free_symbols - names, key=str)
-        linear = len(free) == 1 and expr.is_polynomial(*free) and sympy.Poly(expr, *free).total_degree() <= 1
-        text = _dim_text(expr).replace(" ", "")
-        if not linear and text not in out:
-            out[text] = f"_n{len(out)}"
-    return out

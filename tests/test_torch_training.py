@@ -53,9 +53,7 @@ def test_a_learned_relative_bias_read_after_a_slice_trains(target: str) -> None:
     """aten.index with a leading None (rel[:, idx]) imports as a gather of the indexed axis moved to the front, and
     its backward, index_put with accumulate, as the scatter-add back: nothing falls back, losses and gradients (the
     bias table's among them) equal eager's."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     torch.manual_seed(0)
     model = RelativeBiasAttention(40)
@@ -95,6 +93,15 @@ def test_index_with_leading_slices_and_index_put_import_as_pytorch_indexes() -> 
     assert any("None between or after" in why for why in reasons), reasons
 
 
+def _backend_for(target: str) -> type:
+    """SparsaBackend, after skipping the cpu target where torch-mlir is missing."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    return SparsaBackend
+
+
 def _train(model, backend, x, steps: int = 2):
     """Two SGD steps; the losses and the last step's gradients."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -127,9 +134,7 @@ def test_sliding_window_sdpa_trains_on_sparsas_backward(target: str) -> None:
     """Two optimizer steps under backend=sparsa equal eager's; the backward graph holds attention's dQ and dK/dV
     ops reading a block map (the mask is made again from positions in the backward graph, not saved), and
     no node of either graph is left to PyTorch."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     torch.manual_seed(0)
     model = SlidingAttention()
@@ -315,9 +320,7 @@ class VisionOps(torch.nn.Module):
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 def test_vision_ops_roll_norms_and_resizes_train_in_sparsa(target: str) -> None:
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     torch.manual_seed(0)
     model = VisionOps()
@@ -330,9 +333,7 @@ def test_vision_ops_roll_norms_and_resizes_train_in_sparsa(target: str) -> None:
 def test_dropout_backward_imports_from_the_forward_mask(target: str) -> None:
     """native_dropout draws from PyTorch's generator and stays in PyTorch; its backward (dy times the kept mask,
     over 1 - p) imports: only the forward's dropout is left, and the gradients equal eager's from the same seed."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Dropout(0.3),
@@ -369,9 +370,7 @@ def test_tiny_t5_trains_with_nothing_left_to_pytorch() -> None:
 def test_select_scatter_and_fill_import(target: str) -> None:
     """`s[..., 0] = c` (fill of the selected column with a 0-d tensor, select_scatter back) and fill with a number,
     compiled even alone ("all" partitions): the cpu target copies a 0-d value out to every element."""
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     c = torch.tensor(3)
 
@@ -463,9 +462,7 @@ class ConvBlock(torch.nn.Module):
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 @pytest.mark.parametrize("bias", [True, False])  # without: convolution_backward's bias_sizes is [0]
 def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target: str, bias: bool) -> None:
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
-    from sparsa.runtime.torch_backend import SparsaBackend
+    SparsaBackend = _backend_for(target)
 
     torch.manual_seed(0)
     model, x = ConvBlock(bias=bias), torch.randn(2, 6, 11)
@@ -643,10 +640,7 @@ class ComplexRotary(torch.nn.Module):
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 def test_complex_rotary_embeddings_train(target: str) -> None:
-    from sparsa.runtime.torch_backend import SparsaBackend
-
-    if target == "cpu":
-        pytest.importorskip("torch_mlir")
+    SparsaBackend = _backend_for(target)
     torch.manual_seed(0)
     model = ComplexRotary()
     backend = SparsaBackend({"target": target})
