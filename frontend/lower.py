@@ -8,6 +8,7 @@ it would have bound, and the walk goes on, so one run reports every independent 
 from __future__ import annotations
 
 import difflib
+import keyword
 from collections.abc import Callable
 from typing import Any
 
@@ -163,6 +164,8 @@ class Lowerer:
             if isinstance(found, DimRef):
                 return found.dim
             if found is None or isinstance(found, ModelRef | FnRef):
+                if bind and keyword.iskeyword(node.id):  # (sizes are Python expressions in the IR: ir/dims.py)
+                    raise self.error(node.pos, f"'{node.id}' cannot name a size: it is a reserved word")
                 if bind:
                     dims[node.id] = node.id
                     scope.names.setdefault(node.id, DimRef(node.id, node.id))

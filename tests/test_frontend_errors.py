@@ -157,6 +157,16 @@ def test_sparse_layout_must_fit_the_shape():
     check(err, 2, 27, "dim 0 of f32[100, 64] (100) is not a multiple of 32 required by sparse bsr(32, 32)")
 
 
+def test_a_reserved_word_cannot_name_a_size():
+    """A dim named `class` or `return` (the grammar reads either as a name there) is an error at its place, not a
+    Python SyntaxError from the IR's size arithmetic."""
+    for word in ("class", "return", "in", "lambda"):
+        (err,) = errors_of(f"model M(x: f32[T, {word}]) -> f32[T, 4] {{\n    return x[:, 0:4]\n}}\n")
+        check(err, 1, 19, f"'{word}' cannot name a size: it is a reserved word")
+    sparsa.compile("const class = 4\nmodel M(x: f32[T, class]) -> f32[T, class] {\n    return x\n}\n",
+                   target="reference")  # a const of that name is its value
+
+
 def test_unknown_model_is_named():
     with pytest.raises(SparsaError, match=r"no model 'Nope' in <source> \(it has: M\)"):
         sparsa.compile("model M(x: f32[4]) -> f32[4] {\n return x\n}\n", model="Nope", target="reference")

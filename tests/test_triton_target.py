@@ -332,3 +332,10 @@ def test_slices_from_the_end_and_unknown_dims_as_on_the_other_targets():
     with pytest.raises(RuntimeShapeError, match=r":2:\d+: error: 'tensor.matmul': operand 0 \(tensor<\?x4x3xf32>\) "
                        r"has 1 at dim 0, .* against 5 in the result"):
         m(*args)
+    # inside a fused kernel (the add is computed in exp's): checked at the launch, as the op it is
+    m = sparsa.compile(src.replace("x - x[:, -5:1]", "exp(x[:, -5:1] + x)"), target="triton")
+    with pytest.raises(RuntimeShapeError, match=r":2:\d+: error: 'tensor.add': operand 0 \(tensor<\{B\}x\?xf32>\) has "
+                       r"1 at dim 1, .* against 5 in the result"):
+        m(*args)
+    one = m(*[np.ones(s, np.float32) for s in ((2, 1), (1, 4, 3), (1, 3, 2))])[0]
+    np.testing.assert_allclose(one, np.full((2, 1), np.e ** 2, np.float32), rtol=1e-6)

@@ -29,6 +29,7 @@ from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim
+from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType
 
 TORCH_DTYPES = {"f32": "torch.float32", "f16": "torch.float16", "bf16": "torch.bfloat16", "f64": "torch.float64",
@@ -155,10 +156,15 @@ class TritonProgram:
             raise SparsaError(f"'{op.NAME}' is not supported by the triton backend", op.loc)
         rule(self, op)
         values = [*op.operands, *op.results[:1]]
-        if hasattr(op, "check_unknown_dims") and any(None in v.type.shape for v in op.operands) and \
-                all(id(v) in self.names for v in values):  # (not one read inside a fused kernel)
-            shapes = ", ".join(f"{self.name(v)}.shape" for v in values[:-1])
-            self.lines.append(f"unknown_dims(C[{len(self.consts)}], ({shapes},), {self.name(values[-1])}.shape)")
+        if not isinstance(op, Elementwise) and all(id(v) in self.names for v in values):  # (fused chains: their own)
+            shapes = [f"{self.name(v)}.shape" for v in op.operands]
+            self.check_unknown_dims(op, shapes, f"{self.name(values[-1])}.shape")
+
+    def check_unknown_dims(self, op: Operation, operands: list[str], result: str) -> None:
+        """A launcher line checking, at each call, that op's operand dims of unknown size (`?`) are the result's
+        (`check_unknown_dims`, as on the other targets), given the expressions of their shapes and the result's."""
+        if hasattr(op, "check_unknown_dims") and any(None in v.type.shape for v in op.operands):
+            self.lines.append(f"unknown_dims(C[{len(self.consts)}], ({', '.join(operands)},), {result})")
             self.consts.append(Const("op", op))
 
     # ---- the module ---------------------------------------------------------------------------------------

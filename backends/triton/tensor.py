@@ -114,5 +114,9 @@ def elementwise(p: TritonProgram, root: Operation) -> None:
     leaf_shapes = "".join(f"{p.name(v)}.shape, " for v in leaves)
     p.alloc(root.result, out, f"torch.broadcast_shapes({leaf_shapes})")
     args = "".join(f"{p.name(v)}, *bstrides({p.name(v)}, {out}.shape), " for v in leaves)
+    read = {id(v) for v in leaves}
+    for op in group:  # a value computed in the kernel has the output's shape (an op is folded into a user of its own)
+        p.check_unknown_dims(op, [f"{p.name(v)}.shape" if id(v) in read else f"{out}.shape" for v in op.operands],
+                             f"{out}.shape")
     p.lines.append(f"{name}[(max(1, cdiv({out}.numel(), {BLOCK_EW})),)]({args}{out}, *{out}.stride(), "
                       f"*{out}.shape, {out}.numel(), BLOCK={BLOCK_EW})")
