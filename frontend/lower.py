@@ -28,7 +28,7 @@ from sparsa.frontend.values import (
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
-from sparsa.ir.dims import Dim, broadcast, mul
+from sparsa.ir.dims import Dim, broadcast, mul, same
 from sparsa.ir.types import LANGUAGE_DTYPES, Layout, TensorType, is_float, is_int, promote, show_type
 
 POISON = object()
@@ -206,7 +206,7 @@ class Lowerer:
                 scope.names[node.id] = DimRef(node.id, actual)
                 continue
             want = self.dim(node, scope, dims)
-            if want != actual and want is not None and actual is not None:
+            if want is not None and actual is not None and not same(want, actual):
                 raise self.error(where, f"{what} expects {self.annot(t)}, got {show_type(got)} "
                                         f"(dim {i}: {show_dim(want)} vs {show_dim(actual)})")
 

@@ -549,6 +549,21 @@ def test_slices_from_the_end_of_a_symbolic_axis_broadcast(monkeypatch, L):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_one_size_written_two_ways_is_cut_as_one(monkeypatch, threads):
+    """`1+L-1` rows (a concat of x[:1] and x[1:]) and `2+L-2` are both L: the host cuts both operands of their sum
+    with its rows. It had compared the texts and read the second whole in every part (a slice's backward put back
+    under torch.compile(dynamic=True) of Mamba: wrong gradients from 32 tokens on, at two threads)."""
+    native, python, ref = _pair("model M(x: f32[L, 64]) -> f32[L, 64] {\n    a = concat([x[:1], exp(x[1:])], axis=0)\n"
+                                "    b = concat([x[:2] * 2.0, x[2:]], axis=0)\n    return a + b\n}", monkeypatch)
+    assert "tensor<{1+L-1}x64xf32>" in ref.ir() and "tensor<{2+L-2}x64xf32>" in ref.ir()
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    x = rng.standard_normal((700, 64), np.float32)
+    want = np.concatenate([x[:1], np.exp(x[1:])]) + np.concatenate([x[:2] * 2, x[2:]])
+    for m in (native, python, ref):
+        np.testing.assert_allclose(m(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_bounds_past_a_symbolic_axis_and_unknown_dims_that_broadcast_are_errors(monkeypatch):
     """What the types took for granted is checked at each call, on every host: a slice's bounds lie inside the
     axis (x[:, -2:] of one column), and a dim of unknown size (x[:, -5:1]: 1 column where L is 5, none

@@ -34,6 +34,7 @@ from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import tensor_reduce as R
 from sparsa.ir.dialects import tensor_shape as S
 from sparsa.ir.dialects.func import ParamOp
+from sparsa.ir.dims import Dim, same
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float
 
@@ -92,6 +93,13 @@ def scalar_constant(et: ir.Type, value: float | int) -> ir.Value:
 
 def dtype_of(et: ir.Type) -> str:
     return {"f32": "f32", "f64": "f64", "f16": "f16", "bf16": "bf16"}[str(et)]
+
+
+def carried(d: Dim, along: Dim) -> bool:
+    """Whether an operand's dim `d` is the dim `along` the host cuts (so its rows are cut with it), not one
+    broadcast along it: the same size written otherwise (`1+s-1` and `2+s-2`), or a dim of unknown size on either
+    side, which is the other at run time (only a dim typed 1 broadcasts: `check_unknown_dims`)."""
+    return same(d, along) or d != 1 and (d is None or along is None)
 
 
 class KernelContext:
@@ -229,7 +237,8 @@ class KernelContext:
         axes = {a % space.rank for a in root.axes} if summed else set()
         split, cut = "none", []
         if space.rank and space.shape[0] not in (0, 1) and 0 not in axes and (out.rank or not summed):
-            split, cut = "rows", [v.type.rank == space.rank and v.type.shape[0] == space.shape[0] for v in inputs]
+            split = "rows"
+            cut = [v.type.rank == space.rank and carried(v.type.shape[0], space.shape[0]) for v in inputs]
         if isinstance(space.shape[0] if space.rank else None, int) and split == "rows":
             self.dim_map = {space.shape[0]: None}  # a static dim 0 the host cuts: dynamic in the kernel
         rows_1 = self.dim1_cut(space, inputs) if split == "rows" and not summed else None
@@ -290,14 +299,15 @@ class KernelContext:
         if space.rank < 2 or space.shape[1] in (0, 1):
             return None
         axes = [1 - (space.rank - v.type.rank) for v in inputs]
-        return [p if p >= 0 and v.type.shape[p] == space.shape[1] else None for p, v in zip(axes, inputs, strict=True)]
+        return [p if p >= 0 and carried(v.type.shape[p], space.shape[1]) else None
+                for p, v in zip(axes, inputs, strict=True)]
 
     def row_split(self, op: Operation) -> tuple[str, list[bool]]:
         """Whether the host may cut this op along dim 0 (a dim it only carries through)."""
         out = op.results[0].type if len(op.results) == 1 else None
         if out is None or out.rank == 0 or out.shape[0] in (0, 1):
             return "none", []
-        cut = [v.type.rank == out.rank and v.type.shape[0] == out.shape[0] for v in op.operands]
+        cut = [v.type.rank == out.rank and carried(v.type.shape[0], out.shape[0]) for v in op.operands]
         if isinstance(op, Elementwise):  # every operand that has the dim is cut along it (a dim known only at
             return "rows", cut  # run time too: an elementwise op's operands have the result's, or 1 where typed 1)
         if out.shape[0] is None:

@@ -21,7 +21,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, memref, scf, tensor, vector
 
 from sparsa.backends.cpu import build as B
-from sparsa.backends.cpu.context import KERNELS, KernelContext, element_type
+from sparsa.backends.cpu.context import KERNELS, KernelContext, carried, element_type
 from sparsa.backends.cpu.moe_pack import pack_elements, pack_panel
 from sparsa.backends.cpu.signature import Kernel
 from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
@@ -148,8 +148,8 @@ def _kernel(cx: KernelContext, op: Operation, chain: list[Operation], rest: list
     prepacked = view is None and id(op.rhs) in cx.fixed
     extra = [op.rhs] if prepacked else []
     if split == "rows":
-        cut = cut + [False] * len(extra) + [v.type.rank == result.type.rank and v.type.shape[0] == result.type.shape[0]
-                                            for v in rest]
+        cut = cut + [False] * len(extra) + [v.type.rank == result.type.rank and
+                                            carried(v.type.shape[0], result.type.shape[0]) for v in rest]
     # the dim 0 the host cuts is dynamic in the kernel (only there: a static K of the same size stays static, or
     # the GEMM would take its long-K path)
     w_t = op.rhs.type
