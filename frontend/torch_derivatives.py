@@ -85,21 +85,20 @@ def _select_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, i
     return _zero_padded(im, g, sizes, dim, index, sizes[dim] - index - 1)
 
 
-def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, start: int, end: int,
+def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, start: Any, end: Any,
                     step: int) -> Value:
-    """tensor.slice's own rule: dY in the rows the slice took (every step-th), zeros elsewhere."""
+    """tensor.slice's own rule (`put_back`): dY in the rows the slice took (every step-th), zeros elsewhere; along a
+    symbolic dim too (a sequence shifted by one, a sliding window's last rows, a parallel scan's every other row at
+    a new length), with bounds that lie inside it, as the guards PyTorch traced them under say."""
     from sparsa.ir.autodiff import Grad
     from sparsa.ir.dialects.tensor_shape import put_back
 
     dim = _axis(dim, len(sizes))
-    n = sizes[dim]
-    # along a symbolic dim, contiguous rows from a known start (a shift by one of a sequence, at a new length)
-    if not (isinstance(n, str) and step == 1 and isinstance(start, int) and start >= 0):
-        if not all(isinstance(s, int) for s in (n, start, end, step)):
-            raise Unsupported("a slice backward along a dim, or with bounds, known only at run time")
-        start = max(0, min(n, start + n if start < 0 else start))
+    stop = None if isinstance(end, int) and end >= 2 ** 62 else end  # (to the end: PyTorch's INT64_MAX)
+    if isinstance(start, Value) or isinstance(stop, Value) or not isinstance(step, int) or step < 1:
+        raise Unsupported("a slice backward with bounds known only at run time, or a step below 1")
     try:
-        return put_back(Grad(im.block), dy, dim, n, start, step)
+        return put_back(Grad(im.block), dy, dim, sizes[dim], start, step, stop)
     except ValueError as e:
         raise Unsupported(f"a slice backward: {e}") from None
 

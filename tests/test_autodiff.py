@@ -245,6 +245,46 @@ def _torch_run(f, ts):
     raise AssertionError("no return")
 
 
+SYMBOLIC_AXIS = {  # .sp and torch of slices and concats along an axis of symbolic length L
+    "slices": ("""model S(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
+    a = sum(exp(x[:, 1::2]), axis=1, keepdim=true) * mean(x[:, 0:-1:2], axis=1, keepdim=true)
+    return a + sum(x[:, -3:] * x[:, -3:], axis=1, keepdim=true) + sum(x[:, 2:-1:3], axis=1, keepdim=true)
+}""", lambda x, y: (x[:, 1::2].exp().sum(1, keepdim=True) * x[:, 0:-1:2].mean(1, keepdim=True)
+                   + (x[:, -3:] ** 2).sum(1, keepdim=True) + x[:, 2:-1:3].sum(1, keepdim=True))),
+    "concats": ("""model C(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
+    c = concat([y, exp(x), y[:, :2], y[:, :0]], axis=1)
+    return sum(c * c, axis=1, keepdim=true) + sum(sigmoid(concat([x * 2.0, y], axis=1)), axis=1, keepdim=true)
+}""", lambda x, y: ((torch.cat([y, x.exp(), y[:, :2], y[:, :0]], 1) ** 2).sum(1, keepdim=True)
+                   + torch.sigmoid(torch.cat([x * 2, y], 1)).sum(1, keepdim=True))),
+}
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("case", sorted(SYMBOLIC_AXIS))
+def test_slices_and_concats_of_a_symbolic_axis_differentiate(target: str, case: str) -> None:
+    """Slices of an axis of symbolic length L (its last rows, every other row, short of the end) put dY back
+    where they took it, and a concat of pieces one of which is L long hands each its slice of dY (from the nearer
+    end), at each L, odd or even: the gradients equal torch autograd's."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    src, fn = SYMBOLIC_AXIS[case]
+    m = sparsa.compile(src, target=target)
+    for L in (4, 7, 10):
+        rng = np.random.default_rng(L)
+        x, y = rng.standard_normal((2, L)).astype(np.float32), rng.standard_normal((2, 3)).astype(np.float32)
+        dy = rng.standard_normal((2, 1)).astype(np.float32)
+        xt, yt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(y).requires_grad_(True)
+        yt_out = fn(xt, yt)
+        yt_out.backward(torch.from_numpy(dy))
+        out, pullback = m.vjp(x, y)
+        np.testing.assert_allclose(np.asarray(out), yt_out.detach().numpy(), rtol=1e-5, atol=1e-5)
+        got = pullback(dy)
+        for name, t in (("x", xt), ("y", yt)):
+            want = t.grad.numpy() if t.grad is not None else np.zeros_like(t.detach().numpy())  # (y: unread)
+            np.testing.assert_allclose(np.asarray(got[name]), want, rtol=1e-4, atol=1e-4,
+                                       err_msg=f"d{name}, L={L}")
+
+
 @pytest.mark.parametrize("target", ["cpu", "triton"])
 def test_backward_on_native_targets(target: str) -> None:
     """A small MLP's backward function compiled for the target equals the reference's."""

@@ -650,8 +650,9 @@ def test_complex_rotary_embeddings_train(target: str) -> None:
 
 
 class Shifted(torch.nn.Module):
-    """A language model's shift by one (`h[:, :-1]` against `x[:, 1:]`) and a slice from an offset: at a new
-    length their backward puts dY back along a symbolic dim, and sizes come out written in other orders."""
+    """A language model's shift by one (`h[:, :-1]` against `x[:, 1:]`), a slice from an offset and the last rows (a
+    sliding window's `h[:, -3:]`): at a new length their backward puts dY back along a symbolic dim (the last rows
+    from `L-3`), and sizes come out written in other orders."""
 
     def __init__(self):
         super().__init__()
@@ -660,7 +661,7 @@ class Shifted(torch.nn.Module):
     def forward(self, x):
         h = self.proj(x)
         loss = torch.nn.functional.cross_entropy(h[:, :-1].reshape(-1, 8), x[:, 1:].argmax(-1).reshape(-1))
-        return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss
+        return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss + h[:, -3:].exp().sum()
 
 
 def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
@@ -680,6 +681,41 @@ def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["graphs"] == 1  # one graph for both lengths
+
+
+class EveryOther(torch.nn.Module):
+    """A parallel scan's steps (Mamba's pscan): every other row from 0 or 1, to the end or short of it, of an odd
+    or even length, and the last rows, whose backward puts dY back with a step along a symbolic dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return ((h[:, 0::2].exp().sum() + h[:, 1::2].square().sum()) * h[:, 0:-1:2].mean() + h[:, 1:-2:3].sum()
+                + h[:, -3:].sigmoid().sum())
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_strided_slices_train_at_new_lengths_under_dynamic_shapes(target: str) -> None:
+    SparsaBackend = _backend_for(target)
+    torch.manual_seed(0)
+    model = EveryOther()
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": target})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length in (7, 10, 13):
+        x = torch.randn(2, length, 8, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        for m, f, inp in ((model, compiled, x), (ref, ref, x_ref)):
+            m.zero_grad()
+            f(inp).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["graphs"] == 1
 
 
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:

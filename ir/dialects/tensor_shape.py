@@ -12,7 +12,7 @@ from sparsa.ir import intervals as I
 from sparsa.ir.analysis import Cost, RuntimeShapeError
 from sparsa.ir.core import Attr, Operand, Operation, Result, Value
 from sparsa.ir.dialects.tensor import broadcast_result, same_dtype
-from sparsa.ir.dims import Dim, broadcast_shapes, canonical, compatible, format_dim, mul
+from sparsa.ir.dims import Dim, broadcast_shapes, canonical, compatible, format_dim, mul, same
 from sparsa.ir.traits import View, unknown_dim
 from sparsa.ir.types import TensorType, is_int
 
@@ -290,55 +290,60 @@ class SliceOp(View, Operation):
         x, dy = xs[0], dys[0]
         out = dy
         for axis, (start, stop, step) in enumerate(zip(self.starts, self.stops, self.steps, strict=True)):
-            n = x.type.shape[axis]
-            end = n if stop is None else stop
-            if step < 1 or not isinstance(n, int) or not isinstance(end, int) or start < 0 or end < 0:
-                if (start, stop, step) == (0, None, 1):
-                    continue
-                raise self.error("has no derivative yet for negative steps or symbolic and negative bounds")
-            out = put_back(g, out, axis, n, start, step)
+            if (start, stop, step) == (0, None, 1):
+                continue
+            if step < 1 or x.type.shape[axis] is None or out.type.shape[axis] is None:
+                raise self.error("has no derivative yet for negative steps or dims of unknown size")
+            try:
+                out = put_back(g, out, axis, x.type.shape[axis], start, step, stop)
+            except ValueError as e:
+                raise self.error(f"has no derivative here: {e}") from None
         return [out]
 
 
-def put_back(g: Any, taken: Value, axis: int, n: Dim, start: int, step: int) -> Value:
-    """The transpose of taking rows start, start + step, ... along `axis` of an axis of n: `taken` in those rows,
-    zeros in the others (each taken row followed by step - 1 zero rows, cut to the axis, zeros around it). `g`
-    builds the ops (ir/autodiff.py's Grad). A symbolic n takes contiguous rows (step 1) only; ValueError where
-    the rows would run past it."""
+def put_back(g: Any, taken: Value, axis: int, n: Dim, start: Dim, step: int, stop: Dim | None = None) -> Value:
+    """The transpose of taking rows start:stop:step (Python's bounds, step >= 1) along `axis` of an axis of n:
+    `taken` in those rows, zeros in the others (each taken row followed by step - 1 zero rows, cut to the span,
+    zeros around it). `g` builds the ops (ir/autodiff.py's Grad). Over a symbolic n the bounds are taken to lie
+    inside the axis, in order, as the slice's type took them (`_slice_len`; each call checks the slice); the
+    start may be symbolic too (`n-7`). ValueError where the rows would run past the axis."""
     dtype, m = taken.type.dtype, taken.type.shape[axis]
-    out = taken
-    if not isinstance(n, int):
-        if step != 1:
-            raise ValueError("rows put back with a step along a symbolic axis")
-        span, rest = m, canonical(f"({n})-({m})-{start}")
-        if isinstance(rest, int) and rest < 0:
-            raise ValueError("rows put back past the end of their axis")
+    if isinstance(n, int) and isinstance(start, int) and (stop is None or isinstance(stop, int)):
+        start, end, _ = slice(start, stop, step).indices(n)
+        span = 0 if m == 0 else min(m * step, max(end - start, 0))
+        first, rest = start, n - start - span
     else:
-        span = 0 if m == 0 else min(m * step, n - start)
-        rest = n - start - span
-    if step != 1 and isinstance(n, int) and n == m * step and start < step:
+        if m is None:
+            raise ValueError("rows put back from a slice of unknown length")
+        first = canonical(f"({n})-{-start}") if isinstance(start, int) and start < 0 else start
+        end = n if stop is None else canonical(f"({n})-{-stop}") if isinstance(stop, int) and stop < 0 else stop
+        span, rest = canonical(f"({end})-({first})"), canonical(f"({n})-({end})")
+        if any(isinstance(d, int) and d < 0 for d in (first, span, rest)):
+            raise ValueError("rows put back past the end of their axis")
+    out = taken
+    if step != 1 and isinstance(n, int) and n == m * step and first < step:
         # every step-th row from row start < step, to the end: the rows as piece `start` of step interleaved ones,
         # the others zeros (so that the sum of the slices' put-backs that tile the axis is one concat: GPT-OSS's
         # interleaved gate and up)
         spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
-        pieces = [spread if i == start else g.zeros_like(spread) for i in range(step)]
+        pieces = [spread if i == first else g.zeros_like(spread) for i in range(step)]
         return g.emit("tensor.reshape", g.emit("tensor.concat", pieces, axis=axis + 1), shape=list(
             taken.type.shape[:axis]) + [n] + list(taken.type.shape[axis + 1:]))
-    if step != 1 and m:
+    if step != 1 and m != 0:
         spread = g.emit("tensor.expand_dims", out, axes=[axis + 1])
         gaps = list(spread.type.shape)
         gaps[axis + 1] = step - 1
         spread = g.emit("tensor.concat", [spread, g.full(0.0, TensorType(dtype, tuple(gaps)))], axis=axis + 1)
         shape = list(out.type.shape)
-        shape[axis] = m * step
+        shape[axis] = canonical(f"({m})*{step}")
         out = g.emit("tensor.reshape", spread, shape=shape)
-        if span < m * step:
-            rank = out.type.rank
-            stops: list[Any] = [None] * rank
-            stops[axis] = span
-            out = g.emit("tensor.slice", out, starts=[0] * rank, stops=stops, steps=[1] * rank)
+    if not same(out.type.shape[axis], span):  # the taken rows' span: their last one's zeros cut
+        rank = out.type.rank
+        stops: list[Any] = [None] * rank
+        stops[axis] = span
+        out = g.emit("tensor.slice", out, starts=[0] * rank, stops=stops, steps=[1] * rank)
     pieces = []
-    for size in (start, None, rest):
+    for size in (first, None, rest):
         if size is None:
             pieces.append(out)
         elif size:
@@ -484,12 +489,29 @@ class ConcatOp(Operation):
         return np.concatenate(xs, axis=self.axis)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """Each input's slice of dY."""
+        """Each input's slice of dY: a split where the sizes are known, else slices from the nearer end whose offset
+        is a number (zeros padded before and after a sequence of symbolic length L: [0:3], [3:-2], [-2:])."""
         axis = self.axis % ys[0].type.rank
         sizes = [x.type.shape[axis] for x in xs]
-        if not all(isinstance(s, int) for s in sizes):
-            raise self.error("has no derivative yet when an input's size along the axis is symbolic")
-        return list(g.op("tensor.split", dys[0], sizes=sizes, axis=axis).results)
+        if all(isinstance(s, int) for s in sizes):
+            return list(g.op("tensor.split", dys[0], sizes=sizes, axis=axis).results)
+        if None in sizes:
+            raise self.error("has no derivative yet when an input's size along the axis is unknown (?)")
+        rank, pieces = ys[0].type.rank, []
+        for i, size in enumerate(sizes):
+            before, after = sizes[:i], sizes[i + 1:]
+            if all(isinstance(s, int) for s in before):
+                start, stop = sum(before), canonical("+".join(f"({s})" for s in [*before, size]))
+            elif all(isinstance(s, int) for s in after):
+                if not isinstance(size, int):
+                    raise self.error("has no derivative yet for two inputs of symbolic size along the axis")
+                start, stop = (-size - sum(after), -sum(after) or None) if size else (-1, -1)  # ([-1:-1]: nothing)
+            else:
+                raise self.error("has no derivative yet for an input between inputs of symbolic size along the axis")
+            starts, stops = [0] * rank, [None] * rank
+            starts[axis], stops[axis] = start, stop
+            pieces.append(g.emit("tensor.slice", dys[0], starts=starts, stops=stops, steps=[1] * rank))
+        return pieces
 
 
 def _add(a: Dim, b: Dim) -> Dim:
