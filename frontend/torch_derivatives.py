@@ -97,10 +97,24 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
     stop = None if isinstance(end, int) and end >= 2 ** 62 else end  # (to the end: PyTorch's INT64_MAX)
     if isinstance(start, Value) or isinstance(stop, Value) or not isinstance(step, int) or step < 1:
         raise Unsupported("a slice backward with bounds known only at run time, or a step below 1")
+    traced = _traced_size(node, dim)
+    if not isinstance(sizes[dim], int) and traced is not None:  # a bound from the end past the start of the axis
+        start = 0 if isinstance(start, int) and start < 0 and traced + start <= 0 else start  # (as PyTorch traced
+        stop = 0 if isinstance(stop, int) and stop < 0 and traced + stop <= 0 else stop  # it: its guards keep that)
     try:
         return put_back(Grad(im.block), dy, dim, sizes[dim], start, step, stop)
     except ValueError as e:
         raise Unsupported(f"a slice backward: {e}") from None
+
+
+def _traced_size(node: Any, dim: int) -> int | None:
+    """The size PyTorch traced the result's `dim` at (a SymInt's hint), or None where it does not say."""
+    val = node.meta.get("val")
+    d = val.shape[dim] if val is not None and hasattr(val, "shape") and dim < len(val.shape) else None
+    if isinstance(d, int) or d is None:
+        return d
+    hint = getattr(getattr(d, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,

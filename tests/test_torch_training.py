@@ -651,8 +651,8 @@ def test_complex_rotary_embeddings_train(target: str) -> None:
 
 class Shifted(torch.nn.Module):
     """A language model's shift by one (`h[:, :-1]` against `x[:, 1:]`), a slice from an offset and the last rows (a
-    sliding window's `h[:, -3:]`): at a new length their backward puts dY back along a symbolic dim (the last rows
-    from `L-3`), and sizes come out written in other orders."""
+    sliding window's `h[:, -3:]`, and one longer than the sequence): at a new length their backward puts dY back
+    along a symbolic dim (the last rows from `L-3`, or from 0), and sizes come out written in other orders."""
 
     def __init__(self):
         super().__init__()
@@ -661,7 +661,8 @@ class Shifted(torch.nn.Module):
     def forward(self, x):
         h = self.proj(x)
         loss = torch.nn.functional.cross_entropy(h[:, :-1].reshape(-1, 8), x[:, 1:].argmax(-1).reshape(-1))
-        return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss + h[:, -3:].exp().sum()
+        return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss + h[:, -3:].exp().sum() + \
+            h[:, -100:].tanh().mean()  # (a window longer than the sequence: all of it)
 
 
 def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:

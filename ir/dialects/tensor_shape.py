@@ -315,8 +315,10 @@ def put_back(g: Any, taken: Value, axis: int, n: Dim, start: Dim, step: int, sto
     else:
         if m is None:
             raise ValueError("rows put back from a slice of unknown length")
-        first = canonical(f"({n})-{-start}") if isinstance(start, int) and start < 0 else start
         end = n if stop is None else canonical(f"({n})-{-stop}") if isinstance(stop, int) and stop < 0 else stop
+        first = start
+        if isinstance(start, int) and start < 0:  # contiguous rows: the last m before `end`, however far back
+            first = canonical(f"({end})-({m})") if step == 1 else canonical(f"({n})-{-start}")  # the start reached
         span, rest = canonical(f"({end})-({first})"), canonical(f"({n})-({end})")
         if any(isinstance(d, int) and d < 0 for d in (first, span, rest)):
             raise ValueError("rows put back past the end of their axis")
