@@ -10,7 +10,7 @@ from sparsa.frontend.torch_import import Importer, Unsupported, _affine, _axis
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
-from sparsa.ir.dims import same_shape
+from sparsa.ir.dims import canonical, same_shape
 
 
 def _derivative(cls: type, reads: str, **fixed: Any) -> Callable:
@@ -97,14 +97,37 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
     stop = None if isinstance(end, int) and end >= 2 ** 62 else end  # (to the end: PyTorch's INT64_MAX)
     if isinstance(start, Value) or isinstance(stop, Value) or not isinstance(step, int) or step < 1:
         raise Unsupported("a slice backward with bounds known only at run time, or a step below 1")
-    traced = _traced_size(node, dim)
-    if not isinstance(sizes[dim], int) and traced is not None:  # a bound from the end past the start of the axis
-        start = 0 if isinstance(start, int) and start < 0 and traced + start <= 0 else start  # (as PyTorch traced
-        stop = 0 if isinstance(stop, int) and stop < 0 and traced + stop <= 0 else stop  # it: its guards keep that)
+    n, traced = sizes[dim], _traced_size(node, dim)
+    if not isinstance(n, int):  # bounds as PyTorch traced them (its guards keep their signs and clamps)
+        if traced is None:
+            raise Unsupported("a slice backward along a symbolic dim PyTorch did not trace a size for")
+        args = [*node.args, 0, None][3:5]  # (start's and end's nodes or ints, where given)
+        start, stop = (_from_end(b, _traced_int(a), n, traced) for b, a in zip((start, stop), args, strict=True))
     try:
         return put_back(Grad(im.block), dy, dim, sizes[dim], start, step, stop)
     except ValueError as e:
         raise Unsupported(f"a slice backward: {e}") from None
+
+
+def _from_end(bound: Any, at: int | None, n: Any, traced: int) -> Any:
+    """A slice bound along a symbolic dim n (traced at `traced`) as an offset from its start: one PyTorch traced
+    negative counts from the end (x[..., -L:] is all of it), or is 0 where it reached past the start."""
+    if isinstance(bound, str) and at is None:
+        raise Unsupported("a slice backward with a symbolic bound PyTorch did not trace a value for")
+    if at is None or at >= 0:
+        return bound
+    return 0 if traced + at <= 0 else canonical(f"({n})+({bound})")
+
+
+def _traced_int(arg: Any) -> int | None:
+    """An int argument's value as PyTorch traced it (a SymInt node's hint), or None where it does not say."""
+    if isinstance(arg, int) or arg is None:
+        return arg
+    val = arg.meta.get("val") if hasattr(arg, "meta") else None
+    if isinstance(val, int):
+        return val
+    hint = getattr(getattr(val, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
 
 
 def _traced_size(node: Any, dim: int) -> int | None:

@@ -14,7 +14,15 @@ from typing import Any
 
 from sparsa.frontend.torch_complex import PARTS, Complex, from_real, to_real
 from sparsa.frontend.torch_complex import handlers as complex_handlers
-from sparsa.frontend.torch_types import Unsupported, as_dim, tensor_type, torch_dtype, traced_sizes, written
+from sparsa.frontend.torch_types import (
+    Unsupported,
+    as_dim,
+    size_carried,
+    tensor_type,
+    torch_dtype,
+    traced_sizes,
+    written,
+)
 from sparsa.ir import dialects as D
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
@@ -39,6 +47,7 @@ class Importer:
         self.block: Block | None = None
         self.modules = modules or {}
         self.scalar_pos: set[int] = set()
+        self.size_pos: set[int] = set()  # sizes carried by an empty tensor's shape, [s, 0] (`size_carried`)
         self.python_floats: set[int] = set()  # ids of the 0-d arguments that stand for a SymFloat
         self.bound: set[str] = set()  # the symbols the inputs' shapes bind
         self.complex_pos: set[int] = set()
@@ -53,14 +62,19 @@ class Importer:
         # A size no input's shape binds, or one the dim language cannot write (a sliding-window cache's
         # `Max(0, s - 7)` offset), comes in as a value: a 0-d int64 argument, which the caller makes of the int it
         # is passed (`scalar_pos`). An op that needs it as a size then stays in PyTorch. A float of sizes (a SymFloat:
-        # x / (L / 3)) comes in as a 0-d float32 argument, which ops read as the Python float it is.
+        # x / (L / 3)) comes in as a 0-d float32 argument, which ops read as the Python float it is. A size that is
+        # one symbol no shape binds comes in as the shape of an empty tensor, [s, 0], and binds it (`size_pos`).
         vals = [n.meta.get("val") for n in placeholders]
-        bound = {s for v in vals if _is_tensor(v) for d in v.shape for s in symbols(as_dim(d))}
+        dims = [as_dim(d) for v in vals if _is_tensor(v) for d in v.shape]
+        bound = {s for d in dims for s in symbols(d)}
+        self.size_pos = {i for i, v in enumerate(vals) if i not in self.modules and size_carried(v) and
+                         written(v) not in dims}  # (not a plain dim of a tensor's: `(s//2)` does not bind s)
+        bound |= {written(vals[i]) for i in self.size_pos}
         self.bound = bound
         floats = {i for i, v in enumerate(vals) if type(v).__name__ == "SymFloat" and i not in self.modules}
         self.scalar_pos = floats | {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in
                                     self.modules and ((d := written(v)) is None or not symbols(d) <= bound)}
-        tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos]
+        tensor_pos = [i for i, v in enumerate(vals) if _is_tensor(v) or i in self.scalar_pos | self.size_pos]
         for i, n in enumerate(placeholders):
             val = n.meta.get("val")
             if i in self.modules:
@@ -68,9 +82,11 @@ class Importer:
             elif not _is_tensor(val) and not isinstance(val, int) and not hasattr(val, "node"):
                 raise Unsupported(f"graph input {n.name} of type {type(val).__name__}")
         # a complex input comes in as its real view, [..., 2] (`complex_pos`)
-        self.complex_pos = {i for i in tensor_pos if i not in self.scalar_pos and _complex_part(vals[i])}
+        self.complex_pos = {i for i in tensor_pos if _is_tensor(vals[i]) and _complex_part(vals[i])}
 
         def arg_type(i: int) -> TensorType:
+            if i in self.size_pos:
+                return TensorType("i64", (written(vals[i]), 0))
             if i in self.scalar_pos:
                 return TensorType("f32" if i in floats else "i64", ())
             if i in self.complex_pos:
@@ -80,6 +96,8 @@ class Importer:
         types = [arg_type(i) for i in tensor_pos]
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
         for i, arg in zip(tensor_pos, self.block.args, strict=True):
+            if i in self.size_pos:
+                continue  # (the size, as the dim it binds: below)
             self.env[placeholders[i]] = from_real(self, arg) if i in self.complex_pos else arg
             if i in floats:
                 self.python_floats.add(id(arg))
@@ -373,9 +391,10 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     if isinstance(end, int) and end >= 2**62:
         end = None
     val = node.meta.get("val") if str(getattr(node, "target", "")) == "aten.slice.Tensor" else None  # (not a caller's)
-    if step == 1 and isinstance(start, int) and val is not None and len(val.shape) == x.type.rank:
+    if step == 1 and isinstance(start, int | str) and val is not None and len(val.shape) == x.type.rank:
         # where PyTorch knows the length (its guards put a sliding window's x[-4096:] over the whole of a shorter
-        # axis), from the end: the start it makes (0 for the whole axis), not the bound the IR takes as inside
+        # axis, and x[-L:] is all of it), from the end: the start it makes (0 for the whole axis), not the bound
+        # the IR takes as inside
         try:
             n = as_dim(val.shape[d])
         except Unsupported:  # (a length outside the dim language: Min(4096, s) unguarded)

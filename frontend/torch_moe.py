@@ -242,8 +242,17 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
                for n in gm.graph.nodes):
         return gm, 0
     from torch._guards import TracingContext, detect_fake_mode
+    from torch._ops import HigherOrderOperator
     from torch.func import functionalize
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    # vmap's levels inlined by Dynamo (an associative scan fold_linear_scans did not fold: a symbolic length) fail
+    # an internal assert of functorch when traced here, and the failure leaves its interpreter stack such that
+    # AOTAutograd then fails too (Jamba); so do higher-order ops: such graphs are not traced for the fold
+    transform = next((n.target for n in gm.graph.nodes if isinstance(n.target, HigherOrderOperator) or
+                      getattr(n.target, "__name__", "") == "_vmap_increment_nesting"), None)
+    if transform is not None:
+        raise FoldFailed(f"a functorch transform ({transform.__name__}) in the graph")
 
     fake_mode, context = detect_fake_mode(example_inputs), TracingContext.try_get()
     if fake_mode is None or context is None:

@@ -146,6 +146,18 @@ def _dim_text(e: Any) -> str:
     return _PRINTER[0].doprint(e)
 
 
+def size_carried(val: Any) -> bool:
+    """Whether a graph input is a size (a SymInt of one symbol, never negative) that comes in carried by the shape
+    of an empty tensor, [s, 0], so that it binds its symbol as an input's shape does (a view to (B, L, D) where
+    only B*L is some tensor's dim)."""
+    import sympy
+
+    if type(val).__name__ != "SymInt" or not isinstance(val.node.expr, sympy.Symbol):
+        return False
+    low = getattr(val.node.shape_env.var_to_range.get(val.node.expr), "lower", None)
+    return low is not None and low >= 0
+
+
 def tensor_type(val: Any) -> TensorType:
     return TensorType(torch_dtype(val.dtype), tuple(as_dim(d) for d in val.shape))
 
@@ -156,8 +168,10 @@ def traced_sizes(gm: Any) -> Iterator[None]:
     written as the name, which binds from the inputs), and those the run time cannot solve for get names."""
     import sympy
 
-    sizes = [d for n in gm.graph.nodes if n.op == "placeholder" for d in getattr(n.meta.get("val"), "shape", ())]
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    sizes = [d for v in vals for d in getattr(v, "shape", ())]
     names = [d.node.expr for d in sizes if hasattr(d, "node") and isinstance(d.node.expr, sympy.Symbol)]
+    names += [v.node.expr for v in vals if size_carried(v)]
     token = _SIZES.set(list(dict.fromkeys(names)))
     named = _NAMED.set(_unsolvable(sizes, set(names)))
     try:

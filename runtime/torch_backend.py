@@ -386,6 +386,7 @@ class CompiledPartition(torch.nn.Module):
         super().__init__()
         imported = import_graph(sub, name="partition", modules=modules)
         module, self.tensor_pos, self.scalar_pos = imported.module, imported.tensor_pos, imported.scalar_pos
+        self.size_pos = imported.size_pos
         self.complex_pos, self.complex_out = imported.complex_pos, imported.complex_out
         self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
         DCE().run(module)  # so that inputs only dead code read count as unused
@@ -423,10 +424,12 @@ class CompiledPartition(torch.nn.Module):
                 self.graphs = self.backend.graphs(self.native)
 
     def forward(self, *args: Any) -> Any:
-        # sizes come in as 0-d values and complex tensors as their real views; complex results leave the same way
-        if self.scalar_pos or self.complex_pos:
-            tensors = [torch.tensor(args[i]) if i in self.scalar_pos else torch.view_as_real(args[i])
-                       if i in self.complex_pos else args[i] for i in self.tensor_pos]
+        # sizes come in as 0-d values or as the shapes of empty tensors, and complex tensors as their real views;
+        # complex results leave the same way
+        if self.scalar_pos or self.complex_pos or self.size_pos:
+            tensors = [torch.tensor(args[i]) if i in self.scalar_pos else torch.empty((args[i], 0), dtype=torch.int64)
+                       if i in self.size_pos else torch.view_as_real(args[i]) if i in self.complex_pos else args[i]
+                       for i in self.tensor_pos]
         else:
             tensors = [args[i] for i in self.tensor_pos]
         outs = self.run(tensors)

@@ -662,7 +662,8 @@ class Shifted(torch.nn.Module):
         h = self.proj(x)
         loss = torch.nn.functional.cross_entropy(h[:, :-1].reshape(-1, 8), x[:, 1:].argmax(-1).reshape(-1))
         return (h[:, :-1] * x[:, 1:]).sum() + h[:, 2:].square().mean() + loss + h[:, -3:].exp().sum() + \
-            h[:, -100:].tanh().mean()  # (a window longer than the sequence: all of it)
+            h[:, -100:].tanh().mean() + h[:, -x.shape[1]:].sin().sum()  # (a window longer than the sequence, and
+        # one from -L: all of it)
 
 
 def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
@@ -717,6 +718,39 @@ def test_strided_slices_train_at_new_lengths_under_dynamic_shapes(target: str) -
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["graphs"] == 1
+
+
+class VmapBmm(torch.nn.Module):
+    """A bmm (so the MoE fold traces the graph) beside a torch.vmap, which Dynamo inlines as vmap's levels (as in
+    torch's associative scan at a symbolic length: Jamba's Mamba layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        h = torch.bmm(x, self.w.expand(x.shape[0], 8, 8))
+        return torch.vmap(lambda r: r.sin() * r.cos())(h).sum()
+
+
+def test_a_graph_with_vmap_inside_trains_unfolded() -> None:
+    """Tracing such a graph for the MoE fold failed an internal assert of functorch, which left its interpreter
+    stack such that AOTAutograd failed next (BackendCompilerFailed: "batched == nullptr"): it is not traced for
+    the fold, says why, and trains as eager."""
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = VmapBmm()
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": "reference"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length in (5, 9):
+        x = torch.randn(2, length, 8)
+        for m, f in ((model, compiled), (ref, ref)):
+            m.zero_grad()
+            f(x).backward()
+        torch.testing.assert_close(model.w.grad, ref.w.grad, rtol=1e-5, atol=1e-5)
+    assert backend.stats["training graphs not folded: a functorch transform (_vmap_increment_nesting) in the graph"]
 
 
 def test_a_scatter_other_than_top_ks_backward_stays_in_pytorch() -> None:
