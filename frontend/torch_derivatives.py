@@ -119,25 +119,23 @@ def _from_end(bound: Any, at: int | None, n: Any, traced: int) -> Any:
     return 0 if traced + at <= 0 else canonical(f"({n})+({bound})")
 
 
-def _traced_int(arg: Any) -> int | None:
-    """An int argument's value as PyTorch traced it (a SymInt node's hint), or None where it does not say."""
-    if isinstance(arg, int) or arg is None:
-        return arg
-    val = arg.meta.get("val") if hasattr(arg, "meta") else None
-    if isinstance(val, int):
-        return val
-    hint = getattr(getattr(val, "node", None), "hint", None)
+def _hint(v: Any) -> int | None:
+    """An int, or the value a SymInt was traced at; None for anything else."""
+    if isinstance(v, int) or v is None:
+        return v
+    hint = getattr(getattr(v, "node", None), "hint", None)
     return int(hint) if hint is not None else None
+
+
+def _traced_int(arg: Any) -> int | None:
+    """An int argument's value as PyTorch traced it (given, or a SymInt node's), or None where it does not say."""
+    return _hint(arg.meta.get("val") if hasattr(arg, "meta") else arg)
 
 
 def _traced_size(node: Any, dim: int) -> int | None:
-    """The size PyTorch traced the result's `dim` at (a SymInt's hint), or None where it does not say."""
+    """The size PyTorch traced the result's `dim` at, or None where it does not say."""
     val = node.meta.get("val")
-    d = val.shape[dim] if val is not None and hasattr(val, "shape") and dim < len(val.shape) else None
-    if isinstance(d, int) or d is None:
-        return d
-    hint = getattr(getattr(d, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
+    return _hint(val.shape[dim]) if hasattr(val, "shape") and dim < len(val.shape) else None
 
 
 def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,

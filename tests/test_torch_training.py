@@ -666,21 +666,28 @@ class Shifted(torch.nn.Module):
         # one from -L: all of it)
 
 
+def _trains_as_eager_at(lengths: tuple, model: torch.nn.Module, backend: object, atol: float = 1e-5) -> None:
+    """model compiled with dynamic=True, called on x of [2, length, 8] at each length: the gradients of x and of
+    every parameter equal eager's."""
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length in lengths:
+        x = torch.randn(2, length, 8, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        for m, f, inp in ((model, compiled, x), (ref, ref, x_ref)):
+            m.zero_grad()
+            f(inp).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=atol)
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=name)
+
+
 def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
     from sparsa.runtime.torch_backend import SparsaBackend
 
     torch.manual_seed(0)
-    model = Shifted()
-    ref = copy.deepcopy(model)
     backend = SparsaBackend({"target": "reference"})
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    for length in (7, 11):
-        x = torch.randn(2, length, 8)
-        for m, f in ((model, compiled), (ref, ref)):
-            m.zero_grad()
-            f(x).backward()
-        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _trains_as_eager_at((7, 11), Shifted(), backend, atol=1e-6)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["graphs"] == 1  # one graph for both lengths
 
@@ -703,19 +710,8 @@ class EveryOther(torch.nn.Module):
 def test_strided_slices_train_at_new_lengths_under_dynamic_shapes(target: str) -> None:
     SparsaBackend = _backend_for(target)
     torch.manual_seed(0)
-    model = EveryOther()
-    ref = copy.deepcopy(model)
     backend = SparsaBackend({"target": target})
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    for length in (7, 10, 13):
-        x = torch.randn(2, length, 8, requires_grad=True)
-        x_ref = x.detach().clone().requires_grad_(True)
-        for m, f, inp in ((model, compiled, x), (ref, ref, x_ref)):
-            m.zero_grad()
-            f(inp).backward()
-        torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
-        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    _trains_as_eager_at((7, 10, 13), EveryOther(), backend)
     assert not backend.fallbacks, dict(backend.fallbacks)
     assert backend.stats["graphs"] == 1
 
@@ -740,16 +736,8 @@ def test_a_graph_with_vmap_inside_trains_unfolded() -> None:
     from sparsa.runtime.torch_backend import SparsaBackend
 
     torch.manual_seed(0)
-    model = VmapBmm()
-    ref = copy.deepcopy(model)
     backend = SparsaBackend({"target": "reference"})
-    compiled = torch.compile(model, backend=backend, dynamic=True)
-    for length in (5, 9):
-        x = torch.randn(2, length, 8)
-        for m, f in ((model, compiled), (ref, ref)):
-            m.zero_grad()
-            f(x).backward()
-        torch.testing.assert_close(model.w.grad, ref.w.grad, rtol=1e-5, atol=1e-5)
+    _trains_as_eager_at((5, 9), VmapBmm(), backend)
     assert backend.stats["training graphs not folded: a functorch transform (_vmap_increment_nesting) in the graph"]
 
 
