@@ -66,11 +66,12 @@ def _sdpa_backward(im: Importer, node: Any, dout: Value, q: Value, k: Value, v: 
 
 
 def _zero_padded(im: Importer, g: Value, sizes: Any, dim: int, before: int, after: int) -> Value:
-    """g with zeros before and after it along dim, to `sizes` (a select's or a slice's transpose)."""
+    """g with zeros before and after it along dim, to `sizes` (a select's or a slice's transpose; the other dims
+    may be symbolic)."""
     from sparsa.ir.dialects import tensor_shape as S
 
-    if not all(isinstance(s, int) for s in sizes):
-        raise Unsupported("a select or slice backward of sizes known only at run time")
+    if not isinstance(sizes[dim], int) or any(isinstance(s, Value) for s in sizes):
+        raise Unsupported("a select backward along a dim known only at run time")
     parts = [im.splat(0.0, g.type.dtype, (*sizes[:dim], n, *sizes[dim + 1:])) if n else None for n in (before, after)]
     parts = [x for x in (parts[0], g, parts[1]) if x is not None]
     return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=dim)

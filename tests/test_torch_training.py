@@ -694,7 +694,8 @@ def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
 
 class EveryOther(torch.nn.Module):
     """A parallel scan's steps (Mamba's pscan): every other row from 0 or 1, to the end or short of it, of an odd
-    or even length, and the last rows, whose backward puts dY back with a step along a symbolic dim."""
+    or even length, and the last rows, whose backward puts dY back with a step along a symbolic dim; and a column
+    selected (its backward: zeros around it, of symbolic rows)."""
 
     def __init__(self):
         super().__init__()
@@ -703,7 +704,7 @@ class EveryOther(torch.nn.Module):
     def forward(self, x):
         h = self.proj(x)
         return ((h[:, 0::2].exp().sum() + h[:, 1::2].square().sum()) * h[:, 0:-1:2].mean() + h[:, 1:-2:3].sum()
-                + h[:, -3:].sigmoid().sum())
+                + h[:, -3:].sigmoid().sum() + h[..., 2].exp().sum())
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
