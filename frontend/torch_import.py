@@ -67,9 +67,10 @@ class Importer:
         vals = [n.meta.get("val") for n in placeholders]
         dims = [as_dim(d) for v in vals if _is_tensor(v) for d in v.shape]
         bound = {s for d in dims for s in symbols(d)}
-        self.size_pos = {i for i, v in enumerate(vals) if i not in self.modules and size_carried(v) and
-                         written(v) not in dims}  # (not a plain dim of a tensor's: `(s//2)` does not bind s)
-        bound |= {written(vals[i]) for i in self.size_pos}
+        carried = {i: written(v) for i, v in enumerate(vals) if i not in self.modules and size_carried(v)}
+        carried = {i: s for i, s in carried.items() if s not in dims}  # (`(s//2)` in a tensor's dims does not bind s)
+        self.size_pos = set(carried)
+        bound |= set(carried.values())
         self.bound = bound
         floats = {i for i, v in enumerate(vals) if type(v).__name__ == "SymFloat" and i not in self.modules}
         self.scalar_pos = floats | {i for i, v in enumerate(vals) if type(v).__name__ == "SymInt" and i not in
@@ -86,7 +87,7 @@ class Importer:
 
         def arg_type(i: int) -> TensorType:
             if i in self.size_pos:
-                return TensorType("i64", (written(vals[i]), 0))
+                return TensorType("i64", (carried[i], 0))
             if i in self.scalar_pos:
                 return TensorType("f32" if i in floats else "i64", ())
             if i in self.complex_pos:
