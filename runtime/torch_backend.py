@@ -106,7 +106,9 @@ class SparsaBackend:
         def forward(fw: Any, inputs: list[Any]) -> Any:
             made.update(input_free_outputs(fw))
             distinct.update(topk_index_outputs(fw))
-            return self.compile_aten(fw, inputs)
+            meta = getattr(torch._guards.TracingContext.try_get(), "fw_metadata", None)
+            # the outputs after the first `num_forward_returns` are saved for the backward, not returned
+            return self.compile_aten(fw, inputs, getattr(meta, "num_forward_returns", None))
 
         def backward(bw: Any, inputs: list[Any]) -> Any:
             self.stats["saved tensors made again in the backward"] += make_again(bw, made)
@@ -125,18 +127,19 @@ class SparsaBackend:
         return aot_autograd(fw_compiler=forward, bw_compiler=backward,
                             partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
 
-    def compile_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
+    def compile_aten(self, gm: Any, example_inputs: list[Any], returned: int | None = None) -> Any:
         """An ATen graph (forward or backward) compiled as `partition_aten` does, as a boxed function (the
         calling convention AOTAutograd asks of its compilers), recorded for `sparsa.report()`."""
         from torch._functorch.aot_autograd import make_boxed_func
 
         self.record = REPORT.new_graph()
-        fused = self.partition_aten(gm, example_inputs)
+        fused = self.partition_aten(gm, example_inputs, returned)
         REPORT.finish(self.record)
         return make_boxed_func(fused)
 
-    def partition_aten(self, gm: Any, example_inputs: list[Any]) -> Any:
-        """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch."""
+    def partition_aten(self, gm: Any, example_inputs: list[Any], returned: int | None = None) -> Any:
+        """Partition an ATen graph, compile each supported partition, leave the rest to PyTorch. `returned`: how
+        many of the graph's outputs its caller sees (the rest a forward saves for its backward), None for all."""
         for name, target, func in self.moe_blocks.install(gm):  # a training graph's folded blocks, compiled whole
             self.stats["moe blocks compiled for training"] += 1
             self.record.partitions.append(PartitionRecord(name, target, Counter(
@@ -186,9 +189,18 @@ class SparsaBackend:
             call = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == name)
             call.args = tuple(None if i in part.unused_inputs else a for i, a in enumerate(call.args))
         fused.graph.eliminate_dead_code()
+        # Sparsa's results are compact. Where PyTorch reads one traced in another layout (a transpose), a view of
+        # it may be valid in that layout only: such a result leaves laid out as traced, and such an input (a
+        # forward's result, saved for this backward) is laid out so before PyTorch reads it.
+        for name, part in parts.items():
+            if isinstance(part, CompiledPartition):
+                part.laid_out = _read_by_pytorch(fused, name, part, returned)
+                self.stats["results laid out as traced (PyTorch reads them)"] += len(part.laid_out)
+        self.stats["inputs laid out as traced (PyTorch reads them)"] += _lay_out_inputs(fused)
         laid_out = _layout_bound(fused)  # the fused graph's own nodes, for the reasons below
         for node in fused.graph.nodes:  # what still runs in PyTorch
-            if node.op != "call_function" or node.target is operator.getitem or isinstance(node.target, BlockCall):
+            if node.op != "call_function" or node.target in (operator.getitem, _in_order) or \
+                    isinstance(node.target, BlockCall):
                 continue
             if isinstance(node.meta.get("val"), torch.SymInt | torch.SymFloat | torch.SymBool | int | float | bool):
                 self.stats["size arithmetic nodes"] += 1  # sizes of dynamic dims computed on the host: no op
@@ -350,6 +362,56 @@ def _why_not(node: Any, devices: tuple[str, ...], target: str, laid_out: set[Any
     return _type_problem(node, devices, target) or "not in a partition"
 
 
+def _read_by_pytorch(fused: Any, name: str, part: CompiledPartition, returned: int | None) -> dict[int, tuple]:
+    """The results of partition `name` whose traced layout is not row-major and that PyTorch reads (an op left to
+    it, or the graph's caller: one of its first `returned` outputs), with that layout: a `view` of a transpose is
+    valid or not by it."""
+    if not any(part.orders):
+        return {}
+    call = next(n for n in fused.graph.nodes if n.op == "call_module" and n.target == name)
+    results = {u.args[1]: u for u in call.users if u.target is operator.getitem} if part.tuple_output else {0: call}
+    return {i: order for i, order in enumerate(part.orders)
+            if order is not None and i in results and _pytorch_reads(fused, results[i], returned)}
+
+
+def _pytorch_reads(fused: Any, value: Any, returned: int | None = None) -> bool:
+    """Whether a node of the fused graph reads `value` other than a compiled partition or a folded MoE block: an
+    op left to PyTorch, or the graph's output among its first `returned` (all if None)."""
+    for u in value.users:
+        if u.op == "output":
+            outs = u.args[0] if isinstance(u.args[0], tuple | list) else [u.args[0]]
+            if any(o is value for o in outs[:returned]):
+                return True
+        elif not _in_sparsa(fused, u):
+            return True
+    return False
+
+
+def _in_sparsa(fused: Any, node: Any) -> bool:
+    """Whether a node of the fused graph is a compiled partition's call or a folded MoE block's."""
+    return node.op == "call_module" and isinstance(getattr(fused, node.target), CompiledPartition) or \
+        node.op == "call_function" and isinstance(node.target, BlockCall)
+
+
+def _lay_out_inputs(fused: Any) -> int:
+    """Lay out as traced each input traced in a layout other than row-major that an op left to PyTorch reads: a
+    forward's compact result, saved for its backward (as laid out already, no copy); how many."""
+    inputs = [n for n in fused.graph.nodes if n.op == "placeholder"]
+    count = 0
+    for node in inputs:
+        order = _memory_order(node.meta.get("val"))
+        readers = [u for u in node.users if u.op != "output" and not _in_sparsa(fused, u)]
+        if order is None or not readers:
+            continue
+        with fused.graph.inserting_after(inputs[-1]):
+            laid = fused.graph.call_function(_in_order, (node, order))
+        laid.meta = dict(node.meta)
+        for u in readers:
+            u.replace_input_with(node, laid)
+        count += 1
+    return count
+
+
 def _layout_bound(gm: Any) -> set[Any]:
     """The nodes whose values must be PyTorch's own, storage and strides included: `as_strided` reads its
     input's storage, not its elements, so a view it reads (a slice of a larger tensor, say, as longformer's
@@ -389,6 +451,11 @@ class CompiledPartition(torch.nn.Module):
         self.size_pos = imported.size_pos
         self.complex_pos, self.complex_out = imported.complex_pos, imported.complex_out
         self.tuple_output, self.output_dtypes = imported.tuple_output, imported.output_dtypes
+        results = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+        # each result's traced layout where it is not row-major (a transpose), as the order of its dims in memory;
+        # `laid_out` (set once the graph is partitioned) names the results PyTorch reads, given that layout
+        self.orders = [_memory_order(r.meta.get("val")) for r in (results if self.tuple_output else [results])]
+        self.laid_out: dict[int, tuple[int, ...]] = {}
         DCE().run(module)  # so that inputs only dead code read count as unused
         self.unused_inputs = _drop_unused_args(module, self.tensor_pos)
         self.tensor_pos = [p for p in self.tensor_pos if p not in self.unused_inputs]
@@ -436,6 +503,8 @@ class CompiledPartition(torch.nn.Module):
         if self.complex_out:
             outs = tuple(torch.view_as_complex(o.contiguous()) if i in self.complex_out else o
                          for i, o in enumerate(outs))
+        if self.laid_out:  # dense, in the traced order of dims: a view that was valid when traced is valid here
+            outs = tuple(_in_order(o, self.laid_out[i]) if i in self.laid_out else o for i, o in enumerate(outs))
         return outs if self.tuple_output else outs[0]
 
     def run(self, tensors: list[Any]) -> tuple:
@@ -477,6 +546,33 @@ class CompiledPartition(torch.nn.Module):
         outs = self.native(arrays, None, self.cache, constant)
         return tuple(torch.from_numpy(np.asarray(o, order="C")).to(device=device, dtype=dt)
                      for o, dt in zip(outs, self.output_dtypes, strict=True))
+
+
+def _memory_order(val: Any) -> tuple[int, ...] | None:
+    """A traced tensor's dims from outermost to innermost in memory, by their strides (at the sizes traced, for
+    symbolic ones); None where it is row-major (dims of size 1 aside) or its strides are not known."""
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    try:
+        sizes, strides = ([int(s) if isinstance(s, int) else s.node.hint for s in xs]
+                          for xs in (val.shape, val.stride()))
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    if None in sizes or None in strides:
+        return None
+    expect, row_major = 1, True
+    for size, stride in zip(reversed(sizes), reversed(strides), strict=True):
+        row_major &= size == 1 or stride == expect
+        expect *= size
+    if row_major:
+        return None
+    return tuple(sorted(range(len(sizes)), key=lambda d: (-strides[d], d)))
+
+
+def _in_order(x: Any, order: tuple[int, ...]) -> Any:
+    """`x`'s elements in a dense tensor whose dims lie in memory in `order` (outermost first)."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return x.permute(order).contiguous().permute(inverse)
 
 
 def _device(sub: Any) -> str:

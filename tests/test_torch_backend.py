@@ -113,6 +113,45 @@ def test_unsupported_ops_fall_back_and_are_logged(monkeypatch, capfd):
     assert "sparsa: falls back to PyTorch for aten.sort.default" in capfd.readouterr().err
 
 
+class TransposedResult(torch.nn.Module):
+    """A partition's result traced as a transpose: sort (not imported) reads it, a view of its transpose (valid
+    in that layout only) stays in PyTorch with nothing to gain, and the graph returns it, for its caller to view."""
+
+    def forward(self, x, w):
+        y = torch.relu(x @ w).t()
+        return torch.sort(y, 0).values, y.t().view(-1) * 2, y
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_results_pytorch_reads_keep_their_traced_layout(dynamic):
+    backend = SparsaBackend()
+    compiled = torch.compile(TransposedResult(), backend=backend, dynamic=dynamic)
+    for n in (5, 9):
+        x, w = torch.randn(n, 6), torch.randn(6, 7)
+        got, want = compiled(x, w), TransposedResult()(x, w)
+        for g, e in zip(got, want, strict=True):
+            assert g.stride() == e.stride() and torch.allclose(g, e, atol=1e-5)
+        assert torch.equal(got[2].t().view(-1), got[2].t().reshape(-1))  # the caller's view works as on eager's
+    assert backend.stats["partitions compiled"] >= 1 and backend.fallbacks == {"aten.sort.default": 2 - dynamic}
+
+
+def test_inputs_pytorch_reads_are_laid_out_as_traced():
+    """A backward graph's input saved by a forward partition comes compact, where it was traced as a transpose;
+    PyTorch's view of its transpose (valid in the traced layout only) still works."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def graph(y, w):
+        return torch.sort(y.t().view(-1) * 2).values, torch.relu(y @ w)
+
+    y, w = torch.randn(7, 5).t(), torch.randn(7, 3)
+    backend = SparsaBackend()
+    fused = backend.compile_aten(make_fx(graph, tracing_mode="fake")(y, w), [y, w])
+    assert backend.stats["inputs laid out as traced (PyTorch reads them)"] == 1
+    compact = y.contiguous()
+    for got, want in zip(fused([compact, w]), graph(y, w), strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 class GraphBreakFragments(torch.nn.Module):
     """What a graph break leaves a backend: pointwise ops and a mask from comparisons, no matmul."""
 
