@@ -183,6 +183,11 @@ class Importer:
                 # size arithmetic on a captured length (`kv < S // 4`): the size, computed out here, read inside
                 inner.env[node] = self.splat(as_dim(val), "i64", ())
                 continue
+            if node.op == "call_function" and type(val).__name__ in ("SymFloat", "float"):
+                # a number read from a 0-d input (`limit.item()`, `-limit`): a 0-d value, read as the float it is
+                inner.env[node] = _number(inner, node)
+                inner.python_floats.add(id(inner.env[node]))
+                continue
             handler = SUPPORTED.get(node.target) if node.op == "call_function" else None
             if handler is None:
                 raise Unsupported(f"{result}: op {node.target}")
@@ -265,6 +270,25 @@ class Importer:
 
     def cast(self, v: Value, dtype: str) -> Value:
         return v if v.type.dtype == dtype else self.emit(T.CastOp, v, to=dtype)
+
+
+_NUMBER_OPS = {operator.add: T.AddOp, operator.sub: T.SubOp, operator.mul: T.MulOp, operator.truediv: T.DivOp}
+
+
+def _number(im: Importer, node: Any) -> Value:
+    """A float of a subgraph computed from its 0-d inputs, as a 0-d value: the input's `.item()`, or the negation,
+    sum, difference, product or quotient of such floats."""
+    import torch
+
+    args = [a if isinstance(a := im.arg(arg), Value) else im.const(float(a), "f32") for arg in node.args]
+    if node.target is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], Value) and \
+            args[0].type.rank == 0:
+        return args[0]
+    if node.target is operator.neg:
+        return im.emit(T.NegOp, im.tensor(args[0]))
+    if node.target in _NUMBER_OPS and len(args) == 2:
+        return im.emit(_NUMBER_OPS[node.target], *im.operands(*args))
+    raise Unsupported(f"the float {node.target}")
 
 
 # Keywords that only say where a result lives, not what it is.

@@ -59,17 +59,18 @@ def moe_swiglu(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, gate_up: tor
 
 
 def moe_experts(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                act: Any, slices: list, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """y[t] = sum_j w[t, j] * (act(*(h[:, s] for s in slices)) @ w2[e] + b2[e]), h = x[t] @ w1[e] + b1[e],
-    e = idx[t, j], with weights laid out [E, in, out] and optional biases [E, out]: an inference graph's
+                act: Any, slices: list, b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                captured: list | tuple = ()) -> torch.Tensor:
+    """y[t] = sum_j w[t, j] * (act(*(h[:, s] for s in slices), *captured) @ w2[e] + b2[e]), h = x[t] @ w1[e] +
+    b1[e], e = idx[t, j], with weights laid out [E, in, out] and optional biases [E, out]: an inference graph's
     grouped-matmul MoE block of any row-wise activation (`act`, a graph module of the column slices of h it
-    reads, each (start, stop, step)); what runs if it is not compiled."""
+    reads, each (start, stop, step), then of the 0-d tensors it reads from outside: a module's float attribute
+    Dynamo passes as one under dynamic shapes, GPT-OSS's alpha); what runs if it is not compiled."""
     y = torch.zeros(x.shape[0], w2.shape[-1], dtype=torch.float32, device=x.device)
     for e in range(w1.shape[0]):
         tok, slot = torch.where(idx == e)
         h = x[tok] @ w1[e] + (b1[e] if b1 is not None else 0)
-        a = act(*(h[:, start:stop:step] for start, stop, step in slices))
+        a = act(*(h[:, start:stop:step] for start, stop, step in slices), *captured)
         out = a @ w2[e] + (b2[e] if b2 is not None else 0)
         y.index_add_(0, tok, (out * w[tok, slot, None]).float())
     return y.to(x.dtype)
@@ -151,15 +152,16 @@ def activation_name(act: Any) -> str:
 
 def experts_function(idx: torch.Tensor, act: str, slices: list[int], transposed: list[int], biased: list[int]
                      ) -> Any:
-    """`moe_experts` as a function of (x, w, w1, w2, *biases), the weights as `sparsa::moe_experts` takes them."""
+    """`moe_experts` as a function of (x, w, w1, w2, *biases, *captured), the weights as `sparsa::moe_experts`
+    takes them (its tensor list: the biases `biased` has, then the 0-d tensors the activation reads)."""
     triples = _triples(slices)
 
-    def f(x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *biases: torch.Tensor
+    def f(x: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *extra: torch.Tensor
           ) -> torch.Tensor:
         w1, w2 = (t.transpose(1, 2) if flip else t for t, flip in zip((w1, w2), transposed, strict=True))
-        given = iter(biases)
+        given = iter(extra)
         b1, b2 = (next(given) if has else None for has in biased)
-        return moe_experts(x, idx, w, w1, w2, ACTIVATIONS[act], triples, b1, b2)
+        return moe_experts(x, idx, w, w1, w2, ACTIVATIONS[act], triples, b1, b2, list(given))
     return f
 
 
@@ -172,7 +174,8 @@ def moe_experts_op(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torc
                    biases: list[torch.Tensor], act: str, slices: list[int], transposed: list[int], biased: list[int],
                    no_grad: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """`moe_experts` as an op of its own, and a fresh key (what runs where the backend does not replace it).
-    `biases`: the first and the second matmul's, those `biased` has (GPT-OSS's experts have both)."""
+    `biases`: the first and the second matmul's, those `biased` has (GPT-OSS's experts have both), then the 0-d
+    tensors the activation reads (`moe_experts`' `captured`), which get no gradient."""
     return experts_function(idx, act, slices, transposed, biased)(x, w, w1, w2, *biases), new_key()
 
 
@@ -189,10 +192,13 @@ def moe_experts_backward(dy: torch.Tensor, key: torch.Tensor, x: torch.Tensor, i
                          transposed: list[int], biased: list[int], no_grad: list[int]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """The cotangents of x, w, w1, w2 and the biases given dy's of `sparsa::moe_experts`, by torch.func's reverse
-    mode of its definition (the key and `no_grad` serve the compiled block)."""
-    _, pullback = torch.func.vjp(experts_function(idx, act, slices, transposed, biased), x, w, w1, w2, *biases)
+    mode of its definition, and zeros to the 0-d tensors the activation reads (the key and `no_grad` serve the
+    compiled block)."""
+    f = experts_function(idx, act, slices, transposed, biased)
+    given, captured = biases[:sum(biased)], biases[sum(biased):]
+    _, pullback = torch.func.vjp(lambda *args: f(*args, *captured), x, w, w1, w2, *given)
     grads = pullback(dy)
-    return (*grads[:4], list(grads[4:]))
+    return (*grads[:4], [*grads[4:], *(torch.zeros_like(c) for c in captured)])
 
 
 @moe_experts_backward.register_fake
@@ -241,6 +247,7 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
     if not any(n.op in ("call_function", "call_method") and ("grouped_mm" in str(n.target) or "bmm" in str(n.target))
                for n in gm.graph.nodes):
         return gm, 0
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._guards import TracingContext, detect_fake_mode
     from torch._ops import HigherOrderOperator
     from torch.func import functionalize
@@ -264,8 +271,9 @@ def fold_before_autograd(gm: Any, example_inputs: list[Any]) -> tuple[Any, int]:
             t = fake_mode.from_tensor(t, symbolic_context=symbolic,
                                       source=getattr(symbolic, "tensor_source", None))
         fakes.append(t)
-    try:
-        with fake_mode, torch.no_grad():
+    try:  # the Python dispatcher on, as AOTAutograd has it: ops' Python meta kernels take symbolic sizes (a pad by
+        # a length-dependent amount, whose C++ one wants concrete ones)
+        with fake_mode, torch.no_grad(), enable_python_dispatcher():
             traced = make_fx(functionalize(gm, remove="mutations"))(*fakes)
     except Exception as e:  # noqa: BLE001 - any tracing failure: the graph goes on as Dynamo gave it, and says so
         raise FoldFailed(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
@@ -356,11 +364,14 @@ def fold_grouped_mm_moe(gm: Any, into: Any = moe_swiglu, needing_grad: set[Any] 
             elif (act := _activation(h, a, users, aten)) is None:
                 continue
             elif needing_grad is None:
-                target, args = moe_experts, (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1], b1, b2)
-            else:  # training: the weights as stored, the activation by name
+                target = moe_experts
+                args = (x, idx, w, w1, w2, _submodule(gm, end, act[0]), act[1], b1, b2, act[2])
+            elif needing_grad & set(act[2]):  # a 0-d tensor the activation reads wants a gradient: not folded
+                continue
+            else:  # training: the weights as stored, the activation by name, the 0-d tensors after the biases
                 (w1, t1), (w2, t2) = _stored(w1, aten), _stored(w2, aten)
                 target = torch.ops.sparsa.moe_experts.default
-                args = (x, idx, w, w1, w2, [b for b in (b1, b2) if b is not None], activation_name(act[0]),
+                args = (x, idx, w, w1, w2, [b for b in (b1, b2) if b is not None] + act[2], activation_name(act[0]),
                         [i for sl in act[1] for i in sl], [t1, t2], [int(b1 is not None), int(b2 is not None)])
         with gm.graph.inserting_before(end):
             if needing_grad is None:
@@ -484,17 +495,22 @@ def _column_slices(node: Any, width: int, aten: Any) -> list[tuple[Any, tuple[in
     return None
 
 
-def _activation(h: Any, a: Any, consumers: set[Any], aten: Any) -> tuple[Any, list] | None:
+def _activation(h: Any, a: Any, consumers: set[Any], aten: Any) -> tuple[Any, list, list] | None:
     """The row-wise ops from h (the first grouped matmul's rows) to a (the second's input) as a graph module of
-    the column slices of h they read, and those slices; None if anything else reads or feeds them."""
+    the column slices of h they read, then of the 0-d tensors from outside they read (a module's float attribute,
+    which Dynamo passes as one under dynamic shapes: GPT-OSS's alpha and limit); those slices, and those 0-d
+    tensors' nodes; None if anything else reads or feeds them."""
     import torch.fx
 
-    cone, stack = set(), [a]
+    cone, captured, stack = set(), [], [a]
     while stack:  # what a is computed from, back to h
         n = stack.pop()
-        if n is h or n in cone:
+        if n is h or n in cone or n in captured:
             continue
-        if n.op != "call_function" or not (_pointwise(n) or _columns(n, aten) or
+        if _outside_scalar(n, h):
+            captured.append(n)
+            continue
+        if n.op != "call_function" or not (_pointwise(n) or _columns(n, aten) or _scalar_of(n, aten) or
                                            _is(n, aten._to_copy.default) and set(n.kwargs) <= {"dtype"}):
             return None
         cone.add(n)
@@ -518,12 +534,39 @@ def _activation(h: Any, a: Any, consumers: set[Any], aten: Any) -> tuple[Any, li
             env[node] = column(sl)
         if parts is None and h not in env:
             env[h] = column((0, width, 1))
+    for i, n in enumerate(captured):
+        env[n] = graph.placeholder(f"c{i}")
     for n in h.graph.nodes:
         if n in cone and n not in env and not (_columns(n, aten) and not _is(n, operator.getitem) and
                                                all(u in env for u in n.users)):
             env[n] = graph.node_copy(n, lambda m: env[m])
     graph.output(env[a])
-    return torch.fx.GraphModule(torch.nn.Module(), graph), slices
+    return torch.fx.GraphModule(torch.nn.Module(), graph), slices, captured
+
+
+_SCALAR_ARITHMETIC = (operator.neg, operator.add, operator.sub, operator.mul, operator.truediv)
+
+
+def _scalar_of(node: Any, aten: Any) -> bool:
+    """A Python number made of a 0-d tensor (`.item()`) or of such numbers (`-limit`)."""
+    return _is(node, aten._local_scalar_dense.default) or \
+        node.target in _SCALAR_ARITHMETIC and type(node.meta.get("val")).__name__ in ("SymFloat", "float")
+
+
+def _outside_scalar(node: Any, h: Any) -> bool:
+    """A 0-d float tensor not computed from h."""
+    val = node.meta.get("val")
+    if not (isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()):
+        return False
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is h:
+            return False
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return True
 
 
 def _is_sentinel_fill(node: Any, experts: int | None, aten: Any) -> bool:
@@ -649,7 +692,8 @@ def _moe_swiglu(im: Importer, node: Any, x: Value, idx: Value, w: Value, gate_up
 
 
 def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Value, w2: Value, act: Any,
-                 slices: list, b1: Value | None = None, b2: Value | None = None) -> Value:
+                 slices: list, b1: Value | None = None, b2: Value | None = None, captured: list | tuple = ()
+                 ) -> Value:
     """A folded grouped-matmul MoE block of any row-wise activation (frontend/torch_moe.py `moe_experts`) as
     `moe.moe`: each column slice of h = rows @ W1[e] (+ b1[e]) the activation reads is its own matmul by that
     slice of the weight (the gate and up halves of a fused or interleaved weight), plus that slice of the bias
@@ -677,7 +721,8 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
                                                    steps=(1, step))
         return biased(block.append(S.MatmulOp.build(h, weight)).result, bias)
 
-    out = im.inline_graph(act, block, [column(*sl) for sl in slices], "a MoE block's activation")
+    out = im.inline_graph(act, block, [column(*sl) for sl in slices] + [im.tensor(c) for c in captured],
+                          "a MoE block's activation")
     if out.type.rank != 2 or out.type.dtype != x.type.dtype:
         raise Unsupported(f"a MoE block's activation giving {out.type}")
     block.append(YieldOp.build([biased(block.append(S.MatmulOp.build(out, expert(w2))).result, b2)]))
@@ -685,18 +730,20 @@ def _moe_experts(im: Importer, node: Any, x: Value, idx: Value, w: Value, w1: Va
     return im.emit(D.moe.MoeOp, x, idx, w, regions=[Region([block])], num_experts=E)
 
 
-def bias_names(biased: list[int] | tuple[int, ...]) -> list[str]:
-    """The `.sp` names of the biases a folded block has (`biased`: flags for the first and the second matmul)."""
-    return [name for name, has in zip(("b1", "b2"), biased, strict=True) if has]
+def extra_names(biased: list[int] | tuple[int, ...], count: int) -> list[str]:
+    """The `.sp` names of a folded block's `count` tensors after its four: the biases it has (`biased`: flags for
+    the first and the second matmul), b1 and b2, then the 0-d tensors its activation reads, c0, c1, ..."""
+    biases = [name for name, has in zip(("b1", "b2"), biased, strict=True) if has]
+    return biases + [f"c{i}" for i in range(count - len(biases))]
 
 
 def experts_module(dtype: str, width: int, k: int, shapes: list[tuple[int, ...]], act: str, slices: list[int],
                    transposed: list[int], biased: list[int]) -> tuple[Module, str]:
     """The experts of a training graph's folded block (`sparsa::moe_experts`, the weights as stored) as a function
-    of (x, idx, w, w1, w2, [b1], [b2]) (`shapes`: the weights' and the biases'), T tokens of `width` with `k`
-    experts each: what the torch.compile backend compiles and differentiates for the block (runtime/torch_moe.py
-    `FoldedBlocks`)."""
-    names = ["w1", "w2"] + bias_names(biased)
+    of (x, idx, w, w1, w2, [b1], [b2], c0, c1, ...) (`shapes`: the weights', the biases' and those of the 0-d
+    tensors the activation reads), T tokens of `width` with `k` experts each: what the torch.compile backend
+    compiles and differentiates for the block (runtime/torch_moe.py `FoldedBlocks`)."""
+    names = ["w1", "w2"] + extra_names(biased, len(shapes) - 2)
     types = [TensorType(dtype, ("T", width)), TensorType("i64", ("T", k)), TensorType(dtype, ("T", k))] + [
         TensorType(dtype, tuple(shape)) for shape in shapes]
     im = Importer(None)
@@ -706,7 +753,7 @@ def experts_module(dtype: str, width: int, k: int, shapes: list[tuple[int, ...]]
               for t, flip in zip(weights[:2], transposed, strict=True))
     given = dict(zip(names, weights, strict=True))
     y = _moe_experts(im, None, x, idx, w, w1, w2, ACTIVATIONS[act], _triples(slices), given.get("b1"),
-                     given.get("b2"))
+                     given.get("b2"), [v for name, v in given.items() if name.startswith("c")])
     im.block.append(ReturnOp.build([y]))
     func = FuncOp([], [], {"sym_name": "MoEExperts", "result_types": (y.type,)}, [Region([im.block])])
     return Module([func]), "MoEExperts"

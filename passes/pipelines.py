@@ -6,14 +6,16 @@ from __future__ import annotations
 from sparsa.ir.diagnostics import SparsaError
 
 
-def sparse_pipeline(block: int) -> str:
+def sparse_pipeline(block: int, outside_values: bool = True) -> str:
     """Routers folded into moe.route, experts as dispatch + grouped matmuls + fused combine (expert segments
     aligned to `block` rows, the grouped GEMM's tile), hand-written attention recognized, what a mask reads of
     the data alone computed once outside it, block maps so attention visits only the tiles its mask allows,
     scans fused with their producers and consumer so the state is never stored (and what follows the
     consumer elementwise joined it), sparse weights packed; then
-    the clean-up."""
-    return (f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{block={block}}},recognize-attention,"
+    the clean-up. `outside_values`: whether the target's grouped-matmul epilogues read values from outside the
+    expert body."""
+    dispatch = f"block={block}" + ("" if outside_values else ",outside_values=false")
+    return (f"canonicalize,fuse-moe-gating,fuse-moe-dispatch{{{dispatch}}},recognize-attention,"
             "hoist-region-invariants,sparsify-attention,expand-pullbacks,fuse-scan,fuse-scan-epilogue,lower-sparse-weights,"
             "cse,dce")
 

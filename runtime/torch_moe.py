@@ -295,7 +295,9 @@ class FoldedBlocks:
                 text = EXPERTS_SOURCE.format(dt=_DTYPES[x.dtype], D=D, K=K, E=E, F2=F2, F=F2 // 2,
                                              experts=EXPERTS.format(F=F2 // 2))
                 module, name = compile_source(text, "<folded MoE block>", None)
-            module.funcs[-1].attributes["no_grad"] = [_FLOAT_POSITIONS[i] for i in no_grad]
+            # the 0-d tensors an activation reads (after the weights and the biases) get no gradient
+            module.funcs[-1].attributes["no_grad"] = [_FLOAT_POSITIONS[i] for i in no_grad] + list(
+                range(5 + sum(act[-1]), 5 + len(biases)) if act else [])
             backend = backends.get(target)
             model = CompiledModel(module, name, backend, backend.PIPELINE, None, self.expert_parallel)
             model._backward()  # the forward keeping residuals and the backward, compiled now
@@ -340,6 +342,7 @@ class FoldedBlocks:
                      for i, name in enumerate(_FLOAT_INPUTS[bool(act)]))
         if not act:
             return four
-        from sparsa.frontend.torch_moe import bias_names
+        from sparsa.frontend.torch_moe import extra_names
 
-        return (*four, [grads[name].to(b.dtype) for name, b in zip(bias_names(act[-1]), biases, strict=True)])
+        return (*four, [grads[name].to(b.dtype) if name in grads else torch.zeros_like(b)
+                        for name, b in zip(extra_names(act[-1], len(biases)), biases, strict=True)])

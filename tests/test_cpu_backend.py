@@ -102,6 +102,33 @@ def test_cpu_target_refuses_unsupported_ops_by_name(tmp_path):
     assert r.returncode == 1 and "target 'reference' has no stage 'mlir'" in r.stderr
 
 
+SHARED_IN_EXPERTS = """model M(x: f32[T, 32]) -> f32[T, 32] {
+    param gate: f32[32, 4]
+    param w1: f32[4, 32, 16]
+    param w2: f32[4, 16, 32]
+    param a: f32[]
+    param b: f32[16]
+    w, idx = topk(softmax(x @ gate), k=2)
+    return moe(x, idx, w) |e, h| { tanh((h @ w1[e]) * a + b) @ w2[e] }
+}"""
+
+
+def test_experts_reading_shared_params_run_on_cpu():
+    """An expert body reading parameters no expert indexes (a 0-d scale, a shared bias): the cpu pipeline's
+    fuse-moe-dispatch leaves that epilogue as tensor ops after the grouped matmul (its grouped GEMM kernels read no
+    outside value, and had failed with a KeyError); a pipeline fusing it is refused at the body's line."""
+    cpu = sparsa.compile(SHARED_IN_EXPERTS, target="cpu").init_weights(2)
+    ref = sparsa.compile(SHARED_IN_EXPERTS, target="reference").init_weights(2)
+    for T in (5, 37):
+        x = randn(T, 32)
+        np.testing.assert_allclose(cpu(x), ref(x), rtol=1e-5, atol=1e-5)
+    ops = [op.NAME for op in cpu.module.funcs[-1].walk()]
+    assert "moe.moe" not in ops and {"moe.grouped_matmul", "moe.grouped_matmul_combine", "tensor.tanh"} <= set(ops)
+    with pytest.raises(CpuLoweringError, match=r"<source>:8:\d+: error: 'moe.grouped_matmul' whose epilogue reads values "
+                                               r"from outside the expert body is not supported by the cpu backend"):
+        sparsa.compile(SHARED_IN_EXPERTS, target="cpu", passes="canonicalize,fuse-moe-gating,fuse-moe-dispatch,cse,dce")
+
+
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 def test_half_precision_is_refused_not_miscomputed(dtype):
     src = f"model M(x: {dtype}[T, 16], w: {dtype}[16, 8]) -> {dtype}[T, 8] {{\n    return silu(x @ w)\n}}\n"

@@ -360,7 +360,7 @@ def test_both_transformers_expert_forms_fold_into_one_moe(experts, sentinel_guar
     assert "moe.grouped_matmul_combine" in print_module(backend.partitions[0].module)
 
 
-@pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved", "interleaved+bias"])
+@pytest.mark.parametrize("form", ["relu2", "transposed", "interleaved", "interleaved+bias", "interleaved+learned"])
 def test_grouped_mm_experts_of_other_activations_and_layouts_fold(form):
     """Any row-wise activation between the two grouped matmuls folds (inference): each column slice of the first
     product it reads (chunk halves, ::2 interleaves) becomes a matmul by that slice of the weight, so the dispatch
@@ -377,3 +377,20 @@ def test_grouped_mm_experts_of_other_activations_and_layouts_fold(form):
     ir = print_module(backend.partitions[0].module)
     assert "moe.moe" not in ir and ir.count("moe.grouped_matmul ") + ir.count("moe.grouped_matmul(") >= 1, ir
     assert "moe.grouped_matmul_combine" in ir
+
+
+@pytest.mark.parametrize("form", ["interleaved", "interleaved+bias"])
+def test_grouped_mm_experts_reading_float_attributes_fold_under_dynamic_shapes(form):
+    """GPT-OSS's activation reads its module's alpha and limit; under dynamic=True Dynamo passes such floats as 0-d
+    tensors, and the activation reads them (`.item()`, `-limit`): they become inputs of the folded block, and its
+    first stage's epilogue runs as tensor ops (a grouped matmul's kernel reads no outside value)."""
+    torch.manual_seed(0)
+    block, backend = experts_block(form), SparsaBackend()
+    compiled = torch.compile(block, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for tokens in (19, 26):
+            x = torch.randn(tokens, 32)
+            torch.testing.assert_close(compiled(x), block(x), rtol=1e-4, atol=1e-5)
+    assert backend.stats["moe blocks recognized"] == 1 and not backend.fallbacks
+    ir = print_module(backend.partitions[0].module)
+    assert "moe.moe" not in ir and "moe.grouped_matmul_combine" in ir, ir

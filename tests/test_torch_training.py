@@ -558,6 +558,33 @@ def test_moe_experts_of_other_activations_train_on_sparsas_backward(target: str,
     assert dict(backend.moe_blocks.stats) == {"moe backward from saved residuals": 2}
 
 
+@pytest.mark.parametrize("form", ["interleaved", "interleaved+bias", "interleaved+learned"])
+def test_moe_experts_reading_float_attributes_train_under_dynamic_shapes(form: str) -> None:
+    """GPT-OSS's activation reads its module's alpha and limit, which Dynamo passes as 0-d tensors under
+    dynamic=True: they become inputs of sparsa::moe_experts (no gradient to them), so the block still folds and
+    trains as eager at each length. An alpha that is a parameter wants a gradient: that block is not folded, and
+    PyTorch's autograd gives its gradient."""
+    pytest.importorskip("transformers")
+    from transformers_experts import experts_block
+
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), experts_block(form)).train()
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": "cpu"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for tokens in (19, 26):
+        x = torch.randn(tokens, 32)
+        for m, f in ((model, compiled), (ref, ref)):
+            m.zero_grad()
+            f(x).square().mean().backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    folded = backend.stats["moe blocks recognized for training"] >= 1
+    assert folded == (form != "interleaved+learned") and bool(backend.fallbacks) == (not folded)
+
+
 class SinkAttention(torch.nn.Module):
     """GPT-OSS's attention sinks: a learned logit per head joins each row's scores, the row's max (keepdim) is
     subtracted before the softmax, and the sink's column is dropped after it."""

@@ -10,7 +10,8 @@ import transformers
 def experts_block(form: str, E: int = 4, D: int = 32, F: int = 24) -> torch.nn.Module:
     """A routed block around transformers' grouped_mm experts in the layouts its models declare with
     `use_experts_implementation`: NemotronH's ungated relu^2, Aria's weights stored [E, in, out] (GELU gate),
-    GPT-OSS's interleaved gate/up with clamps (without and with its biases)."""
+    GPT-OSS's interleaved gate/up with clamps (without and with its biases), its alpha and limit module attributes
+    (Dynamo passes them as 0-d tensors under dynamic shapes; `alpha` a parameter: "interleaved+learned")."""
     from transformers.integrations.moe import use_experts_implementation
 
     gated, transposed, bias = form != "relu2", form != "relu2", form == "interleaved+bias"
@@ -28,11 +29,14 @@ def experts_block(form: str, E: int = 4, D: int = 32, F: int = 24) -> torch.nn.M
                 self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(E, 2 * F) / 4)
                 self.down_proj_bias = torch.nn.Parameter(torch.randn(E, D) / 4)
             self.act_fn = (lambda t: torch.relu(t) ** 2) if form == "relu2" else torch.nn.functional.gelu
+            self.alpha = torch.nn.Parameter(torch.tensor(1.702)) if form == "interleaved+learned" else 1.702
+            self.limit = 1.5
 
         if form.startswith("interleaved"):
             def _apply_gate(self, gate_up):
-                gate, up = gate_up[..., ::2].clamp(max=1.5), gate_up[..., 1::2].clamp(min=-1.5, max=1.5)
-                return (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+                gate = gate_up[..., ::2].clamp(max=self.limit)
+                up = gate_up[..., 1::2].clamp(min=-self.limit, max=self.limit)
+                return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
     class Block(torch.nn.Module):
         def __init__(self):

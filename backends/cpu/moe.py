@@ -13,6 +13,7 @@ from torch_mlir import ir
 from torch_mlir.dialects import arith, func, linalg, llvm, memref, scf, tensor
 from torch_mlir.dialects import math as mmath
 
+from sparsa.backends.cpu import CpuLoweringError
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import (
     HOSTED,
@@ -40,6 +41,7 @@ from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import moe as M
 from sparsa.ir.dialects import moe_exchange as X
+from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
 
@@ -235,6 +237,9 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
     packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
     GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
+    if outer_values(op.epilogue):  # (the cpu pipeline's fuse-moe-dispatch leaves such epilogues as tensor ops)
+        raise CpuLoweringError(f"'{op.NAME}' whose epilogue reads values from outside the expert body is not supported "
+                               "by the cpu backend (run fuse-moe-dispatch{outside_values=false})", op.loc)
     inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
     rt = op.result.type
     out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
