@@ -12,10 +12,11 @@ in front of the dispatch, where the backends see them), then
 elementwise ops (the epilogue) that give the next stage's input; the last stage ends in one matmul whose
 epilogue gives the body's value. A body of another shape stays a `moe.moe` and runs as written.
 
-An epilogue may read values from outside the body (a shared bias, a 0-d tensor), which the grouped matmul's
-epilogue reads as data (with `outside_values=false`, for a target whose kernels read none, they are treated as
-the vectors below are). It may also read expert vectors `b[e]` of outside [E, N] tensors (biases). Such a stage's
-products are grouped matmuls of their own and its epilogue runs as tensor ops on the permuted rows, each vector read as
+An epilogue may read values from outside the body (a 0-d scale, a shared bias), which the grouped matmul's
+epilogue reads as data (with `outside_values=false`, for a target whose kernels read no tensors but 0-d ones, a
+stage reading a shared tensor is treated as one reading the vectors below). It may also read expert vectors `b[e]`
+of outside [E, N] tensors (biases). Such a stage's products are grouped matmuls of their own and its epilogue runs
+as tensor ops on the permuted rows, each vector read as
 `b[expert of row]`; the last stage's only such epilogue is `p + b[e]`, whose sum over a token's slots,
 `sum_j gates[t, j] * b[idx[t, j]]` over the slots the dispatch placed, is added after the combine:
 
@@ -53,7 +54,7 @@ class Stage:
     epilogue: list[Operation] = field(default_factory=list)
     output: Value | None = None
     vectors: dict[int, Value] = field(default_factory=dict)  # the expert vectors b[e] it reads: their b, by id
-    outside: bool = False  # whether its epilogue reads a value of the enclosing function, not a constant
+    outside: bool = False  # whether its epilogue reads a tensor of the enclosing function (not a 0-d one)
 
 
 @dataclass
@@ -123,8 +124,7 @@ def split_stages(moe: MoeOp) -> list[Stage]:
         for op in list(pending):
             if isinstance(op, Elementwise) and all(id(v) in available or _outside(v, block) for v in op.operands):
                 stage.epilogue.append(op)
-                stage.outside |= any(_outside(v, block) and not isinstance(v.defining_op, T.ConstantOp)
-                                     for v in op.operands)
+                stage.outside |= any(_outside(v, block) and v.type.rank > 0 for v in op.operands)
                 available.add(id(op.results[0]))
                 stage.vectors.update((id(v), vectors[id(v)]) for v in op.operands if id(v) in vectors)
         pending = [op for op in pending if op not in stage.epilogue]
@@ -224,7 +224,7 @@ class _Rows:
         return self._experts
 
     def unfused(self, stage: Stage, rows: Value, weights: list[Value], gather: bool) -> Value:
-        """A stage whose epilogue reads expert vectors (or values from outside the body, where the target's
+        """A stage whose epilogue reads expert vectors (or tensors from outside the body, where the target's
         grouped-matmul kernels read none): a grouped matmul per product, the epilogue as tensor ops on the
         permuted rows."""
         mapping: dict[int, Value] = {}
@@ -269,7 +269,7 @@ class FuseDispatch(RewritePattern):
         except NotFusable:
             return False
         if len(stages[-1].matmuls) != 1 or stages[-1].outside and not self.outside_values:
-            return False  # the combine is fused into exactly one final matmul (reading no outside value, if told)
+            return False  # the combine is fused into exactly one final matmul (reading no outside tensor, if told)
         k = op.idx.type.shape[1]
         try:
             bias = _final_bias(stages[-1])
@@ -311,8 +311,8 @@ class FuseMoeDispatch(PatternPass):
 
     NAME = "fuse-moe-dispatch"
     block = Option(int, 64, "align each expert's segment to a multiple of this many rows")
-    outside_values = Option(bool, True, "epilogues may read values from outside the expert body (a shared bias, a 0-d "
-                            "tensor); false: such a stage's epilogue runs as tensor ops after its grouped matmuls")
+    outside_values = Option(bool, True, "epilogues may read tensors from outside the expert body (a shared bias; 0-d "
+                            "ones always); false: such a stage's epilogue runs as tensor ops after its grouped matmuls")
     COUNTERS = {"FuseDispatch": "moe ops lowered to grouped matmuls"}
 
     def patterns(self) -> list[RewritePattern]:

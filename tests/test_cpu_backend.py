@@ -114,17 +114,21 @@ SHARED_IN_EXPERTS = """model M(x: f32[T, 32]) -> f32[T, 32] {
 
 
 def test_experts_reading_shared_params_run_on_cpu():
-    """An expert body reading parameters no expert indexes (a 0-d scale, a shared bias): the cpu pipeline's
-    fuse-moe-dispatch leaves that epilogue as tensor ops after the grouped matmul (its grouped GEMM kernels read no
-    outside value, and had failed with a KeyError); a pipeline fusing it is refused at the body's line."""
-    cpu = sparsa.compile(SHARED_IN_EXPERTS, target="cpu").init_weights(2)
-    ref = sparsa.compile(SHARED_IN_EXPERTS, target="reference").init_weights(2)
-    for T in (5, 37):
-        x = randn(T, 32)
-        np.testing.assert_allclose(cpu(x), ref(x), rtol=1e-5, atol=1e-5)
-    ops = [op.NAME for op in cpu.module.funcs[-1].walk()]
-    assert "moe.moe" not in ops and {"moe.grouped_matmul", "moe.grouped_matmul_combine", "tensor.tanh"} <= set(ops)
-    with pytest.raises(CpuLoweringError, match=r"<source>:8:\d+: error: 'moe.grouped_matmul' whose epilogue reads values "
+    """An expert body reading parameters no expert indexes (a 0-d scale, a shared bias), which had failed in the
+    grouped GEMM kernel with a KeyError. A 0-d one is an argument of the kernel, read in its fused epilogue (the
+    combine's too); the cpu pipeline's fuse-moe-dispatch leaves an epilogue reading a shared [N] tensor as tensor ops
+    after the grouped matmul, and a pipeline fusing it is refused at the body's line."""
+    scaled = SHARED_IN_EXPERTS.replace("tanh((h @ w1[e]) * a + b) @ w2[e]", "(tanh((h @ w1[e]) * a) @ w2[e]) * a")
+    for src, fused in ((SHARED_IN_EXPERTS, False), (scaled, True)):
+        cpu = sparsa.compile(src, target="cpu").init_weights(2)
+        ref = sparsa.compile(src, target="reference").init_weights(2)
+        for T in (5, 37):
+            x = randn(T, 32)
+            np.testing.assert_allclose(cpu(x), ref(x), rtol=1e-5, atol=1e-5)
+        ops = [op.NAME for op in cpu.module.funcs[-1].regions[0].block.ops]
+        assert "moe.moe" not in ops and {"moe.grouped_matmul", "moe.grouped_matmul_combine"} <= set(ops)
+        assert ("tensor.tanh" not in ops) == fused, ops  # in the grouped matmul's epilogue, or a tensor op after it
+    with pytest.raises(CpuLoweringError, match=r"<source>:8:\d+: error: 'moe.grouped_matmul' whose epilogue reads tensors "
                                                r"from outside the expert body is not supported by the cpu backend"):
         sparsa.compile(SHARED_IN_EXPERTS, target="cpu", passes="canonicalize,fuse-moe-gating,fuse-moe-dispatch,cse,dce")
 

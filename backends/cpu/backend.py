@@ -18,7 +18,7 @@ class CpuBackend(Backend):
     NAME = "cpu"
     # One kernel per op, the sparse ops as loops over their structure around tiled, vectorized GEMMs; expert
     # segments of 64 rows (the grouped GEMM's work item).
-    PIPELINE = sparse_pipeline(block=64, outside_values=False)  # its grouped GEMMs' epilogues read no outside value
+    PIPELINE = sparse_pipeline(block=64, outside_values=False)  # its grouped GEMMs' epilogues read 0-d ones only
     LEGALIZE = "hoist-region-invariants"  # masks then read data, never slice it
     STAGES = ("mlir", "schedule", "host", "loops", "llvm")
     BINARY_STAGES = ("obj",)  # the kernels' object code for the target

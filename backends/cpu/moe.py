@@ -237,10 +237,11 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
     Weights that are parameters come packed in panels of PANEL columns (contiguous [K, PANEL] blocks,
     packed once per loaded weights by the host), and an elementwise epilogue runs panel by panel: the
     GEMM then reads B sequentially instead of one row of B per page (TLB misses at large N)."""
-    if outer_values(op.epilogue):  # (the cpu pipeline's fuse-moe-dispatch leaves such epilogues as tensor ops)
-        raise CpuLoweringError(f"'{op.NAME}' whose epilogue reads values from outside the expert body is not supported "
-                               "by the cpu backend (run fuse-moe-dispatch{outside_values=false})", op.loc)
-    inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else [])
+    outer = outer_values(op.epilogue)  # 0-d values from outside the body (a scale): arguments of the kernel
+    if any(v.type.rank for v in outer):  # (the cpu pipeline's fuse-moe-dispatch leaves such epilogues as tensor ops)
+        raise CpuLoweringError(f"'{op.NAME}' whose epilogue reads tensors from outside the expert body is not "
+                               "supported by the cpu backend (run fuse-moe-dispatch{outside_values=false})", op.loc)
+    inputs = [op.rows, op.perm, op.offsets] + weights + ([gates] if gates is not None else []) + outer
     rt = op.result.type
     out_type = TensorType(rt.dtype, (None,) + rt.shape) if gates is not None else rt
     panels = packable(op, weights, cx.fixed)
@@ -273,6 +274,8 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
                                                                                B.mdim(out, 2)], drop=[0])])
         rows_t = B.read(rows_m)
         w_ts = [B.read(w) for w in w_ms]
+        for v, m_v in zip(outer, args[len(inputs) - len(outer):len(inputs)], strict=True):
+            cx.values[id(v)] = B.read(m_v)
         D = B.mdim(rows_m, 1)
         n_experts = B.sub(B.mdim(offsets, 0), B.c_index(1)) if not isinstance(E, int) else B.c_index(E)
         if panels and (m or not op.gather):  # items of weight panel groups
