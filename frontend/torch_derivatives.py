@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparsa.frontend.torch_import import Importer, Unsupported, _affine, _axis
+from sparsa.frontend.torch_types import traced_at
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
@@ -120,23 +121,15 @@ def _from_end(bound: Any, at: int | None, n: Any, traced: int) -> Any:
     return 0 if traced + at <= 0 else canonical(f"({n})+({bound})")
 
 
-def _hint(v: Any) -> int | None:
-    """An int, or the value a SymInt was traced at; None for anything else."""
-    if isinstance(v, int) or v is None:
-        return v
-    hint = getattr(getattr(v, "node", None), "hint", None)
-    return int(hint) if hint is not None else None
-
-
 def _traced_int(arg: Any) -> int | None:
     """An int argument's value as PyTorch traced it (given, or a SymInt node's), or None where it does not say."""
-    return _hint(arg.meta.get("val") if hasattr(arg, "meta") else arg)
+    return traced_at(arg.meta.get("val") if hasattr(arg, "meta") else arg)
 
 
 def _traced_size(node: Any, dim: int) -> int | None:
     """The size PyTorch traced the result's `dim` at, or None where it does not say."""
     val = node.meta.get("val")
-    return _hint(val.shape[dim]) if hasattr(val, "shape") and dim < len(val.shape) else None
+    return traced_at(val.shape[dim]) if hasattr(val, "shape") and dim < len(val.shape) else None
 
 
 def _layer_norm_backward(im: Importer, node: Any, dy: Value, x: Value, shape: Any, mean: Value, rstd: Value,

@@ -272,7 +272,7 @@ class Importer:
         return v if v.type.dtype == dtype else self.emit(T.CastOp, v, to=dtype)
 
 
-_NUMBER_OPS = {operator.add: T.AddOp, operator.sub: T.SubOp, operator.mul: T.MulOp, operator.truediv: T.DivOp}
+NUMBER_OPS = {operator.add: T.AddOp, operator.sub: T.SubOp, operator.mul: T.MulOp, operator.truediv: T.DivOp}
 
 
 def _number(im: Importer, node: Any) -> Value:
@@ -286,8 +286,8 @@ def _number(im: Importer, node: Any) -> Value:
         return args[0]
     if node.target is operator.neg:
         return im.emit(T.NegOp, im.tensor(args[0]))
-    if node.target in _NUMBER_OPS and len(args) == 2:
-        return im.emit(_NUMBER_OPS[node.target], *im.operands(*args))
+    if node.target in NUMBER_OPS and len(args) == 2:
+        return im.emit(NUMBER_OPS[node.target], *im.operands(*args))
     raise Unsupported(f"the float {node.target}")
 
 

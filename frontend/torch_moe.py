@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from sparsa.frontend.torch_import import Importer, Unsupported
+from sparsa.frontend.torch_import import NUMBER_OPS, Importer, Unsupported
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Block, Module, Region, Value
 from sparsa.ir.dialects import tensor as T
@@ -544,7 +544,7 @@ def _activation(h: Any, a: Any, consumers: set[Any], aten: Any) -> tuple[Any, li
     return torch.fx.GraphModule(torch.nn.Module(), graph), slices, captured
 
 
-_SCALAR_ARITHMETIC = (operator.neg, operator.add, operator.sub, operator.mul, operator.truediv)
+_SCALAR_ARITHMETIC = (operator.neg, *NUMBER_OPS)  # what the importer reads of such floats (`_number`)
 
 
 def _scalar_of(node: Any, aten: Any) -> bool:

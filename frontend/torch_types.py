@@ -146,6 +146,14 @@ def _dim_text(e: Any) -> str:
     return _PRINTER[0].doprint(e)
 
 
+def traced_at(v: Any) -> int | None:
+    """An int, or the value a SymInt was traced at; None for anything else."""
+    if isinstance(v, int) or v is None:
+        return v
+    hint = getattr(getattr(v, "node", None), "hint", None)
+    return int(hint) if hint is not None else None
+
+
 def size_carried(val: Any) -> bool:
     """Whether a graph input is a size (a SymInt of one symbol, never negative) that comes in carried by the shape
     of an empty tensor, [s, 0], so that it binds its symbol as an input's shape does (a view to (B, L, D) where

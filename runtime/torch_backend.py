@@ -46,6 +46,7 @@ from sparsa.frontend.torch_indexing import one_per_row, topk_indices_axis
 from sparsa.frontend.torch_moe import FoldFailed, fold_before_autograd, fold_grouped_mm_moe
 from sparsa.frontend.torch_padding import fold_pad_slices
 from sparsa.frontend.torch_scan import fold_linear_scans
+from sparsa.frontend.torch_types import traced_at
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.passes import PassManager
 from sparsa.passes.dce import DCE
@@ -551,13 +552,9 @@ class CompiledPartition(torch.nn.Module):
 def _memory_order(val: Any) -> tuple[int, ...] | None:
     """A traced tensor's dims from outermost to innermost in memory, by their strides (at the sizes traced, for
     symbolic ones); None where it is row-major (dims of size 1 aside) or its strides are not known."""
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+    if not isinstance(val, torch.Tensor) or val.dim() < 2 or val.layout != torch.strided:
         return None
-    try:
-        sizes, strides = ([int(s) if isinstance(s, int) else s.node.hint for s in xs]
-                          for xs in (val.shape, val.stride()))
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return None
+    sizes, strides = [traced_at(s) for s in val.shape], [traced_at(s) for s in val.stride()]
     if None in sizes or None in strides:
         return None
     expect, row_major = 1, True
