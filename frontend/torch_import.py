@@ -443,8 +443,6 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
 def _flip(im: Importer, node: Any, x: Value, dims: Any) -> Value:
     """x reversed along `dims`: a slice of step -1 on each (cumsum's derivative flips, in Mamba2's backward)."""
     axes = {_axis(d, x.type.rank) for d in dims}
-    if any(not isinstance(x.type.shape[d], int) for d in axes):
-        raise Unsupported("flip along a symbolic dim")
     rank = x.type.rank
     starts = tuple(-1 if d in axes else 0 for d in range(rank))
     steps = tuple(-1 if d in axes else 1 for d in range(rank))

@@ -10,34 +10,54 @@ from typing import Any
 from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice, _view
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import canonical
 
 
 def _constant_pad_nd(im: Importer, node: Any, x: Value, pad: Any, value: Any = 0) -> Value:
     """Padding before and after dims (pairs from the last dim backwards) as a concat with splat constants; a
-    negative amount crops (a slice)."""
+    negative amount crops (a slice). An amount known only at run time is a dim expression, taken where the shape
+    environment knows its sign: Mamba2 pads to whole chunks by `(c - L % c) % c` rows, and its backward crops them
+    off again."""
     pad = list(pad)
     out = x
     for i in range(0, len(pad), 2):
         d = x.type.rank - 1 - i // 2
+        signs = [_sign(pad[j], node, j) for j in (i, i + 1)]
+        if None in signs:
+            raise Unsupported("constant_pad_nd by amounts known only at run time, of a sign not known")
         before, after = pad[i], pad[i + 1]
-        if not isinstance(before, int) or not isinstance(after, int):
-            raise Unsupported("constant_pad_nd by amounts known only at run time")
-        if before < 0 or after < 0:
-            n = out.type.shape[d]
-            if not isinstance(n, int):
-                raise Unsupported("constant_pad_nd cropping a dim known only at run time")
+        n = out.type.shape[d]
+        if signs[0] < 0 or signs[1] < 0:
+            crop = [canonical(f"-({a})") if s < 0 else 0 for a, s in zip((before, after), signs, strict=True)]
+            if not isinstance(crop[0], int) or crop[1] and n is None:
+                raise Unsupported("constant_pad_nd cropping a dim of unknown size, or its start by a run-time amount")
             starts, stops = [0] * out.type.rank, [None] * out.type.rank
-            starts[d], stops[d] = max(0, -before), n - max(0, -after)
+            starts[d], stops[d] = crop[0], canonical(f"({n})-({crop[1]})") if crop[1] else None
             out = im.emit(S.SliceOp, out, starts=tuple(starts), stops=tuple(stops), steps=(1,) * out.type.rank)
         parts = []
-        for amount in (before, None, after):
+        for amount, sign in ((before, signs[0]), (None, 0), (after, signs[1])):
             if amount is None:
                 parts.append(out)
-            elif amount > 0:
+            elif sign > 0:
                 shape = tuple(amount if j == d else n for j, n in enumerate(out.type.shape))
                 parts.append(im.splat(value, out.type.dtype, shape))
         out = parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=d)
     return out
+
+
+def _sign(amount: Any, node: Any, j: int) -> int | None:
+    """1 for a padding, -1 for a crop, 0 for neither; for a dim expression (the SymInt of the node's j-th amount), the
+    sign the shape environment's value ranges prove; None where they prove none, or for a size the dim language
+    cannot write."""
+    if isinstance(amount, int):
+        return (amount > 0) - (amount < 0)
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    amounts = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad", ())
+    val = getattr(amounts[j], "meta", {}).get("val")
+    if not isinstance(amount, str) or type(val).__name__ != "SymInt":
+        return None
+    return 1 if statically_known_true(val >= 0) else -1 if statically_known_true(val <= 0) else None
 
 
 def _roll(im: Importer, node: Any, x: Value, shifts: Any, dims: Any = ()) -> Value:

@@ -53,6 +53,9 @@ def _same_size(d: Any) -> Any:
     equal = _guarded_equal(env)
     if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
         return equal[expr]
+    expr = expr.xreplace(_guarded_solved(env))  # (a chunked scan's `2*(L//128)` chunk pairs, L//128 guarded 1: 2)
+    if isinstance(expr, sympy.Integer):
+        return expr
     for other in met:
         if other == expr or equal.get(other, other) == equal.get(expr, expr):
             return other
@@ -98,6 +101,51 @@ def _guarded_equal(env: Any) -> dict:
     _EQUAL.clear()  # one environment at a time: an import does not outlive its graph's
     _EQUAL[id(env)] = (key, classes)
     return classes
+
+
+_SOLVED: dict[int, tuple[int, dict]] = {}
+
+
+def _guarded_solved(env: Any) -> dict:
+    """The floor divisions and remainders that the guards fix, each -> its number or the expression of names it is:
+    a size in a class of `_guarded_equal` that has a number, where it is such a term, or a sum with one such term
+    (Mamba2's padded length `L + (c - L % c) % c` guarded to be c, one chunk: its padding is `c - L`, so that the
+    padded rows less the padding are L, as PyTorch's sizes say). Kept per environment while its guards do not change."""
+    import sympy
+
+    key = len(env.guards)
+    if _SOLVED.get(id(env), (None,))[0] == key:
+        return _SOLVED[id(env)][1]
+    classes: dict = {}
+    for member, rep in _guarded_equal(env).items():
+        classes.setdefault(rep, []).append(member)
+    solved: dict = {}
+    grew = True
+    while grew:
+        grew = False
+        for rep, members in classes.items():
+            value = next((v for m in [rep, *members] if isinstance(v := m.xreplace(solved), sympy.Integer)), None)
+            if value is None:
+                continue
+            for m in members:
+                term = m.xreplace(solved)
+                if isinstance(term, sympy.Integer):
+                    continue
+                terms = [t for t in sympy.Add.make_args(term) if _unsolved(t.as_coeff_Mul()[1], solved)]
+                if len(terms) == 1 and abs(terms[0].as_coeff_Mul()[0]) == 1:
+                    coeff, atom = terms[0].as_coeff_Mul()
+                    solved[atom] = (value - (term - terms[0])) * coeff
+                    grew = True
+    _SOLVED.clear()
+    _SOLVED[id(env)] = (key, solved)
+    return solved
+
+
+def _unsolved(atom: Any, solved: dict) -> bool:
+    """Whether a term's factor is a floor division or remainder not yet solved for (not a name: the names bind)."""
+    import sympy
+
+    return isinstance(atom, sympy.Function) and atom not in solved
 
 
 def written(d: Any) -> Dim | None:

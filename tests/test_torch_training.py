@@ -744,6 +744,68 @@ def test_strided_slices_train_at_new_lengths_under_dynamic_shapes(target: str) -
     assert backend.stats["graphs"] == 1
 
 
+class OneChunk(torch.nn.Module):
+    """Mamba2's chunked form at lengths within one chunk of 16: padded by (16 - L % 16) % 16 rows (its backward
+    crops them off), viewed as chunks, a segment sum over the chunks' count plus one, which broadcasts against a
+    pair (as HF Mamba2's heads do: Dynamo's guards then fix the count to 1), cut back to L rows and reversed along
+    them (a flip along a symbolic dim)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.pair = torch.nn.Parameter(torch.randn(2, 1))
+
+    def forward(self, x):
+        B, L, D = x.shape
+        c = F.pad(self.proj(x), (0, 0, 0, (16 - L % 16) % 16)).view(B, -1, 16, D)
+        seg = F.pad(c[:, :, -1], (0, 0, 1, 0)).cumsum(1) * self.pair  # [B, chunks + 1, D]
+        mask = torch.tril(torch.ones(seg.shape[1], seg.shape[1], dtype=torch.bool))
+        states = (seg[:, :, None] - seg[:, None, :]).masked_fill(~mask[None, :, :, None], 0.0).exp().sum(2)[:, 1:]
+        y = (c * states[:, :, None]).reshape(B, -1, D)[:, :L]
+        return y.flip(1).cumsum(1).sin().sum() + y.square().mean()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_padding_to_whole_chunks_trains_under_dynamic_shapes(target: str) -> None:
+    """A padding and a crop by `(16 - L % 16) % 16` rows, sizes known only at run time (they were left to PyTorch,
+    as were flips along a symbolic dim): imported where the shape environment proves their sign, and the whole
+    graph trains as eager at three lengths, nothing left to PyTorch."""
+    SparsaBackend = _backend_for(target)
+    torch.manual_seed(0)
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager_at((5, 9, 13), OneChunk(), backend, atol=1e-4)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["graphs"] == 1
+
+
+def test_nemotron_h_trains_whole_under_dynamic_shapes() -> None:
+    """transformers' NemotronH (Mamba2 layers, a relu^2 MoE, attention) trained under dynamic=True at two lengths:
+    its chunked scan pads to whole chunks of 128 by a run-time amount, and Dynamo's guards fix the chunks' count
+    to 1 (its heads, 2 of them, broadcast against the count plus one). Sizes made of guard-fixed ones (`2*(n//128)`
+    chunk pairs, the padding `128 - L`) are written as what the guards make them, so that they meet the sizes they
+    equal (they had not: 18 ops were left to PyTorch); the gradients equal eager's."""
+    transformers = pytest.importorskip("transformers")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    torch.manual_seed(0)
+    config = transformers.NemotronHConfig(
+        vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+        mamba_num_heads=2, mamba_head_dim=8, n_groups=1, ssm_state_size=8, chunk_size=32, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=16)
+    model = transformers.NemotronHForCausalLM(config)
+    ref = copy.deepcopy(model)
+    backend = SparsaBackend({"target": "reference"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length in (12, 19):
+        ids = torch.randint(0, 64, (2, length))
+        for m, f in ((model, compiled), (ref, ref)):
+            m.zero_grad()
+            f(input_ids=ids, labels=ids).loss.backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+
+
 class VmapBmm(torch.nn.Module):
     """A bmm (so the MoE fold traces the graph) beside a torch.vmap, which Dynamo inlines as vmap's levels (as in
     torch's associative scan at a symbolic length: Jamba's Mamba layers)."""

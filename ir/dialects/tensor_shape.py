@@ -358,9 +358,11 @@ def put_back(g: Any, taken: Value, axis: int, n: Dim, start: Dim, step: int, sto
 def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
     """The length of d[start:stop:step]. Over a symbolic d, bounds counted from one end are taken to lie inside d
     (x[-1:] of s rows is 1 row, x[2:] is s-2, x[:-1] is s-1: the run checks each result against its type); a
-    length that depends on where they fall (x[-3:5]) or a negative step is `?`."""
+    length that depends on where they fall (x[-3:5]) or a negative step other than a reversal (x[::-1]) is `?`."""
     if isinstance(d, int) and (stop is None or isinstance(stop, int)):
         return len(range(d)[slice(start, stop, step)])
+    if (start, stop, step) == (-1, None, -1):  # reversed
+        return d
     if d is None or step < 1 or not (stop is None or isinstance(stop, int)):
         return canonical(f"{stop}-{start}") if isinstance(stop, str) and start >= 0 and step == 1 else None
     if start >= 0:
