@@ -56,6 +56,8 @@ CASES = {
     "reshape": ("reshape(x, [2, 6])", lambda x: x.reshape(2, 6), {}),
     "slice": ("x[1:3, :2]", lambda x: x[1:3, :2], {}),
     "slice steps": ("x[0:3:2, 1::2]", lambda x: x[0:3:2, 1::2], {}),
+    "slice negative steps": ("x[::-1, 3:0:-2]", lambda x: x.flip(0)[:, [3, 1]], {}),
+    "slice negative steps from the end": ("x[-2::-1, -1::-3]", lambda x: x[[1, 0]][:, [3, 0]], {}),
     "concat": ("concat([x, y], axis=0)", lambda x, y: torch.cat([x, y], 0), {"y": (2, 4)}),
     "gather rows": ("x[y]", lambda x, y: x[y], {"y": "i64:5"}),
     "gather elements": ("x[y, z]", lambda x, y, z: x[y, z], {"y": "i64:6", "z": "i64:6"}),
@@ -251,6 +253,9 @@ SYMBOLIC_AXIS = {  # .sp and torch of slices and concats along an axis of symbol
     return a + sum(x[:, -3:] * x[:, -3:], axis=1, keepdim=true) + sum(x[:, 2:-1:3], axis=1, keepdim=true)
 }""", lambda x, y: (x[:, 1::2].exp().sum(1, keepdim=True) * x[:, 0:-1:2].mean(1, keepdim=True)
                    + (x[:, -3:] ** 2).sum(1, keepdim=True) + x[:, 2:-1:3].sum(1, keepdim=True))),
+    "reversed": ("""model R(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
+    return sum(cumsum(x[:, -1::-1], axis=1) * x, axis=1, keepdim=true)
+}""", lambda x, y: (x.flip(1).cumsum(1) * x).sum(1, keepdim=True)),
     "concats": ("""model C(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
     c = concat([y, exp(x), y[:, :2], y[:, :0]], axis=1)
     return sum(c * c, axis=1, keepdim=true) + sum(sigmoid(concat([x * 2.0, y], axis=1)), axis=1, keepdim=true)

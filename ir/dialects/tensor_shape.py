@@ -286,14 +286,28 @@ class SliceOp(View, Operation):
         return index
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
-        """dY put back where the slice took it from, zeros around it (static bounds, positive steps)."""
+        """dY put back where the slice took it from, zeros around it. A negative step takes the rows of a positive
+        one, reversed: dY reversed, then put back (over a symbolic dim, only the whole axis reversed)."""
         x, dy = xs[0], dys[0]
         out = dy
         for axis, (start, stop, step) in enumerate(zip(self.starts, self.stops, self.steps, strict=True)):
             if (start, stop, step) == (0, None, 1):
                 continue
-            if step < 1 or x.type.shape[axis] is None or out.type.shape[axis] is None:
-                raise self.error("has no derivative yet for negative steps or dims of unknown size")
+            n = x.type.shape[axis]
+            if step < 0:
+                rank = out.type.rank
+                flip = [(-1, None, -1) if a == axis else (0, None, 1) for a in range(rank)]
+                out = g.emit("tensor.slice", out, starts=[f[0] for f in flip], stops=[f[1] for f in flip],
+                             steps=[f[2] for f in flip])
+                if (start, stop, step) == (-1, None, -1):
+                    continue
+                if not isinstance(n, int) or not (stop is None or isinstance(stop, int)):
+                    raise self.error("has no derivative yet for a negative step over a symbolic dim, other than "
+                                     "the whole axis reversed")
+                rows = range(n)[slice(start, stop, step)]
+                start, stop, step = (rows[-1], rows[0] + 1, -step) if rows else (0, 0, 1)
+            if n is None or out.type.shape[axis] is None:
+                raise self.error("has no derivative yet for dims of unknown size")
             try:
                 out = put_back(g, out, axis, x.type.shape[axis], start, step, stop)
             except ValueError as e:
