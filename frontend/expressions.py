@@ -191,8 +191,8 @@ def basic_index(lw: Lowerer, node: A.Index, scope: Scope, base: Value, items: li
                 raise lw.error(it.pos, "slice step cannot be zero")
             start = lw.int_value(it.start, scope) if it.start else (0 if step > 0 else -1)
             stop = _slice_stop(lw, it.stop, scope) if it.stop else None
-            if step < 0 and it.start is None and not isinstance(d, int):
-                raise lw.error(it.pos, "a negative step over a symbolic dim needs an explicit start")
+            if step < -1 and it.start is None and not isinstance(d, int):
+                raise lw.error(it.pos, "a step below -1 over a symbolic dim needs an explicit start")
             slices.append((start, stop, step))
         else:
             i = lw.int_value(it, scope)

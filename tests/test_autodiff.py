@@ -254,8 +254,8 @@ SYMBOLIC_AXIS = {  # .sp and torch of slices and concats along an axis of symbol
 }""", lambda x, y: (x[:, 1::2].exp().sum(1, keepdim=True) * x[:, 0:-1:2].mean(1, keepdim=True)
                    + (x[:, -3:] ** 2).sum(1, keepdim=True) + x[:, 2:-1:3].sum(1, keepdim=True))),
     "reversed": ("""model R(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
-    return sum(cumsum(x[:, -1::-1], axis=1) * x, axis=1, keepdim=true)
-}""", lambda x, y: (x.flip(1).cumsum(1) * x).sum(1, keepdim=True)),
+    return sum(cumsum(x[:, -1::-1], axis=1) * x + exp(x[:, ::-1]) * x, axis=1, keepdim=true)
+}""", lambda x, y: (x.flip(1).cumsum(1) * x + x.flip(1).exp() * x).sum(1, keepdim=True)),
     "concats": ("""model C(x: f32[B, L], y: f32[B, 3]) -> f32[B, 1] {
     c = concat([y, exp(x), y[:, :2], y[:, :0]], axis=1)
     return sum(c * c, axis=1, keepdim=true) + sum(sigmoid(concat([x * 2.0, y], axis=1)), axis=1, keepdim=true)
