@@ -8,7 +8,8 @@ already know (registered in `torch_import`'s table):
   everywhere gives zeros, not NaN);
 - `scatter` of a value and `gather` along a dim, as comparisons of the index with an iota (DeepSeek's
   group routing: a group mask scattered from the chosen groups, scores gathered at the chosen experts).
-  The comparison costs (index length) x (dim length) per row, so it is taken up to MAX_COMPARISONS;
+  The comparison costs (index length) x (dim length) per row, so it is taken up to MAX_COMPARISONS; a larger
+  gather, or one along a symbolic dim, is a `tensor.gather` (addressed);
 - `slice_scatter` with step 1 (a concat of the pieces around the slice) and `copy` (a broadcast and cast):
   an attention that assembles q from its rotary and plain halves in place;
 - `max.dim` (values and first indices), `all` (a min over the bools as ints).
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparsa.frontend.torch_import import Importer, Unsupported, _axis, _slice, torch_dtype
+from sparsa.ir.autodiff import Grad
 from sparsa.ir.core import Value
 from sparsa.ir.dialects import tensor as T
 from sparsa.ir.dialects import tensor_reduce as R
@@ -79,11 +81,17 @@ def _safe_softmax(im: Importer, node: Any, x: Value, dim: int, dtype: Any = None
     return im.emit(T.WhereOp, empty, im.const(0.0, x.type.dtype), im.emit(R.SoftmaxOp, x, axis=axis))
 
 
+def _compared(index: Value, d: int, length: Any) -> bool:
+    """Whether an index's places along dim d are few enough to compare with each of `length` positions."""
+    n = index.type.shape[d]
+    return isinstance(length, int) and isinstance(n, int) and n * length <= MAX_COMPARISONS
+
+
 def _hits(im: Importer, index: Value, d: int, length: Any) -> Value:
     """[..., n, length, ...] (n: the index's size at d, length at d + 1): index[..., j, ...] == g."""
     n = index.type.shape[d]
-    if not isinstance(length, int) or not isinstance(n, int) or n * length > MAX_COMPARISONS:
-        raise Unsupported(f"gather/scatter of {n} indices along a dim of {length} (compared, not addressed)")
+    if not _compared(index, d, length):
+        raise Unsupported(f"scatter of {n} values along a dim of {length} (compared, not addressed)")
     rank = index.type.rank
     g = im.emit(T.IotaOp, result_types=[TensorType(index.type.dtype, (length,))])
     g = im.emit(S.ExpandDimsOp, g, axes=tuple(a for a in range(rank + 1) if a != d + 1))
@@ -105,10 +113,16 @@ def _scatter_value(im: Importer, node: Any, x: Value, dim: int, index: Value, va
 
 
 def _gather(im: Importer, node: Any, x: Value, dim: int, index: Value, sparse_grad: bool = False) -> Value:
+    """Compared with an iota where that is small (`_hits`); addressed otherwise (a `tensor.gather` of every axis:
+    log-probabilities picked at the labels along a vocabulary, BERT's token types along a symbolic length)."""
     d = _axis(dim, x.type.rank)
-    _same_but(x, index, d, "gather")
     if x.type.dtype == "i1":
         raise Unsupported("gather of bools")
+    if index.type.rank != x.type.rank or index.type.dtype != "i64":
+        raise Unsupported(f"gather at {index.type} from {x.type} (an int64 index of the tensor's rank)")
+    if not _compared(index, d, x.type.shape[d]):
+        return R.gather_along(Grad(im.block), x, index, d)
+    _same_but(x, index, d, "gather")
     hits = _hits(im, index, d, x.type.shape[d])  # [..., n, G, ...]: exactly one hit per (..., j, ...)
     picked = im.emit(T.WhereOp, hits, im.emit(S.ExpandDimsOp, x, axes=(d,)), im.const(0, x.type.dtype))
     return im.emit(R.SumOp, picked, axes=(d + 1,), keepdim=False)

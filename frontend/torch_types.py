@@ -43,7 +43,9 @@ _NAMED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("sparsa_imp
 
 def _same_size(d: Any) -> Any:
     """d's expression, or the first one met in this import that the shape environment proves equal to it
-    (under the graph's guards: a chunked scan's `2*((s-1)//2)+2` is `s` when s is even, as Dynamo guards)."""
+    (under the graph's guards: a chunked scan's `2*((s-1)//2)+2` is `s` when s is even, as Dynamo guards). Where
+    none is, the expression with the sizes the guards solve for written as they make them (`_guarded_solved`: a
+    chunked scan's `2*(L//128)` chunk pairs, L//128 guarded 1, are 2)."""
     import sympy
 
     expr, env = d.node.expr, d.node.shape_env
@@ -53,9 +55,23 @@ def _same_size(d: Any) -> Any:
     equal = _guarded_equal(env)
     if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
         return equal[expr]
-    expr = expr.xreplace(_guarded_solved(env))  # (a chunked scan's `2*(L//128)` chunk pairs, L//128 guarded 1: 2)
-    if isinstance(expr, sympy.Integer):
-        return expr
+    other = _met_equal(expr, met, env, equal)
+    if other is not None:
+        return other
+    solved = expr.xreplace(_guarded_solved(env))
+    if solved != expr and not isinstance(solved, sympy.Integer):
+        other = _met_equal(solved, met, env, equal)
+        if other is not None:
+            return other
+    if not isinstance(solved, sympy.Integer):
+        met.append(solved)
+    return solved
+
+
+def _met_equal(expr: Any, met: list, env: Any, equal: dict) -> Any:
+    """The first size met that the guards' classes or the shape environment make equal to expr; None if none."""
+    import sympy
+
     for other in met:
         if other == expr or equal.get(other, other) == equal.get(expr, expr):
             return other
@@ -65,8 +81,7 @@ def _same_size(d: Any) -> Any:
             same = None
         if same is not None and bool(same):
             return other
-    met.append(expr)
-    return expr
+    return None
 
 
 _EQUAL: dict[int, tuple[int, dict]] = {}

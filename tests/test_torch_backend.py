@@ -504,7 +504,7 @@ def test_padding_to_whole_chunks_under_dynamic_shapes(target):
     backend = check_lengths(ChunkPad, target, (12, 19, 32))
     assert backend.partitions and not backend.fallbacks, dict(backend.fallbacks)
     ir = "".join(print_module(p.module) for p in backend.partitions)
-    assert "//(8))}x1x4xf32>" in ir and "x?x" not in ir, ir  # (the chunks' count: the padded length // 8)
+    assert "%(8))))%(8))))//8)}x1x4xf32>" in ir and "x?x" not in ir, ir  # (the chunks' count: padded length // 8)
 
 
 class WindowTail(Projected):

@@ -312,6 +312,17 @@ class RmsNormOp(Operation):
 def scatter_along(g: Any, base: Value, updates: Value, idx: Value, axis: int) -> Value:
     """base with updates[p] added at p with its coordinate along `axis` replaced by idx[p] (PyTorch's
     scatter_add; a top-k's values' cotangent put back where they were taken from). g emits the ops (a Grad)."""
+    return g.emit("tensor.scatter_add", base, updates, _places(g, idx, axis))
+
+
+def gather_along(g: Any, x: Value, idx: Value, axis: int) -> Value:
+    """x[p with its coordinate along `axis` replaced by idx[p]] for each place p of idx (PyTorch's gather: an
+    index of x's rank, no larger than x off the axis), as a `tensor.gather` of every axis."""
+    return g.emit("tensor.gather", x, _places(g, idx, axis))
+
+
+def _places(g: Any, idx: Value, axis: int) -> list[Value]:
+    """For each axis, an i64 index of idx's shape: idx along `axis`, the position along each other."""
     shape = idx.type.shape
     places = []
     for a in range(idx.type.rank):  # the position along each other axis, broadcast over the rest
@@ -321,7 +332,7 @@ def scatter_along(g: Any, base: Value, updates: Value, idx: Value, axis: int) ->
         iota = g.emit("tensor.iota", result_types=[TensorType("i64", (shape[a],))])
         iota = g.emit("tensor.reshape", iota, shape=[-1 if b == a else 1 for b in range(idx.type.rank)])
         places.append(g.broadcast_to(iota, TensorType("i64", shape)))
-    return g.emit("tensor.scatter_add", base, updates, places)
+    return places
 
 
 class TopkOp(Operation):

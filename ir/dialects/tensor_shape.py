@@ -375,7 +375,7 @@ def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
     length that depends on where they fall (x[-3:5]) or a negative step other than a reversal (x[::-1]) is `?`."""
     if isinstance(d, int) and (stop is None or isinstance(stop, int)):
         return len(range(d)[slice(start, stop, step)])
-    if (start, stop, step) == (-1, None, -1):  # reversed
+    if (start, stop, step) in ((0, None, 1), (-1, None, -1)):  # the whole axis (reversed): its dim as written
         return d
     if d is None or step < 1 or not (stop is None or isinstance(stop, int)):
         return canonical(f"{stop}-{start}") if isinstance(stop, str) and start >= 0 and step == 1 else None
