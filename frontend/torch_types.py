@@ -147,9 +147,10 @@ def _guarded_solved(env: Any) -> dict:
                 if isinstance(term, sympy.Integer):
                     continue
                 terms = [t for t in sympy.Add.make_args(term) if _unsolved(t.as_coeff_Mul()[1], solved)]
-                if len(terms) == 1 and abs(terms[0].as_coeff_Mul()[0]) == 1:
-                    coeff, atom = terms[0].as_coeff_Mul()
-                    solved[atom] = (value - (term - terms[0])) * coeff
+                rest = term - terms[0] if len(terms) == 1 else None
+                coeff, atom = terms[0].as_coeff_Mul() if terms else (0, None)
+                if rest is not None and abs(coeff) == 1 and not rest.has(atom):  # (not in a product beside it)
+                    solved[atom] = (value - rest) * coeff
                     grew = True
     _SOLVED.clear()
     _SOLVED[id(env)] = (key, solved)
