@@ -114,7 +114,7 @@ def _scatter_value(im: Importer, node: Any, x: Value, dim: int, index: Value, va
 
 def _gather(im: Importer, node: Any, x: Value, dim: int, index: Value, sparse_grad: bool = False) -> Value:
     """Compared with an iota where that is small (`_hits`); addressed otherwise (a `tensor.gather` of every axis:
-    log-probabilities picked at the labels along a vocabulary, BERT's token types along a symbolic length)."""
+    BERT's token types at the first L positions of a buffer, L symbolic, or many places along a long dim)."""
     d = _axis(dim, x.type.rank)
     if x.type.dtype == "i1":
         raise Unsupported("gather of bools")
