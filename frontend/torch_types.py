@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -84,19 +85,31 @@ def _met_equal(expr: Any, met: list, env: Any, equal: dict) -> Any:
     return None
 
 
-_EQUAL: dict[int, tuple[int, dict]] = {}
+_PER_GUARDS: dict[Any, tuple[int, int, dict]] = {}
 
 
+def _per_guards(build: Any) -> Any:
+    """build(env), kept while the environment and its guards do not change (one environment at a time: an import
+    does not outlive its graph's)."""
+
+    @functools.wraps(build)
+    def kept(env: Any) -> dict:
+        hit = _PER_GUARDS.get(build)
+        if hit is not None and hit[:2] == (id(env), len(env.guards)):
+            return hit[2]
+        value = build(env)
+        _PER_GUARDS[build] = (id(env), len(env.guards), value)
+        return value
+    return kept
+
+
+@_per_guards
 def _guarded_equal(env: Any) -> dict:
     """Each size an equality guard of Dynamo's names -> one representative of its class (the guards' Eq(a, b),
     chained; a number where the class has one): sizes the guards make equal that the environment does not
-    simplify (Mamba's scan under dynamic shapes guards `Eq((s-1)//2, 2*((s//2-1)//2)+1)` and `Eq(s//8, 1)`).
-    Kept per environment while its guards do not change."""
+    simplify (Mamba's scan under dynamic shapes guards `Eq((s-1)//2, 2*((s//2-1)//2)+1)` and `Eq(s//8, 1)`)."""
     import sympy
 
-    key = len(env.guards)
-    if _EQUAL.get(id(env), (None,))[0] == key:
-        return _EQUAL[id(env)][1]
     parent: dict = {}
 
     def root(x: Any) -> Any:
@@ -113,24 +126,17 @@ def _guarded_equal(env: Any) -> dict:
                 parent[b] = a
     classes = {x: root(x) for x in parent}
     classes.update({r: r for r in set(classes.values())})
-    _EQUAL.clear()  # one environment at a time: an import does not outlive its graph's
-    _EQUAL[id(env)] = (key, classes)
     return classes
 
 
-_SOLVED: dict[int, tuple[int, dict]] = {}
-
-
+@_per_guards
 def _guarded_solved(env: Any) -> dict:
     """The floor divisions and remainders that the guards fix, each -> its number or the expression of names it is:
     a size in a class of `_guarded_equal` that has a number, where it is such a term, or a sum with one such term
     (Mamba2's padded length `L + (c - L % c) % c` guarded to be c, one chunk: its padding is `c - L`, so that the
-    padded rows less the padding are L, as PyTorch's sizes say). Kept per environment while its guards do not change."""
+    padded rows less the padding are L, as PyTorch's sizes say)."""
     import sympy
 
-    key = len(env.guards)
-    if _SOLVED.get(id(env), (None,))[0] == key:
-        return _SOLVED[id(env)][1]
     classes: dict = {}
     for member, rep in _guarded_equal(env).items():
         classes.setdefault(rep, []).append(member)
@@ -152,8 +158,6 @@ def _guarded_solved(env: Any) -> dict:
                 if rest is not None and abs(coeff) == 1 and not rest.has(atom):  # (not in a product beside it)
                     solved[atom] = (value - rest) * coeff
                     grew = True
-    _SOLVED.clear()
-    _SOLVED[id(env)] = (key, solved)
     return solved
 
 
