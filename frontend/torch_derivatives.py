@@ -100,7 +100,11 @@ def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, st
     if isinstance(start, Value) or isinstance(stop, Value) or not isinstance(step, int) or step < 1:
         raise Unsupported("a slice backward with bounds known only at run time, or a step below 1")
     n, traced = sizes[dim], _traced_size(node, dim)
-    if not isinstance(n, int):  # bounds as PyTorch traced them (its guards keep their signs and clamps)
+    if isinstance(n, int):
+        traced = n
+    if not isinstance(n, int) or isinstance(start, str) or isinstance(stop, str):
+        # bounds as PyTorch traced them (its guards keep their signs and clamps): MPT's `alibi[:, :, -L:]` of 2048
+        # starts at 2048 - L
         if traced is None:
             raise Unsupported("a slice backward along a symbolic dim PyTorch did not trace a size for")
         args = [*node.args, 0, None][3:5]  # (start's and end's nodes or ints, where given)

@@ -416,7 +416,7 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     if isinstance(end, int) and end >= 2**62:
         end = None
     val = node.meta.get("val") if str(getattr(node, "target", "")) == "aten.slice.Tensor" else None  # (not a caller's)
-    if step == 1 and isinstance(start, int | str) and val is not None and len(val.shape) == x.type.rank:
+    if step == 1 and val is not None and len(val.shape) == x.type.rank:
         # where PyTorch knows the length (its guards put a sliding window's x[-4096:] over the whole of a shorter
         # axis, and x[-L:] is all of it), from the end: the start it makes (0 for the whole axis), not the bound
         # the IR takes as inside
@@ -430,6 +430,10 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
             start, end = 0, None
         elif end is None and size is not None and isinstance(canonical(f"{size}-({n})"), int):
             start = canonical(f"{size}-({n})")
+        elif end is None and size is not None and not isinstance(start, int):
+            # the last n rows from a run-time start (MPT's ALiBi `alibi[:, :, -L:]` of its 2048, L guarded below):
+            # the first n of the axis reversed, reversed back (a slice's start is a number in the IR)
+            return _flip(im, node, _slice(im, None, _flip(im, node, x, [d]), d, 0, n), [d])
     if start == 0 and end is None and step == 1:
         return x
     if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):

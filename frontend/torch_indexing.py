@@ -157,9 +157,10 @@ def _scatter(im: Importer, node: Any, base: Value, dim: int, index: Value, src: 
 
 def _repeat(im: Importer, node: Any, x: Value, repeats: Any) -> Value:
     """x tiled `repeats` times along each dim (leading new dims where there are more repeats than dims): x
-    viewed [1, s0, 1, s1, ...], broadcast to [r0, s0, r1, s1, ...] and viewed [r0 * s0, r1 * s1, ...]."""
+    viewed [1, s0, 1, s1, ...], broadcast to [r0, s0, r1, s1, ...] and viewed [r0 * s0, r1 * s1, ...]. A repeat
+    may be a size (Bloom's ALiBi slopes, repeated batch times)."""
     lead = len(repeats) - x.type.rank
-    if lead < 0 or not all(isinstance(r, int) for r in repeats):
+    if lead < 0 or not all(isinstance(r, int | str) for r in repeats):
         raise Unsupported(f"repeat of {x.type} by {list(repeats)}")
     shape = (1,) * lead + tuple(x.type.shape)
     pairs = tuple(d for s in shape for d in (1, s))

@@ -134,13 +134,15 @@ def _guarded_solved(env: Any) -> dict:
     """The floor divisions and remainders that the guards fix, each -> its number or the expression of names it is:
     a size in a class of `_guarded_equal` that has a number, where it is such a term, or a sum with one such term
     (Mamba2's padded length `L + (c - L % c) % c` guarded to be c, one chunk: its padding is `c - L`, so that the
-    padded rows less the padding are L, as PyTorch's sizes say)."""
+    padded rows less the padding are L, as PyTorch's sizes say). A name that a guard's equality, linear in it
+    alone, fixes is its number too (HF's `x[:, -logits_to_keep:]` under `dynamic=True`: Dynamo makes the 0 a
+    name, s, and its view of the logits guards `Eq(32*L, 32*s + 32*L)`: the slice's `s + L` rows are L)."""
     import sympy
 
     classes: dict = {}
     for member, rep in _guarded_equal(env).items():
         classes.setdefault(rep, []).append(member)
-    solved: dict = {}
+    solved: dict = _guarded_names(env)
     grew = True
     while grew:
         grew = False
@@ -159,6 +161,27 @@ def _guarded_solved(env: Any) -> dict:
                     solved[atom] = (value - rest) * coeff
                     grew = True
     return solved
+
+
+def _guarded_names(env: Any) -> dict:
+    """Each name an equality guard fixes, being linear in it and in no other name -> its number."""
+    import sympy
+
+    fixed: dict = {}
+    for g in env.guards:
+        e = g.expr
+        if not isinstance(e, sympy.Eq) or not all(isinstance(a, sympy.Expr) for a in e.args):
+            continue
+        diff = sympy.expand(e.args[0] - e.args[1])
+        names = diff.free_symbols
+        if len(names) != 1 or not all(isinstance(a, sympy.Symbol) for a in names):
+            continue
+        (name,) = names
+        if diff.is_polynomial(name) and sympy.degree(diff, name) == 1:
+            coeff, rest = sympy.Poly(diff, name).all_coeffs()
+            if isinstance(value := -rest / coeff, sympy.Integer):
+                fixed[name] = value
+    return fixed
 
 
 def _unsolved(atom: Any, solved: dict) -> bool:

@@ -778,6 +778,37 @@ def test_padding_to_whole_chunks_trains_under_dynamic_shapes(target: str) -> Non
     assert backend.stats["graphs"] == 1
 
 
+class KeptLogits(torch.nn.Module):
+    """A table's last L rows (MPT's ALiBi bias, `alibi[:, :, -L:]` of its 2048 positions; MiniMax's decay rates), and
+    HF's logits `hidden[:, -logits_to_keep:]` with logits_to_keep 0 (every position: under dynamic=True Dynamo
+    makes the 0 a name, s, which a guard of the logits' view fixes; the slice's rows are `s + L`); and a repeat by
+    the batch size (Bloom's ALiBi slopes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+        self.table, self.slopes = torch.nn.Parameter(torch.randn(64, 8)), torch.nn.Parameter(torch.randn(1, 1, 8))
+
+    def forward(self, x, logits_to_keep=0):
+        h = torch.tanh(self.proj(x)) * self.table[-x.shape[1]:] + self.slopes.repeat(x.shape[0], 1, 1)
+        return self.head(h[:, -logits_to_keep:, :]).view(-1, 4).square().mean()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_slices_from_run_time_starts_train_under_dynamic_shapes(target: str) -> None:
+    """Slices that start at a size known at run time (64 - L; -s, where a guard fixes s to 0) were left to PyTorch
+    with the views after them ("slice with symbolic start": 2 or 3 ops in GPT-J, CodeGen, Falcon, Bloom, MPT,
+    MiniMax, Mamba2). The last L rows are the first L of the axis reversed, reversed back; the guard's 0 makes the
+    logits' rows L. A repeat by a size was left too (Bloom). Nothing is left to PyTorch and the gradients equal
+    eager's at three lengths."""
+    SparsaBackend = _backend_for(target)
+    torch.manual_seed(0)
+    backend = SparsaBackend({"target": target})
+    _trains_as_eager_at((5, 9, 13), KeptLogits(), backend)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["graphs"] == 1
+
+
 def test_nemotron_h_trains_whole_under_dynamic_shapes() -> None:
     """transformers' NemotronH (Mamba2 layers, a relu^2 MoE, attention) trained under dynamic=True at two lengths:
     its chunked scan pads to whole chunks of 128 by a run-time amount, and Dynamo's guards fix the chunks' count
