@@ -56,10 +56,13 @@ def _same_size(d: Any) -> Any:
     equal = _guarded_equal(env)
     if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
         return equal[expr]
+    solved = _guarded_solved(env)
+    if expr.free_symbols and all(solved.get(s) is not None for s in expr.free_symbols):
+        return expr.xreplace(solved)  # (of names the guards leave one value: a number, wherever it is met)
     other = _met_equal(expr, met, env, equal)
     if other is not None:
         return other
-    solved = expr.xreplace(_guarded_solved(env))
+    solved = expr.xreplace(solved)
     if solved != expr and not isinstance(solved, sympy.Integer):
         other = _met_equal(solved, met, env, equal)
         if other is not None:
@@ -160,6 +163,7 @@ def _guarded_solved(env: Any) -> dict:
                 if rest is not None and abs(coeff) == 1 and not rest.has(atom):  # (not in a product beside it)
                     solved[atom] = (value - rest) * coeff
                     grew = True
+    solved.update(_pinned_names(env, solved))
     return solved
 
 
@@ -182,6 +186,30 @@ def _guarded_names(env: Any) -> dict:
             if isinstance(value := -rest / coeff, sympy.Integer):
                 fixed[name] = value
     return fixed
+
+
+def _pinned_names(env: Any, solved: dict) -> dict:
+    """Each name that the guards leave one value -> that value: a floor division of it solved for bounds it to a
+    range (`Eq(L//8, 1)`: 8 <= L < 16), and one value in it meets every guard of that name alone (Mamba's parallel
+    scan at L = 12 takes log2(L) steps, each a view Dynamo guards: L//8 is 1, (L - 1)//2 is 5, L is even)."""
+    import sympy
+    from torch.utils._sympy.functions import FloorDiv
+
+    pinned: dict = {}
+    for atom, value in list(solved.items()):
+        if not (isinstance(atom, FloorDiv) and isinstance(value, sympy.Integer) and len(atom.free_symbols) == 1):
+            continue
+        base, div = atom.args
+        (name,) = atom.free_symbols
+        shift = base - name
+        if name in pinned or not isinstance(div, sympy.Integer) or not 0 < div <= 4096 or shift.free_symbols:
+            continue
+        alone = [g.expr for g in env.guards if g.expr.free_symbols == {name}]
+        fits = [n for n in range(int(div * value - shift), int(div * value - shift + div))
+                if all(g.xreplace({name: n}) == sympy.true for g in alone)]
+        if len(fits) == 1:
+            pinned[name] = sympy.Integer(fits[0])
+    return pinned
 
 
 def _unsolved(atom: Any, solved: dict) -> bool:

@@ -582,6 +582,30 @@ def test_sizes_made_of_sizes_the_guards_fix_are_written_as_the_guards_make_them(
     assert got == [2, name, 16, f"16-{name}", f"{name}+1"]
 
 
+def test_a_length_the_guards_leave_one_value_is_that_number():
+    """Mamba's parallel scan at L = 12 takes log2(L) steps, each a view Dynamo guards: L//8 is 1, (L - 1)//2 is 5,
+    L is even, so only 12 passes them. Every size of L is then its number (the backward's `L//8 + (L//4 - 1)//2 +
+    1` rows, written `L//4` as met, were added to a select's 3: 2 ops left to PyTorch in Mamba and FalconMamba).
+    Where the guards leave several values (L//8 is 1 alone: 8 to 15), L stays a name."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    from sparsa.frontend import torch_types
+
+    def sizes(guarded: bool) -> list:
+        env = ShapeEnv()
+        length = env.create_unspecified_symint_and_symbol(12, ConstantSource("L"), DimDynamic.DYNAMIC)
+        assert length // 8 == 1 and (not guarded or (length - 1) // 2 == 5 and length % 2 == 0)
+        token = torch_types._SIZES.set([])
+        try:
+            return [torch_types.as_dim(d) for d in (length, length // 4, length // 8 + (length // 4 - 1) // 2 + 1)]
+        finally:
+            torch_types._SIZES.reset(token)
+
+    assert sizes(True) == [12, 3, 3]
+    assert all(isinstance(d, str) for d in sizes(False))
+
+
 @pytest.mark.parametrize("make", [MLP, WindowAttention, PaddedBiasAttention])
 def test_new_sequence_lengths_do_not_recompile_once_dynamic(make):
     backend = SparsaBackend()
