@@ -9,7 +9,7 @@ from sparsa.frontend import ast as A
 from sparsa.frontend.values import DimRef, Lit, ModelRef, show_dim
 from sparsa.ir import dialects as D
 from sparsa.ir.core import Value
-from sparsa.ir.dims import compatible
+from sparsa.ir.dims import compatible, format_dim
 from sparsa.ir.types import is_float, is_int, show_type
 
 if TYPE_CHECKING:
@@ -189,7 +189,9 @@ def basic_index(lw: Lowerer, node: A.Index, scope: Scope, base: Value, items: li
             step = lw.int_value(it.step, scope) if it.step else 1
             if step == 0:
                 raise lw.error(it.pos, "slice step cannot be zero")
-            start = lw.int_value(it.start, scope) if it.start else (0 if step > 0 else -1)
+            start = _slice_stop(lw, it.start, scope) if it.start else (0 if step > 0 else -1)
+            if not isinstance(start, int) and step != 1:
+                raise lw.error(it.start.pos, f"a slice starting at a size ({format_dim(start)}) takes step 1")
             stop = _slice_stop(lw, it.stop, scope) if it.stop else None
             if step < -1 and it.start is None and not isinstance(d, int):
                 raise lw.error(it.pos, "a step below -1 over a symbolic dim needs an explicit start")

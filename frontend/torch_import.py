@@ -20,14 +20,16 @@ from sparsa.frontend.torch_types import (
     size_carried,
     tensor_type,
     torch_dtype,
+    traced_at,
     traced_sizes,
     written,
 )
 from sparsa.ir import dialects as D
+from sparsa.ir.analysis import bindable
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
-from sparsa.ir.dims import canonical, same, symbols
+from sparsa.ir.dims import canonical, format_dim, same, symbols
 from sparsa.ir.traits import Elementwise
 from sparsa.ir.types import TensorType, is_float, promote
 
@@ -50,6 +52,7 @@ class Importer:
         self.size_pos: set[int] = set()  # sizes carried by an empty tensor's shape, [s, 0] (`size_carried`)
         self.python_floats: set[int] = set()  # ids of the 0-d arguments that stand for a SymFloat
         self.bound: set[str] = set()  # the symbols the inputs' shapes bind
+        self.bindable: set[str] | None = None  # those a call binds from them (`bindable`), once the inputs are made
         self.complex_pos: set[int] = set()
         self.complex_out: set[int] = set()
 
@@ -95,6 +98,7 @@ class Importer:
             return tensor_type(vals[i])
 
         types = [arg_type(i) for i in tensor_pos]
+        self.bindable = bindable(t.shape for t in types)
         self.block = Block(types, [placeholders[i].name for i in tensor_pos])
         for i, arg in zip(tensor_pos, self.block.args, strict=True):
             if i in self.size_pos:
@@ -230,6 +234,11 @@ class Importer:
             op.verify()
         except SparsaError as e:  # a combination Sparsa's op does not accept: leave it to PyTorch
             raise Unsupported(f"{cls.NAME}: {e.message}") from None
+        if self.bindable is not None:  # a size no call can compute (JetMoe's `(s*t)//h`, h bound by no input)
+            for r in op.results:
+                for d in r.type.shape:
+                    if not symbols(d) <= self.bindable:
+                        raise Unsupported(f"{cls.NAME}: a size, {format_dim(d)}, of names no input binds")
         self.block.append(op)
         return op.results[0] if len(op.results) == 1 else tuple(op.results)
 
@@ -416,6 +425,7 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     if isinstance(end, int) and end >= 2**62:
         end = None
     val = node.meta.get("val") if str(getattr(node, "target", "")) == "aten.slice.Tensor" else None  # (not a caller's)
+    offset = False  # (a start made here from PyTorch's length: an offset from the axis's beginning)
     if step == 1 and val is not None and len(val.shape) == x.type.rank:
         # where PyTorch knows the length (its guards put a sliding window's x[-4096:] over the whole of a shorter
         # axis, and x[-L:] is all of it), from the end: the start it makes (0 for the whole axis), not the bound
@@ -428,16 +438,20 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
             pass
         elif same(n, size):
             start, end = 0, None
-        elif end is None and size is not None and isinstance(canonical(f"{size}-({n})"), int):
-            start = canonical(f"{size}-({n})")
-        elif end is None and size is not None and not isinstance(start, int):
-            # the last n rows from a run-time start (MPT's ALiBi `alibi[:, :, -L:]` of its 2048, L guarded below):
-            # the first n of the axis reversed, reversed back (a slice's start is a number in the IR)
-            return _flip(im, node, _slice(im, None, _flip(im, node, x, [d]), d, 0, n), [d])
+        elif end is None and size is not None and (isinstance(canonical(f"{size}-({n})"), int) or
+                                                    not isinstance(start, int)):
+            # (the last n rows from a run-time start: MPT's ALiBi `alibi[:, :, -L:]` of its 2048, L guarded below)
+            start, offset = canonical(f"{size}-({n})"), True
     if start == 0 and end is None and step == 1:
         return x
-    if not isinstance(start, int) or not (end is None or isinstance(end, int | str)):
-        raise Unsupported("slice with symbolic start")
+    if isinstance(start, str) and not offset:  # a size: counted from the end where PyTorch traced it below 0
+        at = traced_at(node.args[2].meta.get("val")) if len(node.args) > 2 and hasattr(node.args[2], "meta") else None
+        whole = traced_at(node.args[0].meta.get("val").shape[d]) if at is not None and at < 0 else None
+        if at is None or at < 0 and (size is None or whole is None or whole + at < 0):
+            raise Unsupported("slice with a symbolic start PyTorch traced no value for, or one before the axis")
+        start = canonical(f"({size})+({start})") if at < 0 else start
+    if not isinstance(start, int | str) or not (end is None or isinstance(end, int | str)):
+        raise Unsupported("slice with a start or stop that is no size (a value computed at run time)")
     rank = x.type.rank
     starts, stops, steps = [0] * rank, [None] * rank, [1] * rank
     starts[d], stops[d], steps[d] = start, end, step
@@ -490,6 +504,16 @@ def _split(im: Importer, node: Any, x: Value, sizes: Any, dim: int = 0) -> tuple
         if not isinstance(total, int):
             raise Unsupported("split of a symbolic dim")
         sizes = [min(sizes, total - i) for i in range(0, total, sizes)]
+    if not all(isinstance(s, int) for s in sizes):  # sizes known at run time (JetMoe's experts' counts): slices
+        if not all(isinstance(s, int | str) for s in sizes):
+            raise Unsupported(f"split by sizes {list(sizes)}")
+        rank, at, pieces = x.type.rank, 0, []
+        for s in sizes:
+            starts, stops = [0] * rank, [None] * rank
+            starts[d], stops[d] = at, canonical(f"({at})+({s})")
+            pieces.append(im.emit(S.SliceOp, x, starts=tuple(starts), stops=tuple(stops), steps=(1,) * rank))
+            at = stops[d]
+        return tuple(pieces)
     out = im.emit(S.SplitOp, x, sizes=tuple(sizes), axis=d)
     return out if isinstance(out, tuple) else (out,)
 

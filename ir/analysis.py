@@ -9,7 +9,7 @@ from typing import Any
 
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
-from sparsa.ir.dims import evaluate, format_dim, is_symbol, symbols
+from sparsa.ir.dims import Dim, evaluate, format_dim, is_symbol, symbols
 from sparsa.ir.types import TensorType
 
 
@@ -79,6 +79,33 @@ def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what
             dims[s] = value
         if not symbols(d) - dims.keys() and evaluate(d, dims) != n:
             raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {format_dim(d)} = {evaluate(d, dims)}")
+
+
+def bindable(shapes: Iterable[tuple[Dim, ...]]) -> set[str]:
+    """The names a call binds from inputs of these shapes, as `bind_names` and `bind_shape` do: the plain names,
+    then, over and over, the one name an expression leaves unbound where it is solved for (`_solve`: a floor
+    division by it, `128//s`, is not; a size made of a name no input binds cannot be computed at run time)."""
+    dims = [d for shape in shapes for d in shape if isinstance(d, str)]
+    known = {d for d in dims if is_symbol(d)}
+    grew = True
+    while grew:
+        grew = False
+        for d in dims:
+            unknown = symbols(d) - known
+            if len(unknown) == 1 and _solvable(d, *unknown, known):
+                known |= unknown
+                grew = True
+    return known
+
+
+def _solvable(d: str, s: str, known: set[str]) -> bool:
+    """Whether `_solve` can solve d for s (others at a probe value): its probes divide by no zero and d moves
+    with s."""
+    probe = dict.fromkeys(known, 3)
+    try:
+        return evaluate(d, {**probe, s: 1}) != evaluate(d, {**probe, s: 0})
+    except ZeroDivisionError:
+        return False
 
 
 def _solve(d: str, s: str, n: int, dims: dict[str, int]) -> int | None:

@@ -294,7 +294,8 @@ class SliceOfConcat(RewritePattern):
         axis = concat.axis % op.x.type.rank
         pieces = _pieces(concat)
         start, stop, step = op.starts[axis], op.stops[axis], op.steps[axis]
-        if pieces is None or step != 1 or start < 0 or not (stop is None or isinstance(stop, int) and stop >= 0):
+        if pieces is None or step != 1 or not isinstance(start, int) or start < 0 or \
+                not (stop is None or isinstance(stop, int) and stop >= 0):
             return False
         n = pieces[-1][1]
         end = n if stop is None else min(n, stop)

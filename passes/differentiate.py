@@ -17,11 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from sparsa.ir.analysis import bindable
 from sparsa.ir.autodiff import pullback_ops, vjp_function
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp
+from sparsa.ir.dims import symbols
 from sparsa.ir.traits import Elementwise, View
 from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.passes.base import Option, Pass
@@ -94,6 +96,15 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     residuals()
     cheap |= recomputed(needed, fwd_ops, produced, cheap, outputs)
     residuals()
+    cot = block.args[n_in:]
+    # the sizes the backward's types are made of: an input whose shape binds one that no residual's binds is a
+    # residual too (dX of x[:, K:] is zeros of K rows, K being the rows of an input the backward reads nothing of)
+    unbound = {s for op in bwd_ops for inner in op.walk() for v in (*inner.operands, *inner.results)
+               for d in v.type.shape for s in symbols(d)} - bindable(v.type.shape for v in (*needed, *cot))
+    for a in sorted(block.args[:n_in], key=lambda a: a.type.rank):
+        if unbound & set(a.type.shape):
+            need(a)
+            unbound -= bindable([a.type.shape])
     name = vjp.attributes["sym_name"].removesuffix("_vjp")
     fwd_block = Block([a.type for a in block.args[:n_in]], [a.name_hint for a in block.args[:n_in]])
     mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args[:n_in], fwd_block.args, strict=True)}
@@ -103,7 +114,6 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     fwd_block.append(ReturnOp.build(fwd_results))
     fwd = FuncOp([], [], {"sym_name": f"{name}_fwd", "result_types": [v.type for v in fwd_results],
                           "residuals": "saved"}, [Region([fwd_block])], vjp.loc)
-    cot = block.args[n_in:]
     bwd_block = Block([v.type for v in needed] + [a.type for a in cot],
                       [v.name_hint or f"r{i}" for i, v in enumerate(needed)] + [a.name_hint for a in cot])
     mapping = {id(v): b for v, b in zip([*needed, *cot], bwd_block.args, strict=True)}

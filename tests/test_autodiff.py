@@ -290,6 +290,46 @@ def test_slices_and_concats_of_a_symbolic_axis_differentiate(target: str, case: 
                                        err_msg=f"d{name}, L={L}")
 
 
+STARTS_AT_SIZES = """model Q(x: f32[B, L], y: f32[B, K]) -> f32[B, 1] {
+    a = sum(exp(x[:, K:]), axis=1, keepdim=true) + sum(x[:, K:L], axis=1, keepdim=true)
+    return a + sum(y, axis=1, keepdim=true)
+}"""
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+def test_slices_starting_at_a_size_run_and_differentiate_on_every_target(target: str) -> None:
+    """x[:, K:] with K the rows of another input (a symbolic start: an offset from the axis's beginning, step 1):
+    the forward and every gradient equal torch's at K < L, K = L (empty: a sum over nothing is 0, on triton too)
+    and K = 1; the backward is handed what binds K (it reads nothing of y). K > L is a RuntimeShapeError on each
+    target, not a slice PyTorch's indexing clamps."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    if target == "triton":
+        pytest.importorskip("triton")
+    m = sparsa.compile(STARTS_AT_SIZES, target=target)
+    assert "starts = [0, {K}]" in m.ir()
+    for L, K in ((7, 3), (9, 9), (5, 1)):
+        rng = np.random.default_rng(L + K)
+        x, y = rng.standard_normal((2, L)).astype(np.float32), rng.standard_normal((2, K)).astype(np.float32)
+        xt, yt = torch.from_numpy(x).requires_grad_(True), torch.from_numpy(y).requires_grad_(True)
+        want = xt[:, K:].exp().sum(1, keepdim=True) + xt[:, K:L].sum(1, keepdim=True) + yt.sum(1, keepdim=True)
+        dy = rng.standard_normal((2, 1)).astype(np.float32)
+        want.backward(torch.from_numpy(dy))
+        out, pullback = m.vjp(x, y)
+        np.testing.assert_allclose(np.asarray(out), want.detach().numpy(), rtol=1e-5, atol=1e-5)
+        got = pullback(dy)
+        for name, t in (("x", xt), ("y", yt)):
+            np.testing.assert_allclose(np.asarray(got[name]), t.grad.numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"d{name}, L={L}, K={K}")
+    with pytest.raises(SparsaError, match="bounds do not lie inside the axis"):
+        m(np.ones((2, 3), np.float32), np.ones((2, 5), np.float32))
+
+
+def test_a_slice_starting_at_a_size_takes_step_one() -> None:
+    with pytest.raises(SparsaError, match=r"(?s)2:22: error: a slice starting at a size \(\{K\}\) takes step 1.*\^"):
+        sparsa.compile(STARTS_AT_SIZES.replace("x[:, K:]", "x[:, K::2]"), target="reference")
+
+
 @pytest.mark.parametrize("target", ["cpu", "triton"])
 def test_backward_on_native_targets(target: str) -> None:
     """A small MLP's backward function compiled for the target equals the reference's."""

@@ -308,3 +308,21 @@ def test_inputs_bind_symbols_their_dims_are_expressions_of() -> None:
     dims = {}
     bind_shape(TensorType("f32", ("2*s", "s")), (8, 4), dims, "x")  # the plain symbol first, then checked
     assert dims == {"s": 4}
+
+
+def test_the_names_a_call_binds_are_those_its_inputs_bind_or_solve_for() -> None:
+    """`bindable` says which names a call binds from inputs of given shapes, as `bind_shape` binds them: plain
+    names, then the one name an expression leaves unbound where it moves with it (again and again); not a name
+    only a floor division by it or an expression of two unbound names holds (the torch import leaves an op whose
+    sizes need one in PyTorch, rather than fail at run time: JetMoe's `(s*t)//h`)."""
+    from sparsa.ir.analysis import bind_shape, bindable
+    from sparsa.ir.dims import evaluate
+    from sparsa.ir.types import TensorType
+
+    shapes = [("B", "2*L+1"), ("L+M",), ("(128//H)", "N*P"), ("Q*2", "Q//2")]
+    assert bindable(shapes) == {"B", "L", "M", "Q"}
+    sizes = {"B": 2, "L": 3, "M": 4, "Q": 5}
+    dims: dict[str, int] = {}
+    for shape in (shapes[0], shapes[1], shapes[3]):
+        bind_shape(TensorType("f32", shape), tuple(evaluate(d, sizes) for d in shape), dims, "x")
+    assert dims == sizes

@@ -809,6 +809,32 @@ def test_slices_from_run_time_starts_train_under_dynamic_shapes(target: str) -> 
     assert backend.stats["graphs"] == 1
 
 
+def _segments(x, counts):
+    """x split into runs of `counts` rows (JetMoe's experts' segments, their counts a list of ints) and what
+    follows the first run: slices whose starts are sizes known at run time."""
+    pieces = torch.split(x, counts)
+    return torch.cat([p.sum(0, keepdim=True) * (i + 1) for i, p in enumerate(pieces)]) + x[counts[0]:].sum()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_splits_by_sizes_known_at_run_time_train(target: str) -> None:
+    """A split by counts Dynamo makes symbolic (dynamic=True) was a `tensor.split` of symbolic sizes, which the
+    verifier refused (its whole partition stayed in PyTorch): now slices from the counts' running sums, and the
+    values and gradients equal eager's for every set of counts, an empty run among them."""
+    SparsaBackend = _backend_for(target)
+    backend = SparsaBackend({"target": target})
+    compiled = torch.compile(_segments, backend=backend, dynamic=True)
+    for counts in ([3, 2, 4], [1, 5, 3], [4, 0, 2]):
+        x = torch.randn(sum(counts), 6, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        got, want = compiled(x, counts), _segments(x_ref, counts)
+        torch.testing.assert_close(got, want)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+
+
 def test_nemotron_h_trains_whole_under_dynamic_shapes() -> None:
     """transformers' NemotronH (Mamba2 layers, a relu^2 MoE, attention) trained under dynamic=True at two lengths:
     its chunked scan pads to whole chunks of 128 by a run-time amount, and Dynamo's guards fix the chunks' count

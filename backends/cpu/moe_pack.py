@@ -44,7 +44,7 @@ def _view_op(op: Operation | None) -> bool:
     if isinstance(op, S.TransposeOp):
         return tuple(op.perm) == (0, 2, 1)
     return isinstance(op, S.SliceOp) and op.x.type.rank == 3 and op.steps[0] == 1 and all(s > 0 for s in op.steps) \
-        and op.starts[0] == 0 and op.stops[0] is None
+        and op.starts[0] == 0 and op.stops[0] is None and all(isinstance(a, int) for a in op.starts)
 
 
 def _view_chain(w: Value) -> tuple[Value, dict[int, int], dict[int, int], dict[int, int]] | None:

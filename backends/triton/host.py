@@ -58,12 +58,12 @@ def reshape(t: Any, shape: tuple[int, ...]) -> Any:
 
 
 def rows(t: Any, axes: tuple[int, ...]) -> tuple[Any, tuple[int, ...]]:
-    """`t` as a contiguous [rows, cols] matrix with `axes` (reduced or scanned) last, and the permutation."""
+    """`t` as a contiguous [rows, cols] matrix with `axes` (reduced or scanned) last, and the permutation (a
+    reduction over an empty axis still has its rows: each gets the reduction's value of nothing, a sum's 0)."""
     kept = [d for d in range(t.dim()) if d not in axes]
     perm = tuple(kept + list(axes))
-    cols = math.prod(t.shape[d] for d in axes)
-    p = contiguous(t.permute(perm))
-    return p.view(-1, cols) if p.numel() else p.reshape(-1, max(cols, 1)), perm
+    n, cols = math.prod(t.shape[d] for d in kept), math.prod(t.shape[d] for d in axes)
+    return contiguous(t.permute(perm)).reshape(n, cols), perm
 
 
 def unpermute(t: Any, perm: tuple[int, ...]) -> Any:
@@ -187,6 +187,24 @@ def unknown_dims(step: HostStep, operands: tuple, result: Any) -> None:
     """The op's check that no dim of unknown size (`?`) broadcast (or, in a matmul, met another contracted dim):
     a RuntimeShapeError as on the reference and cpu targets, where the kernels here would broadcast it."""
     step.op.check_unknown_dims([tuple(s) for s in operands], tuple(result))
+
+
+def slice_checked(step: HostStep, starts: tuple, shape: Any, got: Any, want: tuple) -> None:
+    """A slice of bounds known at run time (sizes): its symbolic starts are not below 0 and the lengths it took
+    are its type's, checked as the reference's `checked` does (PyTorch's indexing would clamp them silently)."""
+    from sparsa.ir.analysis import RuntimeShapeError
+    from sparsa.ir.dims import format_dim
+
+    op = step.op
+    for axis, (a, at) in enumerate(zip(op.starts, starts, strict=True)):
+        if not isinstance(a, int) and at < 0:
+            raise RuntimeShapeError(f"'{op.NAME}' starts at {format_dim(a)} = {at} along dim {axis}: a symbolic "
+                                    "start is an offset from the axis's beginning, not below 0", op.loc)
+    for axis, (n, d) in enumerate(zip(got, want, strict=True)):
+        if n != d:
+            raise RuntimeShapeError(f"'{op.NAME}' of an operand of shape {list(shape)} has {n} at dim {axis}, but its "
+                                    f"type {op.result.type} says {d}: its bounds do not lie inside the axis, in order",
+                                    op.loc)
 
 
 def host_op(step: HostStep, dev: Any, *args: Any) -> tuple[Any, ...]:

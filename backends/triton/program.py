@@ -192,7 +192,7 @@ class TritonProgram:
                 "from sparsa.backends.triton import library as lib\n"
                 "from sparsa.backends.triton.host import (align_segments, bsc_index, bstrides, cdiv, contiguous,\n"
                 "    copy, dense_lists, dense_map, host_op, last_contiguous, map_lists, npow2, reshape, rows,\n"
-                "    scan_args, unknown_dims, unpermute)\n"
+                "    scan_args, slice_checked, unknown_dims, unpermute)\n"
                 "from sparsa.ir.dialects.moe import expert_capacity\n\n")
         return head + self.kernels_text + "\n\n" + self.launcher_text
 

@@ -8,6 +8,7 @@ import textwrap
 
 from sparsa.backends.triton.program import (
     LOWERINGS,
+    Const,
     TritonProgram,
     digest,
     loc_comment,
@@ -69,13 +70,18 @@ def view(p: TritonProgram, op: Operation) -> None:
         for d, (a, b, s) in enumerate(zip(op.starts, op.stops, op.steps, strict=True)):
             stop = "None" if b is None else p.dim(b)
             if s > 0:
-                parts.append(f"{a}:{'' if b is None else stop}:{s}")
+                parts.append(f"{p.dim(a)}:{'' if b is None else stop}:{s}")
             else:
                 parts.append(":")
                 picks.append(f".index_select({d}, torch.tensor(range(*slice({a}, {stop}, {s})"
                              f".indices({x}.shape[{d}])), dtype=torch.int64, device=dev))")
         expr = f"{x}[{', '.join(parts)}{',' if len(parts) == 1 else ''}]" + "".join(picks)
     p.lines.append(f"{out} = {expr}")
+    if isinstance(op, S.SliceOp) and any(isinstance(b, str) for b in (*op.starts, *op.stops)) and \
+            None not in op.result.type.shape:
+        p.lines.append(f"slice_checked(C[{len(p.consts)}], ({''.join(f'{p.dim(a)}, ' for a in op.starts)}), "
+                       f"{x}.shape, {out}.shape, {p.shape(op.result.type)})")
+        p.consts.append(Const("op", op))
 
 
 @LOWERINGS.lowers(S.SplitOp)

@@ -245,11 +245,12 @@ class SqueezeOp(View, Operation):
 
 
 class SliceOp(View, Operation):
-    """x[start:stop:step] on every axis (Python slice rules; a `?` stop runs to the end)."""
+    """x[start:stop:step] on every axis (Python slice rules; a `?` stop runs to the end). A symbolic start (`{n-4}`,
+    a size known at run time) is an offset from the axis's beginning, at most the stop, with step 1."""
 
     NAME = "tensor.slice"
     x = Operand()
-    starts = Attr(A.INTS)
+    starts = Attr(A.DIMS)
     stops = Attr(A.DIMS)
     steps = Attr(A.INTS)
     result = Result()
@@ -260,6 +261,10 @@ class SliceOp(View, Operation):
             raise self.error(f"needs starts, stops and steps for each of the {t.rank} axes of {t}")
         if 0 in self.steps:
             raise self.error("step must not be zero")
+        for a, s in zip(self.starts, self.steps, strict=True):
+            if a is None or not isinstance(a, int) and s != 1:
+                raise self.error(f"a start of {format_dim(a)} needs step 1 (a symbolic start: an offset from the "
+                                 "axis's beginning)")
         return [TensorType(t.dtype, tuple(
             _slice_len(d, a, b, s) for d, a, b, s in zip(t.shape, self.starts, self.stops, self.steps, strict=True)
         ))]
@@ -275,8 +280,12 @@ class SliceOp(View, Operation):
     def checked(self, ctx: Any, shape: tuple[int, ...]) -> tuple[slice, ...]:
         """The slice's index in this call, its length checked against the type: over a symbolic dim, the type took
         the bounds to lie inside the axis, in order (x[-2:] of s rows is 2 rows: not where s is 1)."""
-        index = tuple(slice(a, None if b is None else ctx.dim(b), s)
+        index = tuple(slice(ctx.dim(a), None if b is None else ctx.dim(b), s)
                       for a, b, s in zip(self.starts, self.stops, self.steps, strict=True))
+        for axis, (a, i) in enumerate(zip(self.starts, index, strict=True)):
+            if not isinstance(a, int) and i.start < 0:
+                raise RuntimeShapeError(f"'{self.NAME}' starts at {format_dim(a)} = {i.start} along dim {axis}: a "
+                                        "symbolic start is an offset from the axis's beginning, not below 0", self.loc)
         for axis, (d, n, i) in enumerate(zip(self.result.type.shape, shape, index, strict=True)):
             if d is not None and ctx.dim(d) != len(range(n)[i]):
                 raise RuntimeShapeError(
@@ -369,10 +378,15 @@ def put_back(g: Any, taken: Value, axis: int, n: Dim, start: Dim, step: int, sto
     return pieces[0] if len(pieces) == 1 else g.emit("tensor.concat", pieces, axis=axis)
 
 
-def _slice_len(d: Dim, start: int, stop: Dim, step: int) -> Dim:
+def _slice_len(d: Dim, start: Dim, stop: Dim, step: int) -> Dim:
     """The length of d[start:stop:step]. Over a symbolic d, bounds counted from one end are taken to lie inside d
     (x[-1:] of s rows is 1 row, x[2:] is s-2, x[:-1] is s-1: the run checks each result against its type); a
-    length that depends on where they fall (x[-3:5]) or a negative step other than a reversal (x[::-1]) is `?`."""
+    length that depends on where they fall (x[-3:5]) or a negative step other than a reversal (x[::-1]) is `?`.
+    A symbolic start (step 1) is an offset from the beginning, at most the stop: x[a:] is d-a, x[a:b] b-a."""
+    if isinstance(start, str):
+        end = d if stop is None else stop if isinstance(stop, str) or stop >= 0 else \
+            None if d is None else canonical(f"({d})-{-stop}")
+        return None if end is None else canonical(f"({end})-({start})")
     if isinstance(d, int) and (stop is None or isinstance(stop, int)):
         return len(range(d)[slice(start, stop, step)])
     if (start, stop, step) in ((0, None, 1), (-1, None, -1)):  # the whole axis (reversed): its dim as written
