@@ -445,7 +445,8 @@ def _slice(im: Importer, node: Any, x: Value, dim: int = 0, start: Any = None, e
     if start == 0 and end is None and step == 1:
         return x
     if isinstance(start, str) and not offset:  # a size: counted from the end where PyTorch traced it below 0
-        at = traced_at(node.args[2].meta.get("val")) if len(node.args) > 2 and hasattr(node.args[2], "meta") else None
+        given = node.args[2] if node is not None and len(node.args) > 2 else None
+        at = traced_at(given.meta.get("val")) if hasattr(given, "meta") else None
         whole = traced_at(node.args[0].meta.get("val").shape[d]) if at is not None and at < 0 else None
         if at is None or at < 0 and (size is None or whole is None or whole + at < 0):
             raise Unsupported("slice with a symbolic start PyTorch traced no value for, or one before the axis")

@@ -262,7 +262,9 @@ class SliceOp(View, Operation):
         if 0 in self.steps:
             raise self.error("step must not be zero")
         for a, s in zip(self.starts, self.steps, strict=True):
-            if a is None or not isinstance(a, int) and s != 1:
+            if a is None:
+                raise self.error("needs every start: an integer or a size (`?` is for stops)")
+            if not isinstance(a, int) and s != 1:
                 raise self.error(f"a start of {format_dim(a)} needs step 1 (a symbolic start: an offset from the "
                                  "axis's beginning)")
         return [TensorType(t.dtype, tuple(
