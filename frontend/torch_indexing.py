@@ -155,6 +155,19 @@ def _scatter(im: Importer, node: Any, base: Value, dim: int, index: Value, src: 
     return im.emit(T.WhereOp, hit, placed, base)
 
 
+def _index_select(im: Importer, node: Any, x: Value, dim: int, index: Value) -> Value:
+    """x's rows along dim at a 1-D index's places: x[:, ..., index] (JetMoe's experts' tokens)."""
+    return _index(im, node, x, [None] * _axis(dim, x.type.rank) + [index])
+
+
+def _index_add(im: Importer, node: Any, base: Value, dim: int, index: Value, source: Value, alpha: Any = 1) -> Value:
+    """base with source's rows along dim added at a 1-D index's places (repeated places add up): index_select's
+    backward, and JetMoe's experts' outputs summed back to their tokens."""
+    if alpha != 1:
+        source = im.emit(T.MulOp, *im.operands(source, alpha))
+    return _index_put(im, node, base, [None] * _axis(dim, base.type.rank) + [index], source, True)
+
+
 def _repeat(im: Importer, node: Any, x: Value, repeats: Any) -> Value:
     """x tiled `repeats` times along each dim (leading new dims where there are more repeats than dims): x
     viewed [1, s0, 1, s1, ...], broadcast to [r0, s0, r1, s1, ...] and viewed [r0 * s0, r1 * s1, ...]. A repeat
@@ -177,4 +190,5 @@ OPS: dict[str, Callable] = {
     "as_strided.default": _as_strided, "as_strided_scatter.default": _as_strided_scatter,
     "select_scatter.default": _select_scatter,
     "fill.Tensor": _fill, "fill.Scalar": _fill, "scatter.src": _scatter, "repeat.default": _repeat,
+    "index_select.default": _index_select, "index_add.default": _index_add,
 }

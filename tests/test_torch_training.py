@@ -93,6 +93,34 @@ def test_index_with_leading_slices_and_index_put_import_as_pytorch_indexes() -> 
     assert any("None between or after" in why for why in reasons), reasons
 
 
+def _routed(x, w, idx, cols):
+    """Rows of x picked by an index (index_select), transformed, and added back at the same places (index_add,
+    repeated places adding up): JetMoe's experts' tokens; and columns added at places, scaled (alpha)."""
+    y = torch.index_select(x, 0, idx) @ w
+    back = torch.zeros(x.shape[0], w.shape[1]).index_add(0, idx, y) + torch.index_select(x, 1, cols).sum()
+    return back, torch.index_add(x, 1, cols, x[:, :3], alpha=2.0)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_index_select_and_index_add_train_as_gathers_and_scatter_adds(target: str) -> None:
+    """index_select and index_add (and index_select's backward, an index_add) stayed in PyTorch ("no import");
+    they import as aten.index and index_put(accumulate) do: the values and gradients equal eager's."""
+    SparsaBackend = _backend_for(target)
+    backend = SparsaBackend({"target": target})
+    compiled = torch.compile(_routed, backend=backend)
+    idx, cols = torch.tensor([0, 2, 2, 5, 1]), torch.tensor([4, 0, 4])
+    x, w = torch.randn(6, 5, requires_grad=True), torch.randn(5, 4, requires_grad=True)
+    got, want = compiled(x, w, idx, cols), _routed(x, w, idx, cols)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    grads = [torch.autograd.grad(sum(t.square().sum() for t in out), (x, w)) for out in (got, want)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    names = {op.NAME for part in backend.partitions for op in part.func.walk()}
+    assert {"tensor.gather", "tensor.scatter_add"} <= names
+
+
 def _backend_for(target: str) -> type:
     """SparsaBackend, after skipping the cpu target where torch-mlir is missing."""
     if target == "cpu":
