@@ -329,6 +329,26 @@ def _binary(cls: type) -> Callable:
     return h
 
 
+def _div_mode(im: Importer, node: Any, a: Any, b: Any, rounding_mode: str | None = None) -> Value:
+    """a / b rounded as `rounding_mode` says: none (true division), "floor" (Python's //), or "trunc" (toward 0:
+    the floor, plus 1 where the division leaves a remainder and a and b differ in sign; JetMoe's token of each
+    routed slot, `slot.div(k, rounding_mode="trunc")`)."""
+    if rounding_mode is None:
+        return _binary(T.DivOp)(im, node, a, b)
+    if rounding_mode not in ("floor", "trunc"):
+        raise Unsupported(f"division rounding {rounding_mode!r}")
+    x, y = im.operands(a, b)
+    q = im.emit(T.FloorDivOp, x, y)
+    if rounding_mode == "floor":
+        return q
+    dt = q.type.dtype
+    zero = im.const(0, x.type.dtype)
+    signs = [im.cast(im.emit(T.CmpOp, v, zero, pred="lt"), dt) for v in (x, y)]
+    apart = im.emit(T.CmpOp, *signs, pred="ne")
+    inexact = im.emit(T.CmpOp, im.emit(T.ModOp, x, y), im.const(0, dt), pred="ne")
+    return im.emit(T.AddOp, q, im.cast(im.emit(T.AndOp, apart, inexact), dt))
+
+
 def _cmp(pred: str) -> Callable:
     def h(im: Importer, node: Any, a: Any, b: Any) -> Value:
         x, y = im.operands(a, b)
@@ -676,6 +696,7 @@ _ops: dict[str, Callable] = {
     **{name: (_binary(c) if issubclass(c, T.BinaryOp) else _unary(c)) for c in OP_REGISTRY.values()
        if issubclass(c, Elementwise) for name in c.ATEN},
     "rsub.Scalar": lambda im, n, a, b, alpha=1: _binary(T.SubOp)(im, n, b, a, alpha),
+    "div.Tensor_mode": _div_mode, "div.Scalar_mode": _div_mode,
     "pow.Tensor_Scalar": _pow, "pow.Tensor_Tensor": _pow, "pow.Scalar": _pow,
     "reciprocal.default": lambda im, n, x: im.emit(T.DivOp, *im.operands(1.0, x)),
     # exp(x) - 1, as MLIR's math-to-llvm lowers math.expm1 (an absolute error of an ulp of 1 near 0)

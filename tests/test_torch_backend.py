@@ -1027,3 +1027,25 @@ def sparsa_report_reasons() -> list[str]:
     import sparsa
 
     return [why for graph in sparsa.report().graphs for _, why in graph.fallbacks]
+
+
+def _rounded_divisions(i, j, x, y):
+    return (i.div(3, rounding_mode="trunc"), torch.div(i, j, rounding_mode="trunc"),
+            torch.div(i, j, rounding_mode="floor"), torch.div(x, y, rounding_mode="trunc"),
+            torch.div(x, y, rounding_mode="floor"), torch.div(x, 0.7, rounding_mode="trunc"))
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_divisions_with_a_rounding_mode_import(target: str) -> None:
+    """div with rounding_mode "trunc" (toward 0: JetMoe's token of each routed slot) and "floor", of integers and
+    floats, every pair of signs: equal to PyTorch's, in its dtypes, nothing left to it."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    backend = SparsaBackend({"target": target})
+    i, j = torch.arange(-10, 11), torch.tensor([3, -3, 4, -4, 7, -7, 1] * 3)
+    x, y = torch.randn(21) * 5, torch.randn(21)
+    got = torch.compile(_rounded_divisions, backend=backend)(i, j, x, y)
+    for a, b in zip(got, _rounded_divisions(i, j, x, y), strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+    assert not backend.fallbacks, dict(backend.fallbacks)
