@@ -25,7 +25,7 @@ from sparsa.frontend.torch_types import (
     written,
 )
 from sparsa.ir import dialects as D
-from sparsa.ir.analysis import bindable
+from sparsa.ir.analysis import bindable, sizes_of
 from sparsa.ir.core import OP_REGISTRY, Block, Module, Operation, Region, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects.func import FuncOp, ReturnOp, YieldOp
@@ -235,10 +235,9 @@ class Importer:
         except SparsaError as e:  # a combination Sparsa's op does not accept: leave it to PyTorch
             raise Unsupported(f"{cls.NAME}: {e.message}") from None
         if self.bindable is not None:  # a size no call can compute (JetMoe's `(s*t)//h`, h bound by no input)
-            for r in op.results:
-                for d in r.type.shape:
-                    if not symbols(d) <= self.bindable:
-                        raise Unsupported(f"{cls.NAME}: a size, {format_dim(d)}, of names no input binds")
+            for d in sizes_of(op):
+                if not symbols(d) <= self.bindable:
+                    raise Unsupported(f"{cls.NAME}: a size, {format_dim(d)}, of names no input binds")
         self.block.append(op)
         return op.results[0] if len(op.results) == 1 else tuple(op.results)
 

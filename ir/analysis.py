@@ -3,10 +3,11 @@ which ops read only weights, and binding a call's shapes to a signature's symbol
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from sparsa.ir import attrs as A
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dims import Dim, evaluate, format_dim, is_symbol, symbols
@@ -33,12 +34,14 @@ class RuntimeShapeError(SparsaError):
 
 def weight_only_ops(func: Operation, constant_args: frozenset[int] = frozenset()) -> set[int]:
     """Ids of the function's top-level ops that read only weights (params, packing), or function arguments
-    the caller promises are the same on every call (`constant_args`, by index: a torch model's parameters)."""
+    the caller promises are the same on every call (`constant_args`, by index: a torch model's parameters), and
+    whose sizes are not the call's (a position buffer's first L columns, L symbolic, are made per call)."""
     values: set[int] = {id(a) for i, a in enumerate(func.regions[0].block.args) if i in constant_args}
     ops: set[int] = set()
     for op in func.regions[0].block.ops:
         if op.NAME == "func.param" or (op.operands and not op.regions and not op.TERMINATOR
-                                       and all(id(v) in values for v in op.operands)):
+                                       and all(id(v) in values for v in op.operands)
+                                       and not any(isinstance(d, str) for d in sizes_of(op))):
             ops.add(id(op))
             values.update(id(r) for r in op.results)
     return ops
@@ -79,6 +82,18 @@ def bind_shape(t: TensorType, shape: tuple[int, ...], dims: dict[str, int], what
             dims[s] = value
         if not symbols(d) - dims.keys() and evaluate(d, dims) != n:
             raise RuntimeShapeError(f"{what}: dim {axis} is {n} but {format_dim(d)} = {evaluate(d, dims)}")
+
+
+def sizes_of(op: Operation) -> Iterator[Dim]:
+    """The sizes an op's result types and its dim attributes (a slice's bounds, a reshape's shape) are made of."""
+    for r in op.results:
+        yield from getattr(r.type, "shape", ())
+    for field in type(op).attr_fields:
+        value = getattr(op, field.name)
+        if isinstance(field.kind, A.DimListKind) and value is not None:
+            yield from value
+        elif isinstance(field.kind, A.DimKind):
+            yield value
 
 
 def bindable(shapes: Iterable[tuple[Dim, ...]]) -> set[str]:

@@ -326,3 +326,18 @@ def test_the_names_a_call_binds_are_those_its_inputs_bind_or_solve_for() -> None
     for shape in (shapes[0], shapes[1], shapes[3]):
         bind_shape(TensorType("f32", shape), tuple(evaluate(d, sizes) for d in shape), dims, "x")
     assert dims == sizes
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_weight_sliced_by_a_size_is_sliced_per_call(target: str) -> None:
+    """`pos[:L]` of a param reads only weights, but its size is the call's: it was taken for weight-only work, run
+    once at weight load, where no input binds L ("dim {L} is not bound by the inputs"). It runs per call now."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    m = sparsa.compile("""model P(x: f32[L, 8]) -> f32[L, 8] {
+    param pos: f32[64, 8]
+    return x + pos[:L] * 2.0
+}""", target=target).init_weights(0)
+    for length in (5, 9, 3):
+        x = np.random.default_rng(length).standard_normal((length, 8)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(m(x)), x + m.weights["pos"][:length] * 2.0, rtol=1e-6, atol=1e-6)

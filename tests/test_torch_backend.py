@@ -1049,3 +1049,36 @@ def test_divisions_with_a_rounding_mode_import(target: str) -> None:
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
     assert not backend.fallbacks, dict(backend.fallbacks)
+
+
+class PastOffset(torch.nn.Module):
+    """Positions read from a buffer at an offset (BigBird's `position_ids[:, past:past + L]`, past an int Dynamo
+    makes a name under dynamic=True), embedded."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos", torch.arange(64)[None])
+        self.emb = torch.nn.Embedding(64, 8)
+
+    def forward(self, x, past=0):
+        return self.emb(self.pos[:, past:past + x.shape[1]]) * x
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_size_only_a_slices_bounds_use_keeps_the_input_that_binds_it(target: str) -> None:
+    """The offset is a name only the slice's start and stop use (its result is L long): the input that carries
+    it was dropped as read by nothing, and the call failed to bind it (KeyError in the cpu host's plan). It is
+    kept; values and gradients equal eager's at three lengths and offsets."""
+    if target == "cpu":
+        pytest.importorskip("torch_mlir")
+    torch.manual_seed(0)
+    model = PastOffset()
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for length, past in ((5, 0), (9, 3), (7, 2)):
+        x = torch.randn(2, length, 8, requires_grad=True)
+        got, want = compiled(x, past), model(x, past)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(*(torch.autograd.grad(y.sum(), (x, model.emb.weight)) for y in (got, want)), strict=True):
+            torch.testing.assert_close(a, b)
+    assert not backend.fallbacks and backend.stats["partitions compiled"] == 2, dict(backend.fallbacks)
