@@ -67,12 +67,12 @@ def _sdpa_backward(im: Importer, node: Any, dout: Value, q: Value, k: Value, v: 
 
 
 def _zero_padded(im: Importer, g: Value, sizes: Any, dim: int, before: int, after: int) -> Value:
-    """g with zeros before and after it along dim, to `sizes` (a select's or a slice's transpose; the other dims
-    may be symbolic)."""
+    """g with zeros before and after it along dim, to `sizes` (a select's or a slice's transpose; any dim may be
+    symbolic, and so then may `before` and `after`)."""
     from sparsa.ir.dialects import tensor_shape as S
 
-    if not isinstance(sizes[dim], int) or any(isinstance(s, Value) for s in sizes):
-        raise Unsupported("a select backward along a dim known only at run time")
+    if any(isinstance(s, Value) for s in sizes):
+        raise Unsupported("a select backward to sizes computed at run time")
     parts = [im.splat(0.0, g.type.dtype, (*sizes[:dim], n, *sizes[dim + 1:])) if n else None for n in (before, after)]
     parts = [x for x in (parts[0], g, parts[1]) if x is not None]
     return parts[0] if len(parts) == 1 else im.emit(S.ConcatOp, parts, axis=dim)
@@ -82,9 +82,15 @@ def _select_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, i
     from sparsa.ir.dialects import tensor_shape as S
 
     dim = _axis(dim, len(sizes))
-    index %= sizes[dim]
+    n = sizes[dim]
+    if not isinstance(index, int):
+        raise Unsupported("a select backward at an index known only at run time")
+    if isinstance(n, int):
+        index %= n
+    elif index < 0:  # (over a symbolic dim, counted from its end: BigBird's pooler reads row 0, others the last)
+        index = canonical(f"({n})+({index})")
     g = im.emit(S.ExpandDimsOp, dy, axes=[dim])
-    return _zero_padded(im, g, sizes, dim, index, sizes[dim] - index - 1)
+    return _zero_padded(im, g, sizes, dim, index, canonical(f"({n})-({index})-1"))
 
 
 def _slice_backward(im: Importer, node: Any, dy: Value, sizes: Any, dim: int, start: Any, end: Any,

@@ -837,6 +837,31 @@ def test_slices_from_run_time_starts_train_under_dynamic_shapes(target: str) -> 
     assert backend.stats["graphs"] == 1
 
 
+class Ends(torch.nn.Module):
+    """The first row (BigBird's pooler) and the last of a sequence of symbolic length: select_backward to sizes
+    with a symbolic dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.proj(x))
+        return h[:, 0].sum() + h[:, -1].square().sum() + h[:, -2].exp().sum()
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_rows_selected_from_a_symbolic_length_train(target: str) -> None:
+    """select_backward along a symbolic dim was left to PyTorch ("int %= str"): now zeros before and after the row,
+    as many as the length leaves; gradients equal eager's at three lengths."""
+    SparsaBackend = _backend_for(target)
+    torch.manual_seed(0)
+    backend = SparsaBackend({"target": target, "partitions": "all"})
+    _trains_as_eager_at((5, 9, 13), Ends(), backend)
+    assert not backend.fallbacks, dict(backend.fallbacks)
+    assert backend.stats["graphs"] == 1
+
+
 def _segments(x, counts):
     """x split into runs of `counts` rows (JetMoe's experts' segments, their counts a list of ints) and what
     follows the first run: slices whose starts are sizes known at run time."""
