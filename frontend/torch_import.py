@@ -336,6 +336,8 @@ def _div_mode(im: Importer, node: Any, a: Any, b: Any, rounding_mode: str | None
         return _binary(T.DivOp)(im, node, a, b)
     if rounding_mode not in ("floor", "trunc"):
         raise Unsupported(f"division rounding {rounding_mode!r}")
+    if not isinstance(a, Value) and not isinstance(b, Value):  # (sizes: Longformer's chunk counts)
+        raise Unsupported("a division of sizes with a rounding mode")
     x, y = im.operands(a, b)
     q = im.emit(T.FloorDivOp, x, y)
     if rounding_mode == "floor":

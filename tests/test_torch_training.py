@@ -737,14 +737,19 @@ def _trains_as_eager_at(lengths: tuple, model: torch.nn.Module, backend: object,
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=atol, msg=name)
 
 
-def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
-    from sparsa.runtime.torch_backend import SparsaBackend
-
+def _trains_whole_at(target: str, lengths: tuple, make: type, atol: float = 1e-5, **options: str) -> None:
+    """make() trained on `target` as `_trains_as_eager_at` does: one graph serves every length, and nothing of it
+    is left to PyTorch."""
+    SparsaBackend = _backend_for(target)
     torch.manual_seed(0)
-    backend = SparsaBackend({"target": "reference"})
-    _trains_as_eager_at((7, 11), Shifted(), backend, atol=1e-6)
+    backend = SparsaBackend({"target": target, **options})
+    _trains_as_eager_at(lengths, make(), backend, atol=atol)
     assert not backend.fallbacks, dict(backend.fallbacks)
-    assert backend.stats["graphs"] == 1  # one graph for both lengths
+    assert backend.stats["graphs"] == 1
+
+
+def test_shifted_slices_train_at_new_lengths_under_dynamic_shapes() -> None:
+    _trains_whole_at("reference", (7, 11), Shifted, atol=1e-6)
 
 
 class EveryOther(torch.nn.Module):
@@ -764,12 +769,7 @@ class EveryOther(torch.nn.Module):
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 def test_strided_slices_train_at_new_lengths_under_dynamic_shapes(target: str) -> None:
-    SparsaBackend = _backend_for(target)
-    torch.manual_seed(0)
-    backend = SparsaBackend({"target": target})
-    _trains_as_eager_at((7, 10, 13), EveryOther(), backend)
-    assert not backend.fallbacks, dict(backend.fallbacks)
-    assert backend.stats["graphs"] == 1
+    _trains_whole_at(target, (7, 10, 13), EveryOther)
 
 
 class OneChunk(torch.nn.Module):
@@ -798,12 +798,7 @@ def test_padding_to_whole_chunks_trains_under_dynamic_shapes(target: str) -> Non
     """A padding and a crop by `(16 - L % 16) % 16` rows, sizes known only at run time (they were left to PyTorch,
     as were flips along a symbolic dim): imported where the shape environment proves their sign, and the whole
     graph trains as eager at three lengths, nothing left to PyTorch."""
-    SparsaBackend = _backend_for(target)
-    torch.manual_seed(0)
-    backend = SparsaBackend({"target": target})
-    _trains_as_eager_at((5, 9, 13), OneChunk(), backend, atol=1e-4)
-    assert not backend.fallbacks, dict(backend.fallbacks)
-    assert backend.stats["graphs"] == 1
+    _trains_whole_at(target, (5, 9, 13), OneChunk, atol=1e-4)
 
 
 class KeptLogits(torch.nn.Module):
@@ -826,15 +821,10 @@ class KeptLogits(torch.nn.Module):
 def test_slices_from_run_time_starts_train_under_dynamic_shapes(target: str) -> None:
     """Slices that start at a size known at run time (64 - L; -s, where a guard fixes s to 0) were left to PyTorch
     with the views after them ("slice with symbolic start": 2 or 3 ops in GPT-J, CodeGen, Falcon, Bloom, MPT,
-    MiniMax, Mamba2). The last L rows are the first L of the axis reversed, reversed back; the guard's 0 makes the
+    MiniMax, Mamba2). The last L rows are a slice from 64 - L (a start that is a size); the guard's 0 makes the
     logits' rows L. A repeat by a size was left too (Bloom). Nothing is left to PyTorch and the gradients equal
     eager's at three lengths."""
-    SparsaBackend = _backend_for(target)
-    torch.manual_seed(0)
-    backend = SparsaBackend({"target": target})
-    _trains_as_eager_at((5, 9, 13), KeptLogits(), backend)
-    assert not backend.fallbacks, dict(backend.fallbacks)
-    assert backend.stats["graphs"] == 1
+    _trains_whole_at(target, (5, 9, 13), KeptLogits)
 
 
 class Ends(torch.nn.Module):
@@ -854,12 +844,7 @@ class Ends(torch.nn.Module):
 def test_rows_selected_from_a_symbolic_length_train(target: str) -> None:
     """select_backward along a symbolic dim was left to PyTorch ("int %= str"): now zeros before and after the row,
     as many as the length leaves; gradients equal eager's at three lengths."""
-    SparsaBackend = _backend_for(target)
-    torch.manual_seed(0)
-    backend = SparsaBackend({"target": target, "partitions": "all"})
-    _trains_as_eager_at((5, 9, 13), Ends(), backend)
-    assert not backend.fallbacks, dict(backend.fallbacks)
-    assert backend.stats["graphs"] == 1
+    _trains_whole_at(target, (5, 9, 13), Ends, partitions="all")
 
 
 def _segments(x, counts):
