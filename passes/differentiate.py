@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsa.ir.analysis import bindable
+from sparsa.ir.analysis import bindable, sizes_of
 from sparsa.ir.autodiff import pullback_ops, vjp_function
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
@@ -99,8 +99,8 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     cot = block.args[n_in:]
     # the sizes the backward's types are made of: an input whose shape binds one that no residual's binds is a
     # residual too (dX of x[:, K:] is zeros of K rows, K being the rows of an input the backward reads nothing of)
-    unbound = {s for op in bwd_ops for inner in op.walk() for v in (*inner.operands, *inner.results)
-               for d in v.type.shape for s in symbols(d)} - bindable(v.type.shape for v in (*needed, *cot))
+    unbound = {s for op in bwd_ops for inner in op.walk() for d in sizes_of(inner) for s in symbols(d)} - \
+        bindable(v.type.shape for v in (*needed, *cot))
     for a in sorted(block.args[:n_in], key=lambda a: a.type.rank):
         if unbound & set(a.type.shape):
             need(a)
