@@ -56,13 +56,13 @@ def _same_size(d: Any) -> Any:
     equal = _guarded_equal(env)
     if isinstance(equal.get(expr), sympy.Integer):  # a size the guards fix (Eq(s//16, 1)): that number
         return equal[expr]
-    solved = _guarded_solved(env)
-    if expr.free_symbols and all(solved.get(s) is not None for s in expr.free_symbols):
-        return expr.xreplace(solved)  # (of names the guards leave one value: a number, wherever it is met)
+    fixed = _guarded_solved(env)
+    if expr.free_symbols and all(fixed.get(s) is not None for s in expr.free_symbols):
+        return expr.xreplace(fixed)  # (of names the guards leave one value: a number, wherever it is met)
     other = _met_equal(expr, met, env, equal)
     if other is not None:
         return other
-    solved = expr.xreplace(solved)
+    solved = expr.xreplace(fixed)
     if solved != expr and not isinstance(solved, sympy.Integer):
         other = _met_equal(solved, met, env, equal)
         if other is not None:

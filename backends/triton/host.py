@@ -189,22 +189,22 @@ def unknown_dims(step: HostStep, operands: tuple, result: Any) -> None:
     step.op.check_unknown_dims([tuple(s) for s in operands], tuple(result))
 
 
-def slice_checked(step: HostStep, starts: tuple, shape: Any, got: Any, want: tuple) -> None:
-    """A slice of bounds known at run time (sizes): its symbolic starts are not below 0 and the lengths it took
-    are its type's, checked as the reference's `checked` does (PyTorch's indexing would clamp them silently)."""
-    from sparsa.ir.analysis import RuntimeShapeError
-    from sparsa.ir.dims import format_dim
+class _Sizes:
+    """The launcher's sizes by name, as the reference's context gives them (`dim`)."""
 
-    op = step.op
-    for axis, (a, at) in enumerate(zip(op.starts, starts, strict=True)):
-        if not isinstance(a, int) and at < 0:
-            raise RuntimeShapeError(f"'{op.NAME}' starts at {format_dim(a)} = {at} along dim {axis}: a symbolic "
-                                    "start is an offset from the axis's beginning, not below 0", op.loc)
-    for axis, (n, d) in enumerate(zip(got, want, strict=True)):
-        if n != d:
-            raise RuntimeShapeError(f"'{op.NAME}' of an operand of shape {list(shape)} has {n} at dim {axis}, but its "
-                                    f"type {op.result.type} says {d}: its bounds do not lie inside the axis, in order",
-                                    op.loc)
+    def __init__(self, dims: dict[str, int]):
+        self.dims = dims
+
+    def dim(self, d: Any) -> int:
+        from sparsa.ir.dims import evaluate
+
+        return evaluate(d, self.dims)
+
+
+def slice_checked(step: HostStep, shape: Any, dims: dict[str, int]) -> None:
+    """A slice of bounds known at run time (sizes), checked by the op's own `checked` (a symbolic start not below
+    0, the lengths taken its type's), where PyTorch's indexing would clamp them silently."""
+    step.op.checked(_Sizes(dims), tuple(shape))
 
 
 def host_op(step: HostStep, dev: Any, *args: Any) -> tuple[Any, ...]:

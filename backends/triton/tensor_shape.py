@@ -14,9 +14,11 @@ from sparsa.backends.triton.program import (
     loc_comment,
 )
 from sparsa.backends.triton.tensor import BLOCK_EW, EW
+from sparsa.ir.analysis import sizes_of
 from sparsa.ir.core import Operation
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor_shape as S
+from sparsa.ir.dims import symbols
 from sparsa.ir.types import is_float
 
 
@@ -79,8 +81,9 @@ def view(p: TritonProgram, op: Operation) -> None:
     p.lines.append(f"{out} = {expr}")
     if isinstance(op, S.SliceOp) and any(isinstance(b, str) for b in (*op.starts, *op.stops)) and \
             None not in op.result.type.shape:
-        p.lines.append(f"slice_checked(C[{len(p.consts)}], ({''.join(f'{p.dim(a)}, ' for a in op.starts)}), "
-                       f"{x}.shape, {out}.shape, {p.shape(op.result.type)})")
+        names = sorted({s for d in sizes_of(op) for s in symbols(d)})
+        p.lines.append(f"slice_checked(C[{len(p.consts)}], {x}.shape, "
+                       f"{{{', '.join(f'{s!r}: {p.dim(s)}' for s in names)}}})")
         p.consts.append(Const("op", op))
 
 
