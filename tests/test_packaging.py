@@ -25,6 +25,6 @@ def test_wheel_contains_every_source_and_data_file(tmp_path):
     expected = {"sparsa/__init__.py", "sparsa/knobs.py"}
     for pkg in PACKAGES:
         for f in (ROOT / pkg).rglob("*"):
-            if f.suffix in (".py", ".lark") and "__pycache__" not in f.parts:
+            if f.suffix in (".py", ".lark", ".c") and "__pycache__" not in f.parts:
                 expected.add("sparsa/" + f.relative_to(ROOT).as_posix())
     assert expected <= names, f"missing from the wheel: {sorted(expected - names)}"

@@ -7,12 +7,22 @@ The two LLVMs are of different versions. torch-mlir's prints floating-point cons
 are rewritten into the spelling both read (`0x...`, a double's bit pattern, for any floating-point type), and
 nothing else is touched. A constant whose type is neither float nor double has no such spelling: a clear
 error names it.
+
+Such code runs where its machine is: `call_image` writes one call of a function (its buffers, its argv with the
+plan for these shapes, and where the buffers' addresses go) and `runner.c`, linked with the object, makes the call
+there and writes the outputs back for `read_results` (the tests run AArch64 code so, under qemu-aarch64).
 """
 
 from __future__ import annotations
 
+import math
 import re
 import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from sparsa.backends.cpu.target import CpuTarget
 from sparsa.ir.diagnostics import SparsaError
@@ -81,3 +91,80 @@ def elf_machine(obj: bytes) -> str:
     little = obj[5] == 1
     (machine,) = struct.unpack("<H" if little else ">H", obj[18:20])
     return ELF_MACHINES.get(machine, f"machine {machine}")
+
+
+# ---- one call on another machine ------------------------------------------------------------------------------
+RUNNER = Path(__file__).with_name("runner.c")  # links with an object's sparsa_main and makes the call of an image
+
+
+def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int = 1
+               ) -> tuple[bytes, list[tuple[tuple[int, ...], np.dtype]]]:
+    """One call of a cpu function compiled for any machine (a `CpuFunction` with a native host) as the data
+    RUNNER reads there: its buffers (the inputs, the weight-only results and packed weights its kernels read, the
+    outputs, the plan's arrays, the workspace), its argv for `threads`, and the argv slots that take each buffer's
+    address. `cache` holds the weight-only results as a model keeps them; a fixed weight's panels are packed into
+    it here, as the Python host packs them at a function's first call. Returns the image and the outputs' shapes
+    and dtypes (`read_results`)."""
+    from sparsa.backends.cpu.host import HEADER, STATUS, WORKSPACE, address
+    from sparsa.backends.cpu.moe_pack import pack_panels
+
+    host = fn.host
+    if host.why_not is not None:
+        raise SparsaError(f"cpu function: no native host to make a call image of: {host.why_not}")
+    if len(inputs) != len(host.inputs):
+        raise SparsaError(f"cpu function: takes {len(host.inputs)} inputs, got {len(inputs)}")
+    values = {id(v): v for op in fn.func_op.walk() for v in op.results}
+    fixed = []
+    for key, j, _ in host.fixed:
+        if key not in cache and isinstance(key, tuple) and key[0] == "panels":
+            w = values.get(key[1])
+            if w is None or id(w.defining_op) not in cache:
+                raise SparsaError("cpu function: a weight whose panels the kernels read is not in the cache (load "
+                                  "the model's weights first)")
+            a = cache[id(w.defining_op)][w.index]
+            cache[key] = (pack_panels(a if a.ndim == 3 else a[None]),)
+        fixed.append(np.ascontiguousarray(cache[key][j]))
+    ins = [np.ascontiguousarray(a, dtype) for a, dtype in zip(inputs, host.dtypes, strict=True)]
+    plan = host.plan([a.shape for a in ins], [a.shape for a in fixed], threads, False)
+    buffers: list[bytes] = []
+    relocations: list[tuple[int, int]] = []
+
+    def place(slot: int, data: bytes) -> int:
+        buffers.append(data)
+        relocations.append((slot, len(buffers) - 1))
+        return len(buffers) - 1
+
+    argv = [threads, 0, 0, 0, *[0] * host.pointers, *plan.tail]
+    place(WORKSPACE, bytes(plan.workspace))
+    for slot, a in enumerate([*ins, *fixed], HEADER):
+        place(slot, a.tobytes())
+    outputs = [place(slot, bytes(math.prod(shape) * np.dtype(dtype).itemsize))
+               for slot, (shape, dtype) in enumerate(plan.outputs, HEADER + len(ins) + len(fixed))]
+    arrays = {address(a): a for a in plan.arrays}
+    for p in host.places.values():
+        if p.kind == "planned":  # the plan's arrays (block maps of masks over positions): this process's address
+            place(p.ptr, arrays[argv[p.ptr]].tobytes())
+    assert argv[STATUS] == 0
+    image = bytearray(struct.pack("<q", len(buffers)))
+    for b in buffers:
+        image += struct.pack("<q", len(b)) + b
+    image += struct.pack(f"<{1 + len(argv)}q", len(argv), *argv)
+    image += struct.pack(f"<{1 + 2 * len(relocations)}q", len(relocations), *[x for r in relocations for x in r])
+    image += struct.pack(f"<{1 + len(outputs)}q", len(outputs), *outputs)
+    return bytes(image), plan.outputs
+
+
+def read_results(data: bytes, outputs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
+    """The outputs RUNNER wrote (`call_image`'s shapes and dtypes); a SparsaError where its status says an index
+    tensor was out of range (the call's own error comes from running it here, on the Python host)."""
+    (status,) = struct.unpack("<q", data[:8])
+    if status:
+        raise SparsaError(f"cpu function: an index tensor of kernel {status - 1} is out of range")
+    results, at = [], 8
+    for shape, dtype in outputs:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        results.append(np.frombuffer(data[at:at + n], dtype).reshape(shape).copy())
+        at += n
+    if at != len(data):
+        raise SparsaError(f"cpu function: the results are {len(data)} bytes, their shapes say {at}")
+    return results
