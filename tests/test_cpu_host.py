@@ -598,3 +598,28 @@ def test_bounds_past_a_symbolic_axis_and_unknown_dims_that_broadcast_are_errors(
         with pytest.raises(RuntimeShapeError, match=r":2:23: error: 'tensor.matmul': operand 0 \(tensor<4x\?xf32>\) "
                            r"has 0 at dim 1, .* against 1 in operand 1; the contracted dims differ"):
             m(np.ones((4, 6), np.float32), np.ones((1, 3), np.float32))
+
+
+LINEAR = """model LA(q: f32[B, H, L, 12], k: f32[B, H, L, 12], v: f32[B, H, L, 20], g: f32[B, H, L]) -> f32[B, H, L, 20] {
+    h = scan(sigmoid(g)[:, :, :, None, None], k[:, :, :, :, None] * v[:, :, :, None, :], axis=2)
+    return sum(h * q[:, :, :, :, None], axis=-2)
+}
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+@pytest.mark.parametrize("b,h,length", [(2, 3, 45), (1, 1, 1), (3, 2, 0)])
+def test_matrix_state_scans_run_natively_as_sequences(monkeypatch, threads, b, h, length):
+    """`scan.linear_attention` reads q, k, v and the decay, and writes its result, as [B*H, L, .] sequences: views of
+    their buffers, split over the team; one whose operands broadcast keeps the Python host and says so."""
+    native, python, ref = _pair(LINEAR, monkeypatch)
+    assert "scan.linear_attention" in native.ir()
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    ins = [rng.standard_normal(s, np.float32) for s in ((b, h, length, 12), (b, h, length, 12), (b, h, length, 20),
+                                                         (b, h, length))]
+    got = native(*ins)
+    assert native.native.calls["native"] == 1, native.native.host.why_not
+    np.testing.assert_array_equal(got, python(*ins))
+    np.testing.assert_allclose(got, ref(*ins), rtol=1e-5, atol=1e-5)
+    shared = sparsa.compile(LINEAR.replace("k: f32[B, H, L, 12]", "k: f32[1, H, L, 12]"), target="cpu")
+    assert shared.native.host.why_not == "the host side of 'scan.linear_attention' broadcasting its operands is still Python"

@@ -4,6 +4,7 @@ matrix-state linear-attention scan."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch_mlir.dialects import arith, func, linalg, memref, scf, vector
 from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.build import Size
 from sparsa.backends.cpu.context import (
+    HOSTED,
     KERNELS,
     LAUNCHES,
     PARALLEL,
@@ -22,7 +24,7 @@ from sparsa.backends.cpu.context import (
     KernelContext,
     element_type,
 )
-from sparsa.backends.cpu.signature import Kernel
+from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import num_threads
 from sparsa.ir.core import Operation, Region, Value
 from sparsa.ir.dialects import scan as SC
@@ -473,14 +475,33 @@ def _channel_dim(op: Operation, y: TensorType, inputs: list[Value] | None = None
     return None
 
 
+@HOSTED.lowers(SC.LinearAttentionOp)
+def hosted_linear_attention(cx: KernelContext, op: Operation, k: Kernel) -> Hosted | str:
+    """q, k, v, the decay and the result as [N, L, .] sequences: views of their buffers, where their types have the
+    same leading dims (no broadcast to copy)."""
+    lead = op.result.type.shape[:-1]
+    if any(v.type.shape[:-1] != lead for v in (op.q, op.k, op.v)) or op.a.type.shape != lead or None in lead:
+        return "the host side of 'scan.linear_attention' broadcasting its operands is still Python"
+
+    def sequences(v: Value) -> Scratch:
+        t, rank = v.type, v.type.rank
+        keep = 1 if v is op.a else 2  # [..., L] or [..., L, D]
+        return Scratch(TensorType(t.dtype, (None, None, *t.shape[rank - 1:][:keep - 1])),
+                       lambda known, ctx: (math.prod(known[id(v)][:rank - keep]), *known[id(v)][rank - keep:]),
+                       f"{v.name_hint or 'result'}_seqs", alias=v)
+
+    return Hosted(args=[sequences(v) for v in (op.q, op.k, op.v, op.a, op.result)])
+
+
 @LAUNCHES.lowers(SC.LinearAttentionOp)
 def launch_linear_attention(fn: Any, k: Kernel, host: Any, ins: list[np.ndarray]) -> list[np.ndarray]:
     """q, k, v and the decay broadcast to their common leading dims and flattened to [N, L, .] sequences."""
     op = k.op
     lead = np.broadcast_shapes(*(a.shape[:-1] for a in ins[:3]), ins[3].shape)
-    flat = [np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-1:])).reshape(-1, *lead[-1:], a.shape[-1])
+    n = math.prod(lead[:-1])  # (not -1: an empty length leaves it open)
+    flat = [np.ascontiguousarray(np.broadcast_to(a, lead + a.shape[-1:])).reshape(n, lead[-1], a.shape[-1])
             for a in ins[:3]]
-    flat.append(np.ascontiguousarray(np.broadcast_to(ins[3], lead)).reshape(-1, lead[-1]))
+    flat.append(np.ascontiguousarray(np.broadcast_to(ins[3], lead)).reshape(n, lead[-1]))
     out = np.empty(flat[0].shape[:2] + ins[2].shape[-1:], numpy_dtype(op.result.type.dtype))
     fn.parts(k, flat + [out], num_threads())
     return [out.reshape(lead + ins[2].shape[-1:])]
