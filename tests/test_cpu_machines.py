@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("torch_mlir")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from example_inputs import make_inputs  # noqa: E402
+from example_inputs import LINEAR_ATTENTION, OPS, SHAPES, SPARSE_WEIGHTS, make_inputs  # noqa: E402
 
 import sparsa  # noqa: E402
 from sparsa.backends.cpu import aot  # noqa: E402
@@ -64,12 +64,14 @@ def test_unknown_machines_are_clear_errors():
         sparsa.compile(EXAMPLES[0].read_text(), target="reference:x")
 
 
-@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", [*EXAMPLES, "ops"], ids=lambda p: getattr(p, "stem", p))
 def test_every_example_compiles_to_objects_for_x86_and_aarch64(example):
-    """The lowering assumes no x86: each example's kernels become an object for x86-64-v3, x86-64-v4 and an
-    AArch64 CPU with NEON, and each object's ELF header names its architecture."""
+    """The lowering assumes no x86: each example's kernels (and those of most dense ops: gelu's 0.044715 is a
+    float constant LLVM writes in decimal) become an object for x86-64-v3, x86-64-v4 and an AArch64 CPU with
+    NEON, and each object's ELF header names its architecture."""
+    src = OPS if example == "ops" else example.read_text()
     for name in ("x86-64-v3", "x86-64-v4", "neoverse-n1"):
-        obj = sparsa.compile(example.read_text(), target=f"cpu:{name}").stage("obj")
+        obj = sparsa.compile(src, target=f"cpu:{name}").stage("obj")
         assert aot.elf_machine(obj) == MACHINES[name][0], name
 
 
@@ -107,12 +109,22 @@ def test_the_target_is_part_of_the_cache_key():
 
 def test_newer_float_spellings_are_rewritten_for_llvmlite():
     text = ("%1 = fadd float %0, f0x42B17218\n  %2 = call <4 x float> @f(<4 x float> splat (float -inf))\n"
-            "  %3 = fmul double %x, f0x3FF0000000000000\n  %nan = fadd float %inf, nan\n  @nanfoo = global i32 0")
+            "  %3 = fmul double %x, f0x3FF0000000000000\n  %nan = fadd float %inf, nan\n  @nanfoo = global i32 0\n"
+            "  %4 = fmul contract <8 x float> %3, splat (float 4.471500e-02)\n  %5 = fadd double %y, 4.471500e-02\n"
+            "  %6 = fadd float %x, -1.000000e+00\n  %7 = fptrunc double 4.471500e-02 to float\n"
+            "  %8 = fmul contract float %7, 4.471500e-02\n  %9 = fadd double 1.000000e+00, 2.500000e-01")
     out = aot.legacy_float_spelling(text)
     assert float.fromhex("0x1.62e43p+6") == 88.72283935546875  # f0x42B17218 as a float
     assert "0x40562E4300000000" in out and "splat (float 0xFFF0000000000000)" in out
     assert "double %x, 0x3FF0000000000000" in out and "%nan = fadd float %inf, 0x7FF8000000000000" in out
     assert "@nanfoo" in out
+    # a float in decimal that a float does not hold exactly (gelu's 0.044715): the float nearest it, as a double;
+    # a double's decimals stay (the type named once by the instruction, or by the constant where a line has two)
+    gelu = aot._double_hex(float(np.float32(0.044715)))
+    assert f"splat (float {gelu})" in out and f"float %7, {gelu}" in out
+    assert "double %y, 4.471500e-02" in out and "float %x, 0xBFF0000000000000" in out
+    assert "fptrunc double 4.471500e-02 to float" in out
+    assert "double 1.000000e+00, 2.500000e-01" in out
 
 
 def test_probes_measure_something():
@@ -197,17 +209,22 @@ def _as_list(out):
 
 
 NATIVE_HOSTED = [p for p in EXAMPLES if p.stem != "document_attention"]  # (its data mask's map: the Python host)
+# most dense ops, sparse weights, shape ops and a matrix-state scan, beside the examples
+PROGRAMS = {"ops": OPS, "sparse_weights": SPARSE_WEIGHTS, "shapes": SHAPES,
+            "linear_attention": LINEAR_ATTENTION.replace("DECAY", "sigmoid(g)")}
 AARCH64 = pytest.mark.skipif(_toolchain("aarch64") is None, reason="needs an AArch64 C compiler and qemu-aarch64 "
                              "(Debian: gcc-aarch64-linux-gnu, qemu-user) or an AArch64 host")
 
 
 @AARCH64
-@pytest.mark.parametrize("example", NATIVE_HOSTED, ids=lambda p: p.stem)
+@pytest.mark.parametrize("example", [*NATIVE_HOSTED, *PROGRAMS], ids=lambda p: getattr(p, "stem", p))
 def test_aarch64_code_gives_the_reference_results(example, tmp_path):
-    """Each example's NEON code (neoverse-n1), its native host and all, called on AArch64 (under qemu here) with
-    libgomp's team of two: the reference's results."""
-    ref = sparsa.compile(example.read_text(), target="reference").init_weights(0)
-    m = sparsa.compile(example.read_text(), target="cpu:neoverse-n1").init_weights(0)
+    """Each example's NEON code (neoverse-n1), and that of programs of most dense ops, sparse weights, shape ops
+    and a matrix-state scan, its native host and all, called on AArch64 (under qemu here) with libgomp's team of
+    two: the reference's results."""
+    src = PROGRAMS[example] if example in PROGRAMS else example.read_text()
+    ref = sparsa.compile(src, target="reference").init_weights(0)
+    m = sparsa.compile(src, target="cpu:neoverse-n1").init_weights(0)
     inputs = make_inputs(ref)
     got = _run_there(m.native, inputs, m._cache, 2, tmp_path)
     for g, want in zip(got, _as_list(ref(*inputs)), strict=True):

@@ -32,6 +32,11 @@ ELF_MACHINES = {62: "x86_64", 183: "aarch64"}
 _SPECIAL = {"inf": float("inf"), "+inf": float("inf"), "-inf": float("-inf"), "nan": float("nan"),
             "+nan": float("nan"), "-nan": -float("nan")}
 _NEW_FLOAT = re.compile(r"(?<![\w.%@\"$-])(?:f0x([0-9A-Fa-f]+)|([-+]?(?:inf|nan)))(?![\w.])")
+# a floating-point constant in decimal (LLVM writes them as 4.471500e-02); for a float, the newer LLVM writes one
+# that reads back as the same float, the older reads it as a double and takes only those a float holds exactly
+_DECIMAL = r"[-+]?\d+\.\d+[eE][-+]?\d+"
+_ANY_DECIMAL = re.compile(rf"(?<![\w.%@\"$-])({_DECIMAL})(?![\w.])")
+_FLOAT_DECIMAL = re.compile(rf"(?<=\bfloat )({_DECIMAL})(?![\w.])")
 
 
 def _double_hex(value: float) -> str:
@@ -39,7 +44,8 @@ def _double_hex(value: float) -> str:
 
 
 def legacy_float_spelling(text: str) -> str:
-    """LLVM IR text with the newer floating-point constant spellings written as `0x` + a double's bits."""
+    """LLVM IR text with the newer floating-point constant spellings, and float constants in decimal, written
+    as `0x` + a double's bits."""
 
     def spell(m: re.Match) -> str:
         bits, word = m.groups()
@@ -51,7 +57,15 @@ def legacy_float_spelling(text: str) -> str:
             return _double_hex(struct.unpack("<f", struct.pack("<I", int(bits, 16)))[0])
         raise SparsaError(f"cpu target: LLVM IR constant f0x{bits} is neither a float nor a double")
 
-    return _NEW_FLOAT.sub(spell, text)
+    def as_float(m: re.Match) -> str:
+        return _double_hex(float(np.float32(m.group(1))))
+
+    def line_of(line: str) -> str:  # an instruction names its type once (`fmul float %a, 4.471500e-02`)
+        if "double" in line:  # of two types: only the constants that name theirs
+            return _FLOAT_DECIMAL.sub(as_float, line)
+        return _ANY_DECIMAL.sub(as_float, line) if "float" in line else line
+
+    return "\n".join(map(line_of, _NEW_FLOAT.sub(spell, text).split("\n")))
 
 
 def llvm_ir(llvm_dialect: str) -> str:
