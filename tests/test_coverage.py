@@ -4,14 +4,20 @@ test_ops.py, or the backend's `supports` names a reason (and the op is listed be
 Each case of test_ops.py runs its modules on the reference interpreter through `run_function`; here that
 function is wrapped so that every module a case runs is also compiled for the backend under test (after the
 pipeline where the module holds a composite op such as `moe.moe`, which no backend lowers directly) and its
-results compared. Triton runs in its interpreter without a GPU.
+results compared. Triton runs in its interpreter without a GPU. The cpu target's NEON code (`cpu:neoverse-n1`) runs
+too, under qemu-aarch64 where it and an AArch64 C compiler are installed (tests/cross_run.py); a function whose host
+side is still Python cannot run there (PYTHON_HOSTED says which ops' cases have only such functions, and why).
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import test_ops
+from cross_run import run_there, toolchain
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_properties import inputs_for, random_modules
@@ -32,6 +38,22 @@ KNOWN_UNSUPPORTED: dict[str, dict[str, str]] = {"cpu": {}, "triton": {}}
 # is not run there (every op must still run on the case's other modules)
 UNSUPPORTED_DTYPES = {"cpu": {"f16", "bf16"}, "triton": set()}
 TOL = {"cpu": 2e-4, "triton": 2e-4}
+# NEON code, run under qemu-aarch64 (tests/cross_run.py); functions whose host side is still Python cannot run there
+AARCH64 = "cpu:neoverse-n1"
+UNSUPPORTED_DTYPES[AARCH64], TOL[AARCH64] = UNSUPPORTED_DTYPES["cpu"], TOL["cpu"]
+# op -> why its case's functions keep the Python host, so run nothing on AArch64 (each runs on the cpu target here)
+_RANKS = "it exchanges rows between ranks (expert parallel)"
+_PADDED = "it returns a value of a MoE dispatch's length"  # (the cases return it; the examples' MoE layers run there)
+PYTHON_HOSTED = {"moe.all_to_all": _RANKS, "moe.all_to_all_start": _RANKS, "moe.all_to_all_wait": _RANKS,
+                 "moe.insert_own_rows": _RANKS, "moe.local_experts": _RANKS, "moe.exchange_plan": _RANKS,
+                 "moe.rank_rows": _RANKS, "moe.combine_rows": "'moe.combine_rows' runs on the Python host",
+                 "moe.dispatch": _PADDED, "moe.grouped_matmul": _PADDED,
+                 "sparse.convert": "'sparse.convert' runs on the Python host",
+                 "sparse.matmul": "'sparse.convert' runs on the Python host"}
+
+
+class PythonHosted(Exception):
+    """A function compiled for another machine whose host side is still Python: it cannot run there."""
 
 
 def _available(name: str) -> bool:
@@ -40,6 +62,8 @@ def _available(name: str) -> bool:
         pytest.importorskip("triton")
         pytest.importorskip("torch")
         return True
+    if name == AARCH64 and backend.unavailable() is None and toolchain("aarch64") is None:
+        pytest.skip("needs an AArch64 C compiler and qemu-aarch64 (Debian: gcc-aarch64-linux-gnu, qemu-user)")
     return backend.unavailable() is None
 
 
@@ -50,6 +74,13 @@ def _on(backend: backends.Backend, func: Operation, inputs: list, params: dict |
     if any(isinstance(op, Composite) for op in copy.walk()):
         copy = PassManager(backend.PIPELINE).run(copy)
     compiled = backend.compile(copy.funcs[-1], {"exchange": exchange})  # UnsupportedOp: supports() said no
+    if backend.label == AARCH64:
+        if compiled.host.why_not is not None:
+            raise PythonHosted(compiled.host.why_not)
+        cache: dict = {}
+        reference.Interpreter(compiled.func_op, params or {}, cache, compiled.weight_only).precompute()
+        with tempfile.TemporaryDirectory() as folder:
+            return [np.asarray(o) for o in run_there(compiled, list(inputs), cache, 2, Path(folder))]
     outs = compiled(list(inputs), params or {}, {})
     return [_numpy(o) for o in outs]
 
@@ -62,7 +93,7 @@ def _numpy(o: object) -> np.ndarray:
     return (o.float() if o.is_floating_point() and o.element_size() < 4 else o).numpy()
 
 
-@pytest.mark.parametrize("target", ["cpu", "triton"])
+@pytest.mark.parametrize("target", ["cpu", "triton", AARCH64])
 @pytest.mark.parametrize("name", sorted(test_ops.CASES))
 def test_every_op_lowers_or_says_why(name, target, monkeypatch):
     if not _available(target):
@@ -71,6 +102,7 @@ def test_every_op_lowers_or_says_why(name, target, monkeypatch):
     real = reference.run_function
     compared: list[str] = []
     refused: list[str] = []
+    hosted: list[str] = []  # (AArch64: functions that keep the Python host)
 
     def check(f, inputs, params, want, exchange=None):
         try:
@@ -79,6 +111,9 @@ def test_every_op_lowers_or_says_why(name, target, monkeypatch):
             dtypes = {v.type.dtype for op in f.walk() for v in (*op.operands, *op.results)}
             if not dtypes & UNSUPPORTED_DTYPES[target]:
                 refused.append(str(e))
+            return want
+        except PythonHosted as e:
+            hosted.append(str(e))
             return want
         assert len(got) == len(want)
         for g, w in zip(got, want, strict=True):
@@ -103,11 +138,15 @@ def test_every_op_lowers_or_says_why(name, target, monkeypatch):
     monkeypatch.setattr(ir_helpers, "run_function", both)
     monkeypatch.setattr(ReferenceFunction, "__call__", compiled)
     test_ops.CASES[name]()
-    if name in KNOWN_UNSUPPORTED[target]:
+    if name in KNOWN_UNSUPPORTED.get(target, {}):
         assert refused, f"{name} now lowers on {target}: remove it from KNOWN_UNSUPPORTED"
         return
     assert not refused, f"{name} is refused by {target}: {refused[0]}"
-    assert compared, f"the case of {name} ran nothing on {target}"
+    if target == AARCH64 and name in PYTHON_HOSTED:
+        assert hosted and all(PYTHON_HOSTED[name] in why for why in hosted), \
+            f"{name}: its case's functions now run natively (remove it from PYTHON_HOSTED), or for another reason"
+        return
+    assert compared, f"the case of {name} ran nothing on {target}: {hosted[:1]}"
 
 
 def test_known_unsupported_lists_are_empty():
@@ -173,7 +212,7 @@ def test_programs_outside_the_examples(name, target):
     np.testing.assert_allclose(got, want, rtol=TOL[target], atol=TOL[target])
 
 
-@pytest.mark.parametrize("target", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("target", ["reference", "cpu", "triton", AARCH64])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_random_programs_match_the_reference_on_every_target(target, data):
@@ -183,7 +222,9 @@ def test_random_programs_match_the_reference_on_every_target(target, data):
     module, _ = data.draw(random_modules())
     inputs = inputs_for(module, data.draw(st.integers(0, 1000)))
     want = reference.run_function(module, inputs)
-    got = [_numpy(o) for o in backends.get(target).compile(module.funcs[0])(inputs, {}, {})]
+    backend = backends.get(target)
+    got = _on(backend, module.funcs[0], inputs, {}) if target == AARCH64 else \
+        [_numpy(o) for o in backend.compile(module.funcs[0])(inputs, {}, {})]
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

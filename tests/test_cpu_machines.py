@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 pytest.importorskip("torch_mlir")
 
 sys.path.insert(0, str(Path(__file__).parent))
+from cross_run import run_there, toolchain  # noqa: E402
 from example_inputs import LINEAR_ATTENTION, OPS, SHAPES, SPARSE_WEIGHTS, make_inputs  # noqa: E402
 
 import sparsa  # noqa: E402
@@ -177,33 +177,6 @@ def test_the_torch_backend_runs_a_named_machine_and_refuses_one_it_cannot_run():
 
 
 # ---- object code run where its machine is (aot.call_image, runner.c) ----------------------------------------------
-def _toolchain(arch):
-    """(C compiler, launcher) that build and run a static program for `arch` from here: this machine's cc, or
-    Debian's cross compiler and qemu-user (`apt-get install gcc-aarch64-linux-gnu qemu-user`); None if absent."""
-    if host_target().arch == arch:
-        cc = shutil.which("cc") or shutil.which("gcc")
-        return (cc, []) if cc else None
-    cc, qemu = shutil.which(f"{arch}-linux-gnu-gcc"), shutil.which(f"qemu-{arch}")
-    return (cc, [qemu]) if cc and qemu else None
-
-
-def _run_there(fn, inputs, cache, threads, folder):
-    """One call of `fn` made by runner.c linked with fn's object code, on its machine (or qemu): its outputs."""
-    cc, launcher = _toolchain(fn.target.arch)
-    image, outputs = aot.call_image(fn, inputs, cache, threads)
-    folder.mkdir(exist_ok=True)
-    (folder / "call.bin").write_bytes(image)
-    (folder / "model.o").write_bytes(fn.object_code())
-    built = subprocess.run([cc, "-O1", "-static", *(["-fopenmp"] if threads > 1 else []), str(aot.RUNNER),
-                            str(folder / "model.o"), "-lm", "-o", str(folder / "runner")], capture_output=True, text=True)
-    assert built.returncode == 0, built.stderr
-    done = subprocess.run([*launcher, str(folder / "runner"), str(folder / "call.bin"), str(folder / "results.bin"), "3"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("median_ns ")
-    return aot.read_results((folder / "results.bin").read_bytes(), outputs)
-
-
 def _as_list(out):
     return list(out) if isinstance(out, tuple) else [out]
 
@@ -212,7 +185,7 @@ NATIVE_HOSTED = [p for p in EXAMPLES if p.stem != "document_attention"]  # (its 
 # most dense ops, sparse weights, shape ops and a matrix-state scan, beside the examples
 PROGRAMS = {"ops": OPS, "sparse_weights": SPARSE_WEIGHTS, "shapes": SHAPES,
             "linear_attention": LINEAR_ATTENTION.replace("DECAY", "sigmoid(g)")}
-AARCH64 = pytest.mark.skipif(_toolchain("aarch64") is None, reason="needs an AArch64 C compiler and qemu-aarch64 "
+AARCH64 = pytest.mark.skipif(toolchain("aarch64") is None, reason="needs an AArch64 C compiler and qemu-aarch64 "
                              "(Debian: gcc-aarch64-linux-gnu, qemu-user) or an AArch64 host")
 
 
@@ -226,7 +199,7 @@ def test_aarch64_code_gives_the_reference_results(example, tmp_path):
     ref = sparsa.compile(src, target="reference").init_weights(0)
     m = sparsa.compile(src, target="cpu:neoverse-n1").init_weights(0)
     inputs = make_inputs(ref)
-    got = _run_there(m.native, inputs, m._cache, 2, tmp_path)
+    got = run_there(m.native, inputs, m._cache, 2, tmp_path)
     for g, want in zip(got, _as_list(ref(*inputs)), strict=True):
         np.testing.assert_allclose(g, want, rtol=2e-4, atol=2e-4)
 
@@ -248,17 +221,17 @@ def test_aarch64_code_gives_the_reference_gradients(example, tmp_path):
     grad = m._backward()
     saved = inputs
     if grad.forward is not None:
-        both = _run_there(grad.forward, inputs, grad.cache, 1, tmp_path / "fwd")
+        both = run_there(grad.forward, inputs, grad.cache, 1, tmp_path / "fwd")
         for y, y_ref in zip(both[:len(ys)], ys, strict=True):
             np.testing.assert_allclose(y, y_ref, rtol=2e-4, atol=2e-4)
         saved = both[len(ys):]
-    got = _run_there(grad.native, [*saved, *dys], grad.cache, 1, tmp_path / "bwd")
+    got = run_there(grad.native, [*saved, *dys], grad.cache, 1, tmp_path / "bwd")
     assert set(grad.produced) <= set(want) and grad.produced
     for name, g in zip(grad.produced, got, strict=True):
         np.testing.assert_allclose(g, want[name], rtol=2e-4, atol=2e-4 * float(np.max(np.abs(want[name]))), err_msg=name)
 
 
-@pytest.mark.skipif(not named_target("x86-64-v3").runs_here() or _toolchain("x86_64") is None,
+@pytest.mark.skipif(not named_target("x86-64-v3").runs_here() or toolchain("x86_64") is None,
                     reason="needs an x86-64 host with AVX2 and a C compiler")
 def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
     """The runner and the call image on this machine: AVX2 object code of the Mixtral example linked with
@@ -267,7 +240,7 @@ def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
     src = (Path(__file__).parent.parent / "examples" / "mixtral_moe.sp").read_text()
     m = sparsa.compile(src, target="cpu:x86-64-v3").init_weights(0)
     inputs = make_inputs(m)
-    (got,) = _run_there(m.native, inputs, m._cache, 2, tmp_path)
+    (got,) = run_there(m.native, inputs, m._cache, 2, tmp_path)
     np.testing.assert_allclose(got, m(*inputs), rtol=1e-5, atol=1e-5)
     with pytest.raises(SparsaError, match="no native host"):
         doc = sparsa.compile((EXAMPLES[0].parent / "document_attention.sp").read_text(),
