@@ -3,7 +3,7 @@ which ops read only weights, and binding a call's shapes to a signature's symbol
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +113,30 @@ def bindable(shapes: Iterable[tuple[Dim, ...]]) -> set[str]:
     return known
 
 
+def binders(candidates: Sequence[tuple[Dim, ...]], kept: Iterable[tuple[Dim, ...]], needed: set[str]) -> list[int]:
+    """Which of `candidates` (shapes, by index, in the order given) a call must also take, beside inputs of the
+    shapes `kept`, to bind every name in `needed`: each candidate that names one still unbound, until none is
+    (each binding what `bindable` says it does)."""
+    shapes = list(kept)
+    unbound = needed - bindable(shapes)
+    picked = []
+    for i, shape in enumerate(candidates):
+        if unbound & set(shape):
+            picked.append(i)
+            shapes.append(shape)
+            unbound = needed - bindable(shapes)
+    return picked
+
+
 def _solvable(d: str, s: str, known: set[str]) -> bool:
-    """Whether `_solve` can solve d for s (others at a probe value): its probes divide by no zero and d moves
-    with s."""
+    """Whether `_solve` can solve d for s (others at a probe value): its probes divide by no zero, d moves with
+    s, and moves as a line (a*s + b at each probe: not a length padded to a multiple, `s + (8 - s % 8) % 8`, which
+    `_solve` finds no s for)."""
     probe = dict.fromkeys(known, 3)
     try:
-        return evaluate(d, {**probe, s: 1}) != evaluate(d, {**probe, s: 0})
+        b = evaluate(d, {**probe, s: 0})
+        a = evaluate(d, {**probe, s: 1}) - b
+        return a != 0 and all(evaluate(d, {**probe, s: x}) == a * x + b for x in (2, 3, 5, 8, 13))
     except ZeroDivisionError:
         return False
 

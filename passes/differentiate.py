@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparsa.ir.analysis import bindable, sizes_of
+from sparsa.ir.analysis import binders, sizes_of
 from sparsa.ir.autodiff import pullback_ops, vjp_function
 from sparsa.ir.clone import clone_op
 from sparsa.ir.core import Block, Module, Operation, Region, Value
@@ -99,12 +99,10 @@ def split(vjp: Operation, n_forward: int, outputs: list[Value]) -> list[Operatio
     cot = block.args[n_in:]
     # the sizes the backward's types are made of: an input whose shape binds one that no residual's binds is a
     # residual too (dX of x[:, K:] is zeros of K rows, K being the rows of an input the backward reads nothing of)
-    unbound = {s for op in bwd_ops for inner in op.walk() for d in sizes_of(inner) for s in symbols(d)} - \
-        bindable(v.type.shape for v in (*needed, *cot))
-    for a in sorted(block.args[:n_in], key=lambda a: a.type.rank):
-        if unbound & set(a.type.shape):
-            need(a)
-            unbound -= bindable([a.type.shape])
+    sizes = {s for op in bwd_ops for inner in op.walk() for d in sizes_of(inner) for s in symbols(d)}
+    by_rank = sorted(block.args[:n_in], key=lambda a: a.type.rank)
+    for i in binders([a.type.shape for a in by_rank], [v.type.shape for v in (*needed, *cot)], sizes):
+        need(by_rank[i])
     name = vjp.attributes["sym_name"].removesuffix("_vjp")
     fwd_block = Block([a.type for a in block.args[:n_in]], [a.name_hint for a in block.args[:n_in]])
     mapping: dict[int, Value] = {id(a): b for a, b in zip(block.args[:n_in], fwd_block.args, strict=True)}

@@ -585,21 +585,18 @@ def _drop_unused_args(module: Any, tensor_pos: list[int]) -> set[int]:
     """Remove the function arguments nothing reads, but for one whose shape alone binds a symbol the others' types
     or the body's use (input_ids' length, where another input is padded to `s + (8 - s % 8) % 8`); returns their
     input positions."""
-    from sparsa.ir.analysis import sizes_of
+    from sparsa.ir.analysis import binders, sizes_of
     from sparsa.ir.core import Block
-    from sparsa.ir.dims import is_symbol, symbols
+    from sparsa.ir.dims import symbols
 
     func = module.funcs[-1]
     old = func.regions[0].block
     keep = [i for i, a in enumerate(old.args) if a.uses]
     needed = {s for i in keep for d in old.args[i].type.shape for s in symbols(d)}
     needed |= {s for op in func.walk() for d in sizes_of(op) for s in symbols(d)}  # (a slice's bounds too)
-    bound = {d for i in keep for d in old.args[i].type.shape if is_symbol(d)}
-    for i, a in enumerate(old.args):
-        names = {d for d in getattr(a.type, "shape", ()) if is_symbol(d)}
-        if i not in keep and names & (needed - bound):
-            keep.append(i)
-            bound |= names
+    unread = [i for i in range(len(old.args)) if i not in keep]
+    keep += [unread[j] for j in binders([getattr(old.args[i].type, "shape", ()) for i in unread],
+                                        [old.args[i].type.shape for i in keep], needed)]
     keep.sort()
     if len(keep) == len(old.args):
         return set()

@@ -313,14 +313,17 @@ def test_inputs_bind_symbols_their_dims_are_expressions_of() -> None:
 def test_the_names_a_call_binds_are_those_its_inputs_bind_or_solve_for() -> None:
     """`bindable` says which names a call binds from inputs of given shapes, as `bind_shape` binds them: plain
     names, then the one name an expression leaves unbound where it moves with it (again and again); not a name
-    only a floor division by it or an expression of two unbound names holds (the torch import leaves an op whose
-    sizes need one in PyTorch, rather than fail at run time: JetMoe's `(s*t)//h`)."""
-    from sparsa.ir.analysis import bind_shape, bindable
+    only a floor division by it, an expression of two unbound names or one that is not a line in it (a length padded
+    to a multiple of 8) holds (the torch import leaves an op whose sizes need one in PyTorch, rather than fail at run
+    time: JetMoe's `(s*t)//h`)."""
+    from sparsa.ir.analysis import RuntimeShapeError, bind_shape, bindable
     from sparsa.ir.dims import evaluate
     from sparsa.ir.types import TensorType
 
-    shapes = [("B", "2*L+1"), ("L+M",), ("(128//H)", "N*P"), ("Q*2", "Q//2")]
+    shapes = [("B", "2*L+1"), ("L+M",), ("(128//H)", "N*P"), ("Q*2", "Q//2"), ("s+(8-s%8)%8", "((t+7)//8)*8")]
     assert bindable(shapes) == {"B", "L", "M", "Q"}
+    with pytest.raises(RuntimeShapeError, match="is for no s"):  # 16 columns: s = 9..16, which no line gives
+        bind_shape(TensorType("f32", shapes[4][:1]), (16,), {}, "x")
     sizes = {"B": 2, "L": 3, "M": 4, "Q": 5}
     dims: dict[str, int] = {}
     for shape in (shapes[0], shapes[1], shapes[3]):
