@@ -23,6 +23,7 @@ from example_inputs import LINEAR_ATTENTION, OPS, SHAPES, SPARSE_WEIGHTS, make_i
 import sparsa  # noqa: E402
 from sparsa.backends.cpu import aot  # noqa: E402
 from sparsa.backends.cpu.target import PANEL, ROW_BLOCK, CpuTarget, host_target, named_target  # noqa: E402
+from sparsa.ir.analysis import RuntimeShapeError  # noqa: E402
 from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.sp"))
@@ -242,11 +243,13 @@ def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
     inputs = make_inputs(m)
     (got,) = run_there(m.native, inputs, m._cache, 2, tmp_path)
     np.testing.assert_allclose(got, m(*inputs), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeShapeError, match="input 'x' must have rank 2"):  # checked as a call checks it
+        aot.call_image(m.native, [inputs[0][0]], m._cache)
     with pytest.raises(SparsaError, match="no native host"):
         doc = sparsa.compile((EXAMPLES[0].parent / "document_attention.sp").read_text(),
                              target="cpu:x86-64-v3").init_weights(0)
         aot.call_image(doc.native, make_inputs(doc), doc._cache)
     with pytest.raises(SparsaError, match="the results are 16 bytes, their shapes say 12"):
         aot.read_results(bytes(16), [((1,), np.float32)])
-    with pytest.raises(SparsaError, match="index tensor of kernel 2"):
+    with pytest.raises(SparsaError, match="launch 2 of the native host reads is out of range"):
         aot.read_results((3).to_bytes(8, "little") + bytes(4), [((1,), np.float32)])

@@ -119,8 +119,10 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
     address. `cache` holds the weight-only results as a model keeps them; a fixed weight's panels are packed into
     it here, as the Python host packs them at a function's first call. Returns the image and the outputs' shapes
     and dtypes (`read_results`)."""
-    from sparsa.backends.cpu.host import HEADER, STATUS, WORKSPACE, address
+    from sparsa.backends.cpu.host import HEADER, WORKSPACE, address
     from sparsa.backends.cpu.moe_pack import pack_panels
+    from sparsa.backends.reference.interpreter import Interpreter
+    from sparsa.ir.analysis import bind_names
 
     host = fn.host
     if host.why_not is not None:
@@ -138,7 +140,10 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
             a = cache[id(w.defining_op)][w.index]
             cache[key] = (pack_panels(a if a.ndim == 3 else a[None]),)
         fixed.append(np.ascontiguousarray(cache[key][j]))
-    ins = [np.ascontiguousarray(a, dtype) for a, dtype in zip(inputs, host.dtypes, strict=True)]
+    checker = Interpreter(fn.func_op)  # the inputs checked and converted as a call checks them
+    bind_names([(v.type, np.shape(a)) for v, a in zip(host.inputs, inputs, strict=True)], checker.dims)
+    ins = [np.ascontiguousarray(checker.bind(v, a, f"input '{v.name_hint or v.index}'"), dtype)
+           for v, a, dtype in zip(host.inputs, inputs, host.dtypes, strict=True)]
     plan = host.plan([a.shape for a in ins], [a.shape for a in fixed], threads, False)
     buffers: list[bytes] = []
     relocations: list[tuple[int, int]] = []
@@ -158,7 +163,6 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
     for p in host.places.values():
         if p.kind == "planned":  # the plan's arrays (block maps of masks over positions): this process's address
             place(p.ptr, arrays[argv[p.ptr]].tobytes())
-    assert argv[STATUS] == 0
     image = bytearray(struct.pack("<q", len(buffers)))
     for b in buffers:
         image += struct.pack("<q", len(b)) + b
@@ -170,10 +174,11 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
 
 def read_results(data: bytes, outputs: Sequence[tuple[tuple[int, ...], np.dtype]]) -> list[np.ndarray]:
     """The outputs RUNNER wrote (`call_image`'s shapes and dtypes); a SparsaError where its status says an index
-    tensor was out of range (the call's own error comes from running it here, on the Python host)."""
+    tensor was out of range (the call itself, run here on the Python host, says which and where)."""
     (status,) = struct.unpack("<q", data[:8])
     if status:
-        raise SparsaError(f"cpu function: an index tensor of kernel {status - 1} is out of range")
+        raise SparsaError(f"cpu function: an index tensor that launch {status - 1} of the native host reads is out "
+                          "of range")
     results, at = [], 8
     for shape, dtype in outputs:
         n = math.prod(shape) * np.dtype(dtype).itemsize
