@@ -186,11 +186,11 @@ NATIVE_HOSTED = [p for p in EXAMPLES if p.stem != "document_attention"]  # (its 
 # most dense ops, sparse weights, shape ops and a matrix-state scan, beside the examples
 PROGRAMS = {"ops": OPS, "sparse_weights": SPARSE_WEIGHTS, "shapes": SHAPES,
             "linear_attention": LINEAR_ATTENTION.replace("DECAY", "sigmoid(g)")}
-AARCH64 = pytest.mark.skipif(toolchain("aarch64") is None, reason="needs an AArch64 C compiler and qemu-aarch64 "
-                             "(Debian: gcc-aarch64-linux-gnu, qemu-user) or an AArch64 host")
+NEEDS_AARCH64 = pytest.mark.skipif(toolchain("aarch64") is None, reason="needs an AArch64 C compiler and qemu-aarch64 "
+                                   "(Debian: gcc-aarch64-linux-gnu, qemu-user) or an AArch64 host")
 
 
-@AARCH64
+@NEEDS_AARCH64
 @pytest.mark.parametrize("example", [*NATIVE_HOSTED, *PROGRAMS], ids=lambda p: getattr(p, "stem", p))
 def test_aarch64_code_gives_the_reference_results(example, tmp_path):
     """Each example's NEON code (neoverse-n1), and that of programs of most dense ops, sparse weights, shape ops
@@ -205,7 +205,7 @@ def test_aarch64_code_gives_the_reference_results(example, tmp_path):
         np.testing.assert_allclose(g, want, rtol=2e-4, atol=2e-4)
 
 
-@AARCH64
+@NEEDS_AARCH64
 @pytest.mark.parametrize("example", ["selective_scan", "mixtral_moe", "sliding_window_attention", "sparse_ffn"])
 def test_aarch64_code_gives_the_reference_gradients(example, tmp_path):
     """`m.vjp` on AArch64 (generic NEON, one thread): the saved forward, then the backward on its residuals as that
@@ -245,9 +245,9 @@ def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
     np.testing.assert_allclose(got, m(*inputs), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeShapeError, match="input 'x' must have rank 2"):  # checked as a call checks it
         aot.call_image(m.native, [inputs[0][0]], m._cache)
+    doc = sparsa.compile((EXAMPLES[0].parent / "document_attention.sp").read_text(),
+                         target="cpu:x86-64-v3").init_weights(0)
     with pytest.raises(SparsaError, match="no native host"):
-        doc = sparsa.compile((EXAMPLES[0].parent / "document_attention.sp").read_text(),
-                             target="cpu:x86-64-v3").init_weights(0)
         aot.call_image(doc.native, make_inputs(doc), doc._cache)
     with pytest.raises(SparsaError, match="the results are 16 bytes, their shapes say 12"):
         aot.read_results(bytes(16), [((1,), np.float32)])

@@ -483,11 +483,11 @@ def hosted_linear_attention(cx: KernelContext, op: Operation, k: Kernel) -> Host
     if any(v.type.shape[:-1] != lead for v in (op.q, op.k, op.v)) or op.a.type.shape != lead or None in lead:
         return "the host side of 'scan.linear_attention' broadcasting its operands is still Python"
 
-    def sequences(v: Value) -> Scratch:
-        t, rank = v.type, v.type.rank
-        keep = 1 if v is op.a else 2  # [..., L] or [..., L, D]
-        return Scratch(TensorType(t.dtype, (None, None, *t.shape[rank - 1:][:keep - 1])),
-                       lambda known, ctx: (math.prod(known[id(v)][:rank - keep]), *known[id(v)][rank - keep:]),
+    def sequences(v: Value) -> Scratch:  # [..., L, D] as [N, L, D]; the decay's [..., L] as [N, L]
+        t = v.type
+        keep = 1 if v is op.a else 2
+        return Scratch(TensorType(t.dtype, (None, None) if v is op.a else (None, None, t.shape[-1])),
+                       lambda known, ctx: (math.prod(known[id(v)][:t.rank - keep]), *known[id(v)][t.rank - keep:]),
                        f"{v.name_hint or 'result'}_seqs", alias=v)
 
     return Hosted(args=[sequences(v) for v in (op.q, op.k, op.v, op.a, op.result)])
