@@ -32,6 +32,20 @@ class RuntimeShapeError(SparsaError):
     """An input or weight whose shape or dtype does not fit the function's signature."""
 
 
+class Sizes:
+    """A call's sizes by name, as the ops' rules read them outside an interpreter (`dim`, `shape_of`, as the
+    reference interpreter gives them): a native host's plan, a launcher's checks."""
+
+    def __init__(self, dims: dict[str, int]):
+        self.dims = dims
+
+    def dim(self, d: Dim) -> int:
+        return evaluate(d, self.dims)
+
+    def shape_of(self, t: TensorType) -> tuple[int, ...]:
+        return tuple(evaluate(d, self.dims) for d in t.shape)
+
+
 def weight_only_ops(func: Operation, constant_args: frozenset[int] = frozenset()) -> set[int]:
     """Ids of the function's top-level ops that read only weights (params, packing), or function arguments
     the caller promises are the same on every call (`constant_args`, by index: a torch model's parameters), and

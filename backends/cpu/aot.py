@@ -121,8 +121,6 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
     and dtypes (`read_results`)."""
     from sparsa.backends.cpu.host import HEADER, WORKSPACE, address
     from sparsa.backends.cpu.moe_pack import pack_panels
-    from sparsa.backends.reference.interpreter import Interpreter
-    from sparsa.ir.analysis import bind_names
 
     host = fn.host
     if host.why_not is not None:
@@ -130,8 +128,7 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
     if len(inputs) != len(host.inputs):
         raise SparsaError(f"cpu function: takes {len(host.inputs)} inputs, got {len(inputs)}")
     values = {id(v): v for op in fn.func_op.walk() for v in op.results}
-    fixed = []
-    for key, j, _ in host.fixed:
+    for key, _, _ in host.fixed:
         if key not in cache and isinstance(key, tuple) and key[0] == "panels":
             w = values.get(key[1])
             if w is None or id(w.defining_op) not in cache:
@@ -139,9 +136,11 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
                                   "the model's weights first)")
             a = cache[id(w.defining_op)][w.index]
             cache[key] = (pack_panels(a if a.ndim == 3 else a[None]),)
-        fixed.append(np.ascontiguousarray(cache[key][j]))
-    checker = Interpreter(fn.func_op)  # the inputs checked and converted as a call checks them
-    bind_names([(v.type, np.shape(a)) for v, a in zip(host.inputs, inputs, strict=True)], checker.dims)
+    fixed = host.fixed_arrays(cache)
+    if fixed is None:
+        raise SparsaError("cpu function: a weight-only result the kernels read is not in the cache (load the model's "
+                          "weights first)")
+    checker = host.input_checker(inputs)  # the inputs checked and converted as a call checks them
     ins = [np.ascontiguousarray(checker.bind(v, a, f"input '{v.name_hint or v.index}'"), dtype)
            for v, a, dtype in zip(host.inputs, inputs, host.dtypes, strict=True)]
     plan = host.plan([a.shape for a in ins], [a.shape for a in fixed], threads, False)
@@ -153,7 +152,7 @@ def call_image(fn: Any, inputs: Sequence[np.ndarray], cache: dict, threads: int 
         relocations.append((slot, len(buffers) - 1))
         return len(buffers) - 1
 
-    argv = [threads, 0, 0, 0, *[0] * host.pointers, *plan.tail]
+    argv = host.argv(plan, threads, 0)  # (the runner sets the pool: GOMP_parallel where it links libgomp)
     place(WORKSPACE, bytes(plan.workspace))
     for slot, a in enumerate([*ins, *fixed], HEADER):
         place(slot, a.tobytes())

@@ -35,10 +35,9 @@ from sparsa.backends.cpu.context import HOSTED, LAUNCHES, KernelContext
 from sparsa.backends.cpu.moe_pack import panels_scratch
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
 from sparsa.backends.cpu.threads import NATIVE_SPLIT_WORK, one_part_below, row_bounds, work
-from sparsa.ir.analysis import bind_names, bind_shape
+from sparsa.ir.analysis import Sizes, bind_names, bind_shape
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import tensor_shape as S
-from sparsa.ir.dims import evaluate
 from sparsa.ir.types import numpy_dtype
 
 HEADER = 4  # threads, pool, workspace, status
@@ -97,19 +96,13 @@ class Plan:
     arrays: list[np.ndarray]  # what the "planned" places' addresses point to
 
 
-class _Shapes:
-    """The context `result_shapes` reads: the dims the signature binds."""
+class _Shapes(Sizes):
+    """The context `result_shapes` reads: the dims the signature binds, and the team the plan is for."""
 
     def __init__(self, dims: dict[str, int], threads: int = 1, exact: bool = False):
-        self.dims = dims
+        super().__init__(dims)
         self.threads = threads  # the team the plan is for
         self.exact = exact  # SPARSA_DETERMINISTIC=1
-
-    def dim(self, d: Any) -> int:
-        return evaluate(d, self.dims)
-
-    def shape_of(self, t: Any) -> tuple[int, ...]:
-        return tuple(evaluate(d, self.dims) for d in t.shape)
 
 
 def address(a: np.ndarray) -> int:
@@ -334,6 +327,31 @@ class HostProgram:
     def _base(self, v: Value) -> Value:
         place = self.places[id(v)]
         return place.source if place.kind == "view" else v
+
+    # ---- one call -----------------------------------------------------------------------------------
+    def fixed_arrays(self, cache: dict) -> list[np.ndarray] | None:
+        """The weight-only results and packed weights the kernels read, from the call's cache (None while one is
+        not there yet: the Python host makes them at its first call)."""
+        arrays = []
+        for key, j, _ in self.fixed:
+            if key not in cache:
+                return None
+            arrays.append(np.ascontiguousarray(cache[key][j]))
+        return arrays
+
+    def input_checker(self, inputs: Sequence[Any]) -> Any:
+        """An interpreter whose `bind` checks and converts an input as a call does (its errors), its dims bound from
+        every input first."""
+        from sparsa.backends.reference.interpreter import Interpreter
+
+        checker = Interpreter(self.func_op)
+        bind_names([(v.type, np.shape(x)) for v, x in zip(self.inputs, inputs, strict=True)], checker.dims)
+        return checker
+
+    def argv(self, plan: Plan, threads: int, pool: int) -> list[int]:
+        """The program's argv for `plan`: the header (the workspace and status 0, set by the caller), a slot for
+        each pointer, then the plan's words."""
+        return [threads, pool, 0, 0, *[0] * self.pointers, *plan.tail]
 
     # ---- one set of shapes ----------------------------------------------------------------------------
     def plan(self, shapes: Sequence[tuple[int, ...]], fixed_shapes: Sequence[tuple[int, ...]], threads: int,

@@ -47,7 +47,7 @@ from sparsa.backends.cpu.threads import (
     work,
 )
 from sparsa.backends.reference.interpreter import Interpreter
-from sparsa.ir.analysis import bind_names, weight_only_ops
+from sparsa.ir.analysis import weight_only_ops
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
 from sparsa.ir.dialects import tensor as T
@@ -344,11 +344,9 @@ class CpuFunction(Executable):
         host = self.host
         fixed = cache.get(("native host", id(self))) if host.fixed else _NO_FIXED
         if fixed is None:
-            arrays = []
-            for key, j, _ in host.fixed:
-                if key not in cache:
-                    return None
-                arrays.append(np.ascontiguousarray(cache[key][j]))
+            arrays = host.fixed_arrays(cache)
+            if arrays is None:
+                return None
             fixed = cache[("native host", id(self))] = (arrays, [address(a) for a in arrays],
                                                         tuple(a.shape for a in arrays))
         if len(inputs) != len(host.inputs):
@@ -359,9 +357,7 @@ class CpuFunction(Executable):
             if type(a) is not np.ndarray or a.dtype != want or not a.flags.c_contiguous:
                 v = host.inputs[i]
                 if checker is None:
-                    checker = Interpreter(self.func_op)
-                    bind_names([(u.type, np.shape(x)) for u, x in zip(host.inputs, inputs, strict=True)],
-                               checker.dims)
+                    checker = host.input_checker(inputs)
                 a = np.ascontiguousarray(checker.bind(v, a, f"input '{v.name_hint or v.index}'"))
             ins.append(a)
         threads, exact = num_threads(), deterministic()
@@ -380,7 +376,7 @@ class CpuFunction(Executable):
             space = mine["workspace"] = (buf, address(buf) + -address(buf) % ALIGN)
         made = mine.setdefault("argv", {}).get(key)
         if made is None or made[2] is not plan:  # (another thread may have dropped the plan this argv was made from)
-            argv = np.array([0, 0, threads, openmp_parallel(), 0, 0, *[0] * host.pointers, *plan.tail], np.int64)
+            argv = np.array([0, 0, *host.argv(plan, threads, openmp_parallel())], np.int64)
             made = mine["argv"][key] = (argv, address(argv), plan)  # the plan keeps its arrays alive
             argv[0], argv[1] = made[1] + 8, made[1] + 16  # packed convention: a pointer to the pointer to argv[2:]
         argv = made[0]

@@ -189,22 +189,12 @@ def unknown_dims(step: HostStep, operands: tuple, result: Any) -> None:
     step.op.check_unknown_dims([tuple(s) for s in operands], tuple(result))
 
 
-class _Sizes:
-    """The launcher's sizes by name, as the reference's context gives them (`dim`)."""
-
-    def __init__(self, dims: dict[str, int]):
-        self.dims = dims
-
-    def dim(self, d: Any) -> int:
-        from sparsa.ir.dims import evaluate
-
-        return evaluate(d, self.dims)
-
-
 def slice_checked(step: HostStep, shape: Any, dims: dict[str, int]) -> None:
     """A slice of bounds known at run time (sizes), checked by the op's own `checked` (a symbolic start not below
     0, the lengths taken its type's), where PyTorch's indexing would clamp them silently."""
-    step.op.checked(_Sizes(dims), tuple(shape))
+    from sparsa.ir.analysis import Sizes
+
+    step.op.checked(Sizes(dims), tuple(shape))
 
 
 def host_op(step: HostStep, dev: Any, *args: Any) -> tuple[Any, ...]:
