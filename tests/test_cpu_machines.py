@@ -101,6 +101,18 @@ def test_code_for_another_architecture_is_emitted_not_run(tmp_path):
     assert aot.elf_machine(out.read_bytes()) == MACHINES[other][0]
 
 
+@pytest.mark.parametrize("name", ["x86-64-v3", "neoverse-n1"])
+def test_objects_are_optimized_as_the_jit_optimizes(name):
+    """An object is LLVM's optimized module, not code generation alone: the loop vectorizer (a pass of the module
+    pipeline only) has marked the loops it vectorized. Without the pipeline, causal attention's object ran 1.46x
+    slower than with it (AVX2, one thread)."""
+    src = (Path(__file__).parent.parent / "examples" / "sliding_window_attention.sp").read_text()
+    fn = sparsa.compile(src, target=f"cpu:{name}").native
+    assert "llvm.loop.isvectorized" not in aot.llvm_ir(fn.stages["llvm"])
+    module, _ = aot.optimized(fn.stages["llvm"], fn.target)
+    assert "llvm.loop.isvectorized" in str(module)
+
+
 def test_the_target_is_part_of_the_cache_key():
     from sparsa.backends.cpu import cache
 
