@@ -22,21 +22,29 @@ from example_inputs import LINEAR_ATTENTION, OPS, SHAPES, SPARSE_WEIGHTS, make_i
 
 import sparsa  # noqa: E402
 from sparsa.backends.cpu import aot  # noqa: E402
-from sparsa.backends.cpu.target import PANEL, ROW_BLOCK, CpuTarget, host_target, named_target  # noqa: E402
+from sparsa.backends.cpu.matmul import _pieces  # noqa: E402
+from sparsa.backends.cpu.target import (  # noqa: E402
+    HIDE_FMA_LATENCY,
+    PANEL,
+    ROW_BLOCK,
+    CpuTarget,
+    host_target,
+    named_target,
+)
 from sparsa.ir.analysis import RuntimeShapeError  # noqa: E402
 from sparsa.ir.diagnostics import SparsaError  # noqa: E402
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.sp"))
-MACHINES = {"x86-64-v3": ("x86_64", "avx2", (4, 16)), "x86-64-v4": ("x86_64", "avx512", (8, 32)),
-            "neoverse-n1": ("aarch64", "neon", (8, 8)), "aarch64": ("aarch64", "neon", (8, 8)),
-            "x86-64": ("x86_64", "sse", (4, 8))}
+MACHINES = {"x86-64-v3": ("x86_64", "avx2", (4, 16), 6), "x86-64-v4": ("x86_64", "avx512", (8, 32), 8),
+            "neoverse-n1": ("aarch64", "neon", (8, 8), 8), "aarch64": ("aarch64", "neon", (8, 8), 8),
+            "x86-64": ("x86_64", "sse", (4, 8), 6)}
 
 
 @pytest.mark.parametrize("name", sorted(MACHINES))
 def test_named_machines_and_their_register_tiles(name):
-    arch, isa, tile = MACHINES[name]
+    arch, isa, tile, packed_rows = MACHINES[name]
     t = named_target(name)
-    assert (t.arch, t.isa, t.tile) == (arch, isa, tile)
+    assert (t.arch, t.isa, t.tile, t.packed_rows) == (arch, isa, tile, packed_rows)
 
 
 @pytest.mark.parametrize("bits,registers", [(128, 16), (128, 32), (256, 16), (256, 32), (512, 32)])
@@ -50,6 +58,30 @@ def test_the_tile_is_the_best_that_fits_by_brute_force(bits, registers):
             if rm * v + v + 1 <= registers and ROW_BLOCK % rm == 0 and PANEL % (v * lanes) == 0]
     assert (m, n // lanes) in fits
     assert m * (n // lanes) == max(rm * v for rm, v in fits)
+    # a tile of packed rows (any number of rows): the tile's columns, the fewest rows from the tile's up whose
+    # accumulators hide the FMA latency, or else the most that fit
+    v = n // lanes
+    rows = [rm for rm in range(m, 64) if rm * v + v + 1 <= registers]
+    hiding = [rm for rm in rows if rm * v >= HIDE_FMA_LATENCY]
+    assert t.packed_rows == (hiding[0] if hiding else rows[-1])
+
+
+@pytest.mark.parametrize("m,lanes", [(m, lanes) for m in range(1, 17) for lanes in (4, 8, 16)])
+def test_a_square_of_rows_is_stored_in_the_pieces_its_tiles_take(m, lanes):
+    """By brute force: over a group of lcm(m, lanes) rows, each square's lanes are cut where a tile of m rows ends
+    and nowhere else, and every row lands once, in its own tile."""
+    group = math.lcm(m, lanes)
+    seen = []
+    for s in range(0, group, lanes):
+        pieces = _pieces(s, lanes, m)
+        assert [a for a, _ in pieces] == sorted(a for a, _ in pieces) and pieces[0][0] == 0
+        assert sum(size for _, size in pieces) == lanes
+        for a, size in pieces:
+            rows = range(s + a, s + a + size)
+            assert len({r // m for r in rows}) == 1  # within one tile
+            assert (s + a) % m == 0 or a == 0  # cut only at a tile's start (or the square's)
+            seen += rows
+    assert seen == list(range(group))
 
 
 def test_host_target_reads_this_machine():

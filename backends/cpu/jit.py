@@ -266,7 +266,8 @@ class CpuFunction(Executable):
                                     "it exchanges rows between ranks (expert parallel)" if exchange is not None
                                     else None if native_host() else "SPARSA_NATIVE_HOST=0", profile())
             self.stages = {"mlir": str(module),
-                           "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k),
+                           "schedule": schedule(builder.tiled, self.target.tile, self.target.block_k,
+                                                self.target.packed_rows),
                            "host": self.host.text if self.host.why_not is None else
                            f"// no native host: {self.host.why_not}; Python runs the kernels in order\n"}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]

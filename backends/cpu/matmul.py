@@ -253,8 +253,10 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
     the group's panels pass over them, where over the whole of a long K they came from L3 for every panel.
 
     `epilogue(y, r0, c0, rows, width)`: what is stored of each tile y of the product (at the last span).
-    `panels`: w's panels as the host packed them once ([1, ceil(N / PANEL), K, PANEL]): read as they are."""
-    m = cx.target.tile[0]
+    `panels`: w's panels as the host packed them once ([1, ceil(N / PANEL), K, PANEL]): read as they are.
+
+    Packed, x's register tile has `CpuTarget.packed_rows` rows (its tiles need not divide a 64-row block) and a
+    chunk is the whole tiles of ROW_BLOCK rows (60 rows of 6-row tiles)."""
     R, K, N = B.mdim(x, 0), B.mdim(x, 1), B.mdim(w, 0 if transposed else 1)
     k_static, n_static = ir.MemRefType(x.type).shape[1], ir.MemRefType(w.type).shape[0 if transposed else 1]
     span = k_span(cx)
@@ -264,6 +266,8 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         if panels is None else None
     n_panels = B.ceil_div(N, PANEL)
     pack_x = B.DYN() in (k_static, n_static) or -(-n_static // PANEL) > group
+    m = cx.target.packed_rows if pack_x else cx.target.tile[0]
+    chunk = ROW_BLOCK // m * m if pack_x else ROW_BLOCK
     if pack_x:
         xp = memref.AllocOp(ir.MemRefType.get([B.DYN(), B.DYN(), m], et), [B.ceil_div(R, m), K], []).result
         _pack_rows(x, xp, R, m, cx.target.lanes(32), et)
@@ -279,10 +283,10 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
             if panels is None:
                 _pack_group(cx, w, wp, p0, p1, k0, kn, N, et, transposed)
             wpt = B.read(wp if panels is None else panels)
-            chunks = B.loop(0, R, ROW_BLOCK)
+            chunks = B.loop(0, R, chunk)
             with ir.InsertionPoint(chunks.body):
                 r0 = chunks.induction_variable
-                rows = B.minsi(B.c_index(ROW_BLOCK), B.sub(R, r0))
+                rows = B.minsi(B.c_index(chunk), B.sub(R, r0))
                 if pack_x:
                     tile0 = arith.DivUIOp(r0, B.c_index(m)).result
                     ap = B.slice_tensor(xt, [tile0, k0, 0], [B.ceil_div(rows, m), kn, m])
@@ -329,6 +333,16 @@ def packed_matmul(cx: KernelContext, x: ir.Value, w: ir.Value, out: ir.Value, et
         over_k(last, B.sub(K, last), True, epilogue)
 
 
+def _pieces(start: int, lanes: int, m: int) -> list[tuple[int, int]]:
+    """(first lane, lanes) of each run of rows start .. start + lanes that falls in one tile of m rows."""
+    out, a = [], 0
+    while a < lanes:
+        size = min(lanes - a, m - (start + a) % m)
+        out.append((a, size))
+        a += size
+    return out
+
+
 def k_span(cx: KernelContext) -> int:
     """The k a packed matmul takes at a time: a chunk's packed rows over it fill a quarter of L2 (1 MiB where
     unknown), at least 256."""
@@ -336,38 +350,40 @@ def k_span(cx: KernelContext) -> int:
 
 
 def _pack_rows(x: ir.Value, xp: ir.Value, R: ir.Value, m: int, lanes: int, et: ir.Type) -> None:
-    """xp[t, k, r] = x[t * m + r, k], zero past R. Squares of lanes rows by lanes columns are loaded as vectors,
-    transposed in registers (`B.transpose_square`) and each column stored as the pieces of m (or lanes) lanes the
-    tiles take; the columns past the last whole square, the rows past the last whole one, and the zero rows go an
-    element at a time (every element so, the pack read x a row of x apart per element, with a compare and a
-    select each)."""
+    """xp[t, k, r] = x[t * m + r, k], zero past R. Rows go in groups of lcm(m, lanes) (a whole number of tiles and
+    of squares): squares of lanes rows by lanes columns are loaded as vectors, transposed in registers
+    (`B.transpose_square`) and each column stored as the pieces the tiles take (a column of 8 rows of 6-row tiles:
+    6 rows to one tile, 2 to the next); the columns past the last whole square, the rows past the last whole group,
+    and the zero rows go an element at a time (every element so, the pack read x a row of x apart per element, with
+    a compare and a select each)."""
     K = B.mdim(x, 1)
     zero = B.c_float(0.0, et)
-    square = lanes > 1 and lanes & (lanes - 1) == 0 and (m % lanes == 0 or lanes % m == 0)
-    whole = B.round_down(R, lanes) if square else B.c_index(0)
+    square = lanes > 1 and lanes & (lanes - 1) == 0
+    group = math.lcm(m, lanes)
+    whole = B.round_down(R, group) if square else B.c_index(0)
     if square:
-        piece = min(m, lanes)
         vt = ir.VectorType.get([lanes], et)
         k_whole = B.round_down(K, lanes)
-        groups = B.loop(0, whole, lanes)
+        groups = B.loop(0, whole, group)
         with ir.InsertionPoint(groups.body):
             r0 = groups.induction_variable
+            t0 = arith.DivUIOp(r0, B.c_index(m)).result
             steps = B.loop(0, k_whole, lanes)
             with ir.InsertionPoint(steps.body):
                 k0 = steps.induction_variable
-                rows = [vector.LoadOp(vt, x, [B.add(r0, B.c_index(i)), k0]).result for i in range(lanes)]
-                for j, col in enumerate(B.transpose_square(rows)):
-                    for p in range(lanes // piece):
-                        r = B.add(r0, B.c_index(p * piece))
-                        part = col if piece == lanes else vector.ExtractStridedSliceOp(
-                            ir.VectorType.get([piece], et), col, [p * piece], [piece], [1]).result
-                        vector.StoreOp(part, xp, [arith.DivUIOp(r, B.c_index(m)).result, B.add(k0, B.c_index(j)),
-                                                  arith.RemUIOp(r, B.c_index(m)).result])
+                for s in range(0, group, lanes):
+                    rows = [vector.LoadOp(vt, x, [B.add(r0, B.c_index(s + i)), k0]).result for i in range(lanes)]
+                    for j, col in enumerate(B.transpose_square(rows)):
+                        for a, size in _pieces(s, lanes, m):  # rows s + a .. of the group, within one tile
+                            t, r = divmod(s + a, m)
+                            part = col if size == lanes else vector.ExtractStridedSliceOp(
+                                ir.VectorType.get([size], et), col, [a], [size], [1]).result
+                            vector.StoreOp(part, xp, [B.add(t0, B.c_index(t)), B.add(k0, B.c_index(j)), B.c_index(r)])
                 scf.YieldOp([])
             rest = B.loop(k_whole, K)
             with ir.InsertionPoint(rest.body):
                 k = rest.induction_variable
-                for i in range(lanes):
+                for i in range(group):
                     r = B.add(r0, B.c_index(i))
                     B.store(B.load(x, r, k), xp, arith.DivUIOp(r, B.c_index(m)).result, k,
                             arith.RemUIOp(r, B.c_index(m)).result)

@@ -12,15 +12,18 @@ from sparsa.backends.cpu.target import ROW_BLOCK
 BLOCK_M = ROW_BLOCK
 
 
-def tiles(kind: str, shape: tuple, tile: tuple[int, int]) -> list[int]:
+def tiles(kind: str, shape: tuple, tile: tuple[int, int], most_rows: int = 0) -> list[int]:
     """Tile sizes of a scheduled op's loops: the last two output dims by the register tile TILE_M x TILE_N (the
     last by TILE_N for a vector), 1 for leading dims, and 1 for a matmul's reduction. A last dim known to be
     narrower than TILE_N (a router's 8 experts) is one tile wide, and so are rows known to be fewer than TILE_M (a
-    decode step's expert rows): peeled, they would all be the scalar remainder."""
+    decode step's expert rows): peeled, they would all be the scalar remainder. A matmul's rows known to be at most
+    `most_rows` (`CpuTarget.packed_rows`, which fit the register file with TILE_N columns: the tile of a matmul
+    whose rows come packed by tile) are one tile too."""
     tile_m, tile_n = tile
     rank, last = len(shape), shape[-1] if shape else None
     width = last if isinstance(last, int) and 0 < last < tile_n else tile_n
-    rows = shape[-2] if rank >= 2 and isinstance(shape[-2], int) and 0 < shape[-2] < tile_m else tile_m
+    fit = max(tile_m - 1, most_rows if kind == "matmul" else 0)
+    rows = shape[-2] if rank >= 2 and isinstance(shape[-2], int) and 0 < shape[-2] <= fit else tile_m
     out = [1] * max(0, rank - 2) + ([rows, width] if rank >= 2 else [width])
     return out + [1] if kind == "matmul" else out
 
@@ -35,7 +38,8 @@ def interchange(kind: str, rank: int) -> list[int]:
     return order
 
 
-def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int], block_k: int = 128) -> str:
+def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int], block_k: int = 128,
+             most_rows: int = 0) -> str:
     """The transform-dialect script run on the lowered module (kept as the `schedule` stage), for the
     target's register tile and k block.
 
@@ -51,7 +55,7 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int
     loop = '!transform.op<"scf.for">'
     for i, (tag, kind, shape, _, _) in enumerate(ops):
         kind = kind.partition(":")[0]
-        sizes = tiles(kind, shape, tile)
+        sizes = tiles(kind, shape, tile, most_rows)
         lines.append(f"    %op{i} = transform.structured.match attributes{{{tag}}} in %root "
                      f": (!transform.any_op) -> !transform.any_op")
         order = interchange(kind, len(shape))
@@ -85,7 +89,7 @@ def schedule(ops: list[tuple[str, str, tuple, str, tuple]], tile: tuple[int, int
         "    transform.apply_patterns to %f { transform.apply_patterns.canonicalization } : !transform.any_op"]
     for i, (tag, kind, shape, dtype, out_dims) in enumerate(ops):
         kind, _, reads = kind.partition(":")  # "reduction:<input dims>;...": a fused chain's inputs, broadcast
-        sizes = tiles(kind, shape, tile)
+        sizes = tiles(kind, shape, tile, most_rows)
         full = "x".join(str(sizes[d]) if d >= 0 else "1" for d in out_dims)  # a full tile's result shape
         # a reduction's result does not show whether its reduced dim is a full tile: its operands do (each input's
         # tile: the tiled dims it has, 1 where it is broadcast)

@@ -27,6 +27,7 @@ from pathlib import Path
 from sparsa.ir.diagnostics import SparsaError
 
 ROW_BLOCK = 64  # rows of the matmuls' row blocks, the attention blocks and the grouped GEMMs' chunks
+HIDE_FMA_LATENCY = 12  # accumulators that keep two FMA pipes busy through up to 6 cycles of latency
 PANEL = 32  # columns of one panel of a packed expert weight ([E, K, N] is stored [E, ceil(N / PANEL), K, PANEL])
 SCAN_ITEM_LANES = 64  # float32 channels a lane-vector scan item takes at least, where the vectors allow
 SCAN_ITEM_VECTORS = 8  # vectors of channels it takes at most: where the channels make SCAN_ITEMS items of them
@@ -68,6 +69,18 @@ class CpuTarget:
         if self.fixed_tile is not None:
             return self.fixed_tile
         return _host_tile(self) if self.host else self.derived_tile
+
+    @property
+    def packed_rows(self) -> int:
+        """Rows of the register tile of a matmul whose rows come packed by tile (the dense matmul's, matmul.py),
+        where a tile's rows need not divide a 64-row block: the tile's rows, or more where its accumulators are
+        fewer than HIDE_FMA_LATENCY and more fit the register file. AVX2: 6x16 (12 accumulators; 4x16's 8 are two
+        FMA pipes' worth at 4 cycles of latency, with nothing to spare); AVX-512 and NEON keep 8x32 and 8x8 (16 and
+        16). On a Zen 5 running AVX2 code, one thread, x @ w at 2048x1024x2048: 98-110 ms with 4x16, 89-97 with
+        6x16. AVX-512 gained nothing from more rows (8x32 42-55 ms; 10, 12, 14 and 16 rows 50-85)."""
+        vectors = self.tile[1] // self.lanes()
+        fit = (self.vector_registers - vectors - 1) // vectors
+        return max(self.tile[0], min(fit, -(-HIDE_FMA_LATENCY // vectors)))
 
     @property
     def block_k(self) -> int:
