@@ -30,12 +30,12 @@ DENSE = """model M(x: f32[T, 32], b: f32[32]) -> (f32[T, 32], f32[T, 32], f32[T,
 """
 
 
-def _pair(src: str, monkeypatch, **weights):
+def _pair(src: str, monkeypatch, target: str = "cpu", **weights):
     """(native, Python host, reference) of one model, the same weights in each."""
     ref = sparsa.compile(src, target="reference")
-    native = sparsa.compile(src, target="cpu")
+    native = sparsa.compile(src, target=target)
     monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
-    python = sparsa.compile(src, target="cpu")
+    python = sparsa.compile(src, target=target)
     monkeypatch.delenv("SPARSA_NATIVE_HOST")
     for m in (ref, native, python):
         m.load_weights(weights) if weights else m.init_weights(1)
@@ -187,27 +187,33 @@ def test_moe_layers_run_natively(monkeypatch, example, tokens):
         np.testing.assert_allclose(g, o, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", ["cpu", "cpu:x86-64-v3", "cpu:x86-64"])
 @pytest.mark.parametrize("threads", ["1", "3"])
-def test_moe_items_over_weight_groups(monkeypatch, threads):
+def test_moe_items_over_weight_groups(monkeypatch, threads, target):
     """Grouped GEMMs whose items are (expert, group of weight panels) over the expert's segment, one panel a group
     here (the machine's L2 gives one group at these sizes): every group of an expert covers its columns once,
     the first zeroes the padding rows, the rows come packed by register tile from pack_rows (Python host) and
-    its kernel (native host), bitwise alike, and a deterministic run gives the same bits at any thread count."""
-    from sparsa.backends.cpu.target import CpuTarget
+    its kernel (native host), bitwise alike, and a deterministic run gives the same bits at any thread count.
+    On AVX2 and SSE code the tiles have 6 rows, 11 to a 64-row block (`block_tiles`)."""
+    from sparsa.backends.cpu.target import CpuTarget, named_target
 
+    if ":" in target and named_target(target.split(":")[1]).why_not_here() is not None:
+        pytest.skip(f"{target} does not run here")
     monkeypatch.setattr(CpuTarget, "weight_group", lambda self, k, weights: 1)
     monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
     src = open(_example("mixtral_moe.sp")).read()
-    native, python, ref = _pair(src, monkeypatch)
+    native, python, ref = _pair(src, monkeypatch, target)
     assert "pack_rows" in native.native.stages["host"]
-    for tokens in (150, 3):
+    assert [k.packed_rows for k in native.native.kernels.values() if k.packed_rows] == \
+        [native.native.target.packed_rows]
+    for tokens in (150, 64, 3):
         x = rng.standard_normal((tokens, native.input_types[0].shape[1]), np.float32)
         native(x)
         got, want = native(x), python(x)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_allclose(got, ref(x), rtol=1e-4, atol=1e-5)
     monkeypatch.setenv("SPARSA_DETERMINISTIC", "1")
-    exact = sparsa.compile(src, target="cpu").init_weights(1)
+    exact = sparsa.compile(src, target=target).init_weights(1)
     x = rng.standard_normal((150, native.input_types[0].shape[1]), np.float32)
     first = exact(x)
     for n in ("1", "2", "3"):

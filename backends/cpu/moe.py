@@ -26,6 +26,7 @@ from sparsa.backends.cpu.context import (
 )
 from sparsa.backends.cpu.moe_pack import (
     cached_panels,
+    first_tile,
     pack_kernel,
     pack_panels,
     pack_rows,
@@ -35,7 +36,7 @@ from sparsa.backends.cpu.moe_pack import (
     panels_shape,
 )
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
-from sparsa.backends.cpu.target import PANEL
+from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
 from sparsa.backends.cpu.threads import num_threads
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.diagnostics import SparsaError
@@ -45,7 +46,7 @@ from sparsa.ir.dialects.attn_blocks import outer_values
 from sparsa.ir.types import TensorType, numpy_dtype
 from sparsa.knobs import deterministic
 
-ROWS = 64  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
+ROWS = ROW_BLOCK  # rows of one grouped-GEMM work item (the dispatch block of the cpu pipeline)
 FEW_ROWS = (2,)  # register tiles of fewer rows than the target's, for segments with that few (decode: `few_rows`)
 # rows of one weight-gradient chunk: each chunk adds X^T dY into the expert's whole [K, N] block, so longer
 # chunks pass over that block fewer times
@@ -314,10 +315,16 @@ def grouped(cx: KernelContext, op: Operation, weights: list[Value], gates: Value
 def rows_packing(cx: KernelContext, op: Operation, panels: bool) -> int:
     """The rows of the register tile when a grouped GEMM reads its rows packed by tile (`pack_rows`), else 0: its
     weights come in panels, it gathers its rows (the gather is a copy: packing them costs nothing more) and every
-    segment starts at a multiple of the tile (the dispatch's block)."""
+    segment starts a tile: at a multiple of the work items' ROWS (the dispatch's block; the tile then has
+    `CpuTarget.packed_rows` rows, 6 on AVX2, which need not divide the block: `block_tiles`), else at a multiple of the
+    register tile's rows."""
     d = op.perm.defining_op
+    if not (panels and op.gather and isinstance(d, M.DispatchOp)):
+        return 0
+    if d.block % ROWS == 0:
+        return cx.target.packed_rows
     m = cx.target.tile[0]
-    return m if panels and op.gather and isinstance(d, M.DispatchOp) and d.block % m == 0 and ROWS % m == 0 else 0
+    return m if d.block % m == 0 and ROWS % m == 0 else 0
 
 
 def grouped_items(cx: KernelContext, op: Operation, xp: ir.Value, perm: ir.Value, offsets: ir.Value,
@@ -385,7 +392,7 @@ def few_rows(xp: ir.Value, start: ir.Value, real: ir.Value, size: ir.Value, D: i
     (< m), that many rows (a register tile of r rows, its shape static). xp is [rows, D], or [tiles, D, m] with
     `packed` rows (`pack_rows`; x then [tiles or 1, D, m or r]). An expert at decode gets a row or two: padded to m
     rows, its GEMM did m / r times the multiplications (for the same reads of its weights)."""
-    first = arith.DivUIOp(start, B.c_index(m)).result if packed else None  # the chunk's first tile
+    first = first_tile(start, m) if packed else None  # the chunk's first tile
     few = [r for r in FEW_ROWS if r < m]
 
     def variant(i: int) -> None:

@@ -14,7 +14,7 @@ from sparsa.backends.cpu import build as B
 from sparsa.backends.cpu.context import HOSTED, KernelContext, element_type
 from sparsa.backends.cpu.outputs import aligned
 from sparsa.backends.cpu.signature import Hosted, Kernel, Scratch
-from sparsa.backends.cpu.target import PANEL
+from sparsa.backends.cpu.target import PANEL, ROW_BLOCK
 from sparsa.backends.cpu.threads import SPLIT_WORK, num_threads, together
 from sparsa.ir.core import Operation, Value
 from sparsa.ir.dialects import moe as M
@@ -259,17 +259,33 @@ def pack_panels(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 
 # ---- rows by register tile -----------------------------------------------------------------------------
+def block_tiles(m: int) -> int:
+    """Register tiles of m rows per block of ROW_BLOCK rows in the packed rows' layout: each block's rows start a
+    tile (6-row tiles: 11 a block, the last with 4 rows and 2 of zeros), so that a chunk of a block's rows is whole
+    tiles whatever m is."""
+    return -(-ROW_BLOCK // m)
+
+
+def first_tile(row: ir.Value, m: int) -> ir.Value:
+    """The tile of the packed rows' layout that row `row` (the first of its tile) starts."""
+    block, within = arith.DivUIOp(row, B.c_index(ROW_BLOCK)).result, arith.RemUIOp(row, B.c_index(ROW_BLOCK)).result
+    return B.add(B.mul(block, B.c_index(block_tiles(m))), arith.DivUIOp(within, B.c_index(m)).result)
+
+
 def pack_rows(rows: np.ndarray, perm: np.ndarray, op: Operation, m: int) -> np.ndarray:
     """The rows a grouped GEMM multiplies, in perm's order (rows[perm // topk] where it gathers) and packed by
-    register tile: [ceil(n / m), D, m], element [t, k, r] row t * m + r's k-th; a padding row (perm -1) is zeros.
-    The Python host's; the native host runs `pack_rows_kernel`."""
+    register tile a block of ROW_BLOCK rows at a time (`block_tiles`): [blocks * block_tiles(m), D, m], element
+    [b * block_tiles(m) + t, k, r] row b * ROW_BLOCK + t * m + r's k-th (while t * m + r < ROW_BLOCK, else zero);
+    a padding row (perm -1) is zeros. The Python host's; the native host runs `pack_rows_kernel`."""
     n, D = len(perm), rows.shape[1]
     src = rows[np.maximum(perm, 0) // op.topk] if op.gather else rows[:n]
-    tiles = -(-n // m)
-    out = aligned((tiles, D, m), rows.dtype)
-    flat = np.zeros((tiles * m, D), rows.dtype)
-    np.copyto(flat[:n], src, where=(perm >= 0)[:, None])
-    out[...] = flat.reshape(tiles, m, D).transpose(0, 2, 1)
+    blocks, per = -(-n // ROW_BLOCK), block_tiles(m)
+    padded = np.zeros((blocks, ROW_BLOCK, D), rows.dtype)
+    np.copyto(padded.reshape(-1, D)[:n], src, where=(perm >= 0)[:, None])
+    if per * m > ROW_BLOCK:  # each block's last tile part zeros
+        padded = np.concatenate([padded, np.zeros((blocks, per * m - ROW_BLOCK, D), rows.dtype)], axis=1)
+    out = aligned((blocks * per, D, m), rows.dtype)
+    out[...] = padded.reshape(blocks * per, m, D).transpose(0, 2, 1)
     return out
 
 
@@ -278,8 +294,9 @@ def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, 
     packed, but for tiles of padding only, which no GEMM reads: a segment's real rows come first), the tiles
     shared over the parts."""
     rows = op.rows
+    per = block_tiles(m)
     xp = Scratch(TensorType(rows.type.dtype, (None, rows.type.shape[1], m)), lambda known, ctx: (
-        -(-known[id(op.perm)][0] // m), known[id(rows)][1], m), "rows_packed")
+        -(-known[id(op.perm)][0] // ROW_BLOCK) * per, known[id(rows)][1], m), "rows_packed")
     start = len(cx.tiled)
     name, entry = cx.function(op, [rows.type, op.perm.type, op.offsets.type, xp.type], True, "pack_rows")
     src, perm, offsets, dst, part, parts = entry.arguments
@@ -289,16 +306,22 @@ def pack_rows_kernel(cx: KernelContext, op: Operation, m: int) -> tuple[Kernel, 
         D = B.mdim(src, 1)
         toks = memref.AllocaOp(ir.MemRefType.get([m], B.index()), [], []).result
         zero = B.c_float(0.0, et)
-        tiles = B.loop(part, B.ceil_div(used, m), parts)
+        last = B.sub(used, B.c_index(1))
+        tiles = B.loop(part, B.mul(B.ceil_div(used, ROW_BLOCK), B.c_index(per)), parts)
         with ir.InsertionPoint(tiles.body):
             t = tiles.induction_variable
-            some = B.if_(B.cmpi("ge", B.load(perm, B.mul(t, B.c_index(m))), B.c_int(0)))  # a real row in it
+            within = B.mul(arith.RemUIOp(t, B.c_index(per)).result, B.c_index(m))  # the tile's first row in its block
+            first = B.add(B.mul(arith.DivUIOp(t, B.c_index(per)).result, B.c_index(ROW_BLOCK)), within)
+            some = B.if_(arith.AndIOp(B.cmpi("lt", first, used), B.cmpi(  # a real row in it
+                "ge", B.load(perm, B.minsi(first, last)), B.c_int(0))).result)
             with ir.InsertionPoint(some.then_block):
                 real = []
-                for r in range(m):  # each row's token (-1: a padding row, packed as zeros)
-                    i = B.add(B.mul(t, B.c_index(m)), B.c_index(r))
-                    a = B.load(perm, i)
-                    real.append(arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result)
+                for r in range(m):  # each row's token (-1: a padding row, or past its block: packed as zeros)
+                    i = B.add(first, B.c_index(r))
+                    a = B.load(perm, B.minsi(i, last))
+                    ok = arith.AndIOp(B.cmpi("lt", i, used), B.cmpi("ge", a, B.c_int(0))).result
+                    real.append(ok if ROW_BLOCK % m == 0 else arith.AndIOp(
+                        ok, B.cmpi("lt", B.add(within, B.c_index(r)), B.c_index(ROW_BLOCK))).result)
                     tok = B.as_index(arith.DivSIOp(arith.MaxSIOp(a, B.c_int(0)).result, B.c_int(op.topk)).result)
                     B.store(B.select(real[r], tok, B.c_index(0)), toks, r)
                 at = [B.load(toks, r) for r in range(m)]
