@@ -169,6 +169,7 @@ class CpuTarget:
         return (f"{self.cpu or 'generic'} ({self.triple}): {self.isa}, {self.vector_registers} x "
                 f"{self.vector_bits}-bit vector registers{', FMA' if self.fma else ''}; "
                 f"matmul register tile {self.tile[0]}x{self.tile[1]}"
+                + (f" ({self.packed_rows}x{self.tile[1]} on packed rows)" if self.packed_rows != self.tile[0] else "")
                 + (f"; {caches}" if caches else "") + (f"; {self.cores} core{'s' * (self.cores != 1)}"
                                                        if self.cores else ""))
 
