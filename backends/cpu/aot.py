@@ -87,7 +87,7 @@ def optimized(llvm_dialect: str, target: CpuTarget, opt_level: int = 2) -> tuple
     """The module in LLVM, optimized as the JIT optimizes it (LLVM's default module pipeline at `opt_level`, with
     the tuning MLIR's ExecutionEngine sets: unrolling, interleaving, loop and SLP vectorization), and the target
     machine that emits it. (Code generation alone had left loop-invariant address arithmetic and scalar stores in
-    the attention kernel's inner loops: causal attention's object ran 1.4x slower than the same kernel in the JIT.)"""
+    the attention kernel's inner loops: causal attention's object ran 1.34-1.46x slower than the optimized one.)"""
     import llvmlite.binding as llvm
 
     llvm.initialize_all_targets()
