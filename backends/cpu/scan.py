@@ -293,13 +293,15 @@ class LaneItems:
                 ir.AffineDimExpr.get(pc)]), self.zero, [False]).result
         return vector.MaskedLoadOp(vt, m, self.index(v, t, k), self.mask, self.zeros).result  # channels contiguous
 
-    def step(self, t: ir.Value) -> dict[int, ir.Value]:
+    def step(self, t: ir.Value, back: bool = False) -> dict[int, ir.Value]:
         """Step t's values of the inputs that do not vary along r (read once a step), after asking for the
         channel inputs' rows AHEAD steps on: one item's rows lie D apart (a page each at D = 1024), past what the
         hardware prefetchers follow. Every cache line of the item's row is asked for: the first line alone left a
         load of each step waiting on memory (Mamba's scan at L = 2048, D = 1024, one thread on a Zen 5 through the
-        runner: AVX2 code 17.5-19.3 -> 16.3-18.2 ms, AVX-512 9.3-10.0 -> 8.6-9.4)."""
-        later = B.minsi(B.add(t, B.c_index(AHEAD)), B.sub(self.L, B.c_index(1)))
+        runner: AVX2 code 17.5-19.3 -> 16.3-18.2 ms, AVX-512 9.3-10.0 -> 8.6-9.4). `back`: the steps go backwards
+        (the backward's reverse pass), so the rows asked for are AHEAD steps before t."""
+        later = arith.MaxSIOp(B.sub(t, B.c_index(AHEAD)), B.c_index(0)).result if back else \
+            B.minsi(B.add(t, B.c_index(AHEAD)), B.sub(self.L, B.c_index(1)))
         for j, v in enumerate(self.inputs):
             pc = self.pos(v, self.c)
             along_r = self.r is not None and self.pos(v, self.r) is not None

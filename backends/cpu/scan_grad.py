@@ -174,7 +174,7 @@ def fused_scan_grad_kernel(cx: KernelContext, op: Operation) -> Kernel:
                 with ir.InsertionPoint(rev.body):
                     s = B.sub(B.sub(B.sub(t1, t0), B.c_index(1)), rev.induction_variable)
                     t = B.add(t0, s)
-                    step = li.step(t)
+                    step = li.step(t, back=True)
                     dy = vector.MaskedLoadOp(vt, dym, li.out_index(op, t), li.mask, li.zeros).result
                     over_k = [j for j, (timed, has_r, _) in enumerate(pos) if timed and not has_r]
                     each = B.loop(0, NR, 1, [li.zeros] * len(over_k))
