@@ -280,12 +280,11 @@ def pack_rows(rows: np.ndarray, perm: np.ndarray, op: Operation, m: int) -> np.n
     n, D = len(perm), rows.shape[1]
     src = rows[np.maximum(perm, 0) // op.topk] if op.gather else rows[:n]
     blocks, per = -(-n // ROW_BLOCK), block_tiles(m)
-    padded = np.zeros((blocks, ROW_BLOCK, D), rows.dtype)
-    np.copyto(padded.reshape(-1, D)[:n], src, where=(perm >= 0)[:, None])
-    if per * m > ROW_BLOCK:  # each block's last tile part zeros
-        padded = np.concatenate([padded, np.zeros((blocks, per * m - ROW_BLOCK, D), rows.dtype)], axis=1)
+    flat = np.zeros((blocks * per * m, D), rows.dtype)  # each block's rows, then zeros to its last tile's end
+    i = np.arange(n)
+    flat[i // ROW_BLOCK * (per * m) + i % ROW_BLOCK] = np.where((perm >= 0)[:, None], src, 0)
     out = aligned((blocks * per, D, m), rows.dtype)
-    out[...] = padded.reshape(blocks * per, m, D).transpose(0, 2, 1)
+    out[...] = flat.reshape(blocks * per, m, D).transpose(0, 2, 1)
     return out
 
 
