@@ -341,9 +341,10 @@ class Operation:
         outs = self.reference(ctx, *dummies)
         return [np.shape(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
-    def interval(self, data: dict[int, Any], *args: Any) -> Any:
+    def interval(self, n: Any, *args: Any) -> Any:
         """Bounds of the result over a whole tile from bounds of the operands (`ir.intervals.Interval`s), for
-        block-map analysis of masks; `data` holds the arrays of outer values a mask reads. None: no bound."""
+        block-map analysis of masks, built with the namespace `n` (`ir.intervals.NumpyBounds` on arrays of all
+        tiles, the cpu backend's as native code; `n.gather` bounds the data a mask reads). None: no bound."""
         return None
 
     def cost(self, args: Sequence[Any], outs: Sequence[Any]) -> Any:

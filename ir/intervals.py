@@ -1,7 +1,9 @@
-"""Interval arithmetic over whole tiles: every value of a mask region becomes [lo, hi] arrays (booleans are
-intervals over {0, 1}), so one vectorized evaluation bounds all tiles at once. Each op class states its own
-rule (`Operation.interval`) with the functions here; data the mask reads is bounded per tile by range
-minimum and maximum."""
+"""Interval arithmetic over whole tiles: every value of a mask region becomes bounds [lo, hi] (booleans are
+intervals over {0, 1}). Each op class states its rule once (`Operation.interval`) with the functions here, over
+a namespace `n` of the few operations a rule needs (where, minimum, maximum, ...): `NumpyBounds` evaluates every
+rule on float64 arrays, all tiles at once (the reference, compile-time block maps); the cpu backend's namespace
+builds the same rules as native code, one tile at a time (block maps of data masks, per call). Data the mask
+reads is bounded per tile by range minimum and maximum (`n.gather`)."""
 
 from __future__ import annotations
 
@@ -13,70 +15,105 @@ from sparsa.ir.types import TensorType
 
 
 class Interval:
-    """[lo, hi] as broadcastable float64 arrays (±inf when unbounded)."""
+    """[lo, hi]: float64 arrays (±inf when unbounded) under `NumpyBounds`, native values under the cpu backend's."""
 
     __slots__ = ("lo", "hi")
 
     def __init__(self, lo: Any, hi: Any):
-        self.lo = np.asarray(lo, dtype=np.float64)
-        self.hi = np.asarray(hi, dtype=np.float64)
+        self.lo = lo
+        self.hi = hi
 
 
 def full_range(t: TensorType) -> Interval:
     return Interval(0.0, 1.0) if t.dtype == "i1" else Interval(-np.inf, np.inf)
 
 
-def tri(true: np.ndarray, false: np.ndarray) -> Interval:
+def tri(n: Any, true: Any, false: Any) -> Interval:
     """A boolean interval: lo = 1 where surely true, hi = 0 where surely false."""
-    return Interval(np.where(true, 1.0, 0.0), np.where(false, 0.0, 1.0))
+    return Interval(n.where(true, 1.0, 0.0), n.where(false, 0.0, 1.0))
 
 
-def cmp(pred: str, a: Interval, b: Interval) -> Interval:
+def cmp(n: Any, pred: str, a: Interval, b: Interval) -> Interval:
     if pred == "lt":
-        return tri(a.hi < b.lo, a.lo >= b.hi)
+        return tri(n, a.hi < b.lo, a.lo >= b.hi)
     if pred == "le":
-        return tri(a.hi <= b.lo, a.lo > b.hi)
+        return tri(n, a.hi <= b.lo, a.lo > b.hi)
     if pred == "gt":
-        return cmp("lt", b, a)
+        return cmp(n, "lt", b, a)
     if pred == "ge":
-        return cmp("le", b, a)
+        return cmp(n, "le", b, a)
     same_point = (a.lo == a.hi) & (b.lo == b.hi) & (a.lo == b.lo)
     disjoint = (a.hi < b.lo) | (b.hi < a.lo)
-    return tri(same_point, disjoint) if pred == "eq" else tri(disjoint, same_point)
+    return tri(n, same_point, disjoint) if pred == "eq" else tri(n, disjoint, same_point)
 
 
-def mul(a: Interval, b: Interval) -> Interval:
-    with np.errstate(invalid="ignore"):
-        corners = [np.nan_to_num(x * y, nan=0.0) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    return Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))
+def mul(n: Any, a: Interval, b: Interval) -> Interval:
+    corners = [n.finite_product(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+    return Interval(_reduce(n.minimum, corners), _reduce(n.maximum, corners))
 
 
-def floordiv(a: Interval, b: Interval) -> Interval:
+def floordiv(n: Any, a: Interval, b: Interval) -> Interval:
     positive = b.lo > 0
     negative = b.hi < 0
-    with np.errstate(all="ignore"):
-        corners = [np.floor(x / y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    lo, hi = np.minimum.reduce(corners), np.maximum.reduce(corners)
+    corners = [n.floor(x / y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
+    lo, hi = _reduce(n.minimum, corners), _reduce(n.maximum, corners)
     ok = positive | negative
-    return Interval(np.where(ok, lo, -np.inf), np.where(ok, hi, np.inf))
+    return Interval(n.where(ok, lo, -np.inf), n.where(ok, hi, np.inf))
 
 
-def mod(a: Interval, b: Interval) -> Interval:
+def mod(n: Any, a: Interval, b: Interval) -> Interval:
     const = (b.lo == b.hi) & (b.lo > 0)
-    c = np.where(const, b.lo, 1.0)
-    finite = np.isfinite(a.lo) & np.isfinite(a.hi)
-    lo_m = np.mod(np.where(finite, a.lo, 0.0), c)
-    hi_m = np.mod(np.where(finite, a.hi, 0.0), c)
+    c = n.where(const, b.lo, 1.0)
+    finite = n.isfinite(a.lo) & n.isfinite(a.hi)
+    lo_m = n.mod(n.where(finite, a.lo, 0.0), c)
+    hi_m = n.mod(n.where(finite, a.hi, 0.0), c)
     tight = finite & (a.hi - a.lo < c) & (lo_m <= hi_m)
-    lo = np.where(tight, lo_m, 0.0)
-    hi = np.where(tight, hi_m, c - 1)
-    return Interval(np.where(const, lo, -np.inf), np.where(const, hi, np.inf))
+    lo = n.where(tight, lo_m, 0.0)
+    hi = n.where(tight, hi_m, c - 1)
+    return Interval(n.where(const, lo, -np.inf), n.where(const, hi, np.inf))
 
 
-def absolute(a: Interval) -> Interval:
-    lo = np.where(a.lo >= 0, a.lo, np.where(a.hi <= 0, -a.hi, 0.0))
-    hi = np.maximum(np.abs(a.lo), np.abs(a.hi))
+def absolute(n: Any, a: Interval) -> Interval:
+    lo = n.where(a.lo >= 0, a.lo, n.where(a.hi <= 0, -a.hi, 0.0))
+    hi = n.maximum(n.abs(a.lo), n.abs(a.hi))
     return Interval(lo, hi)
+
+
+def _reduce(fn: Any, xs: list) -> Any:
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out
+
+
+class NumpyBounds:
+    """The namespace of the rules on float64 arrays (broadcast over all tiles); `data`: the arrays of the outer
+    values a mask reads, by id."""
+
+    where = staticmethod(np.where)
+    minimum = staticmethod(np.minimum)
+    maximum = staticmethod(np.maximum)
+    floor = staticmethod(np.floor)
+    trunc = staticmethod(np.trunc)
+    abs = staticmethod(np.abs)
+    isfinite = staticmethod(np.isfinite)
+    mod = staticmethod(np.mod)  # floored: the result takes the divisor's sign
+
+    def __init__(self, data: dict[int, np.ndarray | None]):
+        self.data = data
+
+    @staticmethod
+    def finite_product(x: Any, y: Any) -> Any:
+        """x * y with 0 * inf as 0 and ±inf as the largest finite float (a corner of a product of intervals)."""
+        return np.nan_to_num(np.multiply(x, y), nan=0.0)
+
+    def gather(self, x: Any, result: TensorType, indices: list[Interval]) -> Interval:
+        """Bounds of x[indices] over each tile: x's range min and max over the indices' bounds."""
+        return gather(self.data.get(id(x)), result, indices)
+
+    @staticmethod
+    def result(out: Interval) -> Interval:
+        return Interval(np.asarray(out.lo, dtype=np.float64), np.asarray(out.hi, dtype=np.float64))
 
 
 class RangeTable:
@@ -110,25 +147,27 @@ class RangeTable:
 
 
 def gather(data: np.ndarray | None, result: TensorType, indices: list[Interval]) -> Interval:
+    """Bounds of data[indices] per tile: the range min and max of data over the box the indices' bounds span
+    (clipped to data's shape), or over all of data in a tile where an index bound is not finite."""
     if data is None or data.size == 0 or len(indices) != data.ndim:
         return full_range(result)
-    if data.ndim == 1:
-        i = indices[0]
-        if not (np.isfinite(i.lo).all() and np.isfinite(i.hi).all()):
-            return Interval(float(data.min()), float(data.max()))
-        return RangeTable(data).query(i.lo, i.hi)
-    finite = all(np.isfinite(i.lo).all() and np.isfinite(i.hi).all() for i in indices)
-    if not finite:
-        return Interval(float(data.min()), float(data.max()))
     shape = np.broadcast_shapes(*(np.shape(i.lo) for i in indices), *(np.shape(i.hi) for i in indices))
-    bounds = [(np.clip(np.broadcast_to(i.lo, shape), 0, n - 1).astype(np.int64),
-               np.clip(np.broadcast_to(i.hi, shape), 0, n - 1).astype(np.int64))
-              for i, n in zip(indices, data.shape, strict=True)]
-    if all(np.array_equal(lo, hi) for lo, hi in bounds):
+    finite = np.ones(shape, bool)
+    for i in indices:
+        finite &= np.isfinite(i.lo) & np.isfinite(i.hi)
+    bounds = []
+    for i, n in zip(indices, data.shape, strict=True):
+        lo = np.clip(np.where(finite, i.lo, 0.0), 0, n - 1).astype(np.int64)
+        hi = np.clip(np.where(finite, i.hi, 0.0), 0, n - 1).astype(np.int64)
+        bounds.append((lo, np.maximum(hi, lo)))
+    if data.ndim == 1:
+        box = RangeTable(data).query(*bounds[0])
+    elif all(np.array_equal(lo, hi) for lo, hi in bounds):
         v = data[tuple(lo for lo, _ in bounds)].astype(np.float64)
-        return Interval(v, v)
-    lo_out, hi_out = np.empty(shape), np.empty(shape)
-    for idx in np.ndindex(*shape):
-        window = data[tuple(slice(lo[idx], hi[idx] + 1) for lo, hi in bounds)]
-        lo_out[idx], hi_out[idx] = window.min(), window.max()
-    return Interval(lo_out, hi_out)
+        box = Interval(v, v)
+    else:
+        box = Interval(np.empty(shape), np.empty(shape))
+        for idx in np.ndindex(*shape):
+            window = data[tuple(slice(lo[idx], hi[idx] + 1) for lo, hi in bounds)]
+            box.lo[idx], box.hi[idx] = window.min(), window.max()
+    return Interval(np.where(finite, box.lo, float(data.min())), np.where(finite, box.hi, float(data.max())))

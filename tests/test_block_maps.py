@@ -9,11 +9,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparsa
+from sparsa.backends import base as backends
 from sparsa.backends.reference.interpreter import Interpreter
 from sparsa.frontend import compile_source
 from sparsa.ir import VerifyError, parse_module, verify_module
 from sparsa.ir.dialects.attn import AttentionOp, index_grids
-from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, BlockMap, classify, outer_values
+from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, BlockMap, BlockMapOp, classify, outer_values
+from sparsa.ir.dialects.tensor_shape import GatherOp as TensorGather
 from sparsa.passes import PassManager
 
 INT_OPS = ["({} + {})", "({} - {})", "min({}, {})", "max({}, {})"]
@@ -24,12 +26,18 @@ CMP_OPS = ["<", "<=", ">", ">=", "==", "!="]
 def int_exprs(draw, depth=2):
     if depth == 0 or draw(st.integers(0, 2)) == 0:
         return draw(st.sampled_from(["q", "k", "q", "k", str(draw(st.integers(-6, 12)))]))
-    kind = draw(st.sampled_from(["bin", "div", "mod", "mul", "abs"]))
+    kind = draw(st.sampled_from(["bin", "div", "mod", "mul", "abs", "neg", "where", "doc"]))
     a = draw(int_exprs(depth - 1))
     if kind == "bin":
         return draw(st.sampled_from(INT_OPS)).format(a, draw(int_exprs(depth - 1)))
     if kind == "abs":
         return f"abs({a})"
+    if kind == "neg":
+        return f"(-{a})"
+    if kind == "where":
+        return f"where({a} {draw(st.sampled_from(CMP_OPS))} q, {draw(int_exprs(depth - 1))}, {a})"
+    if kind == "doc":  # data in arithmetic, at indices in range
+        return draw(st.sampled_from(["doc[q]", "doc[k]", "doc[max(q - 2, 0)]", "doc[min(q, k)]"]))
     c = draw(st.integers(1, 5)) * draw(st.sampled_from([1, 1, -1]))
     return f"({a} {'//' if kind == 'div' else '%' if kind == 'mod' else '*'} {c})"
 
@@ -51,15 +59,24 @@ def bool_exprs(draw, depth=2):
     return f"({draw(bool_exprs(depth - 1))} {kind} {draw(bool_exprs(depth - 1))})"
 
 
-def mask_setup(expr: str, S: int, seed: int):
-    src = (f"mask m(q, k; doc: i32[S], table: bool[4, 4], allowed: bool[S, S]) = {expr}\n"
-           f"model M(x: f32[1, 1, {S}, 4], doc: i32[{S}], table: bool[4, 4], allowed: bool[{S}, {S}]) -> "
-           f"f32[1, 1, {S}, 4] {{\n    return attention(x, x, x, mask=m(doc=doc, table=table, allowed=allowed))\n}}\n")
-    module, _ = compile_source(src)
-    func = module.funcs[0]
+def mask_source(expr: str, S: int) -> str:
+    return (f"mask m(q, k; doc: i32[S], table: bool[4, 4], allowed: bool[S, S]) = {expr}\n"
+            f"model M(x: f32[1, 1, {S}, 4], doc: i32[{S}], table: bool[4, 4], allowed: bool[{S}, {S}]) -> "
+            f"f32[1, 1, {S}, 4] {{\n    return attention(x, x, x, mask=m(doc=doc, table=table, allowed=allowed))\n}}\n")
+
+
+def mask_arrays(S: int, seed: int, ids: tuple[int, int] = (0, 3), runs: bool = True) -> list[np.ndarray]:
+    """x, document ids in ids[0]..ids[1]-1 (in runs, as packed documents are, or in any order), table, allowed."""
     rng = np.random.default_rng(seed)
-    arrays = [np.zeros((1, 1, S, 4), np.float32), np.sort(rng.integers(0, 3, S)).astype(np.int32),
-              rng.random((4, 4)) > 0.5, rng.random((S, S)) > 0.3]
+    doc = rng.integers(*ids, S)
+    return [np.zeros((1, 1, S, 4), np.float32), (np.sort(doc) if runs else doc).astype(np.int32),
+            rng.random((4, 4)) > 0.5, rng.random((S, S)) > 0.3]
+
+
+def mask_setup(expr: str, S: int, seed: int):
+    module, _ = compile_source(mask_source(expr, S))
+    func = module.funcs[0]
+    arrays = mask_arrays(S, seed)
     interp = Interpreter(func)
     for a, x in zip(func.regions[0].block.args, arrays, strict=True):
         interp.values[id(a)] = interp.bind(a, x, a.name_hint)
@@ -83,6 +100,26 @@ def test_block_map_is_sound(expr, S, _unused, bq, bk, seed):
                 assert not tile.any(), f"allowed pair in an EMPTY tile ({i}, {j}) of {expr}"
             if kinds[i, j] == FULL:
                 assert tile.all(), f"disallowed pair in a FULL tile ({i}, {j}) of {expr}"
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bool_exprs(), st.integers(1, 40), st.integers(1, 7), st.integers(1, 7), st.integers(0, 99), st.booleans())
+def test_native_block_maps_are_the_reference_maps(expr, S, bq, bk, seed, runs):
+    """The cpu kernel that classifies a data mask's tiles per call (the interval rules built as native code, data
+    bounded by sparse tables and boxes) gives the map `classify` gives, tile for tile, on generated masks; ids
+    negative too (floored // and % of negatives) and in any order (a range's min and max inside it)."""
+    pipeline = backends.get("cpu").PIPELINE.replace("sparsify-attention",
+                                                     f"sparsify-attention{{block_q={bq} block_k={bk}}}")
+    expr = f"{expr} or doc[q] < -100"  # data read whatever the leaves are (ids are > -100: the same map)
+    fn = sparsa.compile(mask_source(expr, S), passes=pipeline, target="cpu").native
+    (op,) = [o for o in fn.func_op.walk() if isinstance(o, BlockMapOp)]
+    k = fn.kernels[id(op)]
+    arrays = dict(zip(["x", "doc", "table", "allowed"], mask_arrays(S, seed, (-4, 4), runs), strict=True))
+    ins = [arrays[v.name_hint] for v in k.inputs]
+    got = np.full((1, 1, -(-S // bq), -(-S // bk)), -1, np.int8)
+    fn.call(k, ins + [np.array([S, S], np.int64), got])
+    want = classify(op.mask, S, S, bq, bk, 1, 1, {id(v): a for v, a in zip(k.inputs, ins, strict=True)})
+    np.testing.assert_array_equal(got, want, err_msg=expr)
 
 
 def sliding(S, w, bq=64, bk=64):
@@ -158,3 +195,101 @@ def test_verifier_checks_block_map_shapes():
                                                                   'map = "1x1x2x3:P1E2;F1P1E1"')
     with pytest.raises(VerifyError, match=r"map of shape \[1, 1, 2, 3\] does not match \[1, 1, 3, 3\]"):
         verify_module(parse_module(bad_map))
+
+
+RULES_MASK = ("where(abs(-(q // 3) * k % 4) < max(q, k) - min(q, 2), k, q + 1) == q and not (q != k) or q >= k "
+              "and cast(cast(q, f32) * 0.5, i64) > 1 and cast(k, f32) <= 2.5 or (q < k) == (k > 1)")
+
+
+def _interval_rules_natively(ops: list) -> tuple:
+    """A native function per op that applies the op's interval rule (built by the cpu backend's namespace) to
+    rows of operand bounds: in[r] = (lo0, hi0, lo1, hi1, lo2, hi2), out[r] = (lo, hi)."""
+    from torch_mlir import execution_engine, ir, passmanager
+    from torch_mlir.dialects import func
+
+    from sparsa.backends.cpu import build as B
+    from sparsa.backends.cpu.block_map import NativeBounds, Scalar
+    from sparsa.backends.cpu.jit import PIPELINE
+    from sparsa.ir.intervals import Interval, full_range
+
+    ctx = ir.Context()
+    with ctx, ir.Location.unknown():
+        module = ir.Module.create()
+        f64 = ir.F64Type.get()
+        t = ir.MemRefType.get([ir.ShapedType.get_dynamic_size(), 6], f64)
+        o = ir.MemRefType.get([ir.ShapedType.get_dynamic_size(), 2], f64)
+        n = NativeBounds({})
+        for i, op in enumerate(ops):
+            with ir.InsertionPoint(module.body):
+                fn = func.FuncOp(f"rule{i}", ir.FunctionType.get([t, o], []))
+                fn.attributes["llvm.emit_c_interface"] = ir.UnitAttr.get()
+                entry = fn.add_entry_block()
+            with ir.InsertionPoint(entry):
+                src, dst = entry.arguments
+                with B.nest([B.mdim(src, 0)]) as (r,):
+                    args = [Interval(Scalar(B.load(src, r, 2 * j)), Scalar(B.load(src, r, 2 * j + 1)))
+                            for j in range(len(op.operands))]
+                    out = op.interval(n, *args)
+                    out = n.result(out if out is not None else full_range(op.results[0].type))
+                    B.store(out.lo.v, dst, r, 0)
+                    B.store(out.hi.v, dst, r, 1)
+                func.ReturnOp([])
+        passmanager.PassManager.parse(PIPELINE).run(module.operation)
+        engine = execution_engine.ExecutionEngine(module, opt_level=2)
+    return ctx, engine
+
+
+def test_every_interval_rule_is_the_same_natively():
+    """Each op's interval rule, built as native code (backends/cpu/block_map.py), gives the bounds NumPy gives on
+    random operand bounds: integers, halves, infinities, NaN and boolean intervals, row by row."""
+    import ctypes
+
+    from sparsa.backends.cpu.jit import _packed_args
+    from sparsa.ir.core import Operation
+    from sparsa.ir.intervals import Interval, NumpyBounds
+    from sparsa.ir.types import is_int
+
+    module, _ = compile_source(f"mask m(q, k) = {RULES_MASK}\nmodel M(x: f32[1, 1, 8, 4]) -> f32[1, 1, 8, 4] {{\n"
+                               "    return attention(x, x, x, mask=m)\n}\n")
+    (att,) = [o for o in module.funcs[0].walk() if isinstance(o, AttentionOp)]
+    ops = [op for op in att.mask.block.ops if not op.TERMINATOR]
+    ruled = {type(op) for op in ops if type(op).interval is not Operation.interval}
+    every = {c for c in _subclasses(Operation) if "interval" in c.__dict__ and c is not Operation}
+    assert every - ruled == {TensorGather}, "an op with an interval rule the mask above does not use"
+    rng = np.random.default_rng(5)
+    rows = 4000
+    ctx, engine = _interval_rules_natively(ops)
+    with ctx:
+        for i, op in enumerate(ops):
+            bounds = np.empty((rows, 6))
+            for j, v in enumerate(op.operands):
+                if v.type.dtype == "i1":
+                    lo = rng.integers(0, 2, rows).astype(float)
+                    hi = np.maximum(lo, rng.integers(0, 2, rows))
+                else:
+                    lo = rng.integers(-9, 9, rows) / rng.choice([1, 1, 2], rows)
+                    hi = lo + rng.choice([0, 0, 1, 2, 5, np.inf], rows)
+                    lo = np.where(rng.random(rows) < 0.1, -np.inf, lo)
+                    hi = np.where(rng.random(rows) < 0.02, np.nan, hi)
+                    if is_int(v.type.dtype):
+                        lo, hi = np.floor(lo), np.ceil(hi)
+                bounds[:, 2 * j], bounds[:, 2 * j + 1] = lo, hi
+            got = np.full((rows, 2), -7.0)
+            packed, _keep = _packed_args([bounds, got])
+            ctypes.CFUNCTYPE(None, ctypes.c_void_p)(engine.raw_lookup(f"_mlir_ciface_rule{i}"))(packed.ctypes.data)
+            n = NumpyBounds({})
+            with np.errstate(all="ignore"):
+                want = op.interval(n, *[n.result(Interval(bounds[:, 2 * j], bounds[:, 2 * j + 1]))
+                                        for j in range(len(op.operands))])
+            want = n.result(want) if want is not None else None
+            if want is None:
+                continue
+            for side, w in enumerate((want.lo, want.hi)):
+                np.testing.assert_array_equal(got[:, side], np.broadcast_to(w, (rows,)), err_msg=op.NAME)
+
+
+def _subclasses(cls: type) -> set[type]:
+    out = set()
+    for c in cls.__subclasses__():
+        out |= {c} | _subclasses(c)
+    return out

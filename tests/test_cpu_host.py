@@ -157,11 +157,24 @@ def test_calls_from_several_threads_at_once(monkeypatch):
             np.testing.assert_allclose(g, o, rtol=1e-5, atol=1e-5)
 
 
-def test_functions_with_python_host_ops_say_so():
-    """A block map of a data mask (document ids) is classified per call on the Python host: the stage says so."""
-    m = sparsa.compile(open(_example("document_attention.sp")).read(), target="cpu")
-    assert m.native.main is None
-    assert m.native.stages["host"].startswith("// no native host: 'attn.block_map' runs on the Python host")
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_data_mask_block_maps_are_classified_in_the_native_call(monkeypatch, threads):
+    """The document example: its block map classified at each call by a kernel, from the document ids of that
+    call, inside the one native call; bitwise the Python host's, which runs the same kernel, and the reference's
+    answer for documents in runs, in any order, one token long and all one document."""
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    native, python, ref = _pair(open(_example("document_attention.sp")).read(), monkeypatch)
+    assert native.native.main is not None, native.native.host.why_not
+    assert "attn_block_map" in native.native.stages["host"]
+    for S, doc in ((1, [0]), (70, np.sort(rng.integers(0, 3, 70))), (200, rng.integers(0, 4, 200)),
+                   (130, np.zeros(130)), (130, np.arange(130))):
+        q, k, v = (rng.standard_normal((1, 2, S, 64), np.float32) for _ in range(3))
+        doc = np.asarray(doc, np.int32)
+        calls = native.native.calls["native"]
+        got = native(q, k, v, doc)
+        assert native.native.calls["native"] == calls + 1
+        np.testing.assert_array_equal(got, python(q, k, v, doc))
+        np.testing.assert_allclose(got, ref(q, k, v, doc), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("example", ["mixtral_moe.sp", "switch_capacity.sp", "tiny_moe_decoder.sp"])

@@ -226,7 +226,6 @@ def _as_list(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
-NATIVE_HOSTED = [p for p in EXAMPLES if p.stem != "document_attention"]  # (its data mask's map: the Python host)
 # most dense ops, sparse weights, shape ops and a matrix-state scan, beside the examples
 PROGRAMS = {"ops": OPS, "sparse_weights": SPARSE_WEIGHTS, "shapes": SHAPES,
             "linear_attention": LINEAR_ATTENTION.replace("DECAY", "sigmoid(g)")}
@@ -235,7 +234,7 @@ NEEDS_AARCH64 = pytest.mark.skipif(toolchain("aarch64") is None, reason="needs a
 
 
 @NEEDS_AARCH64
-@pytest.mark.parametrize("example", [*NATIVE_HOSTED, *PROGRAMS], ids=lambda p: getattr(p, "stem", p))
+@pytest.mark.parametrize("example", [*EXAMPLES, *PROGRAMS], ids=lambda p: getattr(p, "stem", p))
 def test_aarch64_code_gives_the_reference_results(example, tmp_path):
     """Each example's NEON code (neoverse-n1), and that of programs of most dense ops, sparse weights, shape ops
     and a matrix-state scan, its native host and all, called on AArch64 (under qemu here) with libgomp's team of
@@ -278,7 +277,7 @@ def test_aarch64_code_gives_the_reference_gradients(example, tmp_path):
 
 @pytest.mark.skipif(not named_target("x86-64-v3").runs_here() or toolchain("x86_64") is None,
                     reason="needs an x86-64 host with AVX2 and a C compiler")
-def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
+def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path, monkeypatch):
     """The runner and the call image on this machine: AVX2 object code of the Mixtral example linked with
     runner.c, a team of two, gives what the same function gives in this process. A function without a native host
     has no call image; results of the wrong length, or with a failed index check's status, are errors."""
@@ -289,10 +288,10 @@ def test_a_call_image_runs_in_the_runner_as_in_process(tmp_path):
     np.testing.assert_allclose(got, m(*inputs), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeShapeError, match="input 'x' must have rank 2"):  # checked as a call checks it
         aot.call_image(m.native, [inputs[0][0]], m._cache)
-    doc = sparsa.compile((EXAMPLES[0].parent / "document_attention.sp").read_text(),
-                         target="cpu:x86-64-v3").init_weights(0)
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", "0")
+    python = sparsa.compile(src, target="cpu:x86-64-v3").init_weights(0)
     with pytest.raises(SparsaError, match="no native host"):
-        aot.call_image(doc.native, make_inputs(doc), doc._cache)
+        aot.call_image(python.native, inputs, python._cache)
     with pytest.raises(SparsaError, match="the results are 16 bytes, their shapes say 12"):
         aot.read_results(bytes(16), [((1,), np.float32)])
     with pytest.raises(SparsaError, match="launch 2 of the native host reads is out of range"):

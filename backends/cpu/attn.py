@@ -1,5 +1,5 @@
 """cpu lowerings of the `attn` dialect: block-sparse flash attention over the key blocks its block map does
-not mark EMPTY, masks and score modifiers inlined as scalar code; block maps of data masks are the host's."""
+not mark EMPTY, masks and score modifiers inlined as scalar code (block maps of data masks: block_map.py)."""
 
 from __future__ import annotations
 
@@ -15,15 +15,11 @@ from sparsa.backends.cpu.context import (
     KERNELS,
     KernelContext,
     element_type,
-    host,
 )
 from sparsa.backends.cpu.signature import Hosted, Kernel
 from sparsa.ir.core import Operation
 from sparsa.ir.dialects import attn as AT
-from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, BlockMapOp, outer_values
-
-# a block map of a data mask: the interval classification of attn_blocks.py, O(blocks) per call on the host
-KERNELS.lowers(BlockMapOp)(host)
+from sparsa.ir.dialects.attn_blocks import EMPTY, FULL, outer_values
 
 
 # ---- attention ------------------------------------------------------------------------------------

@@ -140,6 +140,8 @@ class KernelContext:
             return None
         start = len(self.tiled)
         k = rule(self, op) if rule is not None else self.dense(op)
+        if k is None:  # the rule leaves this op to the host (a block map made once per set of shapes)
+            return None
         k = self.reuse(k, start)
         self.kernels.append(k)
         return k

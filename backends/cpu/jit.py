@@ -17,6 +17,7 @@ from sparsa.backends.cpu import (  # noqa: F401 (their rules)
     aot,
     attn,
     attn_grad,
+    block_map,
     cache,
     matmul,
     moe,
@@ -239,7 +240,7 @@ def check_lowering(func_op: Operation) -> None:
 
 class CpuFunction(Executable):
     """A Sparsa function compiled to native code: one kernel per op in one MLIR module, run in order by a
-    small host (the views, weights and block maps of data masks are the host's); `stages` keeps the MLIR
+    small host (the views, weights and block maps made once per set of shapes are the host's); `stages` keeps the MLIR
     text at each step (`mlir`, `schedule`, `loops`, `llvm`)."""
 
     def __init__(self, func_op: Operation, constant_args: frozenset[int] = frozenset(),
@@ -517,7 +518,7 @@ def _last_reads(func_op: Operation, kernels: dict[int, Kernel] | None = None) ->
 
 class _Host(Interpreter):
     """Runs the function's ops in order: kernels for computing ops, the interpreter's own handling for
-    weights, views, cached weight-only results and block maps of data masks."""
+    weights, views, cached weight-only results and block maps made once per set of shapes."""
 
     def __init__(self, fn: CpuFunction, params: dict[str, np.ndarray], cache: dict, weight_only: set[int]):
         super().__init__(fn.func_op, params, cache, weight_only, fn.exchange)

@@ -2,7 +2,8 @@
 
 A mask region is classified by interval reasoning: every value of the region becomes an interval
 [lo, hi] over a whole tile (booleans are intervals over {0, 1}), so one vectorized evaluation
-classifies all tiles at once in O(number of blocks). Data tensors the mask reads (`doc[q]`,
+classifies all tiles at once in O(number of blocks) (the cpu backend builds the same rules as native
+code: backends/cpu/block_map.py). Data tensors the mask reads (`doc[q]`,
 `table[q // 64, k // 64]`, `allowed[q, k]`) are summarized per tile by range minimum and maximum.
 The classification is sound: a tile is FULL only if every (q, k) pair in it is allowed, EMPTY only
 if none is; anything the reasoning cannot decide is PARTIAL.
@@ -18,7 +19,7 @@ import numpy as np
 from sparsa.ir import attrs as A
 from sparsa.ir.core import Attr, Operation, Region, RegionField, Result, Value
 from sparsa.ir.dims import Dim, compatible, format_dim
-from sparsa.ir.intervals import Interval, full_range
+from sparsa.ir.intervals import Interval, NumpyBounds, full_range
 from sparsa.ir.types import TensorType
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -114,22 +115,22 @@ class BlockMapKind(A.AttrKind):
 BLOCKMAP = BlockMapKind()
 
 
-def evaluate_intervals(region: Region, args: list[Interval], data: dict[int, np.ndarray | None]) -> Interval:
+def evaluate_intervals(region: Region, args: list[Interval], n: Any) -> Interval:
     """The interval of the region's yielded value given intervals for its block arguments: each op's
-    `interval` rule (ops without one give their type's full range)."""
+    `interval` rule built with the namespace `n` (ops without one give their type's full range)."""
     env: dict[int, Interval] = {id(a): v for a, v in zip(region.block.args, args, strict=True)}
 
     def get(v: Value) -> Interval:
         if id(v) in env:
             return env[id(v)]
-        return full_range(v.type)  # a value from outside the region: no bound known
+        return n.result(full_range(v.type))  # a value from outside the region: no bound known
 
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(all="ignore"):
         for op in region.block.ops:
             if op.TERMINATOR:
                 return get(op.operands[0])
-            out = op.interval(data, *[get(v) for v in op.operands])
-            env[id(op.results[0])] = out if out is not None else full_range(op.results[0].type)
+            out = op.interval(n, *[get(v) for v in op.operands])
+            env[id(op.results[0])] = n.result(out if out is not None else full_range(op.results[0].type))
     raise ValueError("mask region has no terminator")
 
 
@@ -161,7 +162,7 @@ def classify(region: Region, sq: int, sk: int, bq: int, bk: int, nb: int, nh: in
     args = [Interval(b, b), Interval(h, h),
             Interval(q0.reshape(1, 1, nq, 1), np.minimum(q0 + bq - 1, sq - 1).reshape(1, 1, nq, 1)),
             Interval(k0.reshape(1, 1, 1, nk), np.minimum(k0 + bk - 1, sk - 1).reshape(1, 1, 1, nk))]
-    result = evaluate_intervals(region, args, data)
+    result = evaluate_intervals(region, args, NumpyBounds(data))
     kinds = np.where(result.lo >= 1, FULL, np.where(result.hi <= 0, EMPTY, PARTIAL)).astype(np.int8)
     return np.ascontiguousarray(np.broadcast_to(kinds, (nb, nh, nq, nk)))
 

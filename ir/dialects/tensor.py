@@ -49,7 +49,7 @@ class ConstantOp(Generator, Operation):
     def reference(self, ctx: Any) -> np.ndarray:
         return np.full(ctx.shape_of(self.result.type), self.value)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         return I.Interval(float(self.value), float(self.value))
 
 
@@ -82,10 +82,10 @@ class CastOp(Elementwise, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return x
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         (a,) = args
         if is_int(self.to) and not is_int(self.x.type.dtype):
-            return I.Interval(np.trunc(a.lo), np.trunc(a.hi))
+            return I.Interval(n.trunc(a.lo), n.trunc(a.hi))
         return a if self.to != "i1" else None
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
@@ -125,7 +125,7 @@ class NegOp(UnaryOp):
     FLOAT_ONLY = False
     fn = staticmethod(np.negative)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         (a,) = args
         return I.Interval(-a.hi, -a.lo)
 
@@ -144,8 +144,8 @@ class AbsOp(UnaryOp):
     FLOAT_ONLY = False
     fn = staticmethod(np.abs)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.absolute(*args)
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return I.absolute(n, *args)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """sign(x) dy, 0 at 0 (as PyTorch)."""
@@ -404,7 +404,7 @@ class NotOp(Elementwise, Operation):
     def reference(self, ctx: Any, x: np.ndarray) -> np.ndarray:
         return np.logical_not(x)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         (a,) = args
         return I.Interval(1.0 - a.hi, 1.0 - a.lo)
 
@@ -442,7 +442,7 @@ class AddOp(BinaryOp):
     ATEN = ("add.Tensor", "add.Scalar")
     fn = staticmethod(np.add)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
         return I.Interval(a.lo + b.lo, a.hi + b.hi)
 
@@ -461,7 +461,7 @@ class SubOp(BinaryOp):
     ATEN = ("sub.Tensor", "sub.Scalar")
     fn = staticmethod(np.subtract)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
         return I.Interval(a.lo - b.hi, a.hi - b.lo)
 
@@ -480,8 +480,8 @@ class MulOp(BinaryOp):
     ATEN = ("mul.Tensor", "mul.Scalar")
     fn = staticmethod(np.multiply)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.mul(*args)
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return I.mul(n, *args)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """b dy and a dy."""
@@ -516,8 +516,8 @@ class FloorDivOp(BinaryOp):
     ATEN = ("floor_divide.default",)
     fn = staticmethod(np.floor_divide)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.floordiv(*args)
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return I.floordiv(n, *args)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """Piecewise constant: nothing flows back (as PyTorch)."""
@@ -531,8 +531,8 @@ class ModOp(BinaryOp):
     ATEN = ("remainder.Tensor", "remainder.Scalar")
     fn = staticmethod(np.mod)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.mod(*args)
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return I.mod(n, *args)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dy and -floor(a / b) dy."""
@@ -571,9 +571,9 @@ class MinimumOp(BinaryOp):
     ATEN = ("minimum.default",)
     fn = staticmethod(np.minimum)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
-        return I.Interval(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))
+        return I.Interval(n.minimum(a.lo, b.lo), n.minimum(a.hi, b.hi))
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dy to the smaller; split evenly on ties (as PyTorch)."""
@@ -596,9 +596,9 @@ class MaximumOp(BinaryOp):
     ATEN = ("maximum.default",)
     fn = staticmethod(np.maximum)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
-        return I.Interval(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))
+        return I.Interval(n.maximum(a.lo, b.lo), n.maximum(a.hi, b.hi))
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:
         """dy to the larger; split evenly on ties (as PyTorch)."""
@@ -613,9 +613,9 @@ class AndOp(BinaryOp):
     ALLOWED = "bool"
     fn = staticmethod(np.logical_and)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
-        return I.Interval(np.minimum(a.lo, b.lo), np.minimum(a.hi, b.hi))
+        return I.Interval(n.minimum(a.lo, b.lo), n.minimum(a.hi, b.hi))
 
 
 class OrOp(BinaryOp):
@@ -626,9 +626,9 @@ class OrOp(BinaryOp):
     ALLOWED = "bool"
     fn = staticmethod(np.logical_or)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         a, b = args
-        return I.Interval(np.maximum(a.lo, b.lo), np.maximum(a.hi, b.hi))
+        return I.Interval(n.maximum(a.lo, b.lo), n.maximum(a.hi, b.hi))
 
 
 _PREDICATES = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
@@ -651,8 +651,8 @@ class CmpOp(BinaryOp):
     def reference(self, ctx: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _PREDICATES[self.pred](a, b)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.cmp(self.pred, *args)
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return I.cmp(n, self.pred, *args)
 
 
 class WhereOp(Elementwise, Operation):
@@ -673,10 +673,10 @@ class WhereOp(Elementwise, Operation):
     def reference(self, ctx: Any, c: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(c, a, b)
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
         c, a, b = args
-        lo = np.where(c.lo == 1, a.lo, np.where(c.hi == 0, b.lo, np.minimum(a.lo, b.lo)))
-        hi = np.where(c.lo == 1, a.hi, np.where(c.hi == 0, b.hi, np.maximum(a.hi, b.hi)))
+        lo = n.where(c.lo == 1, a.lo, n.where(c.hi == 0, b.lo, n.minimum(a.lo, b.lo)))
+        hi = n.where(c.lo == 1, a.hi, n.where(c.hi == 0, b.hi, n.maximum(a.hi, b.hi)))
         return I.Interval(lo, hi)
 
     def vjp(self, g: Any, dys: list, xs: list, ys: list) -> list:

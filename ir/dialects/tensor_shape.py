@@ -416,8 +416,8 @@ class GatherOp(Operation):
     indices = Operand(variadic=True)
     result = Result()
 
-    def interval(self, data: dict[int, Any], *args: I.Interval) -> I.Interval:
-        return I.gather(data.get(id(self.x)), self.result.type, list(args[1:]))
+    def interval(self, n: Any, *args: I.Interval) -> I.Interval:
+        return n.gather(self.x, self.result.type, list(args[1:]))
 
     def shape_rule(self, shapes: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         return [np.broadcast_shapes(*shapes[1:]) + shapes[0][len(shapes) - 1:]]
