@@ -4,11 +4,12 @@ beside every row (this machine is shared: compare figures within one run only).
 
 - `.sp` models on the cpu target, two threads (SPARSA_NUM_THREADS and torch.set_num_threads): the two-matmul
   model at 16x32, a MoE layer at decode (4 tokens), mixtral_moe.sp at 8 tokens, attention of one query
-  against a long KV. The MoE and attention rows also give the time to stream the bytes they must read once
-  (the selected experts' weights, K and V) at this machine's measured copy bandwidth.
+  against a long KV, document_attention.sp at S=128 and 512 (its block map classified at each call). The MoE
+  and decode rows also give the time to stream the bytes they must read once (the selected experts' weights, K
+  and V) at this machine's measured copy bandwidth.
 - Tiny transformers models (hidden size 32) under torch.compile(backend="sparsa"), one thread, against eager.
 
-    python bench/small.py [--only decode] [--json out.json]
+    python bench/small.py [--only decode|documents|...] [--json out.json]
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ def moe_decode(case: str, src: str, T: int, k: int, gbs: float) -> None:
     print(f"{'':40s} {moe_error(m(xn), hf_loop(*args), x, w['gate'], k)}")
 
 
-def sdpa(*args: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.scaled_dot_product_attention(*args)
+def sdpa(*args: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
 
 
 def bench_attention_decode(gbs: float) -> None:
@@ -108,6 +109,22 @@ def bench_attention_decode(gbs: float) -> None:
         row(case, "torch SDPA", median_us(lambda a=(q, k, v): sdpa(*a)))
         row(case, "stream K and V", stream_us(2 * k.numel() * 4, gbs))
         err = float((torch.from_numpy(m(qn, kn, vn)) - sdpa(q, k, v)).abs().max())
+        print(f"{'':40s} max error vs SDPA {err:.1e}")
+
+
+def bench_documents() -> None:
+    """Packed documents, causal within each: the example's data mask against SDPA with the boolean mask (Flex
+    compiles too slowly for a small call to matter)."""
+    m = sparsa.compile((EXAMPLES / "document_attention.sp").read_text(), target="cpu")
+    for S in (128, 512):
+        case = f"documents S={S} H=8 Dh=64, 6 docs"
+        q, k, v = torch.randn(1, 8, S, 64), torch.randn(1, 8, S, 64), torch.randn(1, 8, S, 64)
+        doc = torch.repeat_interleave(torch.arange(6, dtype=torch.int32), -(-S // 6))[:S]
+        mask = (doc[:, None] == doc[None, :]) & torch.ones(S, S, dtype=torch.bool).tril()
+        a = (q.numpy(), k.numpy(), v.numpy(), doc.numpy())
+        row(case, "sparsa cpu (with its block map)", median_us(lambda a=a: m(*a)), native=m.native.main is not None)
+        row(case, "torch SDPA boolean mask", median_us(lambda a=(q, k, v, mask): sdpa(*a[:3], attn_mask=a[3])))
+        err = float((torch.from_numpy(m(*a)) - sdpa(q, k, v, attn_mask=mask)).abs().max())
         print(f"{'':40s} max error vs SDPA {err:.1e}")
 
 
@@ -161,7 +178,7 @@ def bench_tiny_models() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="run the cases whose group contains this (matmul, moe, "
-                        "decode, models)")
+                        "decode, documents, models)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -174,6 +191,7 @@ def main() -> None:
             moe_decode("MoE decode T=4 D=64 F=128 E=8 k=2", MOE.format(D=64, F=128, E=8, K=2), 4, 2, gbs),
             moe_decode("mixtral_moe.sp T=8", (EXAMPLES / "mixtral_moe.sp").read_text(), 8, 2, gbs)),
         "attention decode": lambda: bench_attention_decode(gbs),
+        "documents": bench_documents,
         "tiny models": bench_tiny_models,
     }
     for name, run in groups.items():
