@@ -10,6 +10,8 @@ their large buffers' pages in (malloc's mmap threshold grows as they are freed),
     python bench/training.py --only gpt-oss   # the GPT-OSS block (interleaved gate/up, expert biases)
     python bench/training.py --only scan      # the selective scan (its eager loop takes minutes: one run)
     python bench/training.py --only delta     # a gated delta net layer (Qwen3-Next's chunked rule)
+    python bench/training.py --as-avx2        # AVX2 code (cpu:x86-64-v3) against baselines held to AVX2, as
+                                              # bench/cpu.py --as-avx2 does
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 
+import cpu as bench_cpu  # first: with --as-avx2 it holds NumPy's and torch's kernels to AVX2 before they load
 import numpy as np
 import torch
 from cpu import hf_loop, machine_header, median_ms, record, sgemm_gflops
 
 import sparsa
+from sparsa.runtime.torch_backend import SparsaBackend
+
+TARGET = "cpu"  # --as-avx2: cpu:x86-64-v3
 
 F = torch.nn.functional
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -34,7 +40,7 @@ def bench_attention(sgemm: float) -> None:
     useful = 4 * H * Dh * sum(min(W, n + 1) for n in range(S)) * 3.5  # forward 2 products, backward 5
     m = sparsa.compile(f"mask w(q, k) = k <= q and q - k < {W}\n"
                        f"model A(q: f32[1, {H}, {S}, {Dh}], k: f32[1, {H}, {S}, {Dh}], v: f32[1, {H}, {S}, {Dh}]) "
-                       f"-> f32[1, {H}, {S}, {Dh}] {{\n    return attention(q, k, v, mask=w)\n}}\n", target="cpu")
+                       f"-> f32[1, {H}, {S}, {Dh}] {{\n    return attention(q, k, v, mask=w)\n}}\n", target=TARGET)
     qkv = [torch.randn(1, H, S, Dh, requires_grad=True) for _ in range(3)]
     xs = [t.detach().numpy() for t in qkv]
     dy = torch.randn(1, H, S, Dh)
@@ -52,9 +58,7 @@ def bench_attention(sgemm: float) -> None:
             t.grad = None
         f(*qkv).backward(dy)
 
-    from sparsa.runtime.torch_backend import SparsaBackend
-
-    backend = SparsaBackend({"target": "cpu"})
+    backend = SparsaBackend({"target": TARGET})
     compiled = torch.compile(Sliding(), backend=backend)
     record(case, "torch.compile(backend=sparsa)", median_ms(lambda: step(compiled), runs=11, warmup=5), useful, sgemm,
            fallbacks=sum(backend.fallbacks.values()))
@@ -74,7 +78,7 @@ def bench_moe(sgemm: float) -> None:
     T, D, Fd, E, K = 1024, 512, 1024, 8, 2
     case = f"Mixtral block T={T} D={D} F={Fd} E={E} k={K} fwd+bwd"
     flops = 2 * T * K * D * Fd * 3 * 3
-    m = sparsa.compile(os.path.join(EXAMPLES, "mixtral_moe.sp"), target="cpu").init_weights(0)
+    m = sparsa.compile(os.path.join(EXAMPLES, "mixtral_moe.sp"), target=TARGET).init_weights(0)
     x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
     dy = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
     record(case, "sparsa cpu (m.vjp)", median_ms(lambda: m.vjp(x)[1](dy)), flops, sgemm)
@@ -99,7 +103,7 @@ def bench_moe(sgemm: float) -> None:
         (out[0] if isinstance(out, tuple) else out).backward(bdy)
 
     record(case, "eager transformers grouped_mm", median_ms(lambda: block_step(block)), flops, sgemm)
-    compiled = torch.compile(block, backend="sparsa")
+    compiled = torch.compile(block, backend=SparsaBackend({"target": TARGET}))
     record(case, "torch.compile(backend=sparsa)", median_ms(lambda: block_step(compiled), runs=7, warmup=2), flops,
            sgemm)
 
@@ -150,7 +154,8 @@ def bench_block(case: str, block: torch.nn.Module, T: int, D: int, flops: float,
         f(x).backward(dy)
 
     record(case, eager, median_ms(lambda: step(block), runs=7, warmup=2), flops, sgemm)
-    for label, backend in (("torch.compile (Inductor)", "inductor"), ("torch.compile(backend=sparsa)", "sparsa")):
+    for label, backend in (("torch.compile (Inductor)", "inductor"),
+                           ("torch.compile(backend=sparsa)", SparsaBackend({"target": TARGET}))):
         torch._dynamo.reset()
         compiled = torch.compile(block, backend=backend)
         record(case, label, median_ms(lambda f=compiled: step(f), runs=7, warmup=2), flops, sgemm)
@@ -177,7 +182,7 @@ def bench_scan(sgemm: float) -> None:
     B, L, DI, N = 1, 2048, 1024, 16
     case = f"selective scan L={L} D={DI} N={N} fwd+bwd"
     flops = 9 * B * L * DI * N * 3
-    m = sparsa.compile(os.path.join(EXAMPLES, "selective_scan.sp"), target="cpu")
+    m = sparsa.compile(os.path.join(EXAMPLES, "selective_scan.sp"), target=TARGET)
     rng = np.random.default_rng(0)
     u, delta, Bs, C = (rng.standard_normal(s).astype(np.float32) * 0.5 for s in ((B, L, DI), (B, L, DI), (B, L, N),
                                                                                   (B, L, N)))
@@ -202,7 +207,12 @@ def bench_scan(sgemm: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="", help="run the cases whose group name contains this")
+    parser.add_argument("--as-avx2", action="store_true", help="AVX2 code (cpu:x86-64-v3) against baselines held "
+                        "to AVX2 (torch's kernels and Inductor's code, OpenBLAS, MKL)")
     args = parser.parse_args()
+    global TARGET
+    if args.as_avx2:
+        TARGET = bench_cpu.TARGET = "cpu:x86-64-v3"
     torch.set_num_threads(2)
     os.environ.setdefault("SPARSA_NUM_THREADS", "2")
     machine_header()
