@@ -301,6 +301,26 @@ def test_strided_views_and_gathers_run_natively(monkeypatch, rows):
         np.testing.assert_allclose(g, o, rtol=1e-6)
 
 
+ROWS_GATHER = """model R(x: f32[N, 3, 5], ids: i64[2, T]) -> f32[2, T, 3, 5] {
+    return x[ids]
+}
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("T", [1, 7, 3000])
+def test_a_gather_of_rows_copies_them_whole(monkeypatch, threads, T):
+    """One index tensor (2-D, negative ids among them) into the leading axis of a rank-3 tensor: each picked
+    [3, 5] row a contiguous copy, split over the threads; bitwise NumPy's on both hosts."""
+    monkeypatch.setenv("SPARSA_NUM_THREADS", threads)
+    native, python, _ = _pair(ROWS_GATHER, monkeypatch)
+    assert "gather" in native.native.stages["host"]
+    x = rng.standard_normal((40, 3, 5), np.float32)
+    ids = rng.integers(-40, 40, (2, T))
+    for m in (native, python):
+        np.testing.assert_array_equal(m(x, ids), x[ids])
+
+
 def test_an_index_out_of_range_is_the_python_hosts_error(monkeypatch):
     native, python, _ = _pair(VIEWS, monkeypatch)
     x = rng.standard_normal((4, 12), np.float32)

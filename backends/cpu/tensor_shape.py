@@ -213,6 +213,35 @@ def lower_gather(cx: KernelContext, op: Operation) -> ir.Value:
     return cx.generic(out, ins, init, [PARALLEL] * out.rank, d, body)
 
 
+@KERNELS.lowers(S.GatherOp)
+def gather_kernel(cx: KernelContext, op: Operation) -> Kernel:
+    """x[i] with one index tensor into x's leading axis: each picked row a contiguous copy (an inner loop LLVM
+    vectorizes), the rows split over the parts. The generic kernel (`lower_gather`: an element at a time, the index
+    read and wrapped at each) took 519 us for 2552 rows of 512 floats, against NumPy's 134. Other gathers (several
+    index tensors, single elements) are that generic kernel."""
+    if len(op.indices) != 1 or op.x.type.rank < 2 or op.indices[0].type.rank < 1:
+        return cx.dense(op)
+    inputs = [op.x, op.indices[0]]
+    name, entry = cx.function(op, [v.type for v in inputs] + [op.result.type], True)
+    x, idx, out, part, parts = entry.arguments
+    with ir.InsertionPoint(entry):
+        flat_x, flat_i, flat_out = _flat(x), _flat(idx), _flat(out)
+        run = B.c_index(1)
+        for a in range(1, op.x.type.rank):
+            run = B.mul(run, B.mdim(x, a))
+        lo, hi = B.share(part, parts, B.mdim(flat_i, 0))
+        rows = B.loop(lo, hi)
+        with ir.InsertionPoint(rows.body):
+            p = rows.induction_variable
+            v = B.as_index(B.load(flat_i, p))
+            v = B.select(B.cmpi("lt", v, B.c_index(0)), B.add(v, B.mdim(x, 0)), v)  # from the end, as NumPy's
+            src, dst = B.mul(v, run), B.mul(p, run)
+            B.each(run, lambda j: B.store(B.load(flat_x, B.add(src, j)), flat_out, B.add(dst, j)))
+            scf.YieldOp([])
+        func.ReturnOp([])
+    return Kernel(name, op, inputs, [op.result], "parts")
+
+
 def wrapped(cx: KernelContext, i: ir.Value, x: ir.Value, axis: int) -> ir.Value:
     """An index into `axis` of x from an integer, negative ones counted from the end (as NumPy does)."""
     i = arith.IndexCastOp(ir.IndexType.get(), i).result if not isinstance(i.type, ir.IndexType) else i

@@ -76,8 +76,10 @@ def work(op: Operation, ins: list[tuple[int, ...]], out: tuple[int, ...]) -> int
 
 def one_part_below(op: Operation) -> bool:
     """Whether a kernel split in parts runs as one part below the split work (a topk's, a router's, a view's
-    copy, a concat, a transpose: their parts split no GEMM, so a few rows are not worth waking the threads)."""
-    return isinstance(op, R.TopkOp | M.RouteOp | S.SliceOp | S.SplitOp | S.BroadcastToOp | S.ConcatOp | S.TransposeOp)
+    copy, a concat, a transpose, a gather: their parts split no GEMM, so a few rows are not worth waking the
+    threads)."""
+    return isinstance(op, R.TopkOp | M.RouteOp | S.SliceOp | S.SplitOp | S.BroadcastToOp | S.ConcatOp | S.TransposeOp
+                      | S.GatherOp)
 
 
 def row_bounds(m: int, n: int, exact: bool) -> list[int]:
