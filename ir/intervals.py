@@ -7,6 +7,7 @@ reads is bounded per tile by range minimum and maximum (`n.gather`)."""
 
 from __future__ import annotations
 
+from functools import reduce
 from typing import Any
 
 import numpy as np
@@ -49,14 +50,14 @@ def cmp(n: Any, pred: str, a: Interval, b: Interval) -> Interval:
 
 def mul(n: Any, a: Interval, b: Interval) -> Interval:
     corners = [n.finite_product(x, y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    return Interval(_reduce(n.minimum, corners), _reduce(n.maximum, corners))
+    return Interval(reduce(n.minimum, corners), reduce(n.maximum, corners))
 
 
 def floordiv(n: Any, a: Interval, b: Interval) -> Interval:
     positive = b.lo > 0
     negative = b.hi < 0
     corners = [n.floor(x / y) for x in (a.lo, a.hi) for y in (b.lo, b.hi)]
-    lo, hi = _reduce(n.minimum, corners), _reduce(n.maximum, corners)
+    lo, hi = reduce(n.minimum, corners), reduce(n.maximum, corners)
     ok = positive | negative
     return Interval(n.where(ok, lo, -np.inf), n.where(ok, hi, np.inf))
 
@@ -77,13 +78,6 @@ def absolute(n: Any, a: Interval) -> Interval:
     lo = n.where(a.lo >= 0, a.lo, n.where(a.hi <= 0, -a.hi, 0.0))
     hi = n.maximum(n.abs(a.lo), n.abs(a.hi))
     return Interval(lo, hi)
-
-
-def _reduce(fn: Any, xs: list) -> Any:
-    out = xs[0]
-    for x in xs[1:]:
-        out = fn(out, x)
-    return out
 
 
 class NumpyBounds:
