@@ -500,13 +500,14 @@ def test_conv1d_softplus_strided_slices_and_stack_train_on_sparsas_rules(target:
     assert not backend.fallbacks, dict(backend.fallbacks)
 
 
-def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False) -> tuple:
+def _mixtral_block(experts: str = "grouped_mm", sentinel_guards: bool = False, hidden: int = 32,
+                   inner: int = 48) -> tuple:
     """A small transformers Mixtral block in one expert form (weights drawn from N(0, 0.2)), and a copy."""
     transformers = pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=4,
+    config = transformers.MixtralConfig(hidden_size=hidden, intermediate_size=inner, num_local_experts=4,
                                         num_experts_per_tok=2)
     config._experts_implementation = experts
     block = MixtralSparseMoeBlock(config)
@@ -554,6 +555,25 @@ def test_moe_blocks_train_on_sparsas_backward(target: str, experts: str, sentine
         kernels = [(launch.kernel.name, launch.kernel.op.NAME) for launch in forward.host.launches]
         assert any("pack_panels" in k for k, _ in kernels), kernels
         assert not [k for k, op in kernels if op in ("tensor.slice", "tensor.transpose")], kernels
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize(("hidden", "inner"), [(32, 48), (64, 128)])
+def test_gate_up_weight_gradients_are_written_in_place(monkeypatch, native: str, hidden: int, inner: int) -> None:
+    """The folded block's gate_up gradient is its gate and up halves' weight gradients joined: one kernel writes
+    each half into its rows of the [E, 2F, D] result (no concat after them), on the native host and on the Python
+    host, in the packed path (64 x 128: whole register tiles and panels) and the other: the gradients eager's."""
+    pytest.importorskip("torch_mlir")
+    from sparsa.runtime.torch_backend import SparsaBackend
+
+    monkeypatch.setenv("SPARSA_NATIVE_HOST", native)
+    block, ref = _mixtral_block(hidden=hidden, inner=inner)
+    backend = SparsaBackend({"target": "cpu"})
+    _trains_as_eager(block, ref, backend, torch.randn(2, 40, hidden))
+    backward = next(iter(backend.moe_blocks.models.values()))._backward().native
+    kernels = [k.name for k in backward.kernels.values()]
+    assert any("joined_weight_grads" in k for k in kernels) and not any("concat" in k for k in kernels), kernels
+    assert (backward.main is not None) == (native == "1")
 
 
 @pytest.mark.parametrize("target", ["reference", "cpu"])

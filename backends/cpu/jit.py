@@ -118,8 +118,14 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     tails = matmul.epilogues(block.ops, groups, weight_only | views)  # matmuls made in their epilogue's kernel
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}  # made in their readers' kernels
     inside |= {id(o) for mm, chain, _ in tails.values() for o in [mm, *chain[:-1]]}
+    joined = moe.joined_weight_grads(block.ops, weight_only | views | inside)  # made in place in their concat
+    inside |= {id(g) for grads in joined.values() for g in grads}
     for op in block.ops[:-1]:
         if id(op) in inside:
+            continue
+        if id(op) in joined:
+            start = len(builder.tiled)
+            kernels[id(op)] = builder.extra(moe.joined_weight_grads_kernel(builder, op, joined[id(op)]), start)
             continue
         if id(op) in tails:
             kernels[id(op)] = matmul.epilogue_kernel(builder, *tails[id(op)])
@@ -451,8 +457,9 @@ class CpuFunction(Executable):
         elif id(op) in self.fused_roots:  # a fused chain's last op: what it reads inside the chain is never made
             space = np.broadcast_to(np.empty((), np.float32), np.broadcast_shapes(*[a.shape for a in ins]))
             operands = [ins[k.inputs.index(v)] if v in k.inputs else space for v in op.operands]
-        elif k.inputs != list(op.operands):  # a kernel reading through a view (a matmul's transposed w): its shapes
-            operands = [host.values[id(v)] for v in op.operands]
+        elif k.inputs != list(op.operands):  # a kernel reading through a view (a matmul's transposed w), or making
+            # the values its op joins (weight gradients): their shapes
+            operands = [host.values[id(v)] if id(v) in host.values else _stand_in(host, v) for v in op.operands]
         outs = [np.empty(shape, numpy_dtype(r.type.dtype)) for r, shape in zip(k.outputs,
                                                                                op.result_shapes(host, operands),
                                                                                strict=True)]
@@ -493,6 +500,13 @@ class CpuFunction(Executable):
         slabs = [[slab(a, at, lo, hi) for a, at in zip(ins, axes, strict=True)] + [slab(out, axis, lo, hi)]
                  for lo, hi in zip(bounds, bounds[1:], strict=False)]
         together([lambda s=s: self.call(k, s) for s in slabs])
+
+
+def _stand_in(host: Any, v: Value) -> np.ndarray:
+    """An array of v's shape and no data, for a value its reader's kernel makes itself: from its op's operands."""
+    op = v.defining_op
+    shape = op.result_shapes(host, [host.values[id(u)] for u in op.operands])[op.results.index(v)]
+    return np.broadcast_to(np.empty((), numpy_dtype(v.type.dtype)), shape)
 
 
 def _last_reads(func_op: Operation, kernels: dict[int, Kernel] | None = None) -> dict[int, list[int]]:
