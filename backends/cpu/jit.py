@@ -22,6 +22,7 @@ from sparsa.backends.cpu import (  # noqa: F401 (their rules)
     matmul,
     moe,
     moe_pack,
+    moe_wgrad,
     scan,
     scan_grad,
     sparse,
@@ -118,14 +119,14 @@ def _build(func_op: Operation, constant_args: frozenset[int], weight_only: set[i
     tails = matmul.epilogues(block.ops, groups, weight_only | views)  # matmuls made in their epilogue's kernel
     inside = {id(op) for ops, _ in groups.values() for op in ops[:-1]}  # made in their readers' kernels
     inside |= {id(o) for mm, chain, _ in tails.values() for o in [mm, *chain[:-1]]}
-    joined = moe.joined_weight_grads(block.ops, weight_only | views | inside)  # made in place in their concat
+    joined = moe_wgrad.joined_weight_grads(block.ops, weight_only | views | inside)  # made in place in their concat
     inside |= {id(g) for grads in joined.values() for g in grads}
     for op in block.ops[:-1]:
         if id(op) in inside:
             continue
         if id(op) in joined:
             start = len(builder.tiled)
-            kernels[id(op)] = builder.extra(moe.joined_weight_grads_kernel(builder, op, joined[id(op)]), start)
+            kernels[id(op)] = builder.extra(moe_wgrad.joined_weight_grads_kernel(builder, op, joined[id(op)]), start)
             continue
         if id(op) in tails:
             kernels[id(op)] = matmul.epilogue_kernel(builder, *tails[id(op)])
