@@ -191,3 +191,40 @@ def test_fixed_weights_packed_once(monkeypatch, native: bool) -> None:
     assert ("panels", id(kernels[0].inputs[2])) in m._cache
     if native:
         assert m.native.calls["native"] > m.native.calls["python"] == 2  # the Python host once per set of weights
+
+
+@pytest.mark.parametrize("machine", ["x86-64-v3", "x86-64"])
+def test_a_packed_tile_of_six_rows_broadcasts_its_column_from_memory(machine) -> None:
+    """AVX2's 6x16 and SSE's 6x8 packed tiles read their column of A (6 floats) element by element (`_scalar_reads`):
+    left a vector of 6, LLVM split it 4 + 2 and broadcast the sixth through a permute."""
+    fn = sparsa.compile(SRC, target=f"cpu:{machine}").native
+    assert fn.target.packed_rows == 6
+    assert f"vector<1x6x{fn.target.tile[1]}xf32>" in fn.stages["loops"]  # the packed tiles' accumulators
+    assert "vector<1x1x6xf32>" not in fn.stages["loops"] and "-> vector<6xf32>" not in fn.stages["llvm"]  # no loads
+
+
+def test_reads_only_for_their_elements_become_scalar_loads() -> None:
+    """`_scalar_reads` on its own: an in-bounds read of 6 used only element by element becomes memref.loads at the
+    elements' indices; a read that may be out of bounds, a power of two and a read also used whole stay."""
+    from torch_mlir import ir
+
+    text = """func.func @f(%m: memref<4x6xf32>, %i: index, %o: memref<8xf32>) -> (f32, f32, f32, f32, vector<6xf32>, f32) {
+  %p = arith.constant 0.0 : f32
+  %c0 = arith.constant 0 : index
+  %a = vector.transfer_read %m[%i, %c0], %p {in_bounds = [true]} : memref<4x6xf32>, vector<6xf32>
+  %a0 = vector.extract %a[0] : f32 from vector<6xf32>
+  %a5 = vector.extract %a[5] : f32 from vector<6xf32>
+  %b = vector.transfer_read %m[%i, %c0], %p {in_bounds = [false]} : memref<4x6xf32>, vector<6xf32>
+  %b1 = vector.extract %b[1] : f32 from vector<6xf32>
+  %c = vector.load %o[%i] : memref<8xf32>, vector<4xf32>
+  %c1 = vector.extract %c[1] : f32 from vector<4xf32>
+  %d = vector.transfer_read %m[%i, %c0], %p {in_bounds = [true]} : memref<4x6xf32>, vector<6xf32>
+  %d2 = vector.extract %d[2] : f32 from vector<6xf32>
+  return %a0, %a5, %b1, %c1, %d, %d2 : f32, f32, f32, f32, vector<6xf32>, f32
+}"""
+    with ir.Context(), ir.Location.unknown():
+        module = ir.Module.parse(text)
+        jit._scalar_reads(module)
+        out = str(module)
+    assert out.count("memref.load") == 2 and out.count("vector.transfer_read") == 2 and "vector.load" in out
+    assert "memref.load %arg0[%arg1, %c0]" in out and "arith.constant 5 : index" in out

@@ -4,12 +4,14 @@ C interface with NumPy arrays (memref descriptors written by `_packed_args`)."""
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from torch_mlir import execution_engine, ir, passmanager
+from torch_mlir.dialects import arith, memref
 from torch_mlir.dialects.transform import interpreter
 
 from sparsa.backends.base import Executable
@@ -69,6 +71,8 @@ PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buf
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
 
+# The rewrites of the scheduled module before the PIPELINE (a part of the cache key).
+SCHEDULED = "scalar-reads"
 # The fast-math flag every float multiply and add carries (see _contract).
 CONTRACT = "contract"
 # LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
@@ -222,6 +226,59 @@ def _contract(module: ir.Module) -> None:
     module.operation.walk(mark)
 
 
+def _scalar_reads(module: ir.Module) -> None:
+    """A vector read of memory only for its elements one by one (a `vector.transfer_read` in bounds, unmasked, of the
+    memref's innermost dims, or a `vector.load`, whose every use is a `vector.extract` of one element: a register
+    tile's column of A in the outer products), of a number of elements that is not a power of two, becomes a scalar
+    load of each element, which LLVM folds into its broadcast (vbroadcastss from memory). Left a vector of 6 (the
+    AVX2 6x16 and SSE 6x8 tiles' column), LLVM split it into 4 + 2 elements and broadcast the last through a vpermps
+    whose index vector had no register left: a shuffle and a reload per step of k beside the 12 FMAs (llvm-mca 14's
+    models: 29 against 6 cycles a step on znver1, 6.3 against 6.1 on haswell, 6.1 both on skylake; no change was
+    measured on a Zen 5). Powers of two
+    are left as they are: x86 broadcasts their lanes from memory already, and AArch64 multiplies by a lane of the
+    loaded vector (fmla by element), which scalar loads would turn into one ld1r per row."""
+    reads: list[ir.Operation] = []
+
+    def find(op: ir.Operation) -> ir.WalkResult:
+        if op.name == "vector.load" or op.name == "vector.transfer_read" and _plain_read(op):
+            reads.append(op)
+        return ir.WalkResult.ADVANCE
+
+    module.operation.walk(find)
+    index = ir.IndexType.get()
+    for read in reads:
+        uses = [u.owner for u in read.results[0].uses]
+        if not uses or any(u.name != "vector.extract" or len(u.operands) != 1 or
+                           isinstance(u.results[0].type, ir.VectorType) for u in uses):
+            continue
+        shape = ir.VectorType(read.results[0].type).shape
+        if math.prod(shape) & (math.prod(shape) - 1) == 0:
+            continue
+        rank = len(shape)
+        base = read.operands[0]
+        at = list(read.operands[1:1 + ir.MemRefType(base.type).rank])
+        for use in uses:
+            pos = list(ir.DenseI64ArrayAttr(use.attributes["static_position"]))
+            with ir.InsertionPoint(use), use.location:
+                inner = [arith.AddIOp(i, arith.ConstantOp(index, p).result).result if p else i
+                         for i, p in zip(at[len(at) - rank:], pos, strict=True)]
+                scalar = memref.LoadOp(base, at[:len(at) - rank] + inner).result
+            use.results[0].replace_all_uses_with(scalar)
+            use.erase()
+        read.erase()
+
+
+def _plain_read(op: ir.Operation) -> bool:
+    """A transfer_read of a memref, every dim in bounds, unmasked, of its innermost dims in order."""
+    if not isinstance(op.operands[0].type, ir.MemRefType) or "false" in str(op.attributes["in_bounds"]) \
+            if "in_bounds" in op.attributes else True:
+        return False
+    memory, vector = ir.MemRefType(op.operands[0].type).rank, ir.VectorType(op.results[0].type).rank
+    if len(op.operands) != 2 + memory:  # source, indices, padding: no mask
+        return False
+    return ir.AffineMapAttr(op.attributes["permutation_map"]).value == ir.AffineMap.get_minor_identity(memory, vector)
+
+
 def _for_target(module: ir.Module, target: CpuTarget) -> None:
     """Give every LLVM function a named target's CPU and features: LLVM generates each function's code for
     them (on this machine too: x86-64-v3 on an AVX-512 host). This machine's own are left to the execution
@@ -280,8 +337,8 @@ class CpuFunction(Executable):
                            f"// no native host: {self.host.why_not}; Python runs the kernels in order\n"}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
             symbols += ["sparsa_main"] if self.host.why_not is None else []
-            name = cache.key(self.stages["mlir"], self.stages["schedule"], self.stages["host"], PIPELINE, CONTRACT,
-                             str(OPT_LEVEL), self.target.key())
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], SCHEDULED, self.stages["host"], PIPELINE,
+                             CONTRACT, str(OPT_LEVEL), self.target.key())
             hit = cache.load(name) if runs else None
             self.cached = hit is not None
             if hit is not None:
@@ -290,6 +347,7 @@ class CpuFunction(Executable):
             else:
                 script = ir.Module.parse(self.stages["schedule"])
                 interpreter.apply_named_sequence(module.operation, script.body.operations[0], script)
+                _scalar_reads(module)
                 self.stages["loops"] = str(module)  # tiled, vectorized and bufferized: vectors and loops
                 passmanager.PassManager.parse(PIPELINE).run(module.operation)
                 if self.host.why_not is None:
