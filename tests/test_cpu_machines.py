@@ -152,6 +152,24 @@ def test_the_target_is_part_of_the_cache_key():
     assert cache.key(*texts, host_target().key()) != cache.key(*texts, named_target("x86-64-v3").key())
 
 
+def test_the_backend_code_is_part_of_the_cache_key(tmp_path, monkeypatch):
+    """Another commit of the cpu backend with the same version number (what it does after the schedule is not in
+    the key's texts) names other entries: its sources' digest is in the key."""
+    from sparsa.backends.cpu import cache
+
+    here = Path(cache.__file__).parent
+    for p in here.iterdir():
+        if p.suffix in (".py", ".c"):
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    digest = cache.code_digest.__wrapped__  # (not the process's cached one)
+    assert digest(tmp_path) == digest(here) == cache.code_digest()
+    (tmp_path / "jit.py").write_text((here / "jit.py").read_text() + "# another commit\n")
+    assert digest(tmp_path) != digest(here)
+    before = cache.key("the same kernels")
+    monkeypatch.setattr(cache, "code_digest", lambda: digest(tmp_path))
+    assert cache.key("the same kernels") != before
+
+
 def test_newer_float_spellings_are_rewritten_for_llvmlite():
     text = ("%1 = fadd float %0, f0x42B17218\n  %2 = call <4 x float> @f(<4 x float> splat (float -inf))\n"
             "  %3 = fmul double %x, f0x3FF0000000000000\n  %nan = fadd float %inf, nan\n  @nanfoo = global i32 0\n"

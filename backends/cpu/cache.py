@@ -1,13 +1,15 @@
 """A disk cache of compiled cpu kernels: the native object code MLIR's ExecutionEngine produced, keyed by the
-kernels' MLIR, the schedule, the pipeline and the versions of Sparsa, MLIR (torch-mlir), llvmlite and the host
-CPU. A hit loads the object with llvmlite's MCJIT (milliseconds) instead of scheduling, lowering and running
-LLVM again. Entries are written to a temporary file and renamed, so concurrent processes never see half an
-entry; an entry whose object does not match its recorded SHA-256, or that fails to load, is rebuilt."""
+kernels' MLIR, the schedule, the pipeline, the backend's own sources and the versions of Sparsa, MLIR
+(torch-mlir), llvmlite and the host CPU. A hit loads the object with llvmlite's MCJIT (milliseconds) instead of
+scheduling, lowering and running LLVM again. Entries are written to a temporary file and renamed, so concurrent
+processes never see half an entry; an entry whose object does not match its recorded SHA-256, or that fails to
+load, is rebuilt."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -27,6 +29,18 @@ def cache_dir() -> Path | None:
     return None if root is None else root / "cpu"
 
 
+@functools.cache
+def code_digest(folder: Path = Path(__file__).parent) -> str:
+    """SHA-256 of the cpu backend's sources (every .py and .c file in `folder`). The kernels' MLIR, the schedule
+    and the host program are in the key as text, but what the backend does to them after (the rewrites between the
+    schedule and the pipeline, the LLVM flags, the loader) is code: an install of another commit with the same
+    version number (from git, or an editable one being worked on) must not load objects the old code built."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".py", ".c")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -35,14 +49,15 @@ def _version(dist: str) -> str:
 
 
 def key(*texts: str) -> str:
-    """The entry name for this code on this machine and these versions."""
+    """The entry name for this code on this machine and these versions, and this backend's code (`code_digest`)."""
     import llvmlite.binding as llvm
 
     from sparsa import __version__
 
     h = hashlib.sha256()
     machine = (llvm.get_host_cpu_name(), llvm.get_host_cpu_features().flatten())
-    for part in (f"format {FORMAT}", __version__, _version("torch-mlir"), _version("llvmlite"), *machine, *texts):
+    for part in (f"format {FORMAT}", __version__, code_digest(), _version("torch-mlir"), _version("llvmlite"),
+                 *machine, *texts):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()[:32]

@@ -71,8 +71,6 @@ PIPELINE = ("builtin.module(ownership-based-buffer-deallocation,canonicalize,buf
             "convert-func-to-llvm,convert-arith-to-llvm,convert-cf-to-llvm,convert-ub-to-llvm,"
             "reconcile-unrealized-casts)")
 
-# The rewrites of the scheduled module before the PIPELINE (a part of the cache key).
-SCHEDULED = "scalar-reads"
 # The fast-math flag every float multiply and add carries (see _contract).
 CONTRACT = "contract"
 # LLVM's optimization level for the JIT. O3 took 4.8 s on the sliding-window model (its extra loop passes on
@@ -337,8 +335,8 @@ class CpuFunction(Executable):
                            f"// no native host: {self.host.why_not}; Python runs the kernels in order\n"}
             symbols = ["_mlir_ciface_" + k.name for k in self.kernels.values()]
             symbols += ["sparsa_main"] if self.host.why_not is None else []
-            name = cache.key(self.stages["mlir"], self.stages["schedule"], SCHEDULED, self.stages["host"], PIPELINE,
-                             CONTRACT, str(OPT_LEVEL), self.target.key())
+            name = cache.key(self.stages["mlir"], self.stages["schedule"], self.stages["host"], PIPELINE, CONTRACT,
+                             str(OPT_LEVEL), self.target.key())
             hit = cache.load(name) if runs else None
             self.cached = hit is not None
             if hit is not None:
