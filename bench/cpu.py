@@ -1,10 +1,12 @@
 """The cpu target against PyTorch on this machine, side by side in one process (not a test).
 
 Medians of at least 5 timed runs after a warm-up; torch.set_num_threads(2) (SPARSA_NUM_THREADS likewise);
-float32. Every row records the 1-minute load average beside it, since this machine is shared: compare
-figures within one run only. Useful GFLOP/s count only the FLOPs the sparse structure needs, and each is
-also given as a fraction of this machine's best sgemm (2048^3): the faster of NumPy's BLAS and torch's (each
-named by what it is: OpenBLAS, MKL), measured at the start of the run and again at its end.
+float32. The implementations of a case run interleaved, one call of each a round (`side_by_side`), so a change in
+the host's load over the case falls on all of them alike. Every row records the 1-minute load average beside it,
+since this machine is shared: compare figures within one run only. Useful GFLOP/s count only the FLOPs the
+sparse structure needs, and each is also given as a fraction of this machine's best sgemm (2048^3): the faster
+of NumPy's BLAS and torch's (each named by what it is: OpenBLAS, MKL), measured at the start of the run and
+again at its end.
 The header names the target (CPU, ISA, vector registers, register tile, caches, cores), a measured FMA peak
 of one core (multiply-adds through the same MLIR -> LLVM JIT) and the measured copy bandwidth.
 
@@ -50,6 +52,28 @@ def median_ms(fn: Callable[[], Any], runs: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def side_by_side(case: str, impls: dict[str, Callable[[], Any]], flops: float, sgemm: float, runs: int = 5,
+                 extra: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
+    """Times a case's implementations interleaved: `runs` rounds (the order turned by one a round), in each one call
+    of each implementation untimed and then one timed, so a busy second of this shared host slows all of them, not
+    the one that happened to be timed then. The untimed call takes what switching costs: caches the last one
+    filled, and the threads of the last one's library still spinning (OpenBLAS's spin for tens of milliseconds after
+    a call: timed right after NumPy's matmul, MKL's took 133 ms against its 82). Records each one's median (with
+    its `extra` fields) and returns them by name."""
+    names = list(impls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(runs):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            impls[name]()
+            t = time.perf_counter()
+            impls[name]()
+            times[name].append(time.perf_counter() - t)
+    ms = {name: statistics.median(times[name]) * 1e3 for name in names}
+    for name in names:
+        record(case, name, ms[name], flops, sgemm, **(extra or {}).get(name, {}))
+    return ms
 
 
 def record(case: str, impl: str, ms: float, flops: float, sgemm: float, **extra: Any) -> None:
@@ -184,10 +208,9 @@ def moe_case(sgemm: float, inductor: bool, label: str, T: int, D: int, F: int, E
     x = torch.randn(T, D)
     xn = x.numpy()
     args = (x, wt["gate"], wt["w1"], wt["w3"], wt["w2"], K)
-    record(case, "sparsa cpu", median_ms(lambda: model(xn)), flops, sgemm, cold_compile_s=round(cold, 2),
-           cached=model.native.cached)
-    record(case, "eager HF loop", median_ms(lambda: hf_loop(*args)), flops, sgemm)
-    record(case, "eager sorted dispatch", median_ms(lambda: sorted_dispatch(*args)), flops, sgemm)
+    side_by_side(case, {"sparsa cpu": lambda: model(xn), "eager HF loop": lambda: hf_loop(*args),
+                        "eager sorted dispatch": lambda: sorted_dispatch(*args)}, flops, sgemm,
+                 extra={"sparsa cpu": {"cold_compile_s": round(cold, 2), "cached": model.native.cached}})
     if inductor:
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         torch._dynamo.config.capture_scalar_outputs = True
@@ -240,29 +263,34 @@ def bench_attention(sgemm: float) -> None:
     case = f"sliding window {W} causal S={S}"
     useful = 4 * H * Dh * sum(min(W, n + 1) for n in range(S))
     m = attention_model(f"mask m(b, h, q, k) = k <= q and q - k < {W}")
-    record(case, "sparsa cpu", median_ms(lambda: m(qn, kn, vn)), useful, sgemm)
     allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < W)
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    record(case, "SDPA boolean mask", median_ms(lambda: sdpa(q, k, v, attn_mask=allowed)), useful, sgemm)
-    flex_case(case, q, k, v, lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), useful, sgemm)
+    impls = {"sparsa cpu": lambda: m(qn, kn, vn), "SDPA boolean mask": lambda: sdpa(q, k, v, attn_mask=allowed)}
+    extra: dict[str, dict[str, Any]] = {}
+    flex_case(case, q, k, v, lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), impls, extra)
+    side_by_side(case, impls, useful, sgemm, extra=extra)
     # plain causal
     case = f"causal S={S}"
     useful = 4 * H * Dh * S * (S + 1) // 2
     m = attention_model("mask m(b, h, q, k) = k <= q")
-    record(case, "sparsa cpu", median_ms(lambda: m(qn, kn, vn)), useful, sgemm)
-    record(case, "SDPA is_causal", median_ms(lambda: sdpa(q, k, v, is_causal=True)), useful, sgemm)
+    side_by_side(case, {"sparsa cpu": lambda: m(qn, kn, vn), "SDPA is_causal": lambda: sdpa(q, k, v, is_causal=True)},
+                 useful, sgemm)
     # documents
     case = f"document mask, 6 docs S={S}"
     doc = np.sort(np.random.default_rng(0).integers(0, 6, S)).astype(np.int32)
     counts = np.bincount(doc)
     useful = 4 * H * Dh * int(sum(c * (c + 1) // 2 for c in counts))
     m = attention_model("mask m(b, h, q, k; doc: i32[S]) = doc[q] == doc[k] and k <= q", ", doc: i32[S]")
-    record(case, "sparsa cpu (incl. block map)", median_ms(lambda: m(qn, kn, vn, doc)), useful, sgemm)
     dt = torch.from_numpy(doc.astype(np.int64))
-    flex_case(case, q, k, v, lambda b, h, qi, ki: (dt[qi] == dt[ki]) & (ki <= qi), useful, sgemm, include_map=True)
+    impls, extra = {"sparsa cpu (incl. block map)": lambda: m(qn, kn, vn, doc)}, {}
+    flex_case(case, q, k, v, lambda b, h, qi, ki: (dt[qi] == dt[ki]) & (ki <= qi), impls, extra, include_map=True)
+    side_by_side(case, impls, useful, sgemm, extra=extra)
 
 
-def flex_case(case: str, q, k, v, mask_mod, useful: float, sgemm: float, include_map: bool = False) -> None:
+def flex_case(case: str, q, k, v, mask_mod, impls: dict[str, Callable[[], Any]], extra: dict[str, dict[str, Any]],
+              include_map: bool = False) -> None:
+    """Compiles FlexAttention for mask_mod and adds it to a case's `impls` (with its block mask's time to build and
+    its compile time in `extra`), or records why it did not compile."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError as e:
@@ -279,14 +307,10 @@ def flex_case(case: str, q, k, v, mask_mod, useful: float, sgemm: float, include
         failed(case, "FlexAttention compiled", e)
         return
     build = median_ms(lambda: create_block_mask(mask_mod, None, None, S, S, device="cpu"), runs=3)
-    if include_map:
-        ms = median_ms(lambda: flex(q, k, v, block_mask=create_block_mask(mask_mod, None, None, S, S, device="cpu")))
-        record(case, "FlexAttention compiled (incl. map)", ms, useful, sgemm, block_mask_ms=round(build, 1),
-               compile_s=round(compile_s, 1))
-    else:
-        ms = median_ms(lambda: flex(q, k, v, block_mask=bm))
-        record(case, "FlexAttention compiled", ms, useful, sgemm, block_mask_ms=round(build, 1),
-               compile_s=round(compile_s, 1))
+    name = "FlexAttention compiled" + (" (incl. map)" if include_map else "")
+    impls[name] = (lambda: flex(q, k, v, block_mask=create_block_mask(mask_mod, None, None, S, S, device="cpu"))) \
+        if include_map else (lambda: flex(q, k, v, block_mask=bm))
+    extra[name] = {"block_mask_ms": round(build, 1), "compile_s": round(compile_s, 1)}
 
 
 # ---- scan and sparse weights ------------------------------------------------------------------------------
@@ -301,7 +325,6 @@ def bench_scan(sgemm: float) -> None:
     A = -np.abs(rng.standard_normal((DI, N))).astype(np.float32)
     Dskip = rng.standard_normal(DI).astype(np.float32)
     flops = 9 * B * L * DI * N
-    record(case, "sparsa cpu", median_ms(lambda: m(u, delta, A, Bs, C, Dskip)), flops, sgemm)
     tu, td, tA, tB, tC, tD = map(torch.from_numpy, (u, delta, A, Bs, C, Dskip))
 
     def loop():
@@ -312,7 +335,8 @@ def bench_scan(sgemm: float) -> None:
             ys.append((h * tC[:, t, None, :]).sum(-1))
         return torch.stack(ys, 1) + tD * tu
 
-    record(case, "eager loop over time", median_ms(loop, runs=5), flops, sgemm)
+    side_by_side(case, {"sparsa cpu": lambda: m(u, delta, A, Bs, C, Dskip), "eager loop over time": loop}, flops,
+                 sgemm)
 
 
 def bench_bsr(sgemm: float) -> None:
@@ -326,9 +350,8 @@ def bench_bsr(sgemm: float) -> None:
     m.load_weights({"w": w})
     x = rng.standard_normal((T, K)).astype(np.float32)
     useful = 2 * T * blk * blk * int(keep.sum())
-    record(case, "sparsa cpu", median_ms(lambda: m(x)), useful, sgemm)
     tx, tw = torch.from_numpy(x), torch.from_numpy(w)
-    record(case, "dense torch.matmul", median_ms(lambda: tx @ tw), useful, sgemm)
+    side_by_side(case, {"sparsa cpu": lambda: m(x), "dense torch.matmul": lambda: tx @ tw}, useful, sgemm)
 
 
 def bench_dense(sgemm: float) -> None:
@@ -349,10 +372,9 @@ def dense_case(sgemm: float, case: str, T: int, K: int, N: int, linear: bool) ->
     tx, tw = torch.from_numpy(x), torch.from_numpy(w)
     wn = w.T if linear else w
     flops = 2 * T * K * N
-    record(case, "sparsa cpu", median_ms(lambda: m(x, w)), flops, sgemm)
-    record(case, f"numpy.matmul ({numpy_blas})", median_ms(lambda: x @ wn), flops, sgemm)
-    record(case, f"torch ({torch_blas})", median_ms(
-        (lambda: torch.nn.functional.linear(tx, tw)) if linear else (lambda: tx @ tw)), flops, sgemm)
+    side_by_side(case, {"sparsa cpu": lambda: m(x, w), f"numpy.matmul ({numpy_blas})": lambda: x @ wn,
+                        f"torch ({torch_blas})": (lambda: torch.nn.functional.linear(tx, tw)) if linear else
+                        (lambda: tx @ tw)}, flops, sgemm)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Forward + backward on the cpu target against what people train with today, side by side in one process
-(not a test). Same conventions as bench/cpu.py: medians after a warm-up, 2 threads, float32, the load beside
-every row, the machine's header first. The attention case warms up 5 calls: the first calls of a process fault
-their large buffers' pages in (malloc's mmap threshold grows as they are freed), which a training loop pays once.
+(not a test). Same conventions as bench/cpu.py: medians, a case's implementations interleaved with an untimed call
+before each timed one (`side_by_side`), 2 threads, float32, the load beside every row, the machine's header first.
+The attention case calls its two Sparsa forms 3 times before its rounds: the first calls of a process fault their
+large buffers' pages in (malloc's mmap threshold grows as they are freed), which a training loop pays once.
 
     python bench/training.py                  # every case
     python bench/training.py --only attention # sliding-window attention: .sp, torch.compile, eager SDPA, Flex
@@ -22,7 +23,7 @@ import os
 import cpu as bench_cpu  # first: with --as-avx2 it holds NumPy's and torch's kernels to AVX2 before they load
 import numpy as np
 import torch
-from cpu import hf_loop, machine_header, median_ms, record, sgemm_gflops
+from cpu import hf_loop, machine_header, median_ms, record, sgemm_gflops, side_by_side
 
 import sparsa
 from sparsa.runtime.torch_backend import SparsaBackend
@@ -45,7 +46,6 @@ def bench_attention(sgemm: float) -> None:
     xs = [t.detach().numpy() for t in qkv]
     dy = torch.randn(1, H, S, Dh)
     dyn = dy.numpy()
-    record(case, "sparsa cpu (.sp, m.vjp)", median_ms(lambda: m.vjp(*xs)[1](dyn), runs=11, warmup=5), useful, sgemm)
 
     class Sliding(torch.nn.Module):
         def forward(self, q, k, v):
@@ -60,18 +60,22 @@ def bench_attention(sgemm: float) -> None:
 
     backend = SparsaBackend({"target": TARGET})
     compiled = torch.compile(Sliding(), backend=backend)
-    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: step(compiled), runs=11, warmup=5), useful, sgemm,
-           fallbacks=sum(backend.fallbacks.values()))
-    record(case, "eager SDPA boolean mask", median_ms(lambda: step(Sliding()), runs=11, warmup=5), useful, sgemm)
+    impls = {"sparsa cpu (.sp, m.vjp)": lambda: m.vjp(*xs)[1](dyn), "torch.compile(backend=sparsa)": lambda: step(
+        compiled), "eager SDPA boolean mask": lambda: step(Sliding())}
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         bm = create_block_mask(lambda b, h, qi, ki: (ki <= qi) & (qi - ki < W), None, None, S, S, device="cpu")
         flex = torch.compile(flex_attention)
-        record(case, "FlexAttention compiled", median_ms(lambda: step(lambda q, k, v: flex(q, k, v, block_mask=bm)),
-                                                           warmup=2), useful, sgemm)
+        step(lambda q, k, v: flex(q, k, v, block_mask=bm))
+        impls["FlexAttention compiled"] = lambda: step(lambda q, k, v: flex(q, k, v, block_mask=bm))
     except Exception as e:  # Inductor's CPU flex backward is not available everywhere
         print(f"{case}: FlexAttention fwd+bwd unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    for f in list(impls.values())[:2]:  # (the compiles, and the first calls' packing, before the rounds)
+        for _ in range(3):
+            f()
+    side_by_side(case, impls, useful, sgemm, runs=11,
+                 extra={"torch.compile(backend=sparsa)": {"fallbacks": sum(backend.fallbacks.values())}})
 
 
 def bench_moe(sgemm: float) -> None:
@@ -81,7 +85,6 @@ def bench_moe(sgemm: float) -> None:
     m = sparsa.compile(os.path.join(EXAMPLES, "mixtral_moe.sp"), target=TARGET).init_weights(0)
     x = np.random.default_rng(0).standard_normal((T, D)).astype(np.float32)
     dy = np.random.default_rng(1).standard_normal((T, D)).astype(np.float32)
-    record(case, "sparsa cpu (m.vjp)", median_ms(lambda: m.vjp(x)[1](dy)), flops, sgemm)
     ws = {n: torch.tensor(np.asarray(a), requires_grad=True) for n, a in m.weights.items()}
     tx, tdy = torch.tensor(x, requires_grad=True), torch.from_numpy(dy)
 
@@ -90,7 +93,6 @@ def bench_moe(sgemm: float) -> None:
             t.grad = None
         hf_loop(tx, ws["gate"], ws["w1"], ws["w3"], ws["w2"], K).backward(tdy)
 
-    record(case, "eager HF loop + autograd", median_ms(eager), flops, sgemm)
     # transformers' own block (grouped_mm experts: a sort, then one GEMM per expert), the same weights: eager, and
     # under torch.compile(backend="sparsa"), which folds it before AOTAutograd (the backward is Sparsa's)
     block = transformers_block(ws, K)
@@ -102,10 +104,12 @@ def bench_moe(sgemm: float) -> None:
         out = f(bx)
         (out[0] if isinstance(out, tuple) else out).backward(bdy)
 
-    record(case, "eager transformers grouped_mm", median_ms(lambda: block_step(block)), flops, sgemm)
     compiled = torch.compile(block, backend=SparsaBackend({"target": TARGET}))
-    record(case, "torch.compile(backend=sparsa)", median_ms(lambda: block_step(compiled), runs=7, warmup=2), flops,
-           sgemm)
+    for _ in range(2):  # (the compile)
+        block_step(compiled)
+    side_by_side(case, {"sparsa cpu (m.vjp)": lambda: m.vjp(x)[1](dy), "eager HF loop + autograd": eager,
+                        "eager transformers grouped_mm": lambda: block_step(block),
+                        "torch.compile(backend=sparsa)": lambda: block_step(compiled)}, flops, sgemm, runs=7)
 
 
 def bench_nemotron(sgemm: float) -> None:
