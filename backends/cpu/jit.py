@@ -232,9 +232,9 @@ def _scalar_reads(module: ir.Module) -> None:
     AVX2 6x16 and SSE 6x8 tiles' column), LLVM split it into 4 + 2 elements and broadcast the last through a vpermps
     whose index vector had no register left: a shuffle and a reload per step of k beside the 12 FMAs (llvm-mca 14's
     models: 29 against 6 cycles a step on znver1, 6.3 against 6.1 on haswell, 6.1 both on skylake; no change was
-    measured on a Zen 5). Powers of two
-    are left as they are: x86 broadcasts their lanes from memory already, and AArch64 multiplies by a lane of the
-    loaded vector (fmla by element), which scalar loads would turn into one ld1r per row."""
+    measured on a Zen 5). Powers of two are left as they are: x86 broadcasts their lanes from memory already, and
+    AArch64 multiplies by a lane of the loaded vector (fmla by element), which scalar loads would turn into one ld1r
+    per row."""
     reads: list[ir.Operation] = []
 
     def find(op: ir.Operation) -> ir.WalkResult:
@@ -268,8 +268,9 @@ def _scalar_reads(module: ir.Module) -> None:
 
 def _plain_read(op: ir.Operation) -> bool:
     """A transfer_read of a memref, every dim in bounds, unmasked, of its innermost dims in order."""
-    if not isinstance(op.operands[0].type, ir.MemRefType) or "false" in str(op.attributes["in_bounds"]) \
-            if "in_bounds" in op.attributes else True:
+    if not isinstance(op.operands[0].type, ir.MemRefType) or "in_bounds" not in op.attributes:
+        return False
+    if "false" in str(op.attributes["in_bounds"]):
         return False
     memory, vector = ir.MemRefType(op.operands[0].type).rank, ir.VectorType(op.results[0].type).rank
     if len(op.operands) != 2 + memory:  # source, indices, padding: no mask
