@@ -238,7 +238,8 @@ def _scalar_reads(module: ir.Module) -> None:
     reads: list[ir.Operation] = []
 
     def find(op: ir.Operation) -> ir.WalkResult:
-        if op.name == "vector.load" or op.name == "vector.transfer_read" and _plain_read(op):
+        if (op.name == "vector.load" or op.name == "vector.transfer_read" and _plain_read(op)) \
+                and not _power_of_two(math.prod(ir.VectorType(op.results[0].type).shape)):
             reads.append(op)
         return ir.WalkResult.ADVANCE
 
@@ -249,10 +250,7 @@ def _scalar_reads(module: ir.Module) -> None:
         if not uses or any(u.name != "vector.extract" or len(u.operands) != 1 or
                            isinstance(u.results[0].type, ir.VectorType) for u in uses):
             continue
-        shape = ir.VectorType(read.results[0].type).shape
-        if math.prod(shape) & (math.prod(shape) - 1) == 0:
-            continue
-        rank = len(shape)
+        rank = ir.VectorType(read.results[0].type).rank
         base = read.operands[0]
         at = list(read.operands[1:1 + ir.MemRefType(base.type).rank])
         for use in uses:
@@ -264,6 +262,10 @@ def _scalar_reads(module: ir.Module) -> None:
             use.results[0].replace_all_uses_with(scalar)
             use.erase()
         read.erase()
+
+
+def _power_of_two(n: int) -> bool:
+    return n & (n - 1) == 0
 
 
 def _plain_read(op: ir.Operation) -> bool:
